@@ -1,0 +1,106 @@
+"""Mechanisms that change a UNet for one call and undo it exactly: processor swaps, hooks, and the guard that
+checks nothing was left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .conditions import Attachment, Condition, Prepared, Stage
+from .errors import SdxlControlError
+
+__all__ = ["ProcessorPatch", "ModelSnapshot", "attached"]
+
+
+class ProcessorPatch:
+    """Swap some attention processors of a UNet; ``restore`` puts back the very objects that were there.
+
+    Example:
+        >>> patch = ProcessorPatch(unet, {name: MyProcessor() for name in unet.attn_processors})  # doctest: +SKIP
+        >>> patch.restore()                                                                      # doctest: +SKIP
+    """
+
+    def __init__(self, unet: Any, replacements: Mapping[str, Any]) -> None:
+        current = dict(unet.attn_processors)
+        unknown = sorted(set(replacements) - set(current))
+        if unknown:
+            raise KeyError(f"no attention layer named {unknown[0]!r} in this UNet")
+        self._unet = unet
+        self._saved = current
+        unet.set_attn_processor({**current, **replacements})
+
+    def restore(self) -> None:
+        self._unet.set_attn_processor(dict(self._saved))
+
+
+def _hook_state(module: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
+    return tuple((kind, tuple(getattr(module, kind, {}).keys())) for kind in kinds)
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """Cheap identity snapshot of a model: attention processor objects, hooks, and parameter objects.
+
+    Weight *values* are not hashed here (that would cost a pass over billions of numbers per call); attachments
+    that change weights restore them themselves and tests prove it bit for bit.
+    """
+
+    processors: tuple[tuple[str, int], ...]
+    hooks: tuple[tuple[str, Any], ...]
+    parameters: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def take(cls, model: torch.nn.Module) -> ModelSnapshot:
+        processors = getattr(model, "attn_processors", {})
+        return cls(
+            processors=tuple((name, id(proc)) for name, proc in processors.items()),
+            hooks=tuple((name, _hook_state(module)) for name, module in model.named_modules()),
+            parameters=tuple((name, id(p)) for name, p in model.named_parameters()),
+        )
+
+    def differences(self, other: ModelSnapshot) -> list[str]:
+        out = []
+        for label, a, b in (
+            ("attention processors", self.processors, other.processors),
+            ("hooks", self.hooks, other.hooks),
+            ("parameters", self.parameters, other.parameters),
+        ):
+            if a != b:
+                out.append(label)
+        return out
+
+
+@contextmanager
+def attached(
+    prepared: Sequence[tuple[Condition, Prepared]], unet: torch.nn.Module, stage: Stage
+) -> Iterator[list[tuple[Condition, Attachment]]]:
+    """Attach conditions to ``unet`` for the duration of the block; always detach, in reverse order.
+
+    If an attach fails part way, the ones already attached are detached before the error propagates. After
+    detaching, the UNet's processors, hooks and parameter objects must equal what they were; a condition that
+    leaves anything behind is a bug, reported loudly rather than papered over.
+    """
+    before = ModelSnapshot.take(unet)
+    live: list[tuple[Condition, Attachment]] = []
+    try:
+        for condition, ready in prepared:
+            live.append((condition, ready.attach(unet, stage)))
+        yield live
+    finally:
+        errors: list[BaseException] = []
+        for _, attachment in reversed(live):
+            try:
+                attachment.detach()
+            except BaseException as exc:  # keep detaching the others; report after
+                errors.append(exc)
+        changed = before.differences(ModelSnapshot.take(unet))
+        if errors:
+            raise errors[0]
+        if changed:
+            names = ", ".join(type(c).__name__ for c, _ in live)
+            raise SdxlControlError(f"detaching [{names}] did not restore the UNet's {' and '.join(changed)}")

@@ -1,0 +1,244 @@
+"""The condition protocol: what a condition is, and how the denoising loop drives it.
+
+A :class:`Condition` is a small frozen value (its inputs, ``scale``, step :class:`Window`, :class:`Stage`).
+Running it goes through three runtime objects that live apart from that value:
+
+* ``Condition.prepare(ctx)`` encodes the inputs once per call and returns a :class:`Prepared`;
+* ``Prepared.attach(unet, stage)`` changes one UNet and returns an :class:`Attachment`;
+* the loop calls ``Attachment.contribute(step, active)`` at every step and ``Attachment.detach()`` at the end,
+  also when anything raised.
+
+Conditions compose through two typed channels: :class:`Residuals` returned by ``contribute`` are summed and fed to
+the UNet (ControlNet-like conditions), and attention processors installed at attach time (IP-Adapter-like
+conditions) are switched on and off by the ``active`` flag.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import ConditionError
+
+__all__ = [
+    "Stage",
+    "Window",
+    "Residuals",
+    "StepInfo",
+    "PrepareContext",
+    "Condition",
+    "Prepared",
+    "Attachment",
+    "validate_conditions",
+]
+
+
+class Stage(enum.Flag):
+    """Which model(s) of the two-stage pipeline a condition applies to.
+
+    Example:
+        >>> Stage.BASE in Stage.BOTH
+        True
+    """
+
+    BASE = enum.auto()
+    REFINER = enum.auto()
+    BOTH = BASE | REFINER
+
+    @property
+    def label(self) -> str:
+        return {Stage.BASE: "base", Stage.REFINER: "refiner", Stage.BOTH: "both"}[self]
+
+    @classmethod
+    def parse(cls, value: Stage | str) -> Stage:
+        if isinstance(value, Stage):
+            return value
+        try:
+            return {"base": cls.BASE, "refiner": cls.REFINER, "both": cls.BOTH}[value]
+        except KeyError:
+            raise ConditionError(f"unknown stage {value!r}: use 'base', 'refiner' or 'both'") from None
+
+
+@dataclass(frozen=True)
+class Window:
+    """The part of the denoising schedule, as fractions of all steps, in which a condition acts.
+
+    A step ``i`` of ``n`` is inside when ``i / n >= start`` and ``(i + 1) / n <= end`` — the rule diffusers uses for
+    ``control_guidance_start`` / ``control_guidance_end``, so results match it. Fractions refer to the whole
+    schedule, base and refiner steps together.
+
+    Example:
+        >>> Window(0.0, 0.5).contains(step=4, total=10)
+        True
+        >>> Window(0.0, 0.5).contains(step=5, total=10)
+        False
+    """
+
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.start < self.end <= 1.0):
+            raise ConditionError(f"a step window needs 0 <= start < end <= 1, got ({self.start}, {self.end})")
+
+    def contains(self, step: int, total: int) -> bool:
+        return step / total >= self.start and (step + 1) / total <= self.end
+
+    @classmethod
+    def of(cls, value: Window | tuple[float, float]) -> Window:
+        return value if isinstance(value, Window) else cls(float(value[0]), float(value[1]))
+
+
+@dataclass(frozen=True)
+class Residuals:
+    """Additive UNet residuals (one per down-block output, plus the mid block), the ControlNet channel.
+
+    Example:
+        >>> r = Residuals(down=(torch.ones(1),), mid=torch.ones(1))
+        >>> (r + r).mid.item()
+        2.0
+    """
+
+    down: tuple[torch.Tensor, ...]
+    mid: torch.Tensor
+
+    def __add__(self, other: Residuals) -> Residuals:
+        if len(self.down) != len(other.down):
+            raise ConditionError(f"cannot add residuals of {len(self.down)} and {len(other.down)} down blocks")
+        return Residuals(tuple(a + b for a, b in zip(self.down, other.down)), self.mid + other.mid)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a condition sees of one denoising step.
+
+    ``sample``, ``encoder_hidden_states`` and ``added_cond_kwargs`` are exactly what the UNet receives: batched as
+    ``[unconditional, conditional]`` when classifier-free guidance is on (``guided`` is then True).
+    """
+
+    index: int
+    total: int
+    timestep: torch.Tensor
+    stage: Stage
+    sample: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: Mapping[str, torch.Tensor]
+    guided: bool
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What a condition needs to encode its inputs once per call.
+
+    ``stages`` maps each stage the call runs to that stage's UNet (read-only use: encoders may need its dtype or
+    config). ``size`` is the output size as (width, height).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    guided: bool
+    size: tuple[int, int]
+    stages: Mapping[Stage, Any] = field(default_factory=dict)
+
+
+class Attachment(ABC):
+    """A condition attached to one UNet: contributes per step, and undoes itself exactly on ``detach``."""
+
+    def contribute(self, step: StepInfo, active: bool) -> Residuals | None:
+        """Called at every step of the stage; ``active`` is whether the step lies in the condition's window."""
+        return None
+
+    @abstractmethod
+    def detach(self) -> None:
+        """Restore the UNet to exactly what it was before ``attach`` (same objects, same weights, no hooks)."""
+
+
+class Prepared(ABC):
+    """A condition's inputs, encoded once per call, ready to attach to the UNet of a stage."""
+
+    @abstractmethod
+    def attach(self, unet: Any, stage: Stage) -> Attachment: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Condition(ABC):
+    """Base of every condition: a frozen value with ``scale``, ``window`` and ``stage``.
+
+    Subclasses are frozen dataclasses that add their inputs and implement :meth:`prepare`. ``supported_stages``
+    says where the condition can work at all; asking for another stage is refused before anything runs.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Nothing(Condition):
+        ...     kind = "nothing"
+        ...     def prepare(self, ctx): raise NotImplementedError
+        >>> Nothing(scale=0.5, window=(0.0, 0.8)).window
+        Window(start=0.0, end=0.8)
+    """
+
+    scale: float = 1.0
+    window: Window = Window()
+    stage: Stage = Stage.BASE
+
+    kind: ClassVar[str] = "condition"
+    supported_stages: ClassVar[Stage] = Stage.BASE
+    # Why a stage is not supported, for the error message.
+    unsupported_reason: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window", Window.of(self.window))
+        object.__setattr__(self, "stage", Stage.parse(self.stage))
+
+    @abstractmethod
+    def prepare(self, ctx: PrepareContext) -> Prepared: ...
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready description for the recipe; inputs that are not plain data are summarised."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            out[f.name] = _describe(getattr(self, f.name))
+        return out
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, Window):
+        return [value.start, value.end]
+    if isinstance(value, Stage):
+        return value.label
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype)}
+    size = getattr(value, "size", None)
+    if hasattr(value, "mode") and isinstance(size, tuple):
+        return {"image": list(size), "mode": value.mode}
+    return type(value).__name__
+
+
+def validate_conditions(conditions: tuple[Condition, ...], has_refiner: bool) -> None:
+    """Refuse conditions that ask for a stage they cannot work on, or one the call does not run."""
+    for condition in conditions:
+        if not isinstance(condition, Condition):
+            raise ConditionError(f"{condition!r} is not a Condition")
+        unsupported = condition.stage & ~condition.supported_stages
+        if unsupported:
+            reason = f": {condition.unsupported_reason}" if condition.unsupported_reason else ""
+            raise ConditionError(
+                f"{type(condition).__name__} cannot apply to the {unsupported.label} stage{reason}"
+            )
+        if condition.stage == Stage.REFINER and not has_refiner:
+            raise ConditionError(
+                f"{type(condition).__name__} is set for the refiner stage, but this call runs no refiner "
+                "(load a refiner and pass refiner_switch)"
+            )

@@ -1,0 +1,269 @@
+"""The two-stage SDXL generator: a request in, images with their recipe out."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import __version__
+from .conditions import Condition, Prepared, PrepareContext, Stage, validate_conditions
+from .errors import InvalidRequestError
+from .guidance import guidance_for
+from .loop import ProgressCallback, StageInputs, denoise
+from .models import DEFAULT_BASE, StageModels, load_stage
+from .recipe import RecipeImage, Result
+from .schedule import StageSchedule, make_scheduler, split_schedule
+from .text import MicroConditioning, encode_prompts, time_ids
+from .vae import decode_latents, vae_scale_factor
+
+__all__ = ["GenerationRequest", "Generator"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides a generation; with the models, it is the recipe.
+
+    ``size`` is (width, height). ``seed`` seeds the first image; image ``i`` of a batch uses ``seed + i``, so any
+    image can be re-made alone. ``refiner_switch`` is the fraction of the schedule the base denoises before the
+    refiner takes over (diffusers' ``denoising_end``/``denoising_start``); ``None`` runs the base alone.
+
+    Example:
+        >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
+        (3,)
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int = 30
+    guidance: float = 5.0
+    guidance_rescale: float = 0.0
+    refiner_switch: float | None = None
+    size: tuple[int, int] = (1024, 1024)
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: str | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    conditions: tuple[Condition, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "conditions", tuple(self.conditions))
+        if self.seed is None:
+            object.__setattr__(self, "seed", random.randrange(2**32))
+        if not isinstance(self.prompt, str):
+            raise InvalidRequestError("prompt must be a string")
+        width, height = self.size
+        if width <= 0 or height <= 0 or width % 8 or height % 8:
+            raise InvalidRequestError(f"size must be positive multiples of 8, got {width}x{height}")
+        if int(self.steps) != self.steps or self.steps < 1:
+            raise InvalidRequestError(f"steps must be a whole number >= 1, got {self.steps}")
+        if self.refiner_switch is not None and not (0.0 < self.refiner_switch < 1.0):
+            raise InvalidRequestError(f"refiner_switch must lie strictly between 0 and 1, got {self.refiner_switch}")
+        if self.num_images < 1:
+            raise InvalidRequestError(f"num_images must be >= 1, got {self.num_images}")
+        if self.guidance < 0:
+            raise InvalidRequestError(f"guidance must be >= 0, got {self.guidance}")
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        assert self.seed is not None
+        return tuple(self.seed + i for i in range(self.num_images))
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-ready fields (conditions described by their settings)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conditions"}
+        out["size"] = list(self.size)
+        out["conditions"] = [c.settings() for c in self.conditions]
+        return out
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any], **overrides: Any) -> GenerationRequest:
+        """The request that re-makes one recipe's image (conditions need their inputs and are not rebuilt)."""
+        if recipe.get("conditions") and "conditions" not in overrides:
+            kinds = ", ".join(c.get("kind", "?") for c in recipe["conditions"])
+            raise InvalidRequestError(
+                f"this recipe used conditions ({kinds}) whose input images are not stored in it; "
+                "pass the conditions again to re-run it"
+            )
+        names = {f.name for f in fields(cls)} - {"conditions", "num_images", "seed"}
+        values = {k: recipe[k] for k in names if k in recipe}
+        values["size"] = tuple(recipe["size"])
+        values["scheduler"] = recipe["scheduler"]["requested"]
+        values["seed"] = recipe["seed"]
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class _StagePlan:
+    models: StageModels
+    schedule: StageSchedule
+
+
+class Generator:
+    """SDXL base (+ optional refiner) with stacked conditions, one denoising loop for both stages.
+
+    Example:
+        >>> gen = Generator.from_pretrained(base="stabilityai/stable-diffusion-xl-base-1.0",
+        ...                                 refiner="stabilityai/stable-diffusion-xl-refiner-1.0")  # doctest: +SKIP
+        >>> result = gen.generate("a portrait", steps=30, refiner_switch=0.8, seed=7)               # doctest: +SKIP
+        >>> result.images[0].save("out.png")                                                        # doctest: +SKIP
+    """
+
+    def __init__(self, base: StageModels, refiner: StageModels | None = None) -> None:
+        self.base = base
+        self.refiner = refiner
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike[str] = DEFAULT_BASE,
+        refiner: str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> Generator:
+        """Load from hub ids (HF cache first), diffusers folders or single ``.safetensors`` files."""
+        options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "cache_dir": cache_dir}
+        base_models = load_stage(base, Stage.BASE, **options)
+        refiner_models = load_stage(refiner, Stage.REFINER, **options) if refiner is not None else None
+        return cls(base_models, refiner_models)
+
+    def generate(
+        self, prompt: str, *, progress: ProgressCallback | None = None, progress_bar: bool = True, **options: Any
+    ) -> Result:
+        """Generate images for ``prompt``; ``options`` are the fields of :class:`GenerationRequest`."""
+        return self.run(GenerationRequest(prompt, **options), progress=progress, progress_bar=progress_bar)
+
+    def _plans(self, request: GenerationRequest) -> list[_StagePlan]:
+        device = self.base.device
+        base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler)
+        refiner_scheduler = None
+        if request.refiner_switch is not None:
+            if self.refiner is None:
+                raise InvalidRequestError("refiner_switch was given but no refiner is loaded")
+            refiner_scheduler = make_scheduler(self.refiner.scheduler_config, request.scheduler)
+        base_schedule, refiner_schedule = split_schedule(
+            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, device
+        )
+        plans = [_StagePlan(self.base, base_schedule)]
+        if refiner_schedule is not None:
+            assert self.refiner is not None
+            plans.append(_StagePlan(self.refiner, refiner_schedule))
+        return plans
+
+    def _stage_inputs(
+        self, plan: _StagePlan, request: GenerationRequest, prepared: list[tuple[Condition, Prepared]]
+    ) -> StageInputs:
+        models = plan.models
+        unet = models.unet
+        guidance = guidance_for(request.guidance, unet, request.guidance_rescale)
+        n = request.num_images
+        positive, negative = encode_prompts(
+            models.text_encoders,
+            [request.prompt],
+            None if request.negative_prompt is None else [request.negative_prompt],
+            need_negative=guidance.copies > 1,
+            zero_negative=models.force_zeros_for_empty_prompt,
+        )
+        width, height = request.size
+        micro = MicroConditioning(
+            original_size=(height, width),
+            target_size=(height, width),
+            aesthetic_score=request.aesthetic_score,
+            negative_aesthetic_score=request.negative_aesthetic_score,
+        )
+        pos_ids, neg_ids = time_ids(
+            micro,
+            aesthetic=models.requires_aesthetics_score,
+            unet=unet,
+            pooled_width=positive.pooled.shape[-1],
+            dtype=unet.dtype,
+        )
+        hidden, pooled, ids = positive.hidden.repeat(n, 1, 1), positive.pooled.repeat(n, 1), pos_ids.repeat(n, 1)
+        if negative is not None:
+            hidden = torch.cat([negative.hidden.repeat(n, 1, 1), hidden])
+            pooled = torch.cat([negative.pooled.repeat(n, 1), pooled])
+            ids = torch.cat([neg_ids.repeat(n, 1), ids])
+        device, dtype = unet.device, unet.dtype
+        mine = [(c, p) for c, p in prepared if models.stage in c.stage]
+        return StageInputs(
+            stage=models.stage,
+            unet=unet,
+            schedule=plan.schedule,
+            hidden=hidden.to(device, dtype),
+            pooled=pooled.to(device, dtype),
+            time_ids=ids.to(device),
+            guidance=guidance,
+            conditions=mine,
+        )
+
+    def run(
+        self, request: GenerationRequest, *, progress: ProgressCallback | None = None, progress_bar: bool = True
+    ) -> Result:
+        """Run a :class:`GenerationRequest`."""
+        plans = self._plans(request)
+        validate_conditions(request.conditions, has_refiner=len(plans) > 1)
+        width, height = request.size
+        device, dtype = self.base.device, self.base.dtype
+        context = PrepareContext(
+            device=device,
+            dtype=dtype,
+            batch_size=request.num_images,
+            guided=guidance_for(request.guidance, self.base.unet).copies > 1,
+            size=request.size,
+            stages={p.models.stage: p.models.unet for p in plans},
+        )
+        prepared = [(c, c.prepare(context)) for c in request.conditions]
+        stage_inputs = [self._stage_inputs(plan, request, prepared) for plan in plans]
+
+        factor = vae_scale_factor(self.base.vae)
+        shape = (request.num_images, self.base.unet.config.in_channels, height // factor, width // factor)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        latents = latents * plans[0].schedule.scheduler.init_noise_sigma
+        for inputs in stage_inputs:
+            latents = latents.to(inputs.unet.device, inputs.unet.dtype)
+            latents = denoise(inputs, latents, generators=generators, progress=progress, progress_bar=progress_bar)
+
+        last = plans[-1].models
+        pixels = decode_latents(last.vae, latents)
+        pil = VaeImageProcessor(vae_scale_factor=factor).postprocess(pixels, output_type="pil")
+        recipes = [self._recipe(request, plans, seed) for seed in request.seeds]
+        return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes)], latents=latents)
+
+    def _recipe(self, request: GenerationRequest, plans: list[_StagePlan], seed: int) -> dict[str, Any]:
+        scheduler = plans[0].schedule.scheduler
+        recipe = request.settings()
+        recipe.update(
+            version=__version__,
+            seed=seed,
+            num_images=1,
+            scheduler={"requested": request.scheduler, "name": request.scheduler or type(scheduler).__name__,
+                       "class": type(scheduler).__name__, "config": dict(scheduler.config)},
+            models={"base": self.base.source.to_json(),
+                    "refiner": self.refiner.source.to_json() if len(plans) > 1 and self.refiner else None},
+            dtype=str(self.base.dtype).removeprefix("torch."),
+        )  # fmt: skip
+        return _jsonable(recipe)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+

@@ -1,0 +1,65 @@
+"""Guidance: how the model's predictions for one step are batched and combined."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["Guidance", "ClassifierFreeGuidance", "NoGuidance", "guidance_for"]
+
+
+class Guidance(Protocol):
+    """``copies`` is how many times the latents are stacked per forward; ``combine`` turns that back into one."""
+
+    copies: int
+
+    def combine(self, prediction: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class NoGuidance:
+    """One forward pass per step, prediction used as is (guidance scale <= 1, distilled models).
+
+    Example:
+        >>> NoGuidance().combine(torch.ones(1)).item()
+        1.0
+    """
+
+    copies: int = 1
+
+    def combine(self, prediction: torch.Tensor) -> torch.Tensor:
+        return prediction
+
+
+@dataclass(frozen=True)
+class ClassifierFreeGuidance:
+    """``uncond + scale * (cond - uncond)`` on a ``[uncond, cond]`` batch, with optional rescale (arXiv 2305.08891).
+
+    Example:
+        >>> ClassifierFreeGuidance(5.0).combine(torch.tensor([0.0, 1.0])).item()
+        5.0
+    """
+
+    scale: float
+    rescale: float = 0.0
+    copies: int = 2
+
+    def combine(self, prediction: torch.Tensor) -> torch.Tensor:
+        uncond, cond = prediction.chunk(2)
+        guided = uncond + self.scale * (cond - uncond)
+        if self.rescale > 0.0:
+            dims = list(range(1, cond.ndim))
+            std_cond = cond.std(dim=dims, keepdim=True)
+            std_guided = guided.std(dim=dims, keepdim=True)
+            rescaled = guided * (std_cond / std_guided)
+            guided = self.rescale * rescaled + (1.0 - self.rescale) * guided
+        return guided
+
+
+def guidance_for(scale: float, unet: Any, rescale: float = 0.0) -> Guidance:
+    """CFG when it changes anything: scale above 1 and a UNet without a built-in guidance embedding."""
+    if scale > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None:
+        return ClassifierFreeGuidance(scale, rescale)
+    return NoGuidance()

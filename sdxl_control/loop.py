@@ -1,0 +1,113 @@
+"""The denoising loop. Both stages run through :func:`denoise`; nothing else steps a scheduler."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .attach import attached
+from .conditions import Condition, Prepared, Residuals, Stage, StepInfo
+from .guidance import Guidance
+from .schedule import StageSchedule
+
+__all__ = ["StageInputs", "ProgressEvent", "ProgressCallback", "denoise"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Reported after every step: ``step`` of ``steps`` within the stage, ``index`` of ``total`` overall.
+
+    Example:
+        >>> gen.generate("...", progress=lambda e: print(e.stage.label, e.index + 1, "/", e.total))  # doctest: +SKIP
+    """
+
+    stage: Stage
+    step: int
+    steps: int
+    index: int
+    total: int
+    timestep: float
+    latents: torch.Tensor
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """Everything one stage needs, already encoded and batched for its guidance: the loop only steps.
+
+    Example:
+        >>> latents = denoise(StageInputs(Stage.BASE, unet, schedule, hidden, pooled, ids, guidance), noise, generators=gens)  # doctest: +SKIP
+    """
+
+    stage: Stage
+    unet: Any
+    schedule: StageSchedule
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+    guidance: Guidance
+    conditions: Sequence[tuple[Condition, Prepared]] = ()
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator] | None) -> dict[str, Any]:
+    accepts = set(inspect.signature(scheduler.step).parameters)
+    return {"generator": generators} if "generator" in accepts and generators is not None else {}
+
+
+@torch.no_grad()
+def denoise(
+    inputs: StageInputs,
+    latents: torch.Tensor,
+    *,
+    generators: list[torch.Generator] | None = None,
+    progress: ProgressCallback | None = None,
+    progress_bar: bool = True,
+) -> torch.Tensor:
+    """Run one stage's part of the schedule on ``latents`` and return the result.
+
+    Conditions are attached for the stage before the first step and detached after the last, also on error.
+    """
+    schedule = inputs.schedule
+    scheduler = schedule.scheduler
+    unet = inputs.unet
+    copies = inputs.guidance.copies
+    added = {"text_embeds": inputs.pooled, "time_ids": inputs.time_ids}
+    step_kwargs = _step_kwargs(scheduler, generators)
+    steps = len(schedule.timesteps)
+    with (
+        attached(inputs.conditions, unet, inputs.stage) as live,
+        tqdm(total=steps, desc=inputs.stage.label, disable=not progress_bar, leave=False) as bar,
+    ):
+        for k, t in enumerate(schedule.timesteps):
+            index = schedule.first_index + k
+            sample = latents if copies == 1 else torch.cat([latents] * copies)
+            sample = scheduler.scale_model_input(sample, t)
+            residuals: Residuals | None = None
+            if live:
+                info = StepInfo(index, schedule.total, t, inputs.stage, sample, inputs.hidden, added, copies > 1)
+                for condition, attachment in live:
+                    active = condition.scale != 0 and condition.window.contains(index, schedule.total)
+                    extra = attachment.contribute(info, active)
+                    if extra is not None:
+                        residuals = extra if residuals is None else residuals + extra
+            prediction = unet(
+                sample,
+                t,
+                encoder_hidden_states=inputs.hidden,
+                added_cond_kwargs=added,
+                down_block_additional_residuals=None if residuals is None else list(residuals.down),
+                mid_block_additional_residual=None if residuals is None else residuals.mid,
+                return_dict=False,
+            )[0]
+            latents = scheduler.step(inputs.guidance.combine(prediction), t, latents, **step_kwargs, return_dict=False)[0]
+            bar.update()
+            if progress is not None:
+                progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), latents))
+    return latents

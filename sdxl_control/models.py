@@ -1,0 +1,366 @@
+"""Finding and loading SDXL base and refiner models: hub ids, the HF cache, diffusers folders, single files.
+
+Weights are only ever read from safetensors. Everything that can be checked before loading (layout, config,
+file headers) is checked first, so a bad model fails fast with a message that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .conditions import Stage
+from .errors import CheckpointError, IncompatibleModelError, MissingWeightsError, ModelNotFoundError
+from .text import TextEncoder
+
+__all__ = ["ModelSource", "StageModels", "load_stage", "default_device_and_dtype", "DEFAULT_BASE", "DEFAULT_REFINER"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
+# What a stage needs from a diffusers folder; the refiner has no first text encoder.
+REQUIRED = {
+    Stage.BASE: ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    Stage.REFINER: ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"),
+}
+HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer*/*"]
+
+
+def _hub_patterns(variant: str | None) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns: configs and the one weights variant asked for, never pickles or ONNX exports."""
+    if variant:
+        return HUB_PATTERNS + [f"*/*.{variant}.safetensors", f"*/*.{variant}.safetensors.index.json"], []
+    return HUB_PATTERNS + ["*/*.safetensors", "*/*.safetensors.index.json"], ["*.fp16.*"]
+
+
+def default_device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 when there is a GPU, else CPU in fp32; either can be overridden."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
+    return dev, dtype
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from, for the recipe: what the user named, the folder read, its revision and hash.
+
+    Example:
+        >>> ModelSource("stabilityai/stable-diffusion-xl-base-1.0", "/cache/.../snapshots/abc", revision="abc")  # doctest: +SKIP
+    """
+
+    name: str
+    path: str
+    revision: str | None = None
+    unet_sha256: str | None = None
+    tiny_seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class StageModels:
+    """The models of one stage and what its pipeline config says about conditioning.
+
+    Example:
+        >>> base = load_stage("stabilityai/stable-diffusion-xl-base-1.0", Stage.BASE)  # doctest: +SKIP
+    """
+
+    stage: Stage
+    unet: Any
+    vae: Any
+    text_encoders: tuple[TextEncoder, ...]
+    scheduler_config: dict[str, Any]
+    requires_aesthetics_score: bool
+    force_zeros_for_empty_prompt: bool
+    source: ModelSource
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+
+def _fetch_hint(repo_id: str) -> str:
+    return (
+        f"fetch it on a machine with network access with `hf download {repo_id}` (it lands in the HF cache, "
+        f"which you can copy here), or pass the path of a local diffusers folder or .safetensors file instead"
+    )
+
+
+def _hub_cache_dir(cache_dir: str | os.PathLike[str] | None) -> str:
+    if cache_dir is not None:
+        return str(cache_dir)
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _resolve_hub(
+    repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None, variant: str | None
+) -> Path:
+    """A hub id's snapshot folder: from the cache, else one download attempt, else one clear error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
+
+    allow, ignore = _hub_patterns(variant)
+    where: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "allow_patterns": allow, "ignore_patterns": ignore}
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **where))
+    except HFValidationError:
+        raise ModelNotFoundError(f"{repo_id!r} is neither an existing path nor a valid hub model id") from None
+    except Exception:  # not in the cache: LocalEntryNotFoundError and friends
+        pass
+    cache = _hub_cache_dir(cache_dir)
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise MissingWeightsError(
+            f"model {repo_id!r} is not in the HF cache ({cache}) and HF_HUB_OFFLINE is set; {_fetch_hint(repo_id)}"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id, **where))
+    except Exception as exc:
+        raise MissingWeightsError(
+            f"model {repo_id!r} is not in the HF cache ({cache}) and the hub could not be reached "
+            f"({type(exc).__name__}); {_fetch_hint(repo_id)}"
+        ) from None
+
+
+def _looks_like_path(text: str) -> bool:
+    # Hub ids are exactly "owner/name"; anything else that does not exist is a missing path.
+    return (
+        text.count("/") != 1
+        or text.startswith((".", "/", "~"))
+        or Path(text).suffix in PICKLE_SUFFIXES | {".safetensors"}
+    )
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors header; a truncated or foreign file fails here with its name, before any loading."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-download or re-convert it") from None
+
+
+def _refuse_pickle(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is a pickle checkpoint; sdxl-control only loads safetensors, because unpickling can run arbitrary "
+        "code. Convert it once where you trust it: `python -c \"import torch, safetensors.torch as s; "
+        f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\"`"
+    )
+
+
+def _component_weights(folder: Path, variant: str | None) -> Path:
+    """The safetensors file of one component folder (sharded files: their index)."""
+    names = ["diffusion_pytorch_model", "model"]
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    for name in names:
+        for candidate in (folder / f"{name}{suffix}", folder / f"{name}{suffix}.index.json"):
+            if candidate.exists():
+                return candidate
+    pickles = [p for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise _refuse_pickle(pickles[0])
+    raise MissingWeightsError(f"no {'*' + suffix} weights in {folder}")
+
+
+def _check_unet_config(config: dict[str, Any], where: Path, stage: Stage) -> None:
+    if config.get("addition_embed_type") != "text_time":
+        cross = config.get("cross_attention_dim")
+        family = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}.get(cross, "not SDXL")  # type: ignore[arg-type]
+        raise IncompatibleModelError(
+            f"{where} is not an SDXL UNet: it has no text_time conditioning (cross_attention_dim={cross}, "
+            f"looks like {family})"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cached_sha256(path: Path) -> str:
+    """Full-file SHA-256, cached by (path, size, mtime): hashing 5 GB costs ~10 s, once."""
+    cache_file = Path(os.environ.get("SDXL_CONTROL_CACHE", Path.home() / ".cache" / "sdxl-control")) / "hashes.json"
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = _sha256(path)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(cache))
+        except OSError:
+            log.debug("could not write hash cache %s", cache_file)
+    return str(cache[key])
+
+
+def _revision_of(folder: Path) -> str | None:
+    # HF cache snapshots live in .../snapshots/<commit>/
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
+def _load_folder(folder: Path, name: str, stage: Stage, device: torch.device, dtype: torch.dtype, variant: str | None) -> StageModels:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index_file = folder / "model_index.json"
+    if not index_file.exists():
+        raise IncompatibleModelError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    aesthetic = bool(index.get("requires_aesthetics_score", False))
+    if aesthetic != (stage == Stage.REFINER):
+        kind = "refiner" if aesthetic else "base model"
+        raise IncompatibleModelError(f"{folder} is an SDXL {kind}; it cannot be loaded as the {stage.label}")
+    missing = [c for c in REQUIRED[stage] if not (isinstance(index.get(c), list) and index[c][0] is not None)]
+    if missing:
+        raise IncompatibleModelError(f"{folder} lacks the {', '.join(missing)} component(s) an SDXL {stage.label} needs")
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    _check_unet_config(unet_config, folder / "unet", stage)
+
+    weights = {c: _component_weights(folder / c, variant) for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in REQUIRED[stage]}
+    for path in weights.values():
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+
+    common: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": True, "variant": variant}
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **common)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **common)
+    encoders = []
+    if stage == Stage.BASE:
+        encoders.append(
+            TextEncoder(
+                CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
+                CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **common),
+            )
+        )
+    encoders.append(
+        TextEncoder(
+            CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True),
+            CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **common),
+        )
+    )
+    width = sum(e.model.config.hidden_size for e in encoders)
+    if unet.config.cross_attention_dim != width:
+        raise IncompatibleModelError(
+            f"{folder}: the UNet's cross_attention_dim is {unet.config.cross_attention_dim} but the text encoders "
+            f"give {width}"
+        )
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    for module in (unet, vae, *(e.model for e in encoders)):
+        module.to(device).eval().requires_grad_(False)
+    tiny = index.get("_sdxl_control_tiny", {})
+    unet_file = weights["unet"]
+    source = ModelSource(
+        name=name,
+        path=str(folder),
+        revision=_revision_of(folder),
+        unet_sha256=_cached_sha256(unet_file) if unet_file.suffix == ".safetensors" else None,
+        tiny_seed=tiny.get("seed"),
+    )
+    return StageModels(
+        stage=stage,
+        unet=unet,
+        vae=vae,
+        text_encoders=tuple(encoders),
+        scheduler_config=scheduler_config,
+        requires_aesthetics_score=aesthetic,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        source=source,
+    )
+
+
+def _load_single_file(path: Path, stage: Stage, device: torch.device, dtype: torch.dtype, config: str | None) -> StageModels:
+    """A single-file checkpoint (A1111/ComfyUI style), converted by diffusers; component configs come from
+    ``config`` (a diffusers folder or hub id), which must be local when offline."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    check_safetensors(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise IncompatibleModelError(f"{path} is not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
+    if not any(k.startswith("conditioner.embedders.") for k in keys):
+        raise IncompatibleModelError(f"{path} has no SDXL text encoders (conditioner.embedders.*): not an SDXL checkpoint")
+    cls = StableDiffusionXLPipeline if stage == Stage.BASE else StableDiffusionXLImg2ImgPipeline
+    default_config = DEFAULT_BASE if stage == Stage.BASE else DEFAULT_REFINER
+    try:
+        pipe = cls.from_single_file(str(path), config=config or default_config, torch_dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise MissingWeightsError(
+            f"loading {path} needs the component configs of {config or default_config} ({exc}); pass config= a local "
+            f"diffusers folder of the same model family, or {_fetch_hint(config or default_config)}"
+        ) from None
+    encoders = []
+    if getattr(pipe, "text_encoder", None) is not None:
+        encoders.append(TextEncoder(pipe.tokenizer, pipe.text_encoder))
+    encoders.append(TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2))
+    for module in (pipe.unet, pipe.vae, *(e.model for e in encoders)):
+        module.to(device).eval().requires_grad_(False)
+    return StageModels(
+        stage=stage,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoders=tuple(encoders),
+        scheduler_config=dict(pipe.scheduler.config),
+        requires_aesthetics_score=stage == Stage.REFINER,
+        force_zeros_for_empty_prompt=stage == Stage.BASE,
+        source=ModelSource(name=str(path), path=str(path), unet_sha256=_cached_sha256(path)),
+    )
+
+
+def load_stage(
+    source: str | os.PathLike[str],
+    stage: Stage,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    config: str | None = None,
+) -> StageModels:
+    """Load the models of one stage from a hub id, the HF cache, a diffusers folder or a ``.safetensors`` file."""
+    dev, dt = default_device_and_dtype(device, dtype)
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_folder(path, text, stage, dev, dt, variant)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise _refuse_pickle(path)
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a .safetensors file)")
+        return _load_single_file(path, stage, dev, dt, config)
+    if _looks_like_path(text):
+        raise ModelNotFoundError(f"no model at {path}: no such file or folder")
+    folder = _resolve_hub(text, revision, cache_dir, variant)
+    return _load_folder(folder, text, stage, dev, dt, variant)

@@ -1,0 +1,93 @@
+"""Schedulers by name, and the split of one schedule between the base and the refiner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+
+from .errors import InvalidRequestError
+
+__all__ = ["SCHEDULERS", "make_scheduler", "StageSchedule", "split_schedule"]
+
+# Named recipes users know from A1111/ComfyUI, as (diffusers class, config overrides). Data, not code paths.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
+
+
+def make_scheduler(model_config: Any, name: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """A fresh scheduler built from a model's scheduler config.
+
+    ``name`` is a key of :data:`SCHEDULERS` or any diffusers scheduler class name; ``None`` keeps the model's own.
+    """
+    config = dict(model_config)
+    cls_name = config.get("_class_name", "EulerDiscreteScheduler")
+    extra: dict[str, Any] = {}
+    if name is not None:
+        if name in SCHEDULERS:
+            cls_name, extra = SCHEDULERS[name]
+        elif name.endswith("Scheduler") and hasattr(diffusers, name):
+            cls_name = name
+        else:
+            known = ", ".join(sorted(SCHEDULERS))
+            raise InvalidRequestError(f"unknown scheduler {name!r}: use one of {known} or a diffusers class name")
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config(config, **extra, **(overrides or {}))
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """The timesteps one stage runs, where they sit in the whole schedule, and its scheduler (already set)."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    first_index: int
+    total: int
+
+
+def split_schedule(
+    base_scheduler: Any, refiner_scheduler: Any | None, steps: int, switch: float | None, device: torch.device
+) -> tuple[StageSchedule, StageSchedule | None]:
+    """Split one ``steps``-long schedule at fraction ``switch`` exactly as diffusers' denoising_end/start do.
+
+    The base keeps timesteps ``>= cutoff`` and the refiner, with a scheduler of its own set to the same schedule,
+    takes those ``< cutoff`` (one more for second-order schedulers, so no step is cut between its two halves).
+    """
+    base_scheduler.set_timesteps(steps, device=device)
+    all_base = base_scheduler.timesteps
+    if refiner_scheduler is None or switch is None:
+        return StageSchedule(base_scheduler, all_base, 0, len(all_base)), None
+    train_steps = base_scheduler.config.num_train_timesteps
+    cutoff = int(round(train_steps - switch * train_steps))
+    n_base = int((all_base >= cutoff).sum().item())
+
+    refiner_scheduler.set_timesteps(steps, device=device)
+    all_refiner = refiner_scheduler.timesteps
+    n_refiner = int((all_refiner < cutoff).sum().item())
+    if refiner_scheduler.order == 2 and n_refiner % 2 == 0:
+        n_refiner += 1
+    if n_base == 0 or n_refiner == 0:
+        raise InvalidRequestError(
+            f"refiner_switch={switch} with {steps} steps leaves the {'base' if n_base == 0 else 'refiner'} "
+            "no step: move the switch point or add steps"
+        )
+    start = len(all_refiner) - n_refiner
+    if hasattr(refiner_scheduler, "set_begin_index"):
+        refiner_scheduler.set_begin_index(start)
+    total = len(all_base)
+    return (
+        StageSchedule(base_scheduler, all_base[:n_base], 0, total),
+        StageSchedule(refiner_scheduler, all_refiner[start:], start, total),
+    )

@@ -1,0 +1,269 @@
+"""Tiny SDXL base and refiner with random weights, written as real diffusers pipeline folders.
+
+The architectures are SDXL's (UNet with text_time conditioning and the same block types, two CLIP text encoders
+with the second projected, a KL VAE with 8x downsampling and SDXL's latent scaling), with tiny widths. The
+tokenizer is the real 49,408-token CLIP BPE tokenizer, rebuilt from the merges file the ``open-clip-torch`` wheel
+ships, so prompts tokenize exactly as with the published models.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TinyModels", "clip_bpe", "tiny_models", "write_tiny_base", "write_tiny_refiner"]
+
+FORMAT_VERSION = 1
+TEXT_WIDTH = 32
+TIME_EMBED = 8
+
+# SDXL 1.0's scheduler_config.json, verbatim in content.
+SDXL_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level BPE alphabet: printable bytes map to themselves, the rest to code points above 255.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def clip_bpe() -> tuple[dict[str, int], list[str]]:
+    """OpenAI CLIP's vocabulary (49,408 tokens) and BPE merges, from the ``open-clip-torch`` wheel's merges file."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open-clip-torch is not installed; it carries the CLIP BPE merges the tiny tokenizer needs")
+    gz = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(gz).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def _write_tokenizer(folder: Path, pad_token: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
+    return tok
+
+
+def _seeded(seed: int, build: Callable[[], Any]) -> Any:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _text_encoders(seed: int, with_first: bool) -> tuple[Any, Any]:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # Token ids as in the published SDXL text encoder configs (bos 0, eos 2, pad 1: pooling takes the argmax id,
+    # i.e. the end-of-text token).
+    common = dict(
+        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5,
+    )  # fmt: skip
+    first = None
+    if with_first:
+        first = _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **common)))
+    second = _seeded(
+        seed + 2,
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", projection_dim=TEXT_WIDTH, **common)),
+    )
+    return first, second
+
+
+def _vae(seed: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    return _seeded(
+        seed + 3,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=128,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+    )
+
+
+def _base_unet(seed: int) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    # SDXL base's block layout (no attention in the first block, two cross-attention blocks, mid block), tiny widths.
+    return _seeded(
+        seed + 4,
+        lambda: UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16, 32),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 8),
+            norm_num_groups=8,
+            cross_attention_dim=2 * TEXT_WIDTH,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_WIDTH,
+        ),
+    )
+
+
+def _refiner_unet(seed: int) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    # SDXL refiner's block layout (four blocks, attention in the middle two), aesthetic-score conditioning.
+    return _seeded(
+        seed + 5,
+        lambda: UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=2,
+            transformer_layers_per_block=1,
+            attention_head_dim=(2, 4, 4, 4),
+            norm_num_groups=8,
+            cross_attention_dim=TEXT_WIDTH,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=TIME_EMBED,
+            projection_class_embeddings_input_dim=5 * TIME_EMBED + TEXT_WIDTH,
+        ),
+    )
+
+
+def _mark(folder: Path, seed: int, role: str) -> None:
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["_sdxl_control_tiny"] = {"seed": seed, "role": role, "format": FORMAT_VERSION}
+    index_file.write_text(json.dumps(index, indent=2))
+
+
+def write_tiny_base(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write a tiny SDXL base pipeline folder (model_index.json, per-component config + safetensors, tokenizers)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    out = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        te1, te2 = _text_encoders(seed, with_first=True)
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(seed),
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=_write_tokenizer(Path(tmp) / "t1", "<|endoftext|>"),
+            tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
+            unet=_base_unet(seed),
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+            force_zeros_for_empty_prompt=True,
+        )
+        pipe.save_pretrained(out, safe_serialization=True)
+    _mark(out, seed, "base")
+    return out
+
+
+def write_tiny_refiner(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write a tiny SDXL refiner pipeline folder (second text encoder only, aesthetic-score conditioning)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    out = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, te2 = _text_encoders(seed + 100, with_first=False)
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=_vae(seed),
+            text_encoder=None,
+            text_encoder_2=te2,
+            tokenizer=None,
+            tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
+            unet=_refiner_unet(seed),
+            scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )
+        pipe.save_pretrained(out, safe_serialization=True)
+    _mark(out, seed, "refiner")
+    return out
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Paths of a tiny base and refiner pair, ready for ``Generator.from_pretrained``.
+
+    Example:
+        >>> tiny = tiny_models(seed=0)
+        >>> Generator.from_pretrained(base=tiny.base, refiner=tiny.refiner)  # doctest: +SKIP
+    """
+
+    base: Path
+    refiner: Path
+
+
+def _default_root() -> Path:
+    return Path(os.environ.get("SDXL_CONTROL_CACHE", Path.home() / ".cache" / "sdxl-control")) / f"tiny-v{FORMAT_VERSION}"
+
+
+def tiny_models(seed: int = 0, root: str | os.PathLike[str] | None = None) -> TinyModels:
+    """The tiny pair for ``seed``, written once under ``root`` (default: the sdxl-control cache) and reused."""
+    folder = Path(root) if root is not None else _default_root()
+    target = folder / f"seed-{seed}"
+    if not (target / "base" / "model_index.json").exists() or not (target / "refiner" / "model_index.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=".build-"))
+        try:
+            write_tiny_base(staging / "base", seed)
+            write_tiny_refiner(staging / "refiner", seed)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return TinyModels(target / "base", target / "refiner")

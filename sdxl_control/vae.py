@@ -1,0 +1,60 @@
+"""Latents to pixels, with SDXL's fp16 VAE overflow handled."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = ["vae_scale_factor", "decode_latents"]
+
+log = logging.getLogger(__name__)
+
+
+def vae_scale_factor(vae: Any) -> int:
+    return int(2 ** (len(vae.config.block_out_channels) - 1))
+
+
+@contextmanager
+def _in_float32(vae: Any) -> Iterator[None]:
+    # fp16 -> fp32 -> fp16 is exact, so the VAE is bit-identical afterwards.
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        vae.to(dtype)
+
+
+def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    config = vae.config
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std_t / config.scaling_factor + mean_t
+    else:
+        latents = latents / config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+@torch.no_grad()
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Decode to images in [-1, 1], float32.
+
+    The SDXL VAE overflows in fp16: it is decoded in fp32 when its config says so (``force_upcast``), and a
+    half-precision decode that produced NaNs is redone in fp32.
+    """
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        with _in_float32(vae):
+            return _decode(vae, latents).float()
+    images = _decode(vae, latents)
+    if vae.dtype in (torch.float16, torch.bfloat16) and torch.isnan(images).any():
+        log.warning("VAE decode in %s produced NaNs; decoding again in float32", vae.dtype)
+        with _in_float32(vae):
+            images = _decode(vae, latents)
+    return images.float()
