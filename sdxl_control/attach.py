@@ -83,9 +83,10 @@ def attached(
 
     If an attach fails part way, the ones already attached are detached before the error propagates. After
     detaching, the UNet's processors, hooks and parameter objects must equal what they were; a condition that
-    leaves anything behind is a bug, reported loudly rather than papered over.
+    leaves anything behind is a bug: it is reported as an error (processors it left are put back first).
     """
     before = ModelSnapshot.take(unet)
+    processors = dict(getattr(unet, "attn_processors", {}))
     live: list[tuple[Condition, Attachment]] = []
     try:
         for condition, ready in prepared:
@@ -102,5 +103,7 @@ def attached(
         if errors:
             raise errors[0]
         if changed:
+            if "attention processors" in changed:
+                unet.set_attn_processor(processors)  # type: ignore[operator]
             names = ", ".join(type(c).__name__ for c, _ in live)
             raise SdxlControlError(f"detaching [{names}] did not restore the UNet's {' and '.join(changed)}")

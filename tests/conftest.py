@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny SDXL models written once per test session through the real diffusers layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdxl_control import Generator  # noqa: E402
+from sdxl_control.testing import TinyModels, tiny_models  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["SDXL_CONTROL_CACHE"] = str(tmp_path_factory.mktemp("sdxl-control-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    return tiny_models(seed=0, root=tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def generator(tiny: TinyModels) -> Generator:
+    return Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared/ is not beside this checkout ({SHARED}); it holds the real photos and models")
+    return SHARED
