@@ -8,7 +8,7 @@ Example:
 
 __version__ = "0.1.0"
 
-from .conditions import Attachment, Condition, Prepared, PrepareContext, Residuals, Stage, StepInfo, Window
+from .conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo, Window
 from .errors import (
     CheckpointError,
     ConditionError,

@@ -110,7 +110,10 @@ def _generate(args: argparse.Namespace) -> int:
         base, refiner, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None, variant=args.variant
     )
     result = generator.run(request, progress_bar=not args.quiet)
-    for image, path in zip(result.images, _output_paths(args.output, len(result.images))):
+    images = result.images
+    if recipe is not None and "num_images" not in options:
+        images = [images[recipe["batch_index"]]]  # the batch was re-run only to re-make this image exactly
+    for image, path in zip(images, _output_paths(args.output, len(images)), strict=True):
         image.save(path)
         sys.stdout.write(f"{path}  seed={image.recipe['seed']}\n")
     return 0

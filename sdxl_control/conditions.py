@@ -110,7 +110,7 @@ class Residuals:
     def __add__(self, other: Residuals) -> Residuals:
         if len(self.down) != len(other.down):
             raise ConditionError(f"cannot add residuals of {len(self.down)} and {len(other.down)} down blocks")
-        return Residuals(tuple(a + b for a, b in zip(self.down, other.down)), self.mid + other.mid)
+        return Residuals(tuple(a + b for a, b in zip(self.down, other.down, strict=True)), self.mid + other.mid)
 
 
 @dataclass(frozen=True)
@@ -234,9 +234,7 @@ def validate_conditions(conditions: tuple[Condition, ...], has_refiner: bool) ->
         unsupported = condition.stage & ~condition.supported_stages
         if unsupported:
             reason = f": {condition.unsupported_reason}" if condition.unsupported_reason else ""
-            raise ConditionError(
-                f"{type(condition).__name__} cannot apply to the {unsupported.label} stage{reason}"
-            )
+            raise ConditionError(f"{type(condition).__name__} cannot apply to the {unsupported.label} stage{reason}")
         if condition.stage == Stage.REFINER and not has_refiner:
             raise ConditionError(
                 f"{type(condition).__name__} is set for the refiner stage, but this call runs no refiner "

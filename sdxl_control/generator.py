@@ -12,7 +12,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import __version__
-from .conditions import Condition, Prepared, PrepareContext, Stage, validate_conditions
+from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
 from .errors import InvalidRequestError
 from .guidance import guidance_for
 from .loop import ProgressCallback, StageInputs, denoise
@@ -85,18 +85,22 @@ class GenerationRequest:
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], **overrides: Any) -> GenerationRequest:
-        """The request that re-makes one recipe's image (conditions need their inputs and are not rebuilt)."""
+        """The request that re-makes a recipe's batch; its image is ``images[recipe["batch_index"]]``.
+
+        The whole batch is re-run because batched arithmetic differs from single-image arithmetic in the last
+        bits; this way the pixels come out identical. Conditions need their inputs and are not rebuilt.
+        """
         if recipe.get("conditions") and "conditions" not in overrides:
             kinds = ", ".join(c.get("kind", "?") for c in recipe["conditions"])
             raise InvalidRequestError(
                 f"this recipe used conditions ({kinds}) whose input images are not stored in it; "
                 "pass the conditions again to re-run it"
             )
-        names = {f.name for f in fields(cls)} - {"conditions", "num_images", "seed"}
+        names = {f.name for f in fields(cls)} - {"conditions", "seed"}
         values = {k: recipe[k] for k in names if k in recipe}
         values["size"] = tuple(recipe["size"])
         values["scheduler"] = recipe["scheduler"]["requested"]
-        values["seed"] = recipe["seed"]
+        values["seed"] = recipe["batch_seed"]
         values.update(overrides)
         return cls(**values)
 
@@ -238,16 +242,17 @@ class Generator:
         last = plans[-1].models
         pixels = decode_latents(last.vae, latents)
         pil = VaeImageProcessor(vae_scale_factor=factor).postprocess(pixels, output_type="pil")
-        recipes = [self._recipe(request, plans, seed) for seed in request.seeds]
-        return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes)], latents=latents)
+        recipes = [self._recipe(request, plans, i) for i in range(request.num_images)]
+        return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes, strict=True)], latents=latents)
 
-    def _recipe(self, request: GenerationRequest, plans: list[_StagePlan], seed: int) -> dict[str, Any]:
+    def _recipe(self, request: GenerationRequest, plans: list[_StagePlan], index: int) -> dict[str, Any]:
         scheduler = plans[0].schedule.scheduler
         recipe = request.settings()
         recipe.update(
             version=__version__,
-            seed=seed,
-            num_images=1,
+            seed=request.seeds[index],
+            batch_seed=request.seed,
+            batch_index=index,
             scheduler={"requested": request.scheduler, "name": request.scheduler or type(scheduler).__name__,
                        "class": type(scheduler).__name__, "config": dict(scheduler.config)},
             models={"base": self.base.source.to_json(),
@@ -265,5 +270,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-

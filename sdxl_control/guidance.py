@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -13,7 +13,8 @@ __all__ = ["Guidance", "ClassifierFreeGuidance", "NoGuidance", "guidance_for"]
 class Guidance(Protocol):
     """``copies`` is how many times the latents are stacked per forward; ``combine`` turns that back into one."""
 
-    copies: int
+    @property
+    def copies(self) -> int: ...
 
     def combine(self, prediction: torch.Tensor) -> torch.Tensor: ...
 
@@ -27,7 +28,7 @@ class NoGuidance:
         1.0
     """
 
-    copies: int = 1
+    copies: ClassVar[int] = 1
 
     def combine(self, prediction: torch.Tensor) -> torch.Tensor:
         return prediction
@@ -44,7 +45,7 @@ class ClassifierFreeGuidance:
 
     scale: float
     rescale: float = 0.0
-    copies: int = 2
+    copies: ClassVar[int] = 2
 
     def combine(self, prediction: torch.Tensor) -> torch.Tensor:
         uncond, cond = prediction.chunk(2)

@@ -106,7 +106,9 @@ def denoise(
                 mid_block_additional_residual=None if residuals is None else residuals.mid,
                 return_dict=False,
             )[0]
-            latents = scheduler.step(inputs.guidance.combine(prediction), t, latents, **step_kwargs, return_dict=False)[0]
+            latents = scheduler.step(inputs.guidance.combine(prediction), t, latents, **step_kwargs, return_dict=False)[
+                0
+            ]
             bar.update()
             if progress is not None:
                 progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), latents))

@@ -43,7 +43,9 @@ def _hub_patterns(variant: str | None) -> tuple[list[str], list[str]]:
     return HUB_PATTERNS + ["*/*.safetensors", "*/*.safetensors.index.json"], ["*.fp16.*"]
 
 
-def default_device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+def default_device_and_dtype(
+    device: str | torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when there is a GPU, else CPU in fp32; either can be overridden."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
@@ -119,7 +121,12 @@ def _resolve_hub(
     from huggingface_hub.utils import HFValidationError
 
     allow, ignore = _hub_patterns(variant)
-    where: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "allow_patterns": allow, "ignore_patterns": ignore}
+    where: dict[str, Any] = {
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "allow_patterns": allow,
+        "ignore_patterns": ignore,
+    }
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, **where))
     except HFValidationError:
@@ -159,13 +166,15 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-download or re-convert it") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); re-download or re-convert it"
+        ) from None
 
 
 def _refuse_pickle(path: Path) -> CheckpointError:
     return CheckpointError(
         f"{path} is a pickle checkpoint; sdxl-control only loads safetensors, because unpickling can run arbitrary "
-        "code. Convert it once where you trust it: `python -c \"import torch, safetensors.torch as s; "
+        'code. Convert it once where you trust it: `python -c "import torch, safetensors.torch as s; '
         f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\"`"
     )
 
@@ -226,7 +235,9 @@ def _revision_of(folder: Path) -> str | None:
     return folder.name if folder.parent.name == "snapshots" else None
 
 
-def _load_folder(folder: Path, name: str, stage: Stage, device: torch.device, dtype: torch.dtype, variant: str | None) -> StageModels:
+def _load_folder(
+    folder: Path, name: str, stage: Stage, device: torch.device, dtype: torch.dtype, variant: str | None
+) -> StageModels:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -240,16 +251,27 @@ def _load_folder(folder: Path, name: str, stage: Stage, device: torch.device, dt
         raise IncompatibleModelError(f"{folder} is an SDXL {kind}; it cannot be loaded as the {stage.label}")
     missing = [c for c in REQUIRED[stage] if not (isinstance(index.get(c), list) and index[c][0] is not None)]
     if missing:
-        raise IncompatibleModelError(f"{folder} lacks the {', '.join(missing)} component(s) an SDXL {stage.label} needs")
+        raise IncompatibleModelError(
+            f"{folder} lacks the {', '.join(missing)} component(s) an SDXL {stage.label} needs"
+        )
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     _check_unet_config(unet_config, folder / "unet", stage)
 
-    weights = {c: _component_weights(folder / c, variant) for c in ("unet", "vae", "text_encoder", "text_encoder_2") if c in REQUIRED[stage]}
+    weights = {
+        c: _component_weights(folder / c, variant)
+        for c in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if c in REQUIRED[stage]
+    }
     for path in weights.values():
         if path.suffix == ".safetensors":
             check_safetensors(path)
 
-    common: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True, "local_files_only": True, "variant": variant}
+    common: dict[str, Any] = {
+        "torch_dtype": dtype,
+        "use_safetensors": True,
+        "local_files_only": True,
+        "variant": variant,
+    }
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **common)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **common)
     encoders = []
@@ -296,7 +318,9 @@ def _load_folder(folder: Path, name: str, stage: Stage, device: torch.device, dt
     )
 
 
-def _load_single_file(path: Path, stage: Stage, device: torch.device, dtype: torch.dtype, config: str | None) -> StageModels:
+def _load_single_file(
+    path: Path, stage: Stage, device: torch.device, dtype: torch.dtype, config: str | None
+) -> StageModels:
     """A single-file checkpoint (A1111/ComfyUI style), converted by diffusers; component configs come from
     ``config`` (a diffusers folder or hub id), which must be local when offline."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -307,13 +331,19 @@ def _load_single_file(path: Path, stage: Stage, device: torch.device, dtype: tor
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
     if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise IncompatibleModelError(f"{path} is not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* keys)")
+        raise IncompatibleModelError(
+            f"{path} is not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* keys)"
+        )
     if not any(k.startswith("conditioner.embedders.") for k in keys):
-        raise IncompatibleModelError(f"{path} has no SDXL text encoders (conditioner.embedders.*): not an SDXL checkpoint")
+        raise IncompatibleModelError(
+            f"{path} has no SDXL text encoders (conditioner.embedders.*): not an SDXL checkpoint"
+        )
     cls = StableDiffusionXLPipeline if stage == Stage.BASE else StableDiffusionXLImg2ImgPipeline
     default_config = DEFAULT_BASE if stage == Stage.BASE else DEFAULT_REFINER
     try:
-        pipe = cls.from_single_file(str(path), config=config or default_config, torch_dtype=dtype, local_files_only=True)
+        pipe = cls.from_single_file(
+            str(path), config=config or default_config, torch_dtype=dtype, local_files_only=True
+        )
     except Exception as exc:
         raise MissingWeightsError(
             f"loading {path} needs the component configs of {config or default_config} ({exc}); pass config= a local "

@@ -65,8 +65,13 @@ class RecipeImage(Image.Image):
         info.add_itxt(RECIPE_KEY, json.dumps(self.recipe))
         return info
 
-    def save(self, fp: str | os.PathLike[str] | IO[bytes], format: str | None = None, **params: Any) -> None:
-        name = str(fp) if isinstance(fp, (str, os.PathLike)) else getattr(fp, "name", "")
+    def save(
+        self,
+        fp: str | bytes | os.PathLike[str] | os.PathLike[bytes] | IO[bytes],
+        format: str | None = None,
+        **params: Any,
+    ) -> None:
+        name = os.fsdecode(fp) if isinstance(fp, (str, bytes, os.PathLike)) else getattr(fp, "name", "")
         is_png = (format or "").upper() == "PNG" or (format is None and str(name).lower().endswith(".png"))
         if is_png and "pnginfo" not in params:
             params["pnginfo"] = self.pnginfo()

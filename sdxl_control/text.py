@@ -100,11 +100,11 @@ def time_ids(
     micro: MicroConditioning, *, aesthetic: bool, unet: Any, pooled_width: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) time ids of shape (1, n) for a stage, checked against the UNet's embedding size."""
-    base = list(micro.original_size) + list(micro.crop_top_left)
+    base: list[float] = [*micro.original_size, *micro.crop_top_left]
     if aesthetic:
         pos, neg = base + [micro.aesthetic_score], base + [micro.negative_aesthetic_score]
     else:
-        pos = neg = base + list(micro.target_size)
+        pos = neg = base + [*micro.target_size]
     expected = unet.add_embedding.linear_1.in_features
     given = unet.config.addition_time_embed_dim * len(pos) + pooled_width
     if expected != given:

@@ -26,8 +26,9 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
-    return tiny_models(seed=0, root=tmp_path_factory.mktemp("tiny"))
+def tiny(_isolated_cache: None) -> TinyModels:
+    # The default cache location (isolated above), so the CLI's --tiny finds the same folders.
+    return tiny_models(seed=0)
 
 
 @pytest.fixture(scope="session")

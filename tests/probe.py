@@ -60,7 +60,9 @@ class ProbeAttachment(Attachment):
     def __init__(self, unet, condition: Probe) -> None:
         self.condition = condition
         self.state = {"active": False}
-        cross = {n: ScaledProcessor(p, self.state, condition.scale) for n, p in unet.attn_processors.items() if "attn2" in n}
+        cross = {
+            n: ScaledProcessor(p, self.state, condition.scale) for n, p in unet.attn_processors.items() if "attn2" in n
+        }
         self.patch = ProcessorPatch(unet, cross)
         self.calls = 0
         self.hook = unet.conv_in.register_forward_hook(self._count)

@@ -22,7 +22,9 @@ def assert_same_as_fresh(gen: Generator, fresh: Generator) -> None:
         a, b = ours.state_dict(), ref.state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
-        assert {k: type(v) for k, v in ours.attn_processors.items()} == {k: type(v) for k, v in ref.attn_processors.items()}
+        assert {k: type(v) for k, v in ours.attn_processors.items()} == {
+            k: type(v) for k, v in ref.attn_processors.items()
+        }
         assert hooks(ours) == hooks(ref)
 
 
@@ -34,7 +36,9 @@ def fresh(tiny):
 def test_probe_acts_then_leaves_models_as_a_fresh_load(generator, fresh):
     before = ModelSnapshot.take(generator.base.unet)
     plain = generator.generate("a cat", **ARGS)
-    probed = generator.generate("a cat", conditions=[Probe(scale=0.5, stage=Stage.BOTH, residual=0.1)], refiner_switch=0.5, **ARGS)
+    probed = generator.generate(
+        "a cat", conditions=[Probe(scale=0.5, stage=Stage.BOTH, residual=0.1)], refiner_switch=0.5, **ARGS
+    )
     plain_refined = generator.generate("a cat", refiner_switch=0.5, **ARGS)
     assert not torch.allclose(probed.latents, plain_refined.latents)
     assert ModelSnapshot.take(generator.base.unet) == before
@@ -45,7 +49,12 @@ def test_probe_acts_then_leaves_models_as_a_fresh_load(generator, fresh):
 def test_raise_mid_loop_restores_everything(generator, fresh):
     plain = generator.generate("a cat", refiner_switch=0.5, **ARGS)
     with pytest.raises(RuntimeError, match="boom"):
-        generator.generate("a cat", conditions=[Probe(stage=Stage.BOTH), Probe(raise_at=4, stage=Stage.BOTH)], refiner_switch=0.5, **ARGS)
+        generator.generate(
+            "a cat",
+            conditions=[Probe(stage=Stage.BOTH), Probe(raise_at=4, stage=Stage.BOTH)],
+            refiner_switch=0.5,
+            **ARGS,
+        )
     assert_same_as_fresh(generator, fresh)
     assert torch.equal(generator.generate("a cat", refiner_switch=0.5, **ARGS).latents, plain.latents)
 

@@ -48,7 +48,9 @@ SDXL_SCHEDULER = {
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level BPE alphabet: printable bytes map to themselves, the rest to code points above 255.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):
@@ -56,7 +58,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def clip_bpe() -> tuple[dict[str, int], list[str]]:
@@ -80,7 +82,9 @@ def _write_tokenizer(folder: Path, pad_token: str) -> Any:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
     return tok
 
 
@@ -95,7 +99,7 @@ def _text_encoders(seed: int, with_first: bool) -> tuple[Any, Any]:
 
     # Token ids as in the published SDXL text encoder configs (bos 0, eos 2, pad 1: pooling takes the argmax id,
     # i.e. the end-of-text token).
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
         max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5,
     )  # fmt: skip
@@ -206,7 +210,7 @@ def write_tiny_base(folder: str | os.PathLike[str], seed: int = 0) -> Path:
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             force_zeros_for_empty_prompt=True,
         )
-        pipe.save_pretrained(out, safe_serialization=True)
+        pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     _mark(out, seed, "base")
     return out
 
@@ -229,7 +233,7 @@ def write_tiny_refiner(folder: str | os.PathLike[str], seed: int = 0) -> Path:
             requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False,
         )
-        pipe.save_pretrained(out, safe_serialization=True)
+        pipe.save_pretrained(out, safe_serialization=True)  # type: ignore[attr-defined]
     _mark(out, seed, "refiner")
     return out
 
@@ -248,7 +252,9 @@ class TinyModels:
 
 
 def _default_root() -> Path:
-    return Path(os.environ.get("SDXL_CONTROL_CACHE", Path.home() / ".cache" / "sdxl-control")) / f"tiny-v{FORMAT_VERSION}"
+    return (
+        Path(os.environ.get("SDXL_CONTROL_CACHE", Path.home() / ".cache" / "sdxl-control")) / f"tiny-v{FORMAT_VERSION}"
+    )
 
 
 def tiny_models(seed: int = 0, root: str | os.PathLike[str] | None = None) -> TinyModels:

@@ -1,0 +1,56 @@
+"""adapters/, preprocessors/ and presets/ import as parts of sdxl_control, editable and from a wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+    "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in getattr(h, '__module__', '')]; "
+    "import sdxl_control.adapters as a, sdxl_control.preprocessors as p, sdxl_control.presets as s; "
+    "print(a.__file__); print(p.__file__); print(s.load_preset('quality')['steps'])"
+)
+
+
+def test_editable_install_maps_the_folders(tmp_path):
+    dist = metadata.distribution("sdxl-control")
+    direct = dist.read_text("direct_url.json")
+    if not direct or not json.loads(direct).get("dir_info", {}).get("editable"):
+        pytest.skip("sdxl-control is not installed in editable mode here")
+    code = "import sdxl_control.adapters as a, sdxl_control.preprocessors as p; print(a.__file__); print(p.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(ROOT / "adapters" / "__init__.py"), str(ROOT / "preprocessors" / "__init__.py")]
+
+
+def test_wheel_contains_and_imports_the_folders(tmp_path):
+    # Build from a copy: an in-tree build leaves egg-info beside the sources that shadows the installed metadata.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "*cache*", "*.egg-info", "build"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    wheel = next(tmp_path.glob("sdxl_control-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "site")
+    assert {"sdxl_control/adapters/__init__.py", "sdxl_control/preprocessors/__init__.py",
+            "sdxl_control/presets/quality.json", "sdxl_control/testing/tiny.py"} <= names  # fmt: skip
+    assert not any(n.startswith(("adapters/", "preprocessors/", "presets/", "tests/")) for n in names)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", IMPORT], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines[0] == str(tmp_path / "site" / "sdxl_control" / "adapters" / "__init__.py")
+    assert lines[1] == str(tmp_path / "site" / "sdxl_control" / "preprocessors" / "__init__.py")
+    assert lines[2] == "30"

@@ -1,0 +1,51 @@
+"""The tiny-model factory: real layout, real tokenizer, deterministic weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
+
+from sdxl_control.presets import available_presets, load_preset
+from sdxl_control.testing import clip_bpe, write_tiny_base
+
+
+def test_layout_is_the_diffusers_pipeline_layout(tiny):
+    index = json.loads((tiny.base / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert any((tiny.base / component).glob("*.safetensors")), component
+    refiner = json.loads((tiny.refiner / "model_index.json").read_text())
+    assert refiner["requires_aesthetics_score"] is True and refiner["text_encoder"] == [None, None]
+
+
+def test_tokenizer_is_real_clip():
+    vocab, merges = clip_bpe()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+
+
+def test_tokenizer_ids_match_published_clip(tiny):
+    tok = CLIPTokenizer.from_pretrained(tiny.base / "tokenizer")
+    # Ids of the published openai/clip-vit-large-patch14 tokenizer for this prompt.
+    assert tok("a portrait of an astronaut, studio light").input_ids == [
+        49406, 320, 5352, 539, 550, 18376, 267, 3155, 1395, 49407,
+    ]  # fmt: skip
+    tok2 = CLIPTokenizer.from_pretrained(tiny.base / "tokenizer_2")
+    assert tok2("hi", padding="max_length", max_length=5).input_ids == [49406, 1883, 49407, 0, 0]  # pads with "!"
+
+
+def test_same_seed_same_weights(tmp_path, tiny):
+    write_tiny_base(tmp_path / "again", seed=0)
+    a = load_file(tiny.base / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_presets_are_data():
+    assert {"quality", "base_only"} <= set(available_presets())
+    assert load_preset("quality") == {"steps": 30, "guidance": 5.0, "refiner_switch": 0.8, "scheduler": "euler"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_preset("nope")
