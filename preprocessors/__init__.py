@@ -1,1 +1,62 @@
-"""Image preprocessors for conditions (edges, depth, pose, faces), imported as ``sdxl_control.preprocessors``."""
+"""Image preprocessors for conditions (edges, depth, pose, faces), imported as ``sdxl_control.preprocessors``.
+
+Every preprocessor takes an RGB image and returns the control image; models are loaded once per process.
+
+Example:
+    >>> from sdxl_control.preprocessors import preprocess
+    >>> preprocess("canny", photo).size == photo.size  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+from ..errors import ConditionError
+from .images import ImageInput, load_image
+
+__all__ = ["PREPROCESSORS", "preprocess", "load_image", "ImageInput"]
+
+
+def _canny(image: Image.Image, **options: Any) -> Image.Image:
+    from .edges import canny
+
+    return canny(image, **options)
+
+
+def _depth(image: Image.Image, **options: Any) -> Image.Image:
+    from .depth import estimate_depth
+
+    return estimate_depth(image, **options)
+
+
+def _pose(image: Image.Image, **options: Any) -> Image.Image:
+    from .pose import detect_pose
+
+    return detect_pose(image, **options)
+
+
+def _as_is(image: Image.Image, **options: Any) -> Image.Image:
+    if options:
+        raise ConditionError(f"'none' takes no options, got {sorted(options)}")
+    return image
+
+
+PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {
+    "canny": _canny,
+    "edges": _canny,
+    "depth": _depth,
+    "pose": _pose,
+    "none": _as_is,
+}
+
+
+def preprocess(name: str | None, image: ImageInput, **options: Any) -> Image.Image:
+    """Load ``image`` (any mode, path or array) and run the named preprocessor on it (``None``: use as is)."""
+    key = name or "none"
+    if key not in PREPROCESSORS:
+        raise ConditionError(f"unknown preprocessor {name!r}: use one of {', '.join(sorted(PREPROCESSORS))}")
+    return PREPROCESSORS[key](load_image(image, "control image"), **options)

@@ -20,7 +20,17 @@ from .conditions import Stage
 from .errors import CheckpointError, IncompatibleModelError, MissingWeightsError, ModelNotFoundError
 from .text import TextEncoder
 
-__all__ = ["ModelSource", "StageModels", "load_stage", "default_device_and_dtype", "DEFAULT_BASE", "DEFAULT_REFINER"]
+__all__ = [
+    "ModelSource",
+    "StageModels",
+    "load_stage",
+    "resolve_source",
+    "resolve_hub",
+    "check_safetensors",
+    "default_device_and_dtype",
+    "DEFAULT_BASE",
+    "DEFAULT_REFINER",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +123,18 @@ def _hub_cache_dir(cache_dir: str | os.PathLike[str] | None) -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def _resolve_hub(
-    repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None, variant: str | None
+def resolve_hub(
+    repo_id: str,
+    *,
+    allow: list[str],
+    ignore: list[str] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """A hub id's snapshot folder: from the cache, else one download attempt, else one clear error."""
+    """A hub repo's snapshot folder: from the HF cache, else one download attempt, else one clear error."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError
 
-    allow, ignore = _hub_patterns(variant)
     where: dict[str, Any] = {
         "revision": revision,
         "cache_dir": cache_dir,
@@ -147,6 +161,29 @@ def _resolve_hub(
             f"model {repo_id!r} is not in the HF cache ({cache}) and the hub could not be reached "
             f"({type(exc).__name__}); {_fetch_hint(repo_id)}"
         ) from None
+
+
+def resolve_source(
+    source: str | os.PathLike[str],
+    *,
+    allow: list[str],
+    ignore: list[str] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """An existing local file or folder as is; otherwise a hub id resolved through the HF cache.
+
+    Pickle files are refused here, so no loader downstream ever unpickles.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
+    if path.exists():
+        return path
+    if _looks_like_path(text):
+        raise ModelNotFoundError(f"no model at {path}: no such file or folder")
+    return resolve_hub(text, allow=allow, ignore=ignore, revision=revision, cache_dir=cache_dir)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -380,17 +417,10 @@ def load_stage(
 ) -> StageModels:
     """Load the models of one stage from a hub id, the HF cache, a diffusers folder or a ``.safetensors`` file."""
     dev, dt = default_device_and_dtype(device, dtype)
-    text = str(source)
-    path = Path(text).expanduser()
+    allow, ignore = _hub_patterns(variant)
+    path = resolve_source(source, allow=allow, ignore=ignore, revision=revision, cache_dir=cache_dir)
     if path.is_dir():
-        return _load_folder(path, text, stage, dev, dt, variant)
-    if path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            raise _refuse_pickle(path)
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a .safetensors file)")
-        return _load_single_file(path, stage, dev, dt, config)
-    if _looks_like_path(text):
-        raise ModelNotFoundError(f"no model at {path}: no such file or folder")
-    folder = _resolve_hub(text, revision, cache_dir, variant)
-    return _load_folder(folder, text, stage, dev, dt, variant)
+        return _load_folder(path, str(source), stage, dev, dt, variant)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a .safetensors file)")
+    return _load_single_file(path, stage, dev, dt, config)

@@ -1,0 +1,80 @@
+"""Turning whatever a user hands in (path, PIL image in any mode, numpy array) into an RGB PIL image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import ConditionError
+
+__all__ = ["ImageInput", "load_image", "MIN_SIDE"]
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+# Below this a control or reference image carries no usable structure.
+MIN_SIDE = 8
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ConditionError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.clip(array, 0.0, 1.0) * 255.0 + 0.5
+    elif array.dtype == np.uint16:
+        array = array / 257.0
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent areas become black, the background of control maps.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(value: Any, what: str = "image") -> Image.Image:
+    """An RGB image from a path, a PIL image (any mode; EXIF orientation applied) or an array.
+
+    16-bit and float images are stretched to 8 bits; transparency is composited onto black.
+
+    Example:
+        >>> load_image(np.zeros((16, 16), dtype=np.uint8)).mode
+        'RGB'
+    """
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_file():
+            raise ConditionError(f"{what}: no such file {path}")
+        try:
+            with Image.open(path) as opened:
+                # exif_transpose returns a loaded copy, so the file can close.
+                image = ImageOps.exif_transpose(opened)
+        except OSError as exc:
+            raise ConditionError(f"{what}: {path} is not a readable image ({exc})") from None
+    elif isinstance(value, Image.Image):
+        image = ImageOps.exif_transpose(value) or value
+    elif isinstance(value, np.ndarray):
+        image = _from_array(value)
+    else:
+        raise ConditionError(f"{what}: expected a path, PIL image or numpy array, got {type(value).__name__}")
+    if min(image.size) < MIN_SIDE:
+        raise ConditionError(
+            f"{what} is {image.size[0]}x{image.size[1]} pixels: too small (at least {MIN_SIDE} a side)"
+        )
+    return _to_rgb(image)
