@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -13,7 +13,7 @@ from ..errors import ConditionError
 
 __all__ = ["ImageInput", "load_image", "MIN_SIDE"]
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # Below this a control or reference image carries no usable structure.
 MIN_SIDE = 8
 

@@ -1,0 +1,275 @@
+"""ControlNet conditions: SDXL ControlNets (one or several per call) and ControlNet-Union / ProMax.
+
+Each ControlNet runs once per step inside its window and returns residuals; the loop sums the residuals of all
+ControlNets and feeds them to the UNet in its single forward pass. Nothing on the UNet is changed.
+
+Example:
+    >>> from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
+    >>> conditions = [ControlNet("diffusers/controlnet-canny-sdxl-1.0", image=photo, preprocess="canny", scale=0.6,
+    ...                          window=(0.0, 0.7)),
+    ...               ControlNetUnion("xinsir/controlnet-union-sdxl-1.0", depth=photo, canny=edges,
+    ...                               preprocess=("depth",))]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo
+from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
+from ..models import check_safetensors, resolve_source
+from ..preprocessors import ImageInput, preprocess
+
+__all__ = ["ControlNet", "ControlNetUnion", "UNION_CONTROL_TYPES", "load_controlnet", "clear_controlnet_cache"]
+
+# xinsir's ControlNet-Union control types (index into the model's task embedding); ProMax adds tile and inpaint.
+UNION_CONTROL_TYPES: dict[str, int] = {
+    "pose": 0,
+    "depth": 1,
+    "softedge": 2,
+    "canny": 3,
+    "normal": 4,
+    "segment": 5,
+    "tile": 6,
+    "inpaint": 7,
+}
+# Which preprocessor makes each union control type's map from a photo.
+_UNION_PREPROCESSORS = {"pose": "pose", "depth": "depth", "canny": "canny"}
+
+_CACHE: dict[tuple[str, bool, str, str], Any] = {}
+_WEIGHTS = ["config.json", "diffusion_pytorch_model.safetensors"]
+_REFINER_REASON = "SDXL ControlNets are trained against the base UNet's blocks; the refiner's architecture differs"
+
+
+def clear_controlnet_cache() -> None:
+    """Forget the ControlNets loaded so far (they are kept per process, like preprocessor models)."""
+    _CACHE.clear()
+
+
+def _check_config(config: Mapping[str, Any], unet: Any, source: str) -> None:
+    cross = config.get("cross_attention_dim")
+    if cross != unet.config.cross_attention_dim:
+        hint = " (an SD 1.5 ControlNet)" if cross == 768 else ""
+        raise IncompatibleModelError(
+            f"{source}: this ControlNet's cross-attention size is {cross}{hint}, but the SDXL UNet expects "
+            f"{unet.config.cross_attention_dim}"
+        )
+    if config.get("addition_embed_type") != "text_time":
+        raise IncompatibleModelError(f"{source}: not an SDXL ControlNet (no text_time conditioning)")
+    if list(config.get("block_out_channels", [])) != list(unet.config.block_out_channels):
+        raise IncompatibleModelError(
+            f"{source}: ControlNet blocks {config.get('block_out_channels')} do not match the UNet's "
+            f"{list(unet.config.block_out_channels)}"
+        )
+
+
+def load_controlnet(source: str | Path, *, union: bool, unet: Any) -> Any:
+    """Load (once per process) a ControlNet that fits ``unet``: hub id, local folder or single file.
+
+    The config is checked against the UNet before any weights are read.
+    """
+    from diffusers import ControlNetModel, ControlNetUnionModel
+
+    key = (str(source), union, str(unet.device), str(unet.dtype))
+    if key in _CACHE:
+        return _CACHE[key]
+    cls = ControlNetUnionModel if union else ControlNetModel
+    path = resolve_source(source, allow=_WEIGHTS)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise IncompatibleModelError(f"{path} is not a diffusers ControlNet folder (no config.json)")
+        config = json.loads(config_file.read_text())
+        is_union = config.get("_class_name") == "ControlNetUnionModel"
+        if is_union != union:
+            wanted = "ControlNetUnion" if is_union else "ControlNet"
+            raise IncompatibleModelError(f"{path} holds a {config.get('_class_name')}: use {wanted} for it")
+        _check_config(config, unet, str(source))
+        check_safetensors(path / "diffusion_pytorch_model.safetensors")
+        model = cls.from_pretrained(path, torch_dtype=unet.dtype, use_safetensors=True, local_files_only=True)
+    else:
+        check_safetensors(path)
+        try:
+            model = cls.from_single_file(str(path), torch_dtype=unet.dtype, local_files_only=True)
+        except Exception as exc:
+            raise MissingWeightsError(
+                f"{path}: diffusers could not convert this single-file ControlNet offline ({exc}); use its diffusers "
+                "folder (config.json + diffusion_pytorch_model.safetensors) instead"
+            ) from None
+        _check_config(dict(model.config), unet, str(source))
+    model.to(unet.device).eval().requires_grad_(False)
+    _CACHE[key] = model
+    return model
+
+
+def _as_list(images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> list[ImageInput]:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _control_tensor(
+    images: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
+    preprocessor: str | None,
+    options: Mapping[str, Any],
+    ctx: PrepareContext,
+    doubled: bool,
+) -> torch.Tensor:
+    """Control images as the ControlNet takes them: resized as diffusers does, one per image of the batch."""
+    maps = [preprocess(preprocessor, image, **options) for image in _as_list(images)]
+    if len(maps) not in (1, ctx.batch_size):
+        raise ConditionError(f"{len(maps)} control images for a batch of {ctx.batch_size}: give 1 or {ctx.batch_size}")
+    width, height = ctx.size
+    processor = VaeImageProcessor(do_convert_rgb=True, do_normalize=False)
+    tensor = processor.preprocess(maps, height=height, width=width).to(torch.float32)
+    if len(maps) == 1:
+        tensor = tensor.repeat_interleave(ctx.batch_size, dim=0)
+    tensor = tensor.to(ctx.device, ctx.dtype)
+    return torch.cat([tensor, tensor]) if doubled else tensor
+
+
+class _ControlAttachment(Attachment):
+    """Runs a ControlNet at each active step; attaches nothing to the UNet, so detaching has nothing to undo."""
+
+    def __init__(self, model: Any, scale: float, guess_mode: bool, inputs: dict[str, Any]) -> None:
+        self.model, self.scale, self.guess_mode, self.inputs = model, scale, guess_mode, inputs
+
+    def contribute(self, step: StepInfo, active: bool) -> Residuals | None:
+        if not active:
+            return None
+        # Guess mode with guidance: the ControlNet sees only the conditional half; the unconditional half gets 0.
+        half = self.guess_mode and step.guided
+        sample, hidden, added = step.sample, step.encoder_hidden_states, dict(step.added_cond_kwargs)
+        if half:
+            sample, hidden = sample.chunk(2)[1], hidden.chunk(2)[1]
+            added = {k: v.chunk(2)[1] for k, v in added.items()}
+        inputs = dict(self.inputs)
+        control_type = inputs.get("control_type")
+        if control_type is not None:
+            inputs["control_type"] = control_type.repeat(sample.shape[0], 1)
+            scale: float | list[float] = [self.scale] * len(inputs["control_type_idx"])
+        else:
+            scale = self.scale
+        down, mid = self.model(
+            sample, step.timestep, encoder_hidden_states=hidden, conditioning_scale=scale, guess_mode=self.guess_mode,
+            added_cond_kwargs=added, return_dict=False, **inputs,
+        )  # fmt: skip
+        if half:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return Residuals(tuple(down), mid)
+
+    def detach(self) -> None:
+        return None
+
+
+class _ControlPrepared(Prepared):
+    def __init__(self, model: Any, scale: float, guess_mode: bool, inputs: dict[str, Any]) -> None:
+        self.model, self.scale, self.guess_mode, self.inputs = model, scale, guess_mode, inputs
+
+    def attach(self, unet: Any, stage: Stage) -> Attachment:
+        return _ControlAttachment(self.model, self.scale, self.guess_mode, self.inputs)
+
+
+def _base_unet(ctx: PrepareContext) -> Any:
+    unet = ctx.stages.get(Stage.BASE)
+    if unet is None:
+        raise ConditionError("ControlNet conditions need the base stage")
+    return unet
+
+
+@dataclass(frozen=True)
+class ControlNet(Condition):
+    """One SDXL ControlNet with its control image(s).
+
+    ``image`` is a photo to run ``preprocess`` on (``"canny"``, ``"depth"``, ``"pose"``), or a ready control map
+    when ``preprocess`` is ``None``; give one image, or one per image of the batch. ``guess_mode`` lets the
+    ControlNet work without the prompt (its residuals scaled from 0.1 at the input to 1.0 at the middle block).
+
+    Example:
+        >>> ControlNet("diffusers/controlnet-canny-sdxl-1.0", image="photo.jpg", preprocess="canny", scale=0.6)
+        ControlNet(scale=0.6, ...)  # doctest: +SKIP
+    """
+
+    model: str | Path
+    image: Any
+    preprocess: str | None = None
+    preprocess_options: Mapping[str, Any] = field(default_factory=dict)
+    guess_mode: bool = False
+
+    kind: ClassVar[str] = "controlnet"
+    supported_stages: ClassVar[Stage] = Stage.BASE
+    unsupported_reason: ClassVar[str] = _REFINER_REASON
+
+    def prepare(self, ctx: PrepareContext) -> Prepared:
+        model = load_controlnet(self.model, union=False, unet=_base_unet(ctx))
+        guess = self.guess_mode or bool(getattr(model.config, "global_pool_conditions", False))
+        doubled = ctx.guided and not guess
+        image = _control_tensor(self.image, self.preprocess, self.preprocess_options, ctx, doubled)
+        return _ControlPrepared(model, self.scale, guess, {"controlnet_cond": image})
+
+
+@dataclass(frozen=True)
+class ControlNetUnion(Condition):
+    """One ControlNet-Union (or ProMax) model driven by several control types at once.
+
+    Each control type takes a ready map, or a photo when its name is listed in ``preprocess`` (pose, depth and
+    canny have preprocessors). Types map to the model's task indices by :data:`UNION_CONTROL_TYPES`.
+
+    Example:
+        >>> ControlNetUnion("xinsir/controlnet-union-sdxl-1.0", depth=photo, canny=edges, preprocess=("depth",))
+        ControlNetUnion(...)  # doctest: +SKIP
+    """
+
+    model: str | Path
+    pose: Any = None
+    depth: Any = None
+    softedge: Any = None
+    canny: Any = None
+    normal: Any = None
+    segment: Any = None
+    tile: Any = None
+    inpaint: Any = None
+    preprocess: tuple[str, ...] = ()
+    guess_mode: bool = False
+
+    kind: ClassVar[str] = "controlnet-union"
+    supported_stages: ClassVar[Stage] = Stage.BASE
+    unsupported_reason: ClassVar[str] = _REFINER_REASON
+
+    def controls(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in UNION_CONTROL_TYPES if getattr(self, name) is not None}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "preprocess", tuple(self.preprocess))
+        if not self.controls():
+            raise ConditionError(f"ControlNetUnion needs at least one control image ({', '.join(UNION_CONTROL_TYPES)})")
+        for name in self.preprocess:
+            if name not in _UNION_PREPROCESSORS:
+                raise ConditionError(
+                    f"no preprocessor for union control {name!r}: one of {sorted(_UNION_PREPROCESSORS)}"
+                )
+            if name not in self.controls():
+                raise ConditionError(f"preprocess names {name!r} but no {name}= image was given")
+
+    def prepare(self, ctx: PrepareContext) -> Prepared:
+        model = load_controlnet(self.model, union=True, unet=_base_unet(ctx))
+        n_types = model.config.num_control_type
+        modes = []
+        images = []
+        for name, image in self.controls().items():
+            index = UNION_CONTROL_TYPES[name]
+            if index >= n_types:
+                raise ConditionError(f"{self.model} knows {n_types} control types; {name!r} needs a ProMax model")
+            modes.append(index)
+            preprocessor = _UNION_PREPROCESSORS[name] if name in self.preprocess else None
+            images.append(_control_tensor(image, preprocessor, {}, ctx, ctx.guided and not self.guess_mode))
+        control_type = torch.zeros(n_types).scatter_(0, torch.tensor(modes), 1).reshape(1, -1).to(ctx.device, ctx.dtype)
+        inputs = {"controlnet_cond": images, "control_type": control_type, "control_type_idx": modes}
+        return _ControlPrepared(model, self.scale, self.guess_mode, inputs)

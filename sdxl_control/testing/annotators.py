@@ -1,0 +1,81 @@
+"""Random-weight ControlNets and annotator models in their published file layouts, for offline tests and demos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .tiny import _seeded
+
+__all__ = ["write_tiny_controlnet", "write_tiny_depth_estimator", "write_random_openpose"]
+
+
+def _randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
+    # ControlNets start with zero convolutions, which would make every test of their effect vacuous.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+
+
+def write_tiny_controlnet(
+    folder: str | os.PathLike[str], base: str | os.PathLike[str], seed: int = 0, union: bool = False
+) -> Path:
+    """A ControlNet (or ControlNet-Union) shaped after the UNet of the tiny base at ``base``, saved as a diffusers
+    folder (config.json + diffusion_pytorch_model.safetensors)."""
+    from diffusers import ControlNetModel, ControlNetUnionModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    if union:
+        # The published union config ties its control-fusion transformer to the first block's width (320).
+        width = unet.config.block_out_channels[0]
+        config = dict(ControlNetUnionModel.from_unet(unet, load_weights_from_unet=False).config)
+        config.pop("_use_default_values", None)  # else from_config resets the widths below to their defaults
+        config.update(num_trans_channel=width, num_trans_head=2, num_proj_channel=width)
+        model = _seeded(seed, lambda: ControlNetUnionModel.from_config(config))
+    else:
+        model = _seeded(seed, lambda: ControlNetModel.from_unet(unet, load_weights_from_unet=False))
+    _randomize_zero_layers(model, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def write_tiny_depth_estimator(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A tiny DPT depth estimator (the architecture of Intel/dpt-*) with its image processor, as a transformers
+    folder that ``pipeline("depth-estimation")`` loads."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=64, patch_size=16,
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+    )  # fmt: skip
+    model = _seeded(seed, lambda: DPTForDepthEstimation(config))
+    model.save_pretrained(folder, safe_serialization=True)
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(folder)
+    return Path(folder)
+
+
+def write_random_openpose(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """controlnet-aux's OpenPose body, hand and face networks with random weights, under the published file names
+    and key layout (body/hand keys without their block prefix). About 490 MB."""
+    from controlnet_aux.open_pose.body import bodypose_model
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.hand import handpose_model
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (cls, name, strip) in enumerate(
+        [
+            (bodypose_model, "body_pose_model.pth", True),
+            (handpose_model, "hand_pose_model.pth", True),
+            (FaceNet, "facenet.pth", False),
+        ]
+    ):
+        state = _seeded(seed + i, cls).state_dict()
+        if strip:
+            state = {k.split(".", 1)[1]: v for k, v in state.items()}
+        torch.save(state, out / name)
+    return out
