@@ -81,7 +81,8 @@ def test_three_controlnets_match_multicontrolnet(generator, tiny, nets, maps):
     images = [maps["edges"], maps["photo"], maps["noise"]]
     scales, windows = [0.6, 0.8, 0.5], [(0.0, 0.7), (0.2, 1.0), (0.0, 1.0)]
     conditions = [
-        ControlNet(nets[n], image=img, scale=s, window=w) for n, img, s, w in zip("abc", images, scales, windows)
+        ControlNet(nets[n], image=img, scale=s, window=w)
+        for n, img, s, w in zip("abc", images, scales, windows, strict=True)
     ]
     ours = generator.generate(PROMPT, conditions=conditions, **RUN)
     multi = MultiControlNetModel([ControlNetModel.from_pretrained(nets[n]) for n in "abc"])
