@@ -1,3 +1,52 @@
-"""Condition families, one module per family (ControlNet, IP-Adapter, identity, LoRA), imported as
-``sdxl_control.adapters``. Each module defines frozen :class:`sdxl_control.Condition` values and the mechanism
-that attaches them."""
+"""Condition families, one module per family, imported as ``sdxl_control.adapters``.
+
+Each module defines frozen :class:`sdxl_control.Condition` values and the mechanism that attaches them.
+:func:`condition_from_settings` rebuilds a condition from the settings a recipe recorded.
+
+Example:
+    >>> from sdxl_control.adapters import condition_from_settings
+    >>> condition_from_settings({"kind": "controlnet", "model": "m", "image": "edges.png"}).image
+    'edges.png'
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from importlib import import_module
+from typing import Any
+
+from ..conditions import Condition
+from ..errors import ConditionError
+
+__all__ = ["CONDITION_KINDS", "condition_class", "condition_from_settings"]
+
+# kind -> (module in this package, class); modules are imported only when a kind is asked for.
+CONDITION_KINDS: dict[str, tuple[str, str]] = {
+    "controlnet": ("controlnet", "ControlNet"),
+    "controlnet-union": ("controlnet", "ControlNetUnion"),
+}
+
+
+def condition_class(kind: str) -> type[Condition]:
+    if kind not in CONDITION_KINDS:
+        raise ConditionError(f"unknown condition kind {kind!r}: one of {', '.join(sorted(CONDITION_KINDS))}")
+    module, name = CONDITION_KINDS[kind]
+    cls: type[Condition] = getattr(import_module(f"{__name__}.{module}"), name)
+    return cls
+
+
+def condition_from_settings(settings: dict[str, Any]) -> Condition:
+    """The condition a recipe describes; inputs recorded only as a summary (an in-memory image) cannot be rebuilt."""
+    cls = condition_class(settings["kind"])
+    values = {}
+    for f in fields(cls):
+        if f.name not in settings:
+            continue
+        value = settings[f.name]
+        if isinstance(value, dict) and ({"image", "mode"} <= value.keys() or "tensor" in value):
+            raise ConditionError(
+                f"the recipe's {settings['kind']} condition got its {f.name} as an in-memory image, which recipes do "
+                "not store; pass the condition again, or give inputs as file paths so recipes can re-run them"
+            )
+        values[f.name] = value
+    return cls(**values)

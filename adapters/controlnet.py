@@ -219,7 +219,8 @@ class ControlNetUnion(Condition):
     """One ControlNet-Union (or ProMax) model driven by several control types at once.
 
     Each control type takes a ready map, or a photo when its name is listed in ``preprocess`` (pose, depth and
-    canny have preprocessors). Types map to the model's task indices by :data:`UNION_CONTROL_TYPES`.
+    canny have preprocessors; ``preprocess_options`` passes each its options). Types map to the model's task
+    indices by :data:`UNION_CONTROL_TYPES`.
 
     Example:
         >>> ControlNetUnion("xinsir/controlnet-union-sdxl-1.0", depth=photo, canny=edges, preprocess=("depth",))
@@ -236,6 +237,7 @@ class ControlNetUnion(Condition):
     tile: Any = None
     inpaint: Any = None
     preprocess: tuple[str, ...] = ()
+    preprocess_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     guess_mode: bool = False
 
     kind: ClassVar[str] = "controlnet-union"
@@ -269,7 +271,8 @@ class ControlNetUnion(Condition):
                 raise ConditionError(f"{self.model} knows {n_types} control types; {name!r} needs a ProMax model")
             modes.append(index)
             preprocessor = _UNION_PREPROCESSORS[name] if name in self.preprocess else None
-            images.append(_control_tensor(image, preprocessor, {}, ctx, ctx.guided and not self.guess_mode))
+            options = self.preprocess_options.get(name, {}) if preprocessor else {}
+            images.append(_control_tensor(image, preprocessor, options, ctx, ctx.guided and not self.guess_mode))
         control_type = torch.zeros(n_types).scatter_(0, torch.tensor(modes), 1).reshape(1, -1).to(ctx.device, ctx.dtype)
         inputs = {"controlnet_cond": images, "control_type": control_type, "control_type_idx": modes}
         return _ControlPrepared(model, self.scale, self.guess_mode, inputs)

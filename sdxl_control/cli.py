@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,92 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TINY_SIZE = (128, 128)
 
 
+@dataclass(frozen=True)
+class _Control:
+    preprocessor: str
+    model: str
+    union_type: str
+    tiny_annotator: str | None  # the --tiny stand-in for the preprocessor's model
+
+
+CONTROLS = {
+    "edges": _Control("canny", "diffusers/controlnet-canny-sdxl-1.0", "canny", None),
+    "depth": _Control("depth", "diffusers/controlnet-depth-sdxl-1.0", "depth", "depth-estimator"),
+    "pose": _Control("pose", "xinsir/controlnet-openpose-sdxl-1.0", "pose", "openpose"),
+}
+DEFAULT_UNION = "xinsir/controlnet-union-sdxl-1.0"
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         width, _, height = text.lower().partition("x")
         return int(width), int(height or width)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 1024x768, got {text!r}") from None
+
+
+def _window(text: str) -> tuple[float, float]:
+    try:
+        start, _, end = text.partition(":")
+        return float(start or 0.0), float(end or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"window must look like 0:0.7, got {text!r}") from None
+
+
+def _add_control_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ControlNets (several may be combined)")
+    for name, control in CONTROLS.items():
+        group.add_argument(f"--{name}", metavar="PHOTO", help=f"guide by the {control.preprocessor} map of this photo")
+        group.add_argument(f"--{name}-map", metavar="MAP", help=f"guide by this ready {name} map (no preprocessing)")
+        group.add_argument(f"--{name}-model", metavar="MODEL", help=f"ControlNet for {name} (default {control.model})")
+        group.add_argument(f"--{name}-scale", type=float, default=1.0, metavar="S", help="its strength (default 1)")
+        group.add_argument(f"--{name}-window", type=_window, default=(0.0, 1.0), metavar="START:END",
+                           help="fractions of the schedule where it acts (default 0:1)")  # fmt: skip
+    group.add_argument("--union", nargs="?", const=DEFAULT_UNION, metavar="MODEL",
+                       help=f"drive all controls through one ControlNet-Union model (default {DEFAULT_UNION}); "
+                       "it takes --union-scale and --union-window")  # fmt: skip
+    group.add_argument("--union-scale", type=float, default=1.0, metavar="S")
+    group.add_argument("--union-window", type=_window, default=(0.0, 1.0), metavar="START:END")
+
+
+def _control_conditions(args: argparse.Namespace) -> list[Any]:
+    from .adapters.controlnet import ControlNet, ControlNetUnion
+
+    tiny: Callable[[str], Path] | None = None
+    if args.tiny:
+        from .testing import tiny_control_models as tiny
+    # name -> (image, preprocessor or None for a ready map, preprocessor options)
+    chosen: dict[str, tuple[str, str | None, dict[str, str]]] = {}
+    for name, control in CONTROLS.items():
+        photo, ready = getattr(args, name), getattr(args, f"{name}_map")
+        if photo and ready:
+            raise InvalidRequestError(f"give --{name} (a photo) or --{name}-map (a ready map), not both")
+        if photo or ready:
+            annotator = control.tiny_annotator
+            options = {"model": str(tiny(annotator))} if tiny and annotator and photo else {}
+            chosen[name] = (photo or ready, control.preprocessor if photo else None, options)
+    if args.union:
+        if not chosen:
+            raise InvalidRequestError("--union needs at least one of --edges, --depth, --pose (or their -map)")
+        types = {name: CONTROLS[name].union_type for name in chosen}
+        model = str(tiny("controlnet-union")) if tiny and args.union == DEFAULT_UNION else args.union
+        return [
+            ControlNetUnion(
+                model,
+                preprocess=tuple(types[n] for n, (_, p, _) in chosen.items() if p),
+                preprocess_options={types[n]: o for n, (_, _, o) in chosen.items()},
+                scale=args.union_scale, window=args.union_window,
+                **{types[n]: image for n, (image, _, _) in chosen.items()},
+            )
+        ]  # fmt: skip
+    conditions = []
+    for name, (image, preprocessor, options) in chosen.items():
+        model = getattr(args, f"{name}_model") or (str(tiny(f"controlnet-{name}")) if tiny else CONTROLS[name].model)
+        conditions.append(
+            ControlNet(model, image=image, preprocess=preprocessor, preprocess_options=options,
+                       scale=getattr(args, f"{name}_scale"), window=getattr(args, f"{name}_window"))
+        )  # fmt: skip
+    return conditions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--variant", help="weights variant to load, e.g. fp16")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_control_options(gen)
     return parser
 
 
@@ -94,6 +177,9 @@ def _output_paths(output: str, count: int) -> list[Path]:
 
 def _generate(args: argparse.Namespace) -> int:
     options = _request_options(args)
+    conditions = _control_conditions(args)
+    if conditions:
+        options["conditions"] = tuple(conditions)
     recipe = read_recipe(args.recipe) if args.recipe else None
     if recipe is not None:
         request = GenerationRequest.from_recipe(recipe, **({"prompt": args.prompt} if args.prompt else {}), **options)

@@ -88,14 +88,13 @@ class GenerationRequest:
         """The request that re-makes a recipe's batch; its image is ``images[recipe["batch_index"]]``.
 
         The whole batch is re-run because batched arithmetic differs from single-image arithmetic in the last
-        bits; this way the pixels come out identical. Conditions need their inputs and are not rebuilt.
+        bits; this way the pixels come out identical. Conditions are rebuilt from their recorded settings when their
+        inputs were files; pass ``conditions=`` to replace them.
         """
-        if recipe.get("conditions") and "conditions" not in overrides:
-            kinds = ", ".join(c.get("kind", "?") for c in recipe["conditions"])
-            raise InvalidRequestError(
-                f"this recipe used conditions ({kinds}) whose input images are not stored in it; "
-                "pass the conditions again to re-run it"
-            )
+        if "conditions" not in overrides and recipe.get("conditions"):
+            from .adapters import condition_from_settings
+
+            overrides["conditions"] = tuple(condition_from_settings(c) for c in recipe["conditions"])
         names = {f.name for f in fields(cls)} - {"conditions", "seed"}
         values = {k: recipe[k] for k in names if k in recipe}
         values["size"] = tuple(recipe["size"])

@@ -49,3 +49,46 @@ def test_console_script(tiny, tmp_path):
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert read_recipe(out)["steps"] == 3
+
+
+def test_controlnets_from_the_cli_and_their_recipe(tiny, tmp_path, capsys):
+    from skimage.data import astronaut
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(astronaut()).resize((96, 64)).save(photo)
+    out = tmp_path / "cn.png"
+    args = ["generate", "a portrait", "--tiny", "--steps", "4", "--seed", "1", "-q", "--edges", str(photo),
+            "--edges-scale", "0.6", "--edges-window", "0:0.7", "--depth", str(photo), "--pose-map", str(photo)]  # fmt: skip
+    assert main([*args, "-o", str(out)]) == 0
+    conditions = read_recipe(out)["conditions"]
+    assert [(c["kind"], c["preprocess"]) for c in conditions] == [
+        ("controlnet", "canny"), ("controlnet", "depth"), ("controlnet", None),
+    ]  # fmt: skip
+    assert conditions[0]["scale"] == 0.6 and conditions[0]["window"] == [0.0, 0.7]
+    plain = tmp_path / "plain.png"
+    assert main(["generate", "a portrait", "--tiny", "--steps", "4", "--seed", "1", "-q", "-o", str(plain)]) == 0
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))
+    again = tmp_path / "again.png"
+    assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_union_from_the_cli(tiny, tmp_path):
+    from skimage.data import astronaut
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(astronaut()).resize((64, 64)).save(photo)
+    out = tmp_path / "union.png"
+    assert main(["generate", "x", "--tiny", "--steps", "3", "-q", "--union", "--edges", str(photo), "--depth-map",
+                 str(photo), "-o", str(out)]) == 0  # fmt: skip
+    (condition,) = read_recipe(out)["conditions"]
+    assert condition["kind"] == "controlnet-union" and condition["preprocess"] == ["canny"]
+    assert condition["canny"] == str(photo) and condition["depth"] == str(photo)
+
+
+def test_control_flag_errors(tiny, tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "x", "--tiny", "--edges", "a.png", "--edges-map", "b.png", "-o", out]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["generate", "x", "--tiny", "--union", "-o", out]) == 2
+    assert "--union needs" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_control import GenerationRequest, InvalidRequestError, read_recipe
+from sdxl_control import ConditionError, GenerationRequest, InvalidRequestError, read_recipe
 from sdxl_control.vae import decode_latents
 
 ARGS = dict(steps=5, size=(64, 64), progress_bar=False)
@@ -93,10 +93,12 @@ def test_switch_without_refiner(tiny):
         gen.generate("x", refiner_switch=0.5, **ARGS)
 
 
-def test_recipe_with_conditions_needs_them_again():
-    recipe = {"conditions": [{"kind": "controlnet"}], "size": [64, 64]}
-    with pytest.raises(InvalidRequestError, match="controlnet"):
+def test_recipe_conditions_with_in_memory_inputs_need_them_again():
+    recipe = {"conditions": [{"kind": "controlnet", "model": "m", "image": {"image": [64, 64], "mode": "RGB"}}]}
+    with pytest.raises(ConditionError, match="controlnet condition got its image as an in-memory image"):
         GenerationRequest.from_recipe(recipe)
+    with pytest.raises(ConditionError, match="unknown condition kind 'warp'"):
+        GenerationRequest.from_recipe({"conditions": [{"kind": "warp"}]})
 
 
 def test_progress_reports_every_step_of_both_stages(generator):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .tiny import _seeded
+from .tiny import _seeded, tiny_models
 
-__all__ = ["write_tiny_controlnet", "write_tiny_depth_estimator", "write_random_openpose"]
+__all__ = ["write_tiny_controlnet", "write_tiny_depth_estimator", "write_random_openpose", "tiny_control_models"]
 
 
 def _randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
@@ -79,3 +79,20 @@ def write_random_openpose(folder: str | os.PathLike[str], seed: int = 0) -> Path
             state = {k.split(".", 1)[1]: v for k, v in state.items()}
         torch.save(state, out / name)
     return out
+
+
+def tiny_control_models(kind: str, seed: int = 0) -> Path:
+    """A cached tiny model for the ``--tiny`` demo: ``controlnet-<edges|depth|pose|union>``, ``depth-estimator`` or
+    ``openpose``, written next to the tiny pipelines on first use."""
+    base = tiny_models(seed).base
+    target = base.parent / kind
+    if (target / "config.json").exists() or (target / "body_pose_model.pth").exists():
+        return target
+    controlnets = {"controlnet-edges": 11, "controlnet-depth": 12, "controlnet-pose": 13, "controlnet-union": 14}
+    if kind in controlnets:
+        return write_tiny_controlnet(target, base, seed=seed + controlnets[kind], union=kind == "controlnet-union")
+    if kind == "depth-estimator":
+        return write_tiny_depth_estimator(target, seed)
+    if kind == "openpose":
+        return write_random_openpose(target, seed)
+    raise ValueError(f"no tiny model called {kind!r}")
