@@ -24,6 +24,7 @@ __all__ = ["CONDITION_KINDS", "condition_class", "condition_from_settings"]
 CONDITION_KINDS: dict[str, tuple[str, str]] = {
     "controlnet": ("controlnet", "ControlNet"),
     "controlnet-union": ("controlnet", "ControlNetUnion"),
+    "ip-adapter": ("ip_adapter", "IPAdapter"),
 }
 
 

@@ -1,0 +1,346 @@
+"""IP-Adapter conditions: reference images (style, composition, faces) through extra cross-attention branches.
+
+The published SDXL files load in their own formats (``image_proj.*`` / ``ip_adapter.*`` keys, safetensors or a
+pickled ``.bin`` read with ``weights_only=True``); the image-projection key conversion is diffusers' own. Image
+embeddings are computed once per call, or passed in (see :func:`encode_images`, :func:`save_embeddings`).
+
+Example:
+    >>> from sdxl_control.adapters.ip_adapter import IPAdapter
+    >>> conditions = [IPAdapter.style("style.png", scale=0.8),
+    ...               IPAdapter("plus-face", "face.png", scale=0.6, window=(0.0, 0.8))]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..attach import ProcessorPatch
+from ..attention import AttentionBranch, BranchedAttnProcessor
+from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
+from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
+from ..models import check_safetensors, resolve_source
+from ..preprocessors import load_image
+
+__all__ = [
+    "IPAdapter",
+    "IPAdapterVariant",
+    "VARIANTS",
+    "LAYER_PRESETS",
+    "encode_images",
+    "save_embeddings",
+    "load_embeddings",
+]
+
+
+@dataclass(frozen=True)
+class IPAdapterVariant:
+    """A published IP-Adapter: its weights file and image encoder inside the repo, and what it feeds the projection
+    (the encoder's projected ``image_embeds``, or its penultimate ``hidden_states`` for the Resampler "plus" models)."""
+
+    weights: str
+    encoder: str
+    uses_hidden_states: bool
+
+
+REPO = "h94/IP-Adapter"
+VARIANTS: dict[str, IPAdapterVariant] = {
+    "sdxl": IPAdapterVariant("sdxl_models/ip-adapter_sdxl.safetensors", "sdxl_models/image_encoder", False),
+    "vit-h": IPAdapterVariant("sdxl_models/ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder", False),
+    "plus": IPAdapterVariant("sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "models/image_encoder", True),
+    "plus-face": IPAdapterVariant(
+        "sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder", True
+    ),
+}
+# InstantStyle's layer targeting, in diffusers' set_ip_adapter_scale notation: the style block only, the
+# composition (layout) block only, or both. Layers not named get scale 0.
+LAYER_PRESETS: dict[str, Any] = {
+    "all": 1.0,
+    "style": {"up": {"block_0": [0.0, 1.0, 0.0]}},
+    "composition": {"down": {"block_2": [0.0, 1.0]}},
+    "style+composition": {"up": {"block_0": [0.0, 1.0, 0.0]}, "down": {"block_2": [0.0, 1.0]}},
+}
+
+
+def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path))
+        parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in flat.items():
+            head, _, rest = key.partition(".")
+            if head in parts:
+                parts[head][rest] = value
+    elif path.suffix == ".bin":
+        try:
+            parts = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
+    else:
+        raise CheckpointError(f"{path}: expected a .safetensors or .bin IP-Adapter file")
+    if not isinstance(parts, dict) or not parts.get("image_proj") or not parts.get("ip_adapter"):
+        raise IncompatibleModelError(f"{path} is not an IP-Adapter checkpoint (no image_proj / ip_adapter weights)")
+    return parts
+
+
+def _cross_layers(unet: Any) -> list[str]:
+    return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+
+
+def _check_fits(parts: Mapping[str, Mapping[str, torch.Tensor]], unet: Any, source: str) -> None:
+    first = parts["ip_adapter"].get("1.to_k_ip.weight")
+    if first is None:
+        raise IncompatibleModelError(
+            f"{source}: no ip_adapter.1.to_k_ip.weight: not an IP-Adapter attention checkpoint"
+        )
+    cross = first.shape[1]
+    if cross != unet.config.cross_attention_dim:
+        hint = " (an SD 1.5 IP-Adapter)" if cross == 768 else ""
+        raise IncompatibleModelError(
+            f"{source}: its image tokens are {cross}-wide{hint}, but this SDXL UNet's cross-attention takes "
+            f"{unet.config.cross_attention_dim}"
+        )
+    layers = len(_cross_layers(unet))
+    found = sum(1 for k in parts["ip_adapter"] if k.endswith("to_k_ip.weight"))
+    if found != layers:
+        raise IncompatibleModelError(f"{source} has {found} attention layers, this UNet {layers}")
+
+
+@lru_cache(maxsize=4)
+def _encoder(folder: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    path = Path(folder)
+    if not (path / "config.json").exists():
+        raise MissingWeightsError(f"no CLIP image encoder at {path} (config.json + model.safetensors expected)")
+    model: Any = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+    size = model.config.image_size
+    processor = CLIPImageProcessor(size=size, crop_size=size)
+    return model.to(device).eval().requires_grad_(False), processor
+
+
+@torch.no_grad()
+def encode_images(
+    images: Sequence[Any],
+    encoder_folder: str | os.PathLike[str],
+    *,
+    hidden_states: bool,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embeddings, unconditional embeddings) of reference images, as an IP-Adapter's projection takes them.
+
+    For "plus" models these are the encoder's penultimate hidden states and the unconditional ones those of an
+    all-zero image; otherwise the projected embeddings and zeros.
+    """  # fmt: skip
+    model, processor = _encoder(str(encoder_folder), str(device), dtype)
+    pixels = processor(images=[load_image(i, "reference image") for i in images], return_tensors="pt").pixel_values
+    pixels = pixels.to(device, dtype)
+    if hidden_states:
+        cond = model(pixels, output_hidden_states=True).hidden_states[-2]
+        uncond = model(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+        return cond, uncond
+    cond = model(pixels).image_embeds
+    return cond, torch.zeros_like(cond)
+
+
+def save_embeddings(path: str | os.PathLike[str], cond: torch.Tensor, uncond: torch.Tensor, variant: str) -> None:
+    """Keep a face's or style's embeddings to reuse without its images (``IPAdapter(..., embeddings=path)``)."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {"image_embeds": cond.contiguous(), "negative_image_embeds": uncond.contiguous()},
+        str(path),
+        {"variant": variant},
+    )
+
+
+def load_embeddings(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    from safetensors import safe_open
+
+    check_safetensors(Path(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        return f.get_tensor("image_embeds"), f.get_tensor("negative_image_embeds"), meta.get("variant")
+
+
+def _layer_scales(unet: Any, layers: str | Mapping[str, Any]) -> dict[str, float]:
+    """Scale per cross-attention layer name, expanding diffusers' block notation."""
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    config = LAYER_PRESETS.get(layers, None) if isinstance(layers, str) else dict(layers)
+    if config is None:
+        raise ConditionError(f"unknown layer preset {layers!r}: one of {', '.join(LAYER_PRESETS)} or a dict")
+    (expanded,) = _maybe_expand_lora_scales(unet, [config], default_scale=0.0)
+    out = {}
+    for name in _cross_layers(unet):
+        scale = expanded if not isinstance(expanded, dict) else 0.0
+        if isinstance(expanded, dict):
+            for prefix, value in expanded.items():
+                if name.startswith(prefix):
+                    scale = value
+        out[name] = float(scale)
+    return out
+
+
+class _IPAttachment(Attachment):
+    def __init__(self, patch: ProcessorPatch, branches: list[AttentionBranch]) -> None:
+        self.patch, self.branches = patch, branches
+
+    def contribute(self, step: StepInfo, active: bool) -> None:
+        for branch in self.branches:
+            branch.active = active
+
+    def detach(self) -> None:
+        self.patch.restore()
+
+
+class _IPPrepared(Prepared):
+    def __init__(
+        self, name: str, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor, scales: dict[str, float], mask: Any
+    ) -> None:
+        self.name, self.weights, self.tokens, self.scales, self.mask = name, weights, tokens, scales, mask
+
+    def attach(self, unet: Any, stage: Stage) -> Attachment:
+        processors = unet.attn_processors
+        replacements, branches = {}, []
+        for index, layer in enumerate(_cross_layers(unet)):
+            scale = self.scales[layer]
+            if scale == 0.0:
+                continue  # as diffusers skips zero-scale layers: no compute, no change
+            key = 2 * index + 1  # the published files number cross-attention layers 1, 3, 5, ...
+            to_k, to_v = (self._linear(f"{key}.{w}.weight", unet) for w in ("to_k_ip", "to_v_ip"))
+            branch = AttentionBranch(self.name, to_k, to_v, self.tokens, scale, self.mask, active=False)
+            branches.append(branch)
+            replacements[layer] = BranchedAttnProcessor(processors[layer], [branch])
+        return _IPAttachment(ProcessorPatch(unet, replacements), branches)
+
+    def _linear(self, key: str, unet: Any) -> torch.nn.Linear:
+        weight = self.weights[key]
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight.data = weight.to(unet.device, unet.dtype)
+        return layer.requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class IPAdapter(Condition):
+    """An IP-Adapter with its reference image(s).
+
+    ``variant`` is what users know the published files as — ``"sdxl"`` (ViT-bigG encoder), ``"vit-h"``, ``"plus"``,
+    ``"plus-face"`` — or a path to a weights file (then ``image_encoder`` names the CLIP vision folder). ``source`` is
+    the repo holding the files (hub id or local copy of ``h94/IP-Adapter``). Several ``images`` are concatenated as
+    extra tokens (``combine="concat"``, as diffusers and the reference do) or their embeddings averaged
+    (``"average"``). ``layers`` targets blocks: ``"all"``, ``"style"``, ``"composition"``, ``"style+composition"``
+    (InstantStyle) or a diffusers-style dict of per-block scales. ``mask`` (white = here) limits it to a region.
+    ``embeddings`` takes a file from :func:`save_embeddings` instead of images.
+
+    Example:
+        >>> IPAdapter("plus-face", "face.png", scale=0.6, window=(0.0, 0.8))  # doctest: +SKIP
+    """
+
+    variant: str
+    images: Any = None
+    source: str = REPO
+    image_encoder: str | None = None
+    layers: str | Mapping[str, Any] = "all"
+    mask: Any = None
+    combine: Literal["concat", "average"] = "concat"
+    embeddings: str | None = None
+
+    kind: ClassVar[str] = "ip-adapter"
+    supported_stages: ClassVar[Stage] = Stage.BASE
+    unsupported_reason: ClassVar[str] = "SDXL IP-Adapters are trained for the base UNet's 2048-wide cross-attention"
+
+    @classmethod
+    def style(cls, images: Any, scale: float = 1.0, **options: Any) -> IPAdapter:
+        """InstantStyle: the ViT-bigG adapter on the style block only."""
+        return cls("sdxl", images, scale=scale, layers="style", **options)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.images is None) == (self.embeddings is None):
+            raise ConditionError("IPAdapter takes reference images or saved embeddings (one of the two)")
+        if self.combine not in ("concat", "average"):
+            raise ConditionError(f"combine must be 'concat' or 'average', got {self.combine!r}")
+
+    def _files(self) -> tuple[Path, Path | None, bool]:
+        if self.variant in VARIANTS:
+            v = VARIANTS[self.variant]
+            root = resolve_source(self.source, allow=[v.weights, f"{v.encoder}/*"])
+            encoder = Path(self.image_encoder) if self.image_encoder else root / v.encoder
+            weights = root / v.weights
+            if not weights.exists():
+                raise MissingWeightsError(f"{self.source} has no {v.weights}")
+            return weights, encoder, v.uses_hidden_states
+        weights = resolve_source(self.variant, allow=["*.safetensors"])
+        return (
+            weights,
+            Path(self.image_encoder) if self.image_encoder else None,
+            "latents" in _read_weights(weights)["image_proj"],
+        )
+
+    def prepare(self, ctx: PrepareContext) -> Prepared:
+        unet = ctx.stages.get(Stage.BASE)
+        if unet is None:
+            raise ConditionError("IP-Adapter conditions need the base stage")
+        weights_file, encoder, plus = self._files()
+        parts = _read_weights(weights_file)
+        _check_fits(parts, unet, str(weights_file))
+        try:
+            projection = unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"], low_cpu_mem_usage=False)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise IncompatibleModelError(
+                f"{weights_file}: its image projection is not a known IP-Adapter layout ({exc})"
+            ) from None
+        projection = projection.to(ctx.device, ctx.dtype).eval()
+        if self.embeddings is not None:
+            cond, uncond, _ = load_embeddings(self.embeddings)
+        else:
+            if encoder is None:
+                raise ConditionError(
+                    f"{weights_file} is not a published variant: pass image_encoder= its CLIP vision folder"
+                )
+            images = self.images if isinstance(self.images, (list, tuple)) else [self.images]
+            cond, uncond = encode_images(images, encoder, hidden_states=plus, device=str(ctx.device), dtype=ctx.dtype)
+        _check_encoder_width(projection, cond, str(weights_file), encoder)
+        if self.combine == "average":
+            cond, uncond = cond.mean(0, keepdim=True), uncond.mean(0, keepdim=True)
+        with torch.no_grad():
+            tokens = projection(cond.to(ctx.device, ctx.dtype)).reshape(1, -1, unet.config.cross_attention_dim)
+            tokens = tokens.repeat(ctx.batch_size, 1, 1)
+            if ctx.guided:
+                negative = projection(uncond.to(ctx.device, ctx.dtype)).reshape(1, -1, unet.config.cross_attention_dim)
+                tokens = torch.cat([negative.repeat(ctx.batch_size, 1, 1), tokens])
+        mask = _mask(self.mask, ctx) if self.mask is not None else None
+        scales = {k: v * self.scale for k, v in _layer_scales(unet, self.layers).items()}
+        return _IPPrepared(f"ip-adapter:{self.variant}", parts["ip_adapter"], tokens, scales, mask)
+
+
+def _check_encoder_width(projection: Any, embeds: torch.Tensor, weights: str, encoder: Path | None) -> None:
+    expected = None
+    if hasattr(projection, "image_embeds"):  # ImageProjection: projected CLIP embeddings
+        expected = projection.image_embeds.in_features
+    elif hasattr(projection, "proj_in"):  # Resampler: CLIP hidden states
+        expected = projection.proj_in.in_features
+    if expected is not None and embeds.shape[-1] != expected:
+        raise IncompatibleModelError(
+            f"{weights} expects {expected}-wide image embeddings but the image encoder {encoder} gives "
+            f"{embeds.shape[-1]} (a ViT-H adapter needs the ViT-H encoder, 'sdxl' needs ViT-bigG)"
+        )
+
+
+def _mask(mask: Any, ctx: PrepareContext) -> torch.Tensor:
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    width, height = ctx.size
+    image = load_image(mask, "IP-Adapter mask").convert("L")
+    tensor = IPAdapterMaskProcessor().preprocess([image], height=height, width=width)  # (1, 1, H, W), binarised
+    return tensor[:, 0].to(ctx.device)  # downsampling repeats it over the batch

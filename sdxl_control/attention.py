@@ -1,0 +1,101 @@
+"""The attention channel: one processor per cross-attention layer holding an ordered list of named branches.
+
+Each branch adds ``scale * attention(query, k_i, v_i)`` over its own tokens (an IP-Adapter's image tokens, an identity
+embedding...) to the layer's text attention, before the output projection — the IP-Adapter formulation. The wrapped
+processor computes the text attention unchanged; since the output projection is linear, the branches' sum is
+projected separately (without bias) and added to its result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AttentionBranch", "BranchedAttnProcessor"]
+
+
+@dataclass(eq=False)
+class AttentionBranch:
+    """Extra keys/values for one layer: ``tokens`` (batch, n, cross_dim) projected by ``to_k``/``to_v``.
+
+    ``active`` is switched per step by the owning attachment (step windows); ``mask`` (batch, queries, 1), if set,
+    limits the branch to a region.
+
+    Example:
+        >>> AttentionBranch("ip-style", to_k, to_v, tokens, scale=0.8)  # doctest: +SKIP
+    """
+
+    name: str
+    to_k: torch.nn.Module
+    to_v: torch.nn.Module
+    tokens: torch.Tensor
+    scale: float
+    mask: Any = None
+    active: bool = True
+    _mask_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def region(self, queries: int, batch: int, width: int) -> torch.Tensor | None:
+        if self.mask is None:
+            return None
+        if queries not in self._mask_cache:
+            from diffusers.image_processor import IPAdapterMaskProcessor
+
+            self._mask_cache[queries] = IPAdapterMaskProcessor.downsample(self.mask, batch, queries, width)
+        return self._mask_cache[queries]
+
+
+class BranchedAttnProcessor:
+    """Wraps a layer's processor and adds the active branches' attention to its output.
+
+    Example:
+        >>> proc = BranchedAttnProcessor(unet.attn_processors[name], [branch])  # doctest: +SKIP
+    """
+
+    def __init__(self, inner: Any, branches: list[AttentionBranch]) -> None:
+        # Stacking onto a branched layer keeps one processor per layer: same inner processor, branches appended.
+        self.inner: Any = inner.inner if isinstance(inner, BranchedAttnProcessor) else inner
+        self.branches: list[AttentionBranch] = (
+            inner.branches if isinstance(inner, BranchedAttnProcessor) else []
+        ) + branches
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        live = [b for b in self.branches if b.active]
+        if not live:
+            return out
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None:
+            raise NotImplementedError(
+                "attention branches support (batch, tokens, channels) inputs without spatial norm"
+            )
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        batch, width = query.shape[0], query.shape[-1]
+        head_dim = width // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        total: torch.Tensor | None = None
+        for branch in live:
+            key = branch.to_k(branch.tokens).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            value = branch.to_v(branch.tokens).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            extra = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+            extra = extra.transpose(1, 2).reshape(batch, -1, width).to(query.dtype)
+            region = branch.region(extra.shape[1], batch, width)
+            if region is not None:
+                extra = extra * region.to(extra.device, extra.dtype)
+            total = branch.scale * extra if total is None else total + branch.scale * extra
+        assert total is not None
+        return out + F.linear(total, attn.to_out[0].weight) / attn.rescale_output_factor
