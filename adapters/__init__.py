@@ -25,6 +25,7 @@ CONDITION_KINDS: dict[str, tuple[str, str]] = {
     "controlnet": ("controlnet", "ControlNet"),
     "controlnet-union": ("controlnet", "ControlNetUnion"),
     "ip-adapter": ("ip_adapter", "IPAdapter"),
+    "faceid": ("faceid", "FaceID"),
 }
 
 

@@ -27,6 +27,7 @@ from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage,
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
 from ..models import check_safetensors, resolve_source
 from ..preprocessors import load_image
+from ..weights import WeightPatch
 
 __all__ = [
     "IPAdapter",
@@ -68,7 +69,7 @@ LAYER_PRESETS: dict[str, Any] = {
 }
 
 
-def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if path.suffix == ".safetensors":
         check_safetensors(path)
         from safetensors.torch import load_file
@@ -91,11 +92,11 @@ def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return parts
 
 
-def _cross_layers(unet: Any) -> list[str]:
+def cross_layers(unet: Any) -> list[str]:
     return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
 
 
-def _check_fits(parts: Mapping[str, Mapping[str, torch.Tensor]], unet: Any, source: str) -> None:
+def check_fits(parts: Mapping[str, Mapping[str, torch.Tensor]], unet: Any, source: str) -> None:
     first = parts["ip_adapter"].get("1.to_k_ip.weight")
     if first is None:
         raise IncompatibleModelError(
@@ -108,14 +109,14 @@ def _check_fits(parts: Mapping[str, Mapping[str, torch.Tensor]], unet: Any, sour
             f"{source}: its image tokens are {cross}-wide{hint}, but this SDXL UNet's cross-attention takes "
             f"{unet.config.cross_attention_dim}"
         )
-    layers = len(_cross_layers(unet))
+    layers = len(cross_layers(unet))
     found = sum(1 for k in parts["ip_adapter"] if k.endswith("to_k_ip.weight"))
     if found != layers:
         raise IncompatibleModelError(f"{source} has {found} attention layers, this UNet {layers}")
 
 
 @lru_cache(maxsize=4)
-def _encoder(folder: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def clip_encoder(folder: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     path = Path(folder)
@@ -141,7 +142,7 @@ def encode_images(
     For "plus" models these are the encoder's penultimate hidden states and the unconditional ones those of an
     all-zero image; otherwise the projected embeddings and zeros.
     """  # fmt: skip
-    model, processor = _encoder(str(encoder_folder), str(device), dtype)
+    model, processor = clip_encoder(str(encoder_folder), str(device), dtype)
     pixels = processor(images=[load_image(i, "reference image") for i in images], return_tensors="pt").pixel_values
     pixels = pixels.to(device, dtype)
     if hidden_states:
@@ -172,7 +173,7 @@ def load_embeddings(path: str | os.PathLike[str]) -> tuple[torch.Tensor, torch.T
         return f.get_tensor("image_embeds"), f.get_tensor("negative_image_embeds"), meta.get("variant")
 
 
-def _layer_scales(unet: Any, layers: str | Mapping[str, Any]) -> dict[str, float]:
+def layer_scales(unet: Any, layers: str | Mapping[str, Any]) -> dict[str, float]:
     """Scale per cross-attention layer name, expanding diffusers' block notation."""
     from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
@@ -181,7 +182,7 @@ def _layer_scales(unet: Any, layers: str | Mapping[str, Any]) -> dict[str, float
         raise ConditionError(f"unknown layer preset {layers!r}: one of {', '.join(LAYER_PRESETS)} or a dict")
     (expanded,) = _maybe_expand_lora_scales(unet, [config], default_scale=0.0)
     out = {}
-    for name in _cross_layers(unet):
+    for name in cross_layers(unet):
         scale = expanded if not isinstance(expanded, dict) else 0.0
         if isinstance(expanded, dict):
             for prefix, value in expanded.items():
@@ -192,8 +193,8 @@ def _layer_scales(unet: Any, layers: str | Mapping[str, Any]) -> dict[str, float
 
 
 class _IPAttachment(Attachment):
-    def __init__(self, patch: ProcessorPatch, branches: list[AttentionBranch]) -> None:
-        self.patch, self.branches = patch, branches
+    def __init__(self, patch: ProcessorPatch, branches: list[AttentionBranch], weights: WeightPatch | None) -> None:
+        self.patch, self.branches, self.weights = patch, branches, weights
 
     def contribute(self, step: StepInfo, active: bool) -> None:
         for branch in self.branches:
@@ -201,27 +202,40 @@ class _IPAttachment(Attachment):
 
     def detach(self) -> None:
         self.patch.restore()
+        if self.weights is not None:
+            self.weights.restore()
 
 
-class _IPPrepared(Prepared):
+class IPPrepared(Prepared):
+    """Image tokens ready to attach as one branch per targeted cross-attention layer, plus (FaceID) the LoRA
+    ``deltas`` its checkpoint carries for the attention weights."""
+
     def __init__(
-        self, name: str, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor, scales: dict[str, float], mask: Any
-    ) -> None:
+        self, name: str, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor, scales: dict[str, float], mask: Any,
+        deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
         self.name, self.weights, self.tokens, self.scales, self.mask = name, weights, tokens, scales, mask
+        self.deltas = deltas
 
     def attach(self, unet: Any, stage: Stage) -> Attachment:
-        processors = unet.attn_processors
-        replacements, branches = {}, []
-        for index, layer in enumerate(_cross_layers(unet)):
-            scale = self.scales[layer]
-            if scale == 0.0:
-                continue  # as diffusers skips zero-scale layers: no compute, no change
-            key = 2 * index + 1  # the published files number cross-attention layers 1, 3, 5, ...
-            to_k, to_v = (self._linear(f"{key}.{w}.weight", unet) for w in ("to_k_ip", "to_v_ip"))
-            branch = AttentionBranch(self.name, to_k, to_v, self.tokens, scale, self.mask, active=False)
-            branches.append(branch)
-            replacements[layer] = BranchedAttnProcessor(processors[layer], [branch])
-        return _IPAttachment(ProcessorPatch(unet, replacements), branches)
+        weight_patch = WeightPatch(unet, self.deltas) if self.deltas else None
+        try:
+            processors = unet.attn_processors
+            replacements, branches = {}, []
+            for index, layer in enumerate(cross_layers(unet)):
+                scale = self.scales[layer]
+                if scale == 0.0:
+                    continue  # as diffusers skips zero-scale layers: no compute, no change
+                key = 2 * index + 1  # the published files number cross-attention layers 1, 3, 5, ...
+                to_k, to_v = (self._linear(f"{key}.{w}.weight", unet) for w in ("to_k_ip", "to_v_ip"))
+                branch = AttentionBranch(self.name, to_k, to_v, self.tokens, scale, self.mask, active=False)
+                branches.append(branch)
+                replacements[layer] = BranchedAttnProcessor(processors[layer], [branch])
+            return _IPAttachment(ProcessorPatch(unet, replacements), branches, weight_patch)
+        except BaseException:
+            if weight_patch is not None:
+                weight_patch.restore()
+            raise
 
     def _linear(self, key: str, unet: Any) -> torch.nn.Linear:
         weight = self.weights[key]
@@ -284,7 +298,7 @@ class IPAdapter(Condition):
         return (
             weights,
             Path(self.image_encoder) if self.image_encoder else None,
-            "latents" in _read_weights(weights)["image_proj"],
+            "latents" in read_weights(weights)["image_proj"],
         )
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
@@ -292,8 +306,8 @@ class IPAdapter(Condition):
         if unet is None:
             raise ConditionError("IP-Adapter conditions need the base stage")
         weights_file, encoder, plus = self._files()
-        parts = _read_weights(weights_file)
-        _check_fits(parts, unet, str(weights_file))
+        parts = read_weights(weights_file)
+        check_fits(parts, unet, str(weights_file))
         try:
             projection = unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"], low_cpu_mem_usage=False)
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -319,9 +333,20 @@ class IPAdapter(Condition):
             if ctx.guided:
                 negative = projection(uncond.to(ctx.device, ctx.dtype)).reshape(1, -1, unet.config.cross_attention_dim)
                 tokens = torch.cat([negative.repeat(ctx.batch_size, 1, 1), tokens])
-        mask = _mask(self.mask, ctx) if self.mask is not None else None
-        scales = {k: v * self.scale for k, v in _layer_scales(unet, self.layers).items()}
-        return _IPPrepared(f"ip-adapter:{self.variant}", parts["ip_adapter"], tokens, scales, mask)
+        mask = region_mask(self.mask, ctx) if self.mask is not None else None
+        scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
+        return IPPrepared(f"ip-adapter:{self.variant}", parts["ip_adapter"], tokens, scales, mask)
+
+
+def build_projection(image_proj: Mapping[str, torch.Tensor], unet: Any, source: Path, ctx: PrepareContext) -> Any:
+    """The image-projection model of a published checkpoint (diffusers' conversion of the reference layouts)."""
+    try:
+        projection = unet._convert_ip_adapter_image_proj_to_diffusers(dict(image_proj), low_cpu_mem_usage=False)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise IncompatibleModelError(
+            f"{source}: its image projection is not a known IP-Adapter layout ({exc})"
+        ) from None
+    return projection.to(ctx.device, ctx.dtype).eval()
 
 
 def _check_encoder_width(projection: Any, embeds: torch.Tensor, weights: str, encoder: Path | None) -> None:
@@ -337,7 +362,7 @@ def _check_encoder_width(projection: Any, embeds: torch.Tensor, weights: str, en
         )
 
 
-def _mask(mask: Any, ctx: PrepareContext) -> torch.Tensor:
+def region_mask(mask: Any, ctx: PrepareContext) -> torch.Tensor:
     from diffusers.image_processor import IPAdapterMaskProcessor
 
     width, height = ctx.size

@@ -9,7 +9,7 @@ import torch
 
 from .tiny import _seeded
 
-__all__ = ["write_tiny_ip_adapter_repo"]
+__all__ = ["write_tiny_ip_adapter_repo", "write_tiny_faceid_repo"]
 
 # Tiny stand-ins: "ViT-H" and "ViT-bigG" differ in width, as the real ones do (1024/1280 vs 1280/1664).
 ENCODERS = {"models/image_encoder": (32, 16), "sdxl_models/image_encoder": (48, 24)}  # (hidden, projection)
@@ -95,4 +95,59 @@ def write_tiny_ip_adapter_repo(folder: str | os.PathLike[str], base: str | os.Pa
     for i, (name, image_proj) in enumerate(files.items()):
         g = torch.Generator().manual_seed(seed + 10 + i)
         save_file({**image_proj(g), **_attention(cross, widths, g)}, str(root / "sdxl_models" / name))
+    return root
+
+
+def _faceid_lora(unet: object, g: torch.Generator, rank: int = 4) -> dict[str, torch.Tensor]:
+    # LoRA on q/k/v/out of every attention layer, numbered in processor order, as in the published FaceID files.
+    out = {}
+    for index, name in enumerate(unet.attn_processors):  # type: ignore[attr-defined]
+        attn = unet.get_submodule(name.removesuffix(".processor"))  # type: ignore[attr-defined]
+        for proj in ("to_q", "to_k", "to_v", "to_out"):
+            layer = attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
+            out[f"{index}.{proj}_lora.down.weight"] = torch.randn(rank, layer.in_features, generator=g) * 0.1
+            out[f"{index}.{proj}_lora.up.weight"] = torch.randn(layer.out_features, rank, generator=g) * 0.1
+    return out
+
+
+def _faceid_mlp(cross: int, g: torch.Generator, tokens: int = 4, ids: int = 512) -> dict[str, torch.Tensor]:
+    # MLPProjModel / ProjPlusModel front: Linear(512 -> 1024), GELU, Linear(1024 -> tokens * cross), LayerNorm(cross).
+    return {
+        "proj.0.weight": torch.randn(2 * ids, ids, generator=g) * 0.05, "proj.0.bias": torch.randn(2 * ids, generator=g) * 0.05,
+        "proj.2.weight": torch.randn(tokens * cross, 2 * ids, generator=g) * 0.05, "proj.2.bias": torch.randn(tokens * cross, generator=g) * 0.05,
+        "norm.weight": 1 + torch.randn(cross, generator=g) * 0.1, "norm.bias": torch.randn(cross, generator=g) * 0.1,
+    }  # fmt: skip
+
+
+def write_tiny_faceid_repo(folder: str | os.PathLike[str], base: str | os.PathLike[str], seed: int = 0) -> Path:
+    """``ip-adapter-faceid_sdxl.bin`` and ``ip-adapter-faceid-plusv2_sdxl.bin`` of ``h94/IP-Adapter-FaceID``, tiny,
+    pickled like the published files (a dict of ``image_proj`` and ``ip_adapter`` state dicts)."""
+    from diffusers import UNet2DConditionModel
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    cross = unet.config.cross_attention_dim
+    widths = [
+        unet.get_submodule(n.removesuffix(".processor")).to_q.out_features for n in unet.attn_processors if "attn2" in n
+    ]
+    clip_hidden = ENCODERS["models/image_encoder"][0]
+    for i, (name, plus) in enumerate(
+        [("ip-adapter-faceid_sdxl.bin", False), ("ip-adapter-faceid-plusv2_sdxl.bin", True)]
+    ):
+        g = torch.Generator().manual_seed(seed + 20 + i)
+        image_proj = _faceid_mlp(cross, g)
+        if plus:
+            # The perceiver runs at the cross-attention width with 64-wide heads (FacePerceiverResampler).
+            resampler = _resampler(cross, clip_hidden, g, dim=cross, depth=4)
+            image_proj.update(
+                {
+                    k.replace("image_proj.", "perceiver_resampler."): v
+                    for k, v in resampler.items()
+                    if "latents" not in k
+                }
+            )
+        ip = {k.removeprefix("ip_adapter."): v for k, v in _attention(cross, widths, g).items()}
+        ip.update(_faceid_lora(unet, g))
+        torch.save({"image_proj": image_proj, "ip_adapter": ip}, root / name)
     return root

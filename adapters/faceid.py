@@ -1,0 +1,198 @@
+"""IP-Adapter FaceID conditions: a person's identity from insightface face embeddings.
+
+``faceid`` projects the 512-d ArcFace embedding to identity tokens; ``plusv2`` also reads the CLIP (ViT-H)
+features of the aligned face and adds the identity tokens back through a shortcut scaled by ``s_scale``. Both
+checkpoints carry a LoRA for every attention layer (the published ``*_lora.safetensors`` companions hold the same
+weights for other tools); it is applied while the condition is attached and removed bit-exactly afterwards.
+
+Example:
+    >>> from sdxl_control.adapters.faceid import FaceID
+    >>> FaceID("plusv2", ["face1.jpg", "face2.jpg"], scale=0.8)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..conditions import Condition, PrepareContext, Prepared, Stage
+from ..errors import ConditionError, MissingWeightsError
+from ..models import check_safetensors, resolve_source
+from ..preprocessors.face import DEFAULT_PACK, FaceAnalyzer, FaceInfo
+from .ip_adapter import (
+    REPO as IP_ADAPTER_REPO,
+)
+from .ip_adapter import (
+    VARIANTS as IP_VARIANTS,
+)
+from .ip_adapter import (
+    IPPrepared,
+    build_projection,
+    check_fits,
+    encode_images,
+    layer_scales,
+    read_weights,
+    region_mask,
+)
+
+__all__ = ["FaceID", "FACEID_VARIANTS", "face_embeddings", "save_face", "load_face"]
+
+FACEID_REPO = "h94/IP-Adapter-FaceID"
+FACEID_VARIANTS: dict[str, str] = {
+    "faceid": "ip-adapter-faceid_sdxl.bin",
+    "plusv2": "ip-adapter-faceid-plusv2_sdxl.bin",
+}
+_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+
+
+def lora_deltas(ip_weights: Mapping[str, torch.Tensor], unet: Any) -> dict[str, torch.Tensor]:
+    """``up @ down`` for every attention projection the checkpoint's LoRA covers, keyed by UNet parameter name.
+
+    The checkpoint numbers all attention layers in the UNet's processor order (0, 1, 2, ...).
+    """
+    deltas = {}
+    for index, name in enumerate(unet.attn_processors):
+        module = name.removesuffix(".processor")
+        for proj in _PROJECTIONS:
+            down = ip_weights.get(f"{index}.{proj}_lora.down.weight")
+            up = ip_weights.get(f"{index}.{proj}_lora.up.weight")
+            if down is None or up is None:
+                continue
+            target = f"{module}.{proj}.0.weight" if proj == "to_out" else f"{module}.{proj}.weight"
+            deltas[target] = up.float() @ down.float()
+    return deltas
+
+
+def face_embeddings(faces: Any, pack: str = DEFAULT_PACK, root: str = "~/.insightface") -> list[FaceInfo]:
+    """Analyse each face image (or pass :class:`FaceInfo` through)."""
+    items = faces if isinstance(faces, (list, tuple)) else [faces]
+    analyzer: FaceAnalyzer | None = None
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, FaceInfo):
+            out.append(item)
+            continue
+        analyzer = analyzer or FaceAnalyzer(pack, root)
+        label = str(item) if isinstance(item, (str, os.PathLike)) else f"face image {i + 1}"
+        out.append(analyzer.analyze(item, label))
+    return out
+
+
+def save_face(
+    path: str | os.PathLike[str], id_embeds: torch.Tensor, clip: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> None:
+    """Store identity embeddings (and, for PlusV2, the CLIP features of the aligned faces) for reuse."""
+    from safetensors.torch import save_file
+
+    tensors = {"id_embeds": id_embeds.contiguous()}
+    if clip is not None:
+        tensors.update(clip_embeds=clip[0].contiguous(), negative_clip_embeds=clip[1].contiguous())
+    save_file(tensors, str(path))
+
+
+def load_face(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    check_safetensors(Path(path))
+    return load_file(str(path))
+
+
+@dataclass(frozen=True)
+class FaceID(Condition):
+    """IP-Adapter FaceID (``"faceid"``) or FaceID-PlusV2 (``"plusv2"``) with one or several faces.
+
+    ``faces`` are images (analysed with the insightface pack ``face_pack``) or :class:`FaceInfo`; several faces add
+    their tokens together. ``embeddings`` takes a file from :func:`save_face` instead. ``s_scale`` weighs PlusV2's
+    identity shortcut. ``source`` is the repo of the checkpoints (``h94/IP-Adapter-FaceID`` or a local copy),
+    ``image_encoder`` the ViT-H CLIP vision folder PlusV2 needs (default: ``h94/IP-Adapter``'s).
+
+    Example:
+        >>> FaceID("faceid", "me.jpg", scale=0.8, window=(0.0, 0.8))  # doctest: +SKIP
+    """
+
+    variant: str
+    faces: Any = None
+    embeddings: str | None = None
+    source: str = FACEID_REPO
+    image_encoder: str | None = None
+    face_pack: str = DEFAULT_PACK
+    face_root: str = "~/.insightface"
+    s_scale: float = 1.0
+    layers: str | Mapping[str, Any] = "all"
+    mask: Any = None
+
+    kind: ClassVar[str] = "faceid"
+    supported_stages: ClassVar[Stage] = Stage.BASE
+    unsupported_reason: ClassVar[str] = "FaceID SDXL checkpoints are trained for the base UNet"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.faces is None) == (self.embeddings is None):
+            raise ConditionError("FaceID takes face images / FaceInfo or saved embeddings (one of the two)")
+
+    @property
+    def plus(self) -> bool:
+        return self.variant == "plusv2" or "plus" in Path(self.variant).name
+
+    def _weights_file(self) -> Path:
+        if self.variant in FACEID_VARIANTS:
+            name = FACEID_VARIANTS[self.variant]
+            path = resolve_source(self.source, allow=[name]) / name
+            if not path.exists():
+                raise MissingWeightsError(f"{self.source} has no {name}")
+            return path
+        return resolve_source(self.variant, allow=["*.bin", "*.safetensors"])
+
+    def _encoder(self) -> Path:
+        if self.image_encoder:
+            return Path(self.image_encoder)
+        folder = IP_VARIANTS["plus"].encoder
+        return resolve_source(IP_ADAPTER_REPO, allow=[f"{folder}/*"]) / folder
+
+    def _inputs(self, ctx: PrepareContext) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        if self.embeddings is not None:
+            saved = load_face(self.embeddings)
+            clip = (saved["clip_embeds"], saved["negative_clip_embeds"]) if "clip_embeds" in saved else None
+            if self.plus and clip is None:
+                raise ConditionError(f"{self.embeddings} holds no CLIP face features, which FaceID-PlusV2 needs")
+            return saved["id_embeds"], clip
+        faces = face_embeddings(self.faces, self.face_pack, self.face_root)
+        ids = torch.from_numpy(np.stack([f.embedding for f in faces]))
+        if not self.plus:
+            return ids, None
+        return ids, encode_images(
+            [f.aligned for f in faces], self._encoder(), hidden_states=True, device=str(ctx.device), dtype=ctx.dtype
+        )
+
+    def prepare(self, ctx: PrepareContext) -> Prepared:
+        unet = ctx.stages.get(Stage.BASE)
+        if unet is None:
+            raise ConditionError("FaceID conditions need the base stage")
+        weights_file = self._weights_file()
+        parts = read_weights(weights_file)
+        check_fits(parts, unet, str(weights_file))
+        projection = build_projection(parts["image_proj"], unet, weights_file, ctx)
+        ids, clip = self._inputs(ctx)
+        n = ids.shape[0]
+        stack = torch.cat([torch.zeros_like(ids), ids]) if ctx.guided else ids  # [uncond, cond] faces
+        if clip is not None:
+            cond, uncond = clip
+            clip_stack = torch.cat([uncond, cond]) if ctx.guided else cond
+            projection.clip_embeds = clip_stack.reshape(-1, n, *cond.shape[1:]).to(ctx.device, ctx.dtype)
+            projection.shortcut, projection.shortcut_scale = True, self.s_scale
+        with torch.no_grad():
+            tokens = projection(stack.to(ctx.device, ctx.dtype))
+        rows = 2 if ctx.guided else 1
+        tokens = tokens.reshape(rows, -1, unet.config.cross_attention_dim)
+        tokens = tokens.repeat_interleave(ctx.batch_size, dim=0)
+        mask = region_mask(self.mask, ctx) if self.mask is not None else None
+        scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
+        return IPPrepared(
+            f"faceid:{self.variant}", parts["ip_adapter"], tokens, scales, mask, lora_deltas(parts["ip_adapter"], unet)
+        )
