@@ -165,6 +165,11 @@ class Prepared(ABC):
     @abstractmethod
     def attach(self, unet: Any, stage: Stage) -> Attachment: ...
 
+    def text_encoder_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        """Weight deltas for the stage's text encoders, by component name (``text_encoder``, ``text_encoder_2``),
+        applied while its prompts are encoded; LoRAs with text-encoder parts use this."""
+        return {}
+
 
 @dataclass(frozen=True, kw_only=True)
 class Condition(ABC):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,6 +23,7 @@ from .recipe import RecipeImage, Result
 from .schedule import StageSchedule, make_scheduler, split_schedule
 from .text import MicroConditioning, encode_prompts, time_ids
 from .vae import decode_latents, vae_scale_factor
+from .weights import WeightPatch
 
 __all__ = ["GenerationRequest", "Generator"]
 
@@ -171,13 +174,15 @@ class Generator:
         unet = models.unet
         guidance = guidance_for(request.guidance, unet, request.guidance_rescale)
         n = request.num_images
-        positive, negative = encode_prompts(
-            models.text_encoders,
-            [request.prompt],
-            None if request.negative_prompt is None else [request.negative_prompt],
-            need_negative=guidance.copies > 1,
-            zero_negative=models.force_zeros_for_empty_prompt,
-        )
+        mine = [(c, p) for c, p in prepared if models.stage in c.stage]
+        with _text_encoder_patches(models, [p for _, p in mine]):
+            positive, negative = encode_prompts(
+                models.text_encoders,
+                [request.prompt],
+                None if request.negative_prompt is None else [request.negative_prompt],
+                need_negative=guidance.copies > 1,
+                zero_negative=models.force_zeros_for_empty_prompt,
+            )
         width, height = request.size
         micro = MicroConditioning(
             original_size=(height, width),
@@ -198,7 +203,6 @@ class Generator:
             pooled = torch.cat([negative.pooled.repeat(n, 1), pooled])
             ids = torch.cat([neg_ids.repeat(n, 1), ids])
         device, dtype = unet.device, unet.dtype
-        mine = [(c, p) for c, p in prepared if models.stage in c.stage]
         return StageInputs(
             stage=models.stage,
             unet=unet,
@@ -259,6 +263,30 @@ class Generator:
             dtype=str(self.base.dtype).removeprefix("torch."),
         )  # fmt: skip
         return _jsonable(recipe)
+
+
+@contextmanager
+def _text_encoder_patches(models: StageModels, prepared: list[Prepared]) -> Iterator[None]:
+    """Text-encoder weight deltas of the stage's conditions, applied while its prompts are encoded."""
+    patches: list[WeightPatch] = []
+    try:
+        for ready in prepared:
+            for encoder in models.text_encoders:
+                deltas = ready.text_encoder_deltas(models.stage).get(encoder.component)
+                if deltas:
+                    names = {n for n, _ in encoder.model.named_parameters()}
+                    patches.append(WeightPatch(encoder.model, {_parameter(names, k): v for k, v in deltas.items()}))
+        yield
+    finally:
+        for patch in reversed(patches):
+            patch.restore()
+
+
+def _parameter(names: set[str], key: str) -> str:
+    # Published LoRAs name CLIP layers the transformers-4 way (text_model.encoder...); transformers 5 dropped that level.
+    if key not in names and key.startswith("text_model.") and key.removeprefix("text_model.") in names:
+        return key.removeprefix("text_model.")
+    return key
 
 
 def _jsonable(value: Any) -> Any:

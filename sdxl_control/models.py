@@ -317,12 +317,14 @@ def _load_folder(
             TextEncoder(
                 CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
                 CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **common),
+                "text_encoder",
             )
         )
     encoders.append(
         TextEncoder(
             CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True),
             CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **common),
+            "text_encoder_2",
         )
     )
     width = sum(e.model.config.hidden_size for e in encoders)
@@ -388,8 +390,8 @@ def _load_single_file(
         ) from None
     encoders = []
     if getattr(pipe, "text_encoder", None) is not None:
-        encoders.append(TextEncoder(pipe.tokenizer, pipe.text_encoder))
-    encoders.append(TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2))
+        encoders.append(TextEncoder(pipe.tokenizer, pipe.text_encoder, "text_encoder"))
+    encoders.append(TextEncoder(pipe.tokenizer_2, pipe.text_encoder_2, "text_encoder_2"))
     for module in (pipe.unet, pipe.vae, *(e.model for e in encoders)):
         module.to(device).eval().requires_grad_(False)
     return StageModels(

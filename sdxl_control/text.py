@@ -26,6 +26,7 @@ class TextEncoder:
 
     tokenizer: Any
     model: Any
+    component: str = ""  # its name in the pipeline (text_encoder, text_encoder_2): where text-encoder LoRA parts go
 
 
 @dataclass(frozen=True)
