@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
     gen.add_argument("--num-images", type=int, help="images in the batch, seeds seed, seed+1, ...")
     gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun, ... or a class")
-    gen.add_argument("--preset", choices=available_presets(), help="named settings; explicit options win")
+    gen.add_argument(
+        "--preset", choices=available_presets(), help="named recipe (e.g. lightning-4step); explicit options win"
+    )
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="stack a LoRA (repeatable)")
     gen.add_argument("--base", help=f"base model: hub id, local folder or .safetensors (default {DEFAULT_BASE})")
     gen.add_argument("--refiner", help=f"refiner model, used with --refiner-switch (default {DEFAULT_REFINER})")
     gen.add_argument("--tiny", action="store_true", help="use built-in tiny random models (offline demo)")
@@ -175,9 +178,20 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
+def _lora(text: str) -> Any:
+    from .adapters.lora import LoRA
+
+    path, sep, scale = text.rpartition(":")
+    try:
+        return LoRA(path, scale=float(scale)) if sep else LoRA(text)
+    except ValueError:  # the colon belonged to the path
+        return LoRA(text)
+
+
 def _generate(args: argparse.Namespace) -> int:
     options = _request_options(args)
-    conditions = _control_conditions(args)
+    preset = load_preset(args.preset) if args.preset else None
+    conditions = [*(preset.conditions() if preset else []), *map(_lora, args.lora), *_control_conditions(args)]
     if conditions:
         options["conditions"] = tuple(conditions)
     recipe = read_recipe(args.recipe) if args.recipe else None
@@ -186,15 +200,16 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         if not args.prompt:
             raise InvalidRequestError("a prompt is required (or --recipe PNG)")
-        settings = load_preset(args.preset) if args.preset else {}
+        settings = dict(preset.settings) if preset else {}
         if args.tiny:
             settings.setdefault("size", TINY_SIZE)
         settings.update(options)
         request = GenerationRequest(args.prompt, **settings)
     base, refiner = _models(args, recipe, request.refiner_switch)
     generator = Generator.from_pretrained(
-        base, refiner, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None, variant=args.variant
-    )
+        base, refiner, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None, variant=args.variant,
+        unet=preset.unet if preset else None,
+    )  # fmt: skip
     result = generator.run(request, progress_bar=not args.quiet)
     images = result.images
     if recipe is not None and "num_images" not in options:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -51,6 +51,8 @@ class GenerationRequest:
     seed: int | None = None
     num_images: int = 1
     scheduler: str | None = None
+    scheduler_options: Mapping[str, Any] = field(default_factory=dict)
+    timesteps: tuple[int, ...] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
@@ -58,6 +60,11 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", tuple(int(v) for v in self.size))
         object.__setattr__(self, "conditions", tuple(self.conditions))
+        object.__setattr__(self, "scheduler_options", dict(self.scheduler_options))
+        if self.timesteps is not None:
+            # An explicit schedule (as some distilled models publish) fixes the step count.
+            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            object.__setattr__(self, "steps", len(self.timesteps))
         if self.seed is None:
             object.__setattr__(self, "seed", random.randrange(2**32))
         if not isinstance(self.prompt, str):
@@ -101,6 +108,8 @@ class GenerationRequest:
         names = {f.name for f in fields(cls)} - {"conditions", "seed"}
         values = {k: recipe[k] for k in names if k in recipe}
         values["size"] = tuple(recipe["size"])
+        if values.get("timesteps") is not None:
+            values.pop("steps", None)
         values["scheduler"] = recipe["scheduler"]["requested"]
         values["seed"] = recipe["batch_seed"]
         values.update(overrides)
@@ -137,10 +146,15 @@ class Generator:
         dtype: torch.dtype | None = None,
         variant: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        unet: str | tuple[str, str] | None = None,
     ) -> Generator:
-        """Load from hub ids (HF cache first), diffusers folders or single ``.safetensors`` files."""
+        """Load from hub ids (HF cache first), diffusers folders or single ``.safetensors`` files.
+
+        ``unet`` loads a UNet-only checkpoint over the base's UNet (a path, or ``(repo, file)``), e.g.
+        ``("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")``.
+        """
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "cache_dir": cache_dir}
-        base_models = load_stage(base, Stage.BASE, **options)
+        base_models = load_stage(base, Stage.BASE, unet=unet, **options)
         refiner_models = load_stage(refiner, Stage.REFINER, **options) if refiner is not None else None
         return cls(base_models, refiner_models)
 
@@ -152,14 +166,16 @@ class Generator:
 
     def _plans(self, request: GenerationRequest) -> list[_StagePlan]:
         device = self.base.device
-        base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler)
+        base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler, request.scheduler_options)
         refiner_scheduler = None
         if request.refiner_switch is not None:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_switch was given but no refiner is loaded")
-            refiner_scheduler = make_scheduler(self.refiner.scheduler_config, request.scheduler)
+            refiner_scheduler = make_scheduler(
+                self.refiner.scheduler_config, request.scheduler, request.scheduler_options
+            )
         base_schedule, refiner_schedule = split_schedule(
-            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, device
+            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, device, request.timesteps
         )
         plans = [_StagePlan(self.base, base_schedule)]
         if refiner_schedule is not None:

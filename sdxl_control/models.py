@@ -6,6 +6,7 @@ file headers) is checked first, so a bad model fails fast with a message that na
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -76,6 +77,7 @@ class ModelSource:
     revision: str | None = None
     unet_sha256: str | None = None
     tiny_seed: int | None = None
+    unet_weights: str | None = None  # a UNet-only checkpoint loaded over the pipeline's (e.g. SDXL-Lightning)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -416,13 +418,43 @@ def load_stage(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     config: str | None = None,
+    unet: str | tuple[str, str] | None = None,
 ) -> StageModels:
-    """Load the models of one stage from a hub id, the HF cache, a diffusers folder or a ``.safetensors`` file."""
+    """Load the models of one stage from a hub id, the HF cache, a diffusers folder or a ``.safetensors`` file.
+
+    ``unet`` replaces the UNet's weights by a UNet-only checkpoint of the same architecture: a ``.safetensors`` path
+    or ``(repo, file)`` — how SDXL-Lightning's full-UNet models are published.
+    """
     dev, dt = default_device_and_dtype(device, dtype)
     allow, ignore = _hub_patterns(variant)
     path = resolve_source(source, allow=allow, ignore=ignore, revision=revision, cache_dir=cache_dir)
     if path.is_dir():
-        return _load_folder(path, str(source), stage, dev, dt, variant)
-    if path.suffix != ".safetensors":
+        models = _load_folder(path, str(source), stage, dev, dt, variant)
+    elif path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a .safetensors file)")
-    return _load_single_file(path, stage, dev, dt, config)
+    else:
+        models = _load_single_file(path, stage, dev, dt, config)
+    if unet is not None:
+        _load_unet_weights(models, unet, cache_dir)
+    return models
+
+
+def _load_unet_weights(
+    models: StageModels, unet: str | tuple[str, str], cache_dir: str | os.PathLike[str] | None
+) -> None:
+    from safetensors.torch import load_file
+
+    if isinstance(unet, tuple):
+        repo, name = unet
+        file = resolve_source(repo, allow=[name], cache_dir=cache_dir) / name
+    else:
+        file = resolve_source(unet, allow=["*.safetensors"], cache_dir=cache_dir)
+    if file.suffix != ".safetensors" or not file.is_file():
+        raise CheckpointError(f"{file}: a UNet checkpoint must be a .safetensors file")
+    check_safetensors(file)
+    state = load_file(str(file))
+    try:
+        models.unet.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise IncompatibleModelError(f"{file} does not fit the {models.stage.label} UNet ({str(exc)[:300]})") from None
+    models.source = dataclasses.replace(models.source, unet_weights=str(file), unet_sha256=_cached_sha256(file))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
 }
 
 
-def make_scheduler(model_config: Any, name: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+def make_scheduler(model_config: Any, name: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
     """A fresh scheduler built from a model's scheduler config.
 
     ``name`` is a key of :data:`SCHEDULERS` or any diffusers scheduler class name; ``None`` keeps the model's own.
@@ -44,7 +46,7 @@ def make_scheduler(model_config: Any, name: str | None = None, overrides: dict[s
             known = ", ".join(sorted(SCHEDULERS))
             raise InvalidRequestError(f"unknown scheduler {name!r}: use one of {known} or a diffusers class name")
     cls = getattr(diffusers, cls_name)
-    return cls.from_config(config, **extra, **(overrides or {}))
+    return cls.from_config(config, **{**extra, **(overrides or {})})
 
 
 @dataclass(frozen=True)
@@ -57,24 +59,35 @@ class StageSchedule:
     total: int
 
 
+def _set(scheduler: Any, steps: int, device: torch.device, timesteps: tuple[int, ...] | None) -> torch.Tensor:
+    if timesteps is not None:
+        scheduler.set_timesteps(device=device, timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(steps, device=device)
+    return scheduler.timesteps
+
+
 def split_schedule(
-    base_scheduler: Any, refiner_scheduler: Any | None, steps: int, switch: float | None, device: torch.device
+    base_scheduler: Any,
+    refiner_scheduler: Any | None,
+    steps: int,
+    switch: float | None,
+    device: torch.device,
+    timesteps: tuple[int, ...] | None = None,
 ) -> tuple[StageSchedule, StageSchedule | None]:
     """Split one ``steps``-long schedule at fraction ``switch`` exactly as diffusers' denoising_end/start do.
 
-    The base keeps timesteps ``>= cutoff`` and the refiner, with a scheduler of its own set to the same schedule,
+    ``timesteps`` gives an explicit schedule instead of ``steps``. The base keeps timesteps ``>= cutoff`` and the refiner, with a scheduler of its own set to the same schedule,
     takes those ``< cutoff`` (one more for second-order schedulers, so no step is cut between its two halves).
     """
-    base_scheduler.set_timesteps(steps, device=device)
-    all_base = base_scheduler.timesteps
+    all_base = _set(base_scheduler, steps, device, timesteps)
     if refiner_scheduler is None or switch is None:
         return StageSchedule(base_scheduler, all_base, 0, len(all_base)), None
     train_steps = base_scheduler.config.num_train_timesteps
     cutoff = int(round(train_steps - switch * train_steps))
     n_base = int((all_base >= cutoff).sum().item())
 
-    refiner_scheduler.set_timesteps(steps, device=device)
-    all_refiner = refiner_scheduler.timesteps
+    all_refiner = _set(refiner_scheduler, steps, device, timesteps)
     n_refiner = int((all_refiner < cutoff).sum().item())
     if refiner_scheduler.order == 2 and n_refiner % 2 == 0:
         n_refiner += 1

@@ -18,7 +18,7 @@ IMPORT = (
     "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
     "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in getattr(h, '__module__', '')]; "
     "import sdxl_control.adapters as a, sdxl_control.preprocessors as p, sdxl_control.presets as s; "
-    "print(a.__file__); print(p.__file__); print(s.load_preset('quality')['steps'])"
+    "print(a.__file__); print(p.__file__); print(s.load_preset('quality').settings['steps'])"
 )
 
 

@@ -45,7 +45,12 @@ def test_same_seed_same_weights(tmp_path, tiny):
 
 
 def test_presets_are_data():
-    assert {"quality", "base_only"} <= set(available_presets())
-    assert load_preset("quality") == {"steps": 30, "guidance": 5.0, "refiner_switch": 0.8, "scheduler": "euler"}
+    assert {"quality", "base_only", "lightning-4step"} <= set(available_presets())
+    assert load_preset("quality").settings == {
+        "steps": 30,
+        "guidance": 5.0,
+        "refiner_switch": 0.8,
+        "scheduler": "euler",
+    }
     with pytest.raises(ValueError, match="unknown preset"):
         load_preset("nope")
