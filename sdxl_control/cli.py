@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdxl-control`` command."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "quiet", False):
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     try:
         return _generate(args)
     except SdxlControlError as exc:

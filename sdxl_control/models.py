@@ -110,9 +110,12 @@ class StageModels:
         return self.unet.dtype
 
 
-def _fetch_hint(repo_id: str) -> str:
+def _fetch_hint(repo_id: str, files: list[str] | None = None) -> str:
+    # Name the exact files when the caller needs only those (a LoRA, an adapter): no need to fetch a whole repo.
+    exact = [f for f in files or [] if not any(c in f for c in "*?[")]
+    what = " ".join([repo_id, *exact]) if exact and len(exact) == len(files or []) else repo_id
     return (
-        f"fetch it on a machine with network access with `hf download {repo_id}` (it lands in the HF cache, "
+        f"fetch it on a machine with network access with `hf download {what}` (it lands in the HF cache, "
         f"which you can copy here), or pass the path of a local diffusers folder or .safetensors file instead"
     )
 
@@ -154,14 +157,14 @@ def resolve_hub(
 
     if constants.HF_HUB_OFFLINE:
         raise MissingWeightsError(
-            f"model {repo_id!r} is not in the HF cache ({cache}) and HF_HUB_OFFLINE is set; {_fetch_hint(repo_id)}"
+            f"model {repo_id!r} is not in the HF cache ({cache}) and HF_HUB_OFFLINE is set; {_fetch_hint(repo_id, allow)}"
         ) from None
     try:
         return Path(snapshot_download(repo_id, **where))
     except Exception as exc:
         raise MissingWeightsError(
             f"model {repo_id!r} is not in the HF cache ({cache}) and the hub could not be reached "
-            f"({type(exc).__name__}); {_fetch_hint(repo_id)}"
+            f"({type(exc).__name__}); {_fetch_hint(repo_id, allow)}"
         ) from None
 
 

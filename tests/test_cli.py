@@ -92,3 +92,21 @@ def test_control_flag_errors(tiny, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main(["generate", "x", "--tiny", "--union", "-o", out]) == 2
     assert "--union needs" in capsys.readouterr().err
+
+
+def test_loras_from_the_cli_and_their_recipe(tiny, tmp_path, capsys):
+    from sdxl_control.testing.lora import write_tiny_lora
+
+    lora = write_tiny_lora(tmp_path / "style.safetensors", tiny.base, "kohya", seed=2)
+    out, again = tmp_path / "lora.png", tmp_path / "again.png"
+    assert (
+        main(["generate", "x", "--tiny", "--steps", "3", "--seed", "5", "-q", "--lora", f"{lora}:0.7", "-o", str(out)])
+        == 0
+    )
+    (condition,) = read_recipe(out)["conditions"]
+    assert condition["kind"] == "lora" and condition["source"] == str(lora) and condition["scale"] == 0.7
+    assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    capsys.readouterr()
+    assert main(["generate", "x", "--tiny", "--preset", "lightning-4step", "-q", "-o", str(tmp_path / "d.png")]) == 2
+    assert "hf download ByteDance/SDXL-Lightning sdxl_lightning_4step_lora.safetensors" in capsys.readouterr().err
