@@ -43,7 +43,12 @@ __all__ = [
 @dataclass(frozen=True)
 class IPAdapterVariant:
     """A published IP-Adapter: its weights file and image encoder inside the repo, and what it feeds the projection
-    (the encoder's projected ``image_embeds``, or its penultimate ``hidden_states`` for the Resampler "plus" models)."""
+    (the encoder's projected ``image_embeds``, or its penultimate ``hidden_states`` for the Resampler "plus" models).
+
+    Example:
+        >>> VARIANTS["plus-face"].encoder
+        'models/image_encoder'
+    """
 
     weights: str
     encoder: str

@@ -48,6 +48,10 @@ class ModelSnapshot:
 
     Weight *values* are not hashed here (that would cost a pass over billions of numbers per call); attachments
     that change weights restore them themselves and tests prove it bit for bit.
+
+    Example:
+        >>> before = ModelSnapshot.take(unet); ...; before.differences(ModelSnapshot.take(unet))  # doctest: +SKIP
+        []
     """
 
     processors: tuple[tuple[str, int], ...]

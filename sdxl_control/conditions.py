@@ -119,6 +119,10 @@ class StepInfo:
 
     ``sample``, ``encoder_hidden_states`` and ``added_cond_kwargs`` are exactly what the UNet receives: batched as
     ``[unconditional, conditional]`` when classifier-free guidance is on (``guided`` is then True).
+
+    Example:
+        >>> def contribute(self, step: StepInfo, active: bool):       # doctest: +SKIP
+        ...     cond = step.sample.chunk(2)[1] if step.guided else step.sample
     """
 
     index: int
@@ -137,6 +141,10 @@ class PrepareContext:
 
     ``stages`` maps each stage the call runs to that stage's UNet (read-only use: encoders may need its dtype or
     config). ``size`` is the output size as (width, height).
+
+    Example:
+        >>> def prepare(self, ctx: PrepareContext):                     # doctest: +SKIP
+        ...     unet = ctx.stages[Stage.BASE]; width, height = ctx.size
     """
 
     device: torch.device
@@ -148,7 +156,13 @@ class PrepareContext:
 
 
 class Attachment(ABC):
-    """A condition attached to one UNet: contributes per step, and undoes itself exactly on ``detach``."""
+    """A condition attached to one UNet: contributes per step, and undoes itself exactly on ``detach``.
+
+    Example:
+        >>> class Hooked(Attachment):                                    # doctest: +SKIP
+        ...     def __init__(self, unet): self.handle = unet.conv_in.register_forward_hook(fn)
+        ...     def detach(self): self.handle.remove()
+    """
 
     def contribute(self, step: StepInfo, active: bool) -> Residuals | None:
         """Called at every step of the stage; ``active`` is whether the step lies in the condition's window."""
@@ -160,7 +174,12 @@ class Attachment(ABC):
 
 
 class Prepared(ABC):
-    """A condition's inputs, encoded once per call, ready to attach to the UNet of a stage."""
+    """A condition's inputs, encoded once per call, ready to attach to the UNet of a stage.
+
+    Example:
+        >>> class Ready(Prepared):                                       # doctest: +SKIP
+        ...     def attach(self, unet, stage): return Hooked(unet)
+    """
 
     @abstractmethod
     def attach(self, unet: Any, stage: Stage) -> Attachment: ...

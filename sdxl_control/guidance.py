@@ -11,7 +11,12 @@ __all__ = ["Guidance", "ClassifierFreeGuidance", "NoGuidance", "guidance_for"]
 
 
 class Guidance(Protocol):
-    """``copies`` is how many times the latents are stacked per forward; ``combine`` turns that back into one."""
+    """``copies`` is how many times the latents are stacked per forward; ``combine`` turns that back into one.
+
+    Example:
+        >>> guidance_for(5.0, unet).copies  # doctest: +SKIP
+        2
+    """
 
     @property
     def copies(self) -> int: ...

@@ -51,7 +51,13 @@ def make_scheduler(model_config: Any, name: str | None = None, overrides: Mappin
 
 @dataclass(frozen=True)
 class StageSchedule:
-    """The timesteps one stage runs, where they sit in the whole schedule, and its scheduler (already set)."""
+    """The timesteps one stage runs, where they sit in the whole schedule, and its scheduler (already set).
+
+    Example:
+        >>> base, refiner = split_schedule(make_scheduler(cfg), make_scheduler(cfg), 30, 0.8, device)  # doctest: +SKIP
+        >>> len(base.timesteps), refiner.first_index                                                 # doctest: +SKIP
+        (24, 24)
+    """
 
     scheduler: Any
     timesteps: torch.Tensor

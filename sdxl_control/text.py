@@ -31,7 +31,13 @@ class TextEncoder:
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    """Per-image hidden states (batch, tokens, width) and pooled embeddings (batch, width)."""
+    """Per-image hidden states (batch, tokens, width) and pooled embeddings (batch, width).
+
+    Example:
+        >>> positive, negative = encode_prompts(encoders, ["a cat"], None, need_negative=True, zero_negative=True)  # doctest: +SKIP
+        >>> positive.hidden.shape                                                                                # doctest: +SKIP
+        torch.Size([1, 77, 2048])
+    """
 
     hidden: torch.Tensor
     pooled: torch.Tensor
