@@ -181,4 +181,17 @@ class LoRA(Condition):
                     deltas[stage] = lora_deltas(state, unet.config, self.scale)
                 except IncompatibleModelError as exc:
                     raise IncompatibleModelError(f"{path}: {exc}") from None
+                _check_fit(deltas[stage].get("unet", {}), unet, f"{path} ({stage.label} UNet)")
         return _LoRAPrepared(deltas, str(path))
+
+
+def _check_fit(deltas: dict[str, torch.Tensor], unet: Any, what: str) -> None:
+    """Refuse a LoRA that does not fit before anything runs (rather than at its window's first step)."""
+    parameters = dict(unet.named_parameters())
+    for name, delta in deltas.items():
+        target = parameters.get(name)
+        if target is None or target.shape != delta.shape:
+            found = "no such weight" if target is None else f"the weight is {tuple(target.shape)}"
+            raise IncompatibleModelError(
+                f"{what}: LoRA does not fit this UNet at {name}: {tuple(delta.shape)}, {found}"
+            )

@@ -95,7 +95,10 @@ def test_lora_for_another_architecture_is_refused(generator, loras, tmp_path):
     path = tmp_path / "sd15.safetensors"
     save_file({"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
                "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(16, 4)}, str(path))  # fmt: skip
-    with pytest.raises(IncompatibleModelError, match="does not fit this UNet"):
+    with pytest.raises(
+        IncompatibleModelError,
+        match=r"sd15.safetensors \(base UNet\): LoRA does not fit this UNet at .*attn2.to_k.weight",
+    ):
         generator.generate(PROMPT, conditions=[LoRA(str(path))], **RUN)
     assert torch.equal(generator.generate(PROMPT, **RUN).latents, generator.generate(PROMPT, **RUN).latents)
 
