@@ -25,21 +25,9 @@ from ..conditions import Condition, PrepareContext, Prepared, Stage
 from ..errors import ConditionError, MissingWeightsError
 from ..models import check_safetensors, resolve_source
 from ..preprocessors.face import DEFAULT_PACK, FaceAnalyzer, FaceInfo
-from .ip_adapter import (
-    REPO as IP_ADAPTER_REPO,
-)
-from .ip_adapter import (
-    VARIANTS as IP_VARIANTS,
-)
-from .ip_adapter import (
-    IPPrepared,
-    build_projection,
-    check_fits,
-    encode_images,
-    layer_scales,
-    read_weights,
-    region_mask,
-)
+from .ip_adapter import REPO as IP_ADAPTER_REPO
+from .ip_adapter import VARIANTS as IP_VARIANTS
+from .ip_adapter import IPPrepared, encode_images, layer_scales, load_adapter, region_mask
 
 __all__ = ["FaceID", "FACEID_VARIANTS", "face_embeddings", "save_face", "load_face"]
 
@@ -57,6 +45,7 @@ def lora_deltas(ip_weights: Mapping[str, torch.Tensor], unet: Any) -> dict[str, 
     The checkpoint numbers all attention layers in the UNet's processor order (0, 1, 2, ...).
     """
     deltas = {}
+    device = unet.device  # diffusers walks every module to answer this: ask once
     for index, name in enumerate(unet.attn_processors):
         module = name.removesuffix(".processor")
         for proj in _PROJECTIONS:
@@ -65,7 +54,7 @@ def lora_deltas(ip_weights: Mapping[str, torch.Tensor], unet: Any) -> dict[str, 
             if down is None or up is None:
                 continue
             target = f"{module}.{proj}.0.weight" if proj == "to_out" else f"{module}.{proj}.weight"
-            deltas[target] = up.float() @ down.float()
+            deltas[target] = up.to(device, torch.float32) @ down.to(device, torch.float32)
     return deltas
 
 
@@ -175,9 +164,8 @@ class FaceID(Condition):
         if unet is None:
             raise ConditionError("FaceID conditions need the base stage")
         weights_file = self._weights_file()
-        parts = read_weights(weights_file)
-        check_fits(parts, unet, str(weights_file))
-        projection = build_projection(parts["image_proj"], unet, weights_file, ctx)
+        adapter = load_adapter(weights_file, unet, ctx)
+        projection = adapter.projection
         ids, clip = self._inputs(ctx)
         n = ids.shape[0]
         stack = torch.cat([torch.zeros_like(ids), ids]) if ctx.guided else ids  # [uncond, cond] faces
@@ -194,5 +182,5 @@ class FaceID(Condition):
         mask = region_mask(self.mask, ctx) if self.mask is not None else None
         scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
         return IPPrepared(
-            f"faceid:{self.variant}", parts["ip_adapter"], tokens, scales, mask, lora_deltas(parts["ip_adapter"], unet)
+            f"faceid:{self.variant}", adapter.weights, tokens, scales, mask, lora_deltas(adapter.weights, unet)
         )

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 
 from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
-from ..models import check_safetensors, resolve_source
+from ..models import check_safetensors, read_safetensors, resolve_source
 from ..preprocessors import load_image
 from ..weights import WeightPatch
 
@@ -74,22 +76,27 @@ LAYER_PRESETS: dict[str, Any] = {
 }
 
 
-def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    if path.suffix == ".safetensors":
-        check_safetensors(path)
-        from safetensors.torch import load_file
+@lru_cache(maxsize=4)
+def _load_pickled(path: str, size: int, mtime_ns: int) -> Any:
+    # Published FaceID files are pickles: read as plain tensors only, once per process while unchanged.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
 
-        flat = load_file(str(path))
+
+def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """An IP-Adapter checkpoint's ``image_proj`` and ``ip_adapter`` state dicts (treat as read-only)."""
+    if path.suffix == ".safetensors":
+        flat = read_safetensors(path)
         parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
         for key, value in flat.items():
             head, _, rest = key.partition(".")
             if head in parts:
                 parts[head][rest] = value
     elif path.suffix == ".bin":
-        try:
-            parts = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
+        stat = path.stat()
+        parts = _load_pickled(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     else:
         raise CheckpointError(f"{path}: expected a .safetensors or .bin IP-Adapter file")
     if not isinstance(parts, dict) or not parts.get("image_proj") or not parts.get("ip_adapter"):
@@ -222,6 +229,7 @@ class IPPrepared(Prepared):
         self.name, self.weights, self.tokens, self.scales, self.mask = name, weights, tokens, scales, mask
         self.deltas = deltas
 
+    @torch.no_grad()
     def attach(self, unet: Any, stage: Stage) -> Attachment:
         weight_patch = WeightPatch(unet, self.deltas) if self.deltas else None
         try:
@@ -231,9 +239,10 @@ class IPPrepared(Prepared):
                 scale = self.scales[layer]
                 if scale == 0.0:
                     continue  # as diffusers skips zero-scale layers: no compute, no change
-                key = 2 * index + 1  # the published files number cross-attention layers 1, 3, 5, ...
-                to_k, to_v = (self._linear(f"{key}.{w}.weight", unet) for w in ("to_k_ip", "to_v_ip"))
-                branch = AttentionBranch(self.name, to_k, to_v, self.tokens, scale, self.mask, active=False)
+                number = 2 * index + 1  # the published files number cross-attention layers 1, 3, 5, ...
+                key = F.linear(self.tokens, self.weights[f"{number}.to_k_ip.weight"])
+                value = F.linear(self.tokens, self.weights[f"{number}.to_v_ip.weight"])
+                branch = AttentionBranch(self.name, key, value, scale, self.mask, active=False)
                 branches.append(branch)
                 replacements[layer] = BranchedAttnProcessor(processors[layer], [branch])
             return _IPAttachment(ProcessorPatch(unet, replacements), branches, weight_patch)
@@ -242,11 +251,35 @@ class IPPrepared(Prepared):
                 weight_patch.restore()
             raise
 
-    def _linear(self, key: str, unet: Any) -> torch.nn.Linear:
-        weight = self.weights[key]
-        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        layer.weight.data = weight.to(unet.device, unet.dtype)
-        return layer.requires_grad_(False)
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An IP-Adapter checkpoint ready on a device: its image projection, and its attention (and, for FaceID, LoRA)
+    weights in the UNet's dtype. Kept per process, so repeated calls do not re-read or re-convert anything."""
+
+    projection: Any
+    weights: Mapping[str, torch.Tensor]
+    image_proj: Mapping[str, torch.Tensor]
+
+
+# Per UNet (weakly: a dropped model frees its adapters), the last few checkpoints placed for it.
+_LOADED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], LoadedAdapter]] = weakref.WeakKeyDictionary()
+
+
+def load_adapter(weights_file: Path, unet: Any, ctx: PrepareContext) -> LoadedAdapter:
+    """Read, check and place an IP-Adapter/FaceID checkpoint for ``unet`` (cached while the file is unchanged)."""
+    stat = weights_file.stat()
+    key = (str(weights_file.resolve()), stat.st_size, stat.st_mtime_ns, str(ctx.device), ctx.dtype)
+    loaded = _LOADED.setdefault(unet, {})
+    if key not in loaded:
+        parts = read_weights(weights_file)
+        check_fits(parts, unet, str(weights_file))
+        projection = build_projection(parts["image_proj"], unet, weights_file, ctx)
+        weights = {k: v.to(ctx.device, ctx.dtype) for k, v in parts["ip_adapter"].items()}
+        while len(loaded) >= 4:
+            loaded.pop(next(iter(loaded)))
+        loaded[key] = LoadedAdapter(projection, weights, parts["image_proj"])
+    return loaded[key]
 
 
 @dataclass(frozen=True)
@@ -311,15 +344,8 @@ class IPAdapter(Condition):
         if unet is None:
             raise ConditionError("IP-Adapter conditions need the base stage")
         weights_file, encoder, plus = self._files()
-        parts = read_weights(weights_file)
-        check_fits(parts, unet, str(weights_file))
-        try:
-            projection = unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"], low_cpu_mem_usage=False)
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise IncompatibleModelError(
-                f"{weights_file}: its image projection is not a known IP-Adapter layout ({exc})"
-            ) from None
-        projection = projection.to(ctx.device, ctx.dtype).eval()
+        adapter = load_adapter(weights_file, unet, ctx)
+        projection = adapter.projection
         if self.embeddings is not None:
             cond, uncond, _ = load_embeddings(self.embeddings)
         else:
@@ -340,13 +366,14 @@ class IPAdapter(Condition):
                 tokens = torch.cat([negative.repeat(ctx.batch_size, 1, 1), tokens])
         mask = region_mask(self.mask, ctx) if self.mask is not None else None
         scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
-        return IPPrepared(f"ip-adapter:{self.variant}", parts["ip_adapter"], tokens, scales, mask)
+        return IPPrepared(f"ip-adapter:{self.variant}", adapter.weights, tokens, scales, mask)
 
 
 def build_projection(image_proj: Mapping[str, torch.Tensor], unet: Any, source: Path, ctx: PrepareContext) -> Any:
     """The image-projection model of a published checkpoint (diffusers' conversion of the reference layouts)."""
     try:
-        projection = unet._convert_ip_adapter_image_proj_to_diffusers(dict(image_proj), low_cpu_mem_usage=False)
+        # Built on empty weights (no random init to overwrite): the state dict fills it.
+        projection = unet._convert_ip_adapter_image_proj_to_diffusers(dict(image_proj), low_cpu_mem_usage=True)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise IncompatibleModelError(
             f"{source}: its image projection is not a known IP-Adapter layout ({exc})"

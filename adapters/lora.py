@@ -22,7 +22,7 @@ import torch
 
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
-from ..models import check_safetensors, resolve_source
+from ..models import read_safetensors, resolve_source
 from ..weights import WeightPatch
 
 __all__ = ["LoRA", "lora_deltas"]
@@ -33,10 +33,7 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: LoRAs are read from .safetensors files only")
-    check_safetensors(path)
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    return read_safetensors(path)
 
 
 # After diffusers' converter, LoRA pairs come named in one of these layouts; each gives (module, down|up).
@@ -69,9 +66,10 @@ def _pair_key(key: str, component: str) -> tuple[str, str]:
 
 
 def lora_deltas(
-    state: dict[str, torch.Tensor], unet_config: Any, weight: float = 1.0
+    state: dict[str, torch.Tensor], unet_config: Any, weight: float = 1.0, device: torch.device | str = "cpu"
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Per component (``unet``, ``text_encoder``, ``text_encoder_2``): parameter name -> ``weight * alpha/r * up @ down``."""
+    """Per component (``unet``, ``text_encoder``, ``text_encoder_2``): parameter name -> ``weight * alpha/r * up @ down``,
+    computed in float32 on ``device`` (the UNet's: the products are as large as the weights they patch)."""
     from diffusers import StableDiffusionXLPipeline
 
     try:
@@ -99,7 +97,7 @@ def lora_deltas(
                 raise IncompatibleModelError(
                     f"LoRA module {module} lacks its {'up' if 'down' in pair else 'down'} weight"
                 )
-            down, up = pair["down"].float(), pair["up"].float()
+            down, up = pair["down"].to(device, torch.float32), pair["up"].to(device, torch.float32)
             rank = down.shape[0]
             scale = weight * module_alpha.get((component, module), rank) / rank
             if down.ndim == 4:  # convolution LoRA (LoCon): a 1x1 up after a kxk down
@@ -178,7 +176,7 @@ class LoRA(Condition):
         for stage, unet in ctx.stages.items():
             if stage in self.stage:
                 try:
-                    deltas[stage] = lora_deltas(state, unet.config, self.scale)
+                    deltas[stage] = lora_deltas(state, unet.config, self.scale, unet.device)
                 except IncompatibleModelError as exc:
                     raise IncompatibleModelError(f"{path}: {exc}") from None
                 _check_fit(deltas[stage].get("unet", {}), unet, f"{path} ({stage.label} UNet)")

@@ -19,19 +19,19 @@ __all__ = ["AttentionBranch", "BranchedAttnProcessor"]
 
 @dataclass(eq=False)
 class AttentionBranch:
-    """Extra keys/values for one layer: ``tokens`` (batch, n, cross_dim) projected by ``to_k``/``to_v``.
+    """Extra keys and values (batch, n, width) for one layer, computed once per call from the condition's tokens —
+    they do not change over the steps.
 
-    ``active`` is switched per step by the owning attachment (step windows); ``mask`` (batch, queries, 1), if set,
-    limits the branch to a region.
+    ``active`` is switched per step by the owning attachment (step windows); ``mask`` (1, H, W), if set, limits the
+    branch to a region.
 
     Example:
-        >>> AttentionBranch("ip-style", to_k, to_v, tokens, scale=0.8)  # doctest: +SKIP
+        >>> AttentionBranch("ip-style", F.linear(tokens, w_k), F.linear(tokens, w_v), scale=0.8)  # doctest: +SKIP
     """
 
     name: str
-    to_k: torch.nn.Module
-    to_v: torch.nn.Module
-    tokens: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
     scale: float
     mask: Any = None
     active: bool = True
@@ -89,8 +89,8 @@ class BranchedAttnProcessor:
             query = attn.norm_q(query)
         total: torch.Tensor | None = None
         for branch in live:
-            key = branch.to_k(branch.tokens).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            value = branch.to_v(branch.tokens).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            key = branch.key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            value = branch.value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
             extra = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
             extra = extra.transpose(1, 2).reshape(batch, -1, width).to(query.dtype)
             region = branch.region(extra.shape[1], batch, width)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "resolve_source",
     "resolve_hub",
     "check_safetensors",
+    "read_safetensors",
     "default_device_and_dtype",
     "DEFAULT_BASE",
     "DEFAULT_REFINER",
@@ -211,6 +213,22 @@ def check_safetensors(path: Path) -> None:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({exc}); re-download or re-convert it"
         ) from None
+
+
+@lru_cache(maxsize=8)
+def _read_weights_cached(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checked safetensors file's tensors, read once per process while the file is unchanged (adapters and LoRAs
+    are reused across calls; re-reading hundreds of MB per image would dominate a few-step draft). Treat as
+    read-only."""
+    check_safetensors(path)
+    stat = path.stat()
+    return _read_weights_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _refuse_pickle(path: Path) -> CheckpointError:

@@ -1,0 +1,423 @@
+"""Side-by-side benchmark: sdxl-control's generator and plain diffusers doing the same work.
+
+Full-size SDXL architectures are built from the public configs in ``bench/configs`` with random weights (compute
+does not depend on weight values); ControlNets, IP-Adapter, FaceID and a Lightning-sized LoRA are random files in
+the published layouts, loaded through the normal code paths. Each scenario is timed for both implementations in the
+same run: median latency of ``--repeats`` runs after a warm-up, it/s, peak GPU memory, and the UNet's model-FLOP
+utilisation (UNet FLOPs counted with ``torch.utils.flop_counter`` over wall time).
+
+GPU (the device tool):   python bench/bench.py --device cuda --dtype fp16
+CPU smoke, tiny models:  python bench/bench.py --tiny --device cpu --steps 2 --repeats 1 --size 64
+Results go to ``bench/results/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+from sdxl_control import Generator  # noqa: E402
+from sdxl_control.adapters.controlnet import ControlNet  # noqa: E402
+from sdxl_control.adapters.faceid import FaceID, save_face  # noqa: E402
+from sdxl_control.adapters.ip_adapter import IPAdapter  # noqa: E402
+from sdxl_control.adapters.lora import LoRA  # noqa: E402
+from sdxl_control.conditions import Stage  # noqa: E402
+from sdxl_control.models import ModelSource, StageModels  # noqa: E402
+from sdxl_control.presets import load_preset  # noqa: E402
+from sdxl_control.testing import tiny_models, write_tiny_controlnet  # noqa: E402
+from sdxl_control.testing.ip_adapter import TINY_VISION, write_faceid_repo, write_ip_adapter_repo  # noqa: E402
+from sdxl_control.testing.tiny import SDXL_SCHEDULER, _write_tokenizer  # noqa: E402
+from sdxl_control.text import TextEncoder  # noqa: E402
+
+PROMPT = "a portrait of an astronaut, studio light"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Row:
+    scenario: str
+    steps: int
+    ours_s: float
+    ours_it_s: float
+    ours_peak_gib: float | None
+    diffusers_s: float | None = None
+    diffusers_peak_gib: float | None = None
+    ratio: float | None = None  # ours / diffusers: below 1 is faster
+    unet_mfu: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Setup:
+    gen: Generator
+    pipes: dict[str, Any]
+    files: dict[str, Path]
+    control: Any
+    reference: Any
+    size: int
+    steps: int
+    device: torch.device
+    peak_tflops: float
+    unet_tflop_per_step: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float | None]:
+    fn()  # warm-up: kernels, caches, lazy loads
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def _full_stage(stage: Stage, device: torch.device, dtype: torch.dtype, tokenizers: Path) -> StageModels:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    def config(name: str) -> dict[str, Any]:
+        return json.loads((HERE / "configs" / f"{name}.json").read_text())
+
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(config("unet_base" if stage == Stage.BASE else "unet_refiner"))
+        vae = AutoencoderKL.from_config(config("vae"))
+        encoders = []
+        if stage == Stage.BASE:
+            te1 = CLIPTextModel(CLIPTextConfig(**config("text_encoder")))
+            encoders.append(TextEncoder(CLIPTokenizer.from_pretrained(tokenizers / "t1"), te1, "text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2")))
+        encoders.append(TextEncoder(CLIPTokenizer.from_pretrained(tokenizers / "t2"), te2, "text_encoder_2"))
+    for module in (unet, vae, *(e.model for e in encoders)):
+        module.to(dtype).eval().requires_grad_(False)
+    return StageModels(
+        stage=stage, unet=unet, vae=vae, text_encoders=tuple(encoders),
+        scheduler_config={"_class_name": "EulerDiscreteScheduler", **SDXL_SCHEDULER},
+        requires_aesthetics_score=stage == Stage.REFINER, force_zeros_for_empty_prompt=stage == Stage.BASE,
+        source=ModelSource(name=f"random {stage.label} (public SDXL config)", path="-"),
+    )  # fmt: skip
+
+
+def _lightning_like_lora(unet: Any, path: Path, rank: int) -> Path:
+    """A LoRA of ``rank`` on every attention projection, like the published Lightning LoRAs (peft layout)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(s) for s in ("to_q", "to_k", "to_v", "to_out.0")):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.01
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.01
+    save_file(state, str(path))
+    return path
+
+
+def build(args: argparse.Namespace, work: Path) -> Setup:
+    from diffusers import (
+        ControlNetModel,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from PIL import Image
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.tiny:
+        tiny = tiny_models(seed=0, root=work / "tiny")
+        gen = Generator.from_pretrained(tiny.base, tiny.refiner, device=device, dtype=dtype)
+        controlnets = [write_tiny_controlnet(work / f"cn{i}", tiny.base, seed=i) for i in range(2)]
+        vit_h = {"hidden_size": 32, "projection_dim": 16, **TINY_VISION}
+        ip = write_ip_adapter_repo(
+            work / "ip",
+            gen.base.unet,
+            encoders={"models/image_encoder": vit_h},
+            resampler=(32, 1),
+            files=("plus-face",),
+        )
+        faceid = write_faceid_repo(work / "faceid", gen.base.unet, clip_hidden=32, rank=4, plus=False)
+        lora = _lightning_like_lora(gen.base.unet, work / "lightning.safetensors", rank=4)
+    else:
+        for name, pad in (("t1", "<|endoftext|>"), ("t2", "!")):
+            _write_tokenizer(work / name, pad).save_pretrained(work / name)
+        gen = Generator(_full_stage(Stage.BASE, device, dtype, work), _full_stage(Stage.REFINER, device, dtype, work))
+        controlnets = []
+        for i in range(2):
+            with torch.device(device):
+                ControlNetModel.from_unet(gen.base.unet, load_weights_from_unet=False).to(dtype).save_pretrained(
+                    work / f"cn{i}"
+                )
+            controlnets.append(work / f"cn{i}")
+        vit_h = json.loads((HERE / "configs" / "image_encoder_vit_h.json").read_text())
+        ip = write_ip_adapter_repo(
+            work / "ip",
+            gen.base.unet,
+            encoders={"models/image_encoder": vit_h},
+            resampler=(1280, 20),
+            files=("plus-face",),
+        )
+        faceid = write_faceid_repo(work / "faceid", gen.base.unet, clip_hidden=1280, rank=128, plus=False)
+        lora = _lightning_like_lora(gen.base.unet, work / "lightning.safetensors", rank=64)
+    save_face(work / "face.safetensors", torch.nn.functional.normalize(torch.randn(1, 512), dim=-1))
+    base, refiner = gen.base, gen.refiner
+    assert refiner is not None
+    t1, t2 = base.text_encoders
+
+    def scheduler() -> Any:
+        return EulerDiscreteScheduler.from_config(base.scheduler_config)
+
+    shared = dict(
+        vae=base.vae,
+        text_encoder=t1.model,
+        text_encoder_2=t2.model,
+        tokenizer=t1.tokenizer,
+        tokenizer_2=t2.tokenizer,
+        unet=base.unet,
+    )
+    pipes = {
+        "base": StableDiffusionXLPipeline(**shared, scheduler=scheduler()),
+        "refiner": StableDiffusionXLImg2ImgPipeline(
+            vae=refiner.vae, text_encoder=None, text_encoder_2=refiner.text_encoders[0].model, tokenizer=None,
+            tokenizer_2=refiner.text_encoders[0].tokenizer, unet=refiner.unet, scheduler=scheduler(),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        ),
+    }  # fmt: skip
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    size = args.size
+    rng = torch.Generator().manual_seed(0)
+    control = Image.fromarray((torch.rand(size, size, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    setup = Setup(gen, pipes, {"cn0": controlnets[0], "cn1": controlnets[1], "ip": ip, "faceid": faceid, "lora": lora,
+                               "face": work / "face.safetensors"}, control, control, size, args.steps, device, args.peak_tflops)  # fmt: skip
+    setup.extra["shared"] = shared
+    setup.unet_tflop_per_step = _unet_tflop(gen, size, device, dtype)
+    return setup
+
+
+def _unet_tflop(gen: Generator, size: int, device: torch.device, dtype: torch.dtype) -> float:
+    """FLOPs of one base UNet forward on a classifier-free-guidance batch of 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = gen.base.unet
+    latent = size // 8
+    sample = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    added = {"text_embeds": torch.randn(2, gen.base.text_encoders[-1].model.config.projection_dim, device=device, dtype=dtype),
+             "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}  # fmt: skip
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, torch.tensor(999.0, device=device), encoder_hidden_states=hidden, added_cond_kwargs=added)
+    return counter.get_total_flops() / 1e12
+
+
+def _diffusers_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def scenarios(
+    s: Setup,
+) -> list[tuple[str, int, Callable[[], Any], Callable[[], Any] | None, Callable[[], Any] | None, str]]:
+    """(name, steps, ours, diffusers, diffusers teardown, note) — diffusers set-up happens inside its callable once."""
+    from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionXLControlNetPipeline
+
+    n, size, gen = s.steps, s.size, s.gen
+    common = dict(size=(size, size), seed=0, progress_bar=False)
+    pipe, refiner = s.pipes["base"], s.pipes["refiner"]
+    d_common = dict(height=size, width=size, num_inference_steps=n, guidance_scale=5.0)
+    nets = [
+        ControlNetModel.from_pretrained(s.files[f"cn{i}"], torch_dtype=gen.base.dtype).to(s.device) for i in range(2)
+    ]
+    cn1 = StableDiffusionXLControlNetPipeline(**s.extra["shared"], controlnet=nets[0], scheduler=pipe.scheduler)
+    cn2 = StableDiffusionXLControlNetPipeline(
+        **s.extra["shared"], controlnet=MultiControlNetModel(nets), scheduler=pipe.scheduler
+    )
+    for p in (cn1, cn2):
+        p.set_progress_bar_config(disable=True)
+    ip_condition = IPAdapter("plus-face", s.reference, source=str(s.files["ip"]))
+    face_condition = FaceID("faceid", embeddings=str(s.files["face"]), source=str(s.files["faceid"]))
+    id_embeds = torch.load  # placeholder replaced below to keep the closure readable
+    del id_embeds
+    from safetensors.torch import load_file
+
+    ids = load_file(str(s.files["face"]))["id_embeds"][None]
+    face_embeds = torch.cat([torch.zeros_like(ids), ids]).to(s.device, gen.base.dtype)
+
+    def handoff(p: Any, **kw: Any) -> Any:
+        latents = p(
+            PROMPT, denoising_end=0.8, output_type="latent", generator=_diffusers_generator(), **d_common, **kw
+        ).images
+        return refiner(
+            PROMPT,
+            image=latents,
+            denoising_start=0.8,
+            num_inference_steps=n,
+            guidance_scale=5.0,
+            generator=_diffusers_generator(),
+        )
+
+    def with_ip(p: Any, weight: str, encoder: str | None) -> None:
+        p.load_ip_adapter(str(s.files["ip"] if encoder else s.files["faceid"]), subfolder="sdxl_models" if encoder else None,
+                          weight_name=weight, image_encoder_folder=encoder)  # fmt: skip
+
+    lightning = load_preset("lightning-4step").settings
+
+    def lightning_diffusers() -> Any:
+        if "lightning" not in pipe.get_active_adapters():
+            pipe.load_lora_weights(str(s.files["lora"]), adapter_name="lightning")
+            pipe.fuse_lora()
+            pipe.extra_lightning = pipe.scheduler
+            from diffusers import EulerDiscreteScheduler
+
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        return pipe(
+            PROMPT, height=size, width=size, num_inference_steps=4, guidance_scale=0.0, generator=_diffusers_generator()
+        )
+
+    def lightning_teardown() -> None:
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        pipe.scheduler = pipe.extra_lightning
+
+    def ip_diffusers() -> Any:
+        if getattr(pipe.unet, "encoder_hid_proj", None) is None:
+            with_ip(pipe, "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder")
+        return pipe(PROMPT, ip_adapter_image=s.reference, generator=_diffusers_generator(), **d_common)
+
+    def faceid_diffusers() -> Any:
+        if getattr(pipe.unet, "encoder_hid_proj", None) is None:
+            with_ip(pipe, "ip-adapter-faceid_sdxl.bin", None)
+        return pipe(
+            PROMPT, ip_adapter_image_embeds=[face_embeds[:, None]], generator=_diffusers_generator(), **d_common
+        )
+
+    def stack_diffusers() -> Any:
+        if getattr(cn2.unet, "encoder_hid_proj", None) is None:
+            with_ip(cn2, "ip-adapter-plus-face_sdxl_vit-h.safetensors", "models/image_encoder")
+        return handoff(cn2, image=[s.control, s.control], ip_adapter_image=s.reference)
+
+    stack = [ControlNet(str(s.files["cn0"]), image=s.control, scale=0.6, window=(0.0, 0.7)),
+             ControlNet(str(s.files["cn1"]), image=s.control, scale=0.8), ip_condition, face_condition]  # fmt: skip
+    return [
+        ("base", n, lambda: gen.generate(PROMPT, steps=n, **common),
+         lambda: pipe(PROMPT, generator=_diffusers_generator(), **d_common), None, ""),
+        ("base + refiner (switch 0.8)", n, lambda: gen.generate(PROMPT, steps=n, refiner_switch=0.8, **common),
+         lambda: handoff(pipe), None, ""),
+        ("+ 1 ControlNet", n, lambda: gen.generate(PROMPT, steps=n, conditions=stack[:1], **common),
+         lambda: cn1(PROMPT, image=s.control, generator=_diffusers_generator(), **d_common), None, ""),
+        ("+ 2 ControlNets", n, lambda: gen.generate(PROMPT, steps=n, conditions=stack[:2], **common),
+         lambda: cn2(PROMPT, image=[s.control, s.control], generator=_diffusers_generator(), **d_common), None, ""),
+        ("+ IP-Adapter plus-face", n, lambda: gen.generate(PROMPT, steps=n, conditions=[ip_condition], **common),
+         ip_diffusers, pipe.unload_ip_adapter, ""),
+        ("+ FaceID", n, lambda: gen.generate(PROMPT, steps=n, conditions=[face_condition], **common),
+         faceid_diffusers, lambda: (pipe.unload_ip_adapter(), pipe.unload_lora_weights()), "diffusers: FaceID LoRA unfused (peft)"),
+        ("Lightning 4 steps (LoRA)", 4, lambda: gen.generate(PROMPT, conditions=[LoRA(str(s.files["lora"]))], **common, **lightning),
+         lightning_diffusers, lightning_teardown, ""),
+        ("portrait stack: refiner + 2 CN + IP + FaceID", n,
+         lambda: gen.generate(PROMPT, steps=n, refiner_switch=0.8, conditions=stack, **common),
+         stack_diffusers, cn2.unload_ip_adapter, "diffusers side without FaceID (it cannot mix image and embedding IP inputs)"),
+    ]  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+
+    import sdxl_control
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        setup = build(args, Path(tmp))
+        rows = []
+        for name, steps, ours, theirs, teardown, note in scenarios(setup):
+            if args.only and not any(o.lower() in name.lower() for o in args.only):
+                continue
+            ours_s, ours_peak = _timed(ours, args.repeats, setup.device)
+            row = Row(
+                name, steps, round(ours_s, 4), round(steps / ours_s, 2), ours_peak and round(ours_peak, 2), note=note
+            )
+            # The UNet runs twice per step with guidance (batched); Lightning runs once.
+            forwards = steps * (0.5 if "Lightning" in name else 1.0)
+            row.unet_mfu = (
+                round(setup.unet_tflop_per_step * forwards / ours_s / setup.peak_tflops, 3)
+                if setup.device.type == "cuda"
+                else None
+            )
+            if theirs is not None and not args.ours_only:
+                try:
+                    d_s, d_peak = _timed(theirs, args.repeats, setup.device)
+                    row.diffusers_s, row.diffusers_peak_gib = round(d_s, 4), d_peak and round(d_peak, 2)
+                    row.ratio = round(ours_s / d_s, 3)
+                finally:
+                    if teardown is not None:
+                        teardown()
+            rows.append(row)
+            print(f"{name}: ours {row.ours_s}s, diffusers {row.diffusers_s}s", flush=True)  # noqa: T201
+    return {
+        "device": torch.cuda.get_device_name() if setup.device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "sdxl_control": sdxl_control.__version__,
+        "dtype": args.dtype, "size": args.size, "tiny": args.tiny, "repeats": args.repeats,
+        "unet_tflop_per_step_cfg": round(setup.unet_tflop_per_step, 3), "peak_tflops": args.peak_tflops,
+        "rows": [asdict(r) for r in rows],
+    }  # fmt: skip
+
+
+def markdown(result: dict[str, Any]) -> str:
+    head = (f"Device: {result['device']} · torch {result['torch']} · diffusers {result['diffusers']} · "
+            f"{result['dtype']} · {result['size']}² · median of {result['repeats']} after warm-up"
+            f"{' · TINY smoke models' if result['tiny'] else ''}\n\n"
+            f"UNet forward (CFG batch 2): {result['unet_tflop_per_step_cfg']} TFLOP; MFU against {result['peak_tflops']} TFLOP/s.\n\n")  # fmt: skip
+    lines = ["| scenario | steps | ours (s) | diffusers (s) | ours/diffusers | ours it/s | peak GiB ours / diffusers | UNet MFU | note |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['scenario']} | {r['steps']} | {r['ours_s']} | {r['diffusers_s']} | {r['ratio']} | {r['ours_it_s']} | "
+                     f"{r['ours_peak_gib']} / {r['diffusers_peak_gib']} | {r['unet_mfu']} | {r['note']} |")  # fmt: skip
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="tiny random models: a CPU smoke run of the same code")
+    parser.add_argument("--only", nargs="*", help="run the scenarios whose names contain these words")
+    parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense fp16/bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--workdir", default=None, help="where the random checkpoint files are written")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder for <name>.json and <name>.md")
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args(argv)
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = args.name or ("smoke" if args.tiny else f"{result['device'].replace(' ', '_')}_{args.dtype}_{args.size}")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown(result))
+    print(markdown(result))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

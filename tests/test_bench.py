@@ -1,0 +1,29 @@
+"""The GPU benchmark's code runs end to end on tiny models (a smoke run; no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
+
+
+def test_benchmark_smoke_run_writes_its_table(tmp_path, tiny, monkeypatch):
+    spec = importlib.util.spec_from_file_location("sdxl_control_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    args = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--repeats", "1", "--size", "64",
+            "--out", str(tmp_path), "--name", "smoke", "--workdir", str(tmp_path)]  # fmt: skip
+    assert bench.main(args) == 0
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    names = [row["scenario"] for row in result["rows"]]
+    assert len(names) == 8 and names[0] == "base" and names[-1].startswith("portrait stack")
+    for row in result["rows"]:
+        assert row["ours_s"] > 0 and row["diffusers_s"] > 0 and row["ratio"] > 0
+    assert result["unet_tflop_per_step_cfg"] >= 0 and result["tiny"] is True
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| + 2 ControlNets | 2 |" in table and "TINY smoke models" in table
