@@ -56,7 +56,7 @@ def _window(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"window must look like 0:0.7, got {text!r}") from None
 
 
-def _add_control_options(parser: argparse.ArgumentParser) -> None:
+def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ControlNets (several may be combined)")
     for name, control in CONTROLS.items():
         group.add_argument(f"--{name}", metavar="PHOTO", help=f"guide by the {control.preprocessor} map of this photo")
@@ -70,6 +70,17 @@ def _add_control_options(parser: argparse.ArgumentParser) -> None:
                        "it takes --union-scale and --union-window")  # fmt: skip
     group.add_argument("--union-scale", type=float, default=1.0, metavar="S")
     group.add_argument("--union-window", type=_window, default=(0.0, 1.0), metavar="START:END")
+    refs = parser.add_argument_group("reference images and identity")
+    refs.add_argument("--style", metavar="IMG", action="append", default=[], help="style reference (InstantStyle)")
+    refs.add_argument("--style-scale", type=float, default=0.8, metavar="S")
+    refs.add_argument("--reference", metavar="IMG", action="append", default=[], help="IP-Adapter reference image")
+    refs.add_argument("--reference-variant", default="plus", help="sdxl, vit-h, plus, plus-face (default plus)")
+    refs.add_argument("--reference-scale", type=float, default=0.6, metavar="S")
+    refs.add_argument("--reference-layers", default="all", help="all, style, composition, style+composition")
+    refs.add_argument("--face", metavar="IMG", action="append", default=[], help="photo of the person (FaceID)")
+    refs.add_argument("--face-variant", default="plusv2", help="faceid or plusv2 (default)")
+    refs.add_argument("--face-scale", type=float, default=0.8, metavar="S")
+    refs.add_argument("--face-pack", default="buffalo_l", help="insightface model pack name or folder")
 
 
 def _control_conditions(args: argparse.Namespace) -> list[Any]:
@@ -112,6 +123,33 @@ def _control_conditions(args: argparse.Namespace) -> list[Any]:
     return conditions
 
 
+def _reference_conditions(args: argparse.Namespace) -> list[Any]:
+    from .adapters.faceid import FaceID
+    from .adapters.ip_adapter import IPAdapter
+
+    source: dict[str, str] = {}
+    faceid_source: dict[str, str] = {}
+    if args.tiny:
+        from .testing import tiny_control_models
+
+        if args.style or args.reference or args.face:
+            source = {"source": str(tiny_control_models("ip-adapter"))}
+        if args.face:
+            encoder = str(Path(source["source"]) / "models" / "image_encoder")
+            faceid_source = {"source": str(tiny_control_models("ip-adapter-faceid")), "image_encoder": encoder}
+    conditions: list[Any] = []
+    if args.style:
+        conditions.append(IPAdapter.style(args.style, scale=args.style_scale, **source))
+    if args.reference:
+        conditions.append(IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale,
+                                    layers=args.reference_layers, **source))  # fmt: skip
+    if args.face:
+        conditions.append(
+            FaceID(args.face_variant, args.face, scale=args.face_scale, face_pack=args.face_pack, **faceid_source)
+        )
+    return conditions
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdxl-control", description="Controllable SDXL generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--variant", help="weights variant to load, e.g. fp16")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_control_options(gen)
+    _add_condition_options(gen)
     return parser
 
 
@@ -191,7 +229,10 @@ def _lora(text: str) -> Any:
 def _generate(args: argparse.Namespace) -> int:
     options = _request_options(args)
     preset = load_preset(args.preset) if args.preset else None
-    conditions = [*(preset.conditions() if preset else []), *map(_lora, args.lora), *_control_conditions(args)]
+    conditions = [
+        *(preset.conditions() if preset else []), *map(_lora, args.lora), *_control_conditions(args),
+        *_reference_conditions(args),
+    ]  # fmt: skip
     if conditions:
         options["conditions"] = tuple(conditions)
     recipe = read_recipe(args.recipe) if args.recipe else None

@@ -110,3 +110,27 @@ def test_loras_from_the_cli_and_their_recipe(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "x", "--tiny", "--preset", "lightning-4step", "-q", "-o", str(tmp_path / "d.png")]) == 2
     assert "hf download ByteDance/SDXL-Lightning sdxl_lightning_4step_lora.safetensors" in capsys.readouterr().err
+
+
+def test_style_reference_and_face_from_the_cli(tiny, tmp_path, shared_dir):
+    import shutil
+
+    from sdxl_control.testing.faces import write_tiny_recognition_onnx
+
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / "det.onnx")
+    write_tiny_recognition_onnx(pack / "rec.onnx")
+    out, again = tmp_path / "refs.png", tmp_path / "again.png"
+    face = str(shared_dir / "images" / "obama.jpg")
+    args = ["generate", "a portrait", "--tiny", "--steps", "3", "--seed", "2", "-q", "--style", face, "--reference", face,
+            "--reference-layers", "composition", "--face", face, "--face-pack", str(pack), "--face-variant", "faceid"]  # fmt: skip
+    assert main([*args, "-o", str(out)]) == 0
+    kinds = [(c["kind"], c.get("layers"), c.get("variant")) for c in read_recipe(out)["conditions"]]
+    assert kinds == [
+        ("ip-adapter", "style", "sdxl"),
+        ("ip-adapter", "composition", "plus"),
+        ("faceid", "all", "faceid"),
+    ]
+    assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))

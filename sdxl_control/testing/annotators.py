@@ -86,7 +86,7 @@ def tiny_control_models(kind: str, seed: int = 0) -> Path:
     ``openpose``, written next to the tiny pipelines on first use."""
     base = tiny_models(seed).base
     target = base.parent / kind
-    if (target / "config.json").exists() or (target / "body_pose_model.pth").exists():
+    if target.exists():
         return target
     controlnets = {"controlnet-edges": 11, "controlnet-depth": 12, "controlnet-pose": 13, "controlnet-union": 14}
     if kind in controlnets:
@@ -95,4 +95,12 @@ def tiny_control_models(kind: str, seed: int = 0) -> Path:
         return write_tiny_depth_estimator(target, seed)
     if kind == "openpose":
         return write_random_openpose(target, seed)
+    if kind in ("ip-adapter", "ip-adapter-faceid"):
+        from .ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
+
+        writer = write_tiny_ip_adapter_repo if kind == "ip-adapter" else write_tiny_faceid_repo
+        staging = target.with_name(f".{kind}-building")
+        writer(staging, base, seed)
+        staging.rename(target)
+        return target
     raise ValueError(f"no tiny model called {kind!r}")
