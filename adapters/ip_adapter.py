@@ -259,7 +259,6 @@ class LoadedAdapter:
 
     projection: Any
     weights: Mapping[str, torch.Tensor]
-    image_proj: Mapping[str, torch.Tensor]
 
 
 # Per UNet (weakly: a dropped model frees its adapters), the last few checkpoints placed for it.
@@ -278,7 +277,7 @@ def load_adapter(weights_file: Path, unet: Any, ctx: PrepareContext) -> LoadedAd
         weights = {k: v.to(ctx.device, ctx.dtype) for k, v in parts["ip_adapter"].items()}
         while len(loaded) >= 4:
             loaded.pop(next(iter(loaded)))
-        loaded[key] = LoadedAdapter(projection, weights, parts["image_proj"])
+        loaded[key] = LoadedAdapter(projection, weights)
     return loaded[key]
 
 
