@@ -150,16 +150,13 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
         tiny = tiny_models(seed=0, root=work / "tiny")
         gen = Generator.from_pretrained(tiny.base, tiny.refiner, device=device, dtype=dtype)
         controlnets = [write_tiny_controlnet(work / f"cn{i}", tiny.base, seed=i) for i in range(2)]
-        vit_h = {"hidden_size": 32, "projection_dim": 16, **TINY_VISION}
-        ip = write_ip_adapter_repo(
-            work / "ip",
-            gen.base.unet,
-            encoders={"models/image_encoder": vit_h},
-            resampler=(32, 1),
-            files=("plus-face",),
+        # (ViT-H vision config, Resampler (width, heads), FaceID LoRA rank, Lightning-like LoRA rank)
+        vit_h, resampler, faceid_rank, lora_rank = (
+            {"hidden_size": 32, "projection_dim": 16, **TINY_VISION},
+            (32, 1),
+            4,
+            4,
         )
-        faceid = write_faceid_repo(work / "faceid", gen.base.unet, clip_hidden=32, rank=4, plus=False)
-        lora = _lightning_like_lora(gen.base.unet, work / "lightning.safetensors", rank=4)
     else:
         for name, pad in (("t1", "<|endoftext|>"), ("t2", "!")):
             _write_tokenizer(work / name, pad).save_pretrained(work / name)
@@ -167,20 +164,18 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
         controlnets = []
         for i in range(2):
             with torch.device(device):
-                ControlNetModel.from_unet(gen.base.unet, load_weights_from_unet=False).to(dtype).save_pretrained(
-                    work / f"cn{i}"
-                )
+                controlnet = ControlNetModel.from_unet(gen.base.unet, load_weights_from_unet=False)
+            controlnet.to(dtype).save_pretrained(work / f"cn{i}")
             controlnets.append(work / f"cn{i}")
+        # The published sizes: ViT-H/14, the plus Resampler at 1280 wide with 20 heads, FaceID LoRA rank 128.
         vit_h = json.loads((HERE / "configs" / "image_encoder_vit_h.json").read_text())
-        ip = write_ip_adapter_repo(
-            work / "ip",
-            gen.base.unet,
-            encoders={"models/image_encoder": vit_h},
-            resampler=(1280, 20),
-            files=("plus-face",),
-        )
-        faceid = write_faceid_repo(work / "faceid", gen.base.unet, clip_hidden=1280, rank=128, plus=False)
-        lora = _lightning_like_lora(gen.base.unet, work / "lightning.safetensors", rank=64)
+        resampler, faceid_rank, lora_rank = (1280, 20), 128, 64
+    unet = gen.base.unet
+    ip = write_ip_adapter_repo(
+        work / "ip", unet, encoders={"models/image_encoder": vit_h}, resampler=resampler, files=("plus-face",)
+    )
+    faceid = write_faceid_repo(work / "faceid", unet, clip_hidden=vit_h["hidden_size"], rank=faceid_rank, plus=False)
+    lora = _lightning_like_lora(unet, work / "lightning.safetensors", rank=lora_rank)
     save_face(work / "face.safetensors", torch.nn.functional.normalize(torch.randn(1, 512), dim=-1))
     base, refiner = gen.base, gen.refiner
     assert refiner is not None
