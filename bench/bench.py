@@ -252,8 +252,6 @@ def scenarios(
         p.set_progress_bar_config(disable=True)
     ip_condition = IPAdapter("plus-face", s.reference, source=str(s.files["ip"]))
     face_condition = FaceID("faceid", embeddings=str(s.files["face"]), source=str(s.files["faceid"]))
-    id_embeds = torch.load  # placeholder replaced below to keep the closure readable
-    del id_embeds
     from safetensors.torch import load_file
 
     ids = load_file(str(s.files["face"]))["id_embeds"][None]
@@ -277,14 +275,15 @@ def scenarios(
                           weight_name=weight, image_encoder_folder=encoder)  # fmt: skip
 
     lightning = load_preset("lightning-4step").settings
+    saved_scheduler: list[Any] = []
 
     def lightning_diffusers() -> Any:
         if "lightning" not in pipe.get_active_adapters():
-            pipe.load_lora_weights(str(s.files["lora"]), adapter_name="lightning")
-            pipe.fuse_lora()
-            pipe.extra_lightning = pipe.scheduler
             from diffusers import EulerDiscreteScheduler
 
+            pipe.load_lora_weights(str(s.files["lora"]), adapter_name="lightning")
+            pipe.fuse_lora()
+            saved_scheduler.append(pipe.scheduler)
             pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
         return pipe(
             PROMPT, height=size, width=size, num_inference_steps=4, guidance_scale=0.0, generator=_diffusers_generator()
@@ -293,7 +292,7 @@ def scenarios(
     def lightning_teardown() -> None:
         pipe.unfuse_lora()
         pipe.unload_lora_weights()
-        pipe.scheduler = pipe.extra_lightning
+        pipe.scheduler = saved_scheduler.pop()
 
     def ip_diffusers() -> Any:
         if getattr(pipe.unet, "encoder_hid_proj", None) is None:
