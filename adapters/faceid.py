@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..conditions import Condition, PrepareContext, Prepared, Stage
-from ..errors import ConditionError, MissingWeightsError
-from ..models import check_safetensors, resolve_source
+from ..errors import ConditionError
+from ..models import check_safetensors, resolve_in, resolve_source
 from ..preprocessors.face import DEFAULT_PACK, FaceAnalyzer, FaceInfo
 from .ip_adapter import REPO as IP_ADAPTER_REPO
 from .ip_adapter import VARIANTS as IP_VARIANTS
@@ -131,18 +131,14 @@ class FaceID(Condition):
 
     def _weights_file(self) -> Path:
         if self.variant in FACEID_VARIANTS:
-            name = FACEID_VARIANTS[self.variant]
-            path = resolve_source(self.source, allow=[name]) / name
-            if not path.exists():
-                raise MissingWeightsError(f"{self.source} has no {name}")
-            return path
-        return resolve_source(self.variant, allow=["*.bin", "*.safetensors"])
+            return resolve_in(self.source, FACEID_VARIANTS[self.variant])
+        # read_weights loads .bin files with weights_only=True
+        return resolve_source(self.variant, allow=["*.bin", "*.safetensors"], allow_pickle=True)
 
     def _encoder(self) -> Path:
         if self.image_encoder:
             return Path(self.image_encoder)
-        folder = IP_VARIANTS["plus"].encoder
-        return resolve_source(IP_ADAPTER_REPO, allow=[f"{folder}/*"]) / folder
+        return resolve_in(IP_ADAPTER_REPO, IP_VARIANTS["plus"].encoder)
 
     def _inputs(self, ctx: PrepareContext) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         if self.embeddings is not None:

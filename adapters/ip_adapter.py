@@ -27,7 +27,7 @@ from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
-from ..models import check_safetensors, read_safetensors, resolve_source
+from ..models import check_safetensors, read_safetensors, resolve_in, resolve_source
 from ..preprocessors import load_image
 from ..weights import WeightPatch
 
@@ -325,11 +325,8 @@ class IPAdapter(Condition):
     def _files(self) -> tuple[Path, Path | None, bool]:
         if self.variant in VARIANTS:
             v = VARIANTS[self.variant]
-            root = resolve_source(self.source, allow=[v.weights, f"{v.encoder}/*"])
-            encoder = Path(self.image_encoder) if self.image_encoder else root / v.encoder
-            weights = root / v.weights
-            if not weights.exists():
-                raise MissingWeightsError(f"{self.source} has no {v.weights}")
+            weights = resolve_in(self.source, v.weights)
+            encoder = Path(self.image_encoder) if self.image_encoder else resolve_in(self.source, v.encoder)
             return weights, encoder, v.uses_hidden_states
         weights = resolve_source(self.variant, allow=["*.safetensors"])
         return (

@@ -22,7 +22,7 @@ import torch
 
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
-from ..models import read_safetensors, resolve_source
+from ..models import read_safetensors, resolve_in, resolve_source
 from ..weights import WeightPatch
 
 __all__ = ["LoRA", "lora_deltas"]
@@ -167,7 +167,7 @@ class LoRA(Condition):
             if path.is_dir():
                 raise ConditionError(f"{self.source} is a folder: pass weight_name= the LoRA file in it")
             return path
-        return resolve_source(self.source, allow=[self.weight_name]) / self.weight_name
+        return resolve_in(self.source, self.weight_name)
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
         path = self.file()

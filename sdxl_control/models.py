@@ -27,6 +27,7 @@ __all__ = [
     "StageModels",
     "load_stage",
     "resolve_source",
+    "resolve_in",
     "resolve_hub",
     "check_safetensors",
     "read_safetensors",
@@ -177,20 +178,34 @@ def resolve_source(
     ignore: list[str] | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """An existing local file or folder as is; otherwise a hub id resolved through the HF cache.
 
-    Pickle files are refused here, so no loader downstream ever unpickles.
+    Pickle files are refused here unless the caller passes ``allow_pickle`` because it reads them with
+    ``torch.load(weights_only=True)`` (the published FaceID files are pickles).
     """
     text = str(source)
     path = Path(text).expanduser()
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise _refuse_pickle(path)
     if path.exists():
         return path
     if _looks_like_path(text):
         raise ModelNotFoundError(f"no model at {path}: no such file or folder")
     return resolve_hub(text, allow=allow, ignore=ignore, revision=revision, cache_dir=cache_dir)
+
+
+def resolve_in(
+    source: str | os.PathLike[str], relative: str, *, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """A file or folder at ``relative`` inside ``source`` (a local folder or a hub repo, through the HF cache)."""
+    # A file is fetched by its exact name (and the fetch hint names it); a folder by everything under it.
+    allow = [relative] if Path(relative).suffix else [f"{relative}/*"]
+    path = resolve_source(source, allow=allow, cache_dir=cache_dir) / relative
+    if not path.exists():
+        raise MissingWeightsError(f"{source} has no {relative}")
+    return path
 
 
 def _looks_like_path(text: str) -> bool:
@@ -466,8 +481,7 @@ def _load_unet_weights(
     from safetensors.torch import load_file
 
     if isinstance(unet, tuple):
-        repo, name = unet
-        file = resolve_source(repo, allow=[name], cache_dir=cache_dir) / name
+        file = resolve_in(unet[0], unet[1], cache_dir=cache_dir)
     else:
         file = resolve_source(unet, allow=["*.safetensors"], cache_dir=cache_dir)
     if file.suffix != ".safetensors" or not file.is_file():

@@ -116,3 +116,13 @@ def test_saved_face_embeddings(generator, repos, faces, tmp_path):
 def test_faceid_needs_faces_or_embeddings():
     with pytest.raises(ConditionError, match="one of the two"):
         FaceID("faceid")
+
+
+def test_faceid_file_given_by_path(generator, repos, faces):
+    """A local FaceID .bin loads like the published variant (read with weights_only=True, not refused as a pickle)."""
+    faceid, _ = repos
+    by_variant = generator.generate(PROMPT, conditions=[FaceID("faceid", faces[0], source=str(faceid))], **RUN)
+    by_path = generator.generate(
+        PROMPT, conditions=[FaceID(str(faceid / "ip-adapter-faceid_sdxl.bin"), faces[0])], **RUN
+    )
+    assert torch.equal(by_path.latents, by_variant.latents)
