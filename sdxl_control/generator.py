@@ -165,7 +165,6 @@ class Generator:
         return self.run(GenerationRequest(prompt, **options), progress=progress, progress_bar=progress_bar)
 
     def _plans(self, request: GenerationRequest) -> list[_StagePlan]:
-        device = self.base.device
         base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler, request.scheduler_options)
         refiner_scheduler = None
         if request.refiner_switch is not None:
@@ -175,7 +174,7 @@ class Generator:
                 self.refiner.scheduler_config, request.scheduler, request.scheduler_options
             )
         base_schedule, refiner_schedule = split_schedule(
-            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, device, request.timesteps
+            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps
         )
         plans = [_StagePlan(self.base, base_schedule)]
         if refiner_schedule is not None:

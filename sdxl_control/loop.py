@@ -81,17 +81,19 @@ def denoise(
     added = {"text_embeds": inputs.pooled, "time_ids": inputs.time_ids}
     step_kwargs = _step_kwargs(scheduler, generators)
     steps = len(schedule.timesteps)
+    # The UNet gets device timesteps, copied once; the scheduler keeps stepping with the host ones.
+    unet_timesteps = schedule.timesteps.to(inputs.hidden.device, non_blocking=True)
     with (
         attached(inputs.conditions, unet, inputs.stage) as live,
         tqdm(total=steps, desc=inputs.stage.label, disable=not progress_bar, leave=False) as bar,
     ):
-        for k, t in enumerate(schedule.timesteps):
+        for k, (t, unet_t) in enumerate(zip(schedule.timesteps, unet_timesteps, strict=True)):
             index = schedule.first_index + k
             sample = latents if copies == 1 else torch.cat([latents] * copies)
             sample = scheduler.scale_model_input(sample, t)
             residuals: Residuals | None = None
             if live:
-                info = StepInfo(index, schedule.total, t, inputs.stage, sample, inputs.hidden, added, copies > 1)
+                info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, inputs.hidden, added, copies > 1)
                 for condition, attachment in live:
                     active = condition.scale != 0 and condition.window.contains(index, schedule.total)
                     extra = attachment.contribute(info, active)
@@ -99,7 +101,7 @@ def denoise(
                         residuals = extra if residuals is None else residuals + extra
             prediction = unet(
                 sample,
-                t,
+                unet_t,
                 encoder_hidden_states=inputs.hidden,
                 added_cond_kwargs=added,
                 down_block_additional_residuals=None if residuals is None else list(residuals.down),

@@ -53,8 +53,12 @@ def make_scheduler(model_config: Any, name: str | None = None, overrides: Mappin
 class StageSchedule:
     """The timesteps one stage runs, where they sit in the whole schedule, and its scheduler (already set).
 
+    Schedulers are set up on the host and ``timesteps`` stay there: the scheduler only looks values up with them, and
+    the loop hands the UNet one device copy, so no step ever reads a device tensor back (each read would stall the
+    host until the device's queue drains).
+
     Example:
-        >>> base, refiner = split_schedule(make_scheduler(cfg), make_scheduler(cfg), 30, 0.8, device)  # doctest: +SKIP
+        >>> base, refiner = split_schedule(make_scheduler(cfg), make_scheduler(cfg), 30, 0.8)  # doctest: +SKIP
         >>> len(base.timesteps), refiner.first_index                                                 # doctest: +SKIP
         (24, 24)
     """
@@ -65,11 +69,11 @@ class StageSchedule:
     total: int
 
 
-def _set(scheduler: Any, steps: int, device: torch.device, timesteps: tuple[int, ...] | None) -> torch.Tensor:
+def _set(scheduler: Any, steps: int, timesteps: tuple[int, ...] | None) -> torch.Tensor:
     if timesteps is not None:
-        scheduler.set_timesteps(device=device, timesteps=list(timesteps))
+        scheduler.set_timesteps(device="cpu", timesteps=list(timesteps))
     else:
-        scheduler.set_timesteps(steps, device=device)
+        scheduler.set_timesteps(steps, device="cpu")
     return scheduler.timesteps
 
 
@@ -78,7 +82,6 @@ def split_schedule(
     refiner_scheduler: Any | None,
     steps: int,
     switch: float | None,
-    device: torch.device,
     timesteps: tuple[int, ...] | None = None,
 ) -> tuple[StageSchedule, StageSchedule | None]:
     """Split one ``steps``-long schedule at fraction ``switch`` exactly as diffusers' denoising_end/start do.
@@ -86,15 +89,18 @@ def split_schedule(
     ``timesteps`` gives an explicit schedule instead of ``steps``. The base keeps timesteps ``>= cutoff`` and the refiner, with a scheduler of its own set to the same schedule,
     takes those ``< cutoff`` (one more for second-order schedulers, so no step is cut between its two halves).
     """
-    all_base = _set(base_scheduler, steps, device, timesteps)
+    all_base = _set(base_scheduler, steps, timesteps)
+    # A known first index spares the scheduler its search for the first timestep.
+    if hasattr(base_scheduler, "set_begin_index"):
+        base_scheduler.set_begin_index(0)
     if refiner_scheduler is None or switch is None:
         return StageSchedule(base_scheduler, all_base, 0, len(all_base)), None
     train_steps = base_scheduler.config.num_train_timesteps
     cutoff = int(round(train_steps - switch * train_steps))
-    n_base = int((all_base >= cutoff).sum().item())
+    n_base = int((all_base >= cutoff).sum())
 
-    all_refiner = _set(refiner_scheduler, steps, device, timesteps)
-    n_refiner = int((all_refiner < cutoff).sum().item())
+    all_refiner = _set(refiner_scheduler, steps, timesteps)
+    n_refiner = int((all_refiner < cutoff).sum())
     if refiner_scheduler.order == 2 and n_refiner % 2 == 0:
         n_refiner += 1
     if n_base == 0 or n_refiner == 0:

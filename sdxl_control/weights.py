@@ -1,9 +1,11 @@
-"""Weight patches that undo exactly, in any order.
+"""Weight patches that undo exactly, in any order, in place.
 
-Each patched weight keeps its original Parameter and the deltas currently applied to it; every change recomputes
-``original + sum(deltas)`` from the original, and when the last delta is removed the original Parameter object goes
-back. So weights are bit-identical afterwards whatever order patches come and go in (a LoRA fused at its window's
-first step after another condition's patch, say), and no drift accumulates.
+Each patched weight keeps a copy of its original values and the deltas currently applied to it; every change
+rewrites ``original + sum(deltas)`` into the same Parameter's storage, and when the last delta is removed the original
+values are copied back. So weights are bit-identical afterwards whatever order patches come and go in (a LoRA fused
+at its window's first step after another condition's patch, say), no drift accumulates, and the parameters never
+change identity or address: compiled graphs, CUDA graphs and views of fused weights (see :mod:`sdxl_control.fast`)
+stay valid while patches come and go.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ __all__ = ["WeightPatch"]
 
 
 class _Slot:
-    def __init__(self, original: torch.nn.Parameter) -> None:
-        self.original = original
+    def __init__(self, parameter: torch.nn.Parameter) -> None:
+        self.parameter = parameter
+        self.saved = parameter.detach().clone()
         self.deltas: dict[int, torch.Tensor] = {}  # patch id -> delta, in insertion order
 
 
@@ -27,14 +30,12 @@ _SLOTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Slot]] = weakref.W
 
 
 def _refresh(owner: torch.nn.Module, attr: str, slot: _Slot) -> None:
-    if not slot.deltas:
-        setattr(owner, attr, slot.original)
-        del _SLOTS[owner][attr]
-        return
-    value = slot.original.detach().clone()
+    target = slot.parameter.data
+    target.copy_(slot.saved)
     for delta in slot.deltas.values():
-        value += delta
-    setattr(owner, attr, torch.nn.Parameter(value, requires_grad=False))
+        target += delta
+    if not slot.deltas:
+        del _SLOTS[owner][attr]
 
 
 class WeightPatch:
@@ -53,12 +54,12 @@ class WeightPatch:
                 owner = model.get_submodule(owner_name)
                 slots = _SLOTS.setdefault(owner, {})
                 slot = slots.get(attr) or _Slot(getattr(owner, attr))
-                if slot.original.shape != delta.shape:
+                if slot.parameter.shape != delta.shape:
                     raise ValueError(
-                        f"{name}: patch of shape {tuple(delta.shape)} for a weight of {tuple(slot.original.shape)}"
+                        f"{name}: patch of shape {tuple(delta.shape)} for a weight of {tuple(slot.parameter.shape)}"
                     )
                 slots[attr] = slot
-                slot.deltas[id(self)] = delta.to(slot.original.device, slot.original.dtype)
+                slot.deltas[id(self)] = delta.to(slot.parameter.device, slot.parameter.dtype)
                 self._targets.append((owner, attr))
                 _refresh(owner, attr, slot)
         except BaseException:

@@ -21,7 +21,11 @@ def test_any_restore_order_is_exact(order):
         {"0.weight": torch.randn(4, 4, generator=g), "1.bias": torch.randn(2, generator=g)},
         {"1.weight": torch.randn(2, 4, generator=g)},
     ]
+    addresses = [p.data_ptr() for p in original]
     patches = [WeightPatch(model, d) for d in deltas]
+    # In place: same objects at the same addresses while patched (compiled and CUDA graphs stay valid).
+    assert [p for p in model.parameters()] == original
+    assert [p.data_ptr() for p in model.parameters()] == addresses
     torch.testing.assert_close(model[0].weight, values[0] + deltas[0]["0.weight"] + deltas[1]["0.weight"])
     for i in order:
         patches[i].restore()

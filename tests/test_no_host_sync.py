@@ -1,0 +1,111 @@
+"""No step reads a device tensor back to the host.
+
+A read (``.item()``, ``bool()``, ``.tolist()``, a copy to the CPU) makes the host wait until the device has run
+everything queued, so the next step's kernels are not queued while the device works: on a GPU that idles it between
+steps and rules out CUDA graphs. Meta tensors have no data, so every such read raises: a whole call runs on the meta
+device — prompts, condition preparation, both stages with windows starting and ending mid-schedule, detach — up to the
+VAE decode, whose PNG output has to come to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdxl_control.generator as generator_module
+from sdxl_control import Attachment, Condition, GenerationRequest, Generator, Prepared, Stage
+from sdxl_control.adapters.controlnet import ControlNet
+from sdxl_control.adapters.faceid import FaceID
+from sdxl_control.adapters.ip_adapter import IPAdapter
+from sdxl_control.adapters.lora import LoRA
+from sdxl_control.testing import write_tiny_controlnet
+from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
+from sdxl_control.testing.lora import write_tiny_lora
+
+from .test_faceid import fake_face
+
+
+class _ReachedDecode(Exception):
+    pass
+
+
+def _stop_at_decode(vae, latents):
+    raise _ReachedDecode(latents)
+
+
+@pytest.fixture(scope="module")
+def meta_generator(tiny) -> Generator:
+    return Generator.from_pretrained(tiny.base, tiny.refiner, device="meta")
+
+
+@pytest.fixture(scope="module")
+def stacked(tiny, tmp_path_factory) -> tuple[Condition, ...]:
+    folder = tmp_path_factory.mktemp("meta")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    return (
+        LoRA(str(write_tiny_lora(folder / "lora.safetensors", tiny.base, "kohya", seed=7)), window=(0.25, 0.75)),
+        ControlNet(str(write_tiny_controlnet(folder / "cn", tiny.base, seed=3)), image=photo, window=(0.0, 0.5)),
+        IPAdapter("plus", photo, source=str(write_tiny_ip_adapter_repo(folder / "ip", tiny.base)), window=(0.5, 1.0)),
+        FaceID("faceid", fake_face(3), source=str(write_tiny_faceid_repo(folder / "faceid", tiny.base))),
+    )
+
+
+def _run_on_meta(generator: Generator, monkeypatch: pytest.MonkeyPatch, **options) -> torch.Tensor:
+    monkeypatch.setattr(generator_module, "decode_latents", _stop_at_decode)
+    seen: list[float] = []
+    request = GenerationRequest("a portrait", size=(64, 64), seed=1, **options)
+    with pytest.raises(_ReachedDecode) as reached:
+        generator.run(request, progress=lambda e: seen.append(e.timestep), progress_bar=False)
+    assert len(seen) >= request.steps  # progress reports host numbers (second-order samplers: two per step)
+    latents = reached.value.args[0]
+    assert latents.device.type == "meta"
+    return latents
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "heun", "dpmpp_2m", "unipc", "ddim", "lcm"])
+def test_two_stage_call_with_stacked_conditions_never_reads_the_device(meta_generator, stacked, monkeypatch, scheduler):
+    latents = _run_on_meta(
+        meta_generator, monkeypatch, steps=4, refiner_switch=0.5, scheduler=scheduler, conditions=stacked
+    )
+    assert latents.shape == (1, 4, 8, 8)
+
+
+def test_draft_with_explicit_timesteps_never_reads_the_device(meta_generator, monkeypatch):
+    _run_on_meta(meta_generator, monkeypatch, timesteps=(999, 749, 499, 249), guidance=0.0, scheduler="euler_trailing")
+
+
+@dataclass(frozen=True)
+class _HostReader(Condition):
+    """Reads the sample back every step: what this test exists to catch."""
+
+    kind = "host-reader"
+    supported_stages = Stage.BOTH
+
+    def prepare(self, ctx):
+        return _HostReaderPrepared()
+
+
+class _HostReaderPrepared(Prepared):
+    def attach(self, unet, stage):
+        return _HostReaderAttachment()
+
+
+class _HostReaderAttachment(Attachment):
+    def contribute(self, step, active):
+        if float(step.sample.mean()) > 1e9:
+            raise AssertionError("unreachable")
+        return None
+
+    def detach(self):
+        pass
+
+
+def test_a_condition_that_reads_the_device_is_caught(meta_generator, monkeypatch):
+    monkeypatch.setattr(generator_module, "decode_latents", _stop_at_decode)
+    with pytest.raises(RuntimeError, match="meta"):
+        meta_generator.generate("x", size=(64, 64), steps=2, conditions=(_HostReader(),), progress_bar=False)
+
