@@ -18,6 +18,7 @@ from .errors import (
     ModelNotFoundError,
     SdxlControlError,
 )
+from .fast import FastPath
 from .generator import GenerationRequest, Generator
 from .loop import ProgressEvent
 from .recipe import RecipeImage, Result, read_recipe
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "Generator",
     "GenerationRequest",
+    "FastPath",
     "Result",
     "RecipeImage",
     "read_recipe",

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import __version__
 from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
 from .errors import InvalidRequestError
+from .fast import FastPath, FastPathHandle, apply_fast_path
 from .guidance import guidance_for
 from .loop import ProgressCallback, StageInputs, denoise
 from .models import DEFAULT_BASE, StageModels, load_stage
@@ -135,6 +136,25 @@ class Generator:
     def __init__(self, base: StageModels, refiner: StageModels | None = None) -> None:
         self.base = base
         self.refiner = refiner
+        self._fast: FastPathHandle | None = None
+
+    @property
+    def fast_path(self) -> FastPath | None:
+        """The speed settings in force (see :meth:`set_fast_path`)."""
+        return None if self._fast is None else self._fast.fast
+
+    def set_fast_path(self, fast: FastPath | None) -> None:
+        """Apply speed settings to the loaded models, replacing any in force; ``None`` returns to the plain models.
+
+        Images stay the same up to floating-point rounding. Undo (``None``) before saving or re-casting the models:
+        fused projections share one storage.
+        """
+        if self._fast is not None:
+            self._fast.undo()
+            self._fast = None
+        if fast is not None:
+            stages = [m for m in (self.base, self.refiner) if m is not None]
+            self._fast = apply_fast_path([m.unet for m in stages], [m.vae for m in stages], fast)
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,134 @@
+"""The fast path gives the plain path's images up to rounding, with every condition stacked, and undoes exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import FusedAttnProcessor2_0
+from PIL import Image
+
+from sdxl_control import FastPath, GenerationRequest, Generator
+from sdxl_control.adapters.controlnet import ControlNet
+from sdxl_control.adapters.faceid import FaceID
+from sdxl_control.adapters.ip_adapter import IPAdapter
+from sdxl_control.adapters.lora import LoRA
+from sdxl_control.testing import write_tiny_controlnet
+from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
+from sdxl_control.testing.lora import write_tiny_lora
+from sdxl_control.weights import WeightPatch
+
+from .test_faceid import fake_face
+
+# float32 on the CPU: fused products and NHWC convolutions sum in another order, nothing more.
+ROUNDING = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny) -> Generator:
+    return Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def portrait_request(tiny, tmp_path_factory) -> GenerationRequest:
+    folder = tmp_path_factory.mktemp("fast")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    conditions = (
+        LoRA(str(write_tiny_lora(folder / "lora.safetensors", tiny.base, "kohya", seed=7)), window=(0.25, 0.75)),
+        ControlNet(str(write_tiny_controlnet(folder / "cn", tiny.base, seed=3)), image=photo, window=(0.0, 0.5)),
+        IPAdapter("plus", photo, source=str(write_tiny_ip_adapter_repo(folder / "ip", tiny.base)), scale=0.6),
+        FaceID("faceid", fake_face(3), source=str(write_tiny_faceid_repo(folder / "faceid", tiny.base))),
+    )
+    return GenerationRequest("a portrait", size=(64, 64), steps=4, refiner_switch=0.5, seed=1, conditions=conditions)
+
+
+def _state(gen: Generator) -> dict[str, tuple[torch.Tensor, int, bool]]:
+    out = {}
+    for stage in ("base", "refiner"):
+        for name, p in getattr(gen, stage).unet.named_parameters():
+            out[f"{stage}.{name}"] = (p.detach().clone(), id(p), p.is_contiguous())
+    return out
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        FastPath(),
+        FastPath(channels_last=False),
+        # aot_eager traces exactly what inductor would get (fullgraph: a graph break fails) without a C++ build.
+        FastPath(compile="blocks", compile_backend="aot_eager"),
+        FastPath(compile="unet", compile_backend="aot_eager"),
+    ],
+    ids=["layout+fused", "fused", "compiled-blocks", "compiled-unet"],
+)
+def test_fast_path_equals_plain_path_with_everything_stacked(gen, portrait_request, fast):
+    plain = gen.run(portrait_request, progress_bar=False)
+    unconditioned = gen.run(GenerationRequest("a portrait", size=(64, 64), steps=4, refiner_switch=0.5, seed=1),
+                            progress_bar=False)  # fmt: skip
+    assert (plain.latents - unconditioned.latents).abs().max() > 100 * ROUNDING["atol"]  # the conditions matter
+    before = _state(gen)
+    processors = {s: dict(getattr(gen, s).unet.attn_processors) for s in ("base", "refiner")}
+    gen.set_fast_path(fast)
+    try:
+        assert gen.fast_path == fast
+        fast_result = gen.run(portrait_request, progress_bar=False)
+        again = gen.run(portrait_request, progress_bar=False)
+    finally:
+        gen.set_fast_path(None)
+    torch.testing.assert_close(fast_result.latents, plain.latents, **ROUNDING)
+    assert torch.equal(again.latents, fast_result.latents)
+    assert np.abs(np.asarray(fast_result.images[0], np.int16) - np.asarray(plain.images[0], np.int16)).max() <= 1
+    after = _state(gen)
+    assert after.keys() == before.keys()
+    for name, (value, identity, contiguous) in before.items():
+        assert torch.equal(after[name][0], value) and after[name][1:] == (identity, contiguous), name
+    for stage, saved in processors.items():
+        unet = getattr(gen, stage).unet
+        assert all(unet.attn_processors[n] is p for n, p in saved.items())
+        assert not any(hasattr(m, "to_qkv") or hasattr(m, "to_kv") for m in unet.modules())
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in unet.modules())
+
+
+def test_fused_projections_are_views_that_weight_patches_reach(gen):
+    unet = gen.base.unet
+    gen.set_fast_path(FastPath(channels_last=False))
+    try:
+        fused = [m for m in unet.modules() if hasattr(m, "to_qkv")]
+        cross = [m for m in unet.modules() if hasattr(m, "to_kv")]
+        assert fused and cross and len(fused) == len(cross)
+        assert all(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())
+        attn = fused[0]
+        rows = attn.to_q.weight.shape[0]
+        assert attn.to_q.weight.data_ptr() == attn.to_qkv.weight.data_ptr()
+        name = next(n for n, m in unet.named_modules() if m is attn)
+        delta = torch.full_like(attn.to_k.weight, 0.25)
+        before = attn.to_qkv.weight[rows : 2 * rows].clone()
+        patch = WeightPatch(unet, {f"{name}.to_k.weight": delta})
+        try:
+            torch.testing.assert_close(attn.to_qkv.weight[rows : 2 * rows], before + delta)
+        finally:
+            patch.restore()
+        assert torch.equal(attn.to_qkv.weight[rows : 2 * rows], before)
+    finally:
+        gen.set_fast_path(None)
+
+
+def test_replacing_and_failing_fast_paths_leave_nothing(gen, monkeypatch):
+    before = _state(gen)
+    gen.set_fast_path(FastPath())
+    gen.set_fast_path(FastPath(channels_last=False))  # replaces: the first is undone before the second applies
+    gen.set_fast_path(None)
+    import sdxl_control.fast as fast_module
+
+    def broken(module, fast):
+        raise RuntimeError("compiler unavailable")
+
+    monkeypatch.setattr(fast_module, "_compile", broken)
+    with pytest.raises(RuntimeError, match="compiler unavailable"):
+        gen.set_fast_path(FastPath(compile="blocks"))
+    assert gen.fast_path is None
+    after = _state(gen)
+    for name, (value, identity, contiguous) in before.items():
+        assert torch.equal(after[name][0], value) and after[name][1:] == (identity, contiguous), name
+    with pytest.raises(ValueError, match="compile must be"):
+        FastPath(compile="everything")  # type: ignore[arg-type]
