@@ -24,7 +24,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
-from ..models import check_safetensors, resolve_source
+from ..models import check_safetensors, placement, resolve_source
 from ..preprocessors import ImageInput, preprocess
 
 __all__ = ["ControlNet", "ControlNetUnion", "UNION_CONTROL_TYPES", "load_controlnet", "clear_controlnet_cache"]
@@ -77,7 +77,8 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any) -> Any:
     """
     from diffusers import ControlNetModel, ControlNetUnionModel
 
-    key = (str(source), union, str(unet.device), str(unet.dtype))
+    device, dtype = placement(unet)
+    key = (str(source), union, str(device), str(dtype))
     if key in _CACHE:
         return _CACHE[key]
     cls = ControlNetUnionModel if union else ControlNetModel
@@ -93,18 +94,18 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any) -> Any:
             raise IncompatibleModelError(f"{path} holds a {config.get('_class_name')}: use {wanted} for it")
         _check_config(config, unet, str(source))
         check_safetensors(path / "diffusion_pytorch_model.safetensors")
-        model = cls.from_pretrained(path, torch_dtype=unet.dtype, use_safetensors=True, local_files_only=True)
+        model = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
     else:
         check_safetensors(path)
         try:
-            model = cls.from_single_file(str(path), torch_dtype=unet.dtype, local_files_only=True)
+            model = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
         except Exception as exc:
             raise MissingWeightsError(
                 f"{path}: diffusers could not convert this single-file ControlNet offline ({exc}); use its diffusers "
                 "folder (config.json + diffusion_pytorch_model.safetensors) instead"
             ) from None
         _check_config(dict(model.config), unet, str(source))
-    model.to(unet.device).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     _CACHE[key] = model
     return model
 

@@ -23,7 +23,7 @@ import torch
 
 from ..conditions import Condition, PrepareContext, Prepared, Stage
 from ..errors import ConditionError
-from ..models import check_safetensors, resolve_in, resolve_source
+from ..models import check_safetensors, placement, resolve_in, resolve_source
 from ..preprocessors.face import DEFAULT_PACK, FaceAnalyzer, FaceInfo
 from .ip_adapter import REPO as IP_ADAPTER_REPO
 from .ip_adapter import VARIANTS as IP_VARIANTS
@@ -45,7 +45,7 @@ def lora_deltas(ip_weights: Mapping[str, torch.Tensor], unet: Any) -> dict[str, 
     The checkpoint numbers all attention layers in the UNet's processor order (0, 1, 2, ...).
     """
     deltas = {}
-    device = unet.device  # diffusers walks every module to answer this: ask once
+    device = placement(unet)[0]
     for index, name in enumerate(unet.attn_processors):
         module = name.removesuffix(".processor")
         for proj in _PROJECTIONS:

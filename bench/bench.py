@@ -6,7 +6,11 @@ the published layouts, loaded through the normal code paths. Each scenario is ti
 same run: median latency of ``--repeats`` runs after a warm-up, it/s, peak GPU memory, and the UNet's model-FLOP
 utilisation (UNet FLOPs counted with ``torch.utils.flop_counter`` over wall time).
 
-GPU (the device tool):   python bench/bench.py --device cuda --dtype fp16
+With ``--fast``, every scenario is run a second time with the generator's fast path (:class:`FastPath`) and its
+images are compared with the plain path's; ``--profile WORDS`` writes a kernel-level profile of the matching scenario
+for both implementations.
+
+GPU (the device tool):   bash bench/device.sh --fast blocks      (see bench/README.md)
 CPU smoke, tiny models:  python bench/bench.py --tiny --device cpu --steps 2 --repeats 1 --size 64
 Results go to ``bench/results/<name>.json`` and ``.md``.
 """
@@ -30,12 +34,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from sdxl_control import Generator  # noqa: E402
+from sdxl_control import FastPath, Generator  # noqa: E402
 from sdxl_control.adapters.controlnet import ControlNet  # noqa: E402
 from sdxl_control.adapters.faceid import FaceID, save_face  # noqa: E402
 from sdxl_control.adapters.ip_adapter import IPAdapter  # noqa: E402
 from sdxl_control.adapters.lora import LoRA  # noqa: E402
 from sdxl_control.conditions import Stage  # noqa: E402
+from sdxl_control.fast import FAST_LEVELS  # noqa: E402
 from sdxl_control.models import ModelSource, StageModels  # noqa: E402
 from sdxl_control.presets import load_preset  # noqa: E402
 from sdxl_control.testing import tiny_models, write_tiny_controlnet  # noqa: E402
@@ -58,6 +63,12 @@ class Row:
     diffusers_peak_gib: float | None = None
     ratio: float | None = None  # ours / diffusers: below 1 is faster
     unet_mfu: float | None = None
+    fast_s: float | None = None
+    fast_ratio: float | None = None  # ours with the fast path / diffusers
+    fast_peak_gib: float | None = None
+    fast_unet_mfu: float | None = None
+    fast_first_call_s: float | None = None  # includes compiling, when the fast path compiles
+    fast_max_pixel_diff: int | None = None  # against the plain path's image, 0-255
     note: str = ""
 
 
@@ -81,9 +92,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float | None]:
-    fn()  # warm-up: kernels, caches, lazy loads
+@dataclass
+class Timing:
+    median_s: float
+    peak_gib: float | None
+    first_call_s: float
+    first_result: Any
+
+
+def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> Timing:
+    start = time.perf_counter()
+    first = fn()  # warm-up: kernels, caches, lazy loads, compiling
     _sync(device)
+    first_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -93,7 +114,7 @@ def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[f
         _sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    return Timing(statistics.median(times), peak, first_s, first)
 
 
 def _full_stage(stage: Stage, device: torch.device, dtype: torch.dtype, tokenizers: Path) -> StageModels:
@@ -334,58 +355,144 @@ def scenarios(
     ]  # fmt: skip
 
 
+def _mfu(setup: Setup, name: str, steps: int, seconds: float) -> float | None:
+    if setup.device.type != "cuda":
+        return None
+    # The UNet runs on a CFG batch of 2 per step; Lightning runs unguided, batch 1.
+    forwards = steps * (0.5 if "Lightning" in name else 1.0)
+    return round(setup.unet_tflop_per_step * forwards / seconds / setup.peak_tflops, 3)
+
+
+def _pixels(result: Any) -> Any:
+    import numpy as np
+
+    image = result.images[0] if hasattr(result, "images") else result
+    return np.asarray(image, dtype=np.int16)
+
+
+def _profile(setup: Setup, name: str, ours: Callable[[], Any], theirs: Callable[[], Any] | None, out: Path) -> None:
+    """Kernel-level tables for one run of each implementation: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
+    sort = "cuda_time_total" if setup.device.type == "cuda" else "cpu_time_total"
+    parts = []
+    for label, fn in (("sdxl-control", ours), ("diffusers", theirs)):
+        if fn is None:
+            continue
+        fn()
+        _sync(setup.device)
+        with profile(activities=activities) as prof:
+            fn()
+            _sync(setup.device)
+        parts.append(f"## {label}: {name}\n\n" + prof.key_averages().table(sort_by=sort, row_limit=40))
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    (out / f"profile_{slug}.txt").write_text("\n\n".join(parts))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
 
     import sdxl_control
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         setup = build(args, Path(tmp))
-        rows = []
-        for name, steps, ours, theirs, teardown, note in scenarios(setup):
-            if args.only and not any(o.lower() in name.lower() for o in args.only):
-                continue
-            ours_s, ours_peak = _timed(ours, args.repeats, setup.device)
-            row = Row(
-                name, steps, round(ours_s, 4), round(steps / ours_s, 2), ours_peak and round(ours_peak, 2), note=note
-            )
-            # The UNet runs twice per step with guidance (batched); Lightning runs once.
-            forwards = steps * (0.5 if "Lightning" in name else 1.0)
-            row.unet_mfu = (
-                round(setup.unet_tflop_per_step * forwards / ours_s / setup.peak_tflops, 3)
-                if setup.device.type == "cuda"
-                else None
-            )
+        chosen = [sc for sc in scenarios(setup) if not args.only or any(o.lower() in sc[0].lower() for o in args.only)]
+        rows, plain_pixels = [], []
+        for name, steps, ours, theirs, teardown, note in chosen:
+            if args.profile and any(p.lower() in name.lower() for p in args.profile):
+                _profile(setup, name, ours, None if args.ours_only else theirs, out)
+            timing = _timed(ours, args.repeats, setup.device)
+            plain_pixels.append(_pixels(timing.first_result))
+            row = Row(name, steps, round(timing.median_s, 4), round(steps / timing.median_s, 2),
+                      timing.peak_gib and round(timing.peak_gib, 2), note=note)  # fmt: skip
+            row.unet_mfu = _mfu(setup, name, steps, timing.median_s)
             if theirs is not None and not args.ours_only:
                 try:
-                    d_s, d_peak = _timed(theirs, args.repeats, setup.device)
-                    row.diffusers_s, row.diffusers_peak_gib = round(d_s, 4), d_peak and round(d_peak, 2)
-                    row.ratio = round(ours_s / d_s, 3)
+                    d = _timed(theirs, args.repeats, setup.device)
+                    row.diffusers_s, row.diffusers_peak_gib = round(d.median_s, 4), d.peak_gib and round(d.peak_gib, 2)
+                    row.ratio = round(timing.median_s / d.median_s, 3)
                 finally:
                     if teardown is not None:
                         teardown()
             rows.append(row)
             print(f"{name}: ours {row.ours_s}s, diffusers {row.diffusers_s}s", flush=True)  # noqa: T201
+        fast = FastPath.level(args.fast, compile_mode=args.compile_mode, compile_backend=args.compile_backend)
+        if fast is not None:
+            # A second pass, so that the fast path is applied (and compiled) once for all scenarios.
+            setup.gen.set_fast_path(fast)
+            try:
+                for row, pixels, (name, steps, ours, *_rest) in zip(rows, plain_pixels, chosen, strict=True):
+                    timing = _timed(ours, args.repeats, setup.device)
+                    row.fast_s, row.fast_first_call_s = round(timing.median_s, 4), round(timing.first_call_s, 2)
+                    row.fast_peak_gib = timing.peak_gib and round(timing.peak_gib, 2)
+                    row.fast_ratio = row.diffusers_s and round(timing.median_s / row.diffusers_s, 3)
+                    row.fast_unet_mfu = _mfu(setup, name, steps, timing.median_s)
+                    row.fast_max_pixel_diff = int(abs(_pixels(timing.first_result) - pixels).max())
+                    print(f"{name}: ours fast {row.fast_s}s (first call {row.fast_first_call_s}s)", flush=True)  # noqa: T201
+            finally:
+                setup.gen.set_fast_path(None)
     return {
         "device": torch.cuda.get_device_name() if setup.device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "sdxl_control": sdxl_control.__version__,
         "dtype": args.dtype, "size": args.size, "tiny": args.tiny, "repeats": args.repeats,
         "unet_tflop_per_step_cfg": round(setup.unet_tflop_per_step, 3), "peak_tflops": args.peak_tflops,
+        "fast_path": None if fast is None else asdict(fast),
         "rows": [asdict(r) for r in rows],
     }  # fmt: skip
 
 
+# The issue's targets on an H100 at 1024²: (what, scenario, steps, measure, limit).
+TARGETS = [
+    ("base 30 steps", "base", 30, "seconds", 0.8),
+    ("Lightning 4-step draft", "Lightning 4 steps (LoRA)", 4, "seconds", 0.10),
+    ("portrait stack / base, same steps", "portrait stack: refiner + 2 CN + IP + FaceID", 30, "vs_base", 2.0),
+    ("UNet model-FLOP utilisation (base)", "base", 30, "mfu", 0.60),
+]
+
+
+def _best(row: dict[str, Any], key: str) -> float | None:
+    values = [v for v in (row[key], row.get(f"fast_{key}")) if v is not None]
+    if not values:
+        return None
+    return max(values) if key == "unet_mfu" else min(values)
+
+
+def targets(result: dict[str, Any]) -> list[str]:
+    rows = {r["scenario"]: r for r in result["rows"]}
+    lines = ["| target | limit | measured (best of plain and fast path) | met |", "|---|---|---|---|"]
+    for what, scenario, steps, measure, limit in TARGETS:
+        row, base = rows.get(scenario), rows.get("base")
+        value: float | None = None
+        if row is not None and row["steps"] == steps and result["size"] == 1024:
+            if measure == "seconds":
+                value = _best(row, "s")
+            elif measure == "mfu":
+                value = _best(row, "unet_mfu")
+            elif base is not None and base["steps"] == steps:
+                value = round(_best(row, "s") / _best(base, "s"), 2)  # type: ignore[operator]
+        met = "n/a" if value is None else ("yes" if (value >= limit if measure == "mfu" else value <= limit) else "no")
+        lines.append(f"| {what} | {'>=' if measure == 'mfu' else '<='} {limit} | {value} | {met} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
+    fast = result.get("fast_path")
     head = (f"Device: {result['device']} · torch {result['torch']} · diffusers {result['diffusers']} · "
             f"{result['dtype']} · {result['size']}² · median of {result['repeats']} after warm-up"
             f"{' · TINY smoke models' if result['tiny'] else ''}\n\n"
-            f"UNet forward (CFG batch 2): {result['unet_tflop_per_step_cfg']} TFLOP; MFU against {result['peak_tflops']} TFLOP/s.\n\n")  # fmt: skip
-    lines = ["| scenario | steps | ours (s) | diffusers (s) | ours/diffusers | ours it/s | peak GiB ours / diffusers | UNet MFU | note |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            f"UNet forward (CFG batch 2): {result['unet_tflop_per_step_cfg']} TFLOP; MFU against {result['peak_tflops']} TFLOP/s.\n"
+            f"Fast path: {fast if fast else 'not run'}.\n\n")  # fmt: skip
+    lines = ["| scenario | steps | ours (s) | ours fast (s) | diffusers (s) | ours/diffusers | fast/diffusers | ours it/s | "
+             "peak GiB ours / fast / diffusers | UNet MFU ours / fast | fast first call (s) | fast vs plain max px diff | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
-        lines.append(f"| {r['scenario']} | {r['steps']} | {r['ours_s']} | {r['diffusers_s']} | {r['ratio']} | {r['ours_it_s']} | "
-                     f"{r['ours_peak_gib']} / {r['diffusers_peak_gib']} | {r['unet_mfu']} | {r['note']} |")  # fmt: skip
-    return head + "\n".join(lines) + "\n"
+        lines.append(f"| {r['scenario']} | {r['steps']} | {r['ours_s']} | {r['fast_s']} | {r['diffusers_s']} | {r['ratio']} | "
+                     f"{r['fast_ratio']} | {r['ours_it_s']} | {r['ours_peak_gib']} / {r['fast_peak_gib']} / {r['diffusers_peak_gib']} | "
+                     f"{r['unet_mfu']} / {r['fast_unet_mfu']} | {r['fast_first_call_s']} | {r['fast_max_pixel_diff']} | {r['note']} |")  # fmt: skip
+    return head + "\n".join(lines) + "\n\nTargets (issue 5):\n\n" + "\n".join(targets(result)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,6 +505,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a CPU smoke run of the same code")
     parser.add_argument("--only", nargs="*", help="run the scenarios whose names contain these words")
     parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument(
+        "--fast",
+        choices=list(FAST_LEVELS),
+        default="off",
+        help="also time ours with a fast-path level: " + "; ".join(f"{k}: {v}" for k, v in FAST_LEVELS.items()),
+    )
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--profile", nargs="*", help="write profile_<scenario>.txt for the scenarios matching these")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense fp16/bf16 peak (H100 SXM: 989)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint files are written")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for <name>.json and <name>.md")
@@ -405,7 +521,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("smoke" if args.tiny else f"{result['device'].replace(' ', '_')}_{args.dtype}_{args.size}")
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     (out / f"{name}.md").write_text(markdown(result))

@@ -37,9 +37,7 @@ class ProcessorPatch:
         self._unet.set_attn_processor(dict(self._saved))
 
 
-def _hook_state(module: torch.nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
-    return tuple((kind, tuple(getattr(module, kind, {}).keys())) for kind in kinds)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,8 @@ class ModelSnapshot:
     """Cheap identity snapshot of a model: attention processor objects, hooks, and parameter objects.
 
     Weight *values* are not hashed here (that would cost a pass over billions of numbers per call); attachments
-    that change weights restore them themselves and tests prove it bit for bit.
+    that change weights restore them themselves and tests prove it bit for bit. One walk over the modules, reading
+    their ``__dict__`` directly (``nn.Module.__getattr__`` would cost more than the walk).
 
     Example:
         >>> before = ModelSnapshot.take(unet); ...; before.differences(ModelSnapshot.take(unet))  # doctest: +SKIP
@@ -55,17 +54,23 @@ class ModelSnapshot:
     """
 
     processors: tuple[tuple[str, int], ...]
-    hooks: tuple[tuple[str, Any], ...]
-    parameters: tuple[tuple[str, int], ...]
+    hooks: tuple[tuple[str, str, tuple[int, ...]], ...]
+    parameters: tuple[tuple[str, str, int], ...]
 
     @classmethod
     def take(cls, model: torch.nn.Module) -> ModelSnapshot:
-        processors = getattr(model, "attn_processors", {})
-        return cls(
-            processors=tuple((name, id(proc)) for name, proc in processors.items()),
-            hooks=tuple((name, _hook_state(module)) for name, module in model.named_modules()),
-            parameters=tuple((name, id(p)) for name, p in model.named_parameters()),
-        )
+        processors, hooks, parameters = [], [], []
+        for name, module in model.named_modules():
+            state = module.__dict__
+            # Processors are plain objects, or modules (diffusers' IP-Adapter ones) kept in ``_modules``.
+            processor = state.get("processor", state["_modules"].get("processor"))
+            if processor is not None:
+                processors.append((name, id(processor)))
+            for kind in _HOOK_DICTS:
+                if state.get(kind):
+                    hooks.append((name, kind, tuple(state[kind])))
+            parameters.extend((name, key, id(p)) for key, p in state["_parameters"].items())
+        return cls(tuple(processors), tuple(hooks), tuple(parameters))
 
     def differences(self, other: ModelSnapshot) -> list[str]:
         out = []
@@ -89,6 +94,10 @@ def attached(
     detaching, the UNet's processors, hooks and parameter objects must equal what they were; a condition that
     leaves anything behind is a bug: it is reported as an error (processors it left are put back first).
     """
+    if not prepared:
+        # Nothing attaches, so nothing can be left behind: skip the snapshot walks (milliseconds on a full UNet).
+        yield []
+        return
     before = ModelSnapshot.take(unet)
     processors = dict(getattr(unet, "attn_processors", {}))
     live: list[tuple[Condition, Attachment]] = []

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidRequestError, SdxlControlError
+from .fast import FAST_LEVELS, FastPath
 from .generator import GenerationRequest, Generator
 from .models import DEFAULT_BASE, DEFAULT_REFINER
 from .presets import available_presets, load_preset
@@ -176,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--variant", help="weights variant to load, e.g. fp16")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    gen.add_argument("--vae-tiling", action="store_true", help="decode tile by tile (large images, small GPUs)")
+    gen.add_argument(
+        "--fast",
+        choices=list(FAST_LEVELS),
+        default="off",
+        help="; ".join(f"{k}: {v}" for k, v in FAST_LEVELS.items()) + " (compiling is paid once per process)",
+    )
     _add_condition_options(gen)
     return parser
 
@@ -190,6 +198,7 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size,
         "num_images": args.num_images,
         "scheduler": args.scheduler,
+        "vae_tiling": True if args.vae_tiling else None,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -251,6 +260,7 @@ def _generate(args: argparse.Namespace) -> int:
         base, refiner, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None, variant=args.variant,
         unet=preset.unet if preset else None,
     )  # fmt: skip
+    generator.set_fast_path(FastPath.level(args.fast))
     result = generator.run(request, progress_bar=not args.quiet)
     images = result.images
     if recipe is not None and "num_images" not in options:

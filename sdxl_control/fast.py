@@ -20,7 +20,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FastPath", "FastPathHandle", "apply_fast_path"]
+__all__ = ["FAST_LEVELS", "FastPath", "FastPathHandle", "apply_fast_path"]
+
+# Named levels for command lines: what each adds, cheapest first.
+FAST_LEVELS = {
+    "off": "the plain models",
+    "layout": "channels_last + fused QKV projections, nothing to compile",
+    "blocks": "layout + torch.compile of the UNet's repeated transformer blocks",
+    "unet": "layout + torch.compile of the whole UNet",
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,15 @@ class FastPath:
     def __post_init__(self) -> None:
         if self.compile not in ("off", "blocks", "unet"):
             raise ValueError(f"compile must be 'off', 'blocks' or 'unet', got {self.compile!r}")
+
+    @classmethod
+    def level(cls, name: str, **options: Any) -> FastPath | None:
+        """The fast path of a named level of :data:`FAST_LEVELS` (``None`` for ``"off"``)."""
+        if name not in FAST_LEVELS:
+            raise ValueError(f"unknown fast-path level {name!r}: use one of {', '.join(FAST_LEVELS)}")
+        if name == "off":
+            return None
+        return cls(compile="off" if name == "layout" else name, **options)  # type: ignore[arg-type]
 
 
 class _FusedLinear:
@@ -131,7 +148,11 @@ def _compile(module: torch.nn.Module, fast: FastPath) -> Callable[[], None]:
 
 def _memory_format(module: torch.nn.Module, layout: torch.memory_format) -> Callable[[], None]:
     module.to(memory_format=layout)  # Parameters keep their identity: .to() swaps their data in place
-    return lambda: module.to(memory_format=torch.contiguous_format)
+
+    def undo() -> None:
+        module.to(memory_format=torch.contiguous_format)
+
+    return undo
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .errors import InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
 from .guidance import guidance_for
 from .loop import ProgressCallback, StageInputs, denoise
-from .models import DEFAULT_BASE, StageModels, load_stage
+from .models import DEFAULT_BASE, StageModels, load_stage, placement
 from .recipe import RecipeImage, Result
 from .schedule import StageSchedule, make_scheduler, split_schedule
 from .text import MicroConditioning, encode_prompts, time_ids
@@ -36,6 +36,7 @@ class GenerationRequest:
     ``size`` is (width, height). ``seed`` seeds the first image; image ``i`` of a batch uses ``seed + i``, so any
     image can be re-made alone. ``refiner_switch`` is the fraction of the schedule the base denoises before the
     refiner takes over (diffusers' ``denoising_end``/``denoising_start``); ``None`` runs the base alone.
+    ``vae_tiling`` decodes tile by tile: flat memory for large images, small differences along tile seams.
 
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
@@ -56,6 +57,7 @@ class GenerationRequest:
     timesteps: tuple[int, ...] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    vae_tiling: bool = False
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -207,6 +209,7 @@ class Generator:
     ) -> StageInputs:
         models = plan.models
         unet = models.unet
+        device, dtype = placement(unet)
         guidance = guidance_for(request.guidance, unet, request.guidance_rescale)
         n = request.num_images
         mine = [(c, p) for c, p in prepared if models.stage in c.stage]
@@ -230,14 +233,13 @@ class Generator:
             aesthetic=models.requires_aesthetics_score,
             unet=unet,
             pooled_width=positive.pooled.shape[-1],
-            dtype=unet.dtype,
+            dtype=dtype,
         )
         hidden, pooled, ids = positive.hidden.repeat(n, 1, 1), positive.pooled.repeat(n, 1), pos_ids.repeat(n, 1)
         if negative is not None:
             hidden = torch.cat([negative.hidden.repeat(n, 1, 1), hidden])
             pooled = torch.cat([negative.pooled.repeat(n, 1), pooled])
             ids = torch.cat([neg_ids.repeat(n, 1), ids])
-        device, dtype = unet.device, unet.dtype
         return StageInputs(
             stage=models.stage,
             unet=unet,
@@ -274,11 +276,11 @@ class Generator:
         latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         latents = latents * plans[0].schedule.scheduler.init_noise_sigma
         for inputs in stage_inputs:
-            latents = latents.to(inputs.unet.device, inputs.unet.dtype)
+            latents = latents.to(*placement(inputs.unet))
             latents = denoise(inputs, latents, generators=generators, progress=progress, progress_bar=progress_bar)
 
         last = plans[-1].models
-        pixels = decode_latents(last.vae, latents)
+        pixels = decode_latents(last.vae, latents, tiled=request.vae_tiling)
         pil = VaeImageProcessor(vae_scale_factor=factor).postprocess(pixels, output_type="pil")
         recipes = [self._recipe(request, plans, i) for i in range(request.num_images)]
         return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes, strict=True)], latents=latents)

@@ -32,6 +32,7 @@ __all__ = [
     "check_safetensors",
     "read_safetensors",
     "default_device_and_dtype",
+    "placement",
     "DEFAULT_BASE",
     "DEFAULT_REFINER",
 ]
@@ -106,11 +107,21 @@ class StageModels:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return placement(self.unet)[0]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return placement(self.unet)[1]
+
+
+def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a model's first parameter.
+
+    diffusers' ``model.device`` / ``model.dtype`` walk every module to answer (milliseconds on a full UNet, several
+    times per call); our models are moved and cast whole, so the first parameter speaks for all.
+    """
+    first = next(model.parameters())
+    return first.device, first.dtype
 
 
 def _fetch_hint(repo_id: str, files: list[str] | None = None) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .models import placement
+
 __all__ = ["vae_scale_factor", "decode_latents"]
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ def vae_scale_factor(vae: Any) -> int:
 @contextmanager
 def _in_float32(vae: Any) -> Iterator[None]:
     # fp16 -> fp32 -> fp16 is exact, so the VAE is bit-identical afterwards.
-    dtype = vae.dtype
+    dtype = placement(vae)[1]
     vae.to(torch.float32)
     try:
         yield
@@ -29,9 +31,9 @@ def _in_float32(vae: Any) -> Iterator[None]:
         vae.to(dtype)
 
 
-def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+def _decode(vae: Any, latents: torch.Tensor, tiled: bool) -> torch.Tensor:
     config = vae.config
-    latents = latents.to(vae.dtype)
+    latents = latents.to(placement(vae)[1])
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:
         mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
@@ -39,22 +41,25 @@ def _decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
         latents = latents * std_t / config.scaling_factor + mean_t
     else:
         latents = latents / config.scaling_factor
-    return vae.decode(latents, return_dict=False)[0]
+    # Tiles are decoded one at a time and blended (diffusers' tiled decode): peak memory no longer grows with the
+    # image, at the price of small differences along the seams.
+    return (vae.tiled_decode if tiled else vae.decode)(latents, return_dict=False)[0]
 
 
 @torch.no_grad()
-def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Decode to images in [-1, 1], float32.
+def decode_latents(vae: Any, latents: torch.Tensor, *, tiled: bool = False) -> torch.Tensor:
+    """Decode to images in [-1, 1], float32; ``tiled`` decodes tile by tile (for large images on small GPUs).
 
     The SDXL VAE overflows in fp16: it is decoded in fp32 when its config says so (``force_upcast``), and a
     half-precision decode that produced NaNs is redone in fp32.
     """
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+    dtype = placement(vae)[1]
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         with _in_float32(vae):
-            return _decode(vae, latents).float()
-    images = _decode(vae, latents)
-    if vae.dtype in (torch.float16, torch.bfloat16) and torch.isnan(images).any():
-        log.warning("VAE decode in %s produced NaNs; decoding again in float32", vae.dtype)
+            return _decode(vae, latents, tiled).float()
+    images = _decode(vae, latents, tiled)
+    if dtype in (torch.float16, torch.bfloat16) and torch.isnan(images).any():
+        log.warning("VAE decode in %s produced NaNs; decoding again in float32", dtype)
         with _in_float32(vae):
-            images = _decode(vae, latents)
+            images = _decode(vae, latents, tiled)
     return images.float()

@@ -33,7 +33,7 @@ class _ReachedDecode(Exception):
     pass
 
 
-def _stop_at_decode(vae, latents):
+def _stop_at_decode(vae, latents, **options):
     raise _ReachedDecode(latents)
 
 
@@ -108,4 +108,3 @@ def test_a_condition_that_reads_the_device_is_caught(meta_generator, monkeypatch
     monkeypatch.setattr(generator_module, "decode_latents", _stop_at_decode)
     with pytest.raises(RuntimeError, match="meta"):
         meta_generator.generate("x", size=(64, 64), steps=2, conditions=(_HostReader(),), progress_bar=False)
-
