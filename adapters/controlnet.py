@@ -24,6 +24,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
+from ..fast import match_fast_path
 from ..models import check_safetensors, placement, resolve_source
 from ..preprocessors import ImageInput, preprocess
 
@@ -209,6 +210,7 @@ class ControlNet(Condition):
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
         model = load_controlnet(self.model, union=False, unet=_base_unet(ctx))
+        match_fast_path(model, ctx.fast)
         guess = self.guess_mode or bool(getattr(model.config, "global_pool_conditions", False))
         doubled = ctx.guided and not guess
         image = _control_tensor(self.image, self.preprocess, self.preprocess_options, ctx, doubled)
@@ -263,6 +265,7 @@ class ControlNetUnion(Condition):
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
         model = load_controlnet(self.model, union=True, unet=_base_unet(ctx))
+        match_fast_path(model, ctx.fast)
         n_types = model.config.num_control_type
         modes = []
         images = []

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import ConditionError
+from .fast import FastPath
 
 __all__ = [
     "Stage",
@@ -140,7 +141,7 @@ class PrepareContext:
     """What a condition needs to encode its inputs once per call.
 
     ``stages`` maps each stage the call runs to that stage's UNet (read-only use: encoders may need its dtype or
-    config). ``size`` is the output size as (width, height).
+    config). ``size`` is the output size as (width, height). ``fast`` is the generator's fast path, if any.
 
     Example:
         >>> def prepare(self, ctx: PrepareContext):                     # doctest: +SKIP
@@ -153,6 +154,7 @@ class PrepareContext:
     guided: bool
     size: tuple[int, int]
     stages: Mapping[Stage, Any] = field(default_factory=dict)
+    fast: FastPath | None = None
 
 
 class Attachment(ABC):

@@ -13,6 +13,7 @@ Nothing here changes what a model computes beyond floating-point rounding:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FAST_LEVELS", "FastPath", "FastPathHandle", "apply_fast_path"]
+__all__ = ["FAST_LEVELS", "FastPath", "FastPathHandle", "apply_fast_path", "match_fast_path"]
 
 # Named levels for command lines: what each adds, cheapest first.
 FAST_LEVELS = {
@@ -37,7 +38,9 @@ class FastPath:
 
     ``compile_backend`` and ``compile_mode`` are passed to ``torch.compile`` (``"max-autotune-no-cudagraphs"``
     searches kernels for minutes; ``"reduce-overhead"`` records CUDA graphs). ``fullgraph`` makes a break in a
-    compiled region an error instead of a silent slow-down.
+    compiled region an error instead of a silent slow-down. One block class serves every width of the base,
+    refiner and ControlNets, with and without adapter branches, and each combination is a graph of its own:
+    ``recompile_limit`` raises torch's process-wide limit (8) on graphs per code object to at least this.
 
     Example:
         >>> gen.set_fast_path(FastPath(compile="blocks"))  # doctest: +SKIP
@@ -50,6 +53,7 @@ class FastPath:
     compile_mode: str | None = None
     compile_backend: str = "inductor"
     fullgraph: bool = True
+    recompile_limit: int = 64
 
     def __post_init__(self) -> None:
         if self.compile not in ("off", "blocks", "unet"):
@@ -130,12 +134,15 @@ def _fuse_attention(unet: Any) -> Callable[[], None]:
 
 def _compile(module: torch.nn.Module, fast: FastPath) -> Callable[[], None]:
     if fast.compile == "blocks":
-        kinds = set(getattr(module, "_repeated_blocks", ()) or ())
+        # ControlNets declare no repeated blocks; theirs are the UNet's transformer blocks.
+        kinds = set(getattr(module, "_repeated_blocks", ()) or ("BasicTransformerBlock",))
         targets = [m for m in module.modules() if type(m).__name__ in kinds]
         if not targets:
             raise ValueError(f"{type(module).__name__} names no repeated blocks to compile; use compile='unet'")
     else:
         targets = [module]
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, fast.recompile_limit)
     for target in targets:
         target.compile(fullgraph=fast.fullgraph, mode=fast.compile_mode, backend=fast.compile_backend)
 
@@ -192,3 +199,23 @@ def apply_fast_path(unets: Sequence[Any], others: Sequence[torch.nn.Module], fas
         handle.undo()
         raise
     return handle
+
+
+# Condition-owned models (ControlNets) are cached across calls: each remembers the fast path it carries.
+_CONDITION_MODELS: weakref.WeakKeyDictionary[torch.nn.Module, FastPathHandle] = weakref.WeakKeyDictionary()
+
+
+def match_fast_path(model: torch.nn.Module, fast: FastPath | None) -> None:
+    """Give a condition's own model the fast path of the call it serves (undoing another one it carries).
+
+    Example:
+        >>> match_fast_path(controlnet, ctx.fast)  # in a condition's prepare  # doctest: +SKIP
+    """
+    handle = _CONDITION_MODELS.get(model)
+    if (handle.fast if handle is not None else None) == fast:
+        return
+    if handle is not None:
+        handle.undo()
+        del _CONDITION_MODELS[model]
+    if fast is not None:
+        _CONDITION_MODELS[model] = apply_fast_path([model], [], fast)

@@ -266,6 +266,7 @@ class Generator:
             guided=guidance_for(request.guidance, self.base.unet).copies > 1,
             size=request.size,
             stages={p.models.stage: p.models.unet for p in plans},
+            fast=self.fast_path,
         )
         prepared = [(c, c.prepare(context)) for c in request.conditions]
         stage_inputs = [self._stage_inputs(plan, request, prepared) for plan in plans]

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from PIL import Image
 
 from sdxl_control import FastPath, GenerationRequest, Generator
-from sdxl_control.adapters.controlnet import ControlNet
+from sdxl_control.adapters.controlnet import ControlNet, load_controlnet
 from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
@@ -42,6 +42,11 @@ def portrait_request(tiny, tmp_path_factory) -> GenerationRequest:
     return GenerationRequest("a portrait", size=(64, 64), steps=4, refiner_switch=0.5, seed=1, conditions=conditions)
 
 
+def _controlnet_of(gen: Generator, request: GenerationRequest) -> torch.nn.Module:
+    condition = next(c for c in request.conditions if isinstance(c, ControlNet))
+    return load_controlnet(condition.model, union=False, unet=gen.base.unet)  # the cached instance calls use
+
+
 def _state(gen: Generator) -> dict[str, tuple[torch.Tensor, int, bool]]:
     out = {}
     for stage in ("base", "refiner"):
@@ -68,13 +73,20 @@ def test_fast_path_equals_plain_path_with_everything_stacked(gen, portrait_reque
     assert (plain.latents - unconditioned.latents).abs().max() > 100 * ROUNDING["atol"]  # the conditions matter
     before = _state(gen)
     processors = {s: dict(getattr(gen, s).unet.attn_processors) for s in ("base", "refiner")}
+    controlnet = _controlnet_of(gen, portrait_request)
+    plain_processors = dict(controlnet.attn_processors)
     gen.set_fast_path(fast)
     try:
         assert gen.fast_path == fast
         fast_result = gen.run(portrait_request, progress_bar=False)
+        if fast.fuse_qkv:  # the ControlNet the call ran got the fast path too
+            assert all(isinstance(p, FusedAttnProcessor2_0) for p in controlnet.attn_processors.values())
         again = gen.run(portrait_request, progress_bar=False)
     finally:
         gen.set_fast_path(None)
+    gen.run(portrait_request, progress_bar=False)  # a plain call takes the ControlNet back to plain
+    assert all(controlnet.attn_processors[n] is p for n, p in plain_processors.items())
+    assert not any(hasattr(m, "to_qkv") for m in controlnet.modules())
     torch.testing.assert_close(fast_result.latents, plain.latents, **ROUNDING)
     assert torch.equal(again.latents, fast_result.latents)
     assert np.abs(np.asarray(fast_result.images[0], np.int16) - np.asarray(plain.images[0], np.int16)).max() <= 1
