@@ -71,8 +71,10 @@ class BranchedAttnProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         live = [b for b in self.branches if b.active]
+        if live and _plain_cross_attention(self.inner, attn, hidden_states, encoder_hidden_states, attention_mask):
+            return self._joint(attn, hidden_states, encoder_hidden_states, live)  # type: ignore[arg-type]
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if not live:
             return out
         if hidden_states.ndim != 3 or attn.spatial_norm is not None:
@@ -81,21 +83,65 @@ class BranchedAttnProcessor:
             )
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        batch, width = query.shape[0], query.shape[-1]
-        head_dim = width // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        query = _heads(attn.to_q(hidden_states), attn)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        total: torch.Tensor | None = None
-        for branch in live:
-            key = branch.key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            value = branch.value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            extra = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-            extra = extra.transpose(1, 2).reshape(batch, -1, width).to(query.dtype)
-            region = branch.region(extra.shape[1], batch, width)
-            if region is not None:
-                extra = extra * region.to(extra.device, extra.dtype)
-            total = branch.scale * extra if total is None else total + branch.scale * extra
-        assert total is not None
-        return out + F.linear(total, attn.to_out[0].weight) / attn.rescale_output_factor
+        # The output projection is linear: the branches' sum is projected on its own (no bias) and added.
+        return out + F.linear(_branch_sum(query, live, attn), attn.to_out[0].weight) / attn.rescale_output_factor
+
+    def _joint(
+        self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, live: list[AttentionBranch]
+    ) -> torch.Tensor:
+        """Text attention and branches from one query projection, summed before one output projection (the
+        IP-Adapter formulation itself) — for the plain SDPA processors, whose steps this repeats."""
+        if hasattr(attn, "to_kv"):  # fused projections (sdxl_control.fast)
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query = _heads(attn.to_q(hidden_states), attn)
+        text = F.scaled_dot_product_attention(query, _heads(key, attn), _heads(value, attn), dropout_p=0.0)
+        batch, width = hidden_states.shape[0], query.shape[1] * query.shape[-1]
+        mixed = text.transpose(1, 2).reshape(batch, -1, width).to(query.dtype) + _branch_sum(query, live, attn)
+        return attn.to_out[1](attn.to_out[0](mixed)) / attn.rescale_output_factor
+
+
+def _heads(x: torch.Tensor, attn: Any) -> torch.Tensor:
+    """(batch, tokens, width) -> (batch, heads, tokens, head_dim)."""
+    batch, width = x.shape[0], x.shape[-1]
+    return x.view(batch, -1, attn.heads, width // attn.heads).transpose(1, 2)
+
+
+def _branch_sum(query: torch.Tensor, live: list[AttentionBranch], attn: Any) -> torch.Tensor:
+    """sum_i scale_i * attention(query, k_i, v_i), masked, as (batch, tokens, width)."""
+    batch, width = query.shape[0], query.shape[1] * query.shape[-1]
+    total: torch.Tensor | None = None
+    for branch in live:
+        extra = F.scaled_dot_product_attention(
+            query, _heads(branch.key, attn), _heads(branch.value, attn), dropout_p=0.0, is_causal=False
+        )
+        extra = extra.transpose(1, 2).reshape(batch, -1, width).to(query.dtype)
+        region = branch.region(extra.shape[1], batch, width)
+        if region is not None:
+            extra = extra * region.to(extra.device, extra.dtype)
+        total = branch.scale * extra if total is None else total + branch.scale * extra
+    assert total is not None
+    return total
+
+
+def _plain_cross_attention(
+    inner: Any, attn: Any, hidden_states: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None
+) -> bool:
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    return (
+        type(inner) in (AttnProcessor2_0, FusedAttnProcessor2_0)
+        and context is not None
+        and mask is None
+        and hidden_states.ndim == 3
+        and attn.spatial_norm is None
+        and attn.group_norm is None
+        and attn.norm_cross is None
+        and attn.norm_q is None
+        and attn.norm_k is None
+        and not attn.residual_connection
+    )

@@ -7,11 +7,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.image_processor import IPAdapterMaskProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdxl_control import ConditionError, IncompatibleModelError, Stage
 from sdxl_control.adapters.ip_adapter import LAYER_PRESETS, VARIANTS, IPAdapter, encode_images, save_embeddings
+from sdxl_control.attention import AttentionBranch, BranchedAttnProcessor
 from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
 
 PROMPT = "a portrait"
@@ -207,3 +209,27 @@ def test_bad_ip_adapter_requests(generator, repo, refs):
         generator.generate(
             PROMPT, conditions=[IPAdapter("plus", refs["face"], source=str(repo), layers="texture")], **RUN
         )
+
+
+class _OtherSdpa(AttnProcessor2_0):
+    """Same math, another type: the branched processor must wrap it instead of taking its joint path."""
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_joint_and_wrapped_branch_paths_agree(masked):
+    g = torch.Generator().manual_seed(0)
+    attn = Attention(query_dim=64, cross_attention_dim=32, heads=4, dim_head=16).eval()
+    hidden, context = torch.randn(2, 16, 64, generator=g), torch.randn(2, 7, 32, generator=g)
+    mask = (torch.rand(1, 4, 4, generator=g) > 0.5).float() if masked else None
+    branches = [
+        AttentionBranch(
+            f"b{i}", torch.randn(2, 3 + i, 64, generator=g), torch.randn(2, 3 + i, 64, generator=g), s, mask
+        )
+        for i, s in enumerate((0.7, 0.4))
+    ]
+    with torch.no_grad():
+        joint = BranchedAttnProcessor(AttnProcessor2_0(), branches)(attn, hidden, context)
+        wrapped = BranchedAttnProcessor(_OtherSdpa(), branches)(attn, hidden, context)
+        text_only = AttnProcessor2_0()(attn, hidden, context)
+    torch.testing.assert_close(joint, wrapped, rtol=1e-5, atol=1e-5)
+    assert (joint - text_only).abs().max() > 0.01
