@@ -370,6 +370,23 @@ def _pixels(result: Any) -> Any:
     return np.asarray(image, dtype=np.int16)
 
 
+def vae_memory(setup: Setup, repeats: int) -> list[dict[str, Any]]:
+    """VAE decode at the bench size and twice it, whole and tiled: time and peak memory above what is resident."""
+    from sdxl_control.vae import decode_latents
+
+    vae = setup.gen.base.vae
+    rows = []
+    for size in (setup.size, 2 * setup.size):
+        latents = torch.randn(1, 4, size // 8, size // 8, device=setup.device, dtype=setup.gen.base.dtype)
+        for tiled in (False, True):
+            resident = torch.cuda.memory_allocated() if setup.device.type == "cuda" else 0
+            timing = _timed(lambda: decode_latents(vae, latents, tiled=tiled), repeats, setup.device)  # noqa: B023
+            peak = None if timing.peak_gib is None else round(timing.peak_gib - resident / 2**30, 2)
+            rows.append({"size": size, "tiled": tiled, "s": round(timing.median_s, 4), "peak_above_resident_gib": peak})
+            print(f"VAE decode {size}² {'tiled' if tiled else 'whole'}: {rows[-1]['s']}s, +{peak} GiB", flush=True)  # noqa: T201
+    return rows
+
+
 def _profile(setup: Setup, name: str, ours: Callable[[], Any], theirs: Callable[[], Any] | None, out: Path) -> None:
     """Kernel-level tables for one run of each implementation: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -434,6 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"{name}: ours fast {row.fast_s}s (first call {row.fast_first_call_s}s)", flush=True)  # noqa: T201
             finally:
                 setup.gen.set_fast_path(None)
+        memory = vae_memory(setup, args.repeats) if not args.only else []
     return {
         "device": torch.cuda.get_device_name() if setup.device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "sdxl_control": sdxl_control.__version__,
@@ -441,6 +459,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unet_tflop_per_step_cfg": round(setup.unet_tflop_per_step, 3), "peak_tflops": args.peak_tflops,
         "fast_path": None if fast is None else asdict(fast),
         "rows": [asdict(r) for r in rows],
+        "vae_memory": memory,
     }  # fmt: skip
 
 
@@ -492,7 +511,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['scenario']} | {r['steps']} | {r['ours_s']} | {r['fast_s']} | {r['diffusers_s']} | {r['ratio']} | "
                      f"{r['fast_ratio']} | {r['ours_it_s']} | {r['ours_peak_gib']} / {r['fast_peak_gib']} / {r['diffusers_peak_gib']} | "
                      f"{r['unet_mfu']} / {r['fast_unet_mfu']} | {r['fast_first_call_s']} | {r['fast_max_pixel_diff']} | {r['note']} |")  # fmt: skip
-    return head + "\n".join(lines) + "\n\nTargets (issue 5):\n\n" + "\n".join(targets(result)) + "\n"
+    memory = ["| VAE decode | size | time (s) | peak above resident (GiB) |", "|---|---|---|---|"]
+    memory += [f"| {'tiled' if m['tiled'] else 'whole'} | {m['size']}² | {m['s']} | {m['peak_above_resident_gib']} |"
+               for m in result.get("vae_memory", [])]  # fmt: skip
+    return (head + "\n".join(lines) + "\n\nTargets (issue 5):\n\n" + "\n".join(targets(result))
+            + "\n\nMemory (small GPUs):\n\n" + "\n".join(memory) + "\n")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
