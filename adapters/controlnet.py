@@ -71,14 +71,15 @@ def _check_config(config: Mapping[str, Any], unet: Any, source: str) -> None:
         )
 
 
-def load_controlnet(source: str | Path, *, union: bool, unet: Any) -> Any:
+def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch.device | None = None) -> Any:
     """Load (once per process) a ControlNet that fits ``unet``: hub id, local folder or single file.
 
     The config is checked against the UNet before any weights are read.
     """
     from diffusers import ControlNetModel, ControlNetUnionModel
 
-    device, dtype = placement(unet)
+    unet_device, dtype = placement(unet)
+    device = device or unet_device  # the call's device: with offloading the UNet may sit in CPU memory now
     key = (str(source), union, str(device), str(dtype))
     if key in _CACHE:
         return _CACHE[key]
@@ -209,7 +210,7 @@ class ControlNet(Condition):
     unsupported_reason: ClassVar[str] = _REFINER_REASON
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        model = load_controlnet(self.model, union=False, unet=_base_unet(ctx))
+        model = load_controlnet(self.model, union=False, unet=_base_unet(ctx), device=ctx.device)
         match_fast_path(model, ctx.fast)
         guess = self.guess_mode or bool(getattr(model.config, "global_pool_conditions", False))
         doubled = ctx.guided and not guess
@@ -264,7 +265,7 @@ class ControlNetUnion(Condition):
                 raise ConditionError(f"preprocess names {name!r} but no {name}= image was given")
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        model = load_controlnet(self.model, union=True, unet=_base_unet(ctx))
+        model = load_controlnet(self.model, union=True, unet=_base_unet(ctx), device=ctx.device)
         match_fast_path(model, ctx.fast)
         n_types = model.config.num_control_type
         modes = []

@@ -22,7 +22,7 @@ import torch
 
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
-from ..models import placement, read_safetensors, resolve_in, resolve_source
+from ..models import read_safetensors, resolve_in, resolve_source
 from ..weights import WeightPatch
 
 __all__ = ["LoRA", "lora_deltas"]
@@ -176,7 +176,7 @@ class LoRA(Condition):
         for stage, unet in ctx.stages.items():
             if stage in self.stage:
                 try:
-                    deltas[stage] = lora_deltas(state, unet.config, self.scale, placement(unet)[0])
+                    deltas[stage] = lora_deltas(state, unet.config, self.scale, ctx.device)
                 except IncompatibleModelError as exc:
                     raise IncompatibleModelError(f"{path}: {exc}") from None
                 _check_fit(deltas[stage].get("unet", {}), unet, f"{path} ({stage.label} UNet)")

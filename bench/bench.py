@@ -370,20 +370,36 @@ def _pixels(result: Any) -> Any:
     return np.asarray(image, dtype=np.int16)
 
 
-def vae_memory(setup: Setup, repeats: int) -> list[dict[str, Any]]:
-    """VAE decode at the bench size and twice it, whole and tiled: time and peak memory above what is resident."""
+def memory_options(setup: Setup, repeats: int) -> list[dict[str, Any]]:
+    """The memory options, measured: VAE decode at the bench size and twice it, whole and tiled (time, and peak memory
+    above what is resident), and the base scenario with model offloading (time, and peak memory in all)."""
     from sdxl_control.vae import decode_latents
 
-    vae = setup.gen.base.vae
+    gen = setup.gen
+    vae = gen.base.vae
     rows = []
+    device = gen.device
+    gen.set_offload(device)
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        run = lambda: gen.generate(PROMPT, steps=setup.steps, size=(setup.size, setup.size), seed=0, progress_bar=False)  # noqa: E731
+        timing = _timed(run, repeats, setup.device)
+    finally:
+        gen.set_offload(None)
+    peak = None if timing.peak_gib is None else round(timing.peak_gib, 2)
+    rows.append({"what": f"base {setup.steps} steps, model offload", "size": setup.size, "s": round(timing.median_s, 4),
+                 "peak_gib": peak})  # fmt: skip
+    print(f"base with model offload: {rows[-1]['s']}s, peak {peak} GiB", flush=True)  # noqa: T201
     for size in (setup.size, 2 * setup.size):
         latents = torch.randn(1, 4, size // 8, size // 8, device=setup.device, dtype=setup.gen.base.dtype)
         for tiled in (False, True):
             resident = torch.cuda.memory_allocated() if setup.device.type == "cuda" else 0
             timing = _timed(lambda: decode_latents(vae, latents, tiled=tiled), repeats, setup.device)  # noqa: B023
             peak = None if timing.peak_gib is None else round(timing.peak_gib - resident / 2**30, 2)
-            rows.append({"size": size, "tiled": tiled, "s": round(timing.median_s, 4), "peak_above_resident_gib": peak})
-            print(f"VAE decode {size}² {'tiled' if tiled else 'whole'}: {rows[-1]['s']}s, +{peak} GiB", flush=True)  # noqa: T201
+            what = f"VAE decode {'tiled' if tiled else 'whole'} (peak above resident)"
+            rows.append({"what": what, "size": size, "s": round(timing.median_s, 4), "peak_gib": peak})
+            print(f"{what} {size}²: {rows[-1]['s']}s, +{peak} GiB", flush=True)  # noqa: T201
     return rows
 
 
@@ -451,7 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"{name}: ours fast {row.fast_s}s (first call {row.fast_first_call_s}s)", flush=True)  # noqa: T201
             finally:
                 setup.gen.set_fast_path(None)
-        memory = vae_memory(setup, args.repeats) if not args.only else []
+        memory = memory_options(setup, args.repeats) if not args.only else []
     return {
         "device": torch.cuda.get_device_name() if setup.device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "sdxl_control": sdxl_control.__version__,
@@ -459,7 +475,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unet_tflop_per_step_cfg": round(setup.unet_tflop_per_step, 3), "peak_tflops": args.peak_tflops,
         "fast_path": None if fast is None else asdict(fast),
         "rows": [asdict(r) for r in rows],
-        "vae_memory": memory,
+        "memory": memory,
     }  # fmt: skip
 
 
@@ -511,9 +527,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['scenario']} | {r['steps']} | {r['ours_s']} | {r['fast_s']} | {r['diffusers_s']} | {r['ratio']} | "
                      f"{r['fast_ratio']} | {r['ours_it_s']} | {r['ours_peak_gib']} / {r['fast_peak_gib']} / {r['diffusers_peak_gib']} | "
                      f"{r['unet_mfu']} / {r['fast_unet_mfu']} | {r['fast_first_call_s']} | {r['fast_max_pixel_diff']} | {r['note']} |")  # fmt: skip
-    memory = ["| VAE decode | size | time (s) | peak above resident (GiB) |", "|---|---|---|---|"]
-    memory += [f"| {'tiled' if m['tiled'] else 'whole'} | {m['size']}² | {m['s']} | {m['peak_above_resident_gib']} |"
-               for m in result.get("vae_memory", [])]  # fmt: skip
+    memory = ["| option | size | time (s) | peak GiB |", "|---|---|---|---|"]
+    memory += [f"| {m['what']} | {m['size']}² | {m['s']} | {m['peak_gib']} |" for m in result.get("memory", [])]
     return (head + "\n".join(lines) + "\n\nTargets (issue 5):\n\n" + "\n".join(targets(result))
             + "\n\nMemory (small GPUs):\n\n" + "\n".join(memory) + "\n")  # fmt: skip
 

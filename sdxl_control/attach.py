@@ -59,7 +59,9 @@ class ModelSnapshot:
 
     @classmethod
     def take(cls, model: torch.nn.Module) -> ModelSnapshot:
-        processors, hooks, parameters = [], [], []
+        processors: list[tuple[str, int]] = []
+        hooks: list[tuple[str, str, tuple[int, ...]]] = []
+        parameters: list[tuple[str, str, int]] = []
         for name, module in model.named_modules():
             state = module.__dict__
             # Processors are plain objects, or modules (diffusers' IP-Adapter ones) kept in ``_modules``.

@@ -15,7 +15,7 @@ import torch
 from .errors import InvalidRequestError, SdxlControlError
 from .fast import FAST_LEVELS, FastPath
 from .generator import GenerationRequest, Generator
-from .models import DEFAULT_BASE, DEFAULT_REFINER
+from .models import DEFAULT_BASE, DEFAULT_REFINER, default_device_and_dtype
 from .presets import available_presets, load_preset
 from .recipe import read_recipe
 
@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--vae-tiling", action="store_true", help="decode tile by tile (large images, small GPUs)")
     gen.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep models in CPU memory, each on the device only while it runs (small GPUs)",
+    )
+    gen.add_argument(
         "--fast",
         choices=list(FAST_LEVELS),
         default="off",
@@ -256,11 +261,15 @@ def _generate(args: argparse.Namespace) -> int:
         settings.update(options)
         request = GenerationRequest(args.prompt, **settings)
     base, refiner = _models(args, recipe, request.refiner_switch)
+    device, dtype = default_device_and_dtype(args.device, DTYPES[args.dtype] if args.dtype else None)
+    # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
     generator = Generator.from_pretrained(
-        base, refiner, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None, variant=args.variant,
+        base, refiner, device="cpu" if args.offload else device, dtype=dtype, variant=args.variant,
         unet=preset.unet if preset else None,
     )  # fmt: skip
-    generator.set_fast_path(FastPath.level(args.fast))
+    if args.offload:
+        generator.set_offload(device)
+    generator.set_fast_path(FastPath.level(args.fast, fuse_qkv=not args.offload))
     result = generator.run(request, progress_bar=not args.quiet)
     images = result.images
     if recipe is not None and "num_images" not in options:

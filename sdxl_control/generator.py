@@ -139,6 +139,46 @@ class Generator:
         self.base = base
         self.refiner = refiner
         self._fast: FastPathHandle | None = None
+        self._offload: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models compute (with offloading, where each is moved while it runs)."""
+        return self._offload if self._offload is not None else self.base.device
+
+    def set_offload(self, device: str | torch.device | None) -> None:
+        """Keep the stage models in CPU memory and move each to ``device`` only while it runs — the text encoders, each
+        stage's UNet, the VAE, one after the other — so the device holds the largest of them instead of all.
+
+        ``None`` moves everything back to that device. Models that conditions bring (ControlNets, image encoders)
+        stay on the device. Each move costs a copy over the bus per call: this is for GPUs too small for SDXL whole.
+        """
+        if device is not None and self._fast is not None and self._fast.fast.fuse_qkv:
+            raise InvalidRequestError(_FUSED_CANNOT_MOVE)
+        target = torch.device(device) if device is not None else self._offload
+        if target is None:
+            return
+        self._offload = None if device is None else target
+        for module in self._stage_modules():
+            module.to("cpu" if device is not None else target)
+
+    def _stage_modules(self) -> list[torch.nn.Module]:
+        stages = [m for m in (self.base, self.refiner) if m is not None]
+        return [module for m in stages for module in (m.unet, m.vae, *(e.model for e in m.text_encoders))]
+
+    @contextmanager
+    def _resident(self, modules: list[torch.nn.Module]) -> Iterator[None]:
+        """With offloading, ``modules`` are on the device inside the block and back in CPU memory after it."""
+        if self._offload is None:
+            yield
+            return
+        try:
+            for module in modules:
+                module.to(self._offload)
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
 
     @property
     def fast_path(self) -> FastPath | None:
@@ -151,6 +191,8 @@ class Generator:
         Images stay the same up to floating-point rounding. Undo (``None``) before saving or re-casting the models:
         fused projections share one storage.
         """
+        if fast is not None and fast.fuse_qkv and self._offload is not None:
+            raise InvalidRequestError(_FUSED_CANNOT_MOVE)
         if self._fast is not None:
             self._fast.undo()
             self._fast = None
@@ -209,11 +251,14 @@ class Generator:
     ) -> StageInputs:
         models = plan.models
         unet = models.unet
-        device, dtype = placement(unet)
+        device, dtype = self.device, placement(unet)[1]
         guidance = guidance_for(request.guidance, unet, request.guidance_rescale)
         n = request.num_images
         mine = [(c, p) for c, p in prepared if models.stage in c.stage]
-        with _text_encoder_patches(models, [p for _, p in mine]):
+        with (
+            self._resident([e.model for e in models.text_encoders]),
+            _text_encoder_patches(models, [p for _, p in mine]),
+        ):
             positive, negative = encode_prompts(
                 models.text_encoders,
                 [request.prompt],
@@ -258,7 +303,7 @@ class Generator:
         plans = self._plans(request)
         validate_conditions(request.conditions, has_refiner=len(plans) > 1)
         width, height = request.size
-        device, dtype = self.base.device, self.base.dtype
+        device, dtype = self.device, self.base.dtype
         context = PrepareContext(
             device=device,
             dtype=dtype,
@@ -277,11 +322,13 @@ class Generator:
         latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         latents = latents * plans[0].schedule.scheduler.init_noise_sigma
         for inputs in stage_inputs:
-            latents = latents.to(*placement(inputs.unet))
-            latents = denoise(inputs, latents, generators=generators, progress=progress, progress_bar=progress_bar)
+            with self._resident([inputs.unet]):
+                latents = latents.to(*placement(inputs.unet))
+                latents = denoise(inputs, latents, generators=generators, progress=progress, progress_bar=progress_bar)
 
         last = plans[-1].models
-        pixels = decode_latents(last.vae, latents, tiled=request.vae_tiling)
+        with self._resident([last.vae]):
+            pixels = decode_latents(last.vae, latents, tiled=request.vae_tiling)
         pil = VaeImageProcessor(vae_scale_factor=factor).postprocess(pixels, output_type="pil")
         recipes = [self._recipe(request, plans, i) for i in range(request.num_images)]
         return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes, strict=True)], latents=latents)
@@ -301,6 +348,12 @@ class Generator:
             dtype=str(self.base.dtype).removeprefix("torch."),
         )  # fmt: skip
         return _jsonable(recipe)
+
+
+_FUSED_CANNOT_MOVE = (
+    "offloading moves models between devices, which the fast path's fused projections cannot follow: "
+    "use FastPath(fuse_qkv=False) with offloading"
+)
 
 
 @contextmanager

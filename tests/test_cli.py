@@ -134,3 +134,13 @@ def test_style_reference_and_face_from_the_cli(tiny, tmp_path, shared_dir):
     ]
     assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_speed_and_memory_flags_keep_the_image(tiny, tmp_path):
+    args = ["generate", "x", "--tiny", "--steps", "3", "--seed", "2", "--size", "256x192", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*args, "--fast", "layout", "--offload", "-o", str(tmp_path / "fast.png")]) == 0
+    assert main([*args, "--vae-tiling", "-o", str(tmp_path / "tiled.png")]) == 0
+    plain, fast, tiled = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.int16) for n in ("plain", "fast", "tiled"))
+    assert np.abs(plain - fast).max() <= 1  # rounding only
+    assert np.abs(plain - tiled).max() > 0 and read_recipe(tmp_path / "tiled.png")["vae_tiling"] is True

@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import FusedAttnProcessor2_0
 from PIL import Image
 
-from sdxl_control import FastPath, GenerationRequest, Generator
+from sdxl_control import FastPath, GenerationRequest, Generator, InvalidRequestError
 from sdxl_control.adapters.controlnet import ControlNet, load_controlnet
 from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.ip_adapter import IPAdapter
@@ -172,3 +172,50 @@ def test_vae_tiling_decodes_tile_by_tile_and_is_recorded(gen):
     assert 0 < np.abs(a - b).mean() < 0.2 * a.std()
     assert tiled.recipes[0]["vae_tiling"] is True and whole.recipes[0]["vae_tiling"] is False
     assert gen.base.vae.use_tiling is False  # the request did not switch the model's own setting
+
+
+def test_offload_keeps_one_model_on_the_device_at_a_time(gen, portrait_request, monkeypatch):
+    """On this CPU-only machine the moves cannot save memory; what is checked is that every stage model reaches the
+    device just before it runs and leaves right after, one at a time, and that images do not change."""
+    plain = gen.run(portrait_request, progress_bar=False)
+    names = {id(m): n for n, m in _stage_modules(gen).items()}
+    moves: list[tuple[str, str]] = []
+    original_to = torch.nn.Module.to
+
+    def recording_to(module, *args, **kwargs):
+        if id(module) in names:
+            moves.append((names[id(module)], str(args[0] if args else kwargs.get("device"))))
+        return original_to(module, *args, **kwargs)
+
+    gen.set_offload("cpu")
+    try:
+        assert gen.device == torch.device("cpu")
+        with pytest.raises(InvalidRequestError, match="fuse_qkv=False"):
+            gen.set_fast_path(FastPath())
+        monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+        offloaded = gen.run(portrait_request, progress_bar=False)
+        monkeypatch.undo()
+    finally:
+        gen.set_offload(None)
+    torch.testing.assert_close(offloaded.latents, plain.latents, rtol=0, atol=0)
+    # "cpu" is both the storage and here the compute device: which move is which follows from their order.
+    resident: set[str] = set()
+    order = []
+    for name, _ in moves:
+        if name in resident:
+            resident.remove(name)
+        else:
+            resident.add(name)
+            order.append(name)
+        assert len(resident) <= 2 and (len(resident) < 2 or all(".text" in n for n in resident)), moves
+    assert not resident
+    assert order == ["base.text", "base.text2", "refiner.text2", "base.unet", "refiner.unet", "refiner.vae"]
+
+
+def _stage_modules(gen: Generator) -> dict[str, torch.nn.Module]:
+    out: dict[str, torch.nn.Module] = {}
+    for label, models in (("base", gen.base), ("refiner", gen.refiner)):
+        out[f"{label}.unet"], out[f"{label}.vae"] = models.unet, models.vae
+        for encoder in models.text_encoders:
+            out[f"{label}.{'text2' if encoder.component == 'text_encoder_2' else 'text'}"] = encoder.model
+    return out
