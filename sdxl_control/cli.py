@@ -18,6 +18,7 @@ from .generator import GenerationRequest, Generator
 from .models import DEFAULT_BASE, DEFAULT_REFINER, default_device_and_dtype
 from .presets import available_presets, load_preset
 from .recipe import read_recipe
+from .vae import DRAFT_DECODER
 
 __all__ = ["main", "build_parser"]
 
@@ -179,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--vae-tiling", action="store_true", help="decode tile by tile (large images, small GPUs)")
     gen.add_argument(
+        "--decoder",
+        metavar="MODEL",
+        help=f"decode with this tiny autoencoder instead of the VAE (draft previews), e.g. {DRAFT_DECODER}",
+    )
+    gen.add_argument(
         "--offload",
         action="store_true",
         help="keep models in CPU memory, each on the device only while it runs (small GPUs)",
@@ -204,6 +210,7 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
         "num_images": args.num_images,
         "scheduler": args.scheduler,
         "vae_tiling": True if args.vae_tiling else None,
+        "decoder": args.decoder,
     }
     return {k: v for k, v in given.items() if v is not None}
 

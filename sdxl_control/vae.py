@@ -1,4 +1,4 @@
-"""Latents to pixels, with SDXL's fp16 VAE overflow handled."""
+"""Latents to pixels, with SDXL's fp16 VAE overflow handled; or, for drafts, with a tiny autoencoder."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from typing import Any
 
 import torch
 
-from .models import placement
+from .errors import IncompatibleModelError
+from .models import check_safetensors, placement, resolve_source
 
-__all__ = ["vae_scale_factor", "decode_latents"]
+__all__ = ["DRAFT_DECODER", "vae_scale_factor", "decode_latents", "load_decoder"]
+
+# TAESD for SDXL: a distilled decoder of SDXL's latents, a few MB, for previews and drafts.
+DRAFT_DECODER = "madebyollin/taesdxl"
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +67,36 @@ def decode_latents(vae: Any, latents: torch.Tensor, *, tiled: bool = False) -> t
         with _in_float32(vae):
             images = _decode(vae, latents, tiled)
     return images.float()
+
+
+_DECODERS: dict[tuple[str, str, torch.dtype], Any] = {}
+
+
+def load_decoder(source: str, latent_channels: int, device: torch.device, dtype: torch.dtype) -> Any:
+    """A tiny autoencoder (diffusers ``AutoencoderTiny`` folder: hub id or local path), loaded once per process.
+
+    Example:
+        >>> decoder = load_decoder(DRAFT_DECODER, 4, torch.device("cuda"), torch.float16)  # doctest: +SKIP
+    """
+    import json
+
+    from diffusers import AutoencoderTiny
+
+    path = resolve_source(source, allow=["config.json", "*.safetensors"])
+    key = (str(path.resolve()), str(device), dtype)
+    if key in _DECODERS:
+        return _DECODERS[key]
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("_class_name") != "AutoencoderTiny":
+        raise IncompatibleModelError(
+            f"{source}: not a tiny autoencoder folder (config.json naming AutoencoderTiny), e.g. {DRAFT_DECODER}"
+        )
+    if config.get("latent_channels", 4) != latent_channels:
+        raise IncompatibleModelError(
+            f"{source} decodes {config.get('latent_channels')}-channel latents; this model makes {latent_channels}"
+        )
+    check_safetensors(path / "diffusion_pytorch_model.safetensors")
+    decoder = AutoencoderTiny.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+    _DECODERS[key] = decoder.to(device).eval().requires_grad_(False)
+    return _DECODERS[key]

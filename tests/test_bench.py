@@ -22,12 +22,13 @@ def test_benchmark_smoke_run_writes_its_table(tmp_path, tiny, monkeypatch):
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "smoke.json").read_text())
     names = [row["scenario"] for row in result["rows"]]
-    assert len(names) == 8 and names[0] == "base" and names[-1].startswith("portrait stack")
+    assert len(names) == 9 and names[0] == "base" and names[-1].startswith("portrait stack")
     for row in result["rows"]:
         assert row["ours_s"] > 0 and row["diffusers_s"] > 0 and row["ratio"] > 0
         # the fast path ran every scenario and drew the same images (fp32: rounding only)
         assert row["fast_s"] > 0 and row["fast_max_pixel_diff"] <= 1, row
     assert result["unet_tflop_per_step_cfg"] >= 0 and result["tiny"] is True
+    assert set(result["unet_forward"]) == {"plain", "fast"} and result["unet_forward"]["fast"]["ms"] > 0
     table = (tmp_path / "smoke.md").read_text()
     assert "| + 2 ControlNets | 2 |" in table and "TINY smoke models" in table
     assert "| base 30 steps | <= 0.8 | None | n/a |" in table  # targets are judged on full-size runs only

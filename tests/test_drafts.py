@@ -9,7 +9,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
-from sdxl_control import GenerationRequest, Generator, IncompatibleModelError, MissingWeightsError
+from sdxl_control import GenerationRequest, Generator, IncompatibleModelError, InvalidRequestError, MissingWeightsError
 from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.ip_adapter import IPAdapter
@@ -17,10 +17,11 @@ from sdxl_control.adapters.lora import LoRA
 from sdxl_control.guidance import NoGuidance, guidance_for
 from sdxl_control.presets import load_preset
 from sdxl_control.schedule import make_scheduler
-from sdxl_control.testing import write_tiny_controlnet
+from sdxl_control.testing import write_tiny_controlnet, write_tiny_taesd
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
 from sdxl_control.testing.tiny import SDXL_SCHEDULER
+from sdxl_control.vae import DRAFT_DECODER
 
 from .test_faceid import fake_face
 
@@ -114,3 +115,34 @@ def test_unet_only_checkpoint_loads_over_the_base(tiny, tmp_path):
     save_file({"conv_in.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(IncompatibleModelError, match="does not fit the base UNet"):
         Generator.from_pretrained(tiny.base, device="cpu", unet=str(tmp_path / "other.safetensors"))
+
+
+def test_draft_decoder_equals_diffusers_with_the_tiny_autoencoder(generator, tiny, tmp_path):
+    from diffusers import AutoencoderTiny, StableDiffusionXLPipeline
+
+    taesd = write_tiny_taesd(tmp_path / "taesdxl")
+    run = dict(size=(64, 64), steps=3, seed=4, guidance=5.0)
+    ours = generator.generate("a fox", decoder=str(taesd), progress_bar=False, **run)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny.base, vae=AutoencoderTiny.from_pretrained(taesd))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a fox", height=64, width=64, num_inference_steps=3, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(4), output_type="np").images[0]  # fmt: skip
+    assert np.abs(np.asarray(ours.images[0], np.float32) / 255 - theirs).max() <= 1 / 255 + 1e-6
+    vae = generator.generate("a fox", progress_bar=False, **run)
+    assert torch.equal(vae.latents, ours.latents) and ours.recipes[0]["decoder"] == str(taesd)
+    assert np.abs(np.asarray(vae.images[0], np.int16) - np.asarray(ours.images[0], np.int16)).max() > 0
+
+
+def test_draft_decoder_errors(generator, tiny):
+    with pytest.raises(IncompatibleModelError, match="AutoencoderTiny"):
+        generator.generate("x", size=(64, 64), steps=1, decoder=str(tiny.base / "vae"), progress_bar=False)
+    with pytest.raises(MissingWeightsError, match="hf download madebyollin/taesdxl"):
+        generator.generate("x", size=(64, 64), steps=1, decoder="madebyollin/taesdxl", progress_bar=False)
+    with pytest.raises(InvalidRequestError, match="needs no tiling"):
+        GenerationRequest("x", decoder="madebyollin/taesdxl", vae_tiling=True)
+
+
+def test_preview_preset_is_lightning_with_the_draft_decoder():
+    preview, lightning = load_preset("lightning-4step-preview"), load_preset("lightning-4step")
+    assert preview.settings.pop("decoder") == DRAFT_DECODER
+    assert preview.settings == lightning.settings and preview.loras == lightning.loras

@@ -2,7 +2,7 @@
 the normal loading path."""
 
 from .annotators import tiny_control_models, write_random_openpose, write_tiny_controlnet, write_tiny_depth_estimator
-from .tiny import TinyModels, clip_bpe, tiny_models, write_tiny_base, write_tiny_refiner
+from .tiny import TinyModels, clip_bpe, tiny_models, write_tiny_base, write_tiny_refiner, write_tiny_taesd
 
 __all__ = [
     "TinyModels",
@@ -10,6 +10,7 @@ __all__ = [
     "tiny_models",
     "write_tiny_base",
     "write_tiny_refiner",
+    "write_tiny_taesd",
     "write_tiny_controlnet",
     "write_tiny_depth_estimator",
     "write_random_openpose",

@@ -134,6 +134,24 @@ def _vae(seed: int) -> Any:
     )
 
 
+def write_tiny_taesd(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+    """Write a tiny ``AutoencoderTiny`` (TAESD's architecture, 8x upsampling, tiny widths) as diffusers saves it —
+    the layout of ``madebyollin/taesdxl``."""
+    from diffusers import AutoencoderTiny
+
+    model = _seeded(
+        seed + 7,
+        lambda: AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+        ),
+    )
+    model.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 def _base_unet(seed: int) -> Any:
     from diffusers import UNet2DConditionModel
 
