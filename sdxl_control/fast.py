@@ -6,9 +6,10 @@ Nothing here changes what a model computes beyond floating-point rounding:
 * ``fuse_qkv`` runs each self-attention's query/key/value projections (and each cross-attention's key/value) as one
   matrix product. The fused matrix is the storage and the three weights become views into it, so memory does not
   grow and weight patches (LoRA, FaceID), which write in place, reach the fused matrix without any bookkeeping;
-* ``compile`` hands either the UNet's repeated transformer blocks (``"blocks"``: compiles in a fraction of the
-  time, most of the gain) or the whole UNet (``"unet"``) to ``torch.compile``; ``compile_mode="reduce-overhead"``
-  adds CUDA graphs, which the loop allows: it never reads the device back and weights never move.
+* ``compile`` hands either the UNet's repeated transformer blocks (``"blocks"``, PyTorch's regional compilation:
+  one compile serves every block of a shape, so it takes a fraction of a whole-model compile) or the whole UNet
+  (``"unet"``) to ``torch.compile``; ``compile_mode="reduce-overhead"`` adds CUDA graphs, which the loop allows: it
+  never reads the device back, and weight patches write in place, so captured addresses stay valid.
 """
 
 from __future__ import annotations

@@ -167,9 +167,11 @@ class Generator:
         for module in self._stage_modules():
             module.to("cpu" if device is not None else target)
 
+    def _stages(self) -> list[StageModels]:
+        return [m for m in (self.base, self.refiner) if m is not None]
+
     def _stage_modules(self) -> list[torch.nn.Module]:
-        stages = [m for m in (self.base, self.refiner) if m is not None]
-        return [module for m in stages for module in (m.unet, m.vae, *(e.model for e in m.text_encoders))]
+        return [module for m in self._stages() for module in (m.unet, m.vae, *(e.model for e in m.text_encoders))]
 
     @contextmanager
     def _resident(self, modules: list[torch.nn.Module]) -> Iterator[None]:
@@ -202,7 +204,7 @@ class Generator:
             self._fast.undo()
             self._fast = None
         if fast is not None:
-            stages = [m for m in (self.base, self.refiner) if m is not None]
+            stages = self._stages()
             self._fast = apply_fast_path([m.unet for m in stages], [m.vae for m in stages], fast)
 
     @classmethod
