@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import sdxl_control.generator as generator_module
-from sdxl_control import Attachment, Condition, GenerationRequest, Generator, Prepared, Stage
-from sdxl_control.adapters.controlnet import ControlNet
+from sdxl_control import Attachment, Condition, FastPath, GenerationRequest, Generator, Prepared, Stage
+from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
 from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
@@ -46,11 +46,19 @@ def meta_generator(tiny) -> Generator:
 def stacked(tiny, tmp_path_factory) -> tuple[Condition, ...]:
     folder = tmp_path_factory.mktemp("meta")
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    ip = write_tiny_ip_adapter_repo(folder / "ip", tiny.base)
     return (
         LoRA(str(write_tiny_lora(folder / "lora.safetensors", tiny.base, "kohya", seed=7)), window=(0.25, 0.75)),
         ControlNet(str(write_tiny_controlnet(folder / "cn", tiny.base, seed=3)), image=photo, window=(0.0, 0.5)),
-        IPAdapter("plus", photo, source=str(write_tiny_ip_adapter_repo(folder / "ip", tiny.base)), window=(0.5, 1.0)),
-        FaceID("faceid", fake_face(3), source=str(write_tiny_faceid_repo(folder / "faceid", tiny.base))),
+        ControlNetUnion(str(write_tiny_controlnet(folder / "u", tiny.base, seed=2, union=True)), depth=photo),
+        IPAdapter("plus", photo, source=str(ip), window=(0.5, 1.0)),
+        IPAdapter("sdxl", photo, source=str(ip), mask=photo, layers="style"),
+        FaceID(
+            "plusv2",
+            fake_face(3),
+            source=str(write_tiny_faceid_repo(folder / "faceid", tiny.base)),
+            image_encoder=str(ip / "models" / "image_encoder"),
+        ),  # fmt: skip
     )
 
 
@@ -108,3 +116,11 @@ def test_a_condition_that_reads_the_device_is_caught(meta_generator, monkeypatch
     monkeypatch.setattr(generator_module, "decode_latents", _stop_at_decode)
     with pytest.raises(RuntimeError, match="meta"):
         meta_generator.generate("x", size=(64, 64), steps=2, conditions=(_HostReader(),), progress_bar=False)
+
+
+def test_fast_path_never_reads_the_device(meta_generator, stacked, monkeypatch):
+    meta_generator.set_fast_path(FastPath())
+    try:
+        _run_on_meta(meta_generator, monkeypatch, steps=4, refiner_switch=0.5, conditions=stacked)
+    finally:
+        meta_generator.set_fast_path(None)
