@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from ..attach import ProcessorPatch
+from ..attach import ProcessorPatch, attention_layers
 from ..attention import AttentionBranch, BranchedAttnProcessor
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
@@ -105,7 +105,7 @@ def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def cross_layers(unet: Any) -> list[str]:
-    return [name for name in unet.attn_processors if name.endswith("attn2.processor")]
+    return [name for name in attention_layers(unet) if name.endswith("attn2.processor")]
 
 
 def check_fits(parts: Mapping[str, Mapping[str, torch.Tensor]], unet: Any, source: str) -> None:
@@ -233,7 +233,7 @@ class IPPrepared(Prepared):
     def attach(self, unet: Any, stage: Stage) -> Attachment:
         weight_patch = WeightPatch(unet, self.deltas) if self.deltas else None
         try:
-            processors = unet.attn_processors
+            layers = attention_layers(unet)
             replacements, branches = {}, []
             for index, layer in enumerate(cross_layers(unet)):
                 scale = self.scales[layer]
@@ -244,7 +244,7 @@ class IPPrepared(Prepared):
                 value = F.linear(self.tokens, self.weights[f"{number}.to_v_ip.weight"])
                 branch = AttentionBranch(self.name, key, value, scale, self.mask, active=False)
                 branches.append(branch)
-                replacements[layer] = BranchedAttnProcessor(processors[layer], [branch])
+                replacements[layer] = BranchedAttnProcessor(layers[layer].processor, [branch])
             return _IPAttachment(ProcessorPatch(unet, replacements), branches, weight_patch)
         except BaseException:
             if weight_patch is not None:

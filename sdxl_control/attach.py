@@ -3,6 +3,7 @@ checks nothing was left behind."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +14,23 @@ import torch
 from .conditions import Attachment, Condition, Prepared, Stage
 from .errors import SdxlControlError
 
-__all__ = ["ProcessorPatch", "ModelSnapshot", "attached"]
+__all__ = ["ProcessorPatch", "ModelSnapshot", "attached", "attention_layers"]
+
+# model -> {processor name: attention module}; weak so that dropped models are forgotten
+_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def attention_layers(model: torch.nn.Module) -> dict[str, Any]:
+    """A model's attention modules by processor name (diffusers' ``attn_processors`` naming and order), found once.
+
+    diffusers' ``attn_processors`` / ``set_attn_processor`` walk every module on each use (milliseconds on a full
+    UNet, twice per condition per call); the set of attention modules of a model does not change.
+    """
+    layers = _LAYERS.get(model)
+    if layers is None:
+        layers = {f"{name}.processor": m for name, m in model.named_modules() if hasattr(m, "set_processor")}
+        _LAYERS[model] = layers
+    return layers
 
 
 class ProcessorPatch:
@@ -25,16 +42,17 @@ class ProcessorPatch:
     """
 
     def __init__(self, unet: Any, replacements: Mapping[str, Any]) -> None:
-        current = dict(unet.attn_processors)
-        unknown = sorted(set(replacements) - set(current))
+        layers = attention_layers(unet)
+        unknown = sorted(set(replacements) - set(layers))
         if unknown:
             raise KeyError(f"no attention layer named {unknown[0]!r} in this UNet")
-        self._unet = unet
-        self._saved = current
-        unet.set_attn_processor({**current, **replacements})
+        self._saved = {name: (layers[name], layers[name].processor) for name in replacements}
+        for name, processor in replacements.items():
+            layers[name].set_processor(processor)
 
     def restore(self) -> None:
-        self._unet.set_attn_processor(dict(self._saved))
+        for layer, processor in self._saved.values():
+            layer.set_processor(processor)
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
@@ -101,7 +119,7 @@ def attached(
         yield []
         return
     before = ModelSnapshot.take(unet)
-    processors = dict(getattr(unet, "attn_processors", {}))
+    processors = {name: (layer, layer.processor) for name, layer in attention_layers(unet).items()}
     live: list[tuple[Condition, Attachment]] = []
     try:
         for condition, ready in prepared:
@@ -119,6 +137,7 @@ def attached(
             raise errors[0]
         if changed:
             if "attention processors" in changed:
-                unet.set_attn_processor(processors)  # type: ignore[operator]
+                for layer, processor in processors.values():
+                    layer.set_processor(processor)
             names = ", ".join(type(c).__name__ for c, _ in live)
             raise SdxlControlError(f"detaching [{names}] did not restore the UNet's {' and '.join(changed)}")
