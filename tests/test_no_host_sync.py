@@ -74,7 +74,7 @@ def _run_on_meta(generator: Generator, monkeypatch: pytest.MonkeyPatch, **option
     return latents
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "heun", "dpmpp_2m", "unipc", "ddim", "lcm"])
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_sde", "unipc", "ddim", "lcm"])
 def test_two_stage_call_with_stacked_conditions_never_reads_the_device(meta_generator, stacked, monkeypatch, scheduler):
     latents = _run_on_meta(
         meta_generator, monkeypatch, steps=4, refiner_switch=0.5, scheduler=scheduler, conditions=stacked
