@@ -179,11 +179,14 @@ class _ControlPrepared(Prepared):
         return _ControlAttachment(self.model, self.scale, self.guess_mode, self.inputs)
 
 
-def _base_unet(ctx: PrepareContext) -> Any:
+def _controlnet_for(ctx: PrepareContext, source: str | Path, union: bool) -> Any:
+    """The (cached) ControlNet for the call's base UNet and device, on the call's fast path."""
     unet = ctx.stages.get(Stage.BASE)
     if unet is None:
         raise ConditionError("ControlNet conditions need the base stage")
-    return unet
+    model = load_controlnet(source, union=union, unet=unet, device=ctx.device)
+    match_fast_path(model, ctx.fast)
+    return model
 
 
 @dataclass(frozen=True)
@@ -210,8 +213,7 @@ class ControlNet(Condition):
     unsupported_reason: ClassVar[str] = _REFINER_REASON
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        model = load_controlnet(self.model, union=False, unet=_base_unet(ctx), device=ctx.device)
-        match_fast_path(model, ctx.fast)
+        model = _controlnet_for(ctx, self.model, union=False)
         guess = self.guess_mode or bool(getattr(model.config, "global_pool_conditions", False))
         doubled = ctx.guided and not guess
         image = _control_tensor(self.image, self.preprocess, self.preprocess_options, ctx, doubled)
@@ -265,8 +267,7 @@ class ControlNetUnion(Condition):
                 raise ConditionError(f"preprocess names {name!r} but no {name}= image was given")
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        model = load_controlnet(self.model, union=True, unet=_base_unet(ctx), device=ctx.device)
-        match_fast_path(model, ctx.fast)
+        model = _controlnet_for(ctx, self.model, union=True)
         n_types = model.config.num_control_type
         modes = []
         images = []

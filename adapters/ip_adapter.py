@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from ..attach import ProcessorPatch, attention_layers
-from ..attention import AttentionBranch, BranchedAttnProcessor
+from ..attach import ProcessorPatch
+from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
 from ..models import check_safetensors, read_safetensors, resolve_in, resolve_source

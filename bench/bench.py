@@ -433,9 +433,7 @@ def memory_options(setup: Setup, repeats: int) -> list[dict[str, Any]]:
 
     gen = setup.gen
     rows = []
-    stages = [m for m in (gen.base, gen.refiner) if m is not None]
-    modules = [x for m in stages for x in (m.unet, m.vae, *(e.model for e in m.text_encoders))]
-    stage_bytes = sum(p.numel() * p.element_size() for x in modules for p in x.parameters())
+    stage_bytes = sum(p.numel() * p.element_size() for x in gen.stage_modules() for p in x.parameters())
 
     def run() -> Any:
         return gen.generate(PROMPT, steps=setup.steps, size=(setup.size, setup.size), seed=0, progress_bar=False)

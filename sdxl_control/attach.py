@@ -3,7 +3,6 @@ checks nothing was left behind."""
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,26 +10,11 @@ from typing import Any
 
 import torch
 
+from .attention import attention_layers
 from .conditions import Attachment, Condition, Prepared, Stage
 from .errors import SdxlControlError
 
-__all__ = ["ProcessorPatch", "ModelSnapshot", "attached", "attention_layers"]
-
-# model -> {processor name: attention module}; weak so that dropped models are forgotten
-_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def attention_layers(model: torch.nn.Module) -> dict[str, Any]:
-    """A model's attention modules by processor name (diffusers' ``attn_processors`` naming and order), found once.
-
-    diffusers' ``attn_processors`` / ``set_attn_processor`` walk every module on each use (milliseconds on a full
-    UNet, twice per condition per call); the set of attention modules of a model does not change.
-    """
-    layers = _LAYERS.get(model)
-    if layers is None:
-        layers = {f"{name}.processor": m for name, m in model.named_modules() if hasattr(m, "set_processor")}
-        _LAYERS[model] = layers
-    return layers
+__all__ = ["ProcessorPatch", "ModelSnapshot", "attached"]
 
 
 class ProcessorPatch:

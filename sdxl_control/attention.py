@@ -8,13 +8,30 @@ projected separately (without bias) and added to its result.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionBranch", "BranchedAttnProcessor"]
+__all__ = ["AttentionBranch", "BranchedAttnProcessor", "attention_layers"]
+
+# model -> {processor name: attention module}; weak so that dropped models are forgotten
+_LAYERS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def attention_layers(model: torch.nn.Module) -> dict[str, Any]:
+    """A model's attention modules by processor name (diffusers' ``attn_processors`` naming and order), found once.
+
+    diffusers' ``attn_processors`` / ``set_attn_processor`` walk every module on each use (milliseconds on a full
+    UNet, twice per condition per call); the set of attention modules of a model does not change.
+    """
+    layers = _LAYERS.get(model)
+    if layers is None:
+        layers = {f"{name}.processor": m for name, m in model.named_modules() if hasattr(m, "set_processor")}
+        _LAYERS[model] = layers
+    return layers
 
 
 @dataclass(eq=False)

@@ -22,6 +22,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .attention import attention_layers
+
 __all__ = ["FAST_LEVELS", "FastPath", "FastPathHandle", "apply_fast_path", "match_fast_path"]
 
 # Named levels for command lines: what each adds, cheapest first.
@@ -105,11 +107,8 @@ def _unfuse(linears: Sequence[torch.nn.Linear]) -> None:
 def _fuse_attention(unet: Any) -> Callable[[], None]:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
-    saved = dict(unet.attn_processors)
-    fused: list[tuple[Any, str, list[torch.nn.Linear]]] = []
-    processors = dict(saved)
-    names = {id(module): name for name, module in unet.named_modules()}
-    for module in unet.modules():
+    fused: list[tuple[Any, Any, str, list[torch.nn.Linear]]] = []
+    for module in attention_layers(unet).values():
         # Only layers running the plain SDPA processor: anything else (a loaded adapter's) is left as it is.
         if not isinstance(module, Attention) or type(module.processor) is not AttnProcessor2_0:
             continue
@@ -120,13 +119,12 @@ def _fuse_attention(unet: Any) -> Callable[[], None]:
         if len({(p.in_features, p.bias is None) for p in parts}) != 1:
             continue
         setattr(module, attr, _fuse(parts))
-        fused.append((module, attr, parts))
-        processors[f"{names[id(module)]}.processor"] = FusedAttnProcessor2_0()
-    unet.set_attn_processor(processors)
+        fused.append((module, module.processor, attr, parts))
+        module.set_processor(FusedAttnProcessor2_0())
 
     def undo() -> None:
-        unet.set_attn_processor(saved)
-        for module, attr, parts in fused:
+        for module, processor, attr, parts in fused:
+            module.set_processor(processor)
             delattr(module, attr)
             _unfuse(parts)
 

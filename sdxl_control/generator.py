@@ -164,13 +164,14 @@ class Generator:
         if target is None:
             return
         self._offload = None if device is None else target
-        for module in self._stage_modules():
+        for module in self.stage_modules():
             module.to("cpu" if device is not None else target)
 
     def _stages(self) -> list[StageModels]:
         return [m for m in (self.base, self.refiner) if m is not None]
 
-    def _stage_modules(self) -> list[torch.nn.Module]:
+    def stage_modules(self) -> list[torch.nn.Module]:
+        """Every model of both stages: UNets, VAEs, text encoders (not the models conditions bring)."""
         return [module for m in self._stages() for module in (m.unet, m.vae, *(e.model for e in m.text_encoders))]
 
     @contextmanager
