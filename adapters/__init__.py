@@ -26,6 +26,7 @@ CONDITION_KINDS: dict[str, tuple[str, str]] = {
     "controlnet-union": ("controlnet", "ControlNetUnion"),
     "ip-adapter": ("ip_adapter", "IPAdapter"),
     "faceid": ("faceid", "FaceID"),
+    "instantid": ("instantid", "InstantID"),
     "lora": ("lora", "LoRA"),
 }
 

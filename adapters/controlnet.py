@@ -1,7 +1,9 @@
 """ControlNet conditions: SDXL ControlNets (one or several per call) and ControlNet-Union / ProMax.
 
 Each ControlNet runs once per step inside its window and returns residuals; the loop sums the residuals of all
-ControlNets and feeds them to the UNet in its single forward pass. Nothing on the UNet is changed.
+ControlNets and feeds them to the UNet in its single forward pass. Nothing on the UNet is changed. A ControlNet
+attends to the prompt unless it is given its own :class:`~sdxl_control.Tokens` (as InstantID's IdentityNet attends to
+face tokens), and a region ``mask`` limits its residuals to part of the image.
 
 Example:
     >>> from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
@@ -20,15 +22,25 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 
-from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo
+from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo, Tokens
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
 from ..fast import match_fast_path
 from ..models import check_safetensors, placement, resolve_source
 from ..preprocessors import ImageInput, preprocess
 
-__all__ = ["ControlNet", "ControlNetUnion", "UNION_CONTROL_TYPES", "load_controlnet", "clear_controlnet_cache"]
+__all__ = [
+    "ControlNet",
+    "ControlNetUnion",
+    "UNION_CONTROL_TYPES",
+    "load_controlnet",
+    "clear_controlnet_cache",
+    "ControlPrepared",
+    "controlnet_for",
+    "control_tensor",
+]
 
 # xinsir's ControlNet-Union control types (index into the model's task embedding); ProMax adds tile and inpaint.
 UNION_CONTROL_TYPES: dict[str, int] = {
@@ -116,7 +128,7 @@ def _as_list(images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> 
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
-def _control_tensor(
+def control_tensor(
     images: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
     preprocessor: str | None,
     options: Mapping[str, Any],
@@ -136,32 +148,65 @@ def _control_tensor(
     return torch.cat([tensor, tensor]) if doubled else tensor
 
 
+@dataclass(frozen=True, eq=False)
+class ControlPrepared(Prepared):
+    """A ControlNet ready to run: its model, inputs (control image(s), union types), strength, and optionally its own
+    batched ``context`` tokens and a region ``mask`` (1, 1, H, W) its residuals are multiplied by.
+
+    Example:
+        >>> ControlPrepared(model, 0.8, False, {"controlnet_cond": image}, context=face_tokens)  # doctest: +SKIP
+    """
+
+    model: Any
+    scale: float
+    guess_mode: bool
+    inputs: Mapping[str, Any]
+    context: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def attach(self, unet: Any, stage: Stage) -> Attachment:
+        return _ControlAttachment(self)
+
+
 class _ControlAttachment(Attachment):
     """Runs a ControlNet at each active step; attaches nothing to the UNet, so detaching has nothing to undo."""
 
-    def __init__(self, model: Any, scale: float, guess_mode: bool, inputs: dict[str, Any]) -> None:
-        self.model, self.scale, self.guess_mode, self.inputs = model, scale, guess_mode, inputs
+    def __init__(self, ready: ControlPrepared) -> None:
+        self.ready = ready
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # the region mask at each residual's size
+
+    def _masked(self, residual: torch.Tensor) -> torch.Tensor:
+        assert self.ready.mask is not None
+        size = tuple(residual.shape[-2:])
+        if size not in self._masks:
+            # As InstantID's full pipeline masks IdentityNet: the mask resized (bilinear) to each residual.
+            self._masks[size] = F.interpolate(self.ready.mask, size=size, mode="bilinear")
+        return residual * self._masks[size]
 
     def contribute(self, step: StepInfo, active: bool) -> Residuals | None:
         if not active:
             return None
+        ready = self.ready
         # Guess mode with guidance: the ControlNet sees only the conditional half; the unconditional half gets 0.
-        half = self.guess_mode and step.guided
-        sample, hidden, added = step.sample, step.encoder_hidden_states, dict(step.added_cond_kwargs)
+        half = ready.guess_mode and step.guided
+        sample, added = step.sample, dict(step.added_cond_kwargs)
+        hidden = step.encoder_hidden_states if ready.context is None else ready.context
         if half:
             sample, hidden = sample.chunk(2)[1], hidden.chunk(2)[1]
             added = {k: v.chunk(2)[1] for k, v in added.items()}
-        inputs = dict(self.inputs)
+        inputs = dict(ready.inputs)
         control_type = inputs.get("control_type")
         if control_type is not None:
             inputs["control_type"] = control_type.repeat(sample.shape[0], 1)
-            scale: float | list[float] = [self.scale] * len(inputs["control_type_idx"])
+            scale: float | list[float] = [ready.scale] * len(inputs["control_type_idx"])
         else:
-            scale = self.scale
-        down, mid = self.model(
-            sample, step.timestep, encoder_hidden_states=hidden, conditioning_scale=scale, guess_mode=self.guess_mode,
+            scale = ready.scale
+        down, mid = ready.model(
+            sample, step.timestep, encoder_hidden_states=hidden, conditioning_scale=scale, guess_mode=ready.guess_mode,
             added_cond_kwargs=added, return_dict=False, **inputs,
         )  # fmt: skip
+        if ready.mask is not None:
+            down, mid = [self._masked(d) for d in down], self._masked(mid)
         if half:
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])
@@ -171,15 +216,15 @@ class _ControlAttachment(Attachment):
         return None
 
 
-class _ControlPrepared(Prepared):
-    def __init__(self, model: Any, scale: float, guess_mode: bool, inputs: dict[str, Any]) -> None:
-        self.model, self.scale, self.guess_mode, self.inputs = model, scale, guess_mode, inputs
+def control_mask(mask: Any, ctx: PrepareContext) -> torch.Tensor:
+    """A region mask (white = here) at the output size as (1, 1, H, W) in the call's dtype; binarised as IP-Adapter
+    masks are, so both channels of one condition cover the same region."""
+    from .ip_adapter import region_mask
 
-    def attach(self, unet: Any, stage: Stage) -> Attachment:
-        return _ControlAttachment(self.model, self.scale, self.guess_mode, self.inputs)
+    return region_mask(mask, ctx)[:, None].to(ctx.dtype)
 
 
-def _controlnet_for(ctx: PrepareContext, source: str | Path, union: bool) -> Any:
+def controlnet_for(ctx: PrepareContext, source: str | Path, union: bool) -> Any:
     """The (cached) ControlNet for the call's base UNet and device, on the call's fast path."""
     unet = ctx.stages.get(Stage.BASE)
     if unet is None:
@@ -193,9 +238,11 @@ def _controlnet_for(ctx: PrepareContext, source: str | Path, union: bool) -> Any
 class ControlNet(Condition):
     """One SDXL ControlNet with its control image(s).
 
-    ``image`` is a photo to run ``preprocess`` on (``"canny"``, ``"depth"``, ``"pose"``), or a ready control map
-    when ``preprocess`` is ``None``; give one image, or one per image of the batch. ``guess_mode`` lets the
-    ControlNet work without the prompt (its residuals scaled from 0.1 at the input to 1.0 at the middle block).
+    ``image`` is a photo to run ``preprocess`` on (``"canny"``, ``"depth"``, ``"pose"``, ``"face"``), or a ready
+    control map when ``preprocess`` is ``None``; give one image, or one per image of the batch. ``guess_mode`` lets
+    the ControlNet work without the prompt (its residuals scaled from 0.1 at the input to 1.0 at the middle block).
+    ``context`` gives it its own :class:`~sdxl_control.Tokens` to attend to instead of the prompt; ``mask``
+    (white = here) limits its effect to a region.
 
     Example:
         >>> ControlNet("diffusers/controlnet-canny-sdxl-1.0", image="photo.jpg", preprocess="canny", scale=0.6)
@@ -207,17 +254,28 @@ class ControlNet(Condition):
     preprocess: str | None = None
     preprocess_options: Mapping[str, Any] = field(default_factory=dict)
     guess_mode: bool = False
+    context: Tokens | None = None
+    mask: Any = None
 
     kind: ClassVar[str] = "controlnet"
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = _REFINER_REASON
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        model = _controlnet_for(ctx, self.model, union=False)
+        model = controlnet_for(ctx, self.model, union=False)
         guess = self.guess_mode or bool(getattr(model.config, "global_pool_conditions", False))
         doubled = ctx.guided and not guess
-        image = _control_tensor(self.image, self.preprocess, self.preprocess_options, ctx, doubled)
-        return _ControlPrepared(model, self.scale, guess, {"controlnet_cond": image})
+        image = control_tensor(self.image, self.preprocess, self.preprocess_options, ctx, doubled)
+        context = None
+        if self.context is not None:
+            if self.context.positive.shape[-1] != model.config.cross_attention_dim:
+                raise ConditionError(
+                    f"{self.model} attends to {model.config.cross_attention_dim}-wide tokens; context tokens are "
+                    f"{self.context.positive.shape[-1]} wide"
+                )
+            context = self.context.batched(ctx.batch_size, ctx.guided).to(ctx.device, ctx.dtype)
+        mask = control_mask(self.mask, ctx) if self.mask is not None else None
+        return ControlPrepared(model, self.scale, guess, {"controlnet_cond": image}, context, mask)
 
 
 @dataclass(frozen=True)
@@ -267,7 +325,7 @@ class ControlNetUnion(Condition):
                 raise ConditionError(f"preprocess names {name!r} but no {name}= image was given")
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        model = _controlnet_for(ctx, self.model, union=True)
+        model = controlnet_for(ctx, self.model, union=True)
         n_types = model.config.num_control_type
         modes = []
         images = []
@@ -278,7 +336,7 @@ class ControlNetUnion(Condition):
             modes.append(index)
             preprocessor = _UNION_PREPROCESSORS[name] if name in self.preprocess else None
             options = self.preprocess_options.get(name, {}) if preprocessor else {}
-            images.append(_control_tensor(image, preprocessor, options, ctx, ctx.guided and not self.guess_mode))
+            images.append(control_tensor(image, preprocessor, options, ctx, ctx.guided and not self.guess_mode))
         control_type = torch.zeros(n_types).scatter_(0, torch.tensor(modes), 1).reshape(1, -1).to(ctx.device, ctx.dtype)
         inputs = {"controlnet_cond": images, "control_type": control_type, "control_type_idx": modes}
-        return _ControlPrepared(model, self.scale, self.guess_mode, inputs)
+        return ControlPrepared(model, self.scale, self.guess_mode, inputs)

@@ -21,15 +21,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..conditions import Condition, PrepareContext, Prepared, Stage
+from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError
 from ..models import check_safetensors, placement, resolve_in, resolve_source
-from ..preprocessors.face import DEFAULT_PACK, FaceAnalyzer, FaceInfo
+from ..preprocessors.face import DEFAULT_PACK, analyze_faces
 from .ip_adapter import REPO as IP_ADAPTER_REPO
 from .ip_adapter import VARIANTS as IP_VARIANTS
 from .ip_adapter import IPPrepared, encode_images, layer_scales, load_adapter, region_mask
 
-__all__ = ["FaceID", "FACEID_VARIANTS", "face_embeddings", "save_face", "load_face"]
+__all__ = ["FaceID", "FACEID_VARIANTS", "save_face", "load_face"]
 
 FACEID_REPO = "h94/IP-Adapter-FaceID"
 FACEID_VARIANTS: dict[str, str] = {
@@ -56,21 +56,6 @@ def lora_deltas(ip_weights: Mapping[str, torch.Tensor], unet: Any) -> dict[str, 
             target = f"{module}.{proj}.0.weight" if proj == "to_out" else f"{module}.{proj}.weight"
             deltas[target] = up.to(device, torch.float32) @ down.to(device, torch.float32)
     return deltas
-
-
-def face_embeddings(faces: Any, pack: str = DEFAULT_PACK, root: str = "~/.insightface") -> list[FaceInfo]:
-    """Analyse each face image (or pass :class:`FaceInfo` through)."""
-    items = faces if isinstance(faces, (list, tuple)) else [faces]
-    analyzer: FaceAnalyzer | None = None
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, FaceInfo):
-            out.append(item)
-            continue
-        analyzer = analyzer or FaceAnalyzer(pack, root)
-        label = str(item) if isinstance(item, (str, os.PathLike)) else f"face image {i + 1}"
-        out.append(analyzer.analyze(item, label))
-    return out
 
 
 def save_face(
@@ -147,8 +132,9 @@ class FaceID(Condition):
             if self.plus and clip is None:
                 raise ConditionError(f"{self.embeddings} holds no CLIP face features, which FaceID-PlusV2 needs")
             return saved["id_embeds"], clip
-        faces = face_embeddings(self.faces, self.face_pack, self.face_root)
-        ids = torch.from_numpy(np.stack([f.embedding for f in faces]))
+        faces = analyze_faces(self.faces, self.face_pack, self.face_root)
+        # FaceID was trained on unit-length ArcFace embeddings (the reference takes insightface's normed_embedding).
+        ids = torch.from_numpy(np.stack([f.normed_embedding for f in faces]))
         if not self.plus:
             return ids, None
         return ids, encode_images(
@@ -170,11 +156,10 @@ class FaceID(Condition):
             clip_stack = torch.cat([uncond, cond]) if ctx.guided else cond
             projection.clip_embeds = clip_stack.reshape(-1, n, *cond.shape[1:]).to(ctx.device, ctx.dtype)
             projection.shortcut, projection.shortcut_scale = True, self.s_scale
+        width = unet.config.cross_attention_dim
         with torch.no_grad():
-            tokens = projection(stack.to(ctx.device, ctx.dtype))
-        rows = 2 if ctx.guided else 1
-        tokens = tokens.reshape(rows, -1, unet.config.cross_attention_dim)
-        tokens = tokens.repeat_interleave(ctx.batch_size, dim=0)
+            rows = projection(stack.to(ctx.device, ctx.dtype)).reshape(2 if ctx.guided else 1, -1, width)
+        tokens = Tokens(rows[-1], rows[0] if ctx.guided else None).batched(ctx.batch_size, ctx.guided)
         mask = region_mask(self.mask, ctx) if self.mask is not None else None
         scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
         return IPPrepared(

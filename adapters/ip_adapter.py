@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
-from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
+from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
 from ..models import check_safetensors, read_safetensors, resolve_in, resolve_source
 from ..preprocessors import load_image
@@ -36,6 +36,7 @@ __all__ = [
     "IPAdapterVariant",
     "VARIANTS",
     "LAYER_PRESETS",
+    "checkpoint_family",
     "encode_images",
     "save_embeddings",
     "load_embeddings",
@@ -85,6 +86,38 @@ def _load_pickled(path: str, size: int, mtime_ns: int) -> Any:
         raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
 
 
+def checkpoint_family(state: Mapping[str, Any]) -> str:
+    """Which published method a checkpoint's top-level keys (nested dicts or flat ``prefix.key`` names) belong to, for
+    error messages that name what was passed instead of what was expected.
+
+    Example:
+        >>> checkpoint_family({"id_adapter.latents": None, "id_adapter_attn_layers.1.id_to_k.weight": None})
+        'PuLID'
+    """
+    heads = {str(k).partition(".")[0] for k in state}
+    if heads & {"id_adapter", "id_adapter_attn_layers"}:
+        return "PuLID"
+    if heads & {"id_encoder", "lora_weights"}:
+        return "PhotoMaker"
+    if heads >= {"image_proj", "ip_adapter"}:
+        proj = state["image_proj"] if isinstance(state.get("image_proj"), Mapping) else {
+            k.partition(".")[2]: v for k, v in state.items() if str(k).startswith("image_proj.")
+        }  # fmt: skip
+        names = {str(k) for k in proj}
+        if "proj.0.weight" in names:
+            return (
+                "IP-Adapter FaceID-PlusV2"
+                if any(n.startswith("perceiver_resampler.") for n in names)
+                else "IP-Adapter FaceID"
+            )
+        if "latents" in names:
+            width = getattr(proj.get("proj_in.weight"), "shape", (0, 0))[1]
+            # InstantID's Resampler reads one 512-d ArcFace embedding; IP-Adapter plus reads CLIP hidden states.
+            return "InstantID" if width == 512 else "IP-Adapter plus"
+        return "IP-Adapter"
+    return "unknown"
+
+
 def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """An IP-Adapter checkpoint's ``image_proj`` and ``ip_adapter`` state dicts (treat as read-only)."""
     if path.suffix == ".safetensors":
@@ -100,7 +133,9 @@ def read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     else:
         raise CheckpointError(f"{path}: expected a .safetensors or .bin IP-Adapter file")
     if not isinstance(parts, dict) or not parts.get("image_proj") or not parts.get("ip_adapter"):
-        raise IncompatibleModelError(f"{path} is not an IP-Adapter checkpoint (no image_proj / ip_adapter weights)")
+        family = checkpoint_family(parts) if isinstance(parts, dict) else "unknown"
+        what = f"holds {family} weights" if family != "unknown" else "is not an IP-Adapter checkpoint"
+        raise IncompatibleModelError(f"{path} {what} (no image_proj / ip_adapter weights)")
     return parts
 
 
@@ -355,11 +390,9 @@ class IPAdapter(Condition):
         if self.combine == "average":
             cond, uncond = cond.mean(0, keepdim=True), uncond.mean(0, keepdim=True)
         with torch.no_grad():
-            tokens = projection(cond.to(ctx.device, ctx.dtype)).reshape(1, -1, unet.config.cross_attention_dim)
-            tokens = tokens.repeat(ctx.batch_size, 1, 1)
-            if ctx.guided:
-                negative = projection(uncond.to(ctx.device, ctx.dtype)).reshape(1, -1, unet.config.cross_attention_dim)
-                tokens = torch.cat([negative.repeat(ctx.batch_size, 1, 1), tokens])
+            positive = projection(cond.to(ctx.device, ctx.dtype))
+            negative = projection(uncond.to(ctx.device, ctx.dtype)) if ctx.guided else None
+        tokens = Tokens(positive, negative).batched(ctx.batch_size, ctx.guided)
         mask = region_mask(self.mask, ctx) if self.mask is not None else None
         scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
         return IPPrepared(f"ip-adapter:{self.variant}", adapter.weights, tokens, scales, mask)
@@ -390,10 +423,12 @@ def _check_encoder_width(projection: Any, embeds: torch.Tensor, weights: str, en
         )
 
 
-def region_mask(mask: Any, ctx: PrepareContext) -> torch.Tensor:
+def region_mask(mask: Any, ctx: PrepareContext, device: torch.device | str | None = None) -> torch.Tensor:
+    """A region mask (white = here) at the output size as (1, H, W), binarised as diffusers' IPAdapterMaskProcessor
+    does, on ``device`` (default: the call's)."""
     from diffusers.image_processor import IPAdapterMaskProcessor
 
     width, height = ctx.size
-    image = load_image(mask, "IP-Adapter mask").convert("L")
+    image = load_image(mask, "region mask").convert("L")
     tensor = IPAdapterMaskProcessor().preprocess([image], height=height, width=width)  # (1, 1, H, W), binarised
-    return tensor[:, 0].to(ctx.device)  # downsampling repeats it over the batch
+    return tensor[:, 0].to(ctx.device if device is None else device)  # downsampling repeats it over the batch

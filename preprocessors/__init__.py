@@ -1,4 +1,4 @@
-"""Image preprocessors for conditions (edges, depth, pose, faces), imported as ``sdxl_control.preprocessors``.
+"""Image preprocessors for conditions (edges, depth, pose, face keypoints), imported as ``sdxl_control.preprocessors``.
 
 Every preprocessor takes an RGB image and returns the control image; models are loaded once per process.
 
@@ -39,6 +39,12 @@ def _pose(image: Image.Image, **options: Any) -> Image.Image:
     return detect_pose(image, **options)
 
 
+def _face(image: Image.Image, **options: Any) -> Image.Image:
+    from .keypoints import face_keypoint_map
+
+    return face_keypoint_map(image, **options)
+
+
 def _as_is(image: Image.Image, **options: Any) -> Image.Image:
     if options:
         raise ConditionError(f"'none' takes no options, got {sorted(options)}")
@@ -50,6 +56,7 @@ PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {
     "edges": _canny,
     "depth": _depth,
     "pose": _pose,
+    "face": _face,
     "none": _as_is,
 }
 

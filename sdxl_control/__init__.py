@@ -8,7 +8,19 @@ Example:
 
 __version__ = "0.1.0"
 
-from .conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo, Window
+from .conditions import (
+    Attachment,
+    Condition,
+    Parts,
+    PrepareContext,
+    Prepared,
+    Residuals,
+    Stage,
+    StepInfo,
+    Tokens,
+    Window,
+    acts,
+)
 from .errors import (
     CheckpointError,
     ConditionError,
@@ -37,6 +49,9 @@ __all__ = [
     "Attachment",
     "PrepareContext",
     "Residuals",
+    "Tokens",
+    "Parts",
+    "acts",
     "StepInfo",
     "Stage",
     "Window",

@@ -1,4 +1,5 @@
-"""Command line: ``sdxl-control generate``."""
+"""Command line: ``sdxl-control generate``, ``preprocess`` (see what a condition will see) and ``score`` (identity
+similarity of images to a face photo)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ CONTROLS = {
     "pose": _Control("pose", "xinsir/controlnet-openpose-sdxl-1.0", "pose", "openpose"),
 }
 DEFAULT_UNION = "xinsir/controlnet-union-sdxl-1.0"
+INSTANTID_REPO = "InstantX/InstantID"
+IDENTITIES = ("faceid", "instantid")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -79,10 +82,24 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     refs.add_argument("--reference-variant", default="plus", help="sdxl, vit-h, plus, plus-face (default plus)")
     refs.add_argument("--reference-scale", type=float, default=0.6, metavar="S")
     refs.add_argument("--reference-layers", default="all", help="all, style, composition, style+composition")
-    refs.add_argument("--face", metavar="IMG", action="append", default=[], help="photo of the person (FaceID)")
-    refs.add_argument("--face-variant", default="plusv2", help="faceid or plusv2 (default)")
-    refs.add_argument("--face-scale", type=float, default=0.8, metavar="S")
-    refs.add_argument("--face-pack", default="buffalo_l", help="insightface model pack name or folder")
+    refs.add_argument("--face", metavar="IMG", action="append", default=[],
+                      help="photo of the person (repeatable: several photos of one person)")  # fmt: skip
+    refs.add_argument("--identity", choices=IDENTITIES, default="faceid",
+                      help="identity method for --face: faceid (IP-Adapter FaceID, default) or instantid")  # fmt: skip
+    refs.add_argument("--face-variant", default="plusv2", help="FaceID: faceid or plusv2 (default)")
+    refs.add_argument("--face-scale", type=float, default=0.8, metavar="S",
+                      help="strength of the face tokens (FaceID, InstantID's adapter; default 0.8)")  # fmt: skip
+    refs.add_argument("--face-window", type=_window, default=(0.0, 1.0), metavar="START:END")
+    refs.add_argument("--identitynet-scale", type=float, default=0.8, metavar="S",
+                      help="InstantID: strength of IdentityNet (default 0.8)")  # fmt: skip
+    refs.add_argument("--identitynet-window", type=_window, default=(0.0, 1.0), metavar="START:END")
+    refs.add_argument("--face-keypoints", metavar="IMG", help="InstantID: pose the face like the face in this photo")
+    refs.add_argument("--instantid-model", default=INSTANTID_REPO, metavar="MODEL",
+                      help=f"InstantID repo with ControlNetModel/ and ip-adapter.bin (default {INSTANTID_REPO})")  # fmt: skip
+    refs.add_argument("--face-pack", help="insightface model pack name or folder (default: buffalo_l for FaceID, "
+                      "antelopev2 for InstantID)")  # fmt: skip
+    refs.add_argument("--score", action="store_true",
+                      help="store each image's identity similarity to the first --face photo in its recipe")  # fmt: skip
 
 
 def _control_conditions(args: argparse.Namespace) -> list[Any]:
@@ -127,29 +144,52 @@ def _control_conditions(args: argparse.Namespace) -> list[Any]:
 
 def _reference_conditions(args: argparse.Namespace) -> list[Any]:
     from .adapters.faceid import FaceID
+    from .adapters.instantid import InstantID
     from .adapters.ip_adapter import IPAdapter
 
+    if not args.face and (args.face_keypoints or args.score):
+        raise InvalidRequestError("--face-keypoints and --score need --face")
     source: dict[str, str] = {}
-    faceid_source: dict[str, str] = {}
+    face_source: dict[str, str] = {}
+    instantid_model = args.instantid_model
     if args.tiny:
         from .testing import tiny_control_models
 
-        if args.style or args.reference or args.face:
+        if args.style or args.reference or (args.face and args.identity == "faceid"):
             source = {"source": str(tiny_control_models("ip-adapter"))}
-        if args.face:
+        if args.face and args.identity == "faceid":
             encoder = str(Path(source["source"]) / "models" / "image_encoder")
-            faceid_source = {"source": str(tiny_control_models("ip-adapter-faceid")), "image_encoder": encoder}
+            face_source = {"source": str(tiny_control_models("ip-adapter-faceid")), "image_encoder": encoder}
+        if args.face and args.identity == "instantid" and instantid_model == INSTANTID_REPO:
+            instantid_model = str(tiny_control_models("instantid"))
     conditions: list[Any] = []
     if args.style:
         conditions.append(IPAdapter.style(args.style, scale=args.style_scale, **source))
     if args.reference:
         conditions.append(IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale,
                                     layers=args.reference_layers, **source))  # fmt: skip
-    if args.face:
+    if args.face and args.identity == "faceid":
+        if args.face_keypoints:
+            raise InvalidRequestError("--face-keypoints is for --identity instantid")
         conditions.append(
-            FaceID(args.face_variant, args.face, scale=args.face_scale, face_pack=args.face_pack, **faceid_source)
-        )
+            FaceID(args.face_variant, args.face, scale=args.face_scale, window=args.face_window,
+                   face_pack=_face_pack(args), **face_source)
+        )  # fmt: skip
+    if args.face and args.identity == "instantid":
+        conditions.append(
+            InstantID(args.face, keypoints_from=args.face_keypoints, scale=args.face_scale, window=args.face_window,
+                      controlnet_scale=args.identitynet_scale, controlnet_window=args.identitynet_window,
+                      source=instantid_model, face_pack=_face_pack(args))
+        )  # fmt: skip
     return conditions
+
+
+def _face_pack(args: argparse.Namespace) -> str:
+    from .preprocessors.face import DEFAULT_PACK, IDENTITY_PACK
+
+    if args.face_pack:
+        return str(args.face_pack)
+    return IDENTITY_PACK if getattr(args, "identity", "instantid") == "instantid" else DEFAULT_PACK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="; ".join(f"{k}: {v}" for k, v in FAST_LEVELS.items()) + " (compiling is paid once per process)",
     )
     _add_condition_options(gen)
+
+    pre = sub.add_parser("preprocess", help="write the control image a preprocessor makes from a photo")
+    pre.add_argument("kind", choices=["canny", "depth", "pose", "face"],
+                     help="face: the keypoint map InstantID's IdentityNet sees")  # fmt: skip
+    pre.add_argument("photo", help="the photo")
+    pre.add_argument("-o", "--output", required=True, help="output image (PNG)")
+    pre.add_argument("--size", type=_size, help="face: draw the keypoints at this output size (default: the photo's)")
+    pre.add_argument("--face-pack", help="face: insightface pack name or folder (default antelopev2)")
+    pre.add_argument("--tiny", action="store_true", help="depth/pose: tiny random stand-ins for the annotator models")
+
+    score = sub.add_parser("score", help="identity similarity of images to a face photo (ArcFace cosine)")
+    score.add_argument("images", nargs="+", help="images to score")
+    score.add_argument("--face", required=True, metavar="IMG", help="photo of the person")
+    score.add_argument("--face-pack", help="insightface pack name or folder (default antelopev2)")
     return parser
 
 
@@ -279,11 +333,50 @@ def _generate(args: argparse.Namespace) -> int:
     generator.set_fast_path(FastPath.level(args.fast, fuse_qkv=not args.offload))
     result = generator.run(request, progress_bar=not args.quiet)
     images = result.images
+    if args.score:
+        _score_into_recipes(images, args.face[0], _face_pack(args))
     if recipe is not None and "num_images" not in options:
         images = [images[recipe["batch_index"]]]  # the batch was re-run only to re-make this image exactly
     for image, path in zip(images, _output_paths(args.output, len(images)), strict=True):
         image.save(path)
         sys.stdout.write(f"{path}  seed={image.recipe['seed']}\n")
+    return 0
+
+
+def _score_into_recipes(images: list[Any], face: str, pack: str) -> None:
+    from .preprocessors.face import identity_similarity
+
+    for i, image in enumerate(images):
+        try:
+            value: float | None = round(identity_similarity(face, image, pack=pack), 4)
+        except SdxlControlError as exc:  # a finished image is kept whatever its score
+            logging.getLogger(__name__).warning("image %d: no identity similarity (%s)", i, exc)
+            value = None
+        image.annotate(identity_similarity=value)
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from .preprocessors import preprocess
+
+    options: dict[str, Any] = {}
+    if args.kind == "face":
+        options = {"pack": _face_pack(args), **({"size": args.size} if args.size else {})}
+    elif args.size:
+        raise InvalidRequestError("--size is for the face keypoint map")
+    elif args.tiny and args.kind in ("depth", "pose"):
+        from .testing import tiny_control_models
+
+        options = {"model": str(tiny_control_models("depth-estimator" if args.kind == "depth" else "openpose"))}
+    preprocess(args.kind, args.photo, **options).save(args.output)
+    sys.stdout.write(f"{args.output}\n")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .preprocessors.face import identity_similarity
+
+    for image in args.images:
+        sys.stdout.write(f"{image}  {identity_similarity(args.face, image, pack=_face_pack(args)):.4f}\n")
     return 0
 
 
@@ -297,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
+    commands = {"generate": _generate, "preprocess": _preprocess, "score": _score}
     try:
-        return _generate(args)
+        return commands[args.command](args)
     except SdxlControlError as exc:
         sys.stderr.write(f"sdxl-control: error: {exc}\n")
         return 2

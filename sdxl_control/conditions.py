@@ -10,7 +10,9 @@ Running it goes through three runtime objects that live apart from that value:
 
 Conditions compose through two typed channels: :class:`Residuals` returned by ``contribute`` are summed and fed to
 the UNet (ControlNet-like conditions), and attention processors installed at attach time (IP-Adapter-like
-conditions) are switched on and off by the ``active`` flag.
+conditions) are switched on and off by the ``active`` flag. A model a condition brings may attend to its own
+:class:`Tokens` instead of the prompt (IdentityNet's face tokens); a condition made of parts with their own scales and
+windows attaches as :class:`Parts`.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ __all__ = [
     "Stage",
     "Window",
     "Residuals",
+    "Tokens",
     "StepInfo",
     "PrepareContext",
     "Condition",
     "Prepared",
     "Attachment",
+    "Parts",
+    "acts",
     "validate_conditions",
 ]
 
@@ -95,6 +100,17 @@ class Window:
         return value if isinstance(value, Window) else cls(float(value[0]), float(value[1]))
 
 
+def acts(scale: float, window: Window, index: int, total: int) -> bool:
+    """Whether something with this scale and window acts at step ``index`` of ``total``: the one rule for every
+    condition and every part of one (scale 0 is the same as absent).
+
+    Example:
+        >>> acts(0.8, Window(0.0, 0.5), index=1, total=4), acts(0.0, Window(), index=1, total=4)
+        (True, False)
+    """
+    return scale != 0 and window.contains(index, total)
+
+
 @dataclass(frozen=True)
 class Residuals:
     """Additive UNet residuals (one per down-block output, plus the mid block), the ControlNet channel.
@@ -112,6 +128,37 @@ class Residuals:
         if len(self.down) != len(other.down):
             raise ConditionError(f"cannot add residuals of {len(self.down)} and {len(other.down)} down blocks")
         return Residuals(tuple(a + b for a, b in zip(self.down, other.down, strict=True)), self.mid + other.mid)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokens a condition's model attends to instead of the prompt (IdentityNet's face tokens, say), with the
+    unconditional ones classifier-free guidance pairs them with.
+
+    ``positive`` and ``negative`` are (tokens, width) or (1, tokens, width); :meth:`batched` lays them out as the step's
+    ``encoder_hidden_states`` are: ``[negative] * batch + [positive] * batch`` when guided.
+
+    Example:
+        >>> Tokens(torch.ones(16, 2048), torch.zeros(16, 2048)).batched(2, guided=True).shape
+        torch.Size([4, 16, 2048])
+    """
+
+    positive: torch.Tensor
+    negative: torch.Tensor | None = None
+
+    def batched(self, batch_size: int, guided: bool) -> torch.Tensor:
+        width = self.positive.shape[-1]
+        positive = self.positive.reshape(1, -1, width).repeat(batch_size, 1, 1)
+        if not guided:
+            return positive
+        if self.negative is None:
+            raise ConditionError("classifier-free guidance needs unconditional tokens: give Tokens a negative")
+        negative = self.negative.reshape(1, -1, width)
+        if negative.shape[1:] != positive.shape[1:]:
+            raise ConditionError(
+                f"unconditional tokens {tuple(negative.shape[1:])} do not match the conditional {tuple(positive.shape[1:])}"
+            )
+        return torch.cat([negative.repeat(batch_size, 1, 1), positive])
 
 
 @dataclass(frozen=True)
@@ -173,6 +220,38 @@ class Attachment(ABC):
     @abstractmethod
     def detach(self) -> None:
         """Restore the UNet to exactly what it was before ``attach`` (same objects, same weights, no hooks)."""
+
+
+class Parts(Attachment):
+    """One condition's attachment made of parts, each switched on by its own scale and step window (InstantID: the
+    face-token branch and IdentityNet); residuals of the parts are summed, detaching undoes them in reverse order.
+
+    The loop's ``active`` flag is for the condition's own ``scale`` and ``window``; a part that uses them says so.
+
+    Example:
+        >>> Parts([(branches, cond.scale, cond.window), (controlnet, cond.controlnet_scale, cond.controlnet_window)])  # doctest: +SKIP
+    """
+
+    def __init__(self, parts: list[tuple[Attachment, float, Window]]) -> None:
+        self.parts = parts
+
+    def contribute(self, step: StepInfo, active: bool) -> Residuals | None:
+        total: Residuals | None = None
+        for attachment, scale, window in self.parts:
+            extra = attachment.contribute(step, acts(scale, window, step.index, step.total))
+            if extra is not None:
+                total = extra if total is None else total + extra
+        return total
+
+    def detach(self) -> None:
+        errors: list[BaseException] = []
+        for attachment, _, _ in reversed(self.parts):
+            try:
+                attachment.detach()
+            except BaseException as exc:  # detach the others; report after
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 class Prepared(ABC):

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attach import attached
-from .conditions import Condition, Prepared, Residuals, Stage, StepInfo
+from .conditions import Condition, Prepared, Residuals, Stage, StepInfo, acts
 from .guidance import Guidance
 from .schedule import StageSchedule
 
@@ -95,8 +95,7 @@ def denoise(
             if live:
                 info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, inputs.hidden, added, copies > 1)
                 for condition, attachment in live:
-                    active = condition.scale != 0 and condition.window.contains(index, schedule.total)
-                    extra = attachment.contribute(info, active)
+                    extra = attachment.contribute(info, acts(condition.scale, condition.window, index, schedule.total))
                     if extra is not None:
                         residuals = extra if residuals is None else residuals + extra
             prediction = unet(

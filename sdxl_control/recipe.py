@@ -59,6 +59,11 @@ class RecipeImage(Image.Image):
         out.info = {**image.info, RECIPE_KEY: json.dumps(recipe), "parameters": parameters_text(recipe)}
         return out
 
+    def annotate(self, **fields: Any) -> None:
+        """Add measurements made after generation (``identity_similarity``, say) to the recipe this image carries."""
+        self.recipe.update(fields)
+        self.info[RECIPE_KEY] = json.dumps(self.recipe)
+
     def pnginfo(self) -> PngImagePlugin.PngInfo:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", parameters_text(self.recipe))

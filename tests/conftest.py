@@ -41,3 +41,9 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"../shared/ is not beside this checkout ({SHARED}); it holds the real photos and models")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def fresh(tiny: TinyModels) -> Generator:
+    """A second load of the tiny models that no test attaches anything to: what the shared generator must equal."""
+    return Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")

@@ -144,3 +144,59 @@ def test_speed_and_memory_flags_keep_the_image(tiny, tmp_path):
     plain, fast, tiled = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.int16) for n in ("plain", "fast", "tiled"))
     assert np.abs(plain - fast).max() <= 1  # rounding only
     assert np.abs(plain - tiled).max() > 0 and read_recipe(tmp_path / "tiled.png")["vae_tiling"] is True
+
+
+def _antelopev2(shared_dir, root):
+    """An ``antelopev2`` pack in insightface's layout: the real SCRFD detector, a tiny ArcFace-shaped recogniser."""
+    import shutil
+
+    from sdxl_control.testing.faces import write_tiny_recognition_onnx
+
+    pack = root / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / "scrfd_10g_bnkps.onnx")
+    write_tiny_recognition_onnx(pack / "glintr100.onnx")
+    return pack
+
+
+def test_instantid_from_the_cli(tiny, tmp_path, shared_dir, caplog):
+    pack = _antelopev2(shared_dir, tmp_path)
+    obama, biden = str(shared_dir / "images" / "obama.jpg"), str(shared_dir / "images" / "biden.jpg")
+    out, again = tmp_path / "iid.png", tmp_path / "again.png"
+    args = ["generate", "a portrait", "--tiny", "--steps", "3", "--seed", "2", "-q", "--identity", "instantid",
+            "--face", obama, "--face-keypoints", biden, "--face-scale", "0.7", "--identitynet-scale", "0.6",
+            "--identitynet-window", "0:0.8", "--face-pack", str(pack), "--score"]  # fmt: skip
+    assert main([*args, "-o", str(out)]) == 0
+    recipe = read_recipe(out)
+    (condition,) = recipe["conditions"]
+    assert condition["kind"] == "instantid" and condition["faces"] == [obama] and condition["keypoints_from"] == biden
+    assert (condition["scale"], condition["controlnet_scale"], condition["controlnet_window"]) == (0.7, 0.6, [0.0, 0.8])
+    # The tiny models paint noise, in which no face is found: the image is kept, its score recorded as missing.
+    assert recipe["identity_similarity"] is None and "no identity similarity" in caplog.text
+    assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_preprocess_face_and_score(tiny, tmp_path, shared_dir, capsys):
+    from sdxl_control.preprocessors.face import identity_similarity
+    from sdxl_control.preprocessors.keypoints import face_keypoint_map
+
+    pack = str(_antelopev2(shared_dir, tmp_path))
+    obama, biden = str(shared_dir / "images" / "obama.jpg"), str(shared_dir / "images" / "biden.jpg")
+    assert (
+        main(["preprocess", "face", obama, "-o", str(tmp_path / "kps.png"), "--size", "96x128", "--face-pack", pack])
+        == 0
+    )
+    expected = face_keypoint_map(obama, size=(96, 128), pack=pack)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "kps.png")), np.asarray(expected))
+    assert main(["preprocess", "canny", obama, "-o", str(tmp_path / "edges.png")]) == 0
+    capsys.readouterr()
+    assert main(["score", "--face", obama, obama, biden, "--face-pack", pack]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{obama}  1.0000"
+    assert lines[1] == f"{biden}  {identity_similarity(obama, biden, pack=pack):.4f}"
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "grey.png")
+    assert main(["score", "--face", obama, str(tmp_path / "grey.png"), "--face-pack", pack]) == 2
+    assert "no face found in" in capsys.readouterr().err
+    assert main(["generate", "x", "--tiny", "--score", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--score need --face" in capsys.readouterr().err

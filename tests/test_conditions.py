@@ -28,11 +28,6 @@ def assert_same_as_fresh(gen: Generator, fresh: Generator) -> None:
         assert hooks(ours) == hooks(ref)
 
 
-@pytest.fixture(scope="module")
-def fresh(tiny):
-    return Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
-
-
 def test_probe_acts_then_leaves_models_as_a_fresh_load(generator, fresh):
     before = ModelSnapshot.take(generator.base.unet)
     plain = generator.generate("a cat", **ARGS)
@@ -137,3 +132,34 @@ def test_window_rule_matches_diffusers_control_guidance():
         for n in (4, 7, 30):
             for i in range(n):
                 assert Window(start, end).contains(i, n) == (not (i / n < start or (i + 1) / n > end))
+
+
+def test_parts_of_a_condition_switch_by_their_own_scale_and_window():
+    """Parts (InstantID's face branch and IdentityNet) each act by their own scale and window, whatever the loop's
+    flag for the condition as a whole; their residuals are summed and they detach in reverse order."""
+    from sdxl_control import Attachment, Parts, Residuals, StepInfo
+
+    log: list[tuple[str, int, bool]] = []
+
+    class Recorder(Attachment):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def contribute(self, step, active):
+            log.append((self.name, step.index, active))
+            return Residuals((torch.ones(1),), torch.ones(1)) if active else None
+
+        def detach(self):
+            log.append((self.name, -1, False))
+
+    parts = Parts([(Recorder("a"), 0.8, Window(0.0, 0.5)), (Recorder("b"), 0.5, Window(0.5, 1.0)),
+                   (Recorder("off"), 0.0, Window())])  # fmt: skip
+    sums = []
+    for index in range(4):
+        step = StepInfo(index, 4, torch.zeros(()), Stage.BASE, torch.zeros(1), torch.zeros(1), {}, False)
+        residuals = parts.contribute(step, active=False)
+        sums.append(None if residuals is None else residuals.mid.item())
+    parts.detach()
+    assert [(n, i) for n, i, on in log if on] == [("a", 0), ("a", 1), ("b", 2), ("b", 3)]
+    assert sums == [1.0, 1.0, 1.0, 1.0]
+    assert [n for n, i, _ in log if i == -1] == ["off", "b", "a"]

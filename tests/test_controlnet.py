@@ -172,3 +172,53 @@ def test_union_needs_a_control():
         ControlNetUnion("x/y")
     with pytest.raises(ConditionError, match="no depth= image"):
         ControlNetUnion("x/y", canny=Image.new("RGB", (8, 8)), preprocess=("depth",))
+
+
+def _first_step_residuals(generator, conditions):
+    seen = []
+
+    def keep(module, args, kwargs):
+        seen.append(kwargs.get("down_block_additional_residuals"))
+
+    hook = generator.base.unet.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        generator.generate(PROMPT, conditions=conditions, **{**RUN, "steps": 1})
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_a_controlnet_may_attend_to_its_own_tokens(generator, nets, maps):
+    """The ControlNet channel's own tokens (what IdentityNet's face tokens use): the prompt's own embeddings given as
+    tokens change nothing, other tokens change the result, and misfits are refused."""
+    from sdxl_control import Tokens
+    from sdxl_control.text import encode_prompts
+
+    positive, negative = encode_prompts(generator.base.text_encoders, [PROMPT], None, need_negative=True,
+                                        zero_negative=generator.base.force_zeros_for_empty_prompt)  # fmt: skip
+    plain = generator.generate(PROMPT, conditions=[ControlNet(nets["a"], image=maps["edges"])], **RUN)
+    same = Tokens(positive.hidden, negative.hidden)
+    ours = generator.generate(PROMPT, conditions=[ControlNet(nets["a"], image=maps["edges"], context=same)], **RUN)
+    assert torch.equal(ours.latents, plain.latents)
+    other = Tokens(torch.randn(16, 64, generator=torch.Generator().manual_seed(0)), torch.zeros(16, 64))
+    moved = generator.generate(PROMPT, conditions=[ControlNet(nets["a"], image=maps["edges"], context=other)], **RUN)
+    assert not torch.allclose(moved.latents, plain.latents, atol=1e-3)
+    with pytest.raises(ConditionError, match="attends to 64-wide tokens; context tokens are 32 wide"):
+        generator.generate(
+            PROMPT, conditions=[ControlNet(nets["a"], image=maps["edges"], context=Tokens(torch.zeros(4, 32)))], **RUN
+        )
+    with pytest.raises(ConditionError, match="classifier-free guidance needs unconditional tokens"):
+        generator.generate(
+            PROMPT, conditions=[ControlNet(nets["a"], image=maps["edges"], context=Tokens(torch.zeros(4, 64)))], **RUN
+        )
+
+
+def test_a_region_mask_limits_a_controlnet(generator, nets, maps):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    whole = _first_step_residuals(generator, [ControlNet(nets["a"], image=maps["edges"])])
+    masked = _first_step_residuals(generator, [ControlNet(nets["a"], image=maps["edges"], mask=Image.fromarray(mask))])
+    for full, part in zip(whole, masked, strict=True):
+        half = full.shape[-1] // 2
+        assert part[..., half:].abs().max() == 0  # nothing on the right
+        torch.testing.assert_close(part[..., :half], full[..., :half])  # the left as without the mask

@@ -38,8 +38,9 @@ def test_finds_the_astronaut_and_aligns_her(pack, astronaut):
     face = FaceAnalyzer(str(pack)).analyze(astronaut)
     x0, y0, x1, y1 = face.bbox
     assert 150 < x0 < x1 < 300 and 30 < y0 < y1 < 220  # her face, not the helmet or the flag
-    assert face.score > 0.5 and face.embedding.shape == (512,)
-    assert abs(float(np.linalg.norm(face.embedding)) - 1.0) < 1e-5
+    assert face.score > 0.5 and face.embedding.shape == (512,) and face.image_size == astronaut.size
+    assert abs(float(np.linalg.norm(face.normed_embedding)) - 1.0) < 1e-5
+    np.testing.assert_allclose(face.normed_embedding, face.embedding / np.linalg.norm(face.embedding), rtol=1e-6)
     left_eye, right_eye = face.landmarks[0], face.landmarks[1]
     assert left_eye[0] < right_eye[0] and abs(left_eye[1] - right_eye[1]) < 15
     assert face.aligned.size == (224, 224)

@@ -32,7 +32,8 @@ def fake_face(seed: int) -> FaceInfo:
     rng = np.random.default_rng(seed)
     embedding = rng.standard_normal(512).astype(np.float32)
     aligned = Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8))
-    return FaceInfo((0, 0, 100, 100), np.zeros((5, 2), np.float32), 0.9, embedding / np.linalg.norm(embedding), aligned)
+    # A raw embedding, as the analyser gives it; FaceID takes its normalised form.
+    return FaceInfo((0, 0, 100, 100), np.zeros((5, 2), np.float32), 0.9, embedding * 3.0, aligned, (100, 100))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def reference(tiny, repo, weight_name, faces, scale, clip=None, s_scale=1.0):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(str(repo), subfolder=None, weight_name=weight_name, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(scale)
-    ids = torch.from_numpy(np.stack([f.embedding for f in faces]))[None]
+    ids = torch.from_numpy(np.stack([f.normed_embedding for f in faces]))[None]
     embeds = torch.cat([torch.zeros_like(ids), ids])
     if clip is not None:
         projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
@@ -100,7 +101,7 @@ def test_saved_face_embeddings(generator, repos, faces, tmp_path):
     direct = generator.generate(
         PROMPT, conditions=[FaceID("plusv2", faces[1], source=str(faceid), image_encoder=str(encoder))], **RUN
     )
-    ids = torch.from_numpy(faces[1].embedding[None])
+    ids = torch.from_numpy(faces[1].normed_embedding[None])
     save_face(tmp_path / "me.safetensors", ids, encode_images([faces[1].aligned], encoder, hidden_states=True))
     saved = FaceID("plusv2", embeddings=str(tmp_path / "me.safetensors"), source=str(faceid))
     torch.testing.assert_close(generator.generate(PROMPT, conditions=[saved], **RUN).latents, direct.latents)

@@ -20,13 +20,16 @@ import sdxl_control.generator as generator_module
 from sdxl_control import Attachment, Condition, FastPath, GenerationRequest, Generator, Prepared, Stage
 from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
 from sdxl_control.adapters.faceid import FaceID
+from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.testing import write_tiny_controlnet
+from sdxl_control.testing.instantid import write_tiny_instantid_repo
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
 
 from .test_faceid import fake_face
+from .test_instantid import raw_face
 
 
 class _ReachedDecode(Exception):
@@ -58,6 +61,12 @@ def stacked(tiny, tmp_path_factory) -> tuple[Condition, ...]:
             fake_face(3),
             source=str(write_tiny_faceid_repo(folder / "faceid", tiny.base)),
             image_encoder=str(ip / "models" / "image_encoder"),
+        ),  # fmt: skip
+        InstantID(
+            raw_face(1),
+            source=str(write_tiny_instantid_repo(folder / "instantid", tiny.base)),
+            mask=photo,
+            controlnet_window=(0.25, 1.0),
         ),  # fmt: skip
     )
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .tiny import _seeded, tiny_models
 
-__all__ = ["write_tiny_controlnet", "write_tiny_depth_estimator", "write_random_openpose", "tiny_control_models"]
+__all__ = [
+    "write_controlnet",
+    "write_tiny_controlnet",
+    "write_tiny_depth_estimator",
+    "write_random_openpose",
+    "tiny_control_models",
+]
 
 
 def _randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
@@ -21,14 +28,11 @@ def _randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
-def write_tiny_controlnet(
-    folder: str | os.PathLike[str], base: str | os.PathLike[str], seed: int = 0, union: bool = False
-) -> Path:
-    """A ControlNet (or ControlNet-Union) shaped after the UNet of the tiny base at ``base``, saved as a diffusers
-    folder (config.json + diffusion_pytorch_model.safetensors)."""
-    from diffusers import ControlNetModel, ControlNetUnionModel, UNet2DConditionModel
+def write_controlnet(folder: str | os.PathLike[str], unet: Any, seed: int = 0, union: bool = False) -> Path:
+    """A random-weight ControlNet (or ControlNet-Union) shaped after ``unet``, saved as a diffusers folder
+    (config.json + diffusion_pytorch_model.safetensors); its zero convolutions made non-zero."""
+    from diffusers import ControlNetModel, ControlNetUnionModel
 
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     if union:
         # The published union config ties its control-fusion transformer to the first block's width (320).
         width = unet.config.block_out_channels[0]
@@ -41,6 +45,15 @@ def write_tiny_controlnet(
     _randomize_zero_layers(model, seed)
     model.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def write_tiny_controlnet(
+    folder: str | os.PathLike[str], base: str | os.PathLike[str], seed: int = 0, union: bool = False
+) -> Path:
+    """A ControlNet (or ControlNet-Union) shaped after the UNet of the tiny base at ``base``."""
+    from diffusers import UNet2DConditionModel
+
+    return write_controlnet(folder, UNet2DConditionModel.from_pretrained(base, subfolder="unet"), seed, union)
 
 
 def write_tiny_depth_estimator(folder: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -82,8 +95,9 @@ def write_random_openpose(folder: str | os.PathLike[str], seed: int = 0) -> Path
 
 
 def tiny_control_models(kind: str, seed: int = 0) -> Path:
-    """A cached tiny model for the ``--tiny`` demo: ``controlnet-<edges|depth|pose|union>``, ``depth-estimator`` or
-    ``openpose``, written next to the tiny pipelines on first use."""
+    """A cached tiny model for the ``--tiny`` demo: ``controlnet-<edges|depth|pose|union>``, ``depth-estimator``,
+    ``openpose``, or the repos ``ip-adapter``, ``ip-adapter-faceid`` and ``instantid``, written next to the tiny
+    pipelines on first use."""
     base = tiny_models(seed).base
     target = base.parent / kind
     if target.exists():
@@ -95,10 +109,13 @@ def tiny_control_models(kind: str, seed: int = 0) -> Path:
         return write_tiny_depth_estimator(target, seed)
     if kind == "openpose":
         return write_random_openpose(target, seed)
-    if kind in ("ip-adapter", "ip-adapter-faceid"):
+    if kind in ("ip-adapter", "ip-adapter-faceid", "instantid"):
+        from .instantid import write_tiny_instantid_repo
         from .ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 
-        writer = write_tiny_ip_adapter_repo if kind == "ip-adapter" else write_tiny_faceid_repo
+        writers = {"ip-adapter": write_tiny_ip_adapter_repo, "ip-adapter-faceid": write_tiny_faceid_repo,
+                   "instantid": write_tiny_instantid_repo}  # fmt: skip
+        writer = writers[kind]
         staging = target.with_name(f".{kind}-building")
         writer(staging, base, seed)
         staging.rename(target)
