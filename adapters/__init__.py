@@ -27,6 +27,7 @@ CONDITION_KINDS: dict[str, tuple[str, str]] = {
     "ip-adapter": ("ip_adapter", "IPAdapter"),
     "faceid": ("faceid", "FaceID"),
     "instantid": ("instantid", "InstantID"),
+    "pulid": ("pulid", "PuLID"),
     "lora": ("lora", "LoRA"),
 }
 

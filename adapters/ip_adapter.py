@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +27,7 @@ from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
-from ..models import check_safetensors, read_safetensors, resolve_in, resolve_source
+from ..models import check_safetensors, placement, read_checkpoint, read_safetensors, resolve_in, resolve_source
 from ..preprocessors import load_image
 from ..weights import WeightPatch
 
@@ -79,11 +79,8 @@ LAYER_PRESETS: dict[str, Any] = {
 
 @lru_cache(maxsize=4)
 def _load_pickled(path: str, size: int, mtime_ns: int) -> Any:
-    # Published FaceID files are pickles: read as plain tensors only, once per process while unchanged.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
+    # Published FaceID and InstantID files are pickles: read once per process while unchanged.
+    return read_checkpoint(Path(path))
 
 
 def checkpoint_family(state: Mapping[str, Any]) -> str:
@@ -254,30 +251,40 @@ class _IPAttachment(Attachment):
 
 
 class IPPrepared(Prepared):
-    """Image tokens ready to attach as one branch per targeted cross-attention layer, plus (FaceID) the LoRA
-    ``deltas`` its checkpoint carries for the attention weights."""
+    """Tokens ready to attach as one branch per targeted cross-attention layer, plus (FaceID) the LoRA ``deltas`` its
+    checkpoint carries for the attention weights.
+
+    ``weights`` hold each layer's ``<number>.to_k_ip.weight`` / ``to_v_ip.weight``, numbered 1, 3, 5, ... as the
+    published files number cross-attention layers; keys and values are computed in the weights' precision and cast
+    to the UNet's. ``branch`` makes each layer's branch (PuLID: :class:`~sdxl_control.attention.OrthogonalBranch`).
+
+    Example:
+        >>> IPPrepared("ip-adapter:plus", weights, tokens, scales, mask=None).attach(unet, Stage.BASE)  # doctest: +SKIP
+    """
 
     def __init__(
         self, name: str, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor, scales: dict[str, float], mask: Any,
-        deltas: Mapping[str, torch.Tensor] | None = None,
+        deltas: Mapping[str, torch.Tensor] | None = None, branch: Callable[..., AttentionBranch] = AttentionBranch,
     ) -> None:  # fmt: skip
         self.name, self.weights, self.tokens, self.scales, self.mask = name, weights, tokens, scales, mask
-        self.deltas = deltas
+        self.deltas, self.branch = deltas, branch
 
     @torch.no_grad()
     def attach(self, unet: Any, stage: Stage) -> Attachment:
         weight_patch = WeightPatch(unet, self.deltas) if self.deltas else None
         try:
+            dtype = placement(unet)[1]
             layers = attention_layers(unet)
             replacements, branches = {}, []
             for index, layer in enumerate(cross_layers(unet)):
                 scale = self.scales[layer]
                 if scale == 0.0:
                     continue  # as diffusers skips zero-scale layers: no compute, no change
-                number = 2 * index + 1  # the published files number cross-attention layers 1, 3, 5, ...
-                key = F.linear(self.tokens, self.weights[f"{number}.to_k_ip.weight"])
-                value = F.linear(self.tokens, self.weights[f"{number}.to_v_ip.weight"])
-                branch = AttentionBranch(self.name, key, value, scale, self.mask, active=False)
+                number = 2 * index + 1
+                key_weight, value_weight = (self.weights[f"{number}.{n}.weight"] for n in ("to_k_ip", "to_v_ip"))
+                key = F.linear(self.tokens.to(key_weight.dtype), key_weight).to(dtype)
+                value = F.linear(self.tokens.to(value_weight.dtype), value_weight).to(dtype)
+                branch = self.branch(self.name, key, value, scale, self.mask, active=False)
                 branches.append(branch)
                 replacements[layer] = BranchedAttnProcessor(layers[layer].processor, [branch])
             return _IPAttachment(ProcessorPatch(unet, replacements), branches, weight_patch)

@@ -9,6 +9,7 @@ embeddings. A photo is analysed once per process: results are kept by the photo'
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -31,8 +32,11 @@ __all__ = [
     "analyze_faces",
     "pack_folder",
     "Identity",
+    "identity_features",
     "save_identity",
     "identity_similarity",
+    "align_face",
+    "FFHQ_TEMPLATE",
     "DEFAULT_PACK",
     "IDENTITY_PACK",
     "MIN_FACE",
@@ -55,6 +59,18 @@ PACK_FILES = {
 # antelopev2's release asset is gone (insightface cannot fetch it); InstantID's README points here instead.
 ANTELOPEV2_LINK = "https://github.com/deepinsight/insightface/issues/1896#issuecomment-1023867304"
 _CACHE_SIZE = 64
+# Where the five landmarks go in a 512-px FFHQ-aligned face (facexlib's template, which PuLID's features are read on).
+FFHQ_TEMPLATE = np.array(
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.1936],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ]
+)
+# facexlib fills what lies outside the photo with this grey (it warps BGR images: (135, 133, 132) there).
+_ALIGN_BORDER_RGB = (132, 133, 135)
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,10 @@ def _detect_at(app: Any, bgr: np.ndarray, size: int) -> list[Any]:
 
 
 _FACES: OrderedDict[tuple[str, str], tuple[list[Any], list[int]]] = OrderedDict()
+# EVA-CLIP features per (EVA source, parsing folder, device, aligned face): about 12 MB each for the published EVA, so
+# only a few are kept.
+_VISION: OrderedDict[tuple[str, str, str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_VISION_CACHE_SIZE = 8
 
 
 class FaceAnalyzer:
@@ -240,6 +260,23 @@ class FaceAnalyzer:
         )
 
 
+def align_face(image: Any, landmarks: np.ndarray, size: int = 512) -> np.ndarray:
+    """The face warped onto the FFHQ five-point template at ``size`` px (RGB uint8), as facexlib aligns faces: a
+    similarity transform fitted to the landmarks (least median of squares), grey outside the photo.
+
+    Example:
+        >>> face = FaceAnalyzer("antelopev2").analyze("me.jpg"); align_face("me.jpg", face.landmarks).shape  # doctest: +SKIP
+        (512, 512, 3)
+    """
+    import cv2
+
+    rgb = np.asarray(load_image(image, "face image"))
+    matrix = cv2.estimateAffinePartial2D(np.asarray(landmarks), FFHQ_TEMPLATE * (size / 512.0), method=cv2.LMEDS)[0]
+    if matrix is None:
+        raise ConditionError("the face's landmarks do not fit a similarity transform (are they five distinct points?)")
+    return cv2.warpAffine(rgb, matrix, (size, size), borderMode=cv2.BORDER_CONSTANT, borderValue=_ALIGN_BORDER_RGB)
+
+
 def analyze_faces(
     faces: Any, pack: str = DEFAULT_PACK, root: str | os.PathLike[str] = "~/.insightface"
 ) -> list[FaceInfo]:
@@ -263,13 +300,14 @@ def analyze_faces(
 
 @dataclass(frozen=True)
 class Identity:
-    """A person as the identity methods take one, without the photos: the raw embedding of each photo, and the five
-    keypoints (with their photo's size) that pose the face. ``pack`` names the recognition model: embeddings of
-    different models are not comparable.
+    """A person as the identity methods take one, without the photos: the raw embedding of each photo, the five
+    keypoints (with their photo's size) that pose the face (InstantID), and optionally, per photo, EVA02-CLIP's
+    features of the parsed, aligned face (PuLID: ``eva_cls`` (photos, proj), ``eva_hidden`` (photos, 5, tokens,
+    width)). ``pack`` names the recognition model: embeddings of different models are not comparable.
 
     Example:
-        >>> Identity.of(analyze_faces(["me1.jpg", "me2.jpg"], "antelopev2"), pack="antelopev2").save("me.safetensors")  # doctest: +SKIP
-        >>> Identity.load("me.safetensors").embeddings.shape  # doctest: +SKIP
+        >>> identity = identity_features(["me1.jpg", "me2.jpg"], eva="QuanSun/EVA-CLIP")  # doctest: +SKIP
+        >>> identity.save("me.safetensors"); Identity.load("me.safetensors").embeddings.shape  # doctest: +SKIP
         (2, 512)
     """
 
@@ -277,6 +315,8 @@ class Identity:
     keypoints: np.ndarray
     image_size: tuple[int, int]
     pack: str = ""
+    eva_cls: np.ndarray | None = None
+    eva_hidden: np.ndarray | None = None
 
     @classmethod
     def of(cls, faces: list[FaceInfo], keypoints_from: FaceInfo | None = None, pack: str = "") -> Identity:
@@ -287,10 +327,9 @@ class Identity:
         import torch
         from safetensors.torch import save_file
 
-        tensors = {
-            "embeddings": torch.from_numpy(np.ascontiguousarray(self.embeddings, np.float32)),
-            "keypoints": torch.from_numpy(np.ascontiguousarray(self.keypoints, np.float32)),
-        }
+        arrays = {"embeddings": self.embeddings, "keypoints": self.keypoints, "eva_cls": self.eva_cls,
+                  "eva_hidden": self.eva_hidden}  # fmt: skip
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items() if v is not None}
         width, height = self.image_size
         save_file(tensors, str(path), {"format": "sdxl-control identity 1", "image_size": f"{width}x{height}",
                                        "pack": self.pack})  # fmt: skip
@@ -307,27 +346,75 @@ class Identity:
         check_safetensors(file)
         with safe_open(str(file), framework="np") as f:
             meta = f.metadata() or {}
-            if not meta.get("format", "").startswith("sdxl-control identity") or "embeddings" not in f.keys():
+            keys = set(f.keys())
+            if not meta.get("format", "").startswith("sdxl-control identity") or "embeddings" not in keys:
                 raise ConditionError(f"{file} is not an identity file (make one with save_identity)")
             width, _, height = meta.get("image_size", "0x0").partition("x")
-            return cls(
-                f.get_tensor("embeddings"), f.get_tensor("keypoints"), (int(width), int(height)), meta.get("pack", "")
-            )
+            optional = {k: f.get_tensor(k) if k in keys else None for k in ("eva_cls", "eva_hidden")}
+            return cls(f.get_tensor("embeddings"), f.get_tensor("keypoints"), (int(width), int(height)),
+                       meta.get("pack", ""), **optional)  # fmt: skip
+
+
+def identity_features(
+    photos: Any, pack: str = IDENTITY_PACK, root: str | os.PathLike[str] = "~/.insightface", *,
+    keypoints_from: Any = None, vision: bool = False, eva: str | os.PathLike[str] | None = None,
+    parsing: str | os.PathLike[str] | None = None, device: Any = "cpu",
+) -> Identity:  # fmt: skip
+    """Everything the identity methods read from ``photos`` of one person: raw embeddings and keypoints, and with
+    ``vision`` each photo's largest face aligned on the FFHQ template, parsed (``parsing``: the folder of facexlib's
+    BiSeNet weights, default facexlib's own) and read by EVA02-CLIP (``eva``: repo or file, default
+    ``QuanSun/EVA-CLIP``).
+
+    The same face serves both: the reference's second detector (facexlib's, which picks the face nearest the centre)
+    is not used, so a photo with several people cannot give one person's embedding and another's features.
+
+    Example:
+        >>> identity_features(["me1.jpg", "me2.jpg"], vision=True)  # doctest: +SKIP
+    """
+    items = photos if isinstance(photos, (list, tuple)) else [photos]
+    faces = analyze_faces(items, pack, root)
+    pose = analyze_faces(keypoints_from, pack, root)[0] if keypoints_from is not None else None
+    identity = Identity.of(faces, pose, pack)
+    if not vision:
+        return identity
+    from .eva_clip import EVA_REPO, eva_face_features, load_eva_clip
+    from .face_parsing import face_only, load_face_parser
+
+    model = load_eva_clip(EVA_REPO if eva is None else eva, device)
+    parser = load_face_parser(parsing, device)
+    classes, hidden = [], []
+    for item, face in zip(items, faces, strict=True):
+        if isinstance(item, FaceInfo):
+            raise ConditionError("EVA-CLIP face features need the photo itself, not only its FaceInfo")
+        aligned = align_face(item, face.landmarks)
+        key = (str(eva), str(parsing), str(device), hashlib.sha1(aligned.tobytes()).hexdigest())
+        if key not in _VISION:
+            cls, sequences = eva_face_features(model, face_only(aligned, parser))
+            _VISION[key] = (cls[0].cpu().numpy(), np.stack([h[0].cpu().numpy() for h in sequences]))
+            while len(_VISION) > _VISION_CACHE_SIZE:
+                _VISION.popitem(last=False)
+        _VISION.move_to_end(key)
+        classes.append(_VISION[key][0])
+        hidden.append(_VISION[key][1])
+    return dataclasses.replace(identity, eva_cls=np.stack(classes), eva_hidden=np.stack(hidden))
 
 
 def save_identity(
     path: str | os.PathLike[str], photos: Any, *, keypoints_from: Any = None, pack: str = IDENTITY_PACK,
-    root: str | os.PathLike[str] = "~/.insightface",
+    root: str | os.PathLike[str] = "~/.insightface", pulid: bool = False, eva: str | os.PathLike[str] | None = None,
+    parsing: str | os.PathLike[str] | None = None,
 ) -> Identity:  # fmt: skip
-    """Analyse ``photos`` (one or several of the same person) and keep the person in a small ``.safetensors`` file:
-    their raw embeddings and the keypoints of ``keypoints_from`` (default: the first photo). Returns what was saved.
+    """Analyse ``photos`` (one or several of the same person) and keep the person in a ``.safetensors`` file: their
+    raw embeddings and the keypoints of ``keypoints_from`` (default: the first photo) — what InstantID reads — and
+    with ``pulid=True`` the EVA-CLIP face features PuLID reads (``eva``, ``parsing``: where those models are). Returns
+    what was saved.
 
     Example:
-        >>> save_identity("me.safetensors", ["me1.jpg", "me2.jpg"])  # then InstantID(identity="me.safetensors")  # doctest: +SKIP
+        >>> save_identity("me.safetensors", ["me1.jpg", "me2.jpg"], pulid=True)  # InstantID and PuLID can read it  # doctest: +SKIP
     """
-    faces = analyze_faces(photos, pack, root)
-    pose = analyze_faces(keypoints_from, pack, root)[0] if keypoints_from is not None else None
-    identity = Identity.of(faces, pose, pack)
+    identity = identity_features(
+        photos, pack, root, keypoints_from=keypoints_from, vision=pulid, eva=eva, parsing=parsing
+    )
     identity.save(path)
     return identity
 

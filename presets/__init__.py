@@ -1,7 +1,8 @@
 """Presets: named generation recipes kept as JSON data files beside this module.
 
-A preset holds request settings (steps, guidance, scheduler and its options, an explicit schedule), LoRAs to stack
-and optionally a UNet checkpoint to load: "Lightning 4-step" is data, not a class.
+A preset holds request settings (steps, guidance, scheduler and its options, an explicit schedule), LoRAs to stack,
+optionally a UNet checkpoint to load, and settings for condition kinds the user adds (PuLID's id_scale and mode for
+the Lightning UNet, say): "Lightning 4-step" is data, not a class.
 
 Example:
     >>> from sdxl_control.presets import load_preset
@@ -12,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -24,12 +25,15 @@ __all__ = ["Preset", "available_presets", "load_preset"]
 @dataclass(frozen=True)
 class Preset:
     """A preset's parts: ``settings`` (fields of :class:`sdxl_control.GenerationRequest`), ``loras`` (LoRA
-    condition arguments) and ``unet`` ((repo, file) of a UNet checkpoint for ``Generator.from_pretrained``).
+    condition arguments), ``unet`` ((repo, file) of a UNet checkpoint for ``Generator.from_pretrained``) and
+    ``condition_defaults`` (settings per condition kind, for the conditions a user adds: see :meth:`condition`).
 
     Example:
         >>> preset = load_preset("lightning-4step")
         >>> [lora.weight_name for lora in preset.conditions()]
         ['sdxl_lightning_4step_lora.safetensors']
+        >>> load_preset("pulid-lightning").condition("pulid", "me.jpg").version
+        'v1'
     """
 
     name: str
@@ -37,12 +41,19 @@ class Preset:
     settings: dict[str, Any]
     loras: tuple[dict[str, Any], ...] = ()
     unet: tuple[str, str] | None = None
+    condition_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def conditions(self) -> list[Any]:
         """The preset's LoRAs as conditions."""
         from ..adapters.lora import LoRA
 
         return [LoRA(**spec) for spec in self.loras]
+
+    def condition(self, kind: str, *args: Any, **options: Any) -> Any:
+        """A condition of ``kind`` with this preset's settings for it; ``options`` given here win."""
+        from ..adapters import condition_class
+
+        return condition_class(kind)(*args, **{**self.condition_defaults.get(kind, {}), **options})
 
 
 def available_presets() -> list[str]:
@@ -60,5 +71,6 @@ def load_preset(name: str) -> Preset:
         description=data.pop("description", ""),
         loras=tuple(data.pop("loras", ())),
         unet=(unet["source"], unet["weight_name"]) if unet else None,
+        condition_defaults=data.pop("conditions", {}),
         settings=data,
     )

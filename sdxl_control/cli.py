@@ -42,7 +42,9 @@ CONTROLS = {
 }
 DEFAULT_UNION = "xinsir/controlnet-union-sdxl-1.0"
 INSTANTID_REPO = "InstantX/InstantID"
-IDENTITIES = ("faceid", "instantid")
+PULID_REPO = "guozinan/PuLID"
+IDENTITIES = ("faceid", "instantid", "pulid")
+FACEID_SCALE = 0.8
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -85,12 +87,20 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     refs.add_argument("--face", metavar="IMG", action="append", default=[],
                       help="photo of the person (repeatable: several photos of one person)")  # fmt: skip
     refs.add_argument("--identity", choices=IDENTITIES, default="faceid",
-                      help="identity method for --face: faceid (IP-Adapter FaceID, default) or instantid")  # fmt: skip
+                      help="identity method for --face: faceid (IP-Adapter FaceID, default), instantid or pulid")  # fmt: skip
     refs.add_argument("--face-variant", default="plusv2", help="FaceID: faceid or plusv2 (default)")
-    refs.add_argument("--face-scale", type=float, default=0.8, metavar="S",
-                      help="strength of the face tokens (FaceID, InstantID's adapter; default 0.8)")  # fmt: skip
+    refs.add_argument("--identity-scale", "--face-scale", dest="face_scale", type=float, metavar="S",
+                      help="strength of the identity (FaceID, InstantID's face tokens, PuLID's id_scale; default 0.8)")  # fmt: skip
     refs.add_argument("--face-window", type=_window, default=(0.0, 1.0), metavar="START:END")
-    refs.add_argument("--identitynet-scale", type=float, default=0.8, metavar="S",
+    refs.add_argument("--identity-mode", choices=("fidelity", "style"),
+                      help="PuLID: fidelity (default) or style (v1: more zero tokens, plain orthogonal projection)")  # fmt: skip
+    refs.add_argument("--pulid-version", choices=("v1", "v1.1"), help="PuLID: v1 (Lightning 4-step) or v1.1 (default)")
+    refs.add_argument("--pulid-model", default=PULID_REPO, metavar="MODEL",
+                      help=f"PuLID repo holding pulid_v1.bin / pulid_v1.1.safetensors (default {PULID_REPO})")  # fmt: skip
+    refs.add_argument("--eva-model", metavar="MODEL", help="PuLID: EVA-CLIP repo or file (default QuanSun/EVA-CLIP)")
+    refs.add_argument("--face-parsing", metavar="FOLDER",
+                      help="PuLID: folder with facexlib's parsing_bisenet.pth (default: facexlib's own)")  # fmt: skip
+    refs.add_argument("--identitynet-scale", type=float, metavar="S",
                       help="InstantID: strength of IdentityNet (default 0.8)")  # fmt: skip
     refs.add_argument("--identitynet-window", type=_window, default=(0.0, 1.0), metavar="START:END")
     refs.add_argument("--face-keypoints", metavar="IMG", help="InstantID: pose the face like the face in this photo")
@@ -142,46 +152,69 @@ def _control_conditions(args: argparse.Namespace) -> list[Any]:
     return conditions
 
 
-def _reference_conditions(args: argparse.Namespace) -> list[Any]:
-    from .adapters.faceid import FaceID
-    from .adapters.instantid import InstantID
+def _reference_conditions(args: argparse.Namespace, preset: Any = None) -> list[Any]:
     from .adapters.ip_adapter import IPAdapter
 
     if not args.face and (args.face_keypoints or args.score):
         raise InvalidRequestError("--face-keypoints and --score need --face")
     source: dict[str, str] = {}
-    face_source: dict[str, str] = {}
-    instantid_model = args.instantid_model
-    if args.tiny:
+    if args.tiny and (args.style or args.reference):
         from .testing import tiny_control_models
 
-        if args.style or args.reference or (args.face and args.identity == "faceid"):
-            source = {"source": str(tiny_control_models("ip-adapter"))}
-        if args.face and args.identity == "faceid":
-            encoder = str(Path(source["source"]) / "models" / "image_encoder")
-            face_source = {"source": str(tiny_control_models("ip-adapter-faceid")), "image_encoder": encoder}
-        if args.face and args.identity == "instantid" and instantid_model == INSTANTID_REPO:
-            instantid_model = str(tiny_control_models("instantid"))
+        source = {"source": str(tiny_control_models("ip-adapter"))}
     conditions: list[Any] = []
     if args.style:
         conditions.append(IPAdapter.style(args.style, scale=args.style_scale, **source))
     if args.reference:
         conditions.append(IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale,
                                     layers=args.reference_layers, **source))  # fmt: skip
-    if args.face and args.identity == "faceid":
-        if args.face_keypoints:
-            raise InvalidRequestError("--face-keypoints is for --identity instantid")
-        conditions.append(
-            FaceID(args.face_variant, args.face, scale=args.face_scale, window=args.face_window,
-                   face_pack=_face_pack(args), **face_source)
-        )  # fmt: skip
-    if args.face and args.identity == "instantid":
-        conditions.append(
-            InstantID(args.face, keypoints_from=args.face_keypoints, scale=args.face_scale, window=args.face_window,
-                      controlnet_scale=args.identitynet_scale, controlnet_window=args.identitynet_window,
-                      source=instantid_model, face_pack=_face_pack(args))
-        )  # fmt: skip
+    if args.face:
+        conditions.append(_identity_condition(args, preset))
     return conditions
+
+
+def _identity_condition(args: argparse.Namespace, preset: Any) -> Any:
+    """The --identity condition for --face: the preset's settings for it, then the flags given."""
+    if args.face_keypoints and args.identity != "instantid":
+        raise InvalidRequestError("--face-keypoints is for --identity instantid")
+    if (args.identity_mode or args.pulid_version) and args.identity != "pulid":
+        raise InvalidRequestError("--identity-mode and --pulid-version are for --identity pulid")
+    given: dict[str, Any] = {"scale": args.face_scale, "window": args.face_window, "face_pack": _face_pack(args)}
+    if args.identity == "faceid":
+        given["scale"] = FACEID_SCALE if args.face_scale is None else args.face_scale
+        if args.tiny:
+            from .testing import tiny_control_models
+
+            encoder = tiny_control_models("ip-adapter") / "models" / "image_encoder"
+            given |= {"source": str(tiny_control_models("ip-adapter-faceid")), "image_encoder": str(encoder)}
+        return _condition(preset, "faceid", args.face_variant, args.face, **given)
+    if args.identity == "instantid":
+        model = args.instantid_model
+        if args.tiny and model == INSTANTID_REPO:
+            from .testing import tiny_control_models
+
+            model = str(tiny_control_models("instantid"))
+        return _condition(preset, "instantid", args.face, keypoints_from=args.face_keypoints, source=model,
+                          controlnet_scale=args.identitynet_scale, controlnet_window=args.identitynet_window, **given)  # fmt: skip
+    files = {"source": args.pulid_model, "eva": args.eva_model, "parsing": args.face_parsing}
+    if args.tiny:
+        from .testing import tiny_control_models
+
+        tiny = tiny_control_models("pulid")
+        stand_ins = {"source": tiny / "pulid", "eva": tiny / "eva", "parsing": tiny / "facexlib"}
+        files = {k: str(stand_ins[k]) if v in (None, PULID_REPO) else v for k, v in files.items()}
+    return _condition(preset, "pulid", args.face, version=args.pulid_version, mode=args.identity_mode, **files,
+                      **given)  # fmt: skip
+
+
+def _condition(preset: Any, kind: str, *inputs: Any, **given: Any) -> Any:
+    """A condition of ``kind``: the preset's settings for it, overridden by the options actually given."""
+    from .adapters import condition_class
+
+    options = {k: v for k, v in given.items() if v is not None}
+    if preset is not None:
+        return preset.condition(kind, *inputs, **options)
+    return condition_class(kind)(*inputs, **options)
 
 
 def _face_pack(args: argparse.Namespace) -> str:
@@ -189,7 +222,8 @@ def _face_pack(args: argparse.Namespace) -> str:
 
     if args.face_pack:
         return str(args.face_pack)
-    return IDENTITY_PACK if getattr(args, "identity", "instantid") == "instantid" else DEFAULT_PACK
+    # FaceID was trained on buffalo_l's embeddings; InstantID and PuLID on antelopev2's.
+    return DEFAULT_PACK if getattr(args, "identity", None) == "faceid" else IDENTITY_PACK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,7 +340,7 @@ def _generate(args: argparse.Namespace) -> int:
     preset = load_preset(args.preset) if args.preset else None
     conditions = [
         *(preset.conditions() if preset else []), *map(_lora, args.lora), *_control_conditions(args),
-        *_reference_conditions(args),
+        *_reference_conditions(args, preset),
     ]  # fmt: skip
     if conditions:
         options["conditions"] = tuple(conditions)

@@ -31,6 +31,7 @@ __all__ = [
     "resolve_hub",
     "check_safetensors",
     "read_safetensors",
+    "read_checkpoint",
     "default_device_and_dtype",
     "placement",
     "DEFAULT_BASE",
@@ -255,6 +256,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     check_safetensors(path)
     stat = path.stat()
     return _read_weights_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def read_checkpoint(path: Path) -> Any:
+    """A weights file's contents: safetensors (checked; kept per process, see :func:`read_safetensors`), or a pickle
+    read as plain tensors only (``torch.load(weights_only=True)``) — the published FaceID, InstantID, PuLID v1 and
+    EVA-CLIP files are pickles, whose callers opt in with ``resolve_source(allow_pickle=True)``."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
 
 
 def _refuse_pickle(path: Path) -> CheckpointError:

@@ -47,3 +47,19 @@ def shared_dir() -> Path:
 def fresh(tiny: TinyModels) -> Generator:
     """A second load of the tiny models that no test attaches anything to: what the shared generator must equal."""
     return Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def insightface_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """insightface's folder layout with an ``antelopev2`` pack: the real SCRFD detector from ../shared under the
+    pack's detector name, and a tiny ArcFace-shaped recognition model under its recognition name."""
+    import shutil
+
+    from sdxl_control.testing.faces import write_tiny_recognition_onnx
+
+    root = tmp_path_factory.mktemp("insightface")
+    pack = root / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / "scrfd_10g_bnkps.onnx")
+    write_tiny_recognition_onnx(pack / "glintr100.onnx")
+    return root

@@ -176,6 +176,16 @@ def draw_kps(image_pil, kps, color_list=((255, 0, 0), (0, 255, 0), (0, 0, 255), 
     return PIL.Image.fromarray(out_img.astype(np.uint8))
 
 
+def hidden_size(unet, name):
+    """The width of an attention layer by its block, as ``set_ip_adapter`` (and PuLID's ``hack_unet_attn_layers``)
+    derive it from the UNet config."""
+    if name.startswith("mid_block"):
+        return unet.config.block_out_channels[-1]
+    if name.startswith("up_blocks"):
+        return list(reversed(unet.config.block_out_channels))[int(name[len("up_blocks.")])]
+    return unet.config.block_out_channels[int(name[len("down_blocks.")])]
+
+
 class InstantIDReference(StableDiffusionXLControlNetPipeline):
     def load_ip_adapter_instantid(self, model_ckpt: str, image_emb_dim: int = 512, num_tokens: int = 16,
                                   scale: float = 0.5) -> None:  # fmt: skip
@@ -193,13 +203,7 @@ class InstantIDReference(StableDiffusionXLControlNetPipeline):
             if name.endswith("attn1.processor"):
                 procs[name] = AttnProcessor()
                 continue
-            if name.startswith("mid_block"):
-                hidden = unet.config.block_out_channels[-1]
-            elif name.startswith("up_blocks"):
-                hidden = list(reversed(unet.config.block_out_channels))[int(name[len("up_blocks.")])]
-            else:
-                hidden = unet.config.block_out_channels[int(name[len("down_blocks.")])]
-            procs[name] = IPAttnProcessor(hidden, unet.config.cross_attention_dim, scale, num_tokens)
+            procs[name] = IPAttnProcessor(hidden_size(unet, name), unet.config.cross_attention_dim, scale, num_tokens)
         unet.set_attn_processor(procs)
         nn.ModuleList(unet.attn_processors.values()).load_state_dict(state["ip_adapter"])
 

@@ -146,21 +146,8 @@ def test_speed_and_memory_flags_keep_the_image(tiny, tmp_path):
     assert np.abs(plain - tiled).max() > 0 and read_recipe(tmp_path / "tiled.png")["vae_tiling"] is True
 
 
-def _antelopev2(shared_dir, root):
-    """An ``antelopev2`` pack in insightface's layout: the real SCRFD detector, a tiny ArcFace-shaped recogniser."""
-    import shutil
-
-    from sdxl_control.testing.faces import write_tiny_recognition_onnx
-
-    pack = root / "models" / "antelopev2"
-    pack.mkdir(parents=True)
-    shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / "scrfd_10g_bnkps.onnx")
-    write_tiny_recognition_onnx(pack / "glintr100.onnx")
-    return pack
-
-
-def test_instantid_from_the_cli(tiny, tmp_path, shared_dir, caplog):
-    pack = _antelopev2(shared_dir, tmp_path)
+def test_instantid_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, caplog):
+    pack = insightface_root / "models" / "antelopev2"
     obama, biden = str(shared_dir / "images" / "obama.jpg"), str(shared_dir / "images" / "biden.jpg")
     out, again = tmp_path / "iid.png", tmp_path / "again.png"
     args = ["generate", "a portrait", "--tiny", "--steps", "3", "--seed", "2", "-q", "--identity", "instantid",
@@ -177,11 +164,11 @@ def test_instantid_from_the_cli(tiny, tmp_path, shared_dir, caplog):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
 
-def test_preprocess_face_and_score(tiny, tmp_path, shared_dir, capsys):
+def test_preprocess_face_and_score(tiny, tmp_path, shared_dir, insightface_root, capsys):
     from sdxl_control.preprocessors.face import identity_similarity
     from sdxl_control.preprocessors.keypoints import face_keypoint_map
 
-    pack = str(_antelopev2(shared_dir, tmp_path))
+    pack = str(insightface_root / "models" / "antelopev2")
     obama, biden = str(shared_dir / "images" / "obama.jpg"), str(shared_dir / "images" / "biden.jpg")
     assert (
         main(["preprocess", "face", obama, "-o", str(tmp_path / "kps.png"), "--size", "96x128", "--face-pack", pack])
@@ -200,3 +187,33 @@ def test_preprocess_face_and_score(tiny, tmp_path, shared_dir, capsys):
     assert "no face found in" in capsys.readouterr().err
     assert main(["generate", "x", "--tiny", "--score", "-o", str(tmp_path / "x.png")]) == 2
     assert "--score need --face" in capsys.readouterr().err
+
+
+def test_pulid_from_the_cli_with_a_preset(tiny, tmp_path, shared_dir, insightface_root, capsys):
+    pack = str(insightface_root / "models" / "antelopev2")
+    obama = str(shared_dir / "images" / "obama.jpg")
+    base = ["generate", "a portrait", "--tiny", "--steps", "2", "--size", "64x64", "--seed", "4", "-q",
+            "--identity", "pulid", "--face", obama, "--face-pack", pack]  # fmt: skip
+    out = tmp_path / "pulid.png"
+    assert main([*base, "--preset", "pulid", "--identity-scale", "0.6", "-o", str(out)]) == 0
+    recipe = read_recipe(out)
+    (condition,) = recipe["conditions"]
+    # The preset's PuLID settings (v1.1, fidelity), the flag's scale; the preset's guidance and negative prompt.
+    assert (condition["kind"], condition["version"], condition["mode"], condition["scale"]) == (
+        "pulid",
+        "v1.1",
+        "fidelity",
+        0.6,
+    )
+    assert recipe["guidance"] == 7.0 and recipe["negative_prompt"].startswith("flaws in the eyes")
+    again = tmp_path / "again.png"
+    assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    out2 = tmp_path / "v1.png"
+    assert main([*base, "--pulid-version", "v1", "--identity-mode", "style", "-o", str(out2)]) == 0
+    (condition,) = read_recipe(out2)["conditions"]
+    assert (condition["version"], condition["mode"], condition["scale"]) == ("v1", "style", 0.8)
+    capsys.readouterr()
+    wrong = ["generate", "x", "--tiny", "--identity", "instantid", "--face", obama, "--identity-mode", "style"]
+    assert main([*wrong, "-o", str(out2)]) == 2
+    assert "--identity-mode and --pulid-version are for --identity pulid" in capsys.readouterr().err

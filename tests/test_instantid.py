@@ -23,7 +23,6 @@ from sdxl_control.preprocessors.face import FaceAnalyzer, FaceInfo, Identity, sa
 from sdxl_control.preprocessors.keypoints import keypoint_image, place_keypoints
 from sdxl_control.presets import load_preset
 from sdxl_control.testing import write_tiny_controlnet
-from sdxl_control.testing.faces import write_tiny_recognition_onnx
 from sdxl_control.testing.instantid import write_tiny_instantid_repo
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
@@ -247,18 +246,6 @@ def test_lightning_draft_with_instantid(generator, tiny, repo, faces, tmp_path):
 
 
 # ---- real photos through the real detector (../shared) ----
-
-
-@pytest.fixture(scope="module")
-def insightface_root(shared_dir, tmp_path_factory):
-    """insightface's layout with an ``antelopev2`` pack: the real SCRFD detector under the pack's detector name and a
-    tiny ArcFace-shaped recognition model under the pack's recognition name."""
-    root = tmp_path_factory.mktemp("insightface")
-    pack = root / "models" / "antelopev2"
-    pack.mkdir(parents=True)
-    shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / "scrfd_10g_bnkps.onnx")
-    write_tiny_recognition_onnx(pack / "glintr100.onnx")
-    return root
 
 
 def _reference_face(root, photo):

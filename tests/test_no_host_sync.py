@@ -23,10 +23,13 @@ from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
+from sdxl_control.adapters.pulid import PuLID
+from sdxl_control.preprocessors.face import Identity
 from sdxl_control.testing import write_tiny_controlnet
 from sdxl_control.testing.instantid import write_tiny_instantid_repo
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
+from sdxl_control.testing.pulid import write_pulid_checkpoint
 
 from .test_faceid import fake_face
 from .test_instantid import raw_face
@@ -67,8 +70,32 @@ def stacked(tiny, tmp_path_factory) -> tuple[Condition, ...]:
             source=str(write_tiny_instantid_repo(folder / "instantid", tiny.base)),
             mask=photo,
             controlnet_window=(0.25, 1.0),
-        ),  # fmt: skip
+        ),
+        PuLID(
+            identity=str(_pulid_identity(folder / "me.safetensors")),
+            window=(0.0, 0.75),
+            weights=str(write_pulid_checkpoint(folder / "pulid_v1.bin", _unet(tiny), "v1", **TINY_PULID)),
+        ),
     )
+
+
+# The widths of sdxl_control.testing.pulid's tiny EVA tower: 16-wide class embedding, 17 tokens of 128.
+TINY_PULID = dict(vit_width=128, id_width=512 + 16, hidden=128)
+
+
+def _unet(tiny):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny.base, subfolder="unet")
+
+
+def _pulid_identity(path):
+    """A saved identity with PuLID's EVA features, as save_identity(..., pulid=True) writes them."""
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal(shape).astype(np.float32) for shape in ((1, 512), (1, 16), (1, 5, 17, 128))]
+    keypoints = rng.uniform(20, 40, (5, 2)).astype(np.float32)
+    Identity(arrays[0], keypoints, (64, 64), "antelopev2", arrays[1], arrays[2]).save(path)
+    return path
 
 
 def _run_on_meta(generator: Generator, monkeypatch: pytest.MonkeyPatch, **options) -> torch.Tensor:

@@ -96,8 +96,8 @@ def write_random_openpose(folder: str | os.PathLike[str], seed: int = 0) -> Path
 
 def tiny_control_models(kind: str, seed: int = 0) -> Path:
     """A cached tiny model for the ``--tiny`` demo: ``controlnet-<edges|depth|pose|union>``, ``depth-estimator``,
-    ``openpose``, or the repos ``ip-adapter``, ``ip-adapter-faceid`` and ``instantid``, written next to the tiny
-    pipelines on first use."""
+    ``openpose``, the repos ``ip-adapter``, ``ip-adapter-faceid`` and ``instantid``, or ``pulid`` (a folder with
+    ``pulid/``, ``eva/`` and ``facexlib/``), written next to the tiny pipelines on first use."""
     base = tiny_models(seed).base
     target = base.parent / kind
     if target.exists():
@@ -109,6 +109,15 @@ def tiny_control_models(kind: str, seed: int = 0) -> Path:
         return write_tiny_depth_estimator(target, seed)
     if kind == "openpose":
         return write_random_openpose(target, seed)
+    if kind == "pulid":
+        from diffusers import UNet2DConditionModel
+
+        from .pulid import write_tiny_pulid_models
+
+        staging = target.with_name(".pulid-building")
+        write_tiny_pulid_models(staging, UNet2DConditionModel.from_pretrained(base, subfolder="unet"), seed)
+        staging.rename(target)
+        return target
     if kind in ("ip-adapter", "ip-adapter-faceid", "instantid"):
         from .instantid import write_tiny_instantid_repo
         from .ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo

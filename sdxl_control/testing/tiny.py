@@ -152,7 +152,12 @@ def write_tiny_taesd(folder: str | os.PathLike[str], seed: int = 0) -> Path:
     return Path(folder)
 
 
-def _base_unet(seed: int) -> Any:
+# Transformer blocks per attention of each UNet block: "tiny" keeps tests fast; "sdxl" is SDXL's own [1, 2, 10], which
+# gives the 140 attention processors that published adapters number their layers by.
+LAYOUTS = {"tiny": (1, 1, 2), "sdxl": (1, 2, 10)}
+
+
+def _base_unet(seed: int, layout: str = "tiny") -> Any:
     from diffusers import UNet2DConditionModel
 
     # SDXL base's block layout (no attention in the first block, two cross-attention blocks, mid block), tiny widths.
@@ -166,7 +171,7 @@ def _base_unet(seed: int) -> Any:
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             block_out_channels=(8, 16, 32),
             layers_per_block=2,
-            transformer_layers_per_block=(1, 1, 2),
+            transformer_layers_per_block=LAYOUTS[layout],
             attention_head_dim=(2, 4, 8),
             norm_num_groups=8,
             cross_attention_dim=2 * TEXT_WIDTH,
@@ -211,8 +216,9 @@ def _mark(folder: Path, seed: int, role: str) -> None:
     index_file.write_text(json.dumps(index, indent=2))
 
 
-def write_tiny_base(folder: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a tiny SDXL base pipeline folder (model_index.json, per-component config + safetensors, tokenizers)."""
+def write_tiny_base(folder: str | os.PathLike[str], seed: int = 0, layout: str = "tiny") -> Path:
+    """Write a tiny SDXL base pipeline folder (model_index.json, per-component config + safetensors, tokenizers);
+    ``layout="sdxl"`` gives its UNet SDXL's own transformer depths (see ``LAYOUTS``)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     out = Path(folder)
@@ -224,7 +230,7 @@ def write_tiny_base(folder: str | os.PathLike[str], seed: int = 0) -> Path:
             text_encoder_2=te2,
             tokenizer=_write_tokenizer(Path(tmp) / "t1", "<|endoftext|>"),
             tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
-            unet=_base_unet(seed),
+            unet=_base_unet(seed, layout),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             force_zeros_for_empty_prompt=True,
         )
@@ -275,15 +281,18 @@ def _default_root() -> Path:
     )
 
 
-def tiny_models(seed: int = 0, root: str | os.PathLike[str] | None = None) -> TinyModels:
-    """The tiny pair for ``seed``, written once under ``root`` (default: the sdxl-control cache) and reused."""
+def tiny_models(seed: int = 0, root: str | os.PathLike[str] | None = None, layout: str = "tiny") -> TinyModels:
+    """The tiny pair for ``seed``, written once under ``root`` (default: the sdxl-control cache) and reused; ``layout``
+    is the base UNet's (``"tiny"``, or ``"sdxl"`` for SDXL's 140 attention processors)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown tiny layout {layout!r}: {', '.join(LAYOUTS)}")
     folder = Path(root) if root is not None else _default_root()
-    target = folder / f"seed-{seed}"
+    target = folder / (f"seed-{seed}" if layout == "tiny" else f"seed-{seed}-{layout}")
     if not (target / "base" / "model_index.json").exists() or not (target / "refiner" / "model_index.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".build-"))
         try:
-            write_tiny_base(staging / "base", seed)
+            write_tiny_base(staging / "base", seed, layout)
             write_tiny_refiner(staging / "refiner", seed)
             if target.exists():
                 shutil.rmtree(target)
