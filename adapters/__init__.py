@@ -28,6 +28,7 @@ CONDITION_KINDS: dict[str, tuple[str, str]] = {
     "faceid": ("faceid", "FaceID"),
     "instantid": ("instantid", "InstantID"),
     "pulid": ("pulid", "PuLID"),
+    "photomaker": ("photomaker", "PhotoMaker"),
     "lora": ("lora", "LoRA"),
 }
 

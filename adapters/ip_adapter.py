@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +26,15 @@ from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
-from ..models import check_safetensors, placement, read_checkpoint, read_safetensors, resolve_in, resolve_source
+from ..models import (
+    PerModelCache,
+    check_safetensors,
+    placement,
+    read_checkpoint,
+    read_safetensors,
+    resolve_in,
+    resolve_source,
+)
 from ..preprocessors import load_image
 from ..weights import WeightPatch
 
@@ -303,24 +310,19 @@ class LoadedAdapter:
     weights: Mapping[str, torch.Tensor]
 
 
-# Per UNet (weakly: a dropped model frees its adapters), the last few checkpoints placed for it.
-_LOADED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], LoadedAdapter]] = weakref.WeakKeyDictionary()
+_LOADED: PerModelCache[LoadedAdapter] = PerModelCache(size=4)
 
 
 def load_adapter(weights_file: Path, unet: Any, ctx: PrepareContext) -> LoadedAdapter:
     """Read, check and place an IP-Adapter/FaceID checkpoint for ``unet`` (cached while the file is unchanged)."""
-    stat = weights_file.stat()
-    key = (str(weights_file.resolve()), stat.st_size, stat.st_mtime_ns, str(ctx.device), ctx.dtype)
-    loaded = _LOADED.setdefault(unet, {})
-    if key not in loaded:
+
+    def build() -> LoadedAdapter:
         parts = read_weights(weights_file)
         check_fits(parts, unet, str(weights_file))
         projection = build_projection(parts["image_proj"], unet, weights_file, ctx)
-        weights = {k: v.to(ctx.device, ctx.dtype) for k, v in parts["ip_adapter"].items()}
-        while len(loaded) >= 4:
-            loaded.pop(next(iter(loaded)))
-        loaded[key] = LoadedAdapter(projection, weights)
-    return loaded[key]
+        return LoadedAdapter(projection, {k: v.to(ctx.device, ctx.dtype) for k, v in parts["ip_adapter"].items()})
+
+    return _LOADED.get(unet, weights_file, (str(ctx.device), ctx.dtype), build)
 
 
 @dataclass(frozen=True)

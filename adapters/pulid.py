@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,9 +34,10 @@ from torch import nn
 from ..attention import AttentionBranch, OrthogonalBranch
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError, IncompatibleModelError
-from ..models import read_checkpoint, resolve_in, resolve_source
+from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
 from ..preprocessors.face import IDENTITY_PACK, Identity, identity_features
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers
+from .perceiver import PerceiverAttention, feed_forward
 
 __all__ = ["PuLID", "IDEncoder", "IDFormer", "read_pulid", "PULID_FILES", "MODES", "REPO"]
 
@@ -105,29 +105,6 @@ class IDEncoder(nn.Module):
         return torch.cat([tokens, *per_sequence], dim=1)
 
 
-class _PerceiverAttention(nn.Module):
-    """Latents attend to the context and themselves; both factors of the logits scaled by head_dim^-1/4."""
-
-    def __init__(self, width: int, heads: int, head_width: int = 64) -> None:
-        super().__init__()
-        inner = heads * head_width
-        self.heads, self.head_width = heads, head_width
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.to_q = nn.Linear(width, inner, bias=False)
-        self.to_kv = nn.Linear(width, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, width, bias=False)
-
-    def forward(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        context, latents = self.norm1(context), self.norm2(latents)
-        batch, length, _ = latents.shape
-        key, value = self.to_kv(torch.cat([context, latents], dim=-2)).chunk(2, dim=-1)
-        split = lambda t: t.view(batch, -1, self.heads, self.head_width).transpose(1, 2)  # noqa: E731
-        query, key, value = split(self.to_q(latents)), split(key), split(value)
-        factor = self.head_width**-0.25
-        weights = ((query * factor) @ (key * factor).transpose(-2, -1)).float().softmax(dim=-1).type(query.dtype)
-        return self.to_out((weights @ value).transpose(1, 2).reshape(batch, length, -1))
-
-
 class IDFormer(nn.Module):
     """PuLID v1.1's ID encoder: 32 latent queries plus 5 tokens per photo's embeddings attend, two layers per EVA hidden
     sequence, to those tokens and the mapped sequence; the 32 queries, projected, are the ID tokens. Sizes come from a
@@ -146,16 +123,11 @@ class IDFormer(nn.Module):
         self.latents = nn.Parameter(torch.zeros(1, queries, width))
         self.proj_out = nn.Parameter(torch.zeros(width, output))
         self.layers = nn.ModuleList(
-            nn.ModuleList([_PerceiverAttention(width, heads), self._feed_forward(width)]) for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(width, heads), feed_forward(width)]) for _ in range(depth)
         )
         for i in range(5):
             setattr(self, f"mapping_{i}", _mlp(mapping))
         self.id_embedding_mapping = _mlp(embedding)
-
-    @staticmethod
-    def _feed_forward(width: int, mult: int = 4) -> nn.Sequential:
-        return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width * mult, bias=False), nn.GELU(),
-                             nn.Linear(width * mult, width, bias=False))  # fmt: skip
 
     @classmethod
     def fitting(cls, state: Mapping[str, torch.Tensor]) -> IDFormer:
@@ -205,40 +177,37 @@ def read_pulid(path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, torc
     raise IncompatibleModelError(f"{path}: its id_adapter is neither PuLID v1's IDEncoder nor v1.1's IDFormer")
 
 
-_LOADED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], LoadedPuLID]] = weakref.WeakKeyDictionary()
+_LOADED: PerModelCache[LoadedPuLID] = PerModelCache(size=2)
 
 
 def load_pulid(path: Path, unet: Any, device: torch.device) -> LoadedPuLID:
     """Read, check and place a PuLID checkpoint for ``unet`` (kept per process while the file is unchanged)."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(device))
-    loaded = _LOADED.setdefault(unet, {})
-    if key not in loaded:
-        version, encoder_state, attention = read_pulid(path)
-        layers = cross_layers(unet)
-        found = sorted(int(k.split(".")[0]) for k in attention if k.endswith("id_to_k.weight"))
-        if found != [2 * n + 1 for n in range(len(layers))]:
-            raise IncompatibleModelError(
-                f"{path} has ID projections for {len(found)} attention layers, this UNet has {len(layers)} "
-                "cross-attention layers (an SDXL UNet has 70)"
-            )
-        width = attention["1.id_to_k.weight"].shape[1]
-        if width != unet.config.cross_attention_dim:
-            raise IncompatibleModelError(
-                f"{path}: its ID tokens are {width}-wide, this UNet's cross-attention takes "
-                f"{unet.config.cross_attention_dim}"
-            )
-        encoder = (IDEncoder if version == "v1" else IDFormer).fitting(encoder_state)
-        try:
-            encoder.load_state_dict(encoder_state, strict=True)
-        except RuntimeError as exc:
-            raise IncompatibleModelError(f"{path}: its {version} ID encoder does not load ({str(exc)[:300]})") from None
-        weights = {k.replace("id_to_k", "to_k_ip").replace("id_to_v", "to_v_ip"): v.to(device, torch.float32)
-                   for k, v in attention.items()}  # fmt: skip
-        while len(loaded) >= 2:
-            loaded.pop(next(iter(loaded)))
-        loaded[key] = LoadedPuLID(version, encoder.to(device).eval().requires_grad_(False), weights)
-    return loaded[key]
+    return _LOADED.get(unet, path, (str(device),), lambda: _build(path, unet, device))
+
+
+def _build(path: Path, unet: Any, device: torch.device) -> LoadedPuLID:
+    version, encoder_state, attention = read_pulid(path)
+    layers = cross_layers(unet)
+    found = sorted(int(k.split(".")[0]) for k in attention if k.endswith("id_to_k.weight"))
+    if found != [2 * n + 1 for n in range(len(layers))]:
+        raise IncompatibleModelError(
+            f"{path} has ID projections for {len(found)} attention layers, this UNet has {len(layers)} "
+            "cross-attention layers (an SDXL UNet has 70)"
+        )
+    width = attention["1.id_to_k.weight"].shape[1]
+    if width != unet.config.cross_attention_dim:
+        raise IncompatibleModelError(
+            f"{path}: its ID tokens are {width}-wide, this UNet's cross-attention takes "
+            f"{unet.config.cross_attention_dim}"
+        )
+    encoder = (IDEncoder if version == "v1" else IDFormer).fitting(encoder_state)
+    try:
+        encoder.load_state_dict(encoder_state, strict=True)
+    except RuntimeError as exc:
+        raise IncompatibleModelError(f"{path}: its {version} ID encoder does not load ({str(exc)[:300]})") from None
+    weights = {k.replace("id_to_k", "to_k_ip").replace("id_to_v", "to_v_ip"): v.to(device, torch.float32)
+               for k, v in attention.items()}  # fmt: skip
+    return LoadedPuLID(version, encoder.to(device).eval().requires_grad_(False), weights)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ __all__ = [
     "identity_features",
     "save_identity",
     "identity_similarity",
+    "clip_crop",
     "align_face",
     "FFHQ_TEMPLATE",
     "DEFAULT_PACK",
@@ -303,7 +304,8 @@ class Identity:
     """A person as the identity methods take one, without the photos: the raw embedding of each photo, the five
     keypoints (with their photo's size) that pose the face (InstantID), and optionally, per photo, EVA02-CLIP's
     features of the parsed, aligned face (PuLID: ``eva_cls`` (photos, proj), ``eva_hidden`` (photos, 5, tokens,
-    width)). ``pack`` names the recognition model: embeddings of different models are not comparable.
+    width)) and the photo as CLIP reads it (PhotoMaker: ``clip_images`` (photos, 224, 224, 3) uint8, resized and
+    centre-cropped). ``pack`` names the recognition model: embeddings of different models are not comparable.
 
     Example:
         >>> identity = identity_features(["me1.jpg", "me2.jpg"], eva="QuanSun/EVA-CLIP")  # doctest: +SKIP
@@ -317,6 +319,7 @@ class Identity:
     pack: str = ""
     eva_cls: np.ndarray | None = None
     eva_hidden: np.ndarray | None = None
+    clip_images: np.ndarray | None = None
 
     @classmethod
     def of(cls, faces: list[FaceInfo], keypoints_from: FaceInfo | None = None, pack: str = "") -> Identity:
@@ -330,6 +333,8 @@ class Identity:
         arrays = {"embeddings": self.embeddings, "keypoints": self.keypoints, "eva_cls": self.eva_cls,
                   "eva_hidden": self.eva_hidden}  # fmt: skip
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in arrays.items() if v is not None}
+        if self.clip_images is not None:
+            tensors["clip_images"] = torch.from_numpy(np.ascontiguousarray(self.clip_images, np.uint8))
         width, height = self.image_size
         save_file(tensors, str(path), {"format": "sdxl-control identity 1", "image_size": f"{width}x{height}",
                                        "pack": self.pack})  # fmt: skip
@@ -350,7 +355,7 @@ class Identity:
             if not meta.get("format", "").startswith("sdxl-control identity") or "embeddings" not in keys:
                 raise ConditionError(f"{file} is not an identity file (make one with save_identity)")
             width, _, height = meta.get("image_size", "0x0").partition("x")
-            optional = {k: f.get_tensor(k) if k in keys else None for k in ("eva_cls", "eva_hidden")}
+            optional = {k: f.get_tensor(k) if k in keys else None for k in ("eva_cls", "eva_hidden", "clip_images")}
             return cls(f.get_tensor("embeddings"), f.get_tensor("keypoints"), (int(width), int(height)),
                        meta.get("pack", ""), **optional)  # fmt: skip
 
@@ -358,12 +363,12 @@ class Identity:
 def identity_features(
     photos: Any, pack: str = IDENTITY_PACK, root: str | os.PathLike[str] = "~/.insightface", *,
     keypoints_from: Any = None, vision: bool = False, eva: str | os.PathLike[str] | None = None,
-    parsing: str | os.PathLike[str] | None = None, device: Any = "cpu",
+    parsing: str | os.PathLike[str] | None = None, device: Any = "cpu", clip: bool = False,
 ) -> Identity:  # fmt: skip
     """Everything the identity methods read from ``photos`` of one person: raw embeddings and keypoints, and with
     ``vision`` each photo's largest face aligned on the FFHQ template, parsed (``parsing``: the folder of facexlib's
     BiSeNet weights, default facexlib's own) and read by EVA02-CLIP (``eva``: repo or file, default
-    ``QuanSun/EVA-CLIP``).
+    ``QuanSun/EVA-CLIP``); with ``clip`` each photo as CLIP reads it (224 px, resized and centre-cropped).
 
     The same face serves both: the reference's second detector (facexlib's, which picks the face nearest the centre)
     is not used, so a photo with several people cannot give one person's embedding and another's features.
@@ -375,6 +380,8 @@ def identity_features(
     faces = analyze_faces(items, pack, root)
     pose = analyze_faces(keypoints_from, pack, root)[0] if keypoints_from is not None else None
     identity = Identity.of(faces, pose, pack)
+    if clip:
+        identity = dataclasses.replace(identity, clip_images=np.stack([clip_crop(item) for item in items]))
     if not vision:
         return identity
     from .eva_clip import EVA_REPO, eva_face_features, load_eva_clip
@@ -402,21 +409,38 @@ def identity_features(
 def save_identity(
     path: str | os.PathLike[str], photos: Any, *, keypoints_from: Any = None, pack: str = IDENTITY_PACK,
     root: str | os.PathLike[str] = "~/.insightface", pulid: bool = False, eva: str | os.PathLike[str] | None = None,
-    parsing: str | os.PathLike[str] | None = None,
+    parsing: str | os.PathLike[str] | None = None, photomaker: bool = False,
 ) -> Identity:  # fmt: skip
     """Analyse ``photos`` (one or several of the same person) and keep the person in a ``.safetensors`` file: their
-    raw embeddings and the keypoints of ``keypoints_from`` (default: the first photo) — what InstantID reads — and
-    with ``pulid=True`` the EVA-CLIP face features PuLID reads (``eva``, ``parsing``: where those models are). Returns
-    what was saved.
+    raw embeddings and the keypoints of ``keypoints_from`` (default: the first photo) — what InstantID reads — with
+    ``pulid=True`` the EVA-CLIP face features PuLID reads (``eva``, ``parsing``: where those models are), and with
+    ``photomaker=True`` the photos as CLIP reads them (PhotoMaker v2 also reads ``buffalo_l`` embeddings: pass
+    ``pack="buffalo_l"``). Returns what was saved.
 
     Example:
         >>> save_identity("me.safetensors", ["me1.jpg", "me2.jpg"], pulid=True)  # InstantID and PuLID can read it  # doctest: +SKIP
     """
     identity = identity_features(
-        photos, pack, root, keypoints_from=keypoints_from, vision=pulid, eva=eva, parsing=parsing
+        photos, pack, root, keypoints_from=keypoints_from, vision=pulid, eva=eva, parsing=parsing, clip=photomaker
     )
     identity.save(path)
     return identity
+
+
+def clip_crop(photo: Any, size: int = 224) -> np.ndarray:
+    """The photo as a CLIP image processor reads it before normalising: shortest side to ``size`` (bicubic), centre
+    crop, RGB uint8 (size, size, 3).
+
+    Example:
+        >>> clip_crop("me.jpg").shape  # doctest: +SKIP
+        (224, 224, 3)
+    """
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                   do_rescale=False, do_normalize=False)  # fmt: skip
+    crop = processor(images=[load_image(photo, "photo")], return_tensors="np").pixel_values[0]
+    return np.clip(np.round(crop), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 def identity_similarity(

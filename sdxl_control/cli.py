@@ -43,7 +43,7 @@ CONTROLS = {
 DEFAULT_UNION = "xinsir/controlnet-union-sdxl-1.0"
 INSTANTID_REPO = "InstantX/InstantID"
 PULID_REPO = "guozinan/PuLID"
-IDENTITIES = ("faceid", "instantid", "pulid")
+IDENTITIES = ("faceid", "instantid", "pulid", "photomaker")
 FACEID_SCALE = 0.8
 
 
@@ -87,7 +87,7 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     refs.add_argument("--face", metavar="IMG", action="append", default=[],
                       help="photo of the person (repeatable: several photos of one person)")  # fmt: skip
     refs.add_argument("--identity", choices=IDENTITIES, default="faceid",
-                      help="identity method for --face: faceid (IP-Adapter FaceID, default), instantid or pulid")  # fmt: skip
+                      help="identity method for --face: faceid (IP-Adapter FaceID, default), instantid, pulid or photomaker")  # fmt: skip
     refs.add_argument("--face-variant", default="plusv2", help="FaceID: faceid or plusv2 (default)")
     refs.add_argument("--identity-scale", "--face-scale", dest="face_scale", type=float, metavar="S",
                       help="strength of the identity (FaceID, InstantID's face tokens, PuLID's id_scale; default 0.8)")  # fmt: skip
@@ -100,6 +100,11 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     refs.add_argument("--eva-model", metavar="MODEL", help="PuLID: EVA-CLIP repo or file (default QuanSun/EVA-CLIP)")
     refs.add_argument("--face-parsing", metavar="FOLDER",
                       help="PuLID: folder with facexlib's parsing_bisenet.pth (default: facexlib's own)")  # fmt: skip
+    refs.add_argument("--trigger", help="PhotoMaker: the trigger word after the class word in the prompt (default img)")
+    refs.add_argument("--photomaker-version", choices=("v1", "v2"), help="PhotoMaker: v1 or v2 (default)")
+    refs.add_argument("--photomaker-weights", metavar="FILE", help="PhotoMaker: a checkpoint file instead of the hub's")
+    refs.add_argument("--start-merge", type=float, metavar="F",
+                      help="PhotoMaker: fraction of the steps before the identity joins the prompt (default 0.2)")  # fmt: skip
     refs.add_argument("--identitynet-scale", type=float, metavar="S",
                       help="InstantID: strength of IdentityNet (default 0.8)")  # fmt: skip
     refs.add_argument("--identitynet-window", type=_window, default=(0.0, 1.0), metavar="START:END")
@@ -179,6 +184,10 @@ def _identity_condition(args: argparse.Namespace, preset: Any) -> Any:
         raise InvalidRequestError("--face-keypoints is for --identity instantid")
     if (args.identity_mode or args.pulid_version) and args.identity != "pulid":
         raise InvalidRequestError("--identity-mode and --pulid-version are for --identity pulid")
+    photomaker_flags = (args.trigger, args.photomaker_version, args.photomaker_weights, args.start_merge)
+    if any(v is not None for v in photomaker_flags) and args.identity != "photomaker":
+        raise InvalidRequestError("--trigger, --photomaker-version, --photomaker-weights and --start-merge are for "
+                                  "--identity photomaker")  # fmt: skip
     given: dict[str, Any] = {"scale": args.face_scale, "window": args.face_window, "face_pack": _face_pack(args)}
     if args.identity == "faceid":
         given["scale"] = FACEID_SCALE if args.face_scale is None else args.face_scale
@@ -196,6 +205,14 @@ def _identity_condition(args: argparse.Namespace, preset: Any) -> Any:
             model = str(tiny_control_models("instantid"))
         return _condition(preset, "instantid", args.face, keypoints_from=args.face_keypoints, source=model,
                           controlnet_scale=args.identitynet_scale, controlnet_window=args.identitynet_window, **given)  # fmt: skip
+    if args.identity == "photomaker":
+        weights = args.photomaker_weights
+        if args.tiny and weights is None:
+            from .testing import tiny_control_models
+
+            weights = str(tiny_control_models("photomaker") / f"photomaker-{args.photomaker_version or 'v2'}.bin")
+        return _condition(preset, "photomaker", args.face, version=args.photomaker_version, trigger=args.trigger,
+                          weights=weights, start_merge=args.start_merge, **given)  # fmt: skip
     files = {"source": args.pulid_model, "eva": args.eva_model, "parsing": args.face_parsing}
     if args.tiny:
         from .testing import tiny_control_models
@@ -222,8 +239,8 @@ def _face_pack(args: argparse.Namespace) -> str:
 
     if args.face_pack:
         return str(args.face_pack)
-    # FaceID was trained on buffalo_l's embeddings; InstantID and PuLID on antelopev2's.
-    return DEFAULT_PACK if getattr(args, "identity", None) == "faceid" else IDENTITY_PACK
+    # FaceID and PhotoMaker v2 were trained on buffalo_l's embeddings; InstantID and PuLID on antelopev2's.
+    return DEFAULT_PACK if getattr(args, "identity", None) in ("faceid", "photomaker") else IDENTITY_PACK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,9 +8,10 @@ Running it goes through three runtime objects that live apart from that value:
 * the loop calls ``Attachment.contribute(step, active)`` at every step and ``Attachment.detach()`` at the end,
   also when anything raised.
 
-Conditions compose through two typed channels: :class:`Residuals` returned by ``contribute`` are summed and fed to
-the UNet (ControlNet-like conditions), and attention processors installed at attach time (IP-Adapter-like
-conditions) are switched on and off by the ``active`` flag. A model a condition brings may attend to its own
+Conditions compose through three typed channels: :class:`Residuals` returned by ``contribute`` are summed and fed to
+the UNet (ControlNet-like conditions); attention processors installed at attach time (IP-Adapter-like conditions) are
+switched on and off by the ``active`` flag; and a :class:`PromptEdit` from ``Prepared.prompt_edit`` changes what a
+stage's text encoders read, and from which step (PhotoMaker). A model a condition brings may attend to its own
 :class:`Tokens` instead of the prompt (IdentityNet's face tokens); a condition made of parts with their own scales and
 windows attaches as :class:`Parts`.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -33,6 +34,8 @@ __all__ = [
     "Window",
     "Residuals",
     "Tokens",
+    "PromptTokens",
+    "PromptEdit",
     "StepInfo",
     "PrepareContext",
     "Condition",
@@ -162,6 +165,66 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class PromptTokens:
+    """The token ids one text encoder reads for a prompt (``model_max_length`` of them) and the positions a condition
+    marked among them (PhotoMaker: the copies of the class word its identity is fused into).
+
+    Example:
+        >>> PromptTokens((49406, 320, 1611, 49407), (False, False, True, False)).marked[2]
+        True
+    """
+
+    ids: tuple[int, ...]
+    marked: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.marked):
+            raise ConditionError(f"{len(self.ids)} token ids but {len(self.marked)} marks")
+
+
+class PromptEdit:
+    """The prompt channel: how a condition changes what a stage's text encoders read, and at which steps.
+
+    * :meth:`text` gives the prompt text encoded at every step (PhotoMaker takes its trigger word out);
+    * from step ``first`` to ``last`` (step indices of the whole schedule, ``last`` exclusive, ``None``: to the end),
+      :meth:`tokens` may give each encoder its own token ids (only one condition per step may), and :meth:`embed` may
+      change the encoded hidden states (PhotoMaker fuses the identity into the marked class-word positions).
+
+    The negative prompt is not edited. The pooled embedding follows the token ids.
+
+    Example:
+        >>> class Stronger(PromptEdit):                                  # doctest: +SKIP
+        ...     def embed(self, hidden, tokens): return hidden * 1.1
+        >>> Stronger(first=3).first
+        3
+    """
+
+    def __init__(self, first: int = 0, last: int | None = None) -> None:
+        if first < 0 or (last is not None and last <= first):
+            raise ConditionError(f"a prompt edit needs 0 <= first < last, got ({first}, {last})")
+        self.first, self.last = first, last
+
+    # Whether :meth:`tokens` gives token ids of its own (only one such edit may act at a step).
+    rewrites_tokens: ClassVar[bool] = False
+
+    def text(self, prompt: str, tokenizer: Any) -> str:
+        """The prompt text encoded at every step (before edits act, and where they do not rewrite tokens)."""
+        return prompt
+
+    def tokens(self, prompt: str, tokenizer: Any, encoder: int) -> PromptTokens:
+        """Token ids (``tokenizer.model_max_length`` of them) for text encoder ``encoder`` (0, 1, ...), from the prompt
+        as written; only for edits that set ``rewrites_tokens``."""
+        raise NotImplementedError
+
+    def embed(self, hidden: torch.Tensor, tokens: Sequence[PromptTokens]) -> torch.Tensor:
+        """The encoders' hidden states (1, tokens, total width), edited; ``tokens`` are what each encoder read."""
+        return hidden
+
+    def acts_at(self, index: int) -> bool:
+        return self.first <= index and (self.last is None or index < self.last)
+
+
+@dataclass(frozen=True)
 class StepInfo:
     """What a condition sees of one denoising step.
 
@@ -188,7 +251,8 @@ class PrepareContext:
     """What a condition needs to encode its inputs once per call.
 
     ``stages`` maps each stage the call runs to that stage's UNet (read-only use: encoders may need its dtype or
-    config). ``size`` is the output size as (width, height). ``fast`` is the generator's fast path, if any.
+    config). ``size`` is the output size as (width, height). ``fast`` is the generator's fast path, if any. ``steps``
+    is the number of steps of the whole schedule (base and refiner).
 
     Example:
         >>> def prepare(self, ctx: PrepareContext):                     # doctest: +SKIP
@@ -202,6 +266,7 @@ class PrepareContext:
     size: tuple[int, int]
     stages: Mapping[Stage, Any] = field(default_factory=dict)
     fast: FastPath | None = None
+    steps: int = 0
 
 
 class Attachment(ABC):
@@ -264,6 +329,11 @@ class Prepared(ABC):
 
     @abstractmethod
     def attach(self, unet: Any, stage: Stage) -> Attachment: ...
+
+    def prompt_edit(self, stage: Stage) -> PromptEdit | None:
+        """How the condition changes the prompt of ``stage`` (the prompt channel). Asked for every stage the call runs,
+        also those it does not attach to: a base-only condition may still take its syntax out of the refiner's prompt."""
+        return None
 
     def text_encoder_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
         """Weight deltas for the stage's text encoders, by component name (``text_encoder``, ``text_encoder_2``),

@@ -18,11 +18,11 @@ from .conditions import Condition, PrepareContext, Prepared, Stage, validate_con
 from .errors import InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
 from .guidance import guidance_for
-from .loop import ProgressCallback, StageInputs, denoise
+from .loop import ProgressCallback, PromptSegment, StageInputs, denoise
 from .models import DEFAULT_BASE, StageModels, load_stage, placement
 from .recipe import RecipeImage, Result
 from .schedule import StageSchedule, make_scheduler, split_schedule
-from .text import MicroConditioning, encode_prompts, time_ids
+from .text import MicroConditioning, encode_negative, prompt_segments, time_ids
 from .vae import decode_latents, load_decoder, vae_scale_factor
 from .weights import WeightPatch
 
@@ -263,17 +263,18 @@ class Generator:
         guidance = guidance_for(request.guidance, unet, request.guidance_rescale)
         n = request.num_images
         mine = [(c, p) for c, p in prepared if models.stage in c.stage]
+        # Every condition is asked (the prompt channel): a base-only one may still take its syntax out of the refiner's.
+        edits = [edit for _, p in prepared if (edit := p.prompt_edit(models.stage)) is not None]
         with (
             self._resident([e.model for e in models.text_encoders]),
             _text_encoder_patches(models, [p for _, p in mine]),
         ):
-            positive, negative = encode_prompts(
-                models.text_encoders,
-                [request.prompt],
-                None if request.negative_prompt is None else [request.negative_prompt],
-                need_negative=guidance.copies > 1,
-                zero_negative=models.force_zeros_for_empty_prompt,
-            )
+            segments = prompt_segments(models.text_encoders, request.prompt, edits, plan.schedule.total)
+            negative = None
+            if guidance.copies > 1:
+                negatives = None if request.negative_prompt is None else [request.negative_prompt]
+                negative = encode_negative(models.text_encoders, negatives, segments[0][1],
+                                           zero_negative=models.force_zeros_for_empty_prompt)  # fmt: skip
         width, height = request.size
         micro = MicroConditioning(
             original_size=(height, width),
@@ -285,20 +286,22 @@ class Generator:
             micro,
             aesthetic=models.requires_aesthetics_score,
             unet=unet,
-            pooled_width=positive.pooled.shape[-1],
+            pooled_width=segments[0][1].pooled.shape[-1],
             dtype=dtype,
         )
-        hidden, pooled, ids = positive.hidden.repeat(n, 1, 1), positive.pooled.repeat(n, 1), pos_ids.repeat(n, 1)
-        if negative is not None:
-            hidden = torch.cat([negative.hidden.repeat(n, 1, 1), hidden])
-            pooled = torch.cat([negative.pooled.repeat(n, 1), pooled])
-            ids = torch.cat([neg_ids.repeat(n, 1), ids])
+        ids = pos_ids.repeat(n, 1) if negative is None else torch.cat([neg_ids.repeat(n, 1), pos_ids.repeat(n, 1)])
+        prompts = []
+        for first, positive in segments:
+            hidden, pooled = positive.hidden.repeat(n, 1, 1), positive.pooled.repeat(n, 1)
+            if negative is not None:
+                hidden = torch.cat([negative.hidden.repeat(n, 1, 1), hidden])
+                pooled = torch.cat([negative.pooled.repeat(n, 1), pooled])
+            prompts.append(PromptSegment(first, hidden.to(device, dtype), pooled.to(device, dtype)))
         return StageInputs(
             stage=models.stage,
             unet=unet,
             schedule=plan.schedule,
-            hidden=hidden.to(device, dtype),
-            pooled=pooled.to(device, dtype),
+            prompts=tuple(prompts),
             time_ids=ids.to(device),
             guidance=guidance,
             conditions=mine,
@@ -320,6 +323,7 @@ class Generator:
             size=request.size,
             stages={p.models.stage: p.models.unet for p in plans},
             fast=self.fast_path,
+            steps=plans[0].schedule.total,
         )
         prepared = [(c, c.prepare(context)) for c in request.conditions]
         stage_inputs = [self._stage_inputs(plan, request, prepared) for plan in plans]

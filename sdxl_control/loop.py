@@ -15,7 +15,7 @@ from .conditions import Condition, Prepared, Residuals, Stage, StepInfo, acts
 from .guidance import Guidance
 from .schedule import StageSchedule
 
-__all__ = ["StageInputs", "ProgressEvent", "ProgressCallback", "denoise"]
+__all__ = ["StageInputs", "PromptSegment", "ProgressEvent", "ProgressCallback", "denoise"]
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,32 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 @dataclass(frozen=True)
+class PromptSegment:
+    """The prompt's hidden states and pooled embedding, batched for the stage's guidance, that the UNet reads from step
+    ``first`` (an index of the whole schedule) until the next segment's (the prompt channel's switch).
+
+    Example:
+        >>> PromptSegment(0, hidden, pooled)  # doctest: +SKIP
+    """
+
+    first: int
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StageInputs:
     """Everything one stage needs, already encoded and batched for its guidance: the loop only steps.
 
     Example:
-        >>> latents = denoise(StageInputs(Stage.BASE, unet, schedule, hidden, pooled, ids, guidance), noise, generators=gens)  # doctest: +SKIP
+        >>> latents = denoise(StageInputs(Stage.BASE, unet, schedule, (PromptSegment(0, hidden, pooled),), ids, guidance),
+        ...                   noise, generators=gens)  # doctest: +SKIP
     """
 
     stage: Stage
     unet: Any
     schedule: StageSchedule
-    hidden: torch.Tensor
-    pooled: torch.Tensor
+    prompts: tuple[PromptSegment, ...]
     time_ids: torch.Tensor
     guidance: Guidance
     conditions: Sequence[tuple[Condition, Prepared]] = ()
@@ -78,22 +92,26 @@ def denoise(
     scheduler = schedule.scheduler
     unet = inputs.unet
     copies = inputs.guidance.copies
-    added = {"text_embeds": inputs.pooled, "time_ids": inputs.time_ids}
     step_kwargs = _step_kwargs(scheduler, generators)
     steps = len(schedule.timesteps)
+    segments, current = inputs.prompts, 0
     # The UNet gets device timesteps, copied once; the scheduler keeps stepping with the host ones.
-    unet_timesteps = schedule.timesteps.to(inputs.hidden.device, non_blocking=True)
+    unet_timesteps = schedule.timesteps.to(inputs.time_ids.device, non_blocking=True)
     with (
         attached(inputs.conditions, unet, inputs.stage) as live,
         tqdm(total=steps, desc=inputs.stage.label, disable=not progress_bar, leave=False) as bar,
     ):
         for k, (t, unet_t) in enumerate(zip(schedule.timesteps, unet_timesteps, strict=True)):
             index = schedule.first_index + k
+            while current + 1 < len(segments) and segments[current + 1].first <= index:
+                current += 1
+            prompt = segments[current]
+            added = {"text_embeds": prompt.pooled, "time_ids": inputs.time_ids}
             sample = latents if copies == 1 else torch.cat([latents] * copies)
             sample = scheduler.scale_model_input(sample, t)
             residuals: Residuals | None = None
             if live:
-                info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, inputs.hidden, added, copies > 1)
+                info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, prompt.hidden, added, copies > 1)
                 for condition, attachment in live:
                     extra = attachment.contribute(info, acts(condition.scale, condition.window, index, schedule.total))
                     if extra is not None:
@@ -101,7 +119,7 @@ def denoise(
             prediction = unet(
                 sample,
                 unet_t,
-                encoder_hidden_states=inputs.hidden,
+                encoder_hidden_states=prompt.hidden,
                 added_cond_kwargs=added,
                 down_block_additional_residuals=None if residuals is None else list(residuals.down),
                 mid_block_additional_residual=None if residuals is None else residuals.mid,

@@ -9,9 +9,18 @@ from typing import Any
 
 import torch
 
-from .errors import IncompatibleModelError
+from .conditions import PromptEdit, PromptTokens
+from .errors import ConditionError, IncompatibleModelError
 
-__all__ = ["TextEncoder", "PromptEmbeddings", "encode_prompts", "MicroConditioning", "time_ids"]
+__all__ = [
+    "TextEncoder",
+    "PromptEmbeddings",
+    "encode_prompts",
+    "encode_negative",
+    "prompt_segments",
+    "MicroConditioning",
+    "time_ids",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +52,20 @@ class PromptEmbeddings:
     pooled: torch.Tensor
 
 
-def _encode(encoders: Sequence[TextEncoder], texts: list[str]) -> PromptEmbeddings:
+def _tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids  # fmt: skip
+    full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > ids.shape[-1]:
+        log.warning("prompt truncated to %d CLIP tokens", tokenizer.model_max_length)
+    return ids
+
+
+def _run(encoders: Sequence[TextEncoder], ids: Sequence[torch.Tensor]) -> PromptEmbeddings:
     hidden = []
     pooled: torch.Tensor | None = None
-    for enc in encoders:
-        tok = enc.tokenizer
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        ids = ids.input_ids
-        full = tok(texts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > ids.shape[-1]:
-            log.warning("prompt truncated to %d CLIP tokens", tok.model_max_length)
-        out = enc.model(ids.to(enc.model.device), output_hidden_states=True)
+    for enc, tokens in zip(encoders, ids, strict=True):
+        out = enc.model(tokens.to(enc.model.device), output_hidden_states=True)
         # SDXL conditions on the penultimate layer of each encoder and the projected pooled output of the last.
         hidden.append(out.hidden_states[-2])
         if out[0].ndim == 2:
@@ -61,6 +73,78 @@ def _encode(encoders: Sequence[TextEncoder], texts: list[str]) -> PromptEmbeddin
     if pooled is None:
         raise IncompatibleModelError("the stage's last text encoder has no projection (no pooled text embedding)")
     return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
+
+
+def _encode(encoders: Sequence[TextEncoder], texts: list[str]) -> PromptEmbeddings:
+    return _run(encoders, [_tokenize(enc.tokenizer, texts) for enc in encoders])
+
+
+def _encode_edited(
+    encoders: Sequence[TextEncoder], prompt: str, plain: str, edits: list[PromptEdit]
+) -> PromptEmbeddings:
+    rewriting = [e for e in edits if e.rewrites_tokens]
+    if len(rewriting) > 1:
+        names = ", ".join(type(e).__name__ for e in rewriting)
+        raise ConditionError(f"{names} all rewrite the prompt's tokens at the same steps; only one condition may")
+    tokens = []
+    for index, enc in enumerate(encoders):
+        if rewriting:
+            read = rewriting[0].tokens(prompt, enc.tokenizer, index)
+            if len(read.ids) != enc.tokenizer.model_max_length:
+                raise ConditionError(
+                    f"{type(rewriting[0]).__name__} gave {len(read.ids)} token ids; the text encoder reads "
+                    f"{enc.tokenizer.model_max_length}"
+                )
+        else:
+            ids = tuple(_tokenize(enc.tokenizer, [plain])[0].tolist())
+            read = PromptTokens(ids, (False,) * len(ids))
+        tokens.append(read)
+    out = _run(encoders, [torch.tensor([t.ids]) for t in tokens])
+    hidden = out.hidden
+    for edit in edits:
+        hidden = edit.embed(hidden, tokens)
+    return PromptEmbeddings(hidden, out.pooled)
+
+
+@torch.no_grad()
+def prompt_segments(
+    encoders: Sequence[TextEncoder], prompt: str, edits: Sequence[PromptEdit], steps: int
+) -> list[tuple[int, PromptEmbeddings]]:
+    """The prompt's embeddings for each run of steps that the same edits act on, as (first step index, embeddings),
+    in step order; with no edits, one segment from step 0. The prompt text is first passed through every edit's
+    :meth:`~sdxl_control.PromptEdit.text` (the first encoder's tokenizer decides)."""
+    plain = prompt
+    for edit in edits:
+        plain = edit.text(plain, encoders[0].tokenizer)
+    bounds = sorted(
+        {0} | {e.first for e in edits if e.first < steps} | {e.last for e in edits if e.last and e.last < steps}
+    )
+    segments: list[tuple[int, PromptEmbeddings]] = []
+    acting_before: list[PromptEdit] | None = None
+    cache: PromptEmbeddings | None = None
+    for start in bounds:
+        acting = [e for e in edits if e.acts_at(start)]
+        if acting == acting_before:
+            continue
+        if acting:
+            embeddings = _encode_edited(encoders, prompt, plain, acting)
+        else:
+            cache = cache or _encode(encoders, [plain])
+            embeddings = cache
+        segments.append((start, embeddings))
+        acting_before = acting
+    return segments
+
+
+@torch.no_grad()
+def encode_negative(
+    encoders: Sequence[TextEncoder], negatives: list[str] | None, like: PromptEmbeddings, *, zero_negative: bool
+) -> PromptEmbeddings:
+    """The negative prompts' embeddings. With none given and ``zero_negative`` (the SDXL base's
+    ``force_zeros_for_empty_prompt``) all zeros, as SDXL was trained; otherwise the negative text (default "")."""
+    if negatives is None and zero_negative:
+        return PromptEmbeddings(torch.zeros_like(like.hidden), torch.zeros_like(like.pooled))
+    return _encode(encoders, negatives if negatives is not None else [""] * like.hidden.shape[0])
 
 
 @torch.no_grad()
@@ -72,17 +156,11 @@ def encode_prompts(
     need_negative: bool,
     zero_negative: bool,
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-    """Encode prompts (and negatives when guidance needs them).
-
-    With no negative prompt and ``zero_negative`` (the SDXL base's ``force_zeros_for_empty_prompt``), the negative
-    embedding is all zeros, as SDXL was trained; otherwise the negative text (default "") is encoded.
-    """
+    """Encode prompts (and negatives when guidance needs them, see :func:`encode_negative`)."""
     positive = _encode(encoders, prompts)
     if not need_negative:
         return positive, None
-    if negatives is None and zero_negative:
-        return positive, PromptEmbeddings(torch.zeros_like(positive.hidden), torch.zeros_like(positive.pooled))
-    return positive, _encode(encoders, negatives if negatives is not None else [""] * len(prompts))
+    return positive, encode_negative(encoders, negatives, positive, zero_negative=zero_negative)
 
 
 @dataclass(frozen=True)

@@ -51,15 +51,19 @@ def fresh(tiny: TinyModels) -> Generator:
 
 @pytest.fixture(scope="session")
 def insightface_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """insightface's folder layout with an ``antelopev2`` pack: the real SCRFD detector from ../shared under the
-    pack's detector name, and a tiny ArcFace-shaped recognition model under its recognition name."""
+    """insightface's folder layout with ``antelopev2`` and ``buffalo_l`` packs: the real SCRFD detector from ../shared
+    under each pack's detector name, and a tiny ArcFace-shaped recognition model under its recognition name."""
     import shutil
 
     from sdxl_control.testing.faces import write_tiny_recognition_onnx
 
     root = tmp_path_factory.mktemp("insightface")
-    pack = root / "models" / "antelopev2"
-    pack.mkdir(parents=True)
-    shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / "scrfd_10g_bnkps.onnx")
-    write_tiny_recognition_onnx(pack / "glintr100.onnx")
+    for name, detector, recognition in (
+        ("antelopev2", "scrfd_10g_bnkps", "glintr100"),
+        ("buffalo_l", "det_10g", "w600k_r50"),
+    ):
+        pack = root / "models" / name
+        pack.mkdir(parents=True)
+        shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / f"{detector}.onnx")
+        write_tiny_recognition_onnx(pack / f"{recognition}.onnx")
     return root

@@ -217,3 +217,23 @@ def test_pulid_from_the_cli_with_a_preset(tiny, tmp_path, shared_dir, insightfac
     wrong = ["generate", "x", "--tiny", "--identity", "instantid", "--face", obama, "--identity-mode", "style"]
     assert main([*wrong, "-o", str(out2)]) == 2
     assert "--identity-mode and --pulid-version are for --identity pulid" in capsys.readouterr().err
+
+
+def test_photomaker_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, capsys):
+    obama = str(shared_dir / "images" / "obama.jpg")
+    out = tmp_path / "pm.png"
+    args = ["generate", "a photo of a man img, smiling", "--tiny", "--steps", "4", "--seed", "3", "-q", "--identity",
+            "photomaker", "--face", obama, "--face-pack", str(insightface_root / "models" / "buffalo_l"),
+            "--start-merge", "0.25", "--identity-scale", "0.9"]  # fmt: skip
+    assert main([*args, "-o", str(out)]) == 0
+    (condition,) = read_recipe(out)["conditions"]
+    assert (condition["kind"], condition["trigger"], condition["start_merge"], condition["scale"]) == (
+        "photomaker", "img", 0.25, 0.9,
+    )  # fmt: skip
+    again = tmp_path / "again.png"
+    assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    capsys.readouterr()
+    assert main(["generate", "a man", "--tiny", "--steps", "2", "-q", "--identity", "photomaker", "--face", obama,
+                 "--photomaker-version", "v1", "-o", str(tmp_path / "x.png")]) == 2  # fmt: skip
+    assert "trigger word exactly once" in capsys.readouterr().err

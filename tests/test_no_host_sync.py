@@ -23,12 +23,14 @@ from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
+from sdxl_control.adapters.photomaker import PhotoMaker
 from sdxl_control.adapters.pulid import PuLID
 from sdxl_control.preprocessors.face import Identity
 from sdxl_control.testing import write_tiny_controlnet
 from sdxl_control.testing.instantid import write_tiny_instantid_repo
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
+from sdxl_control.testing.photomaker import TINY_CLIP, write_photomaker_checkpoint
 from sdxl_control.testing.pulid import write_pulid_checkpoint
 
 from .test_faceid import fake_face
@@ -76,6 +78,15 @@ def stacked(tiny, tmp_path_factory) -> tuple[Condition, ...]:
             window=(0.0, 0.75),
             weights=str(write_pulid_checkpoint(folder / "pulid_v1.bin", _unet(tiny), "v1", **TINY_PULID)),
         ),
+        PhotoMaker(
+            photo,
+            start_merge=0.25,
+            weights=str(
+                write_photomaker_checkpoint(
+                    folder / "photomaker-v1.bin", _unet(tiny), "v1", widths=(32, 32), **TINY_CLIP
+                )
+            ),
+        ),  # fmt: skip
     )
 
 
@@ -101,7 +112,8 @@ def _pulid_identity(path):
 def _run_on_meta(generator: Generator, monkeypatch: pytest.MonkeyPatch, **options) -> torch.Tensor:
     monkeypatch.setattr(generator_module, "decode_latents", _stop_at_decode)
     seen: list[float] = []
-    request = GenerationRequest("a portrait", size=(64, 64), seed=1, **options)
+    # The class word and trigger serve PhotoMaker; the other conditions do not read the prompt.
+    request = GenerationRequest("a portrait of a man img", size=(64, 64), seed=1, **options)
     with pytest.raises(_ReachedDecode) as reached:
         generator.run(request, progress=lambda e: seen.append(e.timestep), progress_bar=False)
     assert len(seen) >= request.steps  # progress reports host numbers (second-order samplers: two per step)
@@ -110,10 +122,17 @@ def _run_on_meta(generator: Generator, monkeypatch: pytest.MonkeyPatch, **option
     return latents
 
 
+def test_two_stage_call_with_every_condition_stacked_never_reads_the_device(meta_generator, stacked, monkeypatch):
+    latents = _run_on_meta(meta_generator, monkeypatch, steps=4, refiner_switch=0.5, conditions=stacked)
+    assert latents.shape == (1, 4, 8, 8)
+
+
+# A scheduler reads the device or not whatever the conditions; each runs with windows that start and end mid-schedule.
 @pytest.mark.parametrize("scheduler", ["euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_sde", "unipc", "ddim", "lcm"])
-def test_two_stage_call_with_stacked_conditions_never_reads_the_device(meta_generator, stacked, monkeypatch, scheduler):
+def test_every_scheduler_never_reads_the_device(meta_generator, stacked, monkeypatch, scheduler):
+    windowed = tuple(c for c in stacked if type(c).__name__ in ("LoRA", "ControlNet", "IPAdapter"))
     latents = _run_on_meta(
-        meta_generator, monkeypatch, steps=4, refiner_switch=0.5, scheduler=scheduler, conditions=stacked
+        meta_generator, monkeypatch, steps=4, refiner_switch=0.5, scheduler=scheduler, conditions=windowed
     )
     assert latents.shape == (1, 4, 8, 8)
 

@@ -96,8 +96,9 @@ def write_random_openpose(folder: str | os.PathLike[str], seed: int = 0) -> Path
 
 def tiny_control_models(kind: str, seed: int = 0) -> Path:
     """A cached tiny model for the ``--tiny`` demo: ``controlnet-<edges|depth|pose|union>``, ``depth-estimator``,
-    ``openpose``, the repos ``ip-adapter``, ``ip-adapter-faceid`` and ``instantid``, or ``pulid`` (a folder with
-    ``pulid/``, ``eva/`` and ``facexlib/``), written next to the tiny pipelines on first use."""
+    ``openpose``, the repos ``ip-adapter``, ``ip-adapter-faceid`` and ``instantid``, ``pulid`` (a folder with
+    ``pulid/``, ``eva/`` and ``facexlib/``) or ``photomaker`` (both files), written next to the tiny pipelines on
+    first use."""
     base = tiny_models(seed).base
     target = base.parent / kind
     if target.exists():
@@ -109,6 +110,19 @@ def tiny_control_models(kind: str, seed: int = 0) -> Path:
         return write_tiny_depth_estimator(target, seed)
     if kind == "openpose":
         return write_random_openpose(target, seed)
+    if kind == "photomaker":
+        from diffusers import UNet2DConditionModel
+
+        from .photomaker import TINY_CLIP, write_photomaker_checkpoint
+
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        half = unet.config.cross_attention_dim // 2
+        staging = target.with_name(".photomaker-building")
+        for version in ("v1", "v2"):
+            write_photomaker_checkpoint(staging / f"photomaker-{version}.bin", unet, version, widths=(half, half),
+                                        **TINY_CLIP, seed=seed)  # fmt: skip
+        staging.rename(target)
+        return target
     if kind == "pulid":
         from diffusers import UNet2DConditionModel
 

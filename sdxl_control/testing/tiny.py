@@ -94,13 +94,13 @@ def _seeded(seed: int, build: Callable[[], Any]) -> Any:
         return build()
 
 
-def _text_encoders(seed: int, with_first: bool) -> tuple[Any, Any]:
+def _text_encoders(seed: int, with_first: bool, width: int = TEXT_WIDTH) -> tuple[Any, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # Token ids as in the published SDXL text encoder configs (bos 0, eos 2, pad 1: pooling takes the argmax id,
     # i.e. the end-of-text token).
     common: dict[str, Any] = dict(
-        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=49408, hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
         max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5,
     )  # fmt: skip
     first = None
@@ -108,7 +108,7 @@ def _text_encoders(seed: int, with_first: bool) -> tuple[Any, Any]:
         first = _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **common)))
     second = _seeded(
         seed + 2,
-        lambda: CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", projection_dim=TEXT_WIDTH, **common)),
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", projection_dim=width, **common)),
     )
     return first, second
 
@@ -157,7 +157,7 @@ def write_tiny_taesd(folder: str | os.PathLike[str], seed: int = 0) -> Path:
 LAYOUTS = {"tiny": (1, 1, 2), "sdxl": (1, 2, 10)}
 
 
-def _base_unet(seed: int, layout: str = "tiny") -> Any:
+def _base_unet(seed: int, layout: str = "tiny", text_width: int = TEXT_WIDTH) -> Any:
     from diffusers import UNet2DConditionModel
 
     # SDXL base's block layout (no attention in the first block, two cross-attention blocks, mid block), tiny widths.
@@ -174,16 +174,16 @@ def _base_unet(seed: int, layout: str = "tiny") -> Any:
             transformer_layers_per_block=LAYOUTS[layout],
             attention_head_dim=(2, 4, 8),
             norm_num_groups=8,
-            cross_attention_dim=2 * TEXT_WIDTH,
+            cross_attention_dim=2 * text_width,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=TIME_EMBED,
-            projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_WIDTH,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED + text_width,
         ),
     )
 
 
-def _refiner_unet(seed: int) -> Any:
+def _refiner_unet(seed: int, text_width: int = TEXT_WIDTH) -> Any:
     from diffusers import UNet2DConditionModel
 
     # SDXL refiner's block layout (four blocks, attention in the middle two), aesthetic-score conditioning.
@@ -200,11 +200,11 @@ def _refiner_unet(seed: int) -> Any:
             transformer_layers_per_block=1,
             attention_head_dim=(2, 4, 4, 4),
             norm_num_groups=8,
-            cross_attention_dim=TEXT_WIDTH,
+            cross_attention_dim=text_width,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=TIME_EMBED,
-            projection_class_embeddings_input_dim=5 * TIME_EMBED + TEXT_WIDTH,
+            projection_class_embeddings_input_dim=5 * TIME_EMBED + text_width,
         ),
     )
 
@@ -216,21 +216,24 @@ def _mark(folder: Path, seed: int, role: str) -> None:
     index_file.write_text(json.dumps(index, indent=2))
 
 
-def write_tiny_base(folder: str | os.PathLike[str], seed: int = 0, layout: str = "tiny") -> Path:
+def write_tiny_base(
+    folder: str | os.PathLike[str], seed: int = 0, layout: str = "tiny", text_width: int = TEXT_WIDTH
+) -> Path:
     """Write a tiny SDXL base pipeline folder (model_index.json, per-component config + safetensors, tokenizers);
-    ``layout="sdxl"`` gives its UNet SDXL's own transformer depths (see ``LAYOUTS``)."""
+    ``layout="sdxl"`` gives its UNet SDXL's own transformer depths (see ``LAYOUTS``), ``text_width`` each text
+    encoder's width (the UNet's cross-attention takes twice that)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     out = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        te1, te2 = _text_encoders(seed, with_first=True)
+        te1, te2 = _text_encoders(seed, with_first=True, width=text_width)
         pipe = StableDiffusionXLPipeline(
             vae=_vae(seed),
             text_encoder=te1,
             text_encoder_2=te2,
             tokenizer=_write_tokenizer(Path(tmp) / "t1", "<|endoftext|>"),
             tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
-            unet=_base_unet(seed, layout),
+            unet=_base_unet(seed, layout, text_width),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             force_zeros_for_empty_prompt=True,
         )
@@ -239,20 +242,20 @@ def write_tiny_base(folder: str | os.PathLike[str], seed: int = 0, layout: str =
     return out
 
 
-def write_tiny_refiner(folder: str | os.PathLike[str], seed: int = 0) -> Path:
+def write_tiny_refiner(folder: str | os.PathLike[str], seed: int = 0, text_width: int = TEXT_WIDTH) -> Path:
     """Write a tiny SDXL refiner pipeline folder (second text encoder only, aesthetic-score conditioning)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
     out = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        _, te2 = _text_encoders(seed + 100, with_first=False)
+        _, te2 = _text_encoders(seed + 100, with_first=False, width=text_width)
         pipe = StableDiffusionXLImg2ImgPipeline(
             vae=_vae(seed),
             text_encoder=None,
             text_encoder_2=te2,
             tokenizer=None,
             tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
-            unet=_refiner_unet(seed),
+            unet=_refiner_unet(seed, text_width),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False,
@@ -281,19 +284,27 @@ def _default_root() -> Path:
     )
 
 
-def tiny_models(seed: int = 0, root: str | os.PathLike[str] | None = None, layout: str = "tiny") -> TinyModels:
+def tiny_models(
+    seed: int = 0, root: str | os.PathLike[str] | None = None, layout: str = "tiny", text_width: int = TEXT_WIDTH
+) -> TinyModels:
     """The tiny pair for ``seed``, written once under ``root`` (default: the sdxl-control cache) and reused; ``layout``
-    is the base UNet's (``"tiny"``, or ``"sdxl"`` for SDXL's 140 attention processors)."""
+    is the base UNet's (``"tiny"``, or ``"sdxl"`` for SDXL's 140 attention processors), ``text_width`` the text
+    encoders' (32; PhotoMaker's 128-wide heads need the two together at least 128)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown tiny layout {layout!r}: {', '.join(LAYOUTS)}")
     folder = Path(root) if root is not None else _default_root()
-    target = folder / (f"seed-{seed}" if layout == "tiny" else f"seed-{seed}-{layout}")
+    name = (
+        f"seed-{seed}"
+        + ("" if layout == "tiny" else f"-{layout}")
+        + ("" if text_width == TEXT_WIDTH else f"-t{text_width}")
+    )
+    target = folder / name
     if not (target / "base" / "model_index.json").exists() or not (target / "refiner" / "model_index.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder, prefix=".build-"))
         try:
-            write_tiny_base(staging / "base", seed, layout)
-            write_tiny_refiner(staging / "refiner", seed)
+            write_tiny_base(staging / "base", seed, layout, text_width)
+            write_tiny_refiner(staging / "refiner", seed, text_width)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)

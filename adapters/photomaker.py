@@ -1,0 +1,481 @@
+"""PhotoMaker v1 and v2: a person put into the prompt itself. The class word written right before the trigger
+("a photo of a man img") is repeated once per ID token, and those positions of the prompt embeddings are fused with
+the person's ID embeddings, so the identity follows the text; the steps before ``start_merge`` use the prompt without
+the trigger, as the reference does, so the layout settles first.
+
+* v1 (``TencentARC/PhotoMaker``, ``photomaker-v1.bin``): one ID token per photo — the CLIP ViT-L/14 class embedding
+  through two projections (one per text encoder's width).
+* v2 (``TencentARC/PhotoMaker-V2``, ``photomaker-v2.bin``): two per photo — the raw ArcFace embedding (buffalo_l)
+  through a Q-Former that reads the CLIP patch tokens.
+
+Both files hold an ID encoder and a LoRA for every attention layer of the UNet (old diffusers processor names), fused
+while the condition is attached and removed bit-exactly. CLIP sees the whole photo (resized and centre-cropped), as
+in the reference; the face should fill most of it.
+
+Example:
+    >>> from sdxl_control.adapters.photomaker import PhotoMaker
+    >>> gen.generate("a photo of a man img, in a spacesuit", conditions=[PhotoMaker(["me1.jpg", "me2.jpg"])])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..conditions import Attachment, Condition, PrepareContext, Prepared, PromptEdit, PromptTokens, Stage
+from ..errors import CheckpointError, ConditionError, IncompatibleModelError
+from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
+from ..preprocessors import load_image
+from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features
+from ..weights import WeightPatch
+from .ip_adapter import checkpoint_family
+from .perceiver import PerceiverAttention, feed_forward
+
+__all__ = ["PhotoMaker", "PhotoMakerEncoder", "read_photomaker", "REPOS", "TOKENS_PER_PHOTO"]
+
+REPOS = {"v1": ("TencentARC/PhotoMaker", "photomaker-v1.bin"), "v2": ("TencentARC/PhotoMaker-V2", "photomaker-v2.bin")}
+# ID tokens per photo. The reference's HEAD sets 2 for both versions, which breaks v1 ("Sizes of tensors must match",
+# TencentARC/PhotoMaker#187); v1 was written for one (commit ccd1f7c).
+TOKENS_PER_PHOTO = {"v1": 1, "v2": 2}
+# Head widths the published files do not record: CLIP ViT-L/14's 64, the Q-Former's 128 (heads = width // 128).
+CLIP_HEAD_WIDTH = 64
+QFORMER_HEAD_WIDTH = 128
+# The reference apps turn the style-strength slider (default 20 %) into steps so, capped at 30.
+MAX_MERGE_STEP = 30
+
+
+class _MLP(nn.Module):
+    def __init__(self, width_in: int, width_out: int, hidden: int, residual: bool) -> None:
+        super().__init__()
+        self.layernorm = nn.LayerNorm(width_in)
+        self.fc1, self.fc2 = nn.Linear(width_in, hidden), nn.Linear(hidden, width_out)
+        self.act_fn, self.residual = nn.GELU(), residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(self.act_fn(self.fc1(self.layernorm(x))))
+        return out + x if self.residual else out
+
+
+class FuseModule(nn.Module):
+    """Fuses prompt rows with ID rows (both (n, width)): ``LN(MLP2(MLP1([prompt, id]) + prompt))``, MLP2 residual."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp1 = _MLP(2 * width, width, width, residual=False)
+        self.mlp2 = _MLP(width, width, width, residual=True)
+        self.layer_norm = nn.LayerNorm(width)
+
+    def forward(self, prompt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        fused = self.mlp1(torch.cat([prompt, ids], dim=-1)) + prompt
+        return self.layer_norm(self.mlp2(fused))
+
+
+class _QFormer(nn.Module):
+    """v2: tokens from the face embedding (``token_proj``, ``token_norm``) refined by a perceiver over the photo's CLIP
+    patch tokens, added back to them."""
+
+    def __init__(self, face: int, ratio: int, width: int, tokens: int, clip_width: int, depth: int) -> None:
+        super().__init__()
+        self.tokens, self.width = tokens, width
+        self.token_proj = nn.Sequential(
+            nn.Linear(face, face * ratio), nn.GELU(), nn.Linear(face * ratio, width * tokens)
+        )
+        self.token_norm = nn.LayerNorm(width)
+        resampler = nn.Module()
+        resampler.proj_in = nn.Linear(clip_width, width)
+        resampler.proj_out = nn.Linear(width, width)
+        resampler.norm_out = nn.LayerNorm(width)
+        # width // 128 heads of 128, as model_v2.py; under 128 (tiny test models only) one head of the whole width.
+        heads = max(1, width // QFORMER_HEAD_WIDTH)
+        resampler.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(width, heads, width // heads), feed_forward(width)]) for _ in range(depth)
+        )
+        self.perceiver_resampler = resampler
+
+    def forward(self, faces: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        tokens = self.token_norm(self.token_proj(faces).reshape(-1, self.tokens, self.width))
+        resampler: Any = self.perceiver_resampler
+        context, latents = resampler.proj_in(patches), tokens
+        for attention, ff in resampler.layers:
+            latents = attention(context, latents) + latents
+            latents = ff(latents) + latents
+        return tokens + resampler.norm_out(resampler.proj_out(latents))
+
+
+class PhotoMakerEncoder(nn.Module):
+    """PhotoMaker's ID encoder: a CLIP vision tower (transformers' ``CLIPVisionModelWithProjection``), the second
+    projection (v1), the Q-Former (v2) and the fuse module, sized from a state dict with the published key names.
+
+    Example:
+        >>> encoder = PhotoMakerEncoder.fitting(state)            # doctest: +SKIP
+        >>> rows = encoder.id_rows(pixels, faces)                  # (photos * tokens, width)  # doctest: +SKIP
+    """
+
+    def __init__(self, clip: Any, width_2: int, qformer: _QFormer | None) -> None:
+        super().__init__()
+        self.clip = clip
+        clip_width = clip.config.hidden_size
+        self.visual_projection_2 = nn.Linear(clip_width, width_2, bias=False)
+        self.fuse_module = FuseModule(clip.config.projection_dim + width_2)
+        self.qformer_perceiver = qformer
+
+    @property
+    def version(self) -> str:
+        return "v1" if self.qformer_perceiver is None else "v2"
+
+    @classmethod
+    def fitting(cls, state: Mapping[str, torch.Tensor]) -> PhotoMakerEncoder:
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        width = state["vision_model.embeddings.class_embedding"].shape[0]
+        patch = state["vision_model.embeddings.patch_embedding.weight"].shape[-1]
+        positions = state["vision_model.embeddings.position_embedding.weight"].shape[0]
+        config = CLIPVisionConfig(
+            hidden_size=width, intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_attention_heads=width // CLIP_HEAD_WIDTH, patch_size=patch,
+            num_hidden_layers=1 + max(int(k.split(".")[3]) for k in state if k.startswith("vision_model.encoder.layers.")),
+            image_size=math.isqrt(positions - 1) * patch, projection_dim=state["visual_projection.weight"].shape[0],
+        )  # fmt: skip
+        qformer = None
+        if "qformer_perceiver.token_proj.0.weight" in state:
+            proj0, proj2 = (
+                state["qformer_perceiver.token_proj.0.weight"],
+                state["qformer_perceiver.token_proj.2.weight"],
+            )
+            qwidth = state["qformer_perceiver.token_norm.weight"].shape[0]
+            depth = 1 + max(
+                int(k.split(".")[3]) for k in state if k.startswith("qformer_perceiver.perceiver_resampler.layers.")
+            )
+            qformer = _QFormer(
+                proj0.shape[1], proj0.shape[0] // proj0.shape[1], qwidth, proj2.shape[0] // qwidth, width, depth
+            )
+        return cls(CLIPVisionModelWithProjection(config), state["visual_projection_2.weight"].shape[0], qformer)
+
+    def load_published(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load the published ``id_encoder`` state dict (``vision_model.*`` and ``visual_projection`` go to CLIP)."""
+        clip_keys = ("vision_model.", "visual_projection.")
+        clip = {k: v for k, v in state.items() if k.startswith(clip_keys) and not k.endswith("position_ids")}
+        rest = {k: v for k, v in state.items() if not k.startswith(clip_keys)}
+        self.clip.load_state_dict(clip, strict=True)
+        report = super().load_state_dict(rest, strict=False)
+        missing = [k for k in report.missing_keys if not k.startswith("clip.")]
+        if missing or report.unexpected_keys:
+            raise IncompatibleModelError(f"missing {missing[:3]}, unexpected {report.unexpected_keys[:3]}")
+
+    def id_rows(self, pixels: torch.Tensor, faces: torch.Tensor | None) -> torch.Tensor:
+        """The ID embeddings to fuse, (photos * tokens per photo, width), photo by photo."""
+        vision = self.clip.vision_model(pixels)
+        if self.qformer_perceiver is None:
+            pooled = vision.pooler_output
+            return torch.cat([self.clip.visual_projection(pooled), self.visual_projection_2(pooled)], dim=-1)
+        if faces is None:
+            raise ConditionError("PhotoMaker v2 needs the face embedding of every photo")
+        rows = self.qformer_perceiver(faces, vision.last_hidden_state)
+        return rows.reshape(-1, rows.shape[-1])
+
+
+def read_photomaker(path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(version, ID encoder state, LoRA state) of a PhotoMaker file: a pickled ``{"id_encoder", "lora_weights"}``
+    dict or the flat safetensors form (``id_encoder.*``, ``lora_weights.*``). Tensors come out in float32 (the
+    published files mix float32 and bfloat16)."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    if "id_encoder" not in state:  # the flat safetensors form
+        nested: dict[str, dict[str, Any]] = {"id_encoder": {}, "lora_weights": {}}
+        for key, value in state.items():
+            head, _, rest = str(key).partition(".")
+            if head in nested:
+                nested[head][rest] = value
+        state = nested if nested["id_encoder"] else state
+    family = checkpoint_family(state)
+    if family != "PhotoMaker" or not state.get("id_encoder") or not state.get("lora_weights"):
+        what = (
+            f"holds {family} weights" if family not in ("unknown", "PhotoMaker") else "is not a PhotoMaker checkpoint"
+        )
+        raise IncompatibleModelError(f"{path} {what}, not PhotoMaker's (id_encoder and lora_weights)")
+    encoder = {k: v.float() for k, v in state["id_encoder"].items()}
+    lora = {k: v.float() for k, v in state["lora_weights"].items()}
+    return ("v2" if "qformer_perceiver.token_proj.0.weight" in encoder else "v1"), encoder, lora
+
+
+def lora_deltas(lora: Mapping[str, torch.Tensor], unet: Any, scale: float, source: Path) -> dict[str, torch.Tensor]:
+    """``scale * up @ down`` per UNet weight, from the old diffusers attention-processor LoRA names
+    (``unet.<layer>.processor.to_q_lora.down.weight``); rank from the tensors, layers as the file lists them."""
+    parameters = dict(unet.named_parameters())
+    deltas = {}
+    for key, down in lora.items():
+        if not key.endswith("_lora.down.weight"):
+            continue
+        layer, _, projection = key.removeprefix("unet.").removesuffix("_lora.down.weight").rpartition(".processor.")
+        target = f"{layer}.{projection}.0.weight" if projection == "to_out" else f"{layer}.{projection}.weight"
+        up = lora[key.replace("_lora.down.", "_lora.up.")]
+        if target not in parameters:
+            raise IncompatibleModelError(f"{source}: its LoRA names {target}, which this UNet does not have")
+        deltas[target] = scale * (up @ down)
+    if not deltas:
+        raise IncompatibleModelError(f"{source}: no LoRA weights (unet.*.processor.*_lora.*)")
+    return deltas
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    encoder: PhotoMakerEncoder
+    lora: Mapping[str, torch.Tensor]
+
+
+_LOADED: PerModelCache[_Loaded] = PerModelCache(size=2)
+
+
+def _load(path: Path, unet: Any, ctx: PrepareContext) -> _Loaded:
+    return _LOADED.get(unet, path, (str(ctx.device), ctx.dtype), lambda: _build(path, unet, ctx))
+
+
+def _build(path: Path, unet: Any, ctx: PrepareContext) -> _Loaded:
+    _, state, lora = read_photomaker(path)
+    encoder = PhotoMakerEncoder.fitting(state)
+    try:
+        encoder.load_published(state)
+    except (IncompatibleModelError, RuntimeError) as exc:
+        raise IncompatibleModelError(f"{path}: its ID encoder does not load ({str(exc)[:300]})") from None
+    width = encoder.fuse_module.layer_norm.normalized_shape[0]
+    if width != unet.config.cross_attention_dim:
+        raise IncompatibleModelError(
+            f"{path}: its ID embeddings are {width}-wide, this UNet's prompt embeddings "
+            f"{unet.config.cross_attention_dim}"
+        )
+    # As the reference, the encoder runs in the UNet's precision; the LoRA's products are taken on the device.
+    encoder = encoder.to(ctx.device, ctx.dtype).eval().requires_grad_(False)
+    return _Loaded(encoder, {k: v.to(ctx.device) for k, v in lora.items()})
+
+
+def _tokens_with_trigger(tokenizer: Any, prompt: str, trigger: str, marker: int) -> list[int]:
+    """The prompt's ids as the tokenizer gives them with ``trigger`` added as a special token — text cut at every
+    occurrence of the trigger (also inside a word: "imgs" is the trigger and "s"), ``marker`` in its place — padded or
+    truncated to the tokenizer's length, as the reference tokenises."""
+    content: list[int] = []
+    for i, piece in enumerate(prompt.split(trigger)):
+        if i:
+            content.append(marker)
+        content += tokenizer(piece, add_special_tokens=False).input_ids
+    length = tokenizer.model_max_length
+    ids = [tokenizer.bos_token_id, *content[: length - 2], tokenizer.eos_token_id]
+    return ids + [tokenizer.pad_token_id] * (length - len(ids))
+
+
+class _TriggerRemoved(PromptEdit):
+    """The prompt without the trigger word (the text the reference encodes before ``start_merge``)."""
+
+    def __init__(self, trigger: str, first: int = 0, last: int | None = None) -> None:
+        super().__init__(first, last)
+        self.trigger = trigger
+
+    def text(self, prompt: str, tokenizer: Any) -> str:
+        count = prompt.count(self.trigger)
+        if count != 1:
+            raise ConditionError(_trigger_message(self.trigger, prompt, count))
+        # The reference decodes the ids without the trigger; CLIP reads the text without it the same way.
+        return prompt.replace(self.trigger, " ", 1)
+
+
+class _PhotoMakerEdit(_TriggerRemoved):
+    """From ``first`` on: the class word repeated once per ID token, and the identity fused into those positions."""
+
+    rewrites_tokens: ClassVar[bool] = True
+
+    def __init__(self, trigger: str, first: int, last: int | None, rows: torch.Tensor, fuse: FuseModule) -> None:
+        super().__init__(trigger, first, last)
+        self.rows, self.fuse = rows, fuse
+
+    def tokens(self, prompt: str, tokenizer: Any, encoder: int) -> PromptTokens:
+        marker = -1  # no vocabulary id: the trigger never reaches the text encoder
+        clean: list[int] = []
+        classes = []
+        for token in _tokens_with_trigger(tokenizer, prompt, self.trigger, marker):
+            if token == marker:
+                classes.append(len(clean) - 1)  # the token right before the trigger
+            else:
+                clean.append(token)
+        length = tokenizer.model_max_length
+        if not classes and prompt.count(self.trigger) == 1:
+            raise ConditionError(
+                f"the prompt is too long: {self.trigger!r} comes after CLIP's {length}-token limit; put the class word "
+                "and trigger earlier"
+            )
+        if len(classes) != 1:
+            raise ConditionError(_trigger_message(self.trigger, prompt, len(classes)))
+        index, count = classes[0], self.rows.shape[0]
+        word = tokenizer.convert_ids_to_tokens(clean[index]).removesuffix("</w>") if index >= 1 else ""
+        if not word.isalnum():
+            raise ConditionError(
+                f"PhotoMaker needs a class word right before {self.trigger!r}, as in 'a photo of a man "
+                f"{self.trigger}'; the prompt has {word or 'nothing'!r} there: {prompt!r}"
+            )
+        ids = clean[:index] + [clean[index]] * count + clean[index + 1 :]
+        if index + count > length:
+            raise ConditionError(
+                f"the prompt is too long: {self.trigger!r} comes after CLIP's {length}-token limit once its class word "
+                f"is repeated {count} times; put the class word and trigger earlier"
+            )
+        ids = ids[:length] + [tokenizer.pad_token_id] * (length - len(ids))
+        return PromptTokens(tuple(ids), tuple(index <= i < index + count for i in range(length)))
+
+    def embed(self, hidden: torch.Tensor, tokens: Sequence[PromptTokens]) -> torch.Tensor:
+        # The reference keeps the last tokenizer's positions; found on the host, so nothing is read from the device.
+        positions = torch.tensor([i for i, m in enumerate(tokens[-1].marked) if m], device=hidden.device)
+        with torch.no_grad():
+            fused = self.fuse(hidden[0].index_select(0, positions).to(self.rows.dtype), self.rows)
+        out = hidden.clone()
+        out[0, positions] = fused.to(hidden.dtype)
+        return out
+
+
+def _trigger_message(trigger: str, prompt: str, count: int) -> str:
+    found = "does not contain" if count == 0 else f"contains {count} times"
+    return (
+        f"PhotoMaker needs its trigger word exactly once, right after the class word, as in 'a photo of a man "
+        f"{trigger}'; the prompt {found} {trigger!r}: {prompt!r}"
+    )
+
+
+class _PhotoMakerAttachment(Attachment):
+    def __init__(self, patch: WeightPatch) -> None:
+        self.patch = patch
+
+    def detach(self) -> None:
+        self.patch.restore()
+
+
+@dataclass(frozen=True, eq=False)
+class PhotoMakerPrepared(Prepared):
+    """PhotoMaker ready: its LoRA deltas and the prompt edit per stage (the refiner only loses the trigger word).
+
+    Example:
+        >>> PhotoMaker("me.jpg").prepare(ctx).prompt_edit(Stage.BASE).first  # doctest: +SKIP
+        7
+    """
+
+    deltas: Mapping[str, torch.Tensor]
+    edit: PromptEdit
+    trigger: str
+
+    def attach(self, unet: Any, stage: Stage) -> Attachment:
+        return _PhotoMakerAttachment(WeightPatch(unet, self.deltas))
+
+    def prompt_edit(self, stage: Stage) -> PromptEdit | None:
+        return self.edit if stage == Stage.BASE else _TriggerRemoved(self.trigger)
+
+
+@dataclass(frozen=True)
+class PhotoMaker(Condition):
+    """PhotoMaker with one or several photos of a person (or a saved identity), for prompts that name them with the
+    trigger after the class word: ``"a photo of a man img, ..."``.
+
+    ``version`` picks the published file (``"v2"``, the default, or ``"v1"``; ``weights=`` a file elsewhere, whose
+    keys tell its version). ``start_merge`` is the reference's style strength: that fraction of the steps (capped at
+    30 steps) uses the prompt without the identity, so more of it gives more of the prompt's style and less likeness
+    (default 0.2, as the reference's app). ``scale`` weighs the checkpoint's LoRA (1, as the reference fuses it);
+    ``window`` limits the identity prompt's steps. v2 reads each photo's face embedding (insightface ``buffalo_l``,
+    ``face_pack``). ``identity`` takes a file from ``save_identity(..., photomaker=True)``.
+
+    Example:
+        >>> PhotoMaker(["me1.jpg", "me2.jpg"], start_merge=0.3)  # doctest: +SKIP
+    """
+
+    faces: Any = None
+    identity: str | None = None
+    version: Literal["v1", "v2"] | None = None
+    trigger: str = "img"
+    start_merge: float = 0.2
+    weights: str | None = None
+    face_pack: str = DEFAULT_PACK
+    face_root: str = "~/.insightface"
+
+    kind: ClassVar[str] = "photomaker"
+    supported_stages: ClassVar[Stage] = Stage.BASE
+    unsupported_reason: ClassVar[str] = (
+        "PhotoMaker fuses the identity into both SDXL text encoders' embeddings; the refiner has only one"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.faces is None) == (self.identity is None):
+            raise ConditionError("PhotoMaker takes photos or a saved identity file (one of the two)")
+        if self.version not in (None, *REPOS):
+            raise ConditionError(f"PhotoMaker version must be 'v1' or 'v2', got {self.version!r}")
+        if not self.trigger or self.trigger != self.trigger.strip():
+            raise ConditionError(f"the trigger word must be a word without spaces around it, got {self.trigger!r}")
+        if not 0.0 <= self.start_merge <= 1.0:
+            raise ConditionError(f"start_merge is a fraction of the steps, got {self.start_merge}")
+
+    def _weights_file(self) -> Path:
+        if self.weights is not None:
+            return resolve_source(self.weights, allow=["*.bin", "*.safetensors"], allow_pickle=True)
+        repo, name = REPOS[self.version or "v2"]
+        return resolve_in(repo, name)
+
+    def _inputs(self, version: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(CLIP pixels (photos, 3, S, S), face embeddings (photos, 512) or None for v1)."""
+        if self.identity is not None:
+            saved = Identity.load(self.identity)
+            if saved.clip_images is None:
+                raise ConditionError(
+                    f"{self.identity} holds no photos for CLIP, which PhotoMaker needs: save it with "
+                    "save_identity(..., photomaker=True)"
+                )
+            if version == "v2" and Path(self.face_pack).name != saved.pack:
+                raise ConditionError(
+                    f"{self.identity} holds {saved.pack} face embeddings; PhotoMaker v2 reads {self.face_pack}'s: save "
+                    f"it with save_identity(..., pack={self.face_pack!r}, photomaker=True)"
+                )
+            photos: list[Any] = list(saved.clip_images)
+            faces = saved.embeddings if version == "v2" else None
+        else:
+            photos = list(self.faces) if isinstance(self.faces, (list, tuple)) else [self.faces]
+            faces = None
+            if version == "v2":
+                faces = identity_features(photos, self.face_pack, self.face_root).embeddings
+        pixels = clip_pixels(photos, image_size)
+        return pixels, None if faces is None else torch.from_numpy(np.asarray(faces, np.float32))
+
+    def prepare(self, ctx: PrepareContext) -> Prepared:
+        unet = ctx.stages.get(Stage.BASE)
+        if unet is None:
+            raise ConditionError("PhotoMaker needs the base stage")
+        path = self._weights_file()
+        loaded = _load(path, unet, ctx)
+        version = loaded.encoder.version
+        if self.version is not None and version != self.version:
+            raise IncompatibleModelError(
+                f"{path} is a PhotoMaker {version} checkpoint, but version={self.version!r} was asked: pass "
+                f"version={version!r} or the {REPOS[self.version][1]} file"
+            )
+        pixels, faces = self._inputs(version, loaded.encoder.clip.config.image_size)
+        with torch.no_grad():
+            rows = loaded.encoder.id_rows(
+                pixels.to(ctx.device, ctx.dtype), None if faces is None else faces.to(ctx.device, ctx.dtype)
+            )
+        # Steps up to and including start_merge's use the plain prompt (the reference switches after it).
+        merge = min(int(self.start_merge * ctx.steps), MAX_MERGE_STEP)
+        first = max(merge + 1, math.ceil(self.window.start * ctx.steps))
+        last = None if self.window.end >= 1.0 else max(first + 1, int(self.window.end * ctx.steps))
+        edit = _PhotoMakerEdit(self.trigger, first, last, rows, loaded.encoder.fuse_module)
+        return PhotoMakerPrepared(lora_deltas(loaded.lora, unet, self.scale, path), edit, self.trigger)
+
+
+def clip_pixels(photos: Sequence[Any], size: int) -> torch.Tensor:
+    """Photos as PhotoMaker's CLIP reads them: ``CLIPImageProcessor`` defaults (shortest side to ``size``, bicubic,
+    centre crop, CLIP's mean and std), the whole photo — no face crop."""
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    images = [load_image(p, "PhotoMaker photo") for p in photos]
+    pixels: torch.Tensor = processor(images=images, return_tensors="pt").pixel_values
+    return pixels
