@@ -11,12 +11,16 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..conditions import Condition
 from ..errors import ConditionError
+
+if TYPE_CHECKING:
+    from ..files import Locator
 
 __all__ = ["CONDITION_KINDS", "condition_class", "condition_from_settings"]
 
@@ -41,18 +45,29 @@ def condition_class(kind: str) -> type[Condition]:
     return cls
 
 
-def condition_from_settings(settings: dict[str, Any]) -> Condition:
-    """The condition a recipe describes; inputs recorded only as a summary (an in-memory image) cannot be rebuilt."""
-    cls = condition_class(settings["kind"])
+def condition_from_settings(settings: Mapping[str, Any], locate: Locator | None = None) -> Condition:
+    """The condition a recipe describes, with its files found again by ``locate`` (default: where this machine last
+    saw them). Inputs recorded only as a summary (an in-memory image) cannot be rebuilt; unknown keys are refused."""
+    from ..files import Locator
+    from ..recipe import unknown_keys
+
+    if not isinstance(settings, Mapping) or not isinstance(settings.get("kind"), str):
+        raise ConditionError(f"a recipe condition is a JSON object with a 'kind', got {settings!r:.80}")
+    kind = settings["kind"]
+    cls = condition_class(kind)
+    names = {f.name for f in fields(cls) if f.init}
+    message = unknown_keys(set(settings) - {"kind"}, names, f"the recipe's {kind} condition")
+    if message:
+        raise ConditionError(message)
+    locate = locate or Locator()
     values = {}
-    for f in fields(cls):
-        if f.name not in settings:
+    for name, value in settings.items():
+        if name == "kind":
             continue
-        value = settings[f.name]
         if isinstance(value, dict) and ({"image", "mode"} <= value.keys() or "tensor" in value):
             raise ConditionError(
-                f"the recipe's {settings['kind']} condition got its {f.name} as an in-memory image, which recipes do "
+                f"the recipe's {kind} condition got its {name} as an in-memory image, which recipes do "
                 "not store; pass the condition again, or give inputs as file paths so recipes can re-run them"
             )
-        values[f.name] = value
+        values[name] = locate.resolve(value, f"the recipe's {kind} {name}")
     return cls(**values)

@@ -28,6 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo, Tokens
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
 from ..fast import match_fast_path
+from ..infotext import Infotext, control_unit, model_label
 from ..models import check_safetensors, placement, resolve_source
 from ..preprocessors import ImageInput, preprocess
 
@@ -224,6 +225,16 @@ def control_mask(mask: Any, ctx: PrepareContext) -> torch.Tensor:
     return region_mask(mask, ctx)[:, None].to(ctx.dtype)
 
 
+def _unit(model: str | Path, preprocessor: str | None, options: Mapping[str, Any], condition: Any) -> dict[str, str]:
+    from ..preprocessors import a1111_module
+
+    thresholds = {}
+    if preprocessor in ("canny", "edges") and "low" in options:
+        thresholds = {"Threshold A": options["low"], "Threshold B": options["high"]}
+    return control_unit(a1111_module(preprocessor, options), model_label(model), condition.scale, condition.window,
+                        guess_mode=condition.guess_mode, **thresholds)  # fmt: skip
+
+
 def controlnet_for(ctx: PrepareContext, source: str | Path, union: bool) -> Any:
     """The (cached) ControlNet for the call's base UNet and device, on the call's fast path."""
     unet = ctx.stages.get(Stage.BASE)
@@ -260,6 +271,10 @@ class ControlNet(Condition):
     kind: ClassVar[str] = "controlnet"
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = _REFINER_REASON
+    path_fields: ClassVar[tuple[str, ...]] = ("model", "image", "mask", "preprocess_options")
+
+    def infotext(self) -> Infotext:
+        return Infotext(units=(_unit(self.model, self.preprocess, self.preprocess_options, self),))
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
         model = controlnet_for(ctx, self.model, union=False)
@@ -307,6 +322,15 @@ class ControlNetUnion(Condition):
     kind: ClassVar[str] = "controlnet-union"
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = _REFINER_REASON
+    path_fields: ClassVar[tuple[str, ...]] = ("model", *UNION_CONTROL_TYPES, "preprocess_options")
+
+    def infotext(self) -> Infotext:
+        # The extension drives a union model with one unit per control type, each naming its preprocessor.
+        units = []
+        for name in self.controls():
+            preprocessor = _UNION_PREPROCESSORS[name] if name in self.preprocess else None
+            units.append(_unit(self.model, preprocessor, self.preprocess_options.get(name, {}), self))
+        return Infotext(units=tuple(units))
 
     def controls(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in UNION_CONTROL_TYPES if getattr(self, name) is not None}

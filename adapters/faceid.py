@@ -23,11 +23,12 @@ import torch
 
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError
+from ..infotext import Infotext, control_unit, model_label
 from ..models import check_safetensors, placement, resolve_in, resolve_source
 from ..preprocessors.face import DEFAULT_PACK, analyze_faces
 from .ip_adapter import REPO as IP_ADAPTER_REPO
 from .ip_adapter import VARIANTS as IP_VARIANTS
-from .ip_adapter import IPPrepared, encode_images, layer_scales, load_adapter, region_mask
+from .ip_adapter import IPPrepared, check_variant, encode_images, layer_scales, load_adapter, region_mask
 
 __all__ = ["FaceID", "FACEID_VARIANTS", "save_face", "load_face"]
 
@@ -104,9 +105,18 @@ class FaceID(Condition):
     kind: ClassVar[str] = "faceid"
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = "FaceID SDXL checkpoints are trained for the base UNet"
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "variant", "faces", "embeddings", "source", "image_encoder", "face_pack", "face_root", "mask",
+    )  # fmt: skip
+
+    def infotext(self) -> Infotext:
+        weights = self._weights_file()
+        module = "ip-adapter_face_id_plus" if self.plus else "ip-adapter_face_id"
+        return Infotext(units=(control_unit(module, model_label(weights, weights), self.scale, self.window),))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_variant(self.variant, FACEID_VARIANTS, "FaceID")
         if (self.faces is None) == (self.embeddings is None):
             raise ConditionError("FaceID takes face images / FaceInfo or saved embeddings (one of the two)")
 

@@ -29,6 +29,7 @@ import torch
 
 from ..conditions import Attachment, Condition, Parts, PrepareContext, Prepared, Stage, Tokens, Window
 from ..errors import ConditionError, IncompatibleModelError
+from ..infotext import Infotext, control_unit, model_label
 from ..models import resolve_in, resolve_source
 from ..preprocessors.face import IDENTITY_PACK, Identity, analyze_faces, save_identity
 from ..preprocessors.keypoints import keypoint_image, place_keypoints
@@ -104,6 +105,18 @@ class InstantID(Condition):
     kind: ClassVar[str] = "instantid"
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = "InstantID's IdentityNet and face adapter are trained for the base UNet"
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "faces", "identity", "keypoints_from", "mask", "source", "identitynet", "adapter", "face_pack", "face_root",
+    )  # fmt: skip
+
+    def infotext(self) -> Infotext:
+        # The ControlNet extension runs InstantID as two units: the face embedding, then the keypoints.
+        adapter = self._adapter_file()
+        identitynet = model_label(self.identitynet) if self.identitynet else f"{model_label(self.source)}/{IDENTITYNET}"
+        return Infotext(units=(
+            control_unit("instant_id_face_embedding", model_label(adapter, adapter), self.scale, self.window),
+            control_unit("instant_id_face_keypoints", identitynet, self.controlnet_scale, self.controlnet_window),
+        ))  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()

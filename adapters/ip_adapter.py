@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
+from ..files import looks_like_hub_id, looks_local
+from ..infotext import Infotext, control_unit, model_label
 from ..models import (
     PerModelCache,
     check_safetensors,
@@ -42,6 +45,7 @@ __all__ = [
     "IPAdapter",
     "IPAdapterVariant",
     "VARIANTS",
+    "check_variant",
     "LAYER_PRESETS",
     "checkpoint_family",
     "encode_images",
@@ -353,6 +357,15 @@ class IPAdapter(Condition):
     kind: ClassVar[str] = "ip-adapter"
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = "SDXL IP-Adapters are trained for the base UNet's 2048-wide cross-attention"
+    path_fields: ClassVar[tuple[str, ...]] = ("variant", "images", "source", "image_encoder", "mask", "embeddings")
+
+    def infotext(self) -> Infotext:
+        # The ControlNet extension's modules: the ViT-bigG encoder for "sdxl", ViT-H for the others it publishes.
+        module = "ip-adapter_clip_sdxl" if self.variant == "sdxl" else "ip-adapter_clip_sdxl_plus_vith"
+        weights = self._files()[0]
+        unit = control_unit(module if self.variant in VARIANTS else "ip-adapter-auto", model_label(weights, weights),
+                            self.scale, self.window)  # fmt: skip
+        return Infotext(units=(unit,))
 
     @classmethod
     def style(cls, images: Any, scale: float = 1.0, **options: Any) -> IPAdapter:
@@ -361,6 +374,7 @@ class IPAdapter(Condition):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_variant(self.variant, VARIANTS, "IP-Adapter")
         if (self.images is None) == (self.embeddings is None):
             raise ConditionError("IPAdapter takes reference images or saved embeddings (one of the two)")
         if self.combine not in ("concat", "average"):
@@ -405,6 +419,17 @@ class IPAdapter(Condition):
         mask = region_mask(self.mask, ctx) if self.mask is not None else None
         scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
         return IPPrepared(f"ip-adapter:{self.variant}", adapter.weights, tokens, scales, mask)
+
+
+def check_variant(variant: str, known: Mapping[str, Any], family: str) -> None:
+    """Refuse a variant that is neither a published name nor a path (a typo such as "plusv3")."""
+    if variant in known or looks_local(variant) or looks_like_hub_id(variant):
+        return
+    close = difflib.get_close_matches(variant, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConditionError(
+        f"unknown {family} variant {variant!r}{hint}: one of {', '.join(known)}, or the path of a weights file"
+    )
 
 
 def build_projection(image_proj: Mapping[str, torch.Tensor], unet: Any, source: Path, ctx: PrepareContext) -> Any:

@@ -22,6 +22,8 @@ import torch
 
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
+from ..files import addnet_hash
+from ..infotext import Infotext, safe_name
 from ..models import read_safetensors, resolve_in, resolve_source
 from ..weights import WeightPatch
 
@@ -33,7 +35,10 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: LoRAs are read from .safetensors files only")
-    return read_safetensors(path)
+    state = read_safetensors(path)
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors: an empty or unfinished LoRA file")
+    return state
 
 
 # After diffusers' converter, LoRA pairs come named in one of these layouts; each gives (module, down|up).
@@ -160,6 +165,13 @@ class LoRA(Condition):
 
     kind: ClassVar[str] = "lora"
     supported_stages: ClassVar[Stage] = Stage.BOTH
+    path_fields: ClassVar[tuple[str, ...]] = ("source",)
+
+    def infotext(self) -> Infotext:
+        # As A1111 writes extra networks: a prompt tag, and the file's hash under "Lora hashes".
+        file = self.file()
+        name = safe_name(file.stem)
+        return Infotext(tags=(f"<lora:{name}:{self.scale:g}>",), fields={"Lora hashes": {name: addnet_hash(file)[:12]}})
 
     def file(self) -> Path:
         if self.weight_name is None:

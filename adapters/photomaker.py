@@ -31,6 +31,7 @@ from torch import nn
 
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, PromptEdit, PromptTokens, Stage
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
+from ..infotext import Infotext, model_label, safe_name
 from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
 from ..preprocessors import load_image
 from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features
@@ -403,6 +404,15 @@ class PhotoMaker(Condition):
     unsupported_reason: ClassVar[str] = (
         "PhotoMaker fuses the identity into both SDXL text encoders' embeddings; the refiner has only one"
     )
+    path_fields: ClassVar[tuple[str, ...]] = ("faces", "identity", "weights", "face_pack", "face_root")
+
+    def infotext(self) -> Infotext:
+        # A1111 has no PhotoMaker; its own item, in the extension's style (no "Model" key, which readers confuse).
+        weights = self._weights_file()
+        settings = {"Version": self.version or ("v2" if self.weights is None else None), "Trigger": self.trigger,
+                    "Start Merge": f"{self.start_merge:g}", "Weight": f"{self.scale:g}",
+                    "Weights": model_label(weights, weights)}  # fmt: skip
+        return Infotext(fields={"PhotoMaker": {k: safe_name(str(v)) for k, v in settings.items() if v is not None}})
 
     def __post_init__(self) -> None:
         super().__post_init__()

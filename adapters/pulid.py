@@ -34,6 +34,7 @@ from torch import nn
 from ..attention import AttentionBranch, OrthogonalBranch
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError, IncompatibleModelError
+from ..infotext import Infotext, control_unit, model_label
 from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
 from ..preprocessors.face import IDENTITY_PACK, Identity, identity_features
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers
@@ -247,6 +248,14 @@ class PuLID(Condition):
     kind: ClassVar[str] = "pulid"
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = "PuLID's ID projections are trained for the base UNet's cross-attention"
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "faces", "identity", "mask", "source", "weights", "eva", "parsing", "face_pack", "face_root",
+    )  # fmt: skip
+
+    def infotext(self) -> Infotext:
+        checkpoint = self._checkpoint()
+        return Infotext(units=(control_unit("ip-adapter_pulid", model_label(checkpoint, checkpoint), self.scale,
+                                            self.window),))  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()

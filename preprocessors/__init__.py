@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -18,7 +18,7 @@ from PIL import Image
 from ..errors import ConditionError
 from .images import ImageInput, load_image
 
-__all__ = ["PREPROCESSORS", "preprocess", "load_image", "ImageInput"]
+__all__ = ["PREPROCESSORS", "preprocess", "load_image", "ImageInput", "a1111_module"]
 
 
 def _canny(image: Image.Image, **options: Any) -> Image.Image:
@@ -67,3 +67,22 @@ def preprocess(name: str | None, image: ImageInput, **options: Any) -> Image.Ima
     if key not in PREPROCESSORS:
         raise ConditionError(f"unknown preprocessor {name!r}: use one of {', '.join(sorted(PREPROCESSORS))}")
     return PREPROCESSORS[key](load_image(image, "control image"), **options)
+
+
+# Our preprocessors under the names the A1111 ControlNet extension gives its own ("modules").
+_A1111_MODULES = {"canny": "canny", "edges": "canny", "depth": "depth_midas", "face": "instant_id_face_keypoints"}
+
+
+def a1111_module(name: str | None, options: Mapping[str, Any]) -> str:
+    """The ControlNet extension's module name for one of our preprocessors (``none`` for a ready map).
+
+    Example:
+        >>> a1111_module("pose", {"hands": True, "face": True})
+        'openpose_full'
+    """
+    if name == "pose":
+        hands, face = bool(options.get("hands")), bool(options.get("face"))
+        return "openpose" + {(True, True): "_full", (True, False): "_hand", (False, True): "_face"}.get(
+            (hands, face), ""
+        )
+    return _A1111_MODULES.get(name or "none", name or "none")

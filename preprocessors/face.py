@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import CheckpointError, ConditionError, MissingWeightsError
+from ..errors import (
+    CheckpointError,
+    ConditionError,
+    FaceNotFoundError,
+    IncompatibleModelError,
+    InputError,
+    MissingWeightsError,
+)
 from .images import load_image
 
 __all__ = [
@@ -148,7 +155,11 @@ def _analysis(folder: str) -> Any:
         raise MissingWeightsError(f"{folder} holds no face detector .onnx (SCRFD or RetinaFace)") from None
     except Exception as exc:
         raise CheckpointError(f"{folder}: insightface could not load its models ({exc})") from None
-    app.prepare(ctx_id=-1, det_size=(DETECTOR_SIZE, DETECTOR_SIZE))
+    try:
+        app.prepare(ctx_id=-1, det_size=(DETECTOR_SIZE, DETECTOR_SIZE))
+    except Exception as exc:
+        raise IncompatibleModelError(f"{folder}: insightface could not prepare its models ({exc})") from None
+    app.sdxl_control_folder = folder  # named in errors raised while running its models
     if "recognition" not in app.models:
         raise MissingWeightsError(f"{folder} has a face detector but no recognition model (an ArcFace .onnx)")
     return app
@@ -168,12 +179,20 @@ def _detect_at(app: Any, bgr: np.ndarray, size: int) -> list[Any]:
     """insightface's ``FaceAnalysis.get`` with the detector input ``size``: detection, then recognition per face."""
     from insightface.app.common import Face
 
-    boxes, points = app.det_model.detect(bgr, input_size=(size, size))
-    faces = []
-    for i in range(boxes.shape[0]):
-        face = Face(bbox=boxes[i, 0:4], kps=None if points is None else points[i], det_score=boxes[i, 4])
-        app.models["recognition"].get(bgr, face)
-        faces.append(face)
+    try:
+        boxes, points = app.det_model.detect(bgr, input_size=(size, size))
+        faces = []
+        for i in range(boxes.shape[0]):
+            face = Face(bbox=boxes[i, 0:4], kps=None if points is None else points[i], det_score=boxes[i, 4])
+            app.models["recognition"].get(bgr, face)
+            faces.append(face)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        # insightface takes any ONNX with a detector's input shape for one, and fails only when running it.
+        raise IncompatibleModelError(
+            f"the face models in {getattr(app, 'sdxl_control_folder', 'the pack')} are not ones insightface can run "
+            f"({type(exc).__name__}: {exc}): the detector must be an SCRFD or RetinaFace export (5 landmarks) and "
+            "the recognition model an ArcFace one, as in the buffalo_l and antelopev2 packs"
+        ) from None
     return faces
 
 
@@ -234,7 +253,7 @@ class FaceAnalyzer:
         faces, tried = self._faces(rgb)
         if not faces:
             sizes = ", ".join(f"{s}x{s}" for s in tried)
-            raise ConditionError(
+            raise FaceNotFoundError(
                 f"no face found in {label} ({rgb.size[0]}x{rgb.size[1]}; the detector looked at it scaled to {sizes}): "
                 f"use a photo where the face is clearly visible, at least {self.min_face} px across, with some margin "
                 "around it"
@@ -244,7 +263,7 @@ class FaceAnalyzer:
         face = faces[0]
         x0, y0, x1, y1 = (float(v) for v in face.bbox)
         if min(x1 - x0, y1 - y0) < self.min_face:
-            raise ConditionError(
+            raise FaceNotFoundError(
                 f"the face in {label} is {x1 - x0:.0f}x{y1 - y0:.0f} px; at least {self.min_face} px is needed for its "
                 "identity: use a closer or larger photo"
             )
@@ -347,13 +366,16 @@ class Identity:
 
         file = Path(path).expanduser()
         if not file.is_file():
-            raise ConditionError(f"no identity file at {file}")
-        check_safetensors(file)
+            raise InputError(f"no identity file at {file}")
+        try:
+            check_safetensors(file)
+        except CheckpointError as exc:
+            raise InputError(f"identity file {exc}") from None
         with safe_open(str(file), framework="np") as f:
             meta = f.metadata() or {}
             keys = set(f.keys())
             if not meta.get("format", "").startswith("sdxl-control identity") or "embeddings" not in keys:
-                raise ConditionError(f"{file} is not an identity file (make one with save_identity)")
+                raise InputError(f"{file} is not an identity file (make one with save_identity)")
             width, _, height = meta.get("image_size", "0x0").partition("x")
             optional = {k: f.get_tensor(k) if k in keys else None for k in ("eva_cls", "eva_hidden", "clip_images")}
             return cls(f.get_tensor("embeddings"), f.get_tensor("keypoints"), (int(width), int(height)),

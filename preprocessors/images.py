@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ConditionError
+from ..errors import ConditionError, InputError
 
-__all__ = ["ImageInput", "load_image", "MIN_SIDE"]
+__all__ = ["ImageInput", "load_image", "check_image_file", "MIN_SIDE"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # Below this a control or reference image carries no usable structure.
@@ -25,10 +25,33 @@ def _from_array(array: np.ndarray) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ConditionError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
-    if np.issubdtype(array.dtype, np.floating):
-        array = np.clip(array, 0.0, 1.0) * 255.0 + 0.5
+    if array.size == 0:
+        raise ConditionError(f"an image array is empty (shape {array.shape})")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ConditionError("an image array holds NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            # Clipping a 0-255 float array would turn it white without a word.
+            raise ConditionError(
+                f"a float image array must hold values in 0..1, this one spans {low:g}..{high:g}: divide a 0-255 "
+                "array by 255, or pass it as uint8"
+            )
+        array = array * 255.0 + 0.5
     elif array.dtype == np.uint16:
         array = array / 257.0
+    elif np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            # Casting would wrap 256 to 0.
+            raise ConditionError(
+                f"an integer image array must hold values in 0..255, this one spans {low}..{high} "
+                "(16-bit images: pass a uint16 array)"
+            )
+    elif not np.issubdtype(array.dtype, np.integer):
+        raise ConditionError(f"an image array must hold numbers, got dtype {array.dtype}")
     return Image.fromarray(array.astype(np.uint8))
 
 
@@ -58,15 +81,13 @@ def load_image(value: Any, what: str = "image") -> Image.Image:
         'RGB'
     """
     if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_file():
-            raise ConditionError(f"{what}: no such file {path}")
+        path = check_image_file(value, what)
         try:
             with Image.open(path) as opened:
                 # exif_transpose returns a loaded copy, so the file can close.
                 image = ImageOps.exif_transpose(opened)
-        except OSError as exc:
-            raise ConditionError(f"{what}: {path} is not a readable image ({exc})") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{what}: {path} is not a readable image ({exc})") from None
     elif isinstance(value, Image.Image):
         image = ImageOps.exif_transpose(value) or value
     elif isinstance(value, np.ndarray):
@@ -78,3 +99,30 @@ def load_image(value: Any, what: str = "image") -> Image.Image:
             f"{what} is {image.size[0]}x{image.size[1]} pixels: too small (at least {MIN_SIDE} a side)"
         )
     return _to_rgb(image)
+
+
+def check_image_file(value: str | os.PathLike[str], what: str = "image") -> Path:
+    """The path of an image file that exists and whose header reads as an image of a sane size, else an
+    :class:`~sdxl_control.errors.InputError` naming ``what``. Cheap: the pixels are not decoded.
+
+    Example:
+        >>> check_image_file("missing.png", "--face")
+        Traceback (most recent call last):
+        ...
+        sdxl_control.errors.InputError: --face: no such file missing.png
+    """
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise InputError(f"{what}: no such file {path}")
+    if not path.is_file():
+        raise InputError(f"{what}: {path} is a folder, not an image")
+    try:
+        with Image.open(path) as opened:
+            size = opened.size
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{what}: {path} declares an image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{what}: {path} is not a readable image ({exc})") from None
+    if min(size) < MIN_SIDE:
+        raise InputError(f"{what}: {path} is {size[0]}x{size[1]} pixels: too small (at least {MIN_SIDE} a side)")
+    return path

@@ -1,41 +1,102 @@
 """sdxl-control: controllable, identity-preserving SDXL generation.
 
+The names below are imported on first use, so ``import sdxl_control`` (and the command line's ``--help``) costs
+milliseconds, not the seconds torch and diffusers take to load.
+
 Example:
     >>> from sdxl_control import Generator
     >>> gen = Generator.from_pretrained()                     # doctest: +SKIP
     >>> gen.generate("a portrait", seed=7).images[0].save("out.png")  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .conditions import (
-    Attachment,
-    Condition,
-    Parts,
-    PrepareContext,
-    Prepared,
-    PromptEdit,
-    PromptTokens,
-    Residuals,
-    Stage,
-    StepInfo,
-    Tokens,
-    Window,
-    acts,
-)
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CheckpointError,
     ConditionError,
+    DeviceError,
+    FaceNotFoundError,
     IncompatibleModelError,
+    InputError,
     InvalidRequestError,
     MissingWeightsError,
+    ModelError,
     ModelNotFoundError,
+    OutputError,
     SdxlControlError,
 )
-from .fast import FastPath
-from .generator import GenerationRequest, Generator
-from .loop import ProgressEvent
-from .recipe import RecipeImage, Result, read_recipe
+
+__version__ = "0.1.0"
+
+# public name -> the module that defines it
+_LAZY = {
+    **dict.fromkeys(
+        [
+            "Attachment",
+            "Condition",
+            "Parts",
+            "PrepareContext",
+            "Prepared",
+            "PromptEdit",
+            "PromptTokens",
+            "Residuals",
+            "Stage",
+            "StepInfo",
+            "Tokens",
+            "Window",
+            "acts",
+        ],
+        "conditions",
+    ),  # fmt: skip
+    "FastPath": "fast",
+    "GenerationRequest": "generator",
+    "Generator": "generator",
+    "ProgressEvent": "loop",
+    "RecipeImage": "recipe",
+    "Result": "recipe",
+    "read_recipe": "recipe",
+    "Infotext": "infotext",
+    "Locator": "files",
+}
+
+if TYPE_CHECKING:
+    from .conditions import (
+        Attachment,
+        Condition,
+        Parts,
+        PrepareContext,
+        Prepared,
+        PromptEdit,
+        PromptTokens,
+        Residuals,
+        Stage,
+        StepInfo,
+        Tokens,
+        Window,
+        acts,
+    )
+    from .fast import FastPath
+    from .files import Locator
+    from .generator import GenerationRequest, Generator
+    from .infotext import Infotext
+    from .loop import ProgressEvent
+    from .recipe import RecipeImage, Result, read_recipe
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "__version__",
@@ -46,6 +107,8 @@ __all__ = [
     "RecipeImage",
     "read_recipe",
     "ProgressEvent",
+    "Infotext",
+    "Locator",
     "Condition",
     "Prepared",
     "Attachment",
@@ -61,9 +124,14 @@ __all__ = [
     "Window",
     "SdxlControlError",
     "InvalidRequestError",
+    "ConditionError",
+    "InputError",
+    "ModelError",
     "ModelNotFoundError",
     "MissingWeightsError",
     "IncompatibleModelError",
     "CheckpointError",
-    "ConditionError",
+    "FaceNotFoundError",
+    "OutputError",
+    "DeviceError",
 ]

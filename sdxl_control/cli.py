@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .errors import InvalidRequestError, SdxlControlError
-from .fast import FAST_LEVELS, FastPath
-from .generator import GenerationRequest, Generator
-from .models import DEFAULT_BASE, DEFAULT_REFINER, default_device_and_dtype
+# Only light modules at the top: an argument error or --help answers before torch and diffusers load (seconds).
+from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER, FAST_LEVELS
+from .errors import EXIT_INTERRUPTED, DeviceError, InvalidRequestError, OutputError, SdxlControlError
 from .presets import available_presets, load_preset
-from .recipe import read_recipe
-from .vae import DRAFT_DECODER
 
 __all__ = ["main", "build_parser"]
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = ("fp16", "bf16", "fp32")
 TINY_SIZE = (128, 128)
 
 
@@ -50,17 +48,44 @@ FACEID_SCALE = 0.8
 def _size(text: str) -> tuple[int, int]:
     try:
         width, _, height = text.lower().partition("x")
-        return int(width), int(height or width)
+        size = int(width), int(height or width)
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 1024x768, got {text!r}") from None
+    if min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def _number(text: str) -> float:
+    """A float option: NaN and infinities are refused here (argparse's float takes them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _window(text: str) -> tuple[float, float]:
     try:
         start, _, end = text.partition(":")
-        return float(start or 0.0), float(end or 1.0)
-    except ValueError:
+        window = _number(start or "0"), _number(end or "1")
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"window must look like 0:0.7, got {text!r}") from None
+    if not 0.0 <= window[0] < window[1] <= 1.0:
+        raise argparse.ArgumentTypeError(f"a window needs 0 <= start < end <= 1, got {text!r}")
+    return window
 
 
 def _add_condition_options(parser: argparse.ArgumentParser) -> None:
@@ -69,27 +94,27 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name}", metavar="PHOTO", help=f"guide by the {control.preprocessor} map of this photo")
         group.add_argument(f"--{name}-map", metavar="MAP", help=f"guide by this ready {name} map (no preprocessing)")
         group.add_argument(f"--{name}-model", metavar="MODEL", help=f"ControlNet for {name} (default {control.model})")
-        group.add_argument(f"--{name}-scale", type=float, default=1.0, metavar="S", help="its strength (default 1)")
+        group.add_argument(f"--{name}-scale", type=_number, default=1.0, metavar="S", help="its strength (default 1)")
         group.add_argument(f"--{name}-window", type=_window, default=(0.0, 1.0), metavar="START:END",
                            help="fractions of the schedule where it acts (default 0:1)")  # fmt: skip
     group.add_argument("--union", nargs="?", const=DEFAULT_UNION, metavar="MODEL",
                        help=f"drive all controls through one ControlNet-Union model (default {DEFAULT_UNION}); "
                        "it takes --union-scale and --union-window")  # fmt: skip
-    group.add_argument("--union-scale", type=float, default=1.0, metavar="S")
+    group.add_argument("--union-scale", type=_number, default=1.0, metavar="S")
     group.add_argument("--union-window", type=_window, default=(0.0, 1.0), metavar="START:END")
     refs = parser.add_argument_group("reference images and identity")
     refs.add_argument("--style", metavar="IMG", action="append", default=[], help="style reference (InstantStyle)")
-    refs.add_argument("--style-scale", type=float, default=0.8, metavar="S")
+    refs.add_argument("--style-scale", type=_number, default=0.8, metavar="S")
     refs.add_argument("--reference", metavar="IMG", action="append", default=[], help="IP-Adapter reference image")
     refs.add_argument("--reference-variant", default="plus", help="sdxl, vit-h, plus, plus-face (default plus)")
-    refs.add_argument("--reference-scale", type=float, default=0.6, metavar="S")
+    refs.add_argument("--reference-scale", type=_number, default=0.6, metavar="S")
     refs.add_argument("--reference-layers", default="all", help="all, style, composition, style+composition")
     refs.add_argument("--face", metavar="IMG", action="append", default=[],
                       help="photo of the person (repeatable: several photos of one person)")  # fmt: skip
     refs.add_argument("--identity", choices=IDENTITIES, default="faceid",
                       help="identity method for --face: faceid (IP-Adapter FaceID, default), instantid, pulid or photomaker")  # fmt: skip
     refs.add_argument("--face-variant", default="plusv2", help="FaceID: faceid or plusv2 (default)")
-    refs.add_argument("--identity-scale", "--face-scale", dest="face_scale", type=float, metavar="S",
+    refs.add_argument("--identity-scale", "--face-scale", dest="face_scale", type=_number, metavar="S",
                       help="strength of the identity (FaceID, InstantID's face tokens, PuLID's id_scale; default 0.8)")  # fmt: skip
     refs.add_argument("--face-window", type=_window, default=(0.0, 1.0), metavar="START:END")
     refs.add_argument("--identity-mode", choices=("fidelity", "style"),
@@ -103,9 +128,9 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     refs.add_argument("--trigger", help="PhotoMaker: the trigger word after the class word in the prompt (default img)")
     refs.add_argument("--photomaker-version", choices=("v1", "v2"), help="PhotoMaker: v1 or v2 (default)")
     refs.add_argument("--photomaker-weights", metavar="FILE", help="PhotoMaker: a checkpoint file instead of the hub's")
-    refs.add_argument("--start-merge", type=float, metavar="F",
+    refs.add_argument("--start-merge", type=_number, metavar="F",
                       help="PhotoMaker: fraction of the steps before the identity joins the prompt (default 0.2)")  # fmt: skip
-    refs.add_argument("--identitynet-scale", type=float, metavar="S",
+    refs.add_argument("--identitynet-scale", type=_number, metavar="S",
                       help="InstantID: strength of IdentityNet (default 0.8)")  # fmt: skip
     refs.add_argument("--identitynet-window", type=_window, default=(0.0, 1.0), metavar="START:END")
     refs.add_argument("--face-keypoints", metavar="IMG", help="InstantID: pose the face like the face in this photo")
@@ -244,18 +269,32 @@ def _face_pack(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdxl-control", description="Controllable SDXL generation.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error, not only its message",
+    )
+    parser = argparse.ArgumentParser(
+        prog="sdxl-control",
+        description="Controllable SDXL generation.",
+        epilog="exit codes: 0 done, 1 unexpected failure (a bug: --debug shows it), 2 bad option or request, "
+        "3 unreadable or missing input file, 4 model missing or unusable, 5 no usable face in a photo, "
+        "6 output cannot be written, 7 device unavailable or out of memory, 130 interrupted",
+        parents=[common],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate images from a prompt (or re-run a PNG's recipe)")
+    gen = sub.add_parser("generate", help="generate images from a prompt (or re-run a PNG's recipe)", parents=[common])
     gen.add_argument("prompt", nargs="?", help="the prompt (optional with --recipe)")
     gen.add_argument("-n", "--negative-prompt", help="negative prompt")
     gen.add_argument("-o", "--output", default="out.png", help="output PNG; image i of a batch gets -i before .png")
-    gen.add_argument("--seed", type=int, help="seed of the first image (random if not given)")
-    gen.add_argument("--steps", type=int, help="denoising steps over both stages (default 30)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 turns it off (default 5)")
-    gen.add_argument("--refiner-switch", type=float, help="fraction of the schedule the base runs before the refiner")
+    gen.add_argument("--seed", type=_count, help="seed of the first image (random if not given)")
+    gen.add_argument("--steps", type=_count, help="denoising steps over both stages (default 30)")
+    gen.add_argument("--guidance", type=_number, help="classifier-free guidance scale; <= 1 turns it off (default 5)")
+    gen.add_argument("--refiner-switch", type=_number, help="fraction of the schedule the base runs before the refiner")
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
-    gen.add_argument("--num-images", type=int, help="images in the batch, seeds seed, seed+1, ...")
+    gen.add_argument("--num-images", type=_count, help="images in the batch, seeds seed, seed+1, ...")
     gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun, ... or a class")
     gen.add_argument(
         "--preset", choices=available_presets(), help="named recipe (e.g. lightning-4step); explicit options win"
@@ -265,8 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--refiner", help=f"refiner model, used with --refiner-switch (default {DEFAULT_REFINER})")
     gen.add_argument("--tiny", action="store_true", help="use built-in tiny random models (offline demo)")
     gen.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG written by sdxl-control")
+    gen.add_argument("--inputs-from", metavar="FOLDER", action="append", default=[],
+                     help="with --recipe: a folder holding the files the recipe names (control images, face photos, "
+                     "local models); they are also looked for beside the PNG and where this machine last saw them")  # fmt: skip
+    gen.add_argument("--recipe-paths", choices=("names", "full"), default="names",
+                     help="how the images' recipes name local files: by name and content hash (default), or also by "
+                     "their full path (private to this machine)")  # fmt: skip
     gen.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on GPU, fp32 on CPU")
+    gen.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--variant", help="weights variant to load, e.g. fp16")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--vae-tiling", action="store_true", help="decode tile by tile (large images, small GPUs)")
@@ -288,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_condition_options(gen)
 
-    pre = sub.add_parser("preprocess", help="write the control image a preprocessor makes from a photo")
+    pre = sub.add_parser(
+        "preprocess", help="write the control image a preprocessor makes from a photo", parents=[common]
+    )
     pre.add_argument("kind", choices=["canny", "depth", "pose", "face"],
                      help="face: the keypoint map InstantID's IdentityNet sees")  # fmt: skip
     pre.add_argument("photo", help="the photo")
@@ -297,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--face-pack", help="face: insightface pack name or folder (default antelopev2)")
     pre.add_argument("--tiny", action="store_true", help="depth/pose: tiny random stand-ins for the annotator models")
 
-    score = sub.add_parser("score", help="identity similarity of images to a face photo (ArcFace cosine)")
+    score = sub.add_parser("score", help="identity similarity of images to a face photo (ArcFace cosine)",
+                           parents=[common])  # fmt: skip
     score.add_argument("images", nargs="+", help="images to score")
     score.add_argument("--face", required=True, metavar="IMG", help="photo of the person")
     score.add_argument("--face-pack", help="insightface pack name or folder (default antelopev2)")
@@ -320,26 +368,56 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _models(args: argparse.Namespace, recipe: dict[str, Any] | None, switch: float | None) -> tuple[str, str | None]:
-    if args.tiny or (recipe and args.base is None and recipe["models"]["base"].get("tiny_seed") is not None):
+def _check_model_flags(args: argparse.Namespace) -> None:
+    if args.tiny and (args.base or args.refiner):
+        raise InvalidRequestError("--tiny uses the built-in tiny models: give it, or --base/--refiner, not both")
+    if args.recipe is None and args.inputs_from:
+        raise InvalidRequestError("--inputs-from is where --recipe finds the files its recipe names: give --recipe")
+
+
+def _models(
+    args: argparse.Namespace, recipe: dict[str, Any] | None, switch: float | None, locate: Any
+) -> tuple[str, str | None, Any]:
+    """(base, refiner, UNet checkpoint) to load: the flags, else what the recipe recorded, else the defaults."""
+    from .models import recorded_model
+
+    models = recipe["models"] if recipe else {}
+    recorded_base = models.get("base") or {}
+    if args.tiny or (recipe and args.base is None and recorded_base.get("tiny_seed") is not None):
         from .testing import tiny_models
 
-        seed = recipe["models"]["base"].get("tiny_seed", 0) if recipe else 0
-        tiny = tiny_models(seed=seed)
-        return str(tiny.base), str(tiny.refiner) if switch is not None else None
-    base = args.base or (recipe["models"]["base"]["name"] if recipe else DEFAULT_BASE)
+        tiny = tiny_models(seed=recorded_base.get("tiny_seed", 0))
+        return str(tiny.base), str(tiny.refiner) if switch is not None else None, None
+    base = args.base or (recorded_model(recorded_base, locate, "base model") if recipe else DEFAULT_BASE)
     refiner = None
     if switch is not None:
-        recorded = (recipe["models"].get("refiner") or {}).get("name") if recipe else None
-        refiner = args.refiner or recorded or DEFAULT_REFINER
-    return base, refiner
+        recorded = models.get("refiner") if recipe else None
+        refiner = args.refiner or (recorded_model(recorded, locate, "refiner") if recorded else DEFAULT_REFINER)
+    unet = recorded_base.get("unet_weights") if args.base is None else None
+    if isinstance(unet, list):
+        unet = tuple(unet)
+    elif isinstance(unet, dict):
+        unet = str(locate.find(unet, "the recipe's UNet checkpoint"))
+    return base, refiner, unet
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
-    path = Path(output)
+    """Where the images go, checked before anything is generated: a finished image must not be lost to a typo."""
+    path = Path(output).expanduser()
     if path.suffix.lower() != ".png":
-        raise InvalidRequestError(f"output must be a .png file (it carries the recipe), got {output}")
-    return [path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+        raise OutputError(f"-o {output}: the output must be a .png file (it carries the recipe)")
+    paths = [path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"-o {output}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"-o {output}: the folder {folder} is not writable")
+    for target in paths:
+        if target.is_dir():
+            raise OutputError(f"-o {output}: {target} is a folder")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise OutputError(f"-o {output}: {target} exists and is not writable")
+    return paths
 
 
 def _lora(text: str) -> Any:
@@ -347,12 +425,17 @@ def _lora(text: str) -> Any:
 
     path, sep, scale = text.rpartition(":")
     try:
-        return LoRA(path, scale=float(scale)) if sep else LoRA(text)
-    except ValueError:  # the colon belonged to the path
-        return LoRA(text)
+        value = float(scale) if sep else None
+    except ValueError:  # the colon belonged to the path (C:\loras\x.safetensors)
+        value = None
+    return LoRA(path, scale=value) if value is not None else LoRA(text)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    _check_model_flags(args)
+    _output_paths(args.output, 1)  # now, before the seconds torch takes to import; again below for a whole batch
+    from .files import Locator
+
     options = _request_options(args)
     preset = load_preset(args.preset) if args.preset else None
     conditions = [
@@ -361,9 +444,18 @@ def _generate(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     if conditions:
         options["conditions"] = tuple(conditions)
-    recipe = read_recipe(args.recipe) if args.recipe else None
+    recipe = None
+    locate = None
+    if args.recipe is not None:
+        from .recipe import read_recipe
+
+        recipe = read_recipe(args.recipe)
+        locate = Locator([*args.inputs_from, args.recipe.expanduser().resolve().parent])
+    from .generator import GenerationRequest
+
     if recipe is not None:
-        request = GenerationRequest.from_recipe(recipe, **({"prompt": args.prompt} if args.prompt else {}), **options)
+        prompt = {"prompt": args.prompt} if args.prompt else {}
+        request = GenerationRequest.from_recipe(recipe, locate=locate, **prompt, **options)
     else:
         if not args.prompt:
             raise InvalidRequestError("a prompt is required (or --recipe PNG)")
@@ -372,26 +464,58 @@ def _generate(args: argparse.Namespace) -> int:
             settings.setdefault("size", TINY_SIZE)
         settings.update(options)
         request = GenerationRequest(args.prompt, **settings)
-    base, refiner = _models(args, recipe, request.refiner_switch)
-    device, dtype = default_device_and_dtype(args.device, DTYPES[args.dtype] if args.dtype else None)
+    keep_one = recipe is not None and "num_images" not in options  # the batch is re-run to re-make one image exactly
+    outputs = _output_paths(args.output, 1 if keep_one else request.num_images)
+    from .conditions import validate_conditions
+
+    validate_conditions(request.conditions, has_refiner=request.refiner_switch is not None)
+    from .fast import FastPath
+    from .generator import Generator
+    from .models import default_device_and_dtype
+
+    device, dtype = default_device_and_dtype(args.device, _dtype(args.dtype))
+    base, refiner, unet = _models(args, recipe, request.refiner_switch, locate)
+    if preset is not None and preset.unet is not None:
+        unet = preset.unet
+    _quiet_libraries(args.quiet)
     # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
     generator = Generator.from_pretrained(
-        base, refiner, device="cpu" if args.offload else device, dtype=dtype, variant=args.variant,
-        unet=preset.unet if preset else None,
-    )  # fmt: skip
+        base, refiner, device="cpu" if args.offload else device, dtype=dtype, variant=args.variant, unet=unet
+    )
     if args.offload:
         generator.set_offload(device)
     generator.set_fast_path(FastPath.level(args.fast, fuse_qkv=not args.offload))
-    result = generator.run(request, progress_bar=not args.quiet)
+    result = generator.run(request, progress_bar=not args.quiet, recipe_paths=args.recipe_paths)
     images = result.images
+    if keep_one:
+        assert recipe is not None
+        images = [images[recipe.get("batch_index", 0)]]
     if args.score:
         _score_into_recipes(images, args.face[0], _face_pack(args))
-    if recipe is not None and "num_images" not in options:
-        images = [images[recipe["batch_index"]]]  # the batch was re-run only to re-make this image exactly
-    for image, path in zip(images, _output_paths(args.output, len(images)), strict=True):
-        image.save(path)
+    for image, path in zip(images, outputs, strict=True):
+        try:
+            image.save(path)
+        except OSError as exc:
+            raise OutputError(f"{path}: could not be written ({exc})") from None
         sys.stdout.write(f"{path}  seed={image.recipe['seed']}\n")
     return 0
+
+
+def _dtype(name: str | None) -> Any:
+    if name is None:
+        return None
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    if quiet:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _score_into_recipes(images: list[Any], face: str, pack: str) -> None:
@@ -406,9 +530,30 @@ def _score_into_recipes(images: list[Any], face: str, pack: str) -> None:
         image.annotate(identity_similarity=value)
 
 
+def _image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, path) of every image file the command reads."""
+    found = []
+    for name in (*CONTROLS, *(f"{n}_map" for n in CONTROLS), "style", "reference", "face", "face_keypoints", "photo",
+                 "images"):  # fmt: skip
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path:
+                found.append((f"--{name.replace('_', '-')}", str(path)))
+    return found
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Every image the command reads opens as an image, before any model loads."""
+    from .preprocessors.images import check_image_file
+
+    for flag, path in _image_flags(args):
+        check_image_file(path, flag.lstrip("-") if flag in ("--photo", "--images") else flag)
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from .preprocessors import preprocess
 
+    (output,) = _output_paths(args.output, 1)
     options: dict[str, Any] = {}
     if args.kind == "face":
         options = {"pack": _face_pack(args), **({"size": args.size} if args.size else {})}
@@ -418,8 +563,8 @@ def _preprocess(args: argparse.Namespace) -> int:
         from .testing import tiny_control_models
 
         options = {"model": str(tiny_control_models("depth-estimator" if args.kind == "depth" else "openpose"))}
-    preprocess(args.kind, args.photo, **options).save(args.output)
-    sys.stdout.write(f"{args.output}\n")
+    preprocess(args.kind, args.photo, **options).save(output)
+    sys.stdout.write(f"{output}\n")
     return 0
 
 
@@ -431,22 +576,46 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``sdxl-control`` command."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "quiet", False):
-        import diffusers
-        import transformers
+def _out_of_memory(exc: BaseException) -> bool:
+    # torch.cuda.OutOfMemoryError, and the CPU allocator's RuntimeError, without importing torch to ask.
+    return (
+        isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc)
+    )
 
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"sdxl-control: error: {message}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sdxl-control`` command; returns its exit code (see ``sdxl-control --help``)."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"generate": _generate, "preprocess": _preprocess, "score": _score}
     try:
+        _check_inputs(args)
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        return _fail("interrupted (images not finished were not written)", EXIT_INTERRUPTED, debug)
     except SdxlControlError as exc:
-        sys.stderr.write(f"sdxl-control: error: {exc}\n")
-        return 2
+        return _fail(str(exc), exc.exit_code, debug)
+    except Exception as exc:
+        if _out_of_memory(exc):
+            hint = "try a smaller --size, fewer --num-images, --offload or --vae-tiling"
+            what = (str(exc) or type(exc).__name__).splitlines()[0][:200]
+            return _fail(f"out of memory ({what}): {hint}", DeviceError.exit_code, debug)
+        if debug:
+            raise
+        return _fail(
+            f"unexpected {type(exc).__name__}: {exc}. This is a bug in sdxl-control or a library it uses: run again "
+            "with --debug for the traceback, and report it",
+            1,
+            debug,
+        )
 
 
 if __name__ == "__main__":

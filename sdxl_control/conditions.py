@@ -19,15 +19,22 @@ windows attaches as :class:`Parts`.
 from __future__ import annotations
 
 import enum
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .errors import ConditionError
+from .errors import ConditionError, InputError
 from .fast import FastPath
+from .files import PathMode, looks_local, portable
+from .validation import check_fields
+
+if TYPE_CHECKING:
+    from .infotext import Infotext
 
 __all__ = [
     "Stage",
@@ -99,8 +106,16 @@ class Window:
         return step / total >= self.start and (step + 1) / total <= self.end
 
     @classmethod
-    def of(cls, value: Window | tuple[float, float]) -> Window:
-        return value if isinstance(value, Window) else cls(float(value[0]), float(value[1]))
+    def of(cls, value: Window | tuple[float, float] | list[float]) -> Window:
+        if isinstance(value, Window):
+            return value
+        if (
+            not isinstance(value, (tuple, list))
+            or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConditionError(f"a step window is (start, end), two fractions of the schedule, got {value!r}")
+        return cls(float(value[0]), float(value[1]))
 
 
 def acts(scale: float, window: Window, index: int, total: int) -> bool:
@@ -341,6 +356,13 @@ class Prepared(ABC):
         return {}
 
 
+# Field types a condition converts from plain values in __post_init__, and how to name what is expected.
+_CONVERTED: dict[type, tuple[tuple[type, ...], str]] = {
+    Window: ((tuple, list), "(start, end) fractions of the schedule"),
+    Stage: ((str,), "'base', 'refiner' or 'both'"),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Condition(ABC):
     """Base of every condition: a frozen value with ``scale``, ``window`` and ``stage``.
@@ -366,20 +388,37 @@ class Condition(ABC):
     supported_stages: ClassVar[Stage] = Stage.BASE
     # Why a stage is not supported, for the error message.
     unsupported_reason: ClassVar[str] = ""
+    # Fields that may name local files or folders (inputs or models): recipes record those by name and content, not
+    # by path, and find them again on a re-run.
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        # Every field against its type hint (a string scale, a NaN window, a bool count...) before anything loads.
+        check_fields(self, type(self).__name__, error=ConditionError, adapters=_CONVERTED)
         object.__setattr__(self, "window", Window.of(self.window))
         object.__setattr__(self, "stage", Stage.parse(self.stage))
 
     @abstractmethod
     def prepare(self, ctx: PrepareContext) -> Prepared: ...
 
-    def settings(self) -> dict[str, Any]:
-        """JSON-ready description for the recipe; inputs that are not plain data are summarised."""
+    def settings(self, paths: PathMode = "names") -> dict[str, Any]:
+        """JSON-ready description for the recipe; inputs that are not plain data are summarised. Local files and
+        folders in :attr:`path_fields` are recorded by name and content (``paths="full"``: with their path too)."""
         out: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):
-            out[f.name] = _describe(getattr(self, f.name))
+            value = getattr(self, f.name)
+            out[f.name] = _describe(value)
+            # A default such as "~/.insightface" means the same folder on every machine: kept as written.
+            if f.name in self.path_fields and not (isinstance(value, str) and value == f.default):
+                out[f.name] = portable(out[f.name], paths)
         return out
+
+    def infotext(self) -> Infotext:
+        """How the condition appears in the A1111 ``parameters`` text of its images (a ControlNet-extension unit, a
+        LoRA tag...); called after a generation, when the condition's files are known to be there."""
+        from .infotext import Infotext
+
+        return Infotext()
 
 
 def _describe(value: Any) -> Any:
@@ -401,11 +440,42 @@ def _describe(value: Any) -> Any:
     return type(value).__name__
 
 
+def _same(a: Condition, b: Condition) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (ValueError, TypeError, RuntimeError):  # arrays and tensors have no single truth value
+        return False
+
+
+def check_input_files(condition: Condition) -> None:
+    """Refuse a condition whose file inputs are not there, before anything loads: every local-looking string in its
+    :attr:`~Condition.path_fields` must exist (hub ids and bare names are the loaders' to resolve)."""
+    defaults = {f.name: f.default for f in fields(condition)}
+    for name in condition.path_fields:
+        value = getattr(condition, name)
+        if isinstance(value, str) and value == defaults.get(name):
+            continue  # "~/.insightface" need not exist when the pack is a folder given elsewhere
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (str, os.PathLike)) and looks_local(os.fspath(item)):
+                path = Path(os.fspath(item)).expanduser()
+                if not path.exists():
+                    raise InputError(f"{type(condition).__name__} {name}: no such file or folder {path}")
+
+
 def validate_conditions(conditions: tuple[Condition, ...], has_refiner: bool) -> None:
-    """Refuse conditions that ask for a stage they cannot work on, or one the call does not run."""
-    for condition in conditions:
+    """Refuse conditions that are not conditions, given twice, missing their files, or asking for a stage they
+    cannot work on or that the call does not run."""
+    for i, condition in enumerate(conditions):
         if not isinstance(condition, Condition):
-            raise ConditionError(f"{condition!r} is not a Condition")
+            raise ConditionError(f"{condition!r:.80} is not a Condition")
+        if any(_same(condition, other) for other in conditions[:i]):
+            raise ConditionError(
+                f"the same {type(condition).__name__} condition is given twice, which would apply it twice; "
+                "give it once (raise its scale for more of it)"
+            )
+        check_input_files(condition)
         unsupported = condition.stage & ~condition.supported_stages
         if unsupported:
             reason = f": {condition.unsupported_reason}" if condition.unsupported_reason else ""

@@ -23,16 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention_layers
+from .defaults import FAST_LEVELS
 
 __all__ = ["FAST_LEVELS", "FastPath", "FastPathHandle", "apply_fast_path", "match_fast_path"]
-
-# Named levels for command lines: what each adds, cheapest first.
-FAST_LEVELS = {
-    "off": "the plain models",
-    "layout": "channels_last + fused QKV projections, nothing to compile",
-    "blocks": "layout + torch.compile of the UNet's repeated transformer blocks",
-    "unet": "layout + torch.compile of the whole UNet",
-}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from collections.abc import Iterator, Mapping
@@ -15,18 +16,26 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import __version__
 from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
-from .errors import InvalidRequestError
+from .errors import InputError, InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
+from .files import PATH_MODES, Locator, PathMode
 from .guidance import guidance_for
+from .infotext import Infotext
 from .loop import ProgressCallback, PromptSegment, StageInputs, denoise
 from .models import DEFAULT_BASE, StageModels, load_stage, placement
-from .recipe import RecipeImage, Result
-from .schedule import StageSchedule, make_scheduler, split_schedule
+from .recipe import RecipeImage, Result, check_recipe, unknown_keys
+from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
 from .text import MicroConditioning, encode_negative, prompt_segments, time_ids
 from .vae import decode_latents, load_decoder, vae_scale_factor
+from .validation import check_fields
 from .weights import WeightPatch
 
 __all__ = ["GenerationRequest", "Generator"]
+
+TRAIN_TIMESTEPS = 1000  # SDXL's training schedule: no step count or timestep beyond it means anything
+MAX_SIDE = 8192
+MAX_IMAGES = 64
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 
 @dataclass(frozen=True)
@@ -64,55 +73,90 @@ class GenerationRequest:
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        check_fields(self, "the request")
+        if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
+            raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
+        object.__setattr__(self, "size", tuple(self.size))
         object.__setattr__(self, "conditions", tuple(self.conditions))
         object.__setattr__(self, "scheduler_options", dict(self.scheduler_options))
         if self.timesteps is not None:
+            if not self.timesteps or not all(isinstance(t, int) and 0 <= t < TRAIN_TIMESTEPS for t in self.timesteps):
+                raise InvalidRequestError(
+                    f"timesteps must be whole numbers in 0..{TRAIN_TIMESTEPS - 1}, got {list(self.timesteps)[:8]}"
+                )
             # An explicit schedule (as some distilled models publish) fixes the step count.
-            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
             object.__setattr__(self, "steps", len(self.timesteps))
         if self.seed is None:
             object.__setattr__(self, "seed", random.randrange(2**32))
-        if not isinstance(self.prompt, str):
-            raise InvalidRequestError("prompt must be a string")
         width, height = self.size
         if width <= 0 or height <= 0 or width % 8 or height % 8:
             raise InvalidRequestError(f"size must be positive multiples of 8, got {width}x{height}")
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise InvalidRequestError(f"steps must be a whole number >= 1, got {self.steps}")
+        if max(width, height) > MAX_SIDE:
+            raise InvalidRequestError(
+                f"size {width}x{height} is beyond {MAX_SIDE} pixels a side, which SDXL cannot fill"
+            )
+        if not 1 <= self.steps <= TRAIN_TIMESTEPS:
+            raise InvalidRequestError(f"steps must be a whole number from 1 to {TRAIN_TIMESTEPS}, got {self.steps}")
         if self.refiner_switch is not None and not (0.0 < self.refiner_switch < 1.0):
             raise InvalidRequestError(f"refiner_switch must lie strictly between 0 and 1, got {self.refiner_switch}")
-        if self.num_images < 1:
-            raise InvalidRequestError(f"num_images must be >= 1, got {self.num_images}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise InvalidRequestError(
+                f"num_images must be from 1 to {MAX_IMAGES} per call, got {self.num_images} (larger runs: a job file)"
+            )
+        assert self.seed is not None
+        if not 0 <= self.seed <= MAX_SEED - (self.num_images - 1):
+            raise InvalidRequestError(
+                f"seed must be a whole number from 0 to {MAX_SEED - (self.num_images - 1)} (64 bits, and room for the "
+                f"batch's seed + i), got {self.seed}"
+            )
         if self.guidance < 0:
             raise InvalidRequestError(f"guidance must be >= 0, got {self.guidance}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise InvalidRequestError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale}")
         if self.vae_tiling and self.decoder is not None:
             raise InvalidRequestError("vae_tiling is for the VAE; a tiny draft decoder needs no tiling")
+        if self.scheduler is not None:
+            scheduler_spec(self.scheduler)
 
     @property
     def seeds(self) -> tuple[int, ...]:
         assert self.seed is not None
         return tuple(self.seed + i for i in range(self.num_images))
 
-    def settings(self) -> dict[str, Any]:
-        """JSON-ready fields (conditions described by their settings)."""
+    def settings(self, paths: PathMode = "names") -> dict[str, Any]:
+        """JSON-ready fields (conditions described by their settings; see :meth:`Condition.settings` for ``paths``)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conditions"}
         out["size"] = list(self.size)
-        out["conditions"] = [c.settings() for c in self.conditions]
+        out["conditions"] = [c.settings(paths) for c in self.conditions]
         return out
 
     @classmethod
-    def from_recipe(cls, recipe: dict[str, Any], **overrides: Any) -> GenerationRequest:
+    def from_recipe(
+        cls, recipe: Mapping[str, Any], *, locate: Locator | None = None, **overrides: Any
+    ) -> GenerationRequest:
         """The request that re-makes a recipe's batch; its image is ``images[recipe["batch_index"]]``.
 
         The whole batch is re-run because batched arithmetic differs from single-image arithmetic in the last
         bits; this way the pixels come out identical. Conditions are rebuilt from their recorded settings when their
-        inputs were files; pass ``conditions=`` to replace them.
+        inputs were files, found again by ``locate`` (default: where this machine last saw them); pass
+        ``conditions=`` to replace them. A recipe edited by hand is checked: an unknown or misspelt key is an error,
+        not silently ignored.
         """
+        check_recipe(recipe, {f.name for f in fields(cls)})
         if "conditions" not in overrides and recipe.get("conditions"):
             from .adapters import condition_from_settings
 
-            overrides["conditions"] = tuple(condition_from_settings(c) for c in recipe["conditions"])
+            locate = locate or Locator()
+            conditions, missing = [], []
+            for settings in recipe["conditions"]:
+                try:
+                    conditions.append(condition_from_settings(settings, locate))
+                except InputError as exc:  # name every missing file at once, not one per attempt
+                    missing.append(str(exc))
+            if missing:
+                raise InputError("\n".join(missing))
+            overrides["conditions"] = tuple(conditions)
         names = {f.name for f in fields(cls)} - {"conditions", "seed"}
         values = {k: recipe[k] for k in names if k in recipe}
         values["size"] = tuple(recipe["size"])
@@ -231,10 +275,20 @@ class Generator:
         return cls(base_models, refiner_models)
 
     def generate(
-        self, prompt: str, *, progress: ProgressCallback | None = None, progress_bar: bool = True, **options: Any
+        self,
+        prompt: str,
+        *,
+        progress: ProgressCallback | None = None,
+        progress_bar: bool = True,
+        recipe_paths: PathMode = "names",
+        **options: Any,
     ) -> Result:
         """Generate images for ``prompt``; ``options`` are the fields of :class:`GenerationRequest`."""
-        return self.run(GenerationRequest(prompt, **options), progress=progress, progress_bar=progress_bar)
+        message = unknown_keys(options, [f.name for f in fields(GenerationRequest)], "generate()", "option")
+        if message:
+            raise InvalidRequestError(message)
+        request = GenerationRequest(prompt, **options)
+        return self.run(request, progress=progress, progress_bar=progress_bar, recipe_paths=recipe_paths)
 
     def _plans(self, request: GenerationRequest) -> list[_StagePlan]:
         base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler, request.scheduler_options)
@@ -308,9 +362,20 @@ class Generator:
         )
 
     def run(
-        self, request: GenerationRequest, *, progress: ProgressCallback | None = None, progress_bar: bool = True
+        self,
+        request: GenerationRequest,
+        *,
+        progress: ProgressCallback | None = None,
+        progress_bar: bool = True,
+        recipe_paths: PathMode = "names",
     ) -> Result:
-        """Run a :class:`GenerationRequest`."""
+        """Run a :class:`GenerationRequest`.
+
+        The images' recipes name local files (models, control images, face photos) by name and content hash, so no
+        private path travels with a shared image; ``recipe_paths="full"`` records their absolute paths too.
+        """
+        if recipe_paths not in PATH_MODES:
+            raise InvalidRequestError(f"recipe_paths must be one of {', '.join(PATH_MODES)}, got {recipe_paths!r}")
         plans = self._plans(request)
         validate_conditions(request.conditions, has_refiner=len(plans) > 1)
         width, height = request.size
@@ -346,22 +411,24 @@ class Generator:
             with self._resident([last.vae]):
                 pixels = decode_latents(last.vae, latents, tiled=request.vae_tiling)
         pil = VaeImageProcessor(vae_scale_factor=factor).postprocess(pixels, output_type="pil")
-        recipes = [self._recipe(request, plans, i) for i in range(request.num_images)]
+        shared = self._recipe(request, plans, recipe_paths)
+        recipes = [{**copy.deepcopy(shared), "seed": seed, "batch_index": i} for i, seed in enumerate(request.seeds)]
         return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes, strict=True)], latents=latents)
 
-    def _recipe(self, request: GenerationRequest, plans: list[_StagePlan], index: int) -> dict[str, Any]:
+    def _recipe(self, request: GenerationRequest, plans: list[_StagePlan], paths: PathMode) -> dict[str, Any]:
+        """What the batch's images share of their recipe (each adds its seed and index)."""
         scheduler = plans[0].schedule.scheduler
-        recipe = request.settings()
+        recipe = request.settings(paths)
+        infotext = sum((c.infotext() for c in request.conditions), Infotext())
         recipe.update(
             version=__version__,
-            seed=request.seeds[index],
             batch_seed=request.seed,
-            batch_index=index,
             scheduler={"requested": request.scheduler, "name": request.scheduler or type(scheduler).__name__,
                        "class": type(scheduler).__name__, "config": dict(scheduler.config)},
-            models={"base": self.base.source.to_json(),
-                    "refiner": self.refiner.source.to_json() if len(plans) > 1 and self.refiner else None},
+            models={"base": self.base.source.to_json(paths),
+                    "refiner": self.refiner.source.to_json(paths) if len(plans) > 1 and self.refiner else None},
             dtype=str(self.base.dtype).removeprefix("torch."),
+            infotext=infotext.to_json(),
         )  # fmt: skip
         return _jsonable(recipe)
 

@@ -7,21 +7,29 @@ file headers) is checked first, so a bad model fails fast with a message that na
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
 from .conditions import Stage
-from .errors import CheckpointError, IncompatibleModelError, MissingWeightsError, ModelNotFoundError
+from .defaults import DEFAULT_BASE, DEFAULT_REFINER
+from .errors import (
+    CheckpointError,
+    DeviceError,
+    IncompatibleModelError,
+    InvalidRequestError,
+    MissingWeightsError,
+    ModelNotFoundError,
+)
+from .files import Locator, PathMode, looks_like_hub_id, portable_ref, sha256_of
 from .text import TextEncoder
 
 __all__ = [
@@ -39,12 +47,11 @@ __all__ = [
     "placement",
     "DEFAULT_BASE",
     "DEFAULT_REFINER",
+    "recorded_model",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 # What a stage needs from a diffusers folder; the refiner has no first text encoder.
@@ -65,11 +72,32 @@ def _hub_patterns(variant: str | None) -> tuple[list[str], list[str]]:
 def default_device_and_dtype(
     device: str | torch.device | None, dtype: torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16 when there is a GPU, else CPU in fp32; either can be overridden."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA in fp16 when there is a GPU, else CPU in fp32; either can be overridden. A device that does not exist
+    here is refused now, not at the first tensor moved onto it."""
+    dev = _device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidRequestError(f"dtype must be a torch floating-point dtype (torch.float16, ...), got {dtype!r}")
     if dtype is None:
         dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
     return dev, dtype
+
+
+def _device(name: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {name!r}: this machine has no CUDA device torch can use (use cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {name!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):  # meta: shapes only, for tracing and tests
+        raise DeviceError(f"device {name!r}: sdxl-control runs on cpu, cuda or mps")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -85,10 +113,25 @@ class ModelSource:
     revision: str | None = None
     unet_sha256: str | None = None
     tiny_seed: int | None = None
-    unet_weights: str | None = None  # a UNet-only checkpoint loaded over the pipeline's (e.g. SDXL-Lightning)
+    # A UNet-only checkpoint loaded over the pipeline's (SDXL-Lightning): a path, or (repo, file) on the hub.
+    unet_weights: str | tuple[str, str] | None = None
+    local: Literal["file", "folder"] | None = None  # None: a hub id
+    sha256: str | None = None  # of a single-file checkpoint: A1111's model hash is its first 10 digits
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+    def to_json(self, paths: PathMode = "names") -> dict[str, Any]:
+        """For the recipe: a hub id as is; a local model by its file or folder name and content (``paths="full"``:
+        and its path), as :func:`~sdxl_control.files.portable_ref` records files."""
+        out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if v is not None and k not in ("path", "name")}
+        out["name"] = self.name
+        if self.local:
+            ref = portable_ref(self.path, paths)
+            out["name"] = ref.pop("file", None) or ref.pop("folder")
+            out.update(ref)
+        if isinstance(self.unet_weights, tuple):
+            out["unet_weights"] = list(self.unet_weights)
+        elif self.unet_weights is not None:
+            out["unet_weights"] = portable_ref(self.unet_weights, paths)
+        return out
 
 
 @dataclass
@@ -206,7 +249,7 @@ def resolve_source(
         raise _refuse_pickle(path)
     if path.exists():
         return path
-    if _looks_like_path(text):
+    if not looks_like_hub_id(text):  # anything but owner/name that does not exist is a missing path
         raise ModelNotFoundError(f"no model at {path}: no such file or folder")
     return resolve_hub(text, allow=allow, ignore=ignore, revision=revision, cache_dir=cache_dir)
 
@@ -221,15 +264,6 @@ def resolve_in(
     if not path.exists():
         raise MissingWeightsError(f"{source} has no {relative}")
     return path
-
-
-def _looks_like_path(text: str) -> bool:
-    # Hub ids are exactly "owner/name"; anything else that does not exist is a missing path.
-    return (
-        text.count("/") != 1
-        or text.startswith((".", "/", "~"))
-        or Path(text).suffix in PICKLE_SUFFIXES | {".safetensors"}
-    )
 
 
 def check_safetensors(path: Path) -> None:
@@ -333,33 +367,6 @@ def _check_unet_config(config: dict[str, Any], where: Path, stage: Stage) -> Non
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _cached_sha256(path: Path) -> str:
-    """Full-file SHA-256, cached by (path, size, mtime): hashing 5 GB costs ~10 s, once."""
-    cache_file = Path(os.environ.get("SDXL_CONTROL_CACHE", Path.home() / ".cache" / "sdxl-control")) / "hashes.json"
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        cache[key] = _sha256(path)
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps(cache))
-        except OSError:
-            log.debug("could not write hash cache %s", cache_file)
-    return str(cache[key])
-
-
 def _revision_of(folder: Path) -> str | None:
     # HF cache snapshots live in .../snapshots/<commit>/
     return folder.name if folder.parent.name == "snapshots" else None
@@ -435,8 +442,9 @@ def _load_folder(
         name=name,
         path=str(folder),
         revision=_revision_of(folder),
-        unet_sha256=_cached_sha256(unet_file) if unet_file.suffix == ".safetensors" else None,
+        unet_sha256=sha256_of(unet_file) if unet_file.suffix == ".safetensors" else None,
         tiny_seed=tiny.get("seed"),
+        local="folder" if Path(name).expanduser().exists() else None,
     )
     return StageModels(
         stage=stage,
@@ -495,7 +503,7 @@ def _load_single_file(
         scheduler_config=dict(pipe.scheduler.config),
         requires_aesthetics_score=stage == Stage.REFINER,
         force_zeros_for_empty_prompt=stage == Stage.BASE,
-        source=ModelSource(name=str(path), path=str(path), unet_sha256=_cached_sha256(path)),
+        source=ModelSource(name=str(path), path=str(path), local="file", sha256=sha256_of(path)),
     )
 
 
@@ -547,4 +555,18 @@ def _load_unet_weights(
         models.unet.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise IncompatibleModelError(f"{file} does not fit the {models.stage.label} UNet ({str(exc)[:300]})") from None
-    models.source = dataclasses.replace(models.source, unet_weights=str(file), unet_sha256=_cached_sha256(file))
+    recorded = unet if isinstance(unet, tuple) else str(file)
+    models.source = dataclasses.replace(models.source, unet_weights=recorded, unet_sha256=sha256_of(file))
+
+
+def recorded_model(source: Mapping[str, Any], locate: Locator, what: str) -> str:
+    """A model a recipe names (``recipe["models"]["base"]``) as :func:`load_stage` takes it: the hub id, or the local
+    file or folder found again by ``locate``."""
+    name = source.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"the recipe's {what} has no name")
+    if not source.get("local"):
+        return name
+    key = "file" if source["local"] == "file" else "folder"
+    ref = {key: name, **{k: source[k] for k in ("sha256", "fingerprint", "path") if source.get(k)}}
+    return str(locate.find(ref, f"the recipe's {what}"))

@@ -2,42 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import torch
 from PIL import Image, PngImagePlugin
 
-from .errors import InvalidRequestError
+from .errors import InputError, InvalidRequestError
+from .infotext import parameters_text
 
-__all__ = ["RECIPE_KEY", "RecipeImage", "Result", "read_recipe", "parameters_text"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["RECIPE_KEY", "RecipeImage", "Result", "read_recipe", "check_recipe", "parameters_text"]
 
 RECIPE_KEY = "sdxl-control"
-
-
-def parameters_text(recipe: dict[str, Any]) -> str:
-    """The recipe as the ``parameters`` text AUTOMATIC1111 writes, which most image tools display."""
-    width, height = recipe["size"]
-    fields = {
-        "Steps": recipe["steps"],
-        "Sampler": recipe["scheduler"]["name"],
-        "CFG scale": recipe["guidance"],
-        "Seed": recipe["seed"],
-        "Size": f"{width}x{height}",
-        "Model": recipe["models"]["base"]["name"],
-        "Model hash": (recipe["models"]["base"].get("unet_sha256") or "")[:10] or None,
-        "Refiner": (recipe["models"].get("refiner") or {}).get("name"),
-        "Refiner switch at": recipe.get("refiner_switch"),
-        "Version": f"sdxl-control {recipe['version']}",
-    }
-    lines = [recipe["prompt"]]
-    if recipe.get("negative_prompt"):
-        lines.append(f"Negative prompt: {recipe['negative_prompt']}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
-    return "\n".join(lines)
+# What a recipe holds besides the request's own fields: what was run, and what was measured afterwards.
+RECORD_KEYS = frozenset(
+    {"version", "seed", "batch_seed", "batch_index", "scheduler", "models", "dtype", "infotext", "measurements"}
+)
 
 
 class RecipeImage(Image.Image):
@@ -59,9 +47,11 @@ class RecipeImage(Image.Image):
         out.info = {**image.info, RECIPE_KEY: json.dumps(recipe), "parameters": parameters_text(recipe)}
         return out
 
-    def annotate(self, **fields: Any) -> None:
-        """Add measurements made after generation (``identity_similarity``, say) to the recipe this image carries."""
-        self.recipe.update(fields)
+    def annotate(self, **measurements: Any) -> None:
+        """Add measurements made after generation (``identity_similarity``, say) to the recipe this image carries,
+        under ``recipe["measurements"]``."""
+        self.recipe = copy.deepcopy(self.recipe)
+        self.recipe.setdefault("measurements", {}).update(measurements)
         self.info[RECIPE_KEY] = json.dumps(self.recipe)
 
     def pnginfo(self) -> PngImagePlugin.PngInfo:
@@ -102,9 +92,60 @@ class Result:
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The recipe stored in a PNG written by sdxl-control."""
-    with Image.open(Path(path)) as image:
-        text = image.info.get(RECIPE_KEY)
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"recipe {file}: no such file")
+    try:
+        with Image.open(file) as image:
+            text = image.info.get(RECIPE_KEY)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"recipe {file}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"recipe {file}: not a readable image ({exc})") from None
     if text is None:
-        raise InvalidRequestError(f"{path} carries no sdxl-control recipe")
-    recipe: dict[str, Any] = json.loads(text)
+        raise InputError(f"{file} carries no sdxl-control recipe (was it written by sdxl-control, and not re-saved?)")
+    try:
+        recipe = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{file}: its sdxl-control recipe is not valid JSON ({exc})") from None
+    if not isinstance(recipe, dict):
+        raise InputError(f"{file}: its sdxl-control recipe is not a JSON object")
     return recipe
+
+
+def unknown_keys(given: Iterable[str], known: Iterable[str], what: str, noun: str = "key") -> str | None:
+    """A message naming keys of ``given`` that are not ``known`` (with the nearest known key), or None."""
+    known = sorted(known)
+    unknown = sorted(str(k) for k in given if k not in known)
+    if not unknown:
+        return None
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"{what} has unknown {noun}(s) {', '.join(hints)}; its {noun}s are {', '.join(known)}"
+
+
+def check_recipe(recipe: Any, request_fields: Iterable[str]) -> None:
+    """Refuse a recipe that is not one, or that was edited into something that would not mean what it says: unknown
+    (misspelt) keys, and missing or mistyped record entries. The request's own values are checked by the request."""
+    if not isinstance(recipe, Mapping):
+        raise InvalidRequestError(f"a recipe is a JSON object, got {type(recipe).__name__}")
+    message = unknown_keys(recipe, {*request_fields, *RECORD_KEYS}, "the recipe")
+    if message:
+        raise InvalidRequestError(message)
+    shapes = {"prompt": str, "size": list, "scheduler": Mapping, "batch_seed": int, "models": Mapping}
+    for key, kind in shapes.items():
+        if key not in recipe:
+            raise InvalidRequestError(f"the recipe has no {key!r}")
+        if not isinstance(recipe[key], kind) or isinstance(recipe[key], bool):
+            raise InvalidRequestError(
+                f"the recipe's {key!r} should be a {_KIND_NAMES[kind]}, got {type(recipe[key]).__name__}"
+            )
+    if "requested" not in recipe["scheduler"]:
+        raise InvalidRequestError("the recipe's 'scheduler' has no 'requested' entry")
+    if not isinstance(recipe.get("conditions", []), list):
+        raise InvalidRequestError("the recipe's 'conditions' should be a list")
+
+
+_KIND_NAMES = {str: "string", list: "list", Mapping: "JSON object", int: "whole number"}

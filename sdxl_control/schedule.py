@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from .errors import InvalidRequestError
 
-__all__ = ["SCHEDULERS", "make_scheduler", "StageSchedule", "split_schedule"]
+__all__ = ["SCHEDULERS", "make_scheduler", "scheduler_spec", "StageSchedule", "split_schedule"]
 
 # Named recipes users know from A1111/ComfyUI, as (diffusers class, config overrides). Data, not code paths.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -38,15 +39,24 @@ def make_scheduler(model_config: Any, name: str | None = None, overrides: Mappin
     cls_name = config.get("_class_name", "EulerDiscreteScheduler")
     extra: dict[str, Any] = {}
     if name is not None:
-        if name in SCHEDULERS:
-            cls_name, extra = SCHEDULERS[name]
-        elif name.endswith("Scheduler") and hasattr(diffusers, name):
-            cls_name = name
-        else:
-            known = ", ".join(sorted(SCHEDULERS))
-            raise InvalidRequestError(f"unknown scheduler {name!r}: use one of {known} or a diffusers class name")
+        cls_name, extra = scheduler_spec(name)
     cls = getattr(diffusers, cls_name)
-    return cls.from_config(config, **{**extra, **(overrides or {})})
+    try:
+        return cls.from_config(config, **{**extra, **(overrides or {})})
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"scheduler {cls_name} refuses these options ({exc})") from None
+
+
+def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
+    """(diffusers class name, config overrides) of a scheduler name, or an error listing the names."""
+    if name in SCHEDULERS:
+        return SCHEDULERS[name]
+    if name.endswith("Scheduler") and hasattr(diffusers, name):
+        return name, {}
+    close = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    known = ", ".join(sorted(SCHEDULERS))
+    raise InvalidRequestError(f"unknown scheduler {name!r}{hint}: use one of {known} or a diffusers class name")
 
 
 @dataclass(frozen=True)

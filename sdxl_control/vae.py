@@ -9,13 +9,12 @@ from typing import Any
 
 import torch
 
+from .defaults import DRAFT_DECODER
 from .errors import IncompatibleModelError
 from .models import check_safetensors, placement, resolve_source
 
 __all__ = ["DRAFT_DECODER", "vae_scale_factor", "decode_latents", "load_decoder"]
 
-# TAESD for SDXL: a distilled decoder of SDXL's latents, a few MB, for previews and drafts.
-DRAFT_DECODER = "madebyollin/taesdxl"
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sdxl_control import read_recipe
 from sdxl_control.cli import main
+from sdxl_control.files import sha256_of
 
 
 def test_tiny_generate_writes_png_whose_recipe_round_trips(tiny, tmp_path, capsys):
@@ -35,10 +36,10 @@ def test_preset_and_explicit_options(tiny, tmp_path):
     assert recipe["steps"] == 5 and recipe["refiner_switch"] == 0.8 and recipe["scheduler"]["requested"] == "euler"
 
 
-def test_errors_exit_2_with_a_message(tiny, tmp_path, capsys):
+def test_errors_exit_with_their_class_code_and_a_message(tiny, tmp_path, capsys):
     assert main(["generate", "x", "--tiny", "--size", "100x64", "-o", str(tmp_path / "x.png")]) == 2
     assert "multiples of 8" in capsys.readouterr().err
-    assert main(["generate", "x", "--base", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
+    assert main(["generate", "x", "--base", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 4
     assert "no such file or folder" in capsys.readouterr().err
 
 
@@ -83,12 +84,14 @@ def test_union_from_the_cli(tiny, tmp_path):
                  str(photo), "-o", str(out)]) == 0  # fmt: skip
     (condition,) = read_recipe(out)["conditions"]
     assert condition["kind"] == "controlnet-union" and condition["preprocess"] == ["canny"]
-    assert condition["canny"] == str(photo) and condition["depth"] == str(photo)
+    assert condition["canny"] == condition["depth"] == {"file": "photo.png", "sha256": sha256_of(photo)}
 
 
 def test_control_flag_errors(tiny, tmp_path, capsys):
     out = str(tmp_path / "x.png")
-    assert main(["generate", "x", "--tiny", "--edges", "a.png", "--edges-map", "b.png", "-o", out]) == 2
+    photo = tmp_path / "a.png"
+    Image.new("RGB", (64, 64)).save(photo)
+    assert main(["generate", "x", "--tiny", "--edges", str(photo), "--edges-map", str(photo), "-o", out]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["generate", "x", "--tiny", "--union", "-o", out]) == 2
     assert "--union needs" in capsys.readouterr().err
@@ -104,11 +107,12 @@ def test_loras_from_the_cli_and_their_recipe(tiny, tmp_path, capsys):
         == 0
     )
     (condition,) = read_recipe(out)["conditions"]
-    assert condition["kind"] == "lora" and condition["source"] == str(lora) and condition["scale"] == 0.7
+    assert condition["kind"] == "lora" and condition["scale"] == 0.7
+    assert condition["source"] == {"file": "style.safetensors", "sha256": sha256_of(lora)}
     assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
     capsys.readouterr()
-    assert main(["generate", "x", "--tiny", "--preset", "lightning-4step", "-q", "-o", str(tmp_path / "d.png")]) == 2
+    assert main(["generate", "x", "--tiny", "--preset", "lightning-4step", "-q", "-o", str(tmp_path / "d.png")]) == 4
     assert "hf download ByteDance/SDXL-Lightning sdxl_lightning_4step_lora.safetensors" in capsys.readouterr().err
 
 
@@ -156,10 +160,12 @@ def test_instantid_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, ca
     assert main([*args, "-o", str(out)]) == 0
     recipe = read_recipe(out)
     (condition,) = recipe["conditions"]
-    assert condition["kind"] == "instantid" and condition["faces"] == [obama] and condition["keypoints_from"] == biden
+    assert condition["kind"] == "instantid"
+    assert condition["faces"] == [{"file": "obama.jpg", "sha256": sha256_of(obama)}]
+    assert condition["keypoints_from"] == {"file": "biden.jpg", "sha256": sha256_of(biden)}
     assert (condition["scale"], condition["controlnet_scale"], condition["controlnet_window"]) == (0.7, 0.6, [0.0, 0.8])
     # The tiny models paint noise, in which no face is found: the image is kept, its score recorded as missing.
-    assert recipe["identity_similarity"] is None and "no identity similarity" in caplog.text
+    assert recipe["measurements"]["identity_similarity"] is None and "no identity similarity" in caplog.text
     assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
@@ -183,7 +189,7 @@ def test_preprocess_face_and_score(tiny, tmp_path, shared_dir, insightface_root,
     assert lines[0] == f"{obama}  1.0000"
     assert lines[1] == f"{biden}  {identity_similarity(obama, biden, pack=pack):.4f}"
     Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "grey.png")
-    assert main(["score", "--face", obama, str(tmp_path / "grey.png"), "--face-pack", pack]) == 2
+    assert main(["score", "--face", obama, str(tmp_path / "grey.png"), "--face-pack", pack]) == 5
     assert "no face found in" in capsys.readouterr().err
     assert main(["generate", "x", "--tiny", "--score", "-o", str(tmp_path / "x.png")]) == 2
     assert "--score need --face" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from sdxl_control import ConditionError, IncompatibleModelError, Stage
+from sdxl_control import ConditionError, IncompatibleModelError, InputError, Stage
 from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
 from sdxl_control.preprocessors import preprocess
 from sdxl_control.testing import write_tiny_controlnet
@@ -155,16 +155,20 @@ def test_union_model_in_plain_controlnet_is_refused(generator, nets, maps):
     [
         (lambda n, m: ControlNet(n["a"], image=m["photo"], preprocess="sobel"), "unknown preprocessor 'sobel'"),
         (lambda n, m: ControlNet(n["a"], image=Image.new("RGB", (1, 1))), "1x1 pixels: too small"),
-        (lambda n, m: ControlNet(n["a"], image=np.zeros((0, 0, 3), np.uint8)), "too small"),
+        (lambda n, m: ControlNet(n["a"], image=np.zeros((0, 0, 3), np.uint8)), "image array is empty"),
         (lambda n, m: ControlNet(n["a"], image=[m["edges"]] * 3), "3 control images for a batch of 2"),
         (lambda n, m: ControlNet(n["a"], image=m["edges"], stage=Stage.REFINER), "trained against the base UNet"),
         (lambda n, m: ControlNetUnion(n["union"], tile=m["photo"]), "needs a ProMax model"),
-        (lambda n, m: ControlNet(n["a"], image="/nonexistent.png"), "no such file"),
     ],
 )
 def test_bad_control_inputs(generator, nets, maps, condition, message):
     with pytest.raises(ConditionError, match=message):
         generator.generate(PROMPT, conditions=[condition(nets, maps)], num_images=2, refiner_switch=0.5, **RUN)
+
+
+def test_missing_control_image_is_an_input_error(generator, nets):
+    with pytest.raises(InputError, match="ControlNet image: no such file or folder /nonexistent.png"):
+        generator.generate(PROMPT, conditions=[ControlNet(nets["a"], image="/nonexistent.png")], **RUN)
 
 
 def test_union_needs_a_control():

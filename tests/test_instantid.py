@@ -13,7 +13,7 @@ import torch
 from diffusers import ControlNetModel, MultiControlNetModel
 from PIL import Image, ImageOps
 
-from sdxl_control import ConditionError, GenerationRequest, IncompatibleModelError, MissingWeightsError
+from sdxl_control import ConditionError, GenerationRequest, IncompatibleModelError, InputError, MissingWeightsError
 from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter, load_adapter
@@ -342,7 +342,7 @@ def test_bad_photos_say_which_and_what_to_do(generator, repo, insightface_root, 
     assert FaceAnalyzer("antelopev2", root=insightface_root).analyze(close).score > 0.5
     text = tmp_path / "notes.png"
     text.write_text("not an image")
-    with pytest.raises(ConditionError, match="notes.png is not a readable image"):
+    with pytest.raises(InputError, match="notes.png is not a readable image"):
         run(str(text))
     with caplog.at_level(logging.WARNING):
         run(str(shared_dir / "images" / "two_people.jpg"))
@@ -352,7 +352,9 @@ def test_bad_photos_say_which_and_what_to_do(generator, repo, insightface_root, 
 def test_missing_pack_names_the_folder_and_the_hand_download(generator, repo, tmp_path):
     with pytest.raises(MissingWeightsError, match=r"pack 'antelopev2' not found \(looked in .*models/antelopev2\); "
                        r"insightface cannot download antelopev2 itself .*issues/1896.*scrfd_10g_bnkps.onnx"):  # fmt: skip
-        generator.generate(PROMPT, conditions=[InstantID("x.jpg", source=str(repo), face_root=str(tmp_path))], **RUN)
+        photo = tmp_path / "x.jpg"
+        Image.new("RGB", (64, 64)).save(photo)
+        generator.generate(PROMPT, conditions=[InstantID(str(photo), source=str(repo), face_root=str(tmp_path))], **RUN)
 
 
 def test_pack_unzipped_into_a_folder_of_its_own_is_found(insightface_root, shared_dir, tmp_path):

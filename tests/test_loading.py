@@ -8,7 +8,14 @@ import shutil
 import pytest
 import torch
 
-from sdxl_control import CheckpointError, IncompatibleModelError, MissingWeightsError, ModelNotFoundError, Stage
+from sdxl_control import (
+    CheckpointError,
+    DeviceError,
+    IncompatibleModelError,
+    MissingWeightsError,
+    ModelNotFoundError,
+    Stage,
+)
 from sdxl_control.models import default_device_and_dtype, load_stage
 
 
@@ -86,7 +93,14 @@ def test_single_file_that_is_no_sdxl_checkpoint(tmp_path):
         load_stage(path, Stage.BASE)
 
 
-def test_default_device_and_dtype():
+def test_default_device_and_dtype(monkeypatch):
     assert default_device_and_dtype("cpu", None) == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert default_device_and_dtype("cuda", None) == (torch.device("cuda"), torch.float16)
+    with pytest.raises(DeviceError, match="cuda:0 to cuda:0"):
+        default_device_and_dtype("cuda:1", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        default_device_and_dtype("cuda", None)
     assert default_device_and_dtype("cpu", torch.bfloat16)[1] == torch.bfloat16

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from sdxl_control import ConditionError, MissingWeightsError
+from sdxl_control import ConditionError, InputError, MissingWeightsError
 from sdxl_control.preprocessors import load_image, preprocess
 from sdxl_control.preprocessors.edges import canny
 from sdxl_control.testing import write_random_openpose, write_tiny_depth_estimator
@@ -86,7 +86,7 @@ def test_image_modes_arrays_paths_and_exif(tmp_path):
 def test_bad_images(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    with pytest.raises(ConditionError, match="not a readable image"):
+    with pytest.raises(InputError, match="not a readable image"):
         load_image(broken)
     with pytest.raises(ConditionError, match="expected a path, PIL image or numpy array"):
         load_image(42)

@@ -11,7 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_control import ConditionError, GenerationRequest, Generator, IncompatibleModelError, MissingWeightsError
+from sdxl_control import (
+    ConditionError,
+    GenerationRequest,
+    Generator,
+    IncompatibleModelError,
+    InputError,
+    MissingWeightsError,
+)
 from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
@@ -339,6 +346,9 @@ def test_bad_input_says_what_and_how(gen, tiny, models, insightface_root, photos
         run(PuLID(str(photos["obama"]), **{**c, "source": "guozinan/PuLID"}))
     with pytest.raises(MissingWeightsError, match="hf download QuanSun/EVA-CLIP EVA02_CLIP_L_336_psz14_s6B.pt"):
         run(PuLID(str(photos["obama"]), **{**c, "eva": "QuanSun/EVA-CLIP"}))
+    with pytest.raises(InputError, match=r"PuLID parsing: no such file or folder .*absent"):
+        run(PuLID(str(photos["obama"]), **{**c, "parsing": str(tmp_path / "absent")}))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(MissingWeightsError, match=r"parsing_bisenet.pth not found in .*empty: download https://github"):
         run(PuLID(str(photos["obama"]), **{**c, "parsing": str(tmp_path / "empty")}))
     with pytest.raises(MissingWeightsError, match="pack 'antelopev2' not found"):

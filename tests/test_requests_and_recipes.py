@@ -43,7 +43,8 @@ def test_png_recipe_round_trips_and_reproduces(generator, tmp_path):
     assert recipe["models"]["base"]["unet_sha256"] and recipe["models"]["refiner"]["tiny_seed"] == 0
     text = Image.open(path).info["parameters"]
     assert text.startswith(
-        "a lighthouse\nNegative prompt: fog\nSteps: 5, Sampler: dpmpp_2m, CFG scale: 5.0, Seed: 9, Size: 64x64"
+        "a lighthouse\nNegative prompt: fog\nSteps: 5, Sampler: DPM++ 2M, CFG scale: 5.0, Seed: 9, Size: 64x64, "
+        "Model: base, Refiner: refiner, Refiner switch at: 0.6"
     )
     again = generator.run(GenerationRequest.from_recipe(recipe), progress_bar=False)
     assert np.array_equal(pixels(again.images[0]), pixels(Image.open(path).convert("RGB")))
@@ -94,11 +95,13 @@ def test_switch_without_refiner(tiny):
 
 
 def test_recipe_conditions_with_in_memory_inputs_need_them_again():
-    recipe = {"conditions": [{"kind": "controlnet", "model": "m", "image": {"image": [64, 64], "mode": "RGB"}}]}
+    from sdxl_control.adapters import condition_from_settings
+
+    settings = {"kind": "controlnet", "model": "m", "image": {"image": [64, 64], "mode": "RGB"}}
     with pytest.raises(ConditionError, match="controlnet condition got its image as an in-memory image"):
-        GenerationRequest.from_recipe(recipe)
+        condition_from_settings(settings)
     with pytest.raises(ConditionError, match="unknown condition kind 'warp'"):
-        GenerationRequest.from_recipe({"conditions": [{"kind": "warp"}]})
+        condition_from_settings({"kind": "warp"})
 
 
 def test_progress_reports_every_step_of_both_stages(generator):
