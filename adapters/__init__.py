@@ -49,7 +49,7 @@ def condition_from_settings(settings: Mapping[str, Any], locate: Locator | None 
     """The condition a recipe describes, with its files found again by ``locate`` (default: where this machine last
     saw them). Inputs recorded only as a summary (an in-memory image) cannot be rebuilt; unknown keys are refused."""
     from ..files import Locator
-    from ..recipe import unknown_keys
+    from ..validation import unknown_keys
 
     if not isinstance(settings, Mapping) or not isinstance(settings.get("kind"), str):
         raise ConditionError(f"a recipe condition is a JSON object with a 'kind', got {settings!r:.80}")

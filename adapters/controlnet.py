@@ -29,8 +29,9 @@ from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residu
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
 from ..fast import match_fast_path
 from ..infotext import Infotext, control_unit, model_label
+from ..inventory import ModelNeed, weights_need
 from ..models import check_safetensors, placement, resolve_source
-from ..preprocessors import ImageInput, preprocess
+from ..preprocessors import ImageInput, preprocess, preprocessor_needs
 
 __all__ = [
     "ControlNet",
@@ -58,7 +59,7 @@ UNION_CONTROL_TYPES: dict[str, int] = {
 _UNION_PREPROCESSORS = {"pose": "pose", "depth": "depth", "canny": "canny"}
 
 _CACHE: dict[tuple[str, bool, str, str], Any] = {}
-_WEIGHTS = ["config.json", "diffusion_pytorch_model.safetensors"]
+CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 _REFINER_REASON = "SDXL ControlNets are trained against the base UNet's blocks; the refiner's architecture differs"
 
 
@@ -97,7 +98,7 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
     if key in _CACHE:
         return _CACHE[key]
     cls = ControlNetUnionModel if union else ControlNetModel
-    path = resolve_source(source, allow=_WEIGHTS)
+    path = resolve_source(source, allow=list(CONTROLNET_FILES))
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():
@@ -276,6 +277,10 @@ class ControlNet(Condition):
     def infotext(self) -> Infotext:
         return Infotext(units=(_unit(self.model, self.preprocess, self.preprocess_options, self),))
 
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        needed = preprocessor_needs(self.preprocess, self.preprocess_options)
+        return (weights_need("ControlNet", self.model, CONTROLNET_FILES), *needed)
+
     def prepare(self, ctx: PrepareContext) -> Prepared:
         model = controlnet_for(ctx, self.model, union=False)
         guess = self.guess_mode or bool(getattr(model.config, "global_pool_conditions", False))
@@ -331,6 +336,12 @@ class ControlNetUnion(Condition):
             preprocessor = _UNION_PREPROCESSORS[name] if name in self.preprocess else None
             units.append(_unit(self.model, preprocessor, self.preprocess_options.get(name, {}), self))
         return Infotext(units=tuple(units))
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        needed = [weights_need("ControlNet-Union", self.model, CONTROLNET_FILES)]
+        for name in self.preprocess:
+            needed += preprocessor_needs(_UNION_PREPROCESSORS.get(name), self.preprocess_options.get(name, {}))
+        return tuple(needed)
 
     def controls(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in UNION_CONTROL_TYPES if getattr(self, name) is not None}

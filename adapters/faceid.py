@@ -24,11 +24,12 @@ import torch
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError
 from ..infotext import Infotext, control_unit, model_label
+from ..inventory import ModelNeed, pattern_for, weights_need
 from ..models import check_safetensors, placement, resolve_in, resolve_source
-from ..preprocessors.face import DEFAULT_PACK, analyze_faces
+from ..preprocessors.face import DEFAULT_PACK, analyze_faces, pack_need
+from .ip_adapter import ENCODER_FILES, IPPrepared, check_variant, encode_images, layer_scales, load_adapter, region_mask
 from .ip_adapter import REPO as IP_ADAPTER_REPO
 from .ip_adapter import VARIANTS as IP_VARIANTS
-from .ip_adapter import IPPrepared, check_variant, encode_images, layer_scales, load_adapter, region_mask
 
 __all__ = ["FaceID", "FACEID_VARIANTS", "save_face", "load_face"]
 
@@ -113,6 +114,24 @@ class FaceID(Condition):
         weights = self._weights_file()
         module = "ip-adapter_face_id_plus" if self.plus else "ip-adapter_face_id"
         return Infotext(units=(control_unit(module, model_label(weights, weights), self.scale, self.window),))
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        licence = "the model card limits IP-Adapter-FaceID to non-commercial research (insightface embeddings)"
+        if self.variant in FACEID_VARIANTS:
+            needs = [weights_need("IP-Adapter FaceID", self.source, [FACEID_VARIANTS[self.variant]], licence=licence)]
+        else:
+            needs = [weights_need("IP-Adapter FaceID", self.variant, ["*.bin", "*.safetensors"], licence=licence)]
+        if self.plus:
+            needs.append(
+                weights_need("IP-Adapter image encoder", self.image_encoder, ENCODER_FILES)
+                if self.image_encoder
+                else weights_need(
+                    "IP-Adapter image encoder", IP_ADAPTER_REPO, [pattern_for(IP_VARIANTS["plus"].encoder)]
+                )
+            )
+        if self.faces is not None:
+            needs.append(pack_need(self.face_pack, self.face_root))
+        return tuple(needs)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -30,10 +30,11 @@ import torch
 from ..conditions import Attachment, Condition, Parts, PrepareContext, Prepared, Stage, Tokens, Window
 from ..errors import ConditionError, IncompatibleModelError
 from ..infotext import Infotext, control_unit, model_label
+from ..inventory import ModelNeed, weights_need
 from ..models import resolve_in, resolve_source
-from ..preprocessors.face import IDENTITY_PACK, Identity, analyze_faces, save_identity
+from ..preprocessors.face import IDENTITY_PACK, Identity, analyze_faces, pack_need, save_identity
 from ..preprocessors.keypoints import keypoint_image, place_keypoints
-from .controlnet import ControlPrepared, control_tensor, controlnet_for
+from .controlnet import CONTROLNET_FILES, ControlPrepared, control_tensor, controlnet_for
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers, load_adapter, read_weights, region_mask
 
 __all__ = ["InstantID", "InstantIDPrepared", "save_identity", "REPO", "EMBEDDING_WIDTH"]
@@ -125,6 +126,14 @@ class InstantID(Condition):
             raise ConditionError("InstantID takes face photos / FaceInfo or a saved identity file (one of the two)")
         if self.combine not in ("average", "concat"):
             raise ConditionError(f"combine must be 'average' or 'concat', got {self.combine!r}")
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        adapter = (weights_need("InstantID adapter", self.adapter, ["*.bin", "*.safetensors"]) if self.adapter
+                   else weights_need("InstantID adapter", self.source, [ADAPTER]))  # fmt: skip
+        net = (weights_need("IdentityNet", self.identitynet, CONTROLNET_FILES) if self.identitynet
+               else weights_need("IdentityNet", self.source, [f"{IDENTITYNET}/{f}" for f in CONTROLNET_FILES]))  # fmt: skip
+        analysed = self.faces is not None or self.keypoints_from is not None
+        return (adapter, net, *([pack_need(self.face_pack, self.face_root)] if analysed else []))
 
     def _adapter_file(self) -> Path:
         if self.adapter is not None:

@@ -29,6 +29,7 @@ from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage,
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
 from ..files import looks_like_hub_id, looks_local
 from ..infotext import Infotext, control_unit, model_label
+from ..inventory import ModelNeed, pattern_for, weights_need
 from ..models import (
     PerModelCache,
     check_safetensors,
@@ -70,6 +71,8 @@ class IPAdapterVariant:
 
 
 REPO = "h94/IP-Adapter"
+# A CLIP vision folder as transformers saves it.
+ENCODER_FILES = ("config.json", "*.safetensors")
 VARIANTS: dict[str, IPAdapterVariant] = {
     "sdxl": IPAdapterVariant("sdxl_models/ip-adapter_sdxl.safetensors", "sdxl_models/image_encoder", False),
     "vit-h": IPAdapterVariant("sdxl_models/ip-adapter_sdxl_vit-h.safetensors", "models/image_encoder", False),
@@ -366,6 +369,18 @@ class IPAdapter(Condition):
         unit = control_unit(module if self.variant in VARIANTS else "ip-adapter-auto", model_label(weights, weights),
                             self.scale, self.window)  # fmt: skip
         return Infotext(units=(unit,))
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        encoder = (
+            weights_need("IP-Adapter image encoder", self.image_encoder, ENCODER_FILES) if self.image_encoder else None
+        )
+        if self.variant in VARIANTS:
+            v = VARIANTS[self.variant]
+            weights = weights_need("IP-Adapter", self.source, [pattern_for(v.weights)])
+            encoder = encoder or weights_need("IP-Adapter image encoder", self.source, [pattern_for(v.encoder)])
+        else:
+            weights = weights_need("IP-Adapter", self.variant, ["*.safetensors"])
+        return (weights,) if encoder is None or self.embeddings is not None else (weights, encoder)
 
     @classmethod
     def style(cls, images: Any, scale: float = 1.0, **options: Any) -> IPAdapter:

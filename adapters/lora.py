@@ -24,6 +24,7 @@ from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage,
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
 from ..files import addnet_hash
 from ..infotext import Infotext, safe_name
+from ..inventory import ModelNeed, weights_need
 from ..models import read_safetensors, resolve_in, resolve_source
 from ..weights import WeightPatch
 
@@ -172,6 +173,11 @@ class LoRA(Condition):
         file = self.file()
         name = safe_name(file.stem)
         return Infotext(tags=(f"<lora:{name}:{self.scale:g}>",), fields={"Lora hashes": {name: addnet_hash(file)[:12]}})
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        if self.weight_name is None:
+            return (weights_need("LoRA", self.source, ["*.safetensors"]),)
+        return (weights_need("LoRA", self.source, [self.weight_name]),)
 
     def file(self) -> Path:
         if self.weight_name is None:

@@ -32,9 +32,10 @@ from torch import nn
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, PromptEdit, PromptTokens, Stage
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
 from ..infotext import Infotext, model_label, safe_name
+from ..inventory import ModelNeed, weights_need
 from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
 from ..preprocessors import load_image
-from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features
+from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features, pack_need
 from ..weights import WeightPatch
 from .ip_adapter import checkpoint_family
 from .perceiver import PerceiverAttention, feed_forward
@@ -424,6 +425,14 @@ class PhotoMaker(Condition):
             raise ConditionError(f"the trigger word must be a word without spaces around it, got {self.trigger!r}")
         if not 0.0 <= self.start_merge <= 1.0:
             raise ConditionError(f"start_merge is a fraction of the steps, got {self.start_merge}")
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        version = self.version or "v2"
+        repo, name = REPOS[version]
+        weights = (weights_need("PhotoMaker", self.weights, ["*.bin", "*.safetensors"]) if self.weights
+                   else weights_need("PhotoMaker", repo, [name]))  # fmt: skip
+        analysed = version == "v2" and self.faces is not None
+        return (weights, *([pack_need(self.face_pack, self.face_root)] if analysed else []))
 
     def _weights_file(self) -> Path:
         if self.weights is not None:

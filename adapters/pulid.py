@@ -35,8 +35,9 @@ from ..attention import AttentionBranch, OrthogonalBranch
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError, IncompatibleModelError
 from ..infotext import Infotext, control_unit, model_label
+from ..inventory import ModelNeed, weights_need
 from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
-from ..preprocessors.face import IDENTITY_PACK, Identity, identity_features
+from ..preprocessors.face import IDENTITY_PACK, Identity, identity_features, pack_need
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers
 from .perceiver import PerceiverAttention, feed_forward
 
@@ -269,6 +270,23 @@ class PuLID(Condition):
             raise ConditionError(f"ortho must be one of {', '.join(_ORTHO)}, got {self.ortho!r}")
         if self.zero_tokens is not None and self.zero_tokens < 0:
             raise ConditionError(f"zero_tokens must be >= 0, got {self.zero_tokens}")
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        from ..preprocessors.eva_clip import EVA_FILE, EVA_REPO
+        from ..preprocessors.face_parsing import PARSING_FILE, PARSING_URL, default_parsing_folder
+
+        weights = (weights_need("PuLID", self.weights, ["*.bin", "*.safetensors"]) if self.weights
+                   else weights_need("PuLID", self.source, [PULID_FILES[self.version or "v1.1"]]))  # fmt: skip
+        if self.identity is not None:
+            return (weights,)
+        parsing = str(self.parsing or default_parsing_folder())
+        return (
+            weights,
+            weights_need("EVA02-CLIP-L-336", self.eva or EVA_REPO, [EVA_FILE]),
+            weights_need("face parsing (facexlib BiSeNet)", parsing, [PARSING_FILE],
+                         how=f"download {PARSING_URL} into {parsing}"),
+            pack_need(self.face_pack, self.face_root),
+        )  # fmt: skip
 
     def _checkpoint(self) -> Path:
         if self.weights is not None:

@@ -11,14 +11,17 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from ..errors import ConditionError
 from .images import ImageInput, load_image
 
-__all__ = ["PREPROCESSORS", "preprocess", "load_image", "ImageInput", "a1111_module"]
+if TYPE_CHECKING:
+    from ..inventory import ModelNeed
+
+__all__ = ["PREPROCESSORS", "preprocess", "preprocessor_needs", "load_image", "ImageInput", "a1111_module"]
 
 
 def _canny(image: Image.Image, **options: Any) -> Image.Image:
@@ -45,6 +48,12 @@ def _face(image: Image.Image, **options: Any) -> Image.Image:
     return face_keypoint_map(image, **options)
 
 
+def _faces(image: Image.Image, **options: Any) -> Image.Image:
+    from .face import draw_faces
+
+    return draw_faces(image, **options)
+
+
 def _as_is(image: Image.Image, **options: Any) -> Image.Image:
     if options:
         raise ConditionError(f"'none' takes no options, got {sorted(options)}")
@@ -57,6 +66,7 @@ PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {
     "depth": _depth,
     "pose": _pose,
     "face": _face,
+    "faces": _faces,
     "none": _as_is,
 }
 
@@ -67,6 +77,25 @@ def preprocess(name: str | None, image: ImageInput, **options: Any) -> Image.Ima
     if key not in PREPROCESSORS:
         raise ConditionError(f"unknown preprocessor {name!r}: use one of {', '.join(sorted(PREPROCESSORS))}")
     return PREPROCESSORS[key](load_image(image, "control image"), **options)
+
+
+def preprocessor_needs(name: str | None, options: Mapping[str, Any]) -> tuple[ModelNeed, ...]:
+    """The weights a preprocessor loads with these options (canny and ready maps need none)."""
+    from ..inventory import ModelNeed
+
+    if name == "depth":
+        from .depth import DEFAULT_DEPTH_MODEL, DEPTH_FILES
+
+        return (ModelNeed("depth estimator", str(options.get("model", DEFAULT_DEPTH_MODEL)), DEPTH_FILES),)
+    if name == "pose":
+        from .pose import DEFAULT_POSE_MODEL, POSE_FILES
+
+        return (ModelNeed("pose detector", str(options.get("model", DEFAULT_POSE_MODEL)), POSE_FILES),)
+    if name in ("face", "faces"):
+        from .face import IDENTITY_PACK, pack_need
+
+        return (pack_need(options.get("pack") or IDENTITY_PACK, options.get("root", "~/.insightface")),)
+    return ()
 
 
 # Our preprocessors under the names the A1111 ControlNet extension gives its own ("modules").

@@ -12,17 +12,18 @@ from PIL import Image
 
 from ..models import resolve_source
 
-__all__ = ["DEFAULT_DEPTH_MODEL", "estimate_depth"]
+__all__ = ["DEFAULT_DEPTH_MODEL", "DEPTH_FILES", "estimate_depth"]
 
 # The estimator diffusers' SDXL depth ControlNet examples use.
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
+DEPTH_FILES = ("*.json", "*.safetensors")
 
 
 @lru_cache(maxsize=4)
 def _estimator(source: str, device: str) -> Any:
     from transformers import pipeline
 
-    folder = resolve_source(source, allow=["*.json", "*.safetensors", "*.txt"])
+    folder = resolve_source(source, allow=[*DEPTH_FILES, "*.txt"])
     return pipeline("depth-estimation", model=str(folder), device=torch.device(device))
 
 

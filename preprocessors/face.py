@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -33,11 +33,15 @@ from ..errors import (
 )
 from .images import load_image
 
+if TYPE_CHECKING:
+    from ..inventory import ModelNeed
+
 __all__ = [
     "FaceInfo",
     "FaceAnalyzer",
     "analyze_faces",
     "pack_folder",
+    "draw_faces",
     "Identity",
     "identity_features",
     "save_identity",
@@ -141,6 +145,17 @@ def pack_folder(pack: str, root: str | os.PathLike[str] = "~/.insightface") -> P
     if not folder.is_dir() or not any(folder.glob("*.onnx")):
         raise _missing_pack(pack, folder)
     return folder
+
+
+def pack_need(pack: str, root: str | os.PathLike[str] = "~/.insightface") -> ModelNeed:
+    """The insightface pack a face analysis will look for, as ``sdxl-control models`` reports it."""
+    from ..inventory import INSIGHTFACE_LICENCE, ModelNeed
+
+    direct = Path(pack).expanduser()
+    folder = direct if direct.is_dir() else Path(root).expanduser() / "models" / pack
+    how = str(_missing_pack(pack, folder)).partition("; ")[2]
+    return ModelNeed(f"face analysis ({Path(pack).name})", str(folder), ("*.onnx",), how=how,
+                     licence=INSIGHTFACE_LICENCE)  # fmt: skip
 
 
 @lru_cache(maxsize=2)
@@ -316,6 +331,27 @@ def analyze_faces(
         label = str(item) if isinstance(item, (str, os.PathLike)) else f"face image {i + 1}"
         out.append(analyzer.analyze(item, label))
     return out
+
+
+def draw_faces(image: Any, pack: str = IDENTITY_PACK, root: str | os.PathLike[str] = "~/.insightface") -> Image.Image:
+    """The photo with every face the pack detects outlined, its five landmarks and detector score drawn: the largest,
+    the one identity methods use, in green, the others in red (``sdxl-control preprocess faces``)."""
+    from PIL import ImageDraw
+
+    photo = load_image(image, "face image").copy()
+    faces = FaceAnalyzer(pack, root).faces(photo)
+    if not faces:
+        raise FaceNotFoundError(f"no face found in {image if isinstance(image, (str, os.PathLike)) else 'the image'}")
+    draw = ImageDraw.Draw(photo)
+    width = max(2, round(max(photo.size) / 300))
+    for i, face in enumerate(faces):
+        colour = (0, 220, 0) if i == 0 else (230, 40, 40)
+        x0, y0, x1, y1 = (float(v) for v in face.bbox)
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+        for x, y in np.asarray(face.kps, np.float32).reshape(-1, 2):
+            draw.ellipse((x - 2 * width, y - 2 * width, x + 2 * width, y + 2 * width), fill=colour)
+        draw.text((x0 + width, max(0.0, y0 - 12)), f"{float(face.det_score):.2f}", fill=colour)
+    return photo
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,18 @@ from PIL import Image
 
 from ..models import resolve_source
 
-__all__ = ["DEFAULT_POSE_MODEL", "detect_pose"]
+__all__ = ["DEFAULT_POSE_MODEL", "POSE_FILES", "detect_pose"]
 
 # controlnet-aux's annotator repo: body_pose_model.pth, hand_pose_model.pth, facenet.pth.
 DEFAULT_POSE_MODEL = "lllyasviel/Annotators"
+POSE_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
 
 
 @lru_cache(maxsize=2)
 def _detector(source: str, device: str) -> Any:
     from controlnet_aux import OpenposeDetector
 
-    folder = resolve_source(source, allow=["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"])
+    folder = resolve_source(source, allow=list(POSE_FILES))
     # controlnet-aux reads these with torch.load, which defaults to weights_only=True in torch >= 2.6.
     return OpenposeDetector.from_pretrained(str(folder)).to(device)
 

@@ -9,20 +9,20 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # Only light modules at the top: an argument error or --help answers before torch and diffusers load (seconds).
 from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER, FAST_LEVELS
-from .errors import EXIT_INTERRUPTED, DeviceError, InvalidRequestError, OutputError, SdxlControlError
-from .presets import available_presets, load_preset
+from .errors import EXIT_INTERRUPTED, DeviceError, InvalidRequestError, ModelError, OutputError, SdxlControlError
+from .presets import available_presets
 
 __all__ = ["main", "build_parser"]
 
 DTYPES = ("fp16", "bf16", "fp32")
 TINY_SIZE = (128, 128)
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,12 @@ class _Control:
     preprocessor: str
     model: str
     union_type: str
-    tiny_annotator: str | None  # the --tiny stand-in for the preprocessor's model
 
 
 CONTROLS = {
-    "edges": _Control("canny", "diffusers/controlnet-canny-sdxl-1.0", "canny", None),
-    "depth": _Control("depth", "diffusers/controlnet-depth-sdxl-1.0", "depth", "depth-estimator"),
-    "pose": _Control("pose", "xinsir/controlnet-openpose-sdxl-1.0", "pose", "openpose"),
+    "edges": _Control("canny", "diffusers/controlnet-canny-sdxl-1.0", "canny"),
+    "depth": _Control("depth", "diffusers/controlnet-depth-sdxl-1.0", "depth"),
+    "pose": _Control("pose", "xinsir/controlnet-openpose-sdxl-1.0", "pose"),
 }
 DEFAULT_UNION = "xinsir/controlnet-union-sdxl-1.0"
 INSTANTID_REPO = "InstantX/InstantID"
@@ -111,9 +110,9 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     refs.add_argument("--reference-layers", default="all", help="all, style, composition, style+composition")
     refs.add_argument("--face", metavar="IMG", action="append", default=[],
                       help="photo of the person (repeatable: several photos of one person)")  # fmt: skip
-    refs.add_argument("--identity", choices=IDENTITIES, default="faceid",
+    refs.add_argument("--identity", choices=IDENTITIES,
                       help="identity method for --face: faceid (IP-Adapter FaceID, default), instantid, pulid or photomaker")  # fmt: skip
-    refs.add_argument("--face-variant", default="plusv2", help="FaceID: faceid or plusv2 (default)")
+    refs.add_argument("--face-variant", help="FaceID: faceid or plusv2 (default)")
     refs.add_argument("--identity-scale", "--face-scale", dest="face_scale", type=_number, metavar="S",
                       help="strength of the identity (FaceID, InstantID's face tokens, PuLID's id_scale; default 0.8)")  # fmt: skip
     refs.add_argument("--face-window", type=_window, default=(0.0, 1.0), metavar="START:END")
@@ -145,66 +144,50 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
 def _control_conditions(args: argparse.Namespace) -> list[Any]:
     from .adapters.controlnet import ControlNet, ControlNetUnion
 
-    tiny: Callable[[str], Path] | None = None
-    if args.tiny:
-        from .testing import tiny_control_models as tiny
-    # name -> (image, preprocessor or None for a ready map, preprocessor options)
-    chosen: dict[str, tuple[str, str | None, dict[str, str]]] = {}
+    # name -> (image, preprocessor or None for a ready map)
+    chosen: dict[str, tuple[str, str | None]] = {}
     for name, control in CONTROLS.items():
         photo, ready = getattr(args, name), getattr(args, f"{name}_map")
         if photo and ready:
             raise InvalidRequestError(f"give --{name} (a photo) or --{name}-map (a ready map), not both")
         if photo or ready:
-            annotator = control.tiny_annotator
-            options = {"model": str(tiny(annotator))} if tiny and annotator and photo else {}
-            chosen[name] = (photo or ready, control.preprocessor if photo else None, options)
+            chosen[name] = (photo or ready, control.preprocessor if photo else None)
     if args.union:
         if not chosen:
             raise InvalidRequestError("--union needs at least one of --edges, --depth, --pose (or their -map)")
         types = {name: CONTROLS[name].union_type for name in chosen}
-        model = str(tiny("controlnet-union")) if tiny and args.union == DEFAULT_UNION else args.union
         return [
             ControlNetUnion(
-                model,
-                preprocess=tuple(types[n] for n, (_, p, _) in chosen.items() if p),
-                preprocess_options={types[n]: o for n, (_, _, o) in chosen.items()},
+                args.union, preprocess=tuple(types[n] for n, (_, p) in chosen.items() if p),
                 scale=args.union_scale, window=args.union_window,
-                **{types[n]: image for n, (image, _, _) in chosen.items()},
+                **{types[n]: image for n, (image, _) in chosen.items()},
             )
         ]  # fmt: skip
-    conditions = []
-    for name, (image, preprocessor, options) in chosen.items():
-        model = getattr(args, f"{name}_model") or (str(tiny(f"controlnet-{name}")) if tiny else CONTROLS[name].model)
-        conditions.append(
-            ControlNet(model, image=image, preprocess=preprocessor, preprocess_options=options,
-                       scale=getattr(args, f"{name}_scale"), window=getattr(args, f"{name}_window"))
-        )  # fmt: skip
-    return conditions
+    return [
+        ControlNet(getattr(args, f"{name}_model") or CONTROLS[name].model, image=image, preprocess=preprocessor,
+                   scale=getattr(args, f"{name}_scale"), window=getattr(args, f"{name}_window"))
+        for name, (image, preprocessor) in chosen.items()
+    ]  # fmt: skip
 
 
-def _reference_conditions(args: argparse.Namespace, preset: Any = None) -> list[Any]:
+def _reference_conditions(args: argparse.Namespace) -> list[Any]:
     from .adapters.ip_adapter import IPAdapter
 
-    if not args.face and (args.face_keypoints or args.score):
-        raise InvalidRequestError("--face-keypoints and --score need --face")
-    source: dict[str, str] = {}
-    if args.tiny and (args.style or args.reference):
-        from .testing import tiny_control_models
-
-        source = {"source": str(tiny_control_models("ip-adapter"))}
+    if args.face_keypoints and not args.face:
+        raise InvalidRequestError("--face-keypoints needs --face")
     conditions: list[Any] = []
     if args.style:
-        conditions.append(IPAdapter.style(args.style, scale=args.style_scale, **source))
+        conditions.append(IPAdapter.style(args.style, scale=args.style_scale))
     if args.reference:
         conditions.append(IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale,
-                                    layers=args.reference_layers, **source))  # fmt: skip
+                                    layers=args.reference_layers))  # fmt: skip
     if args.face:
-        conditions.append(_identity_condition(args, preset))
+        conditions.append(_identity_condition(args))
     return conditions
 
 
-def _identity_condition(args: argparse.Namespace, preset: Any) -> Any:
-    """The --identity condition for --face: the preset's settings for it, then the flags given."""
+def _identity_condition(args: argparse.Namespace) -> Any:
+    """The --identity condition for --face, from the flags given (the rest keep the method's defaults)."""
     if args.face_keypoints and args.identity != "instantid":
         raise InvalidRequestError("--face-keypoints is for --identity instantid")
     if (args.identity_mode or args.pulid_version) and args.identity != "pulid":
@@ -214,49 +197,24 @@ def _identity_condition(args: argparse.Namespace, preset: Any) -> Any:
         raise InvalidRequestError("--trigger, --photomaker-version, --photomaker-weights and --start-merge are for "
                                   "--identity photomaker")  # fmt: skip
     given: dict[str, Any] = {"scale": args.face_scale, "window": args.face_window, "face_pack": _face_pack(args)}
-    if args.identity == "faceid":
+    if args.identity in (None, "faceid"):
         given["scale"] = FACEID_SCALE if args.face_scale is None else args.face_scale
-        if args.tiny:
-            from .testing import tiny_control_models
-
-            encoder = tiny_control_models("ip-adapter") / "models" / "image_encoder"
-            given |= {"source": str(tiny_control_models("ip-adapter-faceid")), "image_encoder": str(encoder)}
-        return _condition(preset, "faceid", args.face_variant, args.face, **given)
+        return _condition("faceid", args.face_variant or "plusv2", args.face, **given)
     if args.identity == "instantid":
-        model = args.instantid_model
-        if args.tiny and model == INSTANTID_REPO:
-            from .testing import tiny_control_models
-
-            model = str(tiny_control_models("instantid"))
-        return _condition(preset, "instantid", args.face, keypoints_from=args.face_keypoints, source=model,
+        return _condition("instantid", args.face, keypoints_from=args.face_keypoints, source=args.instantid_model,
                           controlnet_scale=args.identitynet_scale, controlnet_window=args.identitynet_window, **given)  # fmt: skip
     if args.identity == "photomaker":
-        weights = args.photomaker_weights
-        if args.tiny and weights is None:
-            from .testing import tiny_control_models
-
-            weights = str(tiny_control_models("photomaker") / f"photomaker-{args.photomaker_version or 'v2'}.bin")
-        return _condition(preset, "photomaker", args.face, version=args.photomaker_version, trigger=args.trigger,
-                          weights=weights, start_merge=args.start_merge, **given)  # fmt: skip
-    files = {"source": args.pulid_model, "eva": args.eva_model, "parsing": args.face_parsing}
-    if args.tiny:
-        from .testing import tiny_control_models
-
-        tiny = tiny_control_models("pulid")
-        stand_ins = {"source": tiny / "pulid", "eva": tiny / "eva", "parsing": tiny / "facexlib"}
-        files = {k: str(stand_ins[k]) if v in (None, PULID_REPO) else v for k, v in files.items()}
-    return _condition(preset, "pulid", args.face, version=args.pulid_version, mode=args.identity_mode, **files,
-                      **given)  # fmt: skip
+        return _condition("photomaker", args.face, version=args.photomaker_version, trigger=args.trigger,
+                          weights=args.photomaker_weights, start_merge=args.start_merge, **given)  # fmt: skip
+    return _condition("pulid", args.face, version=args.pulid_version, mode=args.identity_mode,
+                      source=args.pulid_model, eva=args.eva_model, parsing=args.face_parsing, **given)  # fmt: skip
 
 
-def _condition(preset: Any, kind: str, *inputs: Any, **given: Any) -> Any:
-    """A condition of ``kind``: the preset's settings for it, overridden by the options actually given."""
+def _condition(kind: str, *inputs: Any, **given: Any) -> Any:
+    """A condition of ``kind`` with the options actually given (the rest keep the class's defaults)."""
     from .adapters import condition_class
 
-    options = {k: v for k, v in given.items() if v is not None}
-    if preset is not None:
-        return preset.condition(kind, *inputs, **options)
-    return condition_class(kind)(*inputs, **options)
+    return condition_class(kind)(*inputs, **{k: v for k, v in given.items() if v is not None})
 
 
 def _face_pack(args: argparse.Namespace) -> str:
@@ -265,7 +223,8 @@ def _face_pack(args: argparse.Namespace) -> str:
     if args.face_pack:
         return str(args.face_pack)
     # FaceID and PhotoMaker v2 were trained on buffalo_l's embeddings; InstantID and PuLID on antelopev2's.
-    return DEFAULT_PACK if getattr(args, "identity", None) in ("faceid", "photomaker") else IDENTITY_PACK
+    identity = getattr(args, "identity", "instantid") or "faceid"  # preprocess and score have no --identity
+    return DEFAULT_PACK if identity in ("faceid", "photomaker") else IDENTITY_PACK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,9 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
     gen.add_argument("--num-images", type=_count, help="images in the batch, seeds seed, seed+1, ...")
     gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun, ... or a class")
-    gen.add_argument(
-        "--preset", choices=available_presets(), help="named recipe (e.g. lightning-4step); explicit options win"
-    )
+    gen.add_argument("--preset", metavar="NAME|FILE",
+                     help=f"what works together, as data: {', '.join(available_presets())}, or a preset file "
+                     "(`sdxl-control presets` describes them); explicit options win")  # fmt: skip
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a preset's setting: steps=8, size=[768,1024], face.scale=0.6 (a condition's field), "
+                     "models.base=REPO; repeatable")  # fmt: skip
+    gen.add_argument("--input", action="append", default=[], metavar="NAME=FILE",
+                     help="fill a preset's input (face, style, structure, pose); --face, --style, --pose and "
+                     "--structure do the same")  # fmt: skip
+    gen.add_argument("--structure", metavar="PHOTO", help="a preset's structure input: the photo whose composition "
+                     "to keep (style-transfer)")  # fmt: skip
+    gen.add_argument("--dry-run", action="store_true",
+                     help="print the resolved models and request (as the recipe records them) and load nothing")  # fmt: skip
+    gen.add_argument("--grid", action="store_true",
+                     help="with --num-images: also write a contact sheet OUTPUT-grid.png with each image's seed")  # fmt: skip
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="stack a LoRA (repeatable)")
     gen.add_argument("--base", help=f"base model: hub id, local folder or .safetensors (default {DEFAULT_BASE})")
     gen.add_argument("--refiner", help=f"refiner model, used with --refiner-switch (default {DEFAULT_REFINER})")
@@ -336,13 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser(
         "preprocess", help="write the control image a preprocessor makes from a photo", parents=[common]
     )
-    pre.add_argument("kind", choices=["canny", "depth", "pose", "face"],
-                     help="face: the keypoint map InstantID's IdentityNet sees")  # fmt: skip
+    pre.add_argument("kind", choices=["canny", "depth", "pose", "face", "faces"],
+                     help="face: the keypoint map InstantID's IdentityNet sees; faces: the photo with each detected "
+                     "face's box, landmarks and score (green: the largest, which identity methods use)")  # fmt: skip
     pre.add_argument("photo", help="the photo")
     pre.add_argument("-o", "--output", required=True, help="output image (PNG)")
     pre.add_argument("--size", type=_size, help="face: draw the keypoints at this output size (default: the photo's)")
-    pre.add_argument("--face-pack", help="face: insightface pack name or folder (default antelopev2)")
+    pre.add_argument("--face-pack", help="face, faces: insightface pack name or folder (default antelopev2)")
     pre.add_argument("--tiny", action="store_true", help="depth/pose: tiny random stand-ins for the annotator models")
+
+    sub.add_parser("presets", help="list the presets: what each does and the inputs it takes", parents=[common])
+    models = sub.add_parser("models", help="the models presets need: present or not, their size, how to fetch them",
+                            parents=[common])  # fmt: skip
+    models.add_argument("--preset", action="append", default=[], metavar="NAME|FILE",
+                        help="only this preset's models (repeatable; default: every shipped preset)")  # fmt: skip
+    models.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for generate")
+    models.add_argument("--fetch", action="store_true", help="download the missing ones from the hub (needs network)")
 
     score = sub.add_parser("score", help="identity similarity of images to a face photo (ArcFace cosine)",
                            parents=[common])  # fmt: skip
@@ -376,28 +356,39 @@ def _check_model_flags(args: argparse.Namespace) -> None:
 
 
 def _models(
-    args: argparse.Namespace, recipe: dict[str, Any] | None, switch: float | None, locate: Any
+    args: argparse.Namespace, recipe: dict[str, Any] | None, switch: float | None, locate: Any, preset: Any = None
 ) -> tuple[str, str | None, Any]:
-    """(base, refiner, UNet checkpoint) to load: the flags, else what the recipe recorded, else the defaults."""
+    """(base, refiner, UNet checkpoint) to load: the flags, else what the recipe recorded, else the preset's, else
+    the defaults."""
     from .models import recorded_model
 
     models = recipe["models"] if recipe else {}
     recorded_base = models.get("base") or {}
+    chosen = preset.models if preset is not None else {}
+    unet = (preset.unet if preset is not None else None) if args.base is None else None
+    if recipe is not None and args.base is None:
+        unet = recorded_base.get("unet_weights")
+        if isinstance(unet, list):
+            unet = tuple(unet)
+        elif isinstance(unet, dict):
+            unet = str(locate.find(unet, "the recipe's UNet checkpoint"))
     if args.tiny or (recipe and args.base is None and recorded_base.get("tiny_seed") is not None):
         from .testing import tiny_models
+        from .testing.stand_ins import tiny_unet
 
         tiny = tiny_models(seed=recorded_base.get("tiny_seed", 0))
-        return str(tiny.base), str(tiny.refiner) if switch is not None else None, None
-    base = args.base or (recorded_model(recorded_base, locate, "base model") if recipe else DEFAULT_BASE)
+        unet = tiny_unet(unet) if args.tiny else unet
+        return str(tiny.base), str(tiny.refiner) if switch is not None else None, unet
+    if recipe is not None and args.base is None:
+        base = recorded_model(recorded_base, locate, "base model")
+    else:
+        base = args.base or chosen.get("base", DEFAULT_BASE)
     refiner = None
     if switch is not None:
         recorded = models.get("refiner") if recipe else None
-        refiner = args.refiner or (recorded_model(recorded, locate, "refiner") if recorded else DEFAULT_REFINER)
-    unet = recorded_base.get("unet_weights") if args.base is None else None
-    if isinstance(unet, list):
-        unet = tuple(unet)
-    elif isinstance(unet, dict):
-        unet = str(locate.find(unet, "the recipe's UNet checkpoint"))
+        refiner = args.refiner or (
+            recorded_model(recorded, locate, "refiner") if recorded else chosen.get("refiner", DEFAULT_REFINER)
+        )
     return base, refiner, unet
 
 
@@ -431,17 +422,82 @@ def _lora(text: str) -> Any:
     return LoRA(path, scale=value) if value is not None else LoRA(text)
 
 
+# Flags that fill a preset input of the same name instead of adding a condition of their own.
+_INPUT_FLAGS = ("face", "style", "pose", "structure")
+
+
+def _load_preset(args: argparse.Namespace) -> Any:
+    """The --preset with its --set assignments applied, or None."""
+    if args.preset is None:
+        if args.set:
+            raise InvalidRequestError("--set changes a preset's settings: give --preset")
+        return None
+    from .presets import load_preset, parse_assignment
+
+    preset = load_preset(args.preset)
+    return preset.with_settings(dict(parse_assignment(a) for a in args.set)) if args.set else preset
+
+
+def _preset_inputs(args: argparse.Namespace, preset: Any) -> dict[str, Any]:
+    """The preset's inputs from --input NAME=FILE and from the flags named like them (--face, --style, --pose,
+    --structure), which then add no condition of their own."""
+    inputs: dict[str, list[str]] = {}
+    for text in args.input:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise InvalidRequestError(f"--input takes NAME=FILE (face=me.jpg), got {text!r}")
+        inputs.setdefault(name, []).append(path)
+    for name in _INPUT_FLAGS:
+        value = getattr(args, name)
+        if value and preset is not None and name in preset.inputs:
+            inputs.setdefault(name, []).extend(value if isinstance(value, list) else [value])
+            setattr(args, name, [] if isinstance(value, list) else None)
+    if args.structure:
+        raise InvalidRequestError("--structure fills a preset's structure input (--preset style-transfer)")
+    if inputs and preset is None:
+        raise InvalidRequestError("--input fills a preset's inputs: give --preset")
+    if preset is not None and preset.templates.get("face") and _identity_flags_given(args):
+        raise InvalidRequestError(
+            f"the preset {preset.name} sets up the identity condition; change it with --set face.KEY=VALUE "
+            "(--dry-run shows its settings)"
+        )
+    return inputs
+
+
+def _identity_flags_given(args: argparse.Namespace) -> bool:
+    names = ("identity", "face_variant", "face_scale", "identity_mode", "pulid_version", "trigger", "photomaker_version",
+             "photomaker_weights", "start_merge", "identitynet_scale", "face_keypoints")  # fmt: skip
+    return any(getattr(args, n) is not None for n in names)
+
+
+def _with_face_pack(conditions: list[Any], args: argparse.Namespace) -> list[Any]:
+    # --face-pack applies to a preset's identity condition too: packs often live in a folder of the user's own.
+    if not args.face_pack:
+        return conditions
+    import dataclasses
+
+    return [dataclasses.replace(c, face_pack=args.face_pack) if hasattr(c, "face_pack") else c for c in conditions]
+
+
 def _generate(args: argparse.Namespace) -> int:
     _check_model_flags(args)
     _output_paths(args.output, 1)  # now, before the seconds torch takes to import; again below for a whole batch
     from .files import Locator
 
     options = _request_options(args)
-    preset = load_preset(args.preset) if args.preset else None
-    conditions = [
-        *(preset.conditions() if preset else []), *map(_lora, args.lora), *_control_conditions(args),
-        *_reference_conditions(args, preset),
-    ]  # fmt: skip
+    preset = _load_preset(args)
+    faces = list(args.face)
+    if args.score and not faces:
+        raise InvalidRequestError("--score needs --face")
+    inputs = _preset_inputs(args, preset)
+    conditions = [*map(_lora, args.lora), *_control_conditions(args), *_reference_conditions(args)]
+    conditions = _with_face_pack([*(preset.conditions(inputs) if preset else []), *conditions], args)
+    if args.tiny:
+        from .testing.stand_ins import tiny_condition, tiny_decoder
+
+        conditions = [tiny_condition(c) for c in conditions]
+        if "decoder" in options or (preset and preset.settings.get("decoder")):
+            options["decoder"] = tiny_decoder(options.get("decoder") or preset.settings["decoder"])
     if conditions:
         options["conditions"] = tuple(conditions)
     recipe = None
@@ -469,14 +525,14 @@ def _generate(args: argparse.Namespace) -> int:
     from .conditions import validate_conditions
 
     validate_conditions(request.conditions, has_refiner=request.refiner_switch is not None)
+    base, refiner, unet = _models(args, recipe, request.refiner_switch, locate, preset)
+    if args.dry_run:
+        return _dry_run(args, preset, request, base, refiner, unet)
     from .fast import FastPath
     from .generator import Generator
     from .models import default_device_and_dtype
 
     device, dtype = default_device_and_dtype(args.device, _dtype(args.dtype))
-    base, refiner, unet = _models(args, recipe, request.refiner_switch, locate)
-    if preset is not None and preset.unet is not None:
-        unet = preset.unet
     _quiet_libraries(args.quiet)
     # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
     generator = Generator.from_pretrained(
@@ -491,13 +547,39 @@ def _generate(args: argparse.Namespace) -> int:
         assert recipe is not None
         images = [images[recipe.get("batch_index", 0)]]
     if args.score:
-        _score_into_recipes(images, args.face[0], _face_pack(args))
+        _score_into_recipes(images, faces[0], _face_pack(args))
     for image, path in zip(images, outputs, strict=True):
-        try:
-            image.save(path)
-        except OSError as exc:
-            raise OutputError(f"{path}: could not be written ({exc})") from None
+        _save(image, path)
         sys.stdout.write(f"{path}  seed={image.recipe['seed']}\n")
+    if args.grid and len(images) > 1:
+        from .sheet import contact_sheet
+
+        grid = outputs[0].with_name(f"{outputs[0].stem}-grid.png")
+        _save(contact_sheet(images, [f"seed {image.recipe['seed']}" for image in images]), grid)
+        sys.stdout.write(f"{grid}  contact sheet\n")
+    return 0
+
+
+def _save(image: Any, path: Path) -> None:
+    try:
+        image.save(path)
+    except OSError as exc:
+        raise OutputError(f"{path}: could not be written ({exc})") from None
+
+
+def _dry_run(args: argparse.Namespace, preset: Any, request: Any, base: str, refiner: str | None, unet: Any) -> int:
+    """Print what would run (models and the request, as a recipe records it) and load nothing."""
+    import json
+
+    from .files import portable
+
+    plan = {
+        "preset": preset.name if preset else None,
+        "models": {"base": portable(base, args.recipe_paths), "refiner": portable(refiner, args.recipe_paths),
+                   "unet": portable(unet, args.recipe_paths)},
+        "request": request.settings(args.recipe_paths),
+    }  # fmt: skip
+    sys.stdout.write(json.dumps(plan, indent=2) + "\n")
     return 0
 
 
@@ -534,11 +616,15 @@ def _image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(flag, path) of every image file the command reads."""
     found = []
     for name in (*CONTROLS, *(f"{n}_map" for n in CONTROLS), "style", "reference", "face", "face_keypoints", "photo",
-                 "images"):  # fmt: skip
+                 "images", "structure"):  # fmt: skip
         value = getattr(args, name, None)
         for path in value if isinstance(value, list) else [value]:
             if path:
                 found.append((f"--{name.replace('_', '-')}", str(path)))
+    for text in getattr(args, "input", []):
+        name, _, path = text.partition("=")
+        if path:
+            found.append((f"--input {name}", path))
     return found
 
 
@@ -557,6 +643,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.kind == "face":
         options = {"pack": _face_pack(args), **({"size": args.size} if args.size else {})}
+    elif args.kind == "faces":
+        options = {"pack": _face_pack(args)}
     elif args.size:
         raise InvalidRequestError("--size is for the face keypoint map")
     elif args.tiny and args.kind in ("depth", "pose"):
@@ -574,6 +662,47 @@ def _score(args: argparse.Namespace) -> int:
     for image in args.images:
         sys.stdout.write(f"{image}  {identity_similarity(args.face, image, pack=_face_pack(args)):.4f}\n")
     return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from .presets import available_presets, load_preset
+
+    for name in available_presets():
+        preset = load_preset(name, check=False)
+        sys.stdout.write(f"{name}\n")
+        sys.stdout.write(textwrap.fill(preset.description, 100, initial_indent="    ", subsequent_indent="    ") + "\n")
+        for spec in preset.inputs.values():
+            need = "required" if spec.required else "optional"
+            many = ", repeatable" if spec.many else ""
+            sys.stdout.write(f"    --{spec.name} FILE  ({need}{many}) {spec.help}\n")
+    return 0
+
+
+def _models_command(args: argparse.Namespace) -> int:
+    """Each preset's models: present (where, size) or missing (how to get them); exit 4 while any is missing."""
+    from .inventory import check, fetch, report
+    from .presets import available_presets, load_preset, parse_assignment
+
+    assignments = dict(parse_assignment(a) for a in args.set)
+    complete = True
+    for name in args.preset or available_presets():
+        preset = load_preset(name)
+        if assignments:
+            preset = preset.with_settings(assignments)
+        needs = preset.model_needs()
+        if args.fetch:
+            for need in needs:
+                if not check(need).present and need.on_hub:
+                    sys.stderr.write(f"fetching {need.what} from {need.source}\n")
+                    fetch(need)
+        table, present = report(needs)
+        complete &= present
+        sys.stdout.write(f"{preset.name}: {'all present' if present else 'some missing'}\n{table}\n")
+    if not complete:
+        sys.stderr.write("sdxl-control: some models are missing: fetch them as shown, or run with --fetch\n")
+    return 0 if complete else ModelError.exit_code
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -595,12 +724,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"generate": _generate, "preprocess": _preprocess, "score": _score}
+    commands = {"generate": _generate, "preprocess": _preprocess, "score": _score, "presets": _presets,
+                "models": _models_command}  # fmt: skip
     try:
         _check_inputs(args)
         return commands[args.command](args)
     except KeyboardInterrupt:
         return _fail("interrupted (images not finished were not written)", EXIT_INTERRUPTED, debug)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python would report the failed flush at exit otherwise
+        return EXIT_BROKEN_PIPE
     except SdxlControlError as exc:
         return _fail(str(exc), exc.exit_code, debug)
     except Exception as exc:

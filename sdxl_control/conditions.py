@@ -35,6 +35,7 @@ from .validation import check_fields
 
 if TYPE_CHECKING:
     from .infotext import Infotext
+    from .inventory import ModelNeed
 
 __all__ = [
     "Stage",
@@ -419,6 +420,11 @@ class Condition(ABC):
         from .infotext import Infotext
 
         return Infotext()
+
+    def model_needs(self) -> tuple[ModelNeed, ...]:
+        """The weights :meth:`prepare` will look for, found the way it finds them: what ``sdxl-control models`` lists
+        and fetches. Made without reading any file."""
+        return ()
 
 
 def _describe(value: Any) -> Any:

@@ -23,11 +23,11 @@ from .guidance import guidance_for
 from .infotext import Infotext
 from .loop import ProgressCallback, PromptSegment, StageInputs, denoise
 from .models import DEFAULT_BASE, StageModels, load_stage, placement
-from .recipe import RecipeImage, Result, check_recipe, unknown_keys
+from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
 from .text import MicroConditioning, encode_negative, prompt_segments, time_ids
 from .vae import decode_latents, load_decoder, vae_scale_factor
-from .validation import check_fields
+from .validation import check_fields, unknown_keys
 from .weights import WeightPatch
 
 __all__ = ["GenerationRequest", "Generator"]

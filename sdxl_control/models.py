@@ -30,6 +30,7 @@ from .errors import (
     ModelNotFoundError,
 )
 from .files import Locator, PathMode, looks_like_hub_id, portable_ref, sha256_of
+from .inventory import ModelNeed, pattern_for, weights_need
 from .text import TextEncoder
 
 __all__ = [
@@ -259,8 +260,7 @@ def resolve_in(
 ) -> Path:
     """A file or folder at ``relative`` inside ``source`` (a local folder or a hub repo, through the HF cache)."""
     # A file is fetched by its exact name (and the fetch hint names it); a folder by everything under it.
-    allow = [relative] if Path(relative).suffix else [f"{relative}/*"]
-    path = resolve_source(source, allow=allow, cache_dir=cache_dir) / relative
+    path = resolve_source(source, allow=[pattern_for(relative)], cache_dir=cache_dir) / relative
     if not path.exists():
         raise MissingWeightsError(f"{source} has no {relative}")
     return path
@@ -536,6 +536,29 @@ def load_stage(
     if unet is not None:
         _load_unet_weights(models, unet, cache_dir)
     return models
+
+
+def stage_needs(
+    source: str | os.PathLike[str],
+    stage: Stage,
+    *,
+    variant: str | None = None,
+    unet: str | tuple[str, str] | None = None,
+) -> list[ModelNeed]:
+    """The weights :func:`load_stage` looks for with these arguments (for ``sdxl-control models``)."""
+    files = ["model_index.json"]
+    for component in REQUIRED[stage]:
+        if component.startswith(("tokenizer", "scheduler")):
+            files.append(f"{component}/*")
+        else:  # diffusers' file names, as from_pretrained looks them up for the variant
+            stem = "diffusion_pytorch_model" if component in ("unet", "vae") else "model"
+            files += [f"{component}/config.json", f"{component}/{stem}{f'.{variant}' if variant else ''}.safetensors"]
+    needs = [weights_need(f"{stage.label} model", source, files)]
+    if isinstance(unet, tuple):
+        needs.append(weights_need(f"{stage.label} UNet weights", unet[0], [pattern_for(unet[1])]))
+    elif unet is not None:
+        needs.append(weights_need(f"{stage.label} UNet weights", unet))
+    return needs
 
 
 def _load_unet_weights(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -15,6 +14,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import InputError, InvalidRequestError
 from .infotext import parameters_text
+from .validation import unknown_keys
 
 if TYPE_CHECKING:
     import torch
@@ -111,19 +111,6 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(recipe, dict):
         raise InputError(f"{file}: its sdxl-control recipe is not a JSON object")
     return recipe
-
-
-def unknown_keys(given: Iterable[str], known: Iterable[str], what: str, noun: str = "key") -> str | None:
-    """A message naming keys of ``given`` that are not ``known`` (with the nearest known key), or None."""
-    known = sorted(known)
-    unknown = sorted(str(k) for k in given if k not in known)
-    if not unknown:
-        return None
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, known, n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return f"{what} has unknown {noun}(s) {', '.join(hints)}; its {noun}s are {', '.join(known)}"
 
 
 def check_recipe(recipe: Any, request_fields: Iterable[str]) -> None:

@@ -16,17 +16,18 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
 from .errors import InvalidRequestError, SdxlControlError
 
-__all__ = ["check_fields", "finite"]
+__all__ = ["check_fields", "finite", "unknown_keys"]
 
 _NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
 
@@ -113,3 +114,16 @@ def finite(value: float, what: str, error: type[SdxlControlError] = InvalidReque
     if not ok:
         raise error(f"{what} must be a finite number, got {value}")
     return value
+
+
+def unknown_keys(given: Iterable[str], known: Iterable[str], what: str, noun: str = "key") -> str | None:
+    """A message naming keys of ``given`` that are not ``known`` (with the nearest known key), or None."""
+    known = sorted(known)
+    unknown = sorted(str(k) for k in given if k not in known)
+    if not unknown:
+        return None
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"{what} has unknown {noun}(s) {', '.join(hints)}; its {noun}s are {', '.join(known)}"

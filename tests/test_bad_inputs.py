@@ -249,6 +249,18 @@ CLI_CASES = [
     ("lora-empty", lambda f: ["x", "--tiny", "--steps", "2", "--lora", str(f.empty)], 4, "holds no tensors"),
     ("base-pickle", lambda f: ["x", "--base", str(f.evil)], 4, "is a pickle checkpoint"),
     ("base-lying", lambda f: ["x", "--base", str(f.lying)], 4, "not a readable safetensors file"),
+    ("preset-unknown", lambda f: ["x", "--preset", "lightnin"], 2, "unknown preset 'lightnin' (did you mean"),
+    ("preset-set-typo", lambda f: ["x", "--preset", "portrait", "--face", str(f.photo), "--set", "face.scael=1"], 2,
+     "unknown key(s) 'scael' (did you mean 'scale'?)"),
+    ("preset-set-without-preset", lambda f: ["x", "--set", "steps=4"], 2, "give --preset"),
+    ("preset-input-missing", lambda f: ["x", "--tiny", "--preset", "portrait"], 2,
+     "preset portrait needs its face input"),
+    ("preset-identity-flag", lambda f: ["x", "--preset", "portrait", "--face", str(f.photo), "--identity-scale", "1"],
+     2, "--set face.KEY=VALUE"),
+    ("preset-unknown-input", lambda f: ["x", "--preset", "portrait", "--face", str(f.photo), "--input",
+                                        f"fcae={f.photo}"], 2, "'fcae' (did you mean 'face'?)"),
+    ("structure-without-preset", lambda f: ["x", "--tiny", "--structure", str(f.photo)], 2,
+     "--structure fills a preset's structure input"),
 ]  # fmt: skip
 
 
@@ -270,8 +282,7 @@ def test_cli_answers_with_the_exit_code_of_the_error_class(tiny, files, capsys, 
      (["generate", "x", "--edges-window", "0.8:0.2"], "a window needs 0 <= start < end <= 1"),
      (["generate", "x", "--steps", "many"], "expected a whole number, got 'many'"),
      (["generate", "x", "--size=-64x64"], "size must be positive"),
-     (["generate", "x", "--dtype", "fp8"], "invalid choice: 'fp8'"),
-     (["generate", "x", "--preset", "lightnin"], "invalid choice: 'lightnin'")],
+     (["generate", "x", "--dtype", "fp8"], "invalid choice: 'fp8'")],
 )  # fmt: skip
 def test_argument_errors_exit_2(argv, words, capsys):
     with pytest.raises(SystemExit) as exited:

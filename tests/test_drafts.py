@@ -142,7 +142,8 @@ def test_draft_decoder_errors(generator, tiny):
         GenerationRequest("x", decoder="madebyollin/taesdxl", vae_tiling=True)
 
 
-def test_preview_preset_is_lightning_with_the_draft_decoder():
-    preview, lightning = load_preset("lightning-4step-preview"), load_preset("lightning-4step")
-    assert preview.settings.pop("decoder") == DRAFT_DECODER
-    assert preview.settings == lightning.settings and preview.loras == lightning.loras
+def test_draft_preset_is_lightning_with_the_draft_decoder():
+    draft, lightning = load_preset("draft"), load_preset("lightning-4step")
+    settings = dict(draft.settings)
+    assert settings.pop("decoder") == DRAFT_DECODER
+    assert settings == lightning.settings and draft.loras == lightning.loras

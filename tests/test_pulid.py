@@ -300,13 +300,14 @@ def test_settings_follow_the_reference_apps():
         PuLID("x.jpg", mode="style").settings_for("v1.1")
     with pytest.raises(ConditionError, match="one of the two"):
         PuLID()
-    preset = load_preset("pulid-lightning")
+    preset = load_preset("portrait-draft")
     assert preset.unet == ("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")
     assert preset.settings["steps"] == 4 and preset.settings["guidance"] == 1.2
     assert preset.settings["scheduler"] == "dpmpp_2m" and preset.settings["scheduler_options"] == {
         "timestep_spacing": "trailing"
     }
-    assert preset.condition_defaults["pulid"] == {"version": "v1", "mode": "fidelity", "scale": 0.8}
+    face = preset.templates["face"]
+    assert (face["kind"], face["version"], face["mode"], face["scale"]) == ("pulid", "v1", "fidelity", 0.8)
 
 
 def test_bad_input_says_what_and_how(gen, tiny, models, insightface_root, photos, tmp_path, caplog):
