@@ -268,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "to keep (style-transfer)")  # fmt: skip
     gen.add_argument("--dry-run", action="store_true",
                      help="print the resolved models and request (as the recipe records them) and load nothing")  # fmt: skip
+    gen.add_argument("--preview-every", type=_count, metavar="N",
+                     help="every N steps, write the image as it forms to OUTPUT-preview.png (decoded by TAESD-XL)")  # fmt: skip
+    gen.add_argument("--preview-decoder", metavar="MODEL", default=DRAFT_DECODER,
+                     help=f"the previews' tiny autoencoder: a TAESD folder or hub id (default {DRAFT_DECODER}), or "
+                     "ComfyUI's vae_approx/taesdxl_decoder.safetensors")  # fmt: skip
     gen.add_argument("--grid", action="store_true",
                      help="with --num-images: also write a contact sheet OUTPUT-grid.png with each image's seed")  # fmt: skip
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="stack a LoRA (repeatable)")
@@ -316,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--face-pack", help="face, faces: insightface pack name or folder (default antelopev2)")
     pre.add_argument("--tiny", action="store_true", help="depth/pose: tiny random stand-ins for the annotator models")
 
+    ui = sub.add_parser("ui", help="open the local web page: every condition, live previews, PNGs with recipes",
+                        parents=[common])  # fmt: skip
+    ui.add_argument("--tiny", action="store_true", help="serve the built-in tiny models (offline demo)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=_count, default=7860, help="port (default 7860)")
+    ui.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default {DEFAULT_BASE})")
+    ui.add_argument("--refiner", default=DEFAULT_REFINER, help=f"refiner model (default {DEFAULT_REFINER})")
+    ui.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
+    ui.add_argument("--face-pack", help="insightface pack name or folder for the identity methods")
+    ui.add_argument("--preview-decoder", default=DRAFT_DECODER, metavar="MODEL",
+                    help="the live previews' tiny autoencoder (a TAESD folder, hub id or taesdxl_decoder.safetensors)")  # fmt: skip
     sub.add_parser("presets", help="list the presets: what each does and the inputs it takes", parents=[common])
     models = sub.add_parser("models", help="the models presets need: present or not, their size, how to fetch them",
                             parents=[common])  # fmt: skip
@@ -533,6 +549,20 @@ def _generate(args: argparse.Namespace) -> int:
     from .models import default_device_and_dtype
 
     device, dtype = default_device_and_dtype(args.device, _dtype(args.dtype))
+    progress = None
+    if args.preview_every:
+        from .preview import Previews
+
+        preview = outputs[0].with_name(f"{outputs[0].stem}-preview.png")
+        source = args.preview_decoder
+        if args.tiny:
+            from .testing.stand_ins import tiny_decoder
+
+            source = tiny_decoder(source)
+        from .models import resolve_source
+
+        resolve_source(source, allow=["config.json", "*.safetensors"])  # a missing decoder fails before the models load
+        progress = Previews(lambda image, event: _save(image, preview), every=args.preview_every, decoder=source)
     _quiet_libraries(args.quiet)
     # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
     generator = Generator.from_pretrained(
@@ -541,7 +571,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.offload:
         generator.set_offload(device)
     generator.set_fast_path(FastPath.level(args.fast, fuse_qkv=not args.offload))
-    result = generator.run(request, progress_bar=not args.quiet, recipe_paths=args.recipe_paths)
+    result = generator.run(request, progress=progress, progress_bar=not args.quiet, recipe_paths=args.recipe_paths)
     images = result.images
     if keep_one:
         assert recipe is not None
@@ -664,6 +694,15 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from .ui import UiConfig, build_app
+
+    config = UiConfig(tiny=args.tiny, base=args.base, refiner=args.refiner, face_pack=args.face_pack,
+                      preview_decoder=args.preview_decoder, device=args.device)  # fmt: skip
+    build_app(config).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     import textwrap
 
@@ -725,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"generate": _generate, "preprocess": _preprocess, "score": _score, "presets": _presets,
-                "models": _models_command}  # fmt: skip
+                "models": _models_command, "ui": _ui}  # fmt: skip
     try:
         _check_inputs(args)
         return commands[args.command](args)

@@ -20,7 +20,9 @@ __all__ = ["StageInputs", "PromptSegment", "ProgressEvent", "ProgressCallback", 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """Reported after every step: ``step`` of ``steps`` within the stage, ``index`` of ``total`` overall.
+    """Reported after every step: ``step`` of ``steps`` within the stage, ``index`` of ``total`` overall;
+    ``latents`` is the noisy sample the schedule continues from, ``denoised`` the step's estimate of the finished
+    latent (what previews show).
 
     Example:
         >>> gen.generate("...", progress=lambda e: print(e.stage.label, e.index + 1, "/", e.total))  # doctest: +SKIP
@@ -33,6 +35,27 @@ class ProgressEvent:
     total: int
     timestep: float
     latents: torch.Tensor
+    denoised: torch.Tensor
+
+
+def _denoised(scheduler: Any, output: Any, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """The step's estimate of the clean latent: the scheduler's own where it reports one (Euler, Heun, DDIM, LCM...);
+    for the DPM-Solver/UniPC family, from the prediction at the step's noise level; else the noisy sample."""
+    estimate = getattr(output, "pred_original_sample", None)
+    if estimate is not None:
+        return estimate
+    index = getattr(scheduler, "step_index", None)
+    to_alpha_sigma = getattr(scheduler, "_sigma_to_alpha_sigma_t", None)  # the family's own conversion
+    if index and to_alpha_sigma is not None:
+        alpha, sigma = to_alpha_sigma(scheduler.sigmas[index - 1])
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            return (latents - sigma * prediction) / alpha
+        if kind == "v_prediction":
+            return alpha * latents - sigma * prediction
+        if kind == "sample":
+            return prediction
+    return output.prev_sample
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -125,10 +148,12 @@ def denoise(
                 mid_block_additional_residual=None if residuals is None else residuals.mid,
                 return_dict=False,
             )[0]
-            latents = scheduler.step(inputs.guidance.combine(prediction), t, latents, **step_kwargs, return_dict=False)[
-                0
-            ]
+            guided = inputs.guidance.combine(prediction)
+            output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
             bar.update()
             if progress is not None:
-                progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), latents))
+                denoised = _denoised(scheduler, output, latents, guided)
+                progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), output.prev_sample,
+                                       denoised))  # fmt: skip
+            latents = output.prev_sample
     return latents

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from .defaults import DRAFT_DECODER
 from .errors import IncompatibleModelError
 from .models import check_safetensors, placement, resolve_source
 
-__all__ = ["DRAFT_DECODER", "vae_scale_factor", "decode_latents", "load_decoder"]
+__all__ = ["DRAFT_DECODER", "vae_scale_factor", "decode_latents", "load_decoder", "taesd_from_files"]
 
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,46 @@ def decode_latents(vae: Any, latents: torch.Tensor, *, tiled: bool = False) -> t
 _DECODERS: dict[tuple[str, str, torch.dtype], Any] = {}
 
 
+def taesd_from_files(decoder: str | Path, encoder: str | Path | None = None) -> Any:
+    """An ``AutoencoderTiny`` (TAESD's published architecture) from the single files ComfyUI users keep
+    (``vae_approx/taesdxl_decoder.safetensors`` and ``..._encoder.safetensors``: TAESD's own ``nn.Sequential`` keys,
+    ``"1.weight"``...). Without ``encoder`` the model only decodes (its encoder stays unset).
+
+    Example:
+        >>> taesd = taesd_from_files("~/ComfyUI/models/vae_approx/taesdxl_decoder.safetensors")  # doctest: +SKIP
+    """
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    model: Any = AutoencoderTiny()  # TAESD's published configuration (4 latent channels, 64-wide blocks)
+    state: dict[str, torch.Tensor] = {}
+    # TAESD's decoder starts with a parameterless clamp that diffusers applies in forward(): its layers shift by one.
+    for part, file, shift in (("decoder", decoder, 1), ("encoder", encoder, 0)):
+        if file is None:
+            continue
+        path = Path(file).expanduser()
+        check_safetensors(path)
+        for key, value in load_file(str(path)).items():
+            index, _, rest = key.partition(".")
+            if not index.isdigit():
+                raise IncompatibleModelError(f"{path}: not a TAESD {part} file (key {key!r})")
+            state[f"{part}.layers.{int(index) - shift}.{rest}"] = value.float()
+    expected = {k for k in model.state_dict() if k.startswith(("decoder.", *(("encoder.",) if encoder else ())))}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise IncompatibleModelError(
+            f"{decoder}: not TAESD-XL's layout (missing {missing}, unexpected {extra}); use taesdxl_decoder.safetensors"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise IncompatibleModelError(f"{decoder}: the tensors do not fit TAESD's shapes ({str(exc)[:200]})") from None
+    return model
+
+
 def load_decoder(source: str, latent_channels: int, device: torch.device, dtype: torch.dtype) -> Any:
-    """A tiny autoencoder (diffusers ``AutoencoderTiny`` folder: hub id or local path), loaded once per process.
+    """A tiny autoencoder, loaded once per process: a diffusers ``AutoencoderTiny`` folder (hub id or local path), or
+    TAESD's single decoder file (``taesdxl_decoder.safetensors``, as ComfyUI keeps it).
 
     Example:
         >>> decoder = load_decoder(DRAFT_DECODER, 4, torch.device("cuda"), torch.float16)  # doctest: +SKIP
@@ -84,6 +123,12 @@ def load_decoder(source: str, latent_channels: int, device: torch.device, dtype:
     path = resolve_source(source, allow=["config.json", "*.safetensors"])
     key = (str(path.resolve()), str(device), dtype)
     if key in _DECODERS:
+        return _DECODERS[key]
+    if path.is_file():
+        decoder = taesd_from_files(path)
+        if decoder.config.latent_channels != latent_channels:
+            raise IncompatibleModelError(f"{source} decodes 4-channel latents; this model makes {latent_channels}")
+        _DECODERS[key] = decoder.to(device, dtype).eval().requires_grad_(False)
         return _DECODERS[key]
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}

@@ -1,0 +1,431 @@
+"""The local web page (``sdxl-control ui``): every condition as a user thinks of it, live previews while the image
+forms, a gallery of PNGs that carry their recipes, and the same as an HTTP API through Gradio's client.
+
+Built on Gradio: its queue runs one generation at a time (others wait, their position shown), its file handling
+takes the uploads, its client is the API. Models load once per process and stay loaded.
+
+Example:
+    >>> app = build_app(UiConfig(tiny=True))          # doctest: +SKIP
+    >>> app.launch()                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import random
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
+from .errors import SdxlControlError
+
+__all__ = ["UiConfig", "build_app"]
+
+log = logging.getLogger(__name__)
+
+IDENTITY_METHODS = ("faceid", "instantid", "pulid", "photomaker")
+STRUCTURES = {"edges": ("canny", "diffusers/controlnet-canny-sdxl-1.0"),
+              "depth": ("depth", "diffusers/controlnet-depth-sdxl-1.0"),
+              "pose": ("pose", "xinsir/controlnet-openpose-sdxl-1.0")}  # fmt: skip
+NO_PRESET = "(none)"
+PREVIEW_EVERY = 2
+MAX_SEED = 2**32 - 1
+
+
+class Stopped(Exception):
+    """Raised inside the denoising loop when the user pressed Stop: the loop's cleanup detaches every condition."""
+
+
+@dataclass(frozen=True)
+class UiConfig:
+    """What the page serves: ``tiny`` models (offline), or ``base``/``refiner`` ids; ``face_pack`` for identity
+    conditions; ``preview_decoder`` for the live previews; ``outputs`` where generated PNGs are kept.
+
+    Example:
+        >>> UiConfig(tiny=True).tiny
+        True
+    """
+
+    tiny: bool = False
+    base: str = DEFAULT_BASE
+    refiner: str = DEFAULT_REFINER
+    face_pack: str | None = None
+    preview_decoder: str = DRAFT_DECODER
+    device: str | None = None
+    outputs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sdxl-control-ui-")))
+
+
+class _Models:
+    """One Generator per (base, refiner, UNet checkpoint), kept for the process: the most recent one only, so a
+    second preset with other models does not double the memory."""
+
+    def __init__(self, config: UiConfig) -> None:
+        self.config = config
+        self.key: tuple[Any, ...] | None = None
+        self.generator: Any = None
+        self.lock = threading.Lock()  # one generation at a time, whatever the queue does
+
+    def get(self, refiner: bool, unet: Any) -> Any:
+        from .generator import Generator
+
+        if self.config.tiny:
+            from .testing import tiny_models
+            from .testing.stand_ins import tiny_unet
+
+            tiny = tiny_models()
+            base, second, unet = str(tiny.base), str(tiny.refiner), tiny_unet(unet)
+        else:
+            base, second = self.config.base, self.config.refiner
+        key = (base, second if refiner else None, unet)
+        if key != self.key:
+            self.generator = None  # free the old models before loading the new
+            self.generator = Generator.from_pretrained(base, key[1], unet=unet, device=self.config.device)
+            self.key = key
+        return self.generator
+
+
+def _files(value: Any) -> list[str]:
+    if not value:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [str(getattr(item, "name", item)) for item in items]
+
+
+def _conditions(config: UiConfig, form: dict[str, Any]) -> list[Any]:
+    """The conditions the form sets; nothing else is stacked."""
+    from .adapters import condition_class
+    from .adapters.controlnet import ControlNet
+    from .adapters.ip_adapter import IPAdapter
+    from .adapters.lora import LoRA
+    from .preprocessors.images import check_image_file
+
+    out: list[Any] = []
+    faces = _files(form["faces"])
+    for face in faces:
+        check_image_file(face, "face photo")
+    if faces:
+        method = form["identity"]
+        options: dict[str, Any] = {"scale": form["identity_scale"]}
+        if config.face_pack:
+            options["face_pack"] = config.face_pack
+        out.append(condition_class(method)("plusv2", faces, **options) if method == "faceid" else
+                   condition_class(method)(faces, **options))  # fmt: skip
+    if form["style"]:
+        check_image_file(form["style"], "style image")
+        out.append(IPAdapter("sdxl", [form["style"]], layers=form["style_layers"], scale=form["style_scale"]))
+    if form["structure"]:
+        check_image_file(form["structure"], "structure photo")
+        preprocessor, model = STRUCTURES[form["structure_kind"]]
+        window = (form["structure_start"], form["structure_end"])
+        out.append(ControlNet(model, image=form["structure"], preprocess=None if form["structure_is_map"] else preprocessor,
+                              scale=form["structure_scale"], window=window))  # fmt: skip
+    loras = _files(form["loras"])
+    weights = [float(w) for w in str(form["lora_weights"] or "").replace(",", " ").split()] or [1.0]
+    for i, lora in enumerate(loras):
+        out.append(LoRA(lora, scale=weights[min(i, len(weights) - 1)]))
+    if config.tiny:
+        from .testing.stand_ins import tiny_condition
+
+        out = [tiny_condition(c) for c in out]
+    return out
+
+
+def _preset_inputs(preset: Any, form: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the preset's inputs from the page's fields, the form without the fields they took): the face photos fill
+    "face", the style image "style", the structure photo "structure", or "pose" when it is a pose."""
+    inputs: dict[str, Any] = {}
+    rest = dict(form)
+    if "face" in preset.inputs and _files(form["faces"]):
+        inputs["face"], rest["faces"] = _files(form["faces"]), None
+    if "style" in preset.inputs and form["style"]:
+        inputs["style"], rest["style"] = [form["style"]], None
+    if form["structure"]:
+        name = "pose" if form["structure_kind"] == "pose" and "pose" in preset.inputs else "structure"
+        if name in preset.inputs:
+            inputs[name], rest["structure"] = form["structure"], None
+    return inputs, rest
+
+
+def _request(config: UiConfig, form: dict[str, Any], seed: int) -> tuple[Any, Any]:
+    """(GenerationRequest, UNet checkpoint) from the form and the preset: the preset's sampler, models, LoRAs and
+    condition templates, the page's numbers (which choosing a preset fills in) and conditions."""
+    from .generator import GenerationRequest
+    from .presets import load_preset
+
+    settings: dict[str, Any] = {}
+    unet = None
+    preset_conditions: list[Any] = []
+    if form["preset"] and form["preset"] != NO_PRESET:
+        preset = load_preset(form["preset"])
+        inputs, form = _preset_inputs(preset, form)
+        settings, unet = dict(preset.settings), preset.unet
+        preset_conditions = preset.conditions(inputs)
+        if config.face_pack:
+            preset_conditions = [dataclasses.replace(c, face_pack=config.face_pack) if hasattr(c, "face_pack") else c
+                                 for c in preset_conditions]  # fmt: skip
+        if config.tiny:
+            from .testing.stand_ins import tiny_condition, tiny_decoder
+
+            preset_conditions = [tiny_condition(c) for c in preset_conditions]
+            if settings.get("decoder"):
+                settings["decoder"] = tiny_decoder(settings["decoder"])
+    conditions = [*preset_conditions, *_conditions(config, form)]
+    switch = form["refiner_switch"]
+    settings.update(
+        prompt=form["prompt"], negative_prompt=form["negative"] or settings.get("negative_prompt"),
+        size=(int(form["width"]), int(form["height"])), steps=int(form["steps"]), guidance=float(form["guidance"]),
+        refiner_switch=switch if switch and switch > 0 else None, seed=seed, num_images=int(form["num_images"]),
+        conditions=tuple(conditions),
+    )  # fmt: skip
+    return GenerationRequest(**settings), unet
+
+
+FORM_FIELDS = ("prompt", "negative", "preset", "width", "height", "steps", "guidance", "seed", "random_seed",
+               "num_images", "refiner_switch", "faces", "identity", "identity_scale", "style", "style_scale",
+               "style_layers", "structure", "structure_kind", "structure_is_map", "structure_scale", "structure_start",
+               "structure_end", "loras", "lora_weights")  # fmt: skip
+
+
+def build_app(config: UiConfig) -> Any:
+    """The Gradio Blocks app; ``launch()`` it (``sdxl-control ui`` does)."""
+    from .presets import available_presets
+
+    models = _Models(config)
+
+    def preview_decoder() -> str | None:
+        """The previews' decoder, or None (previews off, said in the status) when its weights are not here."""
+        from .models import resolve_source
+
+        if config.tiny:
+            from .testing.stand_ins import tiny_decoder
+
+            return str(tiny_decoder(config.preview_decoder))
+        try:
+            resolve_source(config.preview_decoder, allow=["config.json", "*.safetensors"])
+        except SdxlControlError as exc:
+            log.warning("live previews are off: %s", exc)
+            return None
+        return config.preview_decoder
+
+    # Named parameters: the HTTP API (Gradio's client) takes them by name; the page's values are the defaults.
+    def generate(
+        prompt: str,
+        negative: str = "",
+        preset: str = NO_PRESET,
+        width: float = 1024,
+        height: float = 1024,
+        steps: float = 30,
+        guidance: float = 5.0,
+        seed: float | None = None,
+        random_seed: bool = True,
+        num_images: float = 1,
+        refiner_switch: float = 0.0,
+        faces: Any = None,
+        identity: str = "faceid",
+        identity_scale: float = 0.8,
+        style: str | None = None,
+        style_scale: float = 0.8,
+        style_layers: str = "style",
+        structure: str | None = None,
+        structure_kind: str = "edges",
+        structure_is_map: bool = False,
+        structure_scale: float = 0.6,
+        structure_start: float = 0.0,
+        structure_end: float = 1.0,
+        loras: Any = None,
+        lora_weights: str = "",
+        running: Any = None,
+    ) -> Iterator[tuple[Any, ...]]:
+        from .preview import Previews
+
+        values = locals()
+        form = {name: values[name] for name in FORM_FIELDS}
+        seed = random.randint(0, MAX_SEED) if random_seed or seed in (None, "") else int(seed)
+        try:
+            req, unet = _request(config, form, seed)
+        except (SdxlControlError, ValueError) as exc:
+            raise gr.Error(str(exc)) from None
+        # This session's Stop flag, kept in its state: the Stop button sets it, the loop checks it every step.
+        stop = threading.Event()
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+        def show(image: Any, event: Any) -> None:
+            events.put(("preview", (image, f"{event.stage.label}: step {event.step} of {event.steps}")))
+
+        def check(event: Any) -> None:
+            if stop.is_set():
+                raise Stopped()
+
+        def work() -> None:
+            try:
+                with models.lock:
+                    generator = models.get(req.refiner_switch is not None, unet)
+                    decoder = preview_decoder()
+                    progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check) if decoder else check
+                    events.put(("done", generator.run(req, progress=progress, progress_bar=False)))
+            except Stopped:
+                events.put(("stopped", None))
+            except Exception as exc:  # reported in the page; the page and the next call live on
+                events.put(("error", exc))
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            yield None, "waiting for the models", gr.update(), gr.update(), seed, stop
+            while True:
+                kind, payload = events.get()
+                if kind == "preview":
+                    image, status = payload
+                    yield image, status, gr.update(), gr.update(), seed, stop
+                elif kind == "done":
+                    paths = []
+                    for i, image in enumerate(payload.images):
+                        path = (
+                            config.outputs / f"sdxl-control-{image.recipe['seed']}-{i}-{random.getrandbits(32):08x}.png"
+                        )
+                        image.save(path)
+                        paths.append(str(path))
+                    yield gr.update(), f"done: {len(paths)} image(s), seed {seed}", paths, paths, seed, None
+                    return
+                elif kind == "stopped":
+                    yield gr.update(), "stopped", gr.update(), gr.update(), seed, None
+                    return
+                else:
+                    message = str(payload) if isinstance(payload, SdxlControlError) else (
+                        f"unexpected {type(payload).__name__}: {payload}")  # fmt: skip
+                    raise gr.Error(message)
+        finally:
+            stop.set()  # a cancelled or failed page call stops its generation too
+            worker.join()
+
+    def stop_clicked(stop: threading.Event | None) -> str:
+        if stop is None:
+            return "nothing to stop"
+        stop.set()
+        return "stopping"
+
+    def show_maps(faces: Any, structure: Any, kind: str, is_map: bool) -> list[Any]:
+        from .preprocessors import preprocess
+
+        maps = []
+        try:
+            if structure:
+                tiny = {}
+                if config.tiny and kind in ("depth", "pose"):
+                    from .testing import tiny_control_models
+
+                    tiny = {"model": str(tiny_control_models("depth-estimator" if kind == "depth" else "openpose"))}
+                maps.append(preprocess(None if is_map else STRUCTURES[kind][0], structure, **tiny))
+            for face in _files(faces):
+                maps.append(preprocess("face", face, **({"pack": config.face_pack} if config.face_pack else {})))
+        except SdxlControlError as exc:
+            raise gr.Error(str(exc)) from None
+        return maps
+
+    def apply_preset(name: str) -> list[Any]:
+        """Choosing a preset fills in its numbers (the tiny models keep their small size); the rest comes with it."""
+        from .presets import load_preset
+
+        if not name or name == NO_PRESET:
+            return [gr.update()] * 6 + ["ready"]
+        preset = load_preset(name)
+        settings = preset.settings
+        width, height = settings.get("size", (1024, 1024))
+        size = [gr.update(), gr.update()] if config.tiny else [width, height]
+        takes = f" — it takes: {', '.join(preset.inputs)}" if preset.inputs else ""
+        return [settings.get("steps", gr.update()), settings.get("guidance", gr.update()), *size,
+                settings.get("refiner_switch") or 0.0, settings.get("negative_prompt", ""),
+                f"{name}: {preset.description}{takes}"]  # fmt: skip
+
+    def restore(png: Any) -> list[Any]:
+        from .recipe import read_recipe
+
+        try:
+            recipe = read_recipe(_files(png)[0])
+        except SdxlControlError as exc:
+            raise gr.Error(str(exc)) from None
+        width, height = recipe["size"]
+        return [recipe.get("prompt", ""), recipe.get("negative_prompt") or "", width, height, recipe["steps"],
+                recipe["guidance"], recipe["seed"], False, recipe.get("refiner_switch") or 0.0,
+                f"restored from {Path(_files(png)[0]).name}: seed {recipe['seed']}"]  # fmt: skip
+
+    with gr.Blocks(title="sdxl-control") as app:
+        gr.Markdown("# sdxl-control\nPrompt, conditions, and the image as it forms.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                negative = gr.Textbox(value="", label="Negative prompt", elem_id="negative")
+                with gr.Row():
+                    presets = [NO_PRESET, *(p for p in available_presets())]
+                    preset = gr.Dropdown(presets, value=NO_PRESET, label="Preset", elem_id="preset")
+                    width = gr.Number(value=128 if config.tiny else 1024, step=8, label="Width", elem_id="width")
+                    height = gr.Number(value=128 if config.tiny else 1024, step=8, label="Height", elem_id="height")
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=8 if config.tiny else 30, step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0, 15, value=5, step=0.1, label="Guidance", elem_id="guidance")
+                    refiner_switch = gr.Slider(0, 0.95, value=0, step=0.05, label="Refiner switch (0: off)")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                    random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
+                    reuse = gr.Button("Reuse last seed", elem_id="reuse")
+                    num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num-images")
+                with gr.Accordion("Face (identity)", open=True):
+                    faces = gr.File(file_count="multiple", label="Face photo(s) of one person", elem_id="faces")
+                    with gr.Row():
+                        identity = gr.Dropdown(list(IDENTITY_METHODS), value="faceid", label="Method")
+                        identity_scale = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Strength")
+                with gr.Accordion("Style", open=True):
+                    style = gr.Image(type="filepath", label="Style image", elem_id="style", height=260)
+                    with gr.Row():
+                        style_scale = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Strength")
+                        style_layers = gr.Dropdown(["style", "composition", "style+composition", "all"], value="style",
+                                                   label="Layers")  # fmt: skip
+                with gr.Accordion("Structure", open=False):
+                    structure = gr.Image(type="filepath", label="Photo or ready map", elem_id="structure", height=260)
+                    with gr.Row():
+                        structure_kind = gr.Radio(list(STRUCTURES), value="edges", label="From")
+                        structure_is_map = gr.Checkbox(label="It is a ready map")
+                    with gr.Row():
+                        structure_scale = gr.Slider(0, 1.5, value=0.6, step=0.05, label="Strength")
+                        structure_start = gr.Slider(0, 1, value=0, step=0.05, label="Window start")
+                        structure_end = gr.Slider(0, 1, value=1, step=0.05, label="Window end")
+                with gr.Accordion("LoRAs", open=False):
+                    loras = gr.File(file_count="multiple", file_types=[".safetensors"], label="LoRA files")
+                    lora_weights = gr.Textbox(value="", label="Weights (one per file, e.g. 0.8, 0.5)")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", elem_id="stop")
+                    see = gr.Button("Show what the conditions see", elem_id="see")
+                restore_png = gr.File(label="Drop a PNG made by sdxl-control to restore its settings",
+                                      file_types=[".png"], elem_id="restore")  # fmt: skip
+            with gr.Column(scale=2):
+                status = gr.Markdown("ready", elem_id="status")
+                preview = gr.Image(label="Preview (TAESD-XL, as the image forms)", interactive=False, elem_id="preview",
+                                   height=320)  # fmt: skip
+                gallery = gr.Gallery(label="Images", elem_id="gallery", format="png")
+                downloads = gr.File(label="PNGs with their recipes", file_count="multiple", elem_id="downloads")
+                maps = gr.Gallery(label="What the conditions see", elem_id="maps")
+        form = [prompt, negative, preset, width, height, steps, guidance, seed, random_seed, num_images,
+                refiner_switch, faces, identity, identity_scale, style, style_scale, style_layers, structure,
+                structure_kind, structure_is_map, structure_scale, structure_start, structure_end, loras,
+                lora_weights]  # fmt: skip
+        last_seed, running = gr.State(None), gr.State(None)
+        outputs = [preview, status, gallery, downloads, last_seed, running]
+        run.click(generate, [*form, running], outputs, api_name="generate")
+        stop.click(stop_clicked, running, status, queue=False)
+        reuse.click(lambda s: (s if s is not None else 0, False), last_seed, [seed, random_seed], queue=False)
+        preset.change(apply_preset, preset, [steps, guidance, width, height, refiner_switch, negative, status],
+                      queue=False)  # fmt: skip
+        see.click(show_maps, [faces, structure, structure_kind, structure_is_map], maps, api_name="conditions")
+        restore_png.upload(restore, restore_png, [prompt, negative, width, height, steps, guidance, seed, random_seed,
+                                                  refiner_switch, status])  # fmt: skip
+    app.queue(default_concurrency_limit=1)
+    return app

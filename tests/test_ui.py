@@ -1,0 +1,210 @@
+"""The web page, driven in a real browser (headless Chromium through Playwright) against the page serving the tiny
+models: generate with a face and a style, previews before the image, the downloaded PNG re-makes its pixels, bad
+uploads answered in the page, two sessions at once, Stop then generate again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = os.environ.get("SDXL_CONTROL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = Path(os.environ.get("SDXL_CONTROL_SCREENSHOTS", Path(__file__).resolve().parents[1] / "screenshots"))
+TIMEOUT = 120_000  # ms: a tiny-model generation on a 2-core CPU, with model loading on the first
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny, insightface_root, tmp_path_factory):
+    from sdxl_control.ui import UiConfig, build_app
+
+    if CHROMIUM is None:
+        pytest.fail("no Chromium found: install Debian's chromium package (CI does), or set SDXL_CONTROL_CHROMIUM")
+    config = UiConfig(tiny=True, face_pack=str(insightface_root / "models" / "buffalo_l"),
+                      outputs=tmp_path_factory.mktemp("ui-outputs"))  # fmt: skip
+    app = build_app(config)
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """A Generator of its own, loaded like the page's: what the page's images must equal."""
+    from sdxl_control import Generator
+
+    return Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield chromium
+        chromium.close()
+
+
+def _open(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.set_default_timeout(TIMEOUT)
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    # Every image the preview shows, in order, recorded by the page itself.
+    page.evaluate("""() => {
+        window.previews = [];
+        new MutationObserver(() => {
+            const img = document.querySelector('#preview img');
+            if (img && img.src && window.previews[window.previews.length - 1] !== img.src) window.previews.push(img.src);
+        }).observe(document.querySelector('#preview'), {subtree: true, childList: true, attributes: true});
+    }""")
+    return page
+
+
+def _set_number(page, elem_id, value):
+    field = page.locator(f"#{elem_id} input").first
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def _fill(page, prompt, *, seed=None, steps=None):
+    page.locator("#prompt textarea").fill(prompt)
+    if seed is not None:
+        page.locator("#random-seed input").uncheck()
+        _set_number(page, "seed", seed)
+    if steps is not None:
+        _set_number(page, "steps", steps)
+
+
+def _downloads(page, count_before=0):
+    page.wait_for_function(f"document.querySelectorAll('#downloads a').length > {count_before}")
+    return [a.get_attribute("href") for a in page.locator("#downloads a").all()]
+
+
+def _status(page):
+    return page.locator("#status").inner_text()
+
+
+def test_generate_in_a_real_browser(page_url, browser, shared_dir, tmp_path, reference):
+    from sdxl_control import GenerationRequest
+    from sdxl_control.recipe import read_recipe
+
+    page = _open(browser, page_url)
+    _fill(page, "a portrait in watercolour", seed=123, steps=8)
+    page.locator("#faces input[type=file]").set_input_files(str(shared_dir / "images" / "obama.jpg"))
+    page.locator("#style input[type=file]").set_input_files(str(shared_dir / "images" / "biden.jpg"))
+    page.wait_for_timeout(500)
+    page.click("#generate")
+    links = _downloads(page)
+    assert len(links) == 1
+    previews = page.evaluate("window.previews")
+    assert len(previews) >= 2, previews  # the image formed in front of the user before it was done
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "ui-generated.png"), full_page=True)
+    # The downloaded PNG carries its recipe, and the recipe re-makes the same pixels.
+    response = page.request.get(links[0] if links[0].startswith("http") else page_url + links[0])
+    png = tmp_path / "downloaded.png"
+    png.write_bytes(response.body())
+    recipe = read_recipe(png)
+    assert recipe["seed"] == 123 and recipe["prompt"] == "a portrait in watercolour"
+    assert sorted(c["kind"] for c in recipe["conditions"]) == ["faceid", "ip-adapter"]
+    again = reference.run(GenerationRequest.from_recipe(recipe), progress_bar=False).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(png).convert("RGB")))
+    # "Show what the conditions see": the face's keypoint map.
+    page.click("#see")
+    page.wait_for_selector("#maps img")
+    # Dropping the PNG on the page restores its settings.
+    page.reload()
+    page.wait_for_selector("#generate")
+    page.locator("#restore input[type=file]").set_input_files(str(png))
+    page.wait_for_function("document.querySelector('#status').innerText.includes('restored')")
+    assert page.locator("#prompt textarea").input_value() == "a portrait in watercolour"
+    assert page.locator("#seed input").first.input_value() == "123"
+
+
+def test_bad_upload_is_answered_in_the_page_and_the_next_call_works(page_url, browser, tmp_path):
+    page = _open(browser, page_url)
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo")
+    _fill(page, "a lighthouse", steps=4)
+    page.locator("#faces input[type=file]").set_input_files(str(notes))
+    page.wait_for_timeout(500)
+    page.click("#generate")
+    error = page.locator(".toast-body", has_text="not a readable image")
+    error.wait_for()
+    page.screenshot(path=str(SCREENSHOTS / "ui-bad-upload.png"), full_page=True)
+    page.locator("#faces button[aria-label='Clear']").first.click()
+    page.wait_for_timeout(300)
+    page.click("#generate")
+    assert len(_downloads(page)) == 1
+
+
+def test_two_sessions_at_once_both_finish(page_url, browser, tmp_path):
+    from sdxl_control.recipe import read_recipe
+
+    pages = [_open(browser, page_url) for _ in range(2)]
+    # The first uses a preset from the picker: its numbers fill the page, its LoRA and decoder come with it.
+    picker = pages[0].locator("#preset input")
+    picker.click()
+    picker.fill("draft")
+    pages[0].keyboard.press("Enter")
+    pages[0].wait_for_function("document.querySelector('#status').innerText.startsWith('draft')")
+    assert pages[0].locator("#steps input").first.input_value() == "4"
+    for i, page in enumerate(pages):
+        _fill(page, f"a boat {i}", seed=10 + i)
+    for page in pages:
+        page.click("#generate")
+    links = [_downloads(page) for page in pages]
+    png = tmp_path / "draft.png"
+    png.write_bytes(
+        pages[0].request.get(links[0][0] if links[0][0].startswith("http") else page_url + links[0][0]).body()
+    )
+    recipe = read_recipe(png)
+    assert recipe["steps"] == 4 and recipe["decoder"] and [c["kind"] for c in recipe["conditions"]] == ["lora"]
+
+
+def test_stop_then_generate_equals_a_fresh_run(page_url, browser, tmp_path, reference):
+    from sdxl_control import GenerationRequest
+
+    page = _open(browser, page_url)
+    _fill(page, "a mountain lake", seed=77, steps=100)
+    page.click("#generate")
+    page.wait_for_function("window.previews.length >= 1")
+    page.click("#stop")
+    page.wait_for_function(
+        "['stopped', 'stopping', 'ready'].some(s => document.querySelector('#status').innerText.includes(s))"
+    )
+    page.wait_for_timeout(1000)
+    _set_number(page, "steps", 6)
+    page.click("#generate")
+    links = _downloads(page)
+    png = tmp_path / "after-stop.png"
+    png.write_bytes(page.request.get(links[0] if links[0].startswith("http") else page_url + links[0]).body())
+    fresh = reference.run(GenerationRequest("a mountain lake", size=(128, 128), steps=6, guidance=5.0, seed=77),
+                          progress_bar=False).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(fresh), np.asarray(Image.open(png).convert("RGB")))
+
+
+def test_the_page_is_an_http_api(page_url, tmp_path):
+    """Gradio's client calls the same generate endpoint the page uses (the README's example)."""
+    from gradio_client import Client
+
+    from sdxl_control.recipe import read_recipe
+
+    client = Client(page_url, verbose=False)
+    result = client.predict(prompt="a red fox", seed=9, random_seed=False, steps=4, api_name="/generate")
+    preview, status, gallery, downloads = result  # the page's session state is not part of the API
+    assert "done" in status and "seed 9" in status
+    (png,) = downloads
+    assert read_recipe(png)["seed"] == 9
