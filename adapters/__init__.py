@@ -11,8 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import fields
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from ..errors import ConditionError
 if TYPE_CHECKING:
     from ..files import Locator
 
-__all__ = ["CONDITION_KINDS", "condition_class", "condition_from_settings"]
+__all__ = ["CONDITION_KINDS", "condition_class", "condition_from_settings", "with_face_pack"]
 
 # kind -> (module in this package, class); modules are imported only when a kind is asked for.
 CONDITION_KINDS: dict[str, tuple[str, str]] = {
@@ -71,3 +71,11 @@ def condition_from_settings(settings: Mapping[str, Any], locate: Locator | None 
             )
         values[name] = locate.resolve(value, f"the recipe's {kind} {name}")
     return cls(**values)
+
+
+def with_face_pack(conditions: Sequence[Condition], pack: str | None) -> list[Condition]:
+    """``conditions`` with every face analysis done by ``pack`` (a name or folder); ``None`` leaves them as they are.
+    Packs often live in a folder of the user's own, which a preset cannot know."""
+    if not pack:
+        return list(conditions)
+    return [replace(c, face_pack=pack) if "face_pack" in {f.name for f in fields(c)} else c for c in conditions]

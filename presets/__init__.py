@@ -179,12 +179,13 @@ class Preset:
         from ..defaults import DEFAULT_BASE, DEFAULT_REFINER
         from ..inventory import weights_need
         from ..models import stage_needs
+        from ..vae import DECODER_FILES
 
         needs = stage_needs(self.models.get("base", DEFAULT_BASE), Stage.BASE, unet=self.unet)
         if refiner if refiner is not None else self.settings.get("refiner_switch") is not None:
             needs += stage_needs(self.models.get("refiner", DEFAULT_REFINER), Stage.REFINER)
         if self.settings.get("decoder"):
-            needs.append(weights_need("draft decoder", self.settings["decoder"], ["config.json", "*.safetensors"]))
+            needs.append(weights_need("draft decoder", self.settings["decoder"], DECODER_FILES))
         for condition in self.conditions(self.placeholder_inputs()):
             needs += condition.model_needs()
         return needs

@@ -9,12 +9,11 @@ import math
 import os
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # Only light modules at the top: an argument error or --help answers before torch and diffusers load (seconds).
-from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER, FAST_LEVELS
+from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER, FAST_LEVELS, STRUCTURE_CONTROLS
 from .errors import EXIT_INTERRUPTED, DeviceError, InvalidRequestError, ModelError, OutputError, SdxlControlError
 from .presets import available_presets
 
@@ -25,18 +24,6 @@ TINY_SIZE = (128, 128)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
-@dataclass(frozen=True)
-class _Control:
-    preprocessor: str
-    model: str
-    union_type: str
-
-
-CONTROLS = {
-    "edges": _Control("canny", "diffusers/controlnet-canny-sdxl-1.0", "canny"),
-    "depth": _Control("depth", "diffusers/controlnet-depth-sdxl-1.0", "depth"),
-    "pose": _Control("pose", "xinsir/controlnet-openpose-sdxl-1.0", "pose"),
-}
 DEFAULT_UNION = "xinsir/controlnet-union-sdxl-1.0"
 INSTANTID_REPO = "InstantX/InstantID"
 PULID_REPO = "guozinan/PuLID"
@@ -89,7 +76,7 @@ def _window(text: str) -> tuple[float, float]:
 
 def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ControlNets (several may be combined)")
-    for name, control in CONTROLS.items():
+    for name, control in STRUCTURE_CONTROLS.items():
         group.add_argument(f"--{name}", metavar="PHOTO", help=f"guide by the {control.preprocessor} map of this photo")
         group.add_argument(f"--{name}-map", metavar="MAP", help=f"guide by this ready {name} map (no preprocessing)")
         group.add_argument(f"--{name}-model", metavar="MODEL", help=f"ControlNet for {name} (default {control.model})")
@@ -146,7 +133,7 @@ def _control_conditions(args: argparse.Namespace) -> list[Any]:
 
     # name -> (image, preprocessor or None for a ready map)
     chosen: dict[str, tuple[str, str | None]] = {}
-    for name, control in CONTROLS.items():
+    for name, control in STRUCTURE_CONTROLS.items():
         photo, ready = getattr(args, name), getattr(args, f"{name}_map")
         if photo and ready:
             raise InvalidRequestError(f"give --{name} (a photo) or --{name}-map (a ready map), not both")
@@ -155,7 +142,7 @@ def _control_conditions(args: argparse.Namespace) -> list[Any]:
     if args.union:
         if not chosen:
             raise InvalidRequestError("--union needs at least one of --edges, --depth, --pose (or their -map)")
-        types = {name: CONTROLS[name].union_type for name in chosen}
+        types = {name: STRUCTURE_CONTROLS[name].union_type for name in chosen}
         return [
             ControlNetUnion(
                 args.union, preprocess=tuple(types[n] for n, (_, p) in chosen.items() if p),
@@ -164,7 +151,7 @@ def _control_conditions(args: argparse.Namespace) -> list[Any]:
             )
         ]  # fmt: skip
     return [
-        ControlNet(getattr(args, f"{name}_model") or CONTROLS[name].model, image=image, preprocess=preprocessor,
+        ControlNet(getattr(args, f"{name}_model") or STRUCTURE_CONTROLS[name].model, image=image, preprocess=preprocessor,
                    scale=getattr(args, f"{name}_scale"), window=getattr(args, f"{name}_window"))
         for name, (image, preprocessor) in chosen.items()
     ]  # fmt: skip
@@ -486,15 +473,6 @@ def _identity_flags_given(args: argparse.Namespace) -> bool:
     return any(getattr(args, n) is not None for n in names)
 
 
-def _with_face_pack(conditions: list[Any], args: argparse.Namespace) -> list[Any]:
-    # --face-pack applies to a preset's identity condition too: packs often live in a folder of the user's own.
-    if not args.face_pack:
-        return conditions
-    import dataclasses
-
-    return [dataclasses.replace(c, face_pack=args.face_pack) if hasattr(c, "face_pack") else c for c in conditions]
-
-
 def _generate(args: argparse.Namespace) -> int:
     _check_model_flags(args)
     _output_paths(args.output, 1)  # now, before the seconds torch takes to import; again below for a whole batch
@@ -507,7 +485,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--score needs --face")
     inputs = _preset_inputs(args, preset)
     conditions = [*map(_lora, args.lora), *_control_conditions(args), *_reference_conditions(args)]
-    conditions = _with_face_pack([*(preset.conditions(inputs) if preset else []), *conditions], args)
+    from .adapters import with_face_pack
+
+    # --face-pack applies to a preset's identity condition too.
+    conditions = with_face_pack([*(preset.conditions(inputs) if preset else []), *conditions], args.face_pack)
     if args.tiny:
         from .testing.stand_ins import tiny_condition, tiny_decoder
 
@@ -559,9 +540,9 @@ def _generate(args: argparse.Namespace) -> int:
             from .testing.stand_ins import tiny_decoder
 
             source = tiny_decoder(source)
-        from .models import resolve_source
+        from .vae import find_decoder
 
-        resolve_source(source, allow=["config.json", "*.safetensors"])  # a missing decoder fails before the models load
+        find_decoder(source)  # a missing decoder fails before the models load
         progress = Previews(lambda image, event: _save(image, preview), every=args.preview_every, decoder=source)
     _quiet_libraries(args.quiet)
     # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
@@ -645,7 +626,7 @@ def _score_into_recipes(images: list[Any], face: str, pack: str) -> None:
 def _image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(flag, path) of every image file the command reads."""
     found = []
-    for name in (*CONTROLS, *(f"{n}_map" for n in CONTROLS), "style", "reference", "face", "face_keypoints", "photo",
+    for name in (*STRUCTURE_CONTROLS, *(f"{n}_map" for n in STRUCTURE_CONTROLS), "style", "reference", "face", "face_keypoints", "photo",
                  "images", "structure"):  # fmt: skip
         value = getattr(args, name, None)
         for path in value if isinstance(value, list) else [value]:
@@ -677,10 +658,10 @@ def _preprocess(args: argparse.Namespace) -> int:
         options = {"pack": _face_pack(args)}
     elif args.size:
         raise InvalidRequestError("--size is for the face keypoint map")
-    elif args.tiny and args.kind in ("depth", "pose"):
-        from .testing import tiny_control_models
+    elif args.tiny:
+        from .testing.stand_ins import tiny_preprocess_options
 
-        options = {"model": str(tiny_control_models("depth-estimator" if args.kind == "depth" else "openpose"))}
+        options = tiny_preprocess_options(args.kind)
     preprocess(args.kind, args.photo, **options).save(output)
     sys.stdout.write(f"{output}\n")
     return 0

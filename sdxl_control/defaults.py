@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_BASE", "DEFAULT_REFINER", "DRAFT_DECODER", "FAST_LEVELS"]
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_BASE", "DEFAULT_REFINER", "DRAFT_DECODER", "FAST_LEVELS", "StructureControl", "STRUCTURE_CONTROLS"]
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
 # TAESD for SDXL: a distilled decoder of SDXL's latents, a few MB, for previews and drafts.
 DRAFT_DECODER = "madebyollin/taesdxl"
+
+
+@dataclass(frozen=True)
+class StructureControl:
+    """How a kind of structure guidance runs by default: the preprocessor that makes its map from a photo, the
+    ControlNet that reads it, and its control type in a ControlNet-Union.
+
+    Example:
+        >>> STRUCTURE_CONTROLS["edges"].preprocessor
+        'canny'
+    """
+
+    preprocessor: str
+    model: str
+    union_type: str
+
+
+STRUCTURE_CONTROLS = {
+    "edges": StructureControl("canny", "diffusers/controlnet-canny-sdxl-1.0", "canny"),
+    "depth": StructureControl("depth", "diffusers/controlnet-depth-sdxl-1.0", "depth"),
+    "pose": StructureControl("pose", "xinsir/controlnet-openpose-sdxl-1.0", "pose"),
+}
 # Named speed levels for command lines: what each adds, cheapest first (see sdxl_control.fast).
 FAST_LEVELS = {
     "off": "the plain models",

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import random
@@ -24,7 +23,7 @@ from typing import Any
 
 import gradio as gr
 
-from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
+from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER, STRUCTURE_CONTROLS
 from .errors import SdxlControlError
 
 __all__ = ["UiConfig", "build_app"]
@@ -32,9 +31,6 @@ __all__ = ["UiConfig", "build_app"]
 log = logging.getLogger(__name__)
 
 IDENTITY_METHODS = ("faceid", "instantid", "pulid", "photomaker")
-STRUCTURES = {"edges": ("canny", "diffusers/controlnet-canny-sdxl-1.0"),
-              "depth": ("depth", "diffusers/controlnet-depth-sdxl-1.0"),
-              "pose": ("pose", "xinsir/controlnet-openpose-sdxl-1.0")}  # fmt: skip
 NO_PRESET = "(none)"
 PREVIEW_EVERY = 2
 MAX_SEED = 2**32 - 1
@@ -99,7 +95,7 @@ def _files(value: Any) -> list[str]:
     return [str(getattr(item, "name", item)) for item in items]
 
 
-def _conditions(config: UiConfig, form: dict[str, Any]) -> list[Any]:
+def _conditions(form: dict[str, Any]) -> list[Any]:
     """The conditions the form sets; nothing else is stacked."""
     from .adapters import condition_class
     from .adapters.controlnet import ControlNet
@@ -114,8 +110,6 @@ def _conditions(config: UiConfig, form: dict[str, Any]) -> list[Any]:
     if faces:
         method = form["identity"]
         options: dict[str, Any] = {"scale": form["identity_scale"]}
-        if config.face_pack:
-            options["face_pack"] = config.face_pack
         out.append(condition_class(method)("plusv2", faces, **options) if method == "faceid" else
                    condition_class(method)(faces, **options))  # fmt: skip
     if form["style"]:
@@ -123,18 +117,15 @@ def _conditions(config: UiConfig, form: dict[str, Any]) -> list[Any]:
         out.append(IPAdapter("sdxl", [form["style"]], layers=form["style_layers"], scale=form["style_scale"]))
     if form["structure"]:
         check_image_file(form["structure"], "structure photo")
-        preprocessor, model = STRUCTURES[form["structure_kind"]]
+        control = STRUCTURE_CONTROLS[form["structure_kind"]]
         window = (form["structure_start"], form["structure_end"])
-        out.append(ControlNet(model, image=form["structure"], preprocess=None if form["structure_is_map"] else preprocessor,
+        out.append(ControlNet(control.model, image=form["structure"],
+                              preprocess=None if form["structure_is_map"] else control.preprocessor,
                               scale=form["structure_scale"], window=window))  # fmt: skip
     loras = _files(form["loras"])
     weights = [float(w) for w in str(form["lora_weights"] or "").replace(",", " ").split()] or [1.0]
     for i, lora in enumerate(loras):
         out.append(LoRA(lora, scale=weights[min(i, len(weights) - 1)]))
-    if config.tiny:
-        from .testing.stand_ins import tiny_condition
-
-        out = [tiny_condition(c) for c in out]
     return out
 
 
@@ -157,6 +148,7 @@ def _preset_inputs(preset: Any, form: dict[str, Any]) -> tuple[dict[str, Any], d
 def _request(config: UiConfig, form: dict[str, Any], seed: int) -> tuple[Any, Any]:
     """(GenerationRequest, UNet checkpoint) from the form and the preset: the preset's sampler, models, LoRAs and
     condition templates, the page's numbers (which choosing a preset fills in) and conditions."""
+    from .adapters import with_face_pack
     from .generator import GenerationRequest
     from .presets import load_preset
 
@@ -168,16 +160,13 @@ def _request(config: UiConfig, form: dict[str, Any], seed: int) -> tuple[Any, An
         inputs, form = _preset_inputs(preset, form)
         settings, unet = dict(preset.settings), preset.unet
         preset_conditions = preset.conditions(inputs)
-        if config.face_pack:
-            preset_conditions = [dataclasses.replace(c, face_pack=config.face_pack) if hasattr(c, "face_pack") else c
-                                 for c in preset_conditions]  # fmt: skip
-        if config.tiny:
-            from .testing.stand_ins import tiny_condition, tiny_decoder
+    conditions = with_face_pack([*preset_conditions, *_conditions(form)], config.face_pack)
+    if config.tiny:
+        from .testing.stand_ins import tiny_condition, tiny_decoder
 
-            preset_conditions = [tiny_condition(c) for c in preset_conditions]
-            if settings.get("decoder"):
-                settings["decoder"] = tiny_decoder(settings["decoder"])
-    conditions = [*preset_conditions, *_conditions(config, form)]
+        conditions = [tiny_condition(c) for c in conditions]
+        if settings.get("decoder"):
+            settings["decoder"] = tiny_decoder(settings["decoder"])
     switch = form["refiner_switch"]
     settings.update(
         prompt=form["prompt"], negative_prompt=form["negative"] or settings.get("negative_prompt"),
@@ -188,12 +177,6 @@ def _request(config: UiConfig, form: dict[str, Any], seed: int) -> tuple[Any, An
     return GenerationRequest(**settings), unet
 
 
-FORM_FIELDS = ("prompt", "negative", "preset", "width", "height", "steps", "guidance", "seed", "random_seed",
-               "num_images", "refiner_switch", "faces", "identity", "identity_scale", "style", "style_scale",
-               "style_layers", "structure", "structure_kind", "structure_is_map", "structure_scale", "structure_start",
-               "structure_end", "loras", "lora_weights")  # fmt: skip
-
-
 def build_app(config: UiConfig) -> Any:
     """The Gradio Blocks app; ``launch()`` it (``sdxl-control ui`` does)."""
     from .presets import available_presets
@@ -202,14 +185,14 @@ def build_app(config: UiConfig) -> Any:
 
     def preview_decoder() -> str | None:
         """The previews' decoder, or None (previews off, said in the status) when its weights are not here."""
-        from .models import resolve_source
+        from .vae import find_decoder
 
         if config.tiny:
             from .testing.stand_ins import tiny_decoder
 
             return str(tiny_decoder(config.preview_decoder))
         try:
-            resolve_source(config.preview_decoder, allow=["config.json", "*.safetensors"])
+            find_decoder(config.preview_decoder)
         except SdxlControlError as exc:
             log.warning("live previews are off: %s", exc)
             return None
@@ -244,10 +227,9 @@ def build_app(config: UiConfig) -> Any:
         lora_weights: str = "",
         running: Any = None,
     ) -> Iterator[tuple[Any, ...]]:
+        form = {name: value for name, value in locals().items() if name != "running"}  # the page's fields, by name
         from .preview import Previews
 
-        values = locals()
-        form = {name: values[name] for name in FORM_FIELDS}
         seed = random.randint(0, MAX_SEED) if random_seed or seed in (None, "") else int(seed)
         try:
             req, unet = _request(config, form, seed)
@@ -318,12 +300,13 @@ def build_app(config: UiConfig) -> Any:
         maps = []
         try:
             if structure:
-                tiny = {}
-                if config.tiny and kind in ("depth", "pose"):
-                    from .testing import tiny_control_models
+                preprocessor = None if is_map else STRUCTURE_CONTROLS[kind].preprocessor
+                options: dict[str, Any] = {}
+                if config.tiny:
+                    from .testing.stand_ins import tiny_preprocess_options
 
-                    tiny = {"model": str(tiny_control_models("depth-estimator" if kind == "depth" else "openpose"))}
-                maps.append(preprocess(None if is_map else STRUCTURES[kind][0], structure, **tiny))
+                    options = tiny_preprocess_options(preprocessor)
+                maps.append(preprocess(preprocessor, structure, **options))
             for face in _files(faces):
                 maps.append(preprocess("face", face, **({"pack": config.face_pack} if config.face_pack else {})))
         except SdxlControlError as exc:
@@ -391,7 +374,7 @@ def build_app(config: UiConfig) -> Any:
                 with gr.Accordion("Structure", open=False):
                     structure = gr.Image(type="filepath", label="Photo or ready map", elem_id="structure", height=260)
                     with gr.Row():
-                        structure_kind = gr.Radio(list(STRUCTURES), value="edges", label="From")
+                        structure_kind = gr.Radio(list(STRUCTURE_CONTROLS), value="edges", label="From")
                         structure_is_map = gr.Checkbox(label="It is a ready map")
                     with gr.Row():
                         structure_scale = gr.Slider(0, 1.5, value=0.6, step=0.05, label="Strength")

@@ -14,7 +14,15 @@ from .defaults import DRAFT_DECODER
 from .errors import IncompatibleModelError
 from .models import check_safetensors, placement, resolve_source
 
-__all__ = ["DRAFT_DECODER", "vae_scale_factor", "decode_latents", "load_decoder", "taesd_from_files"]
+__all__ = [
+    "DRAFT_DECODER",
+    "vae_scale_factor",
+    "decode_latents",
+    "load_decoder",
+    "taesd_from_files",
+    "find_decoder",
+    "DECODER_FILES",
+]
 
 
 log = logging.getLogger(__name__)
@@ -109,6 +117,16 @@ def taesd_from_files(decoder: str | Path, encoder: str | Path | None = None) -> 
     return model
 
 
+# What a tiny autoencoder's folder or hub repo holds.
+DECODER_FILES = ("config.json", "*.safetensors")
+
+
+def find_decoder(source: str | Path) -> Path:
+    """A tiny autoencoder's folder or single file (local, or a hub repo through the HF cache); a clear error when it
+    is not here."""
+    return resolve_source(source, allow=list(DECODER_FILES))
+
+
 def load_decoder(source: str, latent_channels: int, device: torch.device, dtype: torch.dtype) -> Any:
     """A tiny autoencoder, loaded once per process: a diffusers ``AutoencoderTiny`` folder (hub id or local path), or
     TAESD's single decoder file (``taesdxl_decoder.safetensors``, as ComfyUI keeps it).
@@ -120,7 +138,7 @@ def load_decoder(source: str, latent_channels: int, device: torch.device, dtype:
 
     from diffusers import AutoencoderTiny
 
-    path = resolve_source(source, allow=["config.json", "*.safetensors"])
+    path = find_decoder(source)
     key = (str(path.resolve()), str(device), dtype)
     if key in _DECODERS:
         return _DECODERS[key]

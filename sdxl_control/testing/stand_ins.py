@@ -24,7 +24,7 @@ from ..files import looks_like_hub_id
 from .annotators import tiny_control_models
 from .tiny import tiny_models, write_tiny_taesd
 
-__all__ = ["tiny_condition", "tiny_unet", "tiny_decoder"]
+__all__ = ["tiny_condition", "tiny_unet", "tiny_decoder", "tiny_preprocess_options"]
 
 # Which tiny ControlNet stands in for a hub ControlNet, by the preprocessor that feeds it.
 _CONTROLNETS = {"canny": "controlnet-edges", "edges": "controlnet-edges", "depth": "controlnet-depth",
@@ -36,7 +36,8 @@ def _hub(value: Any) -> bool:
     return isinstance(value, str) and looks_like_hub_id(value) and not Path(value).expanduser().exists()
 
 
-def _annotated(preprocess: str | None, options: Any, seed: int) -> dict[str, Any]:
+def tiny_preprocess_options(preprocess: str | None, options: Any = None, seed: int = 0) -> dict[str, Any]:
+    """``options`` for a preprocessor with a tiny stand-in for the annotator model it would load (depth, pose)."""
     options = dict(options or {})
     if preprocess in _ANNOTATORS and _hub(options.get("model", "default/hub-model")):
         options["model"] = str(tiny_control_models(_ANNOTATORS[preprocess], seed))
@@ -64,12 +65,14 @@ def tiny_condition(condition: Condition, seed: int = 0) -> Condition:
     if kind == "controlnet":
         if _hub(get("model")):
             changes["model"] = tiny(_CONTROLNETS.get(get("preprocess") or "", "controlnet-edges"))
-        changes["preprocess_options"] = _annotated(get("preprocess"), get("preprocess_options"), seed)
+        changes["preprocess_options"] = tiny_preprocess_options(get("preprocess"), get("preprocess_options"), seed)
     elif kind == "controlnet-union":
         if _hub(get("model")):
             changes["model"] = tiny("controlnet-union")
         options = get("preprocess_options")
-        changes["preprocess_options"] = {name: _annotated(name, options.get(name), seed) for name in get("preprocess")}
+        changes["preprocess_options"] = {
+            name: tiny_preprocess_options(name, options.get(name), seed) for name in get("preprocess")
+        }
     elif kind == "ip-adapter" and _hub(get("source")):
         changes["source"] = tiny("ip-adapter")
     elif kind == "faceid":
