@@ -319,6 +319,27 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--face-pack", help="insightface pack name or folder for the identity methods")
     ui.add_argument("--preview-decoder", default=DRAFT_DECODER, metavar="MODEL",
                     help="the live previews' tiny autoencoder (a TAESD folder, hub id or taesdxl_decoder.safetensors)")  # fmt: skip
+    batch = sub.add_parser("batch", help="run a job file (JSON Lines, one recipe per line) into a folder, resumable; "
+                           "on a Ray cluster with --ray", parents=[common])  # fmt: skip
+    batch.add_argument("jobs", help="the job file: one JSON job per line (a PNG's recipe, or what --dry-run prints)")
+    batch.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                       help="folder for the PNGs and results.jsonl (made if missing; with --ray, a folder every worker "
+                       "reaches, or a pyarrow filesystem URI such as s3://bucket/run)")  # fmt: skip
+    batch.add_argument("--skip-invalid", action="store_true",
+                       help="run the valid jobs when some lines are not (they are listed, and recorded as failed)")  # fmt: skip
+    batch.add_argument("--check", action="store_true", help="check the job file, list its problems, run nothing")
+    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run on Ray: the cluster at ADDRESS (auto, ray://head:10001), or a local Ray runtime")  # fmt: skip
+    batch.add_argument("--workers", type=_count, help="--ray: workers, each with its own models (default: one per GPU)")
+    batch.add_argument("--gpus-per-worker", type=_number, help="--ray: GPUs each worker takes (default 1 with GPUs)")
+    batch.add_argument("--inputs-from", metavar="FOLDER", action="append", default=[],
+                       help="a folder holding files the jobs' recipes name (also looked for beside the job file)")  # fmt: skip
+    batch.add_argument("--recipe-paths", choices=("names", "full"), default="names",
+                       help="how the images' recipes name local files (as for generate)")  # fmt: skip
+    batch.add_argument("--tiny", action="store_true", help="run every job on the built-in tiny models (offline demo)")
+    batch.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
+    batch.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPU, fp32 on CPU")
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sub.add_parser("presets", help="list the presets: what each does and the inputs it takes", parents=[common])
     models = sub.add_parser("models", help="the models presets need: present or not, their size, how to fetch them",
                             parents=[common])  # fmt: skip
@@ -363,35 +384,26 @@ def _models(
 ) -> tuple[str, str | None, Any]:
     """(base, refiner, UNet checkpoint) to load: the flags, else what the recipe recorded, else the preset's, else
     the defaults."""
-    from .models import recorded_model
+    from .models import recipe_models, recipe_unet
 
-    models = recipe["models"] if recipe else {}
-    recorded_base = models.get("base") or {}
     chosen = preset.models if preset is not None else {}
-    unet = (preset.unet if preset is not None else None) if args.base is None else None
-    if recipe is not None and args.base is None:
-        unet = recorded_base.get("unet_weights")
-        if isinstance(unet, list):
-            unet = tuple(unet)
-        elif isinstance(unet, dict):
-            unet = str(locate.find(unet, "the recipe's UNet checkpoint"))
-    if args.tiny or (recipe and args.base is None and recorded_base.get("tiny_seed") is not None):
+    if args.tiny:
         from .testing import tiny_models
         from .testing.stand_ins import tiny_unet
 
-        tiny = tiny_models(seed=recorded_base.get("tiny_seed", 0))
-        unet = tiny_unet(unet) if args.tiny else unet
-        return str(tiny.base), str(tiny.refiner) if switch is not None else None, unet
+        tiny = tiny_models(seed=((recipe or {}).get("models", {}).get("base") or {}).get("tiny_seed", 0))
+        unet = preset.unet if preset is not None else None
+        if recipe is not None:
+            unet = recipe_unet(recipe, locate)
+        return str(tiny.base), str(tiny.refiner) if switch is not None else None, tiny_unet(unet)
     if recipe is not None and args.base is None:
-        base = recorded_model(recorded_base, locate, "base model")
+        recorded = recipe["models"].get("refiner") or recipe["models"].get("base", {}).get("tiny_seed") is not None
+        base, refiner, unet = recipe_models(recipe, locate, refiner=switch is not None and bool(recorded))
     else:
         base = args.base or chosen.get("base", DEFAULT_BASE)
-    refiner = None
+        refiner, unet = None, preset.unet if preset is not None and args.base is None else None
     if switch is not None:
-        recorded = models.get("refiner") if recipe else None
-        refiner = args.refiner or (
-            recorded_model(recorded, locate, "refiner") if recorded else chosen.get("refiner", DEFAULT_REFINER)
-        )
+        refiner = args.refiner or refiner or chosen.get("refiner", DEFAULT_REFINER)
     return base, refiner, unet
 
 
@@ -579,18 +591,13 @@ def _save(image: Any, path: Path) -> None:
 
 
 def _dry_run(args: argparse.Namespace, preset: Any, request: Any, base: str, refiner: str | None, unet: Any) -> int:
-    """Print what would run (models and the request, as a recipe records it) and load nothing."""
+    """Print what would run, loading nothing: the job (a line of a job file for `sdxl-control batch`) with the models
+    and the request as the recipe records them."""
     import json
 
-    from .files import portable
+    from .batch import job_line
 
-    plan = {
-        "preset": preset.name if preset else None,
-        "models": {"base": portable(base, args.recipe_paths), "refiner": portable(refiner, args.recipe_paths),
-                   "unet": portable(unet, args.recipe_paths)},
-        "request": request.settings(args.recipe_paths),
-    }  # fmt: skip
-    sys.stdout.write(json.dumps(plan, indent=2) + "\n")
+    sys.stdout.write(json.dumps(job_line(request, base, refiner, unet, args.recipe_paths)) + "\n")
     return 0
 
 
@@ -725,6 +732,49 @@ def _models_command(args: argparse.Namespace) -> int:
     return 0 if complete else ModelError.exit_code
 
 
+def _batch(args: argparse.Namespace) -> int:
+    """Check the whole job file, then run it; exit 0 when every job is done, else the exit code of the first
+    failure's kind (its line in results.jsonl says what went wrong)."""
+    from . import errors
+    from .batch import Outputs, read_jobs, record_problems, run_batch
+
+    if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
+        raise InvalidRequestError("--workers and --gpus-per-worker are for --ray")
+    jobs, problems = read_jobs(args.jobs, inputs_from=args.inputs_from, tiny=args.tiny)
+    for problem in problems:
+        sys.stderr.write(f"{args.jobs}: {problem}\n")
+    if args.check:
+        sys.stdout.write(f"{len(jobs)} job(s) valid, {len(problems)} not\n")
+        return 0 if not problems else InvalidRequestError.exit_code
+    if problems and not args.skip_invalid:
+        raise InvalidRequestError(
+            f"{len(problems)} of {len(jobs) + len(problems)} job(s) are not valid (listed above); nothing was run. "
+            "Fix them, or --skip-invalid to run the rest"
+        )
+    outputs = Outputs(args.output)
+    record_problems(problems, outputs)
+    _quiet_libraries(args.quiet)
+    options = {"device": args.device, "dtype": _dtype(args.dtype), "recipe_paths": args.recipe_paths,
+               "progress_bar": not args.quiet}  # fmt: skip
+    if args.ray is not None:
+        from .ray_batch import run_batch_ray
+
+        summary = run_batch_ray(jobs, outputs.target, address=args.ray or None, workers=args.workers,
+                                gpus_per_worker=args.gpus_per_worker, **options)  # fmt: skip
+    else:
+        summary = run_batch(jobs, outputs, **options)
+    sys.stdout.write(
+        f"{summary.done} done, {summary.failed} failed, {summary.skipped} already complete, {len(problems)} invalid: "
+        f"{outputs.target}\n"
+    )
+    failed = [r for r in summary.results if r.get("error") is not None]
+    if failed:
+        sys.stderr.write(f"sdxl-control: {len(failed)} job(s) failed, first {failed[0]['id']}: {failed[0]['error']}\n")
+        kind = getattr(errors, failed[0].get("error_kind") or "", None)
+        return kind.exit_code if isinstance(kind, type) and issubclass(kind, SdxlControlError) else 1
+    return InvalidRequestError.exit_code if problems else 0
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     # torch.cuda.OutOfMemoryError, and the CPU allocator's RuntimeError, without importing torch to ask.
     return (
@@ -745,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"generate": _generate, "preprocess": _preprocess, "score": _score, "presets": _presets,
-                "models": _models_command, "ui": _ui}  # fmt: skip
+                "models": _models_command, "ui": _ui, "batch": _batch}  # fmt: skip
     try:
         _check_inputs(args)
         return commands[args.command](args)

@@ -593,3 +593,36 @@ def recorded_model(source: Mapping[str, Any], locate: Locator, what: str) -> str
     key = "file" if source["local"] == "file" else "folder"
     ref = {key: name, **{k: source[k] for k in ("sha256", "fingerprint", "path") if source.get(k)}}
     return str(locate.find(ref, f"the recipe's {what}"))
+
+
+def recipe_models(
+    recipe: Mapping[str, Any], locate: Locator, refiner: bool
+) -> tuple[str, str | None, str | tuple[str, str] | None]:
+    """(base, refiner, UNet checkpoint) a recipe recorded, as :meth:`Generator.from_pretrained` takes them; the
+    refiner only when ``refiner`` (the request switches to one). A recipe made on the tiny models names them by seed."""
+    models = recipe.get("models") or {}
+    base = models.get("base") or {}
+    unet = recipe_unet(recipe, locate)
+    if base.get("tiny_seed") is not None:
+        from .testing import tiny_models
+
+        tiny = tiny_models(seed=base["tiny_seed"])
+        return str(tiny.base), str(tiny.refiner) if refiner else None, unet
+    recorded = models.get("refiner")
+    if refiner and not recorded:
+        raise InvalidRequestError("the recipe switches to a refiner but names none")
+    return (
+        recorded_model(base, locate, "base model"),
+        recorded_model(recorded, locate, "refiner") if refiner and recorded else None,
+        unet,
+    )
+
+
+def recipe_unet(recipe: Mapping[str, Any], locate: Locator) -> str | tuple[str, str] | None:
+    """The UNet-only checkpoint a recipe's base recorded: ``(repo, file)`` on the hub, or the local file found again."""
+    unet = ((recipe.get("models") or {}).get("base") or {}).get("unet_weights")
+    if isinstance(unet, list):
+        return (unet[0], unet[1])
+    if isinstance(unet, dict):
+        return str(locate.find(unet, "the recipe's UNet checkpoint"))
+    return unet

@@ -1,0 +1,600 @@
+"""Batches: a job file (JSON Lines, one image request per line) run to a folder of PNGs plus ``results.jsonl``.
+
+A job is written in the recipe's own format, so the recipe of any PNG, and what ``generate --dry-run`` prints, are
+valid jobs. A job may also name a ``preset`` with its ``inputs`` and ``set`` (the ``--input`` and ``--set`` of the
+command line), its ``models`` (``base``, ``refiner``, ``unet``), an ``id`` (default: its line number) and an
+``output`` file name (default ``ID.png``). A job without a seed gets one derived from its id, so a retried or resumed
+job makes the same image. Relative paths in a job are relative to the job file's folder.
+
+The whole file is checked before any model loads. Jobs run grouped by their models, so a model is loaded once per
+group; each finished image is written under a temporary name and renamed, so an interrupted batch leaves no
+half-written file, and re-running it skips the jobs whose images exist.
+
+Example:
+    >>> jobs, problems = read_jobs("jobs.jsonl")                     # doctest: +SKIP
+    >>> summary = run_batch(jobs, "out/")                            # doctest: +SKIP
+    >>> summary.done, summary.failed, summary.skipped                # doctest: +SKIP
+    (998, 2, 0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRequestError, OutputError, SdxlControlError
+from .files import Locator, PathMode, portable
+from .validation import unknown_keys
+
+if TYPE_CHECKING:
+    import torch
+
+    from .generator import GenerationRequest, Generator
+
+__all__ = ["Job", "JobProblem", "Outputs", "BatchWorker", "BatchSummary", "read_jobs", "parse_job", "run_batch"]
+
+RESULTS = "results.jsonl"
+# Keys a job has besides the request's fields (and, for a PNG's recipe, the recipe's record keys).
+JOB_KEYS = frozenset({"id", "output", "preset", "inputs", "set", "models"})
+MODEL_KEYS = ("base", "refiner", "unet")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class JobProblem:
+    """A job that cannot run, found while the file is read: its line, its id when it has one, what is wrong."""
+
+    line: int
+    message: str
+    id: str | None = None
+
+    def __str__(self) -> str:
+        return f"line {self.line}{f' ({self.id})' if self.id else ''}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One checked line of a job file: the request, the models it runs on and the files it writes.
+
+    ``keep`` is set for a PNG's recipe from a batch of several images: the batch is re-run (its arithmetic is what
+    made the image) and only that image is kept.
+
+    Example:
+        >>> job = parse_job({"prompt": "a red fox", "seed": 3, "steps": 4}, line=1)   # doctest: +SKIP
+        >>> job.id, job.outputs
+        ('1', ('1.png',))
+    """
+
+    id: str
+    line: int
+    request: GenerationRequest
+    base: str
+    refiner: str | None = None
+    unet: str | tuple[str, str] | None = None
+    outputs: tuple[str, ...] = ()
+    keep: int | None = None
+
+    @property
+    def models(self) -> tuple[Any, ...]:
+        """What loading the models depends on: jobs that share it share a loaded :class:`Generator`."""
+        return (self.base, self.refiner, self.unet)
+
+    @property
+    def group(self) -> tuple[str, ...]:
+        """The order jobs run in: by models, then by the condition models they load."""
+        needs = sorted(str(n.source) for c in self.request.conditions for n in c.model_needs())
+        return (json.dumps(self.models, default=str), *needs)
+
+
+def _rooted(value: Any, folder: Path) -> Any:
+    """``value`` (a path, or lists and mappings of them) with relative paths made relative to ``folder`` (the job
+    file's) where such a file or folder exists there."""
+    if isinstance(value, str):
+        if value and not Path(value).expanduser().is_absolute() and (folder / value).exists():
+            return str(folder / value)
+        return value
+    if isinstance(value, list):
+        return [_rooted(v, folder) for v in value]
+    if isinstance(value, dict):
+        return {k: _rooted(v, folder) for k, v in value.items()}
+    return value
+
+
+def _rooted_condition(settings: Any, folder: Path) -> Any:
+    """A condition's settings with its path fields (model, image, mask...) rooted at ``folder``."""
+    from .adapters import condition_class
+
+    if not isinstance(settings, Mapping) or not isinstance(settings.get("kind"), str):
+        return settings  # condition_from_settings says what is wrong with it
+    try:
+        paths = condition_class(settings["kind"]).path_fields
+    except SdxlControlError:
+        return settings
+    return {k: _rooted(v, folder) if k in paths else v for k, v in settings.items()}
+
+
+def _derived_seed(job_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big")
+
+
+def parse_job(
+    data: Any,
+    line: int,
+    *,
+    folder: str | os.PathLike[str] = ".",
+    inputs_from: Sequence[str | os.PathLike[str]] = (),
+    tiny: bool = False,
+) -> Job:
+    """The job one line describes (already parsed from JSON); raises the error the line deserves.
+
+    ``folder`` is the job file's (relative paths start there, and it is searched for the files a recipe names, as
+    are ``inputs_from``); ``tiny`` runs the job on the built-in tiny models with tiny stand-ins for its conditions'.
+    """
+    from .generator import GenerationRequest
+    from .recipe import RECORD_KEYS
+
+    if not isinstance(data, Mapping):
+        raise InvalidRequestError(f"a job is a JSON object, got {type(data).__name__}")
+    root = Path(folder)
+    job_id = data.get("id", str(line))
+    if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
+        raise InvalidRequestError(
+            f"'id' must be a name of letters, digits, '.', '_' and '-' (it names the output file), got {job_id!r}"
+        )
+    locate = Locator([*inputs_from, root])
+    request_fields = {f.name for f in fields(GenerationRequest)}
+    is_recipe = "batch_seed" in data or isinstance(data.get("scheduler"), Mapping)
+    allowed = {*request_fields, *RECORD_KEYS, "id", "output"} if is_recipe else {*request_fields, *JOB_KEYS}
+    message = unknown_keys(data, allowed, "the job")
+    if message:
+        raise InvalidRequestError(message)
+    keep = None
+    if is_recipe:
+        recipe = {k: v for k, v in data.items() if k not in ("id", "output")}
+        request = GenerationRequest.from_recipe(recipe, locate=locate)
+        keep = recipe.get("batch_index", 0) if request.num_images > 1 else None
+        models = _recipe_models(recipe, locate, request.refiner_switch is not None, tiny)
+    else:
+        request, models = _plain_job(data, root, locate, tiny, _derived_seed(job_id))
+    if tiny:
+        request = _tiny_request(request)
+    from .conditions import validate_conditions
+
+    validate_conditions(request.conditions, has_refiner=request.refiner_switch is not None)
+    output = data.get("output", f"{job_id}.png")
+    if not isinstance(output, str) or not output.lower().endswith(".png") or Path(output).name != output:
+        raise InvalidRequestError(f"'output' is a file name ending in .png (no folder), got {output!r}")
+    stem = output[: -len(".png")]
+    count = 1 if keep is not None else request.num_images
+    outputs = tuple(output if i == 0 else f"{stem}-{i}.png" for i in range(count))
+    base, refiner, unet = models
+    return Job(job_id, line, request, base, refiner, unet, outputs=outputs, keep=keep)
+
+
+def _recipe_models(recipe: Mapping[str, Any], locate: Locator, refiner: bool, tiny: bool) -> tuple[Any, ...]:
+    from .models import recipe_models, recipe_unet
+
+    if tiny:
+        return _tiny_models(refiner, recipe_unet(recipe, locate))
+    return recipe_models(recipe, locate, refiner)
+
+
+def _tiny_models(refiner: bool, unet: Any) -> tuple[Any, ...]:
+    from .testing import tiny_models
+    from .testing.stand_ins import tiny_unet
+
+    tiny = tiny_models()
+    return str(tiny.base), str(tiny.refiner) if refiner else None, tiny_unet(unet)
+
+
+def _plain_job(
+    data: Mapping[str, Any], root: Path, locate: Locator, tiny: bool, seed: int
+) -> tuple[GenerationRequest, tuple[Any, ...]]:
+    from .adapters import condition_from_settings
+    from .defaults import DEFAULT_BASE, DEFAULT_REFINER
+    from .generator import GenerationRequest
+    from .presets import load_preset
+
+    data = {**data, **{k: _rooted(data[k], root) for k in ("inputs", "models", "preset") if k in data}}
+    if not isinstance(data.get("prompt"), str):
+        raise InvalidRequestError("the job has no 'prompt' (a string)")
+    for key in ("inputs", "set", "models"):
+        if not isinstance(data.get(key, {}), Mapping):
+            raise InvalidRequestError(f"the job's {key!r} should be a JSON object, got {type(data[key]).__name__}")
+    preset = None
+    if "preset" in data:
+        if not isinstance(data["preset"], str):
+            raise InvalidRequestError(f"the job's 'preset' names a preset or a preset file, got {data['preset']!r}")
+        preset = load_preset(data["preset"])
+        if data.get("set"):
+            preset = preset.with_settings(data["set"])
+    elif data.get("inputs") or data.get("set"):
+        raise InvalidRequestError("'inputs' and 'set' fill and change a preset: the job names no 'preset'")
+    models = dict(data.get("models", {}))
+    message = unknown_keys(models, MODEL_KEYS, "the job's models")
+    if message:
+        raise InvalidRequestError(message)
+    conditions = preset.conditions(data.get("inputs", {})) if preset is not None else []
+    if not isinstance(data.get("conditions", []), list):
+        raise InvalidRequestError("the job's 'conditions' should be a list of conditions, as a recipe records them")
+    conditions += [condition_from_settings(_rooted_condition(c, root), locate) for c in data.get("conditions", [])]
+    settings = {**(preset.settings if preset is not None else {}), "seed": seed}
+    settings.update({k: v for k, v in data.items() if k not in JOB_KEYS and k != "conditions"})
+    if isinstance(settings.get("size"), list):
+        settings["size"] = tuple(settings["size"])
+    if isinstance(settings.get("timesteps"), list):
+        settings["timesteps"] = tuple(settings["timesteps"])
+    request = GenerationRequest(**settings, conditions=tuple(conditions))
+    chosen = {**(preset.models if preset is not None else {}), **{k: v for k, v in models.items() if v is not None}}
+    unet = chosen.get("unet")
+    if isinstance(unet, Mapping) and "source" in unet:  # a preset's (repo, file) pair
+        unet = (unet["source"], unet["weight_name"])
+    elif isinstance(unet, list) and len(unet) == 2:
+        unet = (unet[0], unet[1])
+    unet = locate.resolve(unet, "the job's UNet checkpoint")
+    refiner = request.refiner_switch is not None
+    if tiny:
+        return request, _tiny_models(refiner, unet)
+    base = locate.resolve(chosen.get("base", DEFAULT_BASE), "the job's base model")
+    refiner_model = locate.resolve(chosen.get("refiner", DEFAULT_REFINER), "the job's refiner") if refiner else None
+    return request, (base, refiner_model, unet)
+
+
+def _tiny_request(request: GenerationRequest) -> GenerationRequest:
+    import dataclasses
+
+    from .testing.stand_ins import tiny_condition, tiny_decoder
+
+    return dataclasses.replace(
+        request,
+        conditions=tuple(tiny_condition(c) for c in request.conditions),
+        decoder=tiny_decoder(request.decoder),
+    )
+
+
+def job_line(
+    request: GenerationRequest, base: Any, refiner: Any, unet: Any, paths: PathMode = "names"
+) -> dict[str, Any]:
+    """A job (one line of a job file) for ``request`` on these models: what ``generate --dry-run`` prints."""
+    models = {"base": portable(base, paths), "refiner": portable(refiner, paths), "unet": portable(unet, paths)}
+    return {**request.settings(paths), "models": models}
+
+
+def read_jobs(
+    path: str | os.PathLike[str],
+    *,
+    inputs_from: Sequence[str | os.PathLike[str]] = (),
+    tiny: bool = False,
+) -> tuple[list[Job], list[JobProblem]]:
+    """Every job of a job file, and every line that is not a runnable job (nothing is loaded to find out)."""
+    from .errors import InputError
+
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"job file {file}: cannot be read ({exc})") from None
+    jobs: list[Job] = []
+    problems: list[JobProblem] = []
+    ids: dict[str, int] = {}
+    files: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            problems.append(JobProblem(number, f"not valid JSON ({exc})"))
+            continue
+        given_id = data.get("id") if isinstance(data, dict) else None
+        try:
+            job = parse_job(data, number, folder=file.parent, inputs_from=inputs_from, tiny=tiny)
+        except SdxlControlError as exc:
+            problems.append(JobProblem(number, str(exc), given_id if isinstance(given_id, str) else None))
+            continue
+        if job.id in ids:
+            problems.append(JobProblem(number, f"the id {job.id!r} is also line {ids[job.id]}'s", job.id))
+            continue
+        clash = next((files[name] for name in job.outputs if name in files), None)
+        if clash is not None:
+            problems.append(JobProblem(number, f"writes a file line {clash} writes too ({job.outputs})", job.id))
+            continue
+        ids[job.id] = number
+        files.update((name, number) for name in job.outputs)
+        jobs.append(job)
+    return jobs, problems
+
+
+class Outputs:
+    """The folder a batch writes to: a local folder, or any filesystem pyarrow reaches (``s3://bucket/run``,
+    ``gs://...``, ``file:///...``), so that workers on several machines write to one place.
+
+    Files appear whole or not at all: each is written under a temporary name and then renamed.
+
+    Example:
+        >>> out = Outputs("out")              # doctest: +SKIP
+        >>> out.write("a.png", png_bytes)     # doctest: +SKIP
+        >>> out.exists("a.png")
+        True
+    """
+
+    def __init__(self, target: str | os.PathLike[str]) -> None:
+        self.target = os.fspath(target)
+        self._fs: Any = None
+        if "://" in self.target:
+            try:
+                from pyarrow import fs as arrow_fs
+            except ImportError:
+                raise OutputError(
+                    f"-o {self.target}: a filesystem URI needs pyarrow (pip install 'sdxl-control[ray]')"
+                ) from None
+            try:
+                self._fs, self._root = arrow_fs.FileSystem.from_uri(self.target)
+            except (ValueError, OSError) as exc:
+                raise OutputError(f"-o {self.target}: not a filesystem pyarrow reaches ({exc})") from None
+            self._fs.create_dir(self._root, recursive=True)
+        else:
+            self._root = str(Path(self.target).expanduser())
+            if not Path(self._root).is_dir():
+                if Path(self._root).exists() or not Path(self._root).parent.is_dir():
+                    raise OutputError(f"-o {self.target}: not a folder, and its parent folder does not exist")
+                Path(self._root).mkdir()
+            if not os.access(self._root, os.W_OK):
+                raise OutputError(f"-o {self.target}: the folder is not writable")
+
+    def _path(self, name: str) -> str:
+        return f"{self._root.rstrip('/')}/{name}"
+
+    def exists(self, name: str) -> bool:
+        if self._fs is None:
+            return os.path.isfile(self._path(name))
+        from pyarrow import fs as arrow_fs
+
+        return bool(self._fs.get_file_info(self._path(name)).type == arrow_fs.FileType.File)
+
+    def read(self, name: str) -> bytes:
+        if self._fs is None:
+            return Path(self._path(name)).read_bytes()
+        with self._fs.open_input_stream(self._path(name)) as stream:
+            return bytes(stream.read())
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write ``name`` whole: to a temporary name first, renamed when complete."""
+        temporary = self._path(f".{name}.{uuid.uuid4().hex[:12]}{_PARTIAL}")
+        try:
+            if self._fs is None:
+                with open(temporary, "wb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self._path(name))
+            else:
+                with self._fs.open_output_stream(temporary) as stream:
+                    stream.write(data)
+                self._fs.move(temporary, self._path(name))
+        except BaseException as exc:  # Ctrl-C included: no temporary file is left behind when it can be helped
+            self._discard(temporary)
+            if isinstance(exc, OSError):
+                raise OutputError(f"{self._path(name)}: could not be written ({exc})") from None
+            raise
+
+    def _discard(self, path: str) -> None:
+        try:
+            if self._fs is None:
+                os.unlink(path)
+            else:
+                self._fs.delete_file(path)
+        except OSError:
+            pass
+
+    def remove_partials(self) -> int:
+        """Remove what writes cut short left behind (temporary files); how many."""
+        if self._fs is None:
+            names = [p.name for p in Path(self._root).glob(f".*{_PARTIAL}")]
+            for name in names:
+                Path(self._path(name)).unlink(missing_ok=True)
+            return len(names)
+        from pyarrow import fs as arrow_fs
+
+        infos = self._fs.get_file_info(arrow_fs.FileSelector(self._root, allow_not_found=True))
+        partial = [i.path for i in infos if i.base_name.startswith(".") and i.base_name.endswith(_PARTIAL)]
+        for path in partial:
+            self._fs.delete_file(path)
+        return len(partial)
+
+    def results(self) -> list[dict[str, Any]]:
+        """The lines of ``results.jsonl`` so far (a line cut short by a crash is ignored)."""
+        if not self.exists(RESULTS):
+            return []
+        out = []
+        for raw in self.read(RESULTS).decode("utf-8", "replace").splitlines():
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+        return out
+
+    def record(self, result: Mapping[str, Any]) -> None:
+        """Add a line to ``results.jsonl`` (rewritten whole on object stores, which cannot append)."""
+        line = json.dumps(result) + "\n"
+        if self._fs is None:
+            with open(self._path(RESULTS), "a", encoding="utf-8") as file:
+                file.write(line)
+                file.flush()
+                os.fsync(file.fileno())
+        else:
+            previous = self.read(RESULTS) if self.exists(RESULTS) else b""
+            self.write(RESULTS, previous + line.encode())
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class BatchWorker:
+    """Runs jobs one at a time into :class:`Outputs`, keeping the models of the last job loaded: the embedded
+    runner uses one, and each Ray actor holds one.
+
+    Example:
+        >>> worker = BatchWorker(Outputs("out"), device="cpu")     # doctest: +SKIP
+        >>> worker.run(job)["files"]                               # doctest: +SKIP
+        ['fox-1.png']
+    """
+
+    def __init__(
+        self,
+        outputs: Outputs,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        recipe_paths: PathMode = "names",
+        progress: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.outputs = outputs
+        self.device = device
+        self.dtype = dtype
+        self.recipe_paths = recipe_paths
+        self.progress = progress
+        self._generator: tuple[tuple[Any, ...], Generator] | None = None
+
+    def generator(self, job: Job) -> Generator:
+        """The loaded models for ``job``: reused when the previous job ran on the same ones."""
+        if self._generator is not None and self._generator[0] == job.models:
+            return self._generator[1]
+        from .generator import Generator
+        from .models import default_device_and_dtype
+
+        self._generator = None  # let the old models go before the new ones load
+        device, dtype = default_device_and_dtype(self.device, self.dtype)
+        generator = Generator.from_pretrained(job.base, job.refiner, device=device, dtype=dtype, unet=job.unet)
+        self._generator = (job.models, generator)
+        return generator
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """Run ``job`` and write its images; the result line for ``results.jsonl`` (a failure is recorded in it,
+        not raised: a batch goes on)."""
+        started = time.perf_counter()
+        result: dict[str, Any] = {"id": job.id, "line": job.line, "files": [], "error": None}
+        try:
+            run = self.generator(job).run(
+                job.request,
+                progress=self.progress,
+                progress_bar=False,
+                recipe_paths=self.recipe_paths,  # type: ignore[arg-type]
+            )
+            images = [run.images[job.keep]] if job.keep is not None else run.images
+            for image, name in zip(images, job.outputs, strict=True):
+                self.outputs.write(name, _png(image))
+            result["files"] = list(job.outputs)
+            result["seeds"] = [image.recipe["seed"] for image in images]
+        except SdxlControlError as exc:
+            result.update(error=str(exc), error_kind=type(exc).__name__)
+        except Exception as exc:  # out of device memory, a bug this job's inputs hit: the job fails, not the batch
+            result.update(error=f"{type(exc).__name__}: {exc}", error_kind=type(exc).__name__)
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        result["worker"] = f"{socket.gethostname()}:{os.getpid()}"
+        return result
+
+
+@dataclass
+class BatchSummary:
+    """What a batch did: jobs done now, failed, skipped as already complete; the result lines of this run."""
+
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pending(jobs: Iterable[Job], outputs: Outputs) -> tuple[list[Job], list[Job]]:
+    """(jobs still to run in group order, jobs whose images all exist). Leftovers of interrupted writes are removed
+    first: they never count as done."""
+    outputs.remove_partials()
+    todo: list[Job] = []
+    complete: list[Job] = []
+    for job in jobs:
+        (complete if all(outputs.exists(name) for name in job.outputs) else todo).append(job)
+    return sorted(todo, key=lambda j: j.group), complete
+
+
+def _record_complete(complete: list[Job], outputs: Outputs, summary: BatchSummary) -> None:
+    """A job finished by an earlier run whose result line was lost to the interruption gets one now."""
+    recorded = {r.get("id") for r in outputs.results() if r.get("error") is None}
+    for job in complete:
+        summary.skipped += 1
+        if job.id not in recorded:
+            outputs.record({"id": job.id, "line": job.line, "files": list(job.outputs), "error": None,
+                            "seconds": None, "resumed": True})  # fmt: skip
+
+
+def _count(result: Mapping[str, Any], outputs: Outputs, summary: BatchSummary) -> None:
+    outputs.record(result)
+    summary.results.append(dict(result))
+    if result.get("error") is None:
+        summary.done += 1
+    else:
+        summary.failed += 1
+
+
+def record_problems(problems: Iterable[JobProblem], outputs: Outputs) -> None:
+    """Jobs skipped as invalid (``--skip-invalid``) get their line in ``results.jsonl`` too."""
+    for problem in problems:
+        outputs.record({"id": problem.id, "line": problem.line, "files": [], "error": problem.message,
+                        "error_kind": "InvalidJob", "seconds": None})  # fmt: skip
+
+
+def run_batch(
+    jobs: Sequence[Job],
+    outputs: Outputs | str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    recipe_paths: PathMode = "names",
+    progress_bar: bool = True,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    progress: Callable[[Any], None] | None = None,
+) -> BatchSummary:
+    """Run ``jobs`` in this process on one device, models loaded once per group; jobs whose images exist are skipped.
+
+    ``on_result`` sees each result line as it is written; ``progress`` is passed to each generation (denoising
+    steps, previews)."""
+    outputs = outputs if isinstance(outputs, Outputs) else Outputs(outputs)
+    todo, complete = pending(jobs, outputs)
+    summary = BatchSummary()
+    _record_complete(complete, outputs, summary)
+    worker = BatchWorker(outputs, device=device, dtype=dtype, recipe_paths=recipe_paths, progress=progress)
+    for result in _bar(map(worker.run, todo), len(todo), progress_bar, len(complete)):
+        _count(result, outputs, summary)
+        if on_result is not None:
+            on_result(result)
+    return summary
+
+
+def _bar(
+    results: Iterator[dict[str, Any]] | Iterable[dict[str, Any]], total: int, show: bool, skipped: int
+) -> Iterator[dict[str, Any]]:
+    """Results as they come, under a progress bar over jobs with rate, ETA and failures."""
+    from tqdm.auto import tqdm
+
+    failed = 0
+    with tqdm(total=total, unit="job", disable=not show, desc="batch", dynamic_ncols=True) as bar:
+        if skipped:
+            bar.write(f"{skipped} job(s) already complete: skipped")
+        for result in results:
+            failed += result.get("error") is not None
+            bar.set_postfix(failed=failed, refresh=False)
+            bar.update(1)
+            yield result
