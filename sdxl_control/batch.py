@@ -4,7 +4,8 @@ A job is written in the recipe's own format, so the recipe of any PNG, and what 
 valid jobs. A job may also name a ``preset`` with its ``inputs`` and ``set`` (the ``--input`` and ``--set`` of the
 command line), its ``models`` (``base``, ``refiner``, ``unet``), an ``id`` (default: its line number) and an
 ``output`` file name (default ``ID.png``). A job without a seed gets one derived from its id, so a retried or resumed
-job makes the same image. Relative paths in a job are relative to the job file's folder.
+job makes the same image. Relative paths in a job are relative to the job file's folder; an input given as a URI
+(``s3://...``, anything pyarrow reaches) is copied to this machine's cache.
 
 The whole file is checked before any model loads. Jobs run grouped by their models, so a model is loaded once per
 group; each finished image is written under a temporary name and renamed, so an interrupted batch leaves no
@@ -24,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import time
 import uuid
@@ -49,6 +51,7 @@ JOB_KEYS = frozenset({"id", "output", "preset", "inputs", "set", "models"})
 MODEL_KEYS = ("base", "refiner", "unet")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PARTIAL = ".partial"
+_URI = re.compile(r"[a-z][a-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,16 @@ class Job:
     unet: str | tuple[str, str] | None = None
     outputs: tuple[str, ...] = ()
     keep: int | None = None
+    # The line as written and how it was read: a worker on another machine reads it again, where its paths are.
+    data: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    folder: str = "."
+    inputs_from: tuple[str, ...] = ()
+    tiny: bool = False
+
+    def read_here(self) -> Job:
+        """This job read again on this machine: relative paths from the job file's folder as this machine sees it,
+        remote inputs copied here."""
+        return parse_job(self.data, self.line, folder=self.folder, inputs_from=self.inputs_from, tiny=self.tiny)
 
     @property
     def models(self) -> tuple[Any, ...]:
@@ -97,22 +110,60 @@ class Job:
         return (json.dumps(self.models, default=str), *needs)
 
 
-def _rooted(value: Any, folder: Path) -> Any:
-    """``value`` (a path, or lists and mappings of them) with relative paths made relative to ``folder`` (the job
-    file's) where such a file or folder exists there."""
+def _local(value: Any, folder: Path) -> Any:
+    """``value`` (a path, or lists and mappings of them) as this machine reads it: a remote input (``s3://``,
+    ``gs://``, ``file://``... anything pyarrow reaches) copied into the cache, a relative path made relative to
+    ``folder`` (the job file's) where such a file or folder exists there."""
     if isinstance(value, str):
+        if _URI.match(value):
+            return _fetched(value)
         if value and not Path(value).expanduser().is_absolute() and (folder / value).exists():
             return str(folder / value)
         return value
     if isinstance(value, list):
-        return [_rooted(v, folder) for v in value]
+        return [_local(v, folder) for v in value]
     if isinstance(value, dict):
-        return {k: _rooted(v, folder) for k, v in value.items()}
+        return {k: _local(v, folder) for k, v in value.items()}
     return value
 
 
-def _rooted_condition(settings: Any, folder: Path) -> Any:
-    """A condition's settings with its path fields (model, image, mask...) rooted at ``folder``."""
+def _fetched(uri: str) -> str:
+    """A remote file or folder copied whole into this machine's cache (once per URI, size and time); its path."""
+    from .errors import InputError
+    from .files import cache_dir
+
+    try:
+        from pyarrow import fs as arrow_fs
+    except ImportError:
+        raise InputError(f"{uri}: a remote input needs pyarrow (pip install 'sdxl-control[ray]')") from None
+    try:
+        remote, path = arrow_fs.FileSystem.from_uri(uri)
+        info = remote.get_file_info(path)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{uri}: not a filesystem pyarrow reaches ({exc})") from None
+    if info.type == arrow_fs.FileType.NotFound:
+        raise InputError(f"{uri}: no such file or folder")
+    key = hashlib.sha256(f"{uri}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:20]
+    target = cache_dir() / "inputs" / key / info.base_name
+    if not target.exists():
+        staging = target.parent / f".{uuid.uuid4().hex[:12]}{_PARTIAL}"
+        staging.mkdir(parents=True)
+        try:
+            if info.type == arrow_fs.FileType.Directory:
+                arrow_fs.copy_files(path, str(staging / info.base_name), source_filesystem=remote)
+            else:
+                with remote.open_input_stream(path) as stream, open(staging / info.base_name, "wb") as file:
+                    file.write(stream.read())
+            os.replace(staging / info.base_name, target)
+        except OSError as exc:
+            raise InputError(f"{uri}: could not be copied here ({exc})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _local_condition(settings: Any, folder: Path) -> Any:
+    """A condition's settings with its path fields (model, image, mask...) read as :func:`_local` reads them."""
     from .adapters import condition_class
 
     if not isinstance(settings, Mapping) or not isinstance(settings.get("kind"), str):
@@ -121,7 +172,7 @@ def _rooted_condition(settings: Any, folder: Path) -> Any:
         paths = condition_class(settings["kind"]).path_fields
     except SdxlControlError:
         return settings
-    return {k: _rooted(v, folder) if k in paths else v for k, v in settings.items()}
+    return {k: _local(v, folder) if k in paths else v for k, v in settings.items()}
 
 
 def _derived_seed(job_id: str) -> int:
@@ -179,7 +230,8 @@ def parse_job(
     count = 1 if keep is not None else request.num_images
     outputs = tuple(output if i == 0 else f"{stem}-{i}.png" for i in range(count))
     base, refiner, unet = models
-    return Job(job_id, line, request, base, refiner, unet, outputs=outputs, keep=keep)
+    return Job(job_id, line, request, base, refiner, unet, outputs=outputs, keep=keep, data=dict(data), folder=str(root),
+               inputs_from=tuple(map(str, inputs_from)), tiny=tiny)  # fmt: skip
 
 
 def _recipe_models(recipe: Mapping[str, Any], locate: Locator, refiner: bool, tiny: bool) -> tuple[Any, ...]:
@@ -206,7 +258,9 @@ def _plain_job(
     from .generator import GenerationRequest
     from .presets import load_preset
 
-    data = {**data, **{k: _rooted(data[k], root) for k in ("inputs", "models", "preset") if k in data}}
+    data = {**data, **{k: _local(data[k], root) for k in ("inputs", "models") if k in data}}
+    if isinstance(data.get("preset"), str) and data["preset"].endswith(".json"):  # a preset file, not a name
+        data["preset"] = _local(data["preset"], root)
     if not isinstance(data.get("prompt"), str):
         raise InvalidRequestError("the job has no 'prompt' (a string)")
     for key in ("inputs", "set", "models"):
@@ -228,7 +282,7 @@ def _plain_job(
     conditions = preset.conditions(data.get("inputs", {})) if preset is not None else []
     if not isinstance(data.get("conditions", []), list):
         raise InvalidRequestError("the job's 'conditions' should be a list of conditions, as a recipe records them")
-    conditions += [condition_from_settings(_rooted_condition(c, root), locate) for c in data.get("conditions", [])]
+    conditions += [condition_from_settings(_local_condition(c, root), locate) for c in data.get("conditions", [])]
     settings = {**(preset.settings if preset is not None else {}), "seed": seed}
     settings.update({k: v for k, v in data.items() if k not in JOB_KEYS and k != "conditions"})
     if isinstance(settings.get("size"), list):
@@ -483,17 +537,16 @@ class BatchWorker:
         self._generator = (job.models, generator)
         return generator
 
-    def run(self, job: Job) -> dict[str, Any]:
+    def run(self, job: Job, *, read_here: bool = False) -> dict[str, Any]:
         """Run ``job`` and write its images; the result line for ``results.jsonl`` (a failure is recorded in it,
-        not raised: a batch goes on)."""
+        not raised: a batch goes on). ``read_here``: read the job's line again on this machine first (a worker
+        elsewhere than the driver, where paths and remote inputs are this machine's to resolve)."""
         started = time.perf_counter()
         result: dict[str, Any] = {"id": job.id, "line": job.line, "files": [], "error": None}
         try:
+            job = job.read_here() if read_here else job
             run = self.generator(job).run(
-                job.request,
-                progress=self.progress,
-                progress_bar=False,
-                recipe_paths=self.recipe_paths,  # type: ignore[arg-type]
+                job.request, progress=self.progress, progress_bar=False, recipe_paths=self.recipe_paths
             )
             images = [run.images[job.keep]] if job.keep is not None else run.images
             for image, name in zip(images, job.outputs, strict=True):

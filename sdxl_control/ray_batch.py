@@ -2,7 +2,8 @@
 models loaded once), one GPU each by default, all writing to one folder every worker reaches.
 
 The driver hands each worker one job at a time in group order, so a worker keeps its models while its jobs share
-them, and a worker lost mid-job loses only that job's work: Ray restarts the actor and runs the job again. Files
+them, and a worker lost mid-job loses only that job's work: Ray restarts the actor and runs the job again. Each worker reads
+its job's line again on its own machine, so relative paths and remote inputs resolve where the job runs. Files
 are renamed into place only when whole, so a job run twice writes the same file once, and ``results.jsonl``, which
 only the driver writes, gets one line per job.
 
@@ -38,7 +39,7 @@ class RayWorker:
         self.worker = BatchWorker(Outputs(target), device=device, dtype=dtype, recipe_paths=recipe_paths)
 
     def run(self, job: Job) -> dict[str, Any]:
-        return self.worker.run(job)
+        return self.worker.run(job, read_here=True)
 
 
 def run_batch_ray(

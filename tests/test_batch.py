@@ -51,8 +51,9 @@ def inputs(tmp_path: Path, tiny) -> Path:
     return folder
 
 
-def _mixed_jobs() -> list[dict]:
-    canny = {"kind": "controlnet", "model": "diffusers/controlnet-canny-sdxl-1.0", "image": "photo.png",
+def _mixed_jobs(folder: Path) -> list[dict]:
+    # The ControlNet's photo is a remote input, through pyarrow (a file:// URI stands for s3:// and the like).
+    canny = {"kind": "controlnet", "model": "diffusers/controlnet-canny-sdxl-1.0", "image": (folder / "photo.png").as_uri(),
              "preprocess": "canny", "scale": 0.5}  # fmt: skip
     return [
         {"id": "fox", "prompt": "a red fox", "seed": 1, "steps": 3, "size": SIZE},
@@ -87,6 +88,11 @@ def test_every_bad_line_is_named_and_nothing_runs(inputs, tiny, capsys, monkeypa
         {"id": "sub", "prompt": "x", "output": "folder/sub.png"},
         {"prompt": "x", "inputs": {"face": "photo.png"}},
         {"id": "size", "prompt": "x", "size": [63, 64]},
+        {
+            "id": "remote",
+            "prompt": "x",
+            "conditions": [{"kind": "controlnet", "model": "not-a-controlnet", "image": "file:///no/such/photo.png"}],
+        },  # fmt: skip
         ["not", "an", "object"],
     ]
     jobs_file = _write_jobs(inputs, lines)
@@ -103,14 +109,15 @@ def test_every_bad_line_is_named_and_nothing_runs(inputs, tiny, capsys, monkeypa
         8: "'output' is a file name",
         9: "the job names no 'preset'",
         10: "multiples of 8",
-        11: "a job is a JSON object",
+        11: "file:///no/such/photo.png: no such file or folder",
+        12: "a job is a JSON object",
     }
     for number, text in expected.items():
         line = next((ln for ln in err.splitlines() if f"jobs.jsonl: line {number}" in ln), "")
         assert text in line, (number, err)
-    assert "10 of 11 job(s) are not valid" in err and not out.exists()
+    assert "11 of 12 job(s) are not valid" in err and not out.exists()
     assert main(["batch", str(jobs_file), "-o", str(out), "--tiny", "--check"]) == 2
-    assert "1 job(s) valid, 10 not" in capsys.readouterr().out
+    assert "1 job(s) valid, 11 not" in capsys.readouterr().out
 
 
 def test_a_failing_job_is_recorded_and_the_batch_goes_on(inputs, tiny, capsys):
@@ -163,7 +170,7 @@ def test_png_recipes_and_dry_run_output_are_jobs(tmp_path, tiny, capsys):
 def test_outputs_through_a_pyarrow_filesystem(inputs, tiny):
     """A filesystem URI goes through pyarrow (the path object stores take): same files, results rewritten whole."""
     pytest.importorskip("pyarrow")
-    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs()[:2]), tiny=True)
+    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs(inputs)[:2]), tiny=True)
     assert not problems
     local, remote = inputs.parent / "local", inputs.parent / "remote"
     run_batch(jobs, local, progress_bar=False)
@@ -214,7 +221,7 @@ def test_ray_writes_the_embedded_images_even_when_a_worker_is_killed(inputs, tin
 
     from sdxl_control.ray_batch import run_batch_ray
 
-    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs()), tiny=True)
+    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs(inputs)), tiny=True)
     assert not problems
     embedded, clustered = inputs.parent / "embedded", inputs.parent / "ray"
     # Ray runs a one-CPU worker on one thread; on the CPU, a thread count changes the last bit of a sum here and there.
