@@ -603,8 +603,12 @@ def _count(result: Mapping[str, Any], outputs: Outputs, summary: BatchSummary) -
 
 
 def record_problems(problems: Iterable[JobProblem], outputs: Outputs) -> None:
-    """Jobs skipped as invalid (``--skip-invalid``) get their line in ``results.jsonl`` too."""
+    """Jobs skipped as invalid (``--skip-invalid``) get their line in ``results.jsonl`` too (once: a re-run of the
+    same file does not repeat it)."""
+    known = {(r.get("line"), r.get("error")) for r in outputs.results() if r.get("error_kind") == "InvalidJob"}
     for problem in problems:
+        if (problem.line, problem.message) in known:
+            continue
         outputs.record({"id": problem.id, "line": problem.line, "files": [], "error": problem.message,
                         "error_kind": "InvalidJob", "seconds": None})  # fmt: skip
 

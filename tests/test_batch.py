@@ -141,6 +141,10 @@ def test_a_failing_job_is_recorded_and_the_batch_goes_on(inputs, tiny, capsys):
     )
     assert results["typo"]["error_kind"] == "InvalidJob" and results["typo"]["line"] == 3
     assert sorted(_pngs(out)) == ["after.png", "before.png"]
+    # Again: the finished jobs are skipped, the broken one is tried again, the invalid line is not recorded twice.
+    assert main(["batch", str(jobs_file), "-o", str(out), "--tiny", "--skip-invalid", "-q"]) == 4
+    assert "0 done, 1 failed, 2 already complete, 1 invalid" in capsys.readouterr().out
+    assert [r["id"] for r in _results(out)].count("typo") == 1
 
 
 def test_png_recipes_and_dry_run_output_are_jobs(tmp_path, tiny, capsys):
