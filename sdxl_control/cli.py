@@ -384,7 +384,7 @@ def _models(
 ) -> tuple[str, str | None, Any]:
     """(base, refiner, UNet checkpoint) to load: the flags, else what the recipe recorded, else the preset's, else
     the defaults."""
-    from .models import recipe_models, recipe_unet
+    from .models import recipe_models, recipe_unet, recorded_model
 
     chosen = preset.models if preset is not None else {}
     if args.tiny:
@@ -402,6 +402,8 @@ def _models(
     else:
         base = args.base or chosen.get("base", DEFAULT_BASE)
         refiner, unet = None, preset.unet if preset is not None and args.base is None else None
+        if recipe is not None and switch is not None and recipe["models"].get("refiner"):  # --base over a recipe
+            refiner = recorded_model(recipe["models"]["refiner"], locate, "refiner")
     if switch is not None:
         refiner = args.refiner or refiner or chosen.get("refiner", DEFAULT_REFINER)
     return base, refiner, unet
@@ -536,7 +538,7 @@ def _generate(args: argparse.Namespace) -> int:
     validate_conditions(request.conditions, has_refiner=request.refiner_switch is not None)
     base, refiner, unet = _models(args, recipe, request.refiner_switch, locate, preset)
     if args.dry_run:
-        return _dry_run(args, preset, request, base, refiner, unet)
+        return _dry_run(args, request, base, refiner, unet)
     from .fast import FastPath
     from .generator import Generator
     from .models import default_device_and_dtype
@@ -590,7 +592,7 @@ def _save(image: Any, path: Path) -> None:
         raise OutputError(f"{path}: could not be written ({exc})") from None
 
 
-def _dry_run(args: argparse.Namespace, preset: Any, request: Any, base: str, refiner: str | None, unet: Any) -> int:
+def _dry_run(args: argparse.Namespace, request: Any, base: str, refiner: str | None, unet: Any) -> int:
     """Print what would run, loading nothing: the job (a line of a job file for `sdxl-control batch`) with the models
     and the request as the recipe records them."""
     import json
