@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +31,8 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+# sdxl-control must be installed (pip install -e . here, bench/device.sh on the GPU machine): a checkout on sys.path
+# lacks sdxl_control.adapters, which only the install's package-dir mapping provides.
 
 from sdxl_control import FastPath, Generator  # noqa: E402
 from sdxl_control.adapters.controlnet import ControlNet  # noqa: E402

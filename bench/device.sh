@@ -8,5 +8,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # package-dir mapping in pyproject.toml.
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site .
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+else
+    echo "no nvidia-smi: a CPU dry run (pass --tiny --device cpu --dtype fp32)"
+fi
 python3 bench/bench.py --device cuda --dtype fp16 --out "${OUT:-bench/results}" "$@"
