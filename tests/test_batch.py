@@ -274,3 +274,23 @@ def test_the_readme_example_jobs_are_valid(tmp_path, tiny, shared_dir):
     assert jobs[1].request.steps == 8 and jobs[1].request.size == (768, 1024)  # the job's fields win over the preset's
     assert [c.kind for c in jobs[2].request.conditions] == ["pulid"] and jobs[2].request.conditions[0].scale == 0.6
     assert jobs[3].refiner is not None and [c.kind for c in jobs[3].request.conditions] == ["controlnet"]
+
+
+def test_jobs_on_the_same_models_share_one_load(inputs, tiny, monkeypatch):
+    """Jobs written alternating between two model sets run grouped: each set is loaded once."""
+    from sdxl_control import Generator
+
+    loads: list[tuple] = []
+    original = Generator.from_pretrained.__func__
+
+    def counting(cls, base, refiner=None, **kwargs):
+        loads.append((str(base), refiner and str(refiner)))
+        return original(cls, base, refiner, **kwargs)
+
+    monkeypatch.setattr(Generator, "from_pretrained", classmethod(counting))
+    lines = [{"id": f"j{i}", "prompt": "x", "seed": i, "steps": 2, "size": SIZE,
+              **({"refiner_switch": 0.5} if i % 2 else {})} for i in range(4)]  # fmt: skip
+    jobs, _ = read_jobs(_write_jobs(inputs, lines), tiny=True)
+    summary = run_batch(jobs, inputs.parent / "out", progress_bar=False)
+    assert summary.done == 4 and len(loads) == 2 and len(set(loads)) == 2
+    assert [r["id"] for r in summary.results] in (["j0", "j2", "j1", "j3"], ["j1", "j3", "j0", "j2"])
