@@ -56,7 +56,12 @@ _URI = re.compile(r"[a-z][a-z0-9+.-]*://")
 
 @dataclass(frozen=True)
 class JobProblem:
-    """A job that cannot run, found while the file is read: its line, its id when it has one, what is wrong."""
+    """A job that cannot run, found while the file is read: its line, its id when it has one, what is wrong.
+
+    Example:
+        >>> str(JobProblem(4, "the job has unknown key(s) 'stesp'", "fox"))
+        "line 4 (fox): the job has unknown key(s) 'stesp'"
+    """
 
     line: int
     message: str
@@ -74,7 +79,7 @@ class Job:
     made the image) and only that image is kept.
 
     Example:
-        >>> job = parse_job({"prompt": "a red fox", "seed": 3, "steps": 4}, line=1)   # doctest: +SKIP
+        >>> job = parse_job({"prompt": "a red fox", "seed": 3, "steps": 4}, line=1)
         >>> job.id, job.outputs
         ('1', ('1.png',))
     """
@@ -379,7 +384,7 @@ class Outputs:
     Example:
         >>> out = Outputs("out")              # doctest: +SKIP
         >>> out.write("a.png", png_bytes)     # doctest: +SKIP
-        >>> out.exists("a.png")
+        >>> out.exists("a.png")               # doctest: +SKIP
         True
     """
 
@@ -564,7 +569,13 @@ class BatchWorker:
 
 @dataclass
 class BatchSummary:
-    """What a batch did: jobs done now, failed, skipped as already complete; the result lines of this run."""
+    """What a batch did: jobs done now, failed, skipped as already complete; the result lines of this run.
+
+    Example:
+        >>> summary = run_batch(jobs, "out")                  # doctest: +SKIP
+        >>> summary.done, summary.failed, summary.skipped     # doctest: +SKIP
+        (10, 0, 2)
+    """
 
     done: int = 0
     failed: int = 0

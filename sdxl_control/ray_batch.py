@@ -2,10 +2,10 @@
 models loaded once), one GPU each by default, all writing to one folder every worker reaches.
 
 The driver hands each worker one job at a time in group order, so a worker keeps its models while its jobs share
-them, and a worker lost mid-job loses only that job's work: Ray restarts the actor and runs the job again. Each worker reads
-its job's line again on its own machine, so relative paths and remote inputs resolve where the job runs. Files
-are renamed into place only when whole, so a job run twice writes the same file once, and ``results.jsonl``, which
-only the driver writes, gets one line per job.
+them, and a worker lost mid-job loses only that job's work: Ray restarts the actor and runs the job again. Each
+worker reads its job's line again on its own machine, so relative paths and remote inputs resolve where the job
+runs. Files are renamed into place only when whole, so a job run twice writes the same file once, and
+``results.jsonl``, which only the driver writes, gets one line per job.
 
 Example:
     >>> jobs, _ = read_jobs("jobs.jsonl")                            # doctest: +SKIP
@@ -33,7 +33,13 @@ TASK_RETRIES = 3
 
 
 class RayWorker:
-    """A Ray actor's state: a :class:`BatchWorker` writing to the batch's output folder."""
+    """A Ray actor's state: a :class:`BatchWorker` writing to the batch's output folder.
+
+    Example:
+        >>> actor = ray.remote(num_gpus=1)(RayWorker).remote("/shared/out", None, None, "names")   # doctest: +SKIP
+        >>> ray.get(actor.run.remote(job))["files"]                                             # doctest: +SKIP
+        ['fox-1.png']
+    """
 
     def __init__(self, target: str, device: str | None, dtype: torch.dtype | None, recipe_paths: PathMode) -> None:
         self.worker = BatchWorker(Outputs(target), device=device, dtype=dtype, recipe_paths=recipe_paths)
