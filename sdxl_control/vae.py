@@ -134,20 +134,26 @@ def load_decoder(source: str, latent_channels: int, device: torch.device, dtype:
     Example:
         >>> decoder = load_decoder(DRAFT_DECODER, 4, torch.device("cuda"), torch.float16)  # doctest: +SKIP
     """
+    path = find_decoder(source)
+    key = (str(path.resolve()), str(device), dtype)
+    if key not in _DECODERS:
+        decoder = _read_decoder(path, source, latent_channels, dtype)
+        _DECODERS[key] = decoder.to(device, dtype).eval().requires_grad_(False)
+    return _DECODERS[key]
+
+
+def _read_decoder(path: Path, source: str, latent_channels: int, dtype: torch.dtype) -> Any:
+    """The tiny autoencoder at ``path`` (TAESD's single decoder file, or a diffusers folder), checked to decode
+    ``latent_channels``-channel latents."""
     import json
 
     from diffusers import AutoencoderTiny
 
-    path = find_decoder(source)
-    key = (str(path.resolve()), str(device), dtype)
-    if key in _DECODERS:
-        return _DECODERS[key]
     if path.is_file():
         decoder = taesd_from_files(path)
         if decoder.config.latent_channels != latent_channels:
             raise IncompatibleModelError(f"{source} decodes 4-channel latents; this model makes {latent_channels}")
-        _DECODERS[key] = decoder.to(device, dtype).eval().requires_grad_(False)
-        return _DECODERS[key]
+        return decoder
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     if config.get("_class_name") != "AutoencoderTiny":
@@ -159,6 +165,4 @@ def load_decoder(source: str, latent_channels: int, device: torch.device, dtype:
             f"{source} decodes {config.get('latent_channels')}-channel latents; this model makes {latent_channels}"
         )
     check_safetensors(path / "diffusion_pytorch_model.safetensors")
-    decoder = AutoencoderTiny.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
-    _DECODERS[key] = decoder.to(device).eval().requires_grad_(False)
-    return _DECODERS[key]
+    return AutoencoderTiny.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
