@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import collections.abc
 import hashlib
 import io
 import json
@@ -30,11 +31,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidRequestError, OutputError, SdxlControlError
+from .errors import InputError, InvalidRequestError, OutputError, SdxlControlError
 from .files import Locator, PathMode, portable
 from .validation import unknown_keys
 
@@ -43,7 +45,17 @@ if TYPE_CHECKING:
 
     from .generator import GenerationRequest, Generator
 
-__all__ = ["Job", "JobProblem", "Outputs", "BatchWorker", "BatchSummary", "read_jobs", "parse_job", "run_batch"]
+__all__ = [
+    "Job",
+    "JobProblem",
+    "Outputs",
+    "BatchWorker",
+    "BatchSummary",
+    "read_jobs",
+    "parse_job",
+    "run_batch",
+    "drive",
+]
 
 RESULTS = "results.jsonl"
 # Keys a job has besides the request's fields (and, for a PNG's recipe, the recipe's record keys).
@@ -134,7 +146,6 @@ def _local(value: Any, folder: Path) -> Any:
 
 def _fetched(uri: str) -> str:
     """A remote file or folder copied whole into this machine's cache (once per URI, size and time); its path."""
-    from .errors import InputError
     from .files import cache_dir
 
     try:
@@ -337,8 +348,6 @@ def read_jobs(
     tiny: bool = False,
 ) -> tuple[list[Job], list[JobProblem]]:
     """Every job of a job file, and every line that is not a runnable job (nothing is loaded to find out)."""
-    from .errors import InputError
-
     file = Path(path).expanduser()
     try:
         text = file.read_text(encoding="utf-8")
@@ -391,6 +400,7 @@ class Outputs:
     def __init__(self, target: str | os.PathLike[str]) -> None:
         self.target = os.fspath(target)
         self._fs: Any = None
+        self._recorded: bytes | None = None  # results.jsonl as last written, on object stores
         if "://" in self.target:
             try:
                 from pyarrow import fs as arrow_fs
@@ -493,8 +503,11 @@ class Outputs:
                 file.flush()
                 os.fsync(file.fileno())
         else:
-            previous = self.read(RESULTS) if self.exists(RESULTS) else b""
-            self.write(RESULTS, previous + line.encode())
+            # Only the driver records, so what it last wrote is the file: read once, not once per result.
+            if self._recorded is None:
+                self._recorded = self.read(RESULTS) if self.exists(RESULTS) else b""
+            self._recorded += line.encode()
+            self.write(RESULTS, self._recorded)
 
 
 def _png(image: Any) -> bytes:
@@ -594,23 +607,38 @@ def pending(jobs: Iterable[Job], outputs: Outputs) -> tuple[list[Job], list[Job]
     return sorted(todo, key=lambda j: j.group), complete
 
 
-def _record_complete(complete: list[Job], outputs: Outputs, summary: BatchSummary) -> None:
-    """A job finished by an earlier run whose result line was lost to the interruption gets one now."""
+def drive(
+    jobs: Sequence[Job],
+    outputs: Outputs,
+    run: Callable[[list[Job]], collections.abc.Generator[dict[str, Any], None, None]],  # not sdxl's Generator
+    *,
+    progress_bar: bool = True,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """The driver's side of a batch, whatever runs the jobs: skip the complete ones (recording those whose result
+    line an interruption lost), hand the rest in group order to ``run`` (a generator of result lines, closed when the
+    batch ends or fails), record each result under a progress bar, and leave no temporary file behind."""
+    todo, complete = pending(jobs, outputs)
+    summary = BatchSummary()
     recorded = {r.get("id") for r in outputs.results() if r.get("error") is None}
     for job in complete:
         summary.skipped += 1
         if job.id not in recorded:
             outputs.record({"id": job.id, "line": job.line, "files": list(job.outputs), "error": None,
                             "seconds": None, "resumed": True})  # fmt: skip
-
-
-def _count(result: Mapping[str, Any], outputs: Outputs, summary: BatchSummary) -> None:
-    outputs.record(result)
-    summary.results.append(dict(result))
-    if result.get("error") is None:
-        summary.done += 1
-    else:
-        summary.failed += 1
+    if todo:
+        with closing(run(todo)) as results:
+            for result in _bar(results, len(todo), progress_bar, len(complete)):
+                outputs.record(result)
+                summary.results.append(dict(result))
+                if result.get("error") is None:
+                    summary.done += 1
+                else:
+                    summary.failed += 1
+                if on_result is not None:
+                    on_result(result)
+    outputs.remove_partials()  # a worker killed while writing leaves its temporary file
+    return summary
 
 
 def record_problems(problems: Iterable[JobProblem], outputs: Outputs) -> None:
@@ -640,20 +668,12 @@ def run_batch(
     ``on_result`` sees each result line as it is written; ``progress`` is passed to each generation (denoising
     steps, previews)."""
     outputs = outputs if isinstance(outputs, Outputs) else Outputs(outputs)
-    todo, complete = pending(jobs, outputs)
-    summary = BatchSummary()
-    _record_complete(complete, outputs, summary)
     worker = BatchWorker(outputs, device=device, dtype=dtype, recipe_paths=recipe_paths, progress=progress)
-    for result in _bar(map(worker.run, todo), len(todo), progress_bar, len(complete)):
-        _count(result, outputs, summary)
-        if on_result is not None:
-            on_result(result)
-    return summary
+    return drive(jobs, outputs, lambda todo: (worker.run(job) for job in todo), progress_bar=progress_bar,
+                 on_result=on_result)  # fmt: skip
 
 
-def _bar(
-    results: Iterator[dict[str, Any]] | Iterable[dict[str, Any]], total: int, show: bool, skipped: int
-) -> Iterator[dict[str, Any]]:
+def _bar(results: Iterator[dict[str, Any]], total: int, show: bool, skipped: int) -> Iterator[dict[str, Any]]:
     """Results as they come, under a progress bar over jobs with rate, ETA and failures."""
     from tqdm.auto import tqdm
 

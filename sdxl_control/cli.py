@@ -761,7 +761,7 @@ def _batch(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from .ray_batch import run_batch_ray
 
-        summary = run_batch_ray(jobs, outputs.target, address=args.ray or None, workers=args.workers,
+        summary = run_batch_ray(jobs, outputs, address=args.ray or None, workers=args.workers,
                                 gpus_per_worker=args.gpus_per_worker, **options)  # fmt: skip
     else:
         summary = run_batch(jobs, outputs, **options)

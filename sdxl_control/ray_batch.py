@@ -15,10 +15,10 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .batch import BatchSummary, BatchWorker, Job, Outputs, _bar, _count, _record_complete, pending
+from .batch import BatchSummary, BatchWorker, Job, Outputs, drive
 from .errors import InvalidRequestError
 from .files import PathMode
 
@@ -50,7 +50,7 @@ class RayWorker:
 
 def run_batch_ray(
     jobs: Sequence[Job],
-    target: str | os.PathLike[str],
+    outputs: Outputs | str | os.PathLike[str],
     *,
     address: str | None = None,
     workers: int | None = None,
@@ -62,7 +62,7 @@ def run_batch_ray(
     progress_bar: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
-    """Run ``jobs`` on Ray, writing to ``target`` (a folder every worker reaches, or a pyarrow filesystem URI).
+    """Run ``jobs`` on Ray, writing to ``outputs`` (a folder every worker reaches, or a pyarrow filesystem URI).
 
     ``address`` is the cluster's (``"auto"``, ``"ray://head:10001"``); ``None`` starts a local Ray runtime. Workers
     take one GPU each when the cluster has GPUs (``gpus_per_worker`` changes it), and default to as many as fit.
@@ -71,38 +71,33 @@ def run_batch_ray(
         import ray
     except ImportError:
         raise InvalidRequestError("--ray needs Ray: pip install 'sdxl-control[ray]'") from None
-    outputs = Outputs(target)
-    todo, complete = pending(jobs, outputs)
-    summary = BatchSummary()
-    _record_complete(complete, outputs, summary)
-    if not todo:
-        return summary
-    started_here = not ray.is_initialized()
-    if started_here:
-        env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-    actors: list[Any] = []
-    try:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        per_gpu = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpus else 0.0)
-        count = workers or (int(gpus // per_gpu) if per_gpu else 1)
-        if count < 1:
-            raise InvalidRequestError(f"--workers must be at least 1, got {count}")
-        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=per_gpu, max_restarts=-1, max_task_retries=TASK_RETRIES)(
-            RayWorker
-        )
-        actors = [actor.remote(outputs.target, device, dtype, recipe_paths) for _ in range(min(count, len(todo)))]
-        for result in _bar(_dispatch(ray, actors, todo), len(todo), progress_bar, len(complete)):
-            _count(result, outputs, summary)
-            if on_result is not None:
-                on_result(result)
-    finally:
-        for one in actors:
-            ray.kill(one)
+    outputs = outputs if isinstance(outputs, Outputs) else Outputs(outputs)
+    target = outputs.target
+
+    def on_ray(todo: list[Job]) -> Generator[dict[str, Any], None, None]:
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
-    outputs.remove_partials()  # a worker killed while writing leaves its temporary file
-    return summary
+            env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        actors: list[Any] = []
+        try:
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            per_gpu = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpus else 0.0)
+            count = workers or (int(gpus // per_gpu) if per_gpu else 1)
+            if count < 1:
+                raise InvalidRequestError(f"--workers must be at least 1, got {count}")
+            actor = ray.remote(
+                num_cpus=cpus_per_worker, num_gpus=per_gpu, max_restarts=-1, max_task_retries=TASK_RETRIES
+            )(RayWorker)
+            actors = [actor.remote(target, device, dtype, recipe_paths) for _ in range(min(count, len(todo)))]
+            yield from _dispatch(ray, actors, todo)
+        finally:
+            for one in actors:
+                ray.kill(one)
+            if started_here:
+                ray.shutdown()
+
+    return drive(jobs, outputs, on_ray, progress_bar=progress_bar, on_result=on_result)
 
 
 def _dispatch(ray: Any, actors: list[Any], todo: list[Job]) -> Any:
