@@ -43,7 +43,7 @@ from .validation import unknown_keys
 if TYPE_CHECKING:
     import torch
 
-    from .generator import GenerationRequest, Generator
+    from .generator import GenerationRequest, Generator, LastLoaded
 
 __all__ = [
     "Job",
@@ -540,20 +540,17 @@ class BatchWorker:
         self.dtype = dtype
         self.recipe_paths = recipe_paths
         self.progress = progress
-        self._generator: tuple[tuple[Any, ...], Generator] | None = None
+        self._models: LastLoaded | None = None
 
     def generator(self, job: Job) -> Generator:
         """The loaded models for ``job``: reused when the previous job ran on the same ones."""
-        if self._generator is not None and self._generator[0] == job.models:
-            return self._generator[1]
-        from .generator import Generator
-        from .models import default_device_and_dtype
+        if self._models is None:
+            from .generator import LastLoaded
+            from .models import default_device_and_dtype
 
-        self._generator = None  # let the old models go before the new ones load
-        device, dtype = default_device_and_dtype(self.device, self.dtype)
-        generator = Generator.from_pretrained(job.base, job.refiner, device=device, dtype=dtype, unet=job.unet)
-        self._generator = (job.models, generator)
-        return generator
+            device, dtype = default_device_and_dtype(self.device, self.dtype)
+            self._models = LastLoaded(device=device, dtype=dtype)
+        return self._models.get(job.base, job.refiner, job.unet)
 
     def run(self, job: Job, *, read_here: bool = False) -> dict[str, Any]:
         """Run ``job`` and write its images; the result line for ``results.jsonl`` (a failure is recorded in it,

@@ -30,7 +30,7 @@ from .vae import decode_latents, load_decoder, vae_scale_factor
 from .validation import check_fields, unknown_keys
 from .weights import WeightPatch
 
-__all__ = ["GenerationRequest", "Generator"]
+__all__ = ["GenerationRequest", "Generator", "LastLoaded"]
 
 TRAIN_TIMESTEPS = 1000  # SDXL's training schedule: no step count or timestep beyond it means anything
 MAX_SIDE = 8192
@@ -431,6 +431,33 @@ class Generator:
             infotext=infotext.to_json(),
         )  # fmt: skip
         return _jsonable(recipe)
+
+
+class LastLoaded:
+    """The :class:`Generator` for the models asked for last, kept while the next request names the same ones; other
+    models replace it, the old ones let go first (two sets of SDXL weights need not fit at once). What the page and a
+    batch worker hold.
+
+    Example:
+        >>> models = LastLoaded(device="cuda")                                 # doctest: +SKIP
+        >>> models.get("stabilityai/stable-diffusion-xl-base-1.0") is models.get("stabilityai/stable-diffusion-xl-base-1.0")  # doctest: +SKIP
+        True
+    """  # noqa: E501
+
+    def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        self.device, self.dtype = device, dtype
+        self._key: tuple[Any, ...] | None = None
+        self._generator: Generator | None = None
+
+    def get(
+        self, base: str | os.PathLike[str], refiner: str | os.PathLike[str] | None = None, unet: Any = None
+    ) -> Generator:
+        key = (base, refiner, unet)
+        if self._generator is None or key != self._key:
+            self._generator, self._key = None, None
+            self._generator = Generator.from_pretrained(base, refiner, device=self.device, dtype=self.dtype, unet=unet)
+            self._key = key
+        return self._generator
 
 
 _FUSED_CANNOT_MOVE = (

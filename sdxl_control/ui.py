@@ -60,18 +60,19 @@ class UiConfig:
 
 
 class _Models:
-    """One Generator per (base, refiner, UNet checkpoint), kept for the process: the most recent one only, so a
-    second preset with other models does not double the memory."""
+    """The models the page's last generation used (:class:`~sdxl_control.generator.LastLoaded`: another preset's
+    models replace them, so memory does not double), the page's choice of base and refiner, and a lock."""
 
     def __init__(self, config: UiConfig) -> None:
         self.config = config
-        self.key: tuple[Any, ...] | None = None
-        self.generator: Any = None
+        self.loaded: Any = None  # made at the first generation: the page opens before torch is imported
         self.lock = threading.Lock()  # one generation at a time, whatever the queue does
 
     def get(self, refiner: bool, unet: Any) -> Any:
-        from .generator import Generator
+        if self.loaded is None:
+            from .generator import LastLoaded
 
+            self.loaded = LastLoaded(device=self.config.device)
         if self.config.tiny:
             from .testing import tiny_models
             from .testing.stand_ins import tiny_unet
@@ -80,12 +81,7 @@ class _Models:
             base, second, unet = str(tiny.base), str(tiny.refiner), tiny_unet(unet)
         else:
             base, second = self.config.base, self.config.refiner
-        key = (base, second if refiner else None, unet)
-        if key != self.key:
-            self.generator = None  # free the old models before loading the new
-            self.generator = Generator.from_pretrained(base, key[1], unet=unet, device=self.config.device)
-            self.key = key
-        return self.generator
+        return self.loaded.get(base, second if refiner else None, unet)
 
 
 def _files(value: Any) -> list[str]:
