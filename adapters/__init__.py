@@ -45,9 +45,11 @@ def condition_class(kind: str) -> type[Condition]:
     return cls
 
 
-def condition_from_settings(settings: Mapping[str, Any], locate: Locator | None = None) -> Condition:
-    """The condition a recipe describes, with its files found again by ``locate`` (default: where this machine last
-    saw them). Inputs recorded only as a summary (an in-memory image) cannot be rebuilt; unknown keys are refused."""
+def condition_from_settings(
+    settings: Mapping[str, Any], locate: Locator | None = None, version: str | None = None
+) -> Condition:
+    """The condition a recipe of sdxl-control ``version`` (``None``: this one) describes, with its files found again by
+    ``locate`` (default: where this machine last saw them). Inputs recorded only as a summary (an in-memory image) cannot be rebuilt; unknown keys are refused."""
     from ..files import Locator
     from ..validation import unknown_keys
 
@@ -61,9 +63,7 @@ def condition_from_settings(settings: Mapping[str, Any], locate: Locator | None 
         raise ConditionError(message)
     locate = locate or Locator()
     values = {}
-    for name, value in settings.items():
-        if name == "kind":
-            continue
+    for name, value in cls.upgrade_settings({k: v for k, v in settings.items() if k != "kind"}, version).items():
         if isinstance(value, dict) and ({"image", "mode"} <= value.keys() or "tensor" in value):
             raise ConditionError(
                 f"the recipe's {kind} condition got its {name} as an in-memory image, which recipes do "

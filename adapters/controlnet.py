@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 
+from ..caches import KeyedCache
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo, Tokens
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
 from ..fast import match_fast_path
@@ -38,7 +39,6 @@ __all__ = [
     "ControlNetUnion",
     "UNION_CONTROL_TYPES",
     "load_controlnet",
-    "clear_controlnet_cache",
     "ControlPrepared",
     "controlnet_for",
     "control_tensor",
@@ -58,14 +58,9 @@ UNION_CONTROL_TYPES: dict[str, int] = {
 # Which preprocessor makes each union control type's map from a photo.
 _UNION_PREPROCESSORS = {"pose": "pose", "depth": "depth", "canny": "canny"}
 
-_CACHE: dict[tuple[str, bool, str, str], Any] = {}
+_LOADED: KeyedCache[Any] = KeyedCache("ControlNets", size=4)
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 _REFINER_REASON = "SDXL ControlNets are trained against the base UNet's blocks; the refiner's architecture differs"
-
-
-def clear_controlnet_cache() -> None:
-    """Forget the ControlNets loaded so far (they are kept per process, like preprocessor models)."""
-    _CACHE.clear()
 
 
 def _check_config(config: Mapping[str, Any], unet: Any, source: str) -> None:
@@ -86,7 +81,7 @@ def _check_config(config: Mapping[str, Any], unet: Any, source: str) -> None:
 
 
 def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch.device | None = None) -> Any:
-    """Load (once per process) a ControlNet that fits ``unet``: hub id, local folder or single file.
+    """Load (kept in a process cache, see :mod:`sdxl_control.caches`) a ControlNet that fits ``unet``: hub id, local folder or single file.
 
     The config is checked against the UNet before any weights are read.
     """
@@ -95,35 +90,36 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
     unet_device, dtype = placement(unet)
     device = device or unet_device  # the call's device: with offloading the UNet may sit in CPU memory now
     key = (str(source), union, str(device), str(dtype))
-    if key in _CACHE:
-        return _CACHE[key]
-    cls = ControlNetUnionModel if union else ControlNetModel
-    path = resolve_source(source, allow=list(CONTROLNET_FILES))
-    if path.is_dir():
-        config_file = path / "config.json"
-        if not config_file.exists():
-            raise IncompatibleModelError(f"{path} is not a diffusers ControlNet folder (no config.json)")
-        config = json.loads(config_file.read_text())
-        is_union = config.get("_class_name") == "ControlNetUnionModel"
-        if is_union != union:
-            wanted = "ControlNetUnion" if is_union else "ControlNet"
-            raise IncompatibleModelError(f"{path} holds a {config.get('_class_name')}: use {wanted} for it")
-        _check_config(config, unet, str(source))
-        check_safetensors(path / "diffusion_pytorch_model.safetensors")
-        model = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
-    else:
-        check_safetensors(path)
-        try:
-            model = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
-        except Exception as exc:
-            raise MissingWeightsError(
-                f"{path}: diffusers could not convert this single-file ControlNet offline ({exc}); use its diffusers "
-                "folder (config.json + diffusion_pytorch_model.safetensors) instead"
-            ) from None
-        _check_config(dict(model.config), unet, str(source))
-    model.to(device).eval().requires_grad_(False)
-    _CACHE[key] = model
-    return model
+
+    def build() -> Any:
+        cls = ControlNetUnionModel if union else ControlNetModel
+        path = resolve_source(source, allow=list(CONTROLNET_FILES))
+        if path.is_dir():
+            config_file = path / "config.json"
+            if not config_file.exists():
+                raise IncompatibleModelError(f"{path} is not a diffusers ControlNet folder (no config.json)")
+            config = json.loads(config_file.read_text())
+            is_union = config.get("_class_name") == "ControlNetUnionModel"
+            if is_union != union:
+                wanted = "ControlNetUnion" if is_union else "ControlNet"
+                raise IncompatibleModelError(f"{path} holds a {config.get('_class_name')}: use {wanted} for it")
+            _check_config(config, unet, str(source))
+            check_safetensors(path / "diffusion_pytorch_model.safetensors")
+            model = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+        else:
+            check_safetensors(path)
+            try:
+                model = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+            except Exception as exc:
+                raise MissingWeightsError(
+                    f"{path}: diffusers could not convert this single-file ControlNet offline ({exc}); use its diffusers "
+                    "folder (config.json + diffusion_pytorch_model.safetensors) instead"
+                ) from None
+            _check_config(dict(model.config), unet, str(source))
+        model.to(device).eval().requires_grad_(False)
+        return model
+
+    return _LOADED.get(key, build)
 
 
 def _as_list(images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> list[ImageInput]:
@@ -238,9 +234,7 @@ def _unit(model: str | Path, preprocessor: str | None, options: Mapping[str, Any
 
 def controlnet_for(ctx: PrepareContext, source: str | Path, union: bool) -> Any:
     """The (cached) ControlNet for the call's base UNet and device, on the call's fast path."""
-    unet = ctx.stages.get(Stage.BASE)
-    if unet is None:
-        raise ConditionError("ControlNet conditions need the base stage")
+    unet = ctx.unet(Stage.BASE)
     model = load_controlnet(source, union=union, unet=unet, device=ctx.device)
     match_fast_path(model, ctx.fast)
     return model

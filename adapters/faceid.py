@@ -3,7 +3,8 @@
 ``faceid`` projects the 512-d ArcFace embedding to identity tokens; ``plusv2`` also reads the CLIP (ViT-H)
 features of the aligned face and adds the identity tokens back through a shortcut scaled by ``s_scale``. Both
 checkpoints carry a LoRA for every attention layer (the published ``*_lora.safetensors`` companions hold the same
-weights for other tools); it is applied while the condition is attached and removed bit-exactly afterwards.
+weights for other tools); it is added at ``lora_scale`` (1, as the reference fuses it) at the steps where the condition
+acts, through the weight channel, and removed bit-exactly afterwards.
 
 Example:
     >>> from sdxl_control.adapters.faceid import FaceID
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
+from ..conversion import numbered_lora_deltas
 from ..errors import ConditionError
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, pattern_for, weights_need
@@ -38,26 +40,6 @@ FACEID_VARIANTS: dict[str, str] = {
     "faceid": "ip-adapter-faceid_sdxl.bin",
     "plusv2": "ip-adapter-faceid-plusv2_sdxl.bin",
 }
-_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
-
-
-def lora_deltas(ip_weights: Mapping[str, torch.Tensor], unet: Any) -> dict[str, torch.Tensor]:
-    """``up @ down`` for every attention projection the checkpoint's LoRA covers, keyed by UNet parameter name.
-
-    The checkpoint numbers all attention layers in the UNet's processor order (0, 1, 2, ...).
-    """
-    deltas = {}
-    device = placement(unet)[0]
-    for index, name in enumerate(unet.attn_processors):
-        module = name.removesuffix(".processor")
-        for proj in _PROJECTIONS:
-            down = ip_weights.get(f"{index}.{proj}_lora.down.weight")
-            up = ip_weights.get(f"{index}.{proj}_lora.up.weight")
-            if down is None or up is None:
-                continue
-            target = f"{module}.{proj}.0.weight" if proj == "to_out" else f"{module}.{proj}.weight"
-            deltas[target] = up.to(device, torch.float32) @ down.to(device, torch.float32)
-    return deltas
 
 
 def save_face(
@@ -85,7 +67,8 @@ class FaceID(Condition):
 
     ``faces`` are images (analysed with the insightface pack ``face_pack``) or :class:`FaceInfo`; several faces add
     their tokens together. ``embeddings`` takes a file from :func:`save_face` instead. ``s_scale`` weighs PlusV2's
-    identity shortcut. ``source`` is the repo of the checkpoints (``h94/IP-Adapter-FaceID`` or a local copy),
+    identity shortcut, ``lora_scale`` the checkpoint's LoRA (which acts, like the tokens, only where ``scale`` is not
+    0 and ``window`` holds the step). ``source`` is the repo of the checkpoints (``h94/IP-Adapter-FaceID`` or a local copy),
     ``image_encoder`` the ViT-H CLIP vision folder PlusV2 needs (default: ``h94/IP-Adapter``'s).
 
     Example:
@@ -100,6 +83,7 @@ class FaceID(Condition):
     face_pack: str = DEFAULT_PACK
     face_root: str = "~/.insightface"
     s_scale: float = 1.0
+    lora_scale: float = 1.0
     layers: str | Mapping[str, Any] = "all"
     mask: Any = None
 
@@ -171,9 +155,7 @@ class FaceID(Condition):
         )
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        unet = ctx.stages.get(Stage.BASE)
-        if unet is None:
-            raise ConditionError("FaceID conditions need the base stage")
+        unet = ctx.unet(Stage.BASE)
         weights_file = self._weights_file()
         adapter = load_adapter(weights_file, unet, ctx)
         projection = adapter.projection
@@ -191,6 +173,5 @@ class FaceID(Condition):
         tokens = Tokens(rows[-1], rows[0] if ctx.guided else None).batched(ctx.batch_size, ctx.guided)
         mask = region_mask(self.mask, ctx) if self.mask is not None else None
         scales = {k: v * self.scale for k, v in layer_scales(unet, self.layers).items()}
-        return IPPrepared(
-            f"faceid:{self.variant}", adapter.weights, tokens, scales, mask, lora_deltas(adapter.weights, unet)
-        )
+        deltas = numbered_lora_deltas(adapter.weights, unet, self.lora_scale, placement(unet)[0])
+        return IPPrepared(f"faceid:{self.variant}", adapter.weights, tokens, scales, mask, deltas)

@@ -124,8 +124,6 @@ class InstantID(Condition):
         object.__setattr__(self, "controlnet_window", Window.of(self.controlnet_window))
         if (self.faces is None) == (self.identity is None):
             raise ConditionError("InstantID takes face photos / FaceInfo or a saved identity file (one of the two)")
-        if self.combine not in ("average", "concat"):
-            raise ConditionError(f"combine must be 'average' or 'concat', got {self.combine!r}")
 
     def model_needs(self) -> tuple[ModelNeed, ...]:
         adapter = (weights_need("InstantID adapter", self.adapter, ["*.bin", "*.safetensors"]) if self.adapter
@@ -153,9 +151,7 @@ class InstantID(Condition):
         return Identity.of(faces, pose, self.face_pack)
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        unet = ctx.stages.get(Stage.BASE)
-        if unet is None:
-            raise ConditionError("InstantID needs the base stage")
+        unet = ctx.unet(Stage.BASE)
         adapter_file = self._adapter_file()
         _check_layout(read_weights(adapter_file), unet, adapter_file)
         adapter = load_adapter(adapter_file, unet, ctx)

@@ -16,7 +16,6 @@ import difflib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -25,13 +24,13 @@ import torch.nn.functional as F
 
 from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
+from ..caches import PerModelCache, process_cached
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
 from ..files import looks_like_hub_id, looks_local
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, pattern_for, weights_need
 from ..models import (
-    PerModelCache,
     check_safetensors,
     placement,
     read_checkpoint,
@@ -40,7 +39,6 @@ from ..models import (
     resolve_source,
 )
 from ..preprocessors import load_image
-from ..weights import WeightPatch
 
 __all__ = [
     "IPAdapter",
@@ -91,7 +89,7 @@ LAYER_PRESETS: dict[str, Any] = {
 }
 
 
-@lru_cache(maxsize=4)
+@process_cached(4)
 def _load_pickled(path: str, size: int, mtime_ns: int) -> Any:
     # Published FaceID and InstantID files are pickles: read once per process while unchanged.
     return read_checkpoint(Path(path))
@@ -173,7 +171,7 @@ def check_fits(parts: Mapping[str, Mapping[str, torch.Tensor]], unet: Any, sourc
         raise IncompatibleModelError(f"{source} has {found} attention layers, this UNet {layers}")
 
 
-@lru_cache(maxsize=4)
+@process_cached(4)
 def clip_encoder(folder: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -251,8 +249,8 @@ def layer_scales(unet: Any, layers: str | Mapping[str, Any]) -> dict[str, float]
 
 
 class _IPAttachment(Attachment):
-    def __init__(self, patch: ProcessorPatch, branches: list[AttentionBranch], weights: WeightPatch | None) -> None:
-        self.patch, self.branches, self.weights = patch, branches, weights
+    def __init__(self, patch: ProcessorPatch, branches: list[AttentionBranch]) -> None:
+        self.patch, self.branches = patch, branches
 
     def contribute(self, step: StepInfo, active: bool) -> None:
         for branch in self.branches:
@@ -260,13 +258,11 @@ class _IPAttachment(Attachment):
 
     def detach(self) -> None:
         self.patch.restore()
-        if self.weights is not None:
-            self.weights.restore()
 
 
 class IPPrepared(Prepared):
     """Tokens ready to attach as one branch per targeted cross-attention layer, plus (FaceID) the LoRA ``deltas`` its
-    checkpoint carries for the attention weights.
+    checkpoint carries for the attention weights (the weight channel: added while the condition acts).
 
     ``weights`` hold each layer's ``<number>.to_k_ip.weight`` / ``to_v_ip.weight``, numbered 1, 3, 5, ... as the
     published files number cross-attention layers; keys and values are computed in the weights' precision and cast
@@ -285,27 +281,24 @@ class IPPrepared(Prepared):
 
     @torch.no_grad()
     def attach(self, unet: Any, stage: Stage) -> Attachment:
-        weight_patch = WeightPatch(unet, self.deltas) if self.deltas else None
-        try:
-            dtype = placement(unet)[1]
-            layers = attention_layers(unet)
-            replacements, branches = {}, []
-            for index, layer in enumerate(cross_layers(unet)):
-                scale = self.scales[layer]
-                if scale == 0.0:
-                    continue  # as diffusers skips zero-scale layers: no compute, no change
-                number = 2 * index + 1
-                key_weight, value_weight = (self.weights[f"{number}.{n}.weight"] for n in ("to_k_ip", "to_v_ip"))
-                key = F.linear(self.tokens.to(key_weight.dtype), key_weight).to(dtype)
-                value = F.linear(self.tokens.to(value_weight.dtype), value_weight).to(dtype)
-                branch = self.branch(self.name, key, value, scale, self.mask, active=False)
-                branches.append(branch)
-                replacements[layer] = BranchedAttnProcessor(layers[layer].processor, [branch])
-            return _IPAttachment(ProcessorPatch(unet, replacements), branches, weight_patch)
-        except BaseException:
-            if weight_patch is not None:
-                weight_patch.restore()
-            raise
+        dtype = placement(unet)[1]
+        layers = attention_layers(unet)
+        replacements, branches = {}, []
+        for index, layer in enumerate(cross_layers(unet)):
+            scale = self.scales[layer]
+            if scale == 0.0:
+                continue  # as diffusers skips zero-scale layers: no compute, no change
+            number = 2 * index + 1
+            key_weight, value_weight = (self.weights[f"{number}.{n}.weight"] for n in ("to_k_ip", "to_v_ip"))
+            key = F.linear(self.tokens.to(key_weight.dtype), key_weight).to(dtype)
+            value = F.linear(self.tokens.to(value_weight.dtype), value_weight).to(dtype)
+            branch = self.branch(self.name, key, value, scale, self.mask, active=False)
+            branches.append(branch)
+            replacements[layer] = BranchedAttnProcessor(layers[layer].processor, [branch])
+        return _IPAttachment(ProcessorPatch(unet, replacements), branches)
+
+    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        return {"unet": self.deltas} if self.deltas else {}
 
 
 @dataclass(frozen=True)
@@ -392,8 +385,6 @@ class IPAdapter(Condition):
         check_variant(self.variant, VARIANTS, "IP-Adapter")
         if (self.images is None) == (self.embeddings is None):
             raise ConditionError("IPAdapter takes reference images or saved embeddings (one of the two)")
-        if self.combine not in ("concat", "average"):
-            raise ConditionError(f"combine must be 'concat' or 'average', got {self.combine!r}")
 
     def _files(self) -> tuple[Path, Path | None, bool]:
         if self.variant in VARIANTS:
@@ -409,9 +400,7 @@ class IPAdapter(Condition):
         )
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        unet = ctx.stages.get(Stage.BASE)
-        if unet is None:
-            raise ConditionError("IP-Adapter conditions need the base stage")
+        unet = ctx.unet(Stage.BASE)
         weights_file, encoder, plus = self._files()
         adapter = load_adapter(weights_file, unet, ctx)
         projection = adapter.projection

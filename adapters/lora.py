@@ -1,8 +1,9 @@
 """LoRA conditions: community SDXL LoRAs (kohya/A1111 and diffusers/peft formats), several at once with weights.
 
-A LoRA is fused into the weights it targets while its step window is active — no per-step cost — and removed by
-putting the original parameter objects back, so the model is bit-identical afterwards. Text-encoder parts are
-fused while the stage's prompt is encoded. Reading the many published key layouts is diffusers' converter's job.
+A LoRA is the weight channel's plainest user: its deltas are fused into the weights it targets while it acts — no
+per-step cost — and taken out bit for bit when its window closes; text-encoder parts are fused while the prompt of
+those steps is encoded. Reading the many published key layouts is the job of
+:func:`sdxl_control.conversion.lora_deltas`.
 
 Example:
     >>> from sdxl_control.adapters.lora import LoRA
@@ -12,25 +13,21 @@ Example:
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
+from ..conditions import Condition, PrepareContext, Prepared, Stage
+from ..conversion import lora_deltas
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
 from ..files import addnet_hash
 from ..infotext import Infotext, safe_name
 from ..inventory import ModelNeed, weights_need
 from ..models import read_safetensors, resolve_in, resolve_source
-from ..weights import WeightPatch
 
-__all__ = ["LoRA", "lora_deltas"]
-
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+__all__ = ["LoRA"]
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -42,112 +39,12 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-# After diffusers' converter, LoRA pairs come named in one of these layouts; each gives (module, down|up).
-_KEY_LAYOUTS = [
-    re.compile(r"(?P<module>.+)\.lora_(?P<which>A|B)\.weight$"),  # peft
-    re.compile(
-        r"(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_[qkv]|to_out)_lora\.(?P<which>down|up)\.weight$"
-    ),  # legacy
-    re.compile(r"(?P<module>.+)\.lora_linear_layer\.(?P<which>down|up)\.weight$"),
-    re.compile(r"(?P<module>.+)\.lora\.(?P<which>down|up)\.weight$"),
-]
-# The legacy attention-processor names, per component: the UNet's to_out is a list, CLIP calls them *_proj.
-_LEGACY_PROJ = {
-    "unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
-    "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
-}
-
-
-def _pair_key(key: str, component: str) -> tuple[str, str]:
-    """(module, "down" | "up") of one LoRA weight name."""
-    for pattern in _KEY_LAYOUTS:
-        match = pattern.match(key)
-        if match:
-            module = match["module"]
-            proj = match.groupdict().get("proj")
-            if proj:
-                module = f"{module}.{_LEGACY_PROJ['unet' if component == 'unet' else 'text'][proj]}"
-            return module, {"A": "down", "B": "up"}.get(match["which"], match["which"])
-    raise IncompatibleModelError(f"unrecognised LoRA weight name {key!r}")
-
-
-def lora_deltas(
-    state: dict[str, torch.Tensor], unet_config: Any, weight: float = 1.0, device: torch.device | str = "cpu"
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Per component (``unet``, ``text_encoder``, ``text_encoder_2``): parameter name -> ``weight * alpha/r * up @ down``,
-    computed in float32 on ``device`` (the UNet's: the products are as large as the weights they patch)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    try:
-        # The converter pops keys from the dict it is given.
-        converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(state), unet_config=unet_config)
-    except (ValueError, KeyError) as exc:
-        raise IncompatibleModelError(f"not a LoRA layout diffusers knows ({exc})") from None
-    pairs: dict[str, dict[str, dict[str, torch.Tensor]]] = {c: defaultdict(dict) for c in COMPONENTS}
-    for key, value in converted.items():
-        component, _, rest = key.partition(".")
-        if component not in pairs:
-            raise IncompatibleModelError(f"LoRA weight {key!r} targets no SDXL component")
-        module, which = _pair_key(rest, component)
-        pairs[component][module][which] = value
-    module_alpha: dict[tuple[str, str], float] = {}
-    for key, alpha in (alphas or {}).items():
-        component, _, rest = key.removesuffix(".alpha").partition(".")
-        module = _pair_key(rest, component)[0] if rest.endswith(".weight") else rest
-        module_alpha[(component, module)] = float(alpha)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for component, modules in pairs.items():
-        deltas = {}
-        for module, pair in modules.items():
-            if set(pair) != {"down", "up"}:
-                raise IncompatibleModelError(
-                    f"LoRA module {module} lacks its {'up' if 'down' in pair else 'down'} weight"
-                )
-            down, up = pair["down"].to(device, torch.float32), pair["up"].to(device, torch.float32)
-            rank = down.shape[0]
-            scale = weight * module_alpha.get((component, module), rank) / rank
-            if down.ndim == 4:  # convolution LoRA (LoCon): a 1x1 up after a kxk down
-                delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-            else:
-                delta = up @ down
-            deltas[f"{module}.weight"] = delta * scale
-        if deltas:
-            out[component] = deltas
-    return out
-
-
-class _LoRAAttachment(Attachment):
-    """Fuses the deltas when the window opens and unfuses them when it closes (at most twice a call)."""
-
-    def __init__(self, unet: Any, deltas: dict[str, torch.Tensor], source: str) -> None:
-        self.unet, self.deltas, self.source = unet, deltas, source
-        self.patch: WeightPatch | None = None
-
-    def contribute(self, step: StepInfo, active: bool) -> None:
-        if active and self.patch is None:
-            try:
-                self.patch = WeightPatch(self.unet, self.deltas)
-            except (ValueError, AttributeError) as exc:
-                raise IncompatibleModelError(f"{self.source} does not fit this UNet: {exc}") from None
-        elif not active and self.patch is not None:
-            self.patch.restore()
-            self.patch = None
-
-    def detach(self) -> None:
-        if self.patch is not None:
-            self.patch.restore()
-            self.patch = None
-
-
 class _LoRAPrepared(Prepared):
-    def __init__(self, deltas: dict[Stage, dict[str, dict[str, torch.Tensor]]], source: str) -> None:
-        self.deltas, self.source = deltas, source
+    def __init__(self, deltas: dict[Stage, dict[str, dict[str, torch.Tensor]]]) -> None:
+        self.deltas = deltas
 
-    def attach(self, unet: Any, stage: Stage) -> Attachment:
-        return _LoRAAttachment(unet, self.deltas[stage].get("unet", {}), self.source)
-
-    def text_encoder_deltas(self, stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
-        return {k: v for k, v in self.deltas.get(stage, {}).items() if k != "unet"}
+    def weight_deltas(self, stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
+        return self.deltas.get(stage, {})
 
 
 @dataclass(frozen=True)
@@ -198,7 +95,7 @@ class LoRA(Condition):
                 except IncompatibleModelError as exc:
                     raise IncompatibleModelError(f"{path}: {exc}") from None
                 _check_fit(deltas[stage].get("unet", {}), unet, f"{path} ({stage.label} UNet)")
-        return _LoRAPrepared(deltas, str(path))
+        return _LoRAPrepared(deltas)
 
 
 def _check_fit(deltas: dict[str, torch.Tensor], unet: Any, what: str) -> None:

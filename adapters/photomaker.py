@@ -9,7 +9,7 @@ the trigger, as the reference does, so the layout settles first.
   through a Q-Former that reads the CLIP patch tokens.
 
 Both files hold an ID encoder and a LoRA for every attention layer of the UNet (old diffusers processor names), fused
-while the condition is attached and removed bit-exactly. CLIP sees the whole photo (resized and centre-cropped), as
+through the weight channel while the condition acts and removed bit-exactly. CLIP sees the whole photo (resized and centre-cropped), as
 in the reference; the face should fill most of it.
 
 Example:
@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..conditions import Attachment, Condition, PrepareContext, Prepared, PromptEdit, PromptTokens, Stage
+from ..caches import PerModelCache
+from ..conditions import Condition, PrepareContext, Prepared, PromptEdit, PromptTokens, Stage, Window, recorded_before
+from ..conversion import processor_lora_deltas
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
 from ..infotext import Infotext, model_label, safe_name
 from ..inventory import ModelNeed, weights_need
-from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
+from ..models import read_checkpoint, resolve_in, resolve_source
 from ..preprocessors import load_image
 from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features, pack_need
-from ..weights import WeightPatch
 from .ip_adapter import checkpoint_family
 from .perceiver import PerceiverAttention, feed_forward
 
@@ -208,25 +209,6 @@ def read_photomaker(path: Path) -> tuple[str, dict[str, torch.Tensor], dict[str,
     return ("v2" if "qformer_perceiver.token_proj.0.weight" in encoder else "v1"), encoder, lora
 
 
-def lora_deltas(lora: Mapping[str, torch.Tensor], unet: Any, scale: float, source: Path) -> dict[str, torch.Tensor]:
-    """``scale * up @ down`` per UNet weight, from the old diffusers attention-processor LoRA names
-    (``unet.<layer>.processor.to_q_lora.down.weight``); rank from the tensors, layers as the file lists them."""
-    parameters = dict(unet.named_parameters())
-    deltas = {}
-    for key, down in lora.items():
-        if not key.endswith("_lora.down.weight"):
-            continue
-        layer, _, projection = key.removeprefix("unet.").removesuffix("_lora.down.weight").rpartition(".processor.")
-        target = f"{layer}.{projection}.0.weight" if projection == "to_out" else f"{layer}.{projection}.weight"
-        up = lora[key.replace("_lora.down.", "_lora.up.")]
-        if target not in parameters:
-            raise IncompatibleModelError(f"{source}: its LoRA names {target}, which this UNet does not have")
-        deltas[target] = scale * (up @ down)
-    if not deltas:
-        raise IncompatibleModelError(f"{source}: no LoRA weights (unet.*.processor.*_lora.*)")
-    return deltas
-
-
 @dataclass(frozen=True)
 class _Loaded:
     encoder: PhotoMakerEncoder
@@ -275,8 +257,8 @@ def _tokens_with_trigger(tokenizer: Any, prompt: str, trigger: str, marker: int)
 class _TriggerRemoved(PromptEdit):
     """The prompt without the trigger word (the text the reference encodes before ``start_merge``)."""
 
-    def __init__(self, trigger: str, first: int = 0, last: int | None = None) -> None:
-        super().__init__(first, last)
+    def __init__(self, trigger: str, window: Window | None = None) -> None:
+        super().__init__(window or Window())
         self.trigger = trigger
 
     def text(self, prompt: str, tokenizer: Any) -> str:
@@ -288,13 +270,14 @@ class _TriggerRemoved(PromptEdit):
 
 
 class _PhotoMakerEdit(_TriggerRemoved):
-    """From ``first`` on: the class word repeated once per ID token, and the identity fused into those positions."""
+    """In ``window``: the class word repeated once per ID token, and the identity fused into those positions, at
+    ``strength`` (1: the fused embeddings themselves, as the reference; less: that far from the class word's)."""
 
     rewrites_tokens: ClassVar[bool] = True
 
-    def __init__(self, trigger: str, first: int, last: int | None, rows: torch.Tensor, fuse: FuseModule) -> None:
-        super().__init__(trigger, first, last)
-        self.rows, self.fuse = rows, fuse
+    def __init__(self, trigger: str, window: Window, rows: torch.Tensor, fuse: FuseModule, strength: float) -> None:
+        super().__init__(trigger, window)
+        self.rows, self.fuse, self.strength = rows, fuse, strength
 
     def tokens(self, prompt: str, tokenizer: Any, encoder: int) -> PromptTokens:
         marker = -1  # no vocabulary id: the trigger never reaches the text encoder
@@ -334,8 +317,11 @@ class _PhotoMakerEdit(_TriggerRemoved):
         positions = torch.tensor([i for i, m in enumerate(tokens[-1].marked) if m], device=hidden.device)
         with torch.no_grad():
             fused = self.fuse(hidden[0].index_select(0, positions).to(self.rows.dtype), self.rows)
+        fused = fused.to(hidden.dtype)
+        if self.strength != 1.0:
+            fused = torch.lerp(hidden[0, positions], fused, self.strength)
         out = hidden.clone()
-        out[0, positions] = fused.to(hidden.dtype)
+        out[0, positions] = fused
         return out
 
 
@@ -347,29 +333,22 @@ def _trigger_message(trigger: str, prompt: str, count: int) -> str:
     )
 
 
-class _PhotoMakerAttachment(Attachment):
-    def __init__(self, patch: WeightPatch) -> None:
-        self.patch = patch
-
-    def detach(self) -> None:
-        self.patch.restore()
-
-
 @dataclass(frozen=True, eq=False)
 class PhotoMakerPrepared(Prepared):
-    """PhotoMaker ready: its LoRA deltas and the prompt edit per stage (the refiner only loses the trigger word).
+    """PhotoMaker ready: its LoRA deltas (the weight channel) and the prompt edit per stage (the refiner only loses
+    the trigger word).
 
     Example:
-        >>> PhotoMaker("me.jpg").prepare(ctx).prompt_edit(Stage.BASE).first  # doctest: +SKIP
-        7
+        >>> PhotoMaker("me.jpg").prepare(ctx).prompt_edit(Stage.BASE).window  # doctest: +SKIP
+        Window(start=0.35, end=1.0)
     """
 
     deltas: Mapping[str, torch.Tensor]
     edit: PromptEdit
     trigger: str
 
-    def attach(self, unet: Any, stage: Stage) -> Attachment:
-        return _PhotoMakerAttachment(WeightPatch(unet, self.deltas))
+    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        return {"unet": self.deltas} if stage == Stage.BASE and self.deltas else {}
 
     def prompt_edit(self, stage: Stage) -> PromptEdit | None:
         return self.edit if stage == Stage.BASE else _TriggerRemoved(self.trigger)
@@ -383,8 +362,9 @@ class PhotoMaker(Condition):
     ``version`` picks the published file (``"v2"``, the default, or ``"v1"``; ``weights=`` a file elsewhere, whose
     keys tell its version). ``start_merge`` is the reference's style strength: that fraction of the steps (capped at
     30 steps) uses the prompt without the identity, so more of it gives more of the prompt's style and less likeness
-    (default 0.2, as the reference's app). ``scale`` weighs the checkpoint's LoRA (1, as the reference fuses it);
-    ``window`` limits the identity prompt's steps. v2 reads each photo's face embedding (insightface ``buffalo_l``,
+    (default 0.2, as the reference's app). ``scale`` is how far the fused identity embeddings replace the class
+    word's (1, as the reference), ``lora_scale`` weighs the checkpoint's LoRA (1, as the reference fuses it); both act
+    only at the steps ``window`` holds, and with ``scale`` 0 nothing acts. v2 reads each photo's face embedding (insightface ``buffalo_l``,
     ``face_pack``). ``identity`` takes a file from ``save_identity(..., photomaker=True)``.
 
     Example:
@@ -396,6 +376,7 @@ class PhotoMaker(Condition):
     version: Literal["v1", "v2"] | None = None
     trigger: str = "img"
     start_merge: float = 0.2
+    lora_scale: float = 1.0
     weights: str | None = None
     face_pack: str = DEFAULT_PACK
     face_root: str = "~/.insightface"
@@ -412,6 +393,7 @@ class PhotoMaker(Condition):
         weights = self._weights_file()
         settings = {"Version": self.version or ("v2" if self.weights is None else None), "Trigger": self.trigger,
                     "Start Merge": f"{self.start_merge:g}", "Weight": f"{self.scale:g}",
+                    "LoRA Weight": None if self.lora_scale == 1 else f"{self.lora_scale:g}",
                     "Weights": model_label(weights, weights)}  # fmt: skip
         return Infotext(fields={"PhotoMaker": {k: safe_name(str(v)) for k, v in settings.items() if v is not None}})
 
@@ -419,8 +401,6 @@ class PhotoMaker(Condition):
         super().__post_init__()
         if (self.faces is None) == (self.identity is None):
             raise ConditionError("PhotoMaker takes photos or a saved identity file (one of the two)")
-        if self.version not in (None, *REPOS):
-            raise ConditionError(f"PhotoMaker version must be 'v1' or 'v2', got {self.version!r}")
         if not self.trigger or self.trigger != self.trigger.strip():
             raise ConditionError(f"the trigger word must be a word without spaces around it, got {self.trigger!r}")
         if not 0.0 <= self.start_merge <= 1.0:
@@ -465,9 +445,7 @@ class PhotoMaker(Condition):
         return pixels, None if faces is None else torch.from_numpy(np.asarray(faces, np.float32))
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        unet = ctx.stages.get(Stage.BASE)
-        if unet is None:
-            raise ConditionError("PhotoMaker needs the base stage")
+        unet = ctx.unet(Stage.BASE)
         path = self._weights_file()
         loaded = _load(path, unet, ctx)
         version = loaded.encoder.version
@@ -483,10 +461,19 @@ class PhotoMaker(Condition):
             )
         # Steps up to and including start_merge's use the plain prompt (the reference switches after it).
         merge = min(int(self.start_merge * ctx.steps), MAX_MERGE_STEP)
-        first = max(merge + 1, math.ceil(self.window.start * ctx.steps))
-        last = None if self.window.end >= 1.0 else max(first + 1, int(self.window.end * ctx.steps))
-        edit = _PhotoMakerEdit(self.trigger, first, last, rows, loaded.encoder.fuse_module)
-        return PhotoMakerPrepared(lora_deltas(loaded.lora, unet, self.scale, path), edit, self.trigger)
+        edit: PromptEdit = _TriggerRemoved(self.trigger)
+        if merge + 1 < ctx.steps:
+            merging = Window((merge + 1) / ctx.steps, 1.0)
+            edit = _PhotoMakerEdit(self.trigger, merging, rows, loaded.encoder.fuse_module, self.scale)
+        deltas = processor_lora_deltas(loaded.lora, unet, self.lora_scale, path)
+        return PhotoMakerPrepared(deltas, edit, self.trigger)
+
+    @classmethod
+    def upgrade_settings(cls, settings: Mapping[str, Any], version: str | None) -> dict[str, Any]:
+        # Before 0.2.0, scale weighed the LoRA and the identity was always fused whole.
+        if not recorded_before(version, "0.2.0") or "lora_scale" in settings:
+            return dict(settings)
+        return {**settings, "scale": 1.0, "lora_scale": settings.get("scale", 1.0)}
 
 
 def clip_pixels(photos: Sequence[Any], size: int) -> torch.Tensor:

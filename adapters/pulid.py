@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from ..attention import AttentionBranch, OrthogonalBranch
+from ..caches import PerModelCache
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError, IncompatibleModelError
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, weights_need
-from ..models import PerModelCache, read_checkpoint, resolve_in, resolve_source
+from ..models import read_checkpoint, resolve_in, resolve_source
 from ..preprocessors.face import IDENTITY_PACK, Identity, identity_features, pack_need
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers
 from .perceiver import PerceiverAttention, feed_forward
@@ -262,12 +263,6 @@ class PuLID(Condition):
         super().__post_init__()
         if (self.faces is None) == (self.identity is None):
             raise ConditionError("PuLID takes face photos or a saved identity file (one of the two)")
-        if self.version not in (None, *PULID_FILES):
-            raise ConditionError(f"PuLID version must be one of {', '.join(PULID_FILES)}, got {self.version!r}")
-        if self.mode not in ("fidelity", "style"):
-            raise ConditionError(f"PuLID mode must be 'fidelity' or 'style', got {self.mode!r}")
-        if self.ortho not in (None, *_ORTHO):
-            raise ConditionError(f"ortho must be one of {', '.join(_ORTHO)}, got {self.ortho!r}")
         if self.zero_tokens is not None and self.zero_tokens < 0:
             raise ConditionError(f"zero_tokens must be >= 0, got {self.zero_tokens}")
 
@@ -318,9 +313,7 @@ class PuLID(Condition):
                                  parsing=self.parsing, device=ctx.device)  # fmt: skip
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        unet = ctx.stages.get(Stage.BASE)
-        if unet is None:
-            raise ConditionError("PuLID needs the base stage")
+        unet = ctx.unet(Stage.BASE)
         path = self._checkpoint()
         loaded = load_pulid(path, unet, ctx.device)
         if self.version is not None and loaded.version != self.version:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..caches import process_cached
 from ..models import resolve_source
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DEPTH_FILES", "estimate_depth"]
@@ -19,7 +19,7 @@ DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
 DEPTH_FILES = ("*.json", "*.safetensors")
 
 
-@lru_cache(maxsize=4)
+@process_cached(4)
 def _estimator(source: str, device: str) -> Any:
     from transformers import pipeline
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..caches import process_cached
 from ..errors import IncompatibleModelError
 
 __all__ = ["EVA_REPO", "EVA_FILE", "HIDDEN_BLOCKS", "eva_checkpoint", "load_eva_clip", "eva_face_features"]
@@ -56,7 +56,7 @@ def _visual_state(path: Path) -> dict[str, torch.Tensor]:
     return visual
 
 
-@lru_cache(maxsize=2)
+@process_cached(2)
 def _load(path: str, size: int, mtime_ns: int, device: str) -> Any:
     from timm.models.eva import Eva, checkpoint_filter_fn
 

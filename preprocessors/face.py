@@ -16,13 +16,13 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from ..caches import process_cached
 from ..errors import (
     CheckpointError,
     ConditionError,
@@ -158,7 +158,7 @@ def pack_need(pack: str, root: str | os.PathLike[str] = "~/.insightface") -> Mod
                      licence=INSIGHTFACE_LICENCE)  # fmt: skip
 
 
-@lru_cache(maxsize=2)
+@process_cached(2)
 def _analysis(folder: str) -> Any:
     from insightface.app import FaceAnalysis
 

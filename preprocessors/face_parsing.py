@@ -6,13 +6,13 @@ the face in grey.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..caches import process_cached
 from ..errors import MissingWeightsError
 
 __all__ = ["PARSING_FILE", "PARSING_URL", "default_parsing_folder", "load_face_parser", "face_only"]
@@ -31,7 +31,7 @@ def default_parsing_folder() -> Path:
     return Path(facexlib.__file__).parent / "weights"
 
 
-@lru_cache(maxsize=2)
+@process_cached(2)
 def _parser(folder: str, device: str) -> Any:
     from facexlib.parsing import init_parsing_model
 

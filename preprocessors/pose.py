@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from typing import Any
 
 from PIL import Image
 
+from ..caches import process_cached
 from ..models import resolve_source
 
 __all__ = ["DEFAULT_POSE_MODEL", "POSE_FILES", "detect_pose"]
@@ -17,7 +17,7 @@ DEFAULT_POSE_MODEL = "lllyasviel/Annotators"
 POSE_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
 
 
-@lru_cache(maxsize=2)
+@process_cached(2)
 def _detector(source: str, device: str) -> Any:
     from controlnet_aux import OpenposeDetector
 

@@ -29,7 +29,7 @@ from .errors import (
     SdxlControlError,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> the module that defines it
 _LAZY = {
@@ -60,9 +60,11 @@ _LAZY = {
     "read_recipe": "recipe",
     "Infotext": "infotext",
     "Locator": "files",
+    "clear_caches": "caches",
 }
 
 if TYPE_CHECKING:
+    from .caches import clear_caches
     from .conditions import (
         Attachment,
         Condition,
@@ -109,6 +111,7 @@ __all__ = [
     "ProgressEvent",
     "Infotext",
     "Locator",
+    "clear_caches",
     "Condition",
     "Prepared",
     "Attachment",

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from .attention import attention_layers
-from .conditions import Attachment, Condition, Prepared, Stage
-from .errors import SdxlControlError
+from .conditions import Attachment, Condition, Prepared, Stage, StepInfo
+from .errors import IncompatibleModelError, SdxlControlError
+from .weights import WeightPatch
 
-__all__ = ["ProcessorPatch", "ModelSnapshot", "attached"]
+__all__ = ["ProcessorPatch", "WindowedDeltas", "ModelSnapshot", "attached"]
 
 
 class ProcessorPatch:
@@ -37,6 +38,33 @@ class ProcessorPatch:
     def restore(self) -> None:
         for layer, processor in self._saved.values():
             layer.set_processor(processor)
+
+
+class WindowedDeltas(Attachment):
+    """The weight channel on one model: ``deltas`` added while the condition acts and removed when it stops (so at most
+    twice a call for a window), and always on ``detach``; the weights are bit-identical afterwards.
+
+    Example:
+        >>> part = WindowedDeltas(unet, {"mid_block.attentions.0.proj_in.weight": delta}, "LoRA")  # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], owner: str) -> None:
+        self.model, self.deltas, self.owner = model, deltas, owner
+        self.patch: WeightPatch | None = None
+
+    def contribute(self, step: StepInfo, active: bool) -> None:
+        if active and self.patch is None:
+            try:
+                self.patch = WeightPatch(self.model, self.deltas)
+            except (ValueError, AttributeError) as exc:
+                raise IncompatibleModelError(f"{self.owner}'s weight deltas do not fit this model: {exc}") from None
+        elif not active and self.patch is not None:
+            self.detach()
+
+    def detach(self) -> None:
+        if self.patch is not None:
+            self.patch.restore()
+            self.patch = None
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
@@ -94,7 +122,8 @@ def attached(
 ) -> Iterator[list[tuple[Condition, Attachment]]]:
     """Attach conditions to ``unet`` for the duration of the block; always detach, in reverse order.
 
-    If an attach fails part way, the ones already attached are detached before the error propagates. After
+    A condition's UNet weight deltas (the weight channel) come as a second attachment after its own, switched by the
+    same rule. If an attach fails part way, the ones already attached are detached before the error propagates. After
     detaching, the UNet's processors, hooks and parameter objects must equal what they were; a condition that
     leaves anything behind is a bug: it is reported as an error (processors it left are put back first).
     """
@@ -108,6 +137,9 @@ def attached(
     try:
         for condition, ready in prepared:
             live.append((condition, ready.attach(unet, stage)))
+            deltas = ready.weight_deltas(stage).get("unet")
+            if deltas:
+                live.append((condition, WindowedDeltas(unet, deltas, type(condition).__name__)))
         yield live
     finally:
         errors: list[BaseException] = []
@@ -123,5 +155,5 @@ def attached(
             if "attention processors" in changed:
                 for layer, processor in processors.values():
                     layer.set_processor(processor)
-            names = ", ".join(type(c).__name__ for c, _ in live)
+            names = ", ".join(dict.fromkeys(type(c).__name__ for c, _ in live))
             raise SdxlControlError(f"detaching [{names}] did not restore the UNet's {' and '.join(changed)}")

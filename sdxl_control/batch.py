@@ -298,7 +298,10 @@ def _plain_job(
     conditions = preset.conditions(data.get("inputs", {})) if preset is not None else []
     if not isinstance(data.get("conditions", []), list):
         raise InvalidRequestError("the job's 'conditions' should be a list of conditions, as a recipe records them")
-    conditions += [condition_from_settings(_local_condition(c, root), locate) for c in data.get("conditions", [])]
+    version = data.get("version") if isinstance(data.get("version"), str) else None
+    conditions += [
+        condition_from_settings(_local_condition(c, root), locate, version) for c in data.get("conditions", [])
+    ]
     settings = {**(preset.settings if preset is not None else {}), "seed": seed}
     settings.update({k: v for k, v in data.items() if k not in JOB_KEYS and k != "conditions"})
     if isinstance(settings.get("size"), list):
@@ -569,9 +572,9 @@ class BatchWorker:
             result["files"] = list(job.outputs)
             result["seeds"] = [image.recipe["seed"] for image in images]
         except SdxlControlError as exc:
-            result.update(error=str(exc), error_kind=type(exc).__name__)
+            result.update(error=str(exc), error_kind=type(exc).__name__, exit_code=exc.exit_code)
         except Exception as exc:  # out of device memory, a bug this job's inputs hit: the job fails, not the batch
-            result.update(error=f"{type(exc).__name__}: {exc}", error_kind=type(exc).__name__)
+            result.update(error=f"{type(exc).__name__}: {exc}", error_kind=type(exc).__name__, exit_code=1)
         result["seconds"] = round(time.perf_counter() - started, 3)
         result["worker"] = f"{socket.gethostname()}:{os.getpid()}"
         return result

@@ -737,7 +737,6 @@ def _models_command(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     """Check the whole job file, then run it; exit 0 when every job is done, else the exit code of the first
     failure's kind (its line in results.jsonl says what went wrong)."""
-    from . import errors
     from .batch import Outputs, read_jobs, record_problems, run_batch
 
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
@@ -772,8 +771,8 @@ def _batch(args: argparse.Namespace) -> int:
     failed = [r for r in summary.results if r.get("error") is not None]
     if failed:
         sys.stderr.write(f"sdxl-control: {len(failed)} job(s) failed, first {failed[0]['id']}: {failed[0]['error']}\n")
-        kind = getattr(errors, failed[0].get("error_kind") or "", None)
-        return kind.exit_code if isinstance(kind, type) and issubclass(kind, SdxlControlError) else 1
+        code = failed[0].get("exit_code")
+        return code if isinstance(code, int) else 1
     return InvalidRequestError.exit_code if problems else 0
 
 

@@ -8,10 +8,12 @@ Running it goes through three runtime objects that live apart from that value:
 * the loop calls ``Attachment.contribute(step, active)`` at every step and ``Attachment.detach()`` at the end,
   also when anything raised.
 
-Conditions compose through three typed channels: :class:`Residuals` returned by ``contribute`` are summed and fed to
+Conditions compose through four typed channels: :class:`Residuals` returned by ``contribute`` are summed and fed to
 the UNet (ControlNet-like conditions); attention processors installed at attach time (IP-Adapter-like conditions) are
-switched on and off by the ``active`` flag; and a :class:`PromptEdit` from ``Prepared.prompt_edit`` changes what a
-stage's text encoders read, and from which step (PhotoMaker). A model a condition brings may attend to its own
+switched on and off by the ``active`` flag; a :class:`PromptEdit` from ``Prepared.prompt_edit`` changes what a
+stage's text encoders read, and at which steps (PhotoMaker); and weight deltas from ``Prepared.weight_deltas`` are
+added to the stage's models while the condition acts (LoRAs, FaceID's and PhotoMaker's LoRAs). Every channel follows
+one rule, :func:`acts`: a condition with scale 0, or with a window that holds no step, is the same as absent. A model a condition brings may attend to its own
 :class:`Tokens` instead of the prompt (IdentityNet's face tokens); a condition made of parts with their own scales and
 windows attaches as :class:`Parts`.
 """
@@ -51,6 +53,7 @@ __all__ = [
     "Attachment",
     "Parts",
     "acts",
+    "recorded_before",
     "validate_conditions",
 ]
 
@@ -201,24 +204,26 @@ class PromptTokens:
 class PromptEdit:
     """The prompt channel: how a condition changes what a stage's text encoders read, and at which steps.
 
-    * :meth:`text` gives the prompt text encoded at every step (PhotoMaker takes its trigger word out);
-    * from step ``first`` to ``last`` (step indices of the whole schedule, ``last`` exclusive, ``None``: to the end),
-      :meth:`tokens` may give each encoder its own token ids (only one condition per step may), and :meth:`embed` may
-      change the encoded hidden states (PhotoMaker fuses the identity into the marked class-word positions).
+    * :meth:`text` gives the prompt text encoded at every step, where the condition acts at any step of the call
+      (PhotoMaker takes its trigger word out);
+    * at the steps inside ``window`` where the condition also acts (its scale is not 0 and its own window holds the
+      step), :meth:`tokens` may give each encoder its own token ids (only one condition per step may), and
+      :meth:`embed` may change the encoded hidden states (PhotoMaker fuses the identity into the marked class-word
+      positions). ``window`` is in fractions of the whole schedule, as every :class:`Window`.
 
     The negative prompt is not edited. The pooled embedding follows the token ids.
 
     Example:
         >>> class Stronger(PromptEdit):                                  # doctest: +SKIP
         ...     def embed(self, hidden, tokens): return hidden * 1.1
-        >>> Stronger(first=3).first
-        3
+        >>> Stronger(Window(0.25, 1.0)).window.start
+        0.25
     """
 
-    def __init__(self, first: int = 0, last: int | None = None) -> None:
-        if first < 0 or (last is not None and last <= first):
-            raise ConditionError(f"a prompt edit needs 0 <= first < last, got ({first}, {last})")
-        self.first, self.last = first, last
+    def __init__(self, window: Window = Window()) -> None:
+        if not isinstance(window, Window):
+            raise ConditionError(f"a prompt edit acts in a Window, got {window!r:.80}")
+        self.window = window
 
     # Whether :meth:`tokens` gives token ids of its own (only one such edit may act at a step).
     rewrites_tokens: ClassVar[bool] = False
@@ -235,9 +240,6 @@ class PromptEdit:
     def embed(self, hidden: torch.Tensor, tokens: Sequence[PromptTokens]) -> torch.Tensor:
         """The encoders' hidden states (1, tokens, total width), edited; ``tokens`` are what each encoder read."""
         return hidden
-
-    def acts_at(self, index: int) -> bool:
-        return self.first <= index and (self.last is None or index < self.last)
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ class PrepareContext:
 
     Example:
         >>> def prepare(self, ctx: PrepareContext):                     # doctest: +SKIP
-        ...     unet = ctx.stages[Stage.BASE]; width, height = ctx.size
+        ...     unet = ctx.unet(Stage.BASE); width, height = ctx.size
     """
 
     device: torch.device
@@ -283,6 +285,12 @@ class PrepareContext:
     stages: Mapping[Stage, Any] = field(default_factory=dict)
     fast: FastPath | None = None
     steps: int = 0
+
+    def unet(self, stage: Stage) -> Any:
+        """The UNet of ``stage``; every call runs the base, so only a context built by hand may lack it."""
+        if stage not in self.stages:
+            raise ConditionError(f"this call runs no {stage.label} stage")
+        return self.stages[stage]
 
 
 class Attachment(ABC):
@@ -335,25 +343,37 @@ class Parts(Attachment):
             raise errors[0]
 
 
-class Prepared(ABC):
+class _Unchanged(Attachment):
+    def detach(self) -> None:
+        return None
+
+
+class Prepared:
     """A condition's inputs, encoded once per call, ready to attach to the UNet of a stage.
+
+    A condition that works only through the prompt or weight channels need not attach anything: the default
+    :meth:`attach` changes nothing.
 
     Example:
         >>> class Ready(Prepared):                                       # doctest: +SKIP
         ...     def attach(self, unet, stage): return Hooked(unet)
     """
 
-    @abstractmethod
-    def attach(self, unet: Any, stage: Stage) -> Attachment: ...
+    def attach(self, unet: Any, stage: Stage) -> Attachment:
+        return _Unchanged()
 
     def prompt_edit(self, stage: Stage) -> PromptEdit | None:
         """How the condition changes the prompt of ``stage`` (the prompt channel). Asked for every stage the call runs,
         also those it does not attach to: a base-only condition may still take its syntax out of the refiner's prompt."""
         return None
 
-    def text_encoder_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
-        """Weight deltas for the stage's text encoders, by component name (``text_encoder``, ``text_encoder_2``),
-        applied while its prompts are encoded; LoRAs with text-encoder parts use this."""
+    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
+        """The weight channel: deltas for the stage's models, by component (``unet``, ``text_encoder``,
+        ``text_encoder_2``), each a map of parameter name to a tensor of that parameter's shape, already weighed.
+
+        They are added exactly at the steps where the condition acts (see :func:`acts`) and removed bit for bit
+        after: the UNet's for its denoising steps, the text encoders' while the prompt of those steps is encoded.
+        Parameter names are the loaded models' own (see :mod:`sdxl_control.conversion` for published layouts)."""
         return {}
 
 
@@ -402,6 +422,13 @@ class Condition(ABC):
     @abstractmethod
     def prepare(self, ctx: PrepareContext) -> Prepared: ...
 
+    @classmethod
+    def upgrade_settings(cls, settings: Mapping[str, Any], version: str | None) -> dict[str, Any]:
+        """Settings (``kind`` taken out) that a recipe of sdxl-control ``version`` recorded, in this version's fields,
+        so that old recipes re-make the same pixels (``None``: written for this version); a family whose field changed
+        meaning says here how an old value maps (see :func:`recorded_before`)."""
+        return dict(settings)
+
     def settings(self, paths: PathMode = "names") -> dict[str, Any]:
         """JSON-ready description for the recipe; inputs that are not plain data are summarised. Local files and
         folders in :attr:`path_fields` are recorded by name and content (``paths="full"``: with their path too)."""
@@ -425,6 +452,22 @@ class Condition(ABC):
         """The weights :meth:`prepare` will look for, found the way it finds them: what ``sdxl-control models`` lists
         and fetches. Made without reading any file."""
         return ()
+
+
+def recorded_before(version: str | None, release: str) -> bool:
+    """Whether a recipe's ``version`` is older than ``release`` (``None``, a job written by hand: it is not).
+
+    Example:
+        >>> recorded_before("0.1.0", "0.2.0"), recorded_before(None, "0.2.0")
+        (True, False)
+    """
+    if version is None:
+        return False
+
+    def numbers(text: str) -> tuple[int, ...]:
+        return tuple(int(part) if part.isdigit() else 0 for part in text.split(".")[:3])
+
+    return numbers(version) < numbers(release)
 
 
 def _describe(value: Any) -> Any:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .attention import attention_layers
 from .defaults import FAST_LEVELS
+from .errors import IncompatibleModelError, InvalidRequestError
 
 __all__ = ["FAST_LEVELS", "FastPath", "FastPathHandle", "apply_fast_path", "match_fast_path"]
 
@@ -53,13 +54,13 @@ class FastPath:
 
     def __post_init__(self) -> None:
         if self.compile not in ("off", "blocks", "unet"):
-            raise ValueError(f"compile must be 'off', 'blocks' or 'unet', got {self.compile!r}")
+            raise InvalidRequestError(f"compile must be 'off', 'blocks' or 'unet', got {self.compile!r}")
 
     @classmethod
     def level(cls, name: str, **options: Any) -> FastPath | None:
         """The fast path of a named level of :data:`FAST_LEVELS` (``None`` for ``"off"``)."""
         if name not in FAST_LEVELS:
-            raise ValueError(f"unknown fast-path level {name!r}: use one of {', '.join(FAST_LEVELS)}")
+            raise InvalidRequestError(f"unknown fast-path level {name!r}: use one of {', '.join(FAST_LEVELS)}")
         if name == "off":
             return None
         return cls(compile="off" if name == "layout" else name, **options)  # type: ignore[arg-type]
@@ -130,7 +131,9 @@ def _compile(module: torch.nn.Module, fast: FastPath) -> Callable[[], None]:
         kinds = set(getattr(module, "_repeated_blocks", ()) or ("BasicTransformerBlock",))
         targets = [m for m in module.modules() if type(m).__name__ in kinds]
         if not targets:
-            raise ValueError(f"{type(module).__name__} names no repeated blocks to compile; use compile='unet'")
+            raise IncompatibleModelError(
+                f"{type(module).__name__} names no repeated blocks to compile; use compile='unet'"
+            )
     else:
         targets = [module]
     limits = torch._dynamo.config

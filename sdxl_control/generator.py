@@ -15,6 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import __version__
+from .caches import clear_caches
 from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
 from .errors import InputError, InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
@@ -25,10 +26,9 @@ from .loop import ProgressCallback, PromptSegment, StageInputs, denoise
 from .models import DEFAULT_BASE, StageModels, load_stage, placement
 from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
-from .text import MicroConditioning, encode_negative, prompt_segments, time_ids
+from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
 from .vae import decode_latents, load_decoder, vae_scale_factor
 from .validation import check_fields, unknown_keys
-from .weights import WeightPatch
 
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]
 
@@ -151,7 +151,7 @@ class GenerationRequest:
             conditions, missing = [], []
             for settings in recipe["conditions"]:
                 try:
-                    conditions.append(condition_from_settings(settings, locate))
+                    conditions.append(condition_from_settings(settings, locate, recipe.get("version")))
                 except InputError as exc:  # name every missing file at once, not one per attempt
                     missing.append(str(exc))
             if missing:
@@ -318,17 +318,16 @@ class Generator:
         n = request.num_images
         mine = [(c, p) for c, p in prepared if models.stage in c.stage]
         # Every condition is asked (the prompt channel): a base-only one may still take its syntax out of the refiner's.
-        edits = [edit for _, p in prepared if (edit := p.prompt_edit(models.stage)) is not None]
-        with (
-            self._resident([e.model for e in models.text_encoders]),
-            _text_encoder_patches(models, [p for _, p in mine]),
-        ):
-            segments = prompt_segments(models.text_encoders, request.prompt, edits, plan.schedule.total)
-            negative = None
-            if guidance.copies > 1:
-                negatives = None if request.negative_prompt is None else [request.negative_prompt]
-                negative = encode_negative(models.text_encoders, negatives, segments[0][1],
-                                           zero_negative=models.force_zeros_for_empty_prompt)  # fmt: skip
+        channels = []
+        for condition, ready in prepared:
+            edit = ready.prompt_edit(models.stage)
+            deltas = {k: v for k, v in ready.weight_deltas(models.stage).items() if k != "unet"}
+            if edit is not None or deltas:
+                channels.append(TextChannel(condition.scale, condition.window, edit, deltas))
+        with self._resident([e.model for e in models.text_encoders]):
+            encoded = prompt_segments(models.text_encoders, request.prompt, request.negative_prompt, channels,
+                                      plan.schedule.total, need_negative=guidance.copies > 1,
+                                      zero_negative=models.force_zeros_for_empty_prompt)  # fmt: skip
         width, height = request.size
         micro = MicroConditioning(
             original_size=(height, width),
@@ -340,12 +339,13 @@ class Generator:
             micro,
             aesthetic=models.requires_aesthetics_score,
             unet=unet,
-            pooled_width=segments[0][1].pooled.shape[-1],
+            pooled_width=encoded[0][1].pooled.shape[-1],
             dtype=dtype,
         )
-        ids = pos_ids.repeat(n, 1) if negative is None else torch.cat([neg_ids.repeat(n, 1), pos_ids.repeat(n, 1)])
+        guided = guidance.copies > 1
+        ids = torch.cat([neg_ids.repeat(n, 1), pos_ids.repeat(n, 1)]) if guided else pos_ids.repeat(n, 1)
         prompts = []
-        for first, positive in segments:
+        for first, positive, negative in encoded:
             hidden, pooled = positive.hidden.repeat(n, 1, 1), positive.pooled.repeat(n, 1)
             if negative is not None:
                 hidden = torch.cat([negative.hidden.repeat(n, 1, 1), hidden])
@@ -435,8 +435,9 @@ class Generator:
 
 class LastLoaded:
     """The :class:`Generator` for the models asked for last, kept while the next request names the same ones; other
-    models replace it, the old ones let go first (two sets of SDXL weights need not fit at once). What the page and a
-    batch worker hold.
+    models replace it, the old ones let go first (two sets of SDXL weights need not fit at once), together with every
+    process cache (:func:`sdxl_control.caches.clear_caches`: the ControlNets and encoders the old set used). What the
+    page and a batch worker hold.
 
     Example:
         >>> models = LastLoaded(device="cuda")                                 # doctest: +SKIP
@@ -454,7 +455,10 @@ class LastLoaded:
     ) -> Generator:
         key = (base, refiner, unet)
         if self._generator is None or key != self._key:
-            self._generator, self._key = None, None
+            if self._generator is not None:
+                # What the old set used (its ControlNets, encoders, converted weights) goes with it.
+                self._generator, self._key = None, None
+                clear_caches()
             self._generator = Generator.from_pretrained(base, refiner, device=self.device, dtype=self.dtype, unet=unet)
             self._key = key
         return self._generator
@@ -464,30 +468,6 @@ _FUSED_CANNOT_MOVE = (
     "offloading moves models between devices, which the fast path's fused projections cannot follow: "
     "use FastPath(fuse_qkv=False) with offloading"
 )
-
-
-@contextmanager
-def _text_encoder_patches(models: StageModels, prepared: list[Prepared]) -> Iterator[None]:
-    """Text-encoder weight deltas of the stage's conditions, applied while its prompts are encoded."""
-    patches: list[WeightPatch] = []
-    try:
-        for ready in prepared:
-            for encoder in models.text_encoders:
-                deltas = ready.text_encoder_deltas(models.stage).get(encoder.component)
-                if deltas:
-                    names = {n for n, _ in encoder.model.named_parameters()}
-                    patches.append(WeightPatch(encoder.model, {_parameter(names, k): v for k, v in deltas.items()}))
-        yield
-    finally:
-        for patch in reversed(patches):
-            patch.restore()
-
-
-def _parameter(names: set[str], key: str) -> str:
-    # Published LoRAs name CLIP layers the transformers-4 way (text_model.encoder...); transformers 5 dropped that level.
-    if key not in names and key.startswith("text_model.") and key.removeprefix("text_model.") in names:
-        return key.removeprefix("text_model.")
-    return key
 
 
 def _jsonable(value: Any) -> Any:

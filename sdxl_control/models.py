@@ -10,15 +10,14 @@ import dataclasses
 import json
 import logging
 import os
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 
+from .caches import process_cached
 from .conditions import Stage
 from .defaults import DEFAULT_BASE, DEFAULT_REFINER
 from .errors import (
@@ -43,7 +42,6 @@ __all__ = [
     "check_safetensors",
     "read_safetensors",
     "read_checkpoint",
-    "PerModelCache",
     "default_device_and_dtype",
     "placement",
     "DEFAULT_BASE",
@@ -279,7 +277,7 @@ def check_safetensors(path: Path) -> None:
         ) from None
 
 
-@lru_cache(maxsize=8)
+@process_cached(8)
 def _read_weights_cached(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -305,34 +303,6 @@ def read_checkpoint(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
-
-
-T = TypeVar("T")
-
-
-class PerModelCache(Generic[T]):
-    """What a condition builds from a weights file for one model (a converted projection, an encoder placed on the
-    device), kept while the file is unchanged: the last ``size`` per model, and weakly, so a dropped model frees them.
-
-    Example:
-        >>> _ENCODERS: PerModelCache[Any] = PerModelCache(size=2)
-        >>> _ENCODERS.get(unet, path, (str(device),), lambda: build(path))  # doctest: +SKIP
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], T]] = weakref.WeakKeyDictionary()
-
-    def get(self, model: Any, path: Path, extra: tuple[Any, ...], build: Callable[[], T]) -> T:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, *extra)
-        items = self._items.setdefault(model, {})
-        if key not in items:
-            value = build()
-            while len(items) >= self.size:
-                items.pop(next(iter(items)))
-            items[key] = value
-        return items[key]
 
 
 def _refuse_pickle(path: Path) -> CheckpointError:

@@ -116,4 +116,4 @@ def _dispatch(ray: Any, actors: list[Any], todo: list[Job]) -> Any:
             yield ray.get(ready[0])
         except ray.exceptions.RayError as exc:  # the worker died more often than Ray retries a job
             yield {"id": job.id, "line": job.line, "files": [], "error": f"worker lost: {exc}",
-                   "error_kind": type(exc).__name__, "seconds": None}  # fmt: skip
+                   "error_kind": type(exc).__name__, "exit_code": 1, "seconds": None}  # fmt: skip

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .conditions import PromptEdit, PromptTokens
+from .conditions import PromptEdit, PromptTokens, Window, acts
+from .conversion import text_parameter
 from .errors import ConditionError, IncompatibleModelError
+from .weights import WeightPatch
 
 __all__ = [
     "TextEncoder",
     "PromptEmbeddings",
+    "TextChannel",
     "encode_prompts",
     "encode_negative",
     "prompt_segments",
@@ -106,33 +110,87 @@ def _encode_edited(
     return PromptEmbeddings(hidden, out.pooled)
 
 
+@dataclass(frozen=True)
+class TextChannel:
+    """What one condition changes in a stage's prompt encoding, and at which steps: its prompt edit and its text-encoder
+    weight deltas (component -> parameter name -> delta), both acting only where the condition acts (``scale``,
+    ``window``, see :func:`~sdxl_control.conditions.acts`); the edit also only inside its own window.
+
+    Example:
+        >>> TextChannel(0.8, Window(0.0, 0.5)).weighs(1, total=4)
+        True
+    """
+
+    scale: float
+    window: Window
+    edit: PromptEdit | None = None
+    deltas: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+
+    def weighs(self, index: int, total: int) -> bool:
+        return acts(self.scale, self.window, index, total)
+
+    def edits(self, index: int, total: int) -> bool:
+        return self.edit is not None and self.weighs(index, total) and self.edit.window.contains(index, total)
+
+
+@contextmanager
+def _deltas_applied(encoders: Sequence[TextEncoder], channels: Sequence[TextChannel]) -> Iterator[None]:
+    patches: list[WeightPatch] = []
+    try:
+        for channel in channels:
+            for encoder in encoders:
+                deltas = channel.deltas.get(encoder.component)
+                if deltas:
+                    names = {n for n, _ in encoder.model.named_parameters()}
+                    patches.append(WeightPatch(encoder.model, {text_parameter(names, k): v for k, v in deltas.items()}))
+        yield
+    finally:
+        for patch in reversed(patches):
+            patch.restore()
+
+
 @torch.no_grad()
 def prompt_segments(
-    encoders: Sequence[TextEncoder], prompt: str, edits: Sequence[PromptEdit], steps: int
-) -> list[tuple[int, PromptEmbeddings]]:
-    """The prompt's embeddings for each run of steps that the same edits act on, as (first step index, embeddings),
-    in step order; with no edits, one segment from step 0. The prompt text is first passed through every edit's
-    :meth:`~sdxl_control.PromptEdit.text` (the first encoder's tokenizer decides)."""
+    encoders: Sequence[TextEncoder],
+    prompt: str,
+    negative_prompt: str | None,
+    channels: Sequence[TextChannel],
+    steps: int,
+    *,
+    need_negative: bool,
+    zero_negative: bool,
+) -> list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]]:
+    """The prompt's (and, with ``need_negative``, the negative prompt's) embeddings for each run of steps that the same
+    channels act on, as (first step index, positive, negative), in step order; with nothing acting, one segment from
+    step 0. The prompt text is first passed through the :meth:`~sdxl_control.PromptEdit.text` of every edit whose
+    condition acts at any step (the first encoder's tokenizer decides); the negative prompt is never edited, but is
+    encoded with the text-encoder deltas acting at the segment's steps."""
+    live = [c for c in channels if any(c.weighs(i, steps) for i in range(steps))]
     plain = prompt
-    for edit in edits:
-        plain = edit.text(plain, encoders[0].tokenizer)
-    bounds = sorted(
-        {0} | {e.first for e in edits if e.first < steps} | {e.last for e in edits if e.last and e.last < steps}
-    )
-    segments: list[tuple[int, PromptEmbeddings]] = []
-    acting_before: list[PromptEdit] | None = None
-    cache: PromptEmbeddings | None = None
-    for start in bounds:
-        acting = [e for e in edits if e.acts_at(start)]
-        if acting == acting_before:
+    for channel in live:
+        if channel.edit is not None:
+            plain = channel.edit.text(plain, encoders[0].tokenizer)
+    negatives = None if negative_prompt is None else [negative_prompt]
+    segments: list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]] = []
+    encoded: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[PromptEmbeddings, PromptEmbeddings | None]] = {}
+    previous = None
+    for index in range(steps):
+        key = (
+            tuple(i for i, c in enumerate(live) if c.deltas and c.weighs(index, steps)),
+            tuple(i for i, c in enumerate(live) if c.edits(index, steps)),
+        )
+        if key == previous:
             continue
-        if acting:
-            embeddings = _encode_edited(encoders, prompt, plain, acting)
-        else:
-            cache = cache or _encode(encoders, [plain])
-            embeddings = cache
-        segments.append((start, embeddings))
-        acting_before = acting
+        previous = key
+        if key not in encoded:
+            edits = [e for i in key[1] if (e := live[i].edit) is not None]
+            with _deltas_applied(encoders, [live[i] for i in key[0]]):
+                positive = _encode_edited(encoders, prompt, plain, edits) if edits else _encode(encoders, [plain])
+                negative = None
+                if need_negative:
+                    negative = encode_negative(encoders, negatives, positive, zero_negative=zero_negative)
+            encoded[key] = (positive, negative)
+        segments.append((index, *encoded[key]))
     return segments
 
 

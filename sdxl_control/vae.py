@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .caches import KeyedCache
 from .defaults import DRAFT_DECODER
 from .errors import IncompatibleModelError
 from .models import check_safetensors, placement, resolve_source
@@ -77,7 +78,7 @@ def decode_latents(vae: Any, latents: torch.Tensor, *, tiled: bool = False) -> t
     return images.float()
 
 
-_DECODERS: dict[tuple[str, str, torch.dtype], Any] = {}
+_DECODERS: KeyedCache[Any] = KeyedCache("decoders", size=2)
 
 
 def taesd_from_files(decoder: str | Path, encoder: str | Path | None = None) -> Any:
@@ -128,7 +129,7 @@ def find_decoder(source: str | Path) -> Path:
 
 
 def load_decoder(source: str, latent_channels: int, device: torch.device, dtype: torch.dtype) -> Any:
-    """A tiny autoencoder, loaded once per process: a diffusers ``AutoencoderTiny`` folder (hub id or local path), or
+    """A tiny autoencoder, kept in a process cache: a diffusers ``AutoencoderTiny`` folder (hub id or local path), or
     TAESD's single decoder file (``taesdxl_decoder.safetensors``, as ComfyUI keeps it).
 
     Example:
@@ -136,10 +137,9 @@ def load_decoder(source: str, latent_channels: int, device: torch.device, dtype:
     """
     path = find_decoder(source)
     key = (str(path.resolve()), str(device), dtype)
-    if key not in _DECODERS:
-        decoder = _read_decoder(path, source, latent_channels, dtype)
-        _DECODERS[key] = decoder.to(device, dtype).eval().requires_grad_(False)
-    return _DECODERS[key]
+    return _DECODERS.get(
+        key, lambda: _read_decoder(path, source, latent_channels, dtype).to(device, dtype).eval().requires_grad_(False)
+    )
 
 
 def _read_decoder(path: Path, source: str, latent_channels: int, dtype: torch.dtype) -> Any:

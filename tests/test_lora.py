@@ -148,7 +148,7 @@ def test_kohya_alphas_scale_every_module(generator, loras):
     """Each module's delta is weight * alpha / rank * up @ down (kohya's definition), attention layers included."""
     from safetensors.torch import load_file
 
-    from sdxl_control.adapters.lora import lora_deltas
+    from sdxl_control.conversion import lora_deltas
     from sdxl_control.testing.lora import KOHYA_UNET
 
     state = load_file(str(loras["kohya-alphas"]))

@@ -16,7 +16,7 @@ from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.photomaker import PhotoMaker, _PhotoMakerEdit, clip_pixels
-from sdxl_control.conditions import Attachment, Condition, PrepareContext, Prepared, Stage
+from sdxl_control.conditions import Attachment, Condition, PrepareContext, Prepared, Stage, Window
 from sdxl_control.preprocessors.face import FaceAnalyzer, save_identity
 from sdxl_control.testing import tiny_models, write_tiny_controlnet
 from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
@@ -100,7 +100,7 @@ def test_trigger_tokenisation_equals_the_reference(gen, v2_reference, prompt, co
     pipe = v2_reference
     _, _, _, their_ids, their_masks = pipe.encode_prompt_with_trigger_word(prompt, count)
     rows = torch.zeros(count * 2, 128)
-    edit = _PhotoMakerEdit("img", 1, None, rows, None)  # type: ignore[arg-type]
+    edit = _PhotoMakerEdit("img", Window(), rows, None, 1.0)  # type: ignore[arg-type]
     for i, encoder in enumerate(gen.base.text_encoders):
         ours = edit.tokens(prompt, encoder.tokenizer, i)
         assert list(ours.ids) == their_ids[i] and list(ours.marked) == their_masks[i]
@@ -180,8 +180,8 @@ def test_the_identity_prompt_starts_after_start_merge(gen, files, photos):
 class Replaced(PromptEdit):
     """A second, trivial user of the prompt channel: one token's embedding replaced by a fixed vector, from a step."""
 
-    def __init__(self, token: int, vector: torch.Tensor, first: int) -> None:
-        super().__init__(first)
+    def __init__(self, token: int, vector: torch.Tensor, window: Window) -> None:
+        super().__init__(window)
         self.token, self.vector = token, vector
 
     def embed(self, hidden, tokens):
@@ -224,7 +224,7 @@ def test_the_prompt_channel_serves_another_condition(gen, wide):
     tokenizer = gen.base.text_encoders[0].tokenizer
     cat = tokenizer.convert_tokens_to_ids("cat</w>")
     vector = torch.linspace(-8, 8, 128)
-    edit = Replaced(cat, vector, first=2)
+    edit = Replaced(cat, vector, Window(2 / 8, 1.0))
     ours = gen.generate("a cat on a wall", conditions=[FixedToken(edit)], **{**RUN, "steps": 8})
     pipe = StableDiffusionXLPipeline.from_pretrained(wide.base)
     pipe.set_progress_bar_config(disable=True)

@@ -62,27 +62,6 @@ def test_the_readme_has_a_command_for_each_everyday_preset():
     assert set(EVERYDAY) <= set(readme_commands())
 
 
-@pytest.mark.parametrize("name", EVERYDAY)
-def test_readme_command_runs_on_the_tiny_models(name, tiny, files, insightface_root, tmp_path):
-    argv = readme_commands()[name]
-    argv = [str(files.get(a, a)) for a in argv]
-    argv[argv.index("-o") + 1] = str(tmp_path / "out.png")
-    extra = ["--tiny", "--size", "64x64", "--seed", "3", "-q"]
-    if "--face" in argv:
-        extra += ["--face-pack", str(insightface_root / "models" / "antelopev2")]
-    assert main([*argv, *extra]) == 0
-    recipe = read_recipe(tmp_path / "out.png")
-    preset = load_preset(name)
-    kinds = sorted(c["kind"] for c in recipe["conditions"])
-    inputs_given = {n for n in preset.inputs if f"--{n}" in argv}
-    expected = ["lora"] * len(preset.loras) + [t["kind"] for t in preset.templates.values()
-                                               if any(v == f"${i}" for v in t.values() for i in inputs_given)]  # fmt: skip
-    assert kinds == sorted(expected)
-    for key in ("steps", "guidance", "negative_prompt", "refiner_switch"):
-        assert recipe[key] == preset.settings.get(key, recipe[key])
-    assert recipe["scheduler"]["requested"] == preset.settings.get("scheduler")
-
-
 def test_portrait_stacks_identity_and_pose_and_re_runs(tiny, files, insightface_root, tmp_path, capsys):
     """The pose template joins the identity when --pose is given (a ready map here, so no annotator runs), --set
     reaches into a template, and the PNG's recipe re-makes the image."""

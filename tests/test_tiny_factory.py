@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
@@ -54,3 +56,25 @@ def test_presets_are_data():
     }
     with pytest.raises(ValueError, match="unknown preset"):
         load_preset("nope")
+
+
+@pytest.mark.parametrize("size", [(512, 512), (800, 600), (300, 500), (64, 64)])
+def test_the_stand_in_face_pack_finds_one_face_in_the_middle(size, tmp_path):
+    """insightface's own code routes the stand-in detector as SCRFD and decodes one face: a square half the shorter
+    side, centred, with landmarks on ArcFace's template (eyes above the nose above the mouth)."""
+    from sdxl_control.preprocessors.face import FaceAnalyzer
+    from sdxl_control.testing.faces import write_tiny_face_pack
+
+    folder = write_tiny_face_pack(tmp_path / "models" / "antelopev2", "antelopev2")
+    assert sorted(p.name for p in folder.iterdir()) == ["glintr100.onnx", "scrfd_10g_bnkps.onnx"]
+    width, height = size
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    analyzer = FaceAnalyzer(str(folder), min_face=16)
+    assert len(analyzer.faces(photo)) == 1
+    face = analyzer.analyze(photo)
+    side = min(width, height) / 2
+    expected = (width / 2 - side / 2, height / 2 - side / 2, width / 2 + side / 2, height / 2 + side / 2)
+    np.testing.assert_allclose(face.bbox, expected, atol=1.0)
+    eyes, nose, mouth = face.landmarks[:2, 1].mean(), face.landmarks[2, 1], face.landmarks[3:, 1].mean()
+    assert expected[1] < eyes < nose < mouth < expected[3]
+    assert face.embedding.shape == (512,) and np.isfinite(face.embedding).all()

@@ -42,7 +42,6 @@ def write_tiny_lora(
     from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
 
@@ -56,6 +55,7 @@ def write_tiny_lora(
 
     targets = [(f"lora_unet_{k}", "unet." + v, unet.get_submodule(v)) for k, v in KOHYA_UNET.items()]
     if text:
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
         for proj in ("q", "v"):
             name = TEXT.format(proj)
             # Published files use transformers-4 names (text_model.encoder...); transformers 5 has no text_model level.

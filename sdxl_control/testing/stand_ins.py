@@ -1,8 +1,9 @@
 """Tiny stand-ins for the published models a condition, a LoRA or a preset names: what ``--tiny`` runs on.
 
 Every hub id a condition would load is swapped for a tiny model of the same layout, written once into the cache next
-to the tiny pipelines; paths the user gave stay as they are. Face analysis packs are not swapped: they are real
-detectors, passed as ``face_pack`` folders.
+to the tiny pipelines; paths the user gave stay as they are. Face analysis packs named (``antelopev2``,
+``buffalo_l``) rather than given as folders become stand-in packs in insightface's layout (a detector that finds one
+face in the middle of any photo, and a tiny recognition model), so identity conditions run offline too.
 
 Example:
     >>> from sdxl_control.adapters.controlnet import ControlNet
@@ -24,7 +25,7 @@ from ..files import looks_like_hub_id
 from .annotators import tiny_control_models
 from .tiny import tiny_models, write_tiny_taesd
 
-__all__ = ["tiny_condition", "tiny_unet", "tiny_decoder", "tiny_preprocess_options"]
+__all__ = ["tiny_condition", "tiny_face_pack", "tiny_unet", "tiny_decoder", "tiny_preprocess_options"]
 
 # Which tiny ControlNet stands in for a hub ControlNet, by the preprocessor that feeds it.
 _CONTROLNETS = {"canny": "controlnet-edges", "edges": "controlnet-edges", "depth": "controlnet-depth",
@@ -56,10 +57,24 @@ def _tiny_lora(source: str, weight_name: str | None, seed: int) -> dict[str, Any
     return {"source": str(folder), "weight_name": name}
 
 
+def tiny_face_pack(pack: str, seed: int = 0) -> Path:
+    """A stand-in for the insightface pack named ``pack``, written once into the cache beside the tiny pipelines."""
+    from ..preprocessors.face import IDENTITY_PACK, PACK_FILES
+    from .faces import write_tiny_face_pack
+
+    folder = tiny_models(seed).base.parent / "insightface" / "models" / pack
+    if not folder.exists():
+        write_tiny_face_pack(folder, pack if pack in PACK_FILES else IDENTITY_PACK, seed)
+    return folder
+
+
 def tiny_condition(condition: Condition, seed: int = 0) -> Condition:
     """``condition`` with every hub model it would load replaced by a tiny stand-in of the same layout."""
     kind = condition.kind
     changes: dict[str, Any] = {}
+    pack = getattr(condition, "face_pack", None)
+    if isinstance(pack, str) and not Path(pack).expanduser().is_dir():
+        changes["face_pack"] = str(tiny_face_pack(Path(pack).name, seed))
     get = condition.__getattribute__
     tiny = lambda name: str(tiny_control_models(name, seed))  # noqa: E731
     if kind == "controlnet":
