@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 
 from ..caches import KeyedCache
+from ..checkpoints import check_safetensors
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo, Tokens
+from ..devices import placement
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
 from ..fast import match_fast_path
+from ..hub import resolve_source
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, weights_need
-from ..models import check_safetensors, placement, resolve_source
 from ..preprocessors import ImageInput, preprocess, preprocessor_needs
 
 __all__ = [

@@ -22,12 +22,14 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..checkpoints import check_safetensors
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..conversion import numbered_lora_deltas
+from ..devices import placement
 from ..errors import ConditionError
+from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, pattern_for, weights_need
-from ..models import check_safetensors, placement, resolve_in, resolve_source
 from ..preprocessors.face import DEFAULT_PACK, analyze_faces, pack_need
 from .ip_adapter import ENCODER_FILES, IPPrepared, check_variant, encode_images, layer_scales, load_adapter, region_mask
 from .ip_adapter import REPO as IP_ADAPTER_REPO
@@ -63,7 +65,7 @@ def load_face(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class FaceID(Condition):
-    """IP-Adapter FaceID (``"faceid"``) or FaceID-PlusV2 (``"plusv2"``) with one or several faces.
+    """IP-Adapter FaceID (``"faceid"``) or FaceID-PlusV2 (``"plusv2"``, the default) with one or several faces.
 
     ``faces`` are images (analysed with the insightface pack ``face_pack``) or :class:`FaceInfo`; several faces add
     their tokens together. ``embeddings`` takes a file from :func:`save_face` instead. ``s_scale`` weighs PlusV2's
@@ -75,7 +77,7 @@ class FaceID(Condition):
         >>> FaceID("faceid", "me.jpg", scale=0.8, window=(0.0, 0.8))  # doctest: +SKIP
     """
 
-    variant: str
+    variant: str = "plusv2"
     faces: Any = None
     embeddings: str | None = None
     source: str = FACEID_REPO

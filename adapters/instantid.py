@@ -29,9 +29,9 @@ import torch
 
 from ..conditions import Attachment, Condition, Parts, PrepareContext, Prepared, Stage, Tokens, Window
 from ..errors import ConditionError, IncompatibleModelError
+from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, weights_need
-from ..models import resolve_in, resolve_source
 from ..preprocessors.face import IDENTITY_PACK, Identity, analyze_faces, pack_need, save_identity
 from ..preprocessors.keypoints import keypoint_image, place_keypoints
 from .controlnet import CONTROLNET_FILES, ControlPrepared, control_tensor, controlnet_for

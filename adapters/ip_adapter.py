@@ -25,19 +25,14 @@ import torch.nn.functional as F
 from ..attach import ProcessorPatch
 from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
 from ..caches import PerModelCache, process_cached
+from ..checkpoints import check_safetensors, read_checkpoint, read_safetensors
 from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
+from ..devices import placement
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
 from ..files import looks_like_hub_id, looks_local
+from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, pattern_for, weights_need
-from ..models import (
-    check_safetensors,
-    placement,
-    read_checkpoint,
-    read_safetensors,
-    resolve_in,
-    resolve_source,
-)
 from ..preprocessors import load_image
 
 __all__ = [

@@ -19,13 +19,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..checkpoints import read_safetensors
 from ..conditions import Condition, PrepareContext, Prepared, Stage
 from ..conversion import lora_deltas
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
 from ..files import addnet_hash
+from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, safe_name
 from ..inventory import ModelNeed, weights_need
-from ..models import read_safetensors, resolve_in, resolve_source
 
 __all__ = ["LoRA"]
 

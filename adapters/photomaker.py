@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from ..caches import PerModelCache
+from ..checkpoints import read_checkpoint
 from ..conditions import Condition, PrepareContext, Prepared, PromptEdit, PromptTokens, Stage, Window, recorded_before
 from ..conversion import processor_lora_deltas
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
+from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, model_label, safe_name
 from ..inventory import ModelNeed, weights_need
-from ..models import read_checkpoint, resolve_in, resolve_source
 from ..preprocessors import load_image
 from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features, pack_need
 from .ip_adapter import checkpoint_family

@@ -33,11 +33,12 @@ from torch import nn
 
 from ..attention import AttentionBranch, OrthogonalBranch
 from ..caches import PerModelCache
+from ..checkpoints import read_checkpoint
 from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError, IncompatibleModelError
+from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, weights_need
-from ..models import read_checkpoint, resolve_in, resolve_source
 from ..preprocessors.face import IDENTITY_PACK, Identity, identity_features, pack_need
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers
 from .perceiver import PerceiverAttention, feed_forward

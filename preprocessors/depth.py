@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ..caches import process_cached
-from ..models import resolve_source
+from ..hub import resolve_source
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DEPTH_FILES", "estimate_depth"]
 

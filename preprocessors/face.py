@@ -398,7 +398,7 @@ class Identity:
     def load(cls, path: str | os.PathLike[str]) -> Identity:
         from safetensors import safe_open
 
-        from ..models import check_safetensors
+        from ..checkpoints import check_safetensors
 
         file = Path(path).expanduser()
         if not file.is_file():

@@ -8,7 +8,7 @@ from typing import Any
 from PIL import Image
 
 from ..caches import process_cached
-from ..models import resolve_source
+from ..hub import resolve_source
 
 __all__ = ["DEFAULT_POSE_MODEL", "POSE_FILES", "detect_pose"]
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError, SdxlControlError
+from ..model_refs import ModelRef
 from ..validation import unknown_keys
 
 if TYPE_CHECKING:
@@ -83,10 +84,9 @@ class Preset:
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
-    def unet(self) -> tuple[str, str] | None:
-        """(repo, file) of the UNet checkpoint the preset loads over the base's, if any."""
-        unet = self.models.get("unet")
-        return (unet["source"], unet["weight_name"]) if unet else None
+    def unet(self) -> ModelRef | None:
+        """The UNet checkpoint the preset loads over the base's, if any."""
+        return ModelRef.parse(self.models.get("unet"), f"preset {self.name}'s models.unet")
 
     def _fail(self, key: str, problem: str) -> PresetError:
         return PresetError(f"preset {self.name} ({self.origin}): {key}: {problem}")

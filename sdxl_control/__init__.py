@@ -61,6 +61,7 @@ _LAZY = {
     "Infotext": "infotext",
     "Locator": "files",
     "clear_caches": "caches",
+    "ModelRef": "model_refs",
 }
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
     from .generator import GenerationRequest, Generator
     from .infotext import Infotext
     from .loop import ProgressEvent
+    from .model_refs import ModelRef
     from .recipe import RecipeImage, Result, read_recipe
 
 
@@ -112,6 +114,7 @@ __all__ = [
     "Infotext",
     "Locator",
     "clear_caches",
+    "ModelRef",
     "Condition",
     "Prepared",
     "Attachment",

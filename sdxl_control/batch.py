@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, InvalidRequestError, OutputError, SdxlControlError
 from .files import Locator, PathMode, portable
+from .model_refs import ModelRef
 from .validation import unknown_keys
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ __all__ = [
 RESULTS = "results.jsonl"
 # Keys a job has besides the request's fields (and, for a PNG's recipe, the recipe's record keys).
 JOB_KEYS = frozenset({"id", "output", "preset", "inputs", "set", "models"})
-MODEL_KEYS = ("base", "refiner", "unet")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PARTIAL = ".partial"
 _URI = re.compile(r"[a-z][a-z0-9+.-]*://")
@@ -101,7 +101,7 @@ class Job:
     request: GenerationRequest
     base: str
     refiner: str | None = None
-    unet: str | tuple[str, str] | None = None
+    unet: ModelRef | None = None
     outputs: tuple[str, ...] = ()
     keep: int | None = None
     # The line as written and how it was read: a worker on another machine reads it again, where its paths are.
@@ -251,7 +251,7 @@ def parse_job(
 
 
 def _recipe_models(recipe: Mapping[str, Any], locate: Locator, refiner: bool, tiny: bool) -> tuple[Any, ...]:
-    from .models import recipe_models, recipe_unet
+    from .recipe import recipe_models, recipe_unet
 
     if tiny:
         return _tiny_models(refiner, recipe_unet(recipe, locate))
@@ -272,7 +272,7 @@ def _plain_job(
     from .adapters import condition_from_settings
     from .defaults import DEFAULT_BASE, DEFAULT_REFINER
     from .generator import GenerationRequest
-    from .presets import load_preset
+    from .presets import MODEL_KEYS, load_preset
 
     data = {**data, **{k: _local(data[k], root) for k in ("inputs", "models") if k in data}}
     if isinstance(data.get("preset"), str) and data["preset"].endswith(".json"):  # a preset file, not a name
@@ -310,12 +310,7 @@ def _plain_job(
         settings["timesteps"] = tuple(settings["timesteps"])
     request = GenerationRequest(**settings, conditions=tuple(conditions))
     chosen = {**(preset.models if preset is not None else {}), **{k: v for k, v in models.items() if v is not None}}
-    unet = chosen.get("unet")
-    if isinstance(unet, Mapping) and "source" in unet:  # a preset's (repo, file) pair
-        unet = (unet["source"], unet["weight_name"])
-    elif isinstance(unet, list) and len(unet) == 2:
-        unet = (unet[0], unet[1])
-    unet = locate.resolve(unet, "the job's UNet checkpoint")
+    unet = ModelRef.parse(locate.resolve(chosen.get("unet"), "the job's UNet checkpoint"), "the job's models.unet")
     refiner = request.refiner_switch is not None
     if tiny:
         return request, _tiny_models(refiner, unet)
@@ -337,10 +332,11 @@ def _tiny_request(request: GenerationRequest) -> GenerationRequest:
 
 
 def job_line(
-    request: GenerationRequest, base: Any, refiner: Any, unet: Any, paths: PathMode = "names"
+    request: GenerationRequest, base: Any, refiner: Any, unet: ModelRef | None, paths: PathMode = "names"
 ) -> dict[str, Any]:
     """A job (one line of a job file) for ``request`` on these models: what ``generate --dry-run`` prints."""
-    models = {"base": portable(base, paths), "refiner": portable(refiner, paths), "unet": portable(unet, paths)}
+    unet_json = None if unet is None else unet.to_json()
+    models = {"base": portable(base, paths), "refiner": portable(refiner, paths), "unet": portable(unet_json, paths)}
     return {**request.settings(paths), "models": models}
 
 
@@ -548,8 +544,8 @@ class BatchWorker:
     def generator(self, job: Job) -> Generator:
         """The loaded models for ``job``: reused when the previous job ran on the same ones."""
         if self._models is None:
+            from .devices import default_device_and_dtype
             from .generator import LastLoaded
-            from .models import default_device_and_dtype
 
             device, dtype = default_device_and_dtype(self.device, self.dtype)
             self._models = LastLoaded(device=device, dtype=dtype)

@@ -384,7 +384,7 @@ def _models(
 ) -> tuple[str, str | None, Any]:
     """(base, refiner, UNet checkpoint) to load: the flags, else what the recipe recorded, else the preset's, else
     the defaults."""
-    from .models import recipe_models, recipe_unet, recorded_model
+    from .recipe import recipe_models, recipe_unet, recorded_model
 
     chosen = preset.models if preset is not None else {}
     if args.tiny:
@@ -539,9 +539,9 @@ def _generate(args: argparse.Namespace) -> int:
     base, refiner, unet = _models(args, recipe, request.refiner_switch, locate, preset)
     if args.dry_run:
         return _dry_run(args, request, base, refiner, unet)
+    from .devices import default_device_and_dtype
     from .fast import FastPath
     from .generator import Generator
-    from .models import default_device_and_dtype
 
     device, dtype = default_device_and_dtype(args.device, _dtype(args.dtype))
     progress = None

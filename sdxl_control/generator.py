@@ -17,13 +17,16 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import __version__
 from .caches import clear_caches
 from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
+from .defaults import DEFAULT_BASE
+from .devices import placement
 from .errors import InputError, InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
 from .files import PATH_MODES, Locator, PathMode
 from .guidance import guidance_for
 from .infotext import Infotext
 from .loop import ProgressCallback, PromptSegment, StageInputs, denoise
-from .models import DEFAULT_BASE, StageModels, load_stage, placement
+from .model_refs import ModelRef
+from .models import StageModels, load_stage
 from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
 from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
@@ -262,15 +265,15 @@ class Generator:
         dtype: torch.dtype | None = None,
         variant: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
-        unet: str | tuple[str, str] | None = None,
+        unet: ModelRef | str | os.PathLike[str] | None = None,
     ) -> Generator:
         """Load from hub ids (HF cache first), diffusers folders or single ``.safetensors`` files.
 
-        ``unet`` loads a UNet-only checkpoint over the base's UNet (a path, or ``(repo, file)``), e.g.
-        ``("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")``.
+        ``unet`` loads a UNet-only checkpoint over the base's UNet (a path, or a :class:`ModelRef` naming the file in a
+        repo), e.g. ``ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")``.
         """
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "cache_dir": cache_dir}
-        base_models = load_stage(base, Stage.BASE, unet=unet, **options)
+        base_models = load_stage(base, Stage.BASE, unet=ModelRef.parse(unet, "the UNet checkpoint"), **options)
         refiner_models = load_stage(refiner, Stage.REFINER, **options) if refiner is not None else None
         return cls(base_models, refiner_models)
 

@@ -1,7 +1,10 @@
-"""Finding and loading SDXL base and refiner models: hub ids, the HF cache, diffusers folders, single files.
+"""Loading the models of a stage (SDXL base or refiner) from what :mod:`sdxl_control.hub` finds: a diffusers folder
+or a single ``.safetensors`` checkpoint, optionally with a UNet-only checkpoint over its UNet.
 
 Weights are only ever read from safetensors. Everything that can be checked before loading (layout, config,
-file headers) is checked first, so a bad model fails fast with a message that names the file.
+file headers) is checked first, so a bad model fails fast with a message that names the file. Finding weights lives in
+:mod:`~sdxl_control.hub`, reading them in :mod:`~sdxl_control.checkpoints`, devices in :mod:`~sdxl_control.devices`,
+and what a recipe's models are in :mod:`~sdxl_control.recipe`.
 """
 
 from __future__ import annotations
@@ -10,49 +13,28 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .caches import process_cached
+from .checkpoints import PICKLE_SUFFIXES, check_safetensors, refuse_pickle
 from .conditions import Stage
 from .defaults import DEFAULT_BASE, DEFAULT_REFINER
-from .errors import (
-    CheckpointError,
-    DeviceError,
-    IncompatibleModelError,
-    InvalidRequestError,
-    MissingWeightsError,
-    ModelNotFoundError,
-)
-from .files import Locator, PathMode, looks_like_hub_id, portable_ref, sha256_of
+from .devices import default_device_and_dtype, placement
+from .errors import CheckpointError, IncompatibleModelError, MissingWeightsError
+from .files import PathMode, portable, portable_ref, sha256_of
+from .hub import fetch_hint, resolve_in, resolve_source
 from .inventory import ModelNeed, pattern_for, weights_need
+from .model_refs import ModelRef
 from .text import TextEncoder
 
-__all__ = [
-    "ModelSource",
-    "StageModels",
-    "load_stage",
-    "resolve_source",
-    "resolve_in",
-    "resolve_hub",
-    "check_safetensors",
-    "read_safetensors",
-    "read_checkpoint",
-    "default_device_and_dtype",
-    "placement",
-    "DEFAULT_BASE",
-    "DEFAULT_REFINER",
-    "recorded_model",
-]
+__all__ = ["ModelSource", "StageModels", "load_stage", "stage_needs"]
 
 log = logging.getLogger(__name__)
 
 
-PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
 # What a stage needs from a diffusers folder; the refiner has no first text encoder.
 REQUIRED = {
     Stage.BASE: ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
@@ -68,37 +50,6 @@ def _hub_patterns(variant: str | None) -> tuple[list[str], list[str]]:
     return HUB_PATTERNS + ["*/*.safetensors", "*/*.safetensors.index.json"], ["*.fp16.*"]
 
 
-def default_device_and_dtype(
-    device: str | torch.device | None, dtype: torch.dtype | None
-) -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16 when there is a GPU, else CPU in fp32; either can be overridden. A device that does not exist
-    here is refused now, not at the first tensor moved onto it."""
-    dev = _device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise InvalidRequestError(f"dtype must be a torch floating-point dtype (torch.float16, ...), got {dtype!r}")
-    if dtype is None:
-        dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
-    return dev, dtype
-
-
-def _device(name: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        raise DeviceError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise DeviceError(f"device {name!r}: this machine has no CUDA device torch can use (use cpu)")
-        if dev.index is not None and dev.index >= count:
-            raise DeviceError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device {name!r}: MPS is not available on this machine")
-    elif dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):  # meta: shapes only, for tracing and tests
-        raise DeviceError(f"device {name!r}: sdxl-control runs on cpu, cuda or mps")
-    return dev
-
-
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model came from, for the recipe: what the user named, the folder read, its revision and hash.
@@ -112,8 +63,8 @@ class ModelSource:
     revision: str | None = None
     unet_sha256: str | None = None
     tiny_seed: int | None = None
-    # A UNet-only checkpoint loaded over the pipeline's (SDXL-Lightning): a path, or (repo, file) on the hub.
-    unet_weights: str | tuple[str, str] | None = None
+    # A UNet-only checkpoint loaded over the pipeline's (SDXL-Lightning).
+    unet_weights: ModelRef | None = None
     local: Literal["file", "folder"] | None = None  # None: a hub id
     sha256: str | None = None  # of a single-file checkpoint: A1111's model hash is its first 10 digits
 
@@ -126,10 +77,8 @@ class ModelSource:
             ref = portable_ref(self.path, paths)
             out["name"] = ref.pop("file", None) or ref.pop("folder")
             out.update(ref)
-        if isinstance(self.unet_weights, tuple):
-            out["unet_weights"] = list(self.unet_weights)
-        elif self.unet_weights is not None:
-            out["unet_weights"] = portable_ref(self.unet_weights, paths)
+        if self.unet_weights is not None:
+            out["unet_weights"] = portable(self.unet_weights.to_json(), paths)
         return out
 
 
@@ -160,159 +109,6 @@ class StageModels:
         return placement(self.unet)[1]
 
 
-def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a model's first parameter.
-
-    diffusers' ``model.device`` / ``model.dtype`` walk every module to answer (milliseconds on a full UNet, several
-    times per call); our models are moved and cast whole, so the first parameter speaks for all.
-    """
-    first = next(model.parameters())
-    return first.device, first.dtype
-
-
-def _fetch_hint(repo_id: str, files: list[str] | None = None) -> str:
-    # Name the exact files when the caller needs only those (a LoRA, an adapter): no need to fetch a whole repo.
-    exact = [f for f in files or [] if not any(c in f for c in "*?[")]
-    what = " ".join([repo_id, *exact]) if exact and len(exact) == len(files or []) else repo_id
-    return (
-        f"fetch it on a machine with network access with `hf download {what}` (it lands in the HF cache, "
-        f"which you can copy here), or pass the path of a local diffusers folder or .safetensors file instead"
-    )
-
-
-def _hub_cache_dir(cache_dir: str | os.PathLike[str] | None) -> str:
-    if cache_dir is not None:
-        return str(cache_dir)
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def resolve_hub(
-    repo_id: str,
-    *,
-    allow: list[str],
-    ignore: list[str] | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> Path:
-    """A hub repo's snapshot folder: from the HF cache, else one download attempt, else one clear error."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError
-
-    where: dict[str, Any] = {
-        "revision": revision,
-        "cache_dir": cache_dir,
-        "allow_patterns": allow,
-        "ignore_patterns": ignore,
-    }
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, **where))
-    except HFValidationError:
-        raise ModelNotFoundError(f"{repo_id!r} is neither an existing path nor a valid hub model id") from None
-    except Exception:  # not in the cache: LocalEntryNotFoundError and friends
-        pass
-    cache = _hub_cache_dir(cache_dir)
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise MissingWeightsError(
-            f"model {repo_id!r} is not in the HF cache ({cache}) and HF_HUB_OFFLINE is set; {_fetch_hint(repo_id, allow)}"
-        ) from None
-    try:
-        return Path(snapshot_download(repo_id, **where))
-    except Exception as exc:
-        raise MissingWeightsError(
-            f"model {repo_id!r} is not in the HF cache ({cache}) and the hub could not be reached "
-            f"({type(exc).__name__}); {_fetch_hint(repo_id, allow)}"
-        ) from None
-
-
-def resolve_source(
-    source: str | os.PathLike[str],
-    *,
-    allow: list[str],
-    ignore: list[str] | None = None,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    allow_pickle: bool = False,
-) -> Path:
-    """An existing local file or folder as is; otherwise a hub id resolved through the HF cache.
-
-    Pickle files are refused here unless the caller passes ``allow_pickle`` because it reads them with
-    ``torch.load(weights_only=True)`` (the published FaceID files are pickles).
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise _refuse_pickle(path)
-    if path.exists():
-        return path
-    if not looks_like_hub_id(text):  # anything but owner/name that does not exist is a missing path
-        raise ModelNotFoundError(f"no model at {path}: no such file or folder")
-    return resolve_hub(text, allow=allow, ignore=ignore, revision=revision, cache_dir=cache_dir)
-
-
-def resolve_in(
-    source: str | os.PathLike[str], relative: str, *, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """A file or folder at ``relative`` inside ``source`` (a local folder or a hub repo, through the HF cache)."""
-    # A file is fetched by its exact name (and the fetch hint names it); a folder by everything under it.
-    path = resolve_source(source, allow=[pattern_for(relative)], cache_dir=cache_dir) / relative
-    if not path.exists():
-        raise MissingWeightsError(f"{source} has no {relative}")
-    return path
-
-
-def check_safetensors(path: Path) -> None:
-    """Read a safetensors header; a truncated or foreign file fails here with its name, before any loading."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({exc}); re-download or re-convert it"
-        ) from None
-
-
-@process_cached(8)
-def _read_weights_cached(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A checked safetensors file's tensors, read once per process while the file is unchanged (adapters and LoRAs
-    are reused across calls; re-reading hundreds of MB per image would dominate a few-step draft). Treat as
-    read-only."""
-    check_safetensors(path)
-    stat = path.stat()
-    return _read_weights_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-def read_checkpoint(path: Path) -> Any:
-    """A weights file's contents: safetensors (checked; kept per process, see :func:`read_safetensors`), or a pickle
-    read as plain tensors only (``torch.load(weights_only=True)``) — the published FaceID, InstantID, PuLID v1 and
-    EVA-CLIP files are pickles, whose callers opt in with ``resolve_source(allow_pickle=True)``."""
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} cannot be read as weights only ({exc})") from None
-
-
-def _refuse_pickle(path: Path) -> CheckpointError:
-    return CheckpointError(
-        f"{path} is a pickle checkpoint; sdxl-control only loads safetensors, because unpickling can run arbitrary "
-        'code. Convert it once where you trust it: `python -c "import torch, safetensors.torch as s; '
-        f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\"`"
-    )
-
-
 def _component_weights(folder: Path, variant: str | None) -> Path:
     """The safetensors file of one component folder (sharded files: their index)."""
     names = ["diffusion_pytorch_model", "model"]
@@ -323,7 +119,7 @@ def _component_weights(folder: Path, variant: str | None) -> Path:
                 return candidate
     pickles = [p for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES]
     if pickles:
-        raise _refuse_pickle(pickles[0])
+        raise refuse_pickle(pickles[0])
     raise MissingWeightsError(f"no {'*' + suffix} weights in {folder}")
 
 
@@ -457,7 +253,7 @@ def _load_single_file(
     except Exception as exc:
         raise MissingWeightsError(
             f"loading {path} needs the component configs of {config or default_config} ({exc}); pass config= a local "
-            f"diffusers folder of the same model family, or {_fetch_hint(config or default_config)}"
+            f"diffusers folder of the same model family, or {fetch_hint(config or default_config)}"
         ) from None
     encoders = []
     if getattr(pipe, "text_encoder", None) is not None:
@@ -487,12 +283,12 @@ def load_stage(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     config: str | None = None,
-    unet: str | tuple[str, str] | None = None,
+    unet: ModelRef | None = None,
 ) -> StageModels:
     """Load the models of one stage from a hub id, the HF cache, a diffusers folder or a ``.safetensors`` file.
 
-    ``unet`` replaces the UNet's weights by a UNet-only checkpoint of the same architecture: a ``.safetensors`` path
-    or ``(repo, file)`` — how SDXL-Lightning's full-UNet models are published.
+    ``unet`` replaces the UNet's weights by a UNet-only checkpoint of the same architecture: a ``.safetensors`` path,
+    or a file in a repo — how SDXL-Lightning's full-UNet models are published.
     """
     dev, dt = default_device_and_dtype(device, dtype)
     allow, ignore = _hub_patterns(variant)
@@ -513,7 +309,7 @@ def stage_needs(
     stage: Stage,
     *,
     variant: str | None = None,
-    unet: str | tuple[str, str] | None = None,
+    unet: ModelRef | None = None,
 ) -> list[ModelNeed]:
     """The weights :func:`load_stage` looks for with these arguments (for ``sdxl-control models``)."""
     files = ["model_index.json"]
@@ -524,22 +320,20 @@ def stage_needs(
             stem = "diffusion_pytorch_model" if component in ("unet", "vae") else "model"
             files += [f"{component}/config.json", f"{component}/{stem}{f'.{variant}' if variant else ''}.safetensors"]
     needs = [weights_need(f"{stage.label} model", source, files)]
-    if isinstance(unet, tuple):
-        needs.append(weights_need(f"{stage.label} UNet weights", unet[0], [pattern_for(unet[1])]))
+    if unet is not None and unet.weight_name is not None:
+        needs.append(weights_need(f"{stage.label} UNet weights", unet.source, [pattern_for(unet.weight_name)]))
     elif unet is not None:
-        needs.append(weights_need(f"{stage.label} UNet weights", unet))
+        needs.append(weights_need(f"{stage.label} UNet weights", unet.source))
     return needs
 
 
-def _load_unet_weights(
-    models: StageModels, unet: str | tuple[str, str], cache_dir: str | os.PathLike[str] | None
-) -> None:
+def _load_unet_weights(models: StageModels, unet: ModelRef, cache_dir: str | os.PathLike[str] | None) -> None:
     from safetensors.torch import load_file
 
-    if isinstance(unet, tuple):
-        file = resolve_in(unet[0], unet[1], cache_dir=cache_dir)
+    if unet.weight_name is not None:
+        file = resolve_in(unet.source, unet.weight_name, cache_dir=cache_dir)
     else:
-        file = resolve_source(unet, allow=["*.safetensors"], cache_dir=cache_dir)
+        file = resolve_source(unet.source, allow=["*.safetensors"], cache_dir=cache_dir)
     if file.suffix != ".safetensors" or not file.is_file():
         raise CheckpointError(f"{file}: a UNet checkpoint must be a .safetensors file")
     check_safetensors(file)
@@ -548,51 +342,5 @@ def _load_unet_weights(
         models.unet.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise IncompatibleModelError(f"{file} does not fit the {models.stage.label} UNet ({str(exc)[:300]})") from None
-    recorded = unet if isinstance(unet, tuple) else str(file)
+    recorded = unet if unet.weight_name is not None else ModelRef(str(file))
     models.source = dataclasses.replace(models.source, unet_weights=recorded, unet_sha256=sha256_of(file))
-
-
-def recorded_model(source: Mapping[str, Any], locate: Locator, what: str) -> str:
-    """A model a recipe names (``recipe["models"]["base"]``) as :func:`load_stage` takes it: the hub id, or the local
-    file or folder found again by ``locate``."""
-    name = source.get("name")
-    if not isinstance(name, str) or not name:
-        raise InvalidRequestError(f"the recipe's {what} has no name")
-    if not source.get("local"):
-        return name
-    key = "file" if source["local"] == "file" else "folder"
-    ref = {key: name, **{k: source[k] for k in ("sha256", "fingerprint", "path") if source.get(k)}}
-    return str(locate.find(ref, f"the recipe's {what}"))
-
-
-def recipe_models(
-    recipe: Mapping[str, Any], locate: Locator, refiner: bool
-) -> tuple[str, str | None, str | tuple[str, str] | None]:
-    """(base, refiner, UNet checkpoint) a recipe recorded, as :meth:`Generator.from_pretrained` takes them; the
-    refiner only when ``refiner`` (the request switches to one). A recipe made on the tiny models names them by seed."""
-    models = recipe.get("models") or {}
-    base = models.get("base") or {}
-    unet = recipe_unet(recipe, locate)
-    if base.get("tiny_seed") is not None:
-        from .testing import tiny_models
-
-        tiny = tiny_models(seed=base["tiny_seed"])
-        return str(tiny.base), str(tiny.refiner) if refiner else None, unet
-    recorded = models.get("refiner")
-    if refiner and not recorded:
-        raise InvalidRequestError("the recipe switches to a refiner but names none")
-    return (
-        recorded_model(base, locate, "base model"),
-        recorded_model(recorded, locate, "refiner") if refiner and recorded else None,
-        unet,
-    )
-
-
-def recipe_unet(recipe: Mapping[str, Any], locate: Locator) -> str | tuple[str, str] | None:
-    """The UNet-only checkpoint a recipe's base recorded: ``(repo, file)`` on the hub, or the local file found again."""
-    unet = ((recipe.get("models") or {}).get("base") or {}).get("unet_weights")
-    if isinstance(unet, list):
-        return (unet[0], unet[1])
-    if isinstance(unet, dict):
-        return str(locate.find(unet, "the recipe's UNet checkpoint"))
-    return unet

@@ -13,13 +13,18 @@ from typing import IO, TYPE_CHECKING, Any
 from PIL import Image, PngImagePlugin
 
 from .errors import InputError, InvalidRequestError
+from .files import Locator
 from .infotext import parameters_text
+from .model_refs import ModelRef
 from .validation import unknown_keys
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RECIPE_KEY", "RecipeImage", "Result", "read_recipe", "check_recipe", "parameters_text"]
+__all__ = [
+    "RECIPE_KEY", "RecipeImage", "Result", "read_recipe", "check_recipe", "parameters_text", "recorded_model",
+    "recipe_models", "recipe_unet",
+]  # fmt: skip
 
 RECIPE_KEY = "sdxl-control"
 # What a recipe holds besides the request's own fields: what was run, and what was measured afterwards.
@@ -136,3 +141,45 @@ def check_recipe(recipe: Any, request_fields: Iterable[str]) -> None:
 
 
 _KIND_NAMES = {str: "string", list: "list", Mapping: "JSON object", int: "whole number"}
+
+
+def recorded_model(source: Mapping[str, Any], locate: Locator, what: str) -> str:
+    """A model a recipe names (``recipe["models"]["base"]``) as :func:`load_stage` takes it: the hub id, or the local
+    file or folder found again by ``locate``."""
+    name = source.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"the recipe's {what} has no name")
+    if not source.get("local"):
+        return name
+    key = "file" if source["local"] == "file" else "folder"
+    ref = {key: name, **{k: source[k] for k in ("sha256", "fingerprint", "path") if source.get(k)}}
+    return str(locate.find(ref, f"the recipe's {what}"))
+
+
+def recipe_models(recipe: Mapping[str, Any], locate: Locator, refiner: bool) -> tuple[str, str | None, ModelRef | None]:
+    """(base, refiner, UNet checkpoint) a recipe recorded, as :meth:`Generator.from_pretrained` takes them; the
+    refiner only when ``refiner`` (the request switches to one). A recipe made on the tiny models names them by seed."""
+    models = recipe.get("models") or {}
+    base = models.get("base") or {}
+    unet = recipe_unet(recipe, locate)
+    if base.get("tiny_seed") is not None:
+        from .testing import tiny_models
+
+        tiny = tiny_models(seed=base["tiny_seed"])
+        return str(tiny.base), str(tiny.refiner) if refiner else None, unet
+    recorded = models.get("refiner")
+    if refiner and not recorded:
+        raise InvalidRequestError("the recipe switches to a refiner but names none")
+    return (
+        recorded_model(base, locate, "base model"),
+        recorded_model(recorded, locate, "refiner") if refiner and recorded else None,
+        unet,
+    )
+
+
+def recipe_unet(recipe: Mapping[str, Any], locate: Locator) -> ModelRef | None:
+    """The UNet-only checkpoint a recipe's base recorded, its local file found again; also as 0.1 recorded it (a
+    ``[repo, file]`` pair, or the local file's reference itself)."""
+    unet = ((recipe.get("models") or {}).get("base") or {}).get("unet_weights")
+    # A ref resolves to its path; so do the refs inside {"source": ...}.
+    return ModelRef.parse(locate.resolve(unet, "the recipe's UNet checkpoint"), "the recipe's UNet checkpoint")

@@ -106,8 +106,7 @@ def _conditions(form: dict[str, Any]) -> list[Any]:
     if faces:
         method = form["identity"]
         options: dict[str, Any] = {"scale": form["identity_scale"]}
-        out.append(condition_class(method)("plusv2", faces, **options) if method == "faceid" else
-                   condition_class(method)(faces, **options))  # fmt: skip
+        out.append(condition_class(method)(faces=faces, **options))
     if form["style"]:
         check_image_file(form["style"], "style image")
         out.append(IPAdapter("sdxl", [form["style"]], layers=form["style_layers"], scale=form["style_scale"]))

@@ -11,9 +11,11 @@ from typing import Any
 import torch
 
 from .caches import KeyedCache
+from .checkpoints import check_safetensors
 from .defaults import DRAFT_DECODER
+from .devices import placement
 from .errors import IncompatibleModelError
-from .models import check_safetensors, placement, resolve_source
+from .hub import resolve_source
 
 __all__ = [
     "DRAFT_DECODER",

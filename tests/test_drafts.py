@@ -15,6 +15,7 @@ from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.guidance import NoGuidance, guidance_for
+from sdxl_control.model_refs import ModelRef
 from sdxl_control.presets import load_preset
 from sdxl_control.schedule import make_scheduler
 from sdxl_control.testing import write_tiny_controlnet, write_tiny_taesd
@@ -54,7 +55,7 @@ def test_one_step_predicts_the_sample():
     preset = load_preset("lightning-1step-unet")
     scheduler = make_scheduler(SDXL_SCHEDULER, preset.settings["scheduler"], preset.settings["scheduler_options"])
     assert scheduler.config.prediction_type == "sample" and scheduler.config.timestep_spacing == "trailing"
-    assert preset.unet == ("ByteDance/SDXL-Lightning", "sdxl_lightning_1step_unet_x0.safetensors")
+    assert preset.unet == ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_1step_unet_x0.safetensors")
 
 
 def test_dmd2_runs_its_published_timesteps(generator):
@@ -109,7 +110,7 @@ def test_unet_only_checkpoint_loads_over_the_base(tiny, tmp_path):
     save_file(state, str(tmp_path / "distilled_unet.safetensors"))
     gen = Generator.from_pretrained(tiny.base, device="cpu", unet=str(tmp_path / "distilled_unet.safetensors"))
     assert all(torch.equal(gen.base.unet.state_dict()[k], v) for k, v in state.items())
-    assert gen.base.source.unet_weights == str(tmp_path / "distilled_unet.safetensors")
+    assert gen.base.source.unet_weights == ModelRef(str(tmp_path / "distilled_unet.safetensors"))
     run = dict(size=(64, 64), steps=2, seed=1, progress_bar=False)
     assert not torch.allclose(gen.generate("x", **run).latents, reference.generate("x", **run).latents)
     save_file({"conv_in.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))

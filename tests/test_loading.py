@@ -16,7 +16,8 @@ from sdxl_control import (
     ModelNotFoundError,
     Stage,
 )
-from sdxl_control.models import default_device_and_dtype, load_stage
+from sdxl_control.devices import default_device_and_dtype
+from sdxl_control.models import load_stage
 
 
 @pytest.fixture()

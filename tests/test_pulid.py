@@ -24,6 +24,7 @@ from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.pulid import IDEncoder, IDFormer, PuLID, read_pulid
+from sdxl_control.model_refs import ModelRef
 from sdxl_control.preprocessors.eva_clip import eva_face_features, load_eva_clip
 from sdxl_control.preprocessors.face import Identity, save_identity
 from sdxl_control.presets import load_preset
@@ -301,7 +302,7 @@ def test_settings_follow_the_reference_apps():
     with pytest.raises(ConditionError, match="one of the two"):
         PuLID()
     preset = load_preset("portrait-draft")
-    assert preset.unet == ("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")
+    assert preset.unet == ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")
     assert preset.settings["steps"] == 4 and preset.settings["guidance"] == 1.2
     assert preset.settings["scheduler"] == "dpmpp_2m" and preset.settings["scheduler_options"] == {
         "timestep_spacing": "trailing"

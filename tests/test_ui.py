@@ -61,6 +61,7 @@ def _open(browser, url):
     page.set_default_timeout(TIMEOUT)
     page.goto(url)
     page.wait_for_selector("#generate")
+    page.wait_for_selector("#preview", state="attached")  # Gradio may render it after the button
     # Every image the preview shows, in order, recorded by the page itself.
     page.evaluate("""() => {
         window.previews = [];

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 from ..conditions import Condition
 from ..files import looks_like_hub_id
+from ..model_refs import ModelRef
 from .annotators import tiny_control_models
 from .tiny import tiny_models, write_tiny_taesd
 
@@ -109,11 +109,11 @@ def tiny_condition(condition: Condition, seed: int = 0) -> Condition:
     return dataclasses.replace(condition, **changes) if changes else condition
 
 
-def tiny_unet(unet: str | tuple[str, str] | None, seed: int = 0) -> str | None:
+def tiny_unet(unet: ModelRef | None, seed: int = 0) -> ModelRef | None:
     """A UNet-only checkpoint for the tiny base (its own weights, in the published single-file layout)."""
-    if unet is None or (isinstance(unet, str) and Path(unet).expanduser().exists()):
-        return unet if unet is None else os.fspath(unet)
-    return str(tiny_models(seed).base / "unet" / "diffusion_pytorch_model.safetensors")
+    if unet is None or (unet.weight_name is None and Path(unet.source).expanduser().exists()):
+        return unet
+    return ModelRef(str(tiny_models(seed).base / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
 def tiny_decoder(decoder: str | None, seed: int = 0) -> str | None:
