@@ -121,7 +121,9 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
         model.to(device).eval().requires_grad_(False)
         return model
 
-    return _LOADED.get(key, build)
+    model = _LOADED.get(key, build)
+    _check_config(dict(model.config), unet, str(source))  # a cached ControlNet may meet another UNet
+    return model
 
 
 def _as_list(images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> list[ImageInput]:

@@ -145,6 +145,20 @@ def test_sd15_controlnet_is_refused_with_sizes(generator, nets, maps, tmp_path):
         generator.generate(PROMPT, conditions=[ControlNet(sd15, image=maps["edges"])], **RUN)
 
 
+def test_a_loaded_controlnet_is_checked_against_every_unet_it_meets(generator, nets):
+    """The process keeps a ControlNet once loaded; a later call on another base whose UNet it does not fit is
+    refused as a fresh load would be, not run into a shape error."""
+    from diffusers import UNet2DConditionModel
+
+    from sdxl_control.adapters.controlnet import load_controlnet
+    from sdxl_control.testing import tiny_models
+
+    assert load_controlnet(str(nets["a"]), union=False, unet=generator.base.unet) is not None
+    wider = UNet2DConditionModel.from_pretrained(tiny_models(seed=0, text_width=64).base, subfolder="unet")
+    with pytest.raises(IncompatibleModelError, match="cross-attention size is 64.*expects 128"):
+        load_controlnet(str(nets["a"]), union=False, unet=wider)
+
+
 def test_union_model_in_plain_controlnet_is_refused(generator, nets, maps):
     with pytest.raises(IncompatibleModelError, match="ControlNetUnionModel: use ControlNetUnion"):
         generator.generate(PROMPT, conditions=[ControlNet(nets["union"], image=maps["edges"])], **RUN)
