@@ -9,8 +9,8 @@ the trigger, as the reference does, so the layout settles first.
   through a Q-Former that reads the CLIP patch tokens.
 
 Both files hold an ID encoder and a LoRA for every attention layer of the UNet (old diffusers processor names), fused
-through the weight channel while the condition acts and removed bit-exactly. CLIP sees the whole photo (resized and centre-cropped), as
-in the reference; the face should fill most of it.
+through the weight channel while the condition acts and removed bit-exactly. CLIP sees the whole photo (resized and
+centre-cropped), as in the reference; the face should fill most of it.
 
 Example:
     >>> from sdxl_control.adapters.photomaker import PhotoMaker
@@ -365,8 +365,8 @@ class PhotoMaker(Condition):
     30 steps) uses the prompt without the identity, so more of it gives more of the prompt's style and less likeness
     (default 0.2, as the reference's app). ``scale`` is how far the fused identity embeddings replace the class
     word's (1, as the reference), ``lora_scale`` weighs the checkpoint's LoRA (1, as the reference fuses it); both act
-    only at the steps ``window`` holds, and with ``scale`` 0 nothing acts. v2 reads each photo's face embedding (insightface ``buffalo_l``,
-    ``face_pack``). ``identity`` takes a file from ``save_identity(..., photomaker=True)``.
+    only at the steps ``window`` holds, and with ``scale`` 0 nothing acts. v2 reads each photo's face embedding
+    (insightface ``buffalo_l``, ``face_pack``). ``identity`` takes a file from ``save_identity(..., photomaker=True)``.
 
     Example:
         >>> PhotoMaker(["me1.jpg", "me2.jpg"], start_merge=0.3)  # doctest: +SKIP

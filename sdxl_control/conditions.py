@@ -13,9 +13,9 @@ the UNet (ControlNet-like conditions); attention processors installed at attach 
 switched on and off by the ``active`` flag; a :class:`PromptEdit` from ``Prepared.prompt_edit`` changes what a
 stage's text encoders read, and at which steps (PhotoMaker); and weight deltas from ``Prepared.weight_deltas`` are
 added to the stage's models while the condition acts (LoRAs, FaceID's and PhotoMaker's LoRAs). Every channel follows
-one rule, :func:`acts`: a condition with scale 0, or with a window that holds no step, is the same as absent. A model a condition brings may attend to its own
-:class:`Tokens` instead of the prompt (IdentityNet's face tokens); a condition made of parts with their own scales and
-windows attaches as :class:`Parts`.
+one rule, :func:`acts`: a condition with scale 0, or with a window that holds no step, is the same as absent. A model
+a condition brings may attend to its own :class:`Tokens` instead of the prompt (IdentityNet's face tokens); a condition
+made of parts with their own scales and windows attaches as :class:`Parts`.
 """
 
 from __future__ import annotations
