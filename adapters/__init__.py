@@ -49,7 +49,8 @@ def condition_from_settings(
     settings: Mapping[str, Any], locate: Locator | None = None, version: str | None = None
 ) -> Condition:
     """The condition a recipe of sdxl-control ``version`` (``None``: this one) describes, with its files found again by
-    ``locate`` (default: where this machine last saw them). Inputs recorded only as a summary (an in-memory image) cannot be rebuilt; unknown keys are refused."""
+    ``locate`` (default: where this machine last saw them). Inputs recorded only as a summary (an in-memory image)
+    cannot be rebuilt; unknown keys are refused."""
     from ..files import Locator
     from ..validation import unknown_keys
 

@@ -83,9 +83,11 @@ def _check_config(config: Mapping[str, Any], unet: Any, source: str) -> None:
 
 
 def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch.device | None = None) -> Any:
-    """Load (kept in a process cache, see :mod:`sdxl_control.caches`) a ControlNet that fits ``unet``: hub id, local folder or single file.
+    """Load (kept in a process cache, see :mod:`sdxl_control.caches`) a ControlNet that fits ``unet``: hub id, local
+    folder or single file.
 
-    The config is checked against the UNet before any weights are read.
+    A folder's config is checked against the UNet before any weights are read; every ControlNet returned, cached or
+    new, is checked against the UNet it is for.
     """
     from diffusers import ControlNetModel, ControlNetUnionModel
 
@@ -117,7 +119,7 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
                     f"{path}: diffusers could not convert this single-file ControlNet offline ({exc}); use its diffusers "
                     "folder (config.json + diffusion_pytorch_model.safetensors) instead"
                 ) from None
-            _check_config(dict(model.config), unet, str(source))
+            _check_config(dict(model.config), unet, str(source))  # before it is kept
         model.to(device).eval().requires_grad_(False)
         return model
 

@@ -70,8 +70,8 @@ class FaceID(Condition):
     ``faces`` are images (analysed with the insightface pack ``face_pack``) or :class:`FaceInfo`; several faces add
     their tokens together. ``embeddings`` takes a file from :func:`save_face` instead. ``s_scale`` weighs PlusV2's
     identity shortcut, ``lora_scale`` the checkpoint's LoRA (which acts, like the tokens, only where ``scale`` is not
-    0 and ``window`` holds the step). ``source`` is the repo of the checkpoints (``h94/IP-Adapter-FaceID`` or a local copy),
-    ``image_encoder`` the ViT-H CLIP vision folder PlusV2 needs (default: ``h94/IP-Adapter``'s).
+    0 and ``window`` holds the step). ``source`` is the repo of the checkpoints (``h94/IP-Adapter-FaceID`` or a local
+    copy), ``image_encoder`` the ViT-H CLIP vision folder PlusV2 needs (default: ``h94/IP-Adapter``'s).
 
     Example:
         >>> FaceID("faceid", "me.jpg", scale=0.8, window=(0.0, 0.8))  # doctest: +SKIP

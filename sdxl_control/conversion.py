@@ -60,8 +60,9 @@ def _pair_key(key: str, component: str) -> tuple[str, str]:
 def lora_deltas(
     state: dict[str, torch.Tensor], unet_config: Any, weight: float = 1.0, device: torch.device | str = "cpu"
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """A community LoRA file (kohya/A1111, diffusers or peft layout) as deltas per component (``unet``, ``text_encoder``, ``text_encoder_2``): parameter name -> ``weight * alpha/r * up @ down``,
-    computed in float32 on ``device`` (the UNet's: the products are as large as the weights they patch)."""
+    """A community LoRA file (kohya/A1111, diffusers or peft layout) as deltas per component (``unet``,
+    ``text_encoder``, ``text_encoder_2``): parameter name -> ``weight * alpha/r * up @ down``, computed in float32 on
+    ``device`` (the UNet's: the products are as large as the weights they patch)."""
     from diffusers import StableDiffusionXLPipeline
 
     try:

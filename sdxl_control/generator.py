@@ -327,9 +327,10 @@ class Generator:
             deltas = {k: v for k, v in ready.weight_deltas(models.stage).items() if k != "unet"}
             if edit is not None or deltas:
                 channels.append(TextChannel(condition.scale, condition.window, edit, deltas))
+        guided = guidance.copies > 1
         with self._resident([e.model for e in models.text_encoders]):
             encoded = prompt_segments(models.text_encoders, request.prompt, request.negative_prompt, channels,
-                                      plan.schedule.total, need_negative=guidance.copies > 1,
+                                      plan.schedule.total, need_negative=guided,
                                       zero_negative=models.force_zeros_for_empty_prompt)  # fmt: skip
         width, height = request.size
         micro = MicroConditioning(
@@ -345,7 +346,6 @@ class Generator:
             pooled_width=encoded[0][1].pooled.shape[-1],
             dtype=dtype,
         )
-        guided = guidance.copies > 1
         ids = torch.cat([neg_ids.repeat(n, 1), pos_ids.repeat(n, 1)]) if guided else pos_ids.repeat(n, 1)
         prompts = []
         for first, positive, negative in encoded:

@@ -172,7 +172,9 @@ def prompt_segments(
             plain = channel.edit.text(plain, encoders[0].tokenizer)
     negatives = None if negative_prompt is None else [negative_prompt]
     segments: list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]] = []
-    encoded: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[PromptEmbeddings, PromptEmbeddings | None]] = {}
+    encoded: dict[tuple[tuple[int, ...], tuple[int, ...]], PromptEmbeddings] = {}
+    # Edits leave the negative prompt alone: it changes only with the deltas acting.
+    encoded_negative: dict[tuple[int, ...], PromptEmbeddings | None] = {}
     previous = None
     for index in range(steps):
         key = (
@@ -182,15 +184,19 @@ def prompt_segments(
         if key == previous:
             continue
         previous = key
+        weighing, editing = key
         if key not in encoded:
-            edits = [e for i in key[1] if (e := live[i].edit) is not None]
-            with _deltas_applied(encoders, [live[i] for i in key[0]]):
+            edits = [e for i in editing if (e := live[i].edit) is not None]
+            with _deltas_applied(encoders, [live[i] for i in weighing]):
                 positive = _encode_edited(encoders, prompt, plain, edits) if edits else _encode(encoders, [plain])
-                negative = None
-                if need_negative:
-                    negative = encode_negative(encoders, negatives, positive, zero_negative=zero_negative)
-            encoded[key] = (positive, negative)
-        segments.append((index, *encoded[key]))
+                if weighing not in encoded_negative:
+                    encoded_negative[weighing] = (
+                        encode_negative(encoders, negatives, positive, zero_negative=zero_negative)
+                        if need_negative
+                        else None
+                    )
+            encoded[key] = positive
+        segments.append((index, encoded[key], encoded_negative[weighing]))
     return segments
 
 
