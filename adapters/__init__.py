@@ -12,36 +12,105 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..conditions import Condition
 from ..errors import ConditionError
 
 if TYPE_CHECKING:
+    from ..conditions import Condition
     from ..files import Locator
 
-__all__ = ["CONDITION_KINDS", "condition_class", "condition_from_settings", "with_face_pack"]
+__all__ = [
+    "CONDITION_KINDS", "Family", "Flag", "condition_class", "condition_from_settings", "identity_kinds",
+    "with_face_pack",
+]  # fmt: skip
 
-# kind -> (module in this package, class); modules are imported only when a kind is asked for.
-CONDITION_KINDS: dict[str, tuple[str, str]] = {
-    "controlnet": ("controlnet", "ControlNet"),
-    "controlnet-union": ("controlnet", "ControlNetUnion"),
-    "ip-adapter": ("ip_adapter", "IPAdapter"),
-    "faceid": ("faceid", "FaceID"),
-    "instantid": ("instantid", "InstantID"),
-    "pulid": ("pulid", "PuLID"),
-    "photomaker": ("photomaker", "PhotoMaker"),
-    "lora": ("lora", "LoRA"),
+
+@dataclass(frozen=True)
+class Flag:
+    """A front-end option for one field of a family's condition: ``--NAME`` on the command line. ``type`` says how
+    its text reads, ``choices`` the values it takes (the field's ``Literal``); its default is the field's own, so a
+    flag not given leaves the class's default in place.
+
+    Example:
+        >>> Flag("pulid-version", "version", "v1 or v1.1", choices=("v1", "v1.1")).field
+        'version'
+    """
+
+    name: str
+    field: str
+    help: str
+    type: Literal["text", "number", "window", "image"] = "text"
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    """A condition family as the front-ends see it, without importing it (the command line's ``--help`` answers
+    before torch loads): where its class lives, its ``role`` (``"identity"``: made from photos of one person, the
+    ``--face`` photos, with the shared ``--face-scale``, ``--face-window`` and ``--face-pack``) and its own ``flags``.
+
+    Example:
+        >>> CONDITION_KINDS["pulid"].role
+        'identity'
+    """
+
+    module: str
+    cls: str
+    role: Literal["identity"] | None = None
+    flags: tuple[Flag, ...] = ()
+
+
+_PULID_FLAGS = (
+    Flag("identity-mode", "mode", "PuLID: fidelity (default) or style (v1: more zero tokens, plain orthogonal "
+         "projection)", choices=("fidelity", "style")),
+    Flag("pulid-version", "version", "PuLID: v1 (Lightning 4-step) or v1.1 (default)", choices=("v1", "v1.1")),
+    Flag("pulid-model", "source", "PuLID: repo or folder holding pulid_v1.bin / pulid_v1.1.safetensors"),
+    Flag("eva-model", "eva", "PuLID: EVA-CLIP repo or file (default QuanSun/EVA-CLIP)"),
+    Flag("face-parsing", "parsing", "PuLID: folder with facexlib's parsing_bisenet.pth (default: facexlib's own)"),
+)  # fmt: skip
+_PHOTOMAKER_FLAGS = (
+    Flag("trigger", "trigger", "PhotoMaker: the trigger word after the class word in the prompt (default img)"),
+    Flag("photomaker-version", "version", "PhotoMaker: v1 or v2 (default)", choices=("v1", "v2")),
+    Flag("photomaker-weights", "weights", "PhotoMaker: a checkpoint file instead of the hub's"),
+    Flag("start-merge", "start_merge", "PhotoMaker: fraction of the steps before the identity joins the prompt "
+         "(default 0.2)", "number"),
+)  # fmt: skip
+_INSTANTID_FLAGS = (
+    Flag("identitynet-scale", "controlnet_scale", "InstantID: strength of IdentityNet (default 0.8)", "number"),
+    Flag("identitynet-window", "controlnet_window", "InstantID: where IdentityNet acts (default 0:1)", "window"),
+    Flag("face-keypoints", "keypoints_from", "InstantID: pose the face like the face in this photo", "image"),
+    Flag("instantid-model", "source", "InstantID: repo or folder with ControlNetModel/ and ip-adapter.bin"),
+)  # fmt: skip
+
+# kind -> family; a family's module is imported only when its kind is asked for. A family added here needs no code in
+# the command line, the page or the batch runner: they read this.
+CONDITION_KINDS: dict[str, Family] = {
+    "controlnet": Family("controlnet", "ControlNet"),
+    "controlnet-union": Family("controlnet", "ControlNetUnion"),
+    "ip-adapter": Family("ip_adapter", "IPAdapter"),
+    "faceid": Family(
+        "faceid", "FaceID", "identity", (Flag("face-variant", "variant", "FaceID: faceid or plusv2 (default)"),)
+    ),  # fmt: skip
+    "instantid": Family("instantid", "InstantID", "identity", _INSTANTID_FLAGS),
+    "pulid": Family("pulid", "PuLID", "identity", _PULID_FLAGS),
+    "photomaker": Family("photomaker", "PhotoMaker", "identity", _PHOTOMAKER_FLAGS),
+    "lora": Family("lora", "LoRA"),
 }
+
+
+def identity_kinds() -> list[str]:
+    """The families that make an identity condition from photos of one person, in their registry order."""
+    return [kind for kind, family in CONDITION_KINDS.items() if family.role == "identity"]
 
 
 def condition_class(kind: str) -> type[Condition]:
     if kind not in CONDITION_KINDS:
         raise ConditionError(f"unknown condition kind {kind!r}: one of {', '.join(sorted(CONDITION_KINDS))}")
-    module, name = CONDITION_KINDS[kind]
-    cls: type[Condition] = getattr(import_module(f"{__name__}.{module}"), name)
+    family = CONDITION_KINDS[kind]
+    cls: type[Condition] = getattr(import_module(f"{__name__}.{family.module}"), family.cls)
     return cls
 
 

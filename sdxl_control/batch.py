@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import InputError, InvalidRequestError, OutputError, SdxlControlError
 from .files import Locator, PathMode, portable
 from .model_refs import ModelRef
+from .resolvers import HubResolver, Resolver
+from .spec import JobSpec
 from .validation import unknown_keys
 
 if TYPE_CHECKING:
@@ -108,12 +110,12 @@ class Job:
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
     folder: str = "."
     inputs_from: tuple[str, ...] = ()
-    tiny: bool = False
+    resolver: Resolver = field(default_factory=HubResolver)
 
     def read_here(self) -> Job:
         """This job read again on this machine: relative paths from the job file's folder as this machine sees it,
         remote inputs copied here."""
-        return parse_job(self.data, self.line, folder=self.folder, inputs_from=self.inputs_from, tiny=self.tiny)
+        return parse_job(self.data, self.line, folder=self.folder, inputs_from=self.inputs_from, resolver=self.resolver)
 
     @property
     def models(self) -> tuple[Any, ...]:
@@ -201,16 +203,19 @@ def parse_job(
     *,
     folder: str | os.PathLike[str] = ".",
     inputs_from: Sequence[str | os.PathLike[str]] = (),
-    tiny: bool = False,
+    resolver: Resolver | None = None,
 ) -> Job:
     """The job one line describes (already parsed from JSON); raises the error the line deserves.
 
     ``folder`` is the job file's (relative paths start there, and it is searched for the files a recipe names, as
-    are ``inputs_from``); ``tiny`` runs the job on the built-in tiny models with tiny stand-ins for its conditions'.
+    are ``inputs_from``); ``resolver`` finds the models (default: what the job names; ``TinyResolver`` for the tiny
+    stand-ins).
     """
     from .generator import GenerationRequest
     from .recipe import RECORD_KEYS
+    from .spec import resolve
 
+    resolver = resolver or HubResolver()
     if not isinstance(data, Mapping):
         raise InvalidRequestError(f"a job is a JSON object, got {type(data).__name__}")
     root = Path(folder)
@@ -226,53 +231,26 @@ def parse_job(
     message = unknown_keys(data, allowed, "the job")
     if message:
         raise InvalidRequestError(message)
-    keep = None
     if is_recipe:
-        recipe = {k: v for k, v in data.items() if k not in ("id", "output")}
-        request = GenerationRequest.from_recipe(recipe, locate=locate)
-        keep = recipe.get("batch_index", 0) if request.num_images > 1 else None
-        models = _recipe_models(recipe, locate, request.refiner_switch is not None, tiny)
+        spec = JobSpec(recipe={k: v for k, v in data.items() if k not in ("id", "output")})
     else:
-        request, models = _plain_job(data, root, locate, tiny, _derived_seed(job_id))
-    if tiny:
-        request = _tiny_request(request)
-    from .conditions import validate_conditions
-
-    validate_conditions(request.conditions, has_refiner=request.refiner_switch is not None)
+        spec = _job_spec(data, root, locate, _derived_seed(job_id))
+    resolved = resolve(spec, resolver, locate=locate)
+    keep = resolved.keep if resolved.keep is not None and resolved.request.num_images > 1 else None
     output = data.get("output", f"{job_id}.png")
     if not isinstance(output, str) or not output.lower().endswith(".png") or Path(output).name != output:
         raise InvalidRequestError(f"'output' is a file name ending in .png (no folder), got {output!r}")
     stem = output[: -len(".png")]
-    count = 1 if keep is not None else request.num_images
+    count = 1 if keep is not None else resolved.request.num_images
     outputs = tuple(output if i == 0 else f"{stem}-{i}.png" for i in range(count))
-    base, refiner, unet = models
-    return Job(job_id, line, request, base, refiner, unet, outputs=outputs, keep=keep, data=dict(data), folder=str(root),
-               inputs_from=tuple(map(str, inputs_from)), tiny=tiny)  # fmt: skip
+    return Job(job_id, line, resolved.request, *resolved.models, outputs=outputs, keep=keep, data=dict(data),
+               folder=str(root), inputs_from=tuple(map(str, inputs_from)), resolver=resolver)  # fmt: skip
 
 
-def _recipe_models(recipe: Mapping[str, Any], locate: Locator, refiner: bool, tiny: bool) -> tuple[Any, ...]:
-    from .recipe import recipe_models, recipe_unet
-
-    if tiny:
-        return _tiny_models(refiner, recipe_unet(recipe, locate))
-    return recipe_models(recipe, locate, refiner)
-
-
-def _tiny_models(refiner: bool, unet: Any) -> tuple[Any, ...]:
-    from .testing import tiny_models
-    from .testing.stand_ins import tiny_unet
-
-    tiny = tiny_models()
-    return str(tiny.base), str(tiny.refiner) if refiner else None, tiny_unet(unet)
-
-
-def _plain_job(
-    data: Mapping[str, Any], root: Path, locate: Locator, tiny: bool, seed: int
-) -> tuple[GenerationRequest, tuple[Any, ...]]:
+def _job_spec(data: Mapping[str, Any], root: Path, locate: Locator, seed: int) -> JobSpec:
+    """A plain job line as the one request path takes it: its paths read from the job file's folder, its recorded
+    conditions rebuilt, its seed derived from its id when it gives none."""
     from .adapters import condition_from_settings
-    from .defaults import DEFAULT_BASE, DEFAULT_REFINER
-    from .generator import GenerationRequest
-    from .presets import MODEL_KEYS, load_preset
 
     data = {**data, **{k: _local(data[k], root) for k in ("inputs", "models") if k in data}}
     if isinstance(data.get("preset"), str) and data["preset"].endswith(".json"):  # a preset file, not a name
@@ -282,53 +260,20 @@ def _plain_job(
     for key in ("inputs", "set", "models"):
         if not isinstance(data.get(key, {}), Mapping):
             raise InvalidRequestError(f"the job's {key!r} should be a JSON object, got {type(data[key]).__name__}")
-    preset = None
-    if "preset" in data:
-        if not isinstance(data["preset"], str):
-            raise InvalidRequestError(f"the job's 'preset' names a preset or a preset file, got {data['preset']!r}")
-        preset = load_preset(data["preset"])
-        if data.get("set"):
-            preset = preset.with_settings(data["set"])
-    elif data.get("inputs") or data.get("set"):
-        raise InvalidRequestError("'inputs' and 'set' fill and change a preset: the job names no 'preset'")
-    models = dict(data.get("models", {}))
-    message = unknown_keys(models, MODEL_KEYS, "the job's models")
-    if message:
-        raise InvalidRequestError(message)
-    conditions = preset.conditions(data.get("inputs", {})) if preset is not None else []
+    if "preset" in data and not isinstance(data["preset"], str):
+        raise InvalidRequestError(f"the job's 'preset' names a preset or a preset file, got {data['preset']!r}")
     if not isinstance(data.get("conditions", []), list):
         raise InvalidRequestError("the job's 'conditions' should be a list of conditions, as a recipe records them")
     version = data.get("version") if isinstance(data.get("version"), str) else None
-    conditions += [
+    conditions = tuple(
         condition_from_settings(_local_condition(c, root), locate, version) for c in data.get("conditions", [])
-    ]
-    settings = {**(preset.settings if preset is not None else {}), "seed": seed}
-    settings.update({k: v for k, v in data.items() if k not in JOB_KEYS and k != "conditions"})
-    if isinstance(settings.get("size"), list):
-        settings["size"] = tuple(settings["size"])
-    if isinstance(settings.get("timesteps"), list):
-        settings["timesteps"] = tuple(settings["timesteps"])
-    request = GenerationRequest(**settings, conditions=tuple(conditions))
-    chosen = {**(preset.models if preset is not None else {}), **{k: v for k, v in models.items() if v is not None}}
-    unet = ModelRef.parse(locate.resolve(chosen.get("unet"), "the job's UNet checkpoint"), "the job's models.unet")
-    refiner = request.refiner_switch is not None
-    if tiny:
-        return request, _tiny_models(refiner, unet)
-    base = locate.resolve(chosen.get("base", DEFAULT_BASE), "the job's base model")
-    refiner_model = locate.resolve(chosen.get("refiner", DEFAULT_REFINER), "the job's refiner") if refiner else None
-    return request, (base, refiner_model, unet)
-
-
-def _tiny_request(request: GenerationRequest) -> GenerationRequest:
-    import dataclasses
-
-    from .testing.stand_ins import tiny_condition, tiny_decoder
-
-    return dataclasses.replace(
-        request,
-        conditions=tuple(tiny_condition(c) for c in request.conditions),
-        decoder=tiny_decoder(request.decoder),
     )
+    settings = {
+        "seed": seed,
+        **{k: v for k, v in data.items() if k not in JOB_KEYS and k not in ("prompt", "conditions")},
+    }
+    return JobSpec(data["prompt"], preset=data.get("preset"), inputs=data.get("inputs", {}), set=data.get("set", {}),
+                   settings=settings, conditions=conditions, models=data.get("models", {}))  # fmt: skip
 
 
 def job_line(
@@ -344,7 +289,7 @@ def read_jobs(
     path: str | os.PathLike[str],
     *,
     inputs_from: Sequence[str | os.PathLike[str]] = (),
-    tiny: bool = False,
+    resolver: Resolver | None = None,
 ) -> tuple[list[Job], list[JobProblem]]:
     """Every job of a job file, and every line that is not a runnable job (nothing is loaded to find out)."""
     file = Path(path).expanduser()
@@ -366,7 +311,7 @@ def read_jobs(
             continue
         given_id = data.get("id") if isinstance(data, dict) else None
         try:
-            job = parse_job(data, number, folder=file.parent, inputs_from=inputs_from, tiny=tiny)
+            job = parse_job(data, number, folder=file.parent, inputs_from=inputs_from, resolver=resolver)
         except SdxlControlError as exc:
             problems.append(JobProblem(number, str(exc), given_id if isinstance(given_id, str) else None))
             continue

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_BASE", "DEFAULT_REFINER", "DRAFT_DECODER", "FAST_LEVELS", "StructureControl", "STRUCTURE_CONTROLS"]
+__all__ = [
+    "DEFAULT_BASE", "DEFAULT_REFINER", "DEFAULT_UNION", "DEFAULT_IDENTITY", "DRAFT_DECODER", "FAST_LEVELS",
+    "StructureControl", "STRUCTURE_CONTROLS",
+]  # fmt: skip
 
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
+DEFAULT_UNION = "xinsir/controlnet-union-sdxl-1.0"
+# The identity family --face photos make when none is named: the one every front-end offers first.
+DEFAULT_IDENTITY = "faceid"
 # TAESD for SDXL: a distilled decoder of SDXL's latents, a few MB, for previews and drafts.
 DRAFT_DECODER = "madebyollin/taesdxl"
 

@@ -11,26 +11,32 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import random
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from .defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER, STRUCTURE_CONTROLS
+from .adapters import identity_kinds
+from .defaults import DEFAULT_IDENTITY, DRAFT_DECODER, STRUCTURE_CONTROLS
 from .errors import SdxlControlError
+from .resolvers import HubResolver, Resolver
 
-__all__ = ["UiConfig", "build_app"]
+if TYPE_CHECKING:
+    from .conditions import Condition
+    from .spec import JobSpec
+
+__all__ = ["UiConfig", "PageForm", "build_app", "form_spec"]
 
 log = logging.getLogger(__name__)
 
-IDENTITY_METHODS = ("faceid", "instantid", "pulid", "photomaker")
 NO_PRESET = "(none)"
 PREVIEW_EVERY = 2
 MAX_SEED = 2**32 - 1
@@ -42,17 +48,19 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class UiConfig:
-    """What the page serves: ``tiny`` models (offline), or ``base``/``refiner`` ids; ``face_pack`` for identity
-    conditions; ``preview_decoder`` for the live previews; ``outputs`` where generated PNGs are kept.
+    """What the page serves: models found by ``resolver`` (``TinyResolver()``: the tiny stand-ins, offline), the
+    ``base``/``refiner`` it always uses (default: each preset's, else SDXL's); ``face_pack`` for identity conditions;
+    ``preview_decoder`` for the live previews; ``outputs`` where generated PNGs are kept.
 
     Example:
-        >>> UiConfig(tiny=True).tiny
+        >>> from sdxl_control.resolvers import TinyResolver
+        >>> UiConfig(resolver=TinyResolver()).base is None
         True
     """
 
-    tiny: bool = False
-    base: str = DEFAULT_BASE
-    refiner: str = DEFAULT_REFINER
+    resolver: Resolver = field(default_factory=HubResolver)
+    base: str | None = None
+    refiner: str | None = None
     face_pack: str | None = None
     preview_decoder: str = DRAFT_DECODER
     device: str | None = None
@@ -68,20 +76,48 @@ class _Models:
         self.loaded: Any = None  # made at the first generation: the page opens before torch is imported
         self.lock = threading.Lock()  # one generation at a time, whatever the queue does
 
-    def get(self, refiner: bool, unet: Any) -> Any:
+    def get(self, base: str, refiner: str | None, unet: Any) -> Any:
         if self.loaded is None:
             from .generator import LastLoaded
 
             self.loaded = LastLoaded(device=self.config.device)
-        if self.config.tiny:
-            from .testing import tiny_models
-            from .testing.stand_ins import tiny_unet
+        return self.loaded.get(base, refiner, unet)
 
-            tiny = tiny_models()
-            base, second, unet = str(tiny.base), str(tiny.refiner), tiny_unet(unet)
-        else:
-            base, second = self.config.base, self.config.refiner
-        return self.loaded.get(base, second if refiner else None, unet)
+
+@dataclass(frozen=True)
+class PageForm:
+    """The page's form, field by field, with the values the page opens with; the HTTP API takes the same names.
+
+    Example:
+        >>> PageForm("a red fox", steps=4).identity
+        'faceid'
+    """
+
+    prompt: str = ""
+    negative: str = ""
+    preset: str = NO_PRESET
+    width: float = 1024
+    height: float = 1024
+    steps: float = 30
+    guidance: float = 5.0
+    seed: float | None = None
+    random_seed: bool = True
+    num_images: float = 1
+    refiner_switch: float = 0.0
+    faces: Any = None
+    identity: str = DEFAULT_IDENTITY
+    identity_scale: float = 0.8
+    style: str | None = None
+    style_scale: float = 0.8
+    style_layers: str = "style"
+    structure: str | None = None
+    structure_kind: str = "edges"
+    structure_is_map: bool = False
+    structure_scale: float = 0.6
+    structure_start: float = 0.0
+    structure_end: float = 1.0
+    loras: Any = None
+    lora_weights: str = ""
 
 
 def _files(value: Any) -> list[str]:
@@ -91,85 +127,81 @@ def _files(value: Any) -> list[str]:
     return [str(getattr(item, "name", item)) for item in items]
 
 
-def _conditions(form: dict[str, Any]) -> list[Any]:
-    """The conditions the form sets; nothing else is stacked."""
+def _conditions(form: PageForm, taken: set[str]) -> list[Condition]:
+    """The conditions the form's fields set, those that fill the preset's inputs (``taken``) left out."""
     from .adapters import condition_class
     from .adapters.controlnet import ControlNet
     from .adapters.ip_adapter import IPAdapter
     from .adapters.lora import LoRA
     from .preprocessors.images import check_image_file
 
-    out: list[Any] = []
-    faces = _files(form["faces"])
+    out: list[Condition] = []
+    faces = _files(form.faces)
     for face in faces:
         check_image_file(face, "face photo")
-    if faces:
-        method = form["identity"]
-        options: dict[str, Any] = {"scale": form["identity_scale"]}
-        out.append(condition_class(method)(faces=faces, **options))
-    if form["style"]:
-        check_image_file(form["style"], "style image")
-        out.append(IPAdapter("sdxl", [form["style"]], layers=form["style_layers"], scale=form["style_scale"]))
-    if form["structure"]:
-        check_image_file(form["structure"], "structure photo")
-        control = STRUCTURE_CONTROLS[form["structure_kind"]]
-        window = (form["structure_start"], form["structure_end"])
-        out.append(ControlNet(control.model, image=form["structure"],
-                              preprocess=None if form["structure_is_map"] else control.preprocessor,
-                              scale=form["structure_scale"], window=window))  # fmt: skip
-    loras = _files(form["loras"])
-    weights = [float(w) for w in str(form["lora_weights"] or "").replace(",", " ").split()] or [1.0]
-    for i, lora in enumerate(loras):
+    if faces and "faces" not in taken:
+        out.append(condition_class(form.identity)(faces=faces, scale=form.identity_scale))
+    if form.style and "style" not in taken:
+        check_image_file(form.style, "style image")
+        out.append(IPAdapter("sdxl", [form.style], layers=form.style_layers, scale=form.style_scale))
+    if form.structure and "structure" not in taken:
+        check_image_file(form.structure, "structure photo")
+        control = STRUCTURE_CONTROLS[form.structure_kind]
+        out.append(ControlNet(control.model, image=form.structure,
+                              preprocess=None if form.structure_is_map else control.preprocessor,
+                              scale=form.structure_scale, window=(form.structure_start, form.structure_end)))  # fmt: skip
+    weights = [float(w) for w in str(form.lora_weights or "").replace(",", " ").split()] or [1.0]
+    for i, lora in enumerate(_files(form.loras)):
         out.append(LoRA(lora, scale=weights[min(i, len(weights) - 1)]))
     return out
 
 
-def _preset_inputs(preset: Any, form: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the preset's inputs from the page's fields, the form without the fields they took): the face photos fill
-    "face", the style image "style", the structure photo "structure", or "pose" when it is a pose."""
-    inputs: dict[str, Any] = {}
-    rest = dict(form)
-    if "face" in preset.inputs and _files(form["faces"]):
-        inputs["face"], rest["faces"] = _files(form["faces"]), None
-    if "style" in preset.inputs and form["style"]:
-        inputs["style"], rest["style"] = [form["style"]], None
-    if form["structure"]:
-        name = "pose" if form["structure_kind"] == "pose" and "pose" in preset.inputs else "structure"
-        if name in preset.inputs:
-            inputs[name], rest["structure"] = form["structure"], None
-    return inputs, rest
-
-
-def _request(config: UiConfig, form: dict[str, Any], seed: int) -> tuple[Any, Any]:
-    """(GenerationRequest, UNet checkpoint) from the form and the preset: the preset's sampler, models, LoRAs and
-    condition templates, the page's numbers (which choosing a preset fills in) and conditions."""
-    from .adapters import with_face_pack
-    from .generator import GenerationRequest
+def _preset_inputs(preset: str, form: PageForm) -> tuple[dict[str, Any], set[str]]:
+    """(the preset's inputs from the page's fields, the fields they took): the face photos fill "face", the style
+    image "style", the structure photo "structure", or "pose" when it is a pose."""
     from .presets import load_preset
 
-    settings: dict[str, Any] = {}
-    unet = None
-    preset_conditions: list[Any] = []
-    if form["preset"] and form["preset"] != NO_PRESET:
-        preset = load_preset(form["preset"])
-        inputs, form = _preset_inputs(preset, form)
-        settings, unet = dict(preset.settings), preset.unet
-        preset_conditions = preset.conditions(inputs)
-    conditions = with_face_pack([*preset_conditions, *_conditions(form)], config.face_pack)
-    if config.tiny:
-        from .testing.stand_ins import tiny_condition, tiny_decoder
+    takes = load_preset(preset).inputs
+    inputs: dict[str, Any] = {}
+    if "face" in takes and _files(form.faces):
+        inputs["face"] = _files(form.faces)
+    if "style" in takes and form.style:
+        inputs["style"] = [form.style]
+    if form.structure:
+        name = "pose" if form.structure_kind == "pose" and "pose" in takes else "structure"
+        if name in takes:
+            inputs[name] = form.structure
+    fields_of = {"face": "faces", "style": "style", "structure": "structure", "pose": "structure"}
+    return inputs, {fields_of[name] for name in inputs}
 
-        conditions = [tiny_condition(c) for c in conditions]
-        if settings.get("decoder"):
-            settings["decoder"] = tiny_decoder(settings["decoder"])
-    switch = form["refiner_switch"]
-    settings.update(
-        prompt=form["prompt"], negative_prompt=form["negative"] or settings.get("negative_prompt"),
-        size=(int(form["width"]), int(form["height"])), steps=int(form["steps"]), guidance=float(form["guidance"]),
-        refiner_switch=switch if switch and switch > 0 else None, seed=seed, num_images=int(form["num_images"]),
-        conditions=tuple(conditions),
-    )  # fmt: skip
-    return GenerationRequest(**settings), unet
+
+def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
+    """The job the page's form asks for: the preset's sampler, models, LoRAs and condition templates filled from the
+    page's fields, the page's numbers (which choosing a preset fills in) and its other conditions."""
+    from .spec import JobSpec
+
+    preset = form.preset if form.preset and form.preset != NO_PRESET else None
+    inputs, taken = _preset_inputs(preset, form) if preset else ({}, set())
+    switch = form.refiner_switch
+    settings: dict[str, Any] = {
+        "size": (int(form.width), int(form.height)), "steps": int(form.steps), "guidance": float(form.guidance),
+        "refiner_switch": switch if switch and switch > 0 else None, "seed": seed, "num_images": int(form.num_images),
+    }  # fmt: skip
+    if form.negative:
+        settings["negative_prompt"] = form.negative
+    return JobSpec(form.prompt, preset=preset, inputs=inputs, settings=settings,
+                   conditions=tuple(_conditions(form, taken)), models={"base": config.base, "refiner": config.refiner},
+                   face_pack=config.face_pack)  # fmt: skip
+
+
+def _with_signature(handler: Any, form: type[PageForm], *extra: str) -> Any:
+    """``handler`` announcing the form's fields (and ``extra`` state) as its parameters: Gradio names the HTTP API's
+    parameters after them and passes the page's values in this order."""
+    params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
+                                annotation=f.type) for f in fields(form)]  # fmt: skip
+    params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in extra]
+    handler.__signature__ = inspect.Signature(params)
+    return handler
 
 
 def build_app(config: UiConfig) -> Any:
@@ -182,52 +214,22 @@ def build_app(config: UiConfig) -> Any:
         """The previews' decoder, or None (previews off, said in the status) when its weights are not here."""
         from .vae import find_decoder
 
-        if config.tiny:
-            from .testing.stand_ins import tiny_decoder
-
-            return str(tiny_decoder(config.preview_decoder))
+        source = config.resolver.decoder(config.preview_decoder) or config.preview_decoder
         try:
-            find_decoder(config.preview_decoder)
+            find_decoder(source)
         except SdxlControlError as exc:
             log.warning("live previews are off: %s", exc)
             return None
-        return config.preview_decoder
+        return source
 
-    # Named parameters: the HTTP API (Gradio's client) takes them by name; the page's values are the defaults.
-    def generate(
-        prompt: str,
-        negative: str = "",
-        preset: str = NO_PRESET,
-        width: float = 1024,
-        height: float = 1024,
-        steps: float = 30,
-        guidance: float = 5.0,
-        seed: float | None = None,
-        random_seed: bool = True,
-        num_images: float = 1,
-        refiner_switch: float = 0.0,
-        faces: Any = None,
-        identity: str = "faceid",
-        identity_scale: float = 0.8,
-        style: str | None = None,
-        style_scale: float = 0.8,
-        style_layers: str = "style",
-        structure: str | None = None,
-        structure_kind: str = "edges",
-        structure_is_map: bool = False,
-        structure_scale: float = 0.6,
-        structure_start: float = 0.0,
-        structure_end: float = 1.0,
-        loras: Any = None,
-        lora_weights: str = "",
-        running: Any = None,
-    ) -> Iterator[tuple[Any, ...]]:
-        form = {name: value for name, value in locals().items() if name != "running"}  # the page's fields, by name
+    def generate(*values: Any) -> Iterator[tuple[Any, ...]]:
         from .preview import Previews
+        from .spec import resolve
 
-        seed = random.randint(0, MAX_SEED) if random_seed or seed in (None, "") else int(seed)
+        form = PageForm(*values[:-1])
+        seed = random.randint(0, MAX_SEED) if form.random_seed or form.seed in (None, "") else int(form.seed)
         try:
-            req, unet = _request(config, form, seed)
+            job = resolve(form_spec(form, config, seed), config.resolver)
         except (SdxlControlError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
         # This session's Stop flag, kept in its state: the Stop button sets it, the loop checks it every step.
@@ -244,10 +246,10 @@ def build_app(config: UiConfig) -> Any:
         def work() -> None:
             try:
                 with models.lock:
-                    generator = models.get(req.refiner_switch is not None, unet)
+                    generator = models.get(*job.models)
                     decoder = preview_decoder()
                     progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check) if decoder else check
-                    events.put(("done", generator.run(req, progress=progress, progress_bar=False)))
+                    events.put(("done", generator.run(job.request, progress=progress, progress_bar=False)))
             except Stopped:
                 events.put(("stopped", None))
             except Exception as exc:  # reported in the page; the page and the next call live on
@@ -296,20 +298,17 @@ def build_app(config: UiConfig) -> Any:
         try:
             if structure:
                 preprocessor = None if is_map else STRUCTURE_CONTROLS[kind].preprocessor
-                options: dict[str, Any] = {}
-                if config.tiny:
-                    from .testing.stand_ins import tiny_preprocess_options
-
-                    options = tiny_preprocess_options(preprocessor)
-                maps.append(preprocess(preprocessor, structure, **options))
+                maps.append(preprocess(preprocessor, structure, **config.resolver.preprocess_options(preprocessor)))
             for face in _files(faces):
-                maps.append(preprocess("face", face, **({"pack": config.face_pack} if config.face_pack else {})))
+                pack = {"pack": config.resolver.face_pack(config.face_pack)} if config.face_pack else {}
+                maps.append(preprocess("face", face, **pack))
         except SdxlControlError as exc:
             raise gr.Error(str(exc)) from None
         return maps
 
     def apply_preset(name: str) -> list[Any]:
-        """Choosing a preset fills in its numbers (the tiny models keep their small size); the rest comes with it."""
+        """Choosing a preset fills in its numbers (a model policy with a size of its own, the tiny models', keeps it);
+        the rest comes with it."""
         from .presets import load_preset
 
         if not name or name == NO_PRESET:
@@ -317,7 +316,7 @@ def build_app(config: UiConfig) -> Any:
         preset = load_preset(name)
         settings = preset.settings
         width, height = settings.get("size", (1024, 1024))
-        size = [gr.update(), gr.update()] if config.tiny else [width, height]
+        size = [gr.update(), gr.update()] if "size" in config.resolver.defaults() else [width, height]
         takes = f" — it takes: {', '.join(preset.inputs)}" if preset.inputs else ""
         return [settings.get("steps", gr.update()), settings.get("guidance", gr.update()), *size,
                 settings.get("refiner_switch") or 0.0, settings.get("negative_prompt", ""),
@@ -337,6 +336,9 @@ def build_app(config: UiConfig) -> Any:
 
     with gr.Blocks(title="sdxl-control") as app:
         gr.Markdown("# sdxl-control\nPrompt, conditions, and the image as it forms.")
+        # The numbers the page opens with: the form's, at the size the model policy implies (the tiny models').
+        width_0, height_0 = config.resolver.defaults().get("size", (PageForm.width, PageForm.height))
+        opening = {**asdict(PageForm()), "width": width_0, "height": height_0}
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
@@ -344,10 +346,10 @@ def build_app(config: UiConfig) -> Any:
                 with gr.Row():
                     presets = [NO_PRESET, *(p for p in available_presets())]
                     preset = gr.Dropdown(presets, value=NO_PRESET, label="Preset", elem_id="preset")
-                    width = gr.Number(value=128 if config.tiny else 1024, step=8, label="Width", elem_id="width")
-                    height = gr.Number(value=128 if config.tiny else 1024, step=8, label="Height", elem_id="height")
+                    width = gr.Number(value=opening["width"], step=8, label="Width", elem_id="width")
+                    height = gr.Number(value=opening["height"], step=8, label="Height", elem_id="height")
                 with gr.Row():
-                    steps = gr.Slider(1, 100, value=8 if config.tiny else 30, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(1, 100, value=opening["steps"], step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(0, 15, value=5, step=0.1, label="Guidance", elem_id="guidance")
                     refiner_switch = gr.Slider(0, 0.95, value=0, step=0.05, label="Refiner switch (0: off)")
                 with gr.Row():
@@ -358,7 +360,7 @@ def build_app(config: UiConfig) -> Any:
                 with gr.Accordion("Face (identity)", open=True):
                     faces = gr.File(file_count="multiple", label="Face photo(s) of one person", elem_id="faces")
                     with gr.Row():
-                        identity = gr.Dropdown(list(IDENTITY_METHODS), value="faceid", label="Method")
+                        identity = gr.Dropdown(identity_kinds(), value=DEFAULT_IDENTITY, label="Method")
                         identity_scale = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Strength")
                 with gr.Accordion("Style", open=True):
                     style = gr.Image(type="filepath", label="Style image", elem_id="style", height=260)
@@ -397,7 +399,7 @@ def build_app(config: UiConfig) -> Any:
                 lora_weights]  # fmt: skip
         last_seed, running = gr.State(None), gr.State(None)
         outputs = [preview, status, gallery, downloads, last_seed, running]
-        run.click(generate, [*form, running], outputs, api_name="generate")
+        run.click(_with_signature(generate, PageForm, "running"), [*form, running], outputs, api_name="generate")
         stop.click(stop_clicked, running, status, queue=False)
         reuse.click(lambda s: (s if s is not None else 0, False), last_seed, [seed, random_seed], queue=False)
         preset.change(apply_preset, preset, [steps, guidance, width, height, refiner_switch, negative, status],

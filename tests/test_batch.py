@@ -18,6 +18,7 @@ from PIL import Image
 
 from sdxl_control.batch import RESULTS, Outputs, read_jobs, run_batch
 from sdxl_control.cli import main
+from sdxl_control.resolvers import TinyResolver
 
 SIZE = [64, 64]
 
@@ -174,7 +175,7 @@ def test_png_recipes_and_dry_run_output_are_jobs(tmp_path, tiny, capsys):
 def test_outputs_through_a_pyarrow_filesystem(inputs, tiny):
     """A filesystem URI goes through pyarrow (the path object stores take): same files, results rewritten whole."""
     pytest.importorskip("pyarrow")
-    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs(inputs)[:2]), tiny=True)
+    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs(inputs)[:2]), resolver=TinyResolver())
     assert not problems
     local, remote = inputs.parent / "local", inputs.parent / "remote"
     run_batch(jobs, local, progress_bar=False)
@@ -225,7 +226,7 @@ def test_ray_writes_the_embedded_images_even_when_a_worker_is_killed(inputs, tin
 
     from sdxl_control.ray_batch import run_batch_ray
 
-    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs(inputs)), tiny=True)
+    jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs(inputs)), resolver=TinyResolver())
     assert not problems
     embedded, clustered = inputs.parent / "embedded", inputs.parent / "ray"
     # Ray runs a one-CPU worker on one thread; on the CPU, a thread count changes the last bit of a sum here and there.
@@ -268,7 +269,7 @@ def test_the_readme_example_jobs_are_valid(tmp_path, tiny, shared_dir):
     photo = shared_dir / "images" / "obama.jpg"
     (tmp_path / "me.jpg").write_bytes(photo.read_bytes())
     Image.open(photo).save(tmp_path / "edges.png")
-    jobs, problems = read_jobs(_write_jobs(tmp_path, lines), tiny=True)
+    jobs, problems = read_jobs(_write_jobs(tmp_path, lines), resolver=TinyResolver())
     assert not problems, problems
     assert [j.id for j in jobs] == ["fox-1", "fox-2", "me-astronaut", "lighthouse"]
     assert jobs[1].request.steps == 8 and jobs[1].request.size == (768, 1024)  # the job's fields win over the preset's
@@ -290,7 +291,7 @@ def test_jobs_on_the_same_models_share_one_load(inputs, tiny, monkeypatch):
     monkeypatch.setattr(Generator, "from_pretrained", classmethod(counting))
     lines = [{"id": f"j{i}", "prompt": "x", "seed": i, "steps": 2, "size": SIZE,
               **({"refiner_switch": 0.5} if i % 2 else {})} for i in range(4)]  # fmt: skip
-    jobs, _ = read_jobs(_write_jobs(inputs, lines), tiny=True)
+    jobs, _ = read_jobs(_write_jobs(inputs, lines), resolver=TinyResolver())
     summary = run_batch(jobs, inputs.parent / "out", progress_bar=False)
     assert summary.done == 4 and len(loads) == 2 and len(set(loads)) == 2
     assert [r["id"] for r in summary.results] in (["j0", "j2", "j1", "j3"], ["j1", "j3", "j0", "j2"])

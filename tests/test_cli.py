@@ -229,7 +229,7 @@ def test_pulid_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, capsys
     capsys.readouterr()
     wrong = ["generate", "x", "--tiny", "--identity", "instantid", "--face", obama, "--identity-mode", "style"]
     assert main([*wrong, "-o", str(out)]) == 2
-    assert "--identity-mode and --pulid-version are for --identity pulid" in capsys.readouterr().err
+    assert "--identity-mode: for --identity pulid, not instantid" in capsys.readouterr().err
 
 
 def test_photomaker_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, capsys):

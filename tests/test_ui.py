@@ -27,11 +27,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def page_url(tiny, insightface_root, tmp_path_factory):
+    from sdxl_control.resolvers import TinyResolver
     from sdxl_control.ui import UiConfig, build_app
 
     if CHROMIUM is None:
         pytest.fail("no Chromium found: install Debian's chromium package (CI does), or set SDXL_CONTROL_CHROMIUM")
-    config = UiConfig(tiny=True, face_pack=str(insightface_root / "models" / "buffalo_l"),
+    config = UiConfig(resolver=TinyResolver(), face_pack=str(insightface_root / "models" / "buffalo_l"),
                       outputs=tmp_path_factory.mktemp("ui-outputs"))  # fmt: skip
     app = build_app(config)
     port = _free_port()

@@ -1,0 +1,99 @@
+"""The ``sdxl-control`` command: one module per subcommand, each translating its flags into the one request path
+(:mod:`sdxl_control.spec`) and running it. The model policy (what jobs name, or the tiny stand-ins of ``--tiny``) is
+chosen here once per process and handed to the subcommand.
+
+Example:
+    >>> from sdxl_control.cli import main
+    >>> main(["generate", "a red fox", "--tiny", "--size", "64x64", "--steps", "2", "-o", "fox.png"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+# Only light modules at the top: an argument error or --help answers before torch and diffusers load (seconds).
+from ..errors import EXIT_INTERRUPTED, DeviceError, SdxlControlError
+from ..resolvers import Resolver, resolver_for
+from . import batch, generate, models, preprocess, presets, score, ui
+from .options import check_inputs
+
+__all__ = ["main", "build_parser"]
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Resolver], int]] = {
+    "generate": generate.run, "preprocess": preprocess.run, "score": score.run, "presets": presets.run,
+    "models": models.run, "ui": ui.run, "batch": batch.run,
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of an error, not only its message",
+    )
+    parser = argparse.ArgumentParser(
+        prog="sdxl-control",
+        description="Controllable SDXL generation.",
+        epilog="exit codes: 0 done, 1 unexpected failure (a bug: --debug shows it), 2 bad option or request, "
+        "3 unreadable or missing input file, 4 model missing or unusable, 5 no usable face in a photo, "
+        "6 output cannot be written, 7 device unavailable or out of memory, 130 interrupted",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (generate, preprocess, ui, batch, presets, models, score):
+        module.add_parser(sub, common)
+    return parser
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    # torch.cuda.OutOfMemoryError, and the CPU allocator's RuntimeError, without importing torch to ask.
+    return (
+        isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc)
+    )
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"sdxl-control: error: {message}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sdxl-control`` command; returns its exit code (see ``sdxl-control --help``)."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        check_inputs(args)
+        return _COMMANDS[args.command](args, resolver_for(getattr(args, "tiny", False)))
+    except KeyboardInterrupt:
+        return _fail("interrupted (images not finished were not written)", EXIT_INTERRUPTED, debug)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python would report the failed flush at exit otherwise
+        return EXIT_BROKEN_PIPE
+    except SdxlControlError as exc:
+        return _fail(str(exc), exc.exit_code, debug)
+    except Exception as exc:
+        if _out_of_memory(exc):
+            hint = "try a smaller --size, fewer --num-images, --offload or --vae-tiling"
+            what = (str(exc) or type(exc).__name__).splitlines()[0][:200]
+            return _fail(f"out of memory ({what}): {hint}", DeviceError.exit_code, debug)
+        if debug:
+            raise
+        return _fail(
+            f"unexpected {type(exc).__name__}: {exc}. This is a bug in sdxl-control or a library it uses: run again "
+            "with --debug for the traceback, and report it",
+            1,
+            debug,
+        )

@@ -1,0 +1,371 @@
+"""``sdxl-control generate``: the flags translated into one :class:`~sdxl_control.spec.JobSpec`, resolved and run
+as one job. The identity flags come from the condition families' declarations (:data:`sdxl_control.adapters.
+CONDITION_KINDS`): a family added there gets its flags here without code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapters import CONDITION_KINDS, Flag, identity_kinds
+from ..defaults import (
+    DEFAULT_BASE,
+    DEFAULT_IDENTITY,
+    DEFAULT_REFINER,
+    DEFAULT_UNION,
+    DRAFT_DECODER,
+    FAST_LEVELS,
+    STRUCTURE_CONTROLS,
+)
+from ..errors import InvalidRequestError, SdxlControlError
+from ..presets import available_presets
+from . import options
+from .options import DTYPES, count, number, window
+
+if TYPE_CHECKING:
+    from ..conditions import Condition
+    from ..resolvers import Resolver
+    from ..spec import JobSpec, ResolvedJob
+
+__all__ = ["add_parser", "run", "job_spec"]
+
+# Flags that fill a preset input of the same name instead of adding a condition of their own.
+INPUT_FLAGS = ("face", "style", "pose", "structure")
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"text": str, "number": number, "window": window, "image": str}
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    gen = sub.add_parser("generate", help="generate images from a prompt (or re-run a PNG's recipe)", parents=[common])
+    gen.add_argument("prompt", nargs="?", help="the prompt (optional with --recipe)")
+    gen.add_argument("-n", "--negative-prompt", help="negative prompt")
+    gen.add_argument("-o", "--output", default="out.png", help="output PNG; image i of a batch gets -i before .png")
+    gen.add_argument("--seed", type=count, help="seed of the first image (random if not given)")
+    gen.add_argument("--steps", type=count, help="denoising steps over both stages (default 30)")
+    gen.add_argument("--guidance", type=number, help="classifier-free guidance scale; <= 1 turns it off (default 5)")
+    gen.add_argument("--refiner-switch", type=number, help="fraction of the schedule the base runs before the refiner")
+    gen.add_argument("--size", type=options.size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
+    gen.add_argument("--num-images", type=count, help="images in the batch, seeds seed, seed+1, ...")
+    gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun, ... or a class")
+    gen.add_argument("--preset", metavar="NAME|FILE",
+                     help=f"what works together, as data: {', '.join(available_presets())}, or a preset file "
+                     "(`sdxl-control presets` describes them); explicit options win")  # fmt: skip
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a preset's setting: steps=8, size=[768,1024], face.scale=0.6 (a condition's field), "
+                     "models.base=REPO; repeatable")  # fmt: skip
+    gen.add_argument("--input", action="append", default=[], metavar="NAME=FILE",
+                     help="fill a preset's input (face, style, structure, pose); --face, --style, --pose and "
+                     "--structure do the same")  # fmt: skip
+    gen.add_argument("--structure", metavar="PHOTO", help="a preset's structure input: the photo whose composition "
+                     "to keep (style-transfer)")  # fmt: skip
+    gen.add_argument("--dry-run", action="store_true",
+                     help="print the resolved models and request (as the recipe records them) and load nothing")  # fmt: skip
+    gen.add_argument("--preview-every", type=count, metavar="N",
+                     help="every N steps, write the image as it forms to OUTPUT-preview.png (decoded by TAESD-XL)")  # fmt: skip
+    gen.add_argument("--preview-decoder", metavar="MODEL", default=DRAFT_DECODER,
+                     help=f"the previews' tiny autoencoder: a TAESD folder or hub id (default {DRAFT_DECODER}), or "
+                     "ComfyUI's vae_approx/taesdxl_decoder.safetensors")  # fmt: skip
+    gen.add_argument("--grid", action="store_true",
+                     help="with --num-images: also write a contact sheet OUTPUT-grid.png with each image's seed")  # fmt: skip
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="stack a LoRA (repeatable)")
+    gen.add_argument("--base", help=f"base model: hub id, local folder or .safetensors (default {DEFAULT_BASE})")
+    gen.add_argument("--refiner", help=f"refiner model, used with --refiner-switch (default {DEFAULT_REFINER})")
+    gen.add_argument("--tiny", action="store_true", help="use built-in tiny random models (offline demo)")
+    gen.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG written by sdxl-control")
+    gen.add_argument("--inputs-from", metavar="FOLDER", action="append", default=[],
+                     help="with --recipe: a folder holding the files the recipe names (control images, face photos, "
+                     "local models); they are also looked for beside the PNG and where this machine last saw them")  # fmt: skip
+    gen.add_argument("--recipe-paths", choices=("names", "full"), default="names",
+                     help="how the images' recipes name local files: by name and content hash (default), or also by "
+                     "their full path (private to this machine)")  # fmt: skip
+    gen.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
+    gen.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPU, fp32 on CPU")
+    gen.add_argument("--variant", help="weights variant to load, e.g. fp16")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    gen.add_argument("--vae-tiling", action="store_true", help="decode tile by tile (large images, small GPUs)")
+    gen.add_argument("--decoder", metavar="MODEL",
+                     help=f"decode with this tiny autoencoder instead of the VAE (draft previews), e.g. {DRAFT_DECODER}")  # fmt: skip
+    gen.add_argument("--offload", action="store_true",
+                     help="keep models in CPU memory, each on the device only while it runs (small GPUs)")  # fmt: skip
+    gen.add_argument("--fast", choices=list(FAST_LEVELS), default="off",
+                     help="; ".join(f"{k}: {v}" for k, v in FAST_LEVELS.items()) + " (compiling is paid once per process)")  # fmt: skip
+    _add_condition_options(gen)
+
+
+def _add_condition_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ControlNets (several may be combined)")
+    for name, control in STRUCTURE_CONTROLS.items():
+        group.add_argument(f"--{name}", metavar="PHOTO", help=f"guide by the {control.preprocessor} map of this photo")
+        group.add_argument(f"--{name}-map", metavar="MAP", help=f"guide by this ready {name} map (no preprocessing)")
+        group.add_argument(f"--{name}-model", metavar="MODEL", help=f"ControlNet for {name} (default {control.model})")
+        group.add_argument(f"--{name}-scale", type=number, default=1.0, metavar="S", help="its strength (default 1)")
+        group.add_argument(f"--{name}-window", type=window, default=(0.0, 1.0), metavar="START:END",
+                           help="fractions of the schedule where it acts (default 0:1)")  # fmt: skip
+    group.add_argument("--union", nargs="?", const=DEFAULT_UNION, metavar="MODEL",
+                       help=f"drive all controls through one ControlNet-Union model (default {DEFAULT_UNION}); "
+                       "it takes --union-scale and --union-window")  # fmt: skip
+    group.add_argument("--union-scale", type=number, default=1.0, metavar="S")
+    group.add_argument("--union-window", type=window, default=(0.0, 1.0), metavar="START:END")
+    refs = parser.add_argument_group("reference images")
+    refs.add_argument("--style", metavar="IMG", action="append", default=[], help="style reference (InstantStyle)")
+    refs.add_argument("--style-scale", type=number, default=0.8, metavar="S")
+    refs.add_argument("--reference", metavar="IMG", action="append", default=[], help="IP-Adapter reference image")
+    refs.add_argument("--reference-variant", default="plus", help="sdxl, vit-h, plus, plus-face (default plus)")
+    refs.add_argument("--reference-scale", type=number, default=0.6, metavar="S")
+    refs.add_argument("--reference-layers", default="all", help="all, style, composition, style+composition")
+    face = parser.add_argument_group("identity (a family's flags are for that --identity only)")
+    face.add_argument("--face", metavar="IMG", action="append", default=[],
+                      help="photo of the person (repeatable: several photos of one person)")  # fmt: skip
+    face.add_argument("--identity", choices=identity_kinds(),
+                      help=f"identity method for --face (default {DEFAULT_IDENTITY})")  # fmt: skip
+    face.add_argument("--identity-scale", "--face-scale", dest="face_scale", type=number, metavar="S",
+                      help="strength of the identity (default: the method's own)")  # fmt: skip
+    face.add_argument("--face-window", type=window, metavar="START:END", help="where the identity acts (default 0:1)")
+    face.add_argument("--face-pack", help="insightface model pack name or folder (default: the method's own, "
+                      "buffalo_l or antelopev2)")  # fmt: skip
+    face.add_argument("--score", action="store_true",
+                      help="store each image's identity similarity to the first --face photo in its recipe")  # fmt: skip
+    for family in CONDITION_KINDS.values():
+        for flag in family.flags:
+            face.add_argument(f"--{flag.name}", type=_FLAG_TYPES[flag.type], choices=flag.choices or None,
+                              metavar="IMG" if flag.type == "image" else None, help=flag.help)  # fmt: skip
+
+
+def _family_flags(kind: str) -> tuple[Flag, ...]:
+    return CONDITION_KINDS[kind].flags
+
+
+def _given(args: argparse.Namespace, flag: Flag) -> Any:
+    return getattr(args, flag.name.replace("-", "_"))
+
+
+def _identity_flags_given(args: argparse.Namespace) -> list[str]:
+    shared = [f"--{n.replace('_', '-')}" for n in ("identity", "face_scale", "face_window") if getattr(args, n)]
+    own = [f"--{f.name}" for kind in identity_kinds() for f in _family_flags(kind) if _given(args, f) is not None]
+    return shared + own
+
+
+def _identity_condition(args: argparse.Namespace, faces: list[str]) -> Condition:
+    """The --identity condition for ``faces``, from the flags given; the rest keep the family's defaults."""
+    from ..adapters import condition_class
+
+    kind = args.identity or DEFAULT_IDENTITY
+    for other in identity_kinds():
+        wrong = [f"--{f.name}" for f in _family_flags(other) if _given(args, f) is not None]
+        if other != kind and wrong:
+            raise InvalidRequestError(f"{', '.join(wrong)}: for --identity {other}, not {kind}")
+    given = {f.field: _given(args, f) for f in _family_flags(kind)}
+    given.update(scale=args.face_scale, window=args.face_window)
+    return condition_class(kind)(faces=faces, **{k: v for k, v in given.items() if v is not None})
+
+
+def _control_conditions(args: argparse.Namespace, taken: set[str]) -> list[Condition]:
+    from ..adapters.controlnet import ControlNet, ControlNetUnion
+
+    # name -> (image, preprocessor or None for a ready map)
+    chosen: dict[str, tuple[str, str | None]] = {}
+    for name, control in STRUCTURE_CONTROLS.items():
+        photo, ready = None if name in taken else getattr(args, name), getattr(args, f"{name}_map")
+        if photo and ready:
+            raise InvalidRequestError(f"give --{name} (a photo) or --{name}-map (a ready map), not both")
+        if photo or ready:
+            chosen[name] = (photo or ready, control.preprocessor if photo else None)
+    if args.union:
+        if not chosen:
+            raise InvalidRequestError("--union needs at least one of --edges, --depth, --pose (or their -map)")
+        types = {name: STRUCTURE_CONTROLS[name].union_type for name in chosen}
+        return [
+            ControlNetUnion(
+                args.union, preprocess=tuple(types[n] for n, (_, p) in chosen.items() if p),
+                scale=args.union_scale, window=args.union_window,
+                **{types[n]: image for n, (image, _) in chosen.items()},
+            )
+        ]  # fmt: skip
+    return [
+        ControlNet(getattr(args, f"{name}_model") or STRUCTURE_CONTROLS[name].model, image=image, preprocess=preprocessor,
+                   scale=getattr(args, f"{name}_scale"), window=getattr(args, f"{name}_window"))
+        for name, (image, preprocessor) in chosen.items()
+    ]  # fmt: skip
+
+
+def _lora(text: str) -> Condition:
+    from ..adapters.lora import LoRA
+
+    path, sep, scale = text.rpartition(":")
+    try:
+        value = float(scale) if sep else None
+    except ValueError:  # the colon belonged to the path (C:\loras\x.safetensors)
+        value = None
+    return LoRA(path, scale=value) if value is not None else LoRA(text)
+
+
+def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[str]]:
+    """(the preset's inputs from --input NAME=FILE and from the flags named like them, the flags they took): a flag
+    that fills an input adds no condition of its own."""
+    from ..presets import load_preset
+
+    inputs: dict[str, list[str]] = {}
+    for text in args.input:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise InvalidRequestError(f"--input takes NAME=FILE (face=me.jpg), got {text!r}")
+        inputs.setdefault(name, []).append(path)
+    taken: set[str] = set()
+    preset = load_preset(args.preset) if args.preset is not None else None
+    for name in INPUT_FLAGS:
+        value = getattr(args, name)
+        if value and preset is not None and name in preset.inputs:
+            inputs.setdefault(name, []).extend(value if isinstance(value, list) else [value])
+            taken.add(name)
+    if args.structure and "structure" not in taken:
+        raise InvalidRequestError("--structure fills a preset's structure input (--preset style-transfer)")
+    if inputs and preset is None:
+        raise InvalidRequestError("--input fills a preset's inputs: give --preset")
+    if preset is not None and preset.templates.get("face") and _identity_flags_given(args):
+        raise InvalidRequestError(
+            f"the preset {preset.name} sets up the identity condition ({', '.join(_identity_flags_given(args))}); "
+            "change it with --set face.KEY=VALUE (--dry-run shows its settings)"
+        )
+    return inputs, taken
+
+
+def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
+    given = {
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "refiner_switch": args.refiner_switch,
+        "size": args.size,
+        "num_images": args.num_images,
+        "scheduler": args.scheduler,
+        "vae_tiling": True if args.vae_tiling else None,
+        "decoder": args.decoder,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
+    """(the job the flags ask for, the Locator that finds the files a --recipe names)."""
+    from ..files import Locator
+    from ..presets import parse_assignment
+    from ..spec import JobSpec
+
+    if args.preset is None and args.set:
+        raise InvalidRequestError("--set changes a preset's settings: give --preset")
+    if args.recipe is None and args.inputs_from:
+        raise InvalidRequestError("--inputs-from is where --recipe finds the files its recipe names: give --recipe")
+    inputs, taken = _preset_inputs(args)
+    conditions = [*map(_lora, args.lora), *_control_conditions(args, taken)]
+    if args.style and "style" not in taken:
+        from ..adapters.ip_adapter import IPAdapter
+
+        conditions.append(IPAdapter.style(args.style, scale=args.style_scale))
+    if args.reference:
+        from ..adapters.ip_adapter import IPAdapter
+
+        conditions.append(IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale,
+                                    layers=args.reference_layers))  # fmt: skip
+    if args.face and "face" not in taken:
+        conditions.append(_identity_condition(args, args.face))
+    elif _identity_flags_given(args):
+        raise InvalidRequestError(f"{', '.join(_identity_flags_given(args))}: identity options need --face")
+    recipe, locate = None, Locator()
+    if args.recipe is not None:
+        from ..recipe import read_recipe
+
+        recipe = read_recipe(args.recipe)
+        locate = Locator([*args.inputs_from, args.recipe.expanduser().resolve().parent])
+    spec = JobSpec(
+        args.prompt, preset=args.preset, inputs=inputs, set=dict(parse_assignment(a) for a in args.set),
+        settings=_request_settings(args), conditions=tuple(conditions),
+        models={"base": args.base, "refiner": args.refiner}, face_pack=args.face_pack, recipe=recipe,
+    )  # fmt: skip
+    return spec, locate
+
+
+def run(args: argparse.Namespace, resolver: Resolver) -> int:
+    if args.tiny and (args.base or args.refiner):
+        raise InvalidRequestError("--tiny uses the built-in tiny models: give it, or --base/--refiner, not both")
+    options.output_paths(args.output, 1)  # now, before the seconds torch takes to import; again below for a batch
+    if args.score and not args.face:
+        raise InvalidRequestError("--score needs --face")
+    from ..spec import resolve
+
+    spec, locate = job_spec(args)
+    if spec.recipe is None and not spec.prompt:
+        raise InvalidRequestError("a prompt is required (or --recipe PNG)")
+    job = resolve(spec, resolver, locate=locate)
+    outputs = options.output_paths(args.output, 1 if job.keep is not None else job.request.num_images)
+    if args.dry_run:
+        return _dry_run(args, job)
+    from ..devices import default_device_and_dtype
+    from ..fast import FastPath
+    from ..generator import Generator
+
+    device, dtype = default_device_and_dtype(args.device, options.dtype(args.dtype))
+    progress = None
+    if args.preview_every:
+        from ..preview import Previews
+        from ..vae import find_decoder
+
+        preview = outputs[0].with_name(f"{outputs[0].stem}-preview.png")
+        source = resolver.decoder(args.preview_decoder) or args.preview_decoder
+        find_decoder(source)  # a missing decoder fails before the models load
+        progress = Previews(lambda image, event: options.save(image, preview), every=args.preview_every,
+                            decoder=source)  # fmt: skip
+    options.quiet_libraries(args.quiet)
+    # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
+    generator = Generator.from_pretrained(*job.models[:2], device="cpu" if args.offload else device, dtype=dtype,
+                                          variant=args.variant, unet=job.unet)  # fmt: skip
+    if args.offload:
+        generator.set_offload(device)
+    generator.set_fast_path(FastPath.level(args.fast, fuse_qkv=not args.offload))
+    result = generator.run(job.request, progress=progress, progress_bar=not args.quiet, recipe_paths=args.recipe_paths)
+    images = result.images if job.keep is None else [result.images[job.keep]]
+    if args.score:
+        _score_into_recipes(images, args.face[0], _identity_pack(job, resolver))
+    for image, path in zip(images, outputs, strict=True):
+        options.save(image, path)
+        sys.stdout.write(f"{path}  seed={image.recipe['seed']}\n")
+    if args.grid and len(images) > 1:
+        from ..sheet import contact_sheet
+
+        grid = outputs[0].with_name(f"{outputs[0].stem}-grid.png")
+        options.save(contact_sheet(images, [f"seed {image.recipe['seed']}" for image in images]), grid)
+        sys.stdout.write(f"{grid}  contact sheet\n")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace, job: ResolvedJob) -> int:
+    """Print what would run, loading nothing: the job (a line of a job file for `sdxl-control batch`) with the models
+    and the request as the recipe records them."""
+    import json
+
+    from ..batch import job_line
+
+    sys.stdout.write(json.dumps(job_line(job.request, job.base, job.refiner, job.unet, args.recipe_paths)) + "\n")
+    return 0
+
+
+def _identity_pack(job: ResolvedJob, resolver: Resolver) -> str:
+    """The face pack the request's identity condition analyses faces with (scores compare like with like)."""
+    from ..preprocessors.face import IDENTITY_PACK
+
+    packs = [c.face_pack for c in job.request.conditions if c.kind in identity_kinds()]  # type: ignore[attr-defined]
+    return packs[0] if packs else resolver.face_pack(IDENTITY_PACK)
+
+
+def _score_into_recipes(images: list[Any], face: str, pack: str) -> None:
+    from ..preprocessors.face import identity_similarity
+
+    for i, image in enumerate(images):
+        try:
+            value: float | None = round(identity_similarity(face, image, pack=pack), 4)
+        except SdxlControlError as exc:  # a finished image is kept whatever its score
+            logging.getLogger(__name__).warning("image %d: no identity similarity (%s)", i, exc)
+            value = None
+        image.annotate(identity_similarity=value)

@@ -1,0 +1,48 @@
+"""``sdxl-control models``: the models presets load, present (where, how big) or missing (how to fetch them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ModelError
+
+if TYPE_CHECKING:
+    from ..resolvers import Resolver
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    models = sub.add_parser("models", help="the models presets need: present or not, their size, how to fetch them",
+                            parents=[common])  # fmt: skip
+    models.add_argument("--preset", action="append", default=[], metavar="NAME|FILE",
+                        help="only this preset's models (repeatable; default: every shipped preset)")  # fmt: skip
+    models.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for generate")
+    models.add_argument("--fetch", action="store_true", help="download the missing ones from the hub (needs network)")
+
+
+def run(args: argparse.Namespace, resolver: Resolver) -> int:
+    """Each preset's models: present (where, size) or missing (how to get them); exit 4 while any is missing."""
+    from ..inventory import check, fetch, report
+    from ..presets import available_presets, load_preset, parse_assignment
+
+    assignments = dict(parse_assignment(a) for a in args.set)
+    complete = True
+    for name in args.preset or available_presets():
+        preset = load_preset(name)
+        if assignments:
+            preset = preset.with_settings(assignments)
+        needs = preset.model_needs()
+        if args.fetch:
+            for need in needs:
+                if not check(need).present and need.on_hub:
+                    sys.stderr.write(f"fetching {need.what} from {need.source}\n")
+                    fetch(need)
+        table, present = report(needs)
+        complete &= present
+        sys.stdout.write(f"{preset.name}: {'all present' if present else 'some missing'}\n{table}\n")
+    if not complete:
+        sys.stderr.write("sdxl-control: some models are missing: fetch them as shown, or run with --fetch\n")
+    return 0 if complete else ModelError.exit_code

@@ -1,0 +1,136 @@
+"""What every subcommand shares: option types that refuse bad text at parse time, output paths checked before any
+work, the libraries' progress bars, and the images a command reads checked before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutputError
+
+__all__ = [
+    "DTYPES", "size", "number", "count", "window", "output_paths", "save", "dtype", "quiet_libraries",
+    "image_flags", "check_inputs",
+]  # fmt: skip
+
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def size(text: str) -> tuple[int, int]:
+    try:
+        width, _, height = text.lower().partition("x")
+        value = int(width), int(height or width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1024x768, got {text!r}") from None
+    if min(value) <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def number(text: str) -> float:
+    """A float option: NaN and infinities are refused here (argparse's float takes them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def window(text: str) -> tuple[float, float]:
+    try:
+        start, _, end = text.partition(":")
+        value = number(start or "0"), number(end or "1")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"window must look like 0:0.7, got {text!r}") from None
+    if not 0.0 <= value[0] < value[1] <= 1.0:
+        raise argparse.ArgumentTypeError(f"a window needs 0 <= start < end <= 1, got {text!r}")
+    return value
+
+
+def output_paths(output: str, images: int) -> list[Path]:
+    """Where the images go, checked before anything is generated: a finished image must not be lost to a typo."""
+    path = Path(output).expanduser()
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"-o {output}: the output must be a .png file (it carries the recipe)")
+    paths = [path if i == 0 else path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(images)]
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"-o {output}: the folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"-o {output}: the folder {folder} is not writable")
+    for target in paths:
+        if target.is_dir():
+            raise OutputError(f"-o {output}: {target} is a folder")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise OutputError(f"-o {output}: {target} exists and is not writable")
+    return paths
+
+
+def save(image: Any, path: Path) -> None:
+    try:
+        image.save(path)
+    except OSError as exc:
+        raise OutputError(f"{path}: could not be written ({exc})") from None
+
+
+def dtype(name: str | None) -> Any:
+    if name is None:
+        return None
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def quiet_libraries(quiet: bool) -> None:
+    if quiet:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, path) of every image file the command reads."""
+    from ..adapters import CONDITION_KINDS
+    from ..defaults import STRUCTURE_CONTROLS
+
+    family_images = [
+        f.name.replace("-", "_") for fam in CONDITION_KINDS.values() for f in fam.flags if f.type == "image"
+    ]
+    names = (*STRUCTURE_CONTROLS, *(f"{n}_map" for n in STRUCTURE_CONTROLS), "style", "reference", "face",
+             *family_images, "photo", "images", "structure")  # fmt: skip
+    found = []
+    for name in names:
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path:
+                found.append((f"--{name.replace('_', '-')}", str(path)))
+    for text in getattr(args, "input", []):
+        name, _, path = text.partition("=")
+        if path:
+            found.append((f"--input {name}", path))
+    return found
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every image the command reads opens as an image, before any model loads."""
+    from ..preprocessors.images import check_image_file
+
+    for flag, path in image_flags(args):
+        check_image_file(path, flag.lstrip("-") if flag in ("--photo", "--images") else flag)

@@ -1,0 +1,166 @@
+"""The one request path: every front-end (command line, web page, job file) translates what its user gave into a
+:class:`JobSpec`; :func:`resolve` alone turns a spec into what :meth:`Generator.run` takes — the preset applied, its
+inputs filled, the models chosen and found by a :class:`~sdxl_control.resolvers.Resolver`.
+
+Example:
+    >>> spec = JobSpec("a red fox", settings={"steps": 4, "seed": 3})
+    >>> job = resolve(spec)                                         # doctest: +SKIP
+    >>> job.request.steps, job.base
+    (4, 'stabilityai/stable-diffusion-xl-base-1.0')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRequestError
+from .files import Locator
+from .model_refs import ModelRef
+from .resolvers import HubResolver, Resolver
+from .validation import unknown_keys
+
+if TYPE_CHECKING:
+    from .conditions import Condition
+    from .generator import GenerationRequest
+    from .presets import Preset
+
+__all__ = ["JobSpec", "ResolvedJob", "resolve"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user asked for, before anything is looked up: a ``prompt``; a ``preset`` (name or file) with its
+    ``inputs`` (name -> files) and ``set`` assignments; request ``settings`` given explicitly (they win over the
+    preset's); ``conditions`` stacked after the preset's; ``models`` named explicitly (``base``, ``refiner``,
+    ``unet``); a ``face_pack`` for every face analysis (the preset's conditions included); or a ``recipe`` to re-make,
+    which the other fields then change.
+
+    Example:
+        >>> JobSpec("a portrait", preset="portrait", inputs={"face": ["me.jpg"]}, settings={"seed": 7}).preset
+        'portrait'
+    """
+
+    prompt: str | None = None
+    preset: str | None = None
+    inputs: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    set: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    conditions: tuple[Condition, ...] = ()
+    models: Mapping[str, Any] = field(default_factory=dict)
+    face_pack: str | None = None
+    recipe: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedJob:
+    """A spec made runnable: the request and the models it runs on. ``keep`` is the one image of the batch to keep
+    when a recipe's batch is re-run to re-make that image exactly.
+
+    Example:
+        >>> job = resolve(JobSpec("a fox"))                               # doctest: +SKIP
+        >>> Generator.from_pretrained(*job.models).run(job.request)       # doctest: +SKIP
+    """
+
+    request: GenerationRequest
+    base: str
+    refiner: str | None = None
+    unet: ModelRef | None = None
+    keep: int | None = None
+
+    @property
+    def models(self) -> tuple[str, str | None, ModelRef | None]:
+        return self.base, self.refiner, self.unet
+
+
+def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator | None = None) -> ResolvedJob:
+    """The request and models ``spec`` asks for, with its models found by ``resolver`` (default: what it names) and
+    the files a recipe or a job names found by ``locate``. Nothing is loaded."""
+    from .adapters import with_face_pack
+    from .conditions import validate_conditions
+    from .generator import GenerationRequest
+
+    resolver = resolver or HubResolver()
+    locate = locate or Locator()
+    preset = _preset(spec)
+    conditions = [*(preset.conditions(spec.inputs) if preset is not None else []), *spec.conditions]
+    conditions = [resolver.condition(c) for c in with_face_pack(conditions, spec.face_pack)]
+    settings = _json_forms(spec.settings)
+    if spec.recipe is not None:
+        if spec.prompt:
+            settings["prompt"] = spec.prompt
+        if conditions:  # conditions given with a recipe replace the recorded ones
+            settings["conditions"] = tuple(conditions)
+        request = GenerationRequest.from_recipe(spec.recipe, locate=locate, **settings)
+        keep = spec.recipe.get("batch_index", 0) if "num_images" not in settings else None
+    else:
+        if not spec.prompt:
+            raise InvalidRequestError("a prompt is required (or a recipe to re-make)")
+        given = {**resolver.defaults(), **(preset.settings if preset is not None else {}), **settings}
+        request = GenerationRequest(spec.prompt, **given, conditions=tuple(conditions))
+        keep = None
+    if request.decoder is not None:
+        import dataclasses
+
+        request = dataclasses.replace(request, decoder=resolver.decoder(request.decoder))
+    validate_conditions(request.conditions, has_refiner=request.refiner_switch is not None)
+    base, refiner, unet = _stages(spec, preset, request.refiner_switch is not None, locate, resolver)
+    return ResolvedJob(request, base, refiner, unet, keep)
+
+
+def _preset(spec: JobSpec) -> Preset | None:
+    if spec.preset is None:
+        if spec.set or spec.inputs:
+            raise InvalidRequestError("'inputs' and 'set' fill and change a preset: the job names no 'preset'")
+        return None
+    from .presets import load_preset
+
+    preset = load_preset(spec.preset)
+    return preset.with_settings(spec.set) if spec.set else preset
+
+
+def _json_forms(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Request settings as written in JSON (lists) in the request's own types (tuples)."""
+    out = dict(settings)
+    for key in ("size", "timesteps"):
+        if isinstance(out.get(key), list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def _stages(
+    spec: JobSpec, preset: Preset | None, switches: bool, locate: Locator, resolver: Resolver
+) -> tuple[str, str | None, ModelRef | None]:
+    """(base, refiner, UNet checkpoint): those the spec names, else the recipe's, else the preset's, else the
+    defaults. A base named on its own drops the preset's UNet checkpoint, which was chosen for the preset's base."""
+    from .defaults import DEFAULT_BASE, DEFAULT_REFINER
+    from .presets import MODEL_KEYS
+    from .recipe import recipe_models, recorded_model
+
+    message = unknown_keys(spec.models, MODEL_KEYS, "the job's models")
+    if message:
+        raise InvalidRequestError(message)
+    given = {k: v for k, v in spec.models.items() if v is not None}
+    from_preset = dict(preset.models) if preset is not None else {}
+    recipe = spec.recipe
+    tiny_seed = None
+    refiner: str | None = None
+    if recipe is not None and "base" not in given:
+        recorded = recipe["models"].get("refiner") or recipe["models"].get("base", {}).get("tiny_seed") is not None
+        tiny_seed = (recipe["models"].get("base") or {}).get("tiny_seed")
+        base, refiner, unet = recipe_models(recipe, locate, refiner=switches and bool(recorded))
+        unet = ModelRef.parse(given["unet"], "the job's models.unet") if "unet" in given else unet
+    else:
+        chosen = {k: v for k, v in from_preset.items() if not ("base" in given and k == "unet")}
+        chosen.update(given)
+        base = locate.resolve(chosen.get("base", DEFAULT_BASE), "the job's base model")
+        unet = ModelRef.parse(locate.resolve(chosen.get("unet"), "the job's UNet checkpoint"), "the job's models.unet")
+        if recipe is not None and switches and recipe["models"].get("refiner"):  # another base over a recipe
+            refiner = recorded_model(recipe["models"]["refiner"], locate, "refiner")
+    if switches:
+        named = given.get("refiner") or refiner or from_preset.get("refiner", DEFAULT_REFINER)
+        refiner = locate.resolve(named, "the job's refiner")
+    else:
+        refiner = None
+    return resolver.stages(base, refiner, unet, tiny_seed)
