@@ -17,7 +17,7 @@ import queue
 import random
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,27 +194,32 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
                    face_pack=config.face_pack)  # fmt: skip
 
 
-def _with_signature(handler: Any, form: type[PageForm], *extra: str) -> Any:
-    """``handler`` announcing the form's fields (and ``extra`` state) as its parameters: Gradio names the HTTP API's
-    parameters after them and passes the page's values in this order."""
+def _with_signature(handler: Callable[..., Iterator[Any]], form: type[PageForm], *extra: str) -> Any:
+    """``handler`` (a generator) announcing the form's fields (and ``extra`` state) as its parameters: Gradio names the
+    HTTP API's parameters after them and passes the page's values in this order."""
+
+    def call(*values: Any) -> Iterator[Any]:
+        yield from handler(*values)
+
     params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
                                 annotation=f.type) for f in fields(form)]  # fmt: skip
     params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for name in extra]
-    handler.__signature__ = inspect.Signature(params)
-    return handler
+    call.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return call
 
 
-def build_app(config: UiConfig) -> Any:
-    """The Gradio Blocks app; ``launch()`` it (``sdxl-control ui`` does)."""
-    from .presets import available_presets
+class _Page:
+    """The page's handlers, over the models it keeps loaded."""
 
-    models = _Models(config)
+    def __init__(self, config: UiConfig) -> None:
+        self.config = config
+        self.models = _Models(config)
 
-    def preview_decoder() -> str | None:
+    def preview_decoder(self) -> str | None:
         """The previews' decoder, or None (previews off, said in the status) when its weights are not here."""
         from .vae import find_decoder
 
-        source = config.resolver.decoder(config.preview_decoder) or config.preview_decoder
+        source = self.config.resolver.decoder(self.config.preview_decoder) or self.config.preview_decoder
         try:
             find_decoder(source)
         except SdxlControlError as exc:
@@ -222,40 +227,21 @@ def build_app(config: UiConfig) -> Any:
             return None
         return source
 
-    def generate(*values: Any) -> Iterator[tuple[Any, ...]]:
-        from .preview import Previews
+    def generate(self, *values: Any) -> Iterator[tuple[Any, ...]]:
+        """Generate: the form's values in :class:`PageForm`'s order, then the session's Stop flag (unused: a new one
+        is made). Yields (preview, status, gallery, downloads, last seed, Stop flag) as the image forms."""
         from .spec import resolve
 
         form = PageForm(*values[:-1])
         seed = random.randint(0, MAX_SEED) if form.random_seed or form.seed in (None, "") else int(form.seed)
         try:
-            job = resolve(form_spec(form, config, seed), config.resolver)
+            job = resolve(form_spec(form, self.config, seed), self.config.resolver)
         except (SdxlControlError, ValueError) as exc:
             raise gr.Error(str(exc)) from None
         # This session's Stop flag, kept in its state: the Stop button sets it, the loop checks it every step.
         stop = threading.Event()
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
-
-        def show(image: Any, event: Any) -> None:
-            events.put(("preview", (image, f"{event.stage.label}: step {event.step} of {event.steps}")))
-
-        def check(event: Any) -> None:
-            if stop.is_set():
-                raise Stopped()
-
-        def work() -> None:
-            try:
-                with models.lock:
-                    generator = models.get(*job.models)
-                    decoder = preview_decoder()
-                    progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check) if decoder else check
-                    events.put(("done", generator.run(job.request, progress=progress, progress_bar=False)))
-            except Stopped:
-                events.put(("stopped", None))
-            except Exception as exc:  # reported in the page; the page and the next call live on
-                events.put(("error", exc))
-
-        worker = threading.Thread(target=work, daemon=True)
+        worker = threading.Thread(target=self._work, args=(job, stop, events), daemon=True)
         worker.start()
         try:
             yield None, "waiting for the models", gr.update(), gr.update(), seed, stop
@@ -265,13 +251,7 @@ def build_app(config: UiConfig) -> Any:
                     image, status = payload
                     yield image, status, gr.update(), gr.update(), seed, stop
                 elif kind == "done":
-                    paths = []
-                    for i, image in enumerate(payload.images):
-                        path = (
-                            config.outputs / f"sdxl-control-{image.recipe['seed']}-{i}-{random.getrandbits(32):08x}.png"
-                        )
-                        image.save(path)
-                        paths.append(str(path))
+                    paths = [self._save(image, i) for i, image in enumerate(payload.images)]
                     yield gr.update(), f"done: {len(paths)} image(s), seed {seed}", paths, paths, seed, None
                     return
                 elif kind == "stopped":
@@ -285,28 +265,55 @@ def build_app(config: UiConfig) -> Any:
             stop.set()  # a cancelled or failed page call stops its generation too
             worker.join()
 
+    def _work(self, job: Any, stop: threading.Event, events: queue.Queue[tuple[str, Any]]) -> None:
+        from .preview import Previews
+
+        def show(image: Any, event: Any) -> None:
+            events.put(("preview", (image, f"{event.stage.label}: step {event.step} of {event.steps}")))
+
+        def check(event: Any) -> None:
+            if stop.is_set():
+                raise Stopped()
+
+        try:
+            with self.models.lock:
+                generator = self.models.get(*job.models)
+                decoder = self.preview_decoder()
+                progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check) if decoder else check
+                events.put(("done", generator.run(job.request, progress=progress, progress_bar=False)))
+        except Stopped:
+            events.put(("stopped", None))
+        except Exception as exc:  # reported in the page; the page and the next call live on
+            events.put(("error", exc))
+
+    def _save(self, image: Any, index: int) -> str:
+        path = self.config.outputs / f"sdxl-control-{image.recipe['seed']}-{index}-{random.getrandbits(32):08x}.png"
+        image.save(path)
+        return str(path)
+
+    @staticmethod
     def stop_clicked(stop: threading.Event | None) -> str:
         if stop is None:
             return "nothing to stop"
         stop.set()
         return "stopping"
 
-    def show_maps(faces: Any, structure: Any, kind: str, is_map: bool) -> list[Any]:
+    def show_maps(self, faces: Any, structure: Any, kind: str, is_map: bool) -> list[Any]:
         from .preprocessors import preprocess
 
-        maps = []
+        resolver, maps = self.config.resolver, []
         try:
             if structure:
                 preprocessor = None if is_map else STRUCTURE_CONTROLS[kind].preprocessor
-                maps.append(preprocess(preprocessor, structure, **config.resolver.preprocess_options(preprocessor)))
+                maps.append(preprocess(preprocessor, structure, **resolver.preprocess_options(preprocessor)))
             for face in _files(faces):
-                pack = {"pack": config.resolver.face_pack(config.face_pack)} if config.face_pack else {}
+                pack = {"pack": resolver.face_pack(self.config.face_pack)} if self.config.face_pack else {}
                 maps.append(preprocess("face", face, **pack))
         except SdxlControlError as exc:
             raise gr.Error(str(exc)) from None
         return maps
 
-    def apply_preset(name: str) -> list[Any]:
+    def apply_preset(self, name: str) -> list[Any]:
         """Choosing a preset fills in its numbers (a model policy with a size of its own, the tiny models', keeps it);
         the rest comes with it."""
         from .presets import load_preset
@@ -316,12 +323,13 @@ def build_app(config: UiConfig) -> Any:
         preset = load_preset(name)
         settings = preset.settings
         width, height = settings.get("size", (1024, 1024))
-        size = [gr.update(), gr.update()] if "size" in config.resolver.defaults() else [width, height]
+        size = [gr.update(), gr.update()] if "size" in self.config.resolver.defaults() else [width, height]
         takes = f" — it takes: {', '.join(preset.inputs)}" if preset.inputs else ""
         return [settings.get("steps", gr.update()), settings.get("guidance", gr.update()), *size,
                 settings.get("refiner_switch") or 0.0, settings.get("negative_prompt", ""),
                 f"{name}: {preset.description}{takes}"]  # fmt: skip
 
+    @staticmethod
     def restore(png: Any) -> list[Any]:
         from .recipe import read_recipe
 
@@ -334,52 +342,65 @@ def build_app(config: UiConfig) -> Any:
                 recipe["guidance"], recipe["seed"], False, recipe.get("refiner_switch") or 0.0,
                 f"restored from {Path(_files(png)[0]).name}: seed {recipe['seed']}"]  # fmt: skip
 
+
+def _form_widgets(config: UiConfig) -> dict[str, Any]:
+    """One widget per :class:`PageForm` field (inside the current Blocks), opening with the form's values at the size
+    the model policy implies (the tiny models'), plus the form's buttons."""
+    from .presets import available_presets
+
+    width, height = config.resolver.defaults().get("size", (PageForm.width, PageForm.height))
+    v = {**asdict(PageForm()), "width": width, "height": height}
+    w: dict[str, Any] = {}
+    w["prompt"] = gr.Textbox(v["prompt"], label="Prompt", lines=2, elem_id="prompt")
+    w["negative"] = gr.Textbox(v["negative"], label="Negative prompt", elem_id="negative")
+    with gr.Row():
+        presets = [NO_PRESET, *available_presets()]
+        w["preset"] = gr.Dropdown(presets, value=v["preset"], label="Preset", elem_id="preset")
+        w["width"] = gr.Number(value=v["width"], step=8, label="Width", elem_id="width")
+        w["height"] = gr.Number(value=v["height"], step=8, label="Height", elem_id="height")
+    with gr.Row():
+        w["steps"] = gr.Slider(1, 100, value=v["steps"], step=1, label="Steps", elem_id="steps")
+        w["guidance"] = gr.Slider(0, 15, value=v["guidance"], step=0.1, label="Guidance", elem_id="guidance")
+        w["refiner_switch"] = gr.Slider(0, 0.95, value=v["refiner_switch"], step=0.05, label="Refiner switch (0: off)")
+    with gr.Row():
+        w["seed"] = gr.Number(value=v["seed"] or 0, precision=0, label="Seed", elem_id="seed")
+        w["random_seed"] = gr.Checkbox(value=v["random_seed"], label="Random seed", elem_id="random-seed")
+        w["reuse"] = gr.Button("Reuse last seed", elem_id="reuse")
+        w["num_images"] = gr.Slider(1, 8, value=v["num_images"], step=1, label="Images", elem_id="num-images")
+    with gr.Accordion("Face (identity)", open=True):
+        w["faces"] = gr.File(file_count="multiple", label="Face photo(s) of one person", elem_id="faces")
+        with gr.Row():
+            w["identity"] = gr.Dropdown(identity_kinds(), value=v["identity"], label="Method")
+            w["identity_scale"] = gr.Slider(0, 1.5, value=v["identity_scale"], step=0.05, label="Strength")
+    with gr.Accordion("Style", open=True):
+        w["style"] = gr.Image(type="filepath", label="Style image", elem_id="style", height=260)
+        with gr.Row():
+            w["style_scale"] = gr.Slider(0, 1.5, value=v["style_scale"], step=0.05, label="Strength")
+            w["style_layers"] = gr.Dropdown(["style", "composition", "style+composition", "all"],
+                                            value=v["style_layers"], label="Layers")  # fmt: skip
+    with gr.Accordion("Structure", open=False):
+        w["structure"] = gr.Image(type="filepath", label="Photo or ready map", elem_id="structure", height=260)
+        with gr.Row():
+            w["structure_kind"] = gr.Radio(list(STRUCTURE_CONTROLS), value=v["structure_kind"], label="From")
+            w["structure_is_map"] = gr.Checkbox(value=v["structure_is_map"], label="It is a ready map")
+        with gr.Row():
+            w["structure_scale"] = gr.Slider(0, 1.5, value=v["structure_scale"], step=0.05, label="Strength")
+            w["structure_start"] = gr.Slider(0, 1, value=v["structure_start"], step=0.05, label="Window start")
+            w["structure_end"] = gr.Slider(0, 1, value=v["structure_end"], step=0.05, label="Window end")
+    with gr.Accordion("LoRAs", open=False):
+        w["loras"] = gr.File(file_count="multiple", file_types=[".safetensors"], label="LoRA files")
+        w["lora_weights"] = gr.Textbox(value=v["lora_weights"], label="Weights (one per file, e.g. 0.8, 0.5)")
+    return w
+
+
+def build_app(config: UiConfig) -> Any:
+    """The Gradio Blocks app; ``launch()`` it (``sdxl-control ui`` does)."""
+    page = _Page(config)
     with gr.Blocks(title="sdxl-control") as app:
         gr.Markdown("# sdxl-control\nPrompt, conditions, and the image as it forms.")
-        # The numbers the page opens with: the form's, at the size the model policy implies (the tiny models').
-        width_0, height_0 = config.resolver.defaults().get("size", (PageForm.width, PageForm.height))
-        opening = {**asdict(PageForm()), "width": width_0, "height": height_0}
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(value="", label="Negative prompt", elem_id="negative")
-                with gr.Row():
-                    presets = [NO_PRESET, *(p for p in available_presets())]
-                    preset = gr.Dropdown(presets, value=NO_PRESET, label="Preset", elem_id="preset")
-                    width = gr.Number(value=opening["width"], step=8, label="Width", elem_id="width")
-                    height = gr.Number(value=opening["height"], step=8, label="Height", elem_id="height")
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=opening["steps"], step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, value=5, step=0.1, label="Guidance", elem_id="guidance")
-                    refiner_switch = gr.Slider(0, 0.95, value=0, step=0.05, label="Refiner switch (0: off)")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                    random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="random-seed")
-                    reuse = gr.Button("Reuse last seed", elem_id="reuse")
-                    num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num-images")
-                with gr.Accordion("Face (identity)", open=True):
-                    faces = gr.File(file_count="multiple", label="Face photo(s) of one person", elem_id="faces")
-                    with gr.Row():
-                        identity = gr.Dropdown(identity_kinds(), value=DEFAULT_IDENTITY, label="Method")
-                        identity_scale = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Strength")
-                with gr.Accordion("Style", open=True):
-                    style = gr.Image(type="filepath", label="Style image", elem_id="style", height=260)
-                    with gr.Row():
-                        style_scale = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Strength")
-                        style_layers = gr.Dropdown(["style", "composition", "style+composition", "all"], value="style",
-                                                   label="Layers")  # fmt: skip
-                with gr.Accordion("Structure", open=False):
-                    structure = gr.Image(type="filepath", label="Photo or ready map", elem_id="structure", height=260)
-                    with gr.Row():
-                        structure_kind = gr.Radio(list(STRUCTURE_CONTROLS), value="edges", label="From")
-                        structure_is_map = gr.Checkbox(label="It is a ready map")
-                    with gr.Row():
-                        structure_scale = gr.Slider(0, 1.5, value=0.6, step=0.05, label="Strength")
-                        structure_start = gr.Slider(0, 1, value=0, step=0.05, label="Window start")
-                        structure_end = gr.Slider(0, 1, value=1, step=0.05, label="Window end")
-                with gr.Accordion("LoRAs", open=False):
-                    loras = gr.File(file_count="multiple", file_types=[".safetensors"], label="LoRA files")
-                    lora_weights = gr.Textbox(value="", label="Weights (one per file, e.g. 0.8, 0.5)")
+                w = _form_widgets(config)
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", elem_id="stop")
@@ -393,19 +414,19 @@ def build_app(config: UiConfig) -> Any:
                 gallery = gr.Gallery(label="Images", elem_id="gallery", format="png")
                 downloads = gr.File(label="PNGs with their recipes", file_count="multiple", elem_id="downloads")
                 maps = gr.Gallery(label="What the conditions see", elem_id="maps")
-        form = [prompt, negative, preset, width, height, steps, guidance, seed, random_seed, num_images,
-                refiner_switch, faces, identity, identity_scale, style, style_scale, style_layers, structure,
-                structure_kind, structure_is_map, structure_scale, structure_start, structure_end, loras,
-                lora_weights]  # fmt: skip
+        form = [w[f.name] for f in fields(PageForm)]
         last_seed, running = gr.State(None), gr.State(None)
         outputs = [preview, status, gallery, downloads, last_seed, running]
-        run.click(_with_signature(generate, PageForm, "running"), [*form, running], outputs, api_name="generate")
-        stop.click(stop_clicked, running, status, queue=False)
-        reuse.click(lambda s: (s if s is not None else 0, False), last_seed, [seed, random_seed], queue=False)
-        preset.change(apply_preset, preset, [steps, guidance, width, height, refiner_switch, negative, status],
-                      queue=False)  # fmt: skip
-        see.click(show_maps, [faces, structure, structure_kind, structure_is_map], maps, api_name="conditions")
-        restore_png.upload(restore, restore_png, [prompt, negative, width, height, steps, guidance, seed, random_seed,
-                                                  refiner_switch, status])  # fmt: skip
+        run.click(_with_signature(page.generate, PageForm, "running"), [*form, running], outputs, api_name="generate")
+        stop.click(page.stop_clicked, running, status, queue=False)
+        w["reuse"].click(lambda s: (s if s is not None else 0, False), last_seed, [w["seed"], w["random_seed"]],
+                         queue=False)  # fmt: skip
+        numbers = [w[n] for n in ("steps", "guidance", "width", "height", "refiner_switch", "negative")]
+        w["preset"].change(page.apply_preset, w["preset"], [*numbers, status], queue=False)
+        see.click(page.show_maps, [w["faces"], w["structure"], w["structure_kind"], w["structure_is_map"]], maps,
+                  api_name="conditions")  # fmt: skip
+        restored = ("prompt", "negative", "width", "height", "steps", "guidance", "seed", "random_seed",
+                    "refiner_switch")  # fmt: skip
+        restore_png.upload(page.restore, restore_png, [*[w[n] for n in restored], status])
     app.queue(default_concurrency_limit=1)
     return app

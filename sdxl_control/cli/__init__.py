@@ -28,9 +28,14 @@ __all__ = ["main", "build_parser"]
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, Resolver], int]] = {
-    "generate": generate.run, "preprocess": preprocess.run, "score": score.run, "presets": presets.run,
-    "models": models.run, "ui": ui.run, "batch": batch.run,
-}  # fmt: skip
+    "generate": generate.run,
+    "preprocess": preprocess.run,
+    "score": score.run,
+    "presets": presets.run,
+    "models": models.run,
+    "ui": ui.run,
+    "batch": batch.run,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

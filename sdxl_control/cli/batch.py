@@ -17,23 +17,49 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    batch = sub.add_parser("batch", help="run a job file (JSON Lines, one recipe per line) into a folder, resumable; "
-                           "on a Ray cluster with --ray", parents=[common])  # fmt: skip
+    batch = sub.add_parser(
+        "batch",
+        help="run a job file (JSON Lines, one recipe per line) into a folder, resumable; on a Ray cluster with --ray",
+        parents=[common],
+    )
     batch.add_argument("jobs", help="the job file: one JSON job per line (a PNG's recipe, or what --dry-run prints)")
-    batch.add_argument("-o", "--output", required=True, metavar="OUTDIR",
-                       help="folder for the PNGs and results.jsonl (made if missing; with --ray, a folder every worker "
-                       "reaches, or a pyarrow filesystem URI such as s3://bucket/run)")  # fmt: skip
-    batch.add_argument("--skip-invalid", action="store_true",
-                       help="run the valid jobs when some lines are not (they are listed, and recorded as failed)")  # fmt: skip
+    batch.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTDIR",
+        help="folder for the PNGs and results.jsonl (made if missing; with --ray, a folder every worker "
+        "reaches, or a pyarrow filesystem URI such as s3://bucket/run)",
+    )
+    batch.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="run the valid jobs when some lines are not (they are listed, and recorded as failed)",
+    )
     batch.add_argument("--check", action="store_true", help="check the job file, list its problems, run nothing")
-    batch.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                       help="run on Ray: the cluster at ADDRESS (auto, ray://head:10001), or a local Ray runtime")  # fmt: skip
+    batch.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: the cluster at ADDRESS (auto, ray://head:10001), or a local Ray runtime",
+    )
     batch.add_argument("--workers", type=count, help="--ray: workers, each with its own models (default: one per GPU)")
     batch.add_argument("--gpus-per-worker", type=number, help="--ray: GPUs each worker takes (default 1 with GPUs)")
-    batch.add_argument("--inputs-from", metavar="FOLDER", action="append", default=[],
-                       help="a folder holding files the jobs' recipes name (also looked for beside the job file)")  # fmt: skip
-    batch.add_argument("--recipe-paths", choices=("names", "full"), default="names",
-                       help="how the images' recipes name local files (as for generate)")  # fmt: skip
+    batch.add_argument(
+        "--inputs-from",
+        metavar="FOLDER",
+        action="append",
+        default=[],
+        help="a folder holding files the jobs' recipes name (also looked for beside the job file)",
+    )
+    batch.add_argument(
+        "--recipe-paths",
+        choices=("names", "full"),
+        default="names",
+        help="how the images' recipes name local files (as for generate)",
+    )
     batch.add_argument("--tiny", action="store_true", help="run every job on the built-in tiny models (offline demo)")
     batch.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
     batch.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPU, fp32 on CPU")
@@ -61,13 +87,18 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
     outputs = Outputs(args.output)
     record_problems(problems, outputs)
     options.quiet_libraries(args.quiet)
-    given = {"device": args.device, "dtype": options.dtype(args.dtype), "recipe_paths": args.recipe_paths,
-             "progress_bar": not args.quiet}  # fmt: skip
+    given = {
+        "device": args.device,
+        "dtype": options.dtype(args.dtype),
+        "recipe_paths": args.recipe_paths,
+        "progress_bar": not args.quiet,
+    }
     if args.ray is not None:
         from ..ray_batch import run_batch_ray
 
-        summary = run_batch_ray(jobs, outputs, address=args.ray or None, workers=args.workers,
-                                gpus_per_worker=args.gpus_per_worker, **given)  # fmt: skip
+        summary = run_batch_ray(
+            jobs, outputs, address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker, **given
+        )
     else:
         summary = run_batch(jobs, outputs, **given)
     sys.stdout.write(

@@ -50,48 +50,97 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     gen.add_argument("--size", type=options.size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
     gen.add_argument("--num-images", type=count, help="images in the batch, seeds seed, seed+1, ...")
     gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun, ... or a class")
-    gen.add_argument("--preset", metavar="NAME|FILE",
-                     help=f"what works together, as data: {', '.join(available_presets())}, or a preset file "
-                     "(`sdxl-control presets` describes them); explicit options win")  # fmt: skip
-    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="change a preset's setting: steps=8, size=[768,1024], face.scale=0.6 (a condition's field), "
-                     "models.base=REPO; repeatable")  # fmt: skip
-    gen.add_argument("--input", action="append", default=[], metavar="NAME=FILE",
-                     help="fill a preset's input (face, style, structure, pose); --face, --style, --pose and "
-                     "--structure do the same")  # fmt: skip
-    gen.add_argument("--structure", metavar="PHOTO", help="a preset's structure input: the photo whose composition "
-                     "to keep (style-transfer)")  # fmt: skip
-    gen.add_argument("--dry-run", action="store_true",
-                     help="print the resolved models and request (as the recipe records them) and load nothing")  # fmt: skip
-    gen.add_argument("--preview-every", type=count, metavar="N",
-                     help="every N steps, write the image as it forms to OUTPUT-preview.png (decoded by TAESD-XL)")  # fmt: skip
-    gen.add_argument("--preview-decoder", metavar="MODEL", default=DRAFT_DECODER,
-                     help=f"the previews' tiny autoencoder: a TAESD folder or hub id (default {DRAFT_DECODER}), or "
-                     "ComfyUI's vae_approx/taesdxl_decoder.safetensors")  # fmt: skip
-    gen.add_argument("--grid", action="store_true",
-                     help="with --num-images: also write a contact sheet OUTPUT-grid.png with each image's seed")  # fmt: skip
+    gen.add_argument(
+        "--preset",
+        metavar="NAME|FILE",
+        help=f"what works together, as data: {', '.join(available_presets())}, or a preset file "
+        "(`sdxl-control presets` describes them); explicit options win",
+    )
+    gen.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a preset's setting: steps=8, size=[768,1024], face.scale=0.6 (a condition's field), "
+        "models.base=REPO; repeatable",
+    )
+    gen.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="fill a preset's input (face, style, structure, pose); --face, --style, --pose and "
+        "--structure do the same",
+    )
+    gen.add_argument(
+        "--structure",
+        metavar="PHOTO",
+        help="a preset's structure input: the photo whose composition to keep (style-transfer)",
+    )
+    gen.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved models and request (as the recipe records them) and load nothing",
+    )
+    gen.add_argument(
+        "--preview-every",
+        type=count,
+        metavar="N",
+        help="every N steps, write the image as it forms to OUTPUT-preview.png (decoded by TAESD-XL)",
+    )
+    gen.add_argument(
+        "--preview-decoder",
+        metavar="MODEL",
+        default=DRAFT_DECODER,
+        help=f"the previews' tiny autoencoder: a TAESD folder or hub id (default {DRAFT_DECODER}), or "
+        "ComfyUI's vae_approx/taesdxl_decoder.safetensors",
+    )
+    gen.add_argument(
+        "--grid",
+        action="store_true",
+        help="with --num-images: also write a contact sheet OUTPUT-grid.png with each image's seed",
+    )
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="stack a LoRA (repeatable)")
     gen.add_argument("--base", help=f"base model: hub id, local folder or .safetensors (default {DEFAULT_BASE})")
     gen.add_argument("--refiner", help=f"refiner model, used with --refiner-switch (default {DEFAULT_REFINER})")
     gen.add_argument("--tiny", action="store_true", help="use built-in tiny random models (offline demo)")
     gen.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG written by sdxl-control")
-    gen.add_argument("--inputs-from", metavar="FOLDER", action="append", default=[],
-                     help="with --recipe: a folder holding the files the recipe names (control images, face photos, "
-                     "local models); they are also looked for beside the PNG and where this machine last saw them")  # fmt: skip
-    gen.add_argument("--recipe-paths", choices=("names", "full"), default="names",
-                     help="how the images' recipes name local files: by name and content hash (default), or also by "
-                     "their full path (private to this machine)")  # fmt: skip
+    gen.add_argument(
+        "--inputs-from",
+        metavar="FOLDER",
+        action="append",
+        default=[],
+        help="with --recipe: a folder holding the files the recipe names (control images, face photos, "
+        "local models); they are also looked for beside the PNG and where this machine last saw them",
+    )
+    gen.add_argument(
+        "--recipe-paths",
+        choices=("names", "full"),
+        default="names",
+        help="how the images' recipes name local files: by name and content hash (default), or also by "
+        "their full path (private to this machine)",
+    )
     gen.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
     gen.add_argument("--dtype", choices=DTYPES, help="default: fp16 on GPU, fp32 on CPU")
     gen.add_argument("--variant", help="weights variant to load, e.g. fp16")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--vae-tiling", action="store_true", help="decode tile by tile (large images, small GPUs)")
-    gen.add_argument("--decoder", metavar="MODEL",
-                     help=f"decode with this tiny autoencoder instead of the VAE (draft previews), e.g. {DRAFT_DECODER}")  # fmt: skip
-    gen.add_argument("--offload", action="store_true",
-                     help="keep models in CPU memory, each on the device only while it runs (small GPUs)")  # fmt: skip
-    gen.add_argument("--fast", choices=list(FAST_LEVELS), default="off",
-                     help="; ".join(f"{k}: {v}" for k, v in FAST_LEVELS.items()) + " (compiling is paid once per process)")  # fmt: skip
+    gen.add_argument(
+        "--decoder",
+        metavar="MODEL",
+        help=f"decode with this tiny autoencoder instead of the VAE (draft previews), e.g. {DRAFT_DECODER}",
+    )
+    gen.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep models in CPU memory, each on the device only while it runs (small GPUs)",
+    )
+    gen.add_argument(
+        "--fast",
+        choices=list(FAST_LEVELS),
+        default="off",
+        help="; ".join(f"{k}: {v}" for k, v in FAST_LEVELS.items()) + " (compiling is paid once per process)",
+    )
     _add_condition_options(gen)
 
 
@@ -102,11 +151,21 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name}-map", metavar="MAP", help=f"guide by this ready {name} map (no preprocessing)")
         group.add_argument(f"--{name}-model", metavar="MODEL", help=f"ControlNet for {name} (default {control.model})")
         group.add_argument(f"--{name}-scale", type=number, default=1.0, metavar="S", help="its strength (default 1)")
-        group.add_argument(f"--{name}-window", type=window, default=(0.0, 1.0), metavar="START:END",
-                           help="fractions of the schedule where it acts (default 0:1)")  # fmt: skip
-    group.add_argument("--union", nargs="?", const=DEFAULT_UNION, metavar="MODEL",
-                       help=f"drive all controls through one ControlNet-Union model (default {DEFAULT_UNION}); "
-                       "it takes --union-scale and --union-window")  # fmt: skip
+        group.add_argument(
+            f"--{name}-window",
+            type=window,
+            default=(0.0, 1.0),
+            metavar="START:END",
+            help="fractions of the schedule where it acts (default 0:1)",
+        )
+    group.add_argument(
+        "--union",
+        nargs="?",
+        const=DEFAULT_UNION,
+        metavar="MODEL",
+        help=f"drive all controls through one ControlNet-Union model (default {DEFAULT_UNION}); "
+        "it takes --union-scale and --union-window",
+    )
     group.add_argument("--union-scale", type=number, default=1.0, metavar="S")
     group.add_argument("--union-window", type=window, default=(0.0, 1.0), metavar="START:END")
     refs = parser.add_argument_group("reference images")
@@ -117,21 +176,42 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     refs.add_argument("--reference-scale", type=number, default=0.6, metavar="S")
     refs.add_argument("--reference-layers", default="all", help="all, style, composition, style+composition")
     face = parser.add_argument_group("identity (a family's flags are for that --identity only)")
-    face.add_argument("--face", metavar="IMG", action="append", default=[],
-                      help="photo of the person (repeatable: several photos of one person)")  # fmt: skip
-    face.add_argument("--identity", choices=identity_kinds(),
-                      help=f"identity method for --face (default {DEFAULT_IDENTITY})")  # fmt: skip
-    face.add_argument("--identity-scale", "--face-scale", dest="face_scale", type=number, metavar="S",
-                      help="strength of the identity (default: the method's own)")  # fmt: skip
+    face.add_argument(
+        "--face",
+        metavar="IMG",
+        action="append",
+        default=[],
+        help="photo of the person (repeatable: several photos of one person)",
+    )
+    face.add_argument(
+        "--identity", choices=identity_kinds(), help=f"identity method for --face (default {DEFAULT_IDENTITY})"
+    )
+    face.add_argument(
+        "--identity-scale",
+        "--face-scale",
+        dest="face_scale",
+        type=number,
+        metavar="S",
+        help="strength of the identity (default: the method's own)",
+    )
     face.add_argument("--face-window", type=window, metavar="START:END", help="where the identity acts (default 0:1)")
-    face.add_argument("--face-pack", help="insightface model pack name or folder (default: the method's own, "
-                      "buffalo_l or antelopev2)")  # fmt: skip
-    face.add_argument("--score", action="store_true",
-                      help="store each image's identity similarity to the first --face photo in its recipe")  # fmt: skip
+    face.add_argument(
+        "--face-pack", help="insightface model pack name or folder (default: the method's own, buffalo_l or antelopev2)"
+    )
+    face.add_argument(
+        "--score",
+        action="store_true",
+        help="store each image's identity similarity to the first --face photo in its recipe",
+    )
     for family in CONDITION_KINDS.values():
         for flag in family.flags:
-            face.add_argument(f"--{flag.name}", type=_FLAG_TYPES[flag.type], choices=flag.choices or None,
-                              metavar="IMG" if flag.type == "image" else None, help=flag.help)  # fmt: skip
+            face.add_argument(
+                f"--{flag.name}",
+                type=_FLAG_TYPES[flag.type],
+                choices=flag.choices or None,
+                metavar="IMG" if flag.type == "image" else None,
+                help=flag.help,
+            )
 
 
 def _family_flags(kind: str) -> tuple[Flag, ...]:
@@ -179,16 +259,23 @@ def _control_conditions(args: argparse.Namespace, taken: set[str]) -> list[Condi
         types = {name: STRUCTURE_CONTROLS[name].union_type for name in chosen}
         return [
             ControlNetUnion(
-                args.union, preprocess=tuple(types[n] for n, (_, p) in chosen.items() if p),
-                scale=args.union_scale, window=args.union_window,
+                args.union,
+                preprocess=tuple(types[n] for n, (_, p) in chosen.items() if p),
+                scale=args.union_scale,
+                window=args.union_window,
                 **{types[n]: image for n, (image, _) in chosen.items()},
             )
-        ]  # fmt: skip
+        ]
     return [
-        ControlNet(getattr(args, f"{name}_model") or STRUCTURE_CONTROLS[name].model, image=image, preprocess=preprocessor,
-                   scale=getattr(args, f"{name}_scale"), window=getattr(args, f"{name}_window"))
+        ControlNet(
+            getattr(args, f"{name}_model") or STRUCTURE_CONTROLS[name].model,
+            image=image,
+            preprocess=preprocessor,
+            scale=getattr(args, f"{name}_scale"),
+            window=getattr(args, f"{name}_window"),
+        )
         for name, (image, preprocessor) in chosen.items()
-    ]  # fmt: skip
+    ]
 
 
 def _lora(text: str) -> Condition:
@@ -267,8 +354,9 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
     if args.reference:
         from ..adapters.ip_adapter import IPAdapter
 
-        conditions.append(IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale,
-                                    layers=args.reference_layers))  # fmt: skip
+        conditions.append(
+            IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale, layers=args.reference_layers)
+        )
     if args.face and "face" not in taken:
         conditions.append(_identity_condition(args, args.face))
     elif _identity_flags_given(args):
@@ -280,10 +368,16 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
         recipe = read_recipe(args.recipe)
         locate = Locator([*args.inputs_from, args.recipe.expanduser().resolve().parent])
     spec = JobSpec(
-        args.prompt, preset=args.preset, inputs=inputs, set=dict(parse_assignment(a) for a in args.set),
-        settings=_request_settings(args), conditions=tuple(conditions),
-        models={"base": args.base, "refiner": args.refiner}, face_pack=args.face_pack, recipe=recipe,
-    )  # fmt: skip
+        args.prompt,
+        preset=args.preset,
+        inputs=inputs,
+        set=dict(parse_assignment(a) for a in args.set),
+        settings=_request_settings(args),
+        conditions=tuple(conditions),
+        models={"base": args.base, "refiner": args.refiner},
+        face_pack=args.face_pack,
+        recipe=recipe,
+    )
     return spec, locate
 
 
@@ -315,12 +409,12 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         preview = outputs[0].with_name(f"{outputs[0].stem}-preview.png")
         source = resolver.decoder(args.preview_decoder) or args.preview_decoder
         find_decoder(source)  # a missing decoder fails before the models load
-        progress = Previews(lambda image, event: options.save(image, preview), every=args.preview_every,
-                            decoder=source)  # fmt: skip
+        progress = Previews(lambda image, event: options.save(image, preview), every=args.preview_every, decoder=source)
     options.quiet_libraries(args.quiet)
     # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
-    generator = Generator.from_pretrained(*job.models[:2], device="cpu" if args.offload else device, dtype=dtype,
-                                          variant=args.variant, unet=job.unet)  # fmt: skip
+    generator = Generator.from_pretrained(
+        *job.models[:2], device="cpu" if args.offload else device, dtype=dtype, variant=args.variant, unet=job.unet
+    )
     if args.offload:
         generator.set_offload(device)
     generator.set_fast_path(FastPath.level(args.fast, fuse_qkv=not args.offload))

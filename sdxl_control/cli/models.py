@@ -15,10 +15,16 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    models = sub.add_parser("models", help="the models presets need: present or not, their size, how to fetch them",
-                            parents=[common])  # fmt: skip
-    models.add_argument("--preset", action="append", default=[], metavar="NAME|FILE",
-                        help="only this preset's models (repeatable; default: every shipped preset)")  # fmt: skip
+    models = sub.add_parser(
+        "models", help="the models presets need: present or not, their size, how to fetch them", parents=[common]
+    )
+    models.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        metavar="NAME|FILE",
+        help="only this preset's models (repeatable; default: every shipped preset)",
+    )
     models.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for generate")
     models.add_argument("--fetch", action="store_true", help="download the missing ones from the hub (needs network)")
 

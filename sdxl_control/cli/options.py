@@ -12,9 +12,18 @@ from typing import Any
 from ..errors import OutputError
 
 __all__ = [
-    "DTYPES", "size", "number", "count", "window", "output_paths", "save", "dtype", "quiet_libraries",
-    "image_flags", "check_inputs",
-]  # fmt: skip
+    "DTYPES",
+    "size",
+    "number",
+    "count",
+    "window",
+    "output_paths",
+    "save",
+    "dtype",
+    "quiet_libraries",
+    "image_flags",
+    "check_inputs",
+]
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -113,8 +122,17 @@ def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
     family_images = [
         f.name.replace("-", "_") for fam in CONDITION_KINDS.values() for f in fam.flags if f.type == "image"
     ]
-    names = (*STRUCTURE_CONTROLS, *(f"{n}_map" for n in STRUCTURE_CONTROLS), "style", "reference", "face",
-             *family_images, "photo", "images", "structure")  # fmt: skip
+    names = (
+        *STRUCTURE_CONTROLS,
+        *(f"{n}_map" for n in STRUCTURE_CONTROLS),
+        "style",
+        "reference",
+        "face",
+        *family_images,
+        "photo",
+        "images",
+        "structure",
+    )
     found = []
     for name in names:
         value = getattr(args, name, None)

@@ -20,13 +20,17 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     pre = sub.add_parser(
         "preprocess", help="write the control image a preprocessor makes from a photo", parents=[common]
     )
-    pre.add_argument("kind", choices=["canny", "depth", "pose", "face", "faces"],
-                     help="face: the keypoint map InstantID's IdentityNet sees; faces: the photo with each detected "
-                     "face's box, landmarks and score (green: the largest, which identity methods use)")  # fmt: skip
+    pre.add_argument(
+        "kind",
+        choices=["canny", "depth", "pose", "face", "faces"],
+        help="face: the keypoint map InstantID's IdentityNet sees; faces: the photo with each detected "
+        "face's box, landmarks and score (green: the largest, which identity methods use)",
+    )
     pre.add_argument("photo", help="the photo")
     pre.add_argument("-o", "--output", required=True, help="output image (PNG)")
-    pre.add_argument("--size", type=options.size, help="face: draw the keypoints at this output size (default: the "
-                     "photo's)")  # fmt: skip
+    pre.add_argument(
+        "--size", type=options.size, help="face: draw the keypoints at this output size (default: the photo's)"
+    )
     pre.add_argument("--face-pack", help="face, faces: insightface pack name or folder (default antelopev2)")
     pre.add_argument(
         "--tiny", action="store_true", help="tiny random stand-ins for the annotator models and face packs"

@@ -15,8 +15,9 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    score = sub.add_parser("score", help="identity similarity of images to a face photo (ArcFace cosine)",
-                           parents=[common])  # fmt: skip
+    score = sub.add_parser(
+        "score", help="identity similarity of images to a face photo (ArcFace cosine)", parents=[common]
+    )
     score.add_argument("images", nargs="+", help="images to score")
     score.add_argument("--face", required=True, metavar="IMG", help="photo of the person")
     score.add_argument("--face-pack", help="insightface pack name or folder (default antelopev2)")

@@ -15,8 +15,9 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    ui = sub.add_parser("ui", help="open the local web page: every condition, live previews, PNGs with recipes",
-                        parents=[common])  # fmt: skip
+    ui = sub.add_parser(
+        "ui", help="open the local web page: every condition, live previews, PNGs with recipes", parents=[common]
+    )
     ui.add_argument("--tiny", action="store_true", help="serve the built-in tiny models (offline demo)")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ui.add_argument("--port", type=count, default=7860, help="port (default 7860)")
@@ -24,8 +25,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     ui.add_argument("--refiner", help=f"refiner model (default: the preset's, else {DEFAULT_REFINER})")
     ui.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
     ui.add_argument("--face-pack", help="insightface pack name or folder for the identity methods")
-    ui.add_argument("--preview-decoder", default=DRAFT_DECODER, metavar="MODEL",
-                    help="the live previews' tiny autoencoder (a TAESD folder, hub id or taesdxl_decoder.safetensors)")  # fmt: skip
+    ui.add_argument(
+        "--preview-decoder",
+        default=DRAFT_DECODER,
+        metavar="MODEL",
+        help="the live previews' tiny autoencoder (a TAESD folder, hub id or taesdxl_decoder.safetensors)",
+    )
 
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
@@ -34,7 +39,13 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
 
     if args.tiny and (args.base or args.refiner):
         raise InvalidRequestError("--tiny serves the built-in tiny models: give it, or --base/--refiner, not both")
-    config = UiConfig(resolver=resolver, base=args.base, refiner=args.refiner, face_pack=args.face_pack,
-                      preview_decoder=args.preview_decoder, device=args.device)  # fmt: skip
+    config = UiConfig(
+        resolver=resolver,
+        base=args.base,
+        refiner=args.refiner,
+        face_pack=args.face_pack,
+        preview_decoder=args.preview_decoder,
+        device=args.device,
+    )
     build_app(config).launch(server_name=args.host, server_port=args.port)
     return 0

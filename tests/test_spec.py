@@ -1,0 +1,184 @@
+"""The one request path: the command line, the page and a job file given the same request hand Generator.run the
+same request on the same models; resolve() applies one model rule for all; the model policy (hub or tiny) is a
+Resolver; a condition family's flags come from its declaration, with no code in the front-ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import fields
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_control import adapters
+from sdxl_control.adapters import CONDITION_KINDS, Family, Flag, condition_class, identity_kinds
+from sdxl_control.cli import main
+from sdxl_control.defaults import DEFAULT_BASE, STRUCTURE_CONTROLS
+from sdxl_control.errors import InvalidRequestError
+from sdxl_control.model_refs import ModelRef
+from sdxl_control.presets import load_preset
+from sdxl_control.resolvers import HubResolver, TinyResolver
+from sdxl_control.spec import JobSpec, resolve
+
+PROMPT = "a portrait by the sea"
+NEGATIVE = "blurry"
+
+
+def _photo(path, seed):
+    pixels = np.random.default_rng(seed).integers(0, 255, (96, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """What reaches Generator.from_pretrained (the models) and Generator.run (the request, as its recipe records
+    it), for every front-end in this process."""
+    from sdxl_control.generator import Generator
+
+    seen: list[tuple[str, object]] = []
+    load, run = Generator.from_pretrained.__func__, Generator.run
+
+    def from_pretrained(cls, base=DEFAULT_BASE, refiner=None, **kwargs):
+        seen.append(("models", (str(base), str(refiner) if refiner else None, kwargs.get("unet"))))
+        return load(cls, base, refiner, **kwargs)
+
+    def recorded_run(self, request, **kwargs):
+        seen.append(("request", json.dumps(request.settings(), sort_keys=True)))
+        return run(self, request, **kwargs)
+
+    monkeypatch.setattr(Generator, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(Generator, "run", recorded_run)
+    return seen
+
+
+def _page_generate(config, form):
+    """The page's Generate handler, called as Gradio calls it: the form's values in order, then its state."""
+    from sdxl_control.ui import PageForm, build_app
+
+    app = build_app(config)
+    (handler,) = [f.fn for f in app.fns.values() if getattr(f, "api_name", None) == "generate"]
+    updates = list(handler(*[getattr(form, f.name) for f in fields(PageForm)], None))
+    return updates[-1][2]  # the gallery's paths
+
+
+def test_cli_page_and_batch_hand_generator_run_the_same_job(tiny, tmp_path, calls):
+    from sdxl_control.ui import PageForm, UiConfig
+
+    face, edges = _photo(tmp_path / "me.jpg", 1), _photo(tmp_path / "edges.jpg", 2)
+    numbers = {"seed": 5, "steps": 3, "guidance": 4.0}
+    cli = ["generate", PROMPT, "-n", NEGATIVE, "--preset", "portrait", "--face", face, "--edges", edges,
+           "--edges-scale", "0.6", "--size", "64x64", "--tiny", "-q", "-o", str(tmp_path / "cli.png"),
+           *[x for k, v in numbers.items() for x in (f"--{k}", str(v))]]  # fmt: skip
+    assert main(cli) == 0
+    page = PageForm(PROMPT, NEGATIVE, "portrait", width=64, height=64, random_seed=False, faces=[face],
+                    structure=edges, structure_kind="edges", structure_scale=0.6, **numbers)  # fmt: skip
+    (page_png,) = _page_generate(UiConfig(resolver=TinyResolver(), outputs=tmp_path), page)
+    job = {"id": "job", "prompt": PROMPT, "negative_prompt": NEGATIVE, "preset": "portrait",
+           "inputs": {"face": ["me.jpg"]}, "size": [64, 64], **numbers,
+           "conditions": [{"kind": "controlnet", "model": STRUCTURE_CONTROLS["edges"].model, "image": "edges.jpg",
+                           "preprocess": "canny", "scale": 0.6}]}  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n")
+    assert main(["batch", str(tmp_path / "jobs.jsonl"), "-o", str(tmp_path / "out"), "--tiny", "-q"]) == 0
+
+    requests = [value for kind, value in calls if kind == "request"]
+    models = [value for kind, value in calls if kind == "models"]
+    assert len(requests) == 3 and len(models) == 3
+    assert requests[0] == requests[1] == requests[2]
+    assert models[0] == models[1] == models[2]
+    recorded = json.loads(requests[0])
+    assert [c["kind"] for c in recorded["conditions"]] == ["pulid", "controlnet"]
+    assert (recorded["steps"], recorded["size"], recorded["negative_prompt"]) == (3, [64, 64], NEGATIVE)
+    images = [tmp_path / "cli.png", page_png, tmp_path / "out" / "job.png"]
+    pixels = [np.asarray(Image.open(p)) for p in images]
+    assert np.array_equal(pixels[0], pixels[1]) and np.array_equal(pixels[0], pixels[2])
+
+
+def test_resolve_with_the_hub_policy_names_the_published_models_and_loads_nothing(tmp_path):
+    job = resolve(JobSpec("x", preset="portrait-draft", inputs={"face": [_photo(tmp_path / "me.jpg", 0)]}))
+    assert (job.base, job.refiner) == (DEFAULT_BASE, None)
+    assert job.unet == ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")
+    (pulid,) = job.request.conditions
+    assert (pulid.kind, pulid.source, pulid.face_pack) == ("pulid", "guozinan/PuLID", "antelopev2")
+
+
+def test_a_base_named_alone_drops_the_presets_unet_and_a_named_unet_stays(tmp_path):
+    spec = JobSpec("x", preset="portrait-draft", inputs={"face": [_photo(tmp_path / "me.jpg", 0)]})
+    assert resolve(dataclasses.replace(spec, models={"base": "me/my-base"})).models == ("me/my-base", None, None)
+    mine = {"base": "me/my-base", "unet": {"source": "me/unet", "weight_name": "u.safetensors"}}
+    assert resolve(dataclasses.replace(spec, models=mine)).unet == ModelRef("me/unet", "u.safetensors")
+    refined = resolve(JobSpec("x", settings={"refiner_switch": 0.8}, models={"refiner": "me/refiner"}))
+    assert refined.refiner == "me/refiner"
+    with pytest.raises(InvalidRequestError, match="unknown key"):
+        resolve(JobSpec("x", models={"bsae": "me/base"}))
+
+
+def test_the_tiny_policy_swaps_every_model_a_job_loads(tiny, tmp_path):
+    face = _photo(tmp_path / "me.jpg", 3)
+    job = resolve(JobSpec("x", preset="portrait", inputs={"face": [face]}, settings={"decoder": "madebyollin/taesdxl"}),
+                  TinyResolver())  # fmt: skip
+    assert job.base == str(tiny.base) and job.request.size == (896, 1152)  # the preset's size wins over the policy's
+    (pulid,) = job.request.conditions
+    cache = tiny.base.parent
+    for name in ("source", "eva", "parsing", "face_pack"):
+        assert str(getattr(pulid, name)).startswith(str(cache)), name
+    assert job.request.decoder.startswith(str(cache)) and pulid.faces == [face]  # the user's own files stay
+    assert resolve(JobSpec("x"), TinyResolver()).request.size == (128, 128)
+    assert resolve(JobSpec("x"), HubResolver()).request.size == (1024, 1024)
+
+
+def test_every_family_flag_names_a_field_of_its_class_with_its_choices():
+    names = [f.name for family in CONDITION_KINDS.values() for f in family.flags]
+    assert len(names) == len(set(names))
+    for kind, family in CONDITION_KINDS.items():
+        hints = typing.get_type_hints(condition_class(kind))
+        for flag in family.flags:
+            assert flag.field in hints, (kind, flag)
+            choices = {a for a in typing.get_args(hints[flag.field]) if typing.get_origin(a) is typing.Literal}
+            literal = next(iter(choices), hints[flag.field])
+            if typing.get_origin(literal) is typing.Literal:
+                assert set(flag.choices) == set(typing.get_args(literal)), (kind, flag)
+    assert set(identity_kinds()) == {"faceid", "instantid", "pulid", "photomaker"}
+
+
+def test_a_family_registered_with_flags_needs_no_front_end_code(tiny, tmp_path, monkeypatch, capsys):
+    """A second identity family, declared only in the registry (FaceID's class under another name, with a flag for
+    its s_scale): the command line takes --identity and its flag, and the page offers it."""
+    flag = Flag("faceid-shortcut", "s_scale", "the shortcut's weight", "number")
+    monkeypatch.setitem(adapters.CONDITION_KINDS, "faceid-shortcut", Family("faceid", "FaceID", "identity", (flag,)))
+    face = _photo(tmp_path / "me.jpg", 4)
+    args = ["generate", "x", "--tiny", "--face", face, "--identity", "faceid-shortcut", "--dry-run"]
+    assert main([*args, "--faceid-shortcut", "0.25"]) == 0
+    (condition,) = json.loads(capsys.readouterr().out)["conditions"]
+    assert (condition["kind"], condition["s_scale"]) == ("faceid", 0.25)
+    assert main(["generate", "x", "--tiny", "--face", face, "--identity", "pulid", "--faceid-shortcut", "1"]) == 2
+    assert "--faceid-shortcut: for --identity faceid-shortcut, not pulid" in capsys.readouterr().err
+    from sdxl_control.ui import UiConfig, build_app
+
+    app = build_app(UiConfig(resolver=TinyResolver(), outputs=tmp_path))
+    dropdowns = [b for b in app.blocks.values() if getattr(b, "label", None) == "Method"]
+    assert "faceid-shortcut" in [c[0] if isinstance(c, tuple) else c for c in dropdowns[0].choices]
+
+
+def test_identity_flags_without_a_face_are_refused(capsys):
+    assert main(["generate", "x", "--tiny", "--pulid-version", "v1", "--dry-run"]) == 2
+    assert "--pulid-version: identity options need --face" in capsys.readouterr().err
+
+
+def test_the_portrait_preset_is_resolved_like_its_own_request(tmp_path):
+    """Preset.request (the Python form) and resolve() agree: one way a preset becomes a request."""
+    preset = load_preset("portrait")
+    face = _photo(tmp_path / "me.jpg", 0)
+    spec = JobSpec("a portrait", preset="portrait", inputs={"face": [face]}, settings={"seed": 3})
+    assert resolve(spec).request == preset.request("a portrait", {"face": [face]}, seed=3)
+
+
+def test_preprocess_with_tiny_analyses_faces_with_the_stand_in_pack(tiny, tmp_path):
+    photo = _photo(tmp_path / "me.jpg", 5)
+    for kind in ("face", "faces"):
+        out = tmp_path / f"{kind}.png"
+        assert main(["preprocess", kind, photo, "-o", str(out), "--tiny"]) == 0
+        assert Image.open(out).size == Image.open(photo).size
