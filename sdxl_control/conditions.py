@@ -55,6 +55,7 @@ __all__ = [
     "acts",
     "recorded_before",
     "validate_conditions",
+    "describe",
 ]
 
 
@@ -435,7 +436,7 @@ class Condition(ABC):
         out: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = _describe(value)
+            out[f.name] = describe(value)
             # A default such as "~/.insightface" means the same folder on every machine: kept as written.
             if f.name in self.path_fields and not (isinstance(value, str) and value == f.default):
                 out[f.name] = portable(out[f.name], paths)
@@ -470,7 +471,8 @@ def recorded_before(version: str | None, release: str) -> bool:
     return numbers(version) < numbers(release)
 
 
-def _describe(value: Any) -> Any:
+def describe(value: Any) -> Any:
+    """``value`` as a recipe records it: plain data as it is, an in-memory image or tensor summarised by its size."""
     if isinstance(value, Window):
         return [value.start, value.end]
     if isinstance(value, Stage):
@@ -478,9 +480,9 @@ def _describe(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
+        return [describe(v) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _describe(v) for k, v in value.items()}
+        return {str(k): describe(v) for k, v in value.items()}
     if isinstance(value, torch.Tensor):
         return {"tensor": list(value.shape), "dtype": str(value.dtype)}
     size = getattr(value, "size", None)

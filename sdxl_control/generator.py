@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import random
 from collections.abc import Iterator, Mapping
@@ -19,9 +20,9 @@ from .caches import clear_caches
 from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
 from .defaults import DEFAULT_BASE
 from .devices import placement
-from .errors import InputError, InvalidRequestError
+from .errors import IncompatibleModelError, InputError, InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
-from .files import PATH_MODES, Locator, PathMode
+from .files import PATH_MODES, Locator, PathMode, portable
 from .guidance import guidance_for
 from .infotext import Infotext
 from .loop import ProgressCallback, PromptSegment, StageInputs, denoise
@@ -29,6 +30,7 @@ from .model_refs import ModelRef
 from .models import StageModels, load_stage
 from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
+from .start import INPAINT_CHANNELS, start_latents
 from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
 from .vae import decode_latents, load_decoder, vae_scale_factor
 from .validation import check_fields, unknown_keys
@@ -39,6 +41,9 @@ TRAIN_TIMESTEPS = 1000  # SDXL's training schedule: no step count or timestep be
 MAX_SIDE = 8192
 MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+# Request fields that are images a user gives: recorded by name and content, found again by a re-run.
+IMAGE_FIELDS = ("init_image", "mask")
+START_FIELDS = ("init_image", "strength", "mask", "mask_blur")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,13 @@ class GenerationRequest:
     ``vae_tiling`` decodes tile by tile: flat memory for large images, small differences along tile seams.
     ``decoder`` names a tiny autoencoder (e.g. ``"madebyollin/taesdxl"``) that decodes instead of the VAE: a draft
     preview at a fraction of the VAE's cost, close to but not the VAE's image.
+
+    ``init_image`` (a path, PIL image or array) starts from an image instead of noise: ``strength`` (0 to 1, default
+    0.75 — A1111's) is how much of the schedule runs from it, entered at ``1 - strength`` as diffusers does, so
+    ``int(steps * strength)`` steps run. ``mask`` (white: repaint; a path, PIL image or array) repaints only its area,
+    with a regular UNet (the original put back outside the mask after every step) or an inpainting UNet (9 input
+    channels); its ``strength`` defaults to 1 and ``mask_blur`` (pixels) feathers its edge. See
+    :mod:`sdxl_control.start` for how sizes are fitted.
 
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
@@ -73,6 +85,10 @@ class GenerationRequest:
     negative_aesthetic_score: float = 2.5
     vae_tiling: bool = False
     decoder: str | None = None
+    init_image: Any = None
+    strength: float | None = None
+    mask: Any = None
+    mask_blur: int = 0
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -121,6 +137,25 @@ class GenerationRequest:
             raise InvalidRequestError("vae_tiling is for the VAE; a tiny draft decoder needs no tiling")
         if self.scheduler is not None:
             scheduler_spec(self.scheduler)
+        self._check_start()
+
+    def _check_start(self) -> None:
+        if self.init_image is None:
+            for name in ("strength", "mask"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequestError(f"{name} is for a request that starts from an image: give init_image")
+            if self.mask_blur:
+                raise InvalidRequestError("mask_blur is for a mask: give init_image and mask")
+            return
+        if self.strength is None:
+            object.__setattr__(self, "strength", 0.75 if self.mask is None else 1.0)
+        assert self.strength is not None
+        if not 0.0 < self.strength <= 1.0:
+            raise InvalidRequestError(f"strength must lie in (0, 1] (1: all steps run), got {self.strength}")
+        if self.mask_blur < 0:
+            raise InvalidRequestError(f"mask_blur is a radius in pixels, >= 0, got {self.mask_blur}")
+        if self.mask is not None and self.refiner_switch is not None:
+            raise InvalidRequestError("inpainting runs on the base alone for now: leave out refiner_switch with a mask")
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -129,7 +164,15 @@ class GenerationRequest:
 
     def settings(self, paths: PathMode = "names") -> dict[str, Any]:
         """JSON-ready fields (conditions described by their settings; see :meth:`Condition.settings` for ``paths``)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "conditions"}
+        from .conditions import describe
+
+        starts = self.init_image is not None
+        # A request that starts from noise records none of the start fields: its recipe reads as before they existed.
+        skipped = ("conditions",) if starts else ("conditions", *START_FIELDS)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        for name in IMAGE_FIELDS if starts else ():  # files by name and content, as conditions' files
+            value = getattr(self, name)
+            out[name] = portable(describe(value), paths) if value is not None else None
         out["size"] = list(self.size)
         out["conditions"] = [c.settings(paths) for c in self.conditions]
         return out
@@ -162,6 +205,12 @@ class GenerationRequest:
             overrides["conditions"] = tuple(conditions)
         names = {f.name for f in fields(cls)} - {"conditions", "seed"}
         values = {k: recipe[k] for k in names if k in recipe}
+        for name in IMAGE_FIELDS:
+            if isinstance(values.get(name), dict) and ({"image", "mode"} <= values[name].keys()):
+                raise InputError(
+                    f"the recipe's {name} was an in-memory image, which recipes do not store: pass it again"
+                )
+            values[name] = (locate or Locator()).resolve(values.get(name), f"the recipe's {name}")
         values["size"] = tuple(recipe["size"])
         if values.get("timesteps") is not None:
             values.pop("steps", None)
@@ -303,8 +352,9 @@ class Generator:
                 self.refiner.scheduler_config, request.scheduler, request.scheduler_options
             )
         base_schedule, refiner_schedule = split_schedule(
-            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps
-        )
+            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps,
+            request.strength if request.init_image is not None and request.strength is not None else 1.0,
+        )  # fmt: skip
         plans = [_StagePlan(self.base, base_schedule)]
         if refiner_schedule is not None:
             assert self.refiner is not None
@@ -397,10 +447,21 @@ class Generator:
         stage_inputs = [self._stage_inputs(plan, request, prepared) for plan in plans]
 
         factor = vae_scale_factor(self.base.vae)
-        shape = (request.num_images, self.base.unet.config.in_channels, height // factor, width // factor)
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        latents = latents * plans[0].schedule.scheduler.init_noise_sigma
+        if request.init_image is not None:
+            first = plans[0].models
+            with self._resident([first.vae]):
+                start = start_latents(request, first.vae, first.unet.config.in_channels, plans[0].schedule, generators,
+                                      stage_inputs[0].guidance.copies, device, dtype)  # fmt: skip
+            latents = start.latents
+            stage_inputs[0] = dataclasses.replace(stage_inputs[0], repaint=start.repaint)
+        else:
+            if self.base.unet.config.in_channels == INPAINT_CHANNELS:
+                raise IncompatibleModelError("the base UNet is an inpainting UNet (9 input channels): give an "
+                                             "init_image and a mask")  # fmt: skip
+            shape = (request.num_images, self.base.vae.config.latent_channels, height // factor, width // factor)
+            latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+            latents = latents * plans[0].schedule.scheduler.init_noise_sigma
         for inputs in stage_inputs:
             with self._resident([inputs.unet]):
                 latents = latents.to(*placement(inputs.unet))

@@ -170,6 +170,9 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         "Size": f"{width}x{height}",
         "Model hash": base["sha256"][:10] if base.get("sha256") else None,
         "Model": _model_name(base),
+        # A1111 writes this for img2img and inpainting; its "Mask blur" only with a mask.
+        "Denoising strength": recipe.get("strength"),
+        "Mask blur": recipe.get("mask_blur") if recipe.get("mask") else None,
     }
     if refiner:
         hashed = f" [{refiner['sha256'][:10]}]" if refiner.get("sha256") else ""

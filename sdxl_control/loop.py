@@ -15,7 +15,7 @@ from .conditions import Condition, Prepared, Residuals, Stage, StepInfo, acts
 from .guidance import Guidance
 from .schedule import StageSchedule
 
-__all__ = ["StageInputs", "PromptSegment", "ProgressEvent", "ProgressCallback", "denoise"]
+__all__ = ["StageInputs", "PromptSegment", "ProgressEvent", "ProgressCallback", "Repaint", "denoise"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,35 @@ class PromptSegment:
 
 
 @dataclass(frozen=True)
+class Repaint:
+    """Inpainting inside the loop, in one of the two ways diffusers does it. An inpainting UNet (9 input channels)
+    reads ``extra`` — the mask and the masked image's latents, batched for the stage's guidance — beside the latents.
+    A regular UNet gets the ``original`` image's latents put back outside ``mask`` (1: repaint) after every step,
+    noised to the next step's level with ``noise`` (clean after the stage's last step), so only the masked area is
+    repainted.
+
+    Example:
+        >>> Repaint(mask=mask, original=image_latents, noise=noise)  # doctest: +SKIP
+    """
+
+    mask: torch.Tensor | None = None
+    original: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+    def model_input(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample if self.extra is None else torch.cat([sample, self.extra], dim=1)
+
+    def after_step(self, scheduler: Any, latents: torch.Tensor, next_timestep: torch.Tensor | None) -> torch.Tensor:
+        if self.mask is None or self.original is None:
+            return latents
+        original = self.original
+        if next_timestep is not None:
+            original = scheduler.add_noise(original, self.noise, next_timestep.reshape(1))
+        return (1 - self.mask) * original + self.mask * latents
+
+
+@dataclass(frozen=True)
 class StageInputs:
     """Everything one stage needs, already encoded and batched for its guidance: the loop only steps.
 
@@ -91,6 +120,7 @@ class StageInputs:
     time_ids: torch.Tensor
     guidance: Guidance
     conditions: Sequence[tuple[Condition, Prepared]] = ()
+    repaint: Repaint | None = None
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator] | None) -> dict[str, Any]:
@@ -140,7 +170,7 @@ def denoise(
                     if extra is not None:
                         residuals = extra if residuals is None else residuals + extra
             prediction = unet(
-                sample,
+                sample if inputs.repaint is None else inputs.repaint.model_input(sample),
                 unet_t,
                 encoder_hidden_states=prompt.hidden,
                 added_cond_kwargs=added,
@@ -156,4 +186,7 @@ def denoise(
                 progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), output.prev_sample,
                                        denoised))  # fmt: skip
             latents = output.prev_sample
+            if inputs.repaint is not None:
+                upcoming = schedule.timesteps[k + 1] if k + 1 < steps else None
+                latents = inputs.repaint.after_step(scheduler, latents, upcoming)
     return latents

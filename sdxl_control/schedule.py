@@ -93,21 +93,32 @@ def split_schedule(
     steps: int,
     switch: float | None,
     timesteps: tuple[int, ...] | None = None,
+    strength: float = 1.0,
 ) -> tuple[StageSchedule, StageSchedule | None]:
     """Split one ``steps``-long schedule at fraction ``switch`` exactly as diffusers' denoising_end/start do.
 
     ``timesteps`` gives an explicit schedule instead of ``steps``. The base keeps timesteps ``>= cutoff`` and the refiner, with a scheduler of its own set to the same schedule,
     takes those ``< cutoff`` (one more for second-order schedulers, so no step is cut between its two halves).
+    ``strength`` below 1 enters the schedule part way, as diffusers' image-to-image pipelines do: the first
+    ``steps - int(steps * strength)`` steps are skipped, and step indices (what windows and prompt segments count)
+    start at the entry, so a window covers the steps actually run.
     """
     all_base = _set(base_scheduler, steps, timesteps)
+    count = len(timesteps) if timesteps is not None else steps
+    skip = max(count - min(int(count * strength), count), 0) * base_scheduler.order
+    if skip >= len(all_base):
+        raise InvalidRequestError(
+            f"strength={strength} with {steps} steps runs no step: raise the strength or add steps"
+        )
     # A known first index spares the scheduler its search for the first timestep.
     if hasattr(base_scheduler, "set_begin_index"):
-        base_scheduler.set_begin_index(0)
+        base_scheduler.set_begin_index(skip)
+    entered = all_base[skip:]
     if refiner_scheduler is None or switch is None:
-        return StageSchedule(base_scheduler, all_base, 0, len(all_base)), None
+        return StageSchedule(base_scheduler, entered, 0, len(entered)), None
     train_steps = base_scheduler.config.num_train_timesteps
     cutoff = int(round(train_steps - switch * train_steps))
-    n_base = int((all_base >= cutoff).sum())
+    n_base = int((entered >= cutoff).sum())
 
     all_refiner = _set(refiner_scheduler, steps, timesteps)
     n_refiner = int((all_refiner < cutoff).sum())
@@ -115,14 +126,15 @@ def split_schedule(
         n_refiner += 1
     if n_base == 0 or n_refiner == 0:
         raise InvalidRequestError(
-            f"refiner_switch={switch} with {steps} steps leaves the {'base' if n_base == 0 else 'refiner'} "
+            f"refiner_switch={switch} with {steps} steps"
+            f"{f' and strength={strength}' if strength < 1 else ''} leaves the {'base' if n_base == 0 else 'refiner'} "
             "no step: move the switch point or add steps"
         )
     start = len(all_refiner) - n_refiner
     if hasattr(refiner_scheduler, "set_begin_index"):
         refiner_scheduler.set_begin_index(start)
-    total = len(all_base)
+    total = len(entered)
     return (
-        StageSchedule(base_scheduler, all_base[:n_base], 0, total),
-        StageSchedule(refiner_scheduler, all_refiner[start:], start, total),
+        StageSchedule(base_scheduler, entered[:n_base], 0, total),
+        StageSchedule(refiner_scheduler, all_refiner[start:], start - skip, total),
     )

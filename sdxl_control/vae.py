@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ __all__ = [
     "DRAFT_DECODER",
     "vae_scale_factor",
     "decode_latents",
+    "encode_pixels",
     "load_decoder",
     "taesd_from_files",
     "find_decoder",
@@ -78,6 +80,26 @@ def decode_latents(vae: Any, latents: torch.Tensor, *, tiled: bool = False) -> t
         with _in_float32(vae):
             images = _decode(vae, latents, tiled)
     return images.float()
+
+
+@torch.no_grad()
+def encode_pixels(
+    vae: Any, pixels: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Images in [-1, 1] to scaled latents in ``dtype``, drawn from the VAE's posterior with ``generator`` (as
+    diffusers' pipelines draw them); in fp32 when the VAE's config says it overflows in fp16 (``force_upcast``)."""
+    vae_dtype = placement(vae)[1]
+    upcast = getattr(vae.config, "force_upcast", False) and vae_dtype != torch.float32
+    with _in_float32(vae) if upcast else contextlib.nullcontext():
+        sample = pixels.to(vae.device, torch.float32 if upcast else vae_dtype)
+        latents = vae.encode(sample).latent_dist.sample(generator).to(dtype)
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return (latents - mean_t) * config.scaling_factor / std_t
+    return config.scaling_factor * latents
 
 
 _DECODERS: KeyedCache[Any] = KeyedCache("decoders", size=2)

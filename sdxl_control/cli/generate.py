@@ -72,6 +72,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="fill a preset's input (face, style, structure, pose); --face, --style, --pose and "
         "--structure do the same",
     )
+    start = gen.add_argument_group("start from an image")
+    start.add_argument("--init-image", metavar="IMG", help="start from this image instead of noise (img2img)")
+    start.add_argument(
+        "--strength",
+        type=number,
+        help="how much of the schedule runs from --init-image: 0..1 (default 0.75; "
+        "1 with --mask); int(steps * strength) steps run",
+    )
+    start.add_argument("--mask", metavar="IMG", help="with --init-image: repaint only the white part (inpainting)")
+    start.add_argument("--mask-blur", type=count, metavar="PX", help="feather the mask's edge by this radius in pixels")
     gen.add_argument(
         "--structure",
         metavar="PHOTO",
@@ -331,6 +341,10 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "vae_tiling": True if args.vae_tiling else None,
         "decoder": args.decoder,
+        "init_image": args.init_image,
+        "strength": args.strength,
+        "mask": args.mask,
+        "mask_blur": args.mask_blur,
     }
     return {k: v for k, v in given.items() if v is not None}
 

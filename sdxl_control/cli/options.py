@@ -132,6 +132,8 @@ def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
         "photo",
         "images",
         "structure",
+        "init_image",
+        "mask",
     )
     found = []
     for name in names:

@@ -157,7 +157,7 @@ def write_tiny_taesd(folder: str | os.PathLike[str], seed: int = 0) -> Path:
 LAYOUTS = {"tiny": (1, 1, 2), "sdxl": (1, 2, 10)}
 
 
-def _base_unet(seed: int, layout: str = "tiny", text_width: int = TEXT_WIDTH) -> Any:
+def _base_unet(seed: int, layout: str = "tiny", text_width: int = TEXT_WIDTH, in_channels: int = 4) -> Any:
     from diffusers import UNet2DConditionModel
 
     # SDXL base's block layout (no attention in the first block, two cross-attention blocks, mid block), tiny widths.
@@ -165,7 +165,7 @@ def _base_unet(seed: int, layout: str = "tiny", text_width: int = TEXT_WIDTH) ->
         seed + 4,
         lambda: UNet2DConditionModel(
             sample_size=16,
-            in_channels=4,
+            in_channels=in_channels,
             out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -217,11 +217,16 @@ def _mark(folder: Path, seed: int, role: str) -> None:
 
 
 def write_tiny_base(
-    folder: str | os.PathLike[str], seed: int = 0, layout: str = "tiny", text_width: int = TEXT_WIDTH
+    folder: str | os.PathLike[str],
+    seed: int = 0,
+    layout: str = "tiny",
+    text_width: int = TEXT_WIDTH,
+    inpainting: bool = False,
 ) -> Path:
     """Write a tiny SDXL base pipeline folder (model_index.json, per-component config + safetensors, tokenizers);
     ``layout="sdxl"`` gives its UNet SDXL's own transformer depths (see ``LAYOUTS``), ``text_width`` each text
-    encoder's width (the UNet's cross-attention takes twice that)."""
+    encoder's width (the UNet's cross-attention takes twice that); ``inpainting`` gives it an inpainting UNet (9 input
+    channels: latents, mask, masked image), as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` has."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     out = Path(folder)
@@ -233,7 +238,7 @@ def write_tiny_base(
             text_encoder_2=te2,
             tokenizer=_write_tokenizer(Path(tmp) / "t1", "<|endoftext|>"),
             tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
-            unet=_base_unet(seed, layout, text_width),
+            unet=_base_unet(seed, layout, text_width, in_channels=9 if inpainting else 4),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             force_zeros_for_empty_prompt=True,
         )

@@ -1,0 +1,140 @@
+"""Images that start from an image: the init image and mask read and fitted to the request's size, encoded by the
+VAE, and the loop's first latents (and its :class:`~sdxl_control.loop.Repaint`) made with the arithmetic of diffusers'
+SDXL image-to-image and inpainting pipelines, random numbers drawn in the same order.
+
+Sizes: the request's ``size`` rules. An init image of another size is resized to it; of another aspect, it is first
+cropped about its centre to the request's aspect (never stretched), with a warning naming both sizes. A mask of
+another size is resized to the request's (nearest neighbour, so it stays binary), with a warning.
+
+Example:
+    >>> gen.generate("a watercolour", init_image="photo.png", strength=0.6, size=(1024, 768))  # doctest: +SKIP
+    >>> gen.generate("a red scarf", init_image="photo.png", mask="scarf.png", size=(1024, 768))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from .errors import IncompatibleModelError, InvalidRequestError
+from .loop import Repaint
+from .preprocessors.images import load_image
+from .vae import encode_pixels, vae_scale_factor
+
+__all__ = ["read_init_image", "read_mask", "StartLatents", "start_latents", "INPAINT_CHANNELS"]
+
+log = logging.getLogger(__name__)
+
+# A UNet that reads the mask and the masked image beside the latents (SDXL inpainting 0.1): 4 + 1 + 4.
+INPAINT_CHANNELS = 9
+
+
+def _name(value: Any) -> str:
+    return str(value) if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__") else type(value).__name__
+
+
+def read_init_image(value: Any, size: tuple[int, int]) -> Image.Image:
+    """The init image as RGB at the request's ``size`` (width, height): resized, after a centre crop to its aspect
+    when that differs (a warning says so)."""
+    image = load_image(value, "init image")
+    width, height = size
+    if image.size != (width, height):
+        w, h = image.size
+        if abs(w / h - width / height) > 0.01:
+            scale = min(w / width, h / height)
+            crop_w, crop_h = round(width * scale), round(height * scale)
+            left, top = (w - crop_w) // 2, (h - crop_h) // 2
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+            log.warning("init image %s is %dx%d: cropped about its centre to %dx%d (the aspect of %dx%d), then "
+                        "resized", _name(value), w, h, crop_w, crop_h, width, height)  # fmt: skip
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def read_mask(value: Any, size: tuple[int, int], blur: int = 0) -> Image.Image:
+    """The mask as a grey image at ``size`` (white: repaint), ``blur`` a Gaussian radius in pixels that feathers its
+    edge. A mask that marks nothing to repaint is refused, naming it."""
+    mask = load_image(value, "mask").convert("L")
+    if mask.size != tuple(size):
+        log.warning("mask %s is %dx%d: resized to the request's %dx%d", _name(value), *mask.size, *size)
+        mask = mask.resize(tuple(size), Image.Resampling.NEAREST)
+    if int(np.asarray(mask).max()) < 128:
+        raise InvalidRequestError(f"mask {_name(value)}: nothing to repaint (no pixel is white or light grey)")
+    return VaeImageProcessor.blur(mask, blur) if blur else mask
+
+
+@dataclass(frozen=True)
+class StartLatents:
+    """The loop's first latents, and the inpainting it does on the way (``None`` for image-to-image).
+
+    Example:
+        >>> start = start_latents(request, base, schedule, generators, copies=2)  # doctest: +SKIP
+        >>> start.latents.shape                                                  # doctest: +SKIP
+        torch.Size([1, 4, 128, 128])
+    """
+
+    latents: torch.Tensor
+    repaint: Repaint | None
+
+
+@torch.no_grad()
+def start_latents(
+    request: Any,
+    vae: Any,
+    unet_channels: int,
+    schedule: Any,
+    generators: list[torch.Generator],
+    copies: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> StartLatents:
+    """The first latents of ``request`` (an init image, perhaps a mask) for the stage that runs ``schedule`` first,
+    whose UNet takes ``unet_channels`` and whose guidance runs ``copies`` of the batch: noise at the schedule's entry
+    step added to the image's latents (image-to-image), or, with a mask, diffusers' inpainting start for a regular or
+    an inpainting (9-channel) UNet."""
+    width, height = request.size
+    factor = vae_scale_factor(vae)
+    processor = VaeImageProcessor(vae_scale_factor=factor)
+    image = read_init_image(request.init_image, request.size)
+    pixels = processor.preprocess(image, height=height, width=width).to(torch.float32)
+    n = request.num_images
+    shape = (n, vae.config.latent_channels, height // factor, width // factor)
+    scheduler, first = schedule.scheduler, schedule.timesteps[:1].repeat(n)
+    inpaints = unet_channels == INPAINT_CHANNELS
+    if request.mask is None:
+        if inpaints:
+            raise IncompatibleModelError("this UNet is an inpainting UNet (9 input channels): give it a mask")
+        # One encode per image, each with its image's generator, as diffusers' image-to-image pipeline draws them.
+        latents = torch.cat([encode_pixels(vae, pixels, g, dtype) for g in generators]).to(device)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        return StartLatents(scheduler.add_noise(latents, noise, first), None)
+    if unet_channels not in (shape[1], INPAINT_CHANNELS):
+        raise IncompatibleModelError(f"a UNet with {unet_channels} input channels cannot inpaint")
+    mask_processor = VaeImageProcessor(
+        vae_scale_factor=factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )
+    mask = mask_processor.preprocess(read_mask(request.mask, request.size, request.mask_blur), height=height,
+                                     width=width)  # fmt: skip
+    full = request.strength == 1.0
+    # The inpainting pipeline encodes its one init image with the first generator only.
+    original = encode_pixels(vae, pixels, generators[0], dtype).to(device) if not (inpaints and full) else None
+    noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+    if full:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        assert original is not None
+        latents = scheduler.add_noise(original.repeat(n, 1, 1, 1), noise, first)
+    small = torch.nn.functional.interpolate(mask, size=shape[2:]).to(device, dtype).repeat(n, 1, 1, 1)
+    if not inpaints:
+        assert original is not None
+        return StartLatents(latents, Repaint(mask=small, original=original.repeat(n, 1, 1, 1), noise=noise))
+    masked = encode_pixels(vae, pixels * (mask < 0.5), generators[0], dtype).to(device).repeat(n, 1, 1, 1)
+    extra = torch.cat([small, masked], dim=1)
+    return StartLatents(latents, Repaint(extra=torch.cat([extra] * copies) if copies > 1 else extra))

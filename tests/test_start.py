@@ -1,0 +1,233 @@
+"""Images that start from an image, in the one loop: image-to-image (base alone and base -> refiner) and inpainting
+(a regular UNet, and an inpainting UNet with 9 input channels) equal to diffusers' SDXL pipelines on the tiny models,
+bit for bit; the area outside a mask keeps the original's latents; recipes name the images by content and re-make
+the pixels; bad inputs are refused before anything runs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from sdxl_control import GenerationRequest, Generator
+from sdxl_control.cli import main
+from sdxl_control.errors import IncompatibleModelError, InvalidRequestError
+from sdxl_control.recipe import parameters_text, read_recipe
+from sdxl_control.testing.tiny import write_tiny_base
+
+PROMPT = "a lighthouse at dusk"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("start")
+    init = folder / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(init)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:48, 8:40] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny):
+    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return base, refiner
+
+
+def _generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("strength", [0.3, 0.6, 1.0])
+def test_img2img_equals_diffusers(generator, pipes, pictures, scheduler, strength):
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(pipes[0])
+    cls = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    seeds = [7, 8]
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=strength, steps=8,
+                              size=(SIZE, SIZE), seed=7, num_images=2, scheduler=scheduler, progress_bar=False)  # fmt: skip
+    ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), strength=strength, num_inference_steps=8,
+               guidance_scale=5.0, generator=_generators(seeds), num_images_per_prompt=2, output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+
+
+def test_img2img_hands_off_to_the_refiner_as_diffusers_does(generator, pipes, pictures):
+    base, refiner = pipes
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.6, steps=10,
+                              refiner_switch=0.8, size=(SIZE, SIZE), seed=3, progress_bar=False)  # fmt: skip
+    gens = _generators([3])
+    common = {"num_inference_steps": 10, "guidance_scale": 5.0, "generator": gens, "output_type": "latent"}
+    handed = img2img(PROMPT, image=Image.open(pictures / "init.png"), strength=0.6, denoising_end=0.8, **common).images
+    ref = refiner(PROMPT, image=handed, denoising_start=0.8, **common).images
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_with_a_regular_unet_equals_diffusers(generator, pipes, pictures, strength):
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                              strength=strength, steps=8, size=(SIZE, SIZE), seed=5, num_images=2, progress_bar=False)  # fmt: skip
+    ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), mask_image=Image.open(pictures / "mask.png"),
+               strength=strength, height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=5.0,
+               generator=_generators([5, 6]), num_images_per_prompt=2, output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+
+
+def test_outside_the_mask_the_result_is_the_original(generator, pictures):
+    """A regular UNet's last step puts the original's latents back outside the mask: they are the init image's own
+    (encoded as the first image's generator draws them), exactly."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sdxl_control.vae import encode_pixels
+
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                              steps=6, size=(SIZE, SIZE), seed=9, progress_bar=False)  # fmt: skip
+    pixels = VaeImageProcessor(vae_scale_factor=8).preprocess(Image.open(pictures / "init.png"))
+    original = encode_pixels(generator.base.vae, pixels, torch.Generator().manual_seed(9), torch.float32)
+    keep = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(Image.open(pictures / "mask.png")) < 128).float()[None, None], size=(8, 8)
+    )
+    assert torch.equal(ours.latents * keep, original * keep)
+    assert not torch.equal(ours.latents * (1 - keep), original * (1 - keep))
+
+
+@pytest.fixture(scope="module")
+def inpainting_base(tmp_path_factory):
+    return write_tiny_base(tmp_path_factory.mktemp("inpainting") / "base", seed=2, inpainting=True)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_an_inpainting_unet_equals_diffusers(inpainting_base, pictures, strength):
+    ours = Generator.from_pretrained(inpainting_base, device="cpu").generate(
+        PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"), strength=strength, steps=8,
+        size=(SIZE, SIZE), seed=4, num_images=2, progress_bar=False,
+    )  # fmt: skip
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(inpainting_base)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), mask_image=Image.open(pictures / "mask.png"),
+               strength=strength, height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=5.0,
+               generator=_generators([4, 5]), num_images_per_prompt=2, output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+    with pytest.raises(IncompatibleModelError, match="inpainting UNet"):
+        Generator.from_pretrained(inpainting_base, device="cpu").generate(PROMPT, size=(SIZE, SIZE), steps=2)
+
+
+def test_the_steps_run_are_the_entered_part_and_windows_count_them(generator, pictures):
+    events = []
+    generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.5, steps=10, size=(SIZE, SIZE),
+                       seed=1, progress=events.append, progress_bar=False)  # fmt: skip
+    assert [(e.step, e.steps, e.index, e.total) for e in events] == [(k + 1, 5, k, 5) for k in range(5)]
+
+
+def test_the_cli_recipe_names_the_images_by_content_and_re_makes_the_pixels(tiny, pictures, tmp_path):
+    out, again = tmp_path / "paint.png", tmp_path / "again.png"
+    args = ["generate", PROMPT, "--tiny", "--size", f"{SIZE}x{SIZE}", "--steps", "6", "--seed", "2", "-q",
+            "--init-image", str(pictures / "init.png"), "--mask", str(pictures / "mask.png"), "--strength", "0.8",
+            "--mask-blur", "2"]  # fmt: skip
+    assert main([*args, "-o", str(out)]) == 0
+    recipe = read_recipe(out)
+    assert recipe["init_image"]["file"] == "init.png" and len(recipe["init_image"]["sha256"]) == 64
+    assert (recipe["mask"]["file"], recipe["strength"], recipe["mask_blur"]) == ("mask.png", 0.8, 2)
+    assert "path" not in recipe["init_image"]  # no private path by default
+    text = Image.open(out).info["parameters"]
+    assert "Denoising strength: 0.8" in text and "Mask blur: 2" in text
+    assert main(["generate", "--recipe", str(out), "--inputs-from", str(pictures), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_a_text_to_image_recipe_records_no_start_fields(generator):
+    recipe = generator.generate(PROMPT, steps=2, size=(SIZE, SIZE), seed=1, progress_bar=False).recipes[0]
+    assert not {"init_image", "strength", "mask", "mask_blur"} & set(recipe)
+    assert "Denoising strength" not in parameters_text(recipe)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"strength": 0.5}, "strength is for a request that starts from an image"),
+        ({"mask": "m.png"}, "mask is for a request that starts from an image"),
+        ({"init_image": "i.png", "strength": 0.0}, r"strength must lie in \(0, 1\]"),
+        ({"init_image": "i.png", "strength": 1.5}, r"strength must lie in \(0, 1\]"),
+        ({"init_image": "i.png", "mask": "m.png", "mask_blur": -1}, "mask_blur is a radius"),
+        ({"init_image": "i.png", "mask": "m.png", "refiner_switch": 0.8}, "inpainting runs on the base alone"),
+    ],
+)
+def test_bad_start_requests_are_refused(options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerationRequest(PROMPT, **options)
+
+
+def test_an_all_black_mask_and_a_mask_of_another_size(generator, pictures, tmp_path, caplog):
+    black = tmp_path / "black.png"
+    Image.new("L", (SIZE, SIZE)).save(black)
+    with pytest.raises(InvalidRequestError, match=r"black.png: nothing to repaint"):
+        generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(black), steps=2,
+                           size=(SIZE, SIZE), progress_bar=False)  # fmt: skip
+    big = tmp_path / "big.png"
+    Image.open(pictures / "mask.png").resize((2 * SIZE, 2 * SIZE), Image.Resampling.NEAREST).save(big)
+    with caplog.at_level(logging.WARNING):
+        resized = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(big), steps=3,
+                                     size=(SIZE, SIZE), seed=2, progress_bar=False)  # fmt: skip
+    assert "resized to the request's 64x64" in caplog.text
+    same = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"), steps=3,
+                              size=(SIZE, SIZE), seed=2, progress_bar=False)  # fmt: skip
+    assert torch.equal(resized.latents, same.latents)
+
+
+def test_an_init_image_of_another_aspect_is_cropped_not_stretched(generator, tmp_path, caplog):
+    wide = np.zeros((SIZE, 2 * SIZE, 3), np.uint8)
+    wide[:, SIZE // 2 : SIZE // 2 + SIZE] = 200  # the centre square is light, the sides dark
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    from sdxl_control.start import read_init_image
+
+    with caplog.at_level(logging.WARNING):
+        image = read_init_image(str(tmp_path / "wide.png"), (SIZE, SIZE))
+    assert image.size == (SIZE, SIZE) and np.asarray(image).min() == 200
+    assert "cropped about its centre" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def edges(tiny, tmp_path_factory):
+    from sdxl_control.testing import write_tiny_controlnet
+
+    net = write_tiny_controlnet(tmp_path_factory.mktemp("start-controlnet") / "net", tiny.base, seed=3)
+    pattern = np.zeros((SIZE, SIZE, 3), np.uint8)
+    pattern[::8] = 255
+    return net, Image.fromarray(pattern)
+
+
+def test_a_windowed_controlnet_stacks_with_img2img_as_in_diffusers(generator, tiny, edges, pictures):
+    """Windows count the steps actually run, as diffusers' ControlNet image-to-image pipeline counts them."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline
+
+    from sdxl_control.adapters.controlnet import ControlNet
+
+    net, pattern = edges
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.6, steps=10,
+                              size=(SIZE, SIZE), seed=6, progress_bar=False,
+                              conditions=[ControlNet(net, image=pattern, scale=0.7, window=(0.0, 0.5))])  # fmt: skip
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(tiny.base,
+                                                                      controlnet=ControlNetModel.from_pretrained(net))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), control_image=pattern, strength=0.6, height=SIZE,
+               width=SIZE, num_inference_steps=10, guidance_scale=5.0, controlnet_conditioning_scale=0.7,
+               control_guidance_start=0.0, control_guidance_end=0.5, generator=_generators([6]),
+               output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=1e-4, atol=1e-5)
