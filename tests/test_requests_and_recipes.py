@@ -116,6 +116,7 @@ def test_fp16_vae_is_decoded_in_fp32_and_left_as_it_was(generator):
     vae = generator.base.vae
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     reference = decode_latents(vae, latents)
+    fp32 = {k: v.clone() for k, v in vae.state_dict().items()}  # the session's VAE: fp16 and back is not lossless
     vae.to(torch.float16)
     try:
         state = {k: v.clone() for k, v in vae.state_dict().items()}
@@ -124,5 +125,6 @@ def test_fp16_vae_is_decoded_in_fp32_and_left_as_it_was(generator):
         assert all(torch.equal(state[k], v) for k, v in vae.state_dict().items())
     finally:
         vae.to(torch.float32)
+        vae.load_state_dict(fp32)
     # fp32 decode of fp16-rounded weights: close to the fp32 reference, not fp16-coarse.
     torch.testing.assert_close(upcast, reference, rtol=0, atol=2e-2)
