@@ -515,9 +515,9 @@ def check_input_files(condition: Condition) -> None:
                     raise InputError(f"{type(condition).__name__} {name}: no such file or folder {path}")
 
 
-def validate_conditions(conditions: tuple[Condition, ...], has_refiner: bool) -> None:
+def validate_conditions(conditions: tuple[Condition, ...], has_refiner: bool, has_base: bool = True) -> None:
     """Refuse conditions that are not conditions, given twice, missing their files, or asking for a stage they
-    cannot work on or that the call does not run."""
+    cannot work on or that the call does not run (``has_base`` is false for the refiner alone)."""
     for i, condition in enumerate(conditions):
         if not isinstance(condition, Condition):
             raise ConditionError(f"{condition!r:.80} is not a Condition")
@@ -531,6 +531,11 @@ def validate_conditions(conditions: tuple[Condition, ...], has_refiner: bool) ->
         if unsupported:
             reason = f": {condition.unsupported_reason}" if condition.unsupported_reason else ""
             raise ConditionError(f"{type(condition).__name__} cannot apply to the {unsupported.label} stage{reason}")
+        if condition.stage == Stage.BASE and not has_base:
+            raise ConditionError(
+                f"{type(condition).__name__} is set for the base stage, but this call runs the refiner alone "
+                "(give it stage='refiner' or 'both' where it supports the refiner)"
+            )
         if condition.stage == Stage.REFINER and not has_refiner:
             raise ConditionError(
                 f"{type(condition).__name__} is set for the refiner stage, but this call runs no refiner "

@@ -43,7 +43,7 @@ MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 # Request fields that are images a user gives: recorded by name and content, found again by a re-run.
 IMAGE_FIELDS = ("init_image", "mask")
-START_FIELDS = ("init_image", "strength", "mask", "mask_blur")
+START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class GenerationRequest:
     strength: float | None = None
     mask: Any = None
     mask_blur: int = 0
+    refiner_only: bool = False
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -146,6 +147,8 @@ class GenerationRequest:
                     raise InvalidRequestError(f"{name} is for a request that starts from an image: give init_image")
             if self.mask_blur:
                 raise InvalidRequestError("mask_blur is for a mask: give init_image and mask")
+            if self.refiner_only:
+                raise InvalidRequestError("refiner_only polishes an image: give init_image")
             return
         if self.strength is None:
             object.__setattr__(self, "strength", 0.75 if self.mask is None else 1.0)
@@ -154,6 +157,10 @@ class GenerationRequest:
             raise InvalidRequestError(f"strength must lie in (0, 1] (1: all steps run), got {self.strength}")
         if self.mask_blur < 0:
             raise InvalidRequestError(f"mask_blur is a radius in pixels, >= 0, got {self.mask_blur}")
+        if self.refiner_only and (self.mask is not None or self.refiner_switch is not None):
+            raise InvalidRequestError(
+                "refiner_only runs the refiner alone on the init image: no mask or refiner_switch"
+            )
         if self.mask is not None and self.refiner_switch is not None:
             raise InvalidRequestError("inpainting runs on the base alone for now: leave out refiner_switch with a mask")
 
@@ -343,6 +350,13 @@ class Generator:
         return self.run(request, progress=progress, progress_bar=progress_bar, recipe_paths=recipe_paths)
 
     def _plans(self, request: GenerationRequest) -> list[_StagePlan]:
+        strength = request.strength if request.init_image is not None and request.strength is not None else 1.0
+        if request.refiner_only:
+            if self.refiner is None:
+                raise InvalidRequestError("refiner_only was given but no refiner is loaded")
+            scheduler = make_scheduler(self.refiner.scheduler_config, request.scheduler, request.scheduler_options)
+            schedule, _ = split_schedule(scheduler, None, request.steps, None, request.timesteps, strength)
+            return [_StagePlan(self.refiner, schedule)]
         base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler, request.scheduler_options)
         refiner_scheduler = None
         if request.refiner_switch is not None:
@@ -352,9 +366,8 @@ class Generator:
                 self.refiner.scheduler_config, request.scheduler, request.scheduler_options
             )
         base_schedule, refiner_schedule = split_schedule(
-            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps,
-            request.strength if request.init_image is not None and request.strength is not None else 1.0,
-        )  # fmt: skip
+            base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps, strength
+        )
         plans = [_StagePlan(self.base, base_schedule)]
         if refiner_schedule is not None:
             assert self.refiner is not None
@@ -430,14 +443,15 @@ class Generator:
         if recipe_paths not in PATH_MODES:
             raise InvalidRequestError(f"recipe_paths must be one of {', '.join(PATH_MODES)}, got {recipe_paths!r}")
         plans = self._plans(request)
-        validate_conditions(request.conditions, has_refiner=len(plans) > 1)
+        stages = [p.models.stage for p in plans]
+        validate_conditions(request.conditions, has_refiner=Stage.REFINER in stages, has_base=Stage.BASE in stages)
         width, height = request.size
-        device, dtype = self.device, self.base.dtype
+        device, dtype = self.device, plans[0].models.dtype
         context = PrepareContext(
             device=device,
             dtype=dtype,
             batch_size=request.num_images,
-            guided=guidance_for(request.guidance, self.base.unet).copies > 1,
+            guided=guidance_for(request.guidance, plans[0].models.unet).copies > 1,
             size=request.size,
             stages={p.models.stage: p.models.unet for p in plans},
             fast=self.fast_path,
@@ -456,7 +470,7 @@ class Generator:
             latents = start.latents
             stage_inputs[0] = dataclasses.replace(stage_inputs[0], repaint=start.repaint)
         else:
-            if self.base.unet.config.in_channels == INPAINT_CHANNELS:
+            if plans[0].models.unet.config.in_channels == INPAINT_CHANNELS:
                 raise IncompatibleModelError("the base UNet is an inpainting UNet (9 input channels): give an "
                                              "init_image and a mask")  # fmt: skip
             shape = (request.num_images, self.base.vae.config.latent_channels, height // factor, width // factor)
@@ -490,7 +504,8 @@ class Generator:
             scheduler={"requested": request.scheduler, "name": request.scheduler or type(scheduler).__name__,
                        "class": type(scheduler).__name__, "config": dict(scheduler.config)},
             models={"base": self.base.source.to_json(paths),
-                    "refiner": self.refiner.source.to_json(paths) if len(plans) > 1 and self.refiner else None},
+                    "refiner": self.refiner.source.to_json(paths)
+                    if self.refiner and plans[-1].models is self.refiner else None},
             dtype=str(self.base.dtype).removeprefix("torch."),
             infotext=infotext.to_json(),
         )  # fmt: skip

@@ -104,8 +104,9 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
         import dataclasses
 
         request = dataclasses.replace(request, decoder=resolver.decoder(request.decoder))
-    validate_conditions(request.conditions, has_refiner=request.refiner_switch is not None)
-    base, refiner, unet = _stages(spec, preset, request.refiner_switch is not None, locate, resolver)
+    refines = request.refiner_switch is not None or request.refiner_only
+    validate_conditions(request.conditions, has_refiner=refines, has_base=not request.refiner_only)
+    base, refiner, unet = _stages(spec, preset, refines, locate, resolver)
     return ResolvedJob(request, base, refiner, unet, keep)
 
 

@@ -231,3 +231,23 @@ def test_a_windowed_controlnet_stacks_with_img2img_as_in_diffusers(generator, ti
                control_guidance_start=0.0, control_guidance_end=0.5, generator=_generators([6]),
                output_type="latent").images  # fmt: skip
     torch.testing.assert_close(ours.latents, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_refiner_alone_polishes_an_image_as_diffusers_refiner_does(generator, tiny, pipes, pictures, tmp_path):
+    from sdxl_control.adapters.lora import LoRA
+    from sdxl_control.errors import ConditionError
+    from sdxl_control.testing.lora import write_tiny_lora
+
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.3, refiner_only=True, steps=10,
+                              size=(SIZE, SIZE), seed=8, num_images=2, progress_bar=False)  # fmt: skip
+    ref = pipes[1](PROMPT, image=Image.open(pictures / "init.png"), strength=0.3, num_inference_steps=10,
+                   guidance_scale=5.0, generator=_generators([8, 9]), num_images_per_prompt=2,
+                   output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+    assert ours.recipes[0]["models"]["refiner"] is not None and ours.recipes[0]["refiner_only"] is True
+    with pytest.raises(InvalidRequestError, match="refiner_only polishes an image"):
+        GenerationRequest(PROMPT, refiner_only=True)
+    write_tiny_lora(tmp_path / "x.safetensors", tiny.base, "kohya")
+    with pytest.raises(ConditionError, match="runs the refiner alone"):
+        generator.generate(PROMPT, init_image=str(pictures / "init.png"), refiner_only=True, steps=2,
+                           size=(SIZE, SIZE), conditions=[LoRA(str(tmp_path / "x.safetensors"))])  # fmt: skip

@@ -82,6 +82,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     start.add_argument("--mask", metavar="IMG", help="with --init-image: repaint only the white part (inpainting)")
     start.add_argument("--mask-blur", type=count, metavar="PX", help="feather the mask's edge by this radius in pixels")
+    start.add_argument(
+        "--refiner-only", action="store_true", help="polish --init-image with the refiner alone (try --strength 0.3)"
+    )
     gen.add_argument(
         "--structure",
         metavar="PHOTO",
@@ -345,6 +348,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "strength": args.strength,
         "mask": args.mask,
         "mask_blur": args.mask_blur,
+        "refiner_only": True if args.refiner_only else None,
     }
     return {k: v for k, v in given.items() if v is not None}
 
