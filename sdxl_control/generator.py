@@ -43,14 +43,15 @@ MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 # Request fields that are images a user gives: recorded by name and content, found again by a re-run.
 IMAGE_FIELDS = ("init_image", "mask")
-START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only")
+START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "outpaint")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """Everything that decides a generation; with the models, it is the recipe.
 
-    ``size`` is (width, height). ``seed`` seeds the first image; image ``i`` of a batch uses ``seed + i``, so any
+    ``size`` is (width, height): by default 1024x1024, or, starting from an image, the image's own size (whole
+    multiples of 8) plus any ``outpaint``. ``seed`` seeds the first image; image ``i`` of a batch uses ``seed + i``, so any
     image can be re-made alone. ``refiner_switch`` is the fraction of the schedule the base denoises before the
     refiner takes over (diffusers' ``denoising_end``/``denoising_start``); ``None`` runs the base alone.
     ``vae_tiling`` decodes tile by tile: flat memory for large images, small differences along tile seams.
@@ -75,7 +76,7 @@ class GenerationRequest:
     guidance: float = 5.0
     guidance_rescale: float = 0.0
     refiner_switch: float | None = None
-    size: tuple[int, int] = (1024, 1024)
+    size: tuple[int, int] = None  # type: ignore[assignment]  # None: decided by __post_init__ (see above)
     seed: int | None = None
     num_images: int = 1
     scheduler: str | None = None
@@ -90,9 +91,14 @@ class GenerationRequest:
     mask: Any = None
     mask_blur: int = 0
     refiner_only: bool = False
+    outpaint: tuple[int, int, int, int] | None = None
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if isinstance(self.outpaint, tuple) and all(isinstance(v, int) for v in self.outpaint):
+            self._check_padding()  # before the size it may decide
+        if self.size is None:
+            object.__setattr__(self, "size", self._default_size())
         check_fields(self, "the request")
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
             raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
@@ -140,18 +146,30 @@ class GenerationRequest:
             scheduler_spec(self.scheduler)
         self._check_start()
 
+    def _default_size(self) -> tuple[int, int]:
+        if self.init_image is None:
+            return (1024, 1024)
+        from .start import image_size
+
+        width, height = image_size(self.init_image)
+        pads = self.outpaint if isinstance(self.outpaint, tuple) and len(self.outpaint) == 4 else (0, 0, 0, 0)
+        if not all(isinstance(v, int) for v in pads):  # check_fields names the bad value next
+            pads = (0, 0, 0, 0)
+        left, top, right, bottom = pads
+        return (width // 8 * 8 + left + right, height // 8 * 8 + top + bottom)
+
     def _check_start(self) -> None:
         if self.init_image is None:
-            for name in ("strength", "mask"):
+            for name in ("strength", "mask", "outpaint"):
                 if getattr(self, name) is not None:
                     raise InvalidRequestError(f"{name} is for a request that starts from an image: give init_image")
             if self.mask_blur:
-                raise InvalidRequestError("mask_blur is for a mask: give init_image and mask")
+                raise InvalidRequestError("mask_blur is for a mask: give init_image and mask (or outpaint)")
             if self.refiner_only:
                 raise InvalidRequestError("refiner_only polishes an image: give init_image")
             return
         if self.strength is None:
-            object.__setattr__(self, "strength", 0.75 if self.mask is None else 1.0)
+            object.__setattr__(self, "strength", 0.75 if self.mask is None and self.outpaint is None else 1.0)
         assert self.strength is not None
         if not 0.0 < self.strength <= 1.0:
             raise InvalidRequestError(f"strength must lie in (0, 1] (1: all steps run), got {self.strength}")
@@ -161,8 +179,31 @@ class GenerationRequest:
             raise InvalidRequestError(
                 "refiner_only runs the refiner alone on the init image: no mask or refiner_switch"
             )
+        if self.outpaint is not None:
+            self._check_outpaint()
         if self.mask is not None and self.refiner_switch is not None:
             raise InvalidRequestError("inpainting runs on the base alone for now: leave out refiner_switch with a mask")
+
+    def _check_padding(self) -> None:
+        assert self.outpaint is not None
+        if len(self.outpaint) != 4 or any(v < 0 or v % 8 for v in self.outpaint) or not any(self.outpaint):
+            raise InvalidRequestError(
+                f"outpaint is (left, top, right, bottom) in pixels, each a multiple of 8 and one above 0, got "
+                f"{tuple(self.outpaint)}"
+            )
+
+    def _check_outpaint(self) -> None:
+        assert self.outpaint is not None
+        if self.mask is not None or self.refiner_only or self.refiner_switch is not None:
+            raise InvalidRequestError(
+                "outpaint makes its own mask and runs on the base alone: give it without mask, refiner_only or "
+                "refiner_switch"
+            )
+        left, top, right, bottom = self.outpaint
+        if left + right >= self.size[0] or top + bottom >= self.size[1]:
+            raise InvalidRequestError(
+                f"outpaint {tuple(self.outpaint)} leaves no room in {self.size[0]}x{self.size[1]}"
+            )
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -219,6 +260,8 @@ class GenerationRequest:
                 )
             values[name] = (locate or Locator()).resolve(values.get(name), f"the recipe's {name}")
         values["size"] = tuple(recipe["size"])
+        if values.get("outpaint") is not None:
+            values["outpaint"] = tuple(values["outpaint"])
         if values.get("timesteps") is not None:
             values.pop("steps", None)
         values["scheduler"] = recipe["scheduler"]["requested"]

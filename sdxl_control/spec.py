@@ -97,7 +97,10 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     else:
         if not spec.prompt:
             raise InvalidRequestError("a prompt is required (or a recipe to re-make)")
-        given = {**resolver.defaults(), **(preset.settings if preset is not None else {}), **settings}
+        implied = dict(resolver.defaults())
+        if settings.get("init_image") is not None:  # an image names its own size
+            implied.pop("size", None)
+        given = {**implied, **(preset.settings if preset is not None else {}), **settings}
         request = GenerationRequest(spec.prompt, **given, conditions=tuple(conditions))
         keep = None
     if request.decoder is not None:
@@ -124,7 +127,7 @@ def _preset(spec: JobSpec) -> Preset | None:
 def _json_forms(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Request settings as written in JSON (lists) in the request's own types (tuples)."""
     out = dict(settings)
-    for key in ("size", "timesteps"):
+    for key in ("size", "timesteps", "outpaint"):
         if isinstance(out.get(key), list):
             out[key] = tuple(out[key])
     return out

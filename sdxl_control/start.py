@@ -28,16 +28,33 @@ from .loop import Repaint
 from .preprocessors.images import load_image
 from .vae import encode_pixels, vae_scale_factor
 
-__all__ = ["read_init_image", "read_mask", "StartLatents", "start_latents", "INPAINT_CHANNELS"]
+__all__ = [
+    "image_size", "read_init_image", "read_mask", "outpaint_canvas", "StartLatents", "start_latents",
+    "INPAINT_CHANNELS", "OUTPAINT_FILL",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 # A UNet that reads the mask and the masked image beside the latents (SDXL inpainting 0.1): 4 + 1 + 4.
 INPAINT_CHANNELS = 9
+# What the new border of an outpainted canvas starts as: mid-grey, as ComfyUI's "Pad Image for Outpainting" fills it.
+OUTPAINT_FILL = (128, 128, 128)
 
 
 def _name(value: Any) -> str:
     return str(value) if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__") else type(value).__name__
+
+
+def image_size(value: Any) -> tuple[int, int]:
+    """(width, height) of an image given as a path, PIL image or array, reading no more than its header."""
+    if isinstance(value, Image.Image):
+        return value.size
+    if isinstance(value, np.ndarray):
+        return load_image(value, "init image").size
+    from .preprocessors.images import check_image_file
+
+    with Image.open(check_image_file(value, "init image")) as image:
+        return image.size
 
 
 def read_init_image(value: Any, size: tuple[int, int]) -> Image.Image:
@@ -68,6 +85,21 @@ def read_mask(value: Any, size: tuple[int, int], blur: int = 0) -> Image.Image:
     if int(np.asarray(mask).max()) < 128:
         raise InvalidRequestError(f"mask {_name(value)}: nothing to repaint (no pixel is white or light grey)")
     return VaeImageProcessor.blur(mask, blur) if blur else mask
+
+
+def outpaint_canvas(
+    value: Any, size: tuple[int, int], pads: tuple[int, int, int, int]
+) -> tuple[Image.Image, Image.Image]:
+    """(canvas, mask) for outpainting: the init image fitted to the inner area of ``size`` and placed there, the
+    ``pads`` (left, top, right, bottom) around it filled with :data:`OUTPAINT_FILL`, the mask white on them."""
+    left, top, right, bottom = pads
+    width, height = size
+    inner = (width - left - right, height - top - bottom)
+    canvas = Image.new("RGB", size, OUTPAINT_FILL)
+    canvas.paste(read_init_image(value, inner), (left, top))
+    mask = Image.new("L", size, 255)
+    mask.paste(0, (left, top, left + inner[0], top + inner[1]))
+    return canvas, mask
 
 
 @dataclass(frozen=True)
@@ -102,13 +134,16 @@ def start_latents(
     width, height = request.size
     factor = vae_scale_factor(vae)
     processor = VaeImageProcessor(vae_scale_factor=factor)
-    image = read_init_image(request.init_image, request.size)
+    if request.outpaint is not None:
+        image, mask_image = outpaint_canvas(request.init_image, request.size, request.outpaint)
+    else:
+        image, mask_image = read_init_image(request.init_image, request.size), request.mask
     pixels = processor.preprocess(image, height=height, width=width).to(torch.float32)
     n = request.num_images
     shape = (n, vae.config.latent_channels, height // factor, width // factor)
     scheduler, first = schedule.scheduler, schedule.timesteps[:1].repeat(n)
     inpaints = unet_channels == INPAINT_CHANNELS
-    if request.mask is None:
+    if mask_image is None:
         if inpaints:
             raise IncompatibleModelError("this UNet is an inpainting UNet (9 input channels): give it a mask")
         # One encode per image, each with its image's generator, as diffusers' image-to-image pipeline draws them.
@@ -120,7 +155,7 @@ def start_latents(
     mask_processor = VaeImageProcessor(
         vae_scale_factor=factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
     )
-    mask = mask_processor.preprocess(read_mask(request.mask, request.size, request.mask_blur), height=height,
+    mask = mask_processor.preprocess(read_mask(mask_image, request.size, request.mask_blur), height=height,
                                      width=width)  # fmt: skip
     full = request.strength == 1.0
     # The inpainting pipeline encodes its one init image with the first generator only.

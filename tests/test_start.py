@@ -162,14 +162,15 @@ def test_a_text_to_image_recipe_records_no_start_fields(generator):
     ("options", "message"),
     [
         ({"strength": 0.5}, "strength is for a request that starts from an image"),
-        ({"mask": "m.png"}, "mask is for a request that starts from an image"),
-        ({"init_image": "i.png", "strength": 0.0}, r"strength must lie in \(0, 1\]"),
-        ({"init_image": "i.png", "strength": 1.5}, r"strength must lie in \(0, 1\]"),
-        ({"init_image": "i.png", "mask": "m.png", "mask_blur": -1}, "mask_blur is a radius"),
-        ({"init_image": "i.png", "mask": "m.png", "refiner_switch": 0.8}, "inpainting runs on the base alone"),
+        ({"mask": "IMG"}, "mask is for a request that starts from an image"),
+        ({"init_image": "IMG", "strength": 0.0}, r"strength must lie in \(0, 1\]"),
+        ({"init_image": "IMG", "strength": 1.5}, r"strength must lie in \(0, 1\]"),
+        ({"init_image": "IMG", "mask": "IMG", "mask_blur": -1}, "mask_blur is a radius"),
+        ({"init_image": "IMG", "mask": "IMG", "refiner_switch": 0.8}, "inpainting runs on the base alone"),
     ],
 )
-def test_bad_start_requests_are_refused(options, message):
+def test_bad_start_requests_are_refused(pictures, options, message):
+    options = {k: str(pictures / "init.png") if v == "IMG" else v for k, v in options.items()}
     with pytest.raises(InvalidRequestError, match=message):
         GenerationRequest(PROMPT, **options)
 
@@ -251,3 +252,50 @@ def test_the_refiner_alone_polishes_an_image_as_diffusers_refiner_does(generator
     with pytest.raises(ConditionError, match="runs the refiner alone"):
         generator.generate(PROMPT, init_image=str(pictures / "init.png"), refiner_only=True, steps=2,
                            size=(SIZE, SIZE), conditions=[LoRA(str(tmp_path / "x.safetensors"))])  # fmt: skip
+
+
+def test_outpainting_extends_the_canvas_as_inpainting_a_padded_image(generator, pipes, pictures, tmp_path):
+    """The canvas grows by the padding (the request's size defaults to the image's plus it); the border starts
+    mid-grey and is repainted as diffusers' inpainting pipeline repaints the same canvas and mask."""
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), outpaint=(16, 0, 24, 8), steps=6,
+                              seed=12, progress_bar=False)  # fmt: skip
+    assert ours.images[0].size == (SIZE + 40, SIZE + 8)
+    canvas = Image.new("RGB", (SIZE + 40, SIZE + 8), (128, 128, 128))
+    canvas.paste(Image.open(pictures / "init.png").convert("RGB"), (16, 0))
+    mask = Image.new("L", canvas.size, 255)
+    mask.paste(0, (16, 0, 16 + SIZE, SIZE))
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    ref = pipe(PROMPT, image=canvas, mask_image=mask, strength=1.0, height=SIZE + 8, width=SIZE + 40,
+               num_inference_steps=6, guidance_scale=5.0, generator=_generators([12]), output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+    assert ours.recipes[0]["outpaint"] == [16, 0, 24, 8] and ours.recipes[0]["size"] == [SIZE + 40, SIZE + 8]
+
+
+def test_the_cli_outpaints_and_an_image_names_its_own_size(tiny, pictures, tmp_path):
+    out = tmp_path / "wider.png"
+    args = ["generate", PROMPT, "--tiny", "--steps", "3", "--seed", "1", "-q", "--init-image",
+            str(pictures / "init.png"), "--outpaint", "left=16,right=16", "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert Image.open(out).size == (SIZE + 32, SIZE) and read_recipe(out)["outpaint"] == [16, 0, 16, 0]
+    odd = tmp_path / "odd.png"
+    Image.new("RGB", (75, 41), (90, 20, 200)).save(odd)
+    assert GenerationRequest(PROMPT, init_image=str(odd)).size == (72, 40)  # whole multiples of 8
+    assert GenerationRequest(PROMPT).size == (1024, 1024)
+    with pytest.raises(SystemExit):
+        main(["generate", "x", "--init-image", str(odd), "--outpaint", "middle=8", "--tiny"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"outpaint": (8, 0, 0, 0)}, "outpaint is for a request that starts from an image"),
+        ({"init_image": "IMG", "outpaint": (12, 0, 0, 0)}, "each a multiple of 8"),
+        ({"init_image": "IMG", "outpaint": (0, 0, 0, 0)}, "one above 0"),
+        ({"init_image": "IMG", "outpaint": (8, 0, 0, 0), "mask": "IMG"}, "outpaint makes its own mask"),
+        ({"init_image": "IMG", "outpaint": (64, 0, 0, 0), "size": (64, 64)}, "leaves no room"),
+    ],
+)
+def test_bad_outpaint_requests_are_refused(pictures, options, message):
+    options = {k: str(pictures / "init.png") if v == "IMG" else v for k, v in options.items()}
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerationRequest(PROMPT, **options)

@@ -83,6 +83,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument("--mask", metavar="IMG", help="with --init-image: repaint only the white part (inpainting)")
     start.add_argument("--mask-blur", type=count, metavar="PX", help="feather the mask's edge by this radius in pixels")
     start.add_argument(
+        "--outpaint",
+        type=options.outpaint,
+        metavar="SIDE=PX,...",
+        help="with --init-image: extend the canvas, e.g. left=256,right=256 (multiples of 8; the output grows by them)",
+    )
+    start.add_argument(
         "--refiner-only", action="store_true", help="polish --init-image with the refiner alone (try --strength 0.3)"
     )
     gen.add_argument(
@@ -349,6 +355,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "mask": args.mask,
         "mask_blur": args.mask_blur,
         "refiner_only": True if args.refiner_only else None,
+        "outpaint": args.outpaint,
     }
     return {k: v for k, v in given.items() if v is not None}
 

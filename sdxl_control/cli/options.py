@@ -71,6 +71,19 @@ def window(text: str) -> tuple[float, float]:
     return value
 
 
+def outpaint(text: str) -> tuple[int, int, int, int]:
+    """``left=256,right=256``: pixels added on each named side (the others get none)."""
+    sides = {"left": 0, "top": 0, "right": 0, "bottom": 0}
+    for part in text.split(","):
+        side, sep, value = part.partition("=")
+        if not sep or side.strip() not in sides:
+            raise argparse.ArgumentTypeError(
+                f"outpaint takes SIDE=PIXELS pairs (left, top, right, bottom), got {text!r}"
+            )
+        sides[side.strip()] = count(value.strip())
+    return (sides["left"], sides["top"], sides["right"], sides["bottom"])
+
+
 def output_paths(output: str, images: int) -> list[Path]:
     """Where the images go, checked before anything is generated: a finished image must not be lost to a typo."""
     path = Path(output).expanduser()
