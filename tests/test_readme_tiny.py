@@ -78,11 +78,15 @@ def test_readme_command_runs_offline_with_tiny(argv, tiny, tmp_path, monkeypatch
         assert main([*earlier, "--tiny", "--size", "64x64", "-q"]) == 0
     _inputs(argv, tmp_path, tiny.base)
     extra = [] if "--tiny" in argv else ["--tiny"]
-    assert main([*argv, *extra, "--size", "64x64", "-q"]) == 0
+    # An outpainted canvas is the image's size and the padding: the photos made here are small already.
+    size = [] if "--outpaint" in argv else ["--size", "64x64"]
+    assert main([*argv, *extra, *size, "-q"]) == 0
     if "--dry-run" in argv:
         return
     recipe = read_recipe(tmp_path / argv[argv.index("-o") + 1])
-    assert recipe["size"] == [64, 64]
+    assert recipe["size"] == (
+        [64, 64] if size else [80 + sum(recipe["outpaint"][::2]), 96 + sum(recipe["outpaint"][1::2])]
+    )
     kinds = {c["kind"] for c in recipe["conditions"]}
     if "--preset" in argv:
         _matches_its_preset(argv, recipe)
