@@ -32,6 +32,7 @@ from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
 from .start import INPAINT_CHANNELS, start_latents
 from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
+from .upscale import LANCZOS, upscale_images
 from .vae import decode_latents, load_decoder, vae_scale_factor
 from .validation import check_fields, unknown_keys
 
@@ -44,6 +45,8 @@ MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 # Request fields that are images a user gives: recorded by name and content, found again by a re-run.
 IMAGE_FIELDS = ("init_image", "mask")
 START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "outpaint")
+HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
+MAX_HIRES = 4.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,10 @@ class GenerationRequest:
     mask_blur: int = 0
     refiner_only: bool = False
     outpaint: tuple[int, int, int, int] | None = None
+    hires_scale: float | None = None
+    hires_strength: float = 0.5
+    hires_steps: int | None = None
+    upscaler: str = LANCZOS
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -145,6 +152,39 @@ class GenerationRequest:
         if self.scheduler is not None:
             scheduler_spec(self.scheduler)
         self._check_start()
+        self._check_hires()
+
+    def _check_hires(self) -> None:
+        if self.hires_scale is None:
+            given = [
+                n for n in HIRES_FIELDS[1:] if getattr(self, n) != GenerationRequest.__dataclass_fields__[n].default
+            ]
+            if given:
+                raise InvalidRequestError(f"{', '.join(given)}: for a hires fix: give hires_scale")
+            return
+        if not 1.0 < self.hires_scale <= MAX_HIRES:
+            raise InvalidRequestError(f"hires_scale must lie in (1, {MAX_HIRES:g}], got {self.hires_scale}")
+        if not 0.0 < self.hires_strength <= 1.0:
+            raise InvalidRequestError(f"hires_strength must lie in (0, 1], got {self.hires_strength}")
+        if self.hires_steps is not None and not 1 <= self.hires_steps <= TRAIN_TIMESTEPS:
+            raise InvalidRequestError(f"hires_steps must be from 1 to {TRAIN_TIMESTEPS}, got {self.hires_steps}")
+        if max(self.hires_size) > MAX_SIDE:
+            raise InvalidRequestError(f"the hires fix's {self.hires_size[0]}x{self.hires_size[1]} is beyond {MAX_SIDE}")
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The size the hires fix redraws at: ``size`` times ``hires_scale``, in whole multiples of 8."""
+        scale = self.hires_scale or 1.0
+        return (round(self.size[0] * scale / 8) * 8, round(self.size[1] * scale / 8) * 8)
+
+    def hires_pass(self, image: Any, seed: int) -> GenerationRequest:
+        """The second pass of the hires fix for one image of the first (already enlarged): image-to-image."""
+        return dataclasses.replace(
+            self, init_image=image, size=self.hires_size, strength=self.hires_strength,
+            steps=self.hires_steps or self.steps, timesteps=None if self.hires_steps else self.timesteps, seed=seed,
+            num_images=1, mask=None, mask_blur=0, outpaint=None, refiner_only=False, hires_scale=None,
+            hires_strength=0.5, hires_steps=None, upscaler=LANCZOS,
+        )  # fmt: skip
 
     def _default_size(self) -> tuple[int, int]:
         if self.init_image is None:
@@ -214,11 +254,13 @@ class GenerationRequest:
         """JSON-ready fields (conditions described by their settings; see :meth:`Condition.settings` for ``paths``)."""
         from .conditions import describe
 
-        starts = self.init_image is not None
-        # A request that starts from noise records none of the start fields: its recipe reads as before they existed.
-        skipped = ("conditions",) if starts else ("conditions", *START_FIELDS)
+        starts, hires = self.init_image is not None, self.hires_scale is not None
+        # A request that starts from noise, or has no hires fix, records none of those fields: its recipe reads as
+        # before they existed.
+        skipped = ("conditions", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS))
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
-        for name in IMAGE_FIELDS if starts else ():  # files by name and content, as conditions' files
+        files = (*(IMAGE_FIELDS if starts else ()), *(("upscaler",) if hires else ()))
+        for name in files:  # by name and content, as conditions' files
             value = getattr(self, name)
             out[name] = portable(describe(value), paths) if value is not None else None
         out["size"] = list(self.size)
@@ -253,6 +295,8 @@ class GenerationRequest:
             overrides["conditions"] = tuple(conditions)
         names = {f.name for f in fields(cls)} - {"conditions", "seed"}
         values = {k: recipe[k] for k in names if k in recipe}
+        if "upscaler" in values:
+            values["upscaler"] = (locate or Locator()).resolve(values["upscaler"], "the recipe's upscaler")
         for name in IMAGE_FIELDS:
             if isinstance(values.get(name), dict) and ({"image", "mode"} <= values[name].keys()):
                 raise InputError(
@@ -485,6 +529,23 @@ class Generator:
         """
         if recipe_paths not in PATH_MODES:
             raise InvalidRequestError(f"recipe_paths must be one of {', '.join(PATH_MODES)}, got {recipe_paths!r}")
+        if request.hires_scale is None:
+            return self._run(request, progress, progress_bar, recipe_paths)
+        first = dataclasses.replace(request, hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS)
+        drafts = self._run(first, progress, progress_bar, recipe_paths).images
+        enlarged = upscale_images(drafts, request.hires_size, request.upscaler, self.device)
+        passes = [
+            self._run(request.hires_pass(image, seed), progress, progress_bar, recipe_paths)
+            for image, seed in zip(enlarged, request.seeds, strict=True)
+        ]
+        shared = self._recipe(request, self._plans(first), recipe_paths)
+        recipes = [{**copy.deepcopy(shared), "seed": seed, "batch_index": i} for i, seed in enumerate(request.seeds)]
+        images = [RecipeImage.wrap(p.images[0], r) for p, r in zip(passes, recipes, strict=True)]
+        return Result(images=images, latents=torch.cat([p.latents for p in passes]))
+
+    def _run(
+        self, request: GenerationRequest, progress: ProgressCallback | None, progress_bar: bool, recipe_paths: PathMode
+    ) -> Result:
         plans = self._plans(request)
         stages = [p.models.stage for p in plans]
         validate_conditions(request.conditions, has_refiner=Stage.REFINER in stages, has_base=Stage.BASE in stages)

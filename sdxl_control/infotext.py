@@ -147,6 +147,11 @@ def _field_value(value: Any) -> str:
     return str(value)
 
 
+def _file_name(value: Any) -> str:
+    """A recorded file: a reference by name and content, or a path."""
+    return str(value.get("file", "")) if isinstance(value, Mapping) else str(value)
+
+
 def _model_name(source: Mapping[str, Any]) -> str:
     name = str(source.get("name", ""))
     return Path(name).stem if source.get("local") == "file" else name
@@ -174,6 +179,16 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         "Denoising strength": recipe.get("strength"),
         "Mask blur": recipe.get("mask_blur") if recipe.get("mask") else None,
     }
+    if recipe.get("hires_scale"):  # A1111's hires fix items; its denoising strength is the redraw's
+        upscaler = recipe.get("upscaler")
+        items.update(
+            {
+                "Denoising strength": recipe.get("hires_strength"),
+                "Hires upscale": recipe["hires_scale"],
+                "Hires steps": recipe.get("hires_steps") or recipe["steps"],
+                "Hires upscaler": "Lanczos" if upscaler == "lanczos" else Path(_file_name(upscaler)).stem,
+            }
+        )
     if refiner:
         hashed = f" [{refiner['sha256'][:10]}]" if refiner.get("sha256") else ""
         items["Refiner"] = _model_name(refiner) + hashed

@@ -299,3 +299,77 @@ def test_bad_outpaint_requests_are_refused(pictures, options, message):
     options = {k: str(pictures / "init.png") if v == "IMG" else v for k, v in options.items()}
     with pytest.raises(InvalidRequestError, match=message):
         GenerationRequest(PROMPT, **options)
+
+
+@pytest.fixture(scope="module")
+def esrgan(tmp_path_factory):
+    """A tiny ESRGAN ×2 in the original ESRGAN layout (``model.0.weight``, ``model.1.sub.0.RDB1...``), as upscaler
+    .pth files are kept in ComfyUI's models/upscale_models."""
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("upscalers") / "2x-tiny.pth"
+    torch.save(ESRGAN(num_filters=8, num_blocks=1, scale=2).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("upscaler", ["lanczos", "esrgan"])
+def test_hires_fix_is_a_draft_enlarged_then_redrawn(generator, esrgan, upscaler):
+    """One request equals its two passes done by hand: the draft, enlarged (Lanczos, or the upscaler model through
+    spandrel, then Lanczos to the size), redrawn by image-to-image from the image's own seed."""
+    import spandrel
+
+    chosen = str(esrgan) if upscaler == "esrgan" else "lanczos"
+    ours = generator.generate(PROMPT, steps=4, size=(SIZE, SIZE), seed=21, num_images=2, hires_scale=1.5,
+                              hires_strength=0.6, hires_steps=5, upscaler=chosen, progress_bar=False)  # fmt: skip
+    assert ours.images[0].size == (96, 96)
+    draft = generator.generate(PROMPT, steps=4, size=(SIZE, SIZE), seed=21, num_images=2, progress_bar=False)
+    for i, image in enumerate(draft.images):
+        if upscaler == "esrgan":
+            model = spandrel.ModelLoader().load_from_file(str(esrgan)).eval()
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+            with torch.no_grad():
+                big = (model(pixels).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+            enlarged = Image.fromarray(big).resize((96, 96), Image.Resampling.LANCZOS)
+        else:
+            enlarged = image.resize((96, 96), Image.Resampling.LANCZOS)
+        by_hand = generator.generate(PROMPT, init_image=enlarged, strength=0.6, steps=5, size=(96, 96),
+                                     seed=21 + i, progress_bar=False)  # fmt: skip
+        assert torch.equal(ours.latents[i : i + 1], by_hand.latents)
+    recipe = ours.recipes[1]
+    assert (recipe["hires_scale"], recipe["hires_strength"], recipe["seed"], recipe["size"]) == (1.5, 0.6, 22, [64, 64])
+    text = parameters_text(recipe)
+    assert "Hires upscale: 1.5" in text and "Hires steps: 5" in text and "Denoising strength: 0.6" in text
+    assert ("Hires upscaler: 2x-tiny" if upscaler == "esrgan" else "Hires upscaler: Lanczos") in text
+
+
+def test_the_cli_hires_fix_re_makes_its_pixels_from_the_recipe(tiny, esrgan, tmp_path):
+    out, again = tmp_path / "big.png", tmp_path / "again.png"
+    args = ["generate", PROMPT, "--tiny", "--size", "64x64", "--steps", "3", "--seed", "4", "-q", "--hires", "2",
+            "--hires-strength", "0.4", "--upscaler", str(esrgan)]  # fmt: skip
+    assert main([*args, "-o", str(out)]) == 0
+    recipe = read_recipe(out)
+    assert Image.open(out).size == (128, 128) and recipe["upscaler"]["file"] == "2x-tiny.pth"
+    assert main(["generate", "--recipe", str(out), "--inputs-from", str(esrgan.parent), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert main(["generate", PROMPT, "--tiny", "--hires", "2", "--upscaler", str(tmp_path / "none.pth"), "-q",
+                 "-o", str(tmp_path / "x.png")]) == 4  # fmt: skip
+    notes = tmp_path / "notes.pth"
+    torch.save({"weight": torch.zeros(3)}, notes)
+    assert main(["generate", PROMPT, "--tiny", "--size", "64x64", "--steps", "2", "--hires", "2", "--upscaler",
+                 str(notes), "-q", "-o", str(tmp_path / "y.png")]) == 4  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"hires_strength": 0.3}, "hires_strength: for a hires fix: give hires_scale"),
+        ({"upscaler": "x.pth"}, "upscaler: for a hires fix"),
+        ({"hires_scale": 1.0}, r"hires_scale must lie in \(1, 4\]"),
+        ({"hires_scale": 2.0, "hires_strength": 0.0}, r"hires_strength must lie in \(0, 1\]"),
+        ({"hires_scale": 4.0, "size": (4096, 1024)}, "beyond 8192"),
+    ],
+)
+def test_bad_hires_requests_are_refused(options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerationRequest(PROMPT, **options)

@@ -88,6 +88,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SIDE=PX,...",
         help="with --init-image: extend the canvas, e.g. left=256,right=256 (multiples of 8; the output grows by them)",
     )
+    hires = gen.add_argument_group("hires fix")
+    hires.add_argument("--hires", type=number, metavar="SCALE", help="enlarge each image by SCALE (1-4) and redraw it")
+    hires.add_argument("--hires-strength", type=number, metavar="S", help="strength of the redraw (default 0.5)")
+    hires.add_argument("--hires-steps", type=count, metavar="N", help="steps of the redraw (default: --steps)")
+    hires.add_argument(
+        "--upscaler",
+        metavar="lanczos|FILE",
+        help="how to enlarge: lanczos (default) or an upscaler model file (ESRGAN, Real-ESRGAN, SwinIR .pth or "
+        ".safetensors, as in ComfyUI's models/upscale_models)",
+    )
     start.add_argument(
         "--refiner-only", action="store_true", help="polish --init-image with the refiner alone (try --strength 0.3)"
     )
@@ -356,6 +366,10 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "mask_blur": args.mask_blur,
         "refiner_only": True if args.refiner_only else None,
         "outpaint": args.outpaint,
+        "hires_scale": args.hires,
+        "hires_strength": args.hires_strength,
+        "hires_steps": args.hires_steps,
+        "upscaler": args.upscaler,
     }
     return {k: v for k, v in given.items() if v is not None}
 
