@@ -252,7 +252,8 @@ def _job_spec(data: Mapping[str, Any], root: Path, locate: Locator, seed: int) -
     conditions rebuilt, its seed derived from its id when it gives none."""
     from .adapters import condition_from_settings
 
-    data = {**data, **{k: _local(data[k], root) for k in ("inputs", "models", "init_image", "mask") if k in data}}
+    local = ("inputs", "models", "init_image", "mask", "upscaler")  # read from the job file's folder
+    data = {**data, **{k: _local(data[k], root) for k in local if k in data}}
     if isinstance(data.get("preset"), str) and data["preset"].endswith(".json"):  # a preset file, not a name
         data["preset"] = _local(data["preset"], root)
     if not isinstance(data.get("prompt"), str):

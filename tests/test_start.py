@@ -373,3 +373,23 @@ def test_the_cli_hires_fix_re_makes_its_pixels_from_the_recipe(tiny, esrgan, tmp
 def test_bad_hires_requests_are_refused(options, message):
     with pytest.raises(InvalidRequestError, match=message):
         GenerationRequest(PROMPT, **options)
+
+
+def test_a_job_file_starts_from_images_beside_it(tiny, pictures, tmp_path):
+    """A job's init image and mask are read from the job file's folder; the job makes the CLI's pixels."""
+    import json
+    import shutil
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    for name in ("init.png", "mask.png"):
+        shutil.copy(pictures / name, jobs / name)
+    line = {"id": "paint", "prompt": PROMPT, "init_image": "init.png", "mask": "mask.png", "strength": 0.9, "seed": 3,
+            "steps": 3, "size": [SIZE, SIZE]}  # fmt: skip
+    (jobs / "jobs.jsonl").write_text(json.dumps(line) + "\n")
+    assert main(["batch", str(jobs / "jobs.jsonl"), "-o", str(tmp_path / "out"), "--tiny", "-q"]) == 0
+    cli = tmp_path / "cli.png"
+    assert main(["generate", PROMPT, "--init-image", str(pictures / "init.png"), "--mask", str(pictures / "mask.png"),
+                 "--strength", "0.9", "--seed", "3", "--steps", "3", "--size", f"{SIZE}x{SIZE}", "--tiny", "-q",
+                 "-o", str(cli)]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "paint.png")), np.asarray(Image.open(cli)))
