@@ -54,8 +54,8 @@ class GenerationRequest:
     """Everything that decides a generation; with the models, it is the recipe.
 
     ``size`` is (width, height): by default 1024x1024, or, starting from an image, the image's own size (whole
-    multiples of 8) plus any ``outpaint``. ``seed`` seeds the first image; image ``i`` of a batch uses ``seed + i``, so any
-    image can be re-made alone. ``refiner_switch`` is the fraction of the schedule the base denoises before the
+    multiples of 8) plus any ``outpaint``. ``seed`` seeds the first image; image ``i`` of a batch uses ``seed + i``,
+    so any image can be re-made alone. ``refiner_switch`` is the fraction of the schedule the base denoises before the
     refiner takes over (diffusers' ``denoising_end``/``denoising_start``); ``None`` runs the base alone.
     ``vae_tiling`` decodes tile by tile: flat memory for large images, small differences along tile seams.
     ``decoder`` names a tiny autoencoder (e.g. ``"madebyollin/taesdxl"``) that decodes instead of the VAE: a draft
