@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import queue
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+import numpy as np
 
 from .adapters import identity_kinds
 from .defaults import DEFAULT_IDENTITY, DRAFT_DECODER, STRUCTURE_CONTROLS
@@ -118,6 +120,10 @@ class PageForm:
     structure_end: float = 1.0
     loras: Any = None
     lora_weights: str = ""
+    init_image: Any = None
+    strength: float = 0.75
+    hires_scale: float = 1.0
+    hires_strength: float = 0.5
 
 
 def _files(value: Any) -> list[str]:
@@ -175,6 +181,35 @@ def _preset_inputs(preset: str, form: PageForm) -> tuple[dict[str, Any], set[str
     return inputs, {fields_of[name] for name in inputs}
 
 
+def _start(form: PageForm, folder: Path) -> dict[str, Any]:
+    """The request settings of the page's "Start from an image" fields: the editor's background is the init image;
+    what was painted on it, the mask (white where any stroke is), written to ``folder`` so recipes can name it."""
+    value = form.init_image
+    if isinstance(value, dict):
+        background, layers = value.get("background"), [layer for layer in value.get("layers") or [] if layer]
+    else:
+        background, layers = value, []
+    if not background:
+        return {}
+    from PIL import Image
+
+    from .preprocessors.images import check_image_file
+
+    check_image_file(str(background), "init image")
+    settings: dict[str, Any] = {"init_image": str(background), "strength": float(form.strength)}
+    painted = None
+    for layer in layers:
+        with Image.open(str(layer)) as image:
+            alpha = np.asarray(image.convert("RGBA"))[..., 3] > 0
+        painted = alpha if painted is None else painted | alpha
+    if painted is not None and painted.any():
+        mask = Image.fromarray(painted.astype(np.uint8) * 255)
+        path = folder / f"mask-{hashlib.sha256(mask.tobytes()).hexdigest()[:16]}.png"
+        mask.save(path)
+        settings["mask"] = str(path)
+    return settings
+
+
 def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     """The job the page's form asks for: the preset's sampler, models, LoRAs and condition templates filled from the
     page's fields, the page's numbers (which choosing a preset fills in) and its other conditions."""
@@ -189,6 +224,9 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     }  # fmt: skip
     if form.negative:
         settings["negative_prompt"] = form.negative
+    settings.update(_start(form, config.outputs))
+    if form.hires_scale and form.hires_scale > 1:
+        settings.update(hires_scale=float(form.hires_scale), hires_strength=float(form.hires_strength))
     return JobSpec(form.prompt, preset=preset, inputs=inputs, settings=settings,
                    conditions=tuple(_conditions(form, taken)), models={"base": config.base, "refiner": config.refiner},
                    face_pack=config.face_pack)  # fmt: skip
@@ -390,6 +428,15 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
     with gr.Accordion("LoRAs", open=False):
         w["loras"] = gr.File(file_count="multiple", file_types=[".safetensors"], label="LoRA files")
         w["lora_weights"] = gr.Textbox(value=v["lora_weights"], label="Weights (one per file, e.g. 0.8, 0.5)")
+    with gr.Accordion("Start from an image", open=False):
+        w["init_image"] = gr.ImageEditor(type="filepath", label="Image (paint where to repaint; nothing painted: the "
+                                         "whole image)", elem_id="init-image", height=320)  # fmt: skip
+        w["strength"] = gr.Slider(0.05, 1, value=v["strength"], step=0.05, label="Strength", elem_id="strength")
+    with gr.Accordion("Hires fix", open=False):
+        with gr.Row():
+            w["hires_scale"] = gr.Slider(1, 4, value=v["hires_scale"], step=0.25, label="Upscale by (1: off)",
+                                         elem_id="hires-scale")  # fmt: skip
+            w["hires_strength"] = gr.Slider(0.05, 1, value=v["hires_strength"], step=0.05, label="Redraw strength")
     return w
 
 

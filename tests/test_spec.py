@@ -182,3 +182,34 @@ def test_preprocess_with_tiny_analyses_faces_with_the_stand_in_pack(tiny, tmp_pa
         out = tmp_path / f"{kind}.png"
         assert main(["preprocess", kind, photo, "-o", str(out), "--tiny"]) == 0
         assert Image.open(out).size == Image.open(photo).size
+
+
+def test_the_page_starts_from_an_image_with_a_painted_mask_as_the_cli_does(tiny, tmp_path):
+    """The editor's background is the init image, its painted strokes the mask (saved beside the outputs, so the
+    recipe names it); the page's image equals the CLI's with the same files."""
+    from sdxl_control.ui import PageForm, UiConfig
+
+    init = _photo(tmp_path / "init.png", 6)
+    Image.open(init).resize((64, 64)).save(init)
+    layer = np.zeros((64, 64, 4), np.uint8)
+    layer[8:40, 16:48] = (255, 0, 0, 255)  # a red stroke
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    outputs = tmp_path / "page"
+    outputs.mkdir()
+    editor = {"background": init, "layers": [str(tmp_path / "layer.png")], "composite": init}
+    form = PageForm(PROMPT, width=64, height=64, steps=3, seed=4, random_seed=False, init_image=editor, strength=0.8)
+    (page_png,) = _page_generate(UiConfig(resolver=TinyResolver(), outputs=outputs), form)
+    cli = tmp_path / "cli.png"
+    assert main(["generate", PROMPT, "--init-image", init, "--mask", str(tmp_path / "mask.png"), "--strength", "0.8",
+                 "--size", "64x64", "--steps", "3", "--seed", "4", "--tiny", "-q", "-o", str(cli)]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(page_png)), np.asarray(Image.open(cli)))
+    from sdxl_control.recipe import read_recipe
+
+    recipe = read_recipe(page_png)
+    assert recipe["mask"]["file"].startswith("mask-") and recipe["strength"] == 0.8
+    hires = PageForm(PROMPT, width=64, height=64, steps=2, seed=4, random_seed=False, hires_scale=1.5)
+    (big,) = _page_generate(UiConfig(resolver=TinyResolver(), outputs=outputs), hires)
+    assert Image.open(big).size == (96, 96) and read_recipe(big)["hires_scale"] == 1.5
