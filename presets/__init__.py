@@ -41,7 +41,7 @@ __all__ = ["Preset", "PresetInput", "available_presets", "load_preset", "parse_a
 REQUEST_KEYS = (
     "negative_prompt", "steps", "guidance", "guidance_rescale", "refiner_switch", "size", "scheduler",
     "scheduler_options", "timesteps", "aesthetic_score", "negative_aesthetic_score", "vae_tiling", "decoder",
-    "strength", "mask_blur", "refiner_only", "hires_scale", "hires_strength", "hires_steps", "upscaler",
+    "strength", "mask_blur", "refiner_only", "padding_mask_crop", "hires_scale", "hires_strength", "hires_steps", "upscaler",
 )  # fmt: skip
 PRESET_KEYS = ("description", "models", "inputs", "conditions", "loras", *REQUEST_KEYS)
 MODEL_KEYS = ("base", "refiner", "unet")

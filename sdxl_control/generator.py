@@ -44,7 +44,7 @@ MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 # Request fields that are images a user gives: recorded by name and content, found again by a re-run.
 IMAGE_FIELDS = ("init_image", "mask")
-START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "outpaint")
+START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "outpaint", "padding_mask_crop")
 HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
 MAX_HIRES = 4.0
 
@@ -95,6 +95,7 @@ class GenerationRequest:
     mask_blur: int = 0
     refiner_only: bool = False
     outpaint: tuple[int, int, int, int] | None = None
+    padding_mask_crop: int | None = None
     hires_scale: float | None = None
     hires_strength: float = 0.5
     hires_steps: int | None = None
@@ -182,12 +183,12 @@ class GenerationRequest:
         return dataclasses.replace(
             self, init_image=image, size=self.hires_size, strength=self.hires_strength,
             steps=self.hires_steps or self.steps, timesteps=None if self.hires_steps else self.timesteps, seed=seed,
-            num_images=1, mask=None, mask_blur=0, outpaint=None, refiner_only=False, hires_scale=None,
-            hires_strength=0.5, hires_steps=None, upscaler=LANCZOS,
+            num_images=1, mask=None, mask_blur=0, outpaint=None, padding_mask_crop=None, refiner_only=False,
+            hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS,
         )  # fmt: skip
 
     def _default_size(self) -> tuple[int, int]:
-        if self.init_image is None:
+        if self.init_image is None or self.padding_mask_crop is not None:  # a crop is repainted at the model's size
             return (1024, 1024)
         from .start import image_size
 
@@ -200,7 +201,7 @@ class GenerationRequest:
 
     def _check_start(self) -> None:
         if self.init_image is None:
-            for name in ("strength", "mask", "outpaint"):
+            for name in ("strength", "mask", "outpaint", "padding_mask_crop"):
                 if getattr(self, name) is not None:
                     raise InvalidRequestError(f"{name} is for a request that starts from an image: give init_image")
             if self.mask_blur:
@@ -221,6 +222,11 @@ class GenerationRequest:
             )
         if self.outpaint is not None:
             self._check_outpaint()
+        if self.padding_mask_crop is not None and (self.mask is None or self.padding_mask_crop < 0):
+            raise InvalidRequestError(
+                f"padding_mask_crop is the margin (pixels, >= 0) around a mask's area: give a mask, got "
+                f"{self.padding_mask_crop}"
+            )
         if self.mask is not None and self.refiner_switch is not None:
             raise InvalidRequestError("inpainting runs on the base alone for now: leave out refiner_switch with a mask")
 
@@ -566,12 +572,13 @@ class Generator:
 
         factor = vae_scale_factor(self.base.vae)
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+        overlay = None
         if request.init_image is not None:
             first = plans[0].models
             with self._resident([first.vae]):
                 start = start_latents(request, first.vae, first.unet.config.in_channels, plans[0].schedule, generators,
                                       stage_inputs[0].guidance.copies, device, dtype)  # fmt: skip
-            latents = start.latents
+            latents, overlay = start.latents, start.overlay
             stage_inputs[0] = dataclasses.replace(stage_inputs[0], repaint=start.repaint)
         else:
             if plans[0].models.unet.config.in_channels == INPAINT_CHANNELS:
@@ -593,6 +600,8 @@ class Generator:
             with self._resident([last.vae]):
                 pixels = decode_latents(last.vae, latents, tiled=request.vae_tiling)
         pil = VaeImageProcessor(vae_scale_factor=factor).postprocess(pixels, output_type="pil")
+        if overlay is not None:
+            pil = [overlay(image) for image in pil]
         shared = self._recipe(request, plans, recipe_paths)
         recipes = [{**copy.deepcopy(shared), "seed": seed, "batch_index": i} for i, seed in enumerate(request.seeds)]
         return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes, strict=True)], latents=latents)

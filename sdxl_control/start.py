@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,8 @@ class StartLatents:
 
     latents: torch.Tensor
     repaint: Repaint | None
+    # For a crop repainted at full resolution: pastes each finished image back into the original.
+    overlay: Callable[[Image.Image], Image.Image] | None = None
 
 
 @torch.no_grad()
@@ -134,11 +137,22 @@ def start_latents(
     width, height = request.size
     factor = vae_scale_factor(vae)
     processor = VaeImageProcessor(vae_scale_factor=factor)
-    if request.outpaint is not None:
+    mask_processor = VaeImageProcessor(
+        vae_scale_factor=factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+    )
+    crop, overlay = None, None
+    if request.padding_mask_crop is not None:
+        # Only a region around the mask is repainted, at the request's size, then pasted back (diffusers' rule).
+        image = load_image(request.init_image, "init image")
+        mask_image = read_mask(request.mask, image.size, request.mask_blur)
+        crop = VaeImageProcessor.get_crop_region(mask_image, width, height, pad=request.padding_mask_crop)
+        overlay = _overlay(processor, image, mask_image, crop)
+    elif request.outpaint is not None:
         image, mask_image = outpaint_canvas(request.init_image, request.size, request.outpaint)
     else:
         image, mask_image = read_init_image(request.init_image, request.size), request.mask
-    pixels = processor.preprocess(image, height=height, width=width).to(torch.float32)
+    fit = {"crops_coords": crop, "resize_mode": "fill"} if crop is not None else {}
+    pixels = processor.preprocess(image, height=height, width=width, **fit).to(torch.float32)
     n = request.num_images
     shape = (n, vae.config.latent_channels, height // factor, width // factor)
     scheduler, first = schedule.scheduler, schedule.timesteps[:1].repeat(n)
@@ -152,11 +166,9 @@ def start_latents(
         return StartLatents(scheduler.add_noise(latents, noise, first), None)
     if unet_channels not in (shape[1], INPAINT_CHANNELS):
         raise IncompatibleModelError(f"a UNet with {unet_channels} input channels cannot inpaint")
-    mask_processor = VaeImageProcessor(
-        vae_scale_factor=factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
-    )
-    mask = mask_processor.preprocess(read_mask(mask_image, request.size, request.mask_blur), height=height,
-                                     width=width)  # fmt: skip
+    if crop is None:
+        mask_image = read_mask(mask_image, request.size, request.mask_blur)
+    mask = mask_processor.preprocess(mask_image, height=height, width=width, **fit)
     full = request.strength == 1.0
     # The inpainting pipeline encodes its one init image with the first generator only.
     original = encode_pixels(vae, pixels, generators[0], dtype).to(device) if not (inpaints and full) else None
@@ -169,7 +181,17 @@ def start_latents(
     small = torch.nn.functional.interpolate(mask, size=shape[2:]).to(device, dtype).repeat(n, 1, 1, 1)
     if not inpaints:
         assert original is not None
-        return StartLatents(latents, Repaint(mask=small, original=original.repeat(n, 1, 1, 1), noise=noise))
+        repaint = Repaint(mask=small, original=original.repeat(n, 1, 1, 1), noise=noise)
+        return StartLatents(latents, repaint, overlay)
     masked = encode_pixels(vae, pixels * (mask < 0.5), generators[0], dtype).to(device).repeat(n, 1, 1, 1)
     extra = torch.cat([small, masked], dim=1)
-    return StartLatents(latents, Repaint(extra=torch.cat([extra] * copies) if copies > 1 else extra))
+    return StartLatents(latents, Repaint(extra=torch.cat([extra] * copies) if copies > 1 else extra), overlay)
+
+
+def _overlay(
+    processor: VaeImageProcessor, original: Image.Image, mask: Image.Image, crop: tuple[int, int, int, int]
+) -> Callable[[Image.Image], Image.Image]:
+    def paste(image: Image.Image) -> Image.Image:
+        return processor.apply_overlay(mask, original, image, crop)
+
+    return paste

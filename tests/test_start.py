@@ -393,3 +393,25 @@ def test_a_job_file_starts_from_images_beside_it(tiny, pictures, tmp_path):
                  "--strength", "0.9", "--seed", "3", "--steps", "3", "--size", f"{SIZE}x{SIZE}", "--tiny", "-q",
                  "-o", str(cli)]) == 0  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "paint.png")), np.asarray(Image.open(cli)))
+
+
+def test_a_mask_crop_repaints_a_small_area_at_full_size_and_pastes_it_back(generator, pipes, tmp_path):
+    """``padding_mask_crop``: the mask's area (grown by the padding, to the request's aspect) is repainted at the
+    request's size and pasted back into the larger original, which keeps its size — diffusers' pixels exactly."""
+    photo = tmp_path / "large.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (96, 112, 3), dtype=np.uint8)).save(photo)
+    mask = np.zeros((96, 112), np.uint8)
+    mask[8:24, 64:88] = 255
+    Image.fromarray(mask).save(tmp_path / "small-mask.png")
+    ours = generator.generate(PROMPT, init_image=str(photo), mask=str(tmp_path / "small-mask.png"),
+                              padding_mask_crop=8, size=(SIZE, SIZE), steps=6, seed=13, progress_bar=False)  # fmt: skip
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    ref = pipe(PROMPT, image=Image.open(photo), mask_image=Image.open(tmp_path / "small-mask.png"), strength=1.0,
+               height=SIZE, width=SIZE, padding_mask_crop=8, num_inference_steps=6, guidance_scale=5.0,
+               generator=_generators([13])).images[0]  # fmt: skip
+    assert ours.images[0].size == (112, 96)
+    assert np.array_equal(np.asarray(ours.images[0]), np.asarray(ref))
+    outside = np.asarray(ours.images[0])[mask == 0]
+    assert np.array_equal(outside, np.asarray(Image.open(photo))[mask == 0])  # untouched pixels are the photo's
+    with pytest.raises(InvalidRequestError, match="padding_mask_crop is the margin"):
+        GenerationRequest(PROMPT, init_image=str(photo), padding_mask_crop=8)

@@ -83,6 +83,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument("--mask", metavar="IMG", help="with --init-image: repaint only the white part (inpainting)")
     start.add_argument("--mask-blur", type=count, metavar="PX", help="feather the mask's edge by this radius in pixels")
     start.add_argument(
+        "--mask-crop",
+        type=count,
+        metavar="PX",
+        help="with --mask: repaint only the mask's area grown by PX, at --size, and paste it back (a small area of a "
+        "large photo at full resolution)",
+    )
+    start.add_argument(
         "--outpaint",
         type=options.outpaint,
         metavar="SIDE=PX,...",
@@ -366,6 +373,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "mask_blur": args.mask_blur,
         "refiner_only": True if args.refiner_only else None,
         "outpaint": args.outpaint,
+        "padding_mask_crop": args.mask_crop,
         "hires_scale": args.hires,
         "hires_strength": args.hires_strength,
         "hires_steps": args.hires_steps,
