@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -118,9 +117,9 @@ class TinyResolver(Resolver):
         return tiny_preprocess_options(preprocessor, options, self.seed)
 
     def face_pack(self, pack: str) -> str:
-        from .testing.stand_ins import tiny_face_pack
+        from .testing.stand_ins import tiny_pack
 
-        return pack if Path(pack).expanduser().is_dir() else str(tiny_face_pack(Path(pack).name, self.seed))
+        return tiny_pack(pack, self.seed)
 
 
 def resolver_for(tiny: bool) -> Resolver:

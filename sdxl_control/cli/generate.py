@@ -347,9 +347,10 @@ def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[
         raise InvalidRequestError("--structure fills a preset's structure input (--preset style-transfer)")
     if inputs and preset is None:
         raise InvalidRequestError("--input fills a preset's inputs: give --preset")
-    if preset is not None and preset.templates.get("face") and _identity_flags_given(args):
+    identity_flags = _identity_flags_given(args)
+    if preset is not None and preset.templates.get("face") and identity_flags:
         raise InvalidRequestError(
-            f"the preset {preset.name} sets up the identity condition ({', '.join(_identity_flags_given(args))}); "
+            f"the preset {preset.name} sets up the identity condition ({', '.join(identity_flags)}); "
             "change it with --set face.KEY=VALUE (--dry-run shows its settings)"
         )
     return inputs, taken
@@ -406,8 +407,8 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
         )
     if args.face and "face" not in taken:
         conditions.append(_identity_condition(args, args.face))
-    elif _identity_flags_given(args):
-        raise InvalidRequestError(f"{', '.join(_identity_flags_given(args))}: identity options need --face")
+    elif identity_flags := _identity_flags_given(args):
+        raise InvalidRequestError(f"{', '.join(identity_flags)}: identity options need --face")
     recipe, locate = None, Locator()
     if args.recipe is not None:
         from ..recipe import read_recipe

@@ -25,7 +25,7 @@ from ..model_refs import ModelRef
 from .annotators import tiny_control_models
 from .tiny import tiny_models, write_tiny_taesd
 
-__all__ = ["tiny_condition", "tiny_face_pack", "tiny_unet", "tiny_decoder", "tiny_preprocess_options"]
+__all__ = ["tiny_condition", "tiny_face_pack", "tiny_pack", "tiny_unet", "tiny_decoder", "tiny_preprocess_options"]
 
 # Which tiny ControlNet stands in for a hub ControlNet, by the preprocessor that feeds it.
 _CONTROLNETS = {"canny": "controlnet-edges", "edges": "controlnet-edges", "depth": "controlnet-depth",
@@ -68,13 +68,18 @@ def tiny_face_pack(pack: str, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_pack(pack: str, seed: int = 0) -> str:
+    """``pack`` as the tiny models run it: a folder the user gave stays; a pack named is swapped for its stand-in."""
+    return pack if Path(pack).expanduser().is_dir() else str(tiny_face_pack(Path(pack).name, seed))
+
+
 def tiny_condition(condition: Condition, seed: int = 0) -> Condition:
     """``condition`` with every hub model it would load replaced by a tiny stand-in of the same layout."""
     kind = condition.kind
     changes: dict[str, Any] = {}
     pack = getattr(condition, "face_pack", None)
     if isinstance(pack, str) and not Path(pack).expanduser().is_dir():
-        changes["face_pack"] = str(tiny_face_pack(Path(pack).name, seed))
+        changes["face_pack"] = tiny_pack(pack, seed)
     get = condition.__getattribute__
     tiny = lambda name: str(tiny_control_models(name, seed))  # noqa: E731
     if kind == "controlnet":
