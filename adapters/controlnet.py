@@ -273,6 +273,7 @@ class ControlNet(Condition):
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = _REFINER_REASON
     path_fields: ClassVar[tuple[str, ...]] = ("model", "image", "mask", "preprocess_options")
+    aligned_fields: ClassVar[tuple[str, ...]] = ("image", "mask")
 
     def infotext(self) -> Infotext:
         return Infotext(units=(_unit(self.model, self.preprocess, self.preprocess_options, self),))
@@ -328,6 +329,7 @@ class ControlNetUnion(Condition):
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = _REFINER_REASON
     path_fields: ClassVar[tuple[str, ...]] = ("model", *UNION_CONTROL_TYPES, "preprocess_options")
+    aligned_fields: ClassVar[tuple[str, ...]] = tuple(UNION_CONTROL_TYPES)
 
     def infotext(self) -> Infotext:
         # The extension drives a union model with one unit per control type, each naming its preprocessor.

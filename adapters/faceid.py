@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import check_safetensors
-from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
+from ..conditions import Condition, Likeness, PrepareContext, Prepared, Stage, Tokens
 from ..conversion import numbered_lora_deltas
 from ..devices import placement
 from ..errors import ConditionError
@@ -95,6 +95,10 @@ class FaceID(Condition):
     path_fields: ClassVar[tuple[str, ...]] = (
         "variant", "faces", "embeddings", "source", "image_encoder", "face_pack", "face_root", "mask",
     )  # fmt: skip
+    aligned_fields: ClassVar[tuple[str, ...]] = ("mask",)
+
+    def likeness(self) -> Likeness:
+        return Likeness(self.faces, None, self.mask)
 
     def infotext(self) -> Infotext:
         weights = self._weights_file()

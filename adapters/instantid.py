@@ -20,14 +20,14 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from ..conditions import Attachment, Condition, Parts, PrepareContext, Prepared, Stage, Tokens, Window
+from ..conditions import Attachment, Condition, Crop, Likeness, Parts, PrepareContext, Prepared, Stage, Tokens, Window
 from ..errors import ConditionError, IncompatibleModelError
 from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, control_unit, model_label
@@ -109,6 +109,16 @@ class InstantID(Condition):
     path_fields: ClassVar[tuple[str, ...]] = (
         "faces", "identity", "keypoints_from", "mask", "source", "identitynet", "adapter", "face_pack", "face_root",
     )  # fmt: skip
+
+    def likeness(self) -> Likeness:
+        return Likeness(self.faces, self.identity, self.mask)
+
+    def in_crop(self, crop: Crop) -> InstantID:
+        # The face is already where it is: IdentityNet is posed by the keypoints found in the crop, not by a photo
+        # placed in a region (which has done its work by matching the face).
+        if crop.face is None:
+            return replace(self, mask=None)
+        return replace(self, keypoints_from=crop.face, mask=None)
 
     def infotext(self) -> Infotext:
         # The ControlNet extension runs InstantID as two units: the face embedding, then the keypoints.

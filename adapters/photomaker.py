@@ -31,7 +31,17 @@ from torch import nn
 
 from ..caches import PerModelCache
 from ..checkpoints import read_checkpoint
-from ..conditions import Condition, PrepareContext, Prepared, PromptEdit, PromptTokens, Stage, Window, recorded_before
+from ..conditions import (
+    Condition,
+    Likeness,
+    PrepareContext,
+    Prepared,
+    PromptEdit,
+    PromptTokens,
+    Stage,
+    Window,
+    recorded_before,
+)
 from ..conversion import processor_lora_deltas
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
 from ..hub import resolve_in, resolve_source
@@ -388,6 +398,9 @@ class PhotoMaker(Condition):
         "PhotoMaker fuses the identity into both SDXL text encoders' embeddings; the refiner has only one"
     )
     path_fields: ClassVar[tuple[str, ...]] = ("faces", "identity", "weights", "face_pack", "face_root")
+
+    def likeness(self) -> Likeness:
+        return Likeness(self.faces, self.identity, None)
 
     def infotext(self) -> Infotext:
         # A1111 has no PhotoMaker; its own item, in the extension's style (no "Model" key, which readers confuse).

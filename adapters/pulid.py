@@ -34,7 +34,7 @@ from torch import nn
 from ..attention import AttentionBranch, OrthogonalBranch
 from ..caches import PerModelCache
 from ..checkpoints import read_checkpoint
-from ..conditions import Condition, PrepareContext, Prepared, Stage, Tokens
+from ..conditions import Condition, Likeness, PrepareContext, Prepared, Stage, Tokens
 from ..errors import ConditionError, IncompatibleModelError
 from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, control_unit, model_label
@@ -254,6 +254,10 @@ class PuLID(Condition):
     path_fields: ClassVar[tuple[str, ...]] = (
         "faces", "identity", "mask", "source", "weights", "eva", "parsing", "face_pack", "face_root",
     )  # fmt: skip
+    aligned_fields: ClassVar[tuple[str, ...]] = ("mask",)
+
+    def likeness(self) -> Likeness:
+        return Likeness(self.faces, self.identity, self.mask)
 
     def infotext(self) -> Infotext:
         checkpoint = self._checkpoint()

@@ -190,12 +190,17 @@ def _search_sizes(width: int, height: int) -> list[int]:
     return [*sizes, DETECTOR_SIZE // 2]
 
 
-def _detect_at(app: Any, bgr: np.ndarray, size: int) -> list[Any]:
-    """insightface's ``FaceAnalysis.get`` with the detector input ``size``: detection, then recognition per face."""
+def _detect_at(app: Any, bgr: np.ndarray, size: int, confidence: float | None = None) -> list[Any]:
+    """insightface's ``FaceAnalysis.get`` with the detector input ``size`` (and detector ``confidence``, default the
+    pack's 0.5): detection, then recognition per face."""
     from insightface.app.common import Face
 
+    detector = app.det_model
+    saved = detector.det_thresh
     try:
-        boxes, points = app.det_model.detect(bgr, input_size=(size, size))
+        if confidence is not None:  # what the detector reads while it runs; put back below
+            detector.det_thresh = confidence
+        boxes, points = detector.detect(bgr, input_size=(size, size))
         faces = []
         for i in range(boxes.shape[0]):
             face = Face(bbox=boxes[i, 0:4], kps=None if points is None else points[i], det_score=boxes[i, 4])
@@ -208,10 +213,12 @@ def _detect_at(app: Any, bgr: np.ndarray, size: int) -> list[Any]:
             f"({type(exc).__name__}: {exc}): the detector must be an SCRFD or RetinaFace export (5 landmarks) and "
             "the recognition model an ArcFace one, as in the buffalo_l and antelopev2 packs"
         ) from None
+    finally:
+        detector.det_thresh = saved
     return faces
 
 
-_FACES: OrderedDict[tuple[str, str], tuple[list[Any], list[int]]] = OrderedDict()
+_FACES: OrderedDict[tuple[str, str, float | None], tuple[list[Any], list[int]]] = OrderedDict()
 # EVA-CLIP features per (EVA source, parsing folder, device, aligned face): about 12 MB each for the published EVA, so
 # only a few are kept.
 _VISION: OrderedDict[tuple[str, str, str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -232,10 +239,11 @@ class FaceAnalyzer:
         self.folder = pack_folder(pack, root)
         self.min_face = min_face
 
-    def _faces(self, rgb: Image.Image) -> tuple[list[Any], list[int]]:
+    def _faces(self, rgb: Image.Image, confidence: float | None = None) -> tuple[list[Any], list[int]]:
         """(detections largest first, detector sizes tried), cached by the photo's pixels."""
         pixels = np.asarray(rgb)
-        key = (str(self.folder), hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest())
+        digest = hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
+        key = (str(self.folder), digest, confidence)
         if key in _FACES:
             _FACES.move_to_end(key)
             return _FACES[key]
@@ -245,7 +253,7 @@ class FaceAnalyzer:
         found: list[Any] = []
         for size in _search_sizes(*rgb.size):
             tried.append(size)
-            found = _detect_at(app, bgr, size)
+            found = _detect_at(app, bgr, size, confidence)
             if found:
                 break
         # Largest box area first, as InstantID and PuLID choose (insightface lists faces by detector score).
@@ -259,10 +267,14 @@ class FaceAnalyzer:
         """All insightface detections, largest first."""
         return list(self._faces(load_image(image, "face image"))[0])
 
+    def detect(self, image: Any, confidence: float) -> list[FaceInfo]:
+        """Every face the detector scores at least ``confidence`` (any size), described, largest first."""
+        rgb = load_image(image, "image")
+        return [self._info(rgb, face) for face in self._faces(rgb, confidence)[0]
+                if face.kps is not None and getattr(face, "embedding", None) is not None]  # fmt: skip
+
     def analyze(self, image: Any, name: str | None = None) -> FaceInfo:
         """The largest face; a clear error when there is none or it is too small."""
-        from insightface.utils import face_align
-
         label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "the image")
         rgb = load_image(image, f"face image {label}")
         faces, tried = self._faces(rgb)
@@ -284,9 +296,15 @@ class FaceAnalyzer:
             )
         if face.kps is None or getattr(face, "embedding", None) is None:
             raise ConditionError(f"the face model pack gave no landmarks or embedding for {label}")
+        return self._info(rgb, face)
+
+    @staticmethod
+    def _info(rgb: Image.Image, face: Any) -> FaceInfo:
+        from insightface.utils import face_align
+
         aligned = face_align.norm_crop(np.asarray(rgb), landmark=face.kps, image_size=224)
         return FaceInfo(
-            bbox=(x0, y0, x1, y1),
+            bbox=tuple(float(v) for v in face.bbox[:4]),  # type: ignore[arg-type]
             landmarks=np.asarray(face.kps, dtype=np.float32),
             score=float(face.det_score),
             embedding=np.asarray(face.embedding, dtype=np.float32).reshape(-1),

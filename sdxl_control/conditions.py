@@ -24,11 +24,12 @@ import enum
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from PIL import Image
 
 from .errors import ConditionError, InputError
 from .fast import FastPath
@@ -48,6 +49,8 @@ __all__ = [
     "PromptEdit",
     "StepInfo",
     "PrepareContext",
+    "Crop",
+    "Likeness",
     "Condition",
     "Prepared",
     "Attachment",
@@ -385,6 +388,51 @@ _CONVERTED: dict[type, tuple[tuple[type, ...], str]] = {
 }
 
 
+@dataclass(frozen=True)
+class Crop:
+    """A region of a finished image that is repainted on its own (the face detailer): ``box`` (x0, y0, x1, y1) in the
+    pixels of the image, whose size is ``image_size``, repainted at ``size``; ``face`` is the face found there
+    (a :class:`~sdxl_control.preprocessors.face.FaceInfo` in the repaint's pixels), if any.
+
+    Example:
+        >>> crop = Crop((256, 128, 768, 640), (1024, 1024), (1024, 1024))
+        >>> crop.image(Image.new("L", (512, 512), 255)).size
+        (1024, 1024)
+    """
+
+    box: tuple[int, int, int, int]
+    image_size: tuple[int, int]
+    size: tuple[int, int]
+    face: Any = None
+
+    def image(self, value: Any, *, mask: bool = False) -> Image.Image:
+        """An image aligned with the whole picture (a control image, a region mask; any size, fitted to the picture
+        as the loop fits it) cut to the box and brought to the repaint's size; ``mask``: kept two-tone."""
+        from .preprocessors.images import load_image
+
+        picture = load_image(value, "an image of the request").convert("L" if mask else "RGB")
+        resample = Image.Resampling.NEAREST if mask else Image.Resampling.LANCZOS
+        if picture.size != tuple(self.image_size):
+            picture = picture.resize(tuple(self.image_size), resample)
+        return picture.crop(self.box).resize(tuple(self.size), resample)
+
+
+@dataclass(frozen=True)
+class Likeness:
+    """The person a condition draws, as the face detailer matches faces to it: ``faces`` (photos or
+    :class:`~sdxl_control.preprocessors.face.FaceInfo`), or a saved ``identity`` file, and the ``mask`` of the region
+    the person was placed in, if any.
+
+    Example:
+        >>> Likeness(faces=["me.jpg"]).mask is None
+        True
+    """
+
+    faces: Any = None
+    identity: str | None = None
+    mask: Any = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Condition(ABC):
     """Base of every condition: a frozen value with ``scale``, ``window`` and ``stage``.
@@ -413,6 +461,9 @@ class Condition(ABC):
     # Fields that may name local files or folders (inputs or models): recipes record those by name and content, not
     # by path, and find them again on a re-run.
     path_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields holding images aligned with the picture being made (control images, region masks): a crop of the picture
+    # repainted on its own takes the same crop of them (:meth:`in_crop`). Fields named ``mask`` are masks.
+    aligned_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         # Every field against its type hint (a string scale, a NaN window, a bool count...) before anything loads.
@@ -448,6 +499,24 @@ class Condition(ABC):
         from .infotext import Infotext
 
         return Infotext()
+
+    def in_crop(self, crop: Crop) -> Condition | None:
+        """This condition for a repaint of ``crop`` alone (the face detailer): each given :attr:`aligned_fields` image
+        cut to the crop; ``None`` where its region mask leaves the crop out, so it would not act there."""
+        changes: dict[str, Any] = {}
+        for name in self.aligned_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            image = crop.image(value, mask=name == "mask")
+            if name == "mask" and max(image.getdata()) < 128:  # type: ignore[arg-type]
+                return None
+            changes[name] = image
+        return replace(self, **changes) if changes else self
+
+    def likeness(self) -> Likeness | None:
+        """The person this condition draws, for the face detailer to match faces to; ``None``: it draws no one."""
+        return None
 
     def model_needs(self) -> tuple[ModelNeed, ...]:
         """The weights :meth:`prepare` will look for, found the way it finds them: what ``sdxl-control models`` lists

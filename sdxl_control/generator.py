@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from . import __version__
 from .caches import clear_caches
 from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
 from .defaults import DEFAULT_BASE
+from .detailer import FaceDetailer, detail_faces
 from .devices import placement
 from .errors import IncompatibleModelError, InputError, InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
@@ -68,6 +70,9 @@ class GenerationRequest:
     channels); its ``strength`` defaults to 1 and ``mask_blur`` (pixels) feathers its edge. See
     :mod:`sdxl_control.start` for how sizes are fitted.
 
+    ``detailer`` (a :class:`~sdxl_control.detailer.FaceDetailer`, or ``True`` for ADetailer's defaults) repaints
+    every face of the finished images at the request's size, each with the identity condition it resembles.
+
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
         (3,)
@@ -100,9 +105,12 @@ class GenerationRequest:
     hires_strength: float = 0.5
     hires_steps: int | None = None
     upscaler: str = LANCZOS
+    detailer: FaceDetailer | None = None
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.detailer, FaceDetailer):  # true or its settings, as a job file gives it
+            object.__setattr__(self, "detailer", FaceDetailer.of(self.detailer))
         if isinstance(self.outpaint, tuple) and all(isinstance(v, int) for v in self.outpaint):
             self._check_padding()  # before the size it may decide
         if self.size is None:
@@ -184,7 +192,20 @@ class GenerationRequest:
             self, init_image=image, size=self.hires_size, strength=self.hires_strength,
             steps=self.hires_steps or self.steps, timesteps=None if self.hires_steps else self.timesteps, seed=seed,
             num_images=1, mask=None, mask_blur=0, outpaint=None, padding_mask_crop=None, refiner_only=False,
-            hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS,
+            hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS, detailer=None,
+        )  # fmt: skip
+
+    def face_pass(self, image: Any, mask: Any, seed: int, conditions: tuple[Condition, ...]) -> GenerationRequest:
+        """The face detailer's repaint of one face of a finished ``image``: inpainting a crop around ``mask`` at this
+        request's size, at the detailer's strength, on the base alone, with ``conditions`` (made for the crop)."""
+        detailer = self.detailer
+        assert detailer is not None
+        return dataclasses.replace(
+            self, init_image=image, mask=mask, mask_blur=0, padding_mask_crop=detailer.padding,
+            strength=detailer.strength, steps=detailer.steps or self.steps,
+            timesteps=None if detailer.steps else self.timesteps, seed=seed, num_images=1, outpaint=None,
+            refiner_only=False, refiner_switch=None, hires_scale=None, hires_strength=0.5, hires_steps=None,
+            upscaler=LANCZOS, detailer=None, conditions=conditions,
         )  # fmt: skip
 
     def _default_size(self) -> tuple[int, int]:
@@ -263,8 +284,13 @@ class GenerationRequest:
         starts, hires = self.init_image is not None, self.hires_scale is not None
         # A request that starts from noise, or has no hires fix, records none of those fields: its recipe reads as
         # before they existed.
-        skipped = ("conditions", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS))
+        skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS))
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
+            detailer = self.detailer.settings()
+            if detailer["face_pack"] is not None:
+                detailer["face_pack"] = portable(detailer["face_pack"], paths)
+            out["detailer"] = detailer
         files = (*(IMAGE_FIELDS if starts else ()), *(("upscaler",) if hires else ()))
         for name in files:  # by name and content, as conditions' files
             value = getattr(self, name)
@@ -303,6 +329,9 @@ class GenerationRequest:
         values = {k: recipe[k] for k in names if k in recipe}
         if "upscaler" in values:
             values["upscaler"] = (locate or Locator()).resolve(values["upscaler"], "the recipe's upscaler")
+        if isinstance(values.get("detailer"), dict) and values["detailer"].get("face_pack") is not None:
+            pack = (locate or Locator()).resolve(values["detailer"]["face_pack"], "the recipe's detailer face pack")
+            values["detailer"] = {**values["detailer"], "face_pack": pack}
         for name in IMAGE_FIELDS:
             if isinstance(values.get(name), dict) and ({"image", "mode"} <= values[name].keys()):
                 raise InputError(
@@ -536,7 +565,26 @@ class Generator:
         if recipe_paths not in PATH_MODES:
             raise InvalidRequestError(f"recipe_paths must be one of {', '.join(PATH_MODES)}, got {recipe_paths!r}")
         if request.hires_scale is None:
-            return self._run(request, progress, progress_bar, recipe_paths)
+            result = self._run(request, progress, progress_bar, recipe_paths)
+        else:
+            result = self._hires(request, progress, progress_bar, recipe_paths)
+        if request.detailer is None:
+            return result
+        images = []
+        for image, seed in zip(result.images, request.seeds, strict=True):
+
+            def repaint(face_request: GenerationRequest) -> Image.Image:
+                return self._run(face_request, progress, progress_bar, recipe_paths).images[0]
+
+            detailed, record = detail_faces(image, request, seed, repaint)
+            out = RecipeImage.wrap(detailed, image.recipe)
+            out.annotate(detailer=record)
+            images.append(out)
+        return Result(images=images, latents=result.latents)
+
+    def _hires(
+        self, request: GenerationRequest, progress: ProgressCallback | None, progress_bar: bool, recipe_paths: PathMode
+    ) -> Result:
         first = dataclasses.replace(request, hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS)
         drafts = self._run(first, progress, progress_bar, recipe_paths).images
         enlarged = upscale_images(drafts, request.hires_size, request.upscaler, self.device)

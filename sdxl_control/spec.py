@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -104,9 +105,13 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
         request = GenerationRequest(spec.prompt, **given, conditions=tuple(conditions))
         keep = None
     if request.decoder is not None:
-        import dataclasses
-
         request = dataclasses.replace(request, decoder=resolver.decoder(request.decoder))
+    if request.detailer is not None:  # its faces analysed by the same policy as the conditions' photos
+        from .detailer import detailer_pack
+
+        pack = request.detailer.face_pack or spec.face_pack or detailer_pack(request.conditions)
+        detailer = dataclasses.replace(request.detailer, face_pack=resolver.face_pack(pack))
+        request = dataclasses.replace(request, detailer=detailer)
     refines = request.refiner_switch is not None or request.refiner_only
     validate_conditions(request.conditions, has_refiner=refines, has_base=not request.refiner_only)
     base, refiner, unet = _stages(spec, preset, refines, locate, resolver)

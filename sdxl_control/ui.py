@@ -124,6 +124,8 @@ class PageForm:
     strength: float = 0.75
     hires_scale: float = 1.0
     hires_strength: float = 0.5
+    detail_faces: bool = False
+    detail_strength: float = 0.4
 
 
 def _files(value: Any) -> list[str]:
@@ -227,6 +229,8 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     settings.update(_start(form, config.outputs))
     if form.hires_scale and form.hires_scale > 1:
         settings.update(hires_scale=float(form.hires_scale), hires_strength=float(form.hires_strength))
+    if form.detail_faces:
+        settings["detailer"] = {"strength": float(form.detail_strength)}
     return JobSpec(form.prompt, preset=preset, inputs=inputs, settings=settings,
                    conditions=tuple(_conditions(form, taken)), models={"base": config.base, "refiner": config.refiner},
                    face_pack=config.face_pack)  # fmt: skip
@@ -437,6 +441,11 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
             w["hires_scale"] = gr.Slider(1, 4, value=v["hires_scale"], step=0.25, label="Upscale by (1: off)",
                                          elem_id="hires-scale")  # fmt: skip
             w["hires_strength"] = gr.Slider(0.05, 1, value=v["hires_strength"], step=0.05, label="Redraw strength")
+    with gr.Accordion("Face detailer", open=False):
+        with gr.Row():
+            w["detail_faces"] = gr.Checkbox(value=v["detail_faces"], label="Repaint every face (each with the "
+                                            "identity it resembles)", elem_id="detail-faces")  # fmt: skip
+            w["detail_strength"] = gr.Slider(0.05, 1, value=v["detail_strength"], step=0.05, label="Strength")
     return w
 
 

@@ -415,3 +415,21 @@ def test_a_mask_crop_repaints_a_small_area_at_full_size_and_pastes_it_back(gener
     assert np.array_equal(outside, np.asarray(Image.open(photo))[mask == 0])  # untouched pixels are the photo's
     with pytest.raises(InvalidRequestError, match="padding_mask_crop is the margin"):
         GenerationRequest(PROMPT, init_image=str(photo), padding_mask_crop=8)
+
+
+@pytest.mark.parametrize("start", ["img2img", "inpainting"])
+@pytest.mark.parametrize("kind", ["controlnet", "controlnet-union", "ip-adapter", "faceid", "instantid", "pulid",
+                                  "photomaker", "lora", "lora-text"])  # fmt: skip
+def test_every_condition_kind_stacks_with_a_start_image(kind, start, generator, fresh, tiny, pictures, tmp_path):
+    from sdxl_control.testing.stand_ins import tiny_condition
+    from tests.test_absent import CASES
+    from tests.test_absent import PROMPT as WITH_TRIGGER  # PhotoMaker's trigger word
+    from tests.test_conditions import assert_same_as_fresh
+
+    condition = tiny_condition(CASES[kind][0](tmp_path, tiny))
+    options = {"init_image": str(pictures / "init.png"), "strength": 0.7, "steps": 6, "size": (SIZE, SIZE), "seed": 4,
+               "progress_bar": False, **({"mask": str(pictures / "mask.png")} if start == "inpainting" else {})}  # fmt: skip
+    absent = generator.generate(WITH_TRIGGER, **options).latents
+    with_it = generator.generate(WITH_TRIGGER, conditions=[condition], **options).latents
+    assert not torch.equal(with_it, absent), f"{kind} does nothing from a start image"
+    assert_same_as_fresh(generator, fresh)

@@ -108,6 +108,21 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     start.add_argument(
         "--refiner-only", action="store_true", help="polish --init-image with the refiner alone (try --strength 0.3)"
     )
+    detail = gen.add_argument_group("face detailer")
+    detail.add_argument(
+        "--detail-faces",
+        action="store_true",
+        help="repaint every face of the result at full resolution (ADetailer), each with the --face identity it "
+        "resembles",
+    )
+    detail.add_argument(
+        "--detail-strength", type=number, metavar="S", help="strength of the face repaint (default 0.4)"
+    )
+    detail.add_argument(
+        "--detail-unmatched",
+        choices=["neutral", "skip"],
+        help="faces resembling no identity: repainted without one (neutral, default) or left alone (skip)",
+    )
     gen.add_argument(
         "--structure",
         metavar="PHOTO",
@@ -379,8 +394,19 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "hires_strength": args.hires_strength,
         "hires_steps": args.hires_steps,
         "upscaler": args.upscaler,
+        "detailer": _detailer(args),
     }
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _detailer(args: argparse.Namespace) -> dict[str, Any] | None:
+    options = {"strength": args.detail_strength, "unmatched": args.detail_unmatched}
+    given = {k: v for k, v in options.items() if v is not None}
+    if given and not args.detail_faces:
+        raise InvalidRequestError(
+            "--detail-strength and --detail-unmatched are for the face detailer: give --detail-faces"
+        )
+    return given if args.detail_faces else None
 
 
 def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
@@ -472,7 +498,9 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         _score_into_recipes(images, args.face[0], _identity_pack(job, resolver))
     for image, path in zip(images, outputs, strict=True):
         options.save(image, path)
-        sys.stdout.write(f"{path}  seed={image.recipe['seed']}\n")
+        detailed = image.recipe.get("measurements", {}).get("detailer")
+        faces = f"  faces: {detailed['found']} found, {detailed['repainted']} repainted" if detailed else ""
+        sys.stdout.write(f"{path}  seed={image.recipe['seed']}{faces}\n")
     if args.grid and len(images) > 1:
         from ..sheet import contact_sheet
 
