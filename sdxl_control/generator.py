@@ -248,8 +248,8 @@ class GenerationRequest:
                 f"padding_mask_crop is the margin (pixels, >= 0) around a mask's area: give a mask, got "
                 f"{self.padding_mask_crop}"
             )
-        if self.mask is not None and self.refiner_switch is not None:
-            raise InvalidRequestError("inpainting runs on the base alone for now: leave out refiner_switch with a mask")
+        if self.padding_mask_crop is not None and self.refiner_switch is not None:
+            raise InvalidRequestError("a mask crop is repainted by the base alone: leave out refiner_switch")
 
     def _check_padding(self) -> None:
         assert self.outpaint is not None
@@ -261,11 +261,8 @@ class GenerationRequest:
 
     def _check_outpaint(self) -> None:
         assert self.outpaint is not None
-        if self.mask is not None or self.refiner_only or self.refiner_switch is not None:
-            raise InvalidRequestError(
-                "outpaint makes its own mask and runs on the base alone: give it without mask, refiner_only or "
-                "refiner_switch"
-            )
+        if self.mask is not None or self.refiner_only:
+            raise InvalidRequestError("outpaint makes its own mask: give it without mask or refiner_only")
         left, top, right, bottom = self.outpaint
         if left + right >= self.size[0] or top + bottom >= self.size[1]:
             raise InvalidRequestError(
@@ -635,7 +632,10 @@ class Generator:
             shape = (request.num_images, self.base.vae.config.latent_channels, height // factor, width // factor)
             latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
             latents = latents * plans[0].schedule.scheduler.init_noise_sigma
-        for inputs in stage_inputs:
+        for k, inputs in enumerate(stage_inputs):
+            repaint = stage_inputs[0].repaint
+            if k and repaint is not None and repaint.mask is not None:  # the refiner goes on repainting the mask
+                inputs = dataclasses.replace(inputs, repaint=repaint.handed_over(latents, generators))
             with self._resident([inputs.unet]):
                 latents = latents.to(*placement(inputs.unet))
                 latents = denoise(inputs, latents, generators=generators, progress=progress, progress_bar=progress_bar)

@@ -81,7 +81,7 @@ class Repaint:
     reads ``extra`` — the mask and the masked image's latents, batched for the stage's guidance — beside the latents.
     A regular UNet gets the ``original`` image's latents put back outside ``mask`` (1: repaint) after every step,
     noised to the next step's level with ``noise`` (clean after the stage's last step), so only the masked area is
-    repainted.
+    repainted. ``mask`` is set for both kinds: the next stage repaints with it (:meth:`handed_over`).
 
     Example:
         >>> Repaint(mask=mask, original=image_latents, noise=noise)  # doctest: +SKIP
@@ -92,11 +92,22 @@ class Repaint:
     noise: torch.Tensor | None = None
     extra: torch.Tensor | None = None
 
+    def handed_over(self, latents: torch.Tensor, generators: list[torch.Generator]) -> Repaint:
+        """Inpainting in the next stage (the refiner, a regular UNet), as diffusers' inpainting pipeline does it when
+        handed the base's latents (``denoising_start``): those latents are what is put back outside the mask, noised
+        with fresh noise drawn from ``generators``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if self.mask is None:
+            raise ValueError("a repaint without a mask has nothing to hand over")
+        noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
+        return Repaint(mask=self.mask, original=latents, noise=noise)
+
     def model_input(self, sample: torch.Tensor) -> torch.Tensor:
         return sample if self.extra is None else torch.cat([sample, self.extra], dim=1)
 
     def after_step(self, scheduler: Any, latents: torch.Tensor, next_timestep: torch.Tensor | None) -> torch.Tensor:
-        if self.mask is None or self.original is None:
+        if self.mask is None or self.original is None:  # an inpainting UNet reads the mask instead
             return latents
         original = self.original
         if next_timestep is not None:

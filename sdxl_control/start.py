@@ -27,7 +27,7 @@ from PIL import Image
 from .errors import IncompatibleModelError, InvalidRequestError
 from .loop import Repaint
 from .preprocessors.images import load_image
-from .vae import encode_pixels, vae_scale_factor
+from .vae import draw_as_encoding, encode_pixels, vae_scale_factor
 
 __all__ = [
     "image_size", "read_init_image", "read_mask", "outpaint_canvas", "StartLatents", "start_latents",
@@ -181,11 +181,15 @@ def start_latents(
     small = torch.nn.functional.interpolate(mask, size=shape[2:]).to(device, dtype).repeat(n, 1, 1, 1)
     if not inpaints:
         assert original is not None
+        # diffusers' inpainting pipeline encodes the masked image here even for a regular UNet, which never reads it:
+        # the same draw keeps the first generator's later numbers (a refiner's noise, an ancestral sampler's) in step.
+        draw_as_encoding(vae, (1, *shape[1:]), generators[0])
         repaint = Repaint(mask=small, original=original.repeat(n, 1, 1, 1), noise=noise)
         return StartLatents(latents, repaint, overlay)
     masked = encode_pixels(vae, pixels * (mask < 0.5), generators[0], dtype).to(device).repeat(n, 1, 1, 1)
     extra = torch.cat([small, masked], dim=1)
-    return StartLatents(latents, Repaint(extra=torch.cat([extra] * copies) if copies > 1 else extra), overlay)
+    batched = torch.cat([extra] * copies) if copies > 1 else extra
+    return StartLatents(latents, Repaint(mask=small, extra=batched), overlay)
 
 
 def _overlay(

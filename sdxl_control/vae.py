@@ -102,6 +102,18 @@ def encode_pixels(
     return config.scaling_factor * latents
 
 
+def draw_as_encoding(vae: Any, latent_shape: tuple[int, ...], generator: torch.Generator) -> None:
+    """Take from ``generator`` the numbers :func:`encode_pixels` of an image with latents of ``latent_shape`` would,
+    without encoding it: where a pipeline we follow encodes an image it never reads, its later draws stay in step."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    vae_dtype = placement(vae)[1]
+    upcast = getattr(vae.config, "force_upcast", False) and vae_dtype != torch.float32
+    randn_tensor(
+        latent_shape, generator=generator, device=generator.device, dtype=torch.float32 if upcast else vae_dtype
+    )
+
+
 _DECODERS: KeyedCache[Any] = KeyedCache("decoders", size=2)
 
 

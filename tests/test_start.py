@@ -90,6 +90,21 @@ def test_inpainting_with_a_regular_unet_equals_diffusers(generator, pipes, pictu
     torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
 
 
+def test_inpainting_with_an_ancestral_sampler_draws_as_diffusers_does(generator, pipes, pictures):
+    """Euler ancestral draws noise at every step, after the pipeline's encodes: equal only if the draws before it
+    (the masked image's encode too, which a regular UNet never reads) are the same."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                              steps=6, size=(SIZE, SIZE), seed=5, scheduler="euler_a", progress_bar=False)  # fmt: skip
+    ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), mask_image=Image.open(pictures / "mask.png"),
+               strength=1.0, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
+               generator=_generators([5]), output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+
+
 def test_outside_the_mask_the_result_is_the_original(generator, pictures):
     """A regular UNet's last step puts the original's latents back outside the mask: they are the init image's own
     (encoded as the first image's generator draws them), exactly."""
@@ -129,6 +144,35 @@ def test_an_inpainting_unet_equals_diffusers(inpainting_base, pictures, strength
         Generator.from_pretrained(inpainting_base, device="cpu").generate(PROMPT, size=(SIZE, SIZE), steps=2)
 
 
+@pytest.mark.parametrize("inpainting_unet", [False, True])
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_hands_off_to_the_refiner_as_diffusers_does(
+    tiny, generator, pipes, inpainting_base, pictures, strength, inpainting_unet
+):
+    """diffusers' refiner inpainting: the refiner pipeline is handed the base's latents (``denoising_start``) and the
+    mask, and puts those latents back outside the mask, noised with noise of its own."""
+    if inpainting_unet:
+        ours_gen = Generator.from_pretrained(inpainting_base, tiny.refiner, device="cpu")
+        base = StableDiffusionXLInpaintPipeline.from_pretrained(inpainting_base)
+        base.set_progress_bar_config(disable=True)
+    else:
+        ours_gen, base = generator, StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    refiner = StableDiffusionXLInpaintPipeline.from_pipe(pipes[1])
+    init, mask = Image.open(pictures / "init.png"), Image.open(pictures / "mask.png")
+    ours = ours_gen.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                             strength=strength, steps=10, refiner_switch=0.8, size=(SIZE, SIZE), seed=5, num_images=2,
+                             progress_bar=False)  # fmt: skip
+    common = {"num_inference_steps": 10, "guidance_scale": 5.0, "generator": _generators([5, 6]), "height": SIZE,
+              "width": SIZE, "num_images_per_prompt": 2, "output_type": "latent"}  # fmt: skip
+    handed = base(PROMPT, image=init, mask_image=mask, strength=strength, denoising_end=0.8, **common).images
+    ref = refiner(PROMPT, image=handed, mask_image=mask, denoising_start=0.8, **common).images
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+    base_alone = ours_gen.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                                   strength=strength, steps=10, size=(SIZE, SIZE), seed=5, num_images=2,
+                                   progress_bar=False)  # fmt: skip
+    assert not torch.equal(ours.latents, base_alone.latents)
+
+
 def test_the_steps_run_are_the_entered_part_and_windows_count_them(generator, pictures):
     events = []
     generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.5, steps=10, size=(SIZE, SIZE),
@@ -166,7 +210,7 @@ def test_a_text_to_image_recipe_records_no_start_fields(generator):
         ({"init_image": "IMG", "strength": 0.0}, r"strength must lie in \(0, 1\]"),
         ({"init_image": "IMG", "strength": 1.5}, r"strength must lie in \(0, 1\]"),
         ({"init_image": "IMG", "mask": "IMG", "mask_blur": -1}, "mask_blur is a radius"),
-        ({"init_image": "IMG", "mask": "IMG", "refiner_switch": 0.8}, "inpainting runs on the base alone"),
+        ({"init_image": "IMG", "mask": "IMG", "padding_mask_crop": 8, "refiner_switch": 0.8}, "base alone"),
     ],
 )
 def test_bad_start_requests_are_refused(pictures, options, message):
