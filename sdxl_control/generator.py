@@ -34,7 +34,7 @@ from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
 from .start import INPAINT_CHANNELS, start_latents
 from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
-from .upscale import LANCZOS, upscale_images
+from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
 from .vae import decode_latents, load_decoder, vae_scale_factor
 from .validation import check_fields, unknown_keys
 
@@ -583,8 +583,14 @@ class Generator:
         self, request: GenerationRequest, progress: ProgressCallback | None, progress_bar: bool, recipe_paths: PathMode
     ) -> Result:
         first = dataclasses.replace(request, hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS)
-        drafts = self._run(first, progress, progress_bar, recipe_paths).images
-        enlarged = upscale_images(drafts, request.hires_size, request.upscaler, self.device)
+        drafts = self._run(first, progress, progress_bar, recipe_paths)
+        enlarged: list[Any]
+        if request.upscaler in LATENT_MODES:  # the second pass starts from the latents themselves
+            factor = vae_scale_factor(self.base.vae)
+            latents = upscale_latents(drafts.latents, request.hires_size, request.upscaler, factor)
+            enlarged = list(latents.split(1))
+        else:
+            enlarged = upscale_images(drafts.images, request.hires_size, request.upscaler, self.device)
         passes = [
             self._run(request.hires_pass(image, seed), progress, progress_bar, recipe_paths)
             for image, seed in zip(enlarged, request.seeds, strict=True)

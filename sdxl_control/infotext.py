@@ -21,6 +21,11 @@ from typing import Any
 from .conditions import Window
 
 __all__ = ["Infotext", "quote", "sampler_label", "model_label", "control_unit", "parameters_text", "safe_name"]
+# Our names of the built-in upscalers -> A1111's.
+_A1111_UPSCALERS = {
+    "lanczos": "Lanczos", "latent": "Latent", "latent-bicubic": "Latent (bicubic)",
+    "latent-nearest-exact": "Latent (nearest-exact)",
+}  # fmt: skip
 
 # diffusers scheduler class -> A1111 sampler label (the equivalences diffusers' scheduler docs list).
 SAMPLERS = {
@@ -186,7 +191,7 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
                 "Denoising strength": recipe.get("hires_strength"),
                 "Hires upscale": recipe["hires_scale"],
                 "Hires steps": recipe.get("hires_steps") or recipe["steps"],
-                "Hires upscaler": "Lanczos" if upscaler == "lanczos" else Path(_file_name(upscaler)).stem,
+                "Hires upscaler": _A1111_UPSCALERS.get(upscaler) or Path(_file_name(upscaler)).stem,
             }
         )
     if refiner:

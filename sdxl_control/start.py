@@ -140,6 +140,15 @@ def start_latents(
     mask_processor = VaeImageProcessor(
         vae_scale_factor=factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
     )
+    n = request.num_images
+    shape = (n, vae.config.latent_channels, height // factor, width // factor)
+    scheduler, first = schedule.scheduler, schedule.timesteps[:1].repeat(n)
+    if isinstance(request.init_image, torch.Tensor):  # latents (the latent hires fix): entered as they are
+        if unet_channels == INPAINT_CHANNELS or request.mask is not None:
+            raise IncompatibleModelError("starting from latents is image-to-image: no mask, no inpainting UNet")
+        latents = request.init_image.to(device, dtype).expand(shape)
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        return StartLatents(scheduler.add_noise(latents, noise, first), None)
     crop, overlay = None, None
     if request.padding_mask_crop is not None:
         # Only a region around the mask is repainted, at the request's size, then pasted back (diffusers' rule).
@@ -153,9 +162,6 @@ def start_latents(
         image, mask_image = read_init_image(request.init_image, request.size), request.mask
     fit = {"crops_coords": crop, "resize_mode": "fill"} if crop is not None else {}
     pixels = processor.preprocess(image, height=height, width=width, **fit).to(torch.float32)
-    n = request.num_images
-    shape = (n, vae.config.latent_channels, height // factor, width // factor)
-    scheduler, first = schedule.scheduler, schedule.timesteps[:1].repeat(n)
     inpaints = unet_channels == INPAINT_CHANNELS
     if mask_image is None:
         if inpaints:

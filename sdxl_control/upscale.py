@@ -20,10 +20,19 @@ from .caches import KeyedCache
 from .checkpoints import read_checkpoint
 from .errors import IncompatibleModelError, ModelNotFoundError
 
-__all__ = ["LANCZOS", "upscale_images", "load_upscaler"]
+__all__ = ["LANCZOS", "LATENT_MODES", "upscale_images", "upscale_latents", "load_upscaler"]
 
 LANCZOS = "lanczos"
+# A1111's latent upscalers: the first pass's latents interpolated, no VAE round trip ("Latent" is bilinear).
+LATENT_MODES = {"latent": "bilinear", "latent-bicubic": "bicubic", "latent-nearest-exact": "nearest-exact"}
 _UPSCALERS: KeyedCache[Any] = KeyedCache("upscalers", size=1)
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str, factor: int = 8) -> torch.Tensor:
+    """Latents enlarged to those of an image of ``size`` (width, height) by one of :data:`LATENT_MODES`, as A1111's
+    latent hires fix interpolates them."""
+    shape = (size[1] // factor, size[0] // factor)
+    return torch.nn.functional.interpolate(latents, size=shape, mode=LATENT_MODES[mode])
 
 
 def load_upscaler(path: str) -> Any:
@@ -32,7 +41,7 @@ def load_upscaler(path: str) -> Any:
     if not file.is_file():
         raise ModelNotFoundError(
             f"upscaler {path}: no such file (an ESRGAN/Real-ESRGAN/SwinIR .pth or .safetensors, as kept in ComfyUI's "
-            "models/upscale_models or A1111's models/ESRGAN)"
+            f"models/upscale_models or A1111's models/ESRGAN), nor one of {', '.join([LANCZOS, *LATENT_MODES])}"
         )
 
     def build() -> Any:

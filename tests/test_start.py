@@ -477,3 +477,21 @@ def test_every_condition_kind_stacks_with_a_start_image(kind, start, generator, 
     with_it = generator.generate(WITH_TRIGGER, conditions=[condition], **options).latents
     assert not torch.equal(with_it, absent), f"{kind} does nothing from a start image"
     assert_same_as_fresh(generator, fresh)
+
+
+@pytest.mark.parametrize("mode", ["latent", "latent-bicubic"])
+def test_a_latent_hires_fix_redraws_the_interpolated_latents_as_diffusers_img2img(generator, pipes, mode):
+    """A1111's latent upscaler: the first pass's latents interpolated (no VAE round trip), then image-to-image from
+    them, as diffusers' image-to-image pipeline takes latents for its image."""
+    draft = generator.generate(PROMPT, steps=4, size=(SIZE, SIZE), seed=12, progress_bar=False)
+    ours = generator.generate(PROMPT, steps=4, size=(SIZE, SIZE), seed=12, hires_scale=1.5, hires_strength=0.55,
+                              upscaler=mode, progress_bar=False)  # fmt: skip
+    interpolation = {"latent": "bilinear", "latent-bicubic": "bicubic"}[mode]
+    enlarged = torch.nn.functional.interpolate(draft.latents, size=(12, 12), mode=interpolation)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(pipes[0])
+    ref = pipe(PROMPT, image=enlarged, strength=0.55, num_inference_steps=4, guidance_scale=5.0, height=96, width=96,
+               generator=_generators([12]), output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
+    assert ours.images[0].size == (96, 96) and ours.images[0].recipe["upscaler"] == mode
+    again = generator.run(GenerationRequest.from_recipe(ours.images[0].recipe), progress_bar=False).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(ours.images[0]))

@@ -101,9 +101,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     hires.add_argument("--hires-steps", type=count, metavar="N", help="steps of the redraw (default: --steps)")
     hires.add_argument(
         "--upscaler",
-        metavar="lanczos|FILE",
-        help="how to enlarge: lanczos (default) or an upscaler model file (ESRGAN, Real-ESRGAN, SwinIR .pth or "
-        ".safetensors, as in ComfyUI's models/upscale_models)",
+        metavar="lanczos|latent|FILE",
+        help="how to enlarge: lanczos (default), latent (A1111's: the latents interpolated; also latent-bicubic, "
+        "latent-nearest-exact) or an upscaler model file (ESRGAN, Real-ESRGAN, SwinIR .pth or .safetensors, as in "
+        "ComfyUI's models/upscale_models)",
     )
     start.add_argument(
         "--refiner-only", action="store_true", help="polish --init-image with the refiner alone (try --strength 0.3)"
