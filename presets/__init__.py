@@ -1,10 +1,11 @@
 """Presets: what works together, as data files beside this module (or any JSON file a user writes).
 
-A preset holds request settings (steps, guidance, scheduler and its options, size, negative prompt, refiner switch),
-``models`` (base, refiner, a UNet checkpoint), ``loras`` to stack, the ``inputs`` a user supplies ("face", "style",
-"structure", "pose") and ``conditions``: templates of conditions whose inputs are those, written ``"$face"``. A
-template runs when any of its inputs is given; a required input that is missing is an error. "Portrait" is data,
-not a class.
+A preset holds request settings (steps, guidance, scheduler and its options, size, negative prompt, refiner switch,
+the image to start from, the face detailer...), ``models`` (base, refiner, a UNet checkpoint), ``loras`` to stack, the
+``inputs`` a user supplies ("face", "style", "structure", "pose", "init_image") and ``conditions``: templates of
+conditions whose inputs are those, written ``"$face"``. A request setting may name an input the same way
+(``"init_image": "$init_image"``). A template runs, and a setting is set, when any of its inputs is given; a required
+input that is missing is an error. "Portrait" is data, not a class.
 
 Example:
     >>> from sdxl_control.presets import load_preset
@@ -42,6 +43,7 @@ REQUEST_KEYS = (
     "negative_prompt", "steps", "guidance", "guidance_rescale", "refiner_switch", "size", "scheduler",
     "scheduler_options", "timesteps", "aesthetic_score", "negative_aesthetic_score", "vae_tiling", "decoder",
     "strength", "mask_blur", "refiner_only", "padding_mask_crop", "hires_scale", "hires_strength", "hires_steps", "upscaler",
+    "init_image", "mask", "outpaint", "detailer",
 )  # fmt: skip
 PRESET_KEYS = ("description", "models", "inputs", "conditions", "loras", *REQUEST_KEYS)
 MODEL_KEYS = ("base", "refiner", "unet")
@@ -160,6 +162,19 @@ class Preset:
             given[name] = values if spec.many else values[0]
         return given
 
+    def request_settings(self, inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The preset's request settings with those that name an input (``"$init_image"``) filled from ``inputs``,
+        and left out where that input is not given."""
+        given = self._check_inputs(inputs) if inputs is not None else {}
+        out = {}
+        for key, value in self.settings.items():
+            ref = _input_ref(value)
+            if ref is None:
+                out[key] = value
+            elif ref in given:
+                out[key] = given[ref]
+        return out
+
     def placeholder_inputs(self) -> dict[str, Any]:
         """Stand-in names for every input: the conditions they make list their models without reading any file."""
         return {name: [f"<{name}>.png"] if spec.many else f"<{name}>.png" for name, spec in self.inputs.items()}
@@ -170,8 +185,9 @@ class Preset:
         from ..generator import GenerationRequest
 
         extra = tuple(options.pop("conditions", ()))
-        conditions = (*self.conditions(inputs if inputs is not None else {}), *extra)
-        return GenerationRequest(prompt, **{**self.settings, **options}, conditions=conditions)
+        inputs = inputs if inputs is not None else {}
+        conditions = (*self.conditions(inputs), *extra)
+        return GenerationRequest(prompt, **{**self.request_settings(inputs), **options}, conditions=conditions)
 
     def model_needs(self, *, refiner: bool | None = None) -> list[ModelNeed]:
         """Every model this preset loads (with all its optional inputs given): base, refiner when it switches to
@@ -190,6 +206,11 @@ class Preset:
         for condition in self.conditions(self.placeholder_inputs()):
             needs += condition.model_needs()
         return needs
+
+
+def _input_ref(value: Any) -> str | None:
+    """The input a setting or template field names (``"$face"`` -> ``"face"``), if it names one."""
+    return value[1:] if isinstance(value, str) and value.startswith("$") else None
 
 
 def _preset_files() -> dict[str, Any]:
@@ -322,9 +343,18 @@ def _check_deep(preset: Preset) -> None:
             LoRA(**spec)
         except (TypeError, SdxlControlError) as exc:
             raise preset._fail(f"loras[{i}]", str(exc)) from None
+    for key, value in preset.settings.items():
+        ref = _input_ref(value)
+        if ref is not None and (ref not in preset.inputs or preset.inputs[ref].many):
+            raise preset._fail(key, f"names {value!r}, which is no declared input of one file")
     try:
         preset.conditions(preset.placeholder_inputs())
-        GenerationRequest("a preset check", **preset.settings)
+        from PIL import Image
+
+        # An image of SDXL's size stands for each input a setting names: the settings are checked as a request.
+        stand_in = Image.new("RGB", (1024, 1024), (128, 128, 128))
+        filled = {k: stand_in if _input_ref(v) else v for k, v in preset.settings.items()}
+        GenerationRequest("a preset check", **filled)
     except PresetError:
         raise
     except (TypeError, SdxlControlError) as exc:

@@ -35,7 +35,7 @@ from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_sched
 from .start import INPAINT_CHANNELS, start_latents
 from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
-from .vae import decode_latents, load_decoder, vae_scale_factor
+from .vae import decode_latents, encode_pixels, load_decoder, vae_scale_factor
 from .validation import check_fields, unknown_keys
 
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]
@@ -233,8 +233,10 @@ class GenerationRequest:
         if self.strength is None:
             object.__setattr__(self, "strength", 0.75 if self.mask is None and self.outpaint is None else 1.0)
         assert self.strength is not None
-        if not 0.0 < self.strength <= 1.0:
-            raise InvalidRequestError(f"strength must lie in (0, 1] (1: all steps run), got {self.strength}")
+        if self.strength == 0.0:
+            self._check_kept()
+        elif not 0.0 < self.strength <= 1.0:
+            raise InvalidRequestError(f"strength must lie in [0, 1] (1: all steps run), got {self.strength}")
         if self.mask_blur < 0:
             raise InvalidRequestError(f"mask_blur is a radius in pixels, >= 0, got {self.mask_blur}")
         if self.refiner_only and (self.mask is not None or self.refiner_switch is not None):
@@ -250,6 +252,14 @@ class GenerationRequest:
             )
         if self.padding_mask_crop is not None and self.refiner_switch is not None:
             raise InvalidRequestError("a mask crop is repainted by the base alone: leave out refiner_switch")
+
+    def _check_kept(self) -> None:
+        if self.hires_scale is None and self.detailer is None:
+            raise InvalidRequestError(
+                "strength 0 keeps the init image as it is: give a hires fix or face detailer to work on it"
+            )
+        if self.mask is not None or self.outpaint is not None or self.refiner_only or self.refiner_switch is not None:
+            raise InvalidRequestError("strength 0 keeps the init image as it is: no mask, outpaint or refiner")
 
     def _check_padding(self) -> None:
         assert self.outpaint is not None
@@ -469,7 +479,8 @@ class Generator:
         return self.run(request, progress=progress, progress_bar=progress_bar, recipe_paths=recipe_paths)
 
     def _plans(self, request: GenerationRequest) -> list[_StagePlan]:
-        strength = request.strength if request.init_image is not None and request.strength is not None else 1.0
+        # strength 0 runs no step (the image is kept); the recipe still names the schedule a pass on it would use.
+        strength = request.strength if request.init_image is not None and request.strength else 1.0
         if request.refiner_only:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_only was given but no refiner is loaded")
@@ -582,8 +593,13 @@ class Generator:
     def _hires(
         self, request: GenerationRequest, progress: ProgressCallback | None, progress_bar: bool, recipe_paths: PathMode
     ) -> Result:
-        first = dataclasses.replace(request, hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS)
-        drafts = self._run(first, progress, progress_bar, recipe_paths)
+        if request.init_image is not None and request.strength == 0:  # an image of the user's, enlarged
+            drafts = self._kept(request, recipe_paths)
+        else:
+            first = dataclasses.replace(
+                request, hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS
+            )
+            drafts = self._run(first, progress, progress_bar, recipe_paths)
         enlarged: list[Any]
         if request.upscaler in LATENT_MODES:  # the second pass starts from the latents themselves
             factor = vae_scale_factor(self.base.vae)
@@ -595,7 +611,7 @@ class Generator:
             self._run(request.hires_pass(image, seed), progress, progress_bar, recipe_paths)
             for image, seed in zip(enlarged, request.seeds, strict=True)
         ]
-        shared = self._recipe(request, self._plans(first), recipe_paths)
+        shared = self._recipe(request, self._plans(request), recipe_paths)
         recipes = [{**copy.deepcopy(shared), "seed": seed, "batch_index": i} for i, seed in enumerate(request.seeds)]
         images = [RecipeImage.wrap(p.images[0], r) for p, r in zip(passes, recipes, strict=True)]
         return Result(images=images, latents=torch.cat([p.latents for p in passes]))
@@ -603,6 +619,8 @@ class Generator:
     def _run(
         self, request: GenerationRequest, progress: ProgressCallback | None, progress_bar: bool, recipe_paths: PathMode
     ) -> Result:
+        if request.init_image is not None and request.strength == 0:
+            return self._kept(request, recipe_paths)
         plans = self._plans(request)
         stages = [p.models.stage for p in plans]
         validate_conditions(request.conditions, has_refiner=Stage.REFINER in stages, has_base=Stage.BASE in stages)
@@ -659,6 +677,23 @@ class Generator:
         shared = self._recipe(request, plans, recipe_paths)
         recipes = [{**copy.deepcopy(shared), "seed": seed, "batch_index": i} for i, seed in enumerate(request.seeds)]
         return Result(images=[RecipeImage.wrap(img, r) for img, r in zip(pil, recipes, strict=True)], latents=latents)
+
+    def _kept(self, request: GenerationRequest, recipe_paths: PathMode) -> Result:
+        """strength 0: the init image itself, fitted to the request's size, for the hires fix or the face detailer to
+        work on (A1111's img2img at denoising 0; ADetailer's "skip img2img"); its latents as the VAE encodes it."""
+        from .start import read_init_image
+
+        image = read_init_image(request.init_image, request.size)
+        vae = self.base.vae
+        pixels = VaeImageProcessor(vae_scale_factor=vae_scale_factor(vae)).preprocess(image).to(torch.float32)
+        with self._resident([vae]):
+            latents = torch.cat([
+                encode_pixels(vae, pixels, torch.Generator("cpu").manual_seed(seed), self.base.dtype)
+                for seed in request.seeds
+            ])  # fmt: skip
+        shared = self._recipe(request, self._plans(request), recipe_paths)
+        recipes = [{**copy.deepcopy(shared), "seed": seed, "batch_index": i} for i, seed in enumerate(request.seeds)]
+        return Result(images=[RecipeImage.wrap(image.copy(), r) for r in recipes], latents=latents)
 
     def _recipe(self, request: GenerationRequest, plans: list[_StagePlan], paths: PathMode) -> dict[str, Any]:
         """What the batch's images share of their recipe (each adds its seed and index)."""

@@ -191,7 +191,7 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
                 "Denoising strength": recipe.get("hires_strength"),
                 "Hires upscale": recipe["hires_scale"],
                 "Hires steps": recipe.get("hires_steps") or recipe["steps"],
-                "Hires upscaler": _A1111_UPSCALERS.get(upscaler) or Path(_file_name(upscaler)).stem,
+                "Hires upscaler": _A1111_UPSCALERS.get(str(upscaler)) or Path(_file_name(upscaler)).stem,
             }
         )
     if refiner:

@@ -98,11 +98,11 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     else:
         if not spec.prompt:
             raise InvalidRequestError("a prompt is required (or a recipe to re-make)")
+        given = {**(preset.request_settings(spec.inputs) if preset is not None else {}), **settings}
         implied = dict(resolver.defaults())
-        if settings.get("init_image") is not None:  # an image names its own size
+        if given.get("init_image") is not None:  # an image names its own size
             implied.pop("size", None)
-        given = {**implied, **(preset.settings if preset is not None else {}), **settings}
-        request = GenerationRequest(spec.prompt, **given, conditions=tuple(conditions))
+        request = GenerationRequest(spec.prompt, **{**implied, **given}, conditions=tuple(conditions))
         keep = None
     if request.decoder is not None:
         request = dataclasses.replace(request, decoder=resolver.decoder(request.decoder))

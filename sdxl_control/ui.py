@@ -179,7 +179,12 @@ def _preset_inputs(preset: str, form: PageForm) -> tuple[dict[str, Any], set[str
         name = "pose" if form.structure_kind == "pose" and "pose" in takes else "structure"
         if name in takes:
             inputs[name] = form.structure
-    fields_of = {"face": "faces", "style": "style", "structure": "structure", "pose": "structure"}
+    if "init_image" in takes and form.init_image:
+        background = form.init_image.get("background") if isinstance(form.init_image, dict) else form.init_image
+        if background:
+            inputs["init_image"] = str(background)
+    fields_of = {"face": "faces", "style": "style", "structure": "structure", "pose": "structure",
+                 "init_image": "init_image"}  # fmt: skip
     return inputs, {fields_of[name] for name in inputs}
 
 
@@ -361,7 +366,7 @@ class _Page:
         from .presets import load_preset
 
         if not name or name == NO_PRESET:
-            return [gr.update()] * 6 + ["ready"]
+            return [gr.update()] * 7 + ["ready"]
         preset = load_preset(name)
         settings = preset.settings
         width, height = settings.get("size", (1024, 1024))
@@ -369,7 +374,7 @@ class _Page:
         takes = f" — it takes: {', '.join(preset.inputs)}" if preset.inputs else ""
         return [settings.get("steps", gr.update()), settings.get("guidance", gr.update()), *size,
                 settings.get("refiner_switch") or 0.0, settings.get("negative_prompt", ""),
-                f"{name}: {preset.description}{takes}"]  # fmt: skip
+                settings.get("strength", gr.update()), f"{name}: {preset.description}{takes}"]  # fmt: skip
 
     @staticmethod
     def restore(png: Any) -> list[Any]:
@@ -435,7 +440,8 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
     with gr.Accordion("Start from an image", open=False):
         w["init_image"] = gr.ImageEditor(type="filepath", label="Image (paint where to repaint; nothing painted: the "
                                          "whole image)", elem_id="init-image", height=320)  # fmt: skip
-        w["strength"] = gr.Slider(0.05, 1, value=v["strength"], step=0.05, label="Strength", elem_id="strength")
+        w["strength"] = gr.Slider(0, 1, value=v["strength"], step=0.05, label="Strength (0: keep the image, for the "
+                                  "hires fix or face detailer)", elem_id="strength")  # fmt: skip
     with gr.Accordion("Hires fix", open=False):
         with gr.Row():
             w["hires_scale"] = gr.Slider(1, 4, value=v["hires_scale"], step=0.25, label="Upscale by (1: off)",
@@ -477,7 +483,7 @@ def build_app(config: UiConfig) -> Any:
         stop.click(page.stop_clicked, running, status, queue=False)
         w["reuse"].click(lambda s: (s if s is not None else 0, False), last_seed, [w["seed"], w["random_seed"]],
                          queue=False)  # fmt: skip
-        numbers = [w[n] for n in ("steps", "guidance", "width", "height", "refiner_switch", "negative")]
+        numbers = [w[n] for n in ("steps", "guidance", "width", "height", "refiner_switch", "negative", "strength")]
         w["preset"].change(page.apply_preset, w["preset"], [*numbers, status], queue=False)
         see.click(page.show_maps, [w["faces"], w["structure"], w["structure_kind"], w["structure_is_map"]], maps,
                   api_name="conditions")  # fmt: skip

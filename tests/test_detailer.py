@@ -289,3 +289,28 @@ def test_the_tiny_resolver_gives_the_detailer_its_stand_in_pack():
     job = resolve(JobSpec(PROMPT, settings={"detailer": {"strength": 0.3}}), TinyResolver())
     assert job.request.detailer.strength == 0.3
     assert Path(job.request.detailer.face_pack).is_dir()
+
+
+def test_portrait_fix_keeps_the_photo_and_repaints_its_face(tiny, tmp_path):
+    """The preset on the command line: the photo's own pixels everywhere but the face's mask, the face repainted with
+    the identity, and the recipe re-makes it."""
+    from sdxl_control.cli import main
+    from sdxl_control.recipe import read_recipe
+
+    rng = np.random.default_rng(4)
+    for name in ("photo.png", "me.png"):
+        Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)).save(tmp_path / name)
+    out, again = tmp_path / "fixed.png", tmp_path / "again.png"
+    argv = ["generate", "a portrait", "--preset", "portrait-fix", "--init-image", str(tmp_path / "photo.png"), "--face",
+            str(tmp_path / "me.png"), "--tiny", "--steps", "4", "--seed", "3", "-q"]  # fmt: skip
+    assert main([*argv, "-o", str(out)]) == 0
+    recipe = read_recipe(out)
+    assert recipe["strength"] == 0.0 and recipe["detailer"]["strength"] == 0.5
+    assert [c["kind"] for c in recipe["conditions"]] == ["pulid"]
+    (face,) = recipe["measurements"]["detailer"]["faces"]
+    assert face["repainted"]
+    photo, fixed = np.asarray(Image.open(tmp_path / "photo.png")), np.asarray(Image.open(out).convert("RGB"))
+    outside = np.asarray(face_mask(face["box"], (SIZE, SIZE), 4, 4)) == 0
+    assert np.array_equal(fixed[outside], photo[outside]) and not np.array_equal(fixed, photo)
+    assert main(["generate", "--recipe", str(out), "--tiny", "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))

@@ -60,7 +60,7 @@ def test_the_readme_has_identity_and_preset_commands():
 def _matches_its_preset(argv: list[str], recipe: dict) -> None:
     """The recipe holds the preset's LoRAs, the templates whose inputs were given, and its settings."""
     preset = load_preset(argv[argv.index("--preset") + 1])
-    given = {name for name in preset.inputs if f"--{name}" in argv}
+    given = {name for name in preset.inputs if f"--{name.replace('_', '-')}" in argv}
     expected = ["lora"] * len(preset.loras) + [t["kind"] for t in preset.templates.values()
                                                if any(v == f"${i}" for v in t.values() for i in given)]  # fmt: skip
     assert sorted(c["kind"] for c in recipe["conditions"]) == sorted(expected)

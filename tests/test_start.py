@@ -495,3 +495,30 @@ def test_a_latent_hires_fix_redraws_the_interpolated_latents_as_diffusers_img2im
     assert ours.images[0].size == (96, 96) and ours.images[0].recipe["upscaler"] == mode
     again = generator.run(GenerationRequest.from_recipe(ours.images[0].recipe), progress_bar=False).images[0]
     assert np.array_equal(np.asarray(again), np.asarray(ours.images[0]))
+
+
+def test_the_upscale_preset_enlarges_an_image_you_have(generator, pictures):
+    """strength 0 keeps the init image as it is; the preset's hires fix enlarges and redraws it: the same as
+    image-to-image on the image enlarged by hand."""
+    from sdxl_control.presets import load_preset
+
+    request = load_preset("upscale").request(PROMPT, {"init_image": str(pictures / "init.png")}, steps=4, seed=3)
+    assert (request.strength, request.hires_scale, request.size) == (0.0, 2.0, (SIZE, SIZE))
+    ours = generator.run(request, progress_bar=False).images[0]
+    enlarged = Image.open(pictures / "init.png").convert("RGB").resize((2 * SIZE, 2 * SIZE), Image.Resampling.LANCZOS)
+    by_hand = generator.generate(PROMPT, init_image=enlarged, strength=0.35, steps=4, size=(2 * SIZE, 2 * SIZE),
+                                 seed=3, vae_tiling=True, progress_bar=False).images[0]  # fmt: skip
+    assert ours.size == (2 * SIZE, 2 * SIZE)
+    assert np.array_equal(np.asarray(ours), np.asarray(by_hand))
+    again = generator.run(GenerationRequest.from_recipe(ours.recipe), progress_bar=False).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(ours))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({}, "give a hires fix or face detailer"), ({"hires_scale": 2.0, "mask": "IMG"}, "no mask, outpaint or refiner")],
+)
+def test_strength_0_only_keeps_an_image_for_a_later_pass(pictures, options, message):
+    options = {k: str(pictures / "mask.png") if v == "IMG" else v for k, v in options.items()}
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerationRequest(PROMPT, init_image=str(pictures / "init.png"), strength=0.0, **options)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["add_parser", "run", "job_spec"]
 
 # Flags that fill a preset input of the same name instead of adding a condition of their own.
-INPUT_FLAGS = ("face", "style", "pose", "structure")
+INPUT_FLAGS = ("face", "style", "pose", "structure", "init_image")
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"text": str, "number": number, "window": window, "image": str}
 
 
