@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from ..caches import KeyedCache
 from ..checkpoints import check_safetensors
-from ..conditions import Attachment, Condition, PrepareContext, Prepared, Residuals, Stage, StepInfo, Tokens
+from ..conditions import Attachment, Condition, Crop, PrepareContext, Prepared, Residuals, Stage, StepInfo, Tokens
 from ..devices import placement
 from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
 from ..fast import match_fast_path
@@ -57,6 +59,9 @@ UNION_CONTROL_TYPES: dict[str, int] = {
     "tile": 6,
     "inpaint": 7,
 }
+# The union's inpaint control made from the call's own start: the image it starts from with the mask's area black
+# (ProMax's repaint type, as its authors and diffusers' union inpainting example make it; outpainting: the canvas).
+START = "start"
 # Which preprocessor makes each union control type's map from a photo.
 _UNION_PREPROCESSORS = {"pose": "pose", "depth": "depth", "canny": "canny"}
 
@@ -299,13 +304,25 @@ class ControlNet(Condition):
         return ControlPrepared(model, self.scale, guess, {"controlnet_cond": image}, context, mask)
 
 
+def _masked_start(ctx: PrepareContext) -> Image.Image:
+    if ctx.start_image is None or ctx.start_mask is None:
+        raise ConditionError(
+            f"ControlNetUnion inpaint={START!r} is the inpainting's own image with its mask's area black: give the "
+            "call an init image with a mask, or outpaint"
+        )
+    pixels = np.array(ctx.start_image.convert("RGB"))
+    pixels[np.asarray(ctx.start_mask.convert("L")) > 0] = 0
+    return Image.fromarray(pixels)
+
+
 @dataclass(frozen=True)
 class ControlNetUnion(Condition):
     """One ControlNet-Union (or ProMax) model driven by several control types at once.
 
     Each control type takes a ready map, or a photo when its name is listed in ``preprocess`` (pose, depth and
     canny have preprocessors; ``preprocess_options`` passes each its options). Types map to the model's task
-    indices by :data:`UNION_CONTROL_TYPES`.
+    indices by :data:`UNION_CONTROL_TYPES`. ``inpaint="start"`` (ProMax) is the image an inpainting or outpainting
+    call starts from, with its mask's area black.
 
     Example:
         >>> ControlNetUnion("xinsir/controlnet-union-sdxl-1.0", depth=photo, canny=edges, preprocess=("depth",))
@@ -348,6 +365,11 @@ class ControlNetUnion(Condition):
     def controls(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in UNION_CONTROL_TYPES if getattr(self, name) is not None}
 
+    def in_crop(self, crop: Crop) -> ControlNetUnion:
+        # A crop's repaint starts from the crop itself: "start" stays.
+        cut = {name: crop.image(v) for name, v in self.controls().items() if not (isinstance(v, str) and v == START)}
+        return replace(self, **cut)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "preprocess", tuple(self.preprocess))
@@ -373,6 +395,8 @@ class ControlNetUnion(Condition):
             modes.append(index)
             preprocessor = _UNION_PREPROCESSORS[name] if name in self.preprocess else None
             options = self.preprocess_options.get(name, {}) if preprocessor else {}
+            if name == "inpaint" and isinstance(image, str) and image == START:
+                image = _masked_start(ctx)
             images.append(control_tensor(image, preprocessor, options, ctx, ctx.guided and not self.guess_mode))
         control_type = torch.zeros(n_types).scatter_(0, torch.tensor(modes), 1).reshape(1, -1).to(ctx.device, ctx.dtype)
         inputs = {"controlnet_cond": images, "control_type": control_type, "control_type_idx": modes}

@@ -274,7 +274,8 @@ class PrepareContext:
 
     ``stages`` maps each stage the call runs to that stage's UNet (read-only use: encoders may need its dtype or
     config). ``size`` is the output size as (width, height). ``fast`` is the generator's fast path, if any. ``steps``
-    is the number of steps of the whole schedule (base and refiner).
+    is the number of steps of the whole schedule (base and refiner). ``start_image`` and ``start_mask`` (white:
+    repaint) are what a call that starts from an image repaints, at ``size`` (the outpainted canvas, the mask crop).
 
     Example:
         >>> def prepare(self, ctx: PrepareContext):                     # doctest: +SKIP
@@ -289,6 +290,8 @@ class PrepareContext:
     stages: Mapping[Stage, Any] = field(default_factory=dict)
     fast: FastPath | None = None
     steps: int = 0
+    start_image: Image.Image | None = None
+    start_mask: Image.Image | None = None
 
     def unet(self, stage: Stage) -> Any:
         """The UNet of ``stage``; every call runs the base, so only a context built by hand may lack it."""

@@ -32,7 +32,7 @@ from .model_refs import ModelRef
 from .models import StageModels, load_stage
 from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
-from .start import INPAINT_CHANNELS, start_latents
+from .start import INPAINT_CHANNELS, start_images, start_latents
 from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
 from .vae import decode_latents, encode_pixels, load_decoder, vae_scale_factor
@@ -626,6 +626,10 @@ class Generator:
         validate_conditions(request.conditions, has_refiner=Stage.REFINER in stages, has_base=Stage.BASE in stages)
         width, height = request.size
         device, dtype = self.device, plans[0].models.dtype
+        images = None
+        if request.init_image is not None and not isinstance(request.init_image, torch.Tensor):
+            images = start_images(request)
+        repainted = images.repainted() if images is not None else (None, None)
         context = PrepareContext(
             device=device,
             dtype=dtype,
@@ -635,6 +639,8 @@ class Generator:
             stages={p.models.stage: p.models.unet for p in plans},
             fast=self.fast_path,
             steps=plans[0].schedule.total,
+            start_image=repainted[0],
+            start_mask=repainted[1],
         )
         prepared = [(c, c.prepare(context)) for c in request.conditions]
         stage_inputs = [self._stage_inputs(plan, request, prepared) for plan in plans]
@@ -645,8 +651,8 @@ class Generator:
         if request.init_image is not None:
             first = plans[0].models
             with self._resident([first.vae]):
-                start = start_latents(request, first.vae, first.unet.config.in_channels, plans[0].schedule, generators,
-                                      stage_inputs[0].guidance.copies, device, dtype)  # fmt: skip
+                start = start_latents(request, images, first.vae, first.unet.config.in_channels, plans[0].schedule,
+                                      generators, stage_inputs[0].guidance.copies, device, dtype)  # fmt: skip
             latents, overlay = start.latents, start.overlay
             stage_inputs[0] = dataclasses.replace(stage_inputs[0], repaint=start.repaint)
         else:

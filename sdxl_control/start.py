@@ -30,7 +30,8 @@ from .preprocessors.images import load_image
 from .vae import draw_as_encoding, encode_pixels, vae_scale_factor
 
 __all__ = [
-    "image_size", "read_init_image", "read_mask", "outpaint_canvas", "StartLatents", "start_latents",
+    "image_size", "read_init_image", "read_mask", "outpaint_canvas", "StartImages", "start_images", "StartLatents",
+    "start_latents",
     "INPAINT_CHANNELS", "OUTPAINT_FILL",
 ]  # fmt: skip
 
@@ -104,6 +105,50 @@ def outpaint_canvas(
 
 
 @dataclass(frozen=True)
+class StartImages:
+    """What a request starts from, read and fitted: the ``image`` and repaint ``mask`` (white; ``None`` for
+    image-to-image) at the request's size — or, for a mask crop, the whole photo and mask, with the ``crop`` region
+    repainted and the ``overlay`` that pastes the result back.
+
+    Example:
+        >>> start_images(request).repainted()[0].size == request.size  # doctest: +SKIP
+        True
+    """
+
+    image: Image.Image
+    mask: Image.Image | None
+    size: tuple[int, int]
+    crop: tuple[int, int, int, int] | None = None
+    overlay: Callable[[Image.Image], Image.Image] | None = None
+
+    def repainted(self) -> tuple[Image.Image, Image.Image | None]:
+        """(image, mask) of what the loop repaints, at the request's size (the crop, for a mask crop)."""
+        if self.crop is None:
+            return self.image, self.mask
+        assert self.mask is not None
+        fit = [part.crop(self.crop).resize(self.size, Image.Resampling.LANCZOS) for part in (self.image, self.mask)]
+        return fit[0], fit[1]
+
+
+def start_images(request: Any) -> StartImages:
+    """The init image and mask of ``request`` read and fitted (see :class:`StartImages`)."""
+    width, height = request.size
+    if request.padding_mask_crop is not None:
+        # Only a region around the mask is repainted, at the request's size, then pasted back (diffusers' rule).
+        image = load_image(request.init_image, "init image")
+        mask = read_mask(request.mask, image.size, request.mask_blur)
+        crop = VaeImageProcessor.get_crop_region(mask, width, height, pad=request.padding_mask_crop)
+        processor = VaeImageProcessor(vae_scale_factor=8)  # resizes the repainted crop back: the factor is unused
+        return StartImages(image, mask, request.size, crop, _overlay(processor, image, mask, crop))
+    if request.outpaint is not None:
+        canvas, mask = outpaint_canvas(request.init_image, request.size, request.outpaint)
+        return StartImages(canvas, mask, request.size)
+    image = read_init_image(request.init_image, request.size)
+    given = read_mask(request.mask, request.size, request.mask_blur) if request.mask is not None else None
+    return StartImages(image, given, request.size)
+
+
+@dataclass(frozen=True)
 class StartLatents:
     """The loop's first latents, and the inpainting it does on the way (``None`` for image-to-image).
 
@@ -122,6 +167,7 @@ class StartLatents:
 @torch.no_grad()
 def start_latents(
     request: Any,
+    images: StartImages | None,
     vae: Any,
     unet_channels: int,
     schedule: Any,
@@ -130,10 +176,10 @@ def start_latents(
     device: torch.device,
     dtype: torch.dtype,
 ) -> StartLatents:
-    """The first latents of ``request`` (an init image, perhaps a mask) for the stage that runs ``schedule`` first,
-    whose UNet takes ``unet_channels`` and whose guidance runs ``copies`` of the batch: noise at the schedule's entry
-    step added to the image's latents (image-to-image), or, with a mask, diffusers' inpainting start for a regular or
-    an inpainting (9-channel) UNet."""
+    """The first latents of ``request`` (its ``images``, or latents as its init image) for the stage that runs
+    ``schedule`` first, whose UNet takes ``unet_channels`` and whose guidance runs ``copies`` of the batch: noise at
+    the schedule's entry step added to the image's latents (image-to-image), or, with a mask, diffusers' inpainting
+    start for a regular or an inpainting (9-channel) UNet."""
     width, height = request.size
     factor = vae_scale_factor(vae)
     processor = VaeImageProcessor(vae_scale_factor=factor)
@@ -149,17 +195,8 @@ def start_latents(
         latents = request.init_image.to(device, dtype).expand(shape)
         noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         return StartLatents(scheduler.add_noise(latents, noise, first), None)
-    crop, overlay = None, None
-    if request.padding_mask_crop is not None:
-        # Only a region around the mask is repainted, at the request's size, then pasted back (diffusers' rule).
-        image = load_image(request.init_image, "init image")
-        mask_image = read_mask(request.mask, image.size, request.mask_blur)
-        crop = VaeImageProcessor.get_crop_region(mask_image, width, height, pad=request.padding_mask_crop)
-        overlay = _overlay(processor, image, mask_image, crop)
-    elif request.outpaint is not None:
-        image, mask_image = outpaint_canvas(request.init_image, request.size, request.outpaint)
-    else:
-        image, mask_image = read_init_image(request.init_image, request.size), request.mask
+    assert images is not None
+    image, mask_image, crop, overlay = images.image, images.mask, images.crop, images.overlay
     fit = {"crops_coords": crop, "resize_mode": "fill"} if crop is not None else {}
     pixels = processor.preprocess(image, height=height, width=width, **fit).to(torch.float32)
     inpaints = unet_channels == INPAINT_CHANNELS
@@ -172,8 +209,6 @@ def start_latents(
         return StartLatents(scheduler.add_noise(latents, noise, first), None)
     if unet_channels not in (shape[1], INPAINT_CHANNELS):
         raise IncompatibleModelError(f"a UNet with {unet_channels} input channels cannot inpaint")
-    if crop is None:
-        mask_image = read_mask(mask_image, request.size, request.mask_blur)
     mask = mask_processor.preprocess(mask_image, height=height, width=width, **fit)
     full = request.strength == 1.0
     # The inpainting pipeline encodes its one init image with the first generator only.

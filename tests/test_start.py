@@ -522,3 +522,40 @@ def test_strength_0_only_keeps_an_image_for_a_later_pass(pictures, options, mess
     options = {k: str(pictures / "mask.png") if v == "IMG" else v for k, v in options.items()}
     with pytest.raises(InvalidRequestError, match=message):
         GenerationRequest(PROMPT, init_image=str(pictures / "init.png"), strength=0.0, **options)
+
+
+@pytest.fixture(scope="module")
+def promax(tiny, tmp_path_factory):
+    from sdxl_control.testing.annotators import write_tiny_controlnet
+
+    return write_tiny_controlnet(tmp_path_factory.mktemp("promax") / "union", tiny.base, seed=3, union=True,
+                                 promax=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.8])
+def test_union_inpaint_control_equals_diffusers_union_inpainting(generator, pipes, pictures, promax, strength):
+    """ControlNet-Union ProMax's repaint type with ``inpaint="start"``: the control image is the init image with the
+    mask's area black, as diffusers' union inpainting example makes it by hand."""
+    from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionInpaintPipeline
+
+    from sdxl_control.adapters.controlnet import ControlNetUnion
+
+    init, mask = Image.open(pictures / "init.png").convert("RGB"), Image.open(pictures / "mask.png")
+    union = ControlNetUnion(str(promax), inpaint="start", scale=0.9)
+    ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                              strength=strength, steps=6, size=(SIZE, SIZE), seed=8, conditions=[union],
+                              progress_bar=False)  # fmt: skip
+    control = np.array(init)
+    control[np.asarray(mask) > 0] = 0
+    pipe = StableDiffusionXLControlNetUnionInpaintPipeline.from_pipe(
+        pipes[0], controlnet=ControlNetUnionModel.from_pretrained(promax)
+    )
+    ref = pipe(PROMPT, image=init, mask_image=mask, control_image=[Image.fromarray(control)], control_mode=[7],
+               controlnet_conditioning_scale=0.9, strength=strength, height=SIZE, width=SIZE, num_inference_steps=6,
+               guidance_scale=5.0, generator=_generators([8]), output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, rtol=0, atol=1e-4)
+    plain = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                               strength=strength, steps=6, size=(SIZE, SIZE), seed=8, progress_bar=False)  # fmt: skip
+    assert (plain.latents - ours.latents).abs().max() > 1e-2  # the control does act
+    with pytest.raises(Exception, match="init image with a mask"):
+        generator.generate(PROMPT, steps=2, size=(SIZE, SIZE), conditions=[union], progress_bar=False)

@@ -28,9 +28,12 @@ def _randomize_zero_layers(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
-def write_controlnet(folder: str | os.PathLike[str], unet: Any, seed: int = 0, union: bool = False) -> Path:
-    """A random-weight ControlNet (or ControlNet-Union) shaped after ``unet``, saved as a diffusers folder
-    (config.json + diffusion_pytorch_model.safetensors); its zero convolutions made non-zero."""
+def write_controlnet(
+    folder: str | os.PathLike[str], unet: Any, seed: int = 0, union: bool = False, promax: bool = False
+) -> Path:
+    """A random-weight ControlNet (or ControlNet-Union; ``promax``: with ProMax's 8 control types, tile and repaint
+    among them) shaped after ``unet``, saved as a diffusers folder (config.json + diffusion_pytorch_model.safetensors);
+    its zero convolutions made non-zero."""
     from diffusers import ControlNetModel, ControlNetUnionModel
 
     if union:
@@ -39,6 +42,8 @@ def write_controlnet(folder: str | os.PathLike[str], unet: Any, seed: int = 0, u
         config = dict(ControlNetUnionModel.from_unet(unet, load_weights_from_unet=False).config)
         config.pop("_use_default_values", None)  # else from_config resets the widths below to their defaults
         config.update(num_trans_channel=width, num_trans_head=2, num_proj_channel=width)
+        if promax:
+            config.update(num_control_type=8)
         model = _seeded(seed, lambda: ControlNetUnionModel.from_config(config))
     else:
         model = _seeded(seed, lambda: ControlNetModel.from_unet(unet, load_weights_from_unet=False))
@@ -48,12 +53,17 @@ def write_controlnet(folder: str | os.PathLike[str], unet: Any, seed: int = 0, u
 
 
 def write_tiny_controlnet(
-    folder: str | os.PathLike[str], base: str | os.PathLike[str], seed: int = 0, union: bool = False
+    folder: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    seed: int = 0,
+    union: bool = False,
+    promax: bool = False,
 ) -> Path:
-    """A ControlNet (or ControlNet-Union) shaped after the UNet of the tiny base at ``base``."""
+    """A ControlNet (or ControlNet-Union, ProMax) shaped after the UNet of the tiny base at ``base``."""
     from diffusers import UNet2DConditionModel
 
-    return write_controlnet(folder, UNet2DConditionModel.from_pretrained(base, subfolder="unet"), seed, union)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    return write_controlnet(folder, unet, seed, union, promax)
 
 
 def write_tiny_depth_estimator(folder: str | os.PathLike[str], seed: int = 0) -> Path:
