@@ -22,7 +22,9 @@ def test_benchmark_smoke_run_writes_its_table(tmp_path, tiny, monkeypatch):
     assert bench.main(args) == 0
     result = json.loads((tmp_path / "smoke.json").read_text())
     names = [row["scenario"] for row in result["rows"]]
-    assert len(names) == 10 and names[0] == "base" and names[-1].startswith("portrait stack")
+    assert len(names) == 17 and names[0] == "base" and names[9].startswith("portrait stack")
+    assert names[10:] == ["img2img 0.6", "img2img 0.4", "inpaint (mask, regular UNet)", "hires 1.5x",
+                          "hires 1.5x, VAE tiling", "face detailer, 1 face", "face detailer, 2 faces"]  # fmt: skip
     for row in result["rows"]:
         assert row["ours_s"] > 0 and row["diffusers_s"] > 0 and row["ratio"] > 0
         # the fast path ran every scenario and drew the same images (fp32: rounding only)
