@@ -252,7 +252,13 @@ def _job_spec(data: Mapping[str, Any], root: Path, locate: Locator, seed: int) -
     conditions rebuilt, its seed derived from its id when it gives none."""
     from .adapters import condition_from_settings
 
-    local = ("inputs", "models", "init_image", "mask", "upscaler")  # read from the job file's folder
+    # Files named by content (what --dry-run prints) are found as a recipe's are; paths are read from the job's folder.
+    data = {**data, **{k: locate.resolve(data[k], f"the job's {k}") for k in ("init_image", "mask", "upscaler")
+                       if isinstance(data.get(k), Mapping)}}  # fmt: skip
+    detailer = data.get("detailer")
+    if isinstance(detailer, Mapping) and isinstance(detailer.get("face_pack"), Mapping):
+        data["detailer"] = {**detailer, "face_pack": locate.resolve(detailer["face_pack"], "the job's face pack")}
+    local = ("inputs", "models", "init_image", "mask", "upscaler")
     data = {**data, **{k: _local(data[k], root) for k in local if k in data}}
     if isinstance(data.get("preset"), str) and data["preset"].endswith(".json"):  # a preset file, not a name
         data["preset"] = _local(data["preset"], root)

@@ -314,3 +314,25 @@ def test_portrait_fix_keeps_the_photo_and_repaints_its_face(tiny, tmp_path):
     assert np.array_equal(fixed[outside], photo[outside]) and not np.array_equal(fixed, photo)
     assert main(["generate", "--recipe", str(out), "--tiny", "-q", "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+
+
+def test_a_dry_run_line_with_a_start_image_and_the_detailer_runs_as_a_job(tiny, tmp_path, capsys):
+    """What --dry-run prints names the init image by content and the stand-in face pack by fingerprint; as a job
+    file's line it finds both again and makes the CLI's pixels."""
+    import json
+
+    from sdxl_control.cli import main
+
+    Image.fromarray(np.random.default_rng(6).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    argv = ["generate", "a fox", "--init-image", str(tmp_path / "p.png"), "--strength", "0.5", "--steps", "4",
+            "--seed", "2", "--tiny", "--detail-faces", "--detail-strength", "0.6", "-q"]  # fmt: skip
+    assert main([*argv, "-o", str(tmp_path / "cli.png")]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--dry-run"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["init_image"]["file"] == "p.png" and isinstance(line["detailer"]["face_pack"], dict)
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "id": "fox"}) + "\n")
+    assert main(["batch", str(tmp_path / "jobs.jsonl"), "--tiny", "-q", "-o", str(tmp_path / "out")]) == 0
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "out" / "fox.png")), np.asarray(Image.open(tmp_path / "cli.png"))
+    )

@@ -215,6 +215,11 @@ def test_the_page_is_an_http_api(page_url, tmp_path):
     assert "done" in status and "seed 9" in status
     (png,) = downloads
     assert read_recipe(png)["seed"] == 9
+    # The face detailer's switch is a parameter of the same endpoint.
+    *_, downloads = client.predict(prompt="a red fox", seed=9, random_seed=False, steps=4, detail_faces=True,
+                                   detail_strength=0.3, api_name="/generate")  # fmt: skip
+    recipe = read_recipe(downloads[0])
+    assert recipe["detailer"]["strength"] == 0.3 and "found" in recipe["measurements"]["detailer"]
 
 
 def test_a_mask_painted_in_the_page_repaints_that_area(page_url, ui_outputs, browser, tmp_path, reference):
