@@ -357,20 +357,35 @@ def esrgan(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("upscaler", ["lanczos", "esrgan"])
-def test_hires_fix_is_a_draft_enlarged_then_redrawn(generator, esrgan, upscaler):
+@pytest.fixture(scope="module")
+def swinir(tmp_path_factory):
+    """A tiny SwinIR ×2 (pixel-shuffle) in the original SwinIR layout (``conv_first``, ``layers.0.residual_group``...,
+    ``upsample.0``), as ``001_classicalSR_*.pth`` files are kept."""
+    from spandrel.architectures.SwinIR import SwinIR
+
+    torch.manual_seed(1)
+    model = SwinIR(img_size=32, embed_dim=12, depths=[1], num_heads=[2], window_size=8, upscale=2,
+                   upsampler="pixelshuffle", mlp_ratio=2.0)  # fmt: skip
+    path = tmp_path_factory.mktemp("upscalers") / "2x-swinir-tiny.pth"
+    torch.save({"params": model.state_dict()}, path)  # the published files wrap the weights in "params"
+    return path
+
+
+@pytest.mark.parametrize("upscaler", ["lanczos", "esrgan", "swinir"])
+def test_hires_fix_is_a_draft_enlarged_then_redrawn(generator, esrgan, swinir, upscaler):
     """One request equals its two passes done by hand: the draft, enlarged (Lanczos, or the upscaler model through
     spandrel, then Lanczos to the size), redrawn by image-to-image from the image's own seed."""
     import spandrel
 
-    chosen = str(esrgan) if upscaler == "esrgan" else "lanczos"
+    files = {"esrgan": esrgan, "swinir": swinir}
+    chosen = str(files[upscaler]) if upscaler in files else "lanczos"
     ours = generator.generate(PROMPT, steps=4, size=(SIZE, SIZE), seed=21, num_images=2, hires_scale=1.5,
                               hires_strength=0.6, hires_steps=5, upscaler=chosen, progress_bar=False)  # fmt: skip
     assert ours.images[0].size == (96, 96)
     draft = generator.generate(PROMPT, steps=4, size=(SIZE, SIZE), seed=21, num_images=2, progress_bar=False)
     for i, image in enumerate(draft.images):
-        if upscaler == "esrgan":
-            model = spandrel.ModelLoader().load_from_file(str(esrgan)).eval()
+        if upscaler in files:
+            model = spandrel.ModelLoader().load_from_file(str(files[upscaler])).eval()
             pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             with torch.no_grad():
                 big = (model(pixels).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
@@ -384,7 +399,8 @@ def test_hires_fix_is_a_draft_enlarged_then_redrawn(generator, esrgan, upscaler)
     assert (recipe["hires_scale"], recipe["hires_strength"], recipe["seed"], recipe["size"]) == (1.5, 0.6, 22, [64, 64])
     text = parameters_text(recipe)
     assert "Hires upscale: 1.5" in text and "Hires steps: 5" in text and "Denoising strength: 0.6" in text
-    assert ("Hires upscaler: 2x-tiny" if upscaler == "esrgan" else "Hires upscaler: Lanczos") in text
+    named = {"esrgan": "2x-tiny", "swinir": "2x-swinir-tiny", "lanczos": "Lanczos"}[upscaler]
+    assert f"Hires upscaler: {named}" in text
 
 
 def test_the_cli_hires_fix_re_makes_its_pixels_from_the_recipe(tiny, esrgan, tmp_path):
@@ -559,3 +575,28 @@ def test_union_inpaint_control_equals_diffusers_union_inpainting(generator, pipe
     assert (plain.latents - ours.latents).abs().max() > 1e-2  # the control does act
     with pytest.raises(Exception, match="init image with a mask"):
         generator.generate(PROMPT, steps=2, size=(SIZE, SIZE), conditions=[union], progress_bar=False)
+
+
+def test_a_controlnet_stacks_with_inpainting_as_in_diffusers(generator, pipes, edges, pictures):
+    """A ControlNet on an inpainting call equals diffusers' SDXL ControlNet inpainting pipeline; a small change of
+    its scale shows in the result."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
+
+    from sdxl_control.adapters.controlnet import ControlNet
+
+    net, pattern = edges
+    init, mask = Image.open(pictures / "init.png").convert("RGB"), Image.open(pictures / "mask.png")
+
+    def ours(scale):
+        return generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
+                                  strength=0.9, steps=6, size=(SIZE, SIZE), seed=13, progress_bar=False,
+                                  conditions=[ControlNet(str(net), image=pattern, scale=scale)]).latents  # fmt: skip
+
+    pipe = StableDiffusionXLControlNetInpaintPipeline.from_pipe(
+        pipes[0], controlnet=ControlNetModel.from_pretrained(net)
+    )
+    ref = pipe(PROMPT, image=init, mask_image=mask, control_image=pattern, controlnet_conditioning_scale=0.7,
+               strength=0.9, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
+               generator=_generators([13]), output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours(0.7), ref, rtol=0, atol=1e-4)
+    assert (ours(0.72) - ref).abs().max() > 1e-4
