@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +48,8 @@ __all__ = [
     "controlnet_for",
     "control_tensor",
 ]
+
+log = logging.getLogger(__name__)
 
 # xinsir's ControlNet-Union control types (index into the model's task embedding); ProMax adds tile and inpaint.
 UNION_CONTROL_TYPES: dict[str, int] = {
@@ -149,12 +152,36 @@ def control_tensor(
     if len(maps) not in (1, ctx.batch_size):
         raise ConditionError(f"{len(maps)} control images for a batch of {ctx.batch_size}: give 1 or {ctx.batch_size}")
     width, height = ctx.size
+    for control in maps:
+        _check_aspect(control, width, height)
     processor = VaeImageProcessor(do_convert_rgb=True, do_normalize=False)
     tensor = processor.preprocess(maps, height=height, width=width).to(torch.float32)
     if len(maps) == 1:
         tensor = tensor.repeat_interleave(ctx.batch_size, dim=0)
     tensor = tensor.to(ctx.device, ctx.dtype)
     return torch.cat([tensor, tensor]) if doubled else tensor
+
+
+# A control map is stretched to the output's size, as diffusers does; beyond this much out of shape it no longer guides.
+MAX_STRETCH = 4.0
+
+
+def _check_aspect(control: Any, width: int, height: int) -> None:
+    if isinstance(control, Image.Image):
+        w, h = control.size
+    elif isinstance(control, (np.ndarray, torch.Tensor)) and control.ndim >= 2:
+        h, w = (control.shape[-3], control.shape[-2]) if control.shape[-1] in (1, 3, 4) else control.shape[-2:]
+    else:
+        return
+    stretch = (w / h) / (width / height)
+    stretch = max(stretch, 1 / stretch)
+    if stretch > MAX_STRETCH:
+        raise ConditionError(
+            f"a control image of {w}x{h} for a {width}x{height} output would be stretched {stretch:.1f} times out of "
+            f"shape (at most {MAX_STRETCH:g}): crop it to the output's aspect"
+        )
+    if stretch > 1.01:
+        log.warning("control image %dx%d is stretched to the output's %dx%d (another aspect)", w, h, width, height)
 
 
 @dataclass(frozen=True, eq=False)

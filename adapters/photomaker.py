@@ -235,7 +235,16 @@ def _load(path: Path, unet: Any, ctx: PrepareContext) -> _Loaded:
 
 def _build(path: Path, unet: Any, ctx: PrepareContext) -> _Loaded:
     _, state, lora = read_photomaker(path)
-    encoder = PhotoMakerEncoder.fitting(state)
+    width = state["vision_model.embeddings.class_embedding"].shape[0]
+    if width < CLIP_HEAD_WIDTH or width % CLIP_HEAD_WIDTH:
+        raise IncompatibleModelError(
+            f"{path}: its image encoder is {width}-wide, not a CLIP vision model (whose width is a multiple of its "
+            f"{CLIP_HEAD_WIDTH}-wide heads)"
+        )
+    try:
+        encoder = PhotoMakerEncoder.fitting(state)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise IncompatibleModelError(f"{path}: not PhotoMaker's ID encoder ({type(exc).__name__}: {exc})") from None
     try:
         encoder.load_published(state)
     except (IncompatibleModelError, RuntimeError) as exc:
@@ -446,7 +455,7 @@ class PhotoMaker(Condition):
             if version == "v2" and Path(self.face_pack).name != saved.pack:
                 raise ConditionError(
                     f"{self.identity} holds {saved.pack} face embeddings; PhotoMaker v2 reads {self.face_pack}'s: save "
-                    f"it with save_identity(..., pack={self.face_pack!r}, photomaker=True)"
+                    f"it with save_identity(..., face_pack={self.face_pack!r}, photomaker=True)"
                 )
             photos: list[Any] = list(saved.clip_images)
             faces = saved.embeddings if version == "v2" else None

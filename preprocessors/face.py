@@ -483,21 +483,29 @@ def identity_features(
 
 
 def save_identity(
-    path: str | os.PathLike[str], photos: Any, *, keypoints_from: Any = None, pack: str = IDENTITY_PACK,
-    root: str | os.PathLike[str] = "~/.insightface", pulid: bool = False, eva: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str], photos: Any, *, keypoints_from: Any = None, face_pack: str = IDENTITY_PACK,
+    face_root: str | os.PathLike[str] = "~/.insightface", pulid: bool = False, eva: str | os.PathLike[str] | None = None,
     parsing: str | os.PathLike[str] | None = None, photomaker: bool = False,
 ) -> Identity:  # fmt: skip
     """Analyse ``photos`` (one or several of the same person) and keep the person in a ``.safetensors`` file: their
     raw embeddings and the keypoints of ``keypoints_from`` (default: the first photo) — what InstantID reads — with
     ``pulid=True`` the EVA-CLIP face features PuLID reads (``eva``, ``parsing``: where those models are), and with
     ``photomaker=True`` the photos as CLIP reads them (PhotoMaker v2 also reads ``buffalo_l`` embeddings: pass
-    ``pack="buffalo_l"``). Returns what was saved.
+    ``face_pack="buffalo_l"``). ``face_pack`` and ``face_root`` are the conditions' own option names. Returns what was
+    saved.
 
     Example:
         >>> save_identity("me.safetensors", ["me1.jpg", "me2.jpg"], pulid=True)  # InstantID and PuLID can read it  # doctest: +SKIP
     """
     identity = identity_features(
-        photos, pack, root, keypoints_from=keypoints_from, vision=pulid, eva=eva, parsing=parsing, clip=photomaker
+        photos,
+        face_pack,
+        face_root,
+        keypoints_from=keypoints_from,
+        vision=pulid,
+        eva=eva,
+        parsing=parsing,
+        clip=photomaker,
     )
     identity.save(path)
     return identity

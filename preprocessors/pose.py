@@ -19,7 +19,13 @@ POSE_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
 
 @process_cached(2)
 def _detector(source: str, device: str) -> Any:
-    from controlnet_aux import OpenposeDetector
+    import warnings
+
+    with warnings.catch_warnings():
+        # Importing controlnet-aux imports every annotator it has: a hint to install mediapipe (which the OpenPose
+        # annotator does not use) and deprecation notices of its dependencies, none of them the user's to act on.
+        warnings.simplefilter("ignore")
+        from controlnet_aux import OpenposeDetector
 
     folder = resolve_source(source, allow=list(POSE_FILES))
     # controlnet-aux reads these with torch.load, which defaults to weights_only=True in torch >= 2.6.

@@ -21,24 +21,30 @@ Example:
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 from .errors import InputError, InvalidRequestError, OutputError, SdxlControlError
-from .files import Locator, PathMode, portable
+from .files import Locator, PathMode, is_ref, portable
 from .model_refs import ModelRef
+from .recipe import RECIPE_KEY, RecipeImage
 from .resolvers import HubResolver, Resolver
 from .spec import JobSpec
 from .validation import unknown_keys
@@ -47,6 +53,7 @@ if TYPE_CHECKING:
     import torch
 
     from .generator import GenerationRequest, Generator, LastLoaded
+    from .inventory import ModelNeed
 
 __all__ = [
     "Job",
@@ -111,11 +118,15 @@ class Job:
     folder: str = "."
     inputs_from: tuple[str, ...] = ()
     resolver: Resolver = field(default_factory=HubResolver)
+    # The content hash of the job as resolved (request, files by content, models, outputs): an output is this job's
+    # result only if it records the same.
+    fingerprint: str = ""
 
     def read_here(self) -> Job:
         """This job read again on this machine: relative paths from the job file's folder as this machine sees it,
-        remote inputs copied here."""
-        return parse_job(self.data, self.line, folder=self.folder, inputs_from=self.inputs_from, resolver=self.resolver)
+        remote inputs copied here (the driver's fingerprint kept: the job is the same)."""
+        job = parse_job(self.data, self.line, folder=self.folder, inputs_from=self.inputs_from, resolver=self.resolver)
+        return dataclasses.replace(job, fingerprint=self.fingerprint)
 
     @property
     def models(self) -> tuple[Any, ...]:
@@ -141,7 +152,7 @@ def _local(value: Any, folder: Path) -> Any:
         return value
     if isinstance(value, list):
         return [_local(v, folder) for v in value]
-    if isinstance(value, dict):
+    if isinstance(value, dict) and not is_ref(value):  # a reference by content is found as a recipe's are
         return {k: _local(v, folder) for k, v in value.items()}
     return value
 
@@ -243,8 +254,11 @@ def parse_job(
     stem = output[: -len(".png")]
     count = 1 if keep is not None else resolved.request.num_images
     outputs = tuple(output if i == 0 else f"{stem}-{i}.png" for i in range(count))
+    described = {"job": job_line(resolved.request, *resolved.models), "keep": keep, "outputs": outputs}
+    fingerprint = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return Job(job_id, line, resolved.request, *resolved.models, outputs=outputs, keep=keep, data=dict(data),
-               folder=str(root), inputs_from=tuple(map(str, inputs_from)), resolver=resolver)  # fmt: skip
+               folder=str(root), inputs_from=tuple(map(str, inputs_from)), resolver=resolver,
+               fingerprint=fingerprint)  # fmt: skip
 
 
 def _job_spec(data: Mapping[str, Any], root: Path, locate: Locator, seed: int) -> JobSpec:
@@ -252,14 +266,13 @@ def _job_spec(data: Mapping[str, Any], root: Path, locate: Locator, seed: int) -
     conditions rebuilt, its seed derived from its id when it gives none."""
     from .adapters import condition_from_settings
 
-    # Files named by content (what --dry-run prints) are found as a recipe's are; paths are read from the job's folder.
-    data = {**data, **{k: locate.resolve(data[k], f"the job's {k}") for k in ("init_image", "mask", "upscaler")
-                       if isinstance(data.get(k), Mapping)}}  # fmt: skip
-    detailer = data.get("detailer")
-    if isinstance(detailer, Mapping) and isinstance(detailer.get("face_pack"), Mapping):
-        data["detailer"] = {**detailer, "face_pack": locate.resolve(detailer["face_pack"], "the job's face pack")}
-    local = ("inputs", "models", "init_image", "mask", "upscaler")
+    local = ("inputs", "models", "init_image", "mask", "upscaler")  # read from the job file's folder
     data = {**data, **{k: _local(data[k], root) for k in local if k in data}}
+    # Files named by content (what --dry-run prints) are found as a recipe's are.
+    data.update({k: locate.resolve(data[k], f"the job's {k}") for k in ("init_image", "mask", "upscaler") if k in data})
+    detailer = data.get("detailer")
+    if isinstance(detailer, Mapping) and detailer.get("face_pack") is not None:
+        data["detailer"] = {**detailer, "face_pack": locate.resolve(detailer["face_pack"], "the job's face pack")}
     if isinstance(data.get("preset"), str) and data["preset"].endswith(".json"):  # a preset file, not a name
         data["preset"] = _local(data["preset"], root)
     if not isinstance(data.get("prompt"), str):
@@ -290,6 +303,25 @@ def job_line(
     unet_json = None if unet is None else unet.to_json()
     models = {"base": portable(base, paths), "refiner": portable(refiner, paths), "unet": portable(unet_json, paths)}
     return {**request.settings(paths), "models": models}
+
+
+def job_needs(jobs: Iterable[Job]) -> list[ModelNeed]:
+    """Every model ``jobs`` load (each once), found the way loading finds them: what ``batch --check`` reports."""
+    from .conditions import Stage
+    from .inventory import unique, weights_need
+    from .models import stage_needs
+    from .vae import DECODER_FILES
+
+    needs: list[ModelNeed] = []
+    for job in jobs:
+        needs += stage_needs(job.base, Stage.BASE, unet=job.unet)
+        if job.refiner is not None:
+            needs += stage_needs(job.refiner, Stage.REFINER)
+        if job.request.decoder is not None:
+            needs.append(weights_need("draft decoder", job.request.decoder, DECODER_FILES))
+        for condition in job.request.conditions:
+            needs += condition.model_needs()
+    return unique(needs)
 
 
 def read_jobs(
@@ -516,8 +548,9 @@ class BatchWorker:
             )
             images = [run.images[job.keep]] if job.keep is not None else run.images
             for image, name in zip(images, job.outputs, strict=True):
-                self.outputs.write(name, _png(image))
+                self.outputs.write(name, _png(RecipeImage.wrap(image, {**image.recipe, "job": job.fingerprint})))
             result["files"] = list(job.outputs)
+            result["job"] = job.fingerprint
             result["seeds"] = [image.recipe["seed"] for image in images]
         except SdxlControlError as exc:
             result.update(error=str(exc), error_kind=type(exc).__name__, exit_code=exc.exit_code)
@@ -544,14 +577,29 @@ class BatchSummary:
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
+def made_by(outputs: Outputs, name: str, job: Job) -> bool:
+    """Whether the file ``name`` is a whole PNG that ``job``, as it reads now, made: its recipe records the job's
+    fingerprint (an edited job, a foreign, empty or cut-short file: not)."""
+    if not outputs.exists(name):
+        return False
+    try:
+        data = outputs.read(name)
+        with Image.open(io.BytesIO(data)) as image:
+            recipe = image.info.get(RECIPE_KEY)
+            image.verify()  # every chunk's checksum, to the end: a file cut short fails here
+        return isinstance(recipe, str) and json.loads(recipe).get("job") == job.fingerprint
+    except (OSError, ValueError, SyntaxError, AttributeError):  # PIL's errors for files that are no (whole) PNG
+        return False
+
+
 def pending(jobs: Iterable[Job], outputs: Outputs) -> tuple[list[Job], list[Job]]:
-    """(jobs still to run in group order, jobs whose images all exist). Leftovers of interrupted writes are removed
-    first: they never count as done."""
+    """(jobs still to run in group order, jobs whose outputs are all their own results). Leftovers of interrupted
+    writes are removed first; an output made by another job, or by this job before it was edited, is made again."""
     outputs.remove_partials()
     todo: list[Job] = []
     complete: list[Job] = []
     for job in jobs:
-        (complete if all(outputs.exists(name) for name in job.outputs) else todo).append(job)
+        (complete if all(made_by(outputs, name, job) for name in job.outputs) else todo).append(job)
     return sorted(todo, key=lambda j: j.group), complete
 
 
@@ -568,25 +616,44 @@ def drive(
     batch ends or fails), record each result under a progress bar, and leave no temporary file behind."""
     todo, complete = pending(jobs, outputs)
     summary = BatchSummary()
-    recorded = {r.get("id") for r in outputs.results() if r.get("error") is None}
+    recorded = {(r.get("id"), r.get("job")) for r in outputs.results() if r.get("error") is None}
     for job in complete:
         summary.skipped += 1
-        if job.id not in recorded:
+        if (job.id, job.fingerprint) not in recorded:
             outputs.record({"id": job.id, "line": job.line, "files": list(job.outputs), "error": None,
-                            "seconds": None, "resumed": True})  # fmt: skip
-    if todo:
-        with closing(run(todo)) as results:
-            for result in _bar(results, len(todo), progress_bar, len(complete)):
-                outputs.record(result)
-                summary.results.append(dict(result))
-                if result.get("error") is None:
-                    summary.done += 1
-                else:
-                    summary.failed += 1
-                if on_result is not None:
-                    on_result(result)
-    outputs.remove_partials()  # a worker killed while writing leaves its temporary file
+                            "job": job.fingerprint, "seconds": None, "resumed": True})  # fmt: skip
+    try:
+        if todo:
+            with closing(run(todo)) as results:
+                for result in _bar(results, len(todo), progress_bar, len(complete)):
+                    outputs.record(result)
+                    summary.results.append(dict(result))
+                    if result.get("error") is None:
+                        summary.done += 1
+                    else:
+                        summary.failed += 1
+                    if on_result is not None:
+                        on_result(result)
+    finally:
+        with _interrupts_wait():  # a second Ctrl-C does not cut the cleaning up short
+            outputs.remove_partials()  # a worker killed while writing leaves its temporary file
     return summary
+
+
+@contextmanager
+def _interrupts_wait() -> Iterator[None]:
+    """Inside the block, Ctrl-C is held back and raised when it ends (main thread only; elsewhere as usual)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def record_problems(problems: Iterable[JobProblem], outputs: Outputs) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "DEFAULT_BASE", "DEFAULT_REFINER", "DEFAULT_UNION", "DEFAULT_IDENTITY", "DRAFT_DECODER", "FAST_LEVELS",
@@ -45,3 +46,19 @@ FAST_LEVELS = {
     "blocks": "layout + torch.compile of the UNet's repeated transformer blocks",
     "unet": "layout + torch.compile of the whole UNet",
 }
+# Named recipes users know from A1111/ComfyUI, as (diffusers class, config overrides). Data, not code paths.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+}
+# The largest side of an image SDXL is asked for (the checks before anything loads and the request's agree).
+MAX_SIDE = 8192

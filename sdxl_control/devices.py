@@ -12,7 +12,7 @@ import torch
 
 from .errors import DeviceError, InvalidRequestError
 
-__all__ = ["default_device_and_dtype", "placement"]
+__all__ = ["default_device_and_dtype", "check_device", "placement"]
 
 
 def default_device_and_dtype(
@@ -26,6 +26,11 @@ def default_device_and_dtype(
     if dtype is None:
         dtype = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
     return dev, dtype
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """``name`` as a device of this machine; a :class:`DeviceError` now for one it does not have."""
+    return _device(name)
 
 
 def _device(name: str | torch.device) -> torch.device:

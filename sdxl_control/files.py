@@ -197,7 +197,7 @@ def looks_local(text: str) -> bool:
 
 
 def _key(ref: dict[str, Any]) -> str:
-    return f"sha256:{ref['sha256']}" if "file" in ref else f"folder:{ref['folder']}:{ref.get('fingerprint')}"
+    return f"sha256:{ref.get('sha256')}" if "file" in ref else f"folder:{ref['folder']}:{ref.get('fingerprint')}"
 
 
 def _remember(ref: dict[str, Any], path: Path) -> None:
@@ -232,7 +232,9 @@ class Locator:
             raise InputError(f"{what}: the recipe's reference {ref!r} does not name a file")
         candidates = [Path(ref["path"])] if ref.get("path") else []
         candidates += [folder / name for folder in self.folders]
-        known = _load_json(cache_dir() / "places.json").get(_key(ref))
+        # Where this content was last seen: only content that is named (a reference written by hand may not be).
+        named = ref.get("sha256") if "file" in ref else ref.get("fingerprint")
+        known = _load_json(cache_dir() / "places.json").get(_key(ref)) if named else None
         if known:
             candidates.append(Path(known))
         differing = []

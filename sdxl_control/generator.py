@@ -19,9 +19,9 @@ from PIL import Image
 from . import __version__
 from .caches import clear_caches
 from .conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
-from .defaults import DEFAULT_BASE
+from .defaults import DEFAULT_BASE, MAX_SIDE
 from .detailer import FaceDetailer, detail_faces
-from .devices import placement
+from .devices import check_device, placement
 from .errors import IncompatibleModelError, InputError, InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
 from .files import PATH_MODES, Locator, PathMode, portable
@@ -41,7 +41,6 @@ from .validation import check_fields, unknown_keys
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]
 
 TRAIN_TIMESTEPS = 1000  # SDXL's training schedule: no step count or timestep beyond it means anything
-MAX_SIDE = 8192
 MAX_IMAGES = 64
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 # Request fields that are images a user gives: recorded by name and content, found again by a re-run.
@@ -392,7 +391,7 @@ class Generator:
         """
         if device is not None and self._fast is not None and self._fast.fast.fuse_qkv:
             raise InvalidRequestError(_FUSED_CANNOT_MOVE)
-        target = torch.device(device) if device is not None else self._offload
+        target = check_device(device) if device is not None else self._offload
         if target is None:
             return
         self._offload = None if device is None else target

@@ -294,6 +294,7 @@ def load_stage(
     allow, ignore = _hub_patterns(variant)
     path = resolve_source(source, allow=allow, ignore=ignore, revision=revision, cache_dir=cache_dir)
     if path.is_dir():
+        _check_configs(path)
         models = _load_folder(path, str(source), stage, dev, dt, variant)
     elif path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (expected a .safetensors file)")
@@ -302,6 +303,20 @@ def load_stage(
     if unet is not None:
         _load_unet_weights(models, unet, cache_dir)
     return models
+
+
+def _check_configs(folder: Path) -> None:
+    """Refuse a model folder whose JSON files (``model_index.json``, each component's config) do not parse, naming
+    the file: the loaders would fail deep inside with a bare decoding error."""
+    for file in [folder / "model_index.json", *sorted(folder.glob("*/*.json"))]:
+        if not file.is_file():
+            continue
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(
+                f"{file}: not valid JSON ({exc}); the model folder is damaged: fetch it again"
+            ) from None
 
 
 def stage_needs(

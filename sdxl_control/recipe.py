@@ -27,9 +27,10 @@ __all__ = [
 ]  # fmt: skip
 
 RECIPE_KEY = "sdxl-control"
-# What a recipe holds besides the request's own fields: what was run, and what was measured afterwards.
+# What a recipe holds besides the request's own fields: what was run, what was measured afterwards, and (``job``) the
+# fingerprint of the batch job that made it.
 RECORD_KEYS = frozenset(
-    {"version", "seed", "batch_seed", "batch_index", "scheduler", "models", "dtype", "infotext", "measurements"}
+    {"version", "seed", "batch_seed", "batch_index", "scheduler", "models", "dtype", "infotext", "measurements", "job"}
 )
 
 

@@ -10,24 +10,10 @@ from typing import Any
 import diffusers
 import torch
 
+from .defaults import SCHEDULERS
 from .errors import InvalidRequestError
 
 __all__ = ["SCHEDULERS", "make_scheduler", "scheduler_spec", "StageSchedule", "split_schedule"]
-
-# Named recipes users know from A1111/ComfyUI, as (diffusers class, config overrides). Data, not code paths.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
-    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
-}
 
 
 def make_scheduler(model_config: Any, name: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .presets import Preset
 
 __all__ = ["JobSpec", "ResolvedJob", "resolve"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -172,4 +175,10 @@ def _stages(
         refiner = locate.resolve(named, "the job's refiner")
     else:
         refiner = None
-    return resolver.stages(base, refiner, unet, tiny_seed)
+    found = resolver.stages(base, refiner, unet, tiny_seed)
+    # One rule for every front-end: models the job names explicitly are swapped by the policy too (--tiny's
+    # stand-ins), and it is said.
+    for key, asked, used in zip(("base", "refiner", "unet"), (base, refiner, unet), found, strict=True):
+        if given.get(key) and str(asked) != str(used):
+            log.warning("the job's %s %s runs as %s (%s)", key, given[key], used, type(resolver).__name__)
+    return found

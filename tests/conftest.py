@@ -16,6 +16,8 @@ from sdxl_control import Generator  # noqa: E402
 from sdxl_control.testing import TinyModels, tiny_models  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ``SDXL_CONTROL_NO_SHARED=1`` runs the suite as a user's clone, which has no ../shared, does.
+HAVE_SHARED = SHARED.is_dir() and not os.environ.get("SDXL_CONTROL_NO_SHARED")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -38,9 +40,33 @@ def generator(tiny: TinyModels) -> Generator:
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
+    """../shared itself: for the tests whose point is its real files (SCRFD on real photos, TAESD-XL)."""
+    if not HAVE_SHARED:
         pytest.skip(f"../shared/ is not beside this checkout ({SHARED}); it holds the real photos and models")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Photos of people under the names ../shared gives them (obama.jpg, obama2.jpg — the same man —, biden.jpg,
+    two_people.jpg): ../shared's, or, in a clone without it, scikit-image's portraits (registry-shipped real photos):
+    the astronaut, the astronaut framed otherwise, the cameraman, and the two side by side."""
+    if HAVE_SHARED:
+        return SHARED / "images"
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    astronaut = Image.fromarray(data.astronaut())
+    camera = Image.fromarray(data.camera()).convert("RGB")
+    astronaut.save(folder / "obama.jpg", quality=95)
+    astronaut.crop((40, 0, 472, 432)).resize((400, 400)).save(folder / "obama2.jpg", quality=95)
+    camera.save(folder / "biden.jpg", quality=95)
+    pair = Image.new("RGB", (1024, 512))
+    pair.paste(astronaut, (0, 0))
+    pair.paste(camera, (512, 0))
+    pair.save(folder / "two_people.jpg", quality=95)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -50,12 +76,13 @@ def fresh(tiny: TinyModels) -> Generator:
 
 
 @pytest.fixture(scope="session")
-def insightface_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def insightface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """insightface's folder layout with ``antelopev2`` and ``buffalo_l`` packs: the real SCRFD detector from ../shared
-    under each pack's detector name, and a tiny ArcFace-shaped recognition model under its recognition name."""
+    (in a clone without it, the stand-in detector, which finds one face in the middle of any photo) under each pack's
+    detector name, and a tiny ArcFace-shaped recognition model under its recognition name."""
     import shutil
 
-    from sdxl_control.testing.faces import write_tiny_recognition_onnx
+    from sdxl_control.testing.faces import write_tiny_detector_onnx, write_tiny_recognition_onnx
 
     root = tmp_path_factory.mktemp("insightface")
     for name, detector, recognition in (
@@ -64,6 +91,9 @@ def insightface_root(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     ):
         pack = root / "models" / name
         pack.mkdir(parents=True)
-        shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / f"{detector}.onnx")
+        if HAVE_SHARED:
+            shutil.copy(SHARED / "models" / "scrfd_500m_bnkps.onnx", pack / f"{detector}.onnx")
+        else:
+            write_tiny_detector_onnx(pack / f"{detector}.onnx")
         write_tiny_recognition_onnx(pack / f"{recognition}.onnx")
     return root

@@ -5,6 +5,7 @@ call the same Generator still makes exactly the image a fresh one makes."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from sdxl_control import (
     CheckpointError,
     ConditionError,
     DeviceError,
+    IncompatibleModelError,
     InputError,
     InvalidRequestError,
 )
@@ -71,13 +73,31 @@ def files(tiny, tmp_path_factory):
     (folder / "a folder.png").mkdir()
     plain = folder / "plain.png"
     Image.new("RGB", (64, 64)).save(plain)
+    shutil.copytree(tiny.base, folder / "broken-base")
+    (folder / "broken-base" / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel",')
     return SimpleNamespace(
         folder=folder, photo=photo, notes=folder / "notes.png", bomb=_bomb(folder / "bomb.png"), plain=plain,
         empty=folder / "empty.safetensors", lying=folder / "lying.safetensors", evil=folder / "evil.ckpt",
         dir_png=folder / "a folder.png", lora=Path(write_tiny_lora(folder / "lora.safetensors", tiny.base, "kohya")),
         edges=str(tiny_control_models("controlnet-edges")), ip=str(tiny_control_models("ip-adapter")),
-        instantid=str(tiny_control_models("instantid")), base=str(tiny.base),
+        instantid=str(tiny_control_models("instantid")), base=str(tiny.base), broken_base=folder / "broken-base",
+        narrow_photomaker=_narrow_photomaker(folder / "narrow-photomaker.bin", tiny.base),
     )  # fmt: skip
+
+
+def _narrow_photomaker(path: Path, base: Path) -> Path:
+    """A PhotoMaker file whose image encoder is 32 wide: narrower than one of CLIP's 64-wide attention heads."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdxl_control.testing.photomaker import TINY_CLIP, write_photomaker_checkpoint
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    write_photomaker_checkpoint(path, unet, "v1", widths=(32, 32), **TINY_CLIP)
+    state = torch.load(path, weights_only=True)
+    state["id_encoder"]["vision_model.embeddings.class_embedding"] = torch.zeros(32)
+    torch.save(state, path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +197,13 @@ API_CASES = [
      "unknown preset 'lightning-4-step'"),
     ("interrupted-mid-run", lambda g, f: g.generate("x", conditions=[LoRA(str(f.lora)), _cn(f)],
      progress=_interrupt, **GOOD), KeyboardInterrupt, ""),
+    ("control-map-extreme-aspect", lambda g, f: g.generate("x", conditions=[ControlNet(f.edges, image=np.zeros(
+        (16, 4000, 3), np.uint8))], **GOOD), ConditionError, "would be stretched 250.0 times out of shape"),
+    ("offload-to-a-missing-device", lambda g, f: g.set_offload("cuda:99"), DeviceError, "cuda:99"),
+    ("model-config-not-json", lambda g, f: Generator.from_pretrained(f.broken_base), CheckpointError,
+     "unet/config.json: not valid JSON"),
+    ("photomaker-narrow-encoder", lambda g, f: g.generate("a photo of a man img", conditions=[PhotoMaker(
+        str(f.photo), weights=str(f.narrow_photomaker))], **GOOD), IncompatibleModelError, "32-wide"),
 ]  # fmt: skip
 
 
@@ -237,11 +264,10 @@ CLI_CASES = [
     ("image-bomb", lambda f: ["x", "--tiny", "--edges", str(f.bomb)], 3, "too large to decode safely"),
     ("image-folder", lambda f: ["x", "--tiny", "--edges", str(f.folder)], 3, "is a folder, not an image"),
     ("image-missing", lambda f: ["x", "--tiny", "--face", str(f.folder / "me.jpg")], 3, "--face: no such file"),
-    ("tiny-and-base", lambda f: ["x", "--tiny", "--base", "stabilityai/stable-diffusion-xl-base-1.0"], 2,
-     "--tiny uses the built-in tiny models"),
+    ("model-config-not-json", lambda f: ["x", "--base", str(f.broken_base), "--size", "64x64"], 4,
+     "unet/config.json: not valid JSON"),
     ("inputs-from-alone", lambda f: ["x", "--tiny", "--inputs-from", str(f.folder)], 2, "give --recipe"),
     ("no-prompt", lambda f: ["--tiny"], 2, "a prompt is required"),
-    ("size-huge", lambda f: ["x", "--tiny", "--size", "100000x64"], 2, "beyond 8192 pixels"),
     ("steps-huge", lambda f: ["x", "--tiny", "--steps", "5000"], 2, "from 1 to 1000"),
     ("scheduler-typo", lambda f: ["x", "--tiny", "--scheduler", "dpmpp2m"], 2, "(did you mean 'dpmpp_2m'?)"),
     ("faceid-variant-typo", lambda f: ["x", "--tiny", "--face", str(f.photo), "--face-variant", "plusv3"], 2,
@@ -282,6 +308,9 @@ def test_cli_answers_with_the_exit_code_of_the_error_class(tiny, files, capsys, 
      (["generate", "x", "--edges-window", "0.8:0.2"], "a window needs 0 <= start < end <= 1"),
      (["generate", "x", "--steps", "many"], "expected a whole number, got 'many'"),
      (["generate", "x", "--size=-64x64"], "size must be positive"),
+     (["generate", "x", "--size", "1000x1001"], "size must be positive multiples of 8, got 1000x1001"),
+     (["generate", "x", "--size", "100000x64"], "beyond 8192 pixels"),
+     (["generate", "x", "--edges", "a.png", "--edges", "b.png"], "--edges was given twice"),
      (["generate", "x", "--dtype", "fp8"], "invalid choice: 'fp8'")],
 )  # fmt: skip
 def test_argument_errors_exit_2(argv, words, capsys):

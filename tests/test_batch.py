@@ -169,6 +169,8 @@ def test_png_recipes_and_dry_run_output_are_jobs(tmp_path, tiny, capsys):
         again, before = Image.open(out / f"{job}.png"), Image.open(tmp_path / original)
         assert np.array_equal(np.asarray(again), np.asarray(before)), job
         again_recipe, before_recipe = json.loads(again.info["sdxl-control"]), json.loads(before.info["sdxl-control"])
+        # The batch adds the job's fingerprint, as its result line records it.
+        assert again_recipe.pop("job") == next(r["job"] for r in _results(out) if r["id"] == job)
         assert again_recipe == before_recipe, job
 
 
@@ -261,12 +263,12 @@ def test_ray_writes_the_embedded_images_even_when_a_worker_is_killed(inputs, tin
     assert killed[0] not in workers and len(workers) == 2
 
 
-def test_the_readme_example_jobs_are_valid(tmp_path, tiny, shared_dir):
+def test_the_readme_example_jobs_are_valid(tmp_path, tiny, photos_dir):
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text[text.index("## Batches") :]
     block = section[section.index("```json\n") + 8 :]
     lines = block[: block.index("```")].strip().splitlines()
-    photo = shared_dir / "images" / "obama.jpg"
+    photo = photos_dir / "obama.jpg"
     (tmp_path / "me.jpg").write_bytes(photo.read_bytes())
     Image.open(photo).save(tmp_path / "edges.png")
     jobs, problems = read_jobs(_write_jobs(tmp_path, lines), resolver=TinyResolver())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdxl_control import read_recipe
@@ -37,8 +38,9 @@ def test_preset_and_explicit_options(tiny, tmp_path):
 
 
 def test_errors_exit_with_their_class_code_and_a_message(tiny, tmp_path, capsys):
-    assert main(["generate", "x", "--tiny", "--size", "100x64", "-o", str(tmp_path / "x.png")]) == 2
-    assert "multiples of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # refused as the flag is read, before torch is imported
+        main(["generate", "x", "--tiny", "--size", "100x64", "-o", str(tmp_path / "x.png")])
+    assert exited.value.code == 2 and "multiples of 8" in capsys.readouterr().err
     assert main(["generate", "x", "--base", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 4
     assert "no such file or folder" in capsys.readouterr().err
 
@@ -118,17 +120,10 @@ def test_loras_from_the_cli_and_their_recipe(tiny, tmp_path, capsys):
     assert "hf download ByteDance/SDXL-Lightning sdxl_lightning_4step_lora.safetensors" in capsys.readouterr().err
 
 
-def test_style_reference_and_face_from_the_cli(tiny, tmp_path, shared_dir):
-    import shutil
-
-    from sdxl_control.testing.faces import write_tiny_recognition_onnx
-
-    pack = tmp_path / "pack"
-    pack.mkdir()
-    shutil.copy(shared_dir / "models" / "scrfd_500m_bnkps.onnx", pack / "det.onnx")
-    write_tiny_recognition_onnx(pack / "rec.onnx")
+def test_style_reference_and_face_from_the_cli(tiny, tmp_path, photos_dir, insightface_root):
+    pack = insightface_root / "models" / "buffalo_l"
     out, again = tmp_path / "refs.png", tmp_path / "again.png"
-    face = str(shared_dir / "images" / "obama.jpg")
+    face = str(photos_dir / "obama.jpg")
     args = ["generate", "a portrait", "--tiny", "--steps", "3", "--seed", "2", "-q", "--style", face, "--reference", face,
             "--reference-layers", "composition", "--face", face, "--face-pack", str(pack), "--face-variant", "faceid"]  # fmt: skip
     assert main([*args, "-o", str(out)]) == 0
@@ -152,9 +147,9 @@ def test_speed_and_memory_flags_keep_the_image(tiny, tmp_path):
     assert np.abs(plain - tiled).max() > 0 and read_recipe(tmp_path / "tiled.png")["vae_tiling"] is True
 
 
-def test_instantid_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, caplog):
+def test_instantid_from_the_cli(tiny, tmp_path, photos_dir, insightface_root, caplog):
     pack = insightface_root / "models" / "antelopev2"
-    obama, biden = str(shared_dir / "images" / "obama.jpg"), str(shared_dir / "images" / "biden.jpg")
+    obama, biden = str(photos_dir / "obama.jpg"), str(photos_dir / "biden.jpg")
     out, again = tmp_path / "iid.png", tmp_path / "again.png"
     args = ["generate", "a portrait", "--tiny", "--steps", "3", "--seed", "2", "-q", "--identity", "instantid",
             "--face", obama, "--face-keypoints", biden, "--face-scale", "0.7", "--identitynet-scale", "0.6",
@@ -211,15 +206,18 @@ def test_preprocess_face_and_score(tiny, tmp_path, shared_dir, insightface_root,
     assert lines[0] == f"{obama}  1.0000"
     assert lines[1] == f"{biden}  {identity_similarity(obama, biden, pack=pack):.4f}"
     Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "grey.png")
-    assert main(["score", "--face", obama, str(tmp_path / "grey.png"), "--face-pack", pack]) == 5
-    assert "no face found in" in capsys.readouterr().err
+    # An image without a face is reported, and the others are scored still.
+    assert main(["score", "--face", obama, str(tmp_path / "grey.png"), obama, "--face-pack", pack]) == 5
+    captured = capsys.readouterr()
+    assert "no face found in" in captured.err
+    assert captured.out.splitlines() == [f"{tmp_path / 'grey.png'}  -", f"{obama}  1.0000"]
     assert main(["generate", "x", "--tiny", "--score", "-o", str(tmp_path / "x.png")]) == 2
     assert "--score needs --face" in capsys.readouterr().err
 
 
-def test_pulid_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, capsys):
+def test_pulid_from_the_cli(tiny, tmp_path, photos_dir, insightface_root, capsys):
     pack = str(insightface_root / "models" / "antelopev2")
-    obama = str(shared_dir / "images" / "obama.jpg")
+    obama = str(photos_dir / "obama.jpg")
     base = ["generate", "a portrait", "--tiny", "--steps", "2", "--size", "64x64", "--seed", "4", "-q",
             "--identity", "pulid", "--face", obama, "--face-pack", pack]  # fmt: skip
     out = tmp_path / "v1.png"
@@ -232,8 +230,8 @@ def test_pulid_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, capsys
     assert "--identity-mode: for --identity pulid, not instantid" in capsys.readouterr().err
 
 
-def test_photomaker_from_the_cli(tiny, tmp_path, shared_dir, insightface_root, capsys):
-    obama = str(shared_dir / "images" / "obama.jpg")
+def test_photomaker_from_the_cli(tiny, tmp_path, photos_dir, insightface_root, capsys):
+    obama = str(photos_dir / "obama.jpg")
     out = tmp_path / "pm.png"
     args = ["generate", "a photo of a man img, smiling", "--tiny", "--steps", "4", "--seed", "3", "-q", "--identity",
             "photomaker", "--face", obama, "--face-pack", str(insightface_root / "models" / "buffalo_l"),

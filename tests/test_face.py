@@ -79,7 +79,8 @@ def test_missing_pack_says_where_and_how(tmp_path):
         FaceAnalyzer("buffalo_l", root=tmp_path)
 
 
-def test_faceid_from_a_photo(generator, tiny, pack, astronaut, tmp_path):
+def test_faceid_from_a_photo(generator, tiny, insightface_root, astronaut, tmp_path):
+    pack = insightface_root / "models" / "buffalo_l"  # the real detector, or the stand-in in a clone without ../shared
     repo = write_tiny_faceid_repo(tmp_path / "faceid", tiny.base)
     run = dict(steps=4, size=(64, 64), seed=2, progress_bar=False)
     from_photo = generator.generate(

@@ -260,8 +260,8 @@ def _reference_face(root, photo):
 
 
 @pytest.mark.parametrize("name", ["obama.jpg", "biden.jpg", "two_people.jpg"])
-def test_face_analysis_and_keypoints_equal_the_reference(insightface_root, shared_dir, name):
-    photo = shared_dir / "images" / name
+def test_face_analysis_and_keypoints_equal_the_reference(insightface_root, photos_dir, name):
+    photo = photos_dir / name
     ours = FaceAnalyzer("antelopev2", root=insightface_root).analyze(photo)
     theirs = _reference_face(insightface_root, photo)
     np.testing.assert_array_equal(ours.embedding, theirs["embedding"])  # raw, not normalised
@@ -278,11 +278,11 @@ def test_face_analysis_and_keypoints_equal_the_reference(insightface_root, share
     assert np.array_equal(np.asarray(keypoint_image(placed, out)), np.asarray(draw_kps(Image.new("RGB", out), placed)))
 
 
-def test_photo_identity_file_and_keypoints_from(generator, repo, insightface_root, shared_dir, tmp_path):
-    obama, biden = shared_dir / "images" / "obama.jpg", shared_dir / "images" / "biden.jpg"
+def test_photo_identity_file_and_keypoints_from(generator, repo, insightface_root, photos_dir, tmp_path):
+    obama, biden = photos_dir / "obama.jpg", photos_dir / "biden.jpg"
     common = dict(source=str(repo), face_root=str(insightface_root))
     direct = generator.generate(PROMPT, conditions=[InstantID(str(obama), **common)], **RUN)
-    saved = save_identity(tmp_path / "me.safetensors", [str(obama)], root=insightface_root)
+    saved = save_identity(tmp_path / "me.safetensors", [str(obama)], face_root=insightface_root)
     assert (
         saved.embeddings.shape == (1, 512) and saved.image_size == Image.open(obama).size and saved.pack == "antelopev2"
     )
@@ -302,13 +302,13 @@ def test_photo_identity_file_and_keypoints_from(generator, repo, insightface_roo
     assert Identity.load(tmp_path / "me.safetensors").keypoints.shape == (5, 2)
 
 
-def test_faces_are_analysed_once_per_photo(insightface_root, shared_dir, monkeypatch, tmp_path):
+def test_faces_are_analysed_once_per_photo(insightface_root, photos_dir, monkeypatch, tmp_path):
     import sdxl_control.preprocessors.face as face_module
 
     calls = []
     original = face_module._detect_at
     monkeypatch.setattr(face_module, "_detect_at", lambda *a: calls.append(a[2]) or original(*a))
-    photo = ImageOps.mirror(Image.open(shared_dir / "images" / "obama2.jpg"))  # pixels no other test analyses
+    photo = ImageOps.mirror(Image.open(photos_dir / "obama2.jpg"))  # pixels no other test analyses
     photo.save(tmp_path / "mirrored.png")
     first = FaceAnalyzer("antelopev2", root=insightface_root).analyze(photo)
     second = FaceAnalyzer("antelopev2", root=insightface_root).analyze(photo.copy())  # another object, same pixels
@@ -357,7 +357,7 @@ def test_missing_pack_names_the_folder_and_the_hand_download(generator, repo, tm
         generator.generate(PROMPT, conditions=[InstantID(str(photo), source=str(repo), face_root=str(tmp_path))], **RUN)
 
 
-def test_pack_unzipped_into_a_folder_of_its_own_is_found(insightface_root, shared_dir, tmp_path):
+def test_pack_unzipped_into_a_folder_of_its_own_is_found(insightface_root, tmp_path):
     nested = tmp_path / "models" / "antelopev2" / "antelopev2"
     shutil.copytree(insightface_root / "models" / "antelopev2", nested)
     assert FaceAnalyzer("antelopev2", root=tmp_path).folder == nested
@@ -395,10 +395,10 @@ def test_wrong_checkpoints_are_refused(generator, tiny, repo, faces, tmp_path):
         )
 
 
-def test_identity_similarity_is_the_cosine_of_the_arcface_embeddings(insightface_root, shared_dir):
+def test_identity_similarity_is_the_cosine_of_the_arcface_embeddings(insightface_root, photos_dir):
     from sdxl_control.preprocessors.face import identity_similarity
 
-    obama, obama2, biden = (shared_dir / "images" / n for n in ("obama.jpg", "obama2.jpg", "biden.jpg"))
+    obama, obama2, biden = (photos_dir / n for n in ("obama.jpg", "obama2.jpg", "biden.jpg"))
     assert identity_similarity(obama, obama, root=insightface_root) == pytest.approx(1.0, abs=1e-6)
     a, b = (_reference_face(insightface_root, p)["embedding"] for p in (obama2, biden))
     expected = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

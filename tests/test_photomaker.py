@@ -52,8 +52,8 @@ def files(gen, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photos(shared_dir):
-    return [str(shared_dir / "images" / n) for n in ("obama.jpg", "obama2.jpg", "biden.jpg")]
+def photos(photos_dir):
+    return [str(photos_dir / n) for n in ("obama.jpg", "obama2.jpg", "biden.jpg")]
 
 
 def reference_pipe(wide, path, version):
@@ -304,11 +304,11 @@ def test_stacks_with_controlnet_style_and_lora(gen, wide, files, photos, tmp_pat
 def test_identity_file(gen, files, photos, insightface_root, tmp_path):
     root = str(insightface_root)
     direct = gen.generate(PROMPT, conditions=[PhotoMaker(photos[:2], weights=str(files["v2"]), face_root=root)], **RUN)
-    save_identity(tmp_path / "me.safetensors", photos[:2], pack="buffalo_l", root=root, photomaker=True)
+    save_identity(tmp_path / "me.safetensors", photos[:2], face_pack="buffalo_l", face_root=root, photomaker=True)
     saved = gen.generate(PROMPT, conditions=[PhotoMaker(identity=str(tmp_path / "me.safetensors"),
                                                         weights=str(files["v2"]))], **RUN)  # fmt: skip
     assert torch.equal(saved.latents, direct.latents)
-    save_identity(tmp_path / "ante.safetensors", photos[:1], root=root, photomaker=True)
+    save_identity(tmp_path / "ante.safetensors", photos[:1], face_root=root, photomaker=True)
     with pytest.raises(ConditionError, match="holds antelopev2 face embeddings; PhotoMaker v2 reads buffalo_l's"):
         gen.generate(PROMPT, conditions=[PhotoMaker(identity=str(tmp_path / "ante.safetensors"),
                                                     weights=str(files["v2"]))], **RUN)  # fmt: skip

@@ -58,8 +58,8 @@ def models(gen, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photos(shared_dir):
-    return {name: shared_dir / "images" / f"{name}.jpg" for name in ("obama", "obama2", "biden", "two_people")}
+def photos(photos_dir):
+    return {name: photos_dir / f"{name}.jpg" for name in ("obama", "obama2", "biden", "two_people")}
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ def test_batches_of_images_equal_single_images(gen, models, insightface_root, ph
 def test_identity_file_keeps_the_person(gen, models, insightface_root, photos, tmp_path):
     c = common(models, insightface_root)
     direct = gen.generate(PROMPT, conditions=[PuLID(str(photos["obama"]), version="v1", **c)], **RUN)
-    saved = save_identity(tmp_path / "me.safetensors", [str(photos["obama"])], root=insightface_root, pulid=True,
+    saved = save_identity(tmp_path / "me.safetensors", [str(photos["obama"])], face_root=insightface_root, pulid=True,
                           eva=models["eva"], parsing=models["parsing"])  # fmt: skip
     assert saved.eva_cls.shape == (1, 16) and saved.eva_hidden.shape == (1, 5, 17, 128)
     loaded = Identity.load(tmp_path / "me.safetensors")
@@ -235,7 +235,7 @@ def test_identity_file_keeps_the_person(gen, models, insightface_root, photos, t
                              **RUN)  # fmt: skip
     assert torch.equal(from_file.latents, direct.latents)
     # The same file serves InstantID (its embeddings and keypoints); one saved without PuLID's features is refused.
-    save_identity(tmp_path / "plain.safetensors", [str(photos["obama"])], root=insightface_root)
+    save_identity(tmp_path / "plain.safetensors", [str(photos["obama"])], face_root=insightface_root)
     with pytest.raises(ConditionError, match="holds no EVA-CLIP face features.*pulid=True"):
         gen.generate(PROMPT, conditions=[PuLID(identity=str(tmp_path / "plain.safetensors"), **keep)], **RUN)
 

@@ -207,8 +207,9 @@ def test_a_text_to_image_recipe_records_no_start_fields(generator):
     [
         ({"strength": 0.5}, "strength is for a request that starts from an image"),
         ({"mask": "IMG"}, "mask is for a request that starts from an image"),
-        ({"init_image": "IMG", "strength": 0.0}, r"strength must lie in \(0, 1\]"),
-        ({"init_image": "IMG", "strength": 1.5}, r"strength must lie in \(0, 1\]"),
+        ({"init_image": "IMG", "strength": 0.0}, "strength 0 keeps the init image as it is: give a hires fix"),
+        ({"init_image": "IMG", "strength": 1.5}, r"strength must lie in \[0, 1\]"),
+        ({"init_image": "IMG", "strength": -0.1}, r"strength must lie in \[0, 1\]"),
         ({"init_image": "IMG", "mask": "IMG", "mask_blur": -1}, "mask_blur is a radius"),
         ({"init_image": "IMG", "mask": "IMG", "padding_mask_crop": 8, "refiner_switch": 0.8}, "base alone"),
     ],

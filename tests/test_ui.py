@@ -103,14 +103,14 @@ def _status(page):
     return page.locator("#status").inner_text()
 
 
-def test_generate_in_a_real_browser(page_url, browser, shared_dir, tmp_path, reference):
+def test_generate_in_a_real_browser(page_url, browser, photos_dir, tmp_path, reference):
     from sdxl_control import GenerationRequest
     from sdxl_control.recipe import read_recipe
 
     page = _open(browser, page_url)
     _fill(page, "a portrait in watercolour", seed=123, steps=8)
-    page.locator("#faces input[type=file]").set_input_files(str(shared_dir / "images" / "obama.jpg"))
-    page.locator("#style input[type=file]").set_input_files(str(shared_dir / "images" / "biden.jpg"))
+    page.locator("#faces input[type=file]").set_input_files(str(photos_dir / "obama.jpg"))
+    page.locator("#style input[type=file]").set_input_files(str(photos_dir / "biden.jpg"))
     page.wait_for_timeout(500)
     page.click("#generate")
     links = _downloads(page)

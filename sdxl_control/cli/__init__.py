@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -83,7 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(args)
         return _COMMANDS[args.command](args, resolver_for(getattr(args, "tiny", False)))
     except KeyboardInterrupt:
-        return _fail("interrupted (images not finished were not written)", EXIT_INTERRUPTED, debug)
+        main_thread = threading.current_thread() is threading.main_thread()
+        # A second Ctrl-C changes nothing: the process ends with 130 (an in-process caller, who passed argv, gets its
+        # handler back).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            return _fail("interrupted (images not finished were not written)", EXIT_INTERRUPTED, debug)
+        finally:
+            if previous is not None and argv is not None:
+                signal.signal(signal.SIGINT, previous)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python would report the failed flush at exit otherwise
         return EXIT_BROKEN_PIPE

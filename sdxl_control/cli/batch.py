@@ -77,8 +77,16 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
     for problem in problems:
         sys.stderr.write(f"{args.jobs}: {problem}\n")
     if args.check:
+        from ..batch import job_needs
+        from ..errors import ModelError
+        from ..inventory import report
+
         sys.stdout.write(f"{len(jobs)} job(s) valid, {len(problems)} not\n")
-        return 0 if not problems else InvalidRequestError.exit_code
+        table, present = report(job_needs(jobs))
+        sys.stdout.write(f"models: {'all present' if present else 'some missing'}\n{table}\n")
+        if problems:
+            return InvalidRequestError.exit_code
+        return 0 if present else ModelError.exit_code
     if problems and not args.skip_invalid:
         raise InvalidRequestError(
             f"{len(problems)} of {len(jobs) + len(problems)} job(s) are not valid (listed above); nothing was run. "

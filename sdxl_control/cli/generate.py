@@ -19,12 +19,13 @@ from ..defaults import (
     DEFAULT_UNION,
     DRAFT_DECODER,
     FAST_LEVELS,
+    SCHEDULERS,
     STRUCTURE_CONTROLS,
 )
 from ..errors import InvalidRequestError, SdxlControlError
 from ..presets import available_presets
 from . import options
-from .options import DTYPES, count, number, window
+from .options import DTYPES, Once, count, number, window
 
 if TYPE_CHECKING:
     from ..conditions import Condition
@@ -47,9 +48,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=count, help="denoising steps over both stages (default 30)")
     gen.add_argument("--guidance", type=number, help="classifier-free guidance scale; <= 1 turns it off (default 5)")
     gen.add_argument("--refiner-switch", type=number, help="fraction of the schedule the base runs before the refiner")
-    gen.add_argument("--size", type=options.size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
+    gen.add_argument("--size", type=options.request_size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
     gen.add_argument("--num-images", type=count, help="images in the batch, seeds seed, seed+1, ...")
-    gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun, ... or a class")
+    gen.add_argument("--scheduler", help=f"{', '.join(SCHEDULERS)}, or a diffusers scheduler class name")
     gen.add_argument(
         "--preset",
         metavar="NAME|FILE",
@@ -199,17 +200,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ControlNets (several may be combined)")
     for name, control in STRUCTURE_CONTROLS.items():
-        group.add_argument(f"--{name}", metavar="PHOTO", help=f"guide by the {control.preprocessor} map of this photo")
-        group.add_argument(f"--{name}-map", metavar="MAP", help=f"guide by this ready {name} map (no preprocessing)")
-        group.add_argument(f"--{name}-model", metavar="MODEL", help=f"ControlNet for {name} (default {control.model})")
-        group.add_argument(f"--{name}-scale", type=number, default=1.0, metavar="S", help="its strength (default 1)")
-        group.add_argument(
-            f"--{name}-window",
-            type=window,
-            default=(0.0, 1.0),
-            metavar="START:END",
-            help="fractions of the schedule where it acts (default 0:1)",
-        )
+        group.add_argument(f"--{name}", action=Once, metavar="PHOTO",
+                           help=f"guide by the {control.preprocessor} map of this photo")  # fmt: skip
+        group.add_argument(f"--{name}-map", action=Once, metavar="MAP",
+                           help=f"guide by this ready {name} map (no preprocessing)")  # fmt: skip
+        group.add_argument(f"--{name}-model", action=Once, metavar="MODEL",
+                           help=f"ControlNet for {name} (default {control.model})")  # fmt: skip
+        group.add_argument(f"--{name}-scale", action=Once, type=number, default=1.0, metavar="S",
+                           help="its strength (default 1)")  # fmt: skip
+        group.add_argument(f"--{name}-window", action=Once, type=window, default=(0.0, 1.0), metavar="START:END",
+                           help="fractions of the schedule where it acts (default 0:1)")  # fmt: skip
     group.add_argument(
         "--union",
         nargs="?",
@@ -457,8 +457,8 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
 
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
-    if args.tiny and (args.base or args.refiner):
-        raise InvalidRequestError("--tiny uses the built-in tiny models: give it, or --base/--refiner, not both")
+    if args.grid and args.recipe is None and (args.num_images or 1) < 2:
+        raise InvalidRequestError("--grid makes a contact sheet of a batch: give --num-images 2 or more")
     options.output_paths(args.output, 1)  # now, before the seconds torch takes to import; again below for a batch
     if args.score and not args.face:
         raise InvalidRequestError("--score needs --face")
@@ -503,10 +503,13 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         faces = f"  faces: {detailed['found']} found, {detailed['repainted']} repainted" if detailed else ""
         sys.stdout.write(f"{path}  seed={image.recipe['seed']}{faces}\n")
     if args.grid and len(images) > 1:
+        from ..recipe import RecipeImage
         from ..sheet import contact_sheet
 
         grid = outputs[0].with_name(f"{outputs[0].stem}-grid.png")
-        options.save(contact_sheet(images, [f"seed {image.recipe['seed']}" for image in images]), grid)
+        sheet = contact_sheet(images, [f"seed {image.recipe['seed']}" for image in images])
+        # The sheet carries the batch's recipe (its first image's: --recipe re-makes the batch, keeping that one).
+        options.save(RecipeImage.wrap(sheet, images[0].recipe), grid)
         sys.stdout.write(f"{grid}  contact sheet\n")
     return 0
 

@@ -28,6 +28,18 @@ __all__ = [
 DTYPES = ("fp16", "bf16", "fp32")
 
 
+class Once(argparse.Action):
+    """A flag that takes one value and is refused when given again (the last would silently win)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option: str | None = None) -> None:  # fmt: skip
+        seen: set[str] = getattr(namespace, "_given_once", set())
+        if self.dest in seen:
+            parser.error(f"{option} was given twice: it takes one value (several ControlNets: different flags)")
+        namespace._given_once = seen | {self.dest}
+        setattr(namespace, self.dest, values)
+
+
 def size(text: str) -> tuple[int, int]:
     try:
         width, _, height = text.lower().partition("x")
@@ -37,6 +49,20 @@ def size(text: str) -> tuple[int, int]:
     if min(value) <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return value
+
+
+def request_size(text: str) -> tuple[int, int]:
+    """An image size as a request takes it, checked as it is read (not after the seconds torch takes to import)."""
+    from ..defaults import MAX_SIDE
+
+    width, height = size(text)
+    if width % 8 or height % 8:
+        raise argparse.ArgumentTypeError(f"size must be positive multiples of 8, got {width}x{height}")
+    if max(width, height) > MAX_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"size {width}x{height} is beyond {MAX_SIDE} pixels a side, which SDXL cannot fill"
+        )
+    return width, height
 
 
 def number(text: str) -> float:

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ..defaults import STRUCTURE_CONTROLS
 from ..errors import InvalidRequestError
 from . import options
 
@@ -22,9 +23,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     pre.add_argument(
         "kind",
-        choices=["canny", "depth", "pose", "face", "faces"],
-        help="face: the keypoint map InstantID's IdentityNet sees; faces: the photo with each detected "
-        "face's box, landmarks and score (green: the largest, which identity methods use)",
+        choices=[*STRUCTURE_CONTROLS, "canny", "face", "faces"],
+        help="edges (canny), depth, pose: the map the generate flag of that name guides by; face: the keypoint map "
+        "InstantID's IdentityNet sees; faces: the photo with each detected face's box, landmarks and score (green: "
+        "the largest, which identity methods use)",
     )
     pre.add_argument("photo", help="the photo")
     pre.add_argument("-o", "--output", required=True, help="output image (PNG)")
@@ -47,17 +49,18 @@ def face_pack(args: argparse.Namespace, resolver: Resolver) -> str:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     from ..preprocessors import preprocess
 
+    kind = STRUCTURE_CONTROLS[args.kind].preprocessor if args.kind in STRUCTURE_CONTROLS else args.kind
     (output,) = options.output_paths(args.output, 1)
     given: dict[str, Any] = {}
-    if args.kind in ("face", "faces"):
+    if kind in ("face", "faces"):
         given = {
             "pack": face_pack(args, resolver),
-            **({"size": args.size} if args.size and args.kind == "face" else {}),
+            **({"size": args.size} if args.size and kind == "face" else {}),
         }
     elif args.size:
         raise InvalidRequestError("--size is for the face keypoint map")
     else:
-        given = resolver.preprocess_options(args.kind)
-    preprocess(args.kind, args.photo, **given).save(output)
+        given = resolver.preprocess_options(kind)
+    preprocess(kind, args.photo, **given).save(output)
     sys.stdout.write(f"{output}\n")
     return 0

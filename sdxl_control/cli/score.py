@@ -24,9 +24,21 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
-    from ..preprocessors.face import identity_similarity
+    """Each image's score on its line; an image without a face (or unreadable) is reported on stderr, and the others
+    are scored still: the exit code is then that of the first problem."""
+    from ..errors import FaceNotFoundError, InputError
+    from ..preprocessors.face import analyze_faces, identity_similarity
 
+    pack = face_pack(args, resolver)
+    analyze_faces([args.face], pack)  # the reference photo's own problems end the command at once
+    first_problem = 0
     for image in args.images:
-        value = identity_similarity(args.face, image, pack=face_pack(args, resolver))
+        try:
+            value = identity_similarity(args.face, image, pack=pack)
+        except (FaceNotFoundError, InputError) as exc:
+            sys.stdout.write(f"{image}  -\n")
+            sys.stderr.write(f"sdxl-control: {exc}\n")
+            first_problem = first_problem or exc.exit_code
+            continue
         sys.stdout.write(f"{image}  {value:.4f}\n")
-    return 0
+    return first_problem

@@ -34,11 +34,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
-    from ..errors import InvalidRequestError
     from ..ui import UiConfig, build_app
 
-    if args.tiny and (args.base or args.refiner):
-        raise InvalidRequestError("--tiny serves the built-in tiny models: give it, or --base/--refiner, not both")
     config = UiConfig(
         resolver=resolver,
         base=args.base,
