@@ -47,6 +47,13 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_detector() -> bool:
+    """Whether ``insightface_root`` holds the real SCRFD detector (it finds no face where there is none); the
+    stand-in of a clone without ../shared finds one in any picture."""
+    return HAVE_SHARED
+
+
+@pytest.fixture(scope="session")
 def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Photos of people under the names ../shared gives them (obama.jpg, obama2.jpg — the same man —, biden.jpg,
     two_people.jpg): ../shared's, or, in a clone without it, scikit-image's portraits (registry-shipped real photos):

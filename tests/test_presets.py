@@ -198,7 +198,7 @@ def test_dry_run_matches_the_golden_file(name, files, capsys, monkeypatch):
 
 def _photos_by_name(value, files):
     if isinstance(value, dict):
-        if value.get("file") in files:
+        if value.get("file") in {Path(f).name for f in files.values()}:
             return {"file": value["file"]}
         return {k: _photos_by_name(v, files) for k, v in value.items()}
     if isinstance(value, list):

@@ -222,6 +222,15 @@ def test_the_page_is_an_http_api(page_url, tmp_path):
     assert recipe["detailer"]["strength"] == 0.3 and "found" in recipe["measurements"]["detailer"]
 
 
+def _brush_share(png: bytes) -> float:
+    """The share of a screenshot in the editor's default brush colour (a saturated red)."""
+    import io
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    return float(red.mean())
+
+
 def test_a_mask_painted_in_the_page_repaints_that_area(page_url, ui_outputs, browser, tmp_path, reference):
     """Start from an image in the page, paint a stroke over its left part with the editor's brush: the page saves the
     stroke as the mask, the recipe names it, and the image equals the library's inpainting with that mask."""
@@ -235,15 +244,20 @@ def test_a_mask_painted_in_the_page_repaints_that_area(page_url, ui_outputs, bro
     page.get_by_text("Start from an image").click()
     editor = page.locator("#init-image")
     editor.locator("input[type=file]").first.set_input_files(str(init))
-    page.wait_for_timeout(1000)
+    editor.get_by_text("Upload an image").wait_for(state="hidden")  # the picture is in the editor
+    page.wait_for_timeout(500)
     # The brush is the editor's tool from the start; the picture sits in the middle of the editor (at its zoom).
     box = editor.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 60, cy - 50)
-    page.mouse.down()
-    for k in range(1, 11):  # a stroke down the left part of the picture
-        page.mouse.move(cx - 60, cy - 50 + 9 * k, steps=2)
-    page.mouse.up()
+    for _ in range(3):  # a stroke begun while the editor still settles is lost: draw until it shows
+        page.mouse.move(cx - 60, cy - 50)
+        page.mouse.down()
+        for k in range(1, 11):  # a stroke down the left part of the picture
+            page.mouse.move(cx - 60, cy - 50 + 9 * k, steps=2)
+        page.mouse.up()
+        page.wait_for_timeout(500)
+        if _brush_share(editor.screenshot()) > 0.04:
+            break
     page.wait_for_timeout(500)
     editor.screenshot(path=str(SCREENSHOTS / "ui-painted-mask.png"))
     page.click("#generate")
