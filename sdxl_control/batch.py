@@ -179,6 +179,8 @@ def _fetched(uri: str) -> str:
         staging.mkdir(parents=True)
         try:
             if info.type == arrow_fs.FileType.Directory:
+                # pyarrow creates the subfolders it copies into, not the top one.
+                (staging / info.base_name).mkdir()
                 arrow_fs.copy_files(path, str(staging / info.base_name), source_filesystem=remote)
             else:
                 with remote.open_input_stream(path) as stream, open(staging / info.base_name, "wb") as file:

@@ -64,10 +64,10 @@ class GenerationRequest:
 
     ``init_image`` (a path, PIL image or array) starts from an image instead of noise: ``strength`` (0 to 1, default
     0.75 — A1111's) is how much of the schedule runs from it, entered at ``1 - strength`` as diffusers does, so
-    ``int(steps * strength)`` steps run. ``mask`` (white: repaint; a path, PIL image or array) repaints only its area,
-    with a regular UNet (the original put back outside the mask after every step) or an inpainting UNet (9 input
-    channels); its ``strength`` defaults to 1 and ``mask_blur`` (pixels) feathers its edge. See
-    :mod:`sdxl_control.start` for how sizes are fitted.
+    ``int(steps * strength)`` steps run; 0 keeps the image as it is, for the hires fix or the face detailer to work on.
+    ``mask`` (white: repaint; a path, PIL image or array) repaints only its area, with a regular UNet (the original
+    put back outside the mask after every step) or an inpainting UNet (9 input channels); its ``strength`` defaults
+    to 1 and ``mask_blur`` (pixels) feathers its edge. See :mod:`sdxl_control.start` for how sizes are fitted.
 
     ``detailer`` (a :class:`~sdxl_control.detailer.FaceDetailer`, or ``True`` for ADetailer's defaults) repaints
     every face of the finished images at the request's size, each with the identity condition it resembles.

@@ -191,18 +191,24 @@ def _success_ids(folder: Path) -> list[str]:
     return sorted(r["id"] for r in _results(folder) if r["error"] is None)
 
 
-def test_an_interrupted_batch_resumes_with_nothing_done_twice(inputs, tiny):
-    """The batch process is killed (SIGKILL) as soon as its first image is written; a temporary file as a write cut
-    short leaves is added. The re-run removes it, skips the finished jobs and completes the rest."""
-    jobs = [{"id": f"j{i}", "prompt": f"picture {i}", "seed": i, "steps": 12, "size": [128, 128]} for i in range(8)]
-    jobs_file = _write_jobs(inputs, jobs)
-    out = inputs.parent / "out"
+def batch_after_its_first_result(jobs_file: Path, out: Path) -> subprocess.Popen:
+    """``sdxl-control batch --tiny`` running in a process of its own, once it has written its first result."""
     command = [sys.executable, "-m", "sdxl_control", "batch", str(jobs_file), "-o", str(out), "--tiny", "-q"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (out / RESULTS).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+    return process
+
+
+def test_an_interrupted_batch_resumes_with_nothing_done_twice(inputs, tiny):
+    """The batch process is killed (SIGKILL) as soon as its first image is written; a temporary file as a write cut
+    short leaves is added. The re-run removes it, skips the finished jobs and completes the rest."""
+    jobs = [{"id": f"j{i}", "prompt": f"picture {i}", "seed": i, "steps": 12, "size": [128, 128]} for i in range(8)]
+    jobs_file = _write_jobs(inputs, jobs)
+    out = inputs.parent / "out"
+    process = batch_after_its_first_result(jobs_file, out)
     process.send_signal(signal.SIGKILL)
     process.wait()
     first = _success_ids(out)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from PIL import Image
 from sdxl_control.batch import RESULTS
 from sdxl_control.cli import main
 from sdxl_control.recipe import read_recipe
+from tests.test_batch import batch_after_its_first_result
 
 SIZE = [64, 64]
 
@@ -92,12 +91,7 @@ def test_two_ctrl_c_end_the_batch_as_one_and_it_resumes(tmp_path, tiny):
     jobs = [{"id": f"j{i}", "prompt": f"picture {i}", "seed": i, "steps": 30, "size": [128, 128]} for i in range(6)]
     jobs_file = _write(tmp_path, jobs)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "sdxl_control", "batch", str(jobs_file), "-o", str(out), "--tiny", "-q"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (out / RESULTS).exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+    process = batch_after_its_first_result(jobs_file, out)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
@@ -141,3 +135,19 @@ def test_check_reports_the_models_the_jobs_need(tmp_path, tiny, capsys):
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
     assert main(["batch", str(jobs_file), "-o", str(tmp_path / "out"), "--check", "--tiny"]) == 0
     assert "models: all present" in capsys.readouterr().out
+
+
+def test_a_folder_given_as_a_uri_is_copied_whole(tmp_path, tiny):
+    """A ControlNet folder named by a file:// URI (standing for s3:// and the like) arrives with its files."""
+    from sdxl_control.batch import read_jobs
+    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.testing import tiny_control_models
+
+    folder = Path(tiny_control_models("controlnet-edges"))
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "edges.png")
+    condition = {"kind": "controlnet", "model": folder.as_uri(), "image": "edges.png"}
+    job = {"id": "uri", "prompt": "a house", "seed": 1, "steps": 2, "size": SIZE, "conditions": [condition]}
+    (parsed,), problems = read_jobs(_write(tmp_path, [job]), resolver=TinyResolver())
+    assert not problems
+    copied = Path(parsed.request.conditions[0].model)
+    assert copied != folder and sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in folder.iterdir())

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import sync_playwright
 
 CHROMIUM = os.environ.get("SDXL_CONTROL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -243,8 +244,15 @@ def test_a_mask_painted_in_the_page_repaints_that_area(page_url, ui_outputs, bro
     _fill(page, "a red door", seed=31, steps=6)
     page.get_by_text("Start from an image").click()
     editor = page.locator("#init-image")
-    editor.locator("input[type=file]").first.set_input_files(str(init))
-    editor.get_by_text("Upload an image").wait_for(state="hidden")  # the picture is in the editor
+    placeholder = editor.get_by_text("Upload an image")
+    placeholder.wait_for()
+    for attempt in range(3):  # an upload given while the editor still mounts can be dropped: give it again
+        editor.locator("input[type=file]").first.set_input_files(str(init))
+        try:
+            placeholder.wait_for(state="hidden", timeout=15_000)  # the picture is in the editor
+            break
+        except PlaywrightTimeout:
+            assert attempt < 2, "the editor never showed the uploaded picture"
     page.wait_for_timeout(500)
     # The brush is the editor's tool from the start; the picture sits in the middle of the editor (at its zoom).
     box = editor.bounding_box()
