@@ -456,8 +456,15 @@ class Generator:
         ``unet`` loads a UNet-only checkpoint over the base's UNet (a path, or a :class:`ModelRef` naming the file in a
         repo), e.g. ``ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")``.
         """
+        from .inventory import ensure
+        from .models import stage_needs
+
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "cache_dir": cache_dir}
-        base_models = load_stage(base, Stage.BASE, unet=ModelRef.parse(unet, "the UNet checkpoint"), **options)
+        unet_ref = ModelRef.parse(unet, "the UNet checkpoint")
+        if cache_dir is None:  # every missing model said at once, before anything loads
+            needs = stage_needs(base, Stage.BASE, variant=variant, unet=unet_ref)
+            ensure(needs + (stage_needs(refiner, Stage.REFINER, variant=variant) if refiner is not None else []))
+        base_models = load_stage(base, Stage.BASE, unet=unet_ref, **options)
         refiner_models = load_stage(refiner, Stage.REFINER, **options) if refiner is not None else None
         return cls(base_models, refiner_models)
 

@@ -19,14 +19,49 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import MissingWeightsError
 from .files import FILE_SUFFIXES, looks_like_hub_id
 
-__all__ = ["ModelNeed", "Presence", "check", "fetch", "report", "unique", "weights_need", "pattern_for", "human_size"]
+if TYPE_CHECKING:
+    from .generator import GenerationRequest
+    from .model_refs import ModelRef
+
+__all__ = [
+    "ModelNeed", "Presence", "check", "fetch", "report", "unique", "weights_need", "pattern_for", "human_size",
+    "download_size", "ensure", "missing_advice", "run_needs",
+]  # fmt: skip
 
 # Licence notes shown beside models whose terms restrict use; the rest are Apache-2.0, MIT or OpenRAIL++.
 INSIGHTFACE_LICENCE = "insightface's models are for non-commercial research only"
+
+_SDXL_BASE, _SDXL_REFINER, _LIGHTNING = (
+    "stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0", "ByteDance/SDXL-Lightning"
+)  # fmt: skip
+# Download sizes (bytes, rounded) of the published weights files the built-in names fetch, as their hubs list them:
+# the missing-model advice adds them up. Configs and tokenizers are too small to count.
+PUBLISHED_SIZES: dict[tuple[str, str], int] = {
+    (_SDXL_BASE, "unet/diffusion_pytorch_model.safetensors"): 10_270_000_000,
+    (_SDXL_BASE, "text_encoder/model.safetensors"): 492_000_000,
+    (_SDXL_BASE, "text_encoder_2/model.safetensors"): 2_780_000_000,
+    (_SDXL_BASE, "vae/diffusion_pytorch_model.safetensors"): 335_000_000,
+    (_SDXL_REFINER, "unet/diffusion_pytorch_model.safetensors"): 9_090_000_000,
+    (_SDXL_REFINER, "text_encoder_2/model.safetensors"): 2_780_000_000,
+    (_SDXL_REFINER, "vae/diffusion_pytorch_model.safetensors"): 335_000_000,
+    ("madebyollin/taesdxl", "*.safetensors"): 9_800_000,
+    **{(_LIGHTNING, f"sdxl_lightning_{n}step_lora.safetensors"): 394_000_000 for n in (2, 4, 8)},
+    **{(_LIGHTNING, f"sdxl_lightning_{n}step_unet.safetensors"): 5_140_000_000 for n in (2, 4, 8)},
+    (_LIGHTNING, "sdxl_lightning_1step_unet_x0.safetensors"): 5_140_000_000,
+    ("guozinan/PuLID", "pulid_v1.1.safetensors"): 984_000_000,
+    ("guozinan/PuLID", "pulid_v1.bin"): 1_580_000_000,
+    ("QuanSun/EVA-CLIP", "EVA02_CLIP_L_336_psz14_s6B.pt"): 856_000_000,
+    ("InstantX/InstantID", "ip-adapter.bin"): 1_690_000_000,
+    ("InstantX/InstantID", "ControlNetModel/diffusion_pytorch_model.safetensors"): 2_500_000_000,
+    ("TencentARC/PhotoMaker", "photomaker-v1.bin"): 934_000_000,
+    ("TencentARC/PhotoMaker-V2", "photomaker-v2.bin"): 1_800_000_000,
+}
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".onnx")
 
 
 @dataclass(frozen=True)
@@ -142,6 +177,93 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
+def download_size(need: ModelNeed) -> int | None:
+    """What fetching ``need`` downloads, in bytes, where the sizes of its weights files are known (see
+    :data:`PUBLISHED_SIZES`), else None.
+
+    Example:
+        >>> human_size(download_size(ModelNeed("PuLID", "guozinan/PuLID", ("pulid_v1.1.safetensors",))))
+        '984.0 MB'
+    """
+    sizes = [PUBLISHED_SIZES.get((need.source, f)) for f in need.files if f.endswith(_WEIGHTS_SUFFIXES)]
+    if not sizes or None in sizes:
+        return None
+    return sum(s for s in sizes if s is not None)
+
+
+def missing_advice(missing: Iterable[ModelNeed]) -> str:
+    """One message for every missing need of a run: each with the command that fetches it and its size, and the
+    total.
+
+    Example:
+        >>> print(missing_advice([ModelNeed("PuLID", "guozinan/PuLID", ("pulid_v1.1.safetensors",))]))
+        1 model this run needs is not on this machine:
+          PuLID: guozinan/PuLID (984.0 MB)
+            hf download guozinan/PuLID pulid_v1.1.safetensors
+        984.0 MB in all. Fetch on a machine with network access (the files land in the HF cache, ~/.cache/huggingface, which you can copy here), or name local folders or .safetensors files instead; `sdxl-control models` lists what each preset needs.
+    """  # noqa: E501
+    missing = unique(missing)
+    lines = [f"{len(missing)} model{'s' if len(missing) > 1 else ''} this run needs "
+             f"{'are' if len(missing) > 1 else 'is'} not on this machine:"]  # fmt: skip
+    sizes = [download_size(need) for need in missing]
+    for need, size in zip(missing, sizes, strict=True):
+        lines.append(f"  {need.what}: {need.source}" + (f" ({human_size(size)})" if size is not None else ""))
+        lines.append(f"    {need.fetch_command()}")
+    known = sum(s for s in sizes if s is not None)
+    total = f"{'at least ' if None in sizes else ''}{human_size(known)} in all. " if known else ""
+    lines.append(
+        f"{total}Fetch on a machine with network access (the files land in the HF cache, ~/.cache/huggingface, "
+        "which you can copy here), or name local folders or .safetensors files instead; `sdxl-control models` lists "
+        "what each preset needs."
+    )
+    return "\n".join(lines)
+
+
+def ensure(needs: Iterable[ModelNeed]) -> None:
+    """Every hub need of ``needs`` on this machine before anything loads: missing ones are fetched when the hub can
+    be reached; otherwise one :class:`MissingWeightsError` lists them all (:func:`missing_advice`). Local paths are
+    left to their loaders, which say what is wrong with them.
+
+    Example:
+        >>> ensure([ModelNeed("base model", "stabilityai/stable-diffusion-xl-base-1.0", ("model_index.json",))])  # doctest: +SKIP
+    """  # noqa: E501
+    from huggingface_hub import constants
+
+    # Needs no hub serves (face packs) say how to get them; other local paths are for their loaders to judge.
+    missing = [n for n in unique(needs) if (n.on_hub or n.how is not None) and not check(n).present]
+    if missing and not constants.HF_HUB_OFFLINE:
+        unreached: list[ModelNeed] = []
+        for need in missing:
+            try:
+                if unreached or not need.on_hub:  # once the hub did not answer, the rest are not tried
+                    raise MissingWeightsError(need.what)
+                fetch(need)
+            except MissingWeightsError:
+                unreached.append(need)
+        missing = unreached
+    if missing:
+        raise MissingWeightsError(missing_advice(missing))
+
+
+def run_needs(
+    request: GenerationRequest, base: str | os.PathLike[str], refiner: str | os.PathLike[str] | None,
+    unet: ModelRef | None = None,
+) -> list[ModelNeed]:  # fmt: skip
+    """Every model a run of ``request`` on these models loads: the stages, the draft decoder, the conditions'."""
+    from .conditions import Stage
+    from .models import stage_needs
+    from .vae import DECODER_FILES
+
+    needs = stage_needs(base, Stage.BASE, unet=unet)
+    if refiner is not None:
+        needs += stage_needs(refiner, Stage.REFINER)
+    if request.decoder is not None:
+        needs.append(weights_need("draft decoder", request.decoder, DECODER_FILES))
+    for condition in request.conditions:
+        needs += condition.model_needs()
+    return unique(needs)
+
+
 def unique(needs: Iterable[ModelNeed]) -> list[ModelNeed]:
     """``needs`` without repeats (the same weights named by two conditions are fetched once)."""
     seen: dict[tuple[str, tuple[str, ...]], ModelNeed] = {}
@@ -162,7 +284,8 @@ def report(needs: Iterable[ModelNeed], checker: Callable[[ModelNeed], Presence] 
         if found.present:
             lines.append(f"  present  {human_size(found.size):>9}  {need.what}: {where}")
         else:
-            lines.append(f"  MISSING  {'':>9}  {need.what}: {where}")
+            size = download_size(need)
+            lines.append(f"  MISSING  {'' if size is None else human_size(size):>9}  {need.what}: {where}")
             lines.append(f"           get it: {need.fetch_command()}")
         if need.licence:
             lines.append(f"           licence: {need.licence}")

@@ -40,6 +40,11 @@ class Resolver:
         """Request settings this policy implies where neither the job nor its preset gives one."""
         return {}
 
+    def naming(self) -> Resolver:
+        """This policy as a job line records it (``--dry-run``): its defaults, with every model named as given, so
+        the line stays valid on any machine and the policy applies again where it runs."""
+        return self
+
     def stages(
         self, base: str, refiner: str | None, unet: ModelRef | None, tiny_seed: int | None = None
     ) -> tuple[str, str | None, ModelRef | None]:
@@ -91,6 +96,9 @@ class TinyResolver(Resolver):
     def defaults(self) -> Mapping[str, Any]:
         return {"size": TINY_SIZE}
 
+    def naming(self) -> Resolver:
+        return _TinyDefaults()
+
     def stages(
         self, base: str, refiner: str | None, unet: ModelRef | None, tiny_seed: int | None = None
     ) -> tuple[str, str | None, ModelRef | None]:
@@ -120,6 +128,15 @@ class TinyResolver(Resolver):
         from .testing.stand_ins import tiny_pack
 
         return tiny_pack(pack, self.seed)
+
+
+@dataclass(frozen=True)
+class _TinyDefaults(Resolver):
+    """The tiny policy's defaults with the models as named: what ``--dry-run --tiny`` prints (``--tiny`` swaps the
+    models again where the line runs)."""
+
+    def defaults(self) -> Mapping[str, Any]:
+        return TinyResolver().defaults()
 
 
 def resolver_for(tiny: bool) -> Resolver:

@@ -262,18 +262,6 @@ class _Page:
         self.config = config
         self.models = _Models(config)
 
-    def preview_decoder(self) -> str | None:
-        """The previews' decoder, or None (previews off, said in the status) when its weights are not here."""
-        from .vae import find_decoder
-
-        source = self.config.resolver.decoder(self.config.preview_decoder) or self.config.preview_decoder
-        try:
-            find_decoder(source)
-        except SdxlControlError as exc:
-            log.warning("live previews are off: %s", exc)
-            return None
-        return source
-
     def generate(self, *values: Any) -> Iterator[tuple[Any, ...]]:
         """Generate: the form's values in :class:`PageForm`'s order, then the session's Stop flag (unused: a new one
         is made). Yields (preview, status, gallery, downloads, last seed, Stop flag) as the image forms."""
@@ -325,8 +313,8 @@ class _Page:
         try:
             with self.models.lock:
                 generator = self.models.get(*job.models)
-                decoder = self.preview_decoder()
-                progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check) if decoder else check
+                decoder = self.config.resolver.decoder(self.config.preview_decoder) or self.config.preview_decoder
+                progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check)
                 events.put(("done", generator.run(job.request, progress=progress, progress_bar=False)))
         except Stopped:
             events.put(("stopped", None))
@@ -471,7 +459,7 @@ def build_app(config: UiConfig) -> Any:
                                       file_types=[".png"], elem_id="restore")  # fmt: skip
             with gr.Column(scale=2):
                 status = gr.Markdown("ready", elem_id="status")
-                preview = gr.Image(label="Preview (TAESD-XL, as the image forms)", interactive=False, elem_id="preview",
+                preview = gr.Image(label="Preview (as the image forms)", interactive=False, elem_id="preview",
                                    height=320)  # fmt: skip
                 gallery = gr.Gallery(label="Images", elem_id="gallery", format="png")
                 downloads = gr.File(label="PNGs with their recipes", file_count="multiple", elem_id="downloads")

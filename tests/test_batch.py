@@ -162,9 +162,14 @@ def test_png_recipes_and_dry_run_output_are_jobs(tmp_path, tiny, capsys):
     dry_run = json.loads(capsys.readouterr().out)
     assert main(["generate", "a draft fox", "--preset", "draft", *common, "-q", "-o", str(tmp_path / "draft.png")]) == 0
     recipe = json.loads(Image.open(tmp_path / "made-1.png").info["sdxl-control"])
+    # --dry-run --tiny names the models as given (no tiny weights, no cache path): --tiny swaps them where it runs.
+    assert dry_run["models"]["base"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (
+        dry_run["decoder"] == "madebyollin/taesdxl" and dry_run["conditions"][0]["source"] == "ByteDance/SDXL-Lightning"
+    )
     jobs_file = _write_jobs(tmp_path, [{**recipe, "id": "from-png"}, {**dry_run, "id": "from-dry-run"}])
     out = tmp_path / "out"
-    assert main(["batch", str(jobs_file), "-o", str(out), "-q"]) == 0
+    assert main(["batch", str(jobs_file), "-o", str(out), "-q", "--tiny"]) == 0
     for job, original in (("from-png", "made-1.png"), ("from-dry-run", "draft.png")):
         again, before = Image.open(out / f"{job}.png"), Image.open(tmp_path / original)
         assert np.array_equal(np.asarray(again), np.asarray(before)), job

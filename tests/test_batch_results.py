@@ -151,3 +151,66 @@ def test_a_folder_given_as_a_uri_is_copied_whole(tmp_path, tiny):
     assert not problems
     copied = Path(parsed.request.conditions[0].model)
     assert copied != folder and sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in folder.iterdir())
+
+
+def test_check_reads_remote_inputs_without_copying_them(tmp_path, tiny, capsys, monkeypatch):
+    """`batch --check` stats a remote input and reads its beginning; the cache of copied inputs stays as it was."""
+    from sdxl_control.testing import tiny_control_models
+
+    monkeypatch.setenv("SDXL_CONTROL_CACHE", str(tmp_path / "cache"))
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "edges.png")
+    folder = Path(tiny_control_models("controlnet-edges"))
+    condition = {"kind": "controlnet", "model": folder.as_uri(), "image": (tmp_path / "edges.png").as_uri()}
+    missing = {**condition, "image": (tmp_path / "gone.png").as_uri()}
+    jobs_file = _write(tmp_path, [
+        {"id": "uri", "prompt": "a house", "seed": 1, "steps": 2, "size": SIZE, "conditions": [condition]},
+        {"id": "gone", "prompt": "a house", "seed": 1, "steps": 2, "size": SIZE, "conditions": [missing]},
+    ])  # fmt: skip
+    assert main(["batch", str(jobs_file), "-o", str(tmp_path / "out"), "--check", "--tiny"]) == 2
+    captured = capsys.readouterr()
+    assert "1 job(s) valid, 1 not" in captured.out and "gone.png: no such file or folder" in captured.err
+    assert not (tmp_path / "cache" / "inputs").exists()  # nothing copied
+    # The run itself copies them, once.
+    jobs_file.write_text(jobs_file.read_text().splitlines()[0] + "\n")
+    assert main(["batch", str(jobs_file), "-o", str(tmp_path / "out"), "--tiny", "-q"]) == 0
+    assert len(list((tmp_path / "cache" / "inputs").iterdir())) == 2
+
+
+def test_a_peeked_remote_file_has_its_beginning_and_its_size(tmp_path):
+    from sdxl_control.batch import _fetched, remote_inputs_peeked
+
+    data = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8).tobytes()
+    (tmp_path / "big.bin").write_bytes(data)
+    (tmp_path / "small.json").write_text('{"a": 1}')
+    with remote_inputs_peeked():
+        big = Path(_fetched((tmp_path / "big.bin").as_uri()))
+        small = Path(_fetched((tmp_path / "small.json").as_uri()))
+        head = big.read_bytes()
+        assert len(head) == len(data) and head[: 1 << 16] == data[: 1 << 16] and not any(head[1 << 16 :])
+        assert small.read_text() == '{"a": 1}'
+    assert not big.exists()  # the stand-ins go with the check
+
+
+def test_the_input_cache_is_trimmed_oldest_first_sparing_what_this_run_uses(tmp_path, monkeypatch):
+    import os
+
+    from sdxl_control.batch import _fetched, trim_input_cache
+
+    monkeypatch.setenv("SDXL_CONTROL_CACHE", str(tmp_path / "cache"))
+    paths = []
+    for i in range(3):
+        (tmp_path / f"{i}.bin").write_bytes(bytes(1000))
+        paths.append(Path(_fetched((tmp_path / f"{i}.bin").as_uri())))
+        os.utime(paths[-1].parent, (i, i))  # 0 is the oldest
+    stale = tmp_path / "cache" / "inputs" / "from-a-failed-run"
+    stale.mkdir()
+    (stale / "photo.png").write_bytes(bytes(1000))
+    os.utime(stale, (5, 5))
+    assert trim_input_cache(limit=2500) == [stale]  # this process's copies are spared, however old
+    monkeypatch.setattr("sdxl_control.batch._USED_INPUTS", set())
+    assert trim_input_cache(limit=1500) == [paths[0].parent, paths[1].parent]
+    assert paths[2].exists()
+    monkeypatch.setenv("SDXL_CONTROL_INPUT_CACHE_GB", "0")
+    (tmp_path / "3.bin").write_bytes(bytes(1000))
+    fresh = Path(_fetched((tmp_path / "3.bin").as_uri()))  # a fetch trims; what it fetched stays
+    assert fresh.exists() and not paths[2].exists()

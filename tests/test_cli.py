@@ -251,3 +251,16 @@ def test_photomaker_from_the_cli(tiny, tmp_path, photos_dir, insightface_root, c
     assert main(["generate", "a man", "--tiny", "--steps", "2", "-q", "--identity", "photomaker", "--face", obama,
                  "--photomaker-version", "v1", "-o", str(tmp_path / "x.png")]) == 2  # fmt: skip
     assert "trigger word exactly once" in capsys.readouterr().err
+
+
+def test_the_libraries_loading_bars_show_only_with_verbose(tiny, tmp_path, capsys):
+    from sdxl_control.cli.options import library_output
+
+    argv = ["generate", "a fox", "--tiny", "--size", "64x64", "--steps", "2", "-q", "-o", str(tmp_path / "fox.png")]
+    assert main(argv) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+    try:
+        assert main([*argv, "-v"]) == 0
+        assert "Loading weights" in capsys.readouterr().err  # transformers' own bar, as it loads the text encoders
+    finally:
+        library_output(verbose=False)

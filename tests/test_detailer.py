@@ -330,7 +330,7 @@ def test_a_dry_run_line_with_a_start_image_and_the_detailer_runs_as_a_job(tiny, 
     capsys.readouterr()
     assert main([*argv, "--dry-run"]) == 0
     line = json.loads(capsys.readouterr().out)
-    assert line["init_image"]["file"] == "p.png" and isinstance(line["detailer"]["face_pack"], dict)
+    assert line["init_image"]["file"] == "p.png" and line["detailer"]["face_pack"] == "buffalo_l"  # as named
     (tmp_path / "jobs.jsonl").write_text(json.dumps({**line, "id": "fox"}) + "\n")
     assert main(["batch", str(tmp_path / "jobs.jsonl"), "--tiny", "-q", "-o", str(tmp_path / "out")]) == 0
     assert np.array_equal(

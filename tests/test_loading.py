@@ -11,6 +11,7 @@ import torch
 from sdxl_control import (
     CheckpointError,
     DeviceError,
+    Generator,
     IncompatibleModelError,
     MissingWeightsError,
     ModelNotFoundError,
@@ -105,3 +106,51 @@ def test_default_device_and_dtype(monkeypatch):
     with pytest.raises(DeviceError, match="no CUDA device"):
         default_device_and_dtype("cuda", None)
     assert default_device_and_dtype("cpu", torch.bfloat16)[1] == torch.bfloat16
+
+
+def test_every_missing_model_is_said_at_once_with_its_size(tiny, capsys, monkeypatch):
+    """Base, refiner and a condition's weights all missing: one message, each with its command and size, and the
+    total; nothing is loaded first."""
+    from sdxl_control.cli import main
+    from sdxl_control.inventory import PUBLISHED_SIZES, human_size
+
+    monkeypatch.setattr(Generator, "from_pretrained", lambda *a, **k: pytest.fail("loaded before saying"))
+    argv = ["generate", "a fox", "--refiner-switch", "0.8", "--preset", "lightning-4step", "-o", "fox.png"]
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert "3 models this run needs are not on this machine" in err
+    for what, size in (("base model", "13.9 GB"), ("refiner model", "12.2 GB"), ("LoRA", "394.0 MB")):
+        assert f"{what}: " in err and f"({size})" in err, (what, err)
+    assert err.count("hf download") == 3 and "sdxl_lightning_4step_lora.safetensors" in err
+    total = sum(v for (repo, _), v in PUBLISHED_SIZES.items() if repo.startswith("stabilityai/"))
+    assert f"{human_size(total + 394_000_000)} in all" in err
+
+
+def test_from_pretrained_names_the_base_and_the_refiner():
+    with pytest.raises(MissingWeightsError) as err:
+        Generator.from_pretrained("someone/missing-base", "someone/missing-refiner")
+    message = str(err.value)
+    assert "2 models" in message and "someone/missing-base" in message and "someone/missing-refiner" in message
+    assert " in all" not in message  # no size known for these: none made up
+
+
+def test_online_missing_models_are_fetched_until_the_hub_fails(monkeypatch):
+    """With the hub reachable, missing models are fetched; after the first that cannot be, none is tried and all
+    the rest are in the one message."""
+    from huggingface_hub import constants
+
+    from sdxl_control import inventory
+
+    tried = []
+
+    def fetch(need):
+        tried.append(need.source)
+        raise MissingWeightsError("the hub could not be reached")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(inventory, "fetch", fetch)
+    needs = [inventory.ModelNeed("LoRA", f"someone/lora-{i}", ("a.safetensors",)) for i in range(3)]
+    with pytest.raises(MissingWeightsError, match="3 models") as err:
+        inventory.ensure(needs)
+    assert tried == ["someone/lora-0"] and all(f"someone/lora-{i}" in str(err.value) for i in range(3))
+    inventory.ensure([inventory.ModelNeed("LoRA", "./a/local/path.safetensors")])  # a local path: its loader's call

@@ -77,3 +77,30 @@ def test_cli_writes_the_preview_file(tiny, tmp_path):
     assert main([*argv, "-o", str(out)]) == 0
     preview = Image.open(tmp_path / "fox-preview.png")
     assert preview.size == (64, 64)
+
+
+def test_without_the_decoder_previews_are_the_latents_colours(generator, tiny, caplog):
+    """A decoder that is not here (offline, nothing cached) gives colour previews and one warning; `decoder=None`
+    asks for them. The colours are ComfyUI's latent2rgb map, checked channel by channel on uniform latents."""
+    from sdxl_control.preview import SDXL_RGB_BIAS, SDXL_RGB_FACTORS, latents_to_colours
+
+    shown = []
+    with caplog.at_level("WARNING"):
+        previews = Previews(lambda image, event: shown.append((event, image)), every=2, decoder="nobody/no-taesd")
+    assert previews.source is None and "nobody/no-taesd" in caplog.text and "hf download" in caplog.text
+    result = generator.generate("a lighthouse", steps=4, progress=previews, **RUN)
+    assert [e.step for e, _ in shown] == [2, 4] and all(i.size == (64, 64) for _, i in shown)
+    # The last step's estimate is the finished latent: the last preview is its colour map.
+    assert (
+        np.abs(np.asarray(shown[-1][1], np.int16) - np.asarray(latents_to_colours(result.latents), np.int16)).max() <= 1
+    )
+    # One channel at a time: each latent channel's factor row, through the clamp.
+    for channel in range(4):
+        latent = torch.zeros(1, 4, 2, 2)
+        latent[0, channel] = 1.0
+        colour = np.asarray(latents_to_colours(latent))[8, 8].astype(np.float64)
+        row = np.clip(np.array(SDXL_RGB_FACTORS[channel]) + SDXL_RGB_BIAS, -1, 1) * 127.5 + 127.5
+        assert np.abs(colour - row).max() <= 1.0
+    with pytest.raises(ValueError, match="4-channel"):
+        latents_to_colours(torch.zeros(1, 16, 2, 2))
+    assert Previews(lambda i, e: None, decoder=None).source is None

@@ -213,3 +213,11 @@ def test_the_page_starts_from_an_image_with_a_painted_mask_as_the_cli_does(tiny,
     hires = PageForm(PROMPT, width=64, height=64, steps=2, seed=4, random_seed=False, hires_scale=1.5)
     (big,) = _page_generate(UiConfig(resolver=TinyResolver(), outputs=outputs), hires)
     assert Image.open(big).size == (96, 96) and read_recipe(big)["hires_scale"] == 1.5
+
+
+def test_a_tiny_dry_run_writes_no_weights_and_no_cache_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDXL_CONTROL_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "a fox", "--tiny", "--preset", "draft", "--dry-run"]) == 0
+    line = capsys.readouterr().out
+    assert not (tmp_path / "cache").exists() and str(tmp_path) not in line
+    assert json.loads(line)["size"] == [128, 128]  # the tiny policy's size stays: the line runs as --tiny did

@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="show the traceback of an error, not only its message",
     )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the libraries' own progress bars and notes while models load",
+    )
     parser = argparse.ArgumentParser(
         prog="sdxl-control",
         description="Controllable SDXL generation.",

@@ -73,28 +73,19 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
 
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise InvalidRequestError("--workers and --gpus-per-worker are for --ray")
+    if args.check:
+        return _check(args, resolver)
     jobs, problems = read_jobs(args.jobs, inputs_from=args.inputs_from, resolver=resolver)
     for problem in problems:
         sys.stderr.write(f"{args.jobs}: {problem}\n")
-    if args.check:
-        from ..batch import job_needs
-        from ..errors import ModelError
-        from ..inventory import report
-
-        sys.stdout.write(f"{len(jobs)} job(s) valid, {len(problems)} not\n")
-        table, present = report(job_needs(jobs))
-        sys.stdout.write(f"models: {'all present' if present else 'some missing'}\n{table}\n")
-        if problems:
-            return InvalidRequestError.exit_code
-        return 0 if present else ModelError.exit_code
     if problems and not args.skip_invalid:
         raise InvalidRequestError(
             f"{len(problems)} of {len(jobs) + len(problems)} job(s) are not valid (listed above); nothing was run. "
             "Fix them, or --skip-invalid to run the rest"
         )
     outputs = Outputs(args.output)
+    options.library_output(getattr(args, "verbose", False))
     record_problems(problems, outputs)
-    options.quiet_libraries(args.quiet)
     given = {
         "device": args.device,
         "dtype": options.dtype(args.dtype),
@@ -119,3 +110,21 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         code = failed[0].get("exit_code")
         return code if isinstance(code, int) else 1
     return InvalidRequestError.exit_code if problems else 0
+
+
+def _check(args: argparse.Namespace, resolver: Resolver) -> int:
+    """The job file's problems and the models its jobs need, reading remote inputs' beginnings only."""
+    from ..batch import job_needs, read_jobs, remote_inputs_peeked
+    from ..errors import ModelError
+    from ..inventory import report
+
+    with remote_inputs_peeked():
+        jobs, problems = read_jobs(args.jobs, inputs_from=args.inputs_from, resolver=resolver)
+        for problem in problems:
+            sys.stderr.write(f"{args.jobs}: {problem}\n")
+        sys.stdout.write(f"{len(jobs)} job(s) valid, {len(problems)} not\n")
+        table, present = report(job_needs(jobs))
+    sys.stdout.write(f"models: {'all present' if present else 'some missing'}\n{table}\n")
+    if problems:
+        return InvalidRequestError.exit_code
+    return 0 if present else ModelError.exit_code

@@ -467,25 +467,26 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
     spec, locate = job_spec(args)
     if spec.recipe is None and not spec.prompt:
         raise InvalidRequestError("a prompt is required (or --recipe PNG)")
-    job = resolve(spec, resolver, locate=locate)
+    job = resolve(spec, resolver.naming() if args.dry_run else resolver, locate=locate)
     outputs = options.output_paths(args.output, 1 if job.keep is not None else job.request.num_images)
     if args.dry_run:
         return _dry_run(args, job)
+    from ..inventory import ensure, run_needs
+
+    ensure(run_needs(job.request, *job.models))  # every missing model in one message, before anything loads
     from ..devices import default_device_and_dtype
     from ..fast import FastPath
     from ..generator import Generator
 
     device, dtype = default_device_and_dtype(args.device, options.dtype(args.dtype))
+    options.library_output(getattr(args, "verbose", False))
     progress = None
     if args.preview_every:
         from ..preview import Previews
-        from ..vae import find_decoder
 
         preview = outputs[0].with_name(f"{outputs[0].stem}-preview.png")
         source = resolver.decoder(args.preview_decoder) or args.preview_decoder
-        find_decoder(source)  # a missing decoder fails before the models load
         progress = Previews(lambda image, event: options.save(image, preview), every=args.preview_every, decoder=source)
-    options.quiet_libraries(args.quiet)
     # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
     generator = Generator.from_pretrained(
         *job.models[:2], device="cpu" if args.offload else device, dtype=dtype, variant=args.variant, unet=job.unet

@@ -20,7 +20,7 @@ __all__ = [
     "output_paths",
     "save",
     "dtype",
-    "quiet_libraries",
+    "library_output",
     "image_flags",
     "check_inputs",
 ]
@@ -144,13 +144,19 @@ def dtype(name: str | None) -> Any:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def quiet_libraries(quiet: bool) -> None:
-    if quiet:
-        import diffusers
-        import transformers
+def library_output(verbose: bool) -> None:
+    """transformers' and diffusers' own bars and notes while models load ("Loading weights", "Loading pipeline
+    components"): shown with ``-v``, else off; the generation's own progress bar is not theirs (``-q`` hides it)."""
+    import diffusers
+    import transformers
 
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
+    for library in (diffusers, transformers):
+        if verbose:
+            library.utils.logging.enable_progress_bar()
+            library.utils.logging.set_verbosity_info()
+        else:
+            library.utils.logging.disable_progress_bar()
+            library.utils.logging.set_verbosity_error()
 
 
 def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:

@@ -49,6 +49,7 @@ def face_pack(args: argparse.Namespace, resolver: Resolver) -> str:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     from ..preprocessors import preprocess
 
+    options.library_output(getattr(args, "verbose", False))
     kind = STRUCTURE_CONTROLS[args.kind].preprocessor if args.kind in STRUCTURE_CONTROLS else args.kind
     (output,) = options.output_paths(args.output, 1)
     given: dict[str, Any] = {}

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
+from . import options
 from .options import count
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     from ..ui import UiConfig, build_app
 
+    options.library_output(getattr(args, "verbose", False))
     config = UiConfig(
         resolver=resolver,
         base=args.base,
