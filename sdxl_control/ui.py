@@ -16,9 +16,11 @@ import inspect
 import logging
 import queue
 import random
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ import gradio as gr
 import numpy as np
 
 from .adapters import identity_kinds
-from .defaults import DEFAULT_IDENTITY, DRAFT_DECODER, STRUCTURE_CONTROLS
+from .defaults import DRAFT_DECODER, SCHEDULERS, STRUCTURE_CONTROLS
 from .errors import SdxlControlError
 from .resolvers import HubResolver, Resolver
 
@@ -40,6 +42,9 @@ __all__ = ["UiConfig", "PageForm", "build_app", "form_spec"]
 log = logging.getLogger(__name__)
 
 NO_PRESET = "(none)"
+PRESET_SAMPLER = "(the preset's, else euler)"
+# The page's face method: PuLID, as the portrait preset and the README's page example use it.
+PAGE_IDENTITY = "pulid"
 PREVIEW_EVERY = 2
 MAX_SEED = 2**32 - 1
 
@@ -92,7 +97,7 @@ class PageForm:
 
     Example:
         >>> PageForm("a red fox", steps=4).identity
-        'faceid'
+        'pulid'
     """
 
     prompt: str = ""
@@ -102,12 +107,13 @@ class PageForm:
     height: float = 1024
     steps: float = 30
     guidance: float = 5.0
+    scheduler: str = PRESET_SAMPLER
     seed: float | None = None
     random_seed: bool = True
     num_images: float = 1
     refiner_switch: float = 0.0
     faces: Any = None
-    identity: str = DEFAULT_IDENTITY
+    identity: str = PAGE_IDENTITY
     identity_scale: float = 0.8
     style: str | None = None
     style_scale: float = 0.8
@@ -231,6 +237,8 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     }  # fmt: skip
     if form.negative:
         settings["negative_prompt"] = form.negative
+    if form.scheduler and form.scheduler != PRESET_SAMPLER:
+        settings["scheduler"] = form.scheduler
     settings.update(_start(form, config.outputs))
     if form.hires_scale and form.hires_scale > 1:
         settings.update(hires_scale=float(form.hires_scale), hires_strength=float(form.hires_strength))
@@ -239,6 +247,30 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     return JobSpec(form.prompt, preset=preset, inputs=inputs, settings=settings,
                    conditions=tuple(_conditions(form, taken)), models={"base": config.base, "refiner": config.refiner},
                    face_pack=config.face_pack)  # fmt: skip
+
+
+def _for_page(message: str) -> str:
+    """``message`` with absolute paths cut to their file names: uploads live in temporary folders the user never
+    chose."""
+    return re.sub(r"(?:/[^/\s:'\"()]+)+/([^/\s:'\"()]+)", r"\1", message)
+
+
+@contextmanager
+def _warnings_of(worker: threading.Thread, events: queue.Queue[tuple[str, Any]]) -> Iterator[None]:
+    """Every warning sdxl-control logs from ``worker``'s thread also goes to ``events``, for the page to show."""
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.thread == worker.ident:
+                events.put(("warning", _for_page(record.getMessage())))
+
+    handler = Forward(logging.WARNING)
+    root = logging.getLogger("sdxl_control")
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 def _with_signature(handler: Callable[..., Iterator[Any]], form: type[PageForm], *extra: str) -> Any:
@@ -263,42 +295,66 @@ class _Page:
         self.models = _Models(config)
 
     def generate(self, *values: Any) -> Iterator[tuple[Any, ...]]:
-        """Generate: the form's values in :class:`PageForm`'s order, then the session's Stop flag (unused: a new one
-        is made). Yields (preview, status, gallery, downloads, last seed, Stop flag) as the image forms."""
+        """Generate for the page: the form's values in :class:`PageForm`'s order, then the session's Stop flag
+        (unused: a new one is made). Yields (preview, status, gallery, downloads, last seed, Stop flag) as the image
+        forms. An error is a message and the status; the last results stay."""
+        yield from self._generate(values, raise_errors=False)
+
+    def generate_api(self, *values: Any) -> Iterator[tuple[Any, ...]]:
+        """Generate for the HTTP API: the same, an error raised to the client."""
+        yield from self._generate(values, raise_errors=True)
+
+    def _generate(self, values: tuple[Any, ...], raise_errors: bool) -> Iterator[tuple[Any, ...]]:
         from .spec import resolve
 
         form = PageForm(*values[:-1])
         seed = random.randint(0, MAX_SEED) if form.random_seed or form.seed in (None, "") else int(form.seed)
+
+        def failed(message: str) -> tuple[Any, ...]:
+            message = _for_page(message)
+            if raise_errors:
+                raise gr.Error(message)
+            gr.Warning(message)
+            return gr.update(), f"**error:** {message}", gr.update(), gr.update(), seed, None
+
         try:
             job = resolve(form_spec(form, self.config, seed), self.config.resolver)
         except (SdxlControlError, ValueError) as exc:
-            raise gr.Error(str(exc)) from None
+            yield failed(str(exc))
+            return
         # This session's Stop flag, kept in its state: the Stop button sets it, the loop checks it every step.
         stop = threading.Event()
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         worker = threading.Thread(target=self._work, args=(job, stop, events), daemon=True)
-        worker.start()
-        try:
-            yield None, "waiting for the models", gr.update(), gr.update(), seed, stop
-            while True:
-                kind, payload = events.get()
-                if kind == "preview":
-                    image, status = payload
-                    yield image, status, gr.update(), gr.update(), seed, stop
-                elif kind == "done":
-                    paths = [self._save(image, i) for i, image in enumerate(payload.images)]
-                    yield gr.update(), f"done: {len(paths)} image(s), seed {seed}", paths, paths, seed, None
-                    return
-                elif kind == "stopped":
-                    yield gr.update(), "stopped", gr.update(), gr.update(), seed, None
-                    return
-                else:
-                    message = str(payload) if isinstance(payload, SdxlControlError) else (
-                        f"unexpected {type(payload).__name__}: {payload}")  # fmt: skip
-                    raise gr.Error(message)
-        finally:
-            stop.set()  # a cancelled or failed page call stops its generation too
-            worker.join()
+        notes: list[str] = []
+        with _warnings_of(worker, events):
+            worker.start()
+            try:
+                yield None, "waiting for the models", gr.update(), gr.update(), seed, stop
+                while True:
+                    kind, payload = events.get()
+                    if kind == "preview":
+                        image, status = payload
+                        yield image, status, gr.update(), gr.update(), seed, stop
+                    elif kind == "warning":  # e.g. "2 faces in me.jpg: using the largest"
+                        gr.Warning(payload)
+                        notes.append(payload)
+                    elif kind == "done":
+                        paths = [self._save(image, i) for i, image in enumerate(payload.images)]
+                        status = f"done: {len(paths)} image(s), seed {seed}" + "".join(f"; {n}" for n in notes)
+                        yield paths[0], status, paths, paths, seed, None
+                        return
+                    elif kind == "stopped":
+                        yield gr.update(), "stopped", gr.update(), gr.update(), seed, None
+                        return
+                    else:
+                        message = str(payload) if isinstance(payload, SdxlControlError) else (
+                            f"unexpected {type(payload).__name__}: {payload}")  # fmt: skip
+                        yield failed(message)
+                        return
+            finally:
+                stop.set()  # a cancelled or failed page call stops its generation too
+                worker.join()
 
     def _work(self, job: Any, stop: threading.Event, events: queue.Queue[tuple[str, Any]]) -> None:
         from .preview import Previews
@@ -326,6 +382,32 @@ class _Page:
         image.save(path)
         return str(path)
 
+    def faces_uploaded(self, files: Any) -> tuple[Any, list[Any]]:
+        """The face photos as uploaded, checked at once: a file that is not an image is removed (and said), and each
+        photo is shown with the faces found, the one used in green (more than one is said)."""
+        from .preprocessors.face import DEFAULT_PACK, FaceAnalyzer, draw_faces
+        from .preprocessors.images import check_image_file
+
+        pack = self.config.resolver.face_pack(self.config.face_pack or DEFAULT_PACK)
+        kept, shown = [], []
+        for path in _files(files):
+            name = Path(path).name
+            try:
+                check_image_file(path, name)
+            except SdxlControlError:
+                gr.Warning(f"{name} is not an image: it was removed from the face photos")
+                continue
+            kept.append(path)
+            try:
+                count = len(FaceAnalyzer(pack).faces(path))
+                shown.append((draw_faces(path, pack), f"{name}: {count} face(s)"))
+            except SdxlControlError as exc:  # no face, or the face models are missing: said now, not at Generate
+                gr.Warning(str(exc))
+                continue
+            if count > 1:
+                gr.Warning(f"{count} faces in {name}: the largest (green) is the identity")
+        return (kept or None), shown
+
     @staticmethod
     def stop_clicked(stop: threading.Event | None) -> str:
         if stop is None:
@@ -347,6 +429,22 @@ class _Page:
         except SdxlControlError as exc:
             raise gr.Error(str(exc)) from None
         return maps
+
+    def opening_status(self) -> str:
+        """What the page says as it opens: ready, or which models are missing and how to get them."""
+        from .errors import MissingWeightsError
+        from .inventory import check, missing_advice, run_needs
+        from .spec import JobSpec, resolve
+
+        job = resolve(JobSpec("the page's models", models={"base": self.config.base, "refiner": self.config.refiner}),
+                      self.config.resolver)  # fmt: skip
+        try:
+            missing = [n for n in run_needs(job.request, *job.models) if not check(n).present]
+        except MissingWeightsError as exc:
+            return f"**models missing:** {exc}"
+        if not missing:
+            return "ready"
+        return "**models missing** (generating will fail until they are here): " + missing_advice(missing)
 
     def apply_preset(self, name: str) -> list[Any]:
         """Choosing a preset fills in its numbers (a model policy with a size of its own, the tiny models', keeps it);
@@ -388,6 +486,10 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
     w: dict[str, Any] = {}
     w["prompt"] = gr.Textbox(v["prompt"], label="Prompt", lines=2, elem_id="prompt")
     w["negative"] = gr.Textbox(v["negative"], label="Negative prompt", elem_id="negative")
+    with gr.Row():  # above the fold: the first thing after the prompt
+        w["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
+        w["stop"] = gr.Button("Stop", elem_id="stop")
+        w["see"] = gr.Button("Show what the conditions see", elem_id="see")
     with gr.Row():
         presets = [NO_PRESET, *available_presets()]
         w["preset"] = gr.Dropdown(presets, value=v["preset"], label="Preset", elem_id="preset")
@@ -397,6 +499,8 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
         w["steps"] = gr.Slider(1, 100, value=v["steps"], step=1, label="Steps", elem_id="steps")
         w["guidance"] = gr.Slider(0, 15, value=v["guidance"], step=0.1, label="Guidance", elem_id="guidance")
         w["refiner_switch"] = gr.Slider(0, 0.95, value=v["refiner_switch"], step=0.05, label="Refiner switch (0: off)")
+        w["scheduler"] = gr.Dropdown([PRESET_SAMPLER, *SCHEDULERS], value=v["scheduler"], label="Sampler",
+                                     elem_id="scheduler")  # fmt: skip
     with gr.Row():
         w["seed"] = gr.Number(value=v["seed"] or 0, precision=0, label="Seed", elem_id="seed")
         w["random_seed"] = gr.Checkbox(value=v["random_seed"], label="Random seed", elem_id="random-seed")
@@ -404,6 +508,8 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
         w["num_images"] = gr.Slider(1, 8, value=v["num_images"], step=1, label="Images", elem_id="num-images")
     with gr.Accordion("Face (identity)", open=True):
         w["faces"] = gr.File(file_count="multiple", label="Face photo(s) of one person", elem_id="faces")
+        w["faces_found"] = gr.Gallery(label="The faces found (green: the one used)", elem_id="faces-found",
+                                      height=180, columns=4)  # fmt: skip
         with gr.Row():
             w["identity"] = gr.Dropdown(identity_kinds(), value=v["identity"], label="Method")
             w["identity_scale"] = gr.Slider(0, 1.5, value=v["identity_scale"], step=0.05, label="Strength")
@@ -451,10 +557,7 @@ def build_app(config: UiConfig) -> Any:
         with gr.Row():
             with gr.Column(scale=3):
                 w = _form_widgets(config)
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Stop", elem_id="stop")
-                    see = gr.Button("Show what the conditions see", elem_id="see")
+                run, stop, see = w["generate"], w["stop"], w["see"]
                 restore_png = gr.File(label="Drop a PNG made by sdxl-control to restore its settings",
                                       file_types=[".png"], elem_id="restore")  # fmt: skip
             with gr.Column(scale=2):
@@ -467,16 +570,25 @@ def build_app(config: UiConfig) -> Any:
         form = [w[f.name] for f in fields(PageForm)]
         last_seed, running = gr.State(None), gr.State(None)
         outputs = [preview, status, gallery, downloads, last_seed, running]
-        run.click(_with_signature(page.generate, PageForm, "running"), [*form, running], outputs, api_name="generate")
-        stop.click(page.stop_clicked, running, status, queue=False)
+        # The page's button says an error in the page and keeps the last results; the API's endpoint (a hidden
+        # button) raises it to the client. Only these two and "conditions" are API endpoints.
+        run.click(page.generate, [*form, running], outputs, api_name="page_generate", api_visibility="private")
+        hidden = gr.Button(visible=False)
+        hidden.click(_with_signature(page.generate_api, PageForm, "running"), [*form, running], outputs,
+                     api_name="generate")  # fmt: skip
+        private: dict[str, Any] = {"api_visibility": "private"}
+        stop.click(page.stop_clicked, running, status, queue=False, **private)
         w["reuse"].click(lambda s: (s if s is not None else 0, False), last_seed, [w["seed"], w["random_seed"]],
-                         queue=False)  # fmt: skip
+                         queue=False, **private)  # fmt: skip
         numbers = [w[n] for n in ("steps", "guidance", "width", "height", "refiner_switch", "negative", "strength")]
-        w["preset"].change(page.apply_preset, w["preset"], [*numbers, status], queue=False)
+        w["preset"].change(page.apply_preset, w["preset"], [*numbers, status], queue=False, **private)
+        w["faces"].upload(page.faces_uploaded, w["faces"], [w["faces"], w["faces_found"]], **private)
+        w["faces"].clear(lambda: [], None, w["faces_found"], queue=False, **private)
         see.click(page.show_maps, [w["faces"], w["structure"], w["structure_kind"], w["structure_is_map"]], maps,
                   api_name="conditions")  # fmt: skip
         restored = ("prompt", "negative", "width", "height", "steps", "guidance", "seed", "random_seed",
                     "refiner_switch")  # fmt: skip
-        restore_png.upload(page.restore, restore_png, [*[w[n] for n in restored], status])
+        restore_png.upload(page.restore, restore_png, [*[w[n] for n in restored], status], **private)
+        app.load(page.opening_status, None, status, **private)
     app.queue(default_concurrency_limit=1)
     return app

@@ -109,8 +109,12 @@ def test_generate_in_a_real_browser(page_url, browser, photos_dir, tmp_path, ref
     from sdxl_control.recipe import read_recipe
 
     page = _open(browser, page_url)
+    # Generate is in the first screen of a laptop's window, under the prompt.
+    box = page.locator("#generate").bounding_box()
+    assert box is not None and box["y"] + box["height"] < 700, box
     _fill(page, "a portrait in watercolour", seed=123, steps=8)
     page.locator("#faces input[type=file]").set_input_files(str(photos_dir / "obama.jpg"))
+    page.wait_for_selector("#faces-found img")  # the photo, with the face found outlined
     page.locator("#style input[type=file]").set_input_files(str(photos_dir / "biden.jpg"))
     page.wait_for_timeout(500)
     page.click("#generate")
@@ -126,7 +130,7 @@ def test_generate_in_a_real_browser(page_url, browser, photos_dir, tmp_path, ref
     png.write_bytes(response.body())
     recipe = read_recipe(png)
     assert recipe["seed"] == 123 and recipe["prompt"] == "a portrait in watercolour"
-    assert sorted(c["kind"] for c in recipe["conditions"]) == ["faceid", "ip-adapter"]
+    assert sorted(c["kind"] for c in recipe["conditions"]) == ["ip-adapter", "pulid"]  # the page's method: PuLID
     again = reference.run(GenerationRequest.from_recipe(recipe), progress_bar=False).images[0]
     assert np.array_equal(np.asarray(again), np.asarray(Image.open(png).convert("RGB")))
     # "Show what the conditions see": the face's keypoint map.
@@ -141,21 +145,27 @@ def test_generate_in_a_real_browser(page_url, browser, photos_dir, tmp_path, ref
     assert page.locator("#seed input").first.input_value() == "123"
 
 
-def test_bad_upload_is_answered_in_the_page_and_the_next_call_works(page_url, browser, tmp_path):
+def test_bad_input_is_answered_in_the_page_and_the_results_stay(page_url, browser, tmp_path):
+    """A file that is not a photo is refused as it is uploaded (by its name, not a temporary path); an error at
+    Generate is a message and the status, and the last results stay; the next call works."""
     page = _open(browser, page_url)
     notes = tmp_path / "notes.jpg"
     notes.write_text("not a photo")
     _fill(page, "a lighthouse", steps=4)
-    page.locator("#faces input[type=file]").set_input_files(str(notes))
-    page.wait_for_timeout(500)
-    page.click("#generate")
-    error = page.locator(".toast-body", has_text="not a readable image")
-    error.wait_for()
-    page.screenshot(path=str(SCREENSHOTS / "ui-bad-upload.png"), full_page=True)
-    page.locator("#faces button[aria-label='Clear']").first.click()
-    page.wait_for_timeout(300)
     page.click("#generate")
     assert len(_downloads(page)) == 1
+    page.locator("#faces input[type=file]").set_input_files(str(notes))
+    page.locator(".toast-body", has_text="notes.jpg is not an image").wait_for()
+    page.wait_for_function("!document.querySelector('#faces a')")  # removed from the field
+    _set_number(page, "width", 100)  # not a multiple of 8
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('error')")
+    assert "multiple" in _status(page) and "/tmp" not in _status(page)
+    assert page.locator("#gallery img").count() >= 1 and len(_downloads(page)) == 1  # the last results stay
+    page.screenshot(path=str(SCREENSHOTS / "ui-bad-input.png"), full_page=True)
+    _set_number(page, "width", 128)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
 
 
 def test_two_sessions_at_once_both_finish(page_url, browser, tmp_path):
@@ -211,11 +221,19 @@ def test_the_page_is_an_http_api(page_url, tmp_path):
     from sdxl_control.recipe import read_recipe
 
     client = Client(page_url, verbose=False)
-    result = client.predict(prompt="a red fox", seed=9, random_seed=False, steps=4, api_name="/generate")
+    result = client.predict(prompt="a red fox", seed=9, random_seed=False, steps=4, scheduler="dpmpp_2m",
+                            api_name="/generate")  # fmt: skip
     preview, status, gallery, downloads = result  # the page's session state is not part of the API
     assert "done" in status and "seed 9" in status
     (png,) = downloads
-    assert read_recipe(png)["seed"] == 9
+    assert read_recipe(png)["seed"] == 9 and read_recipe(png)["scheduler"]["name"] == "dpmpp_2m"
+    assert isinstance(preview, str) and Image.open(preview).size == (128, 128)  # the image, not an update object
+    # Only what a client is meant to call is an endpoint; the page's own handlers are not.
+    api = client.view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == {"/generate", "/conditions"} and not api["unnamed_endpoints"]
+    # An error reaches the client as one.
+    with pytest.raises(Exception, match="multiple"):
+        client.predict(prompt="a red fox", width=100, api_name="/generate")
     # The face detailer's switch is a parameter of the same endpoint.
     *_, downloads = client.predict(prompt="a red fox", seed=9, random_seed=False, steps=4, detail_faces=True,
                                    detail_strength=0.3, api_name="/generate")  # fmt: skip
@@ -282,3 +300,42 @@ def test_a_mask_painted_in_the_page_repaints_that_area(page_url, ui_outputs, bro
     ours = reference.run(GenerationRequest("a red door", init_image=str(init), mask=str(mask_file), strength=0.75,
                                            steps=6, seed=31, guidance=5.0), progress_bar=False).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(ours), np.asarray(Image.open(png).convert("RGB")))
+
+
+def test_the_page_says_missing_models_as_it_opens(tiny, tmp_path):
+    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.ui import UiConfig, _Page
+
+    assert _Page(UiConfig(resolver=TinyResolver(), outputs=tmp_path)).opening_status() == "ready"
+    status = _Page(UiConfig(base="someone/missing-sdxl", outputs=tmp_path)).opening_status()
+    assert status.startswith("**models missing**") and "someone/missing-sdxl" in status and "hf download" in status
+
+
+def test_the_generations_warnings_reach_the_page_by_file_name():
+    import logging
+    import queue
+    import threading
+
+    from sdxl_control.ui import _warnings_of
+
+    events: queue.Queue = queue.Queue()
+    log = logging.getLogger("sdxl_control.preprocessors.face")
+    worker = threading.Thread(target=lambda: log.warning("%d faces in %s: using the largest", 2, "/tmp/up/a/me.jpg"))
+    with _warnings_of(worker, events):
+        log.warning("from another thread: not this generation's")
+        worker.start()
+        worker.join()
+    log.warning("after the generation")
+    assert list(events.queue) == [("warning", "2 faces in me.jpg: using the largest")]
+
+
+def test_the_page_form_has_a_sampler_and_pulid_for_faces(tmp_path):
+    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    config = UiConfig(resolver=TinyResolver(), outputs=tmp_path)
+    assert form_spec(PageForm("x", scheduler="dpmpp_2m_karras"), config, seed=1).settings["scheduler"] == (
+        "dpmpp_2m_karras"
+    )
+    assert "scheduler" not in form_spec(PageForm("x"), config, seed=1).settings  # the preset's, else the default
+    assert PageForm().identity == "pulid"  # as the portrait preset and the README's page example
