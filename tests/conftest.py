@@ -19,7 +19,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 # ``SDXL_CONTROL_NO_SHARED=1`` runs the suite as a user's clone, which has no ../shared, does.
 HAVE_SHARED = SHARED.is_dir() and not os.environ.get("SDXL_CONTROL_NO_SHARED")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker is one process of the machine's two: one thread each runs them side by side.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,6 +32,7 @@ ELSEWHERE = {
 
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route what a block hands to the library through ``TinyResolver``, as ``--tiny`` does for a command."""
+    import sdxl_control.adapters.instantid as instantid
     import sdxl_control.batch as batch
     import sdxl_control.preprocessors.face as face
 
@@ -54,8 +55,13 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Generator, "run", tiny_run)
     monkeypatch.setattr(batch, "read_jobs", functools.partial(batch.read_jobs, resolver=resolver))
     saved = face.save_identity
-    monkeypatch.setattr(face, "save_identity", lambda *a, face_pack="antelopev2", **k: saved(
-        *a, face_pack=resolver.face_pack(face_pack), **k))  # fmt: skip
+
+    def save_identity(*args, face_pack="antelopev2", **kwargs):  # type: ignore[no-untyped-def]
+        return saved(*args, face_pack=resolver.face_pack(face_pack), **kwargs)
+
+    # Where the README imports it from, and where it is defined.
+    monkeypatch.setattr(instantid, "save_identity", save_identity)
+    monkeypatch.setattr(face, "save_identity", save_identity)
 
 
 def _files(block: str, folder: Path, tiny) -> None:  # type: ignore[no-untyped-def]
