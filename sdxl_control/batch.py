@@ -186,7 +186,8 @@ def _fetched(uri: str) -> str:
     key = hashlib.sha256(f"{uri}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:20]
     peek_folder = _PEEK_INTO.get()
     target = (peek_folder or cache_dir() / "inputs") / key / info.base_name
-    if target.exists():
+    copied = not target.exists()
+    if not copied:
         os.utime(target.parent)  # recently used: trimmed last
     else:
         staging = target.parent / f".{uuid.uuid4().hex[:12]}{_PARTIAL}"
@@ -208,7 +209,8 @@ def _fetched(uri: str) -> str:
             shutil.rmtree(staging, ignore_errors=True)
     if peek_folder is None:
         _USED_INPUTS.add(target.parent)
-        trim_input_cache()
+        if copied:  # only a new copy can take the cache past its bound
+            trim_input_cache()
     return str(target)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "DEFAULT_BASE", "DEFAULT_REFINER", "DEFAULT_UNION", "DEFAULT_IDENTITY", "DRAFT_DECODER", "FAST_LEVELS",
+    "SCHEDULER_ALIASES", "DEFAULT_BASE", "DEFAULT_REFINER", "DEFAULT_UNION", "DEFAULT_IDENTITY", "DRAFT_DECODER", "FAST_LEVELS",
     "StructureControl", "STRUCTURE_CONTROLS",
 ]  # fmt: skip
 
@@ -60,5 +60,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
     "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
 }
+# The names A1111 (its infotext's "Sampler", with "Karras" when its schedule type is) and ComfyUI (its KSampler's
+# sampler_name, "_karras" for its scheduler) give the same recipes; matched without regard to case.
+SCHEDULER_ALIASES: dict[str, str] = {
+    "euler a": "euler_a", "euler_ancestral": "euler_a", "uni_pc": "unipc", "uni_pc_bh2": "unipc",
+    "dpm++ 2m": "dpmpp_2m", "dpm++ 2m karras": "dpmpp_2m_karras", "dpm++ sde": "dpmpp_sde",
+}  # fmt: skip
 # The largest side of an image SDXL is asked for (the checks before anything loads and the request's agree).
 MAX_SIDE = 8192

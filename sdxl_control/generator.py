@@ -31,7 +31,7 @@ from .loop import ProgressCallback, PromptSegment, StageInputs, denoise
 from .model_refs import ModelRef
 from .models import StageModels, load_stage
 from .recipe import RecipeImage, Result, check_recipe
-from .schedule import StageSchedule, make_scheduler, scheduler_spec, split_schedule
+from .schedule import StageSchedule, make_scheduler, scheduler_name, scheduler_spec, split_schedule
 from .start import INPAINT_CHANNELS, start_images, start_latents
 from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
@@ -120,6 +120,8 @@ class GenerationRequest:
         object.__setattr__(self, "size", tuple(self.size))
         object.__setattr__(self, "conditions", tuple(self.conditions))
         object.__setattr__(self, "scheduler_options", dict(self.scheduler_options))
+        if isinstance(self.scheduler, str):  # A1111's and ComfyUI's names recorded as ours
+            object.__setattr__(self, "scheduler", scheduler_name(self.scheduler))
         if self.timesteps is not None:
             if not self.timesteps or not all(isinstance(t, int) and 0 <= t < TRAIN_TIMESTEPS for t in self.timesteps):
                 raise InvalidRequestError(

@@ -39,8 +39,9 @@ INSIGHTFACE_LICENCE = "insightface's models are for non-commercial research only
 _SDXL_BASE, _SDXL_REFINER, _LIGHTNING = (
     "stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-refiner-1.0", "ByteDance/SDXL-Lightning"
 )  # fmt: skip
-# Download sizes (bytes, rounded) of the published weights files the built-in names fetch, as their hubs list them:
-# the missing-model advice adds them up. Configs and tokenizers are too small to count.
+# Download sizes (bytes, rounded) of the published weights files the built-in names fetch, as their hubs list them
+# (SDXL's fp32 files are its components' parameter counts x 4 bytes; Lightning's UNets, fp16, x 2): the missing-model
+# advice adds them up. Configs and tokenizers are too small to count.
 PUBLISHED_SIZES: dict[tuple[str, str], int] = {
     (_SDXL_BASE, "unet/diffusion_pytorch_model.safetensors"): 10_270_000_000,
     (_SDXL_BASE, "text_encoder/model.safetensors"): 492_000_000,

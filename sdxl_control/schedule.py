@@ -10,10 +10,10 @@ from typing import Any
 import diffusers
 import torch
 
-from .defaults import SCHEDULERS
+from .defaults import SCHEDULER_ALIASES, SCHEDULERS
 from .errors import InvalidRequestError
 
-__all__ = ["SCHEDULERS", "make_scheduler", "scheduler_spec", "StageSchedule", "split_schedule"]
+__all__ = ["SCHEDULERS", "make_scheduler", "scheduler_name", "scheduler_spec", "StageSchedule", "split_schedule"]
 
 
 def make_scheduler(model_config: Any, name: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
@@ -33,8 +33,23 @@ def make_scheduler(model_config: Any, name: str | None = None, overrides: Mappin
         raise InvalidRequestError(f"scheduler {cls_name} refuses these options ({exc})") from None
 
 
+def scheduler_name(name: str) -> str:
+    """Our name for a scheduler as A1111 or ComfyUI users write it ("DPM++ 2M Karras", "euler_ancestral"); other
+    names as given.
+
+    Example:
+        >>> scheduler_name("DPM++ 2M Karras"), scheduler_name("Euler a"), scheduler_name("heun")
+        ('dpmpp_2m_karras', 'euler_a', 'heun')
+    """
+    folded = name.strip().casefold()
+    if folded in SCHEDULER_ALIASES:
+        return SCHEDULER_ALIASES[folded]
+    return folded if folded in SCHEDULERS else name
+
+
 def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
     """(diffusers class name, config overrides) of a scheduler name, or an error listing the names."""
+    name = scheduler_name(name)
     if name in SCHEDULERS:
         return SCHEDULERS[name]
     if name.endswith("Scheduler") and hasattr(diffusers, name):

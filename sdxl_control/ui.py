@@ -42,7 +42,7 @@ __all__ = ["UiConfig", "PageForm", "build_app", "form_spec"]
 log = logging.getLogger(__name__)
 
 NO_PRESET = "(none)"
-PRESET_SAMPLER = "(the preset's, else euler)"
+PRESET_SAMPLER = "(the preset's, else the model's)"
 # The page's face method: PuLID, as the portrait preset and the README's page example use it.
 PAGE_IDENTITY = "pulid"
 PREVIEW_EVERY = 2

@@ -264,3 +264,18 @@ def test_the_libraries_loading_bars_show_only_with_verbose(tiny, tmp_path, capsy
         assert "Loading weights" in capsys.readouterr().err  # transformers' own bar, as it loads the text encoders
     finally:
         library_output(verbose=False)
+
+
+def test_schedulers_by_their_a1111_and_comfyui_names(tiny, tmp_path):
+    """ "DPM++ 2M Karras" (A1111's infotext) and "euler_ancestral" (ComfyUI's KSampler) are our dpmpp_2m_karras and
+    euler_a: the same pixels, recorded by our name."""
+    common = ["generate", "a fox", "--tiny", "--size", "64x64", "--steps", "3", "--seed", "2", "-q"]
+    for theirs, ours in (("DPM++ 2M Karras", "dpmpp_2m_karras"), ("euler_ancestral", "euler_a")):
+        images = []
+        for name in (theirs, ours):
+            out = tmp_path / f"{name.replace(' ', '_')}.png"
+            assert main([*common, "--scheduler", name, "-o", str(out)]) == 0
+            assert read_recipe(out)["scheduler"]["name"] == ours
+            images.append(np.asarray(Image.open(out)))
+        assert np.array_equal(*images)
+    assert main([*common, "--scheduler", "DPM++ 3M SDE", "-o", str(tmp_path / "x.png")]) == 2

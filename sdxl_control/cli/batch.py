@@ -69,15 +69,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     """Check the whole job file, then run it; exit 0 when every job is done, else the exit code of the first
     failure's kind (its line in results.jsonl says what went wrong)."""
-    from ..batch import Outputs, read_jobs, record_problems, run_batch
+    from ..batch import Outputs, record_problems, run_batch
 
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise InvalidRequestError("--workers and --gpus-per-worker are for --ray")
     if args.check:
         return _check(args, resolver)
-    jobs, problems = read_jobs(args.jobs, inputs_from=args.inputs_from, resolver=resolver)
-    for problem in problems:
-        sys.stderr.write(f"{args.jobs}: {problem}\n")
+    jobs, problems = _read(args, resolver)
     if problems and not args.skip_invalid:
         raise InvalidRequestError(
             f"{len(problems)} of {len(jobs) + len(problems)} job(s) are not valid (listed above); nothing was run. "
@@ -114,17 +112,25 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
 
 def _check(args: argparse.Namespace, resolver: Resolver) -> int:
     """The job file's problems and the models its jobs need, reading remote inputs' beginnings only."""
-    from ..batch import job_needs, read_jobs, remote_inputs_peeked
+    from ..batch import job_needs, remote_inputs_peeked
     from ..errors import ModelError
     from ..inventory import report
 
     with remote_inputs_peeked():
-        jobs, problems = read_jobs(args.jobs, inputs_from=args.inputs_from, resolver=resolver)
-        for problem in problems:
-            sys.stderr.write(f"{args.jobs}: {problem}\n")
+        jobs, problems = _read(args, resolver)
         sys.stdout.write(f"{len(jobs)} job(s) valid, {len(problems)} not\n")
         table, present = report(job_needs(jobs))
     sys.stdout.write(f"models: {'all present' if present else 'some missing'}\n{table}\n")
     if problems:
         return InvalidRequestError.exit_code
     return 0 if present else ModelError.exit_code
+
+
+def _read(args: argparse.Namespace, resolver: Resolver) -> tuple[list[Any], list[Any]]:
+    """The job file's jobs and problems, each problem said on stderr."""
+    from ..batch import read_jobs
+
+    jobs, problems = read_jobs(args.jobs, inputs_from=args.inputs_from, resolver=resolver)
+    for problem in problems:
+        sys.stderr.write(f"{args.jobs}: {problem}\n")
+    return jobs, problems

@@ -50,7 +50,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     gen.add_argument("--refiner-switch", type=number, help="fraction of the schedule the base runs before the refiner")
     gen.add_argument("--size", type=options.request_size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
     gen.add_argument("--num-images", type=count, help="images in the batch, seeds seed, seed+1, ...")
-    gen.add_argument("--scheduler", help=f"{', '.join(SCHEDULERS)}, or a diffusers scheduler class name")
+    gen.add_argument(
+        "--scheduler",
+        help=f"{', '.join(SCHEDULERS)}, A1111's and ComfyUI's names for them (\"DPM++ 2M Karras\", euler_ancestral), "
+        "or a diffusers scheduler class name",
+    )
     gen.add_argument(
         "--preset",
         metavar="NAME|FILE",
