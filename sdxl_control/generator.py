@@ -33,7 +33,7 @@ from .models import StageModels, load_stage
 from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_name, scheduler_spec, split_schedule
 from .start import INPAINT_CHANNELS, start_images, start_latents
-from .text import MicroConditioning, TextChannel, prompt_segments, time_ids
+from .text import LongPrompts, MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
 from .vae import decode_latents, encode_pixels, load_decoder, vae_scale_factor
 from .validation import check_fields, unknown_keys
@@ -72,6 +72,11 @@ class GenerationRequest:
     ``detailer`` (a :class:`~sdxl_control.detailer.FaceDetailer`, or ``True`` for ADetailer's defaults) repaints
     every face of the finished images at the request's size, each with the identity condition it resembles.
 
+    ``long_prompts``: a prompt (or negative prompt) beyond 75 CLIP tokens is read in 75-token chunks, joined
+    (``"chunks"``, A1111's way: ``BREAK`` and commas end chunks; the shorter of prompt and negative prompt is followed
+    by empty-prompt chunks), or cut to its first 75 tokens (``"truncate"``, diffusers' way). A prompt of 75 tokens
+    or fewer reads the same both ways.
+
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
         (3,)
@@ -105,6 +110,7 @@ class GenerationRequest:
     hires_steps: int | None = None
     upscaler: str = LANCZOS
     detailer: FaceDetailer | None = None
+    long_prompts: LongPrompts = "chunks"
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -334,7 +340,8 @@ class GenerationRequest:
                 raise InputError("\n".join(missing))
             overrides["conditions"] = tuple(conditions)
         names = {f.name for f in fields(cls)} - {"conditions", "seed"}
-        values = {k: recipe[k] for k in names if k in recipe}
+        # A recipe from before long prompts were read in chunks was made with the prompt cut to one window.
+        values = {"long_prompts": "truncate", **{k: recipe[k] for k in names if k in recipe}}
         if "upscaler" in values:
             values["upscaler"] = (locate or Locator()).resolve(values["upscaler"], "the recipe's upscaler")
         if isinstance(values.get("detailer"), dict) and values["detailer"].get("face_pack") is not None:
@@ -532,7 +539,8 @@ class Generator:
         with self._resident([e.model for e in models.text_encoders]):
             encoded = prompt_segments(models.text_encoders, request.prompt, request.negative_prompt, channels,
                                       plan.schedule.total, need_negative=guided,
-                                      zero_negative=models.force_zeros_for_empty_prompt)  # fmt: skip
+                                      zero_negative=models.force_zeros_for_empty_prompt,
+                                      long_prompts=request.long_prompts)  # fmt: skip
         width, height = request.size
         micro = MicroConditioning(
             original_size=(height, width),

@@ -28,7 +28,8 @@ def test_real_taesd_xl_files_round_trip_a_photo(shared_dir):
     models = shared_dir / "models"
     taesd = taesd_from_files(models / "taesdxl_decoder.safetensors", models / "taesdxl_encoder.safetensors").eval()
     photo = Image.open(shared_dir / "images" / "obama.jpg").convert("RGB")
-    photo = photo.resize((photo.width // 8 * 8, photo.height // 8 * 8))
+    # Half size (still a portrait of 450x570): the round trip's quality shows as well, in a quarter of the time.
+    photo = photo.resize((photo.width // 16 * 8, photo.height // 16 * 8), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         latents = taesd.encode(pixels).latents

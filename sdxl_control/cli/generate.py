@@ -183,6 +183,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gen.add_argument("--vae-tiling", action="store_true", help="decode tile by tile (large images, small GPUs)")
     gen.add_argument(
+        "--long-prompts",
+        choices=("chunks", "truncate"),
+        help="a prompt beyond 75 tokens: read in 75-token chunks (default, A1111's; BREAK ends a chunk) or cut to its "
+        "first 75 (diffusers')",
+    )
+    gen.add_argument(
         "--decoder",
         metavar="MODEL",
         help=f"decode with this tiny autoencoder instead of the VAE (draft previews), e.g. {DRAFT_DECODER}",
@@ -387,6 +393,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "num_images": args.num_images,
         "scheduler": args.scheduler,
         "vae_tiling": True if args.vae_tiling else None,
+        "long_prompts": args.long_prompts,
         "decoder": args.decoder,
         "init_image": args.init_image,
         "strength": args.strength,
