@@ -382,13 +382,18 @@ class _Page:
         image.save(path)
         return str(path)
 
-    def faces_uploaded(self, files: Any) -> tuple[Any, list[Any]]:
+    def faces_uploaded(self, files: Any, identity: str) -> tuple[Any, list[Any]]:
         """The face photos as uploaded, checked at once: a file that is not an image is removed (and said), and each
-        photo is shown with the faces found, the one used in green (more than one is said)."""
+        photo is shown with the faces found by the face pack the ``identity`` method uses, the one used in green
+        (more than one is said)."""
+        from .adapters import condition_class
         from .preprocessors.face import DEFAULT_PACK, FaceAnalyzer, draw_faces
         from .preprocessors.images import check_image_file
 
-        pack = self.config.resolver.face_pack(self.config.face_pack or DEFAULT_PACK)
+        method_pack = next(
+            (f.default for f in fields(condition_class(identity)) if f.name == "face_pack"), DEFAULT_PACK
+        )
+        pack = self.config.resolver.face_pack(self.config.face_pack or str(method_pack))
         kept, shown = [], []
         for path in _files(files):
             name = Path(path).name
@@ -582,7 +587,7 @@ def build_app(config: UiConfig) -> Any:
                          queue=False, **private)  # fmt: skip
         numbers = [w[n] for n in ("steps", "guidance", "width", "height", "refiner_switch", "negative", "strength")]
         w["preset"].change(page.apply_preset, w["preset"], [*numbers, status], queue=False, **private)
-        w["faces"].upload(page.faces_uploaded, w["faces"], [w["faces"], w["faces_found"]], **private)
+        w["faces"].upload(page.faces_uploaded, [w["faces"], w["identity"]], [w["faces"], w["faces_found"]], **private)
         w["faces"].clear(lambda: [], None, w["faces_found"], queue=False, **private)
         see.click(page.show_maps, [w["faces"], w["structure"], w["structure_kind"], w["structure_is_map"]], maps,
                   api_name="conditions")  # fmt: skip

@@ -344,3 +344,17 @@ def test_the_page_form_has_a_sampler_and_pulid_for_faces(tmp_path):
     )
     assert "scheduler" not in form_spec(PageForm("x"), config, seed=1).settings  # the preset's, else the default
     assert PageForm().identity == "pulid"  # as the portrait preset and the README's page example
+
+
+def test_an_uploaded_face_is_shown_with_the_faces_its_method_finds(tiny, tmp_path, photos_dir):
+    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.ui import UiConfig, _Page
+
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo")
+    page = _Page(UiConfig(resolver=TinyResolver(), outputs=tmp_path))
+    photo = str(photos_dir / "obama.jpg")
+    for method in ("pulid", "faceid"):  # antelopev2's detector, then buffalo_l's
+        kept, shown = page.faces_uploaded([photo, str(notes)], method)
+        assert kept == [photo] and len(shown) == 1 and shown[0][1] == "obama.jpg: 1 face(s)"
+        assert shown[0][0].size == Image.open(photo).size
