@@ -235,12 +235,13 @@ def ensure(needs: Iterable[ModelNeed]) -> None:
     if missing and not constants.HF_HUB_OFFLINE:
         unreached: list[ModelNeed] = []
         for need in missing:
-            try:
-                if unreached or not need.on_hub:  # once the hub did not answer, the rest are not tried
-                    raise MissingWeightsError(need.what)
-                fetch(need)
-            except MissingWeightsError:
-                unreached.append(need)
+            if need.on_hub and not unreached:  # once the hub did not answer, the rest are not tried
+                try:
+                    fetch(need)
+                    continue
+                except MissingWeightsError:
+                    pass
+            unreached.append(need)
         missing = unreached
     if missing:
         raise MissingWeightsError(missing_advice(missing))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -157,7 +157,7 @@ def _encode(
 
 
 def _aligned(
-    positive: PromptEmbeddings, negative: PromptEmbeddings | None, empty: Any
+    positive: PromptEmbeddings, negative: PromptEmbeddings | None, empty: Callable[[], PromptEmbeddings]
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
     """The prompt and negative prompt at one length, the shorter followed by empty-prompt chunks (A1111's "pad
     prompt/negative prompt to be same length"): guidance runs them as one batch. ``empty()`` encodes ""."""
