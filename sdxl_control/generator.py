@@ -22,6 +22,7 @@ from .conditions import Condition, PrepareContext, Prepared, Stage, validate_con
 from .defaults import DEFAULT_BASE, MAX_SIDE
 from .detailer import FaceDetailer, detail_faces
 from .devices import check_device, placement
+from .emphasis import Emphasis, check_syntax
 from .errors import IncompatibleModelError, InputError, InvalidRequestError
 from .fast import FastPath, FastPathHandle, apply_fast_path
 from .files import PATH_MODES, Locator, PathMode, portable
@@ -77,6 +78,10 @@ class GenerationRequest:
     by empty-prompt chunks), or cut to its first 75 tokens (``"truncate"``, diffusers' way). A prompt of 75 tokens
     or fewer reads the same both ways.
 
+    ``emphasis``: how weighting syntax in the prompts is read: ``"a1111"`` (``(word:1.2)``, ``(word)``, ``[word]``,
+    ``\\(``, A1111's weighting), ``"comfyui"`` (ComfyUI's syntax, weighting and chunks) or ``"off"`` (brackets are
+    text). See :mod:`sdxl_control.emphasis`.
+
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
         (3,)
@@ -111,6 +116,7 @@ class GenerationRequest:
     upscaler: str = LANCZOS
     detailer: FaceDetailer | None = None
     long_prompts: LongPrompts = "chunks"
+    emphasis: Emphasis = "a1111"
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -121,6 +127,9 @@ class GenerationRequest:
         if self.size is None:
             object.__setattr__(self, "size", self._default_size())
         check_fields(self, "the request")
+        for text in (self.prompt, self.negative_prompt):
+            if isinstance(text, str):
+                check_syntax(text, self.emphasis)
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
             raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
         object.__setattr__(self, "size", tuple(self.size))
@@ -340,8 +349,9 @@ class GenerationRequest:
                 raise InputError("\n".join(missing))
             overrides["conditions"] = tuple(conditions)
         names = {f.name for f in fields(cls)} - {"conditions", "seed"}
-        # A recipe from before long prompts were read in chunks was made with the prompt cut to one window.
-        values = {"long_prompts": "truncate", **{k: recipe[k] for k in names if k in recipe}}
+        # A recipe from before long prompts were read in chunks, or weighted, was made with the prompt cut to one window
+        # and its brackets read as text.
+        values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
         if "upscaler" in values:
             values["upscaler"] = (locate or Locator()).resolve(values["upscaler"], "the recipe's upscaler")
         if isinstance(values.get("detailer"), dict) and values["detailer"].get("face_pack") is not None:
@@ -540,7 +550,7 @@ class Generator:
             encoded = prompt_segments(models.text_encoders, request.prompt, request.negative_prompt, channels,
                                       plan.schedule.total, need_negative=guided,
                                       zero_negative=models.force_zeros_for_empty_prompt,
-                                      long_prompts=request.long_prompts)  # fmt: skip
+                                      long_prompts=request.long_prompts, emphasis=request.emphasis)  # fmt: skip
         width, height = request.size
         micro = MicroConditioning(
             original_size=(height, width),

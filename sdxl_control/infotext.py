@@ -183,6 +183,8 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         # A1111 writes this for img2img and inpainting; its "Mask blur" only with a mask.
         "Denoising strength": recipe.get("strength"),
         "Mask blur": recipe.get("mask_blur") if recipe.get("mask") else None,
+        # A1111 writes its emphasis option only when it is not its default; brackets read as text are its "None".
+        "Emphasis": "None" if recipe.get("emphasis") == "off" else None,
     }
     if recipe.get("hires_scale"):  # A1111's hires fix items; its denoising strength is the redraw's
         upscaler = recipe.get("upscaler")

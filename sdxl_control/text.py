@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
 from .conditions import PromptEdit, PromptTokens, Window, acts
 from .conversion import text_parameter
+from .emphasis import CHUNK_TOKENS, Emphasis, emphasized, unweighted, weighted_tokens
 from .errors import ConditionError, IncompatibleModelError
 from .weights import WeightPatch
 
@@ -34,12 +35,6 @@ log = logging.getLogger(__name__)
 # How a prompt longer than one CLIP window is read: in 75-token chunks encoded apart and joined (A1111's way), or cut
 # to its first 75 tokens (diffusers').
 LongPrompts = Literal["chunks", "truncate"]
-# A CLIP window holds a start token, 75 of the prompt's and an end token.
-CHUNK_TOKENS = 75
-# A1111's "prompt word wrap length limit": a chunk that fills up within this many tokens of a comma ends at the comma,
-# and the words after it open the next chunk.
-COMMA_BACKTRACK = 20
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
 @dataclass(frozen=True)
@@ -69,76 +64,67 @@ class PromptEmbeddings:
     pooled: torch.Tensor
 
 
-def _tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids  # fmt: skip
-    full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > ids.shape[-1]:
-        log.warning("prompt truncated to %d CLIP tokens", tokenizer.model_max_length)
-    return ids
-
-
-def prompt_chunks(tokenizer: Any, text: str) -> list[list[int]]:
+def prompt_chunks(tokenizer: Any, text: str, emphasis: Emphasis = "off") -> list[list[int]]:
     """``text``'s token ids in chunks of at most 75, as A1111 splits a long prompt: ``BREAK`` ends a chunk, and a
-    chunk that fills up within 20 tokens after a comma ends at the comma. An empty prompt is one empty chunk.
+    chunk that fills up within 20 tokens after a comma ends at the comma (``emphasis="comfyui"``: as ComfyUI splits
+    it, see :mod:`~sdxl_control.emphasis`). An empty prompt is one empty chunk.
 
     Example:
         >>> [len(c) for c in prompt_chunks(tokenizer, "a red fox BREAK in the snow")]       # doctest: +SKIP
         [3, 3]
     """
-    comma = tokenizer.get_vocab().get(",</w>")
-    chunks: list[list[int]] = []
-    chunk: list[int] = []
-    comma_at = -1
-    for number, part in enumerate(_BREAK.split(text)):
-        if number:  # a BREAK before this part
-            chunks.append(chunk)
-            chunk, comma_at = [], -1
-        ids = tokenizer(part, add_special_tokens=False, truncation=False, verbose=False).input_ids if part else []
-        for token in ids:
-            if token == comma:
-                comma_at = len(chunk)
-            elif len(chunk) == CHUNK_TOKENS and comma_at != -1 and len(chunk) - comma_at <= COMMA_BACKTRACK:
-                chunks.append(chunk[: comma_at + 1])  # the words after the comma move on together
-                chunk, comma_at = chunk[comma_at + 1 :], -1
-            if len(chunk) == CHUNK_TOKENS:
-                chunks.append(chunk)
-                chunk, comma_at = [], -1
-            chunk.append(token)
-    if chunk or not chunks:
-        chunks.append(chunk)
-    return chunks
+    return [[token for token, _ in chunk] for chunk in weighted_tokens(tokenizer, text, emphasis)]
 
 
-def _chunked(encoders: Sequence[TextEncoder], texts: list[str]) -> tuple[list[torch.Tensor], int]:
-    """Each encoder's token ids for ``texts`` in 77-token windows, (texts x chunks, 77), every text given as many
-    chunks (empty ones after a shorter text: what an empty prompt encodes to); and the chunks per text."""
-    per_encoder = [[prompt_chunks(enc.tokenizer, text) for text in texts] for enc in encoders]
-    counts = {len(chunks) for texts_chunks in per_encoder for chunks in texts_chunks}
+@dataclass(frozen=True)
+class _Reading:
+    """What each encoder reads for a batch of texts: 77-token windows (texts x windows, 77) of ids and their weights,
+    every text given as many windows (empty ones after a shorter text: what an empty prompt encodes to)."""
+
+    ids: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    windows: int
+    emphasis: Emphasis = "off"
+
+
+def _read(
+    encoders: Sequence[TextEncoder], texts: list[str], emphasis: Emphasis = "off", long_prompts: LongPrompts = "chunks"
+) -> _Reading:
+    whole = long_prompts == "chunks"
+    per_encoder = [[weighted_tokens(enc.tokenizer, text, emphasis, whole=whole) for text in texts] for enc in encoders]
     if len({tuple(len(c) for c in texts_chunks) for texts_chunks in per_encoder}) > 1:
         raise IncompatibleModelError("the stage's tokenizers split the prompt differently; they should share CLIP's")
-    count = max(counts)
-    ids = []
+    count = max(len(chunks) for texts_chunks in per_encoder for chunks in texts_chunks)
+    ids, weights = [], []
     for enc, texts_chunks in zip(encoders, per_encoder, strict=True):
         tok = enc.tokenizer
-        windows = []
+        windows: list[list[tuple[int, float]]] = []
         for chunks in texts_chunks:
             for chunk in [*chunks, *[[]] * (count - len(chunks))]:
                 # As one window of diffusers' tokenization: start, the tokens, end, padding.
                 windows.append(
-                    [tok.bos_token_id, *chunk, tok.eos_token_id, *[tok.pad_token_id] * (CHUNK_TOKENS - len(chunk))]
+                    [(tok.bos_token_id, 1.0), *chunk, (tok.eos_token_id, 1.0)]
+                    + [(tok.pad_token_id, 1.0)] * (CHUNK_TOKENS - len(chunk))
                 )
-        ids.append(torch.tensor(windows))
-    return ids, count
+        ids.append(torch.tensor([[t for t, _ in w] for w in windows]))
+        weights.append(torch.tensor([[v for _, v in w] for w in windows]))
+    return _Reading(ids, weights, count, emphasis)
 
 
-def _run(encoders: Sequence[TextEncoder], ids: Sequence[torch.Tensor], chunks: int = 1) -> PromptEmbeddings:
+def _chunked(encoders: Sequence[TextEncoder], texts: list[str]) -> tuple[list[torch.Tensor], int]:
+    """Each encoder's token ids for ``texts`` in 77-token windows, (texts x chunks, 77), and the chunks per text."""
+    reading = _read(encoders, texts)
+    return reading.ids, reading.windows
+
+
+def _run(encoders: Sequence[TextEncoder], reading: _Reading) -> PromptEmbeddings:
     hidden = []
     pooled: torch.Tensor | None = None
-    for enc, tokens in zip(encoders, ids, strict=True):
+    chunks = reading.windows
+    for enc, tokens, weights in zip(encoders, reading.ids, reading.weights, strict=True):
         out = enc.model(tokens.to(enc.model.device), output_hidden_states=True)
         # SDXL conditions on the penultimate layer of each encoder and the projected pooled output of the last.
-        states = out.hidden_states[-2]
+        states = emphasized(out.hidden_states[-2], weights, reading.emphasis, partial(_empty_window, enc))
         hidden.append(states.reshape(states.shape[0] // chunks, chunks * states.shape[1], states.shape[2]))
         if out[0].ndim == 2:
             pooled = out[0][::chunks]  # a long prompt's pooled embedding is its first chunk's, as A1111's
@@ -147,13 +133,18 @@ def _run(encoders: Sequence[TextEncoder], ids: Sequence[torch.Tensor], chunks: i
     return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
 
 
+def _empty_window(encoder: TextEncoder) -> torch.Tensor:
+    ids = _read([encoder], [""]).ids[0]
+    return encoder.model(ids.to(encoder.model.device), output_hidden_states=True).hidden_states[-2]
+
+
 def _encode(
-    encoders: Sequence[TextEncoder], texts: list[str], long_prompts: LongPrompts = "chunks"
+    encoders: Sequence[TextEncoder],
+    texts: list[str],
+    long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
 ) -> PromptEmbeddings:
-    if long_prompts == "truncate":
-        return _run(encoders, [_tokenize(enc.tokenizer, texts) for enc in encoders])
-    ids, count = _chunked(encoders, texts)
-    return _run(encoders, ids, count)
+    return _run(encoders, _read(encoders, texts, emphasis, long_prompts))
 
 
 def _aligned(
@@ -175,26 +166,37 @@ def _aligned(
 
 
 def _encode_edited(
-    encoders: Sequence[TextEncoder], prompt: str, plain: str, edits: list[PromptEdit]
+    encoders: Sequence[TextEncoder],
+    prompt: str,
+    plain: str,
+    edits: list[PromptEdit],
+    long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
 ) -> PromptEmbeddings:
     rewriting = [e for e in edits if e.rewrites_tokens]
     if len(rewriting) > 1:
         names = ", ".join(type(e).__name__ for e in rewriting)
         raise ConditionError(f"{names} all rewrite the prompt's tokens at the same steps; only one condition may")
-    tokens = []
-    for index, enc in enumerate(encoders):
-        if rewriting:
-            read = rewriting[0].tokens(prompt, enc.tokenizer, index)
+    if rewriting:
+        # A condition that rewrites the tokens reads the prompt's words, in one window.
+        written, dropped = unweighted(prompt, emphasis)
+        if dropped:
+            log.warning("%s reads the prompt without its weights", type(rewriting[0]).__name__)
+        tokens = []
+        for index, enc in enumerate(encoders):
+            read = rewriting[0].tokens(written, enc.tokenizer, index)
             if len(read.ids) != enc.tokenizer.model_max_length:
                 raise ConditionError(
                     f"{type(rewriting[0]).__name__} gave {len(read.ids)} token ids; the text encoder reads "
                     f"{enc.tokenizer.model_max_length}"
                 )
-        else:
-            ids = tuple(_tokenize(enc.tokenizer, [plain])[0].tolist())
-            read = PromptTokens(ids, (False,) * len(ids))
-        tokens.append(read)
-    out = _run(encoders, [torch.tensor([t.ids]) for t in tokens])
+            tokens.append(read)
+        ids = [torch.tensor([t.ids]) for t in tokens]
+        reading = _Reading(ids, [torch.ones(i.shape) for i in ids], 1)
+    else:
+        reading = _read(encoders, [plain], emphasis, long_prompts)
+        tokens = [PromptTokens(tuple(i.flatten().tolist()), (False,) * i.numel()) for i in reading.ids]
+    out = _run(encoders, reading)
     hidden = out.hidden
     for edit in edits:
         hidden = edit.embed(hidden, tokens)
@@ -251,13 +253,15 @@ def prompt_segments(
     need_negative: bool,
     zero_negative: bool,
     long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
 ) -> list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]]:
     """The prompt's (and, with ``need_negative``, the negative prompt's) embeddings for each run of steps that the same
     channels act on, as (first step index, positive, negative), in step order; with nothing acting, one segment from
     step 0. The prompt text is first passed through the :meth:`~sdxl_control.PromptEdit.text` of every edit whose
     condition acts at any step (the first encoder's tokenizer decides); the negative prompt is never edited, but is
-    encoded with the text-encoder deltas acting at the segment's steps. ``long_prompts`` says how a prompt beyond 75
-    tokens is read (a prompt edit reads one window: with one, the prompt is cut to it)."""
+    encoded with the text-encoder deltas acting at the segment's steps. ``long_prompts`` and ``emphasis`` say how a
+    prompt is read (see :mod:`~sdxl_control.emphasis`); an edit that rewrites the tokens (PhotoMaker's) reads the
+    prompt in one window, without its weights."""
     live = [c for c in channels if any(c.weighs(i, steps) for i in range(steps))]
     plain = prompt
     for channel in live:
@@ -282,14 +286,19 @@ def prompt_segments(
             edits = [e for i in editing if (e := live[i].edit) is not None]
             with _deltas_applied(encoders, [live[i] for i in weighing]):
                 positive = (
-                    _encode_edited(encoders, prompt, plain, edits)
+                    _encode_edited(encoders, prompt, plain, edits, long_prompts, emphasis)
                     if edits
-                    else _encode(encoders, [plain], long_prompts)
+                    else _encode(encoders, [plain], long_prompts, emphasis)
                 )
                 if weighing not in encoded_negative:
                     encoded_negative[weighing] = (
                         encode_negative(
-                            encoders, negatives, positive, zero_negative=zero_negative, long_prompts=long_prompts
+                            encoders,
+                            negatives,
+                            positive,
+                            zero_negative=zero_negative,
+                            long_prompts=long_prompts,
+                            emphasis=emphasis,
                         )  # fmt: skip
                         if need_negative
                         else None
@@ -307,12 +316,14 @@ def encode_negative(
     *,
     zero_negative: bool,
     long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
 ) -> PromptEmbeddings:
     """The negative prompts' embeddings. With none given and ``zero_negative`` (the SDXL base's
     ``force_zeros_for_empty_prompt``) all zeros, as SDXL was trained; otherwise the negative text (default "")."""
     if negatives is None and zero_negative:
         return PromptEmbeddings(torch.zeros_like(like.hidden), torch.zeros_like(like.pooled))
-    return _encode(encoders, negatives if negatives is not None else [""] * like.hidden.shape[0], long_prompts)
+    texts = negatives if negatives is not None else [""] * like.hidden.shape[0]
+    return _encode(encoders, texts, long_prompts, emphasis)
 
 
 @torch.no_grad()
@@ -324,12 +335,15 @@ def encode_prompts(
     need_negative: bool,
     zero_negative: bool,
     long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
     """Encode prompts (and negatives when guidance needs them, see :func:`encode_negative`), at one length."""
-    positive = _encode(encoders, prompts, long_prompts)
+    positive = _encode(encoders, prompts, long_prompts, emphasis)
     if not need_negative:
         return positive, None
-    negative = encode_negative(encoders, negatives, positive, zero_negative=zero_negative, long_prompts=long_prompts)
+    negative = encode_negative(
+        encoders, negatives, positive, zero_negative=zero_negative, long_prompts=long_prompts, emphasis=emphasis
+    )
     return _aligned(positive, negative, lambda: _encode(encoders, [""]))
 
 

@@ -1,7 +1,7 @@
 """Prompts beyond 75 CLIP tokens are read whole, as A1111 reads them: split into 75-token chunks (``BREAK`` and commas
 end chunks), each encoded in its own 77-token window, the windows joined; the pooled embedding is the first chunk's;
 the shorter of prompt and negative prompt is followed by empty-prompt chunks. The split is checked against a
-transcription of A1111's ``tokenize_line`` on the real CLIP tokenizer, the encoding against the windows encoded by
+transcription of A1111's ``tokenize_line`` (``tests/reference_prompts.py``) on the real CLIP tokenizer, the encoding against the windows encoded by
 hand on the tiny text encoders. ``long_prompts="truncate"`` keeps diffusers' cut."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from PIL import Image
 from sdxl_control import GenerationRequest
 from sdxl_control.cli import main
 from sdxl_control.recipe import read_recipe
-from sdxl_control.text import _chunked, _tokenize, encode_prompts, prompt_chunks
+from sdxl_control.text import _chunked, encode_prompts, prompt_chunks
+from tests.reference_prompts import a1111_windows
 
 LIST = ", ".join(f"a {colour} {thing}" for colour in ("red", "green", "blue", "white", "black", "golden", "silver")
                  for thing in ("fox", "house", "boat", "tree"))  # fmt: skip  # 28 items, 3 tokens and a comma each
@@ -37,70 +38,9 @@ CASES = [
 ]
 
 
-def _a1111_windows(tokenizer, text: str, pad_id: int) -> list[list[int]]:
-    """A1111's ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`` for a prompt without emphasis or embeddings,
-    then its padding after the first end token (``id_pad``), transcribed: the windows its text encoder reads."""
-    import re
-
-    chunk_length, backtrack = 75, 20
-    id_start, id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
-    comma_token = tokenizer.get_vocab().get(",</w>", None)
-    parsed = []  # prompt_parser.parse_prompt_attention, for text with no brackets
-    for i, part in enumerate(re.split(r"\s*\bBREAK\b\s*", text)):
-        if i > 0:
-            parsed.append(["BREAK", -1])
-        parsed.append([part, 1.0])
-    merged = []
-    for item in parsed:  # runs of one weight merge
-        if merged and merged[-1][1] == item[1]:
-            merged[-1][0] += item[0]
-        else:
-            merged.append(item)
-    tokenized = [tokenizer(t, truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
-                 for t, _ in merged]  # fmt: skip
-    chunks: list[list[int]] = []
-    chunk: list[int] = []
-    last_comma = -1
-
-    def next_chunk():
-        nonlocal chunk, last_comma
-        to_add = chunk_length - len(chunk)
-        if to_add > 0:
-            chunk += [id_end] * to_add
-        chunks.append([id_start] + chunk + [id_end])
-        chunk, last_comma = [], -1
-
-    for tokens, (text_part, weight) in zip(tokenized, merged, strict=True):
-        if text_part == "BREAK" and weight == -1:
-            next_chunk()
-            continue
-        position = 0
-        while position < len(tokens):
-            token = tokens[position]
-            if token == comma_token:
-                last_comma = len(chunk)
-            elif (
-                backtrack != 0
-                and len(chunk) == chunk_length
-                and last_comma != -1
-                and len(chunk) - last_comma <= backtrack
-            ):
-                break_location = last_comma + 1
-                reloc = chunk[break_location:]
-                chunk = chunk[:break_location]
-                next_chunk()
-                chunk = reloc
-            if len(chunk) == chunk_length:
-                next_chunk()
-            chunk.append(token)
-            position += 1
-    if chunk or not chunks:
-        next_chunk()
-    windows = []
-    for window in chunks:  # process_tokens: after the first end token, id_pad
-        first_end = window.index(id_end)
-        windows.append(window[: first_end + 1] + [pad_id] * (len(window) - first_end - 1))
-    return windows
+def _diffusers_ids(tokenizer, text: str) -> torch.Tensor:
+    return tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids  # fmt: skip
 
 
 @pytest.mark.parametrize("text", CASES, ids=range(len(CASES)))
@@ -108,7 +48,7 @@ def test_the_split_is_a1111s(generator, text):
     encoders = generator.base.text_encoders
     ids, count = _chunked(encoders, [text])
     for enc, windows in zip(encoders, ids, strict=True):
-        expected = _a1111_windows(enc.tokenizer, text, enc.tokenizer.pad_token_id)
+        expected, _ = a1111_windows(enc.tokenizer, text, enc.tokenizer.pad_token_id, emphasis=False)
         assert windows.tolist() == expected and count == len(expected)
         assert len(prompt_chunks(enc.tokenizer, text)) == count
 
@@ -128,7 +68,7 @@ def test_a_prompt_within_one_window_reads_as_diffusers_does(generator):
     for text in ("a lighthouse at dusk", "word " * 75, ""):
         ids, _ = _chunked(encoders, [text])
         for enc, windows in zip(encoders, ids, strict=True):
-            assert torch.equal(windows, _tokenize(enc.tokenizer, [text]))
+            assert torch.equal(windows, _diffusers_ids(enc.tokenizer, text))
         chunks, _ = encode_prompts(encoders, [text], None, need_negative=False, zero_negative=True)
         cut, _ = encode_prompts(encoders, [text], None, need_negative=False, zero_negative=True,
                                 long_prompts="truncate")  # fmt: skip

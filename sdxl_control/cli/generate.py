@@ -189,6 +189,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "first 75 (diffusers')",
     )
     gen.add_argument(
+        "--emphasis",
+        choices=("a1111", "comfyui", "off"),
+        help="how (word:1.2), (word) and [word] in prompts weigh words: as A1111 does (default), as ComfyUI does, or "
+        "off (brackets are text)",
+    )
+    gen.add_argument(
         "--decoder",
         metavar="MODEL",
         help=f"decode with this tiny autoencoder instead of the VAE (draft previews), e.g. {DRAFT_DECODER}",
@@ -394,6 +400,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "vae_tiling": True if args.vae_tiling else None,
         "long_prompts": args.long_prompts,
+        "emphasis": args.emphasis,
         "decoder": args.decoder,
         "init_image": args.init_image,
         "strength": args.strength,
