@@ -305,6 +305,7 @@ class ControlNet(Condition):
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = _REFINER_REASON
     path_fields: ClassVar[tuple[str, ...]] = ("model", "image", "mask", "preprocess_options")
+    model_fields: ClassVar[Mapping[str, str]] = {"model": "controlnet"}
     aligned_fields: ClassVar[tuple[str, ...]] = ("image", "mask")
 
     def infotext(self) -> Infotext:
@@ -373,6 +374,7 @@ class ControlNetUnion(Condition):
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = _REFINER_REASON
     path_fields: ClassVar[tuple[str, ...]] = ("model", *UNION_CONTROL_TYPES, "preprocess_options")
+    model_fields: ClassVar[Mapping[str, str]] = {"model": "controlnet"}
     aligned_fields: ClassVar[tuple[str, ...]] = tuple(UNION_CONTROL_TYPES)
 
     def infotext(self) -> Infotext:

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -109,6 +110,11 @@ class InstantID(Condition):
     path_fields: ClassVar[tuple[str, ...]] = (
         "faces", "identity", "keypoints_from", "mask", "source", "identitynet", "adapter", "face_pack", "face_root",
     )  # fmt: skip
+    model_fields: ClassVar[Mapping[str, str]] = {
+        "identitynet": "controlnet",
+        "adapter": "instantid",
+        "face_pack": "insightface",
+    }
 
     def likeness(self) -> Likeness:
         return Likeness(self.faces, self.identity, self.mask)

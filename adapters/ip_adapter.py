@@ -349,6 +349,7 @@ class IPAdapter(Condition):
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = "SDXL IP-Adapters are trained for the base UNet's 2048-wide cross-attention"
     path_fields: ClassVar[tuple[str, ...]] = ("variant", "images", "source", "image_encoder", "mask", "embeddings")
+    model_fields: ClassVar[Mapping[str, str]] = {"variant": "ipadapter"}
     aligned_fields: ClassVar[tuple[str, ...]] = ("mask",)
 
     def infotext(self) -> Infotext:

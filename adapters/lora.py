@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,6 +66,7 @@ class LoRA(Condition):
     kind: ClassVar[str] = "lora"
     supported_stages: ClassVar[Stage] = Stage.BOTH
     path_fields: ClassVar[tuple[str, ...]] = ("source",)
+    model_fields: ClassVar[Mapping[str, str]] = {"source": "loras"}
 
     def infotext(self) -> Infotext:
         # As A1111 writes extra networks: a prompt tag, and the file's hash under "Lora hashes".

@@ -407,6 +407,7 @@ class PhotoMaker(Condition):
         "PhotoMaker fuses the identity into both SDXL text encoders' embeddings; the refiner has only one"
     )
     path_fields: ClassVar[tuple[str, ...]] = ("faces", "identity", "weights", "face_pack", "face_root")
+    model_fields: ClassVar[Mapping[str, str]] = {"weights": "photomaker", "face_pack": "insightface"}
 
     def likeness(self) -> Likeness:
         return Likeness(self.faces, self.identity, None)

@@ -254,6 +254,7 @@ class PuLID(Condition):
     path_fields: ClassVar[tuple[str, ...]] = (
         "faces", "identity", "mask", "source", "weights", "eva", "parsing", "face_pack", "face_root",
     )  # fmt: skip
+    model_fields: ClassVar[Mapping[str, str]] = {"weights": "pulid", "face_pack": "insightface"}
     aligned_fields: ClassVar[tuple[str, ...]] = ("mask",)
 
     def likeness(self) -> Likeness:

@@ -464,6 +464,9 @@ class Condition(ABC):
     # Fields that may name local files or folders (inputs or models): recipes record those by name and content, not
     # by path, and find them again on a re-run.
     path_fields: ClassVar[tuple[str, ...]] = ()
+    # Fields that may name a model by its name in a ComfyUI or A1111 install (field -> the kind of model, a folder kind
+    # of :mod:`sdxl_control.model_folders`): the resolver puts the file found there in its place.
+    model_fields: ClassVar[Mapping[str, str]] = {}
     # Fields holding images aligned with the picture being made (control images, region masks): a crop of the picture
     # repainted on its own takes the same crop of them (:meth:`in_crop`). Fields named ``mask`` are masks.
     aligned_fields: ClassVar[tuple[str, ...]] = ()

@@ -13,9 +13,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .model_folders import ModelFolders
 
 if TYPE_CHECKING:
     from .conditions import Condition
@@ -29,12 +33,28 @@ TINY_SIZE = (128, 128)
 
 @dataclass(frozen=True)
 class Resolver:
-    """The models a job runs on, as found by one policy; this base class takes every name as given.
+    """The models a job runs on, as found by one policy; this base class takes every name as given, except a name
+    found in ``folders`` (a ComfyUI or A1111 install's models, see :mod:`~sdxl_control.model_folders`).
 
     Example:
         >>> Resolver().decoder("madebyollin/taesdxl")
         'madebyollin/taesdxl'
     """
+
+    folders: ModelFolders = field(default_factory=ModelFolders, kw_only=True)
+
+    def named(self, kind: str, value: Any) -> Any:
+        """``value`` as the path of the ``kind`` model (a :mod:`~sdxl_control.model_folders` kind) it names in the
+        model folders; as given where it is a path that exists or no folder holds it."""
+        if not isinstance(value, str) or not value or not self.folders.kinds() or Path(value).expanduser().exists():
+            return value
+        found = self.folders.find(kind, value)
+        return value if found is None else str(found)
+
+    def _named_condition(self, condition: Condition) -> Condition:
+        named = {f: self.named(kind, getattr(condition, f)) for f, kind in condition.model_fields.items()}
+        changed = {f: v for f, v in named.items() if v != getattr(condition, f)}
+        return dataclasses.replace(condition, **changed) if changed else condition
 
     def defaults(self) -> Mapping[str, Any]:
         """Request settings this policy implies where neither the job nor its preset gives one."""
@@ -51,15 +71,19 @@ class Resolver:
         """(base, refiner, UNet checkpoint) to load; ``tiny_seed`` is set for a recipe made on the tiny models."""
         if tiny_seed is not None:  # a recipe of the tiny models re-runs on them, whatever the policy
             return TinyResolver(tiny_seed).stages(base, refiner, unet)
-        return base, refiner, unet
+        return self.named("checkpoints", base), self.named("checkpoints", refiner), unet
 
     def condition(self, condition: Condition) -> Condition:
         """The condition with its models found by this policy."""
-        return condition
+        return self._named_condition(condition)
 
     def decoder(self, decoder: str | None) -> str | None:
         """A draft or preview decoder (a tiny autoencoder) to load."""
-        return decoder
+        return self.named("vae_approx", decoder)
+
+    def upscaler(self, upscaler: str) -> str:
+        """An upscaler model (a built-in resampling mode stays as it is)."""
+        return self.named("upscale_models", upscaler)
 
     def preprocess_options(self, preprocessor: str | None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Options for a preprocessor (the annotator model it loads)."""
@@ -67,7 +91,7 @@ class Resolver:
 
     def face_pack(self, pack: str) -> str:
         """An insightface pack (name or folder) to analyse faces with."""
-        return pack
+        return self.named("insightface", pack)
 
 
 @dataclass(frozen=True)
@@ -97,7 +121,7 @@ class TinyResolver(Resolver):
         return {"size": TINY_SIZE}
 
     def naming(self) -> Resolver:
-        return _TinyDefaults()
+        return _TinyDefaults(folders=self.folders)
 
     def stages(
         self, base: str, refiner: str | None, unet: ModelRef | None, tiny_seed: int | None = None
@@ -112,12 +136,12 @@ class TinyResolver(Resolver):
     def condition(self, condition: Condition) -> Condition:
         from .testing.stand_ins import tiny_condition
 
-        return tiny_condition(condition, self.seed)
+        return tiny_condition(self._named_condition(condition), self.seed)
 
     def decoder(self, decoder: str | None) -> str | None:
         from .testing.stand_ins import tiny_decoder
 
-        return tiny_decoder(decoder, self.seed)
+        return tiny_decoder(self.named("vae_approx", decoder), self.seed)
 
     def preprocess_options(self, preprocessor: str | None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         from .testing.stand_ins import tiny_preprocess_options
@@ -127,7 +151,7 @@ class TinyResolver(Resolver):
     def face_pack(self, pack: str) -> str:
         from .testing.stand_ins import tiny_pack
 
-        return tiny_pack(pack, self.seed)
+        return tiny_pack(self.named("insightface", pack), self.seed)
 
 
 @dataclass(frozen=True)
@@ -139,6 +163,8 @@ class _TinyDefaults(Resolver):
         return TinyResolver().defaults()
 
 
-def resolver_for(tiny: bool) -> Resolver:
-    """The policy a process runs under: the tiny stand-ins (``--tiny``) or what jobs name."""
-    return TinyResolver() if tiny else HubResolver()
+def resolver_for(tiny: bool, folders: ModelFolders | None = None) -> Resolver:
+    """The policy a process runs under: the tiny stand-ins (``--tiny``) or what jobs name; names found in
+    ``folders`` (default: the installs ``SDXL_CONTROL_MODELS_DIR`` names) first."""
+    folders = ModelFolders.of() if folders is None else folders
+    return TinyResolver(folders=folders) if tiny else HubResolver(folders=folders)

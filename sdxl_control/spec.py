@@ -109,6 +109,8 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
         keep = None
     if request.decoder is not None:
         request = dataclasses.replace(request, decoder=resolver.decoder(request.decoder))
+    if (upscaler := resolver.upscaler(request.upscaler)) != request.upscaler:
+        request = dataclasses.replace(request, upscaler=upscaler)
     if request.detailer is not None:  # its faces analysed by the same policy as the conditions' photos
         from .detailer import detailer_pack
 
@@ -180,5 +182,8 @@ def _stages(
     # stand-ins), and it is said.
     for key, asked, used in zip(("base", "refiner", "unet"), (base, refiner, unet), found, strict=True):
         if given.get(key) and str(asked) != str(used):
-            log.warning("the job's %s %s runs as %s (%s)", key, given[key], used, type(resolver).__name__)
+            if key != "unet" and str(resolver.named("checkpoints", asked)) == str(used):
+                log.info("the job's %s %s is %s (in the model folders)", key, given[key], used)
+            else:
+                log.warning("the job's %s %s runs as %s (%s)", key, given[key], used, type(resolver).__name__)
     return found

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 # Only light modules at the top: an argument error or --help answers before torch and diffusers load (seconds).
 from ..errors import EXIT_INTERRUPTED, DeviceError, SdxlControlError
+from ..model_folders import ModelFolders
 from ..resolvers import Resolver, resolver_for
 from . import batch, generate, models, preprocess, presets, score, ui
 from .options import check_inputs
@@ -54,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=argparse.SUPPRESS,
         help="show the libraries' own progress bars and notes while models load",
+    )
+    common.add_argument(
+        "--models-dir",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="DIR",
+        help="a ComfyUI or A1111 install (or its models folder, or a folder with extra_model_paths.yaml) whose models "
+        "are found by name: --base juggernautXL_v9, --lora add-detail-xl (repeatable; also SDXL_CONTROL_MODELS_DIR)",
     )
     parser = argparse.ArgumentParser(
         prog="sdxl-control",
@@ -90,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_inputs(args)
-        return _COMMANDS[args.command](args, resolver_for(getattr(args, "tiny", False)))
+        folders = ModelFolders.of(getattr(args, "models_dir", []))
+        return _COMMANDS[args.command](args, resolver_for(getattr(args, "tiny", False), folders))
     except KeyboardInterrupt:
         main_thread = threading.current_thread() is threading.main_thread()
         # A second Ctrl-C changes nothing: the process ends with 130 (an in-process caller, who passed argv, gets its

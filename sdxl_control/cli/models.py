@@ -1,4 +1,5 @@
-"""``sdxl-control models``: the models presets load, present (where, how big) or missing (how to fetch them)."""
+"""``sdxl-control models``: the models presets load, present (where, how big) or missing (how to fetch them), and
+the models found in ``--models-dir`` installs."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         table, present = report(needs)
         complete &= present
         sys.stdout.write(f"{preset.name}: {'all present' if present else 'some missing'}\n{table}\n")
+    for kind, files in resolver.folders.listing().items():
+        if files:
+            sys.stdout.write(f"{kind} in the model folders: {len(files)}\n")
+            sys.stdout.write("".join(f"  {path}\n" for path in files))
     if not complete:
         sys.stderr.write("sdxl-control: some models are missing: fetch them as shown, or run with --fetch\n")
     return 0 if complete else ModelError.exit_code
