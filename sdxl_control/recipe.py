@@ -96,18 +96,25 @@ class Result:
         return [image.recipe for image in self.images]
 
 
-def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The recipe stored in a PNG written by sdxl-control."""
+def png_texts(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The text chunks of an image file (a PNG's tEXt/iTXt: our recipe, A1111's ``parameters``, ComfyUI's
+    ``prompt``)."""
     file = Path(path)
     if not file.is_file():
         raise InputError(f"recipe {file}: no such file")
     try:
         with Image.open(file) as image:
-            text = image.info.get(RECIPE_KEY)
+            return {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
     except Image.DecompressionBombError as exc:
         raise InputError(f"recipe {file}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"recipe {file}: not a readable image ({exc})") from None
+
+
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The recipe stored in a PNG written by sdxl-control."""
+    file = Path(path)
+    text = png_texts(file).get(RECIPE_KEY)
     if text is None:
         raise InputError(f"{file} carries no sdxl-control recipe (was it written by sdxl-control, and not re-saved?)")
     try:

@@ -469,16 +469,31 @@ class _Page:
 
     @staticmethod
     def restore(png: Any) -> list[Any]:
-        from .recipe import read_recipe
+        """The form's values from a PNG: an sdxl-control recipe, or A1111's or ComfyUI's settings (with the parts
+        that did not map listed in the status)."""
+        from .png_import import Imported, read_image_settings
 
+        name = Path(_files(png)[0]).name
         try:
-            recipe = read_recipe(_files(png)[0])
+            found = read_image_settings(_files(png)[0])
         except SdxlControlError as exc:
             raise gr.Error(str(exc)) from None
-        width, height = recipe["size"]
-        return [recipe.get("prompt", ""), recipe.get("negative_prompt") or "", width, height, recipe["steps"],
-                recipe["guidance"], recipe["seed"], False, recipe.get("refiner_switch") or 0.0,
-                f"restored from {Path(_files(png)[0]).name}: seed {recipe['seed']}"]  # fmt: skip
+        if isinstance(found, Imported):
+            values: dict[str, Any] = {"prompt": found.prompt, **found.settings}
+            notes = [
+                *(f"LoRA {getattr(c, 'source', c.kind)}: add its file under LoRAs" for c in found.conditions),
+                *(f"{role} model {model}: the page runs its own models" for role, model in found.models.items()),
+                *found.unmapped,
+            ]
+            status = f"restored from {name} ({found.tool} settings); not used:\n" + "\n".join(f"- {n}" for n in notes)
+        else:
+            values = {**found, "scheduler": (found.get("scheduler") or {}).get("requested")}
+            status = f"restored from {name}: seed {found['seed']}"
+        width, height = values.get("size", (gr.update(), gr.update()))
+        return [values.get("prompt", ""), values.get("negative_prompt") or "", width, height,
+                values.get("steps", gr.update()), values.get("guidance", gr.update()), values.get("seed", gr.update()),
+                False if "seed" in values else gr.update(), values.get("refiner_switch") or 0.0,
+                values.get("scheduler") or PRESET_SAMPLER, status]  # fmt: skip
 
 
 def _form_widgets(config: UiConfig) -> dict[str, Any]:
@@ -563,7 +578,7 @@ def build_app(config: UiConfig) -> Any:
             with gr.Column(scale=3):
                 w = _form_widgets(config)
                 run, stop, see = w["generate"], w["stop"], w["see"]
-                restore_png = gr.File(label="Drop a PNG made by sdxl-control to restore its settings",
+                restore_png = gr.File(label="Drop a PNG made by sdxl-control, A1111 or ComfyUI to restore its settings",
                                       file_types=[".png"], elem_id="restore")  # fmt: skip
             with gr.Column(scale=2):
                 status = gr.Markdown("ready", elem_id="status")
@@ -592,7 +607,7 @@ def build_app(config: UiConfig) -> Any:
         see.click(page.show_maps, [w["faces"], w["structure"], w["structure_kind"], w["structure_is_map"]], maps,
                   api_name="conditions")  # fmt: skip
         restored = ("prompt", "negative", "width", "height", "steps", "guidance", "seed", "random_seed",
-                    "refiner_switch")  # fmt: skip
+                    "refiner_switch", "scheduler")  # fmt: skip
         restore_png.upload(page.restore, restore_png, [*[w[n] for n in restored], status], **private)
         app.load(page.opening_status, None, status, **private)
     app.queue(default_concurrency_limit=1)

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["add_parser", "run", "job_spec"]
 
+log = logging.getLogger(__name__)
+
 # Flags that fill a preset input of the same name instead of adding a condition of their own.
 INPUT_FLAGS = ("face", "style", "pose", "structure", "init_image")
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"text": str, "number": number, "window": window, "image": str}
@@ -161,7 +163,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     gen.add_argument("--base", help=f"base model: hub id, local folder or .safetensors (default {DEFAULT_BASE})")
     gen.add_argument("--refiner", help=f"refiner model, used with --refiner-switch (default {DEFAULT_REFINER})")
     gen.add_argument("--tiny", action="store_true", help="use built-in tiny random models (offline demo)")
-    gen.add_argument("--recipe", type=Path, help="re-run the recipe stored in a PNG written by sdxl-control")
+    gen.add_argument(
+        "--recipe",
+        type=Path,
+        help="re-run the recipe stored in a PNG written by sdxl-control, or restore the settings of a PNG written by "
+        "A1111 or ComfyUI (the parts that do not map are listed)",
+    )
     gen.add_argument(
         "--inputs-from",
         metavar="FOLDER",
@@ -454,11 +461,15 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
         conditions.append(_identity_condition(args, args.face))
     elif identity_flags := _identity_flags_given(args):
         raise InvalidRequestError(f"{', '.join(identity_flags)}: identity options need --face")
-    recipe, locate = None, Locator()
+    recipe, locate, imported = None, Locator(), None
     if args.recipe is not None:
-        from ..recipe import read_recipe
+        from ..png_import import Imported, read_image_settings
 
-        recipe = read_recipe(args.recipe)
+        found = read_image_settings(args.recipe)
+        if isinstance(found, Imported):
+            imported = found
+        else:
+            recipe = found
         locate = Locator([*args.inputs_from, args.recipe.expanduser().resolve().parent])
     spec = JobSpec(
         args.prompt,
@@ -471,6 +482,9 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
         face_pack=args.face_pack,
         recipe=recipe,
     )
+    if imported is not None:
+        log.warning("%s: %s's settings restored; not used:\n%s", args.recipe.name, imported.tool, imported.report())
+        spec = imported.under(spec)
     return spec, locate
 
 
