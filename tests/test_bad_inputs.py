@@ -249,7 +249,7 @@ CLI_CASES = [
     ("output-is-a-folder", lambda f: ["x", "--tiny", "-o", str(f.dir_png)], 6, "is a folder"),
     ("recipe-missing", lambda f: ["--recipe", str(f.folder / "gone.png")], 3, "gone.png: no such file"),
     ("recipe-not-an-image", lambda f: ["--recipe", str(f.notes)], 3, "not a readable image"),
-    ("recipe-absent", lambda f: ["--recipe", str(f.plain)], 3, "carries no sdxl-control recipe"),
+    ("recipe-absent", lambda f: ["--recipe", str(f.plain)], 3, "carries no settings this can read: no sdxl-control recipe"),
     ("recipe-size-string", lambda f: ["--recipe", _recipe_png(f.folder, "size.png", _set("size", "64x64"))], 2,
      "'size' should be a list"),
     ("recipe-size-values", lambda f: ["--recipe", _recipe_png(f.folder, "size2.png", _set("size", ["a", 64]))], 2,
