@@ -43,6 +43,7 @@ from ..conditions import (
     recorded_before,
 )
 from ..conversion import processor_lora_deltas
+from ..emphasis import CHUNK_TOKENS, split_chunks
 from ..errors import CheckpointError, ConditionError, IncompatibleModelError
 from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, model_label, safe_name
@@ -260,18 +261,41 @@ def _build(path: Path, unet: Any, ctx: PrepareContext) -> _Loaded:
     return _Loaded(encoder, {k: v.to(ctx.device) for k, v in lora.items()})
 
 
-def _tokens_with_trigger(tokenizer: Any, prompt: str, trigger: str, marker: int) -> list[int]:
+def _tokens_with_trigger(tokenizer: Any, prompt: str, trigger: str, marker: int, cut: bool = True) -> list[int]:
     """The prompt's ids as the tokenizer gives them with ``trigger`` added as a special token — text cut at every
-    occurrence of the trigger (also inside a word: "imgs" is the trigger and "s"), ``marker`` in its place — padded or
-    truncated to the tokenizer's length, as the reference tokenises."""
+    occurrence of the trigger (also inside a word: "imgs" is the trigger and "s"), ``marker`` in its place — between
+    the start and end tokens; with ``cut``, padded or truncated to the tokenizer's length, as the reference
+    tokenises."""
     content: list[int] = []
     for i, piece in enumerate(prompt.split(trigger)):
         if i:
             content.append(marker)
-        content += tokenizer(piece, add_special_tokens=False).input_ids
+        content += tokenizer(piece, add_special_tokens=False, verbose=False).input_ids
     length = tokenizer.model_max_length
+    if not cut:
+        return [tokenizer.bos_token_id, *content, tokenizer.eos_token_id]
     ids = [tokenizer.bos_token_id, *content[: length - 2], tokenizer.eos_token_id]
     return ids + [tokenizer.pad_token_id] * (length - len(ids))
+
+
+def _windows(tokenizer: Any, ids: list[int], marks: list[bool], trigger: str) -> PromptTokens:
+    """A long prompt's content ids (the class word repeated) in 75-token chunks, as every long prompt is cut, each in
+    its own window; the marks follow their tokens. The copies of the class word must share a chunk."""
+    chunks = split_chunks(list(zip(ids, marks, strict=True)), tokenizer.get_vocab().get(",</w>"))
+    held = [any(m for _, m in chunk) for chunk in chunks]
+    if sum(held) != 1:
+        raise ConditionError(
+            f"the class word's copies before {trigger!r} fall across two 75-token chunks of the prompt; add or remove a "
+            "few words before it"
+        )
+    window_ids: list[int] = []
+    window_marks: list[bool] = []
+    for chunk in chunks:
+        padding = CHUNK_TOKENS - len(chunk)
+        window_ids += [tokenizer.bos_token_id, *(t for t, _ in chunk), tokenizer.eos_token_id]
+        window_ids += [tokenizer.pad_token_id] * padding
+        window_marks += [False, *(m for _, m in chunk), False] + [False] * padding
+    return PromptTokens(tuple(window_ids), tuple(window_marks))
 
 
 class _TriggerRemoved(PromptEdit):
@@ -299,20 +323,24 @@ class _PhotoMakerEdit(_TriggerRemoved):
         super().__init__(trigger, window)
         self.rows, self.fuse, self.strength = rows, fuse, strength
 
-    def tokens(self, prompt: str, tokenizer: Any, encoder: int) -> PromptTokens:
+    def tokens(self, prompt: str, tokenizer: Any, encoder: int, *, whole: bool = False) -> PromptTokens:
         marker = -1  # no vocabulary id: the trigger never reaches the text encoder
+        length = tokenizer.model_max_length
+        content = _tokens_with_trigger(tokenizer, prompt, self.trigger, marker, cut=not whole)
+        # Within one window the reference's layout (cut to the window after the class word is repeated); beyond it,
+        # with whole, the prompt's chunks as every long prompt is read, the copies in one of them.
+        reference = not whole or len(content) <= length
         clean: list[int] = []
         classes = []
-        for token in _tokens_with_trigger(tokenizer, prompt, self.trigger, marker):
+        for token in content:
             if token == marker:
                 classes.append(len(clean) - 1)  # the token right before the trigger
             else:
                 clean.append(token)
-        length = tokenizer.model_max_length
         if not classes and prompt.count(self.trigger) == 1:
             raise ConditionError(
                 f"the prompt is too long: {self.trigger!r} comes after CLIP's {length}-token limit; put the class word "
-                "and trigger earlier"
+                "and trigger earlier, or read long prompts in chunks"
             )
         if len(classes) != 1:
             raise ConditionError(_trigger_message(self.trigger, prompt, len(classes)))
@@ -324,13 +352,16 @@ class _PhotoMakerEdit(_TriggerRemoved):
                 f"{self.trigger}'; the prompt has {word or 'nothing'!r} there: {prompt!r}"
             )
         ids = clean[:index] + [clean[index]] * count + clean[index + 1 :]
-        if index + count > length:
+        marks = [index <= i < index + count for i in range(len(ids))]
+        if reference and index + count <= length:
+            ids = ids[:length] + [tokenizer.pad_token_id] * (length - len(ids))
+            return PromptTokens(tuple(ids), tuple(marks[:length] + [False] * (length - len(marks))))
+        if not whole:
             raise ConditionError(
                 f"the prompt is too long: {self.trigger!r} comes after CLIP's {length}-token limit once its class word "
-                f"is repeated {count} times; put the class word and trigger earlier"
+                f"is repeated {count} times; put the class word and trigger earlier, or read long prompts in chunks"
             )
-        ids = ids[:length] + [tokenizer.pad_token_id] * (length - len(ids))
-        return PromptTokens(tuple(ids), tuple(index <= i < index + count for i in range(length)))
+        return _windows(tokenizer, ids[1:-1], marks[1:-1], self.trigger)
 
     def embed(self, hidden: torch.Tensor, tokens: Sequence[PromptTokens]) -> torch.Tensor:
         # The reference keeps the last tokenizer's positions; found on the host, so nothing is read from the device.

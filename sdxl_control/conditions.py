@@ -236,9 +236,10 @@ class PromptEdit:
         """The prompt text encoded at every step (before edits act, and where they do not rewrite tokens)."""
         return prompt
 
-    def tokens(self, prompt: str, tokenizer: Any, encoder: int) -> PromptTokens:
-        """Token ids (``tokenizer.model_max_length`` of them) for text encoder ``encoder`` (0, 1, ...), from the prompt
-        as written; only for edits that set ``rewrites_tokens``."""
+    def tokens(self, prompt: str, tokenizer: Any, encoder: int, *, whole: bool = False) -> PromptTokens:
+        """Token ids for text encoder ``encoder`` (0, 1, ...) from the prompt as written: one window
+        (``tokenizer.model_max_length`` ids), or, with ``whole`` (the request reads long prompts in chunks), as many
+        windows as the prompt needs, joined; only for edits that set ``rewrites_tokens``."""
         raise NotImplementedError
 
     def embed(self, hidden: torch.Tensor, tokens: Sequence[PromptTokens]) -> torch.Tensor:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -57,6 +57,7 @@ COMMA_BACKTRACK = 20
 # ComfyUI keeps a word of fewer tokens than this whole in one chunk.
 COMFYUI_LONG_WORD = 8
 EMPHASIS_STEP = 1.1
+T = TypeVar("T")
 _QUIET: ContextVar[bool] = ContextVar("quiet", default=False)
 
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
@@ -274,26 +275,40 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def _comma_chunks(tokenizer: Any, fragments: list[Fragment | None]) -> list[Chunk]:
-    comma = tokenizer.get_vocab().get(",</w>")
-    chunks: list[Chunk] = []
-    chunk: Chunk = []
-    comma_at = -1
+    items: list[tuple[int, float] | None] = []
     for fragment in fragments:
         if fragment is BREAK:
+            items.append(None)
+        else:
+            items += [(token, fragment[1]) for token in _ids(tokenizer, fragment[0])]
+    return split_chunks(items, tokenizer.get_vocab().get(",</w>"))
+
+
+def split_chunks(items: Sequence[tuple[int, T] | None], comma: int | None) -> list[list[tuple[int, T]]]:
+    """(token id, anything) items cut into chunks of at most 75 as A1111 cuts a prompt: ``None`` (a ``BREAK``) ends a
+    chunk, and a chunk that fills up within 20 tokens after a ``comma`` ends at the comma. None: one empty chunk.
+
+    Example:
+        >>> [len(c) for c in split_chunks([(1, "a"), None, (2, "b"), (3, "c")], comma=None)]
+        [1, 2]
+    """
+    chunks: list[list[tuple[int, T]]] = []
+    chunk: list[tuple[int, T]] = []
+    comma_at = -1
+    for item in items:
+        if item is None:
             chunks.append(chunk)
             chunk, comma_at = [], -1
             continue
-        text, weight = fragment
-        for token in _ids(tokenizer, text):
-            if token == comma:
-                comma_at = len(chunk)
-            elif len(chunk) == CHUNK_TOKENS and comma_at != -1 and len(chunk) - comma_at <= COMMA_BACKTRACK:
-                chunks.append(chunk[: comma_at + 1])  # the words after the comma move on together
-                chunk, comma_at = chunk[comma_at + 1 :], -1
-            if len(chunk) == CHUNK_TOKENS:
-                chunks.append(chunk)
-                chunk, comma_at = [], -1
-            chunk.append((token, weight))
+        if item[0] == comma:
+            comma_at = len(chunk)
+        elif len(chunk) == CHUNK_TOKENS and comma_at != -1 and len(chunk) - comma_at <= COMMA_BACKTRACK:
+            chunks.append(chunk[: comma_at + 1])  # the words after the comma move on together
+            chunk, comma_at = chunk[comma_at + 1 :], -1
+        if len(chunk) == CHUNK_TOKENS:
+            chunks.append(chunk)
+            chunk, comma_at = [], -1
+        chunk.append(item)
     if chunk or not chunks:
         chunks.append(chunk)
     return chunks

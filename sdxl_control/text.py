@@ -178,21 +178,26 @@ def _encode_edited(
         names = ", ".join(type(e).__name__ for e in rewriting)
         raise ConditionError(f"{names} all rewrite the prompt's tokens at the same steps; only one condition may")
     if rewriting:
-        # A condition that rewrites the tokens reads the prompt's words, in one window.
+        # A condition that rewrites the tokens reads the prompt's words.
         written, dropped = unweighted(prompt, emphasis)
         if dropped:
             log.warning("%s reads the prompt without its weights", type(rewriting[0]).__name__)
         tokens = []
         for index, enc in enumerate(encoders):
-            read = rewriting[0].tokens(written, enc.tokenizer, index)
-            if len(read.ids) != enc.tokenizer.model_max_length:
+            read = rewriting[0].tokens(written, enc.tokenizer, index, whole=long_prompts == "chunks")
+            window = enc.tokenizer.model_max_length
+            if not read.ids or len(read.ids) % window or (long_prompts != "chunks" and len(read.ids) != window):
                 raise ConditionError(
                     f"{type(rewriting[0]).__name__} gave {len(read.ids)} token ids; the text encoder reads "
-                    f"{enc.tokenizer.model_max_length}"
+                    f"{'windows' if long_prompts == 'chunks' else 'one window'} of {window}"
                 )
             tokens.append(read)
-        ids = [torch.tensor([t.ids]) for t in tokens]
-        reading = _Reading(ids, [torch.ones(i.shape) for i in ids], 1)
+        windows = {len(t.ids) // enc.tokenizer.model_max_length for t, enc in zip(tokens, encoders, strict=True)}
+        if len(windows) > 1:
+            raise ConditionError(f"{type(rewriting[0]).__name__} gave the text encoders different numbers of windows")
+        count = windows.pop()
+        ids = [torch.tensor(t.ids).view(count, -1) for t in tokens]
+        reading = _Reading(ids, [torch.ones(i.shape) for i in ids], count)
     else:
         reading = _read(encoders, [plain], emphasis, long_prompts)
         tokens = [PromptTokens(tuple(i.flatten().tolist()), (False,) * i.numel()) for i in reading.ids]
@@ -261,7 +266,7 @@ def prompt_segments(
     condition acts at any step (the first encoder's tokenizer decides); the negative prompt is never edited, but is
     encoded with the text-encoder deltas acting at the segment's steps. ``long_prompts`` and ``emphasis`` say how a
     prompt is read (see :mod:`~sdxl_control.emphasis`); an edit that rewrites the tokens (PhotoMaker's) reads the
-    prompt in one window, without its weights."""
+    prompt without its weights."""
     live = [c for c in channels if any(c.weighs(i, steps) for i in range(steps))]
     plain = prompt
     for channel in live:

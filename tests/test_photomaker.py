@@ -22,7 +22,7 @@ from sdxl_control.testing import tiny_models, write_tiny_controlnet
 from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
 from sdxl_control.testing.photomaker import TINY_CLIP, write_photomaker_checkpoint
-from sdxl_control.text import encode_prompts
+from sdxl_control.text import _chunked, encode_prompts
 
 from . import reference_photomaker as ref
 
@@ -271,6 +271,44 @@ def fresh_wide(wide):
     return Generator.from_pretrained(wide.base, wide.refiner, device="cpu")
 
 
+def test_a_long_prompt_is_read_whole_and_fuses_the_identity_at_its_class_word(gen, files, photos):
+    """Beyond one window the prompt is read in chunks as every long prompt is, the class word repeated where it
+    stands; the identity is fused into those positions of the joined windows, as fusing them by hand does."""
+    long = ", ".join(["a field of flowers"] * 18) + ", a photo of a man img, in a garden"
+    encoders = gen.base.text_encoders
+    condition = PhotoMaker(photos[0], weights=str(files["v1"]), start_merge=0.0)
+    ctx = PrepareContext(torch.device("cpu"), torch.float32, 1, True, SIZE, {Stage.BASE: gen.base.unet}, steps=10)
+    edit = condition.prepare(ctx).prompt_edit(Stage.BASE)
+    count = edit.rows.shape[0]
+    expanded = long.replace("man img", " ".join(["man"] * count))
+    reads = [edit.tokens(long, e.tokenizer, i, whole=True) for i, e in enumerate(encoders)]
+    windows, chunks = _chunked(encoders, [expanded])  # any long prompt's chunks
+    assert chunks == 2
+    man = encoders[0].tokenizer.convert_tokens_to_ids("man</w>")
+    for read, ids in zip(reads, windows, strict=True):
+        assert list(read.ids) == ids.flatten().tolist()
+        marked = [i for i, m in enumerate(read.marked) if m]
+        assert len(marked) == count and marked[0] > 77 and all(read.ids[i] == man for i in marked)
+    with pytest.raises(ConditionError, match="comes after CLIP's 77-token limit; put"):
+        edit.tokens(long, encoders[0].tokenizer, 0)  # one window: the reference's refusal
+    seen = []
+    hook = gen.base.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"][1].clone()), with_kwargs=True
+    )
+    try:
+        gen.generate(long, conditions=[condition], **RUN)
+    finally:
+        hook.remove()
+    plain, _ = encode_prompts(encoders, [expanded], None, need_negative=False, zero_negative=True)
+    positions = torch.tensor(marked)
+    by_hand = plain.hidden[0].clone()
+    with torch.no_grad():
+        by_hand[positions] = edit.fuse(plain.hidden[0, positions], edit.rows)
+    assert seen[-1].shape == by_hand.shape == (154, plain.hidden.shape[-1])
+    torch.testing.assert_close(seen[-1], by_hand, **CLOSE)
+    assert not torch.allclose(seen[-1][positions], plain.hidden[0, positions], atol=1e-3)
+
+
 def test_the_refiner_reads_the_prompt_without_the_trigger(gen, files, photos):
     seen = []
     hook = gen.refiner.unet.register_forward_pre_hook(
@@ -327,12 +365,14 @@ def test_bad_input_says_what_and_how(gen, files, photos, insightface_root, real_
         run("img, a man in a garden")
     with pytest.raises(ConditionError, match="needs a class word right before 'img'.*has ',' there"):
         run("a man, img")
+    # Cut to one window (the reference's reading), a trigger past it is refused; read in chunks, it is not.
     long = ", ".join(["a field of flowers"] * 14) + ", a man img"  # 3 photos' 6 class-word copies end past 77
     with pytest.raises(ConditionError, match="too long: 'img' comes after CLIP's 77-token limit once"):
         gen.generate(long, conditions=[PhotoMaker(photos, weights=str(files["v2"]), face_root=str(insightface_root))],
-                     **RUN)  # fmt: skip
+                     long_prompts="truncate", **RUN)  # fmt: skip
     with pytest.raises(ConditionError, match="too long: 'img' comes after CLIP's 77-token limit; put"):
-        run(", ".join(["a field of flowers"] * 18) + ", a man img")
+        gen.generate(", ".join(["a field of flowers"] * 18) + ", a man img", long_prompts="truncate",
+                     conditions=[PhotoMaker(photos[0], weights=str(files["v1"]))], **RUN)  # fmt: skip
     with pytest.raises(IncompatibleModelError, match="is a PhotoMaker v1 checkpoint, but version='v2' was asked"):
         gen.generate(PROMPT, conditions=[PhotoMaker(photos[0], weights=str(files["v1"]), version="v2")], **RUN)
     grey = tmp_path / "grey.png"
