@@ -16,7 +16,9 @@ import torch
 from .caches import process_cached
 from .errors import CheckpointError
 
-__all__ = ["PICKLE_SUFFIXES", "check_safetensors", "read_safetensors", "read_checkpoint", "refuse_pickle"]
+__all__ = [
+    "PICKLE_SUFFIXES", "check_safetensors", "read_safetensors", "read_checkpoint", "refuse_pickle", "checkpoint_kind",
+]  # fmt: skip
 
 
 PICKLE_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle"}
@@ -69,3 +71,30 @@ def refuse_pickle(path: Path) -> CheckpointError:
         'code. Convert it once where you trust it: `python -c "import torch, safetensors.torch as s; '
         f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\"`"
     )
+
+
+# What a weights file is, told by the key names its format publishes (first match wins); for messages only.
+_KINDS = (
+    ("a LoRA (give it with --lora)", ("lora_unet_", "lora_te", ".lora_down.", ".lora_A.", ".lora.down.")),
+    ("an SDXL checkpoint", ("conditioner.embedders.",)),
+    ("an SD 1.x checkpoint (SDXL takes SDXL checkpoints)", ("cond_stage_model.transformer.",)),
+    ("an SD 2.x checkpoint (SDXL takes SDXL checkpoints)", ("cond_stage_model.model.",)),
+    ("a ControlNet", ("control_model.", "controlnet_cond_embedding.", "input_hint_block.")),
+    ("an IP-Adapter", ("image_proj.", "ip_adapter.")),
+    ("a VAE", ("encoder.down.", "decoder.up.", "encoder.down_blocks.")),
+    ("a UNet-only checkpoint (load it with unet=)", ("down_blocks.", "input_blocks.", "model.diffusion_model.")),
+)
+
+
+def checkpoint_kind(keys: Any) -> str:
+    """What a weights file holds, by its key names: "a LoRA (give it with --lora)", "an SD 1.x checkpoint ...", ...
+
+    Example:
+        >>> checkpoint_kind(["lora_unet_down_blocks_0.lora_down.weight"])
+        'a LoRA (give it with --lora)'
+    """
+    names = list(keys)
+    for kind, marks in _KINDS:
+        if any(mark in name for name in names for mark in marks):
+            return kind
+    return "no model this knows"

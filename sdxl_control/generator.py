@@ -469,11 +469,15 @@ class Generator:
         variant: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         unet: ModelRef | str | os.PathLike[str] | None = None,
+        base_config: str | os.PathLike[str] | None = None,
+        refiner_config: str | os.PathLike[str] | None = None,
     ) -> Generator:
         """Load from hub ids (HF cache first), diffusers folders or single ``.safetensors`` files.
 
         ``unet`` loads a UNet-only checkpoint over the base's UNet (a path, or a :class:`ModelRef` naming the file in a
         repo), e.g. ``ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")``.
+        ``base_config`` / ``refiner_config``: for a single-file checkpoint, a diffusers folder (or hub id) of the same
+        architecture whose component configs and tokenizers it is read with (default: SDXL 1.0's, from the HF cache).
         """
         from .inventory import ensure
         from .models import stage_needs
@@ -483,8 +487,10 @@ class Generator:
         if cache_dir is None:  # every missing model said at once, before anything loads
             needs = stage_needs(base, Stage.BASE, variant=variant, unet=unet_ref)
             ensure(needs + (stage_needs(refiner, Stage.REFINER, variant=variant) if refiner is not None else []))
-        base_models = load_stage(base, Stage.BASE, unet=unet_ref, **options)
-        refiner_models = load_stage(refiner, Stage.REFINER, **options) if refiner is not None else None
+        base_models = load_stage(base, Stage.BASE, unet=unet_ref, config=_text(base_config), **options)
+        refiner_models = (
+            load_stage(refiner, Stage.REFINER, config=_text(refiner_config), **options) if refiner is not None else None
+        )
         return cls(base_models, refiner_models)
 
     def generate(
@@ -791,3 +797,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+def _text(path: str | os.PathLike[str] | None) -> str | None:
+    return None if path is None else str(path)

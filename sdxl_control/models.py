@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoints import PICKLE_SUFFIXES, check_safetensors, refuse_pickle
+from .checkpoints import PICKLE_SUFFIXES, check_safetensors, checkpoint_kind, refuse_pickle
 from .conditions import Stage
 from .defaults import DEFAULT_BASE, DEFAULT_REFINER
 from .devices import default_device_and_dtype, placement
@@ -236,13 +236,12 @@ def _load_single_file(
 
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
+    if not any(k.startswith("model.diffusion_model.") for k in keys) or not any(
+        k.startswith("conditioner.embedders.") for k in keys
+    ):
         raise IncompatibleModelError(
-            f"{path} is not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* keys)"
-        )
-    if not any(k.startswith("conditioner.embedders.") for k in keys):
-        raise IncompatibleModelError(
-            f"{path} has no SDXL text encoders (conditioner.embedders.*): not an SDXL checkpoint"
+            f"{path} is not a single-file SDXL checkpoint (a UNet under model.diffusion_model.*, text encoders under "
+            f"conditioner.embedders.*): it holds {checkpoint_kind(keys)}"
         )
     cls = StableDiffusionXLPipeline if stage == Stage.BASE else StableDiffusionXLImg2ImgPipeline
     default_config = DEFAULT_BASE if stage == Stage.BASE else DEFAULT_REFINER

@@ -86,15 +86,6 @@ def test_folder_that_is_no_pipeline(tmp_path):
         load_stage(tmp_path, Stage.BASE)
 
 
-def test_single_file_that_is_no_sdxl_checkpoint(tmp_path):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "lora.safetensors"
-    save_file({"lora_unet_down.weight": torch.zeros(2)}, path)
-    with pytest.raises(IncompatibleModelError, match="not a single-file Stable Diffusion checkpoint"):
-        load_stage(path, Stage.BASE)
-
-
 def test_default_device_and_dtype(monkeypatch):
     assert default_device_and_dtype("cpu", None) == (torch.device("cpu"), torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

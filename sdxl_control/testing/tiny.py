@@ -94,7 +94,9 @@ def _seeded(seed: int, build: Callable[[], Any]) -> Any:
         return build()
 
 
-def _text_encoders(seed: int, with_first: bool, width: int = TEXT_WIDTH) -> tuple[Any, Any]:
+def _text_encoders(
+    seed: int, with_first: bool, width: int = TEXT_WIDTH, first_width: int | None = None
+) -> tuple[Any, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # Token ids as in the published SDXL text encoder configs (bos 0, eos 2, pad 1: pooling takes the argmax id,
@@ -105,7 +107,8 @@ def _text_encoders(seed: int, with_first: bool, width: int = TEXT_WIDTH) -> tupl
     )  # fmt: skip
     first = None
     if with_first:
-        first = _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **common)))
+        first_common = {**common, "hidden_size": first_width or width}
+        first = _seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", **first_common)))
     second = _seeded(
         seed + 2,
         lambda: CLIPTextModelWithProjection(CLIPTextConfig(hidden_act="gelu", projection_dim=width, **common)),
@@ -157,7 +160,9 @@ def write_tiny_taesd(folder: str | os.PathLike[str], seed: int = 0) -> Path:
 LAYOUTS = {"tiny": (1, 1, 2), "sdxl": (1, 2, 10)}
 
 
-def _base_unet(seed: int, layout: str = "tiny", text_width: int = TEXT_WIDTH, in_channels: int = 4) -> Any:
+def _base_unet(
+    seed: int, layout: str = "tiny", text_width: int = TEXT_WIDTH, in_channels: int = 4, first_width: int | None = None
+) -> Any:
     from diffusers import UNet2DConditionModel
 
     # SDXL base's block layout (no attention in the first block, two cross-attention blocks, mid block), tiny widths.
@@ -174,7 +179,7 @@ def _base_unet(seed: int, layout: str = "tiny", text_width: int = TEXT_WIDTH, in
             transformer_layers_per_block=LAYOUTS[layout],
             attention_head_dim=(2, 4, 8),
             norm_num_groups=8,
-            cross_attention_dim=2 * text_width,
+            cross_attention_dim=(first_width or text_width) + text_width,
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=TIME_EMBED,
@@ -222,23 +227,26 @@ def write_tiny_base(
     layout: str = "tiny",
     text_width: int = TEXT_WIDTH,
     inpainting: bool = False,
+    first_width: int | None = None,
 ) -> Path:
     """Write a tiny SDXL base pipeline folder (model_index.json, per-component config + safetensors, tokenizers);
     ``layout="sdxl"`` gives its UNet SDXL's own transformer depths (see ``LAYOUTS``), ``text_width`` each text
     encoder's width (the UNet's cross-attention takes twice that); ``inpainting`` gives it an inpainting UNet (9 input
-    channels: latents, mask, masked image), as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` has."""
+    channels: latents, mask, masked image), as ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` has;
+    ``first_width`` gives the first text encoder a width of its own (as SDXL's 768 and 1280 differ: what tells a
+    single-file checkpoint's two encoders apart)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     out = Path(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        te1, te2 = _text_encoders(seed, with_first=True, width=text_width)
+        te1, te2 = _text_encoders(seed, with_first=True, width=text_width, first_width=first_width)
         pipe = StableDiffusionXLPipeline(
             vae=_vae(seed),
             text_encoder=te1,
             text_encoder_2=te2,
             tokenizer=_write_tokenizer(Path(tmp) / "t1", "<|endoftext|>"),
             tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
-            unet=_base_unet(seed, layout, text_width, in_channels=9 if inpainting else 4),
+            unet=_base_unet(seed, layout, text_width, in_channels=9 if inpainting else 4, first_width=first_width),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             force_zeros_for_empty_prompt=True,
         )

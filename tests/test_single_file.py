@@ -1,0 +1,88 @@
+"""Single-file SDXL checkpoints as A1111 and ComfyUI users keep them: tiny base and refiner written in Stability's
+original (SGM) key layout — the inverse of diffusers' conversion, with the embedded text encoders — load offline with
+the component configs of a named local folder and make the same pixels as the diffusers folders; the recipe and the
+A1111 parameters name them by file with A1111's hash; files that are something else are named for what they are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdxl_control import Generator, IncompatibleModelError
+from sdxl_control.conditions import Stage
+from sdxl_control.files import sha256_of
+from sdxl_control.infotext import parameters_text
+from sdxl_control.models import load_stage
+from sdxl_control.png_import import read_a1111
+from sdxl_control.testing.single_file import write_single_file
+from sdxl_control.testing.tiny import write_tiny_base
+
+RUN = dict(steps=3, size=(64, 64), seed=2, refiner_switch=0.5, negative_prompt="blurry", progress_bar=False)
+
+
+@pytest.fixture(scope="module")
+def folders(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    # SDXL's two text encoders differ in width (768, 1280): that is how a single file's encoders are told apart.
+    base = write_tiny_base(root / "base", seed=3, first_width=24)
+    return {"base": base, "refiner": tiny.refiner, "root": root}
+
+
+def test_sgm_files_load_offline_and_make_the_folders_pixels(folders):
+    root = folders["root"]
+    base_file = write_single_file(folders["base"], root / "juggernautXL_tiny.safetensors")
+    refiner_file = write_single_file(folders["refiner"], root / "refiner_tiny.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(base_file), framework="pt") as f:
+        keys = set(f.keys())
+    # The published layout's landmarks: the UNet's numbering, the VAE's, both text encoders'.
+    assert {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
+            "model.diffusion_model.output_blocks.2.2.conv.weight", "first_stage_model.encoder.mid.attn_1.q.weight",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            "conditioner.embedders.1.model.text_projection"} <= keys  # fmt: skip
+    from_files = Generator.from_pretrained(base_file, refiner_file, device="cpu", base_config=folders["base"],
+                                           refiner_config=folders["refiner"])  # fmt: skip
+    from_folders = Generator.from_pretrained(folders["base"], folders["refiner"], device="cpu")
+    ours, theirs = from_files.generate("a red fox", **RUN), from_folders.generate("a red fox", **RUN)
+    assert np.array_equal(np.asarray(ours.images[0]), np.asarray(theirs.images[0]))
+    torch.testing.assert_close(ours.latents, theirs.latents, rtol=1e-4, atol=1e-4)
+    for stage in ("base", "refiner"):  # every weight came through the conversion unchanged
+        for part in ("unet", "vae"):
+            a, b = (
+                getattr(getattr(from_files, stage), part).state_dict(),
+                getattr(getattr(from_folders, stage), part).state_dict(),
+            )
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (stage, part)
+    recipe = ours.images[0].recipe
+    assert recipe["models"]["base"]["name"] == "juggernautXL_tiny.safetensors"
+    assert recipe["models"]["base"]["sha256"] == sha256_of(base_file)
+    text = parameters_text(recipe)
+    assert f"Model hash: {sha256_of(base_file)[:10]}, Model: juggernautXL_tiny" in text  # A1111's hash convention
+    assert f"Refiner: refiner_tiny [{sha256_of(refiner_file)[:10]}]" in text
+    assert read_a1111(text).models == {"base": "juggernautXL_tiny", "refiner": "refiner_tiny"}
+
+
+@pytest.mark.parametrize(
+    ("keys", "what"),
+    [
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": 2}, "a LoRA"),
+        ({"cond_stage_model.transformer.text_model.embeddings.position_ids": 2,
+          "model.diffusion_model.input_blocks.0.0.weight": 2}, "an SD 1.x checkpoint"),
+        ({"cond_stage_model.model.token_embedding.weight": 2, "model.diffusion_model.out.2.bias": 2},
+         "an SD 2.x checkpoint"),
+        ({"controlnet_cond_embedding.conv_in.weight": 2}, "a ControlNet"),
+        ({"encoder.down.0.block.0.conv1.weight": 2}, "a VAE"),
+        ({"down_blocks.0.resnets.0.conv1.weight": 2}, "a UNet-only checkpoint"),
+        ({"something.else": 2}, "no model this knows"),
+    ],
+    ids=["lora", "sd15", "sd2", "controlnet", "vae", "unet", "unknown"],
+)  # fmt: skip
+def test_a_file_that_is_no_sdxl_checkpoint_is_named_for_what_it_is(tmp_path, keys, what):
+    path = tmp_path / "model.safetensors"
+    save_file({k: torch.zeros(n) for k, n in keys.items()}, path)
+    with pytest.raises(IncompatibleModelError, match=f"not a single-file SDXL checkpoint .*: it holds {what}"):
+        load_stage(path, Stage.BASE)
