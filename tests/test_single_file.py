@@ -86,3 +86,28 @@ def test_a_file_that_is_no_sdxl_checkpoint_is_named_for_what_it_is(tmp_path, key
     save_file({k: torch.zeros(n) for k, n in keys.items()}, path)
     with pytest.raises(IncompatibleModelError, match=f"not a single-file SDXL checkpoint .*: it holds {what}"):
         load_stage(path, Stage.BASE)
+
+
+def test_without_a_config_folder_sdxls_configs_come_from_the_hf_cache(folders, tmp_path, monkeypatch):
+    """The default: SDXL 1.0's component configs and tokenizers from the HF cache, which needs only its small text
+    files (here the tiny base's, under SDXL's hub id), never its weights and never the hub."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots" / ("0" * 40)
+    for file in folders["base"].rglob("*"):
+        if file.suffix in (".json", ".txt"):
+            (snapshot / file.relative_to(folders["base"])).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, snapshot / file.relative_to(folders["base"]))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    base_file = write_single_file(folders["base"], tmp_path / "base.safetensors")
+    alone = Generator.from_pretrained(base_file, device="cpu")
+    plain = Generator.from_pretrained(folders["base"], device="cpu")
+    run = {k: v for k, v in RUN.items() if k != "refiner_switch"}
+    assert np.array_equal(np.asarray(alone.generate("a fox", **run).images[0]),
+                          np.asarray(plain.generate("a fox", **run).images[0]))  # fmt: skip
+    assert not any(p.suffix == ".safetensors" for p in snapshot.rglob("*"))
