@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ COMFYUI_LATENT_UPSCALES = {"bilinear": "latent", "bicubic": "latent-bicubic", "n
 SCHEDULE_SUFFIXES = {"automatic": "", "normal": "", "karras": "_karras", "sgm uniform": "_trailing",
                      "sgm_uniform": "_trailing", "simple": "_trailing"}  # fmt: skip
 # A1111's settings line: ``Key: value`` items, a value quoted when it holds a comma.
+# A node on a chain of a ComfyUI graph: (node id, class_type, inputs).
+_Step = tuple[str, str, Mapping[str, Any]]
 _ITEM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^:>]+)((?::[^:>]*)*)>")
 
@@ -378,13 +380,18 @@ class _ComfyGraph:
             return
         self.skip(node_id, "a second sampler that is neither a refiner nor a latent hires fix; not read")
 
-    def _models(self, link: Any, role: str) -> None:
-        found = self.node(link)
-        while found is not None:
+    def _walk(self, link: Any, upstream: Callable[[str, Mapping[str, Any], int], Any]) -> Iterator[_Step]:
+        """The nodes up a chain from ``link``, each marked read; ``upstream(class_type, inputs, output)`` gives the
+        link the chain goes on by (``output``: which of the node's outputs the chain came through)."""
+        while (found := self.node(link)) is not None:
             node_id, node = found
             self.seen.add(node_id)
             values = node.get("inputs", {})
-            kind = node["class_type"]
+            yield node_id, node["class_type"], values
+            link = upstream(node["class_type"], values, int(link[1]) if len(link) > 1 else 0)
+
+    def _models(self, link: Any, role: str) -> None:
+        for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("model")):
             if kind in ("CheckpointLoaderSimple", "CheckpointLoader"):
                 self.reader.model(role, str(values.get("ckpt_name")))
                 return
@@ -396,15 +403,9 @@ class _ComfyGraph:
                     self.skip(node_id, f"strength_clip {clip} differs from strength_model: {scale:g} is used for both")
             else:
                 self.skip(node_id, _MODEL_PATCHES.get(kind, "changes the model in a way not read here"))
-            found = self.node(values.get("model"))
 
     def _conditioning(self, link: Any, what: str) -> str:
-        found = self.node(link)
-        while found is not None:
-            node_id, node = found
-            self.seen.add(node_id)
-            values = node.get("inputs", {})
-            kind = node["class_type"]
+        for node_id, kind, values in self._walk(link, _conditioning_upstream):
             if kind == "CLIPTextEncode":
                 self._clip(values.get("clip"))
                 return str(values.get("text", ""))
@@ -425,27 +426,29 @@ class _ComfyGraph:
                 if net is not None:
                     self.seen.add(net[0])
                 self._image(values.get("image"))
-                self.skip(node_id, f"ControlNet {name} at strength {values.get('strength')}: {CONTROL_ADVICE}")
-                found = self.node(values.get("conditioning") or values.get("positive"))
-                continue
-            self.skip(node_id, f"changes the {what} in a way not read here; the text before it is used")
-            found = self.node(values.get("conditioning") or values.get("conditioning_1"))
+                if "negative" not in what:  # an advanced node carries both prompts: said once
+                    self.skip(node_id, f"ControlNet {name} at strength {values.get('strength')}: {CONTROL_ADVICE}")
+            else:
+                self.skip(node_id, f"changes the {what} in a way not read here; the text before it is used")
         return ""
 
     def _clip(self, link: Any) -> None:
-        found = self.node(link)
-        while found is not None and found[1]["class_type"] not in ("CheckpointLoaderSimple", "CheckpointLoader"):
-            node_id, node = found
-            self.seen.add(node_id)
-            values = node.get("inputs", {})
-            if node["class_type"] == "CLIPSetLastLayer" and int(values.get("stop_at_clip_layer", -1)) != -1:
+        for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("clip")):
+            if kind in ("CheckpointLoaderSimple", "CheckpointLoader"):
+                return
+            if kind == "CLIPSetLastLayer" and int(values.get("stop_at_clip_layer", -1)) != -1:
                 self.skip(node_id, "SDXL reads the penultimate layers as trained; the clip skip is not applied")
-            found = self.node(values.get("clip"))
 
     def _image(self, link: Any) -> None:
         found = self.node(link)
         if found is not None:
             self.seen.add(found[0])
+
+
+def _conditioning_upstream(kind: str, values: Mapping[str, Any], output: int) -> Any:
+    if kind == "ControlNetApplyAdvanced":  # outputs (positive, negative), each from its own input
+        return values.get("negative" if output == 1 else "positive")
+    return values.get("conditioning") or values.get("conditioning_1")
 
 
 # What each known model-patching node family needs that a PNG lacks.

@@ -189,7 +189,7 @@ def test_a_comfyui_latent_hires_graph():
 
 def test_comfyui_nodes_that_need_what_a_png_lacks_are_listed():
     graph = _graph(
-        ("3", "KSampler", {"model": ["22", 0], "positive": ["21", 0], "denoise": 0.6}),
+        ("3", "KSampler", {"model": ["22", 0], "positive": ["21", 0], "negative": ["21", 1], "denoise": 0.6}),
         ("20", "ControlNetLoader", {"control_net_name": "diffusers_xl_canny_full.safetensors"}),
         ("19", "LoadImage", {"image": "edges.png"}),
         ("21", "ControlNetApplyAdvanced", {"positive": ["6", 0], "negative": ["7", 0], "control_net": ["20", 0],
@@ -203,7 +203,8 @@ def test_comfyui_nodes_that_need_what_a_png_lacks_are_listed():
     )  # fmt: skip
     imported = read_comfyui(graph)
     assert imported.prompt == "a (red:1.2) fox in the snow" and imported.models == {"base": DEFAULT_BASE}
-    control = _unmapped(imported, "ControlNetApplyAdvanced (node 21)")
+    assert imported.settings["negative_prompt"] == "blurry"  # through the ControlNet node's negative output
+    control = _unmapped(imported, "ControlNetApplyAdvanced (node 21)")  # said once for both prompts
     assert "diffusers_xl_canny_full.safetensors at strength 0.8" in control and "--edges" in control
     assert "--style or --reference" in _unmapped(imported, "IPAdapterAdvanced (node 22)")
     assert "not read here" in _unmapped(imported, "FreeU_V2 (node 23)")
