@@ -120,13 +120,15 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
             model = cls.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
         else:
             check_safetensors(path)
-            try:
-                model = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
-            except Exception as exc:
-                raise MissingWeightsError(
-                    f"{path}: diffusers could not convert this single-file ControlNet offline ({exc}); use its diffusers "
-                    "folder (config.json + diffusion_pytorch_model.safetensors) instead"
-                ) from None
+            model = None if union else _shaped_like(unet, path, dtype)
+            if model is None:
+                try:
+                    model = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+                except Exception as exc:
+                    raise MissingWeightsError(
+                        f"{path}: diffusers could not convert this single-file ControlNet offline ({exc}); use its "
+                        "diffusers folder (config.json + diffusion_pytorch_model.safetensors) instead"
+                    ) from None
             _check_config(dict(model.config), unet, str(source))  # before it is kept
         model.to(device).eval().requires_grad_(False)
         return model
@@ -134,6 +136,27 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
     model = _LOADED.get(key, build)
     _check_config(dict(model.config), unet, str(source))  # a cached ControlNet may meet another UNet
     return model
+
+
+def _shaped_like(unet: Any, path: Path, dtype: torch.dtype) -> Any:
+    """A single file holding a ControlNet in diffusers' layout and the shape of ``unet``'s encoder (how SDXL's
+    published ControlNets are kept as one file: ``diffusers_xl_canny_full.safetensors``), built from the UNet's own
+    config without any hub; ``None`` for any other file (left to diffusers' conversion)."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        if not any(k.startswith("controlnet_cond_embedding.") for k in f.keys()):
+            return None
+    with init_empty_weights():
+        model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True, assign=True)
+    except RuntimeError:  # another layout (a "mid" or "small" ControlNet): its own config is needed
+        return None
+    return model.to(dtype)
 
 
 def _as_list(images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> list[ImageInput]:

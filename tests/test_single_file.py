@@ -111,3 +111,29 @@ def test_without_a_config_folder_sdxls_configs_come_from_the_hf_cache(folders, t
     assert np.array_equal(np.asarray(alone.generate("a fox", **run).images[0]),
                           np.asarray(plain.generate("a fox", **run).images[0]))  # fmt: skip
     assert not any(p.suffix == ".safetensors" for p in snapshot.rglob("*"))
+
+
+def test_a_controlnet_kept_as_one_file_makes_its_folders_pixels(tiny, tmp_path):
+    """SDXL's published ControlNets as ComfyUI and A1111 users keep them: the diffusers weights alone, renamed; read
+    with the layout of the UNet they serve, no hub. A file of another shape is left to diffusers' conversion, which
+    says it needs the ControlNet's own config offline."""
+    import shutil
+
+    from PIL import Image
+
+    from sdxl_control.adapters.controlnet import ControlNet
+    from sdxl_control.errors import MissingWeightsError
+    from sdxl_control.testing import write_tiny_controlnet
+
+    folder = write_tiny_controlnet(tmp_path / "cn", tiny.base, seed=4)
+    file = tmp_path / "diffusers_xl_canny_full.safetensors"
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", file)
+    gen = Generator.from_pretrained(tiny.base, device="cpu")
+    edges = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8))
+    run = {k: v for k, v in RUN.items() if k != "refiner_switch"}
+    results = [gen.generate("a fox", conditions=[ControlNet(str(m), image=edges)], **run) for m in (file, folder)]
+    assert torch.equal(results[0].latents, results[1].latents)
+    other = tmp_path / "other.safetensors"
+    save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(2)}, other)
+    with pytest.raises(MissingWeightsError, match="could not convert this single-file ControlNet offline"):
+        gen.generate("a fox", conditions=[ControlNet(str(other), image=edges)], **run)
