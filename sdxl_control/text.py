@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -148,21 +149,32 @@ def _encode(
 
 
 def _aligned(
-    positive: PromptEmbeddings, negative: PromptEmbeddings | None, empty: Callable[[], PromptEmbeddings]
+    positive: PromptEmbeddings,
+    negative: PromptEmbeddings | None,
+    empty: Callable[[], PromptEmbeddings],
+    emphasis: Emphasis = "off",
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-    """The prompt and negative prompt at one length, the shorter followed by empty-prompt chunks (A1111's "pad
-    prompt/negative prompt to be same length"): guidance runs them as one batch. ``empty()`` encodes ""."""
+    """The prompt and negative prompt at one length, for guidance to run them as one batch: the shorter followed by
+    empty-prompt chunks (A1111's "pad prompt/negative prompt to be same length"; ``empty()`` encodes ""), or, as
+    ComfyUI reads prompts, each repeated to the least common length (attention over repeated keys is attention over
+    the keys once: the same as running the two apart)."""
     if negative is None or negative.hidden.shape[1] == positive.hidden.shape[1]:
         return positive, negative
-    window = empty().hidden
+    length = max(positive.hidden.shape[1], negative.hidden.shape[1])
+    if emphasis == "comfyui":
+        length = math.lcm(positive.hidden.shape[1], negative.hidden.shape[1])
 
-    def padded(embeddings: PromptEmbeddings, length: int) -> PromptEmbeddings:
+    def padded(embeddings: PromptEmbeddings) -> PromptEmbeddings:
+        if emphasis == "comfyui":
+            return PromptEmbeddings(
+                embeddings.hidden.repeat(1, length // embeddings.hidden.shape[1], 1), embeddings.pooled
+            )
+        window = empty().hidden
         repeats = (length - embeddings.hidden.shape[1]) // window.shape[1]
         fill = window.expand(embeddings.hidden.shape[0], -1, -1).repeat(1, repeats, 1)
         return PromptEmbeddings(torch.cat([embeddings.hidden, fill], dim=1), embeddings.pooled)
 
-    length = max(positive.hidden.shape[1], negative.hidden.shape[1])
-    return padded(positive, length), padded(negative, length)
+    return padded(positive), padded(negative)
 
 
 def _encode_edited(
@@ -308,7 +320,8 @@ def prompt_segments(
                         if need_negative
                         else None
                     )
-                encoded[key] = _aligned(positive, encoded_negative[weighing], lambda: _encode(encoders, [""]))
+                empty = partial(_encode, encoders, [""])
+                encoded[key] = _aligned(positive, encoded_negative[weighing], empty, emphasis)
         segments.append((index, *encoded[key]))
     return segments
 
@@ -349,7 +362,7 @@ def encode_prompts(
     negative = encode_negative(
         encoders, negatives, positive, zero_negative=zero_negative, long_prompts=long_prompts, emphasis=emphasis
     )
-    return _aligned(positive, negative, lambda: _encode(encoders, [""]))
+    return _aligned(positive, negative, partial(_encode, encoders, [""]), emphasis)
 
 
 @dataclass(frozen=True)

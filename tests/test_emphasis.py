@@ -213,3 +213,31 @@ def test_generation_weighs_words_records_the_mode_and_re_makes(generator, tmp_pa
     argv = ["generate", "a (red:1.6) fox", "--tiny", "--size", "64x64", "--steps", "2", "-q", "-o", str(out)]
     assert main([*argv, "--emphasis", "comfyui"]) == 0
     assert read_recipe(out)["emphasis"] == "comfyui"
+
+
+def test_comfyui_mode_repeats_the_shorter_of_prompt_and_negative(generator):
+    """ComfyUI repeats the shorter conditioning to the common length, which attention reads as the conditioning once
+    (the same as running the two apart); A1111's mode pads with empty-prompt chunks."""
+    encoders = generator.base.text_encoders
+    long, short = "word " * 100, "blurry"
+
+    def encoded(prompt, negative, emphasis):
+        return encode_prompts(encoders, [prompt], [negative], need_negative=True, zero_negative=True,
+                              emphasis=emphasis)  # fmt: skip
+
+    alone = encode_prompts(encoders, [short], None, need_negative=False, zero_negative=True)[0].hidden
+    empty = encode_prompts(encoders, [""], None, need_negative=False, zero_negative=True)[0].hidden
+    positive, negative = encoded(long, short, "comfyui")
+    assert negative.hidden.shape == positive.hidden.shape == (1, 154, alone.shape[-1])
+    assert torch.equal(negative.hidden[:, :77], alone) and torch.equal(negative.hidden[:, 77:], alone)
+    _, padded = encoded(long, short, "a1111")
+    assert torch.equal(padded.hidden[:, :77], alone) and torch.equal(padded.hidden[:, 77:], empty)
+    two, three = encoded("word " * 100, "word " * 160, "comfyui")
+    assert two.hidden.shape[1] == three.hidden.shape[1] == 6 * 77
+    unet = generator.base.unet
+    sample, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    added = {"text_embeds": negative.pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        repeated = unet(sample, t, encoder_hidden_states=negative.hidden, added_cond_kwargs=added).sample
+        once = unet(sample, t, encoder_hidden_states=alone, added_cond_kwargs=added).sample
+    torch.testing.assert_close(repeated, once, rtol=1e-5, atol=1e-5)
