@@ -169,7 +169,7 @@ def read_a1111(text: str) -> Imported:
     items: dict[str, str] = {}
     if len(_ITEM.findall(lines[-1])) >= 3:
         for key, value in _ITEM.findall(lines.pop()):
-            items[key] = json.loads(value) if value[:1] == '"' and value[-1:] == '"' else value
+            items[key] = _unquoted(value)
     prompt_lines: list[str] = []
     negative_lines: list[str] | None = None
     for line in lines:
@@ -185,6 +185,16 @@ def read_a1111(text: str) -> Imported:
         reader.settings["negative_prompt"] = "\n".join(negative_lines)
     _a1111_items(items, reader)
     return reader.done(prompt)
+
+
+def _unquoted(value: str) -> str:
+    """A settings value as A1111 reads it: a quoted one is JSON, kept as written where it is not valid JSON."""
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return str(json.loads(value))
+        except ValueError:
+            return value
+    return value
 
 
 def _extra_networks(prompt: str, reader: _Reader) -> str:
@@ -233,8 +243,10 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
     if (guidance := number("CFG scale")) is not None:
         settings["guidance"] = guidance
     if (size := get("Size")) is not None:
-        width, _, height = size.partition("x")
-        settings["size"] = (int(width), int(height))
+        if (match := re.fullmatch(r"\s*(\d+)x(\d+)\s*", size)) is not None:
+            settings["size"] = (int(match[1]), int(match[2]))
+        else:
+            reader.skip(f"Size: {size}", "not a size (WIDTHxHEIGHT)")
     if (sampler := get("Sampler")) is not None:
         reader.scheduler(sampler, get("Schedule type"), f"Sampler: {sampler}")
     if (model := get("Model")) is not None:

@@ -95,6 +95,9 @@ def test_a1111_texts_that_do_not_map():
     assert "scheduler" not in unknown.settings and "no equivalent" in _unmapped(unknown, "Sampler: DPM++ 3M SDE")
     schedule = read_a1111("a fox\nSteps: 20, Sampler: Heun, Schedule type: Karras, CFG scale: 5, Seed: 1")
     assert schedule.settings["scheduler"] == "heun" and "'heun' is used" in _unmapped(schedule, "Sampler: Heun")
+    odd = read_a1111('a fox\nSteps: 20, Size: big, CFG scale: 5, Seed: 1, Note: "unclosed \\x"')
+    assert "size" not in odd.settings and "not a size" in _unmapped(odd, "Size: big")
+    assert _unmapped(odd, 'Note: "unclosed \\x"')  # kept as written, as A1111 keeps it
     prompt_only = read_a1111("a cat\nsitting on a mat")  # no settings line: all prompt
     assert prompt_only.prompt == "a cat\nsitting on a mat" and prompt_only.settings == {}
     networks = read_a1111("a fox <hypernet:anime:0.5> <lora:bad:x>\nSteps: 20, CFG scale: 5, Seed: 1")
