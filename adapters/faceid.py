@@ -95,7 +95,7 @@ class FaceID(Condition):
     path_fields: ClassVar[tuple[str, ...]] = (
         "variant", "faces", "embeddings", "source", "image_encoder", "face_pack", "face_root", "mask",
     )  # fmt: skip
-    model_fields: ClassVar[Mapping[str, str]] = {"face_pack": "insightface"}
+    model_fields: ClassVar[Mapping[str, str]] = {"face_pack": "insightface", "image_encoder": "clip_vision"}
     aligned_fields: ClassVar[tuple[str, ...]] = ("mask",)
 
     def likeness(self) -> Likeness:

@@ -166,14 +166,59 @@ def check_fits(parts: Mapping[str, Mapping[str, torch.Tensor]], unet: Any, sourc
         raise IncompatibleModelError(f"{source} has {found} attention layers, this UNet {layers}")
 
 
+# The published CLIP vision towers IP-Adapters use, by depth: what a single file of one (ComfyUI's clip_vision folder)
+# is read with, as ComfyUI tells them apart. ViT-L/14 (OpenAI), ViT-H/14 and ViT-bigG/14 (LAION), 224-pixel input.
+VISION_CONFIGS: dict[int, dict[str, Any]] = {
+    24: {"hidden_size": 1024, "intermediate_size": 4096, "projection_dim": 768, "hidden_act": "quick_gelu"},
+    32: {"hidden_size": 1280, "intermediate_size": 5120, "projection_dim": 1024, "hidden_act": "gelu"},
+    48: {"hidden_size": 1664, "intermediate_size": 8192, "projection_dim": 1280, "hidden_act": "gelu"},
+}
+VISION_COMMON: dict[str, Any] = {"num_attention_heads": 16, "image_size": 224, "patch_size": 14, "layer_norm_eps": 1e-5}
+
+
+def _single_file_encoder(path: Path, dtype: torch.dtype) -> Any:
+    """A CLIP vision tower kept as one file (the transformers weights, renamed), read with its published config."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        width = f.get_slice("vision_model.embeddings.patch_embedding.weight").get_shape()[0] if (
+            "vision_model.embeddings.patch_embedding.weight" in keys
+        ) else None  # fmt: skip
+    depth = len({k.split(".")[3] for k in keys if k.startswith("vision_model.encoder.layers.")})
+    published = VISION_CONFIGS.get(depth)
+    if width is None or published is None or published["hidden_size"] != width:
+        raise IncompatibleModelError(
+            f"{path} is not one of the published CLIP vision towers in transformers' layout (ViT-L/14, ViT-H/14, "
+            f"ViT-bigG/14; it has {depth} layers of width {width}): give its folder (config.json + model.safetensors)"
+        )
+    with init_empty_weights():
+        model: Any = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(**VISION_COMMON, **published, num_hidden_layers=depth)
+        )
+    model.load_state_dict(load_file(str(path)), strict=False, assign=True)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise IncompatibleModelError(f"{path} lacks {len(missing)} of the image encoder's weights ({missing[0]}, ...)")
+    model.to(dtype)
+    return model
+
+
 @process_cached(4)
 def clip_encoder(folder: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     path = Path(folder)
-    if not (path / "config.json").exists():
+    model: Any
+    if path.is_file():
+        model = _single_file_encoder(path, dtype)
+    elif not (path / "config.json").exists():
         raise MissingWeightsError(f"no CLIP image encoder at {path} (config.json + model.safetensors expected)")
-    model: Any = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+    else:
+        model = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     size = model.config.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)
     return model.to(device).eval().requires_grad_(False), processor
@@ -349,7 +394,7 @@ class IPAdapter(Condition):
     supported_stages: ClassVar[Stage] = Stage.BASE
     unsupported_reason: ClassVar[str] = "SDXL IP-Adapters are trained for the base UNet's 2048-wide cross-attention"
     path_fields: ClassVar[tuple[str, ...]] = ("variant", "images", "source", "image_encoder", "mask", "embeddings")
-    model_fields: ClassVar[Mapping[str, str]] = {"variant": "ipadapter"}
+    model_fields: ClassVar[Mapping[str, str]] = {"variant": "ipadapter", "image_encoder": "clip_vision"}
     aligned_fields: ClassVar[tuple[str, ...]] = ("mask",)
 
     def infotext(self) -> Infotext:

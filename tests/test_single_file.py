@@ -137,3 +137,37 @@ def test_a_controlnet_kept_as_one_file_makes_its_folders_pixels(tiny, tmp_path):
     save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(2)}, other)
     with pytest.raises(MissingWeightsError, match="could not convert this single-file ControlNet offline"):
         gen.generate("a fox", conditions=[ControlNet(str(other), image=edges)], **run)
+
+
+def test_an_image_encoder_kept_as_one_file_makes_its_folders_pixels(tiny, tmp_path, monkeypatch):
+    """ComfyUI's clip_vision files (the transformers weights of a published CLIP vision tower, renamed) read with that
+    tower's published config, told by its depth as ComfyUI tells them apart; here the tiny tower's depth stands in."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from sdxl_control.adapters import ip_adapter
+    from sdxl_control.adapters.ip_adapter import IPAdapter
+    from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
+
+    repo = write_tiny_ip_adapter_repo(tmp_path / "ip", tiny.base)
+    folder = repo / "models" / "image_encoder"
+    config = json.loads((folder / "config.json").read_text())
+    published = {k: config[k] for k in ("hidden_size", "intermediate_size", "projection_dim", "hidden_act")}
+    common = {k: config[k] for k in ("num_attention_heads", "image_size", "patch_size", "layer_norm_eps")}
+    monkeypatch.setitem(ip_adapter.VISION_CONFIGS, config["num_hidden_layers"], published)
+    monkeypatch.setattr(ip_adapter, "VISION_COMMON", common)
+    file = tmp_path / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+    shutil.copy(folder / "model.safetensors", file)
+    gen = Generator.from_pretrained(tiny.base, device="cpu")
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), np.uint8))
+    run = {k: v for k, v in RUN.items() if k != "refiner_switch"}
+    results = [gen.generate("a fox", conditions=[IPAdapter("plus", photo, source=str(repo), image_encoder=str(e))],
+                            **run) for e in (file, folder)]  # fmt: skip
+    assert torch.equal(results[0].latents, results[1].latents)
+    monkeypatch.delitem(ip_adapter.VISION_CONFIGS, config["num_hidden_layers"])
+    other = tmp_path / "other.safetensors"
+    shutil.copy(folder / "model.safetensors", other)
+    with pytest.raises(IncompatibleModelError, match="not one of the published CLIP vision towers .* 2 layers"):
+        gen.generate("a fox", conditions=[IPAdapter("plus", photo, source=str(repo), image_encoder=str(other))], **run)
