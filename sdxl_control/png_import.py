@@ -1,7 +1,8 @@
 """Settings brought back from PNGs that A1111 (its ``parameters`` text) or ComfyUI (its ``prompt`` graph) wrote.
 
 Everything that maps to a request is restored — prompt, negative prompt, LoRAs, steps, sampler and schedule, guidance,
-seed, size, batch size, hires fix, refiner and its switch, emphasis, face detailer — and every other part is listed
+seed, size, batch size, hires fix, refiner and its switch, emphasis (a ComfyUI prompt is read as ComfyUI reads it),
+face detailer — and every other part is listed
 in :attr:`Imported.unmapped` with the reason, never dropped silently: control images and face photos are not in a
 PNG, and some settings have no equivalent here. A1111's and ComfyUI's noise differ from ours, so the same seed makes
 another image.
@@ -307,6 +308,7 @@ class _ComfyGraph:
         self.nodes = {str(k): v for k, v in graph.items()}
         self.seen: set[str] = set()
         self.reader = _Reader("ComfyUI")
+        self.reader.settings["emphasis"] = "comfyui"  # its prompts were weighted and cut as ComfyUI reads them
 
     def node(self, link: Any) -> tuple[str, Mapping[str, Any]] | None:
         if isinstance(link, list) and link and str(link[0]) in self.nodes:

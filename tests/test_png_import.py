@@ -136,7 +136,7 @@ def test_the_comfyui_default_graph_with_loras():
     imported = read_comfyui(graph)
     assert imported.tool == "ComfyUI" and imported.prompt == "a (red:1.2) fox in the snow"
     assert imported.settings == {
-        "seed": 156680208700286, "steps": 20, "guidance": 8.0, "scheduler": "dpmpp_2m_karras",
+        "emphasis": "comfyui", "seed": 156680208700286, "steps": 20, "guidance": 8.0, "scheduler": "dpmpp_2m_karras",
         "negative_prompt": "blurry", "size": (1024, 768), "num_images": 2,
     }  # fmt: skip
     assert imported.models == {"base": DEFAULT_BASE}
