@@ -36,7 +36,7 @@ from .schedule import StageSchedule, make_scheduler, scheduler_name, scheduler_s
 from .start import INPAINT_CHANNELS, start_images, start_latents
 from .text import LongPrompts, MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
-from .vae import decode_latents, encode_pixels, load_decoder, vae_scale_factor
+from .vae import decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
 from .validation import check_fields, unknown_keys
 
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]
@@ -62,6 +62,9 @@ class GenerationRequest:
     ``vae_tiling`` decodes tile by tile: flat memory for large images, small differences along tile seams.
     ``decoder`` names a tiny autoencoder (e.g. ``"madebyollin/taesdxl"``) that decodes instead of the VAE: a draft
     preview at a fraction of the VAE's cost, close to but not the VAE's image.
+
+    ``vae`` replaces the checkpoints' VAE for the call (a diffusers folder or hub id, or one ``.safetensors`` file in
+    diffusers' or the original layout, as ``sdxl_vae.safetensors`` is kept), for encoding and decoding both.
 
     ``init_image`` (a path, PIL image or array) starts from an image instead of noise: ``strength`` (0 to 1, default
     0.75 — A1111's) is how much of the schedule runs from it, entered at ``1 - strength`` as diffusers does, so
@@ -103,6 +106,7 @@ class GenerationRequest:
     negative_aesthetic_score: float = 2.5
     vae_tiling: bool = False
     decoder: str | None = None
+    vae: str | None = None
     init_image: Any = None
     strength: float | None = None
     mask: Any = None
@@ -307,14 +311,15 @@ class GenerationRequest:
         starts, hires = self.init_image is not None, self.hires_scale is not None
         # A request that starts from noise, or has no hires fix, records none of those fields: its recipe reads as
         # before they existed.
-        skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS))
+        skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
+                   *(("vae",) if self.vae is None else ()))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
             detailer = self.detailer.settings()
             if detailer["face_pack"] is not None:
                 detailer["face_pack"] = portable(detailer["face_pack"], paths)
             out["detailer"] = detailer
-        files = (*(IMAGE_FIELDS if starts else ()), *(("upscaler",) if hires else ()))
+        files = (*(IMAGE_FIELDS if starts else ()), *(("upscaler",) if hires else ()), *(("vae",) if self.vae else ()))
         for name in files:  # by name and content, as conditions' files
             value = getattr(self, name)
             out[name] = portable(describe(value), paths) if value is not None else None
@@ -352,8 +357,9 @@ class GenerationRequest:
         # A recipe from before long prompts were read in chunks, or weighted, was made with the prompt cut to one window
         # and its brackets read as text.
         values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
-        if "upscaler" in values:
-            values["upscaler"] = (locate or Locator()).resolve(values["upscaler"], "the recipe's upscaler")
+        for name in ("upscaler", "vae"):
+            if values.get(name) is not None:
+                values[name] = (locate or Locator()).resolve(values[name], f"the recipe's {name}")
         if isinstance(values.get("detailer"), dict) and values["detailer"].get("face_pack") is not None:
             pack = (locate or Locator()).resolve(values["detailer"]["face_pack"], "the recipe's detailer face pack")
             values["detailer"] = {**values["detailer"], "face_pack": pack}
@@ -604,6 +610,29 @@ class Generator:
         """
         if recipe_paths not in PATH_MODES:
             raise InvalidRequestError(f"recipe_paths must be one of {', '.join(PATH_MODES)}, got {recipe_paths!r}")
+        with self._vae(request.vae):
+            return self._detailed(request, progress, progress_bar, recipe_paths)
+
+    @contextmanager
+    def _vae(self, source: str | None) -> Iterator[None]:
+        """The stages with ``source``'s VAE for the call (see :class:`GenerationRequest`), as they were after it."""
+        if source is None:
+            yield
+            return
+        stages = self.base, self.refiner
+        _, dtype = placement(self.base.vae)
+        vae = load_vae(source, self.base.vae, self.device, dtype)
+        try:
+            self.base = dataclasses.replace(self.base, vae=vae)
+            if self.refiner is not None:
+                self.refiner = dataclasses.replace(self.refiner, vae=vae)
+            yield
+        finally:
+            self.base, self.refiner = stages
+
+    def _detailed(
+        self, request: GenerationRequest, progress: ProgressCallback | None, progress_bar: bool, recipe_paths: PathMode
+    ) -> Result:
         if request.hires_scale is None:
             result = self._run(request, progress, progress_bar, recipe_paths)
         else:

@@ -254,13 +254,15 @@ def run_needs(
     """Every model a run of ``request`` on these models loads: the stages, the draft decoder, the conditions'."""
     from .conditions import Stage
     from .models import stage_needs
-    from .vae import DECODER_FILES
+    from .vae import DECODER_FILES, VAE_FILES
 
     needs = stage_needs(base, Stage.BASE, unet=unet)
     if refiner is not None:
         needs += stage_needs(refiner, Stage.REFINER)
     if request.decoder is not None:
         needs.append(weights_need("draft decoder", request.decoder, DECODER_FILES))
+    if request.vae is not None:
+        needs.append(weights_need("VAE", request.vae, list(VAE_FILES)))
     for condition in request.conditions:
         needs += condition.model_needs()
     return unique(needs)

@@ -81,6 +81,10 @@ class Resolver:
         """A draft or preview decoder (a tiny autoencoder) to load."""
         return self.named("vae_approx", decoder)
 
+    def vae(self, vae: str) -> str:
+        """A VAE that replaces the checkpoints' for a call."""
+        return self.named("vae", vae)
+
     def upscaler(self, upscaler: str) -> str:
         """An upscaler model (a built-in resampling mode stays as it is)."""
         return self.named("upscale_models", upscaler)
@@ -137,6 +141,13 @@ class TinyResolver(Resolver):
         from .testing.stand_ins import tiny_condition
 
         return tiny_condition(self._named_condition(condition), self.seed)
+
+    def vae(self, vae: str) -> str:
+        from .files import looks_like_hub_id
+        from .testing import tiny_models
+
+        named = self.named("vae", vae)  # a file the user has stays; a hub VAE is the tiny base's own
+        return str(tiny_models(self.seed).base / "vae") if looks_like_hub_id(named) else named
 
     def decoder(self, decoder: str | None) -> str | None:
         from .testing.stand_ins import tiny_decoder

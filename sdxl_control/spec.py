@@ -109,6 +109,8 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
         keep = None
     if request.decoder is not None:
         request = dataclasses.replace(request, decoder=resolver.decoder(request.decoder))
+    if request.vae is not None:
+        request = dataclasses.replace(request, vae=resolver.vae(request.vae))
     if (upscaler := resolver.upscaler(request.upscaler)) != request.upscaler:
         request = dataclasses.replace(request, upscaler=upscaler)
     if request.detailer is not None:  # its faces analysed by the same policy as the conditions' photos

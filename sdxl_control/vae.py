@@ -202,3 +202,59 @@ def _read_decoder(path: Path, source: str, latent_channels: int, dtype: torch.dt
         )
     check_safetensors(path / "diffusion_pytorch_model.safetensors")
     return AutoencoderTiny.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, local_files_only=True)
+
+
+_VAES: KeyedCache[Any] = KeyedCache("vaes", size=2)
+VAE_FILES = ("*.json", "*.safetensors")
+
+
+def load_vae(source: str, like: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A VAE that replaces a checkpoint's (as ComfyUI's VAE loader and A1111's VAE setting do), kept in a process
+    cache: a diffusers folder (or hub id, or a pipeline holding a ``vae`` folder), or one ``.safetensors`` file in
+    diffusers' layout or Stability's original one (``encoder.down.0.block.0``, as ``sdxl_vae.safetensors`` is
+    kept), read with the architecture of ``like``, the VAE it replaces.
+
+    Example:
+        >>> vae = load_vae("sdxl_vae.safetensors", gen.base.vae, torch.device("cuda"), torch.float16)  # doctest: +SKIP
+    """
+    path = resolve_source(source, allow=list(VAE_FILES))
+    key = (str(path.resolve()), str(sorted(dict(like.config).items())), str(device), dtype)
+    return _VAES.get(key, lambda: _read_vae(path, like).to(device, dtype).eval().requires_grad_(False))
+
+
+def _read_vae(path: Path, like: Any) -> Any:
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    from .checkpoints import checkpoint_kind
+
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise IncompatibleModelError(
+                f"{path} is not a VAE folder (config.json + diffusion_pytorch_model.safetensors)"
+            )
+        vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    else:
+        check_safetensors(path)
+        state = load_file(str(path))
+        if any(k.startswith("first_stage_model.") for k in state):  # a whole checkpoint's VAE
+            state = {
+                k.removeprefix("first_stage_model."): v for k, v in state.items() if k.startswith("first_stage_model.")
+            }
+        if any(k.startswith("encoder.down.") for k in state):
+            state = convert_ldm_vae_checkpoint(state, dict(like.config))
+        elif not any(k.startswith("encoder.down_blocks.") for k in state):
+            raise IncompatibleModelError(f"{path} is not a VAE: it holds {checkpoint_kind(state)}")
+        vae = AutoencoderKL.from_config(like.config)
+        try:
+            vae.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise IncompatibleModelError(f"{path} is a VAE of another shape than this model's ({exc})") from None
+    if vae.config.latent_channels != like.config.latent_channels:
+        raise IncompatibleModelError(
+            f"{path} makes {vae.config.latent_channels}-channel latents; this model's VAE makes "
+            f"{like.config.latent_channels}"
+        )
+    return vae

@@ -171,3 +171,46 @@ def test_an_image_encoder_kept_as_one_file_makes_its_folders_pixels(tiny, tmp_pa
     shutil.copy(folder / "model.safetensors", other)
     with pytest.raises(IncompatibleModelError, match="not one of the published CLIP vision towers .* 2 layers"):
         gen.generate("a fox", conditions=[IPAdapter("plus", photo, source=str(repo), image_encoder=str(other))], **run)
+
+
+def test_a_vae_file_replaces_the_checkpoints_for_a_call(tiny, tmp_path):
+    """A VAE kept as one file, in diffusers' layout or the original one (as ``sdxl_vae.safetensors``), or a folder:
+    read with the architecture of the VAE it replaces, used for the call only, recorded and re-made."""
+    import shutil
+
+    from sdxl_control import GenerationRequest
+    from sdxl_control.cli import main
+    from sdxl_control.files import Locator
+    from sdxl_control.recipe import read_recipe
+    from sdxl_control.testing import tiny_models
+    from sdxl_control.testing.single_file import write_vae_file
+
+    install = tmp_path / "ComfyUI" / "models" / "vae"
+    install.mkdir(parents=True)
+    diffusers_file = install / "sdxl_vae.safetensors"
+    shutil.copy(tiny.base / "vae" / "diffusion_pytorch_model.safetensors", diffusers_file)
+    original_file = write_vae_file(tiny.base / "vae", tmp_path / "original_vae.safetensors")
+    other = tiny_models(seed=1).base / "vae"  # another VAE of the same shape
+    gen = Generator.from_pretrained(tiny.base, device="cpu")
+    vae = gen.base.vae
+    run = {k: v for k, v in RUN.items() if k != "refiner_switch"}
+    plain = gen.generate("a fox", **run)
+    for source in (diffusers_file, original_file, tiny.base / "vae"):
+        same = gen.generate("a fox", vae=str(source), **run)
+        assert np.array_equal(np.asarray(same.images[0]), np.asarray(plain.images[0])), source
+    changed = gen.generate("a fox", vae=str(other), **run)
+    assert torch.equal(changed.latents, plain.latents)
+    assert not np.array_equal(np.asarray(changed.images[0]), np.asarray(plain.images[0]))
+    assert gen.base.vae is vae  # the call's VAE is gone after it
+    recipe = changed.images[0].recipe
+    assert "vae" not in plain.images[0].recipe and recipe["vae"]["folder"] == "vae"
+    again = gen.run(GenerationRequest.from_recipe(recipe, locate=Locator([other.parent])), progress_bar=False)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(changed.images[0]))
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.lora_down.weight": torch.zeros(2)}, lora)
+    with pytest.raises(IncompatibleModelError, match="is not a VAE: it holds a LoRA"):
+        gen.generate("a fox", vae=str(lora), **run)
+    out = tmp_path / "cli.png"
+    argv = ["generate", "a fox", "--tiny", "--size", "64x64", "--steps", "2", "-q", "-o", str(out)]
+    assert main([*argv, "--models-dir", str(tmp_path / "ComfyUI"), "--vae", "sdxl_vae"]) == 0
+    assert read_recipe(out)["vae"]["file"] == "sdxl_vae.safetensors"

@@ -202,6 +202,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "off (brackets are text)",
     )
     gen.add_argument(
+        "--vae",
+        metavar="MODEL",
+        help="decode and encode with this VAE instead of the checkpoint's: a diffusers folder or hub id, or a "
+        ".safetensors file (sdxl_vae.safetensors; found by name with --models-dir)",
+    )
+    gen.add_argument(
         "--decoder",
         metavar="MODEL",
         help=f"decode with this tiny autoencoder instead of the VAE (draft previews), e.g. {DRAFT_DECODER}",
@@ -409,6 +415,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "long_prompts": args.long_prompts,
         "emphasis": args.emphasis,
         "decoder": args.decoder,
+        "vae": args.vae,
         "init_image": args.init_image,
         "strength": args.strength,
         "mask": args.mask,

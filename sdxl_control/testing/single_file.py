@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["write_single_file"]
+__all__ = ["write_single_file", "write_vae_file"]
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
@@ -52,6 +52,18 @@ def write_single_file(folder: str | os.PathLike[str], file: str | os.PathLike[st
     out.update(_open_clip(second, f"conditioner.embedders.{open_clip}.model."))
     target = Path(file)
     save_file({k: v.contiguous() for k, v in out.items()}, str(target))
+    return target
+
+
+def write_vae_file(folder: str | os.PathLike[str], file: str | os.PathLike[str]) -> Path:
+    """The VAE folder at ``folder`` as one file in the original layout (``encoder.down.0.block.0...``), as
+    ``sdxl_vae.safetensors`` is published."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    state = _vae(AutoencoderKL.from_pretrained(folder).state_dict())
+    target = Path(file)
+    save_file({k.removeprefix("first_stage_model."): v.contiguous() for k, v in state.items()}, str(target))
     return target
 
 
