@@ -22,7 +22,7 @@ from .conditions import Window
 
 __all__ = ["Infotext", "quote", "sampler_label", "model_label", "control_unit", "parameters_text", "safe_name"]
 # Our names of the built-in upscalers -> A1111's.
-_A1111_UPSCALERS = {
+A1111_UPSCALERS = {
     "lanczos": "Lanczos", "latent": "Latent", "latent-bicubic": "Latent (bicubic)",
     "latent-nearest-exact": "Latent (nearest-exact)",
 }  # fmt: skip
@@ -193,7 +193,7 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
                 "Denoising strength": recipe.get("hires_strength"),
                 "Hires upscale": recipe["hires_scale"],
                 "Hires steps": recipe.get("hires_steps") or recipe["steps"],
-                "Hires upscaler": _A1111_UPSCALERS.get(str(upscaler)) or Path(_file_name(upscaler)).stem,
+                "Hires upscaler": A1111_UPSCALERS.get(str(upscaler)) or Path(_file_name(upscaler)).stem,
             }
         )
     if refiner:

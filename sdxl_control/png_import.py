@@ -29,6 +29,7 @@ from typing import Any
 from .conditions import Condition
 from .defaults import DEFAULT_BASE, DEFAULT_REFINER, SCHEDULERS
 from .errors import InputError
+from .infotext import A1111_UPSCALERS as WRITTEN_UPSCALERS
 from .schedule import scheduler_name
 from .spec import JobSpec
 
@@ -44,10 +45,10 @@ CONTROL_ADVICE = (
     "--edges-model and the like)"
 )
 NOISE_NOTE = "{tool}'s noise differs from ours: the same seed makes another image"
-# A1111's "Hires upscaler" labels -> ours; any other label names an upscaler model.
-A1111_UPSCALERS = {
-    "latent": "latent", "latent (bilinear)": "latent", "latent (bicubic)": "latent-bicubic",
-    "latent (nearest-exact)": "latent-nearest-exact", "lanczos": "lanczos", "none": "lanczos",
+# A1111's "Hires upscaler" labels -> ours (the labels we write, and A1111's other names for the same modes); any other
+# label names an upscaler model.
+A1111_UPSCALERS = {label.casefold(): ours for ours, label in WRITTEN_UPSCALERS.items()} | {
+    "latent (bilinear)": "latent", "none": "lanczos",
 }  # fmt: skip
 COMFYUI_LATENT_UPSCALES = {"bilinear": "latent", "bicubic": "latent-bicubic", "nearest-exact": "latent-nearest-exact"}
 # A schedule type (A1111's "Schedule type", ComfyUI's KSampler "scheduler") -> the suffix of our scheduler name.
