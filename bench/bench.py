@@ -1,7 +1,7 @@
 """Side-by-side benchmark: sdxl-control's generator and plain diffusers doing the same work.
 
-Full-size SDXL architectures are built from the public configs in ``bench/configs`` with random weights (compute
-does not depend on weight values); ControlNets, IP-Adapter, FaceID and a Lightning-sized LoRA are random files in
+Full-size SDXL architectures are built from SDXL 1.0's configs (packaged in ``sdxl_control/configs``) with random
+weights (compute does not depend on weight values); ControlNets, IP-Adapter, FaceID and a Lightning-sized LoRA are random files in
 the published layouts, loaded through the normal code paths. Each scenario is timed for both implementations in the
 same run: median latency of ``--repeats`` runs after a warm-up, it/s, peak GPU memory, and the UNet's model-FLOP
 utilisation (UNet FLOPs counted with ``torch.utils.flop_counter`` over wall time).
@@ -42,15 +42,15 @@ HERE = Path(__file__).resolve().parent
 from sdxl_control import FastPath, Generator  # noqa: E402
 from sdxl_control.adapters.controlnet import ControlNet  # noqa: E402
 from sdxl_control.adapters.faceid import FaceID, save_face  # noqa: E402
-from sdxl_control.adapters.ip_adapter import IPAdapter  # noqa: E402
+from sdxl_control.adapters.ip_adapter import VISION_COMMON, VISION_CONFIGS, IPAdapter  # noqa: E402
 from sdxl_control.adapters.lora import LoRA  # noqa: E402
 from sdxl_control.conditions import Stage  # noqa: E402
 from sdxl_control.fast import FAST_LEVELS  # noqa: E402
 from sdxl_control.models import ModelSource, StageModels  # noqa: E402
 from sdxl_control.presets import load_preset  # noqa: E402
+from sdxl_control.sdxl_configs import SDXL_SCHEDULER, sdxl_config_folder  # noqa: E402
 from sdxl_control.testing import tiny_models, write_tiny_controlnet, write_tiny_taesd  # noqa: E402
 from sdxl_control.testing.ip_adapter import TINY_VISION, write_faceid_repo, write_ip_adapter_repo  # noqa: E402
-from sdxl_control.testing.tiny import SDXL_SCHEDULER, _write_tokenizer  # noqa: E402
 from sdxl_control.text import TextEncoder  # noqa: E402
 
 PROMPT = "a portrait of an astronaut, studio light"
@@ -122,29 +122,25 @@ def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> Timing:
     return Timing(statistics.median(times), peak, first_s, first)
 
 
-def _full_stage(stage: Stage, device: torch.device, dtype: torch.dtype, tokenizers: Path) -> StageModels:
+def _full_stage(stage: Stage, device: torch.device, dtype: torch.dtype) -> StageModels:
+    """SDXL 1.0's architectures for ``stage`` from the packaged configs and tokenizers, with random weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    def config(name: str) -> dict[str, Any]:
-        return json.loads((HERE / "configs" / f"{name}.json").read_text())
-
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(config("unet_base" if stage == Stage.BASE else "unet_refiner"))
-        vae = AutoencoderKL.from_config(config("vae"))
+    with sdxl_config_folder(stage) as folder, torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         encoders = []
-        if stage == Stage.BASE:
-            te1 = CLIPTextModel(CLIPTextConfig(**config("text_encoder")))
-            encoders.append(TextEncoder(CLIPTokenizer.from_pretrained(tokenizers / "t1"), te1, "text_encoder"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2")))
-        encoders.append(TextEncoder(CLIPTokenizer.from_pretrained(tokenizers / "t2"), te2, "text_encoder_2"))
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (folder / name).is_dir():
+                tokenizer = CLIPTokenizer.from_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+                encoders.append(TextEncoder(tokenizer, cls(CLIPTextConfig.from_pretrained(folder / name)), name))
     for module in (unet, vae, *(e.model for e in encoders)):
         module.to(dtype).eval().requires_grad_(False)
     return StageModels(
-        stage=stage, unet=unet, vae=vae, text_encoders=tuple(encoders),
-        scheduler_config={"_class_name": "EulerDiscreteScheduler", **SDXL_SCHEDULER},
+        stage=stage, unet=unet, vae=vae, text_encoders=tuple(encoders), scheduler_config=SDXL_SCHEDULER,
         requires_aesthetics_score=stage == Stage.REFINER, force_zeros_for_empty_prompt=stage == Stage.BASE,
-        source=ModelSource(name=f"random {stage.label} (public SDXL config)", path="-"),
+        source=ModelSource(name=f"random {stage.label} (SDXL 1.0's config)", path="-"),
     )  # fmt: skip
 
 
@@ -184,9 +180,7 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
             4,
         )
     else:
-        for name, pad in (("t1", "<|endoftext|>"), ("t2", "!")):
-            _write_tokenizer(work / name, pad).save_pretrained(work / name)
-        gen = Generator(_full_stage(Stage.BASE, device, dtype, work), _full_stage(Stage.REFINER, device, dtype, work))
+        gen = Generator(_full_stage(Stage.BASE, device, dtype), _full_stage(Stage.REFINER, device, dtype))
         controlnets = []
         for i in range(2):
             with torch.device(device):
@@ -194,7 +188,7 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
             controlnet.to(dtype).save_pretrained(work / f"cn{i}")
             controlnets.append(work / f"cn{i}")
         # The published sizes: ViT-H/14, the plus Resampler at 1280 wide with 20 heads, FaceID LoRA rank 128.
-        vit_h = json.loads((HERE / "configs" / "image_encoder_vit_h.json").read_text())
+        vit_h = {**VISION_COMMON, **VISION_CONFIGS[32], "num_hidden_layers": 32}
         resampler, faceid_rank, lora_rank = (1280, 20), 128, 64
     unet = gen.base.unet
     ip = write_ip_adapter_repo(

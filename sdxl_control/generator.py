@@ -483,7 +483,8 @@ class Generator:
         ``unet`` loads a UNet-only checkpoint over the base's UNet (a path, or a :class:`ModelRef` naming the file in a
         repo), e.g. ``ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")``.
         ``base_config`` / ``refiner_config``: for a single-file checkpoint, a diffusers folder (or hub id) of the same
-        architecture whose component configs and tokenizers it is read with (default: SDXL 1.0's, from the HF cache).
+        architecture whose component configs and tokenizers it is read with (default: SDXL 1.0's, which come with
+        the package).
         """
         from .inventory import ensure
         from .models import stage_needs

@@ -21,13 +21,13 @@ import torch
 
 from .checkpoints import PICKLE_SUFFIXES, check_safetensors, checkpoint_kind, refuse_pickle
 from .conditions import Stage
-from .defaults import DEFAULT_BASE, DEFAULT_REFINER
 from .devices import default_device_and_dtype, placement
 from .errors import CheckpointError, IncompatibleModelError, MissingWeightsError
 from .files import PathMode, portable, portable_ref, sha256_of
 from .hub import fetch_hint, resolve_in, resolve_source
 from .inventory import ModelNeed, pattern_for, weights_need
 from .model_refs import ModelRef
+from .sdxl_configs import sdxl_config_folder
 from .text import TextEncoder
 
 __all__ = ["ModelSource", "StageModels", "load_stage", "stage_needs"]
@@ -228,7 +228,7 @@ def _load_single_file(
     path: Path, stage: Stage, device: torch.device, dtype: torch.dtype, config: str | None
 ) -> StageModels:
     """A single-file checkpoint (A1111/ComfyUI style), converted by diffusers; component configs come from
-    ``config`` (a diffusers folder or hub id), which must be local when offline."""
+    ``config`` (a diffusers folder or hub id, which must be local when offline), else SDXL 1.0's, packaged."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     check_safetensors(path)
@@ -244,16 +244,23 @@ def _load_single_file(
             f"conditioner.embedders.*): it holds {checkpoint_kind(keys)}"
         )
     cls = StableDiffusionXLPipeline if stage == Stage.BASE else StableDiffusionXLImg2ImgPipeline
-    default_config = DEFAULT_BASE if stage == Stage.BASE else DEFAULT_REFINER
-    try:
-        pipe = cls.from_single_file(
-            str(path), config=config or default_config, torch_dtype=dtype, local_files_only=True
-        )
-    except Exception as exc:
-        raise MissingWeightsError(
-            f"loading {path} needs the component configs of {config or default_config} ({exc}); pass config= a local "
-            f"diffusers folder of the same model family, or {fetch_hint(config or default_config)}"
-        ) from None
+    if config is not None:
+        try:
+            pipe = cls.from_single_file(str(path), config=config, torch_dtype=dtype, local_files_only=True)
+        except Exception as exc:
+            raise MissingWeightsError(
+                f"loading {path} needs the component configs of {config} ({exc}); pass config= a local diffusers "
+                f"folder of the same model family, or {fetch_hint(config)}"
+            ) from None
+    else:
+        with sdxl_config_folder(stage) as folder:
+            try:
+                pipe = cls.from_single_file(str(path), config=str(folder), torch_dtype=dtype, local_files_only=True)
+            except Exception as exc:
+                raise IncompatibleModelError(
+                    f"{path} does not read with SDXL 1.0's {stage.label} configs ({exc}); if it is a model of another "
+                    f"architecture, name a local diffusers folder of it ({stage.label}_config=)"
+                ) from None
     encoders = []
     if getattr(pipe, "text_encoder", None) is not None:
         encoders.append(TextEncoder(pipe.tokenizer, pipe.text_encoder, "text_encoder"))

@@ -1,9 +1,11 @@
 """Single-file SDXL checkpoints as A1111 and ComfyUI users keep them: tiny base and refiner written in Stability's
 original (SGM) key layout — the inverse of diffusers' conversion, with the embedded text encoders — load offline with
-the component configs of a named local folder and make the same pixels as the diffusers folders; the recipe and the
+SDXL 1.0's packaged component configs or those of a named local folder and make the same pixels as the diffusers folders; the recipe and the
 A1111 parameters name them by file with A1111's hash; files that are something else are named for what they are."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -88,29 +90,74 @@ def test_a_file_that_is_no_sdxl_checkpoint_is_named_for_what_it_is(tmp_path, key
         load_stage(path, Stage.BASE)
 
 
-def test_without_a_config_folder_sdxls_configs_come_from_the_hf_cache(folders, tmp_path, monkeypatch):
-    """The default: SDXL 1.0's component configs and tokenizers from the HF cache, which needs only its small text
-    files (here the tiny base's, under SDXL's hub id), never its weights and never the hub."""
-    import shutil
-
+def test_without_a_config_folder_the_packaged_sdxl_configs_are_read(folders, tmp_path, monkeypatch):
+    """The default: SDXL 1.0's component configs come with the package and the tokenizers are rebuilt offline — no
+    hub, no HF cache (pointed at an empty folder). Here the packaged files are the tiny models' own configs under the
+    packaged names, so the tiny files read through the same path and must make the folders' pixels."""
     from huggingface_hub import constants
 
-    cache = tmp_path / "hub"
-    snapshot = cache / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots" / ("0" * 40)
-    for file in folders["base"].rglob("*"):
-        if file.suffix in (".json", ".txt"):
-            (snapshot / file.relative_to(folders["base"])).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(file, snapshot / file.relative_to(folders["base"]))
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    from sdxl_control import sdxl_configs
+
+    packaged = tmp_path / "configs"
+    packaged.mkdir()
+    for stage, names in (("base", sdxl_configs._LAYOUT[Stage.BASE]), ("refiner", sdxl_configs._LAYOUT[Stage.REFINER])):
+        for relative, name in names.items():  # the VAE and second encoder: one config for both stages, the base's
+            if not (packaged / f"{name}.json").exists():
+                (packaged / f"{name}.json").write_text((folders[stage] / relative).read_text())
+    monkeypatch.setattr(sdxl_configs, "CONFIGS", packaged)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     base_file = write_single_file(folders["base"], tmp_path / "base.safetensors")
-    alone = Generator.from_pretrained(base_file, device="cpu")
-    plain = Generator.from_pretrained(folders["base"], device="cpu")
-    run = {k: v for k, v in RUN.items() if k != "refiner_switch"}
-    assert np.array_equal(np.asarray(alone.generate("a fox", **run).images[0]),
-                          np.asarray(plain.generate("a fox", **run).images[0]))  # fmt: skip
-    assert not any(p.suffix == ".safetensors" for p in snapshot.rglob("*"))
+    refiner_file = write_single_file(folders["refiner"], tmp_path / "refiner.safetensors")
+    alone = Generator.from_pretrained(base_file, refiner_file, device="cpu")
+    plain = Generator.from_pretrained(folders["base"], folders["refiner"], device="cpu")
+    assert np.array_equal(np.asarray(alone.generate("a fox", **RUN).images[0]),
+                          np.asarray(plain.generate("a fox", **RUN).images[0]))  # fmt: skip
+    assert not (tmp_path / "empty-cache").exists()
+
+
+def test_the_packaged_configs_are_sdxl_1_0s():
+    """The packaged folder builds SDXL 1.0's published architectures: parameter counts as the published fp16 files
+    weigh (UNet 5.14 GB, refiner UNet 4.52 GB, text encoders 246 MB and 1.39 GB, VAE 167 MB), the tokenizers CLIP's
+    with each encoder's padding token, the pipelines' flags and scheduler."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdxl_control.sdxl_configs import sdxl_config_folder
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    published = {"base": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863}
+    for stage in (Stage.BASE, Stage.REFINER):
+        with sdxl_config_folder(stage) as folder, init_empty_weights():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+            tok2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+            index = json.loads((folder / "model_index.json").read_text())
+            scheduler = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+            if stage == Stage.BASE:
+                te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+                tok1 = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+                assert count(te1) == published["text_encoder"]
+                assert tok1("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+                assert (tok1.pad_token_id, tok1.model_max_length) == (49407, 77)
+                assert count(unet) == published["base"]
+                assert index["force_zeros_for_empty_prompt"] is True
+            else:
+                assert abs(count(unet) * 2 - 4.52e9) < 0.005e9
+                assert not (folder / "text_encoder").exists() and index["requires_aesthetics_score"] is True
+        assert count(vae) == published["vae"] and vae.config.scaling_factor == 0.13025
+        assert count(te2) == published["text_encoder_2"]
+        assert (tok2.pad_token_id, tok2.model_max_length) == (0, 77)
+        assert scheduler.config.timestep_spacing == "leading" and scheduler.config.steps_offset == 1
+
+
+def test_a_tiny_file_read_with_sdxls_configs_says_to_name_its_own(folders, tmp_path):
+    base_file = write_single_file(folders["base"], tmp_path / "odd.safetensors")
+    with pytest.raises(IncompatibleModelError, match="does not read with SDXL 1.0's base configs .*base_config="):
+        load_stage(base_file, Stage.BASE)
 
 
 def test_a_controlnet_kept_as_one_file_makes_its_folders_pixels(tiny, tmp_path):

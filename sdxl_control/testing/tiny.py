@@ -8,8 +8,6 @@ ships, so prompts tokenize exactly as with the published models.
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -21,71 +19,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["TinyModels", "clip_bpe", "tiny_models", "write_tiny_base", "write_tiny_refiner"]
+from ..clip_vocab import clip_bpe, write_clip_tokenizer
+from ..sdxl_configs import SDXL_SCHEDULER
+
+__all__ = ["SDXL_SCHEDULER", "TinyModels", "clip_bpe", "tiny_models", "write_tiny_base", "write_tiny_refiner"]
 
 FORMAT_VERSION = 1
 TEXT_WIDTH = 32
 TIME_EMBED = 8
-
-# SDXL 1.0's scheduler_config.json, verbatim in content.
-SDXL_SCHEDULER = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level BPE alphabet: printable bytes map to themselves, the rest to code points above 255.
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes), strict=True))
-
-
-def clip_bpe() -> tuple[dict[str, int], list[str]]:
-    """OpenAI CLIP's vocabulary (49,408 tokens) and BPE merges, from the ``open-clip-torch`` wheel's merges file."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open-clip-torch is not installed; it carries the CLIP BPE merges the tiny tokenizer needs")
-    gz = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.open(gz).read().decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [t + "</w>" for t in alphabet] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def _write_tokenizer(folder: Path, pad_token: str) -> Any:
-    from transformers import CLIPTokenizer
-
-    vocab, merges = clip_bpe()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77
-    )
-    return tok
 
 
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
@@ -244,8 +185,8 @@ def write_tiny_base(
             vae=_vae(seed),
             text_encoder=te1,
             text_encoder_2=te2,
-            tokenizer=_write_tokenizer(Path(tmp) / "t1", "<|endoftext|>"),
-            tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
+            tokenizer=write_clip_tokenizer(Path(tmp) / "t1", "<|endoftext|>"),
+            tokenizer_2=write_clip_tokenizer(Path(tmp) / "t2", "!"),
             unet=_base_unet(seed, layout, text_width, in_channels=9 if inpainting else 4, first_width=first_width),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             force_zeros_for_empty_prompt=True,
@@ -267,7 +208,7 @@ def write_tiny_refiner(folder: str | os.PathLike[str], seed: int = 0, text_width
             text_encoder=None,
             text_encoder_2=te2,
             tokenizer=None,
-            tokenizer_2=_write_tokenizer(Path(tmp) / "t2", "!"),
+            tokenizer_2=write_clip_tokenizer(Path(tmp) / "t2", "!"),
             unet=_refiner_unet(seed, text_width),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
             requires_aesthetics_score=True,
