@@ -34,6 +34,7 @@ from .models import StageModels, load_stage
 from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_name, scheduler_spec, split_schedule
 from .start import INPAINT_CHANNELS, start_images, start_latents
+from .step_cache import StepCache
 from .text import LongPrompts, MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
 from .vae import decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
@@ -85,6 +86,10 @@ class GenerationRequest:
     ``\\(``, A1111's weighting), ``"comfyui"`` (ComfyUI's syntax, weighting and chunks) or ``"off"`` (brackets are
     text). See :mod:`sdxl_control.emphasis`.
 
+    ``step_cache`` (DeepCache): each stage computes the whole UNet every ``step_cache`` steps and reuses its deep
+    features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
+    DeepCache's SDXL setting). 1 computes every step whole. See :mod:`sdxl_control.step_cache`.
+
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
         (3,)
@@ -121,6 +126,8 @@ class GenerationRequest:
     detailer: FaceDetailer | None = None
     long_prompts: LongPrompts = "chunks"
     emphasis: Emphasis = "a1111"
+    step_cache: int = 1
+    step_cache_branch: int = 0
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -180,6 +187,7 @@ class GenerationRequest:
             raise InvalidRequestError("vae_tiling is for the VAE; a tiny draft decoder needs no tiling")
         if self.scheduler is not None:
             scheduler_spec(self.scheduler)
+        StepCache(self.step_cache, self.step_cache_branch)
         self._check_start()
         self._check_hires()
 
@@ -312,7 +320,8 @@ class GenerationRequest:
         # A request that starts from noise, or has no hires fix, records none of those fields: its recipe reads as
         # before they existed.
         skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
-                   *(("vae",) if self.vae is None else ()))  # fmt: skip
+                   *(("vae",) if self.vae is None else ()),
+                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
             detailer = self.detailer.settings()
@@ -594,6 +603,7 @@ class Generator:
             time_ids=ids.to(device),
             guidance=guidance,
             conditions=mine,
+            step_cache=StepCache(request.step_cache, request.step_cache_branch) if request.step_cache > 1 else None,
         )
 
     def run(

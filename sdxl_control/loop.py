@@ -14,6 +14,7 @@ from .attach import attached
 from .conditions import Condition, Prepared, Residuals, Stage, StepInfo, acts
 from .guidance import Guidance
 from .schedule import StageSchedule
+from .step_cache import StepCache, cached_steps
 
 __all__ = ["StageInputs", "PromptSegment", "ProgressEvent", "ProgressCallback", "Repaint", "denoise"]
 
@@ -132,6 +133,7 @@ class StageInputs:
     guidance: Guidance
     conditions: Sequence[tuple[Condition, Prepared]] = ()
     repaint: Repaint | None = None
+    step_cache: StepCache | None = None
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator] | None) -> dict[str, Any]:
@@ -163,6 +165,7 @@ def denoise(
     unet_timesteps = schedule.timesteps.to(inputs.time_ids.device, non_blocking=True)
     with (
         attached(inputs.conditions, unet, inputs.stage) as live,
+        cached_steps(unet, inputs.step_cache) as cache,
         tqdm(total=steps, desc=inputs.stage.label, disable=not progress_bar, leave=False) as bar,
     ):
         for k, (t, unet_t) in enumerate(zip(schedule.timesteps, unet_timesteps, strict=True)):
@@ -180,6 +183,7 @@ def denoise(
                     extra = attachment.contribute(info, acts(condition.scale, condition.window, index, schedule.total))
                     if extra is not None:
                         residuals = extra if residuals is None else residuals + extra
+            cache.at(k)
             prediction = unet(
                 sample if inputs.repaint is None else inputs.repaint.model_input(sample),
                 unet_t,

@@ -202,6 +202,20 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "off (brackets are text)",
     )
     gen.add_argument(
+        "--step-cache",
+        type=int,
+        metavar="N",
+        help="DeepCache: compute the whole UNet every N steps and reuse its deep features in between (3: 2.9x "
+        "fewer UNet FLOPs; an approximation; default 1: every step whole)",
+    )
+    gen.add_argument(
+        "--step-cache-branch",
+        type=int,
+        metavar="B",
+        help="DeepCache's skip branch computed fresh on cached steps (0, the default: the cheapest; higher: closer to "
+        "the uncached image)",
+    )
+    gen.add_argument(
         "--vae",
         metavar="MODEL",
         help="decode and encode with this VAE instead of the checkpoint's: a diffusers folder or hub id, or a "
@@ -414,6 +428,8 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "vae_tiling": True if args.vae_tiling else None,
         "long_prompts": args.long_prompts,
         "emphasis": args.emphasis,
+        "step_cache": args.step_cache,
+        "step_cache_branch": args.step_cache_branch,
         "decoder": args.decoder,
         "vae": args.vae,
         "init_image": args.init_image,
