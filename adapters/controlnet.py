@@ -38,6 +38,7 @@ from ..hub import resolve_source
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, weights_need
 from ..preprocessors import ImageInput, preprocess, preprocessor_needs
+from ..storage import store_weights, stored_as
 
 __all__ = [
     "ControlNet",
@@ -101,7 +102,8 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
 
     unet_device, dtype = placement(unet)
     device = device or unet_device  # the call's device: with offloading the UNet may sit in CPU memory now
-    key = (str(source), union, str(device), str(dtype))
+    storage = stored_as(unet)  # a ControlNet is kept as the UNet it serves: in fp8 for an fp8 UNet
+    key = (str(source), union, str(device), str(dtype), storage)
 
     def build() -> Any:
         cls = ControlNetUnionModel if union else ControlNetModel
@@ -131,6 +133,8 @@ def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch
                     ) from None
             _check_config(dict(model.config), unet, str(source))  # before it is kept
         model.to(device).eval().requires_grad_(False)
+        if storage is not None:
+            store_weights(model, storage)
         return model
 
     model = _LOADED.get(key, build)

@@ -46,7 +46,7 @@ REQUEST_KEYS = (
     "init_image", "mask", "outpaint", "detailer",
 )  # fmt: skip
 PRESET_KEYS = ("description", "models", "inputs", "conditions", "loras", *REQUEST_KEYS)
-MODEL_KEYS = ("base", "refiner", "unet")
+MODEL_KEYS = ("base", "refiner", "unet", "weight_storage")
 INPUT_KEYS = ("help", "required", "many")
 
 
@@ -273,13 +273,19 @@ def _from_data(name: str, origin: str, data: Any, check: bool = True) -> Preset:
     description = data.get("description")
     _expect(isinstance(description, str) and bool(description), name, origin, "description", "a text", description)
     models = data.get("models", {})
-    _expect(isinstance(models, dict), name, origin, "models", "an object (base, refiner, unet)", models)
+    _expect(isinstance(models, dict), name, origin, "models", "an object (base, refiner, unet, weight_storage)",
+            models)  # fmt: skip
     message = unknown_keys(models, MODEL_KEYS, f"preset {name} ({origin}) models")
     if message:
         raise PresetError(message)
     for key in ("base", "refiner"):
         if key in models:
             _expect(isinstance(models[key], str), name, origin, f"models.{key}", "a hub id or path", models[key])
+    if "weight_storage" in models:
+        from ..storage import WEIGHT_STORAGE
+
+        _expect(models["weight_storage"] in WEIGHT_STORAGE, name, origin, "models.weight_storage",
+                f"one of {', '.join(WEIGHT_STORAGE)}", models["weight_storage"])  # fmt: skip
     unet = models.get("unet")
     if unet is not None:
         ok = (

@@ -122,6 +122,7 @@ class Job:
     unet: ModelRef | None = None
     outputs: tuple[str, ...] = ()
     keep: int | None = None
+    weight_storage: str | None = None
     # The line as written and how it was read: a worker on another machine reads it again, where its paths are.
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
     folder: str = "."
@@ -140,7 +141,7 @@ class Job:
     @property
     def models(self) -> tuple[Any, ...]:
         """What loading the models depends on: jobs that share it share a loaded :class:`Generator`."""
-        return (self.base, self.refiner, self.unet)
+        return (self.base, self.refiner, self.unet, self.weight_storage)
 
     @property
     def group(self) -> tuple[str, ...]:
@@ -348,9 +349,11 @@ def parse_job(
     stem = output[: -len(".png")]
     count = 1 if keep is not None else resolved.request.num_images
     outputs = tuple(output if i == 0 else f"{stem}-{i}.png" for i in range(count))
-    described = {"job": job_line(resolved.request, *resolved.models), "keep": keep, "outputs": outputs}
+    as_line = job_line(resolved.request, *resolved.models, weight_storage=resolved.weight_storage)
+    described = {"job": as_line, "keep": keep, "outputs": outputs}
     fingerprint = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    return Job(job_id, line, resolved.request, *resolved.models, outputs=outputs, keep=keep, data=dict(data),
+    return Job(job_id, line, resolved.request, *resolved.models, outputs=outputs, keep=keep,
+               weight_storage=resolved.weight_storage, data=dict(data),
                folder=str(root), inputs_from=tuple(map(str, inputs_from)), resolver=resolver,
                fingerprint=fingerprint)  # fmt: skip
 
@@ -391,11 +394,18 @@ def _job_spec(data: Mapping[str, Any], root: Path, locate: Locator, seed: int) -
 
 
 def job_line(
-    request: GenerationRequest, base: Any, refiner: Any, unet: ModelRef | None, paths: PathMode = "names"
+    request: GenerationRequest,
+    base: Any,
+    refiner: Any,
+    unet: ModelRef | None,
+    paths: PathMode = "names",
+    weight_storage: str | None = None,
 ) -> dict[str, Any]:
     """A job (one line of a job file) for ``request`` on these models: what ``generate --dry-run`` prints."""
     unet_json = None if unet is None else unet.to_json()
     models = {"base": portable(base, paths), "refiner": portable(refiner, paths), "unet": portable(unet_json, paths)}
+    if weight_storage is not None:
+        models["weight_storage"] = weight_storage
     return {**request.settings(paths), "models": models}
 
 
@@ -615,7 +625,7 @@ class BatchWorker:
 
             device, dtype = default_device_and_dtype(self.device, self.dtype)
             self._models = LastLoaded(device=device, dtype=dtype)
-        return self._models.get(job.base, job.refiner, job.unet)
+        return self._models.get(job.base, job.refiner, job.unet, weight_storage=job.weight_storage)
 
     def run(self, job: Job, *, read_here: bool = False) -> dict[str, Any]:
         """Run ``job`` and write its images; the result line for ``results.jsonl`` (a failure is recorded in it,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .errors import DeviceError, InvalidRequestError
+from .storage import compute_dtype
 
 __all__ = ["default_device_and_dtype", "check_device", "placement"]
 
@@ -52,10 +53,10 @@ def _device(name: str | torch.device) -> torch.device:
 
 
 def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a model's first parameter.
+    """Device and dtype of a model's first parameter (for a model kept in fp8, the dtype it computes in).
 
     diffusers' ``model.device`` / ``model.dtype`` walk every module to answer (milliseconds on a full UNet, several
     times per call); our models are moved and cast whole, so the first parameter speaks for all.
     """
     first = next(model.parameters())
-    return first.device, first.dtype
+    return first.device, compute_dtype(model) or first.dtype

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -35,6 +35,7 @@ from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_name, scheduler_spec, split_schedule
 from .start import INPAINT_CHANNELS, start_images, start_latents
 from .step_cache import StepCache
+from .storage import storage_dtype, store_weights
 from .text import LongPrompts, MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
 from .vae import decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
@@ -410,6 +411,7 @@ class Generator:
         self.refiner = refiner
         self._fast: FastPathHandle | None = None
         self._offload: torch.device | None = None
+        self._storage: tuple[str, list[Callable[[], None]]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -466,12 +468,48 @@ class Generator:
         """
         if fast is not None and fast.fuse_qkv and self._offload is not None:
             raise InvalidRequestError(_FUSED_CANNOT_MOVE)
+        if fast is not None and self._storage is not None:
+            _check_storage_and_fast(fast)
         if self._fast is not None:
             self._fast.undo()
             self._fast = None
         if fast is not None:
             stages = self._stages()
             self._fast = apply_fast_path([m.unet for m in stages], [m.vae for m in stages], fast)
+
+    @property
+    def weight_storage(self) -> str | None:
+        """How the UNets' weights are kept between uses: ``None`` (in the compute dtype) or ``"fp8_e4m3fn"`` /
+        ``"fp8_e5m2"`` (see :meth:`set_weight_storage`)."""
+        return None if self._storage is None else self._storage[0]
+
+    def set_weight_storage(self, storage: str | None) -> None:
+        """Keep the UNets' linear and convolution weights in fp8 between uses, each layer cast to the compute dtype
+        just before it runs (ComfyUI's ``--fp8_e4m3fn-unet``; see :mod:`sdxl_control.storage`): about half their
+        memory, the images those of the weights rounded to fp8. ControlNets a call runs are kept the same way.
+        ``None`` casts the layers back to the compute dtype; their values stay rounded: load the models again for
+        their full precision. The fast path's fused projections and compiling read weights outside the layers' casts,
+        so fp8 storage takes ``FastPath(fuse_qkv=False)`` without compiling."""
+        if storage is not None:
+            storage_dtype(storage)
+            if self._fast is not None:
+                _check_storage_and_fast(self._fast.fast)
+        if self.weight_storage == storage:
+            return
+        if self._storage is not None:
+            for undo in reversed(self._storage[1]):
+                undo()
+            self._storage = None
+        if storage is not None:
+            undos: list[Callable[[], None]] = []
+            try:
+                for stage in self._stages():
+                    undos.append(store_weights(stage.unet, storage))
+            except BaseException:
+                for undo in reversed(undos):
+                    undo()
+                raise
+            self._storage = (storage, undos)
 
     @classmethod
     def from_pretrained(
@@ -486,6 +524,7 @@ class Generator:
         unet: ModelRef | str | os.PathLike[str] | None = None,
         base_config: str | os.PathLike[str] | None = None,
         refiner_config: str | os.PathLike[str] | None = None,
+        weight_storage: str | None = None,
     ) -> Generator:
         """Load from hub ids (HF cache first), diffusers folders or single ``.safetensors`` files.
 
@@ -493,7 +532,7 @@ class Generator:
         repo), e.g. ``ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")``.
         ``base_config`` / ``refiner_config``: for a single-file checkpoint, a diffusers folder (or hub id) of the same
         architecture whose component configs and tokenizers it is read with (default: SDXL 1.0's, which come with
-        the package).
+        the package). ``weight_storage``: see :meth:`set_weight_storage`.
         """
         from .inventory import ensure
         from .models import stage_needs
@@ -507,7 +546,9 @@ class Generator:
         refiner_models = (
             load_stage(refiner, Stage.REFINER, config=_text(refiner_config), **options) if refiner is not None else None
         )
-        return cls(base_models, refiner_models)
+        generator = cls(base_models, refiner_models)
+        generator.set_weight_storage(weight_storage)
+        return generator
 
     def generate(
         self,
@@ -789,6 +830,8 @@ class Generator:
             dtype=str(self.base.dtype).removeprefix("torch."),
             infotext=infotext.to_json(),
         )  # fmt: skip
+        if self.weight_storage is not None:  # recorded only when used, as the request's optional fields
+            recipe["weight_storage"] = self.weight_storage
         return _jsonable(recipe)
 
 
@@ -810,17 +853,32 @@ class LastLoaded:
         self._generator: Generator | None = None
 
     def get(
-        self, base: str | os.PathLike[str], refiner: str | os.PathLike[str] | None = None, unet: Any = None
+        self,
+        base: str | os.PathLike[str],
+        refiner: str | os.PathLike[str] | None = None,
+        unet: Any = None,
+        *,
+        weight_storage: str | None = None,
     ) -> Generator:
-        key = (base, refiner, unet)
+        key = (base, refiner, unet, weight_storage)
         if self._generator is None or key != self._key:
             if self._generator is not None:
                 # What the old set used (its ControlNets, encoders, converted weights) goes with it.
                 self._generator, self._key = None, None
                 clear_caches()
-            self._generator = Generator.from_pretrained(base, refiner, device=self.device, dtype=self.dtype, unet=unet)
+            self._generator = Generator.from_pretrained(
+                base, refiner, device=self.device, dtype=self.dtype, unet=unet, weight_storage=weight_storage
+            )
             self._key = key
         return self._generator
+
+
+def _check_storage_and_fast(fast: FastPath) -> None:
+    if fast.fuse_qkv or fast.compile != "off":
+        raise InvalidRequestError(
+            "fp8 weight storage casts each layer's weights as it runs, which the fast path's fused projections and "
+            "compiled graphs read past: use FastPath(fuse_qkv=False) without compiling"
+        )
 
 
 _FUSED_CANNOT_MOVE = (

@@ -30,7 +30,19 @@ RECIPE_KEY = "sdxl-control"
 # What a recipe holds besides the request's own fields: what was run, what was measured afterwards, and (``job``) the
 # fingerprint of the batch job that made it.
 RECORD_KEYS = frozenset(
-    {"version", "seed", "batch_seed", "batch_index", "scheduler", "models", "dtype", "infotext", "measurements", "job"}
+    {
+        "version",
+        "seed",
+        "batch_seed",
+        "batch_index",
+        "scheduler",
+        "models",
+        "dtype",
+        "weight_storage",
+        "infotext",
+        "measurements",
+        "job",
+    }
 )
 
 

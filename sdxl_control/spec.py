@@ -38,7 +38,8 @@ class JobSpec:
     """What a user asked for, before anything is looked up: a ``prompt``; a ``preset`` (name or file) with its
     ``inputs`` (name -> files) and ``set`` assignments; request ``settings`` given explicitly (they win over the
     preset's); ``conditions`` stacked after the preset's; ``models`` named explicitly (``base``, ``refiner``,
-    ``unet``); a ``face_pack`` for every face analysis (the preset's conditions included); or a ``recipe`` to re-make,
+    ``unet``, and ``weight_storage``: ``"fp8_e4m3fn"`` keeps the UNets in fp8, see
+    :meth:`~sdxl_control.generator.Generator.set_weight_storage`); a ``face_pack`` for every face analysis (the preset's conditions included); or a ``recipe`` to re-make,
     which the other fields then change.
 
     Example:
@@ -72,6 +73,7 @@ class ResolvedJob:
     refiner: str | None = None
     unet: ModelRef | None = None
     keep: int | None = None
+    weight_storage: str | None = None
 
     @property
     def models(self) -> tuple[str, str | None, ModelRef | None]:
@@ -122,7 +124,21 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     refines = request.refiner_switch is not None or request.refiner_only
     validate_conditions(request.conditions, has_refiner=refines, has_base=not request.refiner_only)
     base, refiner, unet = _stages(spec, preset, refines, locate, resolver)
-    return ResolvedJob(request, base, refiner, unet, keep)
+    return ResolvedJob(request, base, refiner, unet, keep, _weight_storage(spec, preset))
+
+
+def _weight_storage(spec: JobSpec, preset: Preset | None) -> str | None:
+    """How the models keep their weights: as the spec names it, else as the recipe was made, else the preset's."""
+    from .storage import storage_dtype
+
+    chosen = spec.models.get("weight_storage")
+    if chosen is None and spec.recipe is not None:
+        chosen = spec.recipe.get("weight_storage")
+    if chosen is None and preset is not None:
+        chosen = preset.models.get("weight_storage")
+    if chosen is not None:
+        storage_dtype(chosen)
+    return chosen
 
 
 def _preset(spec: JobSpec) -> Preset | None:

@@ -83,12 +83,12 @@ class _Models:
         self.loaded: Any = None  # made at the first generation: the page opens before torch is imported
         self.lock = threading.Lock()  # one generation at a time, whatever the queue does
 
-    def get(self, base: str, refiner: str | None, unet: Any) -> Any:
+    def get(self, base: str, refiner: str | None, unet: Any, weight_storage: str | None = None) -> Any:
         if self.loaded is None:
             from .generator import LastLoaded
 
             self.loaded = LastLoaded(device=self.config.device)
-        return self.loaded.get(base, refiner, unet)
+        return self.loaded.get(base, refiner, unet, weight_storage=weight_storage)
 
 
 @dataclass(frozen=True)
@@ -368,7 +368,7 @@ class _Page:
 
         try:
             with self.models.lock:
-                generator = self.models.get(*job.models)
+                generator = self.models.get(job.base, job.refiner, job.unet, job.weight_storage)
                 decoder = self.config.resolver.decoder(self.config.preview_decoder) or self.config.preview_decoder
                 progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check)
                 events.put(("done", generator.run(job.request, progress=progress, progress_bar=False)))

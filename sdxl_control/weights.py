@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .storage import compute_dtype
+
 __all__ = ["WeightPatch"]
 
 
@@ -31,9 +33,17 @@ _SLOTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Slot]] = weakref.W
 
 def _refresh(owner: torch.nn.Module, attr: str, slot: _Slot) -> None:
     target = slot.parameter.data
-    target.copy_(slot.saved)
-    for delta in slot.deltas.values():
-        target += delta
+    wide = compute_dtype(owner)
+    if wide is not None and target.dtype != wide and slot.deltas:
+        # A layer kept in fp8 (see sdxl_control.storage): the sum at the compute precision, rounded to fp8 once.
+        value = slot.saved.to(wide)
+        for delta in slot.deltas.values():
+            value += delta
+        target.copy_(value)
+    else:
+        target.copy_(slot.saved)
+        for delta in slot.deltas.values():
+            target += delta
     if not slot.deltas:
         del _SLOTS[owner][attr]
 
@@ -59,7 +69,7 @@ class WeightPatch:
                         f"{name}: patch of shape {tuple(delta.shape)} for a weight of {tuple(slot.parameter.shape)}"
                     )
                 slots[attr] = slot
-                slot.deltas[id(self)] = delta.to(slot.parameter.device, slot.parameter.dtype)
+                slot.deltas[id(self)] = delta.to(slot.parameter.device, compute_dtype(owner) or slot.parameter.dtype)
                 self._targets.append((owner, attr))
                 _refresh(owner, attr, slot)
         except BaseException:

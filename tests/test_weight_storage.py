@@ -1,0 +1,172 @@
+"""fp8 weight storage: the same layers and numbers as diffusers' ``enable_layerwise_casting``; a generator kept in
+fp8 makes the image of its weights rounded to fp8 by hand, exactly; weight patches add at the compute precision and
+round once, and come off exactly; switching it off leaves the layers in the compute dtype with no hooks; a ControlNet
+follows its UNet; the recipe, the CLI, presets and job files carry it."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdxl_control import FastPath, GenerationRequest, Generator, InvalidRequestError
+from sdxl_control.storage import compute_dtype, store_weights, stored_as, stored_layers
+from sdxl_control.weights import WeightPatch
+
+PROMPT = "a portrait of an astronaut, studio light"
+RUN = dict(steps=4, size=(64, 64), seed=3, refiner_switch=0.5, negative_prompt="blurry", progress_bar=False)
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture()
+def fresh(tiny):
+    """A generator of its own: fp8 rounding cannot be undone, so the session's generator is never stored."""
+    return Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
+
+
+def _round_by_hand(unet):
+    for layer in stored_layers(unet):
+        for p in layer.parameters(recurse=False):
+            p.data = p.data.to(FP8).to(p.dtype)
+
+
+def _inputs(unet):
+    g = torch.Generator().manual_seed(0)
+    c = unet.config
+    return dict(
+        sample=torch.randn(2, 4, 8, 8, generator=g),
+        timestep=torch.tensor(500.0),
+        encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(2, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, generator=g),
+                           "time_ids": torch.randn(2, 6, generator=g)},
+    )  # fmt: skip
+
+
+def test_same_layers_and_numbers_as_diffusers_layerwise_casting(generator):
+    from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
+
+    theirs, ours = copy.deepcopy(generator.base.unet), copy.deepcopy(generator.base.unet)
+    theirs.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=torch.float32)
+    undo = store_weights(ours, "fp8_e4m3fn")
+    assert _is_layerwise_casting_active(theirs)
+    hooked = {n for n, m in theirs.named_modules() if getattr(m, "_diffusers_hook", None) is not None
+              and m._diffusers_hook.get_hook("layerwise_casting") is not None}  # fmt: skip
+    names = {id(m): n for n, m in ours.named_modules()}
+    assert {names[id(m)] for m in stored_layers(ours)} == hooked and len(hooked) > 50
+    for (name, a), b in zip(theirs.named_parameters(), ours.parameters(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.float(), b.float()), name  # the same values kept in 8 bits
+    with torch.no_grad():
+        expected, got = theirs(**_inputs(theirs)).sample, ours(**_inputs(ours)).sample
+    assert torch.equal(expected, got)
+    undo()
+
+
+def test_a_stored_generator_makes_the_image_of_its_weights_rounded_by_hand(fresh, tiny):
+    by_hand = Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
+    for stage in (by_hand.base, by_hand.refiner):
+        _round_by_hand(stage.unet)
+    before = fresh.generate(PROMPT, **RUN)
+    fresh.set_weight_storage("fp8_e4m3fn")
+    assert fresh.weight_storage == "fp8_e4m3fn" and fresh.base.dtype == torch.float32
+    stored = fresh.generate(PROMPT, **RUN)
+    assert torch.equal(stored.latents, by_hand.generate(PROMPT, **RUN).latents)
+    assert not torch.equal(stored.latents, before.latents)
+    assert stored.recipes[0]["weight_storage"] == "fp8_e4m3fn" and "weight_storage" not in before.recipes[0]
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert bytes_of(fresh.base.unet) < 0.3 * bytes_of(by_hand.base.unet)  # fp32 -> 8 bits, norms kept
+    fresh.set_weight_storage(None)
+    assert {p.dtype for p in fresh.base.unet.parameters()} == {torch.float32}
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in fresh.base.unet.modules())
+    assert compute_dtype(fresh.base.unet) is None
+    # the values stay rounded: the by-hand generator's image, now without any casting
+    assert torch.equal(fresh.generate(PROMPT, **RUN).latents, stored.latents)
+
+
+def test_weight_patches_add_at_full_precision_round_once_and_come_off_exactly(generator):
+    unet = copy.deepcopy(generator.base.unet)
+    store_weights(unet, "fp8_e4m3fn")
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    parameter = unet.get_parameter(name)
+    kept = parameter.detach().clone()
+    delta = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    patch = WeightPatch(unet, {name: delta})
+    assert parameter.dtype == FP8
+    assert torch.equal(parameter.float(), (kept.float() + delta).to(FP8).float())
+    patch.restore()
+    assert torch.equal(parameter.float(), kept.float()) and parameter.dtype == FP8
+
+
+def test_a_lora_on_a_stored_generator_leaves_the_fp8_weights_as_they_were(fresh, tiny, tmp_path):
+    from sdxl_control.adapters.lora import LoRA
+    from sdxl_control.testing.lora import write_tiny_lora
+
+    lora = write_tiny_lora(tmp_path / "style.safetensors", tiny.base, "kohya", seed=2)
+    fresh.set_weight_storage("fp8_e4m3fn")
+    before = {n: p.detach().clone() for n, p in fresh.base.unet.named_parameters()}
+    plain = fresh.generate(PROMPT, **RUN)
+    styled = fresh.generate(PROMPT, conditions=[LoRA(str(lora), scale=0.8)], **RUN)
+    assert not torch.equal(plain.latents, styled.latents)
+    after = dict(fresh.base.unet.named_parameters())
+    assert all(after[n].dtype == v.dtype and torch.equal(after[n].float(), v.float()) for n, v in before.items())
+
+
+def test_a_controlnet_is_kept_as_the_unet_it_serves(fresh, tiny, tmp_path):
+    from sdxl_control.adapters.controlnet import ControlNet, load_controlnet
+    from sdxl_control.testing import write_tiny_controlnet
+
+    folder = write_tiny_controlnet(tmp_path / "cn", tiny.base, seed=4)
+    edges = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8))
+    fresh.set_weight_storage("fp8_e4m3fn")
+    result = fresh.generate(PROMPT, conditions=[ControlNet(str(folder), image=edges)], **RUN)
+    assert torch.isfinite(result.latents).all()
+    stored = load_controlnet(str(folder), union=False, unet=fresh.base.unet)
+    assert stored_as(stored) == "fp8_e4m3fn" and stored.controlnet_down_blocks[0].weight.dtype == FP8
+    plain = load_controlnet(str(folder), union=False, unet=Generator.from_pretrained(tiny.base, device="cpu").base.unet)
+    assert stored_as(plain) is None and plain is not stored
+
+
+def test_the_fast_paths_fused_projections_and_fp8_are_refused_together(fresh):
+    fresh.set_fast_path(FastPath())
+    with pytest.raises(InvalidRequestError, match="fp8 weight storage casts each layer"):
+        fresh.set_weight_storage("fp8_e4m3fn")
+    assert fresh.weight_storage is None and {p.dtype for p in fresh.base.unet.parameters()} == {torch.float32}
+    fresh.set_fast_path(None)
+    fresh.set_weight_storage("fp8_e4m3fn")
+    with pytest.raises(InvalidRequestError, match="fp8 weight storage casts each layer"):
+        fresh.set_fast_path(FastPath(compile="blocks", fuse_qkv=False))
+    fresh.set_fast_path(FastPath(fuse_qkv=False))  # channels_last alone composes
+    assert fresh.generate(PROMPT, **RUN).latents.isfinite().all()
+    with pytest.raises(InvalidRequestError, match="unknown weight storage 'fp4'"):
+        fresh.set_weight_storage("fp4")
+
+
+def test_the_cli_presets_and_job_files_carry_it(tiny, tmp_path, monkeypatch):
+    from sdxl_control.batch import parse_job
+    from sdxl_control.cli import main
+    from sdxl_control.presets import load_preset
+    from sdxl_control.spec import JobSpec, resolve
+
+    out = tmp_path / "fp8.png"
+    assert main(["generate", PROMPT, "--tiny", "--steps", "2", "--size", "64x64", "--seed", "1",
+                 "--weight-storage", "fp8_e4m3fn", "-o", str(out), "-q"]) == 0  # fmt: skip
+    recipe = json.loads(Image.open(out).info["sdxl-control"])
+    assert recipe["weight_storage"] == "fp8_e4m3fn"
+    assert resolve(JobSpec(recipe=recipe)).weight_storage == "fp8_e4m3fn"  # re-made as it was made
+    again = tmp_path / "again.png"
+    assert main(["generate", "--recipe", str(out), "--tiny", "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    preset = tmp_path / "lean.json"
+    preset.write_text(json.dumps({"description": "fp8", "models": {"weight_storage": "fp8_e5m2"}, "steps": 2}))
+    assert resolve(JobSpec(PROMPT, preset=str(preset))).weight_storage == "fp8_e5m2"
+    assert load_preset(str(preset)).models["weight_storage"] == "fp8_e5m2"
+    preset.write_text(json.dumps({"description": "bad", "models": {"weight_storage": "int4"}}))
+    with pytest.raises(InvalidRequestError, match="models.weight_storage"):
+        load_preset(str(preset))
+    job = parse_job({"prompt": PROMPT, "steps": 2, "models": {"weight_storage": "fp8_e4m3fn"}}, line=1)
+    plain = parse_job({"prompt": PROMPT, "steps": 2}, line=1)
+    assert job.weight_storage == "fp8_e4m3fn" and job.models != plain.models and job.fingerprint != plain.fingerprint
+    assert GenerationRequest.from_recipe(recipe).steps == 2  # the record key is known to recipes
