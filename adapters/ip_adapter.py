@@ -34,6 +34,7 @@ from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, pattern_for, weights_need
 from ..preprocessors import load_image
+from ..storage import compute_dtype
 
 __all__ = [
     "IPAdapter",
@@ -480,9 +481,12 @@ def check_variant(variant: str, known: Mapping[str, Any], family: str) -> None:
 
 def build_projection(image_proj: Mapping[str, torch.Tensor], unet: Any, source: Path, ctx: PrepareContext) -> Any:
     """The image-projection model of a published checkpoint (diffusers' conversion of the reference layouts)."""
+    # Built on empty weights (no random init to overwrite), which diffusers fills in the UNet's dtype as it reads it
+    # from its first parameter: for a UNet kept in fp8 (sdxl_control.storage) that would round the projection to
+    # 8 bits, so there the projection is built in float32 and cast below.
+    empty = compute_dtype(unet) is None
     try:
-        # Built on empty weights (no random init to overwrite): the state dict fills it.
-        projection = unet._convert_ip_adapter_image_proj_to_diffusers(dict(image_proj), low_cpu_mem_usage=True)
+        projection = unet._convert_ip_adapter_image_proj_to_diffusers(dict(image_proj), low_cpu_mem_usage=empty)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise IncompatibleModelError(
             f"{source}: its image projection is not a known IP-Adapter layout ({exc})"

@@ -600,7 +600,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         setup = build(args, Path(tmp))
-        chosen = [sc for sc in scenarios(setup) if not args.only or any(o.lower() in sc[0].lower() for o in args.only)]
+        chosen = [sc for sc in scenarios(setup) if _chosen(sc[0], args)]
         rows, plain_pixels = [], []
         for name, steps, ours, theirs, teardown, note in chosen:
             if args.profile and any(p.lower() in name.lower() for p in args.profile):
@@ -637,7 +637,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 forward["fast"] = unet_forward(setup, args.repeats)
             finally:
                 setup.gen.set_fast_path(None)
-        memory = memory_options(setup, args.repeats) if not args.only else []
+        memory = memory_options(setup, args.repeats) if not (args.only or args.quick) else []
     return {
         "device": torch.cuda.get_device_name() if setup.device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "sdxl_control": sdxl_control.__version__,
@@ -648,6 +648,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": [asdict(r) for r in rows],
         "memory": memory,
     }  # fmt: skip
+
+
+# --quick: what one device call of at most 8 minutes can hold (issue 25), each scenario plain and on the fast path.
+QUICK = ("base", "Lightning 4 steps (UNet)", "+ 1 ControlNet", "portrait stack: refiner + 2 CN + IP + FaceID")
+
+
+def _chosen(name: str, args: argparse.Namespace) -> bool:
+    if args.quick:
+        return name in QUICK
+    return not args.only or any(o.lower() in name.lower() for o in args.only)
 
 
 # The issue's targets on an H100 at 1024²: (what, scenario, steps, measure, limit).
@@ -729,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a CPU smoke run of the same code")
     parser.add_argument("--only", nargs="*", help="run the scenarios whose names contain these words")
     parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="base 30 steps, Lightning 4 steps, one ControlNet and "
+                        "the portrait stack, diffusers beside, 2 repeats, the fast path at 'layout' unless --fast "
+                        "names another: one device call of at most 8 minutes")  # fmt: skip
     parser.add_argument(
         "--fast",
         choices=list(FAST_LEVELS),
@@ -743,6 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results"), help="folder for <name>.json and <name>.md")
     parser.add_argument("--name", default=None)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
+        args.fast = "layout" if args.fast == "off" else args.fast
     result = run(args)
     out = Path(args.out)
     name = args.name or ("smoke" if args.tiny else f"{result['device'].replace(' ', '_')}_{args.dtype}_{args.size}")

@@ -167,8 +167,10 @@ class BranchedAttnProcessor:
         query = _heads(attn.to_q(hidden_states), attn)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        # The output projection is linear: the branches' sum is projected on its own (no bias) and added.
-        return out + F.linear(_branch_sum(query, None, live, attn), attn.to_out[0].weight) / attn.rescale_output_factor
+        # The output projection is linear: the branches' sum is projected on its own (no bias) and added. Its weight
+        # is read outside the layer's call, so in the layer's compute dtype (a layer kept in fp8 holds 8 bits here).
+        weight = attn.to_out[0].weight.to(out.dtype)
+        return out + F.linear(_branch_sum(query, None, live, attn), weight) / attn.rescale_output_factor
 
     def _joint(
         self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, live: list[AttentionBranch]

@@ -314,7 +314,8 @@ def load_stage(
 def _check_configs(folder: Path) -> None:
     """Refuse a model folder whose JSON files (``model_index.json``, each component's config) do not parse, naming
     the file: the loaders would fail deep inside with a bare decoding error."""
-    for file in [folder / "model_index.json", *sorted(folder.glob("*/*.json"))]:
+    # Config files only: a tokenizer.json (megabytes) is parsed by its own loader, which names it on failure.
+    for file in [folder / "model_index.json", *sorted(folder.glob("*/*config*.json"))]:
         if not file.is_file():
             continue
         try:

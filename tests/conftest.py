@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -106,3 +107,15 @@ def insightface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             write_tiny_detector_onnx(pack / f"{detector}.onnx")
         write_tiny_recognition_onnx(pack / f"{recognition}.onnx")
     return root
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipes(tiny: TinyModels) -> tuple[Any, Any]:
+    """diffusers' own SDXL base and refiner pipelines on the tiny models: the references our loop is compared with."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return base, refiner

@@ -10,12 +10,17 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench.py"
 
 
-def test_benchmark_smoke_run_writes_its_table(tmp_path, tiny, monkeypatch):
+def _bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("sdxl_control_bench", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_smoke_run_writes_its_table(tmp_path, tiny, monkeypatch):
+    bench = _bench(monkeypatch)
     args = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--repeats", "1", "--size", "64",
             "--out", str(tmp_path), "--name", "smoke", "--workdir", str(tmp_path),
             "--fast", "layout", "--profile", "2 ControlNets"]  # fmt: skip
@@ -40,3 +45,15 @@ def test_benchmark_smoke_run_writes_its_table(tmp_path, tiny, monkeypatch):
                       ("VAE decode tiled", 128)]  # fmt: skip
     profile = (tmp_path / "profile_2_controlnets.txt").read_text()
     assert "## sdxl-control" in profile and "## diffusers" in profile
+
+
+def test_the_quick_device_run_holds_its_four_scenarios_plain_and_fast(tmp_path, tiny, monkeypatch):
+    """``bash bench/device.sh --quick``: the command a lent GPU runs first, dry-run here on the tiny models."""
+    bench = _bench(monkeypatch)
+    args = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--size", "64", "--quick",
+            "--out", str(tmp_path), "--name", "quick", "--workdir", str(tmp_path)]  # fmt: skip
+    assert bench.main(args) == 0
+    result = json.loads((tmp_path / "quick.json").read_text())
+    assert [row["scenario"] for row in result["rows"]] == list(bench.QUICK)
+    assert result["repeats"] == 2 and result["fast_path"]["compile"] == "off" and result["memory"] == []
+    assert all(row["diffusers_s"] > 0 and row["fast_s"] > 0 for row in result["rows"])

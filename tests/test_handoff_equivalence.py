@@ -10,8 +10,6 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
 )
 
 PROMPT = "a portrait of an astronaut, studio light"
@@ -23,18 +21,9 @@ SCHEDULERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def pipes(tiny):
-    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
-    for p in (base, refiner):
-        p.set_progress_bar_config(disable=True)
-    return base, refiner
-
-
 @torch.no_grad()
-def reference(pipes, scheduler, switch, guidance, seeds, negative=None, steps=8, size=64):
-    base, refiner = pipes
+def reference(sdxl_pipes, scheduler, switch, guidance, seeds, negative=None, steps=8, size=64):
+    base, refiner = sdxl_pipes
     base.scheduler = SCHEDULERS[scheduler].from_config(base.scheduler.config)
     refiner.scheduler = SCHEDULERS[scheduler].from_config(refiner.scheduler.config)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -56,23 +45,23 @@ def reference(pipes, scheduler, switch, guidance, seeds, negative=None, steps=8,
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 @pytest.mark.parametrize("switch", [None, 0.5, 0.8])
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
-def test_matches_diffusers(generator, pipes, scheduler, switch, guidance):
+def test_matches_diffusers(generator, sdxl_pipes, scheduler, switch, guidance):
     ours = generator.generate(
         PROMPT, steps=8, guidance=guidance, refiner_switch=switch, size=(64, 64), seed=7, scheduler=scheduler,
         progress_bar=False,
     )  # fmt: skip
-    ref_latents, ref_images = reference(pipes, scheduler, switch, guidance, seeds=[7])
+    ref_latents, ref_images = reference(sdxl_pipes, scheduler, switch, guidance, seeds=[7])
     torch.testing.assert_close(ours.latents, ref_latents, rtol=1e-4, atol=1e-5)
     diff = np.abs(np.asarray(ours.images[0], dtype=int) - np.asarray(ref_images[0], dtype=int))
     assert diff.max() <= 1
 
 
-def test_batch_with_per_image_seeds_and_negative_prompt(generator, pipes):
+def test_batch_with_per_image_seeds_and_negative_prompt(generator, sdxl_pipes):
     ours = generator.generate(
         PROMPT, negative_prompt="blurry", steps=6, refiner_switch=0.7, size=(64, 64), seed=11, num_images=2,
         progress_bar=False,
     )  # fmt: skip
-    ref_latents, _ = reference(pipes, "euler", 0.7, 5.0, seeds=[11, 12], negative="blurry", steps=6)
+    ref_latents, _ = reference(sdxl_pipes, "euler", 0.7, 5.0, seeds=[11, 12], negative="blurry", steps=6)
     torch.testing.assert_close(ours.latents, ref_latents, rtol=1e-4, atol=1e-5)
     assert [r["seed"] for r in ours.recipes] == [11, 12]
 

@@ -10,8 +10,6 @@ import torch
 from diffusers import (
     ControlNetModel,
     StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
 )
 from PIL import Image
 
@@ -31,18 +29,9 @@ def _helped(pipe, interval, branch):
     return helper
 
 
-@pytest.fixture(scope="module")
-def pipes(tiny):
-    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
-    for p in (base, refiner):
-        p.set_progress_bar_config(disable=True)
-    return base, refiner
-
-
 @torch.no_grad()
-def reference(pipes, interval, branch, switch):
-    base, refiner = pipes
+def reference(sdxl_pipes, interval, branch, switch):
+    base, refiner = sdxl_pipes
     common = dict(num_inference_steps=RUN["steps"], guidance_scale=RUN["guidance"],
                   negative_prompt=RUN["negative_prompt"], generator=[torch.Generator().manual_seed(RUN["seed"])])  # fmt: skip
     helpers = [_helped(base, interval, branch)] + ([_helped(refiner, interval, branch)] if switch else [])
@@ -60,10 +49,10 @@ def reference(pipes, interval, branch, switch):
     ("interval", "branch", "switch"),
     [(3, 0, None), (2, 0, None), (5, 0, None), (3, 1, None), (3, 3, None), (2, 5, None), (3, 0, 0.6), (2, 4, 0.6)],
 )
-def test_equals_deepcache(generator, pipes, interval, branch, switch):
+def test_equals_deepcache(generator, sdxl_pipes, interval, branch, switch):
     ours = generator.generate(PROMPT, refiner_switch=switch, step_cache=interval, step_cache_branch=branch, **RUN)
     plain = generator.generate(PROMPT, refiner_switch=switch, **RUN)
-    theirs = reference(pipes, interval, branch, switch)
+    theirs = reference(sdxl_pipes, interval, branch, switch)
     torch.testing.assert_close(ours.latents, theirs, rtol=1e-4, atol=1e-5)
     assert (ours.latents - plain.latents).abs().max() > 1e-3  # the cache changed something, as the reference's did
 

@@ -86,6 +86,25 @@ def test_a_stored_generator_makes_the_image_of_its_weights_rounded_by_hand(fresh
     assert torch.equal(fresh.generate(PROMPT, **RUN).latents, stored.latents)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_branches_on_a_stored_generator_equal_rounding_by_hand(fresh, tiny, tmp_path, masked):
+    """An IP-Adapter's branch reads the layer's output projection: kept in fp8, it reads the rounded weights. A mask
+    takes the processor path that projects the branches apart from the layer's own call."""
+    from sdxl_control.adapters.ip_adapter import IPAdapter
+    from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
+
+    repo = write_tiny_ip_adapter_repo(tmp_path / "ip", tiny.base)
+    style = Image.fromarray(np.random.default_rng(2).integers(0, 255, (96, 96, 3), np.uint8))
+    mask = Image.fromarray(np.tri(64, 64, dtype=np.uint8) * 255) if masked else None
+    conditions = [IPAdapter("plus", style, source=str(repo), scale=0.7, mask=mask)]
+    by_hand = Generator.from_pretrained(tiny.base, device="cpu")
+    _round_by_hand(by_hand.base.unet)
+    fresh.set_weight_storage("fp8_e4m3fn")
+    run = {k: v for k, v in RUN.items() if k != "refiner_switch"}
+    stored = fresh.generate(PROMPT, conditions=conditions, **run)
+    assert torch.equal(stored.latents, by_hand.generate(PROMPT, conditions=conditions, **run).latents)
+
+
 def test_weight_patches_add_at_full_precision_round_once_and_come_off_exactly(generator):
     unet = copy.deepcopy(generator.base.unet)
     store_weights(unet, "fp8_e4m3fn")

@@ -30,25 +30,28 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def write_single_file(folder: str | os.PathLike[str], file: str | os.PathLike[str]) -> Path:
-    """The pipeline at ``folder`` (a base: two text encoders; a refiner: one) as one SGM-layout checkpoint."""
+def write_single_file(
+    folder: str | os.PathLike[str], file: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> Path:
+    """The pipeline at ``folder`` (a base: two text encoders; a refiner: one) as one SGM-layout checkpoint, in
+    ``dtype`` (default: as diffusers loads the components, float32)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = Path(folder)
     index = json.loads((root / "model_index.json").read_text())
-    unet = UNet2DConditionModel.from_pretrained(root / "unet")
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype)
     out = _unet(unet.state_dict(), dict(unet.config))
-    out.update(_vae(AutoencoderKL.from_pretrained(root / "vae").state_dict()))
+    out.update(_vae(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).state_dict()))
     open_clip = 0
     if (index.get("text_encoder") or [None])[0] is not None:
-        first = CLIPTextModel.from_pretrained(root / "text_encoder").state_dict()
+        first = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype).state_dict()
         for key, value in first.items():
             inner = key if key.startswith("text_model.") else f"text_model.{key}"
             out[f"conditioner.embedders.0.transformer.{inner}"] = value
         open_clip = 1
-    second = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2").state_dict()
+    second = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=dtype).state_dict()
     out.update(_open_clip(second, f"conditioner.embedders.{open_clip}.model."))
     target = Path(file)
     save_file({k: v.contiguous() for k, v in out.items()}, str(target))
