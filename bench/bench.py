@@ -651,7 +651,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --quick: what one device call of at most 8 minutes can hold (issue 25), each scenario plain and on the fast path.
-QUICK = ("base", "Lightning 4 steps (UNet)", "+ 1 ControlNet", "portrait stack: refiner + 2 CN + IP + FaceID")
+QUICK = ("base", "+ 1 ControlNet", "Lightning 4 steps (UNet)", "portrait stack: refiner + 2 CN + IP + FaceID")
 
 
 def _chosen(name: str, args: argparse.Namespace) -> bool:
