@@ -199,7 +199,10 @@ def _success_ids(folder: Path) -> list[str]:
 def batch_after_its_first_result(jobs_file: Path, out: Path) -> subprocess.Popen:
     """``sdxl-control batch --tiny`` running in a process of its own, once it has written its first result."""
     command = [sys.executable, "-m", "sdxl_control", "batch", str(jobs_file), "-o", str(out), "--tiny", "-q"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C reaches the batch as a shell starts it: with SIGINT at its default. A child inherits an ignored SIGINT,
+    # and a test process's disposition is whatever ran in it before (a CI worker was seen with it ignored).
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while not (out / RESULTS).exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
