@@ -49,6 +49,7 @@ from sdxl_control.fast import FAST_LEVELS  # noqa: E402
 from sdxl_control.models import ModelSource, StageModels  # noqa: E402
 from sdxl_control.presets import load_preset  # noqa: E402
 from sdxl_control.sdxl_configs import SDXL_SCHEDULER, sdxl_config_folder  # noqa: E402
+from sdxl_control.storage import FP8_MATMUL, WEIGHT_STORAGE  # noqa: E402
 from sdxl_control.testing import tiny_models, write_tiny_controlnet, write_tiny_taesd  # noqa: E402
 from sdxl_control.testing.ip_adapter import TINY_VISION, write_faceid_repo, write_ip_adapter_repo  # noqa: E402
 from sdxl_control.text import TextEncoder  # noqa: E402
@@ -272,6 +273,38 @@ def unet_forward(setup: Setup, repeats: int) -> dict[str, Any]:
     seconds = timing.median_s / 10
     mfu = round(setup.unet_tflop_per_step / seconds / setup.peak_tflops, 3) if setup.device.type == "cuda" else None
     return {"ms": round(seconds * 1000, 2), "mfu": mfu}
+
+
+def _weight_mib(model: torch.nn.Module) -> float:
+    """Bytes a model's weights hold: a float8 weight's 8-bit values and scales, not the dtype it reports."""
+    held = (t for p in model.parameters() for t in ((p.qdata, p.scale) if hasattr(p, "qdata") else (p,)))  # type: ignore[attr-defined]
+    return round(sum(t.numel() * t.element_size() for t in held) / 2**20, 2)
+
+
+def weight_storage(setup: Setup, storages: list[str], repeats: int, plain_ms: float) -> list[dict[str, Any]]:
+    """The UNet alone (CFG batch 2) with its weights kept in each storage: ms per forward, the weights' GiB, speed-up
+    over the plain models; ``"fp8_matmul"`` also with its transformer blocks compiled, as torchao's float8 layers are
+    meant to run. Run last: fp8 rounds the weights for good. A storage this device cannot run is a row saying why."""
+    gen = setup.gen
+    rows: list[dict[str, Any]] = [{"storage": "compute dtype", "compiled": False, "ms": plain_ms,
+                                   "weights_mib": _weight_mib(gen.base.unet), "speedup": 1.0}]  # fmt: skip
+    for storage in storages:
+        fast_paths = [None, FastPath(compile="blocks", fuse_qkv=False)] if storage == FP8_MATMUL else [None]
+        for fast in fast_paths:
+            row: dict[str, Any] = {"storage": storage, "compiled": fast is not None}
+            try:
+                gen.set_weight_storage(storage)
+                gen.set_fast_path(fast)
+                timing = unet_forward(setup, repeats)
+                row.update(timing, weights_mib=_weight_mib(gen.base.unet), speedup=round(plain_ms / timing["ms"], 3))
+            except Exception as exc:  # noqa: BLE001 - one storage failing must not lose the run's other rows
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            finally:
+                gen.set_fast_path(None)
+            rows.append(row)
+            print(f"weight storage {storage}{' compiled' if fast else ''}: {row}", flush=True)  # noqa: T201
+        gen.set_weight_storage(None)
+    return rows
 
 
 def _diffusers_generator() -> torch.Generator:
@@ -638,6 +671,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 setup.gen.set_fast_path(None)
         memory = memory_options(setup, args.repeats) if not (args.only or args.quick) else []
+        storage = weight_storage(setup, args.storage, args.repeats, forward["plain"]["ms"])
     return {
         "device": torch.cuda.get_device_name() if setup.device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "sdxl_control": sdxl_control.__version__,
@@ -647,6 +681,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unet_forward": forward,
         "rows": [asdict(r) for r in rows],
         "memory": memory,
+        "weight_storage": storage,
     }  # fmt: skip
 
 
@@ -725,8 +760,14 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['unet_mfu']} / {r['fast_unet_mfu']} | {r['fast_first_call_s']} | {r['fast_max_pixel_diff']} | {r['note']} |")  # fmt: skip
     memory = ["| option | size | time (s) | GiB the call needs on the device |", "|---|---|---|---|"]
     memory += [f"| {m['what']} | {m['size']}² | {m['s']} | {m['peak_gib']} |" for m in result.get("memory", [])]
+    storage = ["| weights kept as | compiled | UNet forward (ms) | speed-up | UNet weights (MiB) | MFU | error |",
+               "|---|---|---|---|---|---|---|"]  # fmt: skip
+    storage += [f"| {w['storage']} | {w['compiled']} | {w.get('ms')} | {w.get('speedup')} | {w.get('weights_mib')} | "
+                f"{w.get('mfu')} | {w.get('error', '')} |" for w in result.get("weight_storage", [])]  # fmt: skip
     return (head + "\n".join(lines) + "\n\nTargets (issue 5):\n\n" + "\n".join(targets(result))
-            + "\n\nMemory (small GPUs):\n\n" + "\n".join(memory) + "\n")  # fmt: skip
+            + "\n\nMemory (small GPUs):\n\n" + "\n".join(memory)
+            + "\n\nWeight storage (issue 25; the UNet alone, CFG batch 2; MFU against the 16-bit peak):\n\n"
+            + "\n".join(storage) + "\n")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -748,6 +789,9 @@ def main(argv: list[str] | None = None) -> int:
         default="off",
         help="also time ours with a fast-path level: " + "; ".join(f"{k}: {v}" for k, v in FAST_LEVELS.items()),
     )
+    parser.add_argument("--storage", nargs="*", choices=list(WEIGHT_STORAGE), default=None,
+                        help="also time the UNet alone with its weights kept so (fp8_matmul plain and compiled), "
+                        "last; --quick: fp8_e4m3fn and fp8_matmul")  # fmt: skip
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--profile", nargs="*", help="write profile_<scenario>.txt for the scenarios matching these")
@@ -759,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats = min(args.repeats, 2)
         args.fast = "layout" if args.fast == "off" else args.fast
+        args.storage = ["fp8_e4m3fn", FP8_MATMUL] if args.storage is None else args.storage
+    args.storage = args.storage or []
     result = run(args)
     out = Path(args.out)
     name = args.name or ("smoke" if args.tiny else f"{result['device'].replace(' ', '_')}_{args.dtype}_{args.size}")

@@ -35,7 +35,7 @@ from .recipe import RecipeImage, Result, check_recipe
 from .schedule import StageSchedule, make_scheduler, scheduler_name, scheduler_spec, split_schedule
 from .start import INPAINT_CHANNELS, start_images, start_latents
 from .step_cache import StepCache
-from .storage import storage_dtype, store_weights
+from .storage import FP8_MATMUL, check_storage, store_weights
 from .text import LongPrompts, MicroConditioning, TextChannel, prompt_segments, time_ids
 from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
 from .vae import decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
@@ -469,7 +469,7 @@ class Generator:
         if fast is not None and fast.fuse_qkv and self._offload is not None:
             raise InvalidRequestError(_FUSED_CANNOT_MOVE)
         if fast is not None and self._storage is not None:
-            _check_storage_and_fast(fast)
+            _check_storage_and_fast(fast, self._storage[0])
         if self._fast is not None:
             self._fast.undo()
             self._fast = None
@@ -479,26 +479,28 @@ class Generator:
 
     @property
     def weight_storage(self) -> str | None:
-        """How the UNets' weights are kept between uses: ``None`` (in the compute dtype) or ``"fp8_e4m3fn"`` /
-        ``"fp8_e5m2"`` (see :meth:`set_weight_storage`)."""
+        """How the UNets' weights are kept between uses: ``None`` (in the compute dtype), ``"fp8_e4m3fn"`` /
+        ``"fp8_e5m2"`` or ``"fp8_matmul"`` (see :meth:`set_weight_storage`)."""
         return None if self._storage is None else self._storage[0]
 
     def set_weight_storage(self, storage: str | None) -> None:
         """Keep the UNets' linear and convolution weights in fp8 between uses, each layer cast to the compute dtype
         just before it runs (ComfyUI's ``--fp8_e4m3fn-unet``; see :mod:`sdxl_control.storage`): about half their
         memory, the images those of the weights rounded to fp8. ControlNets a call runs are kept the same way.
+        ``"fp8_matmul"`` (GPUs with fp8 matrix units, torchao installed) makes the linear layers torchao's float8
+        layers, whose matrix products run in fp8.
         ``None`` casts the layers back to the compute dtype; their values stay rounded: load the models again for
-        their full precision. The fast path's fused projections and compiling read weights outside the layers' casts,
-        so fp8 storage takes ``FastPath(fuse_qkv=False)`` without compiling."""
+        their full precision. The fast path's fused projections read weights outside the layers, and compiled graphs
+        outside the casts of ``"fp8_e4m3fn"``/``"fp8_e5m2"``: those take ``FastPath(fuse_qkv=False)`` without
+        compiling; ``"fp8_matmul"`` compiles (torchao's float8 layers are made to)."""
         if storage is not None:
-            storage_dtype(storage)
+            check_storage(storage, placement(self.base.unet)[0])
             if self._fast is not None:
-                _check_storage_and_fast(self._fast.fast)
+                _check_storage_and_fast(self._fast.fast, storage)
         if self.weight_storage == storage:
             return
         if self._storage is not None:
-            for undo in reversed(self._storage[1]):
-                undo()
+            _undo_all(self._storage[1])
             self._storage = None
         if storage is not None:
             undos: list[Callable[[], None]] = []
@@ -506,8 +508,7 @@ class Generator:
                 for stage in self._stages():
                     undos.append(store_weights(stage.unet, storage))
             except BaseException:
-                for undo in reversed(undos):
-                    undo()
+                _undo_all(undos)
                 raise
             self._storage = (storage, undos)
 
@@ -873,12 +874,22 @@ class LastLoaded:
         return self._generator
 
 
-def _check_storage_and_fast(fast: FastPath) -> None:
-    if fast.fuse_qkv or fast.compile != "off":
+def _check_storage_and_fast(fast: FastPath, storage: str) -> None:
+    if storage == FP8_MATMUL and fast.fuse_qkv:
+        raise InvalidRequestError(
+            "fp8 matmuls quantize each linear layer's weight on its own, which the fast path's fused projections "
+            "would concatenate: use FastPath(fuse_qkv=False)"
+        )
+    if storage != FP8_MATMUL and (fast.fuse_qkv or fast.compile != "off"):
         raise InvalidRequestError(
             "fp8 weight storage casts each layer's weights as it runs, which the fast path's fused projections and "
             "compiled graphs read past: use FastPath(fuse_qkv=False) without compiling"
         )
+
+
+def _undo_all(undos: list[Callable[[], None]]) -> None:
+    for undo in reversed(undos):
+        undo()
 
 
 _FUSED_CANNOT_MOVE = (

@@ -39,8 +39,8 @@ class JobSpec:
     ``inputs`` (name -> files) and ``set`` assignments; request ``settings`` given explicitly (they win over the
     preset's); ``conditions`` stacked after the preset's; ``models`` named explicitly (``base``, ``refiner``,
     ``unet``, and ``weight_storage``: ``"fp8_e4m3fn"`` keeps the UNets in fp8, see
-    :meth:`~sdxl_control.generator.Generator.set_weight_storage`); a ``face_pack`` for every face analysis (the preset's conditions included); or a ``recipe`` to re-make,
-    which the other fields then change.
+    :meth:`~sdxl_control.generator.Generator.set_weight_storage`); a ``face_pack`` for every face analysis (the
+    preset's conditions included); or a ``recipe`` to re-make, which the other fields then change.
 
     Example:
         >>> JobSpec("a portrait", preset="portrait", inputs={"face": ["me.jpg"]}, settings={"seed": 7}).preset

@@ -10,6 +10,13 @@ hooks cannot be removed (a model once cast stays so), while a generator's settin
 because weight patches (LoRA, FaceID) must know the compute dtype of a stored layer: a patch is added at the compute
 precision and the patched weight rounded to fp8 once (:mod:`sdxl_control.weights`), as ComfyUI patches fp8 weights.
 
+A third kind, ``"fp8_matmul"``, computes in 8 bits too, on GPUs with fp8 matrix units (compute capability 8.9 and
+newer: Ada, Hopper, Blackwell; AMD MI300; Intel XPU): the linear layers among those become torchao's float8 layers
+(``Float8DynamicActivationFloat8WeightConfig``: e4m3 weights with a scale per output row for bf16 models, one per
+tensor for fp16/fp32, and each input scaled and cast to e4m3 as it arrives), so the matrix products themselves run
+in fp8. Convolutions stay in the compute dtype, and torchao leaves out any layer whose widths are not multiples of
+16. The images are those of torchao's own quantization of the same layers, exactly.
+
 Example:
     >>> undo = store_weights(unet, "fp8_e4m3fn")   # doctest: +SKIP
     >>> undo()                                      # the layers back in the compute dtype, hooks gone  # doctest: +SKIP
@@ -26,13 +33,25 @@ import torch
 
 from .errors import InvalidRequestError
 
-__all__ = ["WEIGHT_STORAGE", "compute_dtype", "store_weights", "stored_as", "stored_layers", "storage_dtype"]
+__all__ = [
+    "FP8_MATMUL", "WEIGHT_STORAGE", "check_storage", "compute_dtype", "narrowed", "store_weights",
+    "stored_as", "stored_layers", "storage_dtype", "widened",
+]  # fmt: skip
 
-WEIGHT_STORAGE: dict[str, torch.dtype] = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_MATMUL = "fp8_matmul"
+WEIGHT_STORAGE: dict[str, torch.dtype] = {
+    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, FP8_MATMUL: torch.float8_e4m3fn,
+}  # fmt: skip
 
+# where torchao's float8 matrix products run (it checks the GPU's generation itself)
+_FP8_MATMUL_DEVICES = ("cuda", "xpu")
 # stored layer or model -> the dtype it computes in; weak so that dropped models leave no entries
 _COMPUTE: weakref.WeakKeyDictionary[torch.nn.Module, torch.dtype] = weakref.WeakKeyDictionary()
 _STORED: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()  # model -> storage name
+# layer with a float8 weight -> how that weight is quantized from compute-precision values (absent: a cast)
+_NARROW: weakref.WeakKeyDictionary[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def storage_dtype(name: str) -> torch.dtype:
@@ -51,6 +70,41 @@ def stored_as(model: torch.nn.Module) -> str | None:
     """The storage a model's layers are kept in (``"fp8_e4m3fn"``...), ``None`` when in its compute dtype: what a
     model serving it (a ControlNet for a UNet) is kept in too."""
     return _STORED.get(model)
+
+
+def widened(layer: torch.nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The values of a stored layer's parameter ``name`` (``tensor``: it or a copy of it) at the layer's compute
+    precision, in a new tensor."""
+    if name == "weight" and layer in _NARROW:
+        return tensor.dequantize()
+    return tensor.to(_COMPUTE.get(layer, tensor.dtype), copy=True)
+
+
+def narrowed(layer: torch.nn.Module, name: str, tensor: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (compute precision) in the form a stored layer keeps its parameter ``name`` (``tensor``) in, for
+    ``tensor.copy_``: a float8 weight quantized as torchao quantizes it; otherwise the values as they are (``copy_``
+    rounds them to the parameter's dtype)."""
+    narrow = _NARROW.get(layer) if name == "weight" else None
+    return values if narrow is None else narrow(tensor, values)
+
+
+def check_storage(storage: str, device: torch.device) -> None:
+    """A clear error when weights cannot be kept as ``storage`` for a model on ``device``: an unknown name, or
+    ``"fp8_matmul"`` without torchao or off a GPU (torchao checks the GPU's generation itself when applied)."""
+    storage_dtype(storage)
+    if storage != FP8_MATMUL:
+        return
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        raise InvalidRequestError(
+            'fp8 matmuls need torchao: pip install "sdxl-control[fp8]" (or pip install torchao)'
+        ) from None
+    if device.type not in _FP8_MATMUL_DEVICES:
+        raise InvalidRequestError(
+            f"fp8 matmuls need a GPU with fp8 matrix units (NVIDIA compute capability 8.9 or newer, AMD MI300, Intel "
+            f'XPU); the model is on {device}: "fp8_e4m3fn" storage halves the weights\' memory there'
+        )
 
 
 def _skip_patterns(model: Any) -> tuple[str, ...]:
@@ -87,9 +141,12 @@ def store_weights(model: torch.nn.Module, storage: str) -> Callable[[], None]:
     if model in _COMPUTE:
         raise InvalidRequestError("this model's weights are already kept in fp8")
     stored = storage_dtype(storage)
-    compute = next(model.parameters()).dtype
+    first = next(model.parameters())
+    compute = first.dtype
     if not compute.is_floating_point or compute.itemsize <= stored.itemsize:
         raise InvalidRequestError(f"fp8 storage needs a model in a wider float dtype, this one is in {compute}")
+    if storage == FP8_MATMUL:
+        return _store_for_fp8_matmul(model, compute, first.device)
     handles: list[Any] = []
     layers = stored_layers(model)
 
@@ -100,8 +157,7 @@ def store_weights(model: torch.nn.Module, storage: str) -> Callable[[], None]:
         for layer in layers:
             layer.to(dtype=compute)
             _COMPUTE.pop(layer, None)
-        _COMPUTE.pop(model, None)
-        _STORED.pop(model, None)
+        _forget(model)
 
     def widen(layer: torch.nn.Module, args: Any) -> None:
         layer.to(dtype=compute)
@@ -115,6 +171,61 @@ def store_weights(model: torch.nn.Module, storage: str) -> Callable[[], None]:
             _COMPUTE[layer] = compute
             layer.to(dtype=stored)
             handles += [layer.register_forward_pre_hook(widen), layer.register_forward_hook(narrow)]
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _forget(model: torch.nn.Module) -> None:
+    _COMPUTE.pop(model, None)
+    _STORED.pop(model, None)
+
+
+def _store_for_fp8_matmul(model: torch.nn.Module, compute: torch.dtype, device: torch.device) -> Callable[[], None]:
+    """torchao's float8 linear layers in place of the stored linear layers; the undo puts plain weights back, holding
+    the values the float8 weights stood for."""
+    check_storage(FP8_MATMUL, device)
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8Tensor,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
+
+    # torchao's per-row scales need bf16 weights; fp16 and fp32 models take one scale per tensor.
+    granularity = PerRow() if compute == torch.bfloat16 else PerTensor()
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+    candidates = [layer for layer in stored_layers(model) if isinstance(layer, torch.nn.Linear)]
+    layers: list[torch.nn.Linear] = []
+
+    def undo() -> None:
+        for layer in layers:
+            weight = layer.weight
+            layer.weight = torch.nn.Parameter(weight.dequantize(), requires_grad=weight.requires_grad)
+            _COMPUTE.pop(layer, None)
+            _NARROW.pop(layer, None)
+        layers.clear()
+        _forget(model)
+
+    def narrow(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        kept: Any = weight  # a Float8Tensor: quantized again with its own settings
+        return Float8Tensor.from_hp(
+            values, float8_dtype=kept.qdata.dtype, granularity=granularity, mm_config=kept.mm_config,
+            kernel_preference=kept.kernel_preference, act_quant_kwargs=kept.act_quant_kwargs,
+        )  # fmt: skip
+
+    try:
+        _COMPUTE[model], _STORED[model] = compute, FP8_MATMUL
+        for layer in candidates:
+            quantize_(layer, config)
+            if isinstance(layer.weight, Float8Tensor):  # torchao leaves widths that are not multiples of 16 alone
+                layers.append(layer)
+                _COMPUTE[layer], _NARROW[layer] = compute, narrow
+    except AssertionError as exc:  # torchao's own check of the GPU
+        undo()
+        raise InvalidRequestError(f"fp8 matmuls cannot run here: {exc}") from None
     except BaseException:
         undo()
         raise

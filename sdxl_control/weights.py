@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .storage import compute_dtype
+from .storage import compute_dtype, narrowed, widened
 
 __all__ = ["WeightPatch"]
 
@@ -33,13 +33,12 @@ _SLOTS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, _Slot]] = weakref.W
 
 def _refresh(owner: torch.nn.Module, attr: str, slot: _Slot) -> None:
     target = slot.parameter.data
-    wide = compute_dtype(owner)
-    if wide is not None and target.dtype != wide and slot.deltas:
+    if compute_dtype(owner) is not None and slot.deltas:
         # A layer kept in fp8 (see sdxl_control.storage): the sum at the compute precision, rounded to fp8 once.
-        value = slot.saved.to(wide)
+        value = widened(owner, attr, slot.saved)
         for delta in slot.deltas.values():
             value += delta
-        target.copy_(value)
+        target.copy_(narrowed(owner, attr, target, value))
     else:
         target.copy_(slot.saved)
         for delta in slot.deltas.values():

@@ -57,3 +57,11 @@ def test_the_quick_device_run_holds_its_four_scenarios_plain_and_fast(tmp_path, 
     assert [row["scenario"] for row in result["rows"]] == list(bench.QUICK)
     assert result["repeats"] == 2 and result["fast_path"]["compile"] == "off" and result["memory"] == []
     assert all(row["diffusers_s"] > 0 and row["fast_s"] > 0 for row in result["rows"])
+    # last, the UNet alone with its weights in fp8: halved by fp8 storage (fp32 -> 8 bits here, norms kept); fp8
+    # matmuls refused on the CPU, a row that says why rather than a lost run
+    plain, stored, matmul, compiled = result["weight_storage"]
+    assert (plain["storage"], stored["storage"], matmul["storage"], compiled["compiled"]) == (
+        "compute dtype", "fp8_e4m3fn", "fp8_matmul", True)  # fmt: skip
+    assert stored["ms"] > 0 and stored["weights_mib"] < 0.3 * plain["weights_mib"]
+    assert "fp8 matmuls need" in matmul["error"] and "fp8 matmuls need" in compiled["error"]
+    assert "| fp8_e4m3fn | False |" in (tmp_path / "quick.md").read_text()

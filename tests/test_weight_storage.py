@@ -119,20 +119,6 @@ def test_weight_patches_add_at_full_precision_round_once_and_come_off_exactly(ge
     assert torch.equal(parameter.float(), kept.float()) and parameter.dtype == FP8
 
 
-def test_a_lora_on_a_stored_generator_leaves_the_fp8_weights_as_they_were(fresh, tiny, tmp_path):
-    from sdxl_control.adapters.lora import LoRA
-    from sdxl_control.testing.lora import write_tiny_lora
-
-    lora = write_tiny_lora(tmp_path / "style.safetensors", tiny.base, "kohya", seed=2)
-    fresh.set_weight_storage("fp8_e4m3fn")
-    before = {n: p.detach().clone() for n, p in fresh.base.unet.named_parameters()}
-    plain = fresh.generate(PROMPT, **RUN)
-    styled = fresh.generate(PROMPT, conditions=[LoRA(str(lora), scale=0.8)], **RUN)
-    assert not torch.equal(plain.latents, styled.latents)
-    after = dict(fresh.base.unet.named_parameters())
-    assert all(after[n].dtype == v.dtype and torch.equal(after[n].float(), v.float()) for n, v in before.items())
-
-
 def test_a_controlnet_is_kept_as_the_unet_it_serves(fresh, tiny, tmp_path):
     from sdxl_control.adapters.controlnet import ControlNet, load_controlnet
     from sdxl_control.testing import write_tiny_controlnet
@@ -189,3 +175,155 @@ def test_the_cli_presets_and_job_files_carry_it(tiny, tmp_path, monkeypatch):
     plain = parse_job({"prompt": PROMPT, "steps": 2}, line=1)
     assert job.weight_storage == "fp8_e4m3fn" and job.models != plain.models and job.fingerprint != plain.fingerprint
     assert GenerationRequest.from_recipe(recipe).steps == 2  # the record key is known to recipes
+
+
+# fp8 matmuls (torchao's float8 linear layers). torchao refuses them off a GPU of compute capability 8.9+, but its
+# float8 layers compute the same numbers on the CPU (its matrix product falls back to a reference kernel), so these
+# tests lift both checks: ours, on the device type, and torchao's, on the GPU.
+
+
+@pytest.fixture()
+def fp8_matmul_on_cpu(monkeypatch):
+    pytest.importorskip("torchao")
+    import torchao.quantization.quant_api as quant_api
+
+    from sdxl_control import storage
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    monkeypatch.setattr(storage, "_FP8_MATMUL_DEVICES", ("cuda", "xpu", "cpu"))
+
+
+def _quantize_by_hand(unet):
+    """torchao's own float8 quantization of the layers fp8 storage keeps: its linear layers (fp32 model: a scale per
+    tensor)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
+
+    chosen = {id(layer) for layer in stored_layers(unet) if isinstance(layer, torch.nn.Linear)}
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
+    quantize_(unet, config, filter_fn=lambda module, name: id(module) in chosen)
+
+
+def _bits(parameter):
+    """What a weight holds: a float8 weight's 8-bit values and scales, or the tensor itself."""
+    return (parameter.qdata, parameter.scale) if hasattr(parameter, "qdata") else (parameter,)
+
+
+def _same_bits(a, b):
+    return all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(_bits(a), _bits(b), strict=True))
+
+
+def test_fp8_matmul_is_torchaos_own_quantization_of_the_stored_linear_layers(fresh, tiny, fp8_matmul_on_cpu):
+    from torchao.quantization import Float8Tensor
+
+    by_hand = Generator.from_pretrained(tiny.base, tiny.refiner, device="cpu")
+    for stage in (by_hand.base, by_hand.refiner):
+        _quantize_by_hand(stage.unet)
+    before = fresh.generate(PROMPT, **RUN)
+    fresh.set_weight_storage("fp8_matmul")
+    linears = [m for m in fresh.base.unet.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in linears if isinstance(m.weight, Float8Tensor)]
+    assert len(quantized) > 100 and fresh.base.dtype == torch.float32 and compute_dtype(quantized[0]) == torch.float32
+    stored = fresh.generate(PROMPT, **RUN)
+    assert torch.equal(stored.latents, by_hand.generate(PROMPT, **RUN).latents)
+    assert not torch.equal(stored.latents, before.latents)
+    assert stored.recipes[0]["weight_storage"] == "fp8_matmul"
+    theirs = dict(by_hand.base.unet.named_parameters())
+    assert all(_same_bits(p, theirs[n]) for n, p in fresh.base.unet.named_parameters())
+    fresh.set_weight_storage(None)
+    assert {type(p) for p in fresh.base.unet.parameters()} == {torch.nn.Parameter}
+    assert {p.dtype for p in fresh.base.unet.parameters()} == {torch.float32} and compute_dtype(fresh.base.unet) is None
+    for name, p in fresh.base.unet.named_parameters():  # the values the float8 weights stood for
+        mine = theirs[name].dequantize() if isinstance(theirs[name], Float8Tensor) else theirs[name]
+        assert torch.equal(p, mine), name
+
+
+def test_weight_patches_on_float8_layers_quantize_the_sum_once_and_come_off_exactly(generator, fp8_matmul_on_cpu):
+    from torchao.quantization import Float8Tensor
+
+    unet = copy.deepcopy(generator.base.unet)
+    store_weights(unet, "fp8_matmul")
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    layer, parameter = unet.get_submodule(name.rpartition(".")[0]), unet.get_parameter(name)
+    kept = parameter.detach().clone()
+    delta = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.05
+    expected = copy.deepcopy(layer)
+    expected.weight = torch.nn.Parameter(kept.dequantize() + delta, requires_grad=False)
+    _quantize_by_hand(torch.nn.Sequential(expected))
+    bias = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0.bias"  # a float8 layer's plain bias
+    assert isinstance(unet.get_submodule(bias.rpartition(".")[0]).weight, Float8Tensor)
+    bias_before, bias_delta = unet.get_parameter(bias).detach().clone(), torch.full_like(unet.get_parameter(bias), 0.25)
+    patch = WeightPatch(unet, {name: delta, bias: bias_delta})
+    assert unet.get_parameter(name) is parameter and isinstance(parameter, Float8Tensor)
+    assert _same_bits(parameter, expected.weight)
+    assert torch.equal(unet.get_parameter(bias), bias_before + bias_delta)
+    patch.restore()
+    assert _same_bits(parameter, kept) and torch.equal(unet.get_parameter(bias), bias_before)
+
+
+@pytest.mark.parametrize("storage", ["fp8_e4m3fn", "fp8_matmul"])
+def test_a_lora_on_a_stored_generator_leaves_the_stored_weights_as_they_were(fresh, tiny, tmp_path, storage, request):
+    from sdxl_control.adapters.lora import LoRA
+    from sdxl_control.testing.lora import write_tiny_lora
+
+    if storage == "fp8_matmul":
+        request.getfixturevalue("fp8_matmul_on_cpu")
+    lora = write_tiny_lora(tmp_path / "style.safetensors", tiny.base, "kohya", seed=2)
+    fresh.set_weight_storage(storage)
+    before = {n: p.detach().clone() for n, p in fresh.base.unet.named_parameters()}
+    plain = fresh.generate(PROMPT, **RUN)
+    styled = fresh.generate(PROMPT, conditions=[LoRA(str(lora), scale=0.8)], **RUN)
+    assert not torch.equal(plain.latents, styled.latents)
+    after = dict(fresh.base.unet.named_parameters())
+    assert all(_same_bits(after[n], v) for n, v in before.items())
+    assert torch.equal(fresh.generate(PROMPT, **RUN).latents, plain.latents)
+
+
+def test_fp8_matmul_says_what_it_needs_and_leaves_nothing_half_applied(fresh, tiny, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from sdxl_control.adapters.controlnet import load_controlnet
+    from sdxl_control.cli import main
+    from sdxl_control.testing import write_tiny_controlnet
+
+    pytest.importorskip("torchao")
+    plain = {n: p.detach().clone() for n, p in fresh.base.unet.named_parameters()}
+
+    def untouched():
+        return fresh.weight_storage is None and all(
+            type(p) is torch.nn.Parameter and torch.equal(p, plain[n]) for n, p in fresh.base.unet.named_parameters()
+        )
+
+    with pytest.raises(InvalidRequestError, match="fp8 matmuls need a GPU with fp8 matrix units.*on cpu"):
+        fresh.set_weight_storage("fp8_matmul")
+    assert untouched()
+    from sdxl_control import storage
+
+    monkeypatch.setattr(storage, "_FP8_MATMUL_DEVICES", ("cuda", "xpu", "cpu"))
+    with pytest.raises(InvalidRequestError, match="fp8 matmuls cannot run here: Float8 dynamic quantization requires"):
+        fresh.set_weight_storage("fp8_matmul")  # torchao's own check of the GPU, made an error of ours
+    assert untouched() and compute_dtype(fresh.base.unet) is None
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
+        with pytest.raises(InvalidRequestError, match=r"fp8 matmuls need torchao: pip install"):
+            fresh.set_weight_storage("fp8_matmul")
+    assert untouched()
+    assert main(["generate", PROMPT, "--tiny", "--steps", "2", "--size", "64x64", "--weight-storage", "fp8_matmul",
+                 "-o", str(tmp_path / "x.png"), "-q"]) != 0  # fmt: skip
+    assert "fp8 matmuls cannot run here" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+    import torchao.quantization.quant_api as quant_api
+    from torchao.quantization import Float8Tensor
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    fresh.set_fast_path(FastPath(fuse_qkv=True))
+    with pytest.raises(InvalidRequestError, match="fused projections would concatenate"):
+        fresh.set_weight_storage("fp8_matmul")
+    assert fresh.weight_storage is None
+    fresh.set_fast_path(None)
+    fresh.set_weight_storage("fp8_matmul")
+    fresh.set_fast_path(FastPath(compile="blocks", fuse_qkv=False))  # torchao's float8 layers are made to compile
+    fresh.set_fast_path(None)
+    folder = write_tiny_controlnet(tmp_path / "cn", tiny.base, seed=4)
+    served = load_controlnet(str(folder), union=False, unet=fresh.base.unet)
+    assert stored_as(served) == "fp8_matmul"
+    assert any(isinstance(m.weight, Float8Tensor) for m in served.modules() if isinstance(m, torch.nn.Linear))

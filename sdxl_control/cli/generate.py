@@ -203,9 +203,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     gen.add_argument(
         "--weight-storage",
-        choices=("fp8_e4m3fn", "fp8_e5m2"),
+        choices=("fp8_e4m3fn", "fp8_e5m2", "fp8_matmul"),  # storage.WEIGHT_STORAGE, without importing torch
         help="keep the UNets' (and ControlNets') weights in fp8, each layer cast to the compute dtype as it runs "
-        "(ComfyUI's --fp8_e4m3fn-unet): about half their memory, the weights rounded to fp8; recorded in the recipe",
+        "(ComfyUI's --fp8_e4m3fn-unet): about half their memory, the weights rounded to fp8; fp8_matmul: torchao's "
+        "float8 linear layers, matrix products in fp8 (GPUs of compute capability 8.9+, pip install torchao); "
+        "recorded in the recipe",
     )
     gen.add_argument(
         "--step-cache",
