@@ -35,6 +35,7 @@ from ..infotext import Infotext, control_unit, model_label
 from ..inventory import ModelNeed, pattern_for, weights_need
 from ..preprocessors import load_image
 from ..storage import compute_dtype
+from ..weights import WeightDelta
 
 __all__ = [
     "IPAdapter",
@@ -315,7 +316,7 @@ class IPPrepared(Prepared):
 
     def __init__(
         self, name: str, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor, scales: dict[str, float], mask: Any,
-        deltas: Mapping[str, torch.Tensor] | None = None, branch: Callable[..., AttentionBranch] = AttentionBranch,
+        deltas: Mapping[str, WeightDelta] | None = None, branch: Callable[..., AttentionBranch] = AttentionBranch,
     ) -> None:  # fmt: skip
         self.name, self.weights, self.tokens, self.scales, self.mask = name, weights, tokens, scales, mask
         self.deltas, self.branch = deltas, branch
@@ -338,7 +339,7 @@ class IPPrepared(Prepared):
             replacements[layer] = BranchedAttnProcessor(layers[layer].processor, [branch])
         return _IPAttachment(ProcessorPatch(unet, replacements), branches)
 
-    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
+    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, WeightDelta]]:
         return {"unet": self.deltas} if self.deltas else {}
 
 

@@ -28,6 +28,7 @@ from ..files import addnet_hash
 from ..hub import resolve_in, resolve_source
 from ..infotext import Infotext, safe_name
 from ..inventory import ModelNeed, weights_need
+from ..weights import LowRankDelta
 
 __all__ = ["LoRA"]
 
@@ -42,10 +43,10 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 class _LoRAPrepared(Prepared):
-    def __init__(self, deltas: dict[Stage, dict[str, dict[str, torch.Tensor]]]) -> None:
+    def __init__(self, deltas: dict[Stage, dict[str, dict[str, LowRankDelta]]]) -> None:
         self.deltas = deltas
 
-    def weight_deltas(self, stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
+    def weight_deltas(self, stage: Stage) -> dict[str, dict[str, LowRankDelta]]:
         return self.deltas.get(stage, {})
 
 
@@ -101,7 +102,7 @@ class LoRA(Condition):
         return _LoRAPrepared(deltas)
 
 
-def _check_fit(deltas: dict[str, torch.Tensor], unet: Any, what: str) -> None:
+def _check_fit(deltas: dict[str, LowRankDelta], unet: Any, what: str) -> None:
     """Refuse a LoRA that does not fit before anything runs (rather than at its window's first step)."""
     parameters = dict(unet.named_parameters())
     for name, delta in deltas.items():

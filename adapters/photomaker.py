@@ -50,6 +50,7 @@ from ..infotext import Infotext, model_label, safe_name
 from ..inventory import ModelNeed, weights_need
 from ..preprocessors import load_image
 from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features, pack_need
+from ..weights import WeightDelta
 from .ip_adapter import checkpoint_family
 from .perceiver import PerceiverAttention, feed_forward
 
@@ -394,11 +395,11 @@ class PhotoMakerPrepared(Prepared):
         Window(start=0.35, end=1.0)
     """
 
-    deltas: Mapping[str, torch.Tensor]
+    deltas: Mapping[str, WeightDelta]
     edit: PromptEdit
     trigger: str
 
-    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
+    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, WeightDelta]]:
         return {"unet": self.deltas} if stage == Stage.BASE and self.deltas else {}
 
     def prompt_edit(self, stage: Stage) -> PromptEdit | None:

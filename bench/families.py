@@ -55,7 +55,7 @@ def _insightface_root(work: Path) -> Path:
     return root
 
 
-def _kohya_lora(path: Path, unet: Any, rank: int) -> Path:
+def write_kohya_lora(path: Path, unet: Any, rank: int) -> Path:
     """A kohya LoRA on every linear layer of the UNet's transformers, named by the original (SGM) blocks."""
     from safetensors.torch import save_file
 
@@ -133,7 +133,7 @@ def write_files(work: Path, unet: Any) -> dict[str, Path]:
         (files["parsing"], lambda: write_face_parser(files["parsing"])),
         (files["photomaker_v1"], lambda: write_photomaker_checkpoint(files["photomaker_v1"], unet, "v1")),
         (files["photomaker_v2"], lambda: write_photomaker_checkpoint(files["photomaker_v2"], unet, "v2")),
-        (files["lora"], lambda: _kohya_lora(files["lora"], unet, rank=128)),
+        (files["lora"], lambda: write_kohya_lora(files["lora"], unet, rank=128)),
     ]  # fmt: skip
     for target, write in steps:
         if not target.exists():

@@ -9,12 +9,15 @@ that come with the package), each part one command, its table in ``bench/results
   CPU time both ways;
 * ``step-cache``: UNet FLOPs per step (``torch.utils.flop_counter``, 1024x1024 with guidance, on the meta device) and
   CPU seconds per step of a generation at 256x256, for N = 1 (no caching), 2, 3, 5;
+* ``lora``: what a rank-128 kohya LoRA on every transformer linear layer of the base UNet (2.2 B weights) costs in
+  memory while it acts: peak RSS of a one-step call with it over the same call without it, each in a fresh process;
 * ``families``: every condition family at its published widths, stacked as the presets stack them (see
   ``bench/families.py``).
 
     python bench/full_size.py load --work /tmp/full      # about 10 min, 30 GB of disk in --work
     python bench/full_size.py fp8 --size 64 --repeats 1       # memory in bf16; this CPU computes bf16 slowly
     python bench/full_size.py step-cache --dtype fp32 --steps 11
+    python bench/full_size.py lora --work /tmp/full      # the base folder of the load part, and a LoRA file beside it
 """
 
 from __future__ import annotations
@@ -393,6 +396,62 @@ def part_step_cache(args: argparse.Namespace) -> dict[str, Any]:
             "cached_step_tflop_1024": round(cached / 1e12, 3)}  # fmt: skip
 
 
+def _lora_child(paths: dict[str, str], lora: str) -> dict[str, Any]:
+    """One base-only call, 1 step at 64 px, with the LoRA at ``lora`` or (``""``) without, after a call without it has
+    made every weight resident: the call's peak RSS over the RSS before it."""
+    from sdxl_control import Generator
+    from sdxl_control.adapters.lora import LoRA
+
+    gen = Generator.from_pretrained(paths["base"], device="cpu", dtype=DTYPE)
+    gen.base.vae.to(torch.float32)  # this CPU decodes bf16 slowly; the VAE is not what is measured
+
+    def call(conditions: list[Any]) -> None:
+        gen.generate("a lighthouse", conditions=conditions, steps=1, size=(64, 64), seed=1, progress_bar=False)
+
+    call([])
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the RSS now
+    before, start = _rss_gib(), time.perf_counter()
+    call([LoRA(lora, scale=0.8)] if lora else [])
+    return {"seconds": time.perf_counter() - start, "rss_before_gib": before, "peak_rss_gib": _peak_rss_gib()}
+
+
+def part_lora(args: argparse.Namespace) -> dict[str, Any]:
+    from diffusers import UNet2DConditionModel
+    from families import write_kohya_lora  # a script beside this one
+    from safetensors import safe_open
+
+    work = Path(args.work)
+    paths = {k: str(v) for k, v in _write_folders(work).items()}
+    lora = work / "lora_rank128.safetensors"
+    if not lora.exists():
+        with torch.device("meta"):  # the layers' widths are all the LoRA needs
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(paths["base"]) / "unet"))
+        write_kohya_lora(lora, unet, rank=128)
+    with safe_open(str(lora), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+    patched = sum(shapes[k.replace("lora_down", "lora_up")][0] * v[1] for k, v in shapes.items() if "lora_down" in k)
+    factors = sum(v[0] * v[1] for k, v in shapes.items() if ".lora_" in k)
+    rows = []
+    for case, file in (("without the LoRA", ""), ("with the LoRA (rank 128, scale 0.8)", str(lora))):
+        run = subprocess.run([sys.executable, __file__, "_lora", json.dumps(paths), file], capture_output=True,
+                             text=True, check=False)  # fmt: skip
+        if run.returncode != 0:
+            rows.append({"call": case, "error": run.stderr.strip().splitlines()[-1:]})
+            continue
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        rows.append({"call": case, "seconds": round(result["seconds"], 1),
+                     "rss_before_gib": round(result["rss_before_gib"], 2),
+                     "peak_rss_gib": round(result["peak_rss_gib"], 2)})  # fmt: skip
+        _say(json.dumps(rows[-1]))
+    extra = rows[1].get("peak_rss_gib", float("nan")) - rows[0].get("peak_rss_gib", float("nan"))
+    return {"part": "lora", "rows": rows, "patched_weights": patched,
+            "patched_weights_bf16_gib": round(patched * 2 / 2**30, 2),
+            "dense_deltas_fp32_gib": round(patched * 4 / 2**30, 2),
+            "factors_bf16_gib": round(factors * 2 / 2**30, 2), "lora_costs_gib": round(extra, 2),
+            "note": "the LoRA's cost is a copy of each weight it patches (to restore it bit for bit) and its factors; "
+            "the products are made one weight at a time while it is added"}  # fmt: skip
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -404,13 +463,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = {"load": part_load, "fp8": part_fp8, "step-cache": part_step_cache}
+PARTS = {"load": part_load, "fp8": part_fp8, "step-cache": part_step_cache, "lora": part_lora}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
         _say(json.dumps(_child(argv[1], json.loads(argv[2]))))
+        return 0
+    if argv and argv[0] == "_lora":
+        _say(json.dumps(_lora_child(json.loads(argv[1]), argv[2])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PARTS))

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,19 @@ from .errors import (
 )
 
 __version__ = "0.2.0"
+
+# With torchao installed (weight storage "fp8_matmul"), importing it (diffusers does, on its first model) makes two
+# libraries warn about each other's versions on every run: diffusers, that it cannot register tensor classes older
+# torchao releases had (for torchao-serialized checkpoints, which sdxl-control never reads), and torch, that torchao
+# registers its enums in a way newer torch deprecates. Neither is the user's to act on.
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+
+
+def _not_torchaos_enums(record: logging.LogRecord) -> bool:
+    return "register_constant() on Enum subclasses" not in record.getMessage()
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_not_torchaos_enums)
 
 # public name -> the module that defines it
 _LAZY = {

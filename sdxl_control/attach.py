@@ -13,7 +13,7 @@ import torch
 from .attention import attention_layers
 from .conditions import Attachment, Condition, Prepared, Stage, StepInfo
 from .errors import IncompatibleModelError, SdxlControlError
-from .weights import WeightPatch
+from .weights import WeightDelta, WeightPatch
 
 __all__ = ["ProcessorPatch", "WindowedDeltas", "ModelSnapshot", "attached"]
 
@@ -48,7 +48,7 @@ class WindowedDeltas(Attachment):
         >>> part = WindowedDeltas(unet, {"mid_block.attentions.0.proj_in.weight": delta}, "LoRA")  # doctest: +SKIP
     """
 
-    def __init__(self, model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], owner: str) -> None:
+    def __init__(self, model: torch.nn.Module, deltas: Mapping[str, WeightDelta], owner: str) -> None:
         self.model, self.deltas, self.owner = model, deltas, owner
         self.patch: WeightPatch | None = None
 

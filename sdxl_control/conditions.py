@@ -35,6 +35,7 @@ from .errors import ConditionError, InputError
 from .fast import FastPath
 from .files import PathMode, looks_local, portable
 from .validation import check_fields
+from .weights import WeightDelta
 
 if TYPE_CHECKING:
     from .infotext import Infotext
@@ -375,7 +376,7 @@ class Prepared:
         also those it does not attach to: a base-only condition may still take its syntax out of the refiner's prompt."""
         return None
 
-    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, torch.Tensor]]:
+    def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, WeightDelta]]:
         """The weight channel: deltas for the stage's models, by component (``unet``, ``text_encoder``,
         ``text_encoder_2``), each a map of parameter name to a tensor of that parameter's shape, already weighed.
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import IncompatibleModelError
+from .weights import LowRankDelta
 
 __all__ = ["COMPONENTS", "lora_deltas", "numbered_lora_deltas", "processor_lora_deltas", "text_parameter"]
 
@@ -59,10 +60,10 @@ def _pair_key(key: str, component: str) -> tuple[str, str]:
 
 def lora_deltas(
     state: dict[str, torch.Tensor], unet_config: Any, weight: float = 1.0, device: torch.device | str = "cpu"
-) -> dict[str, dict[str, torch.Tensor]]:
+) -> dict[str, dict[str, LowRankDelta]]:
     """A community LoRA file (kohya/A1111, diffusers or peft layout) as deltas per component (``unet``,
-    ``text_encoder``, ``text_encoder_2``): parameter name -> ``weight * alpha/r * up @ down``, computed in float32 on
-    ``device`` (the UNet's: the products are as large as the weights they patch)."""
+    ``text_encoder``, ``text_encoder_2``): parameter name -> ``weight * alpha/r * up @ down``, its factors on
+    ``device`` (the UNet's), multiplied out in float32 only while it is added (convolution LoRAs, LoCon, too)."""
     from diffusers import StableDiffusionXLPipeline
 
     try:
@@ -82,7 +83,7 @@ def lora_deltas(
         component, _, rest = key.removesuffix(".alpha").partition(".")
         module = _pair_key(rest, component)[0] if rest.endswith(".weight") else rest
         module_alpha[(component, module)] = float(alpha)
-    out: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, dict[str, LowRankDelta]] = {}
     for component, modules in pairs.items():
         deltas = {}
         for module, pair in modules.items():
@@ -90,14 +91,12 @@ def lora_deltas(
                 raise IncompatibleModelError(
                     f"LoRA module {module} lacks its {'up' if 'down' in pair else 'down'} weight"
                 )
-            down, up = pair["down"].to(device, torch.float32), pair["up"].to(device, torch.float32)
+            # The factors stay in the file's dtype (the file's own tensors, no copy on the CPU); the product is
+            # taken in float32.
+            down, up = pair["down"].to(device), pair["up"].to(device)
             rank = down.shape[0]
             scale = weight * module_alpha.get((component, module), rank) / rank
-            if down.ndim == 4:  # convolution LoRA (LoCon): a 1x1 up after a kxk down
-                delta = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-            else:
-                delta = up @ down
-            deltas[f"{module}.weight"] = delta * scale
+            deltas[f"{module}.weight"] = LowRankDelta(up, down, scale, torch.float32)
         if deltas:
             out[component] = deltas
     return out
@@ -113,7 +112,7 @@ def _projection_weight(module: str, projection: str) -> str:
 
 def numbered_lora_deltas(
     weights: Mapping[str, torch.Tensor], unet: Any, scale: float, device: torch.device | str
-) -> dict[str, torch.Tensor]:
+) -> dict[str, LowRankDelta]:
     """``scale * up @ down`` for every attention projection an IP-Adapter FaceID checkpoint's LoRA covers
     (``<n>.to_q_lora.down.weight``...), keyed by UNet parameter name: the checkpoint numbers all attention layers in
     the UNet's processor order (0, 1, 2, ...). Scale 0 gives no deltas."""
@@ -127,14 +126,15 @@ def numbered_lora_deltas(
             up = weights.get(f"{index}.{projection}_lora.up.weight")
             if down is None or up is None:
                 continue
-            delta = up.to(device, torch.float32) @ down.to(device, torch.float32)
-            deltas[_projection_weight(module, projection)] = delta if scale == 1 else scale * delta
+            deltas[_projection_weight(module, projection)] = LowRankDelta(
+                up.to(device), down.to(device), scale, torch.float32
+            )
     return deltas
 
 
 def processor_lora_deltas(
     lora: Mapping[str, torch.Tensor], unet: Any, scale: float, source: object
-) -> dict[str, torch.Tensor]:
+) -> dict[str, LowRankDelta]:
     """``scale * up @ down`` per UNet weight, from LoRA names of diffusers' old attention processors
     (``unet.<layer>.processor.to_q_lora.down.weight``); rank from the tensors, layers as the file lists them. Scale 0
     gives no deltas; a name this UNet lacks is refused, naming ``source``."""
@@ -148,7 +148,7 @@ def processor_lora_deltas(
         up = lora[key.replace("_lora.down.", "_lora.up.")]
         if target not in parameters:
             raise IncompatibleModelError(f"{source}: its LoRA names {target}, which this UNet does not have")
-        deltas[target] = scale * (up @ down)
+        deltas[target] = LowRankDelta(up, down, scale)
     if not deltas:
         raise IncompatibleModelError(f"{source}: no LoRA weights (unet.*.processor.*_lora.*)")
     return {} if scale == 0 else deltas

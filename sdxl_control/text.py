@@ -16,7 +16,7 @@ from .conditions import PromptEdit, PromptTokens, Window, acts
 from .conversion import text_parameter
 from .emphasis import CHUNK_TOKENS, Emphasis, emphasized, unweighted, weighted_tokens
 from .errors import ConditionError, IncompatibleModelError
-from .weights import WeightPatch
+from .weights import WeightDelta, WeightPatch
 
 __all__ = [
     "TextEncoder",
@@ -234,7 +234,7 @@ class TextChannel:
     scale: float
     window: Window
     edit: PromptEdit | None = None
-    deltas: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    deltas: Mapping[str, Mapping[str, WeightDelta]] = field(default_factory=dict)
 
     def weighs(self, index: int, total: int) -> bool:
         return acts(self.scale, self.window, index, total)
