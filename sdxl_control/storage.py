@@ -13,8 +13,8 @@ precision and the patched weight rounded to fp8 once (:mod:`sdxl_control.weights
 A third kind, ``"fp8_matmul"``, computes in 8 bits too, on GPUs with fp8 matrix units (compute capability 8.9 and
 newer: Ada, Hopper, Blackwell; AMD MI300; Intel XPU): the linear layers among those become torchao's float8 layers
 (``Float8DynamicActivationFloat8WeightConfig``: e4m3 weights with a scale per output row for bf16 models, one per
-tensor for fp16/fp32, and each input scaled and cast to e4m3 as it arrives), so the matrix products themselves run
-in fp8. Convolutions stay in the compute dtype, and torchao leaves out any layer whose widths are not multiples of
+tensor for fp16/fp32, and each input scaled and cast to e4m3 as it arrives, see :data:`FP8_MATMUL_MIN_AMAX`), so
+the matrix products themselves run in fp8. Convolutions stay in the compute dtype, and torchao leaves out any layer whose widths are not multiples of
 16. The images are those of torchao's own quantization of the same layers, exactly.
 
 Example:
@@ -34,7 +34,7 @@ import torch
 from .errors import InvalidRequestError
 
 __all__ = [
-    "FP8_MATMUL", "WEIGHT_STORAGE", "check_storage", "compute_dtype", "narrowed", "store_weights",
+    "FP8_MATMUL", "FP8_MATMUL_MIN_AMAX", "WEIGHT_STORAGE", "check_storage", "compute_dtype", "narrowed", "store_weights",
     "stored_as", "stored_layers", "storage_dtype", "widened",
 ]  # fmt: skip
 
@@ -45,6 +45,10 @@ WEIGHT_STORAGE: dict[str, torch.dtype] = {
 
 # where torchao's float8 matrix products run (it checks the GPU's generation itself)
 _FP8_MATMUL_DEVICES = ("cuda", "xpu")
+# The least absolute maximum an input's scale is taken from. torchao divides by it: an input row of zeros (SDXL's
+# empty negative prompt is zeroed, so every cross-attention key and value projection of the unconditional half sees
+# them) would otherwise become 0/0 = NaN. torchao's float8 training clamps with the same 1e-12.
+FP8_MATMUL_MIN_AMAX = 1e-12
 # stored layer or model -> the dtype it computes in; weak so that dropped models leave no entries
 _COMPUTE: weakref.WeakKeyDictionary[torch.nn.Module, torch.dtype] = weakref.WeakKeyDictionary()
 _STORED: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()  # model -> storage name
@@ -196,7 +200,7 @@ def _store_for_fp8_matmul(model: torch.nn.Module, compute: torch.dtype, device: 
 
     # torchao's per-row scales need bf16 weights; fp16 and fp32 models take one scale per tensor.
     granularity = PerRow() if compute == torch.bfloat16 else PerTensor()
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity, activation_value_lb=FP8_MATMUL_MIN_AMAX)
     candidates = [layer for layer in stored_layers(model) if isinstance(layer, torch.nn.Linear)]
     layers: list[torch.nn.Linear] = []
 

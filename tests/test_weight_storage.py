@@ -195,11 +195,11 @@ def fp8_matmul_on_cpu(monkeypatch):
 
 def _quantize_by_hand(unet):
     """torchao's own float8 quantization of the layers fp8 storage keeps: its linear layers (fp32 model: a scale per
-    tensor)."""
+    tensor), inputs' scales taken from at least 1e-12."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
 
     chosen = {id(layer) for layer in stored_layers(unet) if isinstance(layer, torch.nn.Linear)}
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), activation_value_lb=1e-12)
     quantize_(unet, config, filter_fn=lambda module, name: id(module) in chosen)
 
 
@@ -327,3 +327,20 @@ def test_fp8_matmul_says_what_it_needs_and_leaves_nothing_half_applied(fresh, ti
     served = load_controlnet(str(folder), union=False, unet=fresh.base.unet)
     assert stored_as(served) == "fp8_matmul"
     assert any(isinstance(m.weight, Float8Tensor) for m in served.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_fp8_matmul_takes_rows_of_zeros_without_nans(tiny, fp8_matmul_on_cpu):
+    """An input row of zeros has no scale of its own (torchao divides by its maximum): SDXL's empty negative prompt is
+    zeroed, so the unconditional half's cross-attention keys and values see such rows at every step. A bf16 model
+    scales each row (token) on its own."""
+    for dtype in (torch.bfloat16, torch.float32):
+        layer = torch.nn.Sequential(torch.nn.Linear(32, 48)).to(dtype)
+        store_weights(layer, "fp8_matmul")
+        rows = torch.cat([torch.zeros(1, 3, 32), torch.randn(1, 3, 32)]).to(dtype)
+        out = layer(rows)
+        assert torch.isfinite(out).all() and torch.equal(out[0], layer[0].bias.expand(3, 48)), dtype
+        assert torch.isfinite(layer(torch.zeros(2, 32, dtype=dtype))).all()  # a whole tensor of zeros too
+    gen = Generator.from_pretrained(tiny.base, device="cpu", dtype=torch.bfloat16)
+    gen.set_weight_storage("fp8_matmul")
+    result = gen.generate(PROMPT, steps=2, size=(64, 64), seed=3, negative_prompt="", progress_bar=False)
+    assert torch.isfinite(result.latents).all()
