@@ -282,7 +282,7 @@ def _weight_mib(model: torch.nn.Module) -> float:
 
 
 def weight_storage(setup: Setup, storages: list[str], repeats: int, plain_ms: float) -> list[dict[str, Any]]:
-    """The UNet alone (CFG batch 2) with its weights kept in each storage: ms per forward, the weights' GiB, speed-up
+    """The UNet alone (CFG batch 2) with its weights kept in each storage: ms per forward, the weights' MiB, speed-up
     over the plain models; ``"fp8_matmul"`` also with its transformer blocks compiled, as torchao's float8 layers are
     meant to run. Run last: fp8 rounds the weights for good. A storage this device cannot run is a row saying why."""
     gen = setup.gen

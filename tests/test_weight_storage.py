@@ -1,7 +1,8 @@
 """fp8 weight storage: the same layers and numbers as diffusers' ``enable_layerwise_casting``; a generator kept in
 fp8 makes the image of its weights rounded to fp8 by hand, exactly; weight patches add at the compute precision and
 round once, and come off exactly; switching it off leaves the layers in the compute dtype with no hooks; a ControlNet
-follows its UNet; the recipe, the CLI, presets and job files carry it."""
+follows its UNet; the recipe, the CLI, presets and job files carry it. fp8 matmuls ("fp8_matmul") are torchao's own
+quantization of the same linear layers, exactly, patched and restored exactly, refused clearly where they cannot run."""
 
 from __future__ import annotations
 
