@@ -4,8 +4,8 @@ ControlNet and ControlNet-Union, IP-Adapter sdxl (ViT-bigG) / vit-h / plus / plu
 PlusV2, InstantID (IdentityNet + the 1280-wide, 20-head Resampler), PuLID v1 and v1.1 (the full EVA02-L/14 at
 336 px), PhotoMaker v1 and v2, a kohya LoRA of rank 128 on every transformer projection, a Lightning-style full
 UNet — then the portrait and style-transfer presets' stacks. Each row runs ``--steps`` steps at ``--size`` (64 px:
-this CPU computes bf16 slowly) in bf16, the VAEs in fp32, through the normal code paths and reports the seconds before the first step (loading, encoders, face analysis),
-seconds per step and the row's peak RSS. Faces are analysed with the real SCRFD detector from ``../shared`` and a
+this CPU computes bf16 slowly) in bf16, the VAEs in fp32, through the normal code paths and reports the seconds
+before the first step (loading, encoders, face analysis), seconds per step and the row's peak RSS. Faces are analysed with the real SCRFD detector from ``../shared`` and a
 stand-in recognition model (no ArcFace weights are reachable here); the photos are ``../shared``'s.
 
     python bench/families.py --work /tmp/sdxl-full      # reuses the load part's folders; about 30 min here

@@ -14,8 +14,8 @@ A third kind, ``"fp8_matmul"``, computes in 8 bits too, on GPUs with fp8 matrix 
 newer: Ada, Hopper, Blackwell; AMD MI300; Intel XPU): the linear layers among those become torchao's float8 layers
 (``Float8DynamicActivationFloat8WeightConfig``: e4m3 weights with a scale per output row for bf16 models, one per
 tensor for fp16/fp32, and each input scaled and cast to e4m3 as it arrives, see :data:`FP8_MATMUL_MIN_AMAX`), so
-the matrix products themselves run in fp8. Convolutions stay in the compute dtype, and torchao leaves out any layer whose widths are not multiples of
-16. The images are those of torchao's own quantization of the same layers, exactly.
+the matrix products themselves run in fp8. Convolutions stay in the compute dtype, and torchao leaves out any layer
+whose widths are not multiples of 16. The images are those of torchao's own quantization of the same layers, exactly.
 
 Example:
     >>> undo = store_weights(unet, "fp8_e4m3fn")   # doctest: +SKIP
@@ -34,8 +34,8 @@ import torch
 from .errors import InvalidRequestError
 
 __all__ = [
-    "FP8_MATMUL", "FP8_MATMUL_MIN_AMAX", "WEIGHT_STORAGE", "check_storage", "compute_dtype", "narrowed", "store_weights",
-    "stored_as", "stored_layers", "storage_dtype", "widened",
+    "FP8_MATMUL", "FP8_MATMUL_MIN_AMAX", "WEIGHT_STORAGE", "check_storage", "compute_dtype", "narrowed",
+    "store_weights", "stored_as", "stored_layers", "storage_dtype", "widened",
 ]  # fmt: skip
 
 FP8_MATMUL = "fp8_matmul"
