@@ -27,6 +27,8 @@ BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), fl
 ELSEWHERE = {
     "gradio_client": "the page's HTTP API: tests/test_ui.py calls it with gradio_client on a running page",
     'set_offload("cuda")': "offload to a GPU: this machine has none (tests/test_bad_inputs.py refuses it as set)",
+    'weight_storage="fp8_matmul"': "fp8 matmuls need a GPU of compute capability 8.9+: tests/test_weight_storage.py "
+    "runs torchao's float8 layers on the CPU with its GPU check lifted",
 }
 
 
