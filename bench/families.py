@@ -4,11 +4,13 @@ ControlNet and ControlNet-Union, IP-Adapter sdxl (ViT-bigG) / vit-h / plus / plu
 PlusV2, InstantID (IdentityNet + the 1280-wide, 20-head Resampler), PuLID v1 and v1.1 (the full EVA02-L/14 at
 336 px), PhotoMaker v1 and v2, a kohya LoRA of rank 128 on every transformer projection, a Lightning-style full
 UNet — then the portrait and style-transfer presets' stacks. Each row runs ``--steps`` steps at ``--size`` (64 px:
-this CPU computes bf16 slowly) in bf16, the VAEs in fp32, through the normal code paths and reports the seconds
-before the first step (loading, encoders, face analysis), seconds per step and the row's peak RSS. Faces are analysed with the real SCRFD detector from ``../shared`` and a
-stand-in recognition model (no ArcFace weights are reachable here); the photos are ``../shared``'s.
+this CPU computes bf16 slowly) in bf16, the VAEs in fp32, through the normal code paths, each row in a fresh
+process, and reports the seconds before the first step (encoders, face analysis), seconds per step, and the peak RSS
+of the row's process and its excess over the plain base row's. Faces are analysed with the real SCRFD detector from
+``../shared`` and a stand-in recognition model (no ArcFace weights are reachable here); the photos are
+``../shared``'s.
 
-    python bench/families.py --work /tmp/sdxl-full      # reuses the load part's folders; about 30 min here
+    python bench/families.py --work /tmp/sdxl-full      # reuses the load part's folders; about 40 min here
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import gc
 import json
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -31,10 +34,6 @@ from PIL import Image
 
 SHARED = HERE.parent.parent / "shared"
 PROMPT = "a portrait of an astronaut, studio light"
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
 
 
 def _peak_gib() -> float:
@@ -103,6 +102,18 @@ def _in_bf16(target: Path) -> None:
         file.with_suffix(".tmp").replace(file)
 
 
+def family_files(work: Path) -> dict[str, Path]:
+    """Where :func:`write_files` puts each family's files."""
+    root = work / "families"
+    files = {name: root / name for name in ("cn", "union", "ip", "faceid", "instantid", "pulid", "eva", "parsing")}
+    files.update(photomaker_v1=root / "photomaker-v1.bin", photomaker_v2=root / "photomaker-v2.bin",
+                 lora=root / "lora_rank128.safetensors")  # fmt: skip
+    # A full-UNet checkpoint as SDXL-Lightning publishes one (a UNet state dict alone): the base's own UNet file is
+    # one, and spares 5 GB of disk.
+    files["lightning"] = work / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    return files
+
+
 def write_files(work: Path, unet: Any) -> dict[str, Path]:
     """Every family's files at the published sizes, written once into ``work/families``."""
     from sdxl_control.adapters.ip_adapter import VISION_COMMON, VISION_CONFIGS
@@ -112,13 +123,7 @@ def write_files(work: Path, unet: Any) -> dict[str, Path]:
     from sdxl_control.testing.photomaker import write_photomaker_checkpoint
     from sdxl_control.testing.pulid import write_eva_clip_checkpoint, write_face_parser, write_pulid_checkpoint
 
-    root = work / "families"
-    files = {name: root / name for name in ("cn", "union", "ip", "faceid", "instantid", "pulid", "eva", "parsing")}
-    files.update(photomaker_v1=root / "photomaker-v1.bin", photomaker_v2=root / "photomaker-v2.bin",
-                 lora=root / "lora_rank128.safetensors")  # fmt: skip
-    # A full-UNet checkpoint as SDXL-Lightning publishes one (a UNet state dict alone): the base's own UNet file is
-    # one, and spares 5 GB of disk.
-    files["lightning"] = work / "base" / "unet" / "diffusion_pytorch_model.safetensors"
+    files = family_files(work)
     steps: list[tuple[Path, Callable[[], Any]]] = [
         (files["cn"], lambda: write_controlnet(files["cn"], unet, seed=1)),
         (files["union"], lambda: write_controlnet(files["union"], unet, seed=2, union=True, promax=True)),
@@ -188,14 +193,13 @@ def rows(files: dict[str, Path], faces: Path) -> dict[str, Callable[[], tuple[li
     }  # fmt: skip
 
 
+LOAD = "load base + refiner (folders)"
+LIGHTNING = "Lightning full UNet (trailing, CFG 1)"
+
+
 def _row(
     gen: Any, name: str, make: Callable[[], tuple[list[Any], dict[str, Any]]], args: argparse.Namespace
 ) -> dict[str, Any]:
-    from sdxl_control import clear_caches
-
-    clear_caches()
-    gc.collect()
-    _reset_peak()
     stamps: list[float] = []
     start = time.perf_counter()
     try:
@@ -222,6 +226,42 @@ def _vae_in_fp32(gen: Any) -> None:
             stage.vae.to(torch.float32)
 
 
+def _child(args: argparse.Namespace) -> dict[str, Any]:
+    """One row in this fresh process: the generator loaded, then the row's call; its peak RSS is the process's."""
+    from sdxl_control import Generator
+
+    work = Path(args.work)
+    paths = _write_folders(work, single_files=False)
+    files = family_files(work)  # written by the parent
+    start = time.perf_counter()
+    if args.row == LOAD:
+        Generator.from_pretrained(paths["base"], paths["refiner"], device="cpu", dtype=DTYPE)
+        return {"row": LOAD, "total_s": round(time.perf_counter() - start, 1), "peak_rss_gib": round(_peak_gib(), 2)}
+    if args.row == LIGHTNING:
+        gen = Generator.from_pretrained(paths["base"], device="cpu", dtype=DTYPE, unet=str(files["lightning"]))
+
+        def make() -> tuple[list[Any], dict[str, Any]]:
+            return [], {"guidance": 1.0, "scheduler": "euler_trailing"}
+    else:
+        gen = Generator.from_pretrained(paths["base"], paths["refiner"], device="cpu", dtype=DTYPE)
+        make = rows(files, _insightface_root(work))[args.row]
+    loaded = time.perf_counter() - start
+    _vae_in_fp32(gen)
+    return {**_row(gen, args.row, make, args), "load_s": round(loaded, 1)}
+
+
+def _in_own_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Each row runs in a fresh process: in one long process the allocator keeps what earlier rows freed, so a row's
+    peak RSS would carry theirs."""
+    command = [sys.executable, __file__, "--row", name, "--work", args.work, "--steps", str(args.steps),
+               "--size", str(args.size)]  # fmt: skip
+    run = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)  # its stderr shows progress
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines:
+        return {"row": name, "error": f"the row's process ended with exit code {run.returncode}"}
+    return json.loads(lines[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/sdxl-full")
@@ -229,43 +269,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--only", nargs="*", default=None, help="rows whose names contain any of these words")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # the child process of one row
     args = parser.parse_args(argv)
+    if args.row:
+        _say(json.dumps(_child(args)))
+        return 0
     from sdxl_control import Generator
 
     work = Path(args.work)
-    paths = _write_folders(work)
+    paths = _write_folders(work, single_files=False)
     faces = _insightface_root(work)
-    start = time.perf_counter()
-    gen = Generator.from_pretrained(paths["base"], paths["refiner"], device="cpu", dtype=DTYPE)
-    load_s = time.perf_counter() - start
-    _vae_in_fp32(gen)
-    files = write_files(work, gen.base.unet)
-    table = [
-        {"row": "load base + refiner (folders)", "total_s": round(load_s, 1), "peak_rss_gib": round(_peak_gib(), 2)}
-    ]
-    chosen = {k: v for k, v in rows(files, faces).items() if not args.only or any(w in k for w in args.only)}
-    for name, make in chosen.items():
-        table.append(_row(gen, name, make, args))
-        _say(json.dumps(table[-1]))
-    if not args.only or any("Lightning" in w for w in args.only):
+    files = family_files(work)
+    if not all(path.exists() for path in files.values()):  # the writers need the real UNet
+        gen = Generator.from_pretrained(paths["base"], paths["refiner"], device="cpu", dtype=DTYPE)
+        write_files(work, gen.base.unet)
         del gen
         gc.collect()
-        _reset_peak()
-        start = time.perf_counter()
-        lightning = Generator.from_pretrained(paths["base"], device="cpu", dtype=DTYPE, unet=str(files["lightning"]))
-        loaded = time.perf_counter() - start
-        _vae_in_fp32(lightning)
-        row = _row(lightning, "Lightning full UNet (trailing, CFG 1)", lambda: ([], {"guidance": 1.0,
-                   "scheduler": "euler_trailing"}), args)  # fmt: skip
-        row["load_s"] = round(loaded, 1)
-        table.append(row)
-        _say(json.dumps(row))
+    names = [LOAD, *rows(files, faces), LIGHTNING]
+    table = []
+    for name in [n for n in names if not args.only or any(w in n for w in args.only)]:
+        table.append(_in_own_process(name, args))
+        _say(json.dumps(table[-1]))
     earlier = Path(args.out) / "families-cpu.json"
     if args.only and earlier.exists():  # the rows run again replace theirs in the last full table
-        redone = {r["row"]: r for r in table[1:]}
+        redone = {r["row"]: r for r in table}
         table = [redone.pop(r["row"], r) for r in json.loads(earlier.read_text())["rows"]] + list(redone.values())
+    base = next((r for r in table if r["row"] == "base" and "peak_rss_gib" in r), None)
+    for row in table:
+        if base is not None and row["row"] != LOAD and "peak_rss_gib" in row:
+            row["over_base_gib"] = round(row["peak_rss_gib"] - base["peak_rss_gib"], 2)
     result = {"part": "families", "rows": table, "dtype": "bf16", "steps": args.steps, "size": args.size,
-              "failed": [r["row"] for r in table if "error" in r], "machine": machine()}  # fmt: skip
+              "failed": [r["row"] for r in table if "error" in r], "machine": machine(),
+              "note": "each row ran in a fresh process that loaded base + refiner (the Lightning row: base with "
+              "the Lightning UNet); peak_rss_gib is that process's peak, over_base_gib its excess over the "
+              "plain base row's"}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "families-cpu.json").write_text(json.dumps(result, indent=1) + "\n")

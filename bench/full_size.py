@@ -118,8 +118,8 @@ def random_models(stage: Any, dtype: torch.dtype = DTYPE) -> dict[str, Any]:
     return out
 
 
-def _write_folders(work: Path) -> dict[str, Path]:
-    """Base and refiner as diffusers folders and as single files, written once into ``work``."""
+def _write_folders(work: Path, single_files: bool = True) -> dict[str, Path]:
+    """Base and refiner as diffusers folders and (``single_files``) as single files, written once into ``work``."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from sdxl_control.conditions import Stage
@@ -140,7 +140,7 @@ def _write_folders(work: Path) -> dict[str, Path]:
             pipe.save_pretrained(paths[name], safe_serialization=True)
             del pipe, parts
             gc.collect()
-        if not paths[f"{name}_file"].exists():
+        if single_files and not paths[f"{name}_file"].exists():
             write_single_file(paths[name], paths[f"{name}_file"], dtype=DTYPE)
             gc.collect()
     return paths

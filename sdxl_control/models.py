@@ -349,6 +349,34 @@ def stage_needs(
     return needs
 
 
+def _take_tensors(module: torch.nn.Module, state: dict[str, torch.Tensor], misfit: str) -> None:
+    """Put ``state``'s tensors in place of ``module``'s parameters and buffers, each moved to the device and dtype of
+    the one it replaces: for a file already in them nothing is copied (the tensor stays a view of the file's memory
+    map), and on a GPU one tensor at a time is new. Copying into the parameters instead (``load_state_dict``) would
+    make the module's old weights resident beside the file's: twice the UNet at the peak. Checked whole before any
+    is put in place; ``misfit`` starts the error."""
+    own: dict[str, torch.Tensor] = dict(module.state_dict(keep_vars=True))  # the keys load_state_dict takes
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in own.keys() & state.keys()
+              if state[k].shape != own[k].shape]  # fmt: skip
+    faults = [f"{what}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+              for what, names in (("missing", missing), ("unexpected", unexpected), ("shapes", sorted(shapes)))
+              if names]  # fmt: skip
+    if faults:
+        raise IncompatibleModelError(f"{misfit} ({'; '.join(faults)})")
+    for name in list(state):
+        old = own.pop(name)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        value = state.pop(name).to(old.device, old.dtype)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            owner.register_buffer(leaf, value)
+        del old
+
+
 def _load_unet_weights(models: StageModels, unet: ModelRef, cache_dir: str | os.PathLike[str] | None) -> None:
     from safetensors.torch import load_file
 
@@ -359,10 +387,6 @@ def _load_unet_weights(models: StageModels, unet: ModelRef, cache_dir: str | os.
     if file.suffix != ".safetensors" or not file.is_file():
         raise CheckpointError(f"{file}: a UNet checkpoint must be a .safetensors file")
     check_safetensors(file)
-    state = load_file(str(file))
-    try:
-        models.unet.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise IncompatibleModelError(f"{file} does not fit the {models.stage.label} UNet ({str(exc)[:300]})") from None
+    _take_tensors(models.unet, load_file(str(file)), f"{file} does not fit the {models.stage.label} UNet")
     recorded = unet if unet.weight_name is not None else ModelRef(str(file))
     models.source = dataclasses.replace(models.source, unet_weights=recorded, unet_sha256=sha256_of(file))

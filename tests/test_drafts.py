@@ -114,8 +114,26 @@ def test_unet_only_checkpoint_loads_over_the_base(tiny, tmp_path):
     run = dict(size=(64, 64), steps=2, seed=1, progress_bar=False)
     assert not torch.allclose(gen.generate("x", **run).latents, reference.generate("x", **run).latents)
     save_file({"conv_in.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(IncompatibleModelError, match="does not fit the base UNet"):
+    with pytest.raises(IncompatibleModelError, match="does not fit the base UNet.*missing: "):
         Generator.from_pretrained(tiny.base, device="cpu", unet=str(tmp_path / "other.safetensors"))
+
+
+def test_unet_only_checkpoint_takes_the_models_dtype_and_names_what_does_not_fit(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    reference = Generator.from_pretrained(tiny.base, device="cpu")
+    state = {k: v.half() for k, v in reference.base.unet.state_dict().items()}  # published as fp16
+    save_file(state, str(tmp_path / "fp16.safetensors"))
+    gen = Generator.from_pretrained(tiny.base, device="cpu", unet=str(tmp_path / "fp16.safetensors"))
+    params = dict(gen.base.unet.named_parameters())
+    assert params.keys() == state.keys()
+    assert all(p.dtype == torch.float32 and torch.equal(p, state[k].float()) for k, p in params.items())
+    before = dict(reference.base.unet.named_parameters())
+    assert all(p.requires_grad == before[k].requires_grad for k, p in params.items())
+    wrong = {**state, "conv_in.weight": torch.zeros(3, 3), "extra.weight": torch.zeros(1)}
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(IncompatibleModelError, match=r"unexpected: extra.weight; shapes: conv_in.weight \(3, 3\)"):
+        Generator.from_pretrained(tiny.base, device="cpu", unet=str(tmp_path / "wrong.safetensors"))
 
 
 def test_draft_decoder_equals_diffusers_with_the_tiny_autoencoder(generator, tiny, tmp_path):
