@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -29,15 +28,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from full_size import DTYPE, HERE, _say, _write_folders, machine, markdown, status_gib  # noqa: E402 (a script beside it)
+from full_size import (  # noqa: E402 (a script beside it)
+    DTYPE,
+    HERE,
+    _peak_rss_gib,
+    _say,
+    _write_folders,
+    in_fresh_process,
+    machine,
+    markdown,
+)
 from PIL import Image
 
 SHARED = HERE.parent.parent / "shared"
 PROMPT = "a portrait of an astronaut, studio light"
-
-
-def _peak_gib() -> float:
-    return status_gib("VmHWM")
 
 
 def _insightface_root(work: Path) -> Path:
@@ -214,7 +218,7 @@ def _row(
     total = time.perf_counter() - start
     step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
     return {"row": name, "before_first_step_s": round(stamps[0] - start - step, 1), "s_per_step": round(step, 1),
-            "total_s": round(total, 1), "peak_rss_gib": round(_peak_gib(), 2),
+            "total_s": round(total, 1), "peak_rss_gib": round(_peak_rss_gib(), 2),
             "finite": bool(torch.isfinite(result.latents).all())}  # fmt: skip
 
 
@@ -236,7 +240,11 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     if args.row == LOAD:
         Generator.from_pretrained(paths["base"], paths["refiner"], device="cpu", dtype=DTYPE)
-        return {"row": LOAD, "total_s": round(time.perf_counter() - start, 1), "peak_rss_gib": round(_peak_gib(), 2)}
+        return {
+            "row": LOAD,
+            "total_s": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": round(_peak_rss_gib(), 2),
+        }
     if args.row == LIGHTNING:
         gen = Generator.from_pretrained(paths["base"], device="cpu", dtype=DTYPE, unet=str(files["lightning"]))
 
@@ -251,15 +259,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _in_own_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Each row runs in a fresh process: in one long process the allocator keeps what earlier rows freed, so a row's
-    peak RSS would carry theirs."""
-    command = [sys.executable, __file__, "--row", name, "--work", args.work, "--steps", str(args.steps),
-               "--size", str(args.size)]  # fmt: skip
-    run = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)  # its stderr shows progress
-    lines = run.stdout.strip().splitlines()
-    if run.returncode != 0 or not lines:
-        return {"row": name, "error": f"the row's process ended with exit code {run.returncode}"}
-    return json.loads(lines[-1])
+    """Each row runs in a fresh process, so that its peak RSS is its own."""
+    result = in_fresh_process(__file__, "--row", name, "--work", args.work, "--steps", str(args.steps),
+                              "--size", str(args.size))  # fmt: skip
+    return {"row": name, **result}
 
 
 def main(argv: list[str] | None = None) -> int:

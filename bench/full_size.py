@@ -69,6 +69,17 @@ def _peak_rss_gib() -> float:
     return status_gib("VmHWM")
 
 
+def in_fresh_process(script: str, *arguments: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``script`` with ``arguments`` in a new Python process and return the JSON object on the last line it
+    prints, or ``{"error": the last line of its stderr}``. Memory is measured in fresh processes: in a long one the
+    allocator keeps what earlier work freed, and a peak would carry it."""
+    run = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, check=False, env=env)
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines:
+        return {"error": (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]}
+    return json.loads(lines[-1])
+
+
 def machine() -> dict[str, Any]:
     import diffusers
     import transformers
@@ -279,13 +290,13 @@ def part_load(args: argparse.Namespace) -> dict[str, Any]:
         payload = json.dumps({k: str(v) for k, v in paths.items()})
         runs = []
         for _ in range(1 if name.endswith(FIRST) else args.repeats):  # a first time happens once
-            run = subprocess.run([sys.executable, __file__, "_child", name, payload], capture_output=True, text=True,
-                                 check=False, env={**os.environ, "SDXL_CONTROL_CACHE": str(hashes)})  # fmt: skip
-            if run.returncode != 0:
+            run = in_fresh_process(__file__, "_child", name, payload,
+                                   env={**os.environ, "SDXL_CONTROL_CACHE": str(hashes)})  # fmt: skip
+            if "error" in run:
                 break
-            runs.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            runs.append(run)
         if not runs:
-            rows.append({"load": name, "error": run.stderr.strip().splitlines()[-1:]})
+            rows.append({"load": name, "error": run["error"]})
             continue
         result = min(runs, key=lambda r: r["seconds"])  # the least disturbed of the runs
         set_bytes = max(weights.values()) if name == "ours, switching sets" else weights[kind]
@@ -421,7 +432,7 @@ def part_lora(args: argparse.Namespace) -> dict[str, Any]:
     from safetensors import safe_open
 
     work = Path(args.work)
-    paths = {k: str(v) for k, v in _write_folders(work).items()}
+    paths = {k: str(v) for k, v in _write_folders(work, single_files=False).items()}
     lora = work / "lora_rank128.safetensors"
     if not lora.exists():
         with torch.device("meta"):  # the layers' widths are all the LoRA needs
@@ -433,12 +444,10 @@ def part_lora(args: argparse.Namespace) -> dict[str, Any]:
     factors = sum(v[0] * v[1] for k, v in shapes.items() if ".lora_" in k)
     rows = []
     for case, file in (("without the LoRA", ""), ("with the LoRA (rank 128, scale 0.8)", str(lora))):
-        run = subprocess.run([sys.executable, __file__, "_lora", json.dumps(paths), file], capture_output=True,
-                             text=True, check=False)  # fmt: skip
-        if run.returncode != 0:
-            rows.append({"call": case, "error": run.stderr.strip().splitlines()[-1:]})
+        result = in_fresh_process(__file__, "_lora", json.dumps(paths), file)
+        if "error" in result:
+            rows.append({"call": case, "error": result["error"]})
             continue
-        result = json.loads(run.stdout.strip().splitlines()[-1])
         rows.append({"call": case, "seconds": round(result["seconds"], 1),
                      "rss_before_gib": round(result["rss_before_gib"], 2),
                      "peak_rss_gib": round(result["peak_rss_gib"], 2)})  # fmt: skip

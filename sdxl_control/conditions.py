@@ -378,7 +378,8 @@ class Prepared:
 
     def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, WeightDelta]]:
         """The weight channel: deltas for the stage's models, by component (``unet``, ``text_encoder``,
-        ``text_encoder_2``), each a map of parameter name to a tensor of that parameter's shape, already weighed.
+        ``text_encoder_2``), each a map of parameter name to a tensor of that parameter's shape or a
+        :class:`~sdxl_control.weights.LowRankDelta` (a LoRA's factors), already weighed.
 
         They are added exactly at the steps where the condition acts (see :func:`acts`) and removed bit for bit
         after: the UNet's for its denoising steps, the text encoders' while the prompt of those steps is encoded.
