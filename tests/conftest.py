@@ -109,6 +109,18 @@ def insightface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def as_reference(pipe: Any) -> Any:
+    """``pipe`` (a diffusers pipeline, fully built) made ready to be compared with: no progress bar, and its weights
+    frozen as ours are. Torch's CPU kernels take another path for a weight that requires grad, even under no_grad (a
+    linear layer on a permuted input, as every transformer block's proj_in gets), which rounds last bits differently
+    on some CPUs (1e-6 here on an Intel Xeon): a reference whose weights require grad would differ for that alone."""
+    pipe.set_progress_bar_config(disable=True)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def sdxl_pipes(tiny: TinyModels) -> tuple[Any, Any]:
     """diffusers' own SDXL base and refiner pipelines on the tiny models: the references our loop is compared with."""
@@ -116,6 +128,4 @@ def sdxl_pipes(tiny: TinyModels) -> tuple[Any, Any]:
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    return base, refiner
+    return as_reference(base), as_reference(refiner)

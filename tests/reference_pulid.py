@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionXLPipeline
 from torch import nn
 
+from .conftest import as_reference
 from .reference_instantid import hidden_size
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -406,7 +407,7 @@ def v11_embedding(encoder, features):
 def pulid_pipe(base, state, num_zero, ortho=False, ortho_v2=False):
     """A diffusers SDXL pipeline with the reference's ID processors loaded from the checkpoint's attention weights."""
     pipe = StableDiffusionXLPipeline.from_pretrained(base)
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     unet = pipe.unet
     procs = {}
     for name in unet.attn_processors:

@@ -23,6 +23,8 @@ from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
 from sdxl_control.preprocessors import preprocess
 from sdxl_control.testing import write_tiny_controlnet
 
+from .conftest import as_reference
+
 PROMPT = "a portrait of an astronaut"
 RUN = dict(steps=8, size=(64, 64), seed=7, progress_bar=False)
 
@@ -53,7 +55,7 @@ def run_diffusers(tiny, controlnet, images, *, union_modes=None, switch=None, **
     else:
         pipe = StableDiffusionXLControlNetUnionPipeline.from_pretrained(tiny.base, controlnet=controlnet)
         extra = dict(control_image=images, control_mode=union_modes)
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     common = dict(num_inference_steps=8, guidance_scale=5.0, generator=generator)
     with torch.no_grad():
         latents = pipe(
@@ -62,7 +64,7 @@ def run_diffusers(tiny, controlnet, images, *, union_modes=None, switch=None, **
         if switch is None:
             return latents
         refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
-        refiner.set_progress_bar_config(disable=True)
+        as_reference(refiner)
         return refiner(PROMPT, image=latents, denoising_start=switch, output_type="latent", **common).images
 
 

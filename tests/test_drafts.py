@@ -24,6 +24,7 @@ from sdxl_control.testing.lora import write_tiny_lora
 from sdxl_control.testing.tiny import SDXL_SCHEDULER
 from sdxl_control.vae import DRAFT_DECODER
 
+from .conftest import as_reference
 from .test_faceid import fake_face
 
 
@@ -143,7 +144,7 @@ def test_draft_decoder_equals_diffusers_with_the_tiny_autoencoder(generator, tin
     run = dict(size=(64, 64), steps=3, seed=4, guidance=5.0)
     ours = generator.generate("a fox", decoder=str(taesd), progress_bar=False, **run)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny.base, vae=AutoencoderTiny.from_pretrained(taesd))
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     theirs = pipe("a fox", height=64, width=64, num_inference_steps=3, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(4), output_type="np").images[0]  # fmt: skip
     assert np.abs(np.asarray(ours.images[0], np.float32) / 255 - theirs).max() <= 1 / 255 + 1e-6

@@ -15,6 +15,8 @@ from sdxl_control.adapters.ip_adapter import encode_images
 from sdxl_control.preprocessors.face import FaceInfo
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 
+from .conftest import as_reference
+
 PROMPT = "a portrait"
 RUN = dict(steps=6, size=(64, 64), seed=5, progress_bar=False)
 CLOSE = dict(rtol=1e-4, atol=1e-4)
@@ -43,7 +45,7 @@ def faces():
 
 def reference(tiny, repo, weight_name, faces, scale, clip=None, s_scale=1.0):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny.base)
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     pipe.load_ip_adapter(str(repo), subfolder=None, weight_name=weight_name, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(scale)
     ids = torch.from_numpy(np.stack([f.normed_embedding for f in faces]))[None]

@@ -27,6 +27,7 @@ from sdxl_control.testing.instantid import write_tiny_instantid_repo
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
 
+from .conftest import as_reference
 from .reference_instantid import InstantIDReference, Resampler, draw_kps
 from .test_conditions import assert_same_as_fresh
 
@@ -65,9 +66,8 @@ def reference_pipe(tiny, repo, *extra_nets):
     identitynet = ControlNetModel.from_pretrained(repo / "ControlNetModel")
     controlnet = MultiControlNetModel([identitynet, *(ControlNetModel.from_pretrained(n) for n in extra_nets)])
     pipe = InstantIDReference.from_pretrained(tiny.base, controlnet=controlnet if extra_nets else identitynet)
-    pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter_instantid(str(repo / "ip-adapter.bin"))
-    return pipe
+    return as_reference(pipe)
 
 
 def reference(tiny, repo, embeds, kps_points, *, images=1, guidance=5.0, extra=(), extra_images=(), **kwargs):

@@ -16,6 +16,8 @@ from sdxl_control.adapters.ip_adapter import LAYER_PRESETS, VARIANTS, IPAdapter,
 from sdxl_control.attention import AttentionBranch, BranchedAttnProcessor
 from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
 
+from .conftest import as_reference
+
 PROMPT = "a portrait"
 RUN = dict(steps=6, size=(64, 64), seed=3, progress_bar=False)
 CLOSE = dict(rtol=1e-4, atol=1e-4)
@@ -41,7 +43,7 @@ def refs():
 @pytest.fixture(scope="module")
 def pipe(tiny):
     p = StableDiffusionXLPipeline.from_pretrained(tiny.base)
-    p.set_progress_bar_config(disable=True)
+    as_reference(p)
     return p
 
 

@@ -10,6 +10,8 @@ from sdxl_control import IncompatibleModelError
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.testing.lora import write_tiny_lora
 
+from .conftest import as_reference
+
 PROMPT = "a watercolour fox"
 RUN = dict(steps=6, size=(64, 64), seed=4, progress_bar=False)
 CLOSE = dict(rtol=1e-4, atol=1e-4)
@@ -35,7 +37,7 @@ def loras(tiny, tmp_path_factory):
 
 def reference(tiny, files_and_weights):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny.base)
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     names = []
     for i, (path, _) in enumerate(files_and_weights):
         pipe.load_lora_weights(str(path), adapter_name=f"l{i}")

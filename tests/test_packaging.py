@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,3 +60,46 @@ def test_wheel_contains_and_imports_the_folders(tmp_path):
     assert lines[0] == str(tmp_path / "site" / "sdxl_control" / "adapters" / "__init__.py")
     assert lines[1] == str(tmp_path / "site" / "sdxl_control" / "preprocessors" / "__init__.py")
     assert lines[2] == "30"
+
+
+def _requirements() -> list[Any]:
+    """pyproject's runtime and test requirements, as ``packaging`` reads them."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_the_test_environment_is_pinned_within_pyprojects_ranges():
+    """Every requirement of the package and its test extra has an exact release in constraints.txt, inside the range
+    pyproject.toml gives it: a requirement added without `bash .ci/lock` would resolve afresh in every clone."""
+    from packaging.utils import canonicalize_name
+
+    pins = _pins()
+    for requirement in _requirements():
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not in constraints.txt: run `bash .ci/lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {requirement.name}=={pins[name]}, outside pyproject's {requirement}"
+        )
+
+
+def test_the_readme_and_ci_install_with_the_constraints():
+    readme = re.findall(r"^pip install .*$", (ROOT / "README.md").read_text(), flags=re.M)
+    ci = re.findall(r"^pip install .*$", (ROOT / ".ci" / "run").read_text(), flags=re.M)
+    assert ci and readme[0] == ci[0] and ci[0].endswith("-c constraints.txt"), (readme[:1], ci)
+    torch_pins = dict(re.findall(r'"(torch|torchvision)==([^"]+)"', ci[0]))
+    assert torch_pins == {k: v for k, v in _pins().items() if k in ("torch", "torchvision")}

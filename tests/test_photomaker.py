@@ -25,6 +25,7 @@ from sdxl_control.testing.photomaker import TINY_CLIP, write_photomaker_checkpoi
 from sdxl_control.text import _chunked, encode_prompts
 
 from . import reference_photomaker as ref
+from .conftest import as_reference
 
 SIZE = (64, 64)
 RUN = dict(steps=10, size=SIZE, seed=6, progress_bar=False)
@@ -58,10 +59,9 @@ def photos(photos_dir):
 
 def reference_pipe(wide, path, version):
     pipe = ref.PhotoMakerReference.from_pretrained(wide.base)
-    pipe.set_progress_bar_config(disable=True)
     pipe.load_photomaker_adapter(str(path), version)
     pipe.fuse_lora()
-    return pipe
+    return as_reference(pipe)
 
 
 def reference_faces(root, photos):
@@ -227,7 +227,7 @@ def test_the_prompt_channel_serves_another_condition(gen, wide):
     edit = Replaced(cat, vector, Window(2 / 8, 1.0))
     ours = gen.generate("a cat on a wall", conditions=[FixedToken(edit)], **{**RUN, "steps": 8})
     pipe = StableDiffusionXLPipeline.from_pretrained(wide.base)
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             "a cat on a wall", do_classifier_free_guidance=True

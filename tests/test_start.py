@@ -13,7 +13,6 @@ import torch
 from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
-    StableDiffusionXLPipeline,
 )
 from PIL import Image
 
@@ -22,6 +21,8 @@ from sdxl_control.cli import main
 from sdxl_control.errors import IncompatibleModelError, InvalidRequestError
 from sdxl_control.recipe import parameters_text, read_recipe
 from sdxl_control.testing.tiny import write_tiny_base
+
+from .conftest import as_reference
 
 PROMPT = "a lighthouse at dusk"
 SIZE = 64
@@ -38,25 +39,16 @@ def pictures(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def pipes(tiny):
-    base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    return base, refiner
-
-
 def _generators(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
 @pytest.mark.parametrize("strength", [0.3, 0.6, 1.0])
-def test_img2img_equals_diffusers(generator, pipes, pictures, scheduler, strength):
+def test_img2img_equals_diffusers(generator, sdxl_pipes, pictures, scheduler, strength):
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(pipes[0])
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl_pipes[0])
     cls = {"euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[scheduler]
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     seeds = [7, 8]
@@ -67,8 +59,8 @@ def test_img2img_equals_diffusers(generator, pipes, pictures, scheduler, strengt
     torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
 
 
-def test_img2img_hands_off_to_the_refiner_as_diffusers_does(generator, pipes, pictures):
-    base, refiner = pipes
+def test_img2img_hands_off_to_the_refiner_as_diffusers_does(generator, sdxl_pipes, pictures):
+    base, refiner = sdxl_pipes
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
     ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.6, steps=10,
                               refiner_switch=0.8, size=(SIZE, SIZE), seed=3, progress_bar=False)  # fmt: skip
@@ -80,8 +72,8 @@ def test_img2img_hands_off_to_the_refiner_as_diffusers_does(generator, pipes, pi
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.7])
-def test_inpainting_with_a_regular_unet_equals_diffusers(generator, pipes, pictures, strength):
-    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+def test_inpainting_with_a_regular_unet_equals_diffusers(generator, sdxl_pipes, pictures, strength):
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(sdxl_pipes[0])
     ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
                               strength=strength, steps=8, size=(SIZE, SIZE), seed=5, num_images=2, progress_bar=False)  # fmt: skip
     ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), mask_image=Image.open(pictures / "mask.png"),
@@ -90,12 +82,12 @@ def test_inpainting_with_a_regular_unet_equals_diffusers(generator, pipes, pictu
     torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
 
 
-def test_inpainting_with_an_ancestral_sampler_draws_as_diffusers_does(generator, pipes, pictures):
+def test_inpainting_with_an_ancestral_sampler_draws_as_diffusers_does(generator, sdxl_pipes, pictures):
     """Euler ancestral draws noise at every step, after the pipeline's encodes: equal only if the draws before it
     (the masked image's encode too, which a regular UNet never reads) are the same."""
     from diffusers import EulerAncestralDiscreteScheduler
 
-    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(sdxl_pipes[0])
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
                               steps=6, size=(SIZE, SIZE), seed=5, scheduler="euler_a", progress_bar=False)  # fmt: skip
@@ -135,7 +127,7 @@ def test_an_inpainting_unet_equals_diffusers(inpainting_base, pictures, strength
         size=(SIZE, SIZE), seed=4, num_images=2, progress_bar=False,
     )  # fmt: skip
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(inpainting_base)
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), mask_image=Image.open(pictures / "mask.png"),
                strength=strength, height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=5.0,
                generator=_generators([4, 5]), num_images_per_prompt=2, output_type="latent").images  # fmt: skip
@@ -147,17 +139,17 @@ def test_an_inpainting_unet_equals_diffusers(inpainting_base, pictures, strength
 @pytest.mark.parametrize("inpainting_unet", [False, True])
 @pytest.mark.parametrize("strength", [1.0, 0.7])
 def test_inpainting_hands_off_to_the_refiner_as_diffusers_does(
-    tiny, generator, pipes, inpainting_base, pictures, strength, inpainting_unet
+    tiny, generator, sdxl_pipes, inpainting_base, pictures, strength, inpainting_unet
 ):
     """diffusers' refiner inpainting: the refiner pipeline is handed the base's latents (``denoising_start``) and the
     mask, and puts those latents back outside the mask, noised with noise of its own."""
     if inpainting_unet:
         ours_gen = Generator.from_pretrained(inpainting_base, tiny.refiner, device="cpu")
         base = StableDiffusionXLInpaintPipeline.from_pretrained(inpainting_base)
-        base.set_progress_bar_config(disable=True)
+        as_reference(base)
     else:
-        ours_gen, base = generator, StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
-    refiner = StableDiffusionXLInpaintPipeline.from_pipe(pipes[1])
+        ours_gen, base = generator, StableDiffusionXLInpaintPipeline.from_pipe(sdxl_pipes[0])
+    refiner = StableDiffusionXLInpaintPipeline.from_pipe(sdxl_pipes[1])
     init, mask = Image.open(pictures / "init.png"), Image.open(pictures / "mask.png")
     ours = ours_gen.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
                              strength=strength, steps=10, refiner_switch=0.8, size=(SIZE, SIZE), seed=5, num_images=2,
@@ -271,7 +263,7 @@ def test_a_windowed_controlnet_stacks_with_img2img_as_in_diffusers(generator, ti
                               conditions=[ControlNet(net, image=pattern, scale=0.7, window=(0.0, 0.5))])  # fmt: skip
     pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(tiny.base,
                                                                       controlnet=ControlNetModel.from_pretrained(net))  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     ref = pipe(PROMPT, image=Image.open(pictures / "init.png"), control_image=pattern, strength=0.6, height=SIZE,
                width=SIZE, num_inference_steps=10, guidance_scale=5.0, controlnet_conditioning_scale=0.7,
                control_guidance_start=0.0, control_guidance_end=0.5, generator=_generators([6]),
@@ -279,14 +271,14 @@ def test_a_windowed_controlnet_stacks_with_img2img_as_in_diffusers(generator, ti
     torch.testing.assert_close(ours.latents, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_the_refiner_alone_polishes_an_image_as_diffusers_refiner_does(generator, tiny, pipes, pictures, tmp_path):
+def test_the_refiner_alone_polishes_an_image_as_diffusers_refiner_does(generator, tiny, sdxl_pipes, pictures, tmp_path):
     from sdxl_control.adapters.lora import LoRA
     from sdxl_control.errors import ConditionError
     from sdxl_control.testing.lora import write_tiny_lora
 
     ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.3, refiner_only=True, steps=10,
                               size=(SIZE, SIZE), seed=8, num_images=2, progress_bar=False)  # fmt: skip
-    ref = pipes[1](PROMPT, image=Image.open(pictures / "init.png"), strength=0.3, num_inference_steps=10,
+    ref = sdxl_pipes[1](PROMPT, image=Image.open(pictures / "init.png"), strength=0.3, num_inference_steps=10,
                    guidance_scale=5.0, generator=_generators([8, 9]), num_images_per_prompt=2,
                    output_type="latent").images  # fmt: skip
     torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
@@ -299,7 +291,7 @@ def test_the_refiner_alone_polishes_an_image_as_diffusers_refiner_does(generator
                            size=(SIZE, SIZE), conditions=[LoRA(str(tmp_path / "x.safetensors"))])  # fmt: skip
 
 
-def test_outpainting_extends_the_canvas_as_inpainting_a_padded_image(generator, pipes, pictures, tmp_path):
+def test_outpainting_extends_the_canvas_as_inpainting_a_padded_image(generator, sdxl_pipes, pictures, tmp_path):
     """The canvas grows by the padding (the request's size defaults to the image's plus it); the border starts
     mid-grey and is repainted as diffusers' inpainting pipeline repaints the same canvas and mask."""
     ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), outpaint=(16, 0, 24, 8), steps=6,
@@ -309,7 +301,7 @@ def test_outpainting_extends_the_canvas_as_inpainting_a_padded_image(generator, 
     canvas.paste(Image.open(pictures / "init.png").convert("RGB"), (16, 0))
     mask = Image.new("L", canvas.size, 255)
     mask.paste(0, (16, 0, 16 + SIZE, SIZE))
-    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(sdxl_pipes[0])
     ref = pipe(PROMPT, image=canvas, mask_image=mask, strength=1.0, height=SIZE + 8, width=SIZE + 40,
                num_inference_steps=6, guidance_scale=5.0, generator=_generators([12]), output_type="latent").images  # fmt: skip
     torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
@@ -456,7 +448,7 @@ def test_a_job_file_starts_from_images_beside_it(tiny, pictures, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "paint.png")), np.asarray(Image.open(cli)))
 
 
-def test_a_mask_crop_repaints_a_small_area_at_full_size_and_pastes_it_back(generator, pipes, tmp_path):
+def test_a_mask_crop_repaints_a_small_area_at_full_size_and_pastes_it_back(generator, sdxl_pipes, tmp_path):
     """``padding_mask_crop``: the mask's area (grown by the padding, to the request's aspect) is repainted at the
     request's size and pasted back into the larger original, which keeps its size — diffusers' pixels exactly."""
     photo = tmp_path / "large.png"
@@ -466,7 +458,7 @@ def test_a_mask_crop_repaints_a_small_area_at_full_size_and_pastes_it_back(gener
     Image.fromarray(mask).save(tmp_path / "small-mask.png")
     ours = generator.generate(PROMPT, init_image=str(photo), mask=str(tmp_path / "small-mask.png"),
                               padding_mask_crop=8, size=(SIZE, SIZE), steps=6, seed=13, progress_bar=False)  # fmt: skip
-    pipe = StableDiffusionXLInpaintPipeline.from_pipe(pipes[0])
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(sdxl_pipes[0])
     ref = pipe(PROMPT, image=Image.open(photo), mask_image=Image.open(tmp_path / "small-mask.png"), strength=1.0,
                height=SIZE, width=SIZE, padding_mask_crop=8, num_inference_steps=6, guidance_scale=5.0,
                generator=_generators([13])).images[0]  # fmt: skip
@@ -497,7 +489,7 @@ def test_every_condition_kind_stacks_with_a_start_image(kind, start, generator, 
 
 
 @pytest.mark.parametrize("mode", ["latent", "latent-bicubic"])
-def test_a_latent_hires_fix_redraws_the_interpolated_latents_as_diffusers_img2img(generator, pipes, mode):
+def test_a_latent_hires_fix_redraws_the_interpolated_latents_as_diffusers_img2img(generator, sdxl_pipes, mode):
     """A1111's latent upscaler: the first pass's latents interpolated (no VAE round trip), then image-to-image from
     them, as diffusers' image-to-image pipeline takes latents for its image."""
     draft = generator.generate(PROMPT, steps=4, size=(SIZE, SIZE), seed=12, progress_bar=False)
@@ -505,7 +497,7 @@ def test_a_latent_hires_fix_redraws_the_interpolated_latents_as_diffusers_img2im
                               upscaler=mode, progress_bar=False)  # fmt: skip
     interpolation = {"latent": "bilinear", "latent-bicubic": "bicubic"}[mode]
     enlarged = torch.nn.functional.interpolate(draft.latents, size=(12, 12), mode=interpolation)
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(pipes[0])
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(sdxl_pipes[0])
     ref = pipe(PROMPT, image=enlarged, strength=0.55, num_inference_steps=4, guidance_scale=5.0, height=96, width=96,
                generator=_generators([12]), output_type="latent").images  # fmt: skip
     torch.testing.assert_close(ours.latents, ref, rtol=0, atol=0)
@@ -550,7 +542,7 @@ def promax(tiny, tmp_path_factory):
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.8])
-def test_union_inpaint_control_equals_diffusers_union_inpainting(generator, pipes, pictures, promax, strength):
+def test_union_inpaint_control_equals_diffusers_union_inpainting(generator, sdxl_pipes, pictures, promax, strength):
     """ControlNet-Union ProMax's repaint type with ``inpaint="start"``: the control image is the init image with the
     mask's area black, as diffusers' union inpainting example makes it by hand."""
     from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionInpaintPipeline
@@ -565,7 +557,7 @@ def test_union_inpaint_control_equals_diffusers_union_inpainting(generator, pipe
     control = np.array(init)
     control[np.asarray(mask) > 0] = 0
     pipe = StableDiffusionXLControlNetUnionInpaintPipeline.from_pipe(
-        pipes[0], controlnet=ControlNetUnionModel.from_pretrained(promax)
+        sdxl_pipes[0], controlnet=ControlNetUnionModel.from_pretrained(promax)
     )
     ref = pipe(PROMPT, image=init, mask_image=mask, control_image=[Image.fromarray(control)], control_mode=[7],
                controlnet_conditioning_scale=0.9, strength=strength, height=SIZE, width=SIZE, num_inference_steps=6,
@@ -578,7 +570,7 @@ def test_union_inpaint_control_equals_diffusers_union_inpainting(generator, pipe
         generator.generate(PROMPT, steps=2, size=(SIZE, SIZE), conditions=[union], progress_bar=False)
 
 
-def test_a_controlnet_stacks_with_inpainting_as_in_diffusers(generator, pipes, edges, pictures):
+def test_a_controlnet_stacks_with_inpainting_as_in_diffusers(generator, sdxl_pipes, edges, pictures):
     """A ControlNet on an inpainting call equals diffusers' SDXL ControlNet inpainting pipeline; a small change of
     its scale shows in the result."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
@@ -594,7 +586,7 @@ def test_a_controlnet_stacks_with_inpainting_as_in_diffusers(generator, pipes, e
                                   conditions=[ControlNet(str(net), image=pattern, scale=scale)]).latents  # fmt: skip
 
     pipe = StableDiffusionXLControlNetInpaintPipeline.from_pipe(
-        pipes[0], controlnet=ControlNetModel.from_pretrained(net)
+        sdxl_pipes[0], controlnet=ControlNetModel.from_pretrained(net)
     )
     ref = pipe(PROMPT, image=init, mask_image=mask, control_image=pattern, controlnet_conditioning_scale=0.7,
                strength=0.9, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,

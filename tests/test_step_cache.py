@@ -16,6 +16,8 @@ from PIL import Image
 from sdxl_control import GenerationRequest, InvalidRequestError
 from sdxl_control.step_cache import cached_steps, reused_modules
 
+from .conftest import as_reference
+
 DeepCache = pytest.importorskip("DeepCache")
 
 PROMPT = "a portrait of an astronaut, studio light"
@@ -67,7 +69,7 @@ def test_equals_deepcache_with_a_controlnet(tiny, generator, tmp_path):
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
         tiny.base, controlnet=ControlNetModel.from_pretrained(folder)
     )
-    pipe.set_progress_bar_config(disable=True)
+    as_reference(pipe)
     helper = _helped(pipe, 3, 0)
     try:
         with torch.no_grad():

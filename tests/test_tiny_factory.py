@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,29 @@ def test_the_stand_in_face_pack_finds_one_face_in_the_middle(size, tmp_path):
     eyes, nose, mouth = face.landmarks[:2, 1].mean(), face.landmarks[2, 1], face.landmarks[3:, 1].mean()
     assert expected[1] < eyes < nose < mouth < expected[3]
     assert face.embedding.shape == (512,) and np.isfinite(face.embedding).all()
+
+
+def test_a_tiny_folder_has_the_same_fingerprint_under_another_library_release(tmp_path, monkeypatch):
+    """A recipe records a tiny folder by its fingerprint; a folder written under the next transformers and diffusers
+    releases (their version stamped into each config.json) must be accepted as the same folder."""
+    import diffusers.configuration_utils
+    import transformers.configuration_utils
+
+    from sdxl_control.files import fingerprint
+    from sdxl_control.testing import tiny_control_models
+
+    def ip_adapter_folder(cache: str) -> Path:
+        monkeypatch.setenv("SDXL_CONTROL_CACHE", str(tmp_path / cache))
+        return tiny_control_models("ip-adapter")
+
+    today = ip_adapter_folder("today")
+    monkeypatch.setattr(transformers.configuration_utils, "__version__", "99.0.0")
+    monkeypatch.setattr(diffusers.configuration_utils, "__version__", "9.9.9")
+    later = ip_adapter_folder("later")
+    config = (later / "models" / "image_encoder" / "config.json").read_text()
+    assert '"transformers_version": "5.24.0"' in config and "99.0.0" not in config
+    assert fingerprint(later) == fingerprint(today)
+    # The image encoder of the 0.1 golden recipe with FaceID, as it recorded it (tests/golden/recipes/faceid-refiner-0.1.png).
+    assert fingerprint(later / "models" / "image_encoder") == "07f9aab8c516d68a"
+    base = Path(later).parent / "base"
+    assert '"_diffusers_version": "0.42.1"' in (base / "unet" / "config.json").read_text()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .tiny import _seeded, tiny_models
+from .tiny import _seeded, freeze_version_stamps, tiny_models
 
 __all__ = [
     "write_controlnet",
@@ -111,8 +111,12 @@ def tiny_control_models(kind: str, seed: int = 0) -> Path:
     first use."""
     base = tiny_models(seed).base
     target = base.parent / kind
-    if target.exists():
-        return target
+    if not target.exists():
+        freeze_version_stamps(_write_control_model(kind, target, base, seed))
+    return target
+
+
+def _write_control_model(kind: str, target: Path, base: Path, seed: int) -> Path:
     controlnets = {"controlnet-edges": 11, "controlnet-depth": 12, "controlnet-pose": 13, "controlnet-union": 14}
     if kind in controlnets:
         return write_tiny_controlnet(target, base, seed=seed + controlnets[kind], union=kind == "controlnet-union")

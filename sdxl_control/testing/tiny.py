@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,6 +28,27 @@ __all__ = ["SDXL_SCHEDULER", "TinyModels", "clip_bpe", "tiny_models", "write_tin
 FORMAT_VERSION = 1
 TEXT_WIDTH = 32
 TIME_EMBED = 8
+
+# ``save_pretrained`` stamps every config with the release that wrote it, and a folder's fingerprint (what a recipe
+# records of it) hashes those bytes: the stamp would tie each recorded tiny folder to one transformers or diffusers
+# release, and any new release would refuse the recipes made before it. The tiny folders carry these fixed stamps
+# instead, the releases that wrote the 0.1 golden recipes: the same seed gives the same bytes under any release.
+VERSION_STAMPS = {"transformers_version": "5.24.0", "_diffusers_version": "0.42.1"}
+_STAMP = re.compile(r'("(' + "|".join(VERSION_STAMPS) + r')": )"[^"]*"')
+
+
+def freeze_version_stamps(folder: str | os.PathLike[str]) -> None:
+    """Rewrite the library version stamps in every JSON file under ``folder`` to ``VERSION_STAMPS``, leaving the rest
+    of each file's bytes as the library wrote them.
+
+    Example:
+        >>> freeze_version_stamps(write_tiny_refiner(tmp / "refiner"))  # doctest: +SKIP
+    """
+    for path in Path(folder).rglob("*.json"):
+        text = path.read_text()
+        fixed = _STAMP.sub(lambda m: f'{m.group(1)}"{VERSION_STAMPS[m.group(2)]}"', text)
+        if fixed != text:
+            path.write_text(fixed)
 
 
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
@@ -259,6 +281,7 @@ def tiny_models(
         try:
             write_tiny_base(staging / "base", seed, layout, text_width)
             write_tiny_refiner(staging / "refiner", seed, text_width)
+            freeze_version_stamps(staging)
             if target.exists():
                 shutil.rmtree(target)
             staging.rename(target)
