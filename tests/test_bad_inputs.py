@@ -347,7 +347,7 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
     assert "Traceback" in err and "OutputError" in err
 
 
-def test_help_and_argument_errors_answer_without_torch():
+def test_help_and_argument_errors_answer_without_torch(tmp_path):
     probe = (
         "import sys\n"
         "from sdxl_control.cli import main\n"
@@ -356,9 +356,11 @@ def test_help_and_argument_errors_answer_without_torch():
         "        main(argv)\n"
         "    except SystemExit as exc:\n"
         "        assert exc.code in (0, 2), exc.code\n"
+        "assert main(['generate', '--tiny', '-o', 'out.png']) == 2\n"  # no prompt: said before torch and the tiny build
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules))\n"
     )
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert "a prompt is required" in run.stderr
     assert "exit codes:" in run.stdout and "expected a whole number, got 'many'" in run.stderr

@@ -525,11 +525,15 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
     options.output_paths(args.output, 1)  # now, before the seconds torch takes to import; again below for a batch
     if args.score and not args.face:
         raise InvalidRequestError("--score needs --face")
+    # Said before the imports below (torch, and with --tiny the tiny models' first build): seconds, not an instant.
+    # A PNG given to --recipe brings its own prompt.
+    if args.recipe is None and not args.prompt:
+        raise InvalidRequestError("a prompt is required (or --recipe PNG)")
     from ..spec import resolve
 
     spec, locate = job_spec(args)
-    if spec.recipe is None and not spec.prompt:
-        raise InvalidRequestError("a prompt is required (or --recipe PNG)")
+    if spec.recipe is None and not spec.prompt:  # a PNG from another tool whose prompt is empty
+        raise InvalidRequestError(f"a prompt is required: {args.recipe} restores none; give one")
     job = resolve(spec, resolver.naming() if args.dry_run else resolver, locate=locate)
     outputs = options.output_paths(args.output, 1 if job.keep is not None else job.request.num_images)
     if args.dry_run:
