@@ -6,6 +6,7 @@ hand."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import numpy as np
@@ -16,8 +17,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from sdxl_control import GenerationRequest, Generator
+from sdxl_control.cli import main
 from sdxl_control.errors import InvalidRequestError
 from sdxl_control.preprocessors.images import load_image
+from sdxl_control.recipe import read_recipe
 from sdxl_control.start import image_size, start_images
 from sdxl_control.testing.tiny import write_tiny_base
 
@@ -185,3 +188,52 @@ def test_an_inpainting_unet_with_no_mask_repaints_the_transparent_areas(tmp_path
     given = inpainting.generate(PROMPT, init_image=str(tmp_path / "on-grey.png"), mask=str(tmp_path / "hole.png"),
                                 **common)  # fmt: skip
     assert torch.equal(ours.latents, given.latents)
+
+
+def test_outpaint_names_each_side_once_and_grows_the_output_beyond_size(tiny, tmp_path, capsys):
+    from sdxl_control.cli.options import outpaint
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"outpaint names left twice in 'left=8,top=8,left=16'"):
+        outpaint("left=8,top=8,left=16")
+    photo = _noise(64, 64)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    with pytest.raises(SystemExit):
+        main(["generate", PROMPT, "--tiny", "--init-image", str(tmp_path / "photo.png"), "--outpaint",
+              "left=8,left=16", "-o", str(tmp_path / "x.png")])  # fmt: skip
+    assert "names left twice" in capsys.readouterr().err
+    out = tmp_path / "wider.png"
+    args = ["generate", PROMPT, "--tiny", "--steps", "2", "--seed", "1", "-q", "--init-image",
+            str(tmp_path / "photo.png"), "--size", "32x32", "--outpaint", "left=16,right=8", "-o", str(out)]  # fmt: skip
+    assert main(args) == 0
+    recipe = read_recipe(out)
+    assert Image.open(out).size == (56, 32) and recipe["size"] == [56, 32] and recipe["outpaint"] == [16, 0, 8, 0]
+    # The whole photo, fitted to --size (not half of it cut away), sits between the new borders.
+    start = start_images(GenerationRequest(PROMPT, init_image=str(tmp_path / "photo.png"), size=(56, 32),
+                                           outpaint=(16, 0, 8, 0)))  # fmt: skip
+    whole = Image.fromarray(photo).resize((32, 32), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(start.image)[:, 16:48], np.asarray(whole))
+    capsys.readouterr()
+    assert main(["generate", PROMPT, "--tiny", "--init-image", str(tmp_path / "photo.png"), "--size", "8192x8192",
+                 "--outpaint", "left=8", "-o", str(tmp_path / "x.png")]) == 2  # fmt: skip
+    assert "--size 8192x8192 grown by --outpaint is 8200x8192" in capsys.readouterr().err
+
+
+def test_strokes_painted_with_no_image_under_them_are_refused_in_the_pages_status(tmp_path):
+    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.ui import PageForm, UiConfig, _Page, form_spec
+
+    strokes = np.zeros((32, 32, 4), np.uint8)
+    strokes[4:12, 4:20] = (255, 255, 255, 255)
+    Image.fromarray(strokes).save(tmp_path / "layer.png")
+    Image.new("RGBA", (32, 32)).save(tmp_path / "empty-layer.png")
+    config = UiConfig(resolver=TinyResolver(), outputs=tmp_path)
+    painted = {"background": None, "layers": [str(tmp_path / "layer.png")], "composite": None}
+    with pytest.raises(InvalidRequestError, match="strokes were painted with no image under them"):
+        form_spec(PageForm("a red door", init_image=painted), config, seed=1)
+    nothing = {"background": None, "layers": [str(tmp_path / "empty-layer.png")], "composite": None}
+    assert "init_image" not in form_spec(PageForm("a red door", init_image=nothing), config, seed=1).settings
+    form = PageForm("a red door", init_image=painted)
+    values = [getattr(form, name) for name in PageForm.__dataclass_fields__]
+    answers = list(_Page(config).generate(*values, None))
+    assert len(answers) == 1 and answers[0][1].startswith("**error:**")
+    assert "strokes were painted with no image under them" in answers[0][1]
