@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from sdxl_control import GenerationRequest, Generator
 from sdxl_control.cli import main
 from sdxl_control.errors import InvalidRequestError
+from sdxl_control.preprocessors import preprocess
 from sdxl_control.preprocessors.images import load_image
 from sdxl_control.recipe import read_recipe
 from sdxl_control.start import image_size, start_images
@@ -55,6 +56,10 @@ def test_exif_orientation_is_applied_before_anything_measures_an_image(tmp_path,
     for given in (tmp_path / "photo.png", str(tmp_path / "photo.png"), Image.open(tmp_path / "photo.png")):
         assert np.array_equal(np.asarray(load_image(given)), np.asarray(shown))
         assert image_size(given) == shown.size
+    # A control image is read the same way: its edge map is the shown image's.
+    assert np.array_equal(
+        np.asarray(preprocess("canny", tmp_path / "photo.png")), np.asarray(preprocess("canny", shown))
+    )
     request = GenerationRequest(PROMPT, init_image=str(tmp_path / "photo.png"), mask=str(tmp_path / "mask.png"))
     assert request.size == shown.size  # both sides are multiples of 8 already
     start = start_images(request)
