@@ -1,4 +1,8 @@
-"""Turning whatever a user hands in (path, PIL image in any mode, numpy array) into an RGB PIL image."""
+"""Turning whatever a user hands in (path, PIL image in any mode, numpy array) into an RGB PIL image.
+
+Every image a user gives (init image, mask, control image, face photo, reference image) is read here, so each is seen
+as the user sees it: the EXIF orientation applied (:func:`ImageOps.exif_transpose`) before anything measures it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ from PIL import Image, ImageOps
 
 from ..errors import ConditionError, InputError
 
-__all__ = ["ImageInput", "load_image", "check_image_file", "MIN_SIDE"]
+__all__ = ["ImageInput", "load_image", "load_image_rgba", "flatten", "oriented_size", "check_image_file", "MIN_SIDE"]
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 # Below this a control or reference image carries no usable structure.
 MIN_SIDE = 8
+# EXIF orientations that turn the image a quarter: its displayed width is the stored height.
+_QUARTER_TURNS = (5, 6, 7, 8)
+_ORIENTATION = 0x0112
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -55,30 +62,51 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array.astype(np.uint8))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
+    """``image`` as RGB, or as RGBA when any of its pixels is not fully opaque (16-bit and float: stretched)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
         return Image.fromarray((scaled * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        # Transparent areas become black, the background of control maps.
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        if int(np.asarray(rgba.getchannel("A")).min()) < 255:
+            return rgba
     return image.convert("RGB")
+
+
+def flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """``image`` as RGB, its transparent areas composited onto the ``background`` colour.
+
+    Example:
+        >>> flatten(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), (255, 255, 255)).getpixel((0, 0))
+        (255, 255, 255)
+    """
+    if image.mode != "RGBA":
+        return image.convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", image.size, (*background, 255)), image).convert("RGB")
 
 
 def load_image(value: Any, what: str = "image") -> Image.Image:
     """An RGB image from a path, a PIL image (any mode; EXIF orientation applied) or an array.
 
-    16-bit and float images are stretched to 8 bits; transparency is composited onto black.
+    16-bit and float images are stretched to 8 bits; transparency is composited onto black (the background of control
+    maps; an init image's transparency has its own policy, in :mod:`sdxl_control.start`).
 
     Example:
         >>> load_image(np.zeros((16, 16), dtype=np.uint8)).mode
         'RGB'
+    """
+    return flatten(load_image_rgba(value, what), (0, 0, 0))
+
+
+def load_image_rgba(value: Any, what: str = "image") -> Image.Image:
+    """As :func:`load_image`, but an image with transparency comes back as RGBA, its alpha kept (any other: RGB).
+
+    Example:
+        >>> load_image_rgba(np.zeros((16, 16, 4), dtype=np.uint8)).mode
+        'RGBA'
     """
     if isinstance(value, (str, os.PathLike)):
         path = check_image_file(value, what)
@@ -98,7 +126,29 @@ def load_image(value: Any, what: str = "image") -> Image.Image:
         raise ConditionError(
             f"{what} is {image.size[0]}x{image.size[1]} pixels: too small (at least {MIN_SIDE} a side)"
         )
-    return _to_rgb(image)
+    return _to_rgb_or_rgba(image)
+
+
+def oriented_size(value: Any, what: str = "image") -> tuple[int, int]:
+    """(width, height) of an image as it is shown, its EXIF orientation applied (as :func:`load_image` reads it),
+    from a path's header alone or a PIL image or array.
+
+    Example:
+        >>> oriented_size(np.zeros((16, 32), dtype=np.uint8))
+        (32, 16)
+    """
+    if isinstance(value, np.ndarray):
+        return load_image_rgba(value, what).size
+    if isinstance(value, Image.Image):
+        return _shown_size(value)
+    with Image.open(check_image_file(value, what)) as opened:
+        return _shown_size(opened)
+
+
+def _shown_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    # getexif() also reads an XMP orientation, as exif_transpose does.
+    return (height, width) if image.getexif().get(_ORIENTATION) in _QUARTER_TURNS else (width, height)
 
 
 def check_image_file(value: str | os.PathLike[str], what: str = "image") -> Path:

@@ -23,7 +23,7 @@ from .defaults import DEFAULT_BASE, MAX_SIDE
 from .detailer import FaceDetailer, detail_faces
 from .devices import check_device, placement
 from .emphasis import Emphasis, check_syntax
-from .errors import IncompatibleModelError, InputError, InvalidRequestError
+from .errors import IncompatibleModelError, InputError, InvalidRequestError, SdxlControlError
 from .fast import FastPath, FastPathHandle, apply_fast_path
 from .files import PATH_MODES, Locator, PathMode, portable
 from .guidance import guidance_for
@@ -274,6 +274,8 @@ class GenerationRequest:
             )
         if self.outpaint is not None:
             self._check_outpaint()
+        if self.mask is not None and not isinstance(self.init_image, torch.Tensor):
+            self._check_mask_fits()
         if self.padding_mask_crop is not None and (self.mask is None or self.padding_mask_crop < 0):
             raise InvalidRequestError(
                 f"padding_mask_crop is the margin (pixels, >= 0) around a mask's area: give a mask, got "
@@ -281,6 +283,18 @@ class GenerationRequest:
             )
         if self.padding_mask_crop is not None and self.refiner_switch is not None:
             raise InvalidRequestError("a mask crop is repainted by the base alone: leave out refiner_switch")
+
+    def _check_mask_fits(self) -> None:
+        """A mask of another aspect than its init image is refused now, from the files' headers, before any model
+        loads; a file that cannot be read is reported by name where it is read."""
+        from .preprocessors.images import oriented_size
+        from .start import check_mask_fits, image_size
+
+        try:
+            sizes = oriented_size(self.mask, "mask"), image_size(self.init_image)
+        except SdxlControlError:
+            return
+        check_mask_fits(self.mask, *sizes)
 
     def _check_kept(self) -> None:
         if self.hires_scale is None and self.detailer is None:
@@ -742,7 +756,7 @@ class Generator:
         device, dtype = self.device, plans[0].models.dtype
         images = None
         if request.init_image is not None and not isinstance(request.init_image, torch.Tensor):
-            images = start_images(request)
+            images = start_images(request, plans[0].models.unet.config.in_channels == INPAINT_CHANNELS)
         repainted = images.repainted() if images is not None else (None, None)
         context = PrepareContext(
             device=device,

@@ -30,7 +30,7 @@ import numpy as np
 
 from .adapters import identity_kinds
 from .defaults import DRAFT_DECODER, SCHEDULERS, STRUCTURE_CONTROLS
-from .errors import SdxlControlError
+from .errors import InvalidRequestError, SdxlControlError
 from .resolvers import HubResolver, Resolver
 
 if TYPE_CHECKING:
@@ -202,19 +202,25 @@ def _start(form: PageForm, folder: Path) -> dict[str, Any]:
         background, layers = value.get("background"), [layer for layer in value.get("layers") or [] if layer]
     else:
         background, layers = value, []
-    if not background:
-        return {}
     from PIL import Image
 
-    from .preprocessors.images import check_image_file
-
-    check_image_file(str(background), "init image")
-    settings: dict[str, Any] = {"init_image": str(background), "strength": float(form.strength)}
     painted = None
     for layer in layers:
         with Image.open(str(layer)) as image:
             alpha = np.asarray(image.convert("RGBA"))[..., 3] > 0
         painted = alpha if painted is None else painted | alpha
+    if not background:
+        if painted is not None and painted.any():
+            # Strokes alone say where to repaint but not what: dropping them would draw from noise without a word.
+            raise InvalidRequestError(
+                "Start from an image: strokes were painted with no image under them; upload the image to repaint "
+                "first (then paint on it), or clear the strokes to draw from the prompt alone"
+            )
+        return {}
+    from .preprocessors.images import check_image_file
+
+    check_image_file(str(background), "init image")
+    settings: dict[str, Any] = {"init_image": str(background), "strength": float(form.strength)}
     if painted is not None and painted.any():
         mask = Image.fromarray(painted.astype(np.uint8) * 255)
         path = folder / f"mask-{hashlib.sha256(mask.tobytes()).hexdigest()[:16]}.png"

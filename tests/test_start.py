@@ -223,7 +223,7 @@ def test_an_all_black_mask_and_a_mask_of_another_size(generator, pictures, tmp_p
     with caplog.at_level(logging.WARNING):
         resized = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(big), steps=3,
                                      size=(SIZE, SIZE), seed=2, progress_bar=False)  # fmt: skip
-    assert "resized to the request's 64x64" in caplog.text
+    assert "resized to its init image's 64x64" in caplog.text
     same = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"), steps=3,
                               size=(SIZE, SIZE), seed=2, progress_bar=False)  # fmt: skip
     assert torch.equal(resized.latents, same.latents)

@@ -100,7 +100,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--outpaint",
         type=options.outpaint,
         metavar="SIDE=PX,...",
-        help="with --init-image: extend the canvas, e.g. left=256,right=256 (multiples of 8; the output grows by them)",
+        help="with --init-image: extend the canvas, e.g. left=256,right=256 (multiples of 8; the output grows by them: "
+        "with --size, the image is fitted to --size and the output is --size plus them)",
     )
     hires = gen.add_argument_group("hires fix")
     hires.add_argument("--hires", type=number, metavar="SCALE", help="enlarge each image by SCALE (1-4) and redraw it")
@@ -424,13 +425,26 @@ def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[
 
 
 def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size
+    if size is not None and args.outpaint is not None:
+        # --size is what the image is fitted to; the output grows by the outpaint, as its help says. The request's
+        # size (and the recipe's) is the whole canvas.
+        from ..defaults import MAX_SIDE
+
+        left, top, right, bottom = args.outpaint
+        size = (size[0] + left + right, size[1] + top + bottom)
+        if max(size) > MAX_SIDE:
+            raise InvalidRequestError(
+                f"--size {args.size[0]}x{args.size[1]} grown by --outpaint is {size[0]}x{size[1]}, beyond "
+                f"{MAX_SIDE} pixels a side: give a smaller --size or less --outpaint"
+            )
     given = {
         "negative_prompt": args.negative_prompt,
         "seed": args.seed,
         "steps": args.steps,
         "guidance": args.guidance,
         "refiner_switch": args.refiner_switch,
-        "size": args.size,
+        "size": size,
         "num_images": args.num_images,
         "scheduler": args.scheduler,
         "vae_tiling": True if args.vae_tiling else None,

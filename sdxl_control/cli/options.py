@@ -100,13 +100,18 @@ def window(text: str) -> tuple[float, float]:
 def outpaint(text: str) -> tuple[int, int, int, int]:
     """``left=256,right=256``: pixels added on each named side (the others get none)."""
     sides = {"left": 0, "top": 0, "right": 0, "bottom": 0}
+    given: set[str] = set()
     for part in text.split(","):
         side, sep, value = part.partition("=")
-        if not sep or side.strip() not in sides:
+        side = side.strip()
+        if not sep or side not in sides:
             raise argparse.ArgumentTypeError(
                 f"outpaint takes SIDE=PIXELS pairs (left, top, right, bottom), got {text!r}"
             )
-        sides[side.strip()] = count(value.strip())
+        if side in given:  # keeping the last would drop the first without a word
+            raise argparse.ArgumentTypeError(f"outpaint names {side} twice in {text!r}: give each side once")
+        given.add(side)
+        sides[side] = count(value.strip())
     return (sides["left"], sides["top"], sides["right"], sides["bottom"])
 
 
