@@ -155,7 +155,10 @@ class Preset:
             values = list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
             if not values:
                 if spec.required:
-                    raise InvalidRequestError(f"preset {self.name} needs its {name} input ({spec.help}): --{name} FILE")
+                    raise InvalidRequestError(
+                        f"preset {self.name} needs its {name} input ({spec.help}): --{name.replace('_', '-')} FILE "
+                        f'(a job file: "inputs": {{"{name}": FILE}})'
+                    )
                 continue
             if len(values) > 1 and not spec.many:
                 raise InvalidRequestError(f"preset {self.name} takes one {name} input, got {len(values)}")

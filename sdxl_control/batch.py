@@ -45,7 +45,7 @@ from PIL import Image
 from .errors import InputError, InvalidRequestError, OutputError, SdxlControlError
 from .files import Locator, PathMode, is_ref, portable
 from .model_refs import ModelRef
-from .recipe import RECIPE_KEY, RecipeImage
+from .recipe import RECIPE_KEY, RecipeImage, json_text
 from .resolvers import HubResolver, Resolver
 from .spec import JobSpec
 from .validation import unknown_keys
@@ -436,9 +436,9 @@ def read_jobs(
         if not raw.strip():
             continue
         try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            problems.append(JobProblem(number, f"not valid JSON ({exc})"))
+            data = json_text(raw, "the line")
+        except InputError as exc:  # not JSON, or nested or sized to exhaust the reader
+            problems.append(JobProblem(number, str(exc)))
             continue
         given_id = data.get("id") if isinstance(data, dict) else None
         try:
@@ -680,7 +680,13 @@ def made_by(outputs: Outputs, name: str, job: Job) -> bool:
             recipe = image.info.get(RECIPE_KEY)
             image.verify()  # every chunk's checksum, to the end: a file cut short fails here
         return isinstance(recipe, str) and json.loads(recipe).get("job") == job.fingerprint
-    except (OSError, ValueError, SyntaxError, AttributeError):  # PIL's errors for files that are no (whole) PNG
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        AttributeError,
+        RecursionError,
+    ):  # PIL's errors for files that are no (whole) PNG
         return False
 
 

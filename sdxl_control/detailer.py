@@ -41,6 +41,9 @@ __all__ = ["FaceDetailer", "face_mask", "crop_region", "match_faces", "Match", "
 log = logging.getLogger(__name__)
 
 
+MAX_DILATION = 128
+
+
 @dataclass(frozen=True)
 class FaceDetailer:
     """How the face detailer works; its defaults are ADetailer's (detector confidence 0.3, dilation 4 px, blur 4,
@@ -71,7 +74,15 @@ class FaceDetailer:
         if not 0.0 < self.confidence <= 1.0:
             raise InvalidRequestError(f"the face detailer's confidence must lie in (0, 1], got {self.confidence}")
         if min(self.blur, self.padding) < 0:
-            raise InvalidRequestError("the face detailer's blur and padding are pixels, >= 0")
+            raise InvalidRequestError(
+                f"the face detailer's blur and padding are pixels, >= 0, got blur {self.blur}, padding {self.padding}"
+            )
+        # ADetailer's own range for its "mask erosion (-) / dilation (+)": a wider kernel costs time and means nothing.
+        if not -MAX_DILATION <= self.dilation <= MAX_DILATION:
+            raise InvalidRequestError(
+                f"the face detailer's dilation (a job's detailer.dilation) must lie in [-{MAX_DILATION}, "
+                f"{MAX_DILATION}] pixels (negative erodes the face's box), got {self.dilation}"
+            )
         if self.steps is not None and self.steps < 1:
             raise InvalidRequestError(f"the face detailer's steps must be >= 1, got {self.steps}")
         if not -1.0 <= self.match_threshold <= 1.0:
@@ -258,6 +269,13 @@ def detail_faces(
         redo = match.person is not None or not people or detailer.unmatched == "neutral"
         if redo:
             mask = face_mask(face.bbox, image.size, detailer.dilation, detailer.blur)
+            if mask.getbbox() is None:  # eroded to nothing: there is no crop to repaint (a division by zero below)
+                width, height = (round(face.bbox[2] - face.bbox[0]), round(face.bbox[3] - face.bbox[1]))
+                raise InvalidRequestError(
+                    f"the face detailer's dilation (a job's detailer.dilation) {detailer.dilation} erodes the "
+                    f"{width}x{height} px box of the face at {[round(v) for v in face.bbox[:2]]} to nothing: give a "
+                    f"dilation above -{min(width, height)} (ADetailer's default is 4)"
+                )
             box = crop_region(mask, request.size, detailer.padding)
             crop = Crop(box, image.size, request.size, _face_in_crop(face, box, request.size))
             conditions = tuple(

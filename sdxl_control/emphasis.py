@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -57,6 +58,16 @@ COMMA_BACKTRACK = 20
 # ComfyUI keeps a word of fewer tokens than this whole in one chunk.
 COMFYUI_LONG_WORD = 8
 EMPHASIS_STEP = 1.1
+# The largest weight (either sign) a word may carry. A1111 sets none, and its NaN check fires only after the UNet (a
+# black image, or its "NansException"); ComfyUI none either. Users write 0.5 to 2; past ~10 the cross-attention
+# saturates on that one word and the image stops following the rest. 100 keeps a weighted hidden state (CLIP's are
+# at most a few tens) far inside half precision's 65504, so any weight accepted stays finite in the encoders and
+# the UNet's attention; ``(cat:1e9)`` or ``cat`` in 1000 nested brackets (1.1 ** 1000 = 2.5e41) overflows instead.
+# 100 is 48 nested round brackets.
+MAX_WEIGHT = 100.0
+# The deepest bracket nesting read: past 48 an unweighted word already weighs beyond MAX_WEIGHT, and ComfyUI's reading
+# recurses once per level (1000 levels would end in a RecursionError).
+MAX_NESTING = 100
 T = TypeVar("T")
 _QUIET: ContextVar[bool] = ContextVar("quiet", default=False)
 
@@ -66,15 +77,19 @@ _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _A1111_PIECE = re.compile(
     r"(?P<escape>\\[()\[\]\\]?)|(?P<weight>:(?P<number>[+-]?[.\d]+)\))|(?P<bracket>[()\[\]])|(?P<text>[^\\()\[\]:]+|:)"
 )
+# A bracket that opens or closes a level (an escaped one, ``\\(``, is text), and the word after an opening one.
+_NESTING = re.compile(r"\\.|[()\[\]]")
+_WORD = re.compile(r"[^()\[\]:]{0,40}")
 _LOOKS_WEIGHTED = re.compile(r":(\s+[+-]?[.\d]+\s*|[+-]?[.\d]+\s+)\)")
 
 
-def parse_a1111(text: str, *, breaks: bool = True) -> list[Fragment | None]:
+def parse_a1111(text: str, *, breaks: bool = True, where: str = "the prompt") -> list[Fragment | None]:
     """``text`` as A1111's ``parse_prompt_attention`` reads it: (text, weight) fragments, runs of one weight joined, and
     :data:`BREAK` where ``BREAK`` ends a chunk (with ``breaks``; otherwise it is a word). An unclosed bracket weighs
     the rest of the prompt, a stray closing one is text (both with a warning); a weight that is not a number raises
-    :class:`~sdxl_control.errors.InvalidRequestError`. ``BREAK`` inside brackets also ends a chunk (A1111 reads it
-    there as a word of weight -1.1, which no prompt means).
+    :class:`~sdxl_control.errors.InvalidRequestError` naming ``where`` (the prompt, the negative prompt...).
+    ``BREAK`` inside brackets also ends a chunk (A1111 reads it there as a word of weight -1.1, which no prompt
+    means).
 
     Example:
         >>> parse_a1111(r"\\(literal\\) ((sky))")
@@ -101,7 +116,8 @@ def parse_a1111(text: str, *, breaks: bool = True) -> list[Fragment | None]:
                 weight = float(number)
             except ValueError:
                 raise InvalidRequestError(
-                    f"the prompt's weight {number!r} in {_around(text, piece.start())!r} is not a number"
+                    f"{where}'s weight {number!r} in {_around(text, piece.start())!r} is not a number: write it as "
+                    "(word:1.2)"
                 ) from None
             weigh(opened["("].pop(), weight)
         elif kind == "bracket" and value in ")]" and opened["(" if value == ")" else "["]:
@@ -209,19 +225,52 @@ def _joined(fragments: list[list[Any] | None]) -> list[Fragment | None]:
     return [tuple(item) if item is not None else BREAK for item in joined] or [("", 1.0)]  # type: ignore[misc]
 
 
-def check_syntax(text: str, emphasis: Emphasis) -> None:
-    """Raise :class:`~sdxl_control.errors.InvalidRequestError` where ``text`` cannot be read as ``emphasis`` reads
-    prompts (a weight that is not a number); warn of nothing (the encoding does, once).
+def check_syntax(text: str, emphasis: Emphasis, where: str = "the prompt") -> None:
+    """Raise :class:`~sdxl_control.errors.InvalidRequestError` naming ``where`` (e.g. ``"the negative prompt"``) where
+    ``text`` cannot be read as ``emphasis`` reads prompts: a weight that is not a number, or a word weighted beyond
+    :data:`MAX_WEIGHT` (either sign), or not finite, by its weight or by nested brackets; warn of nothing (the
+    encoding does, once).
 
     Example:
         >>> check_syntax("a (red:1.2) fox", "a1111")
+        >>> check_syntax("a (red:1000) fox", "a1111", "the negative prompt")
+        Traceback (most recent call last):
+        ...
+        sdxl_control.errors.InvalidRequestError: the negative prompt weighs 'red' by 1000, beyond ...
     """
+    if emphasis == "off":
+        return
+    depth = deepest = deepest_at = 0
+    for piece in _NESTING.finditer(text):
+        if len(piece.group(0)) > 1:  # escaped
+            continue
+        depth = max(depth + (1 if piece.group(0) in "([" else -1), 0)
+        if depth > deepest:
+            deepest, deepest_at = depth, piece.end()
+    if deepest > MAX_NESTING:
+        after = _WORD.match(text, deepest_at)
+        shown = (after.group(0).strip() if after else "") or "word"
+        order = deepest * math.log10(EMPHASIS_STEP)
+        raise InvalidRequestError(
+            f"{where} puts {shown!r} in {deepest} nested brackets, beyond the {MAX_NESTING} read (each '(' multiplies "
+            f"its weight by {EMPHASIS_STEP}: {EMPHASIS_STEP}^{deepest} is about 10^{order:.0f}): write the weight once, "
+            f"as ({shown}:1.5)"
+        )
     token = _QUIET.set(True)
     try:
-        if emphasis == "a1111":
-            parse_a1111(text)
+        fragments = parse_a1111(text, where=where) if emphasis == "a1111" else parse_comfyui(text)
     finally:
         _QUIET.reset(token)
+    for fragment in fragments:
+        if fragment is not None and not abs(fragment[1]) <= MAX_WEIGHT:  # not: NaN compares false
+            text_weighed = fragment[0].strip()
+            shown = text_weighed if len(text_weighed) <= 40 else text_weighed[:37] + "..."
+            raise InvalidRequestError(
+                f"{where} weighs {shown!r} by {fragment[1]:g}, beyond the {MAX_WEIGHT:g} (either sign) a word may "
+                f"carry: the encoders' numbers grow toward overflow (NaN, a black image). Nested brackets multiply "
+                f"(each '(' by {EMPHASIS_STEP}, each '[' by 1/{EMPHASIS_STEP}): write the weight once, as "
+                f"({shown or 'word'}:1.5)"
+            )
 
 
 def _warn(message: str, *args: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping
@@ -37,8 +38,8 @@ from .start import INPAINT_CHANNELS, start_images, start_latents
 from .step_cache import StepCache
 from .storage import FP8_MATMUL, check_storage, store_weights
 from .text import LongPrompts, MicroConditioning, TextChannel, prompt_segments, time_ids
-from .upscale import LANCZOS, LATENT_MODES, upscale_images, upscale_latents
-from .vae import decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
+from .upscale import LANCZOS, LATENT_MODES, check_upscaler, upscale_images, upscale_latents
+from .vae import NonFiniteLatentsError, decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
 from .validation import check_fields, unknown_keys
 
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]
@@ -136,12 +137,13 @@ class GenerationRequest:
             object.__setattr__(self, "detailer", FaceDetailer.of(self.detailer))
         if isinstance(self.outpaint, tuple) and all(isinstance(v, int) for v in self.outpaint):
             self._check_padding()  # before the size it may decide
+        derived = self.size is None  # the init image's own size (plus any outpaint): named if it is refused
         if self.size is None:
             object.__setattr__(self, "size", self._default_size())
         check_fields(self, "the request")
-        for text in (self.prompt, self.negative_prompt):
+        for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt")):
             if isinstance(text, str):
-                check_syntax(text, self.emphasis)
+                check_syntax(text, self.emphasis, where)
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
             raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
         object.__setattr__(self, "size", tuple(self.size))
@@ -163,8 +165,13 @@ class GenerationRequest:
         if width <= 0 or height <= 0 or width % 8 or height % 8:
             raise InvalidRequestError(f"size must be positive multiples of 8, got {width}x{height}")
         if max(width, height) > MAX_SIDE:
+            grown = f" grown by outpaint (--outpaint) {tuple(self.outpaint)}" if self.outpaint else ""
+            origin = (
+                f" (no size given: the init image's own size{grown})" if derived and self.init_image is not None else ""
+            )
+            fix = ": give smaller outpaint margins or a smaller image" if origin and grown else ""
             raise InvalidRequestError(
-                f"size {width}x{height} is beyond {MAX_SIDE} pixels a side, which SDXL cannot fill"
+                f"size (--size) {width}x{height}{origin} is beyond {MAX_SIDE} pixels a side, which SDXL cannot fill{fix}"
             )
         if not 1 <= self.steps <= TRAIN_TIMESTEPS:
             raise InvalidRequestError(f"steps must be a whole number from 1 to {TRAIN_TIMESTEPS}, got {self.steps}")
@@ -189,8 +196,15 @@ class GenerationRequest:
         if self.scheduler is not None:
             scheduler_spec(self.scheduler)
         StepCache(self.step_cache, self.step_cache_branch)
+        if self.step_cache == 1 and self.step_cache_branch:
+            raise InvalidRequestError(
+                f"step_cache_branch (--step-cache-branch) {self.step_cache_branch} chooses what a cached step computes, "
+                "and step_cache is 1 (every step whole, nothing cached): give step_cache 2 or more (--step-cache 3), "
+                "or leave the branch out"
+            )
         self._check_start()
         self._check_hires()
+        self._check_detailer()
 
     def _check_hires(self) -> None:
         if self.hires_scale is None:
@@ -208,6 +222,24 @@ class GenerationRequest:
             raise InvalidRequestError(f"hires_steps must be from 1 to {TRAIN_TIMESTEPS}, got {self.hires_steps}")
         if max(self.hires_size) > MAX_SIDE:
             raise InvalidRequestError(f"the hires fix's {self.hires_size[0]}x{self.hires_size[1]} is beyond {MAX_SIDE}")
+        default = GenerationRequest.__dataclass_fields__["hires_strength"].default
+        _check_runs_a_step(
+            "the hires fix's strength (hires_strength)", self.hires_strength,
+            "its default" if self.hires_strength == default else "--hires-strength, or the preset's", "--hires-strength",
+            self.hires_steps or self.steps, "--hires-steps" if self.hires_steps else "--steps, which --hires-steps overrides",
+        )  # fmt: skip
+
+    def _check_detailer(self) -> None:
+        detailer = self.detailer
+        if detailer is None:
+            return
+        default = FaceDetailer.__dataclass_fields__["strength"].default
+        _check_runs_a_step(
+            "the face detailer's strength (a job's detailer.strength)", detailer.strength,
+            "its default, ADetailer's" if detailer.strength == default else "--detail-strength, or the preset's",
+            "--detail-strength", detailer.steps or self.steps,
+            "the detailer's steps" if detailer.steps else "--steps (a job's detailer.steps overrides it)",
+        )  # fmt: skip
 
     @property
     def hires_size(self) -> tuple[int, int]:
@@ -259,6 +291,7 @@ class GenerationRequest:
             if self.refiner_only:
                 raise InvalidRequestError("refiner_only polishes an image: give init_image")
             return
+        defaulted = self.strength is None
         if self.strength is None:
             object.__setattr__(self, "strength", 0.75 if self.mask is None and self.outpaint is None else 1.0)
         assert self.strength is not None
@@ -266,8 +299,23 @@ class GenerationRequest:
             self._check_kept()
         elif not 0.0 < self.strength <= 1.0:
             raise InvalidRequestError(f"strength must lie in [0, 1] (1: all steps run), got {self.strength}")
+        else:
+            source = "the default for an init image, A1111's" if defaulted else "--strength, or the preset's"
+            _check_runs_a_step("strength", self.strength, source, "--strength", self.steps, "--steps")
         if self.mask_blur < 0:
             raise InvalidRequestError(f"mask_blur is a radius in pixels, >= 0, got {self.mask_blur}")
+        if self.mask_blur and self.mask is None and self.outpaint is None:
+            raise InvalidRequestError(
+                f"mask_blur (--mask-blur) {self.mask_blur} feathers a mask's edge, and there is none: give a mask "
+                "(--mask) or outpaint, or leave mask_blur out"
+            )
+        # A radius past the image's longer side blurs the mask into one flat grey: every pixel half repainted, the
+        # mask's shape gone, and the blur's cost growing with the radius for nothing.
+        if self.mask_blur > max(self.size):
+            raise InvalidRequestError(
+                f"mask_blur (--mask-blur) {self.mask_blur} is wider than the image ({self.size[0]}x{self.size[1]}): "
+                f"it would blur the mask into flat grey; give at most {max(self.size)} (A1111's default is 4)"
+            )
         if self.refiner_only and (self.mask is not None or self.refiner_switch is not None):
             raise InvalidRequestError(
                 "refiner_only runs the refiner alone on the init image: no mask or refiner_switch"
@@ -319,7 +367,8 @@ class GenerationRequest:
         left, top, right, bottom = self.outpaint
         if left + right >= self.size[0] or top + bottom >= self.size[1]:
             raise InvalidRequestError(
-                f"outpaint {tuple(self.outpaint)} leaves no room in {self.size[0]}x{self.size[1]}"
+                f"outpaint (--outpaint) {tuple(self.outpaint)} leaves no room in size (--size) "
+                f"{self.size[0]}x{self.size[1]}: the margins must leave some of it to the image"
             )
 
     @property
@@ -408,6 +457,33 @@ class GenerationRequest:
 class _StagePlan:
     models: StageModels
     schedule: StageSchedule
+
+
+def _check_runs_a_step(what: str, strength: float, source: str, flag: str, steps: int, steps_source: str) -> None:
+    """Refuse a pass whose ``strength`` enters its schedule of ``steps`` past the last step (``int(steps * strength)``
+    steps run, as in diffusers), naming the value, where it came from (``source``: a default the user never typed is
+    said to be one) and the two ways out."""
+    if int(steps * strength) >= 1:
+        return
+    least = math.ceil(100 / steps) / 100  # rounded up, so that int(steps * least) is 1
+    raise InvalidRequestError(
+        f"{what} {strength:g} ({source}) with {steps} steps ({steps_source}) runs no step (int(steps * strength) = 0): "
+        f"give {flag} {least:g} or more, or {math.ceil(1 / strength)} steps or more"
+    )
+
+
+def _nan_suspects(request: GenerationRequest, dtype: torch.dtype) -> str:
+    """What in ``request`` can make the denoising overflow, with the values given, for the message of latents that
+    came out NaN (prompt weights past emphasis.MAX_WEIGHT are refused before, so they are not among them)."""
+    suspects = [f"guidance {request.guidance:g}"]
+    suspects += [
+        f"{type(c).__name__} {getattr(c, 'source', '')} at scale {c.scale:g}".replace("  ", " ")
+        for c in request.conditions
+        if isinstance(getattr(c, "scale", None), (int, float)) and abs(c.scale) > 2
+    ]
+    if dtype == torch.float16:
+        suspects.append("half precision (fp16) overflowing in the UNet: try --dtype bf16 or fp32")
+    return f"What can cause it here: {'; '.join(suspects)}; or weights of a model or LoRA that hold NaN"
 
 
 class Generator:
@@ -721,6 +797,7 @@ class Generator:
     def _hires(
         self, request: GenerationRequest, progress: ProgressCallback | None, progress_bar: bool, recipe_paths: PathMode
     ) -> Result:
+        check_upscaler(request.upscaler)  # before the first pass, which would be lost to a missing file
         if request.init_image is not None and request.strength == 0:  # an image of the user's, enlarged
             drafts = self._kept(request, recipe_paths)
         else:
@@ -799,12 +876,15 @@ class Generator:
                 latents = denoise(inputs, latents, generators=generators, progress=progress, progress_bar=progress_bar)
 
         last = plans[-1].models
-        if request.decoder is not None:
-            decoder = load_decoder(request.decoder, last.unet.config.out_channels, self.device, dtype)
-            pixels = decode_latents(decoder, latents)
-        else:
-            with self._resident([last.vae]):
-                pixels = decode_latents(last.vae, latents, tiled=request.vae_tiling)
+        try:
+            if request.decoder is not None:
+                decoder = load_decoder(request.decoder, last.unet.config.out_channels, self.device, dtype)
+                pixels = decode_latents(decoder, latents)
+            else:
+                with self._resident([last.vae]):
+                    pixels = decode_latents(last.vae, latents, tiled=request.vae_tiling)
+        except NonFiniteLatentsError as exc:
+            raise NonFiniteLatentsError(f"{exc}. {_nan_suspects(request, dtype)}") from None
         pil = VaeImageProcessor(vae_scale_factor=factor).postprocess(pixels, output_type="pil")
         if overlay is not None:
             pil = [overlay(image) for image in pil]

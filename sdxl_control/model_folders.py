@@ -72,12 +72,19 @@ class ModelFolders:
     def of(cls, roots: Iterable[str | os.PathLike[str]] = (), *, environment: bool = True) -> ModelFolders:
         """The folders of every install in ``roots``, then of those ``SDXL_CONTROL_MODELS_DIR`` names (with
         ``environment``). A root that is no install is refused, saying what was looked for."""
-        given = [Path(r).expanduser() for r in roots]
+        # Each root with where it came from, for a message that says what to change.
+        given = [(Path(r).expanduser(), f"--models-dir {os.fspath(r)!r}") for r in roots]
         if environment:
-            given += [Path(p).expanduser() for p in os.environ.get(MODELS_DIR_ENV, "").split(os.pathsep) if p]
+            value = os.environ.get(MODELS_DIR_ENV, "")
+            given += [(Path(p).expanduser(), f"{MODELS_DIR_ENV}={value!r}") for p in value.split(os.pathsep) if p]
         folders: dict[str, list[Path]] = {}
-        for root in given:
-            for kind, paths in _install_folders(root).items():
+        for root, origin in given:
+            try:
+                found = _install_folders(root)
+            except InputError as exc:
+                fix = f"set {MODELS_DIR_ENV} to an install, or unset it" if origin.startswith(MODELS_DIR_ENV) else ""
+                raise InputError(f"{origin}: {exc}{'; ' + fix if fix else ''}") from None
+            for kind, paths in found.items():
                 folders.setdefault(kind, []).extend(p for p in paths if p not in folders.get(kind, []))
         return cls({kind: tuple(paths) for kind, paths in folders.items()})
 

@@ -57,8 +57,11 @@ SCHEDULE_SUFFIXES = {"automatic": "", "normal": "", "karras": "_karras", "sgm un
 # A1111's settings line: ``Key: value`` items, a value quoted when it holds a comma.
 # A node on a chain of a ComfyUI graph: (node id, class_type, inputs).
 _Step = tuple[str, str, Mapping[str, Any]]
-_ITEM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^:>]+)((?::[^:>]*)*)>")
+# A key is at most 80 characters (A1111's longest are ~30, "ADetailer denoising strength"): unbounded, a long line
+# with no colon costs the regex quadratic time (80 kB: half a minute), and a PNG's text reaches 1 MiB.
+_ITEM = re.compile(r'\s*(\w[\w \-/]{1,80}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# ``<`` ends a tag's name and weights: otherwise many unclosed ``<a:b`` cost quadratic time as above.
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^:<>]+)((?::[^:<>]*)*)>")
 
 
 @dataclass(frozen=True)
@@ -104,19 +107,19 @@ class Imported:
 def read_image_settings(path: str | os.PathLike[str]) -> dict[str, Any] | Imported:
     """The sdxl-control recipe a PNG holds, or else what its A1111 ``parameters`` or ComfyUI ``prompt`` asks for;
     a PNG with none of these is refused, naming what was looked for."""
-    from .recipe import RECIPE_KEY, png_texts, read_recipe
+    from .recipe import RECIPE_KEY, bounded_text, json_text, png_texts, read_recipe
 
     texts = png_texts(path)
     if RECIPE_KEY in texts:
         return read_recipe(path)
     if "parameters" in texts:
-        return read_a1111(texts["parameters"])
+        return read_a1111(bounded_text(texts["parameters"], f"{path}: its A1111 parameters"))
     if "prompt" in texts:
+        graph = json_text(texts["prompt"], f"{path}: its ComfyUI prompt")
         try:
-            graph = json.loads(texts["prompt"])
-        except ValueError as exc:
-            raise InputError(f"{path}: its ComfyUI prompt is not valid JSON ({exc})") from None
-        return read_comfyui(graph)
+            return read_comfyui(graph)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
     found = f" (it holds {', '.join(sorted(texts))})" if texts else ""
     only_workflow = " ComfyUI's workflow alone (no prompt graph) is not read." if "workflow" in texts else ""
     raise InputError(
@@ -301,7 +304,14 @@ def read_comfyui(graph: Any) -> Imported:
     upscaled, as the hires fix, or (``KSamplerAdvanced`` from the step the first ended at) as the refiner."""
     if not isinstance(graph, Mapping) or not all(isinstance(n, Mapping) and "class_type" in n for n in graph.values()):
         raise InputError("a ComfyUI prompt graph maps node ids to nodes with a class_type and inputs")
-    return _ComfyGraph(graph).read()
+    try:
+        return _ComfyGraph(graph).read()
+    except InputError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        # A value ComfyUI would have refused to run (a text where a number goes, a list where a name goes, 0 steps):
+        # the graph was edited by hand or made up, and is refused as such, not a crash.
+        raise InputError(f"the ComfyUI prompt graph holds a value of the wrong kind ({exc})") from None
 
 
 class _ComfyGraph:
@@ -322,11 +332,19 @@ class _ComfyGraph:
     def skip(self, node_id: str, why: str) -> None:
         self.reader.skip(f"{self.nodes[node_id]['class_type']} (node {node_id})", why)
 
+    def name(self, node_id: str) -> str:
+        return f"node {node_id} ({self.nodes[node_id]['class_type']})"
+
     def read(self) -> Imported:
         samplers = [k for k, n in self.nodes.items() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
         if not samplers:
             raise InputError("the ComfyUI graph has no KSampler node: nothing to restore")
-        first = next(k for k in samplers if not any(self._feeds(s, k) for s in samplers if s != k))
+        first = next((k for k in samplers if not any(self._feeds(s, k) for s in samplers if s != k)), None)
+        if first is None:  # each sampler is fed by another: a loop, which ComfyUI refuses to run too
+            raise InputError(
+                f"the ComfyUI graph's samplers feed each other's latents in a loop ({', '.join(map(self.name, samplers))}):"
+                " none starts the image; ComfyUI refuses such a graph too"
+            )
         prompt = self._sampler(first)
         for later in samplers:
             if later != first:
@@ -338,13 +356,27 @@ class _ComfyGraph:
 
     def _feeds(self, source: str, sampler: str) -> bool:
         """Whether ``source``'s latent reaches ``sampler``'s (through upscales)."""
+        visited: list[str] = []
         found = self.node(self.inputs(sampler).get("latent_image"))
         while found is not None:
             node_id, node = found
             if node_id == source:
                 return True
+            self._unvisited(node_id, visited, sampler)
             found = self.node(node.get("inputs", {}).get("samples"))
         return False
+
+    def _unvisited(self, node_id: str, visited: list[str], start: str) -> None:
+        """Note ``node_id`` as met on a chain up from ``start``, refusing a node met twice: the links form a cycle,
+        which ComfyUI refuses to run, and which a walk without this record would follow forever. The record also
+        bounds a chain's length by the graph's node count."""
+        if node_id in visited:
+            cycle = [*visited[visited.index(node_id) :], node_id]
+            raise InputError(
+                f"the ComfyUI graph's links form a cycle, met going up from {self.name(start)}: "
+                f"{' -> '.join(map(self.name, cycle))}; ComfyUI refuses such a graph too"
+            )
+        visited.append(node_id)
 
     def _sampler(self, node_id: str) -> str:
         self.seen.add(node_id)
@@ -378,6 +410,8 @@ class _ComfyGraph:
         latent = self.node(values.get("latent_image"))
         if latent is not None and latent[0] == first and self.nodes[node_id]["class_type"] == "KSamplerAdvanced":
             start, steps = int(values.get("start_at_step", 0)), int(values.get("steps", settings.get("steps", 20)))
+            if steps < 1:
+                raise InputError(f"{self.name(node_id)} has steps {steps}: a sampler runs at least 1")
             settings["refiner_switch"] = start / steps
             self._models(values.get("model"), "refiner")
             self._conditioning(values.get("positive"), "refiner prompt")
@@ -398,8 +432,11 @@ class _ComfyGraph:
     def _walk(self, link: Any, upstream: Callable[[str, Mapping[str, Any], int], Any]) -> Iterator[_Step]:
         """The nodes up a chain from ``link``, each marked read; ``upstream(class_type, inputs, output)`` gives the
         link the chain goes on by (``output``: which of the node's outputs the chain came through)."""
+        visited: list[str] = []
+        start = self.node(link)
         while (found := self.node(link)) is not None:
             node_id, node = found
+            self._unvisited(node_id, visited, start[0] if start else node_id)
             self.seen.add(node_id)
             values = node.get("inputs", {})
             yield node_id, node["class_type"], values

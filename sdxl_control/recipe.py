@@ -108,9 +108,19 @@ class Result:
         return [image.recipe for image in self.images]
 
 
+# The most text one chunk we read may hold: PIL's own bound on a decompressed zTXt/iTXt chunk (1 MiB), held to plain
+# tEXt chunks too. Recipes are a few kB and ComfyUI's prompt graphs some 100 kB; a bound keeps the JSON parser and
+# the prompt readers from a file made to exhaust them.
+MAX_TEXT_CHARS = PngImagePlugin.MAX_TEXT_CHUNK
+# The deepest nesting a JSON text read from a file may have: our recipe nests 5 deep, ComfyUI's graph 4, a job line
+# about 5. Far under Python's recursion limit (1000), which json.loads and whatever walks the value (==, repr, copy)
+# would otherwise hit with a RecursionError (a crash, exit 1).
+MAX_JSON_DEPTH = 64
+
+
 def png_texts(path: str | os.PathLike[str]) -> dict[str, str]:
     """The text chunks of an image file (a PNG's tEXt/iTXt: our recipe, A1111's ``parameters``, ComfyUI's
-    ``prompt``)."""
+    ``prompt``); a compressed chunk that would decompress beyond PIL's bound (a decompression bomb) is refused."""
     file = Path(path)
     if not file.is_file():
         raise InputError(f"recipe {file}: no such file")
@@ -119,8 +129,64 @@ def png_texts(path: str | os.PathLike[str]) -> dict[str, str]:
             return {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
     except Image.DecompressionBombError as exc:
         raise InputError(f"recipe {file}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except ValueError as exc:
+        if "MAX_TEXT_CHUNK" in str(exc) or "text chunks" in str(exc):  # PIL's words for its text bounds
+            raise InputError(
+                f"recipe {file}: refused as a decompression bomb: a compressed text chunk (zTXt/iTXt) unpacks to "
+                f"more than {MAX_TEXT_CHARS // 2**20} MiB, or all its text to more than "
+                f"{PngImagePlugin.MAX_TEXT_MEMORY // 2**20} MiB (PIL's PngImagePlugin.MAX_TEXT_CHUNK and "
+                "MAX_TEXT_MEMORY); no image of ours, A1111's or ComfyUI's carries that much"
+            ) from None
         raise InputError(f"recipe {file}: not a readable image ({exc})") from None
+    except (OSError, SyntaxError) as exc:
+        raise InputError(f"recipe {file}: not a readable image ({exc})") from None
+
+
+def bounded_text(text: str, where: str) -> str:
+    """``text`` (a file's text chunk or line, ``where`` naming it in the message) if it is no longer than
+    :data:`MAX_TEXT_CHARS`."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(
+            f"{where} holds {len(text):,} characters, more than the {MAX_TEXT_CHARS:,} read (recipes and prompt "
+            "graphs are far smaller): refused"
+        )
+    return text
+
+
+def json_text(text: str, where: str) -> Any:
+    """The JSON value ``text`` holds, read with bounds: at most :data:`MAX_TEXT_CHARS` characters and
+    :data:`MAX_JSON_DEPTH` levels of nesting; ``where`` names the file and the text in the message.
+
+    Example:
+        >>> json_text('{"a": [1, 2]}', "x.png's recipe")
+        {'a': [1, 2]}
+        >>> json_text("[" * 100 + "]" * 100, "x.png's recipe")
+        Traceback (most recent call last):
+        ...
+        sdxl_control.errors.InputError: x.png's recipe nests deeper than 64 levels: refused (...)
+    """
+    bounded_text(text, where)
+    too_deep = (
+        f"{where} nests deeper than {MAX_JSON_DEPTH} levels: refused (recipes and prompt graphs nest a few levels; "
+        "this one was made to exhaust the reader)"
+    )
+    try:
+        value = json.loads(text)
+    except RecursionError:  # json's own recursion, past Python's limit
+        raise InputError(too_deep) from None
+    except ValueError as exc:
+        raise InputError(f"{where} is not valid JSON ({exc})") from None
+    # Measured without recursion: a stack of (value, depth).
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_JSON_DEPTH:
+                    raise InputError(too_deep)
+                stack.append((child, depth + 1))
+    return value
 
 
 def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -129,10 +195,7 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     text = png_texts(file).get(RECIPE_KEY)
     if text is None:
         raise InputError(f"{file} carries no sdxl-control recipe (was it written by sdxl-control, and not re-saved?)")
-    try:
-        recipe = json.loads(text)
-    except ValueError as exc:
-        raise InputError(f"{file}: its sdxl-control recipe is not valid JSON ({exc})") from None
+    recipe = json_text(text, f"{file}: its sdxl-control recipe")
     if not isinstance(recipe, dict):
         raise InputError(f"{file}: its sdxl-control recipe is not a JSON object")
     return recipe

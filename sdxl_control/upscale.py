@@ -20,7 +20,7 @@ from .caches import KeyedCache
 from .checkpoints import read_checkpoint
 from .errors import IncompatibleModelError, ModelNotFoundError
 
-__all__ = ["LANCZOS", "LATENT_MODES", "upscale_images", "upscale_latents", "load_upscaler"]
+__all__ = ["LANCZOS", "LATENT_MODES", "upscale_images", "upscale_latents", "load_upscaler", "check_upscaler"]
 
 LANCZOS = "lanczos"
 # A1111's latent upscalers: the first pass's latents interpolated, no VAE round trip ("Latent" is bilinear).
@@ -35,14 +35,22 @@ def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str, fac
     return torch.nn.functional.interpolate(latents, size=shape, mode=LATENT_MODES[mode])
 
 
+def check_upscaler(upscaler: str) -> None:
+    """Refuse an ``upscaler`` that is neither a built-in mode nor a file, naming the option and the value: before a
+    hires fix's first pass, not after it."""
+    if upscaler != LANCZOS and upscaler not in LATENT_MODES and not Path(upscaler).expanduser().is_file():
+        raise ModelNotFoundError(
+            f"the hires fix's upscaler (--upscaler; a job's or recipe's \"upscaler\") {upscaler!r}: no such file, nor "
+            f"found by name under --models-dir's upscale_models; give an ESRGAN/Real-ESRGAN/SwinIR .pth or "
+            f".safetensors (as kept in ComfyUI's models/upscale_models or A1111's models/ESRGAN), or one of "
+            f"{', '.join([LANCZOS, *LATENT_MODES])}"
+        )
+
+
 def load_upscaler(path: str) -> Any:
     """The upscaler model in ``path`` (spandrel's descriptor: its architecture and scale), kept in a process cache."""
+    check_upscaler(path)
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise ModelNotFoundError(
-            f"upscaler {path}: no such file (an ESRGAN/Real-ESRGAN/SwinIR .pth or .safetensors, as kept in ComfyUI's "
-            f"models/upscale_models or A1111's models/ESRGAN), nor one of {', '.join([LANCZOS, *LATENT_MODES])}"
-        )
 
     def build() -> Any:
         try:

@@ -15,13 +15,14 @@ from .caches import KeyedCache
 from .checkpoints import check_safetensors
 from .defaults import DRAFT_DECODER
 from .devices import placement
-from .errors import IncompatibleModelError
+from .errors import IncompatibleModelError, InvalidRequestError
 from .hub import resolve_source
 
 __all__ = [
     "DRAFT_DECODER",
     "vae_scale_factor",
     "decode_latents",
+    "NonFiniteLatentsError",
     "encode_pixels",
     "load_decoder",
     "taesd_from_files",
@@ -31,6 +32,11 @@ __all__ = [
 
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLatentsError(InvalidRequestError):
+    """Latents with NaN or infinite values, refused before the VAE turns them into a black image; the generator says
+    what in the request may have caused them."""
 
 
 def vae_scale_factor(vae: Any) -> int:
@@ -68,8 +74,15 @@ def decode_latents(vae: Any, latents: torch.Tensor, *, tiled: bool = False) -> t
     """Decode to images in [-1, 1], float32; ``tiled`` decodes tile by tile (for large images on small GPUs).
 
     The SDXL VAE overflows in fp16: it is decoded in fp32 when its config says so (``force_upcast``), and a
-    half-precision decode that produced NaNs is redone in fp32.
+    half-precision decode that produced NaNs is redone in fp32. Latents that already hold NaN or infinite values
+    (from the denoising, not the VAE) raise :class:`NonFiniteLatentsError` instead of decoding to a black image.
     """
+    # One reduction and one read-back per decode, after the loop (whose steps read nothing back): the decoded image
+    # comes to the host next anyway.
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFiniteLatentsError(
+            "the denoised latents hold NaN or infinite values, which decode to a black image: nothing was decoded"
+        )
     dtype = placement(vae)[1]
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         with _in_float32(vae):

@@ -5,8 +5,11 @@ prompt:``, one line of ``Key: value`` items with quoted values, ``<lora:name:wei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import time
 
 import pytest
 from PIL import Image, PngImagePlugin
@@ -16,7 +19,7 @@ from sdxl_control.defaults import DEFAULT_BASE, DEFAULT_REFINER
 from sdxl_control.errors import InputError
 from sdxl_control.infotext import parameters_text
 from sdxl_control.png_import import Imported, read_a1111, read_comfyui, read_image_settings
-from sdxl_control.recipe import read_recipe
+from sdxl_control.recipe import RECIPE_KEY, read_recipe
 from sdxl_control.spec import JobSpec
 from sdxl_control.testing.lora import write_tiny_lora
 
@@ -278,3 +281,139 @@ def test_the_command_line_and_the_page_restore_an_a1111_png(tiny, tmp_path, capl
     assert values[9] == "dpmpp_2m_karras" and "A1111 settings" in values[10] and "LoRA add-detail-xl" in values[10]
     ours = _Page.restore(str(out))  # an sdxl-control PNG restores as before
     assert ours[6] == 1234567 and ours[9] == "dpmpp_2m_karras" and ours[10] == "restored from out.png: seed 1234567"
+
+
+@contextlib.contextmanager
+def _no_hang(seconds: int = 20):
+    """Turn a hang (a walk that never ends, a reader made quadratic) into a failure, not a stuck suite."""
+
+    def fail(*_):
+        raise AssertionError(f"still running after {seconds} s: the reader hangs")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _refused_by_the_command_line(png, capsys) -> str:
+    """``generate --recipe png``'s message, checked to be an input-file error (exit 3) that names the file."""
+    with _no_hang():
+        assert main(["generate", "--recipe", str(png), "--tiny", "-o", str(png.parent / "out.png")]) == 3
+    err = capsys.readouterr().err
+    assert str(png) in err and "Traceback" not in err and "unexpected" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "links, cycle",
+    [
+        # The model chain: two LoRA loaders feeding each other.
+        ((("3", "KSampler", {"model": ["10", 0]}), ("10", "LoraLoader", {"lora_name": "a", "model": ["11", 0]}),
+          ("11", "LoraLoader", {"lora_name": "b", "model": ["10", 0]})),
+         "node 10 (LoraLoader) -> node 11 (LoraLoader) -> node 10 (LoraLoader)"),
+        # The prompt's conditioning: a node fed by its own output.
+        ((("6", "ConditioningCombine", {"conditioning_1": ["6", 0]}),),
+         "node 6 (ConditioningCombine) -> node 6 (ConditioningCombine)"),
+        # The clip chain.
+        ((("6", "CLIPTextEncode", {"clip": ["25", 0]}), ("25", "CLIPSetLastLayer", {"clip": ["26", 0]}),
+          ("26", "CLIPSetLastLayer", {"clip": ["25", 0]})),
+         "node 25 (CLIPSetLastLayer) -> node 26 (CLIPSetLastLayer) -> node 25 (CLIPSetLastLayer)"),
+        # The latent chain between two samplers: upscales feeding each other.
+        ((("3", "KSampler", {"latent_image": ["10", 0]}), ("11", "KSampler", {"latent_image": ["5", 0]}),
+          ("10", "LatentUpscaleBy", {"samples": ["12", 0]}), ("12", "LatentUpscaleBy", {"samples": ["10", 0]})),
+         "node 10 (LatentUpscaleBy) -> node 12 (LatentUpscaleBy) -> node 10 (LatentUpscaleBy)"),
+    ],
+    ids=["model", "conditioning", "clip", "latent"],
+)  # fmt: skip
+def test_a_comfyui_graph_whose_links_form_a_cycle_is_refused_naming_its_nodes(links, cycle, tmp_path, capsys):
+    png = _png(tmp_path / "cycle.png", prompt=json.dumps(_graph(*links)))
+    with _no_hang(), pytest.raises(InputError, match="links form a cycle") as refused:
+        read_image_settings(png)
+    assert str(png) in str(refused.value) and cycle in str(refused.value)
+    assert cycle in _refused_by_the_command_line(png, capsys)
+
+
+def test_two_comfyui_samplers_feeding_each_other_are_refused(tmp_path, capsys):
+    graph = _graph(
+        ("3", "KSampler", {"latent_image": ["11", 0]}),
+        ("11", "KSampler", {"seed": 1, "steps": 14, "cfg": 8.0, "model": ["4", 0], "positive": ["6", 0],
+                            "negative": ["7", 0], "latent_image": ["3", 0]}),
+    )  # fmt: skip
+    png = _png(tmp_path / "loop.png", prompt=json.dumps(graph))
+    with pytest.raises(InputError, match=r"samplers feed each other.*node 3 \(KSampler\), node 11 \(KSampler\)"):
+        read_image_settings(png)
+    assert "node 3 (KSampler), node 11 (KSampler)" in _refused_by_the_command_line(png, capsys)
+
+
+def test_comfyui_values_of_the_wrong_kind_are_refused_not_a_crash(tmp_path):
+    for node in (("3", "KSampler", {"steps": "many"}), ("3", "KSampler", {"cfg": [1, 2]})):
+        png = _png(tmp_path / "kind.png", prompt=json.dumps(_graph(node)))
+        with pytest.raises(InputError, match=r"kind\.png: the ComfyUI prompt graph holds a value of the wrong kind"):
+            read_image_settings(png)
+    refiner = _graph(("15", "KSamplerAdvanced", {"steps": 0, "start_at_step": 0, "latent_image": ["3", 0]}))
+    with pytest.raises(InputError, match=r"node 15 \(KSamplerAdvanced\) has steps 0"):
+        read_comfyui(refiner)
+
+
+@pytest.mark.parametrize("key", ["prompt", RECIPE_KEY])
+@pytest.mark.parametrize("depth", [100, 100_000])  # past our bound; past Python's recursion limit in json itself
+def test_deeply_nested_json_in_a_png_is_refused_naming_the_file(key, depth, tmp_path, capsys):
+    png = _png(tmp_path / "deep.png", **{key: '{"a": ' * depth + "1" + "}" * depth})
+    with pytest.raises(InputError, match="nests deeper than 64 levels") as refused:
+        read_image_settings(png)
+    assert str(png) in str(refused.value)
+    assert "nests deeper than 64 levels" in _refused_by_the_command_line(png, capsys)
+
+
+def test_a_job_line_nested_too_deep_is_a_problem_of_its_line(tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a fox"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["batch", str(jobs), "-o", str(tmp_path / "out"), "--tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "2" in err and "nests deeper than 64 levels" in err and "unexpected" not in err
+
+
+def _text_bomb(path, kind: str):
+    """A PNG with a ``prompt`` chunk of 50 MiB that compresses to ~50 kB (zTXt or compressed iTXt)."""
+    info = PngImagePlugin.PngInfo()
+    text = "{" + " " * (50 * 2**20) + "}"
+    info.add_itxt("prompt", text, zip=True) if kind == "iTXt" else info.add_text("prompt", text, zip=True)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    assert path.stat().st_size < 200_000
+    return path
+
+
+@pytest.mark.parametrize("kind", ["zTXt", "iTXt"])
+def test_a_text_chunk_decompression_bomb_is_refused_naming_the_file(kind, tmp_path, capsys):
+    png = _text_bomb(tmp_path / "bomb.png", kind)
+    # PIL itself stops unpacking at its bound (the message below depends on it: a change of PIL's is seen here).
+    with pytest.raises(ValueError, match="MAX_TEXT_CHUNK"):
+        Image.open(png)
+    with pytest.raises(InputError, match="refused as a decompression bomb: a compressed text chunk") as refused:
+        read_image_settings(png)
+    assert str(png) in str(refused.value) and "1 MiB" in str(refused.value)
+    assert "decompression bomb" in _refused_by_the_command_line(png, capsys)
+
+
+def test_a_plain_text_chunk_over_the_bound_is_refused(tmp_path):
+    png = _png(tmp_path / "big.png", parameters="a fox " * 200_000 + "\nSteps: 20, Seed: 1, CFG scale: 7")
+    with pytest.raises(InputError, match=r"big\.png: its A1111 parameters holds 1,200,\d+ characters, more than"):
+        read_image_settings(png)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a " * 40_000, "<a:b" * 20_000, "<a:b:" * 20_000, "(" * 100_000],
+    ids=["a settings line without colons", "unclosed tags", "unclosed tags with weights", "brackets"],
+)
+def test_a1111_texts_made_to_be_slow_read_in_linear_time(text):
+    # Each of these took the old patterns 30 s or more (their time grew with the square of the length).
+    started = time.perf_counter()
+    with _no_hang(10):
+        imported = read_a1111(text)
+    assert time.perf_counter() - started < 3
+    assert imported.tool == "A1111"

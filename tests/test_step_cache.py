@@ -87,7 +87,9 @@ def _instance_forwards(unet):
 
 def test_off_is_absent_and_the_models_are_as_before(generator):
     plain = generator.generate(PROMPT, **RUN)
-    off = generator.generate(PROMPT, step_cache=1, step_cache_branch=4, **RUN)
+    off = generator.generate(PROMPT, step_cache=1, **RUN)
+    with pytest.raises(InvalidRequestError, match=r"step_cache_branch \(--step-cache-branch\) 4 .* step_cache is 1"):
+        generator.generate(PROMPT, step_cache=1, step_cache_branch=4, **RUN)  # a branch with nothing cached
     assert torch.equal(plain.latents, off.latents)
     assert "step_cache" not in plain.recipes[0] and "step_cache" not in off.recipes[0]
     generator.generate(PROMPT, step_cache=3, **RUN)

@@ -11,13 +11,16 @@ Example:
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable
+from typing import Any, NoReturn
 
 # Only light modules at the top: an argument error or --help answers before torch and diffusers load (seconds).
 from ..errors import EXIT_INTERRUPTED, DeviceError, SdxlControlError
@@ -39,6 +42,43 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Resolver], int]] = {
     "ui": ui.run,
     "batch": batch.run,
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped flag or choice, which Python 3.11's argparse does not give (3.14
+    adds it); its subcommands' parsers are of this class too (``add_subparsers`` makes them of the parser's class)."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # argparse reports these from the top parser, which knows none of the subcommand's flags
+            command = self._command_parser(parsed)
+            hints = [h for h in (_nearest(e.split("=")[0], _flags(command)) for e in extras if e.startswith("--")) if h]
+            (command or self).error(
+                f"unrecognized arguments: {' '.join(extras)}{f' (did you mean {hints[0]}?)' if hints else ''}"
+            )
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        choice = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice is not None and (hint := _nearest(choice[2], re.findall(r"'([^']*)'", choice[3]))):
+            message = f"{message} (did you mean {hint!r}?)"
+        super().error(message)
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found = action.choices.get(str(getattr(parsed, action.dest, "")))
+                return found if isinstance(found, argparse.ArgumentParser) else None
+        return None
+
+
+def _flags(parser: argparse.ArgumentParser | None) -> list[str]:
+    return [f for a in (parser._actions if parser else []) for f in a.option_strings if f.startswith("--")]
+
+
+def _nearest(word: str, candidates: list[str]) -> str | None:
+    found = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a ComfyUI or A1111 install (or its models folder, or a folder with extra_model_paths.yaml) whose models "
         "are found by name: --base juggernautXL_v9, --lora add-detail-xl (repeatable; also SDXL_CONTROL_MODELS_DIR)",
     )
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sdxl-control",
         description="Controllable SDXL generation.",
         epilog="exit codes: 0 done, 1 unexpected failure (a bug: --debug shows it), 2 bad option or request, "

@@ -27,5 +27,5 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         for spec in preset.inputs.values():
             need = "required" if spec.required else "optional"
             many = ", repeatable" if spec.many else ""
-            sys.stdout.write(f"    --{spec.name} FILE  ({need}{many}) {spec.help}\n")
+            sys.stdout.write(f"    --{spec.name.replace('_', '-')} FILE  ({need}{many}) {spec.help}\n")
     return 0
