@@ -452,16 +452,16 @@ class _Page:
         return "**models missing** (generating will fail until they are here): " + missing_advice(missing)
 
     def apply_preset(self, name: str) -> list[Any]:
-        """Choosing a preset fills in its numbers (a model policy with a size of its own, the tiny models', keeps it);
-        the rest comes with it."""
+        """Choosing a preset fills in its numbers, its size at the model policy's scale (``--tiny``: the tiny
+        models', as every front-end runs it); the rest comes with it."""
         from .presets import load_preset
 
         if not name or name == NO_PRESET:
             return [gr.update()] * 7 + ["ready"]
         preset = load_preset(name)
         settings = preset.settings
-        width, height = settings.get("size", (1024, 1024))
-        size = [gr.update(), gr.update()] if "size" in self.config.resolver.defaults() else [width, height]
+        width, height = self.config.resolver.fit_size(tuple(settings.get("size", (1024, 1024))))
+        size = [width, height]
         takes = f" — it takes: {', '.join(preset.inputs)}" if preset.inputs else ""
         return [settings.get("steps", gr.update()), settings.get("guidance", gr.update()), *size,
                 settings.get("refiner_switch") or 0.0, settings.get("negative_prompt", ""),
