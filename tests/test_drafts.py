@@ -151,7 +151,9 @@ def test_draft_decoder_equals_diffusers_with_the_tiny_autoencoder(generator, tin
     assert torch.equal(vae.latents, ours.latents)
     # The decoder's folder is recorded by name and content, never by its path, and found again to re-make the image.
     recorded = ours.recipes[0]["decoder"]
-    assert recorded == {"folder": "taesdxl", "fingerprint": recorded["fingerprint"]} and str(tmp_path) not in str(recorded)
+    assert recorded == {"folder": "taesdxl", "fingerprint": recorded["fingerprint"]} and str(tmp_path) not in str(
+        recorded
+    )
     again = generator.run(GenerationRequest.from_recipe(ours.recipes[0]), progress_bar=False)
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(ours.images[0]))
     assert np.abs(np.asarray(vae.images[0], np.int16) - np.asarray(ours.images[0], np.int16)).max() > 0
