@@ -467,11 +467,11 @@ class _Page:
                 settings.get("refiner_switch") or 0.0, settings.get("negative_prompt", ""),
                 settings.get("strength", gr.update()), f"{name}: {preset.description}{takes}"]  # fmt: skip
 
-    @staticmethod
-    def restore(png: Any) -> list[Any]:
+    def restore(self, png: Any) -> list[Any]:
         """The form's values from a PNG: an sdxl-control recipe, or A1111's or ComfyUI's settings (with the parts
-        that did not map listed in the status)."""
-        from .png_import import Imported, read_image_settings
+        that did not map listed in the status). A LoRA the PNG names that is not on this machine is said in the
+        words the command line refuses it with (:func:`~sdxl_control.png_import.missing_loras`)."""
+        from .png_import import Imported, missing_loras, read_image_settings
 
         name = Path(_files(png)[0]).name
         try:
@@ -480,8 +480,16 @@ class _Page:
             raise gr.Error(str(exc)) from None
         if isinstance(found, Imported):
             values: dict[str, Any] = {"prompt": found.prompt, **found.settings}
+            absent = missing_loras(found, self.config.resolver, name)
+            if absent:
+                gr.Warning("\n".join(absent.values()))
             notes = [
-                *(f"LoRA {getattr(c, 'source', c.kind)}: add its file under LoRAs" for c in found.conditions),
+                *absent.values(),
+                *(
+                    f"LoRA {getattr(c, 'source', c.kind)}: add its file under LoRAs"
+                    for c in found.conditions
+                    if getattr(c, "source", None) not in absent
+                ),  # fmt: skip
                 *(f"{role} model {model}: the page runs its own models" for role, model in found.models.items()),
                 *found.unmapped,
             ]
