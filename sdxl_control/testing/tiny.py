@@ -90,7 +90,7 @@ def write_tiny_taesd(folder: str | os.PathLike[str], seed: int = 0) -> Path:
     from diffusers import AutoencoderTiny
 
     def build() -> Any:
-        model = AutoencoderTiny(
+        model: Any = AutoencoderTiny(  # diffusers registers its submodules at run time
             encoder_block_out_channels=(8, 8, 8, 8),
             decoder_block_out_channels=(8, 8, 8, 8),
             num_encoder_blocks=(1, 1, 1, 1),
