@@ -22,6 +22,8 @@ from sdxl_control.defaults import DEFAULT_BASE
 from sdxl_control.resolvers import TinyResolver
 from sdxl_control.testing.lora import write_tiny_lora
 
+from .test_readme_tiny import check_pngs
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 # What a block needs that no tiny stand-in gives, and where it is shown instead.
@@ -99,6 +101,7 @@ def test_the_readme_python_block_runs_offline(index, tiny, tmp_path, monkeypatch
     if "save(" in block:
         saved = re.findall(r'save\("([\w.-]+\.png)"\)', block)
         assert saved and all(Image.open(tmp_path / name).size[0] >= 64 for name in saved)
+    check_pngs(tmp_path)  # no image black, no PNG naming this machine's home, caches or this folder
     if "run_batch(" in block:
         assert namespace["summary"].done == 2 and not namespace["problems"]
 
