@@ -392,8 +392,9 @@ class GenerationRequest:
             if detailer["face_pack"] is not None:
                 detailer["face_pack"] = portable(detailer["face_pack"], paths)
             out["detailer"] = detailer
-        files = (*(IMAGE_FIELDS if starts else ()), *(("upscaler",) if hires else ()), *(("vae",) if self.vae else ()))
-        for name in files:  # by name and content, as conditions' files
+        files = (*(IMAGE_FIELDS if starts else ()), *(("upscaler",) if hires else ()), *(("vae",) if self.vae else ()),
+                 *(("decoder",) if self.decoder else ()))  # fmt: skip
+        for name in files:  # by name and content, as conditions' files (a hub id stays as it is)
             value = getattr(self, name)
             out[name] = portable(describe(value), paths) if value is not None else None
         out["size"] = list(self.size)
@@ -430,7 +431,7 @@ class GenerationRequest:
         # A recipe from before long prompts were read in chunks, or weighted, was made with the prompt cut to one window
         # and its brackets read as text.
         values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
-        for name in ("upscaler", "vae"):
+        for name in ("upscaler", "vae", "decoder"):
             if values.get(name) is not None:
                 values[name] = (locate or Locator()).resolve(values[name], f"the recipe's {name}")
         if isinstance(values.get("detailer"), dict) and values["detailer"].get("face_pack") is not None:

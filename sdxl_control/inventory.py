@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelNeed", "Presence", "check", "fetch", "report", "unique", "weights_need", "pattern_for", "human_size",
-    "download_size", "ensure", "missing_advice", "run_needs",
+    "download_size", "ensure", "missing_advice", "run_needs", "fetch_commands", "home_relative",
 ]  # fmt: skip
 
 # Licence notes shown beside models whose terms restrict use; the rest are Apache-2.0, MIT or OpenRAIL++.
@@ -276,24 +276,83 @@ def unique(needs: Iterable[ModelNeed]) -> list[ModelNeed]:
     return list(seen.values())
 
 
-def report(needs: Iterable[ModelNeed], checker: Callable[[ModelNeed], Presence] = check) -> tuple[str, bool]:
-    """A table of ``needs``: present (where, size) or missing (the command that fetches it), licence notes; and
-    whether all are present."""
-    lines, complete = [], True
+def report(
+    needs: Iterable[ModelNeed],
+    checker: Callable[[ModelNeed], Presence] = check,
+    users: Mapping[ModelNeed, Sequence[str]] | None = None,
+) -> tuple[str, bool]:
+    """A table of ``needs``, one line each: present (size, where) or missing (its download size, or ``size ?``
+    where no size is known), licence notes; then, when some are missing, their count and total size and the
+    command that fetches them, once per repository. ``users`` names what needs each (the presets). Also whether
+    all are present. Paths under the home folder are shown from ``~``.
+
+    Example:
+        >>> need = ModelNeed("PuLID", "guozinan/PuLID", ("pulid_v1.1.safetensors",))
+        >>> print(report([need], lambda n: Presence(n, None, 0, n.files))[0])
+          MISSING   984.0 MB  PuLID: guozinan/PuLID [pulid_v1.1.safetensors]
+          1 missing, 984.0 MB in all; get them with:
+            hf download guozinan/PuLID pulid_v1.1.safetensors
+    """
+    lines, missing = [], []
     for need in unique(needs):
         found = checker(need)
-        complete &= found.present
         listed = ", ".join(need.files) if len(need.files) <= 3 else f"{len(need.files)} files"
-        where = need.source + (f" [{listed}]" if need.files else "")
+        where = home_relative(need.source) + (f" [{listed}]" if need.files else "")
+        by = f"  ({_users(users[need])})" if users and users.get(need) else ""
         if found.present:
-            lines.append(f"  present  {human_size(found.size):>9}  {need.what}: {where}")
+            lines.append(f"  present  {human_size(found.size):>9}  {need.what}: {where}{by}")
         else:
+            missing.append(need)
             size = download_size(need)
-            lines.append(f"  MISSING  {'' if size is None else human_size(size):>9}  {need.what}: {where}")
-            lines.append(f"           get it: {need.fetch_command()}")
+            lines.append(f"  MISSING  {'size ?' if size is None else human_size(size):>9}  {need.what}: {where}{by}")
         if need.licence:
             lines.append(f"           licence: {need.licence}")
-    return "\n".join(lines), complete
+    if missing:
+        sizes = [download_size(need) for need in missing]
+        known = sum(s for s in sizes if s is not None)
+        total = f"{'at least ' if None in sizes else ''}{human_size(known)} in all" if known else "sizes unknown"
+        lines.append(f"  {len(missing)} missing, {total}; get them with:")
+        lines.extend(f"    {home_relative(command)}" for command in fetch_commands(missing))
+    return "\n".join(lines), not missing
+
+
+def _users(names: Sequence[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{len(names)} presets"
+
+
+def fetch_commands(missing: Iterable[ModelNeed]) -> list[str]:
+    """The commands that fetch ``missing``: one ``hf download`` per hub repository (every file of it that a need
+    names), and each other way of getting weights once.
+
+    Example:
+        >>> fetch_commands([ModelNeed("a", "x/y", ("a.safetensors",)), ModelNeed("b", "x/y", ("b.safetensors",))])
+        ['hf download x/y a.safetensors b.safetensors']
+    """
+    by_repo: dict[str, list[str]] = {}
+    others: list[str] = []
+    for need in unique(missing):
+        if need.how is None and looks_like_hub_id(need.source):
+            files = by_repo.setdefault(need.source, [])
+            files.extend(f for f in need.files if f not in files)
+        elif need.fetch_command() not in others:
+            others.append(need.fetch_command())
+    hub = [ModelNeed(repo, repo, tuple(files)).fetch_command() for repo, files in by_repo.items()]
+    return [*hub, *others]
+
+
+def home_relative(text: str | os.PathLike[str]) -> str:
+    """``text`` (a path, or a message holding paths) with the home folder written ``~``: what output shows of this
+    machine's paths.
+
+    Example:
+        >>> home_relative(Path.home() / "models" / "x.safetensors")
+        '~/models/x.safetensors'
+    """
+    text = os.fspath(text)
+    home = str(Path.home()).rstrip("/")
+    if not home:
+        return text
+    return "~" if text == home else text.replace(home + "/", "~/")
 
 
 def pattern_for(relative: str) -> str:

@@ -30,10 +30,11 @@ from .conditions import Condition
 from .defaults import DEFAULT_BASE, DEFAULT_REFINER, SCHEDULERS
 from .errors import InputError
 from .infotext import A1111_UPSCALERS as WRITTEN_UPSCALERS
+from .resolvers import Resolver
 from .schedule import scheduler_name
 from .spec import JobSpec
 
-__all__ = ["Imported", "read_a1111", "read_comfyui", "read_image_settings"]
+__all__ = ["Imported", "read_a1111", "read_comfyui", "read_image_settings", "missing_loras"]
 
 # Checkpoint file names of the published SDXL models -> their hub ids, so a PNG made with them runs without a folder.
 PUBLISHED_CHECKPOINTS = {
@@ -514,3 +515,29 @@ _MODEL_PATCHES = {
     "PhotoMakerEncode": "its face photo is not in the PNG; give it with --face and --identity photomaker",
     "UNETLoader": "a UNet-only checkpoint: not read (name its model in a job file's models.unet)",
 }
+
+
+def missing_loras(imported: Imported, resolver: Resolver, png: str) -> dict[str, str]:
+    """LoRA name -> message, for each LoRA the PNG ``png`` names that is neither a file nor found by ``resolver`` (in
+    the model folders): the command line refuses to run with them (exit 4) and the page shows the same words as it
+    restores the PNG, so both front-ends treat an absent LoRA alike.
+
+    Example:
+        >>> print(*missing_loras(read_a1111("a fox <lora:add-detail-xl:0.6>\\nSteps: 4"), Resolver(), "fox.png").values())
+        LoRA add-detail-xl (weight 0.6), named by fox.png, is not on this machine: give its file (--lora FILE:0.6; on the page, under LoRAs) or the install that holds it (--models-dir DIR)
+    """  # noqa: E501
+    from .files import looks_like_hub_id
+
+    messages = {}
+    for condition in imported.conditions:
+        name, scale = str(getattr(condition, "source", "")), getattr(condition, "scale", 1.0)
+        if condition.kind != "lora" or name in messages:
+            continue
+        found = str(resolver.named("loras", name))
+        if Path(found).expanduser().exists() or looks_like_hub_id(found):
+            continue
+        messages[name] = (
+            f"LoRA {name} (weight {scale:g}), named by {png}, is not on this machine: give its file "
+            f"(--lora FILE:{scale:g}; on the page, under LoRAs) or the install that holds it (--models-dir DIR)"
+        )
+    return messages

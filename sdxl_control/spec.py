@@ -109,6 +109,7 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
             implied.pop("size", None)
         request = GenerationRequest(spec.prompt, **{**implied, **given}, conditions=tuple(conditions))
         keep = None
+    request = _fitted(request, resolver, explicit="size" in settings)
     if request.decoder is not None:
         request = dataclasses.replace(request, decoder=resolver.decoder(request.decoder))
     if request.vae is not None:
@@ -125,6 +126,21 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     validate_conditions(request.conditions, has_refiner=refines, has_base=not request.refiner_only)
     base, refiner, unet = _stages(spec, preset, refines, locate, resolver)
     return ResolvedJob(request, base, refiner, unet, keep, _weight_storage(spec, preset))
+
+
+def _fitted(request: GenerationRequest, resolver: Resolver, *, explicit: bool) -> GenerationRequest:
+    """``request`` at the size its models' policy runs it (``--tiny``: the tiny models' scale), whichever front-end
+    or preset gave the size; the recipe records the size used. An outpainted canvas is the image and its borders,
+    which name their own size: it stays."""
+    fitted = resolver.fit_size(request.size)
+    if fitted == tuple(request.size) or request.outpaint is not None:
+        return request
+    width, height = request.size
+    # A size the user typed is worth a warning; a preset's or an image's is what --tiny is expected to shrink.
+    (log.warning if explicit else log.info)(
+        "size %dx%d runs as %dx%d, the tiny models' scale (--tiny)", width, height, *fitted
+    )
+    return dataclasses.replace(request, size=fitted)
 
 
 def _weight_storage(spec: JobSpec, preset: Preset | None) -> str | None:

@@ -458,26 +458,26 @@ class _Page:
         return "**models missing** (generating will fail until they are here): " + missing_advice(missing)
 
     def apply_preset(self, name: str) -> list[Any]:
-        """Choosing a preset fills in its numbers (a model policy with a size of its own, the tiny models', keeps it);
-        the rest comes with it."""
+        """Choosing a preset fills in its numbers, its size at the model policy's scale (``--tiny``: the tiny
+        models', as every front-end runs it); the rest comes with it."""
         from .presets import load_preset
 
         if not name or name == NO_PRESET:
             return [gr.update()] * 7 + ["ready"]
         preset = load_preset(name)
         settings = preset.settings
-        width, height = settings.get("size", (1024, 1024))
-        size = [gr.update(), gr.update()] if "size" in self.config.resolver.defaults() else [width, height]
+        width, height = self.config.resolver.fit_size(tuple(settings.get("size", (1024, 1024))))
+        size = [width, height]
         takes = f" — it takes: {', '.join(preset.inputs)}" if preset.inputs else ""
         return [settings.get("steps", gr.update()), settings.get("guidance", gr.update()), *size,
                 settings.get("refiner_switch") or 0.0, settings.get("negative_prompt", ""),
                 settings.get("strength", gr.update()), f"{name}: {preset.description}{takes}"]  # fmt: skip
 
-    @staticmethod
-    def restore(png: Any) -> list[Any]:
+    def restore(self, png: Any) -> list[Any]:
         """The form's values from a PNG: an sdxl-control recipe, or A1111's or ComfyUI's settings (with the parts
-        that did not map listed in the status)."""
-        from .png_import import Imported, read_image_settings
+        that did not map listed in the status). A LoRA the PNG names that is not on this machine is said in the
+        words the command line refuses it with (:func:`~sdxl_control.png_import.missing_loras`)."""
+        from .png_import import Imported, missing_loras, read_image_settings
 
         name = Path(_files(png)[0]).name
         try:
@@ -486,8 +486,16 @@ class _Page:
             raise gr.Error(str(exc)) from None
         if isinstance(found, Imported):
             values: dict[str, Any] = {"prompt": found.prompt, **found.settings}
+            absent = missing_loras(found, self.config.resolver, name)
+            if absent:
+                gr.Warning("\n".join(absent.values()))
             notes = [
-                *(f"LoRA {getattr(c, 'source', c.kind)}: add its file under LoRAs" for c in found.conditions),
+                *absent.values(),
+                *(
+                    f"LoRA {getattr(c, 'source', c.kind)}: add its file under LoRAs"
+                    for c in found.conditions
+                    if getattr(c, "source", None) not in absent
+                ),  # fmt: skip
                 *(f"{role} model {model}: the page runs its own models" for role, model in found.models.items()),
                 *found.unmapped,
             ]

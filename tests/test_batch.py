@@ -302,7 +302,8 @@ def test_the_readme_example_jobs_are_valid(tmp_path, tiny, photos_dir):
     jobs, problems = read_jobs(_write_jobs(tmp_path, lines), resolver=TinyResolver())
     assert not problems, problems
     assert [j.id for j in jobs] == ["fox-1", "fox-2", "me-astronaut", "lighthouse"]
-    assert jobs[1].request.steps == 8 and jobs[1].request.size == (768, 1024)  # the job's fields win over the preset's
+    # The job's fields win over the preset's; --tiny runs its 768x1024 at the tiny models' scale.
+    assert jobs[1].request.steps == 8 and jobs[1].request.size == (112, 144)
     assert [c.kind for c in jobs[2].request.conditions] == ["pulid"] and jobs[2].request.conditions[0].scale == 0.6
     assert jobs[3].refiner is not None and [c.kind for c in jobs[3].request.conditions] == ["controlnet"]
 

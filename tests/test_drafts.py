@@ -149,7 +149,14 @@ def test_draft_decoder_equals_diffusers_with_the_tiny_autoencoder(generator, tin
                   generator=torch.Generator().manual_seed(4), output_type="np").images[0]  # fmt: skip
     assert np.abs(np.asarray(ours.images[0], np.float32) / 255 - theirs).max() <= 1 / 255 + 1e-6
     vae = generator.generate("a fox", progress_bar=False, **run)
-    assert torch.equal(vae.latents, ours.latents) and ours.recipes[0]["decoder"] == str(taesd)
+    assert torch.equal(vae.latents, ours.latents)
+    # The decoder's folder is recorded by name and content, never by its path, and found again to re-make the image.
+    recorded = ours.recipes[0]["decoder"]
+    assert recorded == {"folder": "taesdxl", "fingerprint": recorded["fingerprint"]} and str(tmp_path) not in str(
+        recorded
+    )
+    again = generator.run(GenerationRequest.from_recipe(ours.recipes[0]), progress_bar=False)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(ours.images[0]))
     assert np.abs(np.asarray(vae.images[0], np.int16) - np.asarray(ours.images[0], np.int16)).max() > 0
 
 
@@ -167,3 +174,22 @@ def test_draft_preset_is_lightning_with_the_draft_decoder():
     settings = dict(draft.settings)
     assert settings.pop("decoder") == DRAFT_DECODER
     assert settings == lightning.settings and draft.loras == lightning.loras
+
+
+def test_the_tiny_draft_decoder_shows_visible_noise_not_black(tiny, tmp_path):
+    """``--preset draft --tiny`` and ``--preview-every`` under ``--tiny`` decode with the tiny TAESD: random weights,
+    but a picture one can see (its untouched random last layer decoded every latent to black)."""
+    from diffusers import AutoencoderTiny
+
+    from sdxl_control.cli import main
+
+    decoder = AutoencoderTiny.from_pretrained(write_tiny_taesd(tmp_path / "taesd"))
+    with torch.no_grad():
+        pixels = decoder.decode(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))).sample
+    assert -0.5 < pixels.mean() < 0.5 and pixels.std() > 0.1  # [-1, 1]: about mid-grey, not flat
+    out = tmp_path / "fox.png"
+    argv = ["generate", "a red fox in the snow", "--preset", "draft", "--tiny", "--seed", "3", "--preview-every", "2"]
+    assert main([*argv, "-q", "-o", str(out)]) == 0
+    for written in (out, tmp_path / "fox-preview.png"):
+        image = np.asarray(Image.open(written).convert("L"), np.float32)
+        assert 32 < image.mean() < 224 and image.std() > 8, (written.name, image.mean(), image.std())

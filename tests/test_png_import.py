@@ -274,12 +274,16 @@ def test_the_command_line_and_the_page_restore_an_a1111_png(tiny, tmp_path, capl
         ("add-detail-xl", 0.6)
     ]  # fmt: skip
     pytest.importorskip("gradio")
-    from sdxl_control.ui import _Page
+    from sdxl_control.model_folders import ModelFolders
+    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.ui import UiConfig, _Page
 
-    values = _Page.restore(str(png))
+    # The page served with the same install: the LoRA is found, as on the command line.
+    page = _Page(UiConfig(resolver=TinyResolver(folders=ModelFolders.of([install], environment=False))))
+    values = page.restore(str(png))
     assert values[:4] == [recipe["prompt"], "blurry, (lowres:1.3)", 64, 64] and values[6] == 1234567
     assert values[9] == "dpmpp_2m_karras" and "A1111 settings" in values[10] and "LoRA add-detail-xl" in values[10]
-    ours = _Page.restore(str(out))  # an sdxl-control PNG restores as before
+    ours = page.restore(str(out))  # an sdxl-control PNG restores as before
     assert ours[6] == 1234567 and ours[9] == "dpmpp_2m_karras" and ours[10] == "restored from out.png: seed 1234567"
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdxl_control import GenerationRequest
 from sdxl_control.cli import main
-from sdxl_control.inventory import ModelNeed, check
+from sdxl_control.inventory import ModelNeed, check, human_size
 from sdxl_control.presets import PresetError, available_presets, load_preset
 from sdxl_control.recipe import read_recipe
 
@@ -235,11 +235,13 @@ def test_models_reports_a_fake_cache(tmp_path, monkeypatch, capsys):
                               "stabilityai/stable-diffusion-xl-base-1.0", f"[{len(base_files)}", "files]"]  # fmt: skip
     assert out[2].split()[:3] == ["present", "2.5", "MB"] and "ip-adapter_sdxl.safetensors" in out[2]
     assert out[3].split()[:3] == ["present", "3.0", "MB"] and "image_encoder/*" in out[3]
-    assert out[4].split()[0] == "MISSING" and "diffusers/controlnet-canny-sdxl-1.0" in out[4]
-    assert out[5].strip() == (
-        "get it: hf download diffusers/controlnet-canny-sdxl-1.0 config.json diffusion_pytorch_model.safetensors"
+    assert out[4].split()[:3] == ["MISSING", "size", "?"] and "diffusers/controlnet-canny-sdxl-1.0" in out[4]
+    assert out[5].strip() == "1 missing, sizes unknown; get them with:"
+    assert (
+        out[6].strip()
+        == "hf download diffusers/controlnet-canny-sdxl-1.0 config.json diffusion_pytorch_model.safetensors"
     )
-    assert len(out) == 6
+    assert len(out) == 7
     # The missing ControlNet fetched (a fake hub that writes into the cache) makes the list complete.
     _fake_cache(cache, "diffusers/controlnet-canny-sdxl-1.0", {"config.json": 5})
     assert check(ModelNeed("x", "diffusers/controlnet-canny-sdxl-1.0", ("config.json", "*.safetensors"))).missing == (
@@ -280,13 +282,42 @@ def test_models_marks_restricted_licences_and_hand_fetched_weights(tmp_path, mon
     out = capsys.readouterr().out
     assert re.search(r"present +100 B +face analysis \(antelopev2\): .*antelopev2 \[\*\.onnx\]", out)
     assert "licence: insightface's models are for non-commercial research only" in out
-    assert "get it: download https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth" in out
-    assert "get it: hf download guozinan/PuLID pulid_v1.1.safetensors" in out
-    assert "get it: hf download QuanSun/EVA-CLIP EVA02_CLIP_L_336_psz14_s6B.pt" in out
-    assert "get it: hf download lllyasviel/Annotators body_pose_model.pth hand_pose_model.pth facenet.pth" in out
+    assert (
+        "\n    download https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth into " in out
+    )
+    assert "\n    hf download guozinan/PuLID pulid_v1.1.safetensors\n" in out
+    assert "\n    hf download QuanSun/EVA-CLIP EVA02_CLIP_L_336_psz14_s6B.pt\n" in out
+    assert "\n    hf download lllyasviel/Annotators body_pose_model.pth hand_pose_model.pth facenet.pth\n" in out
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert main(["models", "--preset", "portrait", "--fetch"]) == 4
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_models_is_one_line_per_model_a_total_and_one_command_per_repository(tmp_path, monkeypatch, capsys):
+    """Every shipped preset's models on a machine that has none: each model once (with the presets that load it),
+    its size or ``size ?``, the total, and each repository's ``hf download`` once; no home folder path."""
+    from huggingface_hub import constants
+
+    from sdxl_control.inventory import download_size, unique
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["models"]) == 4
+    out = capsys.readouterr().out
+    needs = unique(n for name in available_presets() for n in load_preset(name).model_needs())
+    rows = [line for line in out.splitlines() if line.startswith(("  MISSING", "  present"))]
+    assert len(rows) == len(needs) == len({(n.source, n.files) for n in needs})
+    missing = [n for n in needs if not check(n).present]  # face packs or facexlib's weights may be on this machine
+    for need, row in zip(needs, rows, strict=True):
+        size = download_size(need)
+        assert f" {need.what}: " in row
+        if need in missing:
+            assert row.split()[0] == "MISSING" and (human_size(size) if size is not None else "size ?") in row
+    known = sum(s for n in missing if (s := download_size(n)) is not None)
+    assert f"{len(missing)} missing, at least {human_size(known)} in all; get them with:" in out
+    commands = [line.split()[2] for line in out.splitlines() if line.startswith("    hf download ")]
+    assert sorted(commands) == sorted({n.source for n in missing if n.on_hub})  # each repository once
+    assert str(Path.home()) + "/" not in out
+    assert len(out.splitlines()) < 2 * len(needs) + 5
 
 
 def test_presets_lists_each_preset_with_its_inputs(capsys):

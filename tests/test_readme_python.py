@@ -1,8 +1,9 @@
 """Every Python block of the README runs offline, as printed, on the tiny stand-ins: what ``--tiny`` is to the README's
 commands (``tests/test_readme_tiny.py``), ``TinyResolver`` is here. The models a block names (hub ids for the stages,
 the UNet checkpoints, every condition's models and face packs, the batch's jobs) are swapped for the tiny ones where
-the block hands them to the library, and images are made at 64x64; the block's own text is not changed. The files it reads are made here (random
-pictures, a tiny LoRA, a job file). No ``../shared`` is needed."""
+the block hands them to the library, and images are made at the tiny models' scale (``--tiny``'s rule); the block's own
+text is not changed, and each block runs alone in a namespace of its own: it imports and makes everything it uses.
+The files it reads are made here (random pictures, a tiny LoRA, a job file). No ``../shared`` is needed."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from sdxl_control import Generator
 from sdxl_control.defaults import DEFAULT_BASE
 from sdxl_control.resolvers import TinyResolver
 from sdxl_control.testing.lora import write_tiny_lora
+
+from .test_readme_tiny import check_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
@@ -48,9 +51,9 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def tiny_run(self, request, **kwargs):  # type: ignore[no-untyped-def]
         conditions = tuple(resolver.condition(c) for c in request.conditions)
-        # 64x64 keeps the run short, as --size 64x64 does for the README's commands.
+        # The size --tiny runs the block's size at (a preset's 896x1152 as 112x144).
         request = dataclasses.replace(request, conditions=conditions, decoder=resolver.decoder(request.decoder),
-                                      size=(64, 64))  # fmt: skip
+                                      size=resolver.fit_size(request.size))  # fmt: skip
         return run(self, request, progress_bar=False, **{k: v for k, v in kwargs.items() if k != "progress_bar"})
 
     monkeypatch.setattr(Generator, "from_pretrained", classmethod(from_pretrained))
@@ -84,22 +87,21 @@ def _files(block: str, folder: Path, tiny) -> None:  # type: ignore[no-untyped-d
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i + 1}")
-def test_the_readme_python_block_runs_offline(index, tiny, generator, tmp_path, monkeypatch):
+def test_the_readme_python_block_runs_offline(index, tiny, tmp_path, monkeypatch):
     block = BLOCKS[index]
     reason = next((why for marker, why in ELSEWHERE.items() if marker in block), None)
     if reason is not None:
         pytest.skip(reason)
-    from sdxl_control.presets import load_preset
-
     _offline(monkeypatch)
     _files(block, tmp_path, tiny)
     monkeypatch.chdir(tmp_path)
-    # What earlier blocks defined, as a reader running the README top to bottom has it: `gen` is a base + refiner.
-    namespace = {"Generator": Generator, "load_preset": load_preset, "gen": generator}
+    # Nothing from other blocks: a reader who copies this one block alone runs it as it is.
+    namespace: dict = {}
     exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
     if "save(" in block:
         saved = re.findall(r'save\("([\w.-]+\.png)"\)', block)
         assert saved and all(Image.open(tmp_path / name).size[0] >= 64 for name in saved)
+    check_pngs(tmp_path)  # no image black, no PNG naming this machine's home, caches or this folder
     if "run_batch(" in block:
         assert namespace["summary"].done == 2 and not namespace["problems"]
 

@@ -120,7 +120,7 @@ def test_the_tiny_policy_swaps_every_model_a_job_loads(tiny, tmp_path):
     face = _photo(tmp_path / "me.jpg", 3)
     job = resolve(JobSpec("x", preset="portrait", inputs={"face": [face]}, settings={"decoder": "madebyollin/taesdxl"}),
                   TinyResolver())  # fmt: skip
-    assert job.base == str(tiny.base) and job.request.size == (896, 1152)  # the preset's size wins over the policy's
+    assert job.base == str(tiny.base) and job.request.size == (112, 144)  # the preset's 896x1152 at the tiny scale
     (pulid,) = job.request.conditions
     cache = tiny.base.parent
     for name in ("source", "eva", "parsing", "face_pack"):
@@ -221,3 +221,41 @@ def test_a_tiny_dry_run_writes_no_weights_and_no_cache_path(tmp_path, monkeypatc
     line = capsys.readouterr().out
     assert not (tmp_path / "cache").exists() and str(tmp_path) not in line
     assert json.loads(line)["size"] == [128, 128]  # the tiny policy's size stays: the line runs as --tiny did
+
+
+def test_tiny_runs_every_size_at_the_tiny_models_scale_in_every_front_end(tiny, tmp_path, capsys, caplog):
+    """One rule in ``resolve``: under ``--tiny`` a preset's size, a typed one (with a warning), an init image's and a
+    job's are brought to at most 128x128's area, aspect kept, alike for the command line, a job line and the page;
+    the named models' policy keeps them; small sizes and an outpainted canvas stay."""
+    import logging
+
+    from sdxl_control.batch import read_jobs
+    from sdxl_control.resolvers import tiny_scale
+    from sdxl_control.ui import PageForm, UiConfig, _Page, form_spec
+
+    face = _photo(tmp_path / "me.jpg", 1)
+    portrait = JobSpec("x", preset="portrait", inputs={"face": [face]})
+    assert resolve(portrait, HubResolver()).request.size == (896, 1152)
+    assert resolve(portrait, TinyResolver()).request.size == (112, 144) == tiny_scale((896, 1152))
+    capsys.readouterr()
+    assert main(["generate", "x", "--preset", "portrait", "--face", face, "--tiny", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["size"] == [112, 144]
+    job_line = {"prompt": "x", "preset": "portrait", "inputs": {"face": ["me.jpg"]}}
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(job_line) + "\n")
+    (job,), problems = read_jobs(tmp_path / "jobs.jsonl", resolver=TinyResolver())
+    assert not problems and job.request.size == (112, 144)
+    config = UiConfig(resolver=TinyResolver(), outputs=tmp_path)
+    width, height = _Page(config).apply_preset("portrait")[2:4]
+    assert (width, height) == (112, 144)  # choosing the preset on a --tiny page shows the size it runs at
+    form = PageForm("x", preset="portrait", width=896, height=1152, faces=[face])
+    assert resolve(form_spec(form, config, seed=1), TinyResolver()).request.size == (112, 144)
+
+    with caplog.at_level(logging.WARNING, logger="sdxl_control.spec"):
+        assert resolve(JobSpec("x", settings={"size": (1024, 768)}), TinyResolver()).request.size == (144, 112)
+    assert "size 1024x768 runs as 144x112" in caplog.text
+    Image.new("RGB", (800, 600)).save(tmp_path / "photo.png")
+    started = resolve(JobSpec("x", settings={"init_image": str(tmp_path / "photo.png")}), TinyResolver())
+    assert started.request.size == (144, 112)
+    assert resolve(JobSpec("x", settings={"size": (64, 64)}), TinyResolver()).request.size == (64, 64)
+    outpainted = JobSpec("x", settings={"init_image": str(tmp_path / "photo.png"), "outpaint": (64, 0, 64, 0)})
+    assert resolve(outpainted, TinyResolver()).request.size == (928, 600)  # the image and its new borders

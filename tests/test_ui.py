@@ -358,3 +358,43 @@ def test_an_uploaded_face_is_shown_with_the_faces_its_method_finds(tiny, tmp_pat
         kept, shown = page.faces_uploaded([photo, str(notes)], method)
         assert kept == [photo] and len(shown) == 1 and shown[0][1] == "obama.jpg: 1 face(s)"
         assert shown[0][0].size == Image.open(photo).size
+
+
+def test_a_lora_an_imported_png_names_but_this_machine_lacks_is_said_alike_on_the_page_and_the_cli(
+    tiny, tmp_path, capsys
+):
+    """One behaviour for both front-ends: a LoRA named by an A1111 PNG and not found is exit 4 on the command line,
+    before anything loads, and the page restoring the same PNG shows the same message; once the LoRA is in a
+    ``--models-dir`` install, neither says it and the command line runs with it."""
+    from PIL import PngImagePlugin
+
+    from sdxl_control.cli import main
+    from sdxl_control.model_folders import ModelFolders
+    from sdxl_control.png_import import missing_loras, read_image_settings
+    from sdxl_control.recipe import read_recipe
+    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.testing.lora import write_tiny_lora
+    from sdxl_control.ui import UiConfig, _Page
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a fox <lora:add-detail-xl:0.6>\nSteps: 2, Sampler: Euler a, CFG scale: 6, Seed: 3, "
+                                "Size: 64x64")  # fmt: skip
+    png = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(png, pnginfo=info)
+    (expected,) = missing_loras(read_image_settings(png), TinyResolver(), "a1111.png").values()
+    assert "LoRA add-detail-xl (weight 0.6), named by a1111.png" in expected and "--models-dir" in expected
+    out = tmp_path / "again.png"
+    capsys.readouterr()
+    assert main(["generate", "--recipe", str(png), "--tiny", "-q", "-o", str(out)]) == 4
+    assert expected in capsys.readouterr().err and not out.exists()
+    status = _Page(UiConfig(resolver=TinyResolver(), outputs=tmp_path)).restore(str(png))[-1]
+    assert expected in status
+
+    install = tmp_path / "ComfyUI"
+    (install / "models" / "loras").mkdir(parents=True)
+    write_tiny_lora(install / "models" / "loras" / "add-detail-xl.safetensors", tiny.base, "kohya", seed=1)
+    resolver = TinyResolver(folders=ModelFolders.of([install], environment=False))
+    status = _Page(UiConfig(resolver=resolver, outputs=tmp_path)).restore(str(png))[-1]
+    assert "is not on this machine" not in status and "LoRA add-detail-xl: add its file under LoRAs" in status
+    assert main(["generate", "--recipe", str(png), "--tiny", "--models-dir", str(install), "-q", "-o", str(out)]) == 0
+    assert [(c["kind"], c["scale"]) for c in read_recipe(out)["conditions"]] == [("lora", 0.6)]

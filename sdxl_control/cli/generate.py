@@ -22,7 +22,7 @@ from ..defaults import (
     SCHEDULERS,
     STRUCTURE_CONTROLS,
 )
-from ..errors import InvalidRequestError, SdxlControlError
+from ..errors import InvalidRequestError, MissingWeightsError, SdxlControlError
 from ..presets import available_presets
 from . import options
 from .options import DTYPES, Once, count, number, window
@@ -480,7 +480,7 @@ def _detailer(args: argparse.Namespace) -> dict[str, Any] | None:
     return given if args.detail_faces else None
 
 
-def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
+def job_spec(args: argparse.Namespace, resolver: Resolver) -> tuple[JobSpec, Any]:
     """(the job the flags ask for, the Locator that finds the files a --recipe names)."""
     from ..files import Locator
     from ..presets import parse_assignment
@@ -508,7 +508,7 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
         raise InvalidRequestError(f"{', '.join(identity_flags)}: identity options need --face")
     recipe, locate, imported = None, Locator(), None
     if args.recipe is not None:
-        from ..png_import import Imported, read_image_settings
+        from ..png_import import Imported, missing_loras, read_image_settings
 
         found = read_image_settings(args.recipe)
         if isinstance(found, Imported):
@@ -529,6 +529,8 @@ def job_spec(args: argparse.Namespace) -> tuple[JobSpec, Any]:
     )
     if imported is not None:
         log.warning("%s: %s's settings restored; not used:\n%s", args.recipe.name, imported.tool, imported.report())
+        if absent := missing_loras(imported, resolver, args.recipe.name):  # the page says the same
+            raise MissingWeightsError("\n".join(absent.values()))
         spec = imported.under(spec)
     return spec, locate
 
@@ -545,7 +547,7 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         raise InvalidRequestError("a prompt is required (or --recipe PNG)")
     from ..spec import resolve
 
-    spec, locate = job_spec(args)
+    spec, locate = job_spec(args, resolver)
     if spec.recipe is None and not spec.prompt:  # a PNG from another tool whose prompt is empty
         raise InvalidRequestError(f"a prompt is required: {args.recipe} restores none; give one")
     job = resolve(spec, resolver.naming() if args.dry_run else resolver, locate=locate)

@@ -31,29 +31,34 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
-    """Each preset's models: present (where, size) or missing (how to get them); exit 4 while any is missing."""
-    from ..inventory import check, fetch, report
+    """The presets' models, one line each: present (size, where) or missing (size), then the missing ones' total and
+    one fetch command per repository; exit 4 while any is missing."""
+    from ..inventory import check, fetch, home_relative, report
     from ..presets import available_presets, load_preset, parse_assignment
 
     assignments = dict(parse_assignment(a) for a in args.set)
-    complete = True
-    for name in args.preset or available_presets():
+    users: dict[Any, list[str]] = {}  # each model and the presets that load it, in the order first named
+    names = args.preset or available_presets()
+    for name in names:
         preset = load_preset(name)
         if assignments:
             preset = preset.with_settings(assignments)
-        needs = preset.model_needs()
-        if args.fetch:
-            for need in needs:
-                if not check(need).present and need.on_hub:
-                    sys.stderr.write(f"fetching {need.what} from {need.source}\n")
-                    fetch(need)
-        table, present = report(needs)
-        complete &= present
-        sys.stdout.write(f"{preset.name}: {'all present' if present else 'some missing'}\n{table}\n")
+        for need in preset.model_needs():
+            users.setdefault(need, [])
+            if preset.name not in users[need]:
+                users[need].append(preset.name)
+    if args.fetch:
+        for need in users:
+            if not check(need).present and need.on_hub:
+                sys.stderr.write(f"fetching {need.what} from {need.source}\n")
+                fetch(need)
+    table, complete = report(users, users=users if len(names) > 1 else None)
+    heading = names[0] if len(names) == 1 else f"{len(names)} presets ({', '.join(names)})"
+    sys.stdout.write(f"{heading}: {'all present' if complete else 'some missing'}\n{table}\n")
     for kind, files in resolver.folders.listing().items():
         if files:
             sys.stdout.write(f"{kind} in the model folders: {len(files)}\n")
-            sys.stdout.write("".join(f"  {path}\n" for path in files))
+            sys.stdout.write("".join(f"  {home_relative(path)}\n" for path in files))
     if not complete:
         sys.stderr.write("sdxl-control: some models are missing: fetch them as shown, or run with --fetch\n")
     return 0 if complete else ModelError.exit_code

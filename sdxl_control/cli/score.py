@@ -21,6 +21,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     score.add_argument("images", nargs="+", help="images to score")
     score.add_argument("--face", required=True, metavar="IMG", help="photo of the person")
     score.add_argument("--face-pack", help="insightface pack name or folder (default antelopev2)")
+    score.add_argument("--tiny", action="store_true", help="a tiny stand-in for the face pack (offline demo)")
 
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:

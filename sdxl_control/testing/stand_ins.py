@@ -125,7 +125,8 @@ def tiny_decoder(decoder: str | None, seed: int = 0) -> str | None:
     """A tiny autoencoder in TAESD's layout for a hub decoder such as ``madebyollin/taesdxl``."""
     if decoder is None or not _hub(decoder):
         return decoder
-    folder = tiny_models(seed).base.parent / "taesd"
+    # "taesd-2": the decoder that gives visible noise (the first, "taesd", decoded everything to black).
+    folder = tiny_models(seed).base.parent / "taesd-2"
     if not (folder / "config.json").exists():
         write_tiny_taesd(folder, seed)
     return str(folder)

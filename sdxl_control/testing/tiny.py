@@ -100,20 +100,34 @@ def _vae(seed: int) -> Any:
     )
 
 
+# What the tiny TAESD's decoder gives for random latents, per colour channel in [0, 1]: mid-grey with visible noise.
+# At random initialisation its last layer gives about 0.00 ± 0.01, which TAESD maps to -1: a black image.
+TAESD_MEAN, TAESD_STD = 0.5, 0.2
+
+
 def write_tiny_taesd(folder: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a tiny ``AutoencoderTiny`` (TAESD's architecture, 8x upsampling, tiny widths) as diffusers saves it —
-    the layout of ``madebyollin/taesdxl``."""
+    the layout of ``madebyollin/taesdxl``. Its last layer is scaled so that latents decode to visible noise about
+    mid-grey (see ``TAESD_MEAN``), not to black, as a draft or a preview would show."""
     from diffusers import AutoencoderTiny
 
-    model = _seeded(
-        seed + 7,
-        lambda: AutoencoderTiny(
+    def build() -> Any:
+        model: Any = AutoencoderTiny(  # diffusers registers its submodules at run time
             encoder_block_out_channels=(8, 8, 8, 8),
             decoder_block_out_channels=(8, 8, 8, 8),
             num_encoder_blocks=(1, 1, 1, 1),
             num_decoder_blocks=(1, 1, 1, 1),
-        ),
-    )
+        )
+        *body, last = model.decoder.layers
+        latents = torch.randn(2, 4, 16, 16)  # drawn from the seeded stream: the same weights every time
+        with torch.no_grad():
+            out = last(torch.nn.Sequential(*body)(torch.tanh(latents / 3) * 3))
+            mean, std = out.mean(dim=(0, 2, 3)), out.std(dim=(0, 2, 3))
+            last.weight.mul_((TAESD_STD / std).view(-1, 1, 1, 1))
+            last.bias.copy_(TAESD_MEAN + (last.bias - mean) * TAESD_STD / std)
+        return model
+
+    model = _seeded(seed + 7, build)
     model.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
