@@ -292,8 +292,7 @@ def test_ray_writes_the_embedded_images_even_when_a_worker_is_killed(inputs, tin
 
 
 def test_the_readme_example_jobs_are_valid(tmp_path, tiny, photos_dir):
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Batches") :]
+    section = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "batches.md").read_text()
     block = section[section.index("```json\n") + 8 :]
     lines = block[: block.index("```")].strip().splitlines()
     photo = photos_dir / "obama.jpg"

@@ -30,11 +30,9 @@ BASE_FILES = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_mo
 
 
 def readme_commands() -> dict[str, list[str]]:
-    """The README's generate command for each preset, from its Presets section."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Presets") :]
+    """The generate command for each preset, from the presets page of the documentation (docs/guides/presets.md)."""
     commands = {}
-    for line in section[: section.index("\n## ", 3)].splitlines():
+    for line in (ROOT / "docs" / "guides" / "presets.md").read_text().splitlines():
         if line.startswith("sdxl-control generate") and "--preset" in line:
             argv = shlex.split(line)[1:]
             commands.setdefault(argv[argv.index("--preset") + 1], argv)

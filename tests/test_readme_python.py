@@ -1,4 +1,4 @@
-"""Every Python block of the README runs offline, as printed, on the tiny stand-ins: what ``--tiny`` is to the README's
+"""Every Python block of the README and of the documentation pages (``docs/**/*.md``) runs offline, as printed, on the tiny stand-ins: what ``--tiny`` is to the README's
 commands (``tests/test_readme_tiny.py``), ``TinyResolver`` is here. The models a block names (hub ids for the stages,
 the UNet checkpoints, every condition's models and face packs, the batch's jobs) are swapped for the tiny ones where
 the block hands them to the library, and images are made at the tiny models' scale (``--tiny``'s rule); the block's own
@@ -22,10 +22,10 @@ from sdxl_control.defaults import DEFAULT_BASE
 from sdxl_control.resolvers import TinyResolver
 from sdxl_control.testing.lora import write_tiny_lora
 
-from .test_readme_tiny import check_pngs
+from .test_readme_tiny import check_pngs, code_blocks
 
-ROOT = Path(__file__).resolve().parents[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+# (where, text): the first page that shows each block, and its number there.
+BLOCKS = code_blocks("python")
 # What a block needs that no tiny stand-in gives, and where it is shown instead.
 ELSEWHERE = {
     "gradio_client": "the page's HTTP API: tests/test_ui.py calls it with gradio_client on a running page",
@@ -86,9 +86,9 @@ def _files(block: str, folder: Path, tiny) -> None:  # type: ignore[no-untyped-d
     (folder / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i + 1}")
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[where for where, _ in BLOCKS])
 def test_the_readme_python_block_runs_offline(index, tiny, tmp_path, monkeypatch):
-    block = BLOCKS[index]
+    where, block = BLOCKS[index]
     reason = next((why for marker, why in ELSEWHERE.items() if marker in block), None)
     if reason is not None:
         pytest.skip(reason)
@@ -97,7 +97,7 @@ def test_the_readme_python_block_runs_offline(index, tiny, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     # Nothing from other blocks: a reader who copies this one block alone runs it as it is.
     namespace: dict = {}
-    exec(compile(block, f"README.md python block {index + 1}", "exec"), namespace)
+    exec(compile(block, f"{where} (python)", "exec"), namespace)
     if "save(" in block:
         saved = re.findall(r'save\("([\w.-]+\.png)"\)', block)
         assert saved and all(Image.open(tmp_path / name).size[0] >= 64 for name in saved)
@@ -109,5 +109,5 @@ def test_the_readme_python_block_runs_offline(index, tiny, tmp_path, monkeypatch
 def test_every_python_block_is_run_or_said_where_it_is_shown():
     """A new block runs here by default; one that cannot names where it is tested."""
     assert len(BLOCKS) >= 15
-    skipped = [b for b in BLOCKS if any(marker in b for marker in ELSEWHERE)]
+    skipped = [b for _, b in BLOCKS if any(marker in b for marker in ELSEWHERE)]
     assert len(skipped) == len(ELSEWHERE)

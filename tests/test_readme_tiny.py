@@ -1,10 +1,10 @@
-"""Every ``sdxl-control`` command the README prints runs offline with ``--tiny`` added, as printed — no ``--size``
-added: ``--tiny`` itself brings every size to the tiny models' scale (a preset's 896x1152 runs as 112x144). Identity
-methods and portrait presets included, with no face pack given by hand (``--tiny`` brings stand-in packs); the job
-file the README prints runs as a batch. The photos they name are made here (random pictures: the stand-in detector
-finds a face in any photo). Each command's seconds are printed (``-rP`` or ``-s`` shows them; ``--durations=0``
-lists each test) and bounded; no image it writes is black, and no PNG holds a path of this machine's home, caches or
-working folder in its text. No ``../shared`` is needed."""
+"""Every ``sdxl-control`` command the README and the documentation pages (``docs/**/*.md``) print runs offline with
+``--tiny`` added, as printed — no ``--size`` added: ``--tiny`` itself brings every size to the tiny models' scale (a
+preset's 896x1152 runs as 112x144). Identity methods and portrait presets included, with no face pack given by hand
+(``--tiny`` brings stand-in packs); the job file the batches page prints runs as a batch. The photos they name are
+made here (random pictures: the stand-in detector finds a face in any photo). Each command's seconds are printed
+(``-rP`` or ``-s`` shows them; ``--durations=0`` lists each test) and bounded; no image it writes is black, and no PNG
+holds a path of this machine's home, caches or working folder in its text. No ``../shared`` is needed."""
 
 from __future__ import annotations
 
@@ -26,11 +26,32 @@ from sdxl_control.resolvers import TINY_SIZE
 from sdxl_control.testing.lora import write_tiny_lora
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+# The README and every page of the documentation site: their code blocks are all run, here and in
+# tests/test_readme_python.py.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def code_blocks(language: str) -> list[tuple[str, str]]:
+    """Each ``language`` block of the pages, once (a block shown on two pages runs once), with the first page that
+    shows it and its number there: ``("docs/guides/batches.md block 2", text)``."""
+    blocks: dict[str, str] = {}
+    for page in PAGES:
+        found = re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S)
+        for number, block in enumerate(found, 1):
+            blocks.setdefault(block, f"{page.relative_to(ROOT)} block {number}")
+    return [(where, block) for block, where in blocks.items()]
+
+
+def test_the_pages_hold_code_blocks():
+    """The pages the blocks are read from are there: a moved docs folder must not leave these tests with nothing."""
+    assert (ROOT / "README.md") in PAGES and len(PAGES) >= 20
+    assert len(code_blocks("python")) >= 15 and len(code_blocks("bash")) >= 15
+
+
 # Far above what each command takes on 2 shared cores (seconds to a minute), far below what the presets' own sizes
 # cost on the tiny models (the portrait preset's 896x1152: ~50 s a step, 25 steps).
 SECONDS = 240
-# What the README shows that these tests do not run, and where it is shown instead.
+# What the pages show that these tests do not run, and where it is shown instead.
 ELSEWHERE = {
     ("ui",): "serves until stopped: tests/test_ui.py drives the page in a browser on the tiny models",
     ("batch", "--ray"): "a Ray runtime: tests/test_batch.py runs the same kinds of jobs on a local one",
@@ -39,15 +60,15 @@ ELSEWHERE = {
 
 
 def readme_commands() -> list[list[str]]:
-    """The README's ``sdxl-control`` commands in its ``bash`` blocks, continuation lines joined, comments dropped
-    (``sh`` blocks need what the machine lacks: an A1111 PNG, a ComfyUI install; they say so)."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    """The pages' ``sdxl-control`` commands in their ``bash`` blocks, continuation lines joined, comments dropped,
+    each once (``sh`` blocks need what the machine lacks: an A1111 PNG, a ComfyUI install; they say so)."""
+    commands: list[list[str]] = []
+    for _, block in code_blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
             for redirect in (">", ">>"):  # the shell's, not the command's
                 argv = argv[: argv.index(redirect)] if redirect in argv else argv
-            if argv[:1] == ["sdxl-control"]:
+            if argv[:1] == ["sdxl-control"] and argv[1:] not in commands:
                 commands.append(argv[1:])
     return commands
 
@@ -199,9 +220,9 @@ def test_readme_generate_runs_offline_with_tiny(argv, tiny, tmp_path, monkeypatc
 
 
 def _readme_job_file(folder: Path) -> tuple[Path, list[str]]:
-    """The README's job file as printed, with the line its ``generate --dry-run >> jobs.jsonl`` command adds (made
-    with ``--tiny``, as every command here), and the files its jobs name."""
-    (block,) = [b for b in re.findall(r"```json\n(.*?)```", README, flags=re.S) if '"id": "fox-1"' in b]
+    """The batches page's job file as printed, with the line its ``generate --dry-run >> jobs.jsonl`` command adds
+    (made with ``--tiny``, as every command here), and the files its jobs name."""
+    (block,) = [b for _, b in code_blocks("json") if '"id": "fox-1"' in b]
     (dry_run,) = [a for a in GENERATE if "--dry-run" in a]
     jobs = folder / "jobs.jsonl"
     jobs.write_text(block)
@@ -209,7 +230,7 @@ def _readme_job_file(folder: Path) -> tuple[Path, list[str]]:
 
 
 def test_readme_job_file_and_batch_commands_run_offline_with_tiny(tiny, tmp_path, monkeypatch, capsys):
-    """The README's ``batch`` commands, in its order, on its job file (4 jobs and the dry-run line: a draft, a draft
+    """The pages' ``batch`` commands, in their order, on the job file (4 jobs and the dry-run line: a draft, a draft
     at 768x1024, the portrait preset, a base + refiner with a ControlNet): in seconds to a minute, where the
     presets' own sizes did none of them in 5 minutes."""
     monkeypatch.chdir(tmp_path)
