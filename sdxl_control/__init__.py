@@ -76,6 +76,7 @@ _LAZY = {
     "Locator": "files",
     "clear_caches": "caches",
     "ModelRef": "model_refs",
+    "Runner": "runner",
 }
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ if TYPE_CHECKING:
     from .loop import ProgressEvent
     from .model_refs import ModelRef
     from .recipe import RecipeImage, Result, read_recipe
+    from .runner import Runner
 
 
 def __getattr__(name: str) -> Any:
@@ -120,6 +122,7 @@ __all__ = [
     "__version__",
     "Generator",
     "GenerationRequest",
+    "Runner",
     "FastPath",
     "Result",
     "RecipeImage",

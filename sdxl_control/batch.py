@@ -53,8 +53,9 @@ from .validation import unknown_keys
 if TYPE_CHECKING:
     import torch
 
-    from .generator import GenerationRequest, Generator, LastLoaded
+    from .generator import GenerationRequest, Generator
     from .inventory import ModelNeed
+    from .spec import ResolvedJob
 
 __all__ = [
     "Job",
@@ -123,6 +124,8 @@ class Job:
     outputs: tuple[str, ...] = ()
     keep: int | None = None
     weight_storage: str | None = None
+    fast: str | None = None
+    offload: bool = False
     # The line as written and how it was read: a worker on another machine reads it again, where its paths are.
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
     folder: str = "."
@@ -137,6 +140,14 @@ class Job:
         remote inputs copied here (the driver's fingerprint kept: the job is the same)."""
         job = parse_job(self.data, self.line, folder=self.folder, inputs_from=self.inputs_from, resolver=self.resolver)
         return dataclasses.replace(job, fingerprint=self.fingerprint)
+
+    @property
+    def resolved(self) -> ResolvedJob:
+        """This job as the :class:`~sdxl_control.runner.Runner` runs it."""
+        from .spec import ResolvedJob
+
+        return ResolvedJob(self.request, self.base, self.refiner, self.unet, self.keep, self.weight_storage,
+                           self.fast, self.offload)  # fmt: skip
 
     @property
     def models(self) -> tuple[Any, ...]:
@@ -353,7 +364,7 @@ def parse_job(
     described = {"job": as_line, "keep": keep, "outputs": outputs}
     fingerprint = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return Job(job_id, line, resolved.request, *resolved.models, outputs=outputs, keep=keep,
-               weight_storage=resolved.weight_storage, data=dict(data),
+               weight_storage=resolved.weight_storage, fast=resolved.fast, offload=resolved.offload, data=dict(data),
                folder=str(root), inputs_from=tuple(map(str, inputs_from)), resolver=resolver,
                fingerprint=fingerprint)  # fmt: skip
 
@@ -400,12 +411,20 @@ def job_line(
     unet: ModelRef | None,
     paths: PathMode = "names",
     weight_storage: str | None = None,
+    *,
+    fast: str | None = None,
+    offload: bool = False,
 ) -> dict[str, Any]:
-    """A job (one line of a job file) for ``request`` on these models: what ``generate --dry-run`` prints."""
+    """A job (one line of a job file) for ``request`` on these models: what ``generate --dry-run`` prints. How the
+    models are kept (``weight_storage``, ``fast``, ``offload``) appears only where it is set."""
     unet_json = None if unet is None else unet.to_json()
     models = {"base": portable(base, paths), "refiner": portable(refiner, paths), "unet": portable(unet_json, paths)}
     if weight_storage is not None:
         models["weight_storage"] = weight_storage
+    if fast is not None:
+        models["fast"] = fast
+    if offload:
+        models["offload"] = True
     return {**request.settings(paths), "models": models}
 
 
@@ -592,8 +611,8 @@ def _png(image: Any) -> bytes:
 
 
 class BatchWorker:
-    """Runs jobs one at a time into :class:`Outputs`, keeping the models of the last job loaded: the embedded
-    runner uses one, and each Ray actor holds one.
+    """Runs jobs one at a time into :class:`Outputs` through one :class:`~sdxl_control.runner.Runner`, which keeps
+    the models of the last job loaded: the embedded runner uses one, and each Ray actor holds one.
 
     Example:
         >>> worker = BatchWorker(Outputs("out"), device="cpu")     # doctest: +SKIP
@@ -610,22 +629,14 @@ class BatchWorker:
         recipe_paths: PathMode = "names",
         progress: Callable[[Any], None] | None = None,
     ) -> None:
+        from .runner import Runner
+
         self.outputs = outputs
-        self.device = device
-        self.dtype = dtype
-        self.recipe_paths = recipe_paths
-        self.progress = progress
-        self._models: LastLoaded | None = None
+        self.runner = Runner(device=device, dtype=dtype, recipe_paths=recipe_paths, progress=progress)
 
     def generator(self, job: Job) -> Generator:
         """The loaded models for ``job``: reused when the previous job ran on the same ones."""
-        if self._models is None:
-            from .devices import default_device_and_dtype
-            from .generator import LastLoaded
-
-            device, dtype = default_device_and_dtype(self.device, self.dtype)
-            self._models = LastLoaded(device=device, dtype=dtype)
-        return self._models.get(job.base, job.refiner, job.unet, weight_storage=job.weight_storage)
+        return self.runner.generator(job.resolved)
 
     def run(self, job: Job, *, read_here: bool = False) -> dict[str, Any]:
         """Run ``job`` and write its images; the result line for ``results.jsonl`` (a failure is recorded in it,
@@ -635,10 +646,7 @@ class BatchWorker:
         result: dict[str, Any] = {"id": job.id, "line": job.line, "files": [], "error": None}
         try:
             job = job.read_here() if read_here else job
-            run = self.generator(job).run(
-                job.request, progress=self.progress, progress_bar=False, recipe_paths=self.recipe_paths
-            )
-            images = [run.images[job.keep]] if job.keep is not None else run.images
+            images = self.runner.run(job.resolved).images
             for image, name in zip(images, job.outputs, strict=True):
                 self.outputs.write(name, _png(RecipeImage.wrap(image, {**image.recipe, "job": job.fingerprint})))
             result["files"] = list(job.outputs)

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["JobSpec", "ResolvedJob", "resolve"]
 
 log = logging.getLogger(__name__)
+# Keys of a job's models that say how this machine runs it (a Runner's business), beside the preset's MODEL_KEYS.
+RUN_KEYS = ("fast", "offload")
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,10 @@ class JobSpec:
     """What a user asked for, before anything is looked up: a ``prompt``; a ``preset`` (name or file) with its
     ``inputs`` (name -> files) and ``set`` assignments; request ``settings`` given explicitly (they win over the
     preset's); ``conditions`` stacked after the preset's; ``models`` named explicitly (``base``, ``refiner``,
-    ``unet``, and ``weight_storage``: ``"fp8_e4m3fn"`` keeps the UNets in fp8, see
-    :meth:`~sdxl_control.generator.Generator.set_weight_storage`); a ``face_pack`` for every face analysis (the
+    ``unet``, and how the :class:`~sdxl_control.runner.Runner` keeps them: ``weight_storage``, ``"fp8_e4m3fn"`` keeps
+    the UNets in fp8, see :meth:`~sdxl_control.generator.Generator.set_weight_storage`; ``fast``, a level of
+    :data:`~sdxl_control.defaults.FAST_LEVELS`; ``offload``, ``True`` to keep the models in CPU memory, each on the
+    device only while it runs); a ``face_pack`` for every face analysis (the
     preset's conditions included); or a ``recipe`` to re-make, which the other fields then change.
 
     Example:
@@ -60,12 +64,13 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class ResolvedJob:
-    """A spec made runnable: the request and the models it runs on. ``keep`` is the one image of the batch to keep
-    when a recipe's batch is re-run to re-make that image exactly.
+    """A spec made runnable: the request and the models it runs on, with how a :class:`~sdxl_control.runner.Runner`
+    keeps them (``weight_storage``, the ``fast`` path's level, ``offload``). ``keep`` is the one image of the batch to
+    keep when a recipe's batch is re-run to re-make that image exactly.
 
     Example:
         >>> job = resolve(JobSpec("a fox"))                               # doctest: +SKIP
-        >>> Generator.from_pretrained(*job.models).run(job.request)       # doctest: +SKIP
+        >>> Runner().run(job).images[0].save("fox.png")                   # doctest: +SKIP
     """
 
     request: GenerationRequest
@@ -74,6 +79,8 @@ class ResolvedJob:
     unet: ModelRef | None = None
     keep: int | None = None
     weight_storage: str | None = None
+    fast: str | None = None
+    offload: bool = False
 
     @property
     def models(self) -> tuple[str, str | None, ModelRef | None]:
@@ -125,7 +132,8 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     refines = request.refiner_switch is not None or request.refiner_only
     validate_conditions(request.conditions, has_refiner=refines, has_base=not request.refiner_only)
     base, refiner, unet = _stages(spec, preset, refines, locate, resolver)
-    return ResolvedJob(request, base, refiner, unet, keep, _weight_storage(spec, preset))
+    fast, offload = _run_options(spec)
+    return ResolvedJob(request, base, refiner, unet, keep, _weight_storage(spec, preset), fast, offload)
 
 
 def _fitted(request: GenerationRequest, resolver: Resolver, *, explicit: bool) -> GenerationRequest:
@@ -157,6 +165,19 @@ def _weight_storage(spec: JobSpec, preset: Preset | None) -> str | None:
     return chosen
 
 
+def _run_options(spec: JobSpec) -> tuple[str | None, bool]:
+    """(the fast path's level, whether to offload) as the spec's models name them: how this machine runs the job, so
+    neither a recipe nor a preset records them."""
+    from .defaults import FAST_LEVELS
+
+    fast, offload = spec.models.get("fast"), spec.models.get("offload")
+    if fast is not None and (not isinstance(fast, str) or fast not in FAST_LEVELS):
+        raise InvalidRequestError(f"the job's models.fast is one of {', '.join(FAST_LEVELS)}, got {fast!r}")
+    if offload is not None and not isinstance(offload, bool):
+        raise InvalidRequestError(f"the job's models.offload is true or false, got {offload!r}")
+    return (None if fast == "off" else fast), bool(offload)
+
+
 def _preset(spec: JobSpec) -> Preset | None:
     if spec.preset is None:
         if spec.set or spec.inputs:
@@ -186,7 +207,7 @@ def _stages(
     from .presets import MODEL_KEYS
     from .recipe import recipe_models, recorded_model
 
-    message = unknown_keys(spec.models, MODEL_KEYS, "the job's models")
+    message = unknown_keys(spec.models, (*MODEL_KEYS, *RUN_KEYS), "the job's models")
     if message:
         raise InvalidRequestError(message)
     given = {k: v for k, v in spec.models.items() if v is not None}

@@ -29,7 +29,7 @@ import gradio as gr
 import numpy as np
 
 from .adapters import identity_kinds
-from .defaults import DRAFT_DECODER, SCHEDULERS, STRUCTURE_CONTROLS
+from .defaults import DRAFT_DECODER, FAST_LEVELS, SCHEDULERS, STRUCTURE_CONTROLS
 from .errors import InvalidRequestError, SdxlControlError
 from .resolvers import HubResolver, Resolver
 
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 NO_PRESET = "(none)"
 PRESET_SAMPLER = "(the preset's, else the model's)"
+PRESET_STORAGE = "(the preset's, else the compute dtype)"
+# The fp8 storages the page offers (storage.WEIGHT_STORAGE, named without importing torch as the page opens).
+PAGE_STORAGES = ("fp8_e4m3fn", "fp8_e5m2", "fp8_matmul")
 # The page's face method: PuLID, as the portrait preset and the README's page example use it.
 PAGE_IDENTITY = "pulid"
 PREVIEW_EVERY = 2
@@ -72,23 +75,6 @@ class UiConfig:
     preview_decoder: str = DRAFT_DECODER
     device: str | None = None
     outputs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sdxl-control-ui-")))
-
-
-class _Models:
-    """The models the page's last generation used (:class:`~sdxl_control.generator.LastLoaded`: another preset's
-    models replace them, so memory does not double), the page's choice of base and refiner, and a lock."""
-
-    def __init__(self, config: UiConfig) -> None:
-        self.config = config
-        self.loaded: Any = None  # made at the first generation: the page opens before torch is imported
-        self.lock = threading.Lock()  # one generation at a time, whatever the queue does
-
-    def get(self, base: str, refiner: str | None, unet: Any, weight_storage: str | None = None) -> Any:
-        if self.loaded is None:
-            from .generator import LastLoaded
-
-            self.loaded = LastLoaded(device=self.config.device)
-        return self.loaded.get(base, refiner, unet, weight_storage=weight_storage)
 
 
 @dataclass(frozen=True)
@@ -132,6 +118,9 @@ class PageForm:
     hires_strength: float = 0.5
     detail_faces: bool = False
     detail_strength: float = 0.4
+    offload: bool = False
+    fast: str = "off"
+    weight_storage: str = PRESET_STORAGE
 
 
 def _files(value: Any) -> list[str]:
@@ -250,9 +239,15 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
         settings.update(hires_scale=float(form.hires_scale), hires_strength=float(form.hires_strength))
     if form.detail_faces:
         settings["detailer"] = {"strength": float(form.detail_strength)}
+    models: dict[str, Any] = {"base": config.base, "refiner": config.refiner}
+    if form.weight_storage and form.weight_storage != PRESET_STORAGE:
+        models["weight_storage"] = form.weight_storage
+    if form.fast and form.fast != "off":
+        models["fast"] = form.fast
+    if form.offload:
+        models["offload"] = True
     return JobSpec(form.prompt, preset=preset, inputs=inputs, settings=settings,
-                   conditions=tuple(_conditions(form, taken)), models={"base": config.base, "refiner": config.refiner},
-                   face_pack=config.face_pack)  # fmt: skip
+                   conditions=tuple(_conditions(form, taken)), models=models, face_pack=config.face_pack)  # fmt: skip
 
 
 def _for_page(message: str) -> str:
@@ -297,8 +292,11 @@ class _Page:
     """The page's handlers, over the models it keeps loaded."""
 
     def __init__(self, config: UiConfig) -> None:
+        from .runner import Runner
+
         self.config = config
-        self.models = _Models(config)
+        # The models of the page's last generation (another preset's models replace them, so memory does not double).
+        self.runner = Runner(device=config.device)
 
     def generate(self, *values: Any) -> Iterator[tuple[Any, ...]]:
         """Generate for the page: the form's values in :class:`PageForm`'s order, then the session's Stop flag
@@ -373,11 +371,9 @@ class _Page:
                 raise Stopped()
 
         try:
-            with self.models.lock:
-                generator = self.models.get(job.base, job.refiner, job.unet, job.weight_storage)
-                decoder = self.config.resolver.decoder(self.config.preview_decoder) or self.config.preview_decoder
-                progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check)
-                events.put(("done", generator.run(job.request, progress=progress, progress_bar=False)))
+            decoder = self.config.resolver.decoder(self.config.preview_decoder) or self.config.preview_decoder
+            progress = Previews(show, every=PREVIEW_EVERY, decoder=decoder, then=check)
+            events.put(("done", self.runner.run(job, progress=progress, progress_bar=False)))
         except Stopped:
             events.put(("stopped", None))
         except Exception as exc:  # reported in the page; the page and the next call live on
@@ -580,6 +576,14 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
             w["detail_faces"] = gr.Checkbox(value=v["detail_faces"], label="Repaint every face (each with the "
                                             "identity it resembles)", elem_id="detail-faces")  # fmt: skip
             w["detail_strength"] = gr.Slider(0.05, 1, value=v["detail_strength"], step=0.05, label="Strength")
+    with gr.Accordion("Speed and memory", open=False):
+        with gr.Row():
+            w["offload"] = gr.Checkbox(value=v["offload"], label="Offload (models in CPU memory, each on the GPU "
+                                       "only while it runs: small GPUs)", elem_id="offload")  # fmt: skip
+            w["fast"] = gr.Dropdown(list(FAST_LEVELS), value=v["fast"], label="Fast path", elem_id="fast")
+            w["weight_storage"] = gr.Dropdown([PRESET_STORAGE, *PAGE_STORAGES], value=v["weight_storage"],
+                                              label="Weight storage (fp8: about half the UNet's memory)",
+                                              elem_id="weight-storage")  # fmt: skip
     return w
 
 

@@ -7,6 +7,7 @@ import gc
 import weakref
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdxl_control import clear_caches
@@ -35,16 +36,30 @@ def test_keyed_caches_keep_their_last_entries_and_clear_with_the_rest():
     assert built.count(-4) == 2
 
 
-def test_switching_model_sets_frees_the_old_models_and_their_controlnets(tmp_path):
+def _last_loaded():
+    return LastLoaded(device="cpu").get
+
+
+def _runner():
+    """What the page and batch workers hold: a Runner, given jobs on one set of models, then the other."""
+    from sdxl_control.runner import Runner
+    from sdxl_control.spec import JobSpec, resolve
+
+    runner = Runner(device="cpu")
+    return lambda base: runner.generator(resolve(JobSpec("a cat", models={"base": base})))
+
+
+@pytest.mark.parametrize("holder", [_last_loaded, _runner], ids=["LastLoaded", "Runner"])
+def test_switching_model_sets_frees_the_old_models_and_their_controlnets(tmp_path, holder):
     sets = [tiny_models(seed=0), tiny_models(seed=1)]
     edges = tiny_control_models("controlnet-edges")
     photo = tmp_path / "edges.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(photo)
     condition = ControlNet(str(edges), image=str(photo), scale=0.7)
-    models = LastLoaded(device="cpu")
+    get = holder()
     held: list[weakref.ref] = []
     for switch in range(6):  # each set three times, alternating
-        generator = models.get(str(sets[switch % 2].base))
+        generator = get(str(sets[switch % 2].base))
         generator.generate("a cat", conditions=[condition], steps=2, size=(64, 64), seed=1, progress_bar=False)
         controlnet = load_controlnet(str(edges), union=False, unet=generator.base.unet)  # the cached one
         current = [weakref.ref(generator.base.unet), weakref.ref(generator.base.vae), weakref.ref(controlnet)]

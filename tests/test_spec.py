@@ -259,3 +259,159 @@ def test_tiny_runs_every_size_at_the_tiny_models_scale_in_every_front_end(tiny, 
     assert resolve(JobSpec("x", settings={"size": (64, 64)}), TinyResolver()).request.size == (64, 64)
     outpainted = JobSpec("x", settings={"init_image": str(tmp_path / "photo.png"), "outpaint": (64, 0, 64, 0)})
     assert resolve(outpainted, TinyResolver()).request.size == (928, 600)  # the image and its new borders
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Every job handed to Runner.run in this process: the job, the runner, and what its models ran with (offloaded
+    to which device, the fast path in force, the UNet's convolutions in channels-last layout)."""
+    import torch
+
+    from sdxl_control.runner import Runner
+
+    seen: list[dict] = []
+    real = Runner.run
+
+    def spy(self, job, **kwargs):
+        result = real(self, job, **kwargs)
+        gen = self._generator
+        conv = next(m for m in gen.base.unet.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.append({"job": job, "runner": self, "offload": gen._offload,
+                     "fast": None if gen._fast is None else gen._fast.fast,
+                     "channels_last": conv.weight.is_contiguous(memory_format=torch.channels_last)
+                     and not conv.weight.is_contiguous()})  # fmt: skip
+        return result
+
+    monkeypatch.setattr(Runner, "run", spy)
+    return seen
+
+
+def _as_line(job) -> str:
+    from sdxl_control.batch import job_line
+
+    line = job_line(job.request, *job.models, weight_storage=job.weight_storage, fast=job.fast, offload=job.offload)
+    return json.dumps({**line, "keep": job.keep}, sort_keys=True)
+
+
+def test_cli_page_batch_and_ray_hand_the_same_job_to_the_runner_which_offloads_and_takes_the_fast_path(
+    tiny, tmp_path, runs
+):
+    """The same request with offloading and the fast path asked for, from each front-end: each hands one Runner the
+    same resolved job, and the Runner applies both (offloaded to the CPU, channels-last layout without fused
+    projections, which cannot follow offloading)."""
+    from sdxl_control.batch import read_jobs
+    from sdxl_control.fast import FastPath
+    from sdxl_control.ray_batch import RayWorker
+    from sdxl_control.runner import Runner
+    from sdxl_control.ui import PageForm, UiConfig
+
+    numbers = {"seed": 5, "steps": 2, "guidance": 4.0}
+    cli = ["generate", PROMPT, "--size", "64x64", "--tiny", "-q", "--fast", "layout", "--offload",
+           "-o", str(tmp_path / "cli.png"), *[x for k, v in numbers.items() for x in (f"--{k}", str(v))]]  # fmt: skip
+    assert main(cli) == 0
+    page = PageForm(PROMPT, width=64, height=64, random_seed=False, offload=True, fast="layout", **numbers)
+    _page_generate(UiConfig(resolver=TinyResolver(), outputs=tmp_path), page)
+    job = {"id": "job", "prompt": PROMPT, "size": [64, 64], **numbers, "models": {"fast": "layout", "offload": True}}
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n")
+    assert main(["batch", str(tmp_path / "jobs.jsonl"), "-o", str(tmp_path / "out"), "--tiny", "-q"]) == 0
+    (parsed,), problems = read_jobs(tmp_path / "jobs.jsonl", resolver=TinyResolver())
+    assert not problems
+    # What each Ray actor runs (here in this process, as the actor would): a BatchWorker reading the job again.
+    assert RayWorker(str(tmp_path / "ray"), "cpu", None, "names").run(parsed)["error"] is None
+
+    assert len(runs) == 4 and all(type(r["runner"]) is Runner for r in runs)
+    lines = [_as_line(r["job"]) for r in runs]
+    assert lines[0] == lines[1] == lines[2] == lines[3]
+    models = json.loads(lines[0])["models"]
+    assert (models["fast"], models["offload"]) == ("layout", True)
+    for r in runs:
+        assert str(r["offload"]) == "cpu"
+        assert r["fast"] == FastPath(compile="off", fuse_qkv=False) and r["channels_last"]
+
+
+def test_a_page_and_a_batch_without_offload_or_fast_path_run_the_plain_models(tiny, tmp_path, runs):
+    """The settings' absence reaches the Runner too: nothing offloaded, no fast path, the layout untouched (the test
+    above can tell them apart)."""
+    from sdxl_control.ui import PageForm, UiConfig
+
+    page = PageForm(PROMPT, width=64, height=64, steps=2, random_seed=False, seed=1)
+    _page_generate(UiConfig(resolver=TinyResolver(), outputs=tmp_path), page)
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": PROMPT, "size": [64, 64], "steps": 2}) + "\n")
+    assert main(["batch", str(tmp_path / "jobs.jsonl"), "-o", str(tmp_path / "out"), "--tiny", "-q"]) == 0
+    assert [(r["offload"], r["fast"], r["channels_last"]) for r in runs] == [(None, None, False)] * 2
+    assert all((r["job"].fast, r["job"].offload) == (None, False) for r in runs)
+
+
+def test_the_runner_reloads_only_when_models_or_weight_storage_change(tiny, monkeypatch):
+    """Offloading and the fast path switch on the loaded models (and off again exactly); another weight storage, or
+    other models, load again."""
+    import torch
+
+    from sdxl_control.fast import FastPath
+    from sdxl_control.generator import Generator
+    from sdxl_control.runner import Runner
+
+    loads: list[str] = []
+    load = Generator.from_pretrained.__func__
+
+    def counted(cls, base, refiner=None, **kwargs):
+        loads.append(str(kwargs["device"]))
+        return load(cls, base, refiner, **kwargs)
+
+    monkeypatch.setattr(Generator, "from_pretrained", classmethod(counted))
+    runner = Runner(device="cpu")
+
+    def job(**models):
+        return resolve(JobSpec("x", settings={"seed": 1, "steps": 2, "size": (64, 64)}, models=models), TinyResolver())
+
+    plain = runner.run(job()).latents
+    gen = runner.generator(job())
+    fast = runner.run(job(offload=True, fast="layout")).latents
+    assert runner._generator is gen and str(gen._offload) == "cpu"
+    assert gen._fast.fast == FastPath(compile="off", fuse_qkv=False)
+    again = runner.run(job()).latents
+    assert runner._generator is gen and gen._offload is None and gen._fast is None
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)  # undone exactly
+    torch.testing.assert_close(fast, plain)  # rounding only
+    assert loads == ["cpu"]
+    runner.run(job(weight_storage="fp8_e4m3fn"))
+    assert runner._generator is not gen and runner._generator.weight_storage == "fp8_e4m3fn" and len(loads) == 2
+
+
+def test_the_runner_says_missing_weights_and_refuses_a_fast_path_before_loading(tiny, tmp_path, monkeypatch):
+    from sdxl_control.adapters.controlnet import ControlNet
+    from sdxl_control.errors import MissingWeightsError
+    from sdxl_control.generator import Generator
+    from sdxl_control.runner import Runner
+
+    loads: list[object] = []
+    monkeypatch.setattr(Generator, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    edges = _photo(tmp_path / "edges.jpg", 4)
+    absent = ControlNet("nobody/no-such-controlnet", image=edges, preprocess="canny")
+    job = resolve(JobSpec("x", conditions=(absent,), models={"base": str(tiny.base)}), HubResolver())
+    with pytest.raises(MissingWeightsError, match="nobody/no-such-controlnet"):
+        Runner(device="cpu").run(job)
+    stored = resolve(JobSpec("x", models={"fast": "blocks", "weight_storage": "fp8_e4m3fn"}), TinyResolver())
+    with pytest.raises(InvalidRequestError, match="fp8 weight storage"):
+        Runner(device="cpu").run(stored)
+    assert loads == []
+
+
+@pytest.mark.parametrize(
+    ("models", "named"),
+    [({"fast": "warp"}, "models.fast"), ({"fast": ["layout"]}, "models.fast"), ({"offload": "yes"}, "models.offload")],
+)
+def test_a_jobs_fast_and_offload_are_checked_as_it_resolves(models, named):
+    with pytest.raises(InvalidRequestError, match=named):
+        resolve(JobSpec("x", models=models))
+
+
+def test_a_dry_run_names_fast_and_offload_only_when_they_are_set(capsys):
+    args = ["generate", "x", "--dry-run", "--seed", "1"]
+    assert main(args) == 0
+    assert set(json.loads(capsys.readouterr().out)["models"]) == {"base", "refiner", "unet"}
+    assert main([*args, "--fast", "layout", "--offload"]) == 0
+    models = json.loads(capsys.readouterr().out)["models"]
+    assert (models["fast"], models["offload"]) == ("layout", True)
+    assert main([*args, "--fast", "off"]) == 0
+    assert "fast" not in json.loads(capsys.readouterr().out)["models"]

@@ -523,7 +523,13 @@ def job_spec(args: argparse.Namespace, resolver: Resolver) -> tuple[JobSpec, Any
         set=dict(parse_assignment(a) for a in args.set),
         settings=_request_settings(args),
         conditions=tuple(conditions),
-        models={"base": args.base, "refiner": args.refiner, "weight_storage": args.weight_storage},
+        models={
+            "base": args.base,
+            "refiner": args.refiner,
+            "weight_storage": args.weight_storage,
+            "fast": None if args.fast == "off" else args.fast,
+            "offload": True if args.offload else None,
+        },
         face_pack=args.face_pack,
         recipe=recipe,
     )
@@ -554,14 +560,8 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
     outputs = options.output_paths(args.output, 1 if job.keep is not None else job.request.num_images)
     if args.dry_run:
         return _dry_run(args, job)
-    from ..inventory import ensure, run_needs
+    from ..runner import Runner
 
-    ensure(run_needs(job.request, *job.models))  # every missing model in one message, before anything loads
-    from ..devices import default_device_and_dtype
-    from ..fast import FastPath
-    from ..generator import Generator
-
-    device, dtype = default_device_and_dtype(args.device, options.dtype(args.dtype))
     options.library_output(getattr(args, "verbose", False))
     progress = None
     if args.preview_every:
@@ -570,17 +570,8 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         preview = outputs[0].with_name(f"{outputs[0].stem}-preview.png")
         source = resolver.decoder(args.preview_decoder) or args.preview_decoder
         progress = Previews(lambda image, event: options.save(image, preview), every=args.preview_every, decoder=source)
-    # Offloaded models are loaded into CPU memory: loading them onto a small GPU first would not fit.
-    generator = Generator.from_pretrained(
-        *job.models[:2], device="cpu" if args.offload else device, dtype=dtype, variant=args.variant, unet=job.unet,
-        weight_storage=job.weight_storage,
-    )  # fmt: skip
-    if args.offload:
-        generator.set_offload(device)
-    # Fused projections can follow neither offloading nor fp8 storage's per-layer casts.
-    generator.set_fast_path(FastPath.level(args.fast, fuse_qkv=not (args.offload or job.weight_storage)))
-    result = generator.run(job.request, progress=progress, progress_bar=not args.quiet, recipe_paths=args.recipe_paths)
-    images = result.images if job.keep is None else [result.images[job.keep]]
+    runner = Runner(device=args.device, dtype=options.dtype(args.dtype), variant=args.variant)
+    images = runner.run(job, progress=progress, progress_bar=not args.quiet, recipe_paths=args.recipe_paths).images
     if args.score:
         _score_into_recipes(images, args.face[0], _identity_pack(job, resolver))
     for image, path in zip(images, outputs, strict=True):
@@ -607,7 +598,8 @@ def _dry_run(args: argparse.Namespace, job: ResolvedJob) -> int:
 
     from ..batch import job_line
 
-    line = job_line(job.request, job.base, job.refiner, job.unet, args.recipe_paths, job.weight_storage)
+    line = job_line(job.request, job.base, job.refiner, job.unet, args.recipe_paths, job.weight_storage,
+                    fast=job.fast, offload=job.offload)  # fmt: skip
     sys.stdout.write(json.dumps(line) + "\n")
     return 0
 
