@@ -16,11 +16,11 @@ from dataclasses import dataclass, fields, replace
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import ConditionError
+from ..base.errors import ConditionError
 
 if TYPE_CHECKING:
-    from ..conditions import Condition
-    from ..files import Locator
+    from ..base.files import Locator
+    from ..protocol.conditions import Condition
 
 __all__ = [
     "CONDITION_KINDS", "Family", "Flag", "condition_class", "condition_from_settings", "identity_kinds",
@@ -120,8 +120,8 @@ def condition_from_settings(
     """The condition a recipe of sdxl-control ``version`` (``None``: this one) describes, with its files found again by
     ``locate`` (default: where this machine last saw them). Inputs recorded only as a summary (an in-memory image)
     cannot be rebuilt; unknown keys are refused."""
-    from ..files import Locator
-    from ..validation import unknown_keys
+    from ..base.files import Locator
+    from ..base.validation import unknown_keys
 
     if not isinstance(settings, Mapping) or not isinstance(settings.get("kind"), str):
         raise ConditionError(f"a recipe condition is a JSON object with a 'kind', got {settings!r:.80}")

@@ -28,17 +28,27 @@ import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from ..caches import KeyedCache
-from ..checkpoints import check_safetensors
-from ..conditions import Attachment, Condition, Crop, PrepareContext, Prepared, Residuals, Stage, StepInfo, Tokens
-from ..devices import placement
-from ..errors import ConditionError, IncompatibleModelError, MissingWeightsError
-from ..fast import match_fast_path
-from ..hub import resolve_source
-from ..infotext import Infotext, control_unit, model_label
-from ..inventory import ModelNeed, weights_need
+from ..base.caches import KeyedCache
+from ..base.errors import ConditionError, IncompatibleModelError, MissingWeightsError
+from ..engine.devices import placement
 from ..preprocessors import ImageInput, preprocess, preprocessor_needs
-from ..storage import store_weights, stored_as
+from ..protocol.conditions import (
+    Attachment,
+    Condition,
+    Crop,
+    PrepareContext,
+    Prepared,
+    Residuals,
+    Stage,
+    StepInfo,
+    Tokens,
+)
+from ..protocol.fast import match_fast_path
+from ..records.infotext import Infotext, control_unit, model_label
+from ..weights.checkpoints import check_safetensors
+from ..weights.hub import resolve_source
+from ..weights.inventory import ModelNeed, weights_need
+from ..weights.storage import store_weights, stored_as
 
 __all__ = [
     "ControlNet",
@@ -92,7 +102,7 @@ def _check_config(config: Mapping[str, Any], unet: Any, source: str) -> None:
 
 
 def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch.device | None = None) -> Any:
-    """Load (kept in a process cache, see :mod:`sdxl_control.caches`) a ControlNet that fits ``unet``: hub id, local
+    """Load (kept in a process cache, see :mod:`sdxl_control.base.caches`) a ControlNet that fits ``unet``: hub id, local
     folder or single file.
 
     A folder's config is checked against the UNet before any weights are read; every ControlNet returned, cached or

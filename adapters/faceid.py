@@ -22,15 +22,15 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..checkpoints import check_safetensors
-from ..conditions import Condition, Likeness, PrepareContext, Prepared, Stage, Tokens
-from ..conversion import numbered_lora_deltas
-from ..devices import placement
-from ..errors import ConditionError
-from ..hub import resolve_in, resolve_source
-from ..infotext import Infotext, control_unit, model_label
-from ..inventory import ModelNeed, pattern_for, weights_need
+from ..base.errors import ConditionError
+from ..engine.devices import placement
 from ..preprocessors.face import DEFAULT_PACK, analyze_faces, pack_need
+from ..protocol.conditions import Condition, Likeness, PrepareContext, Prepared, Stage, Tokens
+from ..records.infotext import Infotext, control_unit, model_label
+from ..weights.checkpoints import check_safetensors
+from ..weights.conversion import numbered_lora_deltas
+from ..weights.hub import resolve_in, resolve_source
+from ..weights.inventory import ModelNeed, pattern_for, weights_need
 from .ip_adapter import ENCODER_FILES, IPPrepared, check_variant, encode_images, layer_scales, load_adapter, region_mask
 from .ip_adapter import REPO as IP_ADAPTER_REPO
 from .ip_adapter import VARIANTS as IP_VARIANTS

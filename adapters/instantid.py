@@ -28,13 +28,24 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from ..conditions import Attachment, Condition, Crop, Likeness, Parts, PrepareContext, Prepared, Stage, Tokens, Window
-from ..errors import ConditionError, IncompatibleModelError
-from ..hub import resolve_in, resolve_source
-from ..infotext import Infotext, control_unit, model_label
-from ..inventory import ModelNeed, weights_need
+from ..base.errors import ConditionError, IncompatibleModelError
 from ..preprocessors.face import IDENTITY_PACK, Identity, analyze_faces, pack_need, save_identity
 from ..preprocessors.keypoints import keypoint_image, place_keypoints
+from ..protocol.conditions import (
+    Attachment,
+    Condition,
+    Crop,
+    Likeness,
+    Parts,
+    PrepareContext,
+    Prepared,
+    Stage,
+    Tokens,
+    Window,
+)
+from ..records.infotext import Infotext, control_unit, model_label
+from ..weights.hub import resolve_in, resolve_source
+from ..weights.inventory import ModelNeed, weights_need
 from .controlnet import CONTROLNET_FILES, ControlPrepared, control_tensor, controlnet_for
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers, load_adapter, read_weights, region_mask
 

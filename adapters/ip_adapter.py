@@ -22,20 +22,20 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from ..attach import ProcessorPatch
-from ..attention import AttentionBranch, BranchedAttnProcessor, attention_layers
-from ..caches import PerModelCache, process_cached
-from ..checkpoints import check_safetensors, read_checkpoint, read_safetensors
-from ..conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
-from ..devices import placement
-from ..errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
-from ..files import looks_like_hub_id, looks_local
-from ..hub import resolve_in, resolve_source
-from ..infotext import Infotext, control_unit, model_label
-from ..inventory import ModelNeed, pattern_for, weights_need
+from ..base.caches import PerModelCache, process_cached
+from ..base.errors import CheckpointError, ConditionError, IncompatibleModelError, MissingWeightsError
+from ..base.files import looks_like_hub_id, looks_local
+from ..engine.devices import placement
 from ..preprocessors import load_image
-from ..storage import compute_dtype
-from ..weights import WeightDelta
+from ..protocol.attach import ProcessorPatch
+from ..protocol.attention import AttentionBranch, BranchedAttnProcessor, attention_layers
+from ..protocol.conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
+from ..records.infotext import Infotext, control_unit, model_label
+from ..weights.checkpoints import check_safetensors, read_checkpoint, read_safetensors
+from ..weights.hub import resolve_in, resolve_source
+from ..weights.inventory import ModelNeed, pattern_for, weights_need
+from ..weights.patches import WeightDelta
+from ..weights.storage import compute_dtype
 
 __all__ = [
     "IPAdapter",
@@ -308,7 +308,7 @@ class IPPrepared(Prepared):
 
     ``weights`` hold each layer's ``<number>.to_k_ip.weight`` / ``to_v_ip.weight``, numbered 1, 3, 5, ... as the
     published files number cross-attention layers; keys and values are computed in the weights' precision and cast
-    to the UNet's. ``branch`` makes each layer's branch (PuLID: :class:`~sdxl_control.attention.OrthogonalBranch`).
+    to the UNet's. ``branch`` makes each layer's branch (PuLID: :class:`~sdxl_control.protocol.attention.OrthogonalBranch`).
 
     Example:
         >>> IPPrepared("ip-adapter:plus", weights, tokens, scales, mask=None).attach(unet, Stage.BASE)  # doctest: +SKIP
@@ -483,7 +483,7 @@ def check_variant(variant: str, known: Mapping[str, Any], family: str) -> None:
 def build_projection(image_proj: Mapping[str, torch.Tensor], unet: Any, source: Path, ctx: PrepareContext) -> Any:
     """The image-projection model of a published checkpoint (diffusers' conversion of the reference layouts)."""
     # Built on empty weights (no random init to overwrite), which diffusers fills in the UNet's dtype as it reads it
-    # from its first parameter: for a UNet kept in fp8 (sdxl_control.storage) that would round the projection to
+    # from its first parameter: for a UNet kept in fp8 (sdxl_control.weights.storage) that would round the projection to
     # 8 bits, so there the projection is built in float32 and cast below.
     empty = compute_dtype(unet) is None
     try:

@@ -3,7 +3,7 @@
 A LoRA is the weight channel's plainest user: its deltas are fused into the weights it targets while it acts — no
 per-step cost — and taken out bit for bit when its window closes; text-encoder parts are fused while the prompt of
 those steps is encoded. Reading the many published key layouts is the job of
-:func:`sdxl_control.conversion.lora_deltas`.
+:func:`sdxl_control.weights.conversion.lora_deltas`.
 
 Example:
     >>> from sdxl_control.adapters.lora import LoRA
@@ -20,15 +20,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..checkpoints import read_safetensors
-from ..conditions import Condition, PrepareContext, Prepared, Stage
-from ..conversion import lora_deltas
-from ..errors import CheckpointError, ConditionError, IncompatibleModelError
-from ..files import addnet_hash
-from ..hub import resolve_in, resolve_source
-from ..infotext import Infotext, safe_name
-from ..inventory import ModelNeed, weights_need
-from ..weights import LowRankDelta
+from ..base.errors import CheckpointError, ConditionError, IncompatibleModelError
+from ..base.files import addnet_hash
+from ..protocol.conditions import Condition, PrepareContext, Prepared, Stage
+from ..records.infotext import Infotext, safe_name
+from ..weights.checkpoints import read_safetensors
+from ..weights.conversion import lora_deltas
+from ..weights.hub import resolve_in, resolve_source
+from ..weights.inventory import ModelNeed, weights_need
+from ..weights.patches import LowRankDelta
 
 __all__ = ["LoRA"]
 

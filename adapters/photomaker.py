@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..caches import PerModelCache
-from ..checkpoints import read_checkpoint
-from ..conditions import (
+from ..base.caches import PerModelCache
+from ..base.errors import CheckpointError, ConditionError, IncompatibleModelError
+from ..preprocessors import load_image
+from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features, pack_need
+from ..protocol.conditions import (
     Condition,
     Likeness,
     PrepareContext,
@@ -42,15 +44,13 @@ from ..conditions import (
     Window,
     recorded_before,
 )
-from ..conversion import processor_lora_deltas
-from ..emphasis import CHUNK_TOKENS, split_chunks
-from ..errors import CheckpointError, ConditionError, IncompatibleModelError
-from ..hub import resolve_in, resolve_source
-from ..infotext import Infotext, model_label, safe_name
-from ..inventory import ModelNeed, weights_need
-from ..preprocessors import load_image
-from ..preprocessors.face import DEFAULT_PACK, Identity, identity_features, pack_need
-from ..weights import WeightDelta
+from ..protocol.emphasis import CHUNK_TOKENS, split_chunks
+from ..records.infotext import Infotext, model_label, safe_name
+from ..weights.checkpoints import read_checkpoint
+from ..weights.conversion import processor_lora_deltas
+from ..weights.hub import resolve_in, resolve_source
+from ..weights.inventory import ModelNeed, weights_need
+from ..weights.patches import WeightDelta
 from .ip_adapter import checkpoint_family
 from .perceiver import PerceiverAttention, feed_forward
 

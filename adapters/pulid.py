@@ -31,15 +31,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attention import AttentionBranch, OrthogonalBranch
-from ..caches import PerModelCache
-from ..checkpoints import read_checkpoint
-from ..conditions import Condition, Likeness, PrepareContext, Prepared, Stage, Tokens
-from ..errors import ConditionError, IncompatibleModelError
-from ..hub import resolve_in, resolve_source
-from ..infotext import Infotext, control_unit, model_label
-from ..inventory import ModelNeed, weights_need
+from ..base.caches import PerModelCache
+from ..base.errors import ConditionError, IncompatibleModelError
 from ..preprocessors.face import IDENTITY_PACK, Identity, identity_features, pack_need
+from ..protocol.attention import AttentionBranch, OrthogonalBranch
+from ..protocol.conditions import Condition, Likeness, PrepareContext, Prepared, Stage, Tokens
+from ..records.infotext import Infotext, control_unit, model_label
+from ..weights.checkpoints import read_checkpoint
+from ..weights.hub import resolve_in, resolve_source
+from ..weights.inventory import ModelNeed, weights_need
 from .ip_adapter import IPPrepared, checkpoint_family, cross_layers
 from .perceiver import PerceiverAttention, feed_forward
 

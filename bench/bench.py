@@ -44,15 +44,15 @@ from sdxl_control.adapters.controlnet import ControlNet  # noqa: E402
 from sdxl_control.adapters.faceid import FaceID, save_face  # noqa: E402
 from sdxl_control.adapters.ip_adapter import VISION_COMMON, VISION_CONFIGS, IPAdapter  # noqa: E402
 from sdxl_control.adapters.lora import LoRA  # noqa: E402
-from sdxl_control.conditions import Stage  # noqa: E402
-from sdxl_control.fast import FAST_LEVELS  # noqa: E402
-from sdxl_control.models import ModelSource, StageModels  # noqa: E402
+from sdxl_control.engine.models import ModelSource, StageModels  # noqa: E402
 from sdxl_control.presets import load_preset  # noqa: E402
-from sdxl_control.sdxl_configs import SDXL_SCHEDULER, sdxl_config_folder  # noqa: E402
-from sdxl_control.storage import FP8_MATMUL, WEIGHT_STORAGE  # noqa: E402
+from sdxl_control.protocol.conditions import Stage  # noqa: E402
+from sdxl_control.protocol.fast import FAST_LEVELS  # noqa: E402
+from sdxl_control.protocol.text import TextEncoder  # noqa: E402
 from sdxl_control.testing import tiny_models, write_tiny_controlnet, write_tiny_taesd  # noqa: E402
 from sdxl_control.testing.ip_adapter import TINY_VISION, write_faceid_repo, write_ip_adapter_repo  # noqa: E402
-from sdxl_control.text import TextEncoder  # noqa: E402
+from sdxl_control.weights.sdxl_configs import SDXL_SCHEDULER, sdxl_config_folder  # noqa: E402
+from sdxl_control.weights.storage import FP8_MATMUL, WEIGHT_STORAGE  # noqa: E402
 
 PROMPT = "a portrait of an astronaut, studio light"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -474,7 +474,7 @@ def _start_scenarios(s: Setup, common: dict[str, Any], d_common: dict[str, Any])
     from PIL import Image
 
     import sdxl_control.preprocessors.face as face_module
-    from sdxl_control.detailer import FaceDetailer, face_mask
+    from sdxl_control.passes.detailer import FaceDetailer, face_mask
 
     n, size, gen = s.steps, s.size, s.gen
     pipe = s.pipes["base"]
@@ -566,7 +566,7 @@ def memory_options(setup: Setup, repeats: int) -> list[dict[str, Any]]:
     (ControlNets, image encoders, diffusers' copies): for the base scenario it is the stage models on the device plus
     the activation peak, with the models resident and with model offloading; for the VAE decode (at the bench size
     and twice it, whole and tiled) it is the peak above what is resident."""
-    from sdxl_control.vae import decode_latents
+    from sdxl_control.engine.vae import decode_latents
 
     gen = setup.gen
     rows = []

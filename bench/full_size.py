@@ -4,7 +4,7 @@ that come with the package), each part one command, its table in ``bench/results
 * ``load``: loading base + refiner from diffusers folders and from single files (Stability's layout, as A1111 and
   ComfyUI keep them), ours against ``StableDiffusionXLPipeline.from_pretrained`` / ``from_single_file``, each in a
   fresh process (warm page cache): seconds and peak RSS, against the weights' bytes; then a process that switches
-  between two model sets as the page and batch workers do (:class:`~sdxl_control.generator.LastLoaded`);
+  between two model sets as the page and batch workers do (:class:`~sdxl_control.passes.generator.LastLoaded`);
 * ``fp8``: the full-size UNet's resident memory in bf16 and kept in fp8 (parameter bytes and RSS), and a UNet call's
   CPU time both ways;
 * ``step-cache``: UNet FLOPs per step (``torch.utils.flop_counter``, 1024x1024 with guidance, on the meta device) and
@@ -95,7 +95,7 @@ def random_models(stage: Any, dtype: torch.dtype = DTYPE) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdxl_control.sdxl_configs import sdxl_config_folder
+    from sdxl_control.weights.sdxl_configs import sdxl_config_folder
 
     def filled(module: torch.nn.Module) -> torch.nn.Module:
         module.to(dtype).to_empty(device="cpu")
@@ -133,9 +133,9 @@ def _write_folders(work: Path, single_files: bool = True) -> dict[str, Path]:
     """Base and refiner as diffusers folders and (``single_files``) as single files, written once into ``work``."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from sdxl_control.conditions import Stage
-    from sdxl_control.sdxl_configs import SDXL_SCHEDULER
+    from sdxl_control.protocol.conditions import Stage
     from sdxl_control.testing.single_file import write_single_file
+    from sdxl_control.weights.sdxl_configs import SDXL_SCHEDULER
 
     paths = {"base": work / "base", "refiner": work / "refiner",
              "base_file": work / "sd_xl_base_random.safetensors",
@@ -208,8 +208,8 @@ def _ours_files(p: dict[str, str]) -> Any:
 def _theirs_files(p: dict[str, str]) -> Any:
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from sdxl_control.conditions import Stage
-    from sdxl_control.sdxl_configs import sdxl_config_folder
+    from sdxl_control.protocol.conditions import Stage
+    from sdxl_control.weights.sdxl_configs import sdxl_config_folder
 
     # The same configs ours reads (diffusers' own default fetches them from the hub).
     with sdxl_config_folder(Stage.BASE) as base_config, sdxl_config_folder(Stage.REFINER) as refiner_config:
@@ -224,7 +224,7 @@ def _theirs_files(p: dict[str, str]) -> Any:
 
 @_load("ours, switching sets")
 def _switching(p: dict[str, str]) -> Any:
-    from sdxl_control.generator import LastLoaded
+    from sdxl_control.passes.generator import LastLoaded
 
     models = LastLoaded(device="cpu", dtype=DTYPE)
     _read_all(models.get(p["base"], p["refiner"]))  # resident, as after a generation
@@ -313,8 +313,8 @@ def part_load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
-    from sdxl_control.conditions import Stage
-    from sdxl_control.storage import store_weights
+    from sdxl_control.protocol.conditions import Stage
+    from sdxl_control.weights.storage import store_weights
 
     unet = random_models(Stage.BASE, DTYPES[args.dtype])["unet"]
     gc.collect()
@@ -354,11 +354,11 @@ def part_step_cache(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from sdxl_control import Generator
-    from sdxl_control.conditions import Stage
-    from sdxl_control.models import ModelSource, StageModels
-    from sdxl_control.sdxl_configs import SDXL_SCHEDULER, published_config
-    from sdxl_control.step_cache import StepCache, cached_steps
-    from sdxl_control.text import TextEncoder
+    from sdxl_control.engine.models import ModelSource, StageModels
+    from sdxl_control.engine.step_cache import StepCache, cached_steps
+    from sdxl_control.protocol.conditions import Stage
+    from sdxl_control.protocol.text import TextEncoder
+    from sdxl_control.weights.sdxl_configs import SDXL_SCHEDULER, published_config
 
     intervals = (1, 2, 3, 5)
     with torch.device("meta"):

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from ..errors import ConditionError
-from .images import ImageInput, load_image
+from ..base.errors import ConditionError
+from ..base.images import ImageInput, load_image
 
 if TYPE_CHECKING:
-    from ..inventory import ModelNeed
+    from ..weights.inventory import ModelNeed
 
 __all__ = ["PREPROCESSORS", "preprocess", "preprocessor_needs", "load_image", "ImageInput", "a1111_module"]
 
@@ -81,7 +81,7 @@ def preprocess(name: str | None, image: ImageInput, **options: Any) -> Image.Ima
 
 def preprocessor_needs(name: str | None, options: Mapping[str, Any]) -> tuple[ModelNeed, ...]:
     """The weights a preprocessor loads with these options (canny and ready maps need none)."""
-    from ..inventory import ModelNeed
+    from ..weights.inventory import ModelNeed
 
     if name == "depth":
         from .depth import DEFAULT_DEPTH_MODEL, DEPTH_FILES

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..caches import process_cached
-from ..hub import resolve_source
+from ..base.caches import process_cached
+from ..weights.hub import resolve_source
 
 __all__ = ["DEFAULT_DEPTH_MODEL", "DEPTH_FILES", "estimate_depth"]
 

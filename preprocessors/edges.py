@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..errors import ConditionError
+from ..base.errors import ConditionError
 
 __all__ = ["canny"]
 

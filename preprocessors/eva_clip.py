@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..caches import process_cached
-from ..errors import IncompatibleModelError
+from ..base.caches import process_cached
+from ..base.errors import IncompatibleModelError
 
 __all__ = ["EVA_REPO", "EVA_FILE", "HIDDEN_BLOCKS", "eva_checkpoint", "load_eva_clip", "eva_face_features"]
 
@@ -35,7 +35,7 @@ _ROPE_GRID = (16, 16)
 
 def eva_checkpoint(source: str | os.PathLike[str] = EVA_REPO) -> Path:
     """The EVA-CLIP weights file: a path, or ``EVA_FILE`` in a local folder or hub repo (through the HF cache)."""
-    from ..hub import resolve_in, resolve_source
+    from ..weights.hub import resolve_in, resolve_source
 
     path = Path(str(source)).expanduser()
     if path.is_file():
@@ -44,7 +44,7 @@ def eva_checkpoint(source: str | os.PathLike[str] = EVA_REPO) -> Path:
 
 
 def _visual_state(path: Path) -> dict[str, torch.Tensor]:
-    from ..checkpoints import read_checkpoint
+    from ..weights.checkpoints import read_checkpoint
 
     state = read_checkpoint(path)
     for key in ("model", "module", "state_dict"):

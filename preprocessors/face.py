@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from ..caches import process_cached
-from ..errors import (
+from ..base.caches import process_cached
+from ..base.errors import (
     CheckpointError,
     ConditionError,
     FaceNotFoundError,
@@ -31,10 +31,10 @@ from ..errors import (
     InputError,
     MissingWeightsError,
 )
-from .images import load_image
+from ..base.images import load_image
 
 if TYPE_CHECKING:
-    from ..inventory import ModelNeed
+    from ..weights.inventory import ModelNeed
 
 __all__ = [
     "FaceInfo",
@@ -149,7 +149,7 @@ def pack_folder(pack: str, root: str | os.PathLike[str] = "~/.insightface") -> P
 
 def pack_need(pack: str, root: str | os.PathLike[str] = "~/.insightface") -> ModelNeed:
     """The insightface pack a face analysis will look for, as ``sdxl-control models`` reports it."""
-    from ..inventory import INSIGHTFACE_LICENCE, ModelNeed
+    from ..weights.inventory import INSIGHTFACE_LICENCE, ModelNeed
 
     direct = Path(pack).expanduser()
     folder = direct if direct.is_dir() else Path(root).expanduser() / "models" / pack
@@ -416,7 +416,7 @@ class Identity:
     def load(cls, path: str | os.PathLike[str]) -> Identity:
         from safetensors import safe_open
 
-        from ..checkpoints import check_safetensors
+        from ..weights.checkpoints import check_safetensors
 
         file = Path(path).expanduser()
         if not file.is_file():

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..caches import process_cached
-from ..errors import MissingWeightsError
+from ..base.caches import process_cached
+from ..base.errors import MissingWeightsError
 
 __all__ = ["PARSING_FILE", "PARSING_URL", "default_parsing_folder", "load_face_parser", "face_only"]
 

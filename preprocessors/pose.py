@@ -7,8 +7,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..caches import process_cached
-from ..hub import resolve_source
+from ..base.caches import process_cached
+from ..weights.hub import resolve_source
 
 __all__ = ["DEFAULT_POSE_MODEL", "POSE_FILES", "detect_pose"]
 

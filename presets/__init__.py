@@ -27,14 +27,14 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidRequestError, SdxlControlError
-from ..model_refs import ModelRef
-from ..validation import unknown_keys
+from ..base.errors import InvalidRequestError, SdxlControlError
+from ..base.model_refs import ModelRef
+from ..base.validation import unknown_keys
 
 if TYPE_CHECKING:
-    from ..conditions import Condition
-    from ..generator import GenerationRequest
-    from ..inventory import ModelNeed
+    from ..passes.generator import GenerationRequest
+    from ..protocol.conditions import Condition
+    from ..weights.inventory import ModelNeed
 
 __all__ = ["Preset", "PresetInput", "available_presets", "load_preset", "parse_assignment"]
 
@@ -185,7 +185,7 @@ class Preset:
     def request(self, prompt: str, inputs: Mapping[str, Any] | None = None, **options: Any) -> GenerationRequest:
         """The request this preset makes for ``prompt`` and ``inputs``; ``options`` (request fields) win, and
         ``options["conditions"]`` are added after the preset's."""
-        from ..generator import GenerationRequest
+        from ..passes.generator import GenerationRequest
 
         extra = tuple(options.pop("conditions", ()))
         inputs = inputs if inputs is not None else {}
@@ -195,20 +195,17 @@ class Preset:
     def model_needs(self, *, refiner: bool | None = None) -> list[ModelNeed]:
         """Every model this preset loads (with all its optional inputs given): base, refiner when it switches to
         one, UNet checkpoint, draft decoder, LoRAs and each condition's weights."""
-        from ..conditions import Stage
-        from ..defaults import DEFAULT_BASE, DEFAULT_REFINER
-        from ..inventory import weights_need
-        from ..models import stage_needs
-        from ..vae import DECODER_FILES
+        from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER
+        from ..jobs.needs import model_needs
 
-        needs = stage_needs(self.models.get("base", DEFAULT_BASE), Stage.BASE, unet=self.unet)
-        if refiner if refiner is not None else self.settings.get("refiner_switch") is not None:
-            needs += stage_needs(self.models.get("refiner", DEFAULT_REFINER), Stage.REFINER)
-        if self.settings.get("decoder"):
-            needs.append(weights_need("draft decoder", self.settings["decoder"], DECODER_FILES))
-        for condition in self.conditions(self.placeholder_inputs()):
-            needs += condition.model_needs()
-        return needs
+        switches = refiner if refiner is not None else self.settings.get("refiner_switch") is not None
+        return model_needs(
+            self.models.get("base", DEFAULT_BASE),
+            self.models.get("refiner", DEFAULT_REFINER) if switches else None,
+            self.unet,
+            decoder=self.settings.get("decoder") or None,
+            conditions=self.conditions(self.placeholder_inputs()),
+        )
 
 
 def _input_ref(value: Any) -> str | None:
@@ -285,7 +282,7 @@ def _from_data(name: str, origin: str, data: Any, check: bool = True) -> Preset:
         if key in models:
             _expect(isinstance(models[key], str), name, origin, f"models.{key}", "a hub id or path", models[key])
     if "weight_storage" in models:
-        from ..storage import WEIGHT_STORAGE
+        from ..weights.storage import WEIGHT_STORAGE
 
         _expect(models["weight_storage"] in WEIGHT_STORAGE, name, origin, "models.weight_storage",
                 f"one of {', '.join(WEIGHT_STORAGE)}", models["weight_storage"])  # fmt: skip
@@ -331,7 +328,7 @@ def _check_deep(preset: Preset) -> None:
     """The checks that need the real classes: each template and LoRA builds, the settings make a valid request."""
     from ..adapters import CONDITION_KINDS, condition_class
     from ..adapters.lora import LoRA
-    from ..generator import GenerationRequest
+    from ..passes.generator import GenerationRequest
 
     for name, template in preset.templates.items():
         key = f"conditions.{name}"

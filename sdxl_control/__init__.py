@@ -15,7 +15,8 @@ import logging
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from . import old_paths
+from .base.errors import (
     CheckpointError,
     ConditionError,
     DeviceError,
@@ -29,8 +30,7 @@ from .errors import (
     OutputError,
     SdxlControlError,
 )
-
-__version__ = "0.2.0"
+from .base.version import VERSION as __version__
 
 # With torchao installed (weight storage "fp8_matmul"), importing it (diffusers does, on its first model) makes two
 # libraries warn about each other's versions on every run: diffusers, that it cannot register tensor classes older
@@ -44,6 +44,9 @@ def _not_torchaos_enums(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("torch.utils._pytree").addFilter(_not_torchaos_enums)
+
+# `import sdxl_control.generator` and the other paths of release 0.2 keep working for one release.
+old_paths.install()
 
 # public name -> the module that defines it
 _LAZY = {
@@ -63,25 +66,30 @@ _LAZY = {
             "Window",
             "acts",
         ],
-        "conditions",
+        "protocol.conditions",
     ),  # fmt: skip
-    "FastPath": "fast",
-    "GenerationRequest": "generator",
-    "Generator": "generator",
-    "ProgressEvent": "loop",
-    "RecipeImage": "recipe",
-    "Result": "recipe",
-    "read_recipe": "recipe",
-    "Infotext": "infotext",
-    "Locator": "files",
-    "clear_caches": "caches",
-    "ModelRef": "model_refs",
-    "Runner": "runner",
+    "FastPath": "protocol.fast",
+    "GenerationRequest": "passes.generator",
+    "Generator": "passes.generator",
+    "ProgressEvent": "engine.loop",
+    "RecipeImage": "records.recipe",
+    "Result": "records.recipe",
+    "read_recipe": "records.recipe",
+    "Infotext": "records.infotext",
+    "Locator": "base.files",
+    "clear_caches": "base.caches",
+    "ModelRef": "base.model_refs",
+    "Runner": "jobs.runner",
 }
 
 if TYPE_CHECKING:
-    from .caches import clear_caches
-    from .conditions import (
+    from .base.caches import clear_caches
+    from .base.files import Locator
+    from .base.model_refs import ModelRef
+    from .engine.loop import ProgressEvent
+    from .jobs.runner import Runner
+    from .passes.generator import GenerationRequest, Generator
+    from .protocol.conditions import (
         Attachment,
         Condition,
         Parts,
@@ -96,14 +104,9 @@ if TYPE_CHECKING:
         Window,
         acts,
     )
-    from .fast import FastPath
-    from .files import Locator
-    from .generator import GenerationRequest, Generator
-    from .infotext import Infotext
-    from .loop import ProgressEvent
-    from .model_refs import ModelRef
-    from .recipe import RecipeImage, Result, read_recipe
-    from .runner import Runner
+    from .protocol.fast import FastPath
+    from .records.infotext import Infotext
+    from .records.recipe import RecipeImage, Result, read_recipe
 
 
 def __getattr__(name: str) -> Any:

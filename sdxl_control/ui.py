@@ -29,13 +29,13 @@ import gradio as gr
 import numpy as np
 
 from .adapters import identity_kinds
-from .defaults import DRAFT_DECODER, FAST_LEVELS, SCHEDULERS, STRUCTURE_CONTROLS
-from .errors import InvalidRequestError, SdxlControlError
-from .resolvers import HubResolver, Resolver
+from .base.defaults import DRAFT_DECODER, FAST_LEVELS, SCHEDULERS, STRUCTURE_CONTROLS
+from .base.errors import InvalidRequestError, SdxlControlError
+from .jobs.resolvers import HubResolver, Resolver
 
 if TYPE_CHECKING:
-    from .conditions import Condition
-    from .spec import JobSpec
+    from .jobs.spec import JobSpec
+    from .protocol.conditions import Condition
 
 __all__ = ["UiConfig", "PageForm", "build_app", "form_spec"]
 
@@ -63,7 +63,7 @@ class UiConfig:
     ``preview_decoder`` for the live previews; ``outputs`` where generated PNGs are kept.
 
     Example:
-        >>> from sdxl_control.resolvers import TinyResolver
+        >>> from sdxl_control.jobs.resolvers import TinyResolver
         >>> UiConfig(resolver=TinyResolver()).base is None
         True
     """
@@ -136,7 +136,7 @@ def _conditions(form: PageForm, taken: set[str]) -> list[Condition]:
     from .adapters.controlnet import ControlNet
     from .adapters.ip_adapter import IPAdapter
     from .adapters.lora import LoRA
-    from .preprocessors.images import check_image_file
+    from .base.images import check_image_file
 
     out: list[Condition] = []
     faces = _files(form.faces)
@@ -206,7 +206,7 @@ def _start(form: PageForm, folder: Path) -> dict[str, Any]:
                 "first (then paint on it), or clear the strokes to draw from the prompt alone"
             )
         return {}
-    from .preprocessors.images import check_image_file
+    from .base.images import check_image_file
 
     check_image_file(str(background), "init image")
     settings: dict[str, Any] = {"init_image": str(background), "strength": float(form.strength)}
@@ -221,7 +221,7 @@ def _start(form: PageForm, folder: Path) -> dict[str, Any]:
 def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     """The job the page's form asks for: the preset's sampler, models, LoRAs and condition templates filled from the
     page's fields, the page's numbers (which choosing a preset fills in) and its other conditions."""
-    from .spec import JobSpec
+    from .jobs.spec import JobSpec
 
     preset = form.preset if form.preset and form.preset != NO_PRESET else None
     inputs, taken = _preset_inputs(preset, form) if preset else ({}, set())
@@ -292,7 +292,7 @@ class _Page:
     """The page's handlers, over the models it keeps loaded."""
 
     def __init__(self, config: UiConfig) -> None:
-        from .runner import Runner
+        from .jobs.runner import Runner
 
         self.config = config
         # The models of the page's last generation (another preset's models replace them, so memory does not double).
@@ -309,7 +309,7 @@ class _Page:
         yield from self._generate(values, raise_errors=True)
 
     def _generate(self, values: tuple[Any, ...], raise_errors: bool) -> Iterator[tuple[Any, ...]]:
-        from .spec import resolve
+        from .jobs.spec import resolve
 
         form = PageForm(*values[:-1])
         seed = random.randint(0, MAX_SEED) if form.random_seed or form.seed in (None, "") else int(form.seed)
@@ -361,7 +361,7 @@ class _Page:
                 worker.join()
 
     def _work(self, job: Any, stop: threading.Event, events: queue.Queue[tuple[str, Any]]) -> None:
-        from .preview import Previews
+        from .engine.preview import Previews
 
         def show(image: Any, event: Any) -> None:
             events.put(("preview", (image, f"{event.stage.label}: step {event.step} of {event.steps}")))
@@ -389,8 +389,8 @@ class _Page:
         photo is shown with the faces found by the face pack the ``identity`` method uses, the one used in green
         (more than one is said)."""
         from .adapters import condition_class
+        from .base.images import check_image_file
         from .preprocessors.face import DEFAULT_PACK, FaceAnalyzer, draw_faces
-        from .preprocessors.images import check_image_file
 
         method_pack = next(
             (f.default for f in fields(condition_class(identity)) if f.name == "face_pack"), DEFAULT_PACK
@@ -439,9 +439,10 @@ class _Page:
 
     def opening_status(self) -> str:
         """What the page says as it opens: ready, or which models are missing and how to get them."""
-        from .errors import MissingWeightsError
-        from .inventory import check, missing_advice, run_needs
-        from .spec import JobSpec, resolve
+        from .base.errors import MissingWeightsError
+        from .jobs.needs import run_needs
+        from .jobs.spec import JobSpec, resolve
+        from .weights.inventory import check, missing_advice
 
         job = resolve(JobSpec("the page's models", models={"base": self.config.base, "refiner": self.config.refiner}),
                       self.config.resolver)  # fmt: skip
@@ -472,8 +473,8 @@ class _Page:
     def restore(self, png: Any) -> list[Any]:
         """The form's values from a PNG: an sdxl-control recipe, or A1111's or ComfyUI's settings (with the parts
         that did not map listed in the status). A LoRA the PNG names that is not on this machine is said in the
-        words the command line refuses it with (:func:`~sdxl_control.png_import.missing_loras`)."""
-        from .png_import import Imported, missing_loras, read_image_settings
+        words the command line refuses it with (:func:`~sdxl_control.jobs.png_import.missing_loras`)."""
+        from .jobs.png_import import Imported, missing_loras, read_image_settings
 
         name = Path(_files(png)[0]).name
         try:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sdxl_control import Attachment, Condition, Prepared, Residuals, Stage
-from sdxl_control.attach import ProcessorPatch
+from sdxl_control.protocol.attach import ProcessorPatch
 
 
 class ScaledProcessor:

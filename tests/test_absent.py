@@ -24,8 +24,8 @@ from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.photomaker import PhotoMaker
 from sdxl_control.adapters.pulid import PuLID
-from sdxl_control.conditions import Condition, Window
 from sdxl_control.preprocessors.face import FaceInfo, Identity
+from sdxl_control.protocol.conditions import Condition, Window
 from sdxl_control.testing.lora import write_tiny_lora
 from sdxl_control.testing.pulid import TINY_EVA
 from sdxl_control.testing.stand_ins import tiny_condition

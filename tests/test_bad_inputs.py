@@ -33,7 +33,7 @@ from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.photomaker import PhotoMaker
 from sdxl_control.adapters.pulid import PuLID
 from sdxl_control.cli import main
-from sdxl_control.generator import Generator
+from sdxl_control.passes.generator import Generator
 from sdxl_control.presets import load_preset
 from sdxl_control.testing import tiny_control_models
 from sdxl_control.testing.lora import write_tiny_lora
@@ -217,7 +217,7 @@ def test_api_refuses_and_leaves_the_generator_as_it_was(generator, files, refere
 
 def _recipe_png(folder: Path, name: str, edit) -> str:
     """A PNG written by sdxl-control with its recipe edited as a user might by hand."""
-    from sdxl_control.recipe import RECIPE_KEY
+    from sdxl_control.records.recipe import RECIPE_KEY
 
     source = folder / "made.png"
     if not source.exists():

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_control.batch import RESULTS, Outputs, read_jobs, run_batch
 from sdxl_control.cli import main
-from sdxl_control.resolvers import TinyResolver
+from sdxl_control.jobs.batch import RESULTS, Outputs, read_jobs, run_batch
+from sdxl_control.jobs.resolvers import TinyResolver
 
 SIZE = [64, 64]
 
@@ -254,7 +254,7 @@ def test_ray_writes_the_embedded_images_even_when_a_worker_is_killed(inputs, tin
     pytest.importorskip("ray")
     import psutil
 
-    from sdxl_control.ray_batch import run_batch_ray
+    from sdxl_control.jobs.ray_batch import run_batch_ray
 
     jobs, problems = read_jobs(_write_jobs(inputs, _mixed_jobs(inputs)), resolver=TinyResolver())
     assert not problems

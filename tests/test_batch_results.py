@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdxl_control.batch import RESULTS
 from sdxl_control.cli import main
-from sdxl_control.recipe import read_recipe
+from sdxl_control.jobs.batch import RESULTS
+from sdxl_control.records.recipe import read_recipe
 from tests.test_batch import batch_after_its_first_result
 
 SIZE = [64, 64]
@@ -139,8 +139,8 @@ def test_check_reports_the_models_the_jobs_need(tmp_path, tiny, capsys):
 
 def test_a_folder_given_as_a_uri_is_copied_whole(tmp_path, tiny):
     """A ControlNet folder named by a file:// URI (standing for s3:// and the like) arrives with its files."""
-    from sdxl_control.batch import read_jobs
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.batch import read_jobs
+    from sdxl_control.jobs.resolvers import TinyResolver
     from sdxl_control.testing import tiny_control_models
 
     folder = Path(tiny_control_models("controlnet-edges"))
@@ -177,7 +177,7 @@ def test_check_reads_remote_inputs_without_copying_them(tmp_path, tiny, capsys, 
 
 
 def test_a_peeked_remote_file_has_its_beginning_and_its_size(tmp_path):
-    from sdxl_control.batch import _fetched, remote_inputs_peeked
+    from sdxl_control.jobs.batch import _fetched, remote_inputs_peeked
 
     data = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8).tobytes()
     (tmp_path / "big.bin").write_bytes(data)
@@ -194,7 +194,7 @@ def test_a_peeked_remote_file_has_its_beginning_and_its_size(tmp_path):
 def test_the_input_cache_is_trimmed_oldest_first_sparing_what_this_run_uses(tmp_path, monkeypatch):
     import os
 
-    from sdxl_control.batch import _fetched, trim_input_cache
+    from sdxl_control.jobs.batch import _fetched, trim_input_cache
 
     monkeypatch.setenv("SDXL_CONTROL_CACHE", str(tmp_path / "cache"))
     paths = []
@@ -207,7 +207,7 @@ def test_the_input_cache_is_trimmed_oldest_first_sparing_what_this_run_uses(tmp_
     (stale / "photo.png").write_bytes(bytes(1000))
     os.utime(stale, (5, 5))
     assert trim_input_cache(limit=2500) == [stale]  # this process's copies are spared, however old
-    monkeypatch.setattr("sdxl_control.batch._USED_INPUTS", set())
+    monkeypatch.setattr("sdxl_control.jobs.batch._USED_INPUTS", set())
     assert trim_input_cache(limit=1500) == [paths[0].parent, paths[1].parent]
     assert paths[2].exists()
     monkeypatch.setenv("SDXL_CONTROL_INPUT_CACHE_GB", "0")

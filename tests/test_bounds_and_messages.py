@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sdxl_control.vae as vae_module
+import sdxl_control.engine.vae as vae_module
 from sdxl_control import GenerationRequest, Generator, InvalidRequestError
+from sdxl_control.base.errors import InputError, ModelNotFoundError
 from sdxl_control.cli import main
-from sdxl_control.detailer import FaceDetailer
-from sdxl_control.emphasis import MAX_NESTING, MAX_WEIGHT, check_syntax
-from sdxl_control.errors import InputError, ModelNotFoundError
+from sdxl_control.engine.vae import NonFiniteLatentsError
+from sdxl_control.passes.detailer import FaceDetailer
+from sdxl_control.protocol.emphasis import MAX_NESTING, MAX_WEIGHT, check_syntax
 from sdxl_control.testing.stand_ins import tiny_face_pack
-from sdxl_control.vae import NonFiniteLatentsError
 
 from .reference_prompts import a1111_parse
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from sdxl_control import clear_caches
 from sdxl_control.adapters.controlnet import ControlNet, load_controlnet
-from sdxl_control.caches import KeyedCache, process_cached
-from sdxl_control.generator import LastLoaded
+from sdxl_control.base.caches import KeyedCache, process_cached
+from sdxl_control.passes.generator import LastLoaded
 from sdxl_control.testing import tiny_control_models, tiny_models
 
 
@@ -42,8 +42,8 @@ def _last_loaded():
 
 def _runner():
     """What the page and batch workers hold: a Runner, given jobs on one set of models, then the other."""
-    from sdxl_control.runner import Runner
-    from sdxl_control.spec import JobSpec, resolve
+    from sdxl_control.jobs.runner import Runner
+    from sdxl_control.jobs.spec import JobSpec, resolve
 
     runner = Runner(device="cpu")
     return lambda base: runner.generator(resolve(JobSpec("a cat", models={"base": base})))

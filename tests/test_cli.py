@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from sdxl_control import read_recipe
+from sdxl_control.base.files import sha256_of
 from sdxl_control.cli import main
-from sdxl_control.files import sha256_of
 
 
 def test_tiny_generate_writes_png_whose_recipe_round_trips(tiny, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdxl_control import ConditionError, Generator, SdxlControlError, Stage, Window
-from sdxl_control.attach import ModelSnapshot
+from sdxl_control.protocol.attach import ModelSnapshot
 
 from .probe import BaseOnlyProbe, Probe
 

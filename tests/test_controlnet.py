@@ -212,7 +212,7 @@ def test_a_controlnet_may_attend_to_its_own_tokens(generator, nets, maps):
     """The ControlNet channel's own tokens (what IdentityNet's face tokens use): the prompt's own embeddings given as
     tokens change nothing, other tokens change the result, and misfits are refused."""
     from sdxl_control import Tokens
-    from sdxl_control.text import encode_prompts
+    from sdxl_control.protocol.text import encode_prompts
 
     positive, negative = encode_prompts(generator.base.text_encoders, [PROMPT], None, need_negative=True,
                                         zero_negative=generator.base.force_zeros_for_empty_prompt)  # fmt: skip

@@ -21,8 +21,9 @@ from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
-from sdxl_control.conditions import Crop
-from sdxl_control.detailer import (
+from sdxl_control.base.errors import InvalidRequestError
+from sdxl_control.engine.start import _overlay
+from sdxl_control.passes.detailer import (
     FaceDetailer,
     Match,
     Reference,
@@ -31,9 +32,8 @@ from sdxl_control.detailer import (
     face_mask,
     match_faces,
 )
-from sdxl_control.errors import InvalidRequestError
 from sdxl_control.preprocessors.face import FaceInfo
-from sdxl_control.start import _overlay
+from sdxl_control.protocol.conditions import Crop
 from sdxl_control.testing.stand_ins import tiny_condition, tiny_face_pack
 
 PROMPT = "a portrait, soft light"
@@ -283,8 +283,8 @@ def test_two_people_are_matched_to_their_identities(generator, shared_dir, insig
 
 
 def test_the_tiny_resolver_gives_the_detailer_its_stand_in_pack():
-    from sdxl_control.resolvers import TinyResolver
-    from sdxl_control.spec import JobSpec, resolve
+    from sdxl_control.jobs.resolvers import TinyResolver
+    from sdxl_control.jobs.spec import JobSpec, resolve
 
     job = resolve(JobSpec(PROMPT, settings={"detailer": {"strength": 0.3}}), TinyResolver())
     assert job.request.detailer.strength == 0.3
@@ -295,7 +295,7 @@ def test_portrait_fix_keeps_the_photo_and_repaints_its_face(tiny, tmp_path):
     """The preset on the command line: the photo's own pixels everywhere but the face's mask, the face repainted with
     the identity, and the recipe re-makes it."""
     from sdxl_control.cli import main
-    from sdxl_control.recipe import read_recipe
+    from sdxl_control.records.recipe import read_recipe
 
     rng = np.random.default_rng(4)
     for name in ("photo.png", "me.png"):

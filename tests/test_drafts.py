@@ -14,15 +14,15 @@ from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.faceid import FaceID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
-from sdxl_control.guidance import NoGuidance, guidance_for
-from sdxl_control.model_refs import ModelRef
+from sdxl_control.base.model_refs import ModelRef
+from sdxl_control.engine.vae import DRAFT_DECODER
 from sdxl_control.presets import load_preset
-from sdxl_control.schedule import make_scheduler
+from sdxl_control.protocol.guidance import NoGuidance, guidance_for
+from sdxl_control.protocol.schedule import make_scheduler
 from sdxl_control.testing import write_tiny_controlnet, write_tiny_taesd
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
 from sdxl_control.testing.tiny import SDXL_SCHEDULER
-from sdxl_control.vae import DRAFT_DECODER
 
 from .conftest import as_reference
 from .test_faceid import fake_face

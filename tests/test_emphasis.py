@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from sdxl_control import GenerationRequest
+from sdxl_control.base.errors import InvalidRequestError
 from sdxl_control.cli import main
-from sdxl_control.emphasis import BREAK, parse_a1111, parse_comfyui, unweighted
-from sdxl_control.errors import InvalidRequestError
-from sdxl_control.recipe import read_recipe
-from sdxl_control.text import _read, encode_prompts
+from sdxl_control.protocol.emphasis import BREAK, parse_a1111, parse_comfyui, unweighted
+from sdxl_control.protocol.text import _read, encode_prompts
+from sdxl_control.records.recipe import read_recipe
 from tests.reference_prompts import (
     a1111_encode,
     a1111_parse,

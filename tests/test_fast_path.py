@@ -18,7 +18,7 @@ from sdxl_control.adapters.lora import LoRA
 from sdxl_control.testing import write_tiny_controlnet
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
-from sdxl_control.weights import WeightPatch
+from sdxl_control.weights.patches import WeightPatch
 
 from .test_faceid import fake_face
 
@@ -137,7 +137,7 @@ def test_replacing_and_failing_fast_paths_leave_nothing(gen, monkeypatch):
     gen.set_fast_path(FastPath())
     gen.set_fast_path(FastPath(channels_last=False))  # replaces: the first is undone before the second applies
     gen.set_fast_path(None)
-    import sdxl_control.fast as fast_module
+    import sdxl_control.protocol.fast as fast_module
 
     def broken(module, fast):
         raise RuntimeError("compiler unavailable")

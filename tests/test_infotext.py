@@ -20,8 +20,8 @@ from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.cli import main
-from sdxl_control.infotext import parameters_text, sampler_label
-from sdxl_control.schedule import SCHEDULERS
+from sdxl_control.protocol.schedule import SCHEDULERS
+from sdxl_control.records.infotext import parameters_text, sampler_label
 from sdxl_control.testing import tiny_control_models
 from sdxl_control.testing.lora import write_tiny_lora
 

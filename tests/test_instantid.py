@@ -18,10 +18,10 @@ from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter, load_adapter
 from sdxl_control.adapters.lora import LoRA
-from sdxl_control.conditions import PrepareContext, Stage
 from sdxl_control.preprocessors.face import FaceAnalyzer, FaceInfo, Identity, save_identity
 from sdxl_control.preprocessors.keypoints import keypoint_image, place_keypoints
 from sdxl_control.presets import load_preset
+from sdxl_control.protocol.conditions import PrepareContext, Stage
 from sdxl_control.testing import write_tiny_controlnet
 from sdxl_control.testing.instantid import write_tiny_instantid_repo
 from sdxl_control.testing.ip_adapter import write_tiny_faceid_repo, write_tiny_ip_adapter_repo

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_control import ConditionError, IncompatibleModelError, Stage
 from sdxl_control.adapters.ip_adapter import LAYER_PRESETS, VARIANTS, IPAdapter, encode_images, save_embeddings
-from sdxl_control.attention import AttentionBranch, BranchedAttnProcessor
+from sdxl_control.protocol.attention import AttentionBranch, BranchedAttnProcessor
 from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
 
 from .conftest import as_reference

@@ -17,8 +17,8 @@ from sdxl_control import (
     ModelNotFoundError,
     Stage,
 )
-from sdxl_control.devices import default_device_and_dtype
-from sdxl_control.models import load_stage
+from sdxl_control.engine.devices import default_device_and_dtype
+from sdxl_control.engine.models import load_stage
 
 
 @pytest.fixture()
@@ -103,7 +103,7 @@ def test_every_missing_model_is_said_at_once_with_its_size(tiny, capsys, monkeyp
     """Base, refiner and a condition's weights all missing: one message, each with its command and size, and the
     total; nothing is loaded first."""
     from sdxl_control.cli import main
-    from sdxl_control.inventory import PUBLISHED_SIZES, human_size
+    from sdxl_control.weights.inventory import PUBLISHED_SIZES, human_size
 
     monkeypatch.setattr(Generator, "from_pretrained", lambda *a, **k: pytest.fail("loaded before saying"))
     argv = ["generate", "a fox", "--refiner-switch", "0.8", "--preset", "lightning-4step", "-o", "fox.png"]
@@ -130,7 +130,7 @@ def test_online_missing_models_are_fetched_until_the_hub_fails(monkeypatch):
     the rest are in the one message."""
     from huggingface_hub import constants
 
-    from sdxl_control import inventory
+    from sdxl_control.weights import inventory
 
     tried = []
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from sdxl_control import GenerationRequest
 from sdxl_control.cli import main
-from sdxl_control.recipe import read_recipe
-from sdxl_control.text import _chunked, encode_prompts, prompt_chunks
+from sdxl_control.protocol.text import _chunked, encode_prompts, prompt_chunks
+from sdxl_control.records.recipe import read_recipe
 from tests.reference_prompts import a1111_windows
 
 LIST = ", ".join(f"a {colour} {thing}" for colour in ("red", "green", "blue", "white", "black", "golden", "silver")

@@ -113,7 +113,7 @@ def test_text_encoder_part_follows_the_lora_formula(generator, loras, layout):
     from safetensors.torch import load_file
 
     from sdxl_control import Generator
-    from sdxl_control.text import TextEncoder
+    from sdxl_control.protocol.text import TextEncoder
 
     weight = 0.6
     state = load_file(str(loras[f"{layout}+te"]))
@@ -150,8 +150,8 @@ def test_kohya_alphas_scale_every_module(generator, loras):
     """Each module's delta is weight * alpha / rank * up @ down (kohya's definition), attention layers included."""
     from safetensors.torch import load_file
 
-    from sdxl_control.conversion import lora_deltas
     from sdxl_control.testing.lora import KOHYA_UNET
+    from sdxl_control.weights.conversion import lora_deltas
 
     state = load_file(str(loras["kohya-alphas"]))
     deltas = lora_deltas(state, generator.base.unet.config, weight=0.5)["unet"]

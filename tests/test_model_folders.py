@@ -13,13 +13,13 @@ from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.pulid import PuLID
+from sdxl_control.base.errors import InputError, InvalidRequestError
 from sdxl_control.cli import main
-from sdxl_control.errors import InputError, InvalidRequestError
-from sdxl_control.model_folders import MODELS_DIR_ENV, ModelFolders
-from sdxl_control.recipe import read_recipe
-from sdxl_control.resolvers import HubResolver
-from sdxl_control.spec import JobSpec, resolve
+from sdxl_control.jobs.resolvers import HubResolver
+from sdxl_control.jobs.spec import JobSpec, resolve
+from sdxl_control.records.recipe import read_recipe
 from sdxl_control.testing.lora import write_tiny_lora
+from sdxl_control.weights.model_folders import MODELS_DIR_ENV, ModelFolders
 
 COMFYUI = {
     "checkpoints": "sdxl/juggernautXL_v9.safetensors",

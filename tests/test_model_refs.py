@@ -8,11 +8,11 @@ import json
 import pytest
 
 from sdxl_control import InvalidRequestError, Locator, ModelRef
-from sdxl_control.batch import parse_job
+from sdxl_control.base.files import portable_ref
 from sdxl_control.cli import main
-from sdxl_control.files import portable_ref
+from sdxl_control.jobs.batch import parse_job
 from sdxl_control.presets import load_preset
-from sdxl_control.recipe import recipe_unet
+from sdxl_control.records.recipe import recipe_unet
 
 LIGHTNING = ModelRef("ByteDance/SDXL-Lightning", "sdxl_lightning_4step_unet.safetensors")
 

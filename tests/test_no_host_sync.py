@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import sdxl_control.generator as generator_module
+import sdxl_control.passes.generator as generator_module
 from sdxl_control import Attachment, Condition, FastPath, GenerationRequest, Generator, Prepared, Stage
 from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
 from sdxl_control.adapters.faceid import FaceID

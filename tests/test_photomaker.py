@@ -16,13 +16,13 @@ from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.photomaker import PhotoMaker, _PhotoMakerEdit, clip_pixels
-from sdxl_control.conditions import Attachment, Condition, PrepareContext, Prepared, Stage, Window
 from sdxl_control.preprocessors.face import FaceAnalyzer, save_identity
+from sdxl_control.protocol.conditions import Attachment, Condition, PrepareContext, Prepared, Stage, Window
+from sdxl_control.protocol.text import _chunked, encode_prompts
 from sdxl_control.testing import tiny_models, write_tiny_controlnet
 from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
 from sdxl_control.testing.lora import write_tiny_lora
 from sdxl_control.testing.photomaker import TINY_CLIP, write_photomaker_checkpoint
-from sdxl_control.text import _chunked, encode_prompts
 
 from . import reference_photomaker as ref
 from .conftest import as_reference

@@ -14,13 +14,13 @@ import time
 import pytest
 from PIL import Image, PngImagePlugin
 
+from sdxl_control.base.defaults import DEFAULT_BASE, DEFAULT_REFINER
+from sdxl_control.base.errors import InputError
 from sdxl_control.cli import main
-from sdxl_control.defaults import DEFAULT_BASE, DEFAULT_REFINER
-from sdxl_control.errors import InputError
-from sdxl_control.infotext import parameters_text
-from sdxl_control.png_import import Imported, read_a1111, read_comfyui, read_image_settings
-from sdxl_control.recipe import RECIPE_KEY, read_recipe
-from sdxl_control.spec import JobSpec
+from sdxl_control.jobs.png_import import Imported, read_a1111, read_comfyui, read_image_settings
+from sdxl_control.jobs.spec import JobSpec
+from sdxl_control.records.infotext import parameters_text
+from sdxl_control.records.recipe import RECIPE_KEY, read_recipe
 from sdxl_control.testing.lora import write_tiny_lora
 
 HIRES = (
@@ -274,9 +274,9 @@ def test_the_command_line_and_the_page_restore_an_a1111_png(tiny, tmp_path, capl
         ("add-detail-xl", 0.6)
     ]  # fmt: skip
     pytest.importorskip("gradio")
-    from sdxl_control.model_folders import ModelFolders
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.resolvers import TinyResolver
     from sdxl_control.ui import UiConfig, _Page
+    from sdxl_control.weights.model_folders import ModelFolders
 
     # The page served with the same install: the LoRA is found, as on the command line.
     page = _Page(UiConfig(resolver=TinyResolver(folders=ModelFolders.of([install], environment=False))))

@@ -15,9 +15,9 @@ from PIL import Image
 
 from sdxl_control import GenerationRequest
 from sdxl_control.cli import main
-from sdxl_control.inventory import ModelNeed, check, human_size
 from sdxl_control.presets import PresetError, available_presets, load_preset
-from sdxl_control.recipe import read_recipe
+from sdxl_control.records.recipe import read_recipe
+from sdxl_control.weights.inventory import ModelNeed, check, human_size
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "dry-run"
@@ -296,7 +296,7 @@ def test_models_is_one_line_per_model_a_total_and_one_command_per_repository(tmp
     its size or ``size ?``, the total, and each repository's ``hf download`` once; no home folder path."""
     from huggingface_hub import constants
 
-    from sdxl_control.inventory import download_size, unique
+    from sdxl_control.weights.inventory import download_size, unique
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert main(["models"]) == 4

@@ -10,9 +10,9 @@ from PIL import Image
 
 from sdxl_control import Stage
 from sdxl_control.cli import main
-from sdxl_control.preview import Previews, latents_to_image
+from sdxl_control.engine.preview import Previews, latents_to_image
+from sdxl_control.engine.vae import taesd_from_files
 from sdxl_control.testing.stand_ins import tiny_decoder
-from sdxl_control.vae import taesd_from_files
 
 RUN = {"size": (64, 64), "seed": 5, "progress_bar": False}
 
@@ -54,7 +54,7 @@ def test_previews_in_both_stages_end_at_the_image(generator, tiny, scheduler):
     last, image = shown[-1]
     # At the last step the denoised estimate is the finished latent, so the last preview is the draft decode of it.
     torch.testing.assert_close(last.denoised, result.latents, rtol=1e-4, atol=1e-4)
-    from sdxl_control.vae import load_decoder
+    from sdxl_control.engine.vae import load_decoder
 
     expected = latents_to_image(load_decoder(decoder, 4, result.latents.device, result.latents.dtype), result.latents)
     assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
@@ -83,7 +83,7 @@ def test_cli_writes_the_preview_file(tiny, tmp_path):
 def test_without_the_decoder_previews_are_the_latents_colours(generator, tiny, caplog):
     """A decoder that is not here (offline, nothing cached) gives colour previews and one warning; `decoder=None`
     asks for them. The colours are ComfyUI's latent2rgb map, checked channel by channel on uniform latents."""
-    from sdxl_control.preview import SDXL_RGB_BIAS, SDXL_RGB_FACTORS, latents_to_colours
+    from sdxl_control.engine.preview import SDXL_RGB_BIAS, SDXL_RGB_FACTORS, latents_to_colours
 
     shown = []
     with caplog.at_level("WARNING"):

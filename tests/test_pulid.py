@@ -24,7 +24,7 @@ from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.pulid import IDEncoder, IDFormer, PuLID, read_pulid
-from sdxl_control.model_refs import ModelRef
+from sdxl_control.base.model_refs import ModelRef
 from sdxl_control.preprocessors.eva_clip import eva_face_features, load_eva_clip
 from sdxl_control.preprocessors.face import Identity, save_identity
 from sdxl_control.presets import load_preset

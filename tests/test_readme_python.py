@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from sdxl_control import Generator
-from sdxl_control.defaults import DEFAULT_BASE
-from sdxl_control.resolvers import TinyResolver
+from sdxl_control.base.defaults import DEFAULT_BASE
+from sdxl_control.jobs.resolvers import TinyResolver
 from sdxl_control.testing.lora import write_tiny_lora
 
 from .test_readme_tiny import check_pngs, code_blocks
@@ -38,7 +38,7 @@ ELSEWHERE = {
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route what a block hands to the library through ``TinyResolver``, as ``--tiny`` does for a command."""
     import sdxl_control.adapters.instantid as instantid
-    import sdxl_control.batch as batch
+    import sdxl_control.jobs.batch as batch
     import sdxl_control.preprocessors.face as face
 
     resolver = TinyResolver()

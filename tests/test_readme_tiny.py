@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from sdxl_control.cli import main
+from sdxl_control.jobs.resolvers import TINY_SIZE
 from sdxl_control.presets import load_preset
-from sdxl_control.recipe import read_recipe
-from sdxl_control.resolvers import TINY_SIZE
+from sdxl_control.records.recipe import read_recipe
 from sdxl_control.testing.lora import write_tiny_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def private_folders(folder: Path) -> list[str]:
     """This machine's folders that no image may name: the home folder, the caches, the folder the commands ran in."""
     from huggingface_hub import constants
 
-    from sdxl_control.files import cache_dir
+    from sdxl_control.base.files import cache_dir
 
     found = [str(Path.home()), str(cache_dir()), os.environ.get("SDXL_CONTROL_CACHE", ""), constants.HF_HUB_CACHE,
              str(folder), str(folder.resolve())]  # fmt: skip

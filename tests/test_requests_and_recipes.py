@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sdxl_control import ConditionError, GenerationRequest, InvalidRequestError, read_recipe
-from sdxl_control.vae import decode_latents
+from sdxl_control.engine.vae import decode_latents
 
 ARGS = dict(steps=5, size=(64, 64), progress_bar=False)
 

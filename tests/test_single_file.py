@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import save_file
 
 from sdxl_control import Generator, IncompatibleModelError
-from sdxl_control.conditions import Stage
-from sdxl_control.files import sha256_of
-from sdxl_control.infotext import parameters_text
-from sdxl_control.models import load_stage
-from sdxl_control.png_import import read_a1111
+from sdxl_control.base.files import sha256_of
+from sdxl_control.engine.models import load_stage
+from sdxl_control.jobs.png_import import read_a1111
+from sdxl_control.protocol.conditions import Stage
+from sdxl_control.records.infotext import parameters_text
 from sdxl_control.testing.single_file import write_single_file
 from sdxl_control.testing.tiny import write_tiny_base
 
@@ -96,7 +96,7 @@ def test_without_a_config_folder_the_packaged_sdxl_configs_are_read(folders, tmp
     packaged names, so the tiny files read through the same path and must make the folders' pixels."""
     from huggingface_hub import constants
 
-    from sdxl_control import sdxl_configs
+    from sdxl_control.weights import sdxl_configs
 
     packaged = tmp_path / "configs"
     packaged.mkdir()
@@ -123,7 +123,7 @@ def test_the_packaged_configs_are_sdxl_1_0s():
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdxl_control.sdxl_configs import sdxl_config_folder
+    from sdxl_control.weights.sdxl_configs import sdxl_config_folder
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
@@ -169,7 +169,7 @@ def test_a_controlnet_kept_as_one_file_makes_its_folders_pixels(tiny, tmp_path):
     from PIL import Image
 
     from sdxl_control.adapters.controlnet import ControlNet
-    from sdxl_control.errors import MissingWeightsError
+    from sdxl_control.base.errors import MissingWeightsError
     from sdxl_control.testing import write_tiny_controlnet
 
     folder = write_tiny_controlnet(tmp_path / "cn", tiny.base, seed=4)
@@ -226,9 +226,9 @@ def test_a_vae_file_replaces_the_checkpoints_for_a_call(tiny, tmp_path):
     import shutil
 
     from sdxl_control import GenerationRequest
+    from sdxl_control.base.files import Locator
     from sdxl_control.cli import main
-    from sdxl_control.files import Locator
-    from sdxl_control.recipe import read_recipe
+    from sdxl_control.records.recipe import read_recipe
     from sdxl_control.testing import tiny_models
     from sdxl_control.testing.single_file import write_vae_file
 

@@ -15,13 +15,13 @@ from PIL import Image
 
 from sdxl_control import adapters
 from sdxl_control.adapters import CONDITION_KINDS, Family, Flag, condition_class, identity_kinds
+from sdxl_control.base.defaults import DEFAULT_BASE, STRUCTURE_CONTROLS
+from sdxl_control.base.errors import InvalidRequestError
+from sdxl_control.base.model_refs import ModelRef
 from sdxl_control.cli import main
-from sdxl_control.defaults import DEFAULT_BASE, STRUCTURE_CONTROLS
-from sdxl_control.errors import InvalidRequestError
-from sdxl_control.model_refs import ModelRef
+from sdxl_control.jobs.resolvers import HubResolver, TinyResolver
+from sdxl_control.jobs.spec import JobSpec, resolve
 from sdxl_control.presets import load_preset
-from sdxl_control.resolvers import HubResolver, TinyResolver
-from sdxl_control.spec import JobSpec, resolve
 
 PROMPT = "a portrait by the sea"
 NEGATIVE = "blurry"
@@ -37,7 +37,7 @@ def _photo(path, seed):
 def calls(monkeypatch):
     """What reaches Generator.from_pretrained (the models) and Generator.run (the request, as its recipe records
     it), for every front-end in this process."""
-    from sdxl_control.generator import Generator
+    from sdxl_control.passes.generator import Generator
 
     seen: list[tuple[str, object]] = []
     load, run = Generator.from_pretrained.__func__, Generator.run
@@ -206,7 +206,7 @@ def test_the_page_starts_from_an_image_with_a_painted_mask_as_the_cli_does(tiny,
     assert main(["generate", PROMPT, "--init-image", init, "--mask", str(tmp_path / "mask.png"), "--strength", "0.8",
                  "--size", "64x64", "--steps", "3", "--seed", "4", "--tiny", "-q", "-o", str(cli)]) == 0  # fmt: skip
     assert np.array_equal(np.asarray(Image.open(page_png)), np.asarray(Image.open(cli)))
-    from sdxl_control.recipe import read_recipe
+    from sdxl_control.records.recipe import read_recipe
 
     recipe = read_recipe(page_png)
     assert recipe["mask"]["file"].startswith("mask-") and recipe["strength"] == 0.8
@@ -229,8 +229,8 @@ def test_tiny_runs_every_size_at_the_tiny_models_scale_in_every_front_end(tiny, 
     the named models' policy keeps them; small sizes and an outpainted canvas stay."""
     import logging
 
-    from sdxl_control.batch import read_jobs
-    from sdxl_control.resolvers import tiny_scale
+    from sdxl_control.jobs.batch import read_jobs
+    from sdxl_control.jobs.resolvers import tiny_scale
     from sdxl_control.ui import PageForm, UiConfig, _Page, form_spec
 
     face = _photo(tmp_path / "me.jpg", 1)
@@ -250,7 +250,7 @@ def test_tiny_runs_every_size_at_the_tiny_models_scale_in_every_front_end(tiny, 
     form = PageForm("x", preset="portrait", width=896, height=1152, faces=[face])
     assert resolve(form_spec(form, config, seed=1), TinyResolver()).request.size == (112, 144)
 
-    with caplog.at_level(logging.WARNING, logger="sdxl_control.spec"):
+    with caplog.at_level(logging.WARNING, logger="sdxl_control.jobs.spec"):
         assert resolve(JobSpec("x", settings={"size": (1024, 768)}), TinyResolver()).request.size == (144, 112)
     assert "size 1024x768 runs as 144x112" in caplog.text
     Image.new("RGB", (800, 600)).save(tmp_path / "photo.png")
@@ -267,7 +267,7 @@ def runs(monkeypatch):
     to which device, the fast path in force, the UNet's convolutions in channels-last layout)."""
     import torch
 
-    from sdxl_control.runner import Runner
+    from sdxl_control.jobs.runner import Runner
 
     seen: list[dict] = []
     real = Runner.run
@@ -287,7 +287,7 @@ def runs(monkeypatch):
 
 
 def _as_line(job) -> str:
-    from sdxl_control.batch import job_line
+    from sdxl_control.jobs.batch import job_line
 
     line = job_line(job.request, *job.models, weight_storage=job.weight_storage, fast=job.fast, offload=job.offload)
     return json.dumps({**line, "keep": job.keep}, sort_keys=True)
@@ -299,10 +299,10 @@ def test_cli_page_batch_and_ray_hand_the_same_job_to_the_runner_which_offloads_a
     """The same request with offloading and the fast path asked for, from each front-end: each hands one Runner the
     same resolved job, and the Runner applies both (offloaded to the CPU, channels-last layout without fused
     projections, which cannot follow offloading)."""
-    from sdxl_control.batch import read_jobs
-    from sdxl_control.fast import FastPath
-    from sdxl_control.ray_batch import RayWorker
-    from sdxl_control.runner import Runner
+    from sdxl_control.jobs.batch import read_jobs
+    from sdxl_control.jobs.ray_batch import RayWorker
+    from sdxl_control.jobs.runner import Runner
+    from sdxl_control.protocol.fast import FastPath
     from sdxl_control.ui import PageForm, UiConfig
 
     numbers = {"seed": 5, "steps": 2, "guidance": 4.0}
@@ -347,9 +347,9 @@ def test_the_runner_reloads_only_when_models_or_weight_storage_change(tiny, monk
     other models, load again."""
     import torch
 
-    from sdxl_control.fast import FastPath
-    from sdxl_control.generator import Generator
-    from sdxl_control.runner import Runner
+    from sdxl_control.jobs.runner import Runner
+    from sdxl_control.passes.generator import Generator
+    from sdxl_control.protocol.fast import FastPath
 
     loads: list[str] = []
     load = Generator.from_pretrained.__func__
@@ -380,9 +380,9 @@ def test_the_runner_reloads_only_when_models_or_weight_storage_change(tiny, monk
 
 def test_the_runner_says_missing_weights_and_refuses_a_fast_path_before_loading(tiny, tmp_path, monkeypatch):
     from sdxl_control.adapters.controlnet import ControlNet
-    from sdxl_control.errors import MissingWeightsError
-    from sdxl_control.generator import Generator
-    from sdxl_control.runner import Runner
+    from sdxl_control.base.errors import MissingWeightsError
+    from sdxl_control.jobs.runner import Runner
+    from sdxl_control.passes.generator import Generator
 
     loads: list[object] = []
     monkeypatch.setattr(Generator, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))

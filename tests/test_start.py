@@ -17,9 +17,9 @@ from diffusers import (
 from PIL import Image
 
 from sdxl_control import GenerationRequest, Generator
+from sdxl_control.base.errors import IncompatibleModelError, InvalidRequestError
 from sdxl_control.cli import main
-from sdxl_control.errors import IncompatibleModelError, InvalidRequestError
-from sdxl_control.recipe import parameters_text, read_recipe
+from sdxl_control.records.recipe import parameters_text, read_recipe
 from sdxl_control.testing.tiny import write_tiny_base
 
 from .conftest import as_reference
@@ -102,7 +102,7 @@ def test_outside_the_mask_the_result_is_the_original(generator, pictures):
     (encoded as the first image's generator draws them), exactly."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from sdxl_control.vae import encode_pixels
+    from sdxl_control.engine.vae import encode_pixels
 
     ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"),
                               steps=6, size=(SIZE, SIZE), seed=9, progress_bar=False)  # fmt: skip
@@ -233,7 +233,7 @@ def test_an_init_image_of_another_aspect_is_cropped_not_stretched(generator, tmp
     wide = np.zeros((SIZE, 2 * SIZE, 3), np.uint8)
     wide[:, SIZE // 2 : SIZE // 2 + SIZE] = 200  # the centre square is light, the sides dark
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    from sdxl_control.start import read_init_image
+    from sdxl_control.engine.start import read_init_image
 
     with caplog.at_level(logging.WARNING):
         image = read_init_image(str(tmp_path / "wide.png"), (SIZE, SIZE))
@@ -273,7 +273,7 @@ def test_a_windowed_controlnet_stacks_with_img2img_as_in_diffusers(generator, ti
 
 def test_the_refiner_alone_polishes_an_image_as_diffusers_refiner_does(generator, tiny, sdxl_pipes, pictures, tmp_path):
     from sdxl_control.adapters.lora import LoRA
-    from sdxl_control.errors import ConditionError
+    from sdxl_control.base.errors import ConditionError
     from sdxl_control.testing.lora import write_tiny_lora
 
     ours = generator.generate(PROMPT, init_image=str(pictures / "init.png"), strength=0.3, refiner_only=True, steps=10,

@@ -14,7 +14,7 @@ from diffusers import (
 from PIL import Image
 
 from sdxl_control import GenerationRequest, InvalidRequestError
-from sdxl_control.step_cache import cached_steps, reused_modules
+from sdxl_control.engine.step_cache import cached_steps, reused_modules
 
 from .conftest import as_reference
 

@@ -87,7 +87,7 @@ def test_a_tiny_folder_has_the_same_fingerprint_under_another_library_release(tm
     import diffusers.configuration_utils
     import transformers.configuration_utils
 
-    from sdxl_control.files import fingerprint
+    from sdxl_control.base.files import fingerprint
     from sdxl_control.testing import tiny_control_models
 
     def ip_adapter_folder(cache: str) -> Path:

@@ -33,7 +33,7 @@ def ui_outputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page_url(tiny, insightface_root, ui_outputs):
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.resolvers import TinyResolver
     from sdxl_control.ui import UiConfig, build_app
 
     if CHROMIUM is None:
@@ -106,7 +106,7 @@ def _status(page):
 
 def test_generate_in_a_real_browser(page_url, browser, photos_dir, tmp_path, reference):
     from sdxl_control import GenerationRequest
-    from sdxl_control.recipe import read_recipe
+    from sdxl_control.records.recipe import read_recipe
 
     page = _open(browser, page_url)
     # Generate is in the first screen of a laptop's window, under the prompt.
@@ -169,7 +169,7 @@ def test_bad_input_is_answered_in_the_page_and_the_results_stay(page_url, browse
 
 
 def test_two_sessions_at_once_both_finish(page_url, browser, tmp_path):
-    from sdxl_control.recipe import read_recipe
+    from sdxl_control.records.recipe import read_recipe
 
     pages = [_open(browser, page_url) for _ in range(2)]
     # The first uses a preset from the picker: its numbers fill the page, its LoRA and decoder come with it.
@@ -218,7 +218,7 @@ def test_the_page_is_an_http_api(page_url, tmp_path):
     """Gradio's client calls the same generate endpoint the page uses (the README's example)."""
     from gradio_client import Client
 
-    from sdxl_control.recipe import read_recipe
+    from sdxl_control.records.recipe import read_recipe
 
     client = Client(page_url, verbose=False)
     result = client.predict(prompt="a red fox", seed=9, random_seed=False, steps=4, scheduler="dpmpp_2m",
@@ -254,7 +254,7 @@ def test_a_mask_painted_in_the_page_repaints_that_area(page_url, ui_outputs, bro
     """Start from an image in the page, paint a stroke over its left part with the editor's brush: the page saves the
     stroke as the mask, the recipe names it, and the image equals the library's inpainting with that mask."""
     from sdxl_control import GenerationRequest
-    from sdxl_control.recipe import read_recipe
+    from sdxl_control.records.recipe import read_recipe
 
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(init)
@@ -308,7 +308,7 @@ def test_a_mask_painted_in_the_page_repaints_that_area(page_url, ui_outputs, bro
 
 
 def test_the_page_says_missing_models_as_it_opens(tiny, tmp_path):
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.resolvers import TinyResolver
     from sdxl_control.ui import UiConfig, _Page
 
     assert _Page(UiConfig(resolver=TinyResolver(), outputs=tmp_path)).opening_status() == "ready"
@@ -335,7 +335,7 @@ def test_the_generations_warnings_reach_the_page_by_file_name():
 
 
 def test_the_page_form_has_a_sampler_and_pulid_for_faces(tmp_path):
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.resolvers import TinyResolver
     from sdxl_control.ui import PageForm, UiConfig, form_spec
 
     config = UiConfig(resolver=TinyResolver(), outputs=tmp_path)
@@ -347,7 +347,7 @@ def test_the_page_form_has_a_sampler_and_pulid_for_faces(tmp_path):
 
 
 def test_an_uploaded_face_is_shown_with_the_faces_its_method_finds(tiny, tmp_path, photos_dir):
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.resolvers import TinyResolver
     from sdxl_control.ui import UiConfig, _Page
 
     notes = tmp_path / "notes.jpg"
@@ -369,12 +369,12 @@ def test_a_lora_an_imported_png_names_but_this_machine_lacks_is_said_alike_on_th
     from PIL import PngImagePlugin
 
     from sdxl_control.cli import main
-    from sdxl_control.model_folders import ModelFolders
-    from sdxl_control.png_import import missing_loras, read_image_settings
-    from sdxl_control.recipe import read_recipe
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.png_import import missing_loras, read_image_settings
+    from sdxl_control.jobs.resolvers import TinyResolver
+    from sdxl_control.records.recipe import read_recipe
     from sdxl_control.testing.lora import write_tiny_lora
     from sdxl_control.ui import UiConfig, _Page
+    from sdxl_control.weights.model_folders import ModelFolders
 
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a fox <lora:add-detail-xl:0.6>\nSteps: 2, Sampler: Euler a, CFG scale: 6, Seed: 3, "

@@ -17,12 +17,12 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from sdxl_control import GenerationRequest, Generator
+from sdxl_control.base.errors import InvalidRequestError
+from sdxl_control.base.images import load_image
 from sdxl_control.cli import main
-from sdxl_control.errors import InvalidRequestError
+from sdxl_control.engine.start import image_size, start_images
 from sdxl_control.preprocessors import preprocess
-from sdxl_control.preprocessors.images import load_image
-from sdxl_control.recipe import read_recipe
-from sdxl_control.start import image_size, start_images
+from sdxl_control.records.recipe import read_recipe
 from sdxl_control.testing.tiny import write_tiny_base
 
 PROMPT = "a lighthouse at dusk"
@@ -224,7 +224,7 @@ def test_outpaint_names_each_side_once_and_grows_the_output_beyond_size(tiny, tm
 
 
 def test_strokes_painted_with_no_image_under_them_are_refused_in_the_pages_status(tmp_path):
-    from sdxl_control.resolvers import TinyResolver
+    from sdxl_control.jobs.resolvers import TinyResolver
     from sdxl_control.ui import PageForm, UiConfig, _Page, form_spec
 
     strokes = np.zeros((32, 32, 4), np.uint8)

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from sdxl_control import FastPath, GenerationRequest, Generator, InvalidRequestError
-from sdxl_control.storage import compute_dtype, store_weights, stored_as, stored_layers
-from sdxl_control.weights import WeightPatch
+from sdxl_control.weights.patches import WeightPatch
+from sdxl_control.weights.storage import compute_dtype, store_weights, stored_as, stored_layers
 
 PROMPT = "a portrait of an astronaut, studio light"
 RUN = dict(steps=4, size=(64, 64), seed=3, refiner_switch=0.5, negative_prompt="blurry", progress_bar=False)
@@ -151,10 +151,10 @@ def test_the_fast_paths_fused_projections_and_fp8_are_refused_together(fresh):
 
 
 def test_the_cli_presets_and_job_files_carry_it(tiny, tmp_path, monkeypatch):
-    from sdxl_control.batch import parse_job
     from sdxl_control.cli import main
+    from sdxl_control.jobs.batch import parse_job
+    from sdxl_control.jobs.spec import JobSpec, resolve
     from sdxl_control.presets import load_preset
-    from sdxl_control.spec import JobSpec, resolve
 
     out = tmp_path / "fp8.png"
     assert main(["generate", PROMPT, "--tiny", "--steps", "2", "--size", "64x64", "--seed", "1",
@@ -188,7 +188,7 @@ def fp8_matmul_on_cpu(monkeypatch):
     pytest.importorskip("torchao")
     import torchao.quantization.quant_api as quant_api
 
-    from sdxl_control import storage
+    from sdxl_control.weights import storage
 
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
     monkeypatch.setattr(storage, "_FP8_MATMUL_DEVICES", ("cuda", "xpu", "cpu"))
@@ -297,7 +297,7 @@ def test_fp8_matmul_says_what_it_needs_and_leaves_nothing_half_applied(fresh, ti
     with pytest.raises(InvalidRequestError, match="fp8 matmuls need a GPU with fp8 matrix units.*on cpu"):
         fresh.set_weight_storage("fp8_matmul")
     assert untouched()
-    from sdxl_control import storage
+    from sdxl_control.weights import storage
 
     monkeypatch.setattr(storage, "_FP8_MATMUL_DEVICES", ("cuda", "xpu", "cpu"))
     with pytest.raises(InvalidRequestError, match="fp8 matmuls cannot run here: Float8 dynamic quantization requires"):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from sdxl_control.weights import WeightPatch
+from sdxl_control.weights.patches import WeightPatch
 
 
 @pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
@@ -45,7 +45,7 @@ def test_failed_patch_leaves_nothing():
 def test_low_rank_deltas_add_the_same_bits_as_their_products_and_hold_only_factors(dtype):
     """A LoRA's factors (linear, and a convolution's kxk down with its 1x1 up) patch a weight exactly as the dense
     ``scale * up @ down`` does; the patch keeps the factors, not the product, and comes off exactly."""
-    from sdxl_control.weights import _SLOTS, LowRankDelta
+    from sdxl_control.weights.patches import _SLOTS, LowRankDelta
 
     g = torch.Generator().manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(32, 24), torch.nn.Conv2d(8, 16, 3)).to(dtype)

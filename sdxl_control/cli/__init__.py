@@ -1,5 +1,5 @@
 """The ``sdxl-control`` command: one module per subcommand, each translating its flags into the one request path
-(:mod:`sdxl_control.spec`) and running it. The model policy (what jobs name, or the tiny stand-ins of ``--tiny``) is
+(:mod:`sdxl_control.jobs.spec`) and running it. The model policy (what jobs name, or the tiny stand-ins of ``--tiny``) is
 chosen here once per process and handed to the subcommand.
 
 Example:
@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 # Only light modules at the top: an argument error or --help answers before torch and diffusers load (seconds).
-from ..errors import EXIT_INTERRUPTED, DeviceError, SdxlControlError
-from ..model_folders import ModelFolders
-from ..resolvers import Resolver, resolver_for
+from ..base.errors import EXIT_INTERRUPTED, DeviceError, SdxlControlError
+from ..jobs.resolvers import Resolver, resolver_for
+from ..weights.model_folders import ModelFolders
 from . import batch, generate, models, preprocess, presets, score, ui
 from .options import check_inputs
 

@@ -6,12 +6,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidRequestError
+from ..base.errors import InvalidRequestError
 from . import options
 from .options import DTYPES, count, number
 
 if TYPE_CHECKING:
-    from ..resolvers import Resolver
+    from ..jobs.resolvers import Resolver
 
 __all__ = ["add_parser", "run"]
 
@@ -69,7 +69,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     """Check the whole job file, then run it; exit 0 when every job is done, else the exit code of the first
     failure's kind (its line in results.jsonl says what went wrong)."""
-    from ..batch import Outputs, record_problems, run_batch
+    from ..jobs.batch import Outputs, record_problems, run_batch
 
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise InvalidRequestError("--workers and --gpus-per-worker are for --ray")
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         "progress_bar": not args.quiet,
     }
     if args.ray is not None:
-        from ..ray_batch import run_batch_ray
+        from ..jobs.ray_batch import run_batch_ray
 
         summary = run_batch_ray(
             jobs, outputs, address=args.ray or None, workers=args.workers, gpus_per_worker=args.gpus_per_worker, **given
@@ -112,9 +112,10 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
 
 def _check(args: argparse.Namespace, resolver: Resolver) -> int:
     """The job file's problems and the models its jobs need, reading remote inputs' beginnings only."""
-    from ..batch import job_needs, remote_inputs_peeked
-    from ..errors import ModelError
-    from ..inventory import report
+    from ..base.errors import ModelError
+    from ..jobs.batch import remote_inputs_peeked
+    from ..jobs.needs import job_needs
+    from ..weights.inventory import report
 
     with remote_inputs_peeked():
         jobs, problems = _read(args, resolver)
@@ -128,7 +129,7 @@ def _check(args: argparse.Namespace, resolver: Resolver) -> int:
 
 def _read(args: argparse.Namespace, resolver: Resolver) -> tuple[list[Any], list[Any]]:
     """The job file's jobs and problems, each problem said on stderr."""
-    from ..batch import read_jobs
+    from ..jobs.batch import read_jobs
 
     jobs, problems = read_jobs(args.jobs, inputs_from=args.inputs_from, resolver=resolver)
     for problem in problems:

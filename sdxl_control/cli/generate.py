@@ -1,4 +1,4 @@
-"""``sdxl-control generate``: the flags translated into one :class:`~sdxl_control.spec.JobSpec`, resolved and run
+"""``sdxl-control generate``: the flags translated into one :class:`~sdxl_control.jobs.spec.JobSpec`, resolved and run
 as one job. The identity flags come from the condition families' declarations (:data:`sdxl_control.adapters.
 CONDITION_KINDS`): a family added there gets its flags here without code."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapters import CONDITION_KINDS, Flag, identity_kinds
-from ..defaults import (
+from ..base.defaults import (
     DEFAULT_BASE,
     DEFAULT_IDENTITY,
     DEFAULT_REFINER,
@@ -22,15 +22,15 @@ from ..defaults import (
     SCHEDULERS,
     STRUCTURE_CONTROLS,
 )
-from ..errors import InvalidRequestError, MissingWeightsError, SdxlControlError
+from ..base.errors import InvalidRequestError, MissingWeightsError, SdxlControlError
 from ..presets import available_presets
 from . import options
 from .options import DTYPES, Once, count, number, window
 
 if TYPE_CHECKING:
-    from ..conditions import Condition
-    from ..resolvers import Resolver
-    from ..spec import JobSpec, ResolvedJob
+    from ..jobs.resolvers import Resolver
+    from ..jobs.spec import JobSpec, ResolvedJob
+    from ..protocol.conditions import Condition
 
 __all__ = ["add_parser", "run", "job_spec"]
 
@@ -429,7 +429,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
     if size is not None and args.outpaint is not None:
         # --size is what the image is fitted to; the output grows by the outpaint, as its help says. The request's
         # size (and the recipe's) is the whole canvas.
-        from ..defaults import MAX_SIDE
+        from ..base.defaults import MAX_SIDE
 
         left, top, right, bottom = args.outpaint
         size = (size[0] + left + right, size[1] + top + bottom)
@@ -482,9 +482,9 @@ def _detailer(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def job_spec(args: argparse.Namespace, resolver: Resolver) -> tuple[JobSpec, Any]:
     """(the job the flags ask for, the Locator that finds the files a --recipe names)."""
-    from ..files import Locator
+    from ..base.files import Locator
+    from ..jobs.spec import JobSpec
     from ..presets import parse_assignment
-    from ..spec import JobSpec
 
     if args.preset is None and args.set:
         raise InvalidRequestError("--set changes a preset's settings: give --preset")
@@ -508,7 +508,7 @@ def job_spec(args: argparse.Namespace, resolver: Resolver) -> tuple[JobSpec, Any
         raise InvalidRequestError(f"{', '.join(identity_flags)}: identity options need --face")
     recipe, locate, imported = None, Locator(), None
     if args.recipe is not None:
-        from ..png_import import Imported, missing_loras, read_image_settings
+        from ..jobs.png_import import Imported, missing_loras, read_image_settings
 
         found = read_image_settings(args.recipe)
         if isinstance(found, Imported):
@@ -551,7 +551,7 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
     # A PNG given to --recipe brings its own prompt.
     if args.recipe is None and not args.prompt:
         raise InvalidRequestError("a prompt is required (or --recipe PNG)")
-    from ..spec import resolve
+    from ..jobs.spec import resolve
 
     spec, locate = job_spec(args, resolver)
     if spec.recipe is None and not spec.prompt:  # a PNG from another tool whose prompt is empty
@@ -560,12 +560,12 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
     outputs = options.output_paths(args.output, 1 if job.keep is not None else job.request.num_images)
     if args.dry_run:
         return _dry_run(args, job)
-    from ..runner import Runner
+    from ..jobs.runner import Runner
 
     options.library_output(getattr(args, "verbose", False))
     progress = None
     if args.preview_every:
-        from ..preview import Previews
+        from ..engine.preview import Previews
 
         preview = outputs[0].with_name(f"{outputs[0].stem}-preview.png")
         source = resolver.decoder(args.preview_decoder) or args.preview_decoder
@@ -580,8 +580,8 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         faces = f"  faces: {detailed['found']} found, {detailed['repainted']} repainted" if detailed else ""
         sys.stdout.write(f"{path}  seed={image.recipe['seed']}{faces}\n")
     if args.grid and len(images) > 1:
-        from ..recipe import RecipeImage
-        from ..sheet import contact_sheet
+        from ..records.recipe import RecipeImage
+        from .sheet import contact_sheet
 
         grid = outputs[0].with_name(f"{outputs[0].stem}-grid.png")
         sheet = contact_sheet(images, [f"seed {image.recipe['seed']}" for image in images])
@@ -596,7 +596,7 @@ def _dry_run(args: argparse.Namespace, job: ResolvedJob) -> int:
     and the request as the recipe records them."""
     import json
 
-    from ..batch import job_line
+    from ..jobs.batch import job_line
 
     line = job_line(job.request, job.base, job.refiner, job.unet, args.recipe_paths, job.weight_storage,
                     fast=job.fast, offload=job.offload)  # fmt: skip

@@ -7,10 +7,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelError
+from ..base.errors import ModelError
 
 if TYPE_CHECKING:
-    from ..resolvers import Resolver
+    from ..jobs.resolvers import Resolver
 
 __all__ = ["add_parser", "run"]
 
@@ -33,8 +33,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     """The presets' models, one line each: present (size, where) or missing (size), then the missing ones' total and
     one fetch command per repository; exit 4 while any is missing."""
-    from ..inventory import check, fetch, home_relative, report
     from ..presets import available_presets, load_preset, parse_assignment
+    from ..weights.inventory import check, fetch, home_relative, report
 
     assignments = dict(parse_assignment(a) for a in args.set)
     users: dict[Any, list[str]] = {}  # each model and the presets that load it, in the order first named

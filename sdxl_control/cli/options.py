@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import OutputError
+from ..base.errors import OutputError
 
 __all__ = [
     "DTYPES",
@@ -53,7 +53,7 @@ def size(text: str) -> tuple[int, int]:
 
 def request_size(text: str) -> tuple[int, int]:
     """An image size as a request takes it, checked as it is read (not after the seconds torch takes to import)."""
-    from ..defaults import MAX_SIDE
+    from ..base.defaults import MAX_SIDE
 
     width, height = size(text)
     if width % 8 or height % 8:
@@ -167,7 +167,7 @@ def library_output(verbose: bool) -> None:
 def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(flag, path) of every image file the command reads."""
     from ..adapters import CONDITION_KINDS
-    from ..defaults import STRUCTURE_CONTROLS
+    from ..base.defaults import STRUCTURE_CONTROLS
 
     family_images = [
         f.name.replace("-", "_") for fam in CONDITION_KINDS.values() for f in fam.flags if f.type == "image"
@@ -203,7 +203,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     flags = image_flags(args)
     if not flags:  # the image readers import numpy: a tenth of a second for an error that needs none
         return
-    from ..preprocessors.images import check_image_file
+    from ..base.images import check_image_file
 
     for flag, path in flags:
         check_image_file(path, flag.lstrip("-") if flag in ("--photo", "--images") else flag)

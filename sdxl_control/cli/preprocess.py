@@ -7,12 +7,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..defaults import STRUCTURE_CONTROLS
-from ..errors import InvalidRequestError
+from ..base.defaults import STRUCTURE_CONTROLS
+from ..base.errors import InvalidRequestError
 from . import options
 
 if TYPE_CHECKING:
-    from ..resolvers import Resolver
+    from ..jobs.resolvers import Resolver
 
 __all__ = ["add_parser", "run", "face_pack"]
 

@@ -8,7 +8,7 @@ import textwrap
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..resolvers import Resolver
+    from ..jobs.resolvers import Resolver
 
 __all__ = ["add_parser", "run"]
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .preprocess import face_pack
 
 if TYPE_CHECKING:
-    from ..resolvers import Resolver
+    from ..jobs.resolvers import Resolver
 
 __all__ = ["add_parser", "run"]
 
@@ -27,7 +27,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     """Each image's score on its line; an image without a face (or unreadable) is reported on stderr, and the others
     are scored still: the exit code is then that of the first problem."""
-    from ..errors import FaceNotFoundError, InputError
+    from ..base.errors import FaceNotFoundError, InputError
     from ..preprocessors.face import analyze_faces, identity_similarity
 
     pack = face_pack(args, resolver)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ..defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
+from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
 from . import options
 from .options import count
 
 if TYPE_CHECKING:
-    from ..resolvers import Resolver
+    from ..jobs.resolvers import Resolver
 
 __all__ = ["add_parser", "run"]
 

@@ -19,9 +19,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from ..conditions import Condition
-from ..files import looks_like_hub_id
-from ..model_refs import ModelRef
+from ..base.files import looks_like_hub_id
+from ..base.model_refs import ModelRef
+from ..protocol.conditions import Condition
 from .annotators import tiny_control_models
 from .tiny import tiny_models, write_tiny_taesd
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..clip_vocab import clip_bpe, write_clip_tokenizer
-from ..sdxl_configs import SDXL_SCHEDULER
+from ..weights.clip_vocab import clip_bpe, write_clip_tokenizer
+from ..weights.sdxl_configs import SDXL_SCHEDULER
 
 __all__ = ["SDXL_SCHEDULER", "TinyModels", "clip_bpe", "tiny_models", "write_tiny_base", "write_tiny_refiner"]
 

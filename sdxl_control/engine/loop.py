@@ -1,0 +1,207 @@
+"""The denoising loop. Both stages run through :func:`denoise`; nothing else steps a scheduler."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..protocol.attach import attached
+from ..protocol.conditions import Condition, Prepared, Residuals, Stage, StepInfo, acts
+from ..protocol.guidance import Guidance
+from ..protocol.schedule import StageSchedule
+from .step_cache import StepCache, cached_steps
+
+__all__ = ["StageInputs", "PromptSegment", "ProgressEvent", "ProgressCallback", "Repaint", "denoise"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Reported after every step: ``step`` of ``steps`` within the stage, ``index`` of ``total`` overall;
+    ``latents`` is the noisy sample the schedule continues from, ``denoised`` the step's estimate of the finished
+    latent (what previews show).
+
+    Example:
+        >>> gen.generate("...", progress=lambda e: print(e.stage.label, e.index + 1, "/", e.total))  # doctest: +SKIP
+    """
+
+    stage: Stage
+    step: int
+    steps: int
+    index: int
+    total: int
+    timestep: float
+    latents: torch.Tensor
+    denoised: torch.Tensor
+
+
+def _denoised(scheduler: Any, output: Any, latents: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """The step's estimate of the clean latent: the scheduler's own where it reports one (Euler, Heun, DDIM, LCM...);
+    for the DPM-Solver/UniPC family, from the prediction at the step's noise level; else the noisy sample."""
+    estimate = getattr(output, "pred_original_sample", None)
+    if estimate is not None:
+        return estimate
+    index = getattr(scheduler, "step_index", None)
+    to_alpha_sigma = getattr(scheduler, "_sigma_to_alpha_sigma_t", None)  # the family's own conversion
+    if index and to_alpha_sigma is not None:
+        alpha, sigma = to_alpha_sigma(scheduler.sigmas[index - 1])
+        kind = scheduler.config.prediction_type
+        if kind == "epsilon":
+            return (latents - sigma * prediction) / alpha
+        if kind == "v_prediction":
+            return alpha * latents - sigma * prediction
+        if kind == "sample":
+            return prediction
+    return output.prev_sample
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class PromptSegment:
+    """The prompt's hidden states and pooled embedding, batched for the stage's guidance, that the UNet reads from step
+    ``first`` (an index of the whole schedule) until the next segment's (the prompt channel's switch).
+
+    Example:
+        >>> PromptSegment(0, hidden, pooled)  # doctest: +SKIP
+    """
+
+    first: int
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Repaint:
+    """Inpainting inside the loop, in one of the two ways diffusers does it. An inpainting UNet (9 input channels)
+    reads ``extra`` — the mask and the masked image's latents, batched for the stage's guidance — beside the latents.
+    A regular UNet gets the ``original`` image's latents put back outside ``mask`` (1: repaint) after every step,
+    noised to the next step's level with ``noise`` (clean after the stage's last step), so only the masked area is
+    repainted. ``mask`` is set for both kinds: the next stage repaints with it (:meth:`handed_over`).
+
+    Example:
+        >>> Repaint(mask=mask, original=image_latents, noise=noise)  # doctest: +SKIP
+    """
+
+    mask: torch.Tensor | None = None
+    original: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+    def handed_over(self, latents: torch.Tensor, generators: list[torch.Generator]) -> Repaint:
+        """Inpainting in the next stage (the refiner, a regular UNet), as diffusers' inpainting pipeline does it when
+        handed the base's latents (``denoising_start``): those latents are what is put back outside the mask, noised
+        with fresh noise drawn from ``generators``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if self.mask is None:
+            raise ValueError("a repaint without a mask has nothing to hand over")
+        noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
+        return Repaint(mask=self.mask, original=latents, noise=noise)
+
+    def model_input(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample if self.extra is None else torch.cat([sample, self.extra], dim=1)
+
+    def after_step(self, scheduler: Any, latents: torch.Tensor, next_timestep: torch.Tensor | None) -> torch.Tensor:
+        if self.mask is None or self.original is None:  # an inpainting UNet reads the mask instead
+            return latents
+        original = self.original
+        if next_timestep is not None:
+            original = scheduler.add_noise(original, self.noise, next_timestep.reshape(1))
+        return (1 - self.mask) * original + self.mask * latents
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """Everything one stage needs, already encoded and batched for its guidance: the loop only steps.
+
+    Example:
+        >>> latents = denoise(StageInputs(Stage.BASE, unet, schedule, (PromptSegment(0, hidden, pooled),), ids, guidance),
+        ...                   noise, generators=gens)  # doctest: +SKIP
+    """
+
+    stage: Stage
+    unet: Any
+    schedule: StageSchedule
+    prompts: tuple[PromptSegment, ...]
+    time_ids: torch.Tensor
+    guidance: Guidance
+    conditions: Sequence[tuple[Condition, Prepared]] = ()
+    repaint: Repaint | None = None
+    step_cache: StepCache | None = None
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator] | None) -> dict[str, Any]:
+    accepts = set(inspect.signature(scheduler.step).parameters)
+    return {"generator": generators} if "generator" in accepts and generators is not None else {}
+
+
+@torch.no_grad()
+def denoise(
+    inputs: StageInputs,
+    latents: torch.Tensor,
+    *,
+    generators: list[torch.Generator] | None = None,
+    progress: ProgressCallback | None = None,
+    progress_bar: bool = True,
+) -> torch.Tensor:
+    """Run one stage's part of the schedule on ``latents`` and return the result.
+
+    Conditions are attached for the stage before the first step and detached after the last, also on error.
+    """
+    schedule = inputs.schedule
+    scheduler = schedule.scheduler
+    unet = inputs.unet
+    copies = inputs.guidance.copies
+    step_kwargs = _step_kwargs(scheduler, generators)
+    steps = len(schedule.timesteps)
+    segments, current = inputs.prompts, 0
+    # The UNet gets device timesteps, copied once; the scheduler keeps stepping with the host ones.
+    unet_timesteps = schedule.timesteps.to(inputs.time_ids.device, non_blocking=True)
+    with (
+        attached(inputs.conditions, unet, inputs.stage) as live,
+        cached_steps(unet, inputs.step_cache) as cache,
+        tqdm(total=steps, desc=inputs.stage.label, disable=not progress_bar, leave=False) as bar,
+    ):
+        for k, (t, unet_t) in enumerate(zip(schedule.timesteps, unet_timesteps, strict=True)):
+            index = schedule.first_index + k
+            while current + 1 < len(segments) and segments[current + 1].first <= index:
+                current += 1
+            prompt = segments[current]
+            added = {"text_embeds": prompt.pooled, "time_ids": inputs.time_ids}
+            sample = latents if copies == 1 else torch.cat([latents] * copies)
+            sample = scheduler.scale_model_input(sample, t)
+            residuals: Residuals | None = None
+            if live:
+                info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, prompt.hidden, added, copies > 1)
+                for condition, attachment in live:
+                    extra = attachment.contribute(info, acts(condition.scale, condition.window, index, schedule.total))
+                    if extra is not None:
+                        residuals = extra if residuals is None else residuals + extra
+            cache.at(k)
+            prediction = unet(
+                sample if inputs.repaint is None else inputs.repaint.model_input(sample),
+                unet_t,
+                encoder_hidden_states=prompt.hidden,
+                added_cond_kwargs=added,
+                down_block_additional_residuals=None if residuals is None else list(residuals.down),
+                mid_block_additional_residual=None if residuals is None else residuals.mid,
+                return_dict=False,
+            )[0]
+            guided = inputs.guidance.combine(prediction)
+            output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
+            bar.update()
+            if progress is not None:
+                denoised = _denoised(scheduler, output, latents, guided)
+                progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), output.prev_sample,
+                                       denoised))  # fmt: skip
+            latents = output.prev_sample
+            if inputs.repaint is not None:
+                upcoming = schedule.timesteps[k + 1] if k + 1 < steps else None
+                latents = inputs.repaint.after_step(scheduler, latents, upcoming)
+    return latents

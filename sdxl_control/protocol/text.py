@@ -1,0 +1,403 @@
+"""Prompt encoding and SDXL micro-conditioning, as each stage declares it."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import torch
+
+from ..base.errors import ConditionError, IncompatibleModelError
+from ..weights.conversion import text_parameter
+from ..weights.patches import WeightDelta, WeightPatch
+from .conditions import PromptEdit, PromptTokens, Window, acts
+from .emphasis import CHUNK_TOKENS, Emphasis, emphasized, unweighted, weighted_tokens
+
+__all__ = [
+    "TextEncoder",
+    "PromptEmbeddings",
+    "TextChannel",
+    "encode_prompts",
+    "encode_negative",
+    "prompt_segments",
+    "prompt_chunks",
+    "LongPrompts",
+    "MicroConditioning",
+    "time_ids",
+]
+
+log = logging.getLogger(__name__)
+
+# How a prompt longer than one CLIP window is read: in 75-token chunks encoded apart and joined (A1111's way), or cut
+# to its first 75 tokens (diffusers').
+LongPrompts = Literal["chunks", "truncate"]
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """A tokenizer with its CLIP text model; the last one of a stage also gives the pooled embedding.
+
+    Example:
+        >>> TextEncoder(tokenizer, text_encoder)  # doctest: +SKIP
+    """
+
+    tokenizer: Any
+    model: Any
+    component: str = ""  # its name in the pipeline (text_encoder, text_encoder_2): where text-encoder LoRA parts go
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """Per-image hidden states (batch, tokens, width) and pooled embeddings (batch, width).
+
+    Example:
+        >>> positive, negative = encode_prompts(encoders, ["a cat"], None, need_negative=True, zero_negative=True)  # doctest: +SKIP
+        >>> positive.hidden.shape                                                                                # doctest: +SKIP
+        torch.Size([1, 77, 2048])
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+def prompt_chunks(tokenizer: Any, text: str, emphasis: Emphasis = "off") -> list[list[int]]:
+    """``text``'s token ids in chunks of at most 75, as A1111 splits a long prompt: ``BREAK`` ends a chunk, and a
+    chunk that fills up within 20 tokens after a comma ends at the comma (``emphasis="comfyui"``: as ComfyUI splits
+    it, see :mod:`~sdxl_control.protocol.emphasis`). An empty prompt is one empty chunk.
+
+    Example:
+        >>> [len(c) for c in prompt_chunks(tokenizer, "a red fox BREAK in the snow")]       # doctest: +SKIP
+        [3, 3]
+    """
+    return [[token for token, _ in chunk] for chunk in weighted_tokens(tokenizer, text, emphasis)]
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """What each encoder reads for a batch of texts: 77-token windows (texts x windows, 77) of ids and their weights,
+    every text given as many windows (empty ones after a shorter text: what an empty prompt encodes to)."""
+
+    ids: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    windows: int
+    emphasis: Emphasis = "off"
+
+
+def _read(
+    encoders: Sequence[TextEncoder], texts: list[str], emphasis: Emphasis = "off", long_prompts: LongPrompts = "chunks"
+) -> _Reading:
+    whole = long_prompts == "chunks"
+    per_encoder = [[weighted_tokens(enc.tokenizer, text, emphasis, whole=whole) for text in texts] for enc in encoders]
+    if len({tuple(len(c) for c in texts_chunks) for texts_chunks in per_encoder}) > 1:
+        raise IncompatibleModelError("the stage's tokenizers split the prompt differently; they should share CLIP's")
+    count = max(len(chunks) for texts_chunks in per_encoder for chunks in texts_chunks)
+    ids, weights = [], []
+    for enc, texts_chunks in zip(encoders, per_encoder, strict=True):
+        tok = enc.tokenizer
+        windows: list[list[tuple[int, float]]] = []
+        for chunks in texts_chunks:
+            for chunk in [*chunks, *[[]] * (count - len(chunks))]:
+                # As one window of diffusers' tokenization: start, the tokens, end, padding.
+                windows.append(
+                    [(tok.bos_token_id, 1.0), *chunk, (tok.eos_token_id, 1.0)]
+                    + [(tok.pad_token_id, 1.0)] * (CHUNK_TOKENS - len(chunk))
+                )
+        ids.append(torch.tensor([[t for t, _ in w] for w in windows]))
+        weights.append(torch.tensor([[v for _, v in w] for w in windows]))
+    return _Reading(ids, weights, count, emphasis)
+
+
+def _chunked(encoders: Sequence[TextEncoder], texts: list[str]) -> tuple[list[torch.Tensor], int]:
+    """Each encoder's token ids for ``texts`` in 77-token windows, (texts x chunks, 77), and the chunks per text."""
+    reading = _read(encoders, texts)
+    return reading.ids, reading.windows
+
+
+def _run(encoders: Sequence[TextEncoder], reading: _Reading) -> PromptEmbeddings:
+    hidden = []
+    pooled: torch.Tensor | None = None
+    chunks = reading.windows
+    for enc, tokens, weights in zip(encoders, reading.ids, reading.weights, strict=True):
+        out = enc.model(tokens.to(enc.model.device), output_hidden_states=True)
+        # SDXL conditions on the penultimate layer of each encoder and the projected pooled output of the last.
+        states = emphasized(out.hidden_states[-2], weights, reading.emphasis, partial(_empty_window, enc))
+        hidden.append(states.reshape(states.shape[0] // chunks, chunks * states.shape[1], states.shape[2]))
+        if out[0].ndim == 2:
+            pooled = out[0][::chunks]  # a long prompt's pooled embedding is its first chunk's, as A1111's
+    if pooled is None:
+        raise IncompatibleModelError("the stage's last text encoder has no projection (no pooled text embedding)")
+    return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
+
+
+def _empty_window(encoder: TextEncoder) -> torch.Tensor:
+    ids = _read([encoder], [""]).ids[0]
+    return encoder.model(ids.to(encoder.model.device), output_hidden_states=True).hidden_states[-2]
+
+
+def _encode(
+    encoders: Sequence[TextEncoder],
+    texts: list[str],
+    long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
+) -> PromptEmbeddings:
+    return _run(encoders, _read(encoders, texts, emphasis, long_prompts))
+
+
+def _aligned(
+    positive: PromptEmbeddings,
+    negative: PromptEmbeddings | None,
+    empty: Callable[[], PromptEmbeddings],
+    emphasis: Emphasis = "off",
+) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
+    """The prompt and negative prompt at one length, for guidance to run them as one batch: the shorter followed by
+    empty-prompt chunks (A1111's "pad prompt/negative prompt to be same length"; ``empty()`` encodes ""), or, as
+    ComfyUI reads prompts, each repeated to the least common length (attention over repeated keys is attention over
+    the keys once: the same as running the two apart)."""
+    if negative is None or negative.hidden.shape[1] == positive.hidden.shape[1]:
+        return positive, negative
+    length = max(positive.hidden.shape[1], negative.hidden.shape[1])
+    if emphasis == "comfyui":
+        length = math.lcm(positive.hidden.shape[1], negative.hidden.shape[1])
+
+    def padded(embeddings: PromptEmbeddings) -> PromptEmbeddings:
+        if emphasis == "comfyui":
+            return PromptEmbeddings(
+                embeddings.hidden.repeat(1, length // embeddings.hidden.shape[1], 1), embeddings.pooled
+            )
+        window = empty().hidden
+        repeats = (length - embeddings.hidden.shape[1]) // window.shape[1]
+        fill = window.expand(embeddings.hidden.shape[0], -1, -1).repeat(1, repeats, 1)
+        return PromptEmbeddings(torch.cat([embeddings.hidden, fill], dim=1), embeddings.pooled)
+
+    return padded(positive), padded(negative)
+
+
+def _encode_edited(
+    encoders: Sequence[TextEncoder],
+    prompt: str,
+    plain: str,
+    edits: list[PromptEdit],
+    long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
+) -> PromptEmbeddings:
+    rewriting = [e for e in edits if e.rewrites_tokens]
+    if len(rewriting) > 1:
+        names = ", ".join(type(e).__name__ for e in rewriting)
+        raise ConditionError(f"{names} all rewrite the prompt's tokens at the same steps; only one condition may")
+    if rewriting:
+        # A condition that rewrites the tokens reads the prompt's words.
+        written, dropped = unweighted(prompt, emphasis)
+        if dropped:
+            log.warning("%s reads the prompt without its weights", type(rewriting[0]).__name__)
+        tokens = []
+        for index, enc in enumerate(encoders):
+            read = rewriting[0].tokens(written, enc.tokenizer, index, whole=long_prompts == "chunks")
+            window = enc.tokenizer.model_max_length
+            if not read.ids or len(read.ids) % window or (long_prompts != "chunks" and len(read.ids) != window):
+                raise ConditionError(
+                    f"{type(rewriting[0]).__name__} gave {len(read.ids)} token ids; the text encoder reads "
+                    f"{'windows' if long_prompts == 'chunks' else 'one window'} of {window}"
+                )
+            tokens.append(read)
+        windows = {len(t.ids) // enc.tokenizer.model_max_length for t, enc in zip(tokens, encoders, strict=True)}
+        if len(windows) > 1:
+            raise ConditionError(f"{type(rewriting[0]).__name__} gave the text encoders different numbers of windows")
+        count = windows.pop()
+        ids = [torch.tensor(t.ids).view(count, -1) for t in tokens]
+        reading = _Reading(ids, [torch.ones(i.shape) for i in ids], count)
+    else:
+        reading = _read(encoders, [plain], emphasis, long_prompts)
+        tokens = [PromptTokens(tuple(i.flatten().tolist()), (False,) * i.numel()) for i in reading.ids]
+    out = _run(encoders, reading)
+    hidden = out.hidden
+    for edit in edits:
+        hidden = edit.embed(hidden, tokens)
+    return PromptEmbeddings(hidden, out.pooled)
+
+
+@dataclass(frozen=True)
+class TextChannel:
+    """What one condition changes in a stage's prompt encoding, and at which steps: its prompt edit and its text-encoder
+    weight deltas (component -> parameter name -> delta), both acting only where the condition acts (``scale``,
+    ``window``, see :func:`~sdxl_control.protocol.conditions.acts`); the edit also only inside its own window.
+
+    Example:
+        >>> TextChannel(0.8, Window(0.0, 0.5)).weighs(1, total=4)
+        True
+    """
+
+    scale: float
+    window: Window
+    edit: PromptEdit | None = None
+    deltas: Mapping[str, Mapping[str, WeightDelta]] = field(default_factory=dict)
+
+    def weighs(self, index: int, total: int) -> bool:
+        return acts(self.scale, self.window, index, total)
+
+    def edits(self, index: int, total: int) -> bool:
+        return self.edit is not None and self.weighs(index, total) and self.edit.window.contains(index, total)
+
+
+@contextmanager
+def _deltas_applied(encoders: Sequence[TextEncoder], channels: Sequence[TextChannel]) -> Iterator[None]:
+    patches: list[WeightPatch] = []
+    try:
+        for channel in channels:
+            for encoder in encoders:
+                deltas = channel.deltas.get(encoder.component)
+                if deltas:
+                    names = {n for n, _ in encoder.model.named_parameters()}
+                    patches.append(WeightPatch(encoder.model, {text_parameter(names, k): v for k, v in deltas.items()}))
+        yield
+    finally:
+        for patch in reversed(patches):
+            patch.restore()
+
+
+@torch.no_grad()
+def prompt_segments(
+    encoders: Sequence[TextEncoder],
+    prompt: str,
+    negative_prompt: str | None,
+    channels: Sequence[TextChannel],
+    steps: int,
+    *,
+    need_negative: bool,
+    zero_negative: bool,
+    long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
+) -> list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]]:
+    """The prompt's (and, with ``need_negative``, the negative prompt's) embeddings for each run of steps that the same
+    channels act on, as (first step index, positive, negative), in step order; with nothing acting, one segment from
+    step 0. The prompt text is first passed through the :meth:`~sdxl_control.PromptEdit.text` of every edit whose
+    condition acts at any step (the first encoder's tokenizer decides); the negative prompt is never edited, but is
+    encoded with the text-encoder deltas acting at the segment's steps. ``long_prompts`` and ``emphasis`` say how a
+    prompt is read (see :mod:`~sdxl_control.protocol.emphasis`); an edit that rewrites the tokens (PhotoMaker's) reads the
+    prompt without its weights."""
+    live = [c for c in channels if any(c.weighs(i, steps) for i in range(steps))]
+    plain = prompt
+    for channel in live:
+        if channel.edit is not None:
+            plain = channel.edit.text(plain, encoders[0].tokenizer)
+    negatives = None if negative_prompt is None else [negative_prompt]
+    segments: list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]] = []
+    encoded: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[PromptEmbeddings, PromptEmbeddings | None]] = {}
+    # Edits leave the negative prompt alone: it changes only with the deltas acting.
+    encoded_negative: dict[tuple[int, ...], PromptEmbeddings | None] = {}
+    previous = None
+    for index in range(steps):
+        key = (
+            tuple(i for i, c in enumerate(live) if c.deltas and c.weighs(index, steps)),
+            tuple(i for i, c in enumerate(live) if c.edits(index, steps)),
+        )
+        if key == previous:
+            continue
+        previous = key
+        weighing, editing = key
+        if key not in encoded:
+            edits = [e for i in editing if (e := live[i].edit) is not None]
+            with _deltas_applied(encoders, [live[i] for i in weighing]):
+                positive = (
+                    _encode_edited(encoders, prompt, plain, edits, long_prompts, emphasis)
+                    if edits
+                    else _encode(encoders, [plain], long_prompts, emphasis)
+                )
+                if weighing not in encoded_negative:
+                    encoded_negative[weighing] = (
+                        encode_negative(
+                            encoders,
+                            negatives,
+                            positive,
+                            zero_negative=zero_negative,
+                            long_prompts=long_prompts,
+                            emphasis=emphasis,
+                        )  # fmt: skip
+                        if need_negative
+                        else None
+                    )
+                empty = partial(_encode, encoders, [""])
+                encoded[key] = _aligned(positive, encoded_negative[weighing], empty, emphasis)
+        segments.append((index, *encoded[key]))
+    return segments
+
+
+@torch.no_grad()
+def encode_negative(
+    encoders: Sequence[TextEncoder],
+    negatives: list[str] | None,
+    like: PromptEmbeddings,
+    *,
+    zero_negative: bool,
+    long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
+) -> PromptEmbeddings:
+    """The negative prompts' embeddings. With none given and ``zero_negative`` (the SDXL base's
+    ``force_zeros_for_empty_prompt``) all zeros, as SDXL was trained; otherwise the negative text (default "")."""
+    if negatives is None and zero_negative:
+        return PromptEmbeddings(torch.zeros_like(like.hidden), torch.zeros_like(like.pooled))
+    texts = negatives if negatives is not None else [""] * like.hidden.shape[0]
+    return _encode(encoders, texts, long_prompts, emphasis)
+
+
+@torch.no_grad()
+def encode_prompts(
+    encoders: Sequence[TextEncoder],
+    prompts: list[str],
+    negatives: list[str] | None,
+    *,
+    need_negative: bool,
+    zero_negative: bool,
+    long_prompts: LongPrompts = "chunks",
+    emphasis: Emphasis = "off",
+) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
+    """Encode prompts (and negatives when guidance needs them, see :func:`encode_negative`), at one length."""
+    positive = _encode(encoders, prompts, long_prompts, emphasis)
+    if not need_negative:
+        return positive, None
+    negative = encode_negative(
+        encoders, negatives, positive, zero_negative=zero_negative, long_prompts=long_prompts, emphasis=emphasis
+    )
+    return _aligned(positive, negative, partial(_encode, encoders, [""]), emphasis)
+
+
+@dataclass(frozen=True)
+class MicroConditioning:
+    """SDXL size/crop conditioning; the refiner replaces the target size by an aesthetic score.
+
+    Sizes are (height, width), as SDXL's time ids order them.
+
+    Example:
+        >>> MicroConditioning(original_size=(1024, 1024), target_size=(1024, 1024)).crop_top_left
+        (0, 0)
+    """
+
+    original_size: tuple[int, int]
+    target_size: tuple[int, int]
+    crop_top_left: tuple[int, int] = (0, 0)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+def time_ids(
+    micro: MicroConditioning, *, aesthetic: bool, unet: Any, pooled_width: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) time ids of shape (1, n) for a stage, checked against the UNet's embedding size."""
+    base: list[float] = [*micro.original_size, *micro.crop_top_left]
+    if aesthetic:
+        pos, neg = base + [micro.aesthetic_score], base + [micro.negative_aesthetic_score]
+    else:
+        pos = neg = base + [*micro.target_size]
+    expected = unet.add_embedding.linear_1.in_features
+    given = unet.config.addition_time_embed_dim * len(pos) + pooled_width
+    if expected != given:
+        wanted = "an aesthetic score (refiner)" if not aesthetic else "a target size (base)"
+        raise IncompatibleModelError(
+            f"the UNet's added-condition embedding takes {expected} values but {given} were built; "
+            f"this UNet seems to expect {wanted}: was a base model loaded as a refiner or the other way round?"
+        )
+    return torch.tensor([pos], dtype=dtype), torch.tensor([neg], dtype=dtype)
