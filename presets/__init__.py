@@ -32,7 +32,7 @@ from ..base.model_refs import ModelRef
 from ..base.validation import unknown_keys
 
 if TYPE_CHECKING:
-    from ..passes.generator import GenerationRequest
+    from ..passes.request import GenerationRequest
     from ..protocol.conditions import Condition
     from ..weights.inventory import ModelNeed
 
@@ -185,7 +185,7 @@ class Preset:
     def request(self, prompt: str, inputs: Mapping[str, Any] | None = None, **options: Any) -> GenerationRequest:
         """The request this preset makes for ``prompt`` and ``inputs``; ``options`` (request fields) win, and
         ``options["conditions"]`` are added after the preset's."""
-        from ..passes.generator import GenerationRequest
+        from ..passes.request import GenerationRequest
 
         extra = tuple(options.pop("conditions", ()))
         inputs = inputs if inputs is not None else {}
@@ -328,7 +328,7 @@ def _check_deep(preset: Preset) -> None:
     """The checks that need the real classes: each template and LoRA builds, the settings make a valid request."""
     from ..adapters import CONDITION_KINDS, condition_class
     from ..adapters.lora import LoRA
-    from ..passes.generator import GenerationRequest
+    from ..passes.request import GenerationRequest
 
     for name, template in preset.templates.items():
         key = f"conditions.{name}"

@@ -69,7 +69,7 @@ _LAZY = {
         "protocol.conditions",
     ),  # fmt: skip
     "FastPath": "protocol.fast",
-    "GenerationRequest": "passes.generator",
+    "GenerationRequest": "passes.request",
     "Generator": "passes.generator",
     "ProgressEvent": "engine.loop",
     "RecipeImage": "records.recipe",
@@ -88,7 +88,8 @@ if TYPE_CHECKING:
     from .base.model_refs import ModelRef
     from .engine.loop import ProgressEvent
     from .jobs.runner import Runner
-    from .passes.generator import GenerationRequest, Generator
+    from .passes.generator import Generator
+    from .passes.request import GenerationRequest
     from .protocol.conditions import (
         Attachment,
         Condition,

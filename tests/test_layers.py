@@ -213,3 +213,26 @@ def test_a_module_outside_the_layers_fails(tree: Path) -> None:
         "sdxl_control/helpers.py: module sdxl_control.helpers is in no layer (add its folder to a layer of "
         "tests/test_layers.py and the layer map)"
     ]
+
+
+def test_release_0_2_module_paths_still_import() -> None:
+    """Old paths give the moved module itself (a patch through either path patches both), with a FutureWarning that
+    names the new path; the old weights module's names are answered by the layer package that took its name."""
+    import importlib
+    import sys
+
+    from sdxl_control.old_paths import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(f"sdxl_control.{old}", None)
+        with pytest.warns(FutureWarning, match=f"sdxl_control.{old} moved to sdxl_control.{new}"):
+            module = importlib.import_module(f"sdxl_control.{old}")
+        assert module is importlib.import_module(f"sdxl_control.{new}")
+    sys.modules.pop("sdxl_control.generator")
+    with pytest.warns(FutureWarning, match="sdxl_control.passes.generator"):
+        from sdxl_control.generator import Generator
+    assert Generator is importlib.import_module("sdxl_control").Generator
+    from sdxl_control.weights.patches import WeightPatch
+
+    with pytest.warns(FutureWarning, match="moved to sdxl_control.weights.patches.WeightPatch"):
+        assert importlib.import_module("sdxl_control.weights").WeightPatch is WeightPatch

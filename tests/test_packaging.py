@@ -51,7 +51,9 @@ def test_wheel_contains_and_imports_the_folders(tmp_path):
         zf.extractall(tmp_path / "site")
     assert {"sdxl_control/adapters/__init__.py", "sdxl_control/preprocessors/__init__.py",
             "sdxl_control/presets/quality.json", "sdxl_control/testing/tiny.py", "sdxl_control/cli/generate.py",
-            "sdxl_control/weights/configs/unet_base.json", "sdxl_control/weights/configs/model_index_refiner.json"} <= names  # fmt: skip
+            "sdxl_control/weights/configs/unet_base.json", "sdxl_control/weights/configs/model_index_refiner.json",
+            *(f"sdxl_control/{layer}/__init__.py" for layer in ("base", "records", "weights", "protocol", "engine",
+                                                                "passes", "jobs"))} <= names  # fmt: skip
     assert not any(n.startswith(("adapters/", "preprocessors/", "presets/", "tests/")) for n in names)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run([sys.executable, "-c", IMPORT], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -327,7 +327,7 @@ def parse_job(
     are ``inputs_from``); ``resolver`` finds the models (default: what the job names; ``TinyResolver`` for the tiny
     stand-ins).
     """
-    from ..passes.generator import GenerationRequest
+    from ..passes.request import GenerationRequest
     from ..records.recipe import RECORD_KEYS
     from .spec import resolve
 

@@ -20,7 +20,7 @@ from ..weights.inventory import ModelNeed, unique, weights_need
 
 if TYPE_CHECKING:
     from ..base.model_refs import ModelRef
-    from ..passes.generator import GenerationRequest
+    from ..passes.request import GenerationRequest
     from ..protocol.conditions import Condition
 
 

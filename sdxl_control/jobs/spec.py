@@ -24,7 +24,7 @@ from ..base.validation import unknown_keys
 from .resolvers import HubResolver, Resolver
 
 if TYPE_CHECKING:
-    from ..passes.generator import GenerationRequest
+    from ..passes.request import GenerationRequest
     from ..presets import Preset
     from ..protocol.conditions import Condition
 
@@ -91,7 +91,7 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     """The request and models ``spec`` asks for, with its models found by ``resolver`` (default: what it names) and
     the files a recipe or a job names found by ``locate``. Nothing is loaded."""
     from ..adapters import with_face_pack
-    from ..passes.generator import GenerationRequest
+    from ..passes.request import GenerationRequest
     from ..protocol.conditions import validate_conditions
 
     resolver = resolver or HubResolver()

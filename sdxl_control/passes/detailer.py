@@ -31,12 +31,15 @@ from PIL import Image, ImageDraw
 from ..base.errors import InvalidRequestError
 from ..base.validation import check_fields, unknown_keys
 from ..protocol.conditions import Condition, Crop, Likeness, Stage
+from ..records.recipe import RecipeImage, Result
 
 if TYPE_CHECKING:
     from ..preprocessors.face import FaceInfo
-    from .generator import GenerationRequest
+    from .request import GenerationRequest
 
-__all__ = ["FaceDetailer", "face_mask", "crop_region", "match_faces", "Match", "detail_faces", "detailer_pack"]
+__all__ = [
+    "FaceDetailer", "face_mask", "crop_region", "match_faces", "Match", "detail_faces", "detail_result", "detailer_pack",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -289,3 +292,17 @@ def detail_faces(
             "matched_by": match.by, "repainted": redo,
         })  # fmt: skip
     return current, {"found": len(faces), "repainted": sum(r["repainted"] for r in records), "faces": records}
+
+
+def detail_result(
+    result: Result, request: GenerationRequest, repaint: Callable[[GenerationRequest], Image.Image]
+) -> Result:
+    """``result`` (made by ``request``) with the faces of each image repainted by ``repaint`` (one pass of one
+    request); each image keeps its recipe, with what the detailer did under ``measurements["detailer"]``."""
+    images = []
+    for image, seed in zip(result.images, request.seeds, strict=True):
+        detailed, record = detail_faces(image, request, seed, repaint)
+        out = RecipeImage.wrap(detailed, image.recipe)
+        out.annotate(detailer=record)
+        images.append(out)
+    return Result(images=images, latents=result.latents)

@@ -1,0 +1,452 @@
+"""What one generation asks for: :class:`GenerationRequest`, a frozen value checked whole when made (every field, and
+how they combine) so nothing runs on a request that cannot run; how it is written in a recipe and read back from one
+(:meth:`GenerationRequest.from_recipe`); and the requests the passes derive from it (hires, each face of the detailer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ..base.defaults import MAX_SIDE
+from ..base.errors import InputError, InvalidRequestError, SdxlControlError
+from ..base.files import Locator, PathMode, portable
+from ..base.validation import check_fields
+from ..engine.step_cache import StepCache
+from ..engine.upscale import LANCZOS
+from ..protocol.conditions import Condition
+from ..protocol.emphasis import Emphasis, check_syntax
+from ..protocol.schedule import scheduler_name, scheduler_spec
+from ..protocol.text import LongPrompts
+from ..records.recipe import check_recipe
+from .detailer import FaceDetailer
+
+__all__ = ["GenerationRequest"]
+
+TRAIN_TIMESTEPS = 1000  # SDXL's training schedule: no step count or timestep beyond it means anything
+MAX_IMAGES = 64
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+# Request fields that are images a user gives: recorded by name and content, found again by a re-run.
+IMAGE_FIELDS = ("init_image", "mask")
+START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "outpaint", "padding_mask_crop")
+HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
+MAX_HIRES = 4.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides a generation; with the models, it is the recipe.
+
+    ``size`` is (width, height): by default 1024x1024, or, starting from an image, the image's own size (whole
+    multiples of 8) plus any ``outpaint``. ``seed`` seeds the first image; image ``i`` of a batch uses ``seed + i``,
+    so any image can be re-made alone. ``refiner_switch`` is the fraction of the schedule the base denoises before the
+    refiner takes over (diffusers' ``denoising_end``/``denoising_start``); ``None`` runs the base alone.
+    ``vae_tiling`` decodes tile by tile: flat memory for large images, small differences along tile seams.
+    ``decoder`` names a tiny autoencoder (e.g. ``"madebyollin/taesdxl"``) that decodes instead of the VAE: a draft
+    preview at a fraction of the VAE's cost, close to but not the VAE's image.
+
+    ``vae`` replaces the checkpoints' VAE for the call (a diffusers folder or hub id, or one ``.safetensors`` file in
+    diffusers' or the original layout, as ``sdxl_vae.safetensors`` is kept), for encoding and decoding both.
+
+    ``init_image`` (a path, PIL image or array) starts from an image instead of noise: ``strength`` (0 to 1, default
+    0.75 — A1111's) is how much of the schedule runs from it, entered at ``1 - strength`` as diffusers does, so
+    ``int(steps * strength)`` steps run; 0 keeps the image as it is, for the hires fix or the face detailer to work on.
+    ``mask`` (white: repaint; a path, PIL image or array) repaints only its area, with a regular UNet (the original
+    put back outside the mask after every step) or an inpainting UNet (9 input channels); its ``strength`` defaults
+    to 1 and ``mask_blur`` (pixels) feathers its edge. See :mod:`sdxl_control.engine.start` for how sizes are fitted.
+
+    ``detailer`` (a :class:`~sdxl_control.passes.detailer.FaceDetailer`, or ``True`` for ADetailer's defaults) repaints
+    every face of the finished images at the request's size, each with the identity condition it resembles.
+
+    ``long_prompts``: a prompt (or negative prompt) beyond 75 CLIP tokens is read in 75-token chunks, joined
+    (``"chunks"``, A1111's way: ``BREAK`` and commas end chunks; the shorter of prompt and negative prompt is followed
+    by empty-prompt chunks), or cut to its first 75 tokens (``"truncate"``, diffusers' way). A prompt of 75 tokens
+    or fewer reads the same both ways.
+
+    ``emphasis``: how weighting syntax in the prompts is read: ``"a1111"`` (``(word:1.2)``, ``(word)``, ``[word]``,
+    ``\\(``, A1111's weighting), ``"comfyui"`` (ComfyUI's syntax, weighting and chunks) or ``"off"`` (brackets are
+    text). See :mod:`sdxl_control.protocol.emphasis`.
+
+    ``step_cache`` (DeepCache): each stage computes the whole UNet every ``step_cache`` steps and reuses its deep
+    features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
+    DeepCache's SDXL setting). 1 computes every step whole. See :mod:`sdxl_control.engine.step_cache`.
+
+    Example:
+        >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
+        (3,)
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int = 30
+    guidance: float = 5.0
+    guidance_rescale: float = 0.0
+    refiner_switch: float | None = None
+    size: tuple[int, int] = None  # type: ignore[assignment]  # None: decided by __post_init__ (see above)
+    seed: int | None = None
+    num_images: int = 1
+    scheduler: str | None = None
+    scheduler_options: Mapping[str, Any] = field(default_factory=dict)
+    timesteps: tuple[int, ...] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    vae_tiling: bool = False
+    decoder: str | None = None
+    vae: str | None = None
+    init_image: Any = None
+    strength: float | None = None
+    mask: Any = None
+    mask_blur: int = 0
+    refiner_only: bool = False
+    outpaint: tuple[int, int, int, int] | None = None
+    padding_mask_crop: int | None = None
+    hires_scale: float | None = None
+    hires_strength: float = 0.5
+    hires_steps: int | None = None
+    upscaler: str = LANCZOS
+    detailer: FaceDetailer | None = None
+    long_prompts: LongPrompts = "chunks"
+    emphasis: Emphasis = "a1111"
+    step_cache: int = 1
+    step_cache_branch: int = 0
+    conditions: tuple[Condition, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.detailer, FaceDetailer):  # true or its settings, as a job file gives it
+            object.__setattr__(self, "detailer", FaceDetailer.of(self.detailer))
+        if isinstance(self.outpaint, tuple) and all(isinstance(v, int) for v in self.outpaint):
+            self._check_padding()  # before the size it may decide
+        derived = self.size is None  # the init image's own size (plus any outpaint): named if it is refused
+        if self.size is None:
+            object.__setattr__(self, "size", self._default_size())
+        check_fields(self, "the request")
+        for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt")):
+            if isinstance(text, str):
+                check_syntax(text, self.emphasis, where)
+        if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
+            raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
+        object.__setattr__(self, "size", tuple(self.size))
+        object.__setattr__(self, "conditions", tuple(self.conditions))
+        object.__setattr__(self, "scheduler_options", dict(self.scheduler_options))
+        if isinstance(self.scheduler, str):  # A1111's and ComfyUI's names recorded as ours
+            object.__setattr__(self, "scheduler", scheduler_name(self.scheduler))
+        if self.timesteps is not None:
+            if not self.timesteps or not all(isinstance(t, int) and 0 <= t < TRAIN_TIMESTEPS for t in self.timesteps):
+                raise InvalidRequestError(
+                    f"timesteps must be whole numbers in 0..{TRAIN_TIMESTEPS - 1}, got {list(self.timesteps)[:8]}"
+                )
+            # An explicit schedule (as some distilled models publish) fixes the step count.
+            object.__setattr__(self, "timesteps", tuple(self.timesteps))
+            object.__setattr__(self, "steps", len(self.timesteps))
+        if self.seed is None:
+            object.__setattr__(self, "seed", random.randrange(2**32))
+        width, height = self.size
+        if width <= 0 or height <= 0 or width % 8 or height % 8:
+            raise InvalidRequestError(f"size must be positive multiples of 8, got {width}x{height}")
+        if max(width, height) > MAX_SIDE:
+            grown = f" grown by outpaint (--outpaint) {tuple(self.outpaint)}" if self.outpaint else ""
+            origin = (
+                f" (no size given: the init image's own size{grown})" if derived and self.init_image is not None else ""
+            )
+            fix = ": give smaller outpaint margins or a smaller image" if origin and grown else ""
+            raise InvalidRequestError(
+                f"size (--size) {width}x{height}{origin} is beyond {MAX_SIDE} pixels a side, which SDXL cannot fill{fix}"
+            )
+        if not 1 <= self.steps <= TRAIN_TIMESTEPS:
+            raise InvalidRequestError(f"steps must be a whole number from 1 to {TRAIN_TIMESTEPS}, got {self.steps}")
+        if self.refiner_switch is not None and not (0.0 < self.refiner_switch < 1.0):
+            raise InvalidRequestError(f"refiner_switch must lie strictly between 0 and 1, got {self.refiner_switch}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise InvalidRequestError(
+                f"num_images must be from 1 to {MAX_IMAGES} per call, got {self.num_images} (larger runs: a job file)"
+            )
+        assert self.seed is not None
+        if not 0 <= self.seed <= MAX_SEED - (self.num_images - 1):
+            raise InvalidRequestError(
+                f"seed must be a whole number from 0 to {MAX_SEED - (self.num_images - 1)} (64 bits, and room for the "
+                f"batch's seed + i), got {self.seed}"
+            )
+        if self.guidance < 0:
+            raise InvalidRequestError(f"guidance must be >= 0, got {self.guidance}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise InvalidRequestError(f"guidance_rescale must lie in [0, 1], got {self.guidance_rescale}")
+        if self.vae_tiling and self.decoder is not None:
+            raise InvalidRequestError("vae_tiling is for the VAE; a tiny draft decoder needs no tiling")
+        if self.scheduler is not None:
+            scheduler_spec(self.scheduler)
+        StepCache(self.step_cache, self.step_cache_branch)
+        if self.step_cache == 1 and self.step_cache_branch:
+            raise InvalidRequestError(
+                f"step_cache_branch (--step-cache-branch) {self.step_cache_branch} chooses what a cached step computes, "
+                "and step_cache is 1 (every step whole, nothing cached): give step_cache 2 or more (--step-cache 3), "
+                "or leave the branch out"
+            )
+        self._check_start()
+        self._check_hires()
+        self._check_detailer()
+
+    def _check_hires(self) -> None:
+        if self.hires_scale is None:
+            given = [
+                n for n in HIRES_FIELDS[1:] if getattr(self, n) != GenerationRequest.__dataclass_fields__[n].default
+            ]
+            if given:
+                raise InvalidRequestError(f"{', '.join(given)}: for a hires fix: give hires_scale")
+            return
+        if not 1.0 < self.hires_scale <= MAX_HIRES:
+            raise InvalidRequestError(f"hires_scale must lie in (1, {MAX_HIRES:g}], got {self.hires_scale}")
+        if not 0.0 < self.hires_strength <= 1.0:
+            raise InvalidRequestError(f"hires_strength must lie in (0, 1], got {self.hires_strength}")
+        if self.hires_steps is not None and not 1 <= self.hires_steps <= TRAIN_TIMESTEPS:
+            raise InvalidRequestError(f"hires_steps must be from 1 to {TRAIN_TIMESTEPS}, got {self.hires_steps}")
+        if max(self.hires_size) > MAX_SIDE:
+            raise InvalidRequestError(f"the hires fix's {self.hires_size[0]}x{self.hires_size[1]} is beyond {MAX_SIDE}")
+        default = GenerationRequest.__dataclass_fields__["hires_strength"].default
+        _check_runs_a_step(
+            "the hires fix's strength (hires_strength)", self.hires_strength,
+            "its default" if self.hires_strength == default else "--hires-strength, or the preset's", "--hires-strength",
+            self.hires_steps or self.steps, "--hires-steps" if self.hires_steps else "--steps, which --hires-steps overrides",
+        )  # fmt: skip
+
+    def _check_detailer(self) -> None:
+        detailer = self.detailer
+        if detailer is None:
+            return
+        default = FaceDetailer.__dataclass_fields__["strength"].default
+        _check_runs_a_step(
+            "the face detailer's strength (a job's detailer.strength)", detailer.strength,
+            "its default, ADetailer's" if detailer.strength == default else "--detail-strength, or the preset's",
+            "--detail-strength", detailer.steps or self.steps,
+            "the detailer's steps" if detailer.steps else "--steps (a job's detailer.steps overrides it)",
+        )  # fmt: skip
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The size the hires fix redraws at: ``size`` times ``hires_scale``, in whole multiples of 8."""
+        scale = self.hires_scale or 1.0
+        return (round(self.size[0] * scale / 8) * 8, round(self.size[1] * scale / 8) * 8)
+
+    def hires_pass(self, image: Any, seed: int) -> GenerationRequest:
+        """The second pass of the hires fix for one image of the first (already enlarged): image-to-image."""
+        return dataclasses.replace(
+            self, init_image=image, size=self.hires_size, strength=self.hires_strength,
+            steps=self.hires_steps or self.steps, timesteps=None if self.hires_steps else self.timesteps, seed=seed,
+            num_images=1, mask=None, mask_blur=0, outpaint=None, padding_mask_crop=None, refiner_only=False,
+            hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS, detailer=None,
+        )  # fmt: skip
+
+    def face_pass(self, image: Any, mask: Any, seed: int, conditions: tuple[Condition, ...]) -> GenerationRequest:
+        """The face detailer's repaint of one face of a finished ``image``: inpainting a crop around ``mask`` at this
+        request's size, at the detailer's strength, on the base alone, with ``conditions`` (made for the crop)."""
+        detailer = self.detailer
+        assert detailer is not None
+        return dataclasses.replace(
+            self, init_image=image, mask=mask, mask_blur=0, padding_mask_crop=detailer.padding,
+            strength=detailer.strength, steps=detailer.steps or self.steps,
+            timesteps=None if detailer.steps else self.timesteps, seed=seed, num_images=1, outpaint=None,
+            refiner_only=False, refiner_switch=None, hires_scale=None, hires_strength=0.5, hires_steps=None,
+            upscaler=LANCZOS, detailer=None, conditions=conditions,
+        )  # fmt: skip
+
+    def _default_size(self) -> tuple[int, int]:
+        if self.init_image is None or self.padding_mask_crop is not None:  # a crop is repainted at the model's size
+            return (1024, 1024)
+        from ..engine.start import image_size
+
+        width, height = image_size(self.init_image)
+        pads = self.outpaint if isinstance(self.outpaint, tuple) and len(self.outpaint) == 4 else (0, 0, 0, 0)
+        if not all(isinstance(v, int) for v in pads):  # check_fields names the bad value next
+            pads = (0, 0, 0, 0)
+        left, top, right, bottom = pads
+        return (width // 8 * 8 + left + right, height // 8 * 8 + top + bottom)
+
+    def _check_start(self) -> None:
+        if self.init_image is None:
+            for name in ("strength", "mask", "outpaint", "padding_mask_crop"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequestError(f"{name} is for a request that starts from an image: give init_image")
+            if self.mask_blur:
+                raise InvalidRequestError("mask_blur is for a mask: give init_image and mask (or outpaint)")
+            if self.refiner_only:
+                raise InvalidRequestError("refiner_only polishes an image: give init_image")
+            return
+        defaulted = self.strength is None
+        if self.strength is None:
+            object.__setattr__(self, "strength", 0.75 if self.mask is None and self.outpaint is None else 1.0)
+        assert self.strength is not None
+        if self.strength == 0.0:
+            self._check_kept()
+        elif not 0.0 < self.strength <= 1.0:
+            raise InvalidRequestError(f"strength must lie in [0, 1] (1: all steps run), got {self.strength}")
+        else:
+            source = "the default for an init image, A1111's" if defaulted else "--strength, or the preset's"
+            _check_runs_a_step("strength", self.strength, source, "--strength", self.steps, "--steps")
+        if self.mask_blur < 0:
+            raise InvalidRequestError(f"mask_blur is a radius in pixels, >= 0, got {self.mask_blur}")
+        if self.mask_blur and self.mask is None and self.outpaint is None:
+            raise InvalidRequestError(
+                f"mask_blur (--mask-blur) {self.mask_blur} feathers a mask's edge, and there is none: give a mask "
+                "(--mask) or outpaint, or leave mask_blur out"
+            )
+        # A radius past the image's longer side blurs the mask into one flat grey: every pixel half repainted, the
+        # mask's shape gone, and the blur's cost growing with the radius for nothing.
+        if self.mask_blur > max(self.size):
+            raise InvalidRequestError(
+                f"mask_blur (--mask-blur) {self.mask_blur} is wider than the image ({self.size[0]}x{self.size[1]}): "
+                f"it would blur the mask into flat grey; give at most {max(self.size)} (A1111's default is 4)"
+            )
+        if self.refiner_only and (self.mask is not None or self.refiner_switch is not None):
+            raise InvalidRequestError(
+                "refiner_only runs the refiner alone on the init image: no mask or refiner_switch"
+            )
+        if self.outpaint is not None:
+            self._check_outpaint()
+        if self.mask is not None and not isinstance(self.init_image, torch.Tensor):
+            self._check_mask_fits()
+        if self.padding_mask_crop is not None and (self.mask is None or self.padding_mask_crop < 0):
+            raise InvalidRequestError(
+                f"padding_mask_crop is the margin (pixels, >= 0) around a mask's area: give a mask, got "
+                f"{self.padding_mask_crop}"
+            )
+        if self.padding_mask_crop is not None and self.refiner_switch is not None:
+            raise InvalidRequestError("a mask crop is repainted by the base alone: leave out refiner_switch")
+
+    def _check_mask_fits(self) -> None:
+        """A mask of another aspect than its init image is refused now, from the files' headers, before any model
+        loads; a file that cannot be read is reported by name where it is read."""
+        from ..base.images import oriented_size
+        from ..engine.start import check_mask_fits, image_size
+
+        try:
+            sizes = oriented_size(self.mask, "mask"), image_size(self.init_image)
+        except SdxlControlError:
+            return
+        check_mask_fits(self.mask, *sizes)
+
+    def _check_kept(self) -> None:
+        if self.hires_scale is None and self.detailer is None:
+            raise InvalidRequestError(
+                "strength 0 keeps the init image as it is: give a hires fix or face detailer to work on it"
+            )
+        if self.mask is not None or self.outpaint is not None or self.refiner_only or self.refiner_switch is not None:
+            raise InvalidRequestError("strength 0 keeps the init image as it is: no mask, outpaint or refiner")
+
+    def _check_padding(self) -> None:
+        assert self.outpaint is not None
+        if len(self.outpaint) != 4 or any(v < 0 or v % 8 for v in self.outpaint) or not any(self.outpaint):
+            raise InvalidRequestError(
+                f"outpaint is (left, top, right, bottom) in pixels, each a multiple of 8 and one above 0, got "
+                f"{tuple(self.outpaint)}"
+            )
+
+    def _check_outpaint(self) -> None:
+        assert self.outpaint is not None
+        if self.mask is not None or self.refiner_only:
+            raise InvalidRequestError("outpaint makes its own mask: give it without mask or refiner_only")
+        left, top, right, bottom = self.outpaint
+        if left + right >= self.size[0] or top + bottom >= self.size[1]:
+            raise InvalidRequestError(
+                f"outpaint (--outpaint) {tuple(self.outpaint)} leaves no room in size (--size) "
+                f"{self.size[0]}x{self.size[1]}: the margins must leave some of it to the image"
+            )
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        assert self.seed is not None
+        return tuple(self.seed + i for i in range(self.num_images))
+
+    def settings(self, paths: PathMode = "names") -> dict[str, Any]:
+        """JSON-ready fields (conditions described by their settings; see :meth:`Condition.settings` for ``paths``)."""
+        from ..protocol.conditions import describe
+
+        starts, hires = self.init_image is not None, self.hires_scale is not None
+        # A request that starts from noise, or has no hires fix, records none of those fields: its recipe reads as
+        # before they existed.
+        skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
+                   *(("vae",) if self.vae is None else ()),
+                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()))  # fmt: skip
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
+        if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
+            detailer = self.detailer.settings()
+            if detailer["face_pack"] is not None:
+                detailer["face_pack"] = portable(detailer["face_pack"], paths)
+            out["detailer"] = detailer
+        files = (*(IMAGE_FIELDS if starts else ()), *(("upscaler",) if hires else ()), *(("vae",) if self.vae else ()),
+                 *(("decoder",) if self.decoder else ()))  # fmt: skip
+        for name in files:  # by name and content, as conditions' files (a hub id stays as it is)
+            value = getattr(self, name)
+            out[name] = portable(describe(value), paths) if value is not None else None
+        out["size"] = list(self.size)
+        out["conditions"] = [c.settings(paths) for c in self.conditions]
+        return out
+
+    @classmethod
+    def from_recipe(
+        cls, recipe: Mapping[str, Any], *, locate: Locator | None = None, **overrides: Any
+    ) -> GenerationRequest:
+        """The request that re-makes a recipe's batch; its image is ``images[recipe["batch_index"]]``.
+
+        The whole batch is re-run because batched arithmetic differs from single-image arithmetic in the last
+        bits; this way the pixels come out identical. Conditions are rebuilt from their recorded settings when their
+        inputs were files, found again by ``locate`` (default: where this machine last saw them); pass
+        ``conditions=`` to replace them. A recipe edited by hand is checked: an unknown or misspelt key is an error,
+        not silently ignored.
+        """
+        check_recipe(recipe, {f.name for f in fields(cls)})
+        if "conditions" not in overrides and recipe.get("conditions"):
+            from ..adapters import condition_from_settings
+
+            locate = locate or Locator()
+            conditions, missing = [], []
+            for settings in recipe["conditions"]:
+                try:
+                    conditions.append(condition_from_settings(settings, locate, recipe.get("version")))
+                except InputError as exc:  # name every missing file at once, not one per attempt
+                    missing.append(str(exc))
+            if missing:
+                raise InputError("\n".join(missing))
+            overrides["conditions"] = tuple(conditions)
+        names = {f.name for f in fields(cls)} - {"conditions", "seed"}
+        # A recipe from before long prompts were read in chunks, or weighted, was made with the prompt cut to one window
+        # and its brackets read as text.
+        values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
+        for name in ("upscaler", "vae", "decoder"):
+            if values.get(name) is not None:
+                values[name] = (locate or Locator()).resolve(values[name], f"the recipe's {name}")
+        if isinstance(values.get("detailer"), dict) and values["detailer"].get("face_pack") is not None:
+            pack = (locate or Locator()).resolve(values["detailer"]["face_pack"], "the recipe's detailer face pack")
+            values["detailer"] = {**values["detailer"], "face_pack": pack}
+        for name in IMAGE_FIELDS:
+            if isinstance(values.get(name), dict) and ({"image", "mode"} <= values[name].keys()):
+                raise InputError(
+                    f"the recipe's {name} was an in-memory image, which recipes do not store: pass it again"
+                )
+            values[name] = (locate or Locator()).resolve(values.get(name), f"the recipe's {name}")
+        values["size"] = tuple(recipe["size"])
+        if values.get("outpaint") is not None:
+            values["outpaint"] = tuple(values["outpaint"])
+        if values.get("timesteps") is not None:
+            values.pop("steps", None)
+        values["scheduler"] = recipe["scheduler"]["requested"]
+        values["seed"] = recipe["batch_seed"]
+        values.update(overrides)
+        return cls(**values)
+
+
+def _check_runs_a_step(what: str, strength: float, source: str, flag: str, steps: int, steps_source: str) -> None:
+    """Refuse a pass whose ``strength`` enters its schedule of ``steps`` past the last step (``int(steps * strength)``
+    steps run, as in diffusers), naming the value, where it came from (``source``: a default the user never typed is
+    said to be one) and the two ways out."""
+    if int(steps * strength) >= 1:
+        return
+    least = math.ceil(100 / steps) / 100  # rounded up, so that int(steps * least) is 1
+    raise InvalidRequestError(
+        f"{what} {strength:g} ({source}) with {steps} steps ({steps_source}) runs no step (int(steps * strength) = 0): "
+        f"give {flag} {least:g} or more, or {math.ceil(1 / strength)} steps or more"
+    )
