@@ -17,13 +17,15 @@ Example:
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
-import importlib.util
 import sys
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
 
 __all__ = ["MOVED", "install"]
 
@@ -49,8 +51,9 @@ MOVED = {
 }  # fmt: skip
 
 
-class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds an old module path and loads it as the module at its new path."""
+class _OldPath:
+    """Finds an old module path and loads it as the module at its new path (a meta path finder and its loader; not
+    derived from importlib.abc, whose import would cost the command line's ``--help`` time)."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -58,7 +61,7 @@ class _OldPath(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         old = fullname.removeprefix("sdxl_control.")
         if old == fullname or old not in MOVED:
             return None
-        return importlib.util.spec_from_loader(fullname, self)
+        return importlib.machinery.ModuleSpec(fullname, cast("Loader", self))
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         new = f"sdxl_control.{MOVED[spec.name.removeprefix('sdxl_control.')]}"
