@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from sdxl_control.cli import main
-from sdxl_control.jobs.batch import RESULTS, Outputs, read_jobs, run_batch
+from sdxl_control.jobs.batch import Outputs, read_jobs, run_batch
+from sdxl_control.jobs.outputs import RESULTS
 from sdxl_control.jobs.resolvers import TinyResolver
 
 SIZE = [64, 64]

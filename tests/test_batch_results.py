@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from sdxl_control.cli import main
-from sdxl_control.jobs.batch import RESULTS
+from sdxl_control.jobs.outputs import RESULTS
 from sdxl_control.records.recipe import read_recipe
 from tests.test_batch import batch_after_its_first_result
 
@@ -177,14 +177,14 @@ def test_check_reads_remote_inputs_without_copying_them(tmp_path, tiny, capsys, 
 
 
 def test_a_peeked_remote_file_has_its_beginning_and_its_size(tmp_path):
-    from sdxl_control.jobs.batch import _fetched, remote_inputs_peeked
+    from sdxl_control.jobs.remote_inputs import fetched_input, remote_inputs_peeked
 
     data = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8).tobytes()
     (tmp_path / "big.bin").write_bytes(data)
     (tmp_path / "small.json").write_text('{"a": 1}')
     with remote_inputs_peeked():
-        big = Path(_fetched((tmp_path / "big.bin").as_uri()))
-        small = Path(_fetched((tmp_path / "small.json").as_uri()))
+        big = Path(fetched_input((tmp_path / "big.bin").as_uri()))
+        small = Path(fetched_input((tmp_path / "small.json").as_uri()))
         head = big.read_bytes()
         assert len(head) == len(data) and head[: 1 << 16] == data[: 1 << 16] and not any(head[1 << 16 :])
         assert small.read_text() == '{"a": 1}'
@@ -194,23 +194,23 @@ def test_a_peeked_remote_file_has_its_beginning_and_its_size(tmp_path):
 def test_the_input_cache_is_trimmed_oldest_first_sparing_what_this_run_uses(tmp_path, monkeypatch):
     import os
 
-    from sdxl_control.jobs.batch import _fetched, trim_input_cache
+    from sdxl_control.jobs.remote_inputs import fetched_input, trim_input_cache
 
     monkeypatch.setenv("SDXL_CONTROL_CACHE", str(tmp_path / "cache"))
     paths = []
     for i in range(3):
         (tmp_path / f"{i}.bin").write_bytes(bytes(1000))
-        paths.append(Path(_fetched((tmp_path / f"{i}.bin").as_uri())))
+        paths.append(Path(fetched_input((tmp_path / f"{i}.bin").as_uri())))
         os.utime(paths[-1].parent, (i, i))  # 0 is the oldest
     stale = tmp_path / "cache" / "inputs" / "from-a-failed-run"
     stale.mkdir()
     (stale / "photo.png").write_bytes(bytes(1000))
     os.utime(stale, (5, 5))
     assert trim_input_cache(limit=2500) == [stale]  # this process's copies are spared, however old
-    monkeypatch.setattr("sdxl_control.jobs.batch._USED_INPUTS", set())
+    monkeypatch.setattr("sdxl_control.jobs.remote_inputs._USED_INPUTS", set())
     assert trim_input_cache(limit=1500) == [paths[0].parent, paths[1].parent]
     assert paths[2].exists()
     monkeypatch.setenv("SDXL_CONTROL_INPUT_CACHE_GB", "0")
     (tmp_path / "3.bin").write_bytes(bytes(1000))
-    fresh = Path(_fetched((tmp_path / "3.bin").as_uri()))  # a fetch trims; what it fetched stays
+    fresh = Path(fetched_input((tmp_path / "3.bin").as_uri()))  # a fetch trims; what it fetched stays
     assert fresh.exists() and not paths[2].exists()

@@ -39,7 +39,9 @@ ROOT_PACKAGE = "sdxl_control"
 TINY_RESOLVER = "sdxl_control.jobs.resolvers"
 # Layer packages hold no code of their own (weights/ answers release 0.2's names of the old weights module): import
 # from the module that defines a name.
-EMPTY_PACKAGES = {f"sdxl_control.{name}" for name in ("base", "records", "weights", "protocol", "engine", "passes", "jobs")}
+EMPTY_PACKAGES = {
+    f"sdxl_control.{name}" for name in ("base", "records", "weights", "protocol", "engine", "passes", "jobs")
+}
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,10 @@ def faults(root: Path) -> list[str]:
             problems.append(f"{where}: {source} imports the package's __init__ ({edge.target}); import the module")
         elif target in EMPTY_PACKAGES:
             problems.append(f"{where}: {source} imports from the layer package {target}; import the module")
-        elif target.startswith("sdxl_control.testing") and source != TINY_RESOLVER and layer_of(source) != layer_of(
-            "sdxl_control.testing"
+        elif (
+            target.startswith("sdxl_control.testing")
+            and source != TINY_RESOLVER
+            and layer_of(source) != layer_of("sdxl_control.testing")
         ):
             problems.append(f"{where}: {source} imports the tiny stand-ins ({target}); only {TINY_RESOLVER} may")
         elif (low := layer_of(source)) is not None and (high := layer_of(target)) is not None and high > low:

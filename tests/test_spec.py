@@ -287,7 +287,7 @@ def runs(monkeypatch):
 
 
 def _as_line(job) -> str:
-    from sdxl_control.jobs.batch import job_line
+    from sdxl_control.jobs.job_file import job_line
 
     line = job_line(job.request, *job.models, weight_storage=job.weight_storage, fast=job.fast, offload=job.offload)
     return json.dumps({**line, "keep": job.keep}, sort_keys=True)

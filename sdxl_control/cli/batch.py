@@ -69,7 +69,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     """Check the whole job file, then run it; exit 0 when every job is done, else the exit code of the first
     failure's kind (its line in results.jsonl says what went wrong)."""
-    from ..jobs.batch import Outputs, record_problems, run_batch
+    from ..jobs.batch import Outputs, run_batch
+    from ..jobs.outputs import record_problems
 
     if args.ray is None and (args.workers is not None or args.gpus_per_worker is not None):
         raise InvalidRequestError("--workers and --gpus-per-worker are for --ray")

@@ -596,7 +596,7 @@ def _dry_run(args: argparse.Namespace, job: ResolvedJob) -> int:
     and the request as the recipe records them."""
     import json
 
-    from ..jobs.batch import job_line
+    from ..jobs.job_file import job_line
 
     line = job_line(job.request, job.base, job.refiner, job.unet, args.recipe_paths, job.weight_storage,
                     fast=job.fast, offload=job.offload)  # fmt: skip

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..base.errors import InvalidRequestError
 from ..base.files import PathMode
-from .batch import BatchSummary, BatchWorker, Job, Outputs, drive
+from .batch import BatchSummary, BatchWorker, drive
+from .job_file import Job
+from .outputs import Outputs
 
 if TYPE_CHECKING:
     import torch
