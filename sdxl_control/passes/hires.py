@@ -31,13 +31,18 @@ Record = Callable[["GenerationRequest", Sequence[Any]], list[RecipeImage]]
 def hires_fix(
     request: GenerationRequest, run: RunPass, record: Record, *, latent_factor: int, device: torch.device
 ) -> Result:
-    """``request``'s images made in two passes of ``run``, recorded by ``record`` as the whole request's (a re-run of
+    """``request``'s images made in two passes of ``run`` (which keeps an init image at strength 0 as it is), recorded by ``record`` as the whole request's (a re-run of
     their recipe makes both passes again). ``latent_factor`` is the VAE's scale (for latent upscaling); upscaler
     models run on ``device``."""
     check_upscaler(request.upscaler)  # before the first pass, which would be lost to a missing file
-    # An image of the user's at strength 0 is enlarged as it is: the first pass keeps it (see Generator._kept).
-    first = dataclasses.replace(request, hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS)
-    drafts = run(first)
+    if request.init_image is not None and request.strength == 0:
+        # An image of the user's, enlarged as it is: a pass at strength 0 keeps it (a request without the hires fix
+        # could not say so: strength 0 alone is refused).
+        drafts = run(request)
+    else:
+        drafts = run(
+            dataclasses.replace(request, hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS)
+        )  # fmt: skip
     enlarged: list[Any]
     if request.upscaler in LATENT_MODES:  # the second pass starts from the latents themselves
         latents = upscale_latents(drafts.latents, request.hires_size, request.upscaler, latent_factor)
