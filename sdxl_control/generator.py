@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -41,6 +41,9 @@ from .text import LongPrompts, MicroConditioning, TextChannel, prompt_segments, 
 from .upscale import LANCZOS, LATENT_MODES, check_upscaler, upscale_images, upscale_latents
 from .vae import NonFiniteLatentsError, decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
 from .validation import check_fields, unknown_keys
+
+if TYPE_CHECKING:
+    from .residency import KeptWeights
 
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]
 
@@ -503,6 +506,8 @@ class Generator:
         self._fast: FastPathHandle | None = None
         self._offload: torch.device | None = None
         self._storage: tuple[str, list[Callable[[], None]]] | None = None
+        # Deltas kept applied between runs: a Runner sets its own for each of its runs (see sdxl_control.residency).
+        self.kept_weights: KeptWeights | None = None
 
     @property
     def device(self) -> torch.device:
@@ -848,7 +853,10 @@ class Generator:
             start_image=repainted[0],
             start_mask=repainted[1],
         )
-        prepared = [(c, c.prepare(context)) for c in request.conditions]
+        if self.kept_weights is not None:
+            prepared = self.kept_weights.prepare(request.conditions, context, plans)
+        else:
+            prepared = [(c, c.prepare(context)) for c in request.conditions]
         stage_inputs = [self._stage_inputs(plan, request, prepared) for plan in plans]
 
         factor = vae_scale_factor(self.base.vae)
