@@ -65,9 +65,10 @@ def _restore_copy(value: torch.Tensor) -> torch.Tensor:
     """A copy of ``value`` to restore it from, in CPU memory: beside the model on an accelerator it would cost as much
     device memory as the weights it patches (4.1 GiB for a rank-128 LoRA over SDXL's base UNet), where it is read
     only when a patch comes or goes. Pinned for a CUDA device, so the copies back run at the bus's full speed.
-    A tensor subclass (torchao's fp8 matmul weights) keeps its copy on its device: it need not support pinned copies.
+    A tensor subclass (torchao's fp8 matmul weights) keeps its copy on its device: it need not support pinned copies;
+    so does a tensor on PyTorch's ``meta`` device, which has no values to copy.
     """
-    if value.device.type == "cpu" or type(value) is not torch.Tensor:
+    if value.device.type in ("cpu", "meta") or type(value) is not torch.Tensor:
         return value.clone()
     saved = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.device.type == "cuda")
     return saved.copy_(value)
