@@ -17,7 +17,9 @@ A condition's deltas on a stage can stay when
 * every condition before it that brings deltas to the stage's models can stay as well: deltas are summed in the
   order they come, so kept ones must come first for the weights to hold the very bits a direct call makes.
 
-The images are bit-identical to a direct call's (tested).
+The images are bit-identical to a direct call's (tested). Kept deltas are in force while the next call's other
+conditions prepare and attach; that changes nothing, as none of them reads a stage model's weight values there (only
+configs and shapes).
 
 Example:
     >>> kept = KeptWeights()
