@@ -255,3 +255,18 @@ def test_on_a_gpu_restore_copies_are_pinned_cpu_memory(generator):
     assert saved.device.type == "cpu" and saved.is_pinned()
     patch.restore()
     assert torch.equal(parameter, kept)
+
+
+def test_a_hires_job_runs_its_passes_on_the_kept_lora_and_makes_the_direct_images(loras, counts):
+    """The hires fix runs a first pass and a second on the enlarged image: both find the LoRA kept."""
+    runner = Runner(device="cpu")
+    lora = LoRA(loras["a"], scale=0.8)
+    hires = job(lora, hires_scale=1.5, hires_steps=2)
+    gen = runner.generator(hires)
+    before = weights(gen)
+    direct = gen.run(hires.request, progress_bar=False).latents
+    prepared = counts["prepare"]
+    assert torch.equal(runner.run(hires).latents, direct) and torch.equal(runner.run(hires).latents, direct)
+    assert counts["prepare"] - prepared == 1
+    runner.close()
+    assert same_weights(weights(gen), before)
