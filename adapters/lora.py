@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,6 +87,11 @@ class LoRA(Condition):
                 raise ConditionError(f"{self.source} is a folder: pass weight_name= the LoRA file in it")
             return path
         return resolve_in(self.source, self.weight_name)
+
+    def resident_key(self) -> Hashable:
+        # Its deltas are its file's, weighed by scale; the file's size and time tell an edited file from the last one.
+        stat = self.file().stat()
+        return (self, stat.st_size, stat.st_mtime_ns)
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
         path = self.file()

@@ -11,6 +11,7 @@ that come with the package), each part one command, its table in ``bench/results
   CPU seconds per step of a generation at 256x256, for N = 1 (no caching), 2, 3, 5;
 * ``lora``: what a rank-128 kohya LoRA on every transformer linear layer of the base UNet (2.2 B weights) costs in
   memory while it acts: peak RSS of a one-step call with it over the same call without it, each in a fresh process;
+  and the second of two consecutive jobs with it through one Runner, which keeps it applied (costs a plain call);
 * ``families``: every condition family at its published widths, stacked as the presets stack them (see
   ``bench/families.py``).
 
@@ -407,19 +408,38 @@ def part_step_cache(args: argparse.Namespace) -> dict[str, Any]:
             "cached_step_tflop_1024": round(cached / 1e12, 3)}  # fmt: skip
 
 
-def _lora_child(paths: dict[str, str], lora: str) -> dict[str, Any]:
+def _lora_child(paths: dict[str, str], lora: str, through: str = "generator") -> dict[str, Any]:
     """One base-only call, 1 step at 64 px, with the LoRA at ``lora`` or (``""``) without, after a call without it has
-    made every weight resident: the call's peak RSS over the RSS before it."""
+    made every weight resident: the call's peak RSS over the RSS before it. ``through="runner"``: the call is the
+    second of two consecutive jobs with the LoRA through one :class:`~sdxl_control.jobs.runner.Runner`, which keeps it
+    applied from the first (the RSS before it holds what that costs)."""
     from sdxl_control import Generator
     from sdxl_control.adapters.lora import LoRA
+    from sdxl_control.jobs.runner import Runner
+    from sdxl_control.jobs.spec import JobSpec, resolve
 
-    gen = Generator.from_pretrained(paths["base"], device="cpu", dtype=DTYPE)
+    runner = Runner(device="cpu", dtype=DTYPE)
+
+    def job(conditions: list[Any]) -> Any:
+        settings = {"steps": 1, "size": (64, 64), "seed": 1}
+        return resolve(JobSpec("a lighthouse", conditions=tuple(conditions), settings=settings,
+                               models={"base": paths["base"]}))  # fmt: skip
+
+    if through == "runner":
+        gen = runner.generator(job([]))
+    else:
+        gen = Generator.from_pretrained(paths["base"], device="cpu", dtype=DTYPE)
     gen.base.vae.to(torch.float32)  # this CPU decodes bf16 slowly; the VAE is not what is measured
 
     def call(conditions: list[Any]) -> None:
-        gen.generate("a lighthouse", conditions=conditions, steps=1, size=(64, 64), seed=1, progress_bar=False)
+        if through == "runner":
+            runner.run(job(conditions))
+        else:
+            gen.generate("a lighthouse", conditions=conditions, steps=1, size=(64, 64), seed=1, progress_bar=False)
 
     call([])
+    if through == "runner":
+        call([LoRA(lora, scale=0.8)])  # the first job with it: read and added, and kept applied after
     Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the RSS now
     before, start = _rss_gib(), time.perf_counter()
     call([LoRA(lora, scale=0.8)] if lora else [])
@@ -443,8 +463,10 @@ def part_lora(args: argparse.Namespace) -> dict[str, Any]:
     patched = sum(shapes[k.replace("lora_down", "lora_up")][0] * v[1] for k, v in shapes.items() if "lora_down" in k)
     factors = sum(v[0] * v[1] for k, v in shapes.items() if ".lora_" in k)
     rows = []
-    for case, file in (("without the LoRA", ""), ("with the LoRA (rank 128, scale 0.8)", str(lora))):
-        result = in_fresh_process(__file__, "_lora", json.dumps(paths), file)
+    cases = (("without the LoRA", "", "generator"), ("with the LoRA (rank 128, scale 0.8)", str(lora), "generator"),
+             ("the next job with the same LoRA through a Runner (kept applied)", str(lora), "runner"))  # fmt: skip
+    for case, file, through in cases:
+        result = in_fresh_process(__file__, "_lora", json.dumps(paths), file, through)
         if "error" in result:
             rows.append({"call": case, "error": result["error"]})
             continue
@@ -458,7 +480,9 @@ def part_lora(args: argparse.Namespace) -> dict[str, Any]:
             "dense_deltas_fp32_gib": round(patched * 4 / 2**30, 2),
             "factors_bf16_gib": round(factors * 2 / 2**30, 2), "lora_costs_gib": round(extra, 2),
             "note": "the LoRA's cost is a copy of each weight it patches (to restore it bit for bit) and its factors; "
-            "the products are made one weight at a time while it is added"}  # fmt: skip
+            "the products are made one weight at a time while it is added. A Runner keeps a LoRA that consecutive "
+            "jobs use applied (and that cost held, in rss_before_gib): the next job adds nothing and costs a plain "
+            "call"}  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -481,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(json.dumps(_child(argv[1], json.loads(argv[2]))))
         return 0
     if argv and argv[0] == "_lora":
-        _say(json.dumps(_lora_child(json.loads(argv[1]), argv[2])))
+        _say(json.dumps(_lora_child(json.loads(argv[1]), *argv[2:])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=sorted(PARTS))

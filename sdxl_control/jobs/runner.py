@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from ..base.files import PathMode
     from ..engine.loop import ProgressCallback
+    from ..engine.residency import KeptWeights
     from ..passes.generator import Generator
     from ..protocol.fast import FastPath
     from ..records.recipe import Result
@@ -39,6 +40,13 @@ class Runner:
     (``job.fast``, a level of :data:`~sdxl_control.base.defaults.FAST_LEVELS`), both switched without reloading, and
     keeping only image ``job.keep`` of a batch (a recipe's batch re-run to re-make one image). ``progress`` and
     ``progress_bar`` are what each run reports with, unless :meth:`run` is given others.
+
+    A LoRA set that consecutive jobs use stays applied between them (see :mod:`sdxl_control.engine.residency`): the next job
+    with the same LoRAs (files, scales, stages) neither reads nor adds them again, and its images are bit-identical
+    to a direct :meth:`~sdxl_control.passes.generator.Generator.run`'s. A LoRA with a step window is added per job, as are
+    those after it in the job's list. The kept ones come off exactly when a job brings another set, when the models,
+    offloading or the fast path change, when a job fails, when :meth:`generator` hands the models out, and at
+    :meth:`close`: after it every weight is bit-identical to before the first job.
 
     Nothing is imported or loaded until the first job (a page opens before torch is imported).
 
@@ -67,6 +75,7 @@ class Runner:
         self._generator: Generator | None = None
         self._key: tuple[Any, ...] | None = None
         self._applied: tuple[bool, str] = (False, "off")  # (offloaded, fast level) in force on the loaded models
+        self._kept: KeptWeights | None = None  # the LoRA deltas kept applied between jobs (made with the first job)
 
     def run(
         self,
@@ -80,30 +89,49 @@ class Runner:
         them when it names one."""
         with self._lock:
             generator = self._prepared(job)
-            result = generator.run(
-                job.request,
-                progress=progress if progress is not None else self.progress,
-                progress_bar=self.progress_bar if progress_bar is None else progress_bar,
-                recipe_paths=recipe_paths or self.recipe_paths,
-            )
+            if self._kept is None:
+                from ..engine.residency import KeptWeights
+
+                self._kept = KeptWeights()
+            generator.kept_weights = self._kept
+            try:
+                result = generator.run(
+                    job.request,
+                    progress=progress if progress is not None else self.progress,
+                    progress_bar=self.progress_bar if progress_bar is None else progress_bar,
+                    recipe_paths=recipe_paths or self.recipe_paths,
+                )
+            except BaseException:
+                self._kept.release()  # a failed job leaves the models as they were before the first
+                raise
+            finally:
+                generator.kept_weights = None
         if job.keep is None:
             return result
         return dataclasses.replace(result, images=[result.images[job.keep]])
 
     def generator(self, job: ResolvedJob) -> Generator:
         """The loaded models for ``job``, offloaded and sped up as it asks: reused when the last job ran on the same
-        models."""
+        models; without the LoRAs kept from the last job (the caller runs them as it likes)."""
         with self._lock:
-            return self._prepared(job)
+            generator = self._prepared(job)
+            self._release_kept()
+            return generator
 
     def close(self) -> None:
         """Let the loaded models go (and the process caches that served them)."""
         from ..base.caches import clear_caches
 
         with self._lock:
+            self._release_kept()
             if self._generator is not None:
                 self._generator, self._key, self._applied = None, None, (False, "off")
                 clear_caches()
+
+    def _release_kept(self) -> None:
+        """The kept LoRAs off the loaded models: every weight as before the first job."""
+        if self._kept is not None:
+            self._kept.release()
 
     def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
         from ..engine.devices import default_device_and_dtype
@@ -123,6 +151,7 @@ class Runner:
             from ..base.caches import clear_caches
             from ..passes.generator import Generator
 
+            self._release_kept()  # other models: the kept LoRAs come off the old ones before they go
             if self._generator is not None:
                 # The old set (its ControlNets, encoders, converted weights) goes first: two need not fit at once.
                 self._generator, self._key, self._applied = None, None, (False, "off")
@@ -135,6 +164,8 @@ class Runner:
             self._key, self._applied = key, (False, "off")
         generator = self._generator
         if (offload, level) != self._applied:
+            # Patches must not outlive the parameters they were made on (fusing replaces projections): kept LoRAs off.
+            self._release_kept()
             # Fused projections cannot follow offloading: the fast path comes off before moving, back on after.
             generator.set_fast_path(None)
             self._applied = (self._applied[0], "off")

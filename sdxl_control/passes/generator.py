@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -38,6 +38,9 @@ from ..weights.storage import FP8_MATMUL, check_storage, store_weights
 from .detailer import detail_result
 from .hires import hires_fix
 from .request import GenerationRequest
+
+if TYPE_CHECKING:
+    from ..engine.residency import KeptWeights
 
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]  # GenerationRequest: defined in .request
 
@@ -78,6 +81,8 @@ class Generator:
         self._fast: FastPathHandle | None = None
         self._offload: torch.device | None = None
         self._storage: tuple[str, list[Callable[[], None]]] | None = None
+        # Deltas kept applied between runs: a Runner sets its own for each of its runs (see engine.residency).
+        self.kept_weights: KeptWeights | None = None
 
     @property
     def device(self) -> torch.device:
@@ -389,7 +394,10 @@ class Generator:
             start_image=repainted[0],
             start_mask=repainted[1],
         )
-        prepared = [(c, c.prepare(context)) for c in request.conditions]
+        if self.kept_weights is not None:
+            prepared = self.kept_weights.prepare(request.conditions, context, plans)
+        else:
+            prepared = [(c, c.prepare(context)) for c in request.conditions]
         stage_inputs = [self._stage_inputs(plan, request, prepared) for plan in plans]
 
         factor = vae_scale_factor(self.base.vae)

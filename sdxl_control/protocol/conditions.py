@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -468,6 +468,13 @@ class Condition(ABC):
         """The weights :meth:`prepare` will look for, found the way it finds them: what ``sdxl-control models`` lists
         and fetches. Made without reading any file."""
         return ()
+
+    def resident_key(self) -> Hashable | None:
+        """For a condition that acts through the weight channel alone (no attachment, no prompt edit) and whose
+        :meth:`prepare` depends only on this key and the stage models: the key. A
+        :class:`~sdxl_control.jobs.runner.Runner` keeps such deltas applied from one job to the next that brings the same
+        key (see :mod:`sdxl_control.engine.residency`). ``None`` (the default): prepared and applied per call."""
+        return None
 
 
 def recorded_before(version: str | None, release: str) -> bool:

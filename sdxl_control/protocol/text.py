@@ -243,6 +243,12 @@ class TextChannel:
         return self.edit is not None and self.weighs(index, total) and self.edit.window.contains(index, total)
 
 
+def encoder_patch(encoder: TextEncoder, deltas: Mapping[str, WeightDelta]) -> WeightPatch:
+    """``deltas`` (named as published LoRAs name CLIP parameters) added to ``encoder``'s weights until restored."""
+    names = {n for n, _ in encoder.model.named_parameters()}
+    return WeightPatch(encoder.model, {text_parameter(names, k): v for k, v in deltas.items()})
+
+
 @contextmanager
 def _deltas_applied(encoders: Sequence[TextEncoder], channels: Sequence[TextChannel]) -> Iterator[None]:
     patches: list[WeightPatch] = []
@@ -251,8 +257,7 @@ def _deltas_applied(encoders: Sequence[TextEncoder], channels: Sequence[TextChan
             for encoder in encoders:
                 deltas = channel.deltas.get(encoder.component)
                 if deltas:
-                    names = {n for n, _ in encoder.model.named_parameters()}
-                    patches.append(WeightPatch(encoder.model, {text_parameter(names, k): v for k, v in deltas.items()}))
+                    patches.append(encoder_patch(encoder, deltas))
         yield
     finally:
         for patch in reversed(patches):

@@ -1,8 +1,8 @@
 """Weight patches that undo exactly, in any order, in place.
 
-Each patched weight keeps a copy of its original values and the deltas currently applied to it; every change
-rewrites ``original + sum(deltas)`` into the same Parameter's storage, and when the last delta is removed the original
-values are copied back. So weights are bit-identical afterwards whatever order patches come and go in (a LoRA fused
+Each patched weight keeps a copy of its original values (in CPU memory, pinned for a CUDA device: not beside the
+model) and the deltas currently applied to it; every change rewrites ``original + sum(deltas)`` into the same
+Parameter's storage, and when the last delta is removed the original values are copied back. So weights are bit-identical afterwards whatever order patches come and go in (a LoRA fused
 at its window's first step after another condition's patch, say), no drift accumulates, and the parameters never
 change identity or address: compiled graphs, CUDA graphs and views of fused weights (see :mod:`sdxl_control.protocol.fast`)
 stay valid while patches come and go.
@@ -57,8 +57,21 @@ WeightDelta = torch.Tensor | LowRankDelta
 class _Slot:
     def __init__(self, parameter: torch.nn.Parameter) -> None:
         self.parameter = parameter
-        self.saved = parameter.detach().clone()
+        self.saved = _restore_copy(parameter.detach())
         self.deltas: dict[int, WeightDelta] = {}  # patch id -> delta, in insertion order
+
+
+def _restore_copy(value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``value`` to restore it from, in CPU memory: beside the model on an accelerator it would cost as much
+    device memory as the weights it patches (4.1 GiB for a rank-128 LoRA over SDXL's base UNet), where it is read
+    only when a patch comes or goes. Pinned for a CUDA device, so the copies back run at the bus's full speed.
+    A tensor subclass (torchao's fp8 matmul weights) keeps its copy on its device: it need not support pinned copies;
+    so does a tensor on PyTorch's ``meta`` device, which has no values to copy.
+    """
+    if value.device.type in ("cpu", "meta") or type(value) is not torch.Tensor:
+        return value.clone()
+    saved = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=value.device.type == "cuda")
+    return saved.copy_(value)
 
 
 def _added(delta: WeightDelta, like: torch.Tensor) -> torch.Tensor:
@@ -74,7 +87,7 @@ def _refresh(owner: torch.nn.Module, attr: str, slot: _Slot) -> None:
     target = slot.parameter.data
     if compute_dtype(owner) is not None and slot.deltas:
         # A layer kept in fp8 (see sdxl_control.weights.storage): the sum at the compute precision, rounded to fp8 once.
-        value = widened(owner, attr, slot.saved)
+        value = widened(owner, attr, slot.saved.to(target.device))
         for delta in slot.deltas.values():
             value += _added(delta, value)
         target.copy_(narrowed(owner, attr, target, value))
