@@ -34,7 +34,6 @@ from .errors import InvalidRequestError, SdxlControlError
 from .resolvers import HubResolver, Resolver
 
 if TYPE_CHECKING:
-    from .conditions import Condition
     from .spec import JobSpec
 
 __all__ = ["UiConfig", "PageForm", "build_app", "form_spec"]
@@ -130,33 +129,36 @@ def _files(value: Any) -> list[str]:
     return [str(getattr(item, "name", item)) for item in items]
 
 
-def _conditions(form: PageForm, taken: set[str]) -> list[Condition]:
-    """The conditions the form's fields set, those that fill the preset's inputs (``taken``) left out."""
-    from .adapters import condition_class
-    from .adapters.controlnet import ControlNet
-    from .adapters.ip_adapter import IPAdapter
-    from .adapters.lora import LoRA
+def _slot_inputs(form: PageForm, taken: set[str]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """(the condition families' input slots the form's fields fill, their options): the fields that fill the preset's
+    inputs (``taken``) left out. The slots' families build the conditions (:mod:`sdxl_control.slots`), as for the
+    command line's flags."""
     from .preprocessors.images import check_image_file
 
-    out: list[Condition] = []
+    inputs: dict[str, list[str]] = {}
+    options: dict[str, Any] = {}
     faces = _files(form.faces)
     for face in faces:
         check_image_file(face, "face photo")
     if faces and "faces" not in taken:
-        out.append(condition_class(form.identity)(faces=faces, scale=form.identity_scale))
+        inputs["face"] = faces
+        options.update({"face.kind": form.identity, "face.scale": form.identity_scale})
     if form.style and "style" not in taken:
         check_image_file(form.style, "style image")
-        out.append(IPAdapter("sdxl", [form.style], layers=form.style_layers, scale=form.style_scale))
+        inputs["style"] = [form.style]
+        options.update({"style.layers": form.style_layers, "style.scale": form.style_scale})
     if form.structure and "structure" not in taken:
         check_image_file(form.structure, "structure photo")
-        control = STRUCTURE_CONTROLS[form.structure_kind]
-        out.append(ControlNet(control.model, image=form.structure,
-                              preprocess=None if form.structure_is_map else control.preprocessor,
-                              scale=form.structure_scale, window=(form.structure_start, form.structure_end)))  # fmt: skip
-    weights = [float(w) for w in str(form.lora_weights or "").replace(",", " ").split()] or [1.0]
-    for i, lora in enumerate(_files(form.loras)):
-        out.append(LoRA(lora, scale=weights[min(i, len(weights) - 1)]))
-    return out
+        name = form.structure_kind  # edges, depth or pose: a slot each
+        inputs[name] = [form.structure]
+        options.update({f"{name}.scale": form.structure_scale, f"{name}.window": (form.structure_start,
+                        form.structure_end), **({f"{name}.map": True} if form.structure_is_map else {})})  # fmt: skip
+    if loras := _files(form.loras):
+        inputs["lora"] = loras
+        weights = [float(w) for w in str(form.lora_weights or "").replace(",", " ").split()]
+        if weights:  # one per file, the last repeating; none: the LoRA's own weight
+            options["lora.scale"] = weights
+    return inputs, options
 
 
 def _preset_inputs(preset: str, form: PageForm) -> tuple[dict[str, Any], set[str]]:
@@ -220,7 +222,7 @@ def _start(form: PageForm, folder: Path) -> dict[str, Any]:
 
 def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     """The job the page's form asks for: the preset's sampler, models, LoRAs and condition templates filled from the
-    page's fields, the page's numbers (which choosing a preset fills in) and its other conditions."""
+    page's fields, the page's numbers (which choosing a preset fills in) and the input slots its other fields fill."""
     from .spec import JobSpec
 
     preset = form.preset if form.preset and form.preset != NO_PRESET else None
@@ -246,8 +248,9 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
         models["fast"] = form.fast
     if form.offload:
         models["offload"] = True
-    return JobSpec(form.prompt, preset=preset, inputs=inputs, settings=settings,
-                   conditions=tuple(_conditions(form, taken)), models=models, face_pack=config.face_pack)  # fmt: skip
+    slot_inputs, slot_options = _slot_inputs(form, taken)
+    return JobSpec(form.prompt, preset=preset, inputs={**inputs, **slot_inputs}, set=slot_options, settings=settings,
+                   models=models, face_pack=config.face_pack)  # fmt: skip
 
 
 def _for_page(message: str) -> str:
