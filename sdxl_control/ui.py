@@ -48,6 +48,7 @@ PAGE_STORAGES = ("fp8_e4m3fn", "fp8_e5m2", "fp8_matmul")
 # The page's face method: PuLID, as the portrait preset and the README's page example use it.
 PAGE_IDENTITY = "pulid"
 PREVIEW_EVERY = 2
+MORE_INPUTS_EXAMPLE = '{"inputs": {"reference": ["ref.png"]}, "set": {"reference.scale": 0.5}}'
 MAX_SEED = 2**32 - 1
 
 
@@ -79,6 +80,8 @@ class UiConfig:
 @dataclass(frozen=True)
 class PageForm:
     """The page's form, field by field, with the values the page opens with; the HTTP API takes the same names.
+    ``more_inputs`` fills any condition family's input slot the other fields do not (a reference image, the union,
+    a family added later), as a job line does: JSON ``{"inputs": {SLOT: files}, "set": {"SLOT.OPTION": value}}``.
 
     Example:
         >>> PageForm("a red fox", steps=4).identity
@@ -120,6 +123,7 @@ class PageForm:
     offload: bool = False
     fast: str = "off"
     weight_storage: str = PRESET_STORAGE
+    more_inputs: str = ""
 
 
 def _files(value: Any) -> list[str]:
@@ -158,6 +162,26 @@ def _slot_inputs(form: PageForm, taken: set[str]) -> tuple[dict[str, list[str]],
         weights = [float(w) for w in str(form.lora_weights or "").replace(",", " ").split()]
         if weights:  # one per file, the last repeating; none: the LoRA's own weight
             options["lora.scale"] = weights
+    return inputs, options
+
+
+def _more_inputs(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(inputs, set) of the More inputs field: any input slot by name, in a job line's words."""
+    import json
+
+    if not (text or "").strip():
+        return {}, {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"More inputs: not JSON ({exc}); write {MORE_INPUTS_EXAMPLE}") from None
+    if not isinstance(value, dict) or set(value) - {"inputs", "set"}:
+        raise InvalidRequestError(
+            f"More inputs: an object of 'inputs' and 'set', as {MORE_INPUTS_EXAMPLE}, got {text!r:.80}"
+        )
+    inputs, options = value.get("inputs", {}), value.get("set", {})
+    if not isinstance(inputs, dict) or not isinstance(options, dict):
+        raise InvalidRequestError(f"More inputs: 'inputs' and 'set' are objects, as {MORE_INPUTS_EXAMPLE}")
     return inputs, options
 
 
@@ -249,6 +273,11 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     if form.offload:
         models["offload"] = True
     slot_inputs, slot_options = _slot_inputs(form, taken)
+    more, more_options = _more_inputs(form.more_inputs)
+    if both := sorted(set(more) & {*inputs, *slot_inputs}):
+        raise InvalidRequestError(f"More inputs: {', '.join(both)} is filled by the page's own field; give it there")
+    slot_inputs.update(more)
+    slot_options.update(more_options)
     return JobSpec(form.prompt, preset=preset, inputs={**inputs, **slot_inputs}, set=slot_options, settings=settings,
                    models=models, face_pack=config.face_pack)  # fmt: skip
 
@@ -587,6 +616,10 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
             w["weight_storage"] = gr.Dropdown([PRESET_STORAGE, *PAGE_STORAGES], value=v["weight_storage"],
                                               label="Weight storage (fp8: about half the UNet's memory)",
                                               elem_id="weight-storage")  # fmt: skip
+    with gr.Accordion("More inputs", open=False):
+        w["more_inputs"] = gr.Textbox(v["more_inputs"], label="Any input slot of the condition families, as a job "
+                                      f"line's inputs and set: {MORE_INPUTS_EXAMPLE}", lines=2,
+                                      elem_id="more-inputs")  # fmt: skip
     return w
 
 

@@ -550,7 +550,31 @@ def test_a_family_registered_with_a_slot_needs_no_front_end_code(tiny, tmp_path,
     built = resolve(JobSpec("x", inputs={"sketch": [sketch]}, set={"sketch.scale": 0.4})).request.conditions
     assert built == resolve(_cli_spec(["x", "--sketch", sketch, "--sketch-scale", "0.4"])).request.conditions
     assert built == (ControlNet("me/sketch-controlnet", image=sketch, scale=0.4),)
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    more = json.dumps({"inputs": {"sketch": [sketch]}, "set": {"sketch.scale": 0.4}})  # the page's More inputs
+    page = form_spec(PageForm("x", more_inputs=more), UiConfig(outputs=tmp_path), seed=1)
+    assert resolve(page).request.conditions == built
     (tmp_path / "not.png").write_text("text")
     assert main(["generate", "x", "--sketch", str(tmp_path / "not.png"), "--dry-run"]) == 3
     assert main(["generate", "x", "--sketch-scale", "0.4", "--dry-run"]) == 2
     assert "--sketch-scale: options of --sketch, which is not given" in capsys.readouterr().err
+
+
+def test_the_pages_more_inputs_fill_any_slot_and_are_checked(tmp_path):
+    """The page's More inputs field (JSON, a job line's inputs and set) fills a slot the page has no field for, as the
+    command line's flags do; a slot its own fields fill, or text that is not the expected JSON, is refused by name."""
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    ref = _photo(tmp_path / "ref.png", 8)
+    config = UiConfig(outputs=tmp_path)
+    more = json.dumps(
+        {"inputs": {"reference": [ref]}, "set": {"reference.scale": 0.3, "reference.variant": "plus-face"}}
+    )
+    page = resolve(form_spec(PageForm("x", more_inputs=more), config, seed=1)).request.conditions
+    cli = resolve(_cli_spec(["x", "--reference", ref, "--reference-scale", "0.3", "--reference-variant", "plus-face"]))
+    assert page == cli.request.conditions and page[0].variant == "plus-face"
+    for text, message in [("{", "More inputs: not JSON"), ('{"input": {}}', "an object of 'inputs' and 'set'"),
+                          (json.dumps({"inputs": {"style": [ref]}}), "style is filled by the page's own field")]:  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=re.escape(message)):
+            form_spec(PageForm("x", style=ref, more_inputs=text), config, seed=1)
