@@ -59,10 +59,10 @@ class Slot:
     Plain data, so the registry imports without torch. ``files`` is the field of the family's class the files fill
     (``None``: a slot of options only, switched on by giving any, such as ``union``); ``many``: several files make one
     condition (photos of one person); ``each``: one condition per file (LoRAs), and an option of ``per_file`` given
-    as a list then goes file by file, its last value repeating. The slot's options are its class's fields (their defaults the class's,
-    or the slot's own ``fields``), the ``switches`` (an option true or false, and the fields it sets when true: a
-    ready ``map`` is not preprocessed) and, for a slot with a ``role``, ``kind``: another family of that role builds
-    it. ``joins`` is ``(slot, field)``: while that slot is switched on, it takes this slot's files as its ``field``
+    as a list then goes file by file, its last value repeating. The slot's options are its class's fields (their
+    defaults the class's, or the slot's own ``fields``), the ``switches`` (an option true or false, and the fields it
+    sets when true: a ready ``map`` is not preprocessed) and, for a slot with a ``role``, ``kind``: another family of
+    that role builds it. ``joins`` is ``(slot, field)``: while that slot is switched on, it takes this slot's files as its ``field``
     (``--union`` drives every structure slot through one ControlNet-Union). ``build`` names a function
     ``"module:name"`` in ``adapters/`` for a slot the generic rule cannot build (see :mod:`sdxl_control.slots`).
     ``images``: its files are images, checked as such before any model loads. ``flags`` are the command-line options

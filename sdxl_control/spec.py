@@ -41,12 +41,12 @@ class JobSpec:
     (name -> files) and ``set`` assignments, which fill and change the preset's inputs and settings, and fill the
     input slots of the condition families (:func:`~sdxl_control.adapters.input_slots`: ``{"edges": ["photo.jpg"]}``
     with ``{"edges.scale": 0.6}``) where no preset takes them; request ``settings`` given explicitly (they win over
-    the preset's); ``conditions`` stacked after the preset's and the slots'; ``models`` named explicitly (``base``, ``refiner``,
-    ``unet``, and how the :class:`~sdxl_control.runner.Runner` keeps them: ``weight_storage``, ``"fp8_e4m3fn"`` keeps
-    the UNets in fp8, see :meth:`~sdxl_control.generator.Generator.set_weight_storage`; ``fast``, a level of
-    :data:`~sdxl_control.defaults.FAST_LEVELS`; ``offload``, ``True`` to keep the models in CPU memory, each on the
-    device only while it runs); a ``face_pack`` for every face analysis (the
-    preset's conditions included); or a ``recipe`` to re-make, which the other fields then change.
+    the preset's); ``conditions`` stacked after the preset's and the slots'; ``models`` named explicitly (``base``,
+    ``refiner``, ``unet``, and how the :class:`~sdxl_control.runner.Runner` keeps them: ``weight_storage``,
+    ``"fp8_e4m3fn"`` keeps the UNets in fp8, see :meth:`~sdxl_control.generator.Generator.set_weight_storage`;
+    ``fast``, a level of :data:`~sdxl_control.defaults.FAST_LEVELS`; ``offload``, ``True`` to keep the models in CPU
+    memory, each on the device only while it runs); a ``face_pack`` for every face analysis (the preset's conditions
+    included); or a ``recipe`` to re-make, which the other fields then change.
 
     Example:
         >>> JobSpec("a portrait", preset="portrait", inputs={"face": ["me.jpg"]}, settings={"seed": 7}).preset

@@ -574,7 +574,8 @@ def test_the_pages_more_inputs_fill_any_slot_and_are_checked(tmp_path):
     page = resolve(form_spec(PageForm("x", more_inputs=more), config, seed=1)).request.conditions
     cli = resolve(_cli_spec(["x", "--reference", ref, "--reference-scale", "0.3", "--reference-variant", "plus-face"]))
     assert page == cli.request.conditions and page[0].variant == "plus-face"
+    taken = json.dumps({"inputs": {"style": [ref]}})
     for text, message in [("{", "More inputs: not JSON"), ('{"input": {}}', "an object of 'inputs' and 'set'"),
-                          (json.dumps({"inputs": {"style": [ref]}}), "style is filled by the page's own field")]:  # fmt: skip
+                          (taken, "style is filled by the page's own field")]:  # fmt: skip
         with pytest.raises(InvalidRequestError, match=re.escape(message)):
             form_spec(PageForm("x", style=ref, more_inputs=text), config, seed=1)
