@@ -362,7 +362,9 @@ def _identity_options(args: argparse.Namespace) -> dict[str, Any]:
     return {f"face.{k}": v for k, v in given.items() if v is not None}
 
 
-def _structure_slots(args: argparse.Namespace, taken: set[str]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+def _structure_slots(
+    args: argparse.Namespace, taken: set[str], declared: set[str]
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """The structure slots (edges, depth, pose) and the union slot from their flags: a photo, or a ready map."""
     inputs: dict[str, list[str]] = {}
     options: dict[str, Any] = {}
@@ -370,7 +372,7 @@ def _structure_slots(args: argparse.Namespace, taken: set[str]) -> tuple[dict[st
         photo, ready = None if name in taken else getattr(args, name), getattr(args, f"{name}_map")
         if photo and ready:
             raise InvalidRequestError(f"give --{name} (a photo) or --{name}-map (a ready map), not both")
-        if ready and name in taken:  # the preset's input of that name takes photos
+        if ready and name in declared:  # the preset's input of that name takes photos
             raise InvalidRequestError(
                 f"--{name}-map: the preset {args.preset} takes its {name} input as --{name}; give a ready map as "
                 f"--{name} MAP --set {name}.preprocess=null"
@@ -401,10 +403,13 @@ def _lora(text: str) -> tuple[str, float | None]:
         return text, None
 
 
-def _slot_inputs(args: argparse.Namespace, taken: set[str]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+def _slot_inputs(
+    args: argparse.Namespace, taken: set[str], declared: set[str]
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """(the condition families' input slots the flags fill, their options as given): what no preset input took.
-    Options not given are left out, so the slot's defaults (its family's) apply."""
-    inputs, options = _structure_slots(args, taken)
+    Options not given are left out, so the slot's defaults (its family's) apply; so are the options of a slot the
+    preset takes as an input of its own (``declared``), which its template sets up (``--set NAME.KEY=VALUE``)."""
+    inputs, options = _structure_slots(args, taken, declared)
     if args.lora:
         files, scales = zip(*map(_lora, args.lora), strict=True)
         inputs["lora"] = list(files)
@@ -434,12 +439,12 @@ def _slot_inputs(args: argparse.Namespace, taken: set[str]) -> tuple[dict[str, l
             )
         elif stray := [f"--{f.name}" for f in slot.flags if _given(args, f) is not None]:
             raise InvalidRequestError(f"{', '.join(stray)}: options of --{slot.name}, which is not given")
-    return inputs, options
+    return inputs, {k: v for k, v in options.items() if k.partition(".")[0] not in declared}
 
 
-def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[str]]:
-    """(the preset's inputs from --input NAME=FILE and from the flags named like them, the flags they took): a flag
-    that fills an input adds no condition of its own."""
+def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[str], set[str]]:
+    """(the preset's inputs from --input NAME=FILE and from the flags named like them, the flags they took, the names
+    of the preset's inputs): a flag that fills an input adds no condition of its own."""
     from ..presets import load_preset
 
     inputs: dict[str, list[str]] = {}
@@ -465,7 +470,7 @@ def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[
             f"the preset {preset.name} sets up the identity condition ({', '.join(identity_flags)}); "
             "change it with --set face.KEY=VALUE (--dry-run shows its settings)"
         )
-    return inputs, taken
+    return inputs, taken, set(preset.inputs) if preset is not None else set()
 
 
 def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -534,8 +539,8 @@ def job_spec(args: argparse.Namespace, resolver: Resolver) -> tuple[JobSpec, Any
         raise InvalidRequestError("--set changes a preset's settings: give --preset")
     if args.recipe is None and args.inputs_from:
         raise InvalidRequestError("--inputs-from is where --recipe finds the files its recipe names: give --recipe")
-    inputs, taken = _preset_inputs(args)
-    slot_inputs, slot_options = _slot_inputs(args, taken)
+    inputs, taken, declared = _preset_inputs(args)
+    slot_inputs, slot_options = _slot_inputs(args, taken, declared)
     recipe, locate, imported = None, Locator(), None
     if args.recipe is not None:
         from ..png_import import Imported, missing_loras, read_image_settings
