@@ -579,3 +579,17 @@ def test_the_pages_more_inputs_fill_any_slot_and_are_checked(tmp_path):
                           (taken, "style is filled by the page's own field")]:  # fmt: skip
         with pytest.raises(InvalidRequestError, match=re.escape(message)):
             form_spec(PageForm("x", style=ref, more_inputs=text), config, seed=1)
+
+
+def test_a_flag_filling_a_presets_input_leaves_its_template_to_the_preset(tmp_path, capsys):
+    """--pose beside the portrait preset fills the preset's pose input: its template sets the ControlNet up (scale 0.4;
+    --set pose.scale changes it), --pose-scale does not reach it, and a ready map there is refused with the way to
+    give one."""
+    face, pose = _photo(tmp_path / "me.jpg", 0), _photo(tmp_path / "pose.png", 1)
+    base = ["generate", "x", "--seed", "1", "--preset", "portrait", "--face", face, "--dry-run"]
+    assert main([*base, "--pose", pose, "--pose-scale", "0.2"]) == 0
+    assert [c["scale"] for c in json.loads(capsys.readouterr().out)["conditions"]] == [0.8, 0.4]
+    assert main([*base, "--pose", pose, "--set", "pose.scale=0.2"]) == 0
+    assert [c["scale"] for c in json.loads(capsys.readouterr().out)["conditions"]] == [0.8, 0.2]
+    assert main([*base, "--pose-map", pose]) == 2
+    assert "--pose MAP --set pose.preprocess=null" in capsys.readouterr().err
