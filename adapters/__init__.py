@@ -69,8 +69,9 @@ class Slot:
     of a slot the command line has no flags of its own for (``--NAME FILE`` it gets in any case).
 
     Example:
-        >>> input_slots()["style"][1].fields["layers"]
-        'style'
+        >>> kind, slot = input_slots()["style"]
+        >>> kind, slot.fields["layers"]
+        ('ip-adapter', 'style')
     """
 
     name: str
