@@ -1,7 +1,10 @@
 """Condition families, one module per family, imported as ``sdxl_control.adapters``.
 
 Each module defines frozen :class:`sdxl_control.Condition` values and the mechanism that attaches them.
-:func:`condition_from_settings` rebuilds a condition from the settings a recipe recorded.
+:func:`condition_from_settings` rebuilds a condition from the settings a recipe recorded. :data:`CONDITION_KINDS` is
+the registry the front-ends read: each family's class, role, command-line flags and input slots (:class:`Slot`: the
+named inputs — structure, style, reference, face, LoRA — a job fills with files and options, from which
+:func:`sdxl_control.jobs.slots.slot_conditions` builds the conditions).
 
 Example:
     >>> from sdxl_control.adapters import condition_from_settings
@@ -12,10 +15,11 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..base.defaults import DEFAULT_UNION, STRUCTURE_CONTROLS
 from ..base.errors import ConditionError
 
 if TYPE_CHECKING:
@@ -23,8 +27,8 @@ if TYPE_CHECKING:
     from ..protocol.conditions import Condition
 
 __all__ = [
-    "CONDITION_KINDS", "Family", "Flag", "condition_class", "condition_from_settings", "identity_kinds",
-    "with_face_pack",
+    "CONDITION_KINDS", "Family", "Flag", "Slot", "condition_class", "condition_from_settings", "identity_kinds",
+    "input_slots", "with_face_pack",
 ]  # fmt: skip
 
 
@@ -47,20 +51,64 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Slot:
+    """A named input of a job that a family builds conditions from: a job names its files in ``JobSpec.inputs``
+    (``{"edges": ["photo.jpg"]}``) and its options in ``JobSpec.set`` (``{"edges.scale": 0.6}``), and
+    :func:`sdxl_control.jobs.slots.slot_conditions` builds them; a front-end only translates its fields into those two.
+
+    Plain data, so the registry imports without torch. ``files`` is the field of the family's class the files fill
+    (``None``: a slot of options only, switched on by giving any, such as ``union``); ``many``: several files make one
+    condition (photos of one person); ``each``: one condition per file (LoRAs), and an option of ``per_file`` given
+    as a list then goes file by file, its last value repeating. The slot's options are its class's fields (their
+    defaults the class's, or the slot's own ``fields``), the ``switches`` (an option true or false, and the fields it
+    sets when true: a ready ``map`` is not preprocessed) and, for a slot with a ``role``, ``kind``: another family of
+    that role builds it. ``joins`` is ``(slot, field)``: while that slot is switched on, it takes this slot's files as its ``field``
+    (``--union`` drives every structure slot through one ControlNet-Union). ``build`` names a function
+    ``"module:name"`` in ``adapters/`` for a slot the generic rule cannot build (see :mod:`sdxl_control.jobs.slots`).
+    ``images``: its files are images, checked as such before any model loads. ``flags`` are the command-line options
+    of a slot the command line has no flags of its own for (``--NAME FILE`` it gets in any case).
+
+    Example:
+        >>> kind, slot = input_slots()["style"]
+        >>> kind, slot.fields["layers"]
+        ('ip-adapter', 'style')
+    """
+
+    name: str
+    help: str
+    files: str | None
+    many: bool = False
+    each: bool = False
+    per_file: tuple[str, ...] = ()
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    switches: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    role: Literal["identity"] | None = None
+    joins: tuple[str, str] | None = None
+    build: str | None = None
+    images: bool = True
+    flags: tuple[Flag, ...] = ()
+
+
+@dataclass(frozen=True)
 class Family:
     """A condition family as the front-ends see it, without importing it (the command line's ``--help`` answers
     before torch loads): where its class lives, its ``role`` (``"identity"``: made from photos of one person, the
-    ``--face`` photos, with the shared ``--face-scale``, ``--face-window`` and ``--face-pack``) and its own ``flags``.
+    ``--face`` photos, with the shared ``--face-scale``, ``--face-window`` and ``--face-pack``), its own ``flags`` and
+    the input ``slots`` it builds (a family added with a slot needs no code in the command line, the page or job
+    files: they fill the slot by its name).
 
     Example:
         >>> CONDITION_KINDS["pulid"].role
         'identity'
+        >>> [slot.name for slot in CONDITION_KINDS["ip-adapter"].slots]
+        ['style', 'reference']
     """
 
     module: str
     cls: str
     role: Literal["identity"] | None = None
     flags: tuple[Flag, ...] = ()
+    slots: tuple[Slot, ...] = ()
 
 
 _PULID_FLAGS = (
@@ -85,20 +133,65 @@ _INSTANTID_FLAGS = (
     Flag("instantid-model", "source", "InstantID: repo or folder with ControlNetModel/ and ip-adapter.bin"),
 )  # fmt: skip
 
+
+def _structure_slot(name: str) -> Slot:
+    control = STRUCTURE_CONTROLS[name]
+    return Slot(name, f"a photo whose {control.preprocessor} map guides the composition (a ready map with "
+                f"{name}.map=true)", "image", fields={"model": control.model, "preprocess": control.preprocessor},
+                switches={"map": {"preprocess": None}}, joins=("union", control.union_type))  # fmt: skip
+
+
+_LORA_SLOT = Slot("lora", "LoRA files to stack (lora.scale: one weight, or one per file)", "source", many=True,
+                  each=True, per_file=("scale",), images=False)  # fmt: skip
+_UNION_SLOT = Slot("union", "drive every structure slot through one ControlNet-Union model (union.model, "
+                   "union.scale, union.window)", None, fields={"model": DEFAULT_UNION},
+                   build="controlnet:union_from_slots")  # fmt: skip
+_STYLE_SLOT = Slot("style", "style image(s) (InstantStyle: the ViT-bigG IP-Adapter on the style block)", "images",
+                   many=True, fields={"variant": "sdxl", "layers": "style", "scale": 0.8})  # fmt: skip
+_REFERENCE_SLOT = Slot("reference", "IP-Adapter reference image(s)", "images", many=True,
+                       fields={"variant": "plus", "scale": 0.6})  # fmt: skip
+# The photos of one person, declared by the default identity family (defaults.DEFAULT_IDENTITY); face.kind picks
+# another family of its role.
+_FACE_SLOT = Slot("face", "photo(s) of one person (face.kind: the identity method)", "faces", many=True,
+                  role="identity")  # fmt: skip
+
 # kind -> family; a family's module is imported only when its kind is asked for. A family added here needs no code in
-# the command line, the page or the batch runner: they read this.
+# the command line, the page or the batch runner: they read this. The slots build in this order (LoRAs first), which
+# is the order of the conditions a job stacks.
 CONDITION_KINDS: dict[str, Family] = {
-    "controlnet": Family("controlnet", "ControlNet"),
-    "controlnet-union": Family("controlnet", "ControlNetUnion"),
-    "ip-adapter": Family("ip_adapter", "IPAdapter"),
+    "lora": Family("lora", "LoRA", slots=(_LORA_SLOT,)),
+    "controlnet": Family("controlnet", "ControlNet", slots=tuple(map(_structure_slot, STRUCTURE_CONTROLS))),
+    "controlnet-union": Family("controlnet", "ControlNetUnion", slots=(_UNION_SLOT,)),
+    "ip-adapter": Family("ip_adapter", "IPAdapter", slots=(_STYLE_SLOT, _REFERENCE_SLOT)),
     "faceid": Family(
-        "faceid", "FaceID", "identity", (Flag("face-variant", "variant", "FaceID: faceid or plusv2 (default)"),)
+        "faceid",
+        "FaceID",
+        "identity",
+        (Flag("face-variant", "variant", "FaceID: faceid or plusv2 (default)"),),
+        slots=(_FACE_SLOT,),
     ),  # fmt: skip
     "instantid": Family("instantid", "InstantID", "identity", _INSTANTID_FLAGS),
     "pulid": Family("pulid", "PuLID", "identity", _PULID_FLAGS),
     "photomaker": Family("photomaker", "PhotoMaker", "identity", _PHOTOMAKER_FLAGS),
-    "lora": Family("lora", "LoRA"),
 }
+
+
+def input_slots() -> dict[str, tuple[str, Slot]]:
+    """Every input slot by name, with the kind of the family that declares it, in registry order (the order the
+    conditions stack in).
+
+    Example:
+        >>> kind, slot = input_slots()["edges"]
+        >>> kind, slot.files, slot.fields["preprocess"]
+        ('controlnet', 'image', 'canny')
+    """
+    found: dict[str, tuple[str, Slot]] = {}
+    for kind, family in CONDITION_KINDS.items():
+        for slot in family.slots:
+            if slot.name in found:
+                raise ConditionError(f"input slot {slot.name!r} is declared by {found[slot.name][0]} and {kind}")
+            found[slot.name] = (kind, slot)
+    return found
 
 
 def identity_kinds() -> list[str]:

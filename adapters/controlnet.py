@@ -467,3 +467,25 @@ class ControlNetUnion(Condition):
         control_type = torch.zeros(n_types).scatter_(0, torch.tensor(modes), 1).reshape(1, -1).to(ctx.device, ctx.dtype)
         inputs = {"controlnet_cond": images, "control_type": control_type, "control_type_idx": modes}
         return ControlPrepared(model, self.scale, self.guess_mode, inputs)
+
+
+def union_from_slots(
+    cls: type[ControlNetUnion], values: Mapping[str, Any], joined: Mapping[str, tuple[str, list[Any], dict[str, Any]]]
+) -> list[ControlNetUnion]:
+    """The ``union`` input slot's condition (:mod:`sdxl_control.jobs.slots`): one ControlNet-Union driven by the structure
+    slots it takes, ``joined`` (slot -> (control type, files, options)); their photos are preprocessed for their
+    type, a ready map (``SLOT.map``) is not. The union's own model, scale and window apply to all of them."""
+    if not joined:
+        raise ConditionError("it drives the structure inputs through one model: give at least one of them")
+    images: dict[str, Any] = {}
+    preprocess = []
+    for name, (control_type, files, options) in joined.items():
+        if set(options) - {"map"}:
+            given = ", ".join(f"{name}.{option}" for option in sorted(set(options) - {"map"}))
+            raise ConditionError(f"{given}: with the union on, its own options apply (union.model, union.scale, ...)")
+        if not isinstance(options.get("map", False), bool):
+            raise ConditionError(f"{name}.map is true or false, got {options['map']!r}")
+        images[control_type] = files[0]
+        if not options.get("map"):
+            preprocess.append(control_type)
+    return [cls(**{**values, "preprocess": tuple(preprocess), **images})]

@@ -35,7 +35,6 @@ from .jobs.resolvers import HubResolver, Resolver
 
 if TYPE_CHECKING:
     from .jobs.spec import JobSpec
-    from .protocol.conditions import Condition
 
 __all__ = ["UiConfig", "PageForm", "build_app", "form_spec"]
 
@@ -49,6 +48,7 @@ PAGE_STORAGES = ("fp8_e4m3fn", "fp8_e5m2", "fp8_matmul")
 # The page's face method: PuLID, as the portrait preset and the README's page example use it.
 PAGE_IDENTITY = "pulid"
 PREVIEW_EVERY = 2
+MORE_INPUTS_EXAMPLE = '{"inputs": {"reference": ["ref.png"]}, "set": {"reference.scale": 0.5}}'
 MAX_SEED = 2**32 - 1
 
 
@@ -80,6 +80,8 @@ class UiConfig:
 @dataclass(frozen=True)
 class PageForm:
     """The page's form, field by field, with the values the page opens with; the HTTP API takes the same names.
+    ``more_inputs`` fills any condition family's input slot the other fields do not (a reference image, the union,
+    a family added later), as a job line does: JSON ``{"inputs": {SLOT: files}, "set": {"SLOT.OPTION": value}}``.
 
     Example:
         >>> PageForm("a red fox", steps=4).identity
@@ -121,6 +123,7 @@ class PageForm:
     offload: bool = False
     fast: str = "off"
     weight_storage: str = PRESET_STORAGE
+    more_inputs: str = ""
 
 
 def _files(value: Any) -> list[str]:
@@ -130,33 +133,56 @@ def _files(value: Any) -> list[str]:
     return [str(getattr(item, "name", item)) for item in items]
 
 
-def _conditions(form: PageForm, taken: set[str]) -> list[Condition]:
-    """The conditions the form's fields set, those that fill the preset's inputs (``taken``) left out."""
-    from .adapters import condition_class
-    from .adapters.controlnet import ControlNet
-    from .adapters.ip_adapter import IPAdapter
-    from .adapters.lora import LoRA
+def _slot_inputs(form: PageForm, taken: set[str]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """(the condition families' input slots the form's fields fill, their options): the fields that fill the preset's
+    inputs (``taken``) left out. The slots' families build the conditions (:mod:`sdxl_control.jobs.slots`), as for the
+    command line's flags."""
     from .base.images import check_image_file
 
-    out: list[Condition] = []
+    inputs: dict[str, list[str]] = {}
+    options: dict[str, Any] = {}
     faces = _files(form.faces)
     for face in faces:
         check_image_file(face, "face photo")
     if faces and "faces" not in taken:
-        out.append(condition_class(form.identity)(faces=faces, scale=form.identity_scale))
+        inputs["face"] = faces
+        options.update({"face.kind": form.identity, "face.scale": form.identity_scale})
     if form.style and "style" not in taken:
         check_image_file(form.style, "style image")
-        out.append(IPAdapter("sdxl", [form.style], layers=form.style_layers, scale=form.style_scale))
+        inputs["style"] = [form.style]
+        options.update({"style.layers": form.style_layers, "style.scale": form.style_scale})
     if form.structure and "structure" not in taken:
         check_image_file(form.structure, "structure photo")
-        control = STRUCTURE_CONTROLS[form.structure_kind]
-        out.append(ControlNet(control.model, image=form.structure,
-                              preprocess=None if form.structure_is_map else control.preprocessor,
-                              scale=form.structure_scale, window=(form.structure_start, form.structure_end)))  # fmt: skip
-    weights = [float(w) for w in str(form.lora_weights or "").replace(",", " ").split()] or [1.0]
-    for i, lora in enumerate(_files(form.loras)):
-        out.append(LoRA(lora, scale=weights[min(i, len(weights) - 1)]))
-    return out
+        name = form.structure_kind  # edges, depth or pose: a slot each
+        inputs[name] = [form.structure]
+        options.update({f"{name}.scale": form.structure_scale, f"{name}.window": (form.structure_start,
+                        form.structure_end), **({f"{name}.map": True} if form.structure_is_map else {})})  # fmt: skip
+    if loras := _files(form.loras):
+        inputs["lora"] = loras
+        weights = [float(w) for w in str(form.lora_weights or "").replace(",", " ").split()]
+        if weights:  # one per file, the last repeating; none: the LoRA's own weight
+            options["lora.scale"] = weights
+    return inputs, options
+
+
+def _more_inputs(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(inputs, set) of the More inputs field: any input slot by name, in a job line's words."""
+    import json
+
+    if not (text or "").strip():
+        return {}, {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(f"More inputs: not JSON ({exc}); write {MORE_INPUTS_EXAMPLE}") from None
+    if not isinstance(value, dict) or set(value) - {"inputs", "set"}:
+        raise InvalidRequestError(
+            f"More inputs: an object of 'inputs' and 'set', as {MORE_INPUTS_EXAMPLE}, got {text!r:.80}"
+        )
+    inputs, options = value.get("inputs", {}), value.get("set", {})
+    if not isinstance(inputs, dict) or not isinstance(options, dict):
+        raise InvalidRequestError(f"More inputs: 'inputs' and 'set' are objects, as {MORE_INPUTS_EXAMPLE}")
+    return inputs, options
 
 
 def _preset_inputs(preset: str, form: PageForm) -> tuple[dict[str, Any], set[str]]:
@@ -220,7 +246,7 @@ def _start(form: PageForm, folder: Path) -> dict[str, Any]:
 
 def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
     """The job the page's form asks for: the preset's sampler, models, LoRAs and condition templates filled from the
-    page's fields, the page's numbers (which choosing a preset fills in) and its other conditions."""
+    page's fields, the page's numbers (which choosing a preset fills in) and the input slots its other fields fill."""
     from .jobs.spec import JobSpec
 
     preset = form.preset if form.preset and form.preset != NO_PRESET else None
@@ -246,8 +272,14 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
         models["fast"] = form.fast
     if form.offload:
         models["offload"] = True
-    return JobSpec(form.prompt, preset=preset, inputs=inputs, settings=settings,
-                   conditions=tuple(_conditions(form, taken)), models=models, face_pack=config.face_pack)  # fmt: skip
+    slot_inputs, slot_options = _slot_inputs(form, taken)
+    more, more_options = _more_inputs(form.more_inputs)
+    if both := sorted(set(more) & {*inputs, *slot_inputs}):
+        raise InvalidRequestError(f"More inputs: {', '.join(both)} is filled by the page's own field; give it there")
+    slot_inputs.update(more)
+    slot_options.update(more_options)
+    return JobSpec(form.prompt, preset=preset, inputs={**inputs, **slot_inputs}, set=slot_options, settings=settings,
+                   models=models, face_pack=config.face_pack)  # fmt: skip
 
 
 def _for_page(message: str) -> str:
@@ -585,6 +617,10 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
             w["weight_storage"] = gr.Dropdown([PRESET_STORAGE, *PAGE_STORAGES], value=v["weight_storage"],
                                               label="Weight storage (fp8: about half the UNet's memory)",
                                               elem_id="weight-storage")  # fmt: skip
+    with gr.Accordion("More inputs", open=False):
+        w["more_inputs"] = gr.Textbox(v["more_inputs"], label="Any input slot of the condition families, as a job "
+                                      f"line's inputs and set: {MORE_INPUTS_EXAMPLE}", lines=2,
+                                      elem_id="more-inputs")  # fmt: skip
     return w
 
 

@@ -88,7 +88,7 @@ def test_every_bad_line_is_named_and_nothing_runs(inputs, tiny, capsys, monkeypa
         {"id": "ok", "prompt": "same id again"},
         {"id": "../escape", "prompt": "x"},
         {"id": "sub", "prompt": "x", "output": "folder/sub.png"},
-        {"prompt": "x", "inputs": {"face": "photo.png"}},
+        {"prompt": "x", "inputs": {"fcae": "photo.png"}},
         {"id": "size", "prompt": "x", "size": [63, 64]},
         {
             "id": "remote",

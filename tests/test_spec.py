@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import fields
 
@@ -415,3 +416,180 @@ def test_a_dry_run_names_fast_and_offload_only_when_they_are_set(capsys):
     assert (models["fast"], models["offload"]) == ("layout", True)
     assert main([*args, "--fast", "off"]) == 0
     assert "fast" not in json.loads(capsys.readouterr().out)["models"]
+
+
+def _cli_spec(argv):
+    """The JobSpec the command line makes of ``argv`` (``generate`` and its flags), with nothing resolved."""
+    from sdxl_control.cli import build_parser
+    from sdxl_control.cli.generate import job_spec
+
+    spec, _ = job_spec(build_parser().parse_args(["generate", *argv]), HubResolver())
+    return spec
+
+
+def test_the_cli_and_the_page_fill_the_same_slots_and_resolve_the_same_conditions(tmp_path):
+    """Structure (a ready depth map with its strength and window), style, two LoRAs with their weights and a PuLID
+    face: the command line's flags and the page's fields both become input slots and options only (no hand-built
+    condition), and resolve() builds the same conditions from them, in the registry's order."""
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    face, style, depth = (_photo(tmp_path / f"{n}.png", i) for i, n in enumerate(("me", "look", "depth")))
+    loras = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    for lora in loras:  # resolve() checks the files are there; nothing reads them
+        open(lora, "wb").close()
+    cli = _cli_spec(["x", "--seed", "3", "--face", face, "--identity", "pulid", "--face-scale", "0.7", "--style", style,
+                     "--style-scale", "0.5", "--depth-map", depth, "--depth-scale", "0.6", "--depth-window", "0.2:0.9",
+                     "--lora", f"{loras[0]}:0.5", "--lora", f"{loras[1]}:0.25"])  # fmt: skip
+    form = PageForm("x", seed=3, random_seed=False, faces=[face], identity="pulid", identity_scale=0.7, style=style,
+                    style_scale=0.5, style_layers="style", structure=depth, structure_kind="depth",
+                    structure_is_map=True, structure_scale=0.6, structure_start=0.2, structure_end=0.9, loras=loras,
+                    lora_weights="0.5, 0.25")  # fmt: skip
+    page = form_spec(form, UiConfig(outputs=tmp_path), seed=3)
+    assert cli.conditions == page.conditions == ()  # neither front-end builds a condition itself
+    assert cli.inputs == page.inputs == {"face": [face], "style": [style], "depth": [depth], "lora": loras}
+    from_cli, from_page = resolve(cli).request.conditions, resolve(page).request.conditions
+    assert from_cli == from_page
+    assert [c.kind for c in from_cli] == ["lora", "lora", "controlnet", "ip-adapter", "pulid"]
+    (a, b, control, look, pulid) = from_cli
+    assert (a.scale, b.scale, control.preprocess, control.scale) == (0.5, 0.25, None, 0.6)
+    assert (control.window.start, control.window.end) == (0.2, 0.9)
+    assert control.model == STRUCTURE_CONTROLS["depth"].model
+    assert (look.variant, look.layers, look.scale, pulid.scale) == ("sdxl", "style", 0.5, 0.7)
+
+
+def test_a_slot_left_at_its_defaults_builds_its_familys_condition_as_the_cli_always_did(tmp_path):
+    """The slots' defaults are the families' (the class's fields, under the slot's own): what the command line's
+    --style, --reference, --edges, --union, --lora and --face made before the slots, written here with the classes."""
+    from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
+    from sdxl_control.adapters.ip_adapter import IPAdapter
+    from sdxl_control.adapters.lora import LoRA
+    from sdxl_control.base.defaults import DEFAULT_IDENTITY, DEFAULT_UNION
+    from sdxl_control.jobs.slots import slot_conditions
+
+    photo = _photo(tmp_path / "p.png", 0)
+    edges = STRUCTURE_CONTROLS["edges"]
+    assert slot_conditions({"style": [photo]}, {}) == [IPAdapter.style([photo], scale=0.8)]
+    assert slot_conditions({"reference": [photo]}, {}) == [IPAdapter("plus", [photo], scale=0.6)]
+    assert slot_conditions({"edges": photo}, {}) == [ControlNet(edges.model, image=photo, preprocess="canny")]
+    assert slot_conditions({"edges": [photo]}, {"edges.map": True}) == [ControlNet(edges.model, image=photo)]
+    union = slot_conditions({"edges": [photo], "pose": [photo]}, {"union.scale": 0.5, "pose.map": True})
+    assert union == [ControlNetUnion(DEFAULT_UNION, canny=photo, pose=photo, preprocess=("canny",), scale=0.5)]
+    assert slot_conditions({"face": [photo]}, {}) == [condition_class(DEFAULT_IDENTITY)(faces=[photo])]
+    three = slot_conditions({"lora": ["a", "b", "c"]}, {"lora.scale": [0.5, None]})
+    assert three == [LoRA("a", scale=0.5), LoRA("b"), LoRA("c")]  # None: the LoRA's own weight; the last repeats
+    assert adapters.input_slots()["face"][0] == DEFAULT_IDENTITY  # the default method declares the shared slot
+
+
+@pytest.mark.parametrize(
+    ("inputs", "options", "message"),
+    [
+        ({"sktech": ["p.png"]}, {}, "'sktech' names no slot, and the job names no 'preset'"),
+        ({}, {"edges.scale": 0.5}, "edges.scale: options of the edges input, which is not given"),
+        ({"edges": ["p.png", "q.png"]}, {}, "the edges input takes one file, got 2"),
+        ({"face": ["p.png"]}, {"face.kind": "controlnet"}, "face.kind is one of faceid, instantid, pulid, photomaker"),
+        ({"style": ["p.png"]}, {"style.scael": 0.5}, "'scael' (did you mean 'scale'?)"),
+        ({"edges": ["p.png"]}, {"edges.map": "yes"}, "edges.map is true or false, got 'yes'"),
+        ({"edges": ["p.png"]}, {"union.model": "m", "edges.scale": 0.5}, "edges.scale: with the union on"),
+        ({}, {"union.scale": 0.5}, "the union input: it drives the structure inputs through one model"),
+    ],
+)
+def test_slot_inputs_and_options_are_checked_and_name_what_is_wrong(inputs, options, message):
+    from sdxl_control.base.errors import ConditionError
+
+    with pytest.raises((InvalidRequestError, ConditionError), match=re.escape(message)) as raised:
+        resolve(JobSpec("x", inputs=inputs, set=options))
+    assert raised.value.exit_code == 2
+
+
+def test_a_preset_takes_its_own_inputs_and_settings_and_the_slots_the_rest(tmp_path):
+    """Beside a preset, its inputs and templates win (``face.scale`` changes its PuLID template) and the other names
+    fill the families' slots (``edges`` adds a ControlNet as the command line's --edges does)."""
+    face, edges = _photo(tmp_path / "me.jpg", 0), _photo(tmp_path / "edges.jpg", 1)
+    spec = JobSpec("x", preset="portrait", inputs={"face": [face], "edges": [edges]},
+                   set={"face.scale": 0.6, "edges.scale": 0.3, "steps": 5})  # fmt: skip
+    job = resolve(spec)
+    pulid, control = job.request.conditions
+    assert (pulid.kind, pulid.scale, control.kind, control.scale, job.request.steps) == ("pulid", 0.6, "controlnet",
+                                                                                         0.3, 5)  # fmt: skip
+    from_cli = _cli_spec(["x", "--preset", "portrait", "--face", face, "--set", "face.scale=0.6", "--set", "steps=5",
+                          "--edges", edges, "--edges-scale", "0.3"])  # fmt: skip
+    assert resolve(from_cli).request.conditions == job.request.conditions
+    with pytest.raises(InvalidRequestError, match="preset portrait has unknown input"):
+        resolve(JobSpec("x", preset="portrait", inputs={"face": [face], "fcae": [face]}))
+
+
+def test_a_job_line_fills_slots_with_files_beside_the_job_file(tmp_path):
+    from sdxl_control.jobs.batch import read_jobs
+
+    _photo(tmp_path / "edges.png", 2)
+    (tmp_path / "style.safetensors").write_bytes(b"")  # checked to be there, not read
+    line = {"prompt": "x", "inputs": {"edges": "edges.png", "lora": ["style.safetensors"]},
+            "set": {"edges.scale": 0.5, "lora.scale": 0.7}}  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(line) + "\n")
+    (job,), problems = read_jobs(tmp_path / "jobs.jsonl")
+    assert not problems
+    lora, control = job.request.conditions
+    assert (lora.source, lora.scale) == (str(tmp_path / "style.safetensors"), 0.7)
+    assert (control.image, control.scale) == (str(tmp_path / "edges.png"), 0.5)
+
+
+def test_a_family_registered_with_a_slot_needs_no_front_end_code(tiny, tmp_path, monkeypatch, capsys):
+    """A family declared only in the registry with an input slot (a sketch ControlNet: ControlNet's class, its own
+    model, ready maps, a flag for its strength): the command line gets --sketch and --sketch-scale, a job fills it by
+    name, and resolve() builds it from either alike; its photo is checked as an image before anything loads."""
+    from sdxl_control.adapters import Slot
+    from sdxl_control.adapters.controlnet import ControlNet
+
+    slot = Slot("sketch", "a sketch to follow", "image", fields={"model": "me/sketch-controlnet"},
+                flags=(Flag("sketch-scale", "scale", "the sketch's strength", "number"),))  # fmt: skip
+    monkeypatch.setitem(adapters.CONDITION_KINDS, "sketch", Family("controlnet", "ControlNet", slots=(slot,)))
+    sketch = _photo(tmp_path / "sketch.png", 7)
+    assert main(["generate", "x", "--seed", "1", "--sketch", sketch, "--sketch-scale", "0.4", "--dry-run"]) == 0
+    (recorded,) = json.loads(capsys.readouterr().out)["conditions"]
+    assert (recorded["kind"], recorded["model"], recorded["scale"]) == ("controlnet", "me/sketch-controlnet", 0.4)
+    built = resolve(JobSpec("x", inputs={"sketch": [sketch]}, set={"sketch.scale": 0.4})).request.conditions
+    assert built == resolve(_cli_spec(["x", "--sketch", sketch, "--sketch-scale", "0.4"])).request.conditions
+    assert built == (ControlNet("me/sketch-controlnet", image=sketch, scale=0.4),)
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    more = json.dumps({"inputs": {"sketch": [sketch]}, "set": {"sketch.scale": 0.4}})  # the page's More inputs
+    page = form_spec(PageForm("x", more_inputs=more), UiConfig(outputs=tmp_path), seed=1)
+    assert resolve(page).request.conditions == built
+    (tmp_path / "not.png").write_text("text")
+    assert main(["generate", "x", "--sketch", str(tmp_path / "not.png"), "--dry-run"]) == 3
+    assert main(["generate", "x", "--sketch-scale", "0.4", "--dry-run"]) == 2
+    assert "--sketch-scale: options of --sketch, which is not given" in capsys.readouterr().err
+
+
+def test_the_pages_more_inputs_fill_any_slot_and_are_checked(tmp_path):
+    """The page's More inputs field (JSON, a job line's inputs and set) fills a slot the page has no field for, as the
+    command line's flags do; a slot its own fields fill, or text that is not the expected JSON, is refused by name."""
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    ref = _photo(tmp_path / "ref.png", 8)
+    config = UiConfig(outputs=tmp_path)
+    more = json.dumps(
+        {"inputs": {"reference": [ref]}, "set": {"reference.scale": 0.3, "reference.variant": "plus-face"}}
+    )
+    page = resolve(form_spec(PageForm("x", more_inputs=more), config, seed=1)).request.conditions
+    cli = resolve(_cli_spec(["x", "--reference", ref, "--reference-scale", "0.3", "--reference-variant", "plus-face"]))
+    assert page == cli.request.conditions and page[0].variant == "plus-face"
+    taken = json.dumps({"inputs": {"style": [ref]}})
+    for text, message in [("{", "More inputs: not JSON"), ('{"input": {}}', "an object of 'inputs' and 'set'"),
+                          (taken, "style is filled by the page's own field")]:  # fmt: skip
+        with pytest.raises(InvalidRequestError, match=re.escape(message)):
+            form_spec(PageForm("x", style=ref, more_inputs=text), config, seed=1)
+
+
+def test_a_flag_filling_a_presets_input_leaves_its_template_to_the_preset(tmp_path, capsys):
+    """--pose beside the portrait preset fills the preset's pose input: its template sets the ControlNet up (scale 0.4;
+    --set pose.scale changes it), --pose-scale does not reach it, and a ready map there is refused with the way to
+    give one."""
+    face, pose = _photo(tmp_path / "me.jpg", 0), _photo(tmp_path / "pose.png", 1)
+    base = ["generate", "x", "--seed", "1", "--preset", "portrait", "--face", face, "--dry-run"]
+    assert main([*base, "--pose", pose, "--pose-scale", "0.2"]) == 0
+    assert [c["scale"] for c in json.loads(capsys.readouterr().out)["conditions"]] == [0.8, 0.4]
+    assert main([*base, "--pose", pose, "--set", "pose.scale=0.2"]) == 0
+    assert [c["scale"] for c in json.loads(capsys.readouterr().out)["conditions"]] == [0.8, 0.2]
+    assert main([*base, "--pose-map", pose]) == 2
+    assert "--pose MAP --set pose.preprocess=null" in capsys.readouterr().err

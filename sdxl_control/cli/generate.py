@@ -1,6 +1,8 @@
 """``sdxl-control generate``: the flags translated into one :class:`~sdxl_control.jobs.spec.JobSpec`, resolved and run
-as one job. The identity flags come from the condition families' declarations (:data:`sdxl_control.adapters.
-CONDITION_KINDS`): a family added there gets its flags here without code."""
+as one job. The condition flags fill the families' input slots (``JobSpec.inputs`` and ``set``), which
+:func:`~sdxl_control.jobs.spec.resolve` builds; the identity flags, and a slot's ``--NAME FILE`` with its flags, come from
+the condition families' declarations (:data:`sdxl_control.adapters.CONDITION_KINDS`): a family added there gets its
+flags here without code."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapters import CONDITION_KINDS, Flag, identity_kinds
+from ..adapters import CONDITION_KINDS, Flag, identity_kinds, input_slots
 from ..base.defaults import (
     DEFAULT_BASE,
     DEFAULT_IDENTITY,
@@ -30,7 +32,6 @@ from .options import DTYPES, Once, count, number, window
 if TYPE_CHECKING:
     from ..jobs.resolvers import Resolver
     from ..jobs.spec import JobSpec, ResolvedJob
-    from ..protocol.conditions import Condition
 
 __all__ = ["add_parser", "run", "job_spec"]
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Flags that fill a preset input of the same name instead of adding a condition of their own.
 INPUT_FLAGS = ("face", "style", "pose", "structure", "init_image")
+# The input slots this command has flags of its own for (below); every other slot gets --NAME FILE and its flags.
+OWN_SLOTS = ("lora", *STRUCTURE_CONTROLS, "union", "style", "reference", "face")
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"text": str, "number": number, "window": window, "image": str}
 
 
@@ -258,9 +261,9 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
                            help=f"guide by this ready {name} map (no preprocessing)")  # fmt: skip
         group.add_argument(f"--{name}-model", action=Once, metavar="MODEL",
                            help=f"ControlNet for {name} (default {control.model})")  # fmt: skip
-        group.add_argument(f"--{name}-scale", action=Once, type=number, default=1.0, metavar="S",
+        group.add_argument(f"--{name}-scale", action=Once, type=number, metavar="S",
                            help="its strength (default 1)")  # fmt: skip
-        group.add_argument(f"--{name}-window", action=Once, type=window, default=(0.0, 1.0), metavar="START:END",
+        group.add_argument(f"--{name}-window", action=Once, type=window, metavar="START:END",
                            help="fractions of the schedule where it acts (default 0:1)")  # fmt: skip
     group.add_argument(
         "--union",
@@ -270,15 +273,16 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
         help=f"drive all controls through one ControlNet-Union model (default {DEFAULT_UNION}); "
         "it takes --union-scale and --union-window",
     )
-    group.add_argument("--union-scale", type=number, default=1.0, metavar="S")
-    group.add_argument("--union-window", type=window, default=(0.0, 1.0), metavar="START:END")
+    # Not given: the slot's defaults (its family's), as for every option below.
+    group.add_argument("--union-scale", type=number, metavar="S")
+    group.add_argument("--union-window", type=window, metavar="START:END")
     refs = parser.add_argument_group("reference images")
     refs.add_argument("--style", metavar="IMG", action="append", default=[], help="style reference (InstantStyle)")
-    refs.add_argument("--style-scale", type=number, default=0.8, metavar="S")
+    refs.add_argument("--style-scale", type=number, metavar="S")
     refs.add_argument("--reference", metavar="IMG", action="append", default=[], help="IP-Adapter reference image")
-    refs.add_argument("--reference-variant", default="plus", help="sdxl, vit-h, plus, plus-face (default plus)")
-    refs.add_argument("--reference-scale", type=number, default=0.6, metavar="S")
-    refs.add_argument("--reference-layers", default="all", help="all, style, composition, style+composition")
+    refs.add_argument("--reference-variant", help="sdxl, vit-h, plus, plus-face (default plus)")
+    refs.add_argument("--reference-scale", type=number, metavar="S")
+    refs.add_argument("--reference-layers", help="all, style, composition, style+composition")
     face = parser.add_argument_group("identity (a family's flags are for that --identity only)")
     face.add_argument(
         "--face",
@@ -309,13 +313,26 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
     )
     for family in CONDITION_KINDS.values():
         for flag in family.flags:
-            face.add_argument(
-                f"--{flag.name}",
-                type=_FLAG_TYPES[flag.type],
-                choices=flag.choices or None,
-                metavar="IMG" if flag.type == "image" else None,
-                help=flag.help,
-            )
+            _add_flag(face, flag)
+    slots = [slot for _, slot in input_slots().values() if slot.name not in OWN_SLOTS]
+    if slots:
+        more = parser.add_argument_group("more inputs (the condition families' input slots)")
+        for slot in slots:
+            many = slot.many or slot.each
+            more.add_argument(f"--{slot.name}", action="append" if many else Once, default=[] if many else None,
+                              metavar="FILE", help=slot.help)  # fmt: skip
+            for flag in slot.flags:
+                _add_flag(more, flag)
+
+
+def _add_flag(group: Any, flag: Flag) -> None:
+    group.add_argument(
+        f"--{flag.name}",
+        type=_FLAG_TYPES[flag.type],
+        choices=flag.choices or None,
+        metavar="IMG" if flag.type == "image" else None,
+        help=flag.help,
+    )
 
 
 def _family_flags(kind: str) -> tuple[Flag, ...]:
@@ -332,70 +349,102 @@ def _identity_flags_given(args: argparse.Namespace) -> list[str]:
     return shared + own
 
 
-def _identity_condition(args: argparse.Namespace, faces: list[str]) -> Condition:
-    """The --identity condition for ``faces``, from the flags given; the rest keep the family's defaults."""
-    from ..adapters import condition_class
-
+def _identity_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The face slot's options from the identity flags given (``face.kind``, the shared and the family's own); the
+    rest keep the family's defaults."""
     kind = args.identity or DEFAULT_IDENTITY
     for other in identity_kinds():
         wrong = [f"--{f.name}" for f in _family_flags(other) if _given(args, f) is not None]
         if other != kind and wrong:
             raise InvalidRequestError(f"{', '.join(wrong)}: for --identity {other}, not {kind}")
-    given = {f.field: _given(args, f) for f in _family_flags(kind)}
+    given = {"kind": args.identity, **{f.field: _given(args, f) for f in _family_flags(kind)}}
     given.update(scale=args.face_scale, window=args.face_window)
-    return condition_class(kind)(faces=faces, **{k: v for k, v in given.items() if v is not None})
+    return {f"face.{k}": v for k, v in given.items() if v is not None}
 
 
-def _control_conditions(args: argparse.Namespace, taken: set[str]) -> list[Condition]:
-    from ..adapters.controlnet import ControlNet, ControlNetUnion
-
-    # name -> (image, preprocessor or None for a ready map)
-    chosen: dict[str, tuple[str, str | None]] = {}
-    for name, control in STRUCTURE_CONTROLS.items():
+def _structure_slots(
+    args: argparse.Namespace, taken: set[str], declared: set[str]
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The structure slots (edges, depth, pose) and the union slot from their flags: a photo, or a ready map."""
+    inputs: dict[str, list[str]] = {}
+    options: dict[str, Any] = {}
+    for name in STRUCTURE_CONTROLS:
         photo, ready = None if name in taken else getattr(args, name), getattr(args, f"{name}_map")
         if photo and ready:
             raise InvalidRequestError(f"give --{name} (a photo) or --{name}-map (a ready map), not both")
-        if photo or ready:
-            chosen[name] = (photo or ready, control.preprocessor if photo else None)
-    if args.union:
-        if not chosen:
-            raise InvalidRequestError("--union needs at least one of --edges, --depth, --pose (or their -map)")
-        types = {name: STRUCTURE_CONTROLS[name].union_type for name in chosen}
-        return [
-            ControlNetUnion(
-                args.union,
-                preprocess=tuple(types[n] for n, (_, p) in chosen.items() if p),
-                scale=args.union_scale,
-                window=args.union_window,
-                **{types[n]: image for n, (image, _) in chosen.items()},
+        if ready and name in declared:  # the preset's input of that name takes photos
+            raise InvalidRequestError(
+                f"--{name}-map: the preset {args.preset} takes its {name} input as --{name}; give a ready map as "
+                f"--{name} MAP --set {name}.preprocess=null"
             )
-        ]
-    return [
-        ControlNet(
-            getattr(args, f"{name}_model") or STRUCTURE_CONTROLS[name].model,
-            image=image,
-            preprocess=preprocessor,
-            scale=getattr(args, f"{name}_scale"),
-            window=getattr(args, f"{name}_window"),
-        )
-        for name, (image, preprocessor) in chosen.items()
-    ]
+        if not (photo or ready):
+            continue
+        inputs[name] = [photo or ready]
+        if ready:
+            options[f"{name}.map"] = True
+        if not args.union:  # under --union, the union's scale and window apply
+            given = {"model": getattr(args, f"{name}_model"), "scale": getattr(args, f"{name}_scale"),
+                     "window": getattr(args, f"{name}_window")}  # fmt: skip
+            options.update({f"{name}.{k}": v for k, v in given.items() if v is not None})
+    if args.union:
+        if not inputs:
+            raise InvalidRequestError("--union needs at least one of --edges, --depth, --pose (or their -map)")
+        given = {"model": args.union, "scale": args.union_scale, "window": args.union_window}
+        options.update({f"union.{k}": v for k, v in given.items() if v is not None})
+    return inputs, options
 
 
-def _lora(text: str) -> Condition:
-    from ..adapters.lora import LoRA
-
+def _lora(text: str) -> tuple[str, float | None]:
+    """(file, weight) of ``--lora FILE[:SCALE]``; no weight: the LoRA's default."""
     path, sep, scale = text.rpartition(":")
     try:
-        value = float(scale) if sep else None
+        return (path, float(scale)) if sep else (text, None)
     except ValueError:  # the colon belonged to the path (C:\loras\x.safetensors)
-        value = None
-    return LoRA(path, scale=value) if value is not None else LoRA(text)
+        return text, None
 
 
-def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[str]]:
-    """(the preset's inputs from --input NAME=FILE and from the flags named like them, the flags they took): a flag
-    that fills an input adds no condition of its own."""
+def _slot_inputs(
+    args: argparse.Namespace, taken: set[str], declared: set[str]
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """(the condition families' input slots the flags fill, their options as given): what no preset input took.
+    Options not given are left out, so the slot's defaults (its family's) apply; so are the options of a slot the
+    preset takes as an input of its own (``declared``), which its template sets up (``--set NAME.KEY=VALUE``)."""
+    inputs, options = _structure_slots(args, taken, declared)
+    if args.lora:
+        files, scales = zip(*map(_lora, args.lora), strict=True)
+        inputs["lora"] = list(files)
+        if any(scale is not None for scale in scales):
+            options["lora.scale"] = list(scales)
+    if args.style and "style" not in taken:
+        inputs["style"] = list(args.style)
+        options.update({"style.scale": args.style_scale} if args.style_scale is not None else {})
+    if args.reference:
+        inputs["reference"] = list(args.reference)
+        given = {"variant": args.reference_variant, "scale": args.reference_scale, "layers": args.reference_layers}
+        options.update({f"reference.{k}": v for k, v in given.items() if v is not None})
+    if args.face and "face" not in taken:
+        inputs["face"] = list(args.face)
+        options.update(_identity_options(args))
+    elif identity_flags := _identity_flags_given(args):
+        raise InvalidRequestError(f"{', '.join(identity_flags)}: identity options need --face")
+    for _, slot in input_slots().values():  # a family's slot this command has no flags of its own for
+        if slot.name in OWN_SLOTS:
+            continue
+        value = getattr(args, slot.name.replace("-", "_"))
+        named: list[str] = value if isinstance(value, list) else [value] if value else []
+        if named:
+            inputs[slot.name] = named
+            options.update(
+                {f"{slot.name}.{f.field}": _given(args, f) for f in slot.flags if _given(args, f) is not None}
+            )
+        elif stray := [f"--{f.name}" for f in slot.flags if _given(args, f) is not None]:
+            raise InvalidRequestError(f"{', '.join(stray)}: options of --{slot.name}, which is not given")
+    return inputs, {k: v for k, v in options.items() if k.partition(".")[0] not in declared}
+
+
+def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[str], set[str]]:
+    """(the preset's inputs from --input NAME=FILE and from the flags named like them, the flags they took, the names
+    of the preset's inputs): a flag that fills an input adds no condition of its own."""
     from ..presets import load_preset
 
     inputs: dict[str, list[str]] = {}
@@ -421,7 +470,7 @@ def _preset_inputs(args: argparse.Namespace) -> tuple[dict[str, list[str]], set[
             f"the preset {preset.name} sets up the identity condition ({', '.join(identity_flags)}); "
             "change it with --set face.KEY=VALUE (--dry-run shows its settings)"
         )
-    return inputs, taken
+    return inputs, taken, set(preset.inputs) if preset is not None else set()
 
 
 def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -490,22 +539,8 @@ def job_spec(args: argparse.Namespace, resolver: Resolver) -> tuple[JobSpec, Any
         raise InvalidRequestError("--set changes a preset's settings: give --preset")
     if args.recipe is None and args.inputs_from:
         raise InvalidRequestError("--inputs-from is where --recipe finds the files its recipe names: give --recipe")
-    inputs, taken = _preset_inputs(args)
-    conditions = [*map(_lora, args.lora), *_control_conditions(args, taken)]
-    if args.style and "style" not in taken:
-        from ..adapters.ip_adapter import IPAdapter
-
-        conditions.append(IPAdapter.style(args.style, scale=args.style_scale))
-    if args.reference:
-        from ..adapters.ip_adapter import IPAdapter
-
-        conditions.append(
-            IPAdapter(args.reference_variant, args.reference, scale=args.reference_scale, layers=args.reference_layers)
-        )
-    if args.face and "face" not in taken:
-        conditions.append(_identity_condition(args, args.face))
-    elif identity_flags := _identity_flags_given(args):
-        raise InvalidRequestError(f"{', '.join(identity_flags)}: identity options need --face")
+    inputs, taken, declared = _preset_inputs(args)
+    slot_inputs, slot_options = _slot_inputs(args, taken, declared)
     recipe, locate, imported = None, Locator(), None
     if args.recipe is not None:
         from ..jobs.png_import import Imported, missing_loras, read_image_settings
@@ -519,10 +554,9 @@ def job_spec(args: argparse.Namespace, resolver: Resolver) -> tuple[JobSpec, Any
     spec = JobSpec(
         args.prompt,
         preset=args.preset,
-        inputs=inputs,
-        set=dict(parse_assignment(a) for a in args.set),
+        inputs={**inputs, **slot_inputs},
+        set={**dict(parse_assignment(a) for a in args.set), **slot_options},
         settings=_request_settings(args),
-        conditions=tuple(conditions),
         models={
             "base": args.base,
             "refiner": args.refiner,

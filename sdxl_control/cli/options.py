@@ -166,12 +166,15 @@ def library_output(verbose: bool) -> None:
 
 def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(flag, path) of every image file the command reads."""
-    from ..adapters import CONDITION_KINDS
+    from ..adapters import CONDITION_KINDS, input_slots
     from ..base.defaults import STRUCTURE_CONTROLS
 
     family_images = [
         f.name.replace("-", "_") for fam in CONDITION_KINDS.values() for f in fam.flags if f.type == "image"
     ]
+    # Every input slot of images has its --NAME (the command's own, or the one made from the registry).
+    family_images += [s.name.replace("-", "_") for _, s in input_slots().values() if s.images and s.files]
+    family_images += [f.name.replace("-", "_") for _, s in input_slots().values() for f in s.flags if f.type == "image"]
     names = (
         *STRUCTURE_CONTROLS,
         *(f"{n}_map" for n in STRUCTURE_CONTROLS),
@@ -186,7 +189,7 @@ def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
         "mask",
     )
     found = []
-    for name in names:
+    for name in dict.fromkeys(names):  # a name once, however many lists hold it
         value = getattr(args, name, None)
         for path in value if isinstance(value, list) else [value]:
             if path:

@@ -37,14 +37,16 @@ RUN_KEYS = ("fast", "offload")
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What a user asked for, before anything is looked up: a ``prompt``; a ``preset`` (name or file) with its
-    ``inputs`` (name -> files) and ``set`` assignments; request ``settings`` given explicitly (they win over the
-    preset's); ``conditions`` stacked after the preset's; ``models`` named explicitly (``base``, ``refiner``,
-    ``unet``, and how the :class:`~sdxl_control.jobs.runner.Runner` keeps them: ``weight_storage``, ``"fp8_e4m3fn"`` keeps
-    the UNets in fp8, see :meth:`~sdxl_control.passes.generator.Generator.set_weight_storage`; ``fast``, a level of
-    :data:`~sdxl_control.base.defaults.FAST_LEVELS`; ``offload``, ``True`` to keep the models in CPU memory, each on the
-    device only while it runs); a ``face_pack`` for every face analysis (the
-    preset's conditions included); or a ``recipe`` to re-make, which the other fields then change.
+    """What a user asked for, before anything is looked up: a ``prompt``; a ``preset`` (name or file); ``inputs``
+    (name -> files) and ``set`` assignments, which fill and change the preset's inputs and settings, and fill the
+    input slots of the condition families (:func:`~sdxl_control.adapters.input_slots`: ``{"edges": ["photo.jpg"]}``
+    with ``{"edges.scale": 0.6}``) where no preset takes them; request ``settings`` given explicitly (they win over
+    the preset's); ``conditions`` stacked after the preset's and the slots'; ``models`` named explicitly (``base``,
+    ``refiner``, ``unet``, and how the :class:`~sdxl_control.jobs.runner.Runner` keeps them: ``weight_storage``,
+    ``"fp8_e4m3fn"`` keeps the UNets in fp8, see :meth:`~sdxl_control.passes.generator.Generator.set_weight_storage`;
+    ``fast``, a level of :data:`~sdxl_control.base.defaults.FAST_LEVELS`; ``offload``, ``True`` to keep the models in CPU
+    memory, each on the device only while it runs); a ``face_pack`` for every face analysis (the preset's conditions
+    included); or a ``recipe`` to re-make, which the other fields then change.
 
     Example:
         >>> JobSpec("a portrait", preset="portrait", inputs={"face": ["me.jpg"]}, settings={"seed": 7}).preset
@@ -93,11 +95,16 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     from ..adapters import with_face_pack
     from ..passes.request import GenerationRequest
     from ..protocol.conditions import validate_conditions
+    from .slots import slot_conditions
 
     resolver = resolver or HubResolver()
     locate = locate or Locator()
-    preset = _preset(spec)
-    conditions = [*(preset.conditions(spec.inputs) if preset is not None else []), *spec.conditions]
+    preset, inputs, slot_inputs, slot_options = _preset(spec)
+    conditions = [
+        *(preset.conditions(inputs) if preset is not None else []),
+        *slot_conditions(slot_inputs, slot_options),
+        *spec.conditions,
+    ]
     conditions = [resolver.condition(c) for c in with_face_pack(conditions, spec.face_pack)]
     settings = _json_forms(spec.settings)
     if spec.recipe is not None:
@@ -110,7 +117,7 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     else:
         if not spec.prompt:
             raise InvalidRequestError("a prompt is required (or a recipe to re-make)")
-        given = {**(preset.request_settings(spec.inputs) if preset is not None else {}), **settings}
+        given = {**(preset.request_settings(inputs) if preset is not None else {}), **settings}
         implied = dict(resolver.defaults())
         if given.get("init_image") is not None:  # an image names its own size
             implied.pop("size", None)
@@ -178,15 +185,36 @@ def _run_options(spec: JobSpec) -> tuple[str | None, bool]:
     return (None if fast == "off" else fast), bool(offload)
 
 
-def _preset(spec: JobSpec) -> Preset | None:
+def _preset(spec: JobSpec) -> tuple[Preset | None, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(the preset with the assignments to it applied, its inputs, the inputs and options left for the families'
+    input slots). The preset takes the inputs it declares and the settings it has (its keys and its templates:
+    ``face.scale``); the slots take the rest, so ``--edges`` beside a preset without a structure input adds a
+    ControlNet as it does without a preset."""
+    from ..adapters import input_slots
+
+    slots = input_slots()
     if spec.preset is None:
-        if spec.set or spec.inputs:
-            raise InvalidRequestError("'inputs' and 'set' fill and change a preset: the job names no 'preset'")
-        return None
-    from ..presets import load_preset
+        unknown = [*(k for k in spec.inputs if k not in slots),
+                   *(k for k in spec.set if str(k).partition(".")[0] not in slots)]  # fmt: skip
+        if unknown:
+            raise InvalidRequestError(
+                f"'inputs' and 'set' fill a preset or the condition families' input slots ({', '.join(slots)}): "
+                f"{', '.join(map(repr, unknown))} names no slot, and the job names no 'preset'"
+            )
+        return None, {}, dict(spec.inputs), dict(spec.set)
+    from ..presets import PRESET_KEYS, load_preset
 
     preset = load_preset(spec.preset)
-    return preset.with_settings(spec.set) if spec.set else preset
+
+    def for_preset(name: str) -> bool:
+        return name in PRESET_KEYS or name in preset.templates or name not in slots
+
+    assignments = {k: v for k, v in spec.set.items() if for_preset(str(k).partition(".")[0])}
+    inputs = {k: v for k, v in spec.inputs.items() if k in preset.inputs or k not in slots}
+    slot_inputs = {k: v for k, v in spec.inputs.items() if k not in inputs}
+    slot_options = {k: v for k, v in spec.set.items() if k not in assignments}
+    preset = preset.with_settings(assignments) if assignments else preset
+    return preset, inputs, slot_inputs, slot_options
 
 
 def _json_forms(settings: Mapping[str, Any]) -> dict[str, Any]:
