@@ -102,8 +102,8 @@ def _check_config(config: Mapping[str, Any], unet: Any, source: str) -> None:
 
 
 def load_controlnet(source: str | Path, *, union: bool, unet: Any, device: torch.device | None = None) -> Any:
-    """Load (kept in a process cache, see :mod:`sdxl_control.base.caches`) a ControlNet that fits ``unet``: hub id, local
-    folder or single file.
+    """Load (kept in a process cache, see :mod:`sdxl_control.base.caches`) a ControlNet that fits ``unet``: hub id,
+    local folder or single file.
 
     A folder's config is checked against the UNet before any weights are read; every ControlNet returned, cached or
     new, is checked against the UNet it is for.
@@ -472,9 +472,9 @@ class ControlNetUnion(Condition):
 def union_from_slots(
     cls: type[ControlNetUnion], values: Mapping[str, Any], joined: Mapping[str, tuple[str, list[Any], dict[str, Any]]]
 ) -> list[ControlNetUnion]:
-    """The ``union`` input slot's condition (:mod:`sdxl_control.jobs.slots`): one ControlNet-Union driven by the structure
-    slots it takes, ``joined`` (slot -> (control type, files, options)); their photos are preprocessed for their
-    type, a ready map (``SLOT.map``) is not. The union's own model, scale and window apply to all of them."""
+    """The ``union`` input slot's condition (:mod:`sdxl_control.jobs.slots`): one ControlNet-Union driven by the
+    structure slots it takes, ``joined`` (slot -> (control type, files, options)); their photos are preprocessed for
+    their type, a ready map (``SLOT.map``) is not. The union's own model, scale and window apply to all of them."""
     if not joined:
         raise ConditionError("it drives the structure inputs through one model: give at least one of them")
     images: dict[str, Any] = {}

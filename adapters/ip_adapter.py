@@ -308,7 +308,8 @@ class IPPrepared(Prepared):
 
     ``weights`` hold each layer's ``<number>.to_k_ip.weight`` / ``to_v_ip.weight``, numbered 1, 3, 5, ... as the
     published files number cross-attention layers; keys and values are computed in the weights' precision and cast
-    to the UNet's. ``branch`` makes each layer's branch (PuLID: :class:`~sdxl_control.protocol.attention.OrthogonalBranch`).
+    to the UNet's. ``branch`` makes each layer's branch (PuLID:
+    :class:`~sdxl_control.protocol.attention.OrthogonalBranch`).
 
     Example:
         >>> IPPrepared("ip-adapter:plus", weights, tokens, scales, mask=None).attach(unet, Stage.BASE)  # doctest: +SKIP

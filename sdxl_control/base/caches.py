@@ -1,7 +1,7 @@
 """The process's caches of loaded models and read weights, in one registry under one policy: each keeps its last few
 entries (least recently used goes first), and :func:`clear_caches` empties every one of them. The page and batch
-workers call it when they switch to another model set (:class:`sdxl_control.passes.generator.LastLoaded`), so ControlNets,
-encoders and weights that the old set used are freed; a user's script may call it too.
+workers call it when they switch to another model set (:class:`sdxl_control.passes.generator.LastLoaded`), so
+ControlNets, encoders and weights that the old set used are freed; a user's script may call it too.
 
 Example:
     >>> encoders: KeyedCache[str] = KeyedCache("encoders", size=2)

@@ -1,6 +1,6 @@
 """The ``sdxl-control`` command: one module per subcommand, each translating its flags into the one request path
-(:mod:`sdxl_control.jobs.spec`) and running it. The model policy (what jobs name, or the tiny stand-ins of ``--tiny``) is
-chosen here once per process and handed to the subcommand.
+(:mod:`sdxl_control.jobs.spec`) and running it. The model policy (what jobs name, or the tiny stand-ins of ``--tiny``)
+is chosen here once per process and handed to the subcommand.
 
 Example:
     >>> from sdxl_control.cli import main

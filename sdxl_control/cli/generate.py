@@ -1,7 +1,7 @@
 """``sdxl-control generate``: the flags translated into one :class:`~sdxl_control.jobs.spec.JobSpec`, resolved and run
 as one job. The condition flags fill the families' input slots (``JobSpec.inputs`` and ``set``), which
-:func:`~sdxl_control.jobs.spec.resolve` builds; the identity flags, and a slot's ``--NAME FILE`` with its flags, come from
-the condition families' declarations (:data:`sdxl_control.adapters.CONDITION_KINDS`): a family added there gets its
+:func:`~sdxl_control.jobs.spec.resolve` builds; the identity flags, and a slot's ``--NAME FILE`` with its flags, come
+from the condition families' declarations (:data:`sdxl_control.adapters.CONDITION_KINDS`): a family added there gets its
 flags here without code."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Loading the models of a stage (SDXL base or refiner) from what :mod:`sdxl_control.weights.hub` finds: a diffusers folder
-or a single ``.safetensors`` checkpoint, optionally with a UNet-only checkpoint over its UNet.
+"""Loading the models of a stage (SDXL base or refiner) from what :mod:`sdxl_control.weights.hub` finds: a diffusers
+folder or a single ``.safetensors`` checkpoint, optionally with a UNet-only checkpoint over its UNet.
 
 Weights are only ever read from safetensors. Everything that can be checked before loading (layout, config,
 file headers) is checked first, so a bad model fails fast with a message that names the file. Finding weights lives in
-:mod:`~sdxl_control.weights.hub`, reading them in :mod:`~sdxl_control.weights.checkpoints`, devices in :mod:`~sdxl_control.engine.devices`,
-and what a recipe's models are in :mod:`~sdxl_control.records.recipe`.
+:mod:`~sdxl_control.weights.hub`, reading them in :mod:`~sdxl_control.weights.checkpoints`, devices in
+:mod:`~sdxl_control.engine.devices`, and what a recipe's models are in :mod:`~sdxl_control.records.recipe`.
 """
 
 from __future__ import annotations

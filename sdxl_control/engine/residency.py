@@ -1,5 +1,5 @@
-"""Weight-channel deltas kept applied from one job to the next: what a :class:`~sdxl_control.jobs.runner.Runner` holds so
-that a LoRA set used by consecutive jobs is read, multiplied out and added to the weights once, not once per job.
+"""Weight-channel deltas kept applied from one job to the next: what a :class:`~sdxl_control.jobs.runner.Runner` holds
+so that a LoRA set used by consecutive jobs is read, multiplied out and added to the weights once, not once per job.
 
 A direct :meth:`Generator.run <sdxl_control.passes.generator.Generator.run>` adds every condition's deltas at the steps
 where it acts and takes them out after the call. With a :class:`KeptWeights` (a Runner sets it as the generator's

@@ -1,6 +1,6 @@
 """Images that start from an image: the init image and mask read and fitted to the request's size, encoded by the
-VAE, and the loop's first latents (and its :class:`~sdxl_control.engine.loop.Repaint`) made with the arithmetic of diffusers'
-SDXL image-to-image and inpainting pipelines, random numbers drawn in the same order.
+VAE, and the loop's first latents (and its :class:`~sdxl_control.engine.loop.Repaint`) made with the arithmetic of
+diffusers' SDXL image-to-image and inpainting pipelines, random numbers drawn in the same order.
 
 Images are read as they are shown: their EXIF orientation applied first (:mod:`sdxl_control.base.images`).
 

@@ -63,8 +63,8 @@ class Resolver:
     folders: ModelFolders = field(default_factory=ModelFolders, kw_only=True)
 
     def named(self, kind: str, value: Any) -> Any:
-        """``value`` as the path of the ``kind`` model (a :mod:`~sdxl_control.weights.model_folders` kind) it names in the
-        model folders; as given where it is a path that exists or no folder holds it."""
+        """``value`` as the path of the ``kind`` model (a :mod:`~sdxl_control.weights.model_folders` kind) it names in
+        the model folders; as given where it is a path that exists or no folder holds it."""
         if not isinstance(value, str) or not value or not self.folders.kinds() or Path(value).expanduser().exists():
             return value
         found = self.folders.find(kind, value)

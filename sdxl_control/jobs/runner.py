@@ -41,10 +41,10 @@ class Runner:
     keeping only image ``job.keep`` of a batch (a recipe's batch re-run to re-make one image). ``progress`` and
     ``progress_bar`` are what each run reports with, unless :meth:`run` is given others.
 
-    A LoRA set that consecutive jobs use stays applied between them (see :mod:`sdxl_control.engine.residency`): the next job
-    with the same LoRAs (files, scales, stages) neither reads nor adds them again, and its images are bit-identical
-    to a direct :meth:`~sdxl_control.passes.generator.Generator.run`'s. A LoRA with a step window is added per job, as are
-    those after it in the job's list. The kept ones come off exactly when a job brings another set, when the models,
+    A LoRA set that consecutive jobs use stays applied between them (see :mod:`sdxl_control.engine.residency`): the next
+    job with the same LoRAs (files, scales, stages) neither reads nor adds them again, and its images are bit-identical
+    to a direct :meth:`~sdxl_control.passes.generator.Generator.run`'s. A LoRA with a step window is added per job, as
+    are those after it in the job's list. The kept ones come off exactly when a job brings another set, when the models,
     offloading or the fast path change, when a job fails, when :meth:`generator` hands the models out, and at
     :meth:`close`: after it every weight is bit-identical to before the first job.
 

@@ -44,8 +44,8 @@ class JobSpec:
     the preset's); ``conditions`` stacked after the preset's and the slots'; ``models`` named explicitly (``base``,
     ``refiner``, ``unet``, and how the :class:`~sdxl_control.jobs.runner.Runner` keeps them: ``weight_storage``,
     ``"fp8_e4m3fn"`` keeps the UNets in fp8, see :meth:`~sdxl_control.passes.generator.Generator.set_weight_storage`;
-    ``fast``, a level of :data:`~sdxl_control.base.defaults.FAST_LEVELS`; ``offload``, ``True`` to keep the models in CPU
-    memory, each on the device only while it runs); a ``face_pack`` for every face analysis (the preset's conditions
+    ``fast``, a level of :data:`~sdxl_control.base.defaults.FAST_LEVELS`; ``offload``, ``True`` to keep the models in
+    CPU memory, each on the device only while it runs); a ``face_pack`` for every face analysis (the preset's conditions
     included); or a ``recipe`` to re-make, which the other fields then change.
 
     Example:

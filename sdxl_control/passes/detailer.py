@@ -5,8 +5,8 @@ with a feathered mask. Small or distant faces, which keep less identity, get the
 The mask, its dilation and blur, the crop and the paste are ADetailer's (with A1111's "inpaint only masked"): the
 face's box filled, dilated by a square kernel of ``dilation`` pixels, blurred by A1111's separable Gaussian of radius
 ``blur``; the crop is the mask's extent grown by ``padding`` and widened to the request's aspect; the repaint is pasted
-back through the blurred mask. The repaint itself is :class:`~sdxl_control.passes.generator.GenerationRequest` inpainting
-with ``padding_mask_crop``: the one loop, every condition stacked.
+back through the blurred mask. The repaint itself is :class:`~sdxl_control.passes.generator.GenerationRequest`
+inpainting with ``padding_mask_crop``: the one loop, every condition stacked.
 
 Several people: each face found is matched to the identity condition it resembles most (ArcFace cosine similarity of
 its embedding and the condition's photos, at least ``match_threshold``), or to the condition whose region ``mask``

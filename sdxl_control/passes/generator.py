@@ -489,9 +489,9 @@ class Generator:
 class LastLoaded:
     """The :class:`Generator` for the models asked for last, kept while the next request names the same ones; other
     models replace it, the old ones let go first (two sets of SDXL weights need not fit at once), together with every
-    process cache (:func:`sdxl_control.base.caches.clear_caches`: the ControlNets and encoders the old set used). The page
-    and batch workers hold a :class:`~sdxl_control.jobs.runner.Runner`, which keeps models the same way and also applies a
-    job's offloading and fast path.
+    process cache (:func:`sdxl_control.base.caches.clear_caches`: the ControlNets and encoders the old set used). The
+    page and batch workers hold a :class:`~sdxl_control.jobs.runner.Runner`, which keeps models the same way and also
+    applies a job's offloading and fast path.
 
     Example:
         >>> models = LastLoaded(device="cuda")                                 # doctest: +SKIP

@@ -319,7 +319,8 @@ class Prepared:
 
         They are added exactly at the steps where the condition acts (see :func:`acts`) and removed bit for bit
         after: the UNet's for its denoising steps, the text encoders' while the prompt of those steps is encoded.
-        Parameter names are the loaded models' own (see :mod:`sdxl_control.weights.conversion` for published layouts)."""
+        Parameter names are the loaded models' own (see :mod:`sdxl_control.weights.conversion` for published layouts).
+        """
         return {}
 
 
@@ -472,8 +473,8 @@ class Condition(ABC):
     def resident_key(self) -> Hashable | None:
         """For a condition that acts through the weight channel alone (no attachment, no prompt edit) and whose
         :meth:`prepare` depends only on this key and the stage models: the key. A
-        :class:`~sdxl_control.jobs.runner.Runner` keeps such deltas applied from one job to the next that brings the same
-        key (see :mod:`sdxl_control.engine.residency`). ``None`` (the default): prepared and applied per call."""
+        :class:`~sdxl_control.jobs.runner.Runner` keeps such deltas applied from one job to the next that brings the
+        same key (see :mod:`sdxl_control.engine.residency`). ``None`` (the default): prepared and applied per call."""
         return None
 
 

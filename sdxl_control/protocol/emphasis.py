@@ -226,9 +226,9 @@ def _joined(fragments: list[list[Any] | None]) -> list[Fragment | None]:
 
 
 def check_syntax(text: str, emphasis: Emphasis, where: str = "the prompt") -> None:
-    """Raise :class:`~sdxl_control.base.errors.InvalidRequestError` naming ``where`` (e.g. ``"the negative prompt"``) where
-    ``text`` cannot be read as ``emphasis`` reads prompts: a weight that is not a number, or a word weighted beyond
-    :data:`MAX_WEIGHT` (either sign), or not finite, by its weight or by nested brackets; warn of nothing (the
+    """Raise :class:`~sdxl_control.base.errors.InvalidRequestError` naming ``where`` (e.g. ``"the negative prompt"``)
+    where ``text`` cannot be read as ``emphasis`` reads prompts: a weight that is not a number, or a word weighted
+    beyond :data:`MAX_WEIGHT` (either sign), or not finite, by its weight or by nested brackets; warn of nothing (the
     encoding does, once).
 
     Example:

@@ -282,8 +282,8 @@ def prompt_segments(
     step 0. The prompt text is first passed through the :meth:`~sdxl_control.PromptEdit.text` of every edit whose
     condition acts at any step (the first encoder's tokenizer decides); the negative prompt is never edited, but is
     encoded with the text-encoder deltas acting at the segment's steps. ``long_prompts`` and ``emphasis`` say how a
-    prompt is read (see :mod:`~sdxl_control.protocol.emphasis`); an edit that rewrites the tokens (PhotoMaker's) reads the
-    prompt without its weights."""
+    prompt is read (see :mod:`~sdxl_control.protocol.emphasis`); an edit that rewrites the tokens (PhotoMaker's) reads
+    the prompt without its weights."""
     live = [c for c in channels if any(c.weighs(i, steps) for i in range(steps))]
     plain = prompt
     for channel in live:

@@ -4,8 +4,8 @@ Each patched weight keeps a copy of its original values (in CPU memory, pinned f
 model) and the deltas currently applied to it; every change rewrites ``original + sum(deltas)`` into the same
 Parameter's storage, and when the last delta is removed the original values are copied back. So weights are bit-identical afterwards whatever order patches come and go in (a LoRA fused
 at its window's first step after another condition's patch, say), no drift accumulates, and the parameters never
-change identity or address: compiled graphs, CUDA graphs and views of fused weights (see :mod:`sdxl_control.protocol.fast`)
-stay valid while patches come and go.
+change identity or address: compiled graphs, CUDA graphs and views of fused weights (see
+:mod:`sdxl_control.protocol.fast`) stay valid while patches come and go.
 
 A delta is a tensor of the weight's shape or a :class:`LowRankDelta`, a LoRA's factors, multiplied out only while a
 weight is rewritten: a rank-128 LoRA over every transformer linear layer of SDXL's base UNet would be 8.2 GiB of

@@ -2,8 +2,8 @@
 
 A single-file checkpoint (``juggernautXL_v9.safetensors``) holds weights only; diffusers reads it with a pipeline
 folder's configs and tokenizers. The folder for SDXL 1.0's base or refiner is assembled here from the packaged JSON
-files and the CLIP tokenizer rebuilt offline (:mod:`sdxl_control.weights.clip_vocab`), so a single file loads with no hub
-and no HF cache. The same configs give the benchmark its full-size architectures.
+files and the CLIP tokenizer rebuilt offline (:mod:`sdxl_control.weights.clip_vocab`), so a single file loads with no
+hub and no HF cache. The same configs give the benchmark its full-size architectures.
 
 Example:
     >>> with sdxl_config_folder(Stage.BASE) as folder:                      # doctest: +SKIP

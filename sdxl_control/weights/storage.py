@@ -8,7 +8,8 @@ model's precision-critical modules: normalisations, embeddings' patch/positional
 so the numbers equal it; the tests show that. It is written here rather than used from diffusers because diffusers'
 hooks cannot be removed (a model once cast stays so), while a generator's settings must be undone exactly, and
 because weight patches (LoRA, FaceID) must know the compute dtype of a stored layer: a patch is added at the compute
-precision and the patched weight rounded to fp8 once (:mod:`sdxl_control.weights.patches`), as ComfyUI patches fp8 weights.
+precision and the patched weight rounded to fp8 once (:mod:`sdxl_control.weights.patches`), as ComfyUI patches fp8
+weights.
 
 A third kind, ``"fp8_matmul"``, computes in 8 bits too, on GPUs with fp8 matrix units (compute capability 8.9 and
 newer: Ada, Hopper, Blackwell; AMD MI300; Intel XPU): the linear layers among those become torchao's float8 layers
