@@ -69,7 +69,16 @@ class _OldPath:
         return importlib.import_module(new)
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module at the new path is already executed."""
+        """The module at the new path is already executed. The import system has just given it the old path's spec:
+        it gets its own back (``importlib.reload`` and ``importlib.resources`` read it)."""
+        found = importlib.machinery.PathFinder.find_spec(module.__name__, _parent_path(module.__name__))
+        if found is not None:
+            module.__spec__ = found
+
+
+def _parent_path(name: str) -> Sequence[str] | None:
+    parent = sys.modules.get(name.rpartition(".")[0])
+    return getattr(parent, "__path__", None)
 
 
 def install() -> None:

@@ -232,6 +232,7 @@ def test_release_0_2_module_paths_still_import() -> None:
         with pytest.warns(FutureWarning, match=f"sdxl_control.{old} moved to sdxl_control.{new}"):
             module = importlib.import_module(f"sdxl_control.{old}")
         assert module is importlib.import_module(f"sdxl_control.{new}")
+        assert module.__spec__.name == f"sdxl_control.{new}"  # its own spec, not the old path's
     sys.modules.pop("sdxl_control.generator")
     with pytest.warns(FutureWarning, match="sdxl_control.passes.generator"):
         from sdxl_control.generator import Generator
