@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from .request import GenerationRequest
 
 __all__ = [
-    "FaceDetailer", "face_mask", "crop_region", "match_faces", "Match", "detail_faces", "detail_result", "detailer_pack",
+    "FaceDetailer", "face_mask", "crop_region", "match_faces", "Match", "detail_faces", "detail_result",
+    "detailer_pack",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)

@@ -31,9 +31,9 @@ Record = Callable[["GenerationRequest", Sequence[Any]], list[RecipeImage]]
 def hires_fix(
     request: GenerationRequest, run: RunPass, record: Record, *, latent_factor: int, device: torch.device
 ) -> Result:
-    """``request``'s images made in two passes of ``run`` (which keeps an init image at strength 0 as it is), recorded by ``record`` as the whole request's (a re-run of
-    their recipe makes both passes again). ``latent_factor`` is the VAE's scale (for latent upscaling); upscaler
-    models run on ``device``."""
+    """``request``'s images made in two passes of ``run`` (which keeps an init image at strength 0 as it is), recorded
+    by ``record`` as the whole request's (a re-run of their recipe makes both passes again). ``latent_factor`` is the
+    VAE's scale (for latent upscaling); upscaler models run on ``device``."""
     check_upscaler(request.upscaler)  # before the first pass, which would be lost to a missing file
     if request.init_image is not None and request.strength == 0:
         # An image of the user's, enlarged as it is: a pass at strength 0 keeps it (a request without the hires fix
