@@ -18,7 +18,7 @@ from sdxl_control.base.defaults import DEFAULT_BASE, DEFAULT_REFINER
 from sdxl_control.base.errors import InputError
 from sdxl_control.cli import main
 from sdxl_control.jobs.png_import import Imported, read_a1111, read_comfyui, read_image_settings
-from sdxl_control.jobs.spec import JobSpec
+from sdxl_control.jobs.spec import JobSpec, resolve
 from sdxl_control.records.infotext import parameters_text
 from sdxl_control.records.recipe import RECIPE_KEY, read_recipe
 from sdxl_control.testing.lora import write_tiny_lora
@@ -107,6 +107,25 @@ def test_a1111_texts_that_do_not_map():
     assert networks.prompt == "a fox" and not networks.conditions
     assert "no equivalent" in _unmapped(networks, "<hypernet:anime:0.5>")
     assert "not a number" in _unmapped(networks, "<lora:bad:x>")
+
+
+def test_a_negative_a1111_seed_is_the_seed_torch_reads_it_as():
+    """Some installs write seeds as signed 64-bit numbers (``Seed: -353763303``): torch's own ``manual_seed`` takes
+    them, and the imported seed draws the very same noise (torch is the reference); ``-1`` (draw one) is listed."""
+    import torch
+
+    imported = read_a1111("a fox\nSteps: 20, CFG scale: 5, Seed: -353763303, Size: 64x64")
+    seed = imported.settings["seed"]
+    assert 0 <= seed < 2**64 and "Seed" not in " ".join(imported.unmapped)
+    drawn = torch.randn(8, generator=torch.Generator("cpu").manual_seed(-353763303))
+    assert torch.equal(torch.randn(8, generator=torch.Generator("cpu").manual_seed(seed)), drawn)
+    assert resolve(imported.under(JobSpec())).request.seed == seed  # a request takes it
+    random = read_a1111("a fox\nSteps: 20, CFG scale: 5, Seed: -1")
+    assert "seed" not in random.settings and "a random seed" in _unmapped(random, "Seed: -1")
+    exact = read_a1111(f"a fox\nSteps: 20, CFG scale: 5, Seed: {2**64 - 3}")  # read as an integer, not a float
+    assert exact.settings["seed"] == 2**64 - 3
+    huge = read_a1111(f"a fox\nSteps: 20, CFG scale: 5, Seed: {-(2**63) - 1}")
+    assert "seed" not in huge.settings and "beyond a 64-bit seed" in _unmapped(huge, f"Seed: {-(2**63) - 1}")
 
 
 def _graph(*extra: tuple[str, str, dict]) -> dict:

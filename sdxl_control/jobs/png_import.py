@@ -238,6 +238,8 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
         if value is None:
             return None
         try:
+            if kind is int and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+                return int(value)  # exactly: a 64-bit seed is beyond a float's 53 bits
             return kind(float(value)) if kind is int else kind(value)
         except ValueError:
             reader.skip(f"{key}: {value}", "not a number")
@@ -246,6 +248,16 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
     for key, name in (("Steps", "steps"), ("Seed", "seed"), ("Hires steps", "hires_steps")):
         if (value := number(key, int)) is not None and (value or name != "hires_steps"):
             settings[name] = value
+    if (seed := settings.get("seed", 0)) < 0:
+        del settings["seed"]
+        if seed == -1:  # A1111's "draw one", which a made image's text does not carry
+            reader.skip("Seed: -1", "a random seed: give --seed")
+        elif seed >= -(2**63):
+            # Some installs write the seed as a signed 64-bit number; torch's manual_seed reads s < 0 as 2**64 + s,
+            # so this is the seed that drew the image's noise.
+            settings["seed"] = 2**64 + seed
+        else:
+            reader.skip(f"Seed: {seed}", "beyond a 64-bit seed")
     if (guidance := number("CFG scale")) is not None:
         settings["guidance"] = guidance
     if (size := get("Size")) is not None:
