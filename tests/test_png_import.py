@@ -109,6 +109,27 @@ def test_a1111_texts_that_do_not_map():
     assert "not a number" in _unmapped(networks, "<lora:bad:x>")
 
 
+def test_a_quoted_value_with_line_breaks_leaves_the_settings_settings():
+    """A value quoted over several lines (an extension's wildcard prompt, written raw) used to put the whole settings
+    block in the negative prompt, exit 0: the settings are read, the odd value listed with the others not mapped."""
+    text = (
+        "a fox in the snow\nNegative prompt: blurry\n"
+        'Steps: 24, Sampler: Euler, CFG scale: 6, Seed: 77, Size: 832x1216, Wildcard prompt: "a __animal__\n'
+        'in the __place__", Version: v1.10.1'
+    )
+    imported = read_a1111(text)
+    assert imported.prompt == "a fox in the snow" and imported.settings["negative_prompt"] == "blurry"
+    assert {k: imported.settings[k] for k in ("steps", "guidance", "seed", "size")} == {
+        "steps": 24, "guidance": 6.0, "seed": 77, "size": (832, 1216)
+    }  # fmt: skip
+    assert _unmapped(imported, "Wildcard prompt:")
+    # a prompt line that merely starts with "Steps: " is not taken for settings
+    steps_prose = read_a1111("Steps: climbing stairs at dawn\nNegative prompt: ugly")
+    assert steps_prose.prompt == "Steps: climbing stairs at dawn" and steps_prose.settings == {
+        "negative_prompt": "ugly"
+    }
+
+
 def test_a_negative_a1111_seed_is_the_seed_torch_reads_it_as():
     """Some installs write seeds as signed 64-bit numbers (``Seed: -353763303``): torch's own ``manual_seed`` takes
     them, and the imported seed draws the very same noise (torch is the reference); ``-1`` (draw one) is listed."""

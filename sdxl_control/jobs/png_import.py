@@ -176,6 +176,12 @@ def read_a1111(text: str) -> Imported:
     if len(_ITEM.findall(lines[-1])) >= 3:
         for key, value in _ITEM.findall(lines.pop()):
             items[key] = _unquoted(value)
+    elif (start := _settings_start(lines)) is not None:
+        # A quoted value with line breaks in it (some extensions write them raw): the settings are the lines from the
+        # last that starts with "Steps:" on, not a negative prompt that swallows them.
+        for key, value in _ITEM.findall("\n".join(lines[start:])):
+            items[key] = _unquoted(value)
+        del lines[start:]
     prompt_lines: list[str] = []
     negative_lines: list[str] | None = None
     for line in lines:
@@ -191,6 +197,15 @@ def read_a1111(text: str) -> Imported:
         reader.settings["negative_prompt"] = "\n".join(negative_lines)
     _a1111_items(items, reader)
     return reader.done(prompt)
+
+
+def _settings_start(lines: list[str]) -> int | None:
+    """The line where a settings block of several lines starts: the last line beginning with ``Steps:`` (A1111 writes
+    it first), when the lines from it on read as settings; ``None`` where there is none."""
+    for start in range(len(lines) - 1, 0, -1):
+        if lines[start].startswith("Steps: "):
+            return start if len(_ITEM.findall("\n".join(lines[start:]))) >= 3 else None
+    return None
 
 
 def _unquoted(value: str) -> str:
