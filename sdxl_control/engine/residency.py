@@ -33,7 +33,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..base.errors import IncompatibleModelError
 from ..protocol.conditions import Condition, PrepareContext, Prepared, Stage, acts
 
 if TYPE_CHECKING:
@@ -141,8 +140,8 @@ class KeptWeights:
                 patch.restore()
 
     def _settle(self, models: StageModels, wanted: list[tuple[Hashable, tuple[Condition, Prepared]]]) -> None:
+        from ..protocol.attach import fitted_patch
         from ..protocol.text import encoder_patch
-        from ..weights.patches import WeightPatch
 
         owners = (models.unet, *(e.model for e in models.text_encoders))
         held = self._stages.get(models.stage)
@@ -166,11 +165,7 @@ class KeptWeights:
                 if deltas.get(encoder.component):
                     kept.patches.append(encoder_patch(encoder, deltas[encoder.component]))
             if models.stage in condition.stage and deltas.get("unet"):
-                try:
-                    kept.patches.append(WeightPatch(models.unet, deltas["unet"]))
-                except (ValueError, AttributeError) as exc:  # as the per-call path says it (attach.WindowedDeltas)
-                    name = type(condition).__name__
-                    raise IncompatibleModelError(f"{name}'s weight deltas do not fit this model: {exc}") from None
+                kept.patches.append(fitted_patch(models.unet, deltas["unet"], type(condition).__name__))
 
 
 def _can_stay(

@@ -15,7 +15,7 @@ from ..weights.patches import WeightDelta, WeightPatch
 from .attention import attention_layers
 from .conditions import Attachment, Condition, Prepared, Stage, StepInfo
 
-__all__ = ["ProcessorPatch", "WindowedDeltas", "ModelSnapshot", "attached"]
+__all__ = ["ProcessorPatch", "WindowedDeltas", "ModelSnapshot", "attached", "fitted_patch"]
 
 
 class ProcessorPatch:
@@ -40,6 +40,19 @@ class ProcessorPatch:
             layer.set_processor(processor)
 
 
+def fitted_patch(model: torch.nn.Module, deltas: Mapping[str, WeightDelta], owner: str) -> WeightPatch:
+    """``deltas`` added to ``model``'s weights (see :class:`WeightPatch`); deltas named or shaped for another model
+    are that model's misfit, said naming ``owner`` (the condition's class), whether applied per call or kept.
+
+    Example:
+        >>> fitted_patch(unet, {"mid_block.attentions.0.proj_in.weight": delta}, "LoRA").restore()  # doctest: +SKIP
+    """
+    try:
+        return WeightPatch(model, deltas)
+    except (ValueError, AttributeError) as exc:
+        raise IncompatibleModelError(f"{owner}'s weight deltas do not fit this model: {exc}") from None
+
+
 class WindowedDeltas(Attachment):
     """The weight channel on one model: ``deltas`` added while the condition acts and removed when it stops (so at most
     twice a call for a window), and always on ``detach``; the weights are bit-identical afterwards.
@@ -54,10 +67,7 @@ class WindowedDeltas(Attachment):
 
     def contribute(self, step: StepInfo, active: bool) -> None:
         if active and self.patch is None:
-            try:
-                self.patch = WeightPatch(self.model, self.deltas)
-            except (ValueError, AttributeError) as exc:
-                raise IncompatibleModelError(f"{self.owner}'s weight deltas do not fit this model: {exc}") from None
+            self.patch = fitted_patch(self.model, self.deltas, self.owner)
         elif not active and self.patch is not None:
             self.detach()
 
