@@ -343,6 +343,12 @@ def _given(args: argparse.Namespace, flag: Flag) -> Any:
     return getattr(args, flag.name.replace("-", "_"))
 
 
+def _slot_options(slot: str, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` as options of ``slot`` (``SLOT.OPTION``), those not given (``None``) left out: the slot's defaults,
+    its family's, apply to them."""
+    return {f"{slot}.{option}": value for option, value in given.items() if value is not None}
+
+
 def _identity_flags_given(args: argparse.Namespace) -> list[str]:
     shared = [f"--{n.replace('_', '-')}" for n in ("identity", "face_scale", "face_window") if getattr(args, n)]
     own = [f"--{f.name}" for kind in identity_kinds() for f in _family_flags(kind) if _given(args, f) is not None]
@@ -359,7 +365,7 @@ def _identity_options(args: argparse.Namespace) -> dict[str, Any]:
             raise InvalidRequestError(f"{', '.join(wrong)}: for --identity {other}, not {kind}")
     given = {"kind": args.identity, **{f.field: _given(args, f) for f in _family_flags(kind)}}
     given.update(scale=args.face_scale, window=args.face_window)
-    return {f"face.{k}": v for k, v in given.items() if v is not None}
+    return _slot_options("face", given)
 
 
 def _structure_slots(
@@ -385,12 +391,12 @@ def _structure_slots(
         if not args.union:  # under --union, the union's scale and window apply
             given = {"model": getattr(args, f"{name}_model"), "scale": getattr(args, f"{name}_scale"),
                      "window": getattr(args, f"{name}_window")}  # fmt: skip
-            options.update({f"{name}.{k}": v for k, v in given.items() if v is not None})
+            options.update(_slot_options(name, given))
     if args.union:
         if not inputs:
             raise InvalidRequestError("--union needs at least one of --edges, --depth, --pose (or their -map)")
         given = {"model": args.union, "scale": args.union_scale, "window": args.union_window}
-        options.update({f"union.{k}": v for k, v in given.items() if v is not None})
+        options.update(_slot_options("union", given))
     return inputs, options
 
 
@@ -417,11 +423,11 @@ def _slot_inputs(
             options["lora.scale"] = list(scales)
     if args.style and "style" not in taken:
         inputs["style"] = list(args.style)
-        options.update({"style.scale": args.style_scale} if args.style_scale is not None else {})
+        options.update(_slot_options("style", {"scale": args.style_scale}))
     if args.reference:
         inputs["reference"] = list(args.reference)
         given = {"variant": args.reference_variant, "scale": args.reference_scale, "layers": args.reference_layers}
-        options.update({f"reference.{k}": v for k, v in given.items() if v is not None})
+        options.update(_slot_options("reference", given))
     if args.face and "face" not in taken:
         inputs["face"] = list(args.face)
         options.update(_identity_options(args))
@@ -434,9 +440,7 @@ def _slot_inputs(
         named: list[str] = value if isinstance(value, list) else [value] if value else []
         if named:
             inputs[slot.name] = named
-            options.update(
-                {f"{slot.name}.{f.field}": _given(args, f) for f in slot.flags if _given(args, f) is not None}
-            )
+            options.update(_slot_options(slot.name, {f.field: _given(args, f) for f in slot.flags}))
         elif stray := [f"--{f.name}" for f in slot.flags if _given(args, f) is not None]:
             raise InvalidRequestError(f"{', '.join(stray)}: options of --{slot.name}, which is not given")
     return inputs, {k: v for k, v in options.items() if k.partition(".")[0] not in declared}
