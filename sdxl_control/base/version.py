@@ -6,4 +6,4 @@ Example:
     2
 """
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
