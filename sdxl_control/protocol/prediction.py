@@ -7,8 +7,9 @@ request, and written into the scheduler config diffusers' schedulers take.
   (``backend/loader.py``, through ``huggingface_guess``) switch on them; diffusers' single-file loader ignores them,
   so a file loaded there as is makes noise.
 * Zero terminal SNR is diffusers' ``rescale_betas_zero_snr=True``, with ``timestep_spacing="trailing"`` so the first
-  step sits at t=999, the zero-SNR point (ComfyUI's default "simple" schedule picks the same timesteps; Forge's
-  default for Euler spaces 999..0 evenly: diffusers' ``"linspace"``). One difference remains: diffusers sets the
+  step sits at t=999, the zero-SNR point (ComfyUI a125cd84's default "simple" schedule, ``comfy/samplers.py``
+  ``simple_scheduler``, picks the same timesteps; Forge dfdcbab6's default for Euler, ``k_diffusion/external.py``
+  ``get_sigmas``, spaces 999..0 evenly: diffusers' ``"linspace"``). One difference remains: diffusers sets the
   last ``alphas_cumprod`` to ``2**-24`` (first sigma ~4096), ComfyUI, Forge and A1111 to ``4.8973451890853435e-08``
   (first sigma ~4519); sdxl-control follows diffusers.
 * EDM checkpoints (Playground 2.5's ``edm_mean``/``edm_std``; ``edm_vpred.sigma_max``) are refused by name: their
