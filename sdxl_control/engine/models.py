@@ -99,6 +99,9 @@ class StageModels:
     force_zeros_for_empty_prompt: bool
     source: ModelSource
     extra: dict[str, Any] = field(default_factory=dict)
+    # What a single file's marker keys (v_pred, ztsnr) ask of the scheduler config, kept apart from the config they
+    # were read with so that a request can read the file without them (see sdxl_control.protocol.prediction).
+    marked: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -243,6 +246,11 @@ def _load_single_file(
             f"{path} is not a single-file SDXL checkpoint (a UNet under model.diffusion_model.*, text encoders under "
             f"conditioner.embedders.*): it holds {checkpoint_kind(keys)}"
         )
+    from ..protocol.prediction import checkpoint_prediction
+
+    # diffusers' conversion ignores the marker keys ComfyUI and Forge read (v_pred, ztsnr): read them here, from the
+    # header, before anything loads (an EDM checkpoint is refused).
+    prediction = checkpoint_prediction(keys, str(path))
     cls = StableDiffusionXLPipeline if stage == Stage.BASE else StableDiffusionXLImg2ImgPipeline
     if config is not None:
         try:
@@ -276,6 +284,7 @@ def _load_single_file(
         requires_aesthetics_score=stage == Stage.REFINER,
         force_zeros_for_empty_prompt=stage == Stage.BASE,
         source=ModelSource(name=str(path), path=str(path), local="file", sha256=sha256_of(path)),
+        marked=prediction,
     )
 
 

@@ -244,16 +244,21 @@ class Generator:
         if request.refiner_only:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_only was given but no refiner is loaded")
-            scheduler = make_scheduler(self.refiner.scheduler_config, request.scheduler, request.scheduler_options)
+            refiner_config = {**self.refiner.scheduler_config, **self.refiner.marked}  # its file's v_pred / ztsnr
+            scheduler = make_scheduler(refiner_config, request.scheduler, request.scheduler_options)
             schedule, _ = split_schedule(scheduler, None, request.steps, None, request.timesteps, strength)
             return [_StagePlan(self.refiner, schedule)]
-        base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler, request.scheduler_options)
+        from ..protocol.prediction import predicted_config
+
+        base_config = predicted_config(self.base.scheduler_config, self.base.marked, request.prediction_type,
+                                       request.zero_terminal_snr, self.base.source.name)  # fmt: skip
+        base_scheduler = make_scheduler(base_config, request.scheduler, request.scheduler_options)
         refiner_scheduler = None
         if request.refiner_switch is not None:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_switch was given but no refiner is loaded")
             refiner_scheduler = make_scheduler(
-                self.refiner.scheduler_config, request.scheduler, request.scheduler_options
+                {**self.refiner.scheduler_config, **self.refiner.marked}, request.scheduler, request.scheduler_options
             )
         base_schedule, refiner_schedule = split_schedule(
             base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps, strength
@@ -483,6 +488,11 @@ class Generator:
         )  # fmt: skip
         if self.weight_storage is not None:  # recorded only when used, as the request's optional fields
             recipe["weight_storage"] = self.weight_storage
+        # What the base was read as (its file's keys, or the request's override), so that a re-run reads it so
+        # again; an epsilon model's recipe reads as before these fields existed.
+        used = scheduler.config
+        if plans[0].models is self.base and used.get("prediction_type") == "v_prediction":
+            recipe.update(prediction_type="v_prediction", zero_terminal_snr=bool(used.get("rescale_betas_zero_snr")))
         return _jsonable(recipe)
 
 

@@ -10,7 +10,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -77,6 +77,11 @@ class GenerationRequest:
     features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
     DeepCache's SDXL setting). 1 computes every step whole. See :mod:`sdxl_control.engine.step_cache`.
 
+    ``prediction_type`` (``"epsilon"`` or ``"v_prediction"``) and ``zero_terminal_snr`` override the base model's
+    own (``None``: its scheduler config, or a single file's ``v_pred`` / ``ztsnr`` keys, as ComfyUI and Forge read
+    them; see :mod:`sdxl_control.protocol.prediction`); the refiner keeps its own. An override against the model's
+    own is done with a warning; zero terminal SNR for an epsilon model is refused.
+
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
         (3,)
@@ -116,6 +121,8 @@ class GenerationRequest:
     step_cache: int = 1
     step_cache_branch: int = 0
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    zero_terminal_snr: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.detailer, FaceDetailer):  # true or its settings, as a job file gives it
@@ -190,6 +197,26 @@ class GenerationRequest:
         self._check_start()
         self._check_hires()
         self._check_detailer()
+        self._check_prediction()
+
+    def _check_prediction(self) -> None:
+        if self.prediction_type is None and self.zero_terminal_snr is None:
+            return
+        if self.refiner_only:
+            raise InvalidRequestError(
+                "prediction_type and zero_terminal_snr override the base model's; refiner_only runs the refiner "
+                "alone, with its own: leave them out"
+            )
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise InvalidRequestError(
+                "zero_terminal_snr with prediction_type 'epsilon': at the zero-SNR step an epsilon model's noise "
+                "estimate is multiplied by ~4096, which only a v-prediction model survives; give "
+                "prediction_type='v_prediction' or leave zero_terminal_snr out"
+            )
+        if self.zero_terminal_snr and self.scheduler is not None:
+            from ..protocol.prediction import check_zero_snr
+
+            check_zero_snr(scheduler_spec(self.scheduler)[0], self.scheduler, {"rescale_betas_zero_snr": True})
 
     def _check_hires(self) -> None:
         if self.hires_scale is None:
@@ -370,7 +397,9 @@ class GenerationRequest:
         # before they existed.
         skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
                    *(("vae",) if self.vae is None else ()),
-                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()))  # fmt: skip
+                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()),
+                   *(("prediction_type",) if self.prediction_type is None else ()),
+                   *(("zero_terminal_snr",) if self.zero_terminal_snr is None else ()))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
             detailer = self.detailer.settings()
@@ -435,8 +464,24 @@ class GenerationRequest:
             values.pop("steps", None)
         values["scheduler"] = recipe["scheduler"]["requested"]
         values["seed"] = recipe["batch_seed"]
+        if _read_markers_since_0_3(recipe, values):
+            # Before 0.3 a single file's v_pred / ztsnr keys went unread: its recorded schedule is what made the image.
+            config = recipe["scheduler"].get("config") or {}
+            values["prediction_type"] = config.get("prediction_type", "epsilon")
+            values["zero_terminal_snr"] = bool(config.get("rescale_betas_zero_snr", False))
         values.update(overrides)
         return cls(**values)
+
+
+def _read_markers_since_0_3(recipe: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
+    """Whether a recipe was made from a single-file base by a release that did not read its marker keys."""
+    from ..protocol.conditions import recorded_before
+
+    base = (recipe.get("models") or {}).get("base") or {}
+    return (
+        recorded_before(recipe.get("version"), "0.3.0") and isinstance(base, Mapping) and base.get("local") == "file"
+        and "prediction_type" not in recipe and not values.get("refiner_only")
+    )  # fmt: skip
 
 
 def _check_runs_a_step(what: str, strength: float, source: str, flag: str, steps: int, steps_source: str) -> None:

@@ -27,6 +27,9 @@ def make_scheduler(model_config: Any, name: str | None = None, overrides: Mappin
     if name is not None:
         cls_name, extra = scheduler_spec(name)
     cls = getattr(diffusers, cls_name)
+    from .prediction import check_zero_snr
+
+    check_zero_snr(cls_name, name, {**config, **extra, **(overrides or {})})
     try:
         return cls.from_config(config, **{**extra, **(overrides or {})})
     except (TypeError, ValueError) as exc:
