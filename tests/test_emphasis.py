@@ -406,3 +406,17 @@ def test_recipes_recorded_before_0_3_0_keep_their_reading(generator):
     assert again.images[0].recipe["emphasis"] == "a1111-0.2"  # the re-made image's recipe keeps the reading
     remade = generator.run(GenerationRequest.from_recipe(recipe), progress_bar=False)
     assert np.array_equal(np.asarray(remade.images[0]), np.asarray(now.images[0]))
+
+
+def test_the_2024_comfyui_reading_keeps_what_0_2_read(generator):
+    """``"comfyui-2024"`` re-makes 0.2's recipes: 0.2 took a word found whole in the vocabulary as that one token,
+    which ComfyUI (before 1c8d11e, and now) never did: they differ on a lone capital letter (the byte-level ``A</w>``,
+    where ComfyUI's tokenizer lower-cases). ComfyUI's current reading is ComfyUI's."""
+    clip_l = generator.base.text_encoders[0].tokenizer
+    text = "A cat"
+    old = _ids(clip_l, text, "comfyui-2024")
+    assert old[0] == clip_l.get_vocab()["A</w>"] and old[1:] == _ids(clip_l, "cat", "comfyui-2024")
+    comfy_then = [t for w in comfyui_windows(clip_l, text, pad_with_end=True, before_1c8d11e=True) for t, _ in w]
+    assert old != comfy_then[1 : 1 + len(old)]
+    comfy_now = [t for w in comfyui_windows(clip_l, text, pad_with_end=True) for t, _ in w]
+    assert _ids(clip_l, text, "comfyui") == comfy_now[1:3] == comfy_then[1:3]
