@@ -1,28 +1,46 @@
 """Transcriptions of how A1111 and ComfyUI read an SDXL prompt, for the equivalence tests.
 
-Written for these tests from the references' definitions; each part names what it mirrors:
+Written for these tests from the references' code; each part names the repository and commit it follows. Each was
+checked (December 2026) against the real file, run in a scratch folder outside this repository on the real CLIP
+tokenizer and the tiny SDXL text encoders: the same ids, weights and hidden states on the prompts of issue 36 and
+of these tests (weights with spaces, ``fish &amp; chips``, full-width letters, curly quotes, long weighted segments,
+``BREAK``, nesting, unbalanced brackets, escapes). A1111's ``modules.shared`` options were stubbed at their defaults
+and its textual-inversion database left empty; ComfyUI's model classes were stubbed around the real tokenizer code.
 
 * ``a1111_parse``: ``modules/prompt_parser.py`` ``parse_prompt_attention`` (AUTOMATIC1111/stable-diffusion-webui
-  @ 0674fab), its regular expression and bracket stacks.
-* ``a1111_windows``: ``modules/sd_hijack_clip.py`` ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line`` (chunks of
-  75 with the comma backtrack of 20, ``BREAK``, multipliers) and ``process_tokens``' padding after the first end token
-  (``id_pad``: the end token for CLIP-L, 0 for OpenCLIP-G). No textual-inversion embeddings.
-* ``a1111_encode``: ``process_tokens`` with ``sd_emphasis.EmphasisOriginal`` (and "No norm") for one encoder: each
-  chunk through the transformer's penultimate layer, weighted, rescaled to its mean; chunks joined with ``hstack``;
-  the pooled output the first chunk's. SDXL's conditioner joins the two encoders along the width.
+  @ 28bd8e14, the same in lllyasviel/stable-diffusion-webui-forge @ dfdcbab6), its regular expression and bracket
+  stacks; a weight may have spaces around it since A1111 1.6 (PR #12177). ``spaced=False``: the expression before
+  that (@ 0674fab), which sdxl-control 0.2 followed.
+* ``a1111_tokenize``: A1111's two SDXL tokenizers. CLIP-L: transformers' Python ``CLIPTokenizer`` (``_tokenize``,
+  huggingface/transformers @ 01f287b3, the class A1111's ``sgm`` embedder loads) with ftfy installed, as A1111 has
+  it: ``whitespace_clean(ftfy.fix_text(text)).lower()``, then CLIP's byte-pair encoding. OpenCLIP bigG: open_clip's
+  own ``SimpleTokenizer.encode`` (``modules/sd_hijack_open_clip.py`` ``FrozenOpenCLIPEmbedder2WithCustomWords``,
+  A1111 @ 01a40c62), the installed open_clip's, run as is.
+* ``a1111_windows``: ``modules/sd_hijack_clip.py`` ``tokenize_line`` (A1111 @ 5ad03e65: chunks of 75 with the comma
+  backtrack of 20, ``BREAK``, multipliers) and ``process_tokens``' padding after the first end token (``id_pad``:
+  the end token for CLIP-L, 0 for OpenCLIP-G). No textual-inversion embeddings.
+* ``a1111_encode``: ``process_tokens`` with ``modules/sd_emphasis.py`` ``EmphasisOriginal`` (and "No norm"; A1111
+  @ f8391b8a) for one encoder: each chunk through the transformer's penultimate layer, weighted, rescaled to its
+  mean; chunks joined with ``hstack``; the pooled output the first chunk's. SDXL's conditioner joins the two
+  encoders along the width; a negative prompt that is all ``""`` is zeros (``modules/sd_models_xl.py``
+  ``get_learned_conditioning``, A1111 @ 0bba67e8, ``force_zero_negative_prompt``).
 * ``comfyui_token_weights``: ``comfy/sd1_clip.py`` ``escape_important`` / ``parse_parentheses`` / ``token_weights``
-  / ``unescape_important`` (comfyanonymous/ComfyUI @ 00728eb).
-* ``comfyui_windows``: ``SDTokenizer.tokenize_with_weights`` (word by word, ``max_word_length`` 8, padding with the
-  end token for clip_l and 0 for clip_g: ``SDXLClipGTokenizer``'s ``pad_with_end=False``). No embeddings.
-* ``comfyui_encode``: ``ClipTokenWeightEncoder.encode_token_weights``: an empty-prompt window encoded beside the
-  sections when any weight is not 1, each weighted token moved from it; ``SDXLClipModel`` joins clip_l and clip_g
-  along the width, the pooled output clip_g's first section's.
+  / ``unescape_important`` (Comfy-Org/ComfyUI @ a125cd84; unchanged since comfyanonymous/ComfyUI @ 00728eb).
+* ``comfyui_windows``: ``SDTokenizer.tokenize_with_weights`` (ComfyUI @ a125cd84: each weighted segment tokenized
+  whole, cut before each `` embedding:``, ``max_word_length`` 8; padding with the end token for clip_l and 0 for
+  clip_g: ``SDXLClipGTokenizer``'s ``pad_with_end=False``). ``before_1c8d11e``: the same method before ComfyUI's
+  commit 1c8d11e (December 2024; @ a220d11e): each space-separated word tokenized apart. No embeddings.
+* ``comfyui_encode``: ``ClipTokenWeightEncoder.encode_token_weights`` (ComfyUI @ a125cd84): an empty-prompt window
+  encoded beside the sections when any weight is not 1, each weighted token moved from it; ``SDXLClipModel`` joins
+  clip_l and clip_g along the width, the pooled output clip_g's first section's.
 """
 
 from __future__ import annotations
 
 import re
 
+import ftfy
+import regex
 import torch
 
 RE_ATTENTION = re.compile(
@@ -35,7 +53,7 @@ RE_ATTENTION = re.compile(
 \\|
 \(|
 \[|
-:([+-]?[.\d]+)\)|
+:\s*([+-]?[.\d]+)\s*\)|
 \)|
 ]|
 [^\\()\[\]:]+|
@@ -43,10 +61,11 @@ RE_ATTENTION = re.compile(
 """,
     re.X,
 )
+RE_ATTENTION_BEFORE_1_6 = re.compile(RE_ATTENTION.pattern.replace(r":\s*([+-]?[.\d]+)\s*\)", r":([+-]?[.\d]+)\)"), re.X)
 RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
-def a1111_parse(text: str) -> list[list]:
+def a1111_parse(text: str, *, spaced: bool = True) -> list[list]:
     res: list[list] = []
     round_brackets: list[int] = []
     square_brackets: list[int] = []
@@ -55,7 +74,7 @@ def a1111_parse(text: str) -> list[list]:
         for p in range(start_position, len(res)):
             res[p][1] *= multiplier
 
-    for m in RE_ATTENTION.finditer(text):
+    for m in (RE_ATTENTION if spaced else RE_ATTENTION_BEFORE_1_6).finditer(text):
         piece = m.group(0)
         weight = m.group(1)
         if piece.startswith("\\"):
@@ -91,24 +110,50 @@ def a1111_parse(text: str) -> list[list]:
     return res
 
 
+CLIP_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+)
+
+
+def a1111_tokenize(text: str, *, open_clip: bool) -> list[int]:
+    """``text``'s ids as A1111's tokenizer for one SDXL encoder gives them (see the module): open_clip's own
+    ``SimpleTokenizer`` for OpenCLIP bigG; transformers' Python ``CLIPTokenizer._tokenize`` with ftfy for CLIP-L."""
+    from open_clip.tokenizer import _tokenizer as simple  # the instance A1111's sd_hijack_open_clip uses
+
+    if open_clip:
+        return simple.encode(text)
+    text = regex.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()  # whitespace_clean(self.fix_text(text)).lower()
+    ids = []
+    for token in regex.findall(CLIP_PATTERN, text):
+        token = "".join(simple.byte_encoder[b] for b in token.encode("utf-8"))
+        ids.extend(simple.encoder[piece] for piece in simple.bpe(token).split(" "))  # the same merges and vocabulary
+    return ids
+
+
 def a1111_windows(
-    tokenizer, text: str, pad_id: int, *, emphasis: bool = True
+    tokenizer, text: str, pad_id: int, *, emphasis: bool = True, open_clip: bool | None = None, spaced: bool = True
 ) -> tuple[list[list[int]], list[list[float]]]:
     """The windows (ids, multipliers) one SDXL text encoder reads; ``emphasis=False`` is the "None" option's
-    ``[[line, 1.0]]`` with ``BREAK`` still split, as a prompt without brackets parses."""
+    ``[[line, 1.0]]`` with ``BREAK`` still split, as a prompt without brackets parses. ``open_clip``: tokenized as
+    A1111 tokenizes for OpenCLIP bigG (True) or CLIP-L (False), see :func:`a1111_tokenize`; ``None``: by
+    ``tokenizer`` itself (transformers' Rust tokenizer, as diffusers and sdxl-control 0.2 read prompts).
+    ``spaced=False``: weights only right after the colon (A1111 before 1.6)."""
     chunk_length, backtrack = 75, 20
     id_start, id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma_token = tokenizer.get_vocab().get(",</w>", None)
     if emphasis:
-        parsed = a1111_parse(text)
+        parsed = a1111_parse(text, spaced=spaced)
     else:
         parsed = []
         for i, part in enumerate(re.split(RE_BREAK, text)):
             if i > 0:
                 parsed.append(["BREAK", -1])
             parsed.append([part, 1.0])
-    tokenized = [tokenizer(t, truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
-                 for t, _ in parsed]  # fmt: skip
+    if open_clip is None:
+        tokenized = [tokenizer(t, truncation=False, add_special_tokens=False, verbose=False)["input_ids"]
+                     for t, _ in parsed]  # fmt: skip
+    else:
+        tokenized = [a1111_tokenize(t, open_clip=open_clip) for t, _ in parsed]
     chunks: list[tuple[list[int], list[float]]] = []
     tokens: list[int] = []
     multipliers: list[float] = []
@@ -226,21 +271,23 @@ def comfyui_token_weights(text: str) -> list[tuple[str, float]]:
     return [(t.replace("\0\1", ")").replace("\0\2", "("), w) for t, w in token_weights(escaped, 1.0)]
 
 
-def comfyui_windows(tokenizer, text: str, *, pad_with_end: bool) -> list[list[tuple[int, float]]]:
+def comfyui_windows(
+    tokenizer, text: str, *, pad_with_end: bool, before_1c8d11e: bool = False
+) -> list[list[tuple[int, float]]]:
     max_length, max_word_length = 77, 8
     empty = tokenizer("")["input_ids"]
     start_token, end_token = empty[0], empty[1]
     pad_token = end_token if pad_with_end else 0
-    vocab = tokenizer.get_vocab()
     tokens = []
-    for segment, weight in comfyui_token_weights(text):
-        for word in [x for x in segment.replace("\n", " ").split(" ") if x != ""]:
-            exact_word = f"{word}</w>"
-            if exact_word in vocab:
-                tokenizer_result = [vocab[exact_word]]
-            else:
-                tokenizer_result = tokenizer(word)["input_ids"][1:-1]
-            tokens.append([(t, weight) for t in tokenizer_result])
+    for weighted_segment, weight in comfyui_token_weights(text):
+        if before_1c8d11e:
+            to_tokenize = [x for x in weighted_segment.replace("\n", " ").split(" ") if x != ""]
+        else:
+            split = re.split(" {0}|\n{0}".format("embedding:"), weighted_segment)
+            to_tokenize = [split[0]] + ["embedding:" + x for x in split[1:]]
+            to_tokenize = [x for x in to_tokenize if x != ""]
+        for word in to_tokenize:
+            tokens.append([(t, weight) for t in tokenizer(word)["input_ids"][1:-1]])
     batched_tokens = []
     batch = [(start_token, 1.0)]
     batched_tokens.append(batch)

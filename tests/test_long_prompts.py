@@ -2,7 +2,11 @@
 end chunks), each encoded in its own 77-token window, the windows joined; the pooled embedding is the first chunk's;
 the shorter of prompt and negative prompt is followed by empty-prompt chunks. The split is checked against a
 transcription of A1111's ``tokenize_line`` (``tests/reference_prompts.py``) on the real CLIP tokenizer, the encoding against the windows encoded by
-hand on the tiny text encoders. ``long_prompts="truncate"`` keeps diffusers' cut."""
+hand on the tiny text encoders. ``long_prompts="truncate"`` keeps diffusers' cut. ComfyUI's chunks
+(``emphasis="comfyui"``) follow its ``SDTokenizer.tokenize_with_weights`` at Comfy-Org/ComfyUI @ a125cd84 (a weighted
+segment tokenized whole, cut where the window fills if it has 8 tokens or more), ``"comfyui-2024"`` the same method
+before its commit 1c8d11e (word by word), both transcribed in ``tests/reference_prompts.py`` and checked there against
+the real file."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from sdxl_control import GenerationRequest
 from sdxl_control.cli import main
 from sdxl_control.protocol.text import _chunked, encode_prompts, prompt_chunks
 from sdxl_control.records.recipe import read_recipe
-from tests.reference_prompts import a1111_windows
+from tests.reference_prompts import a1111_windows, comfyui_windows
 
 LIST = ", ".join(f"a {colour} {thing}" for colour in ("red", "green", "blue", "white", "black", "golden", "silver")
                  for thing in ("fox", "house", "boat", "tree"))  # fmt: skip  # 28 items, 3 tokens and a comma each
@@ -136,3 +140,39 @@ def test_a_long_prompt_generates_whole_and_truncate_keeps_diffusers_cut(generato
     assert main([*argv, "--long-prompts", "truncate"]) == 0
     assert read_recipe(out)["long_prompts"] == "truncate" and Image.open(out).size == (64, 64)
     assert main([*argv, "--dry-run"]) == 0
+
+
+COMFYUI_CASES = {
+    # A weighted segment of 5 tokens with 3 places left: ComfyUI moves it whole to the next chunk; word by word, three
+    # words fit.
+    "word " * 72 + "(a red fox in snow:1.2)": ([72, 5], [75, 2]),
+    # 30 tokens of one weight (8 or more): cut where the chunk fills, both ways.
+    "word " * 70 + "(" + "other " * 30 + ":1.2)": ([75, 25], [75, 25]),
+    # The whole unweighted prompt is one segment (100 tokens): cut where the chunk fills; word by word, the same.
+    "word " * 100: ([75, 25], [75, 25]),
+    # A long unweighted segment after a weighted one that moved: "a b c d e f g" is 7 tokens, kept whole.
+    "word " * 70 + "(x:1.1) a b c d e f g": ([71, 7], [75, 3]),
+    # A word of many tokens (8 or more): cut where the chunk fills, both ways.
+    "word " * 70 + "supercalifragilisticexpialidocious" * 2: ([75, 14], [75, 14]),
+}
+
+
+@pytest.mark.parametrize("text", COMFYUI_CASES, ids=range(len(COMFYUI_CASES)))
+def test_comfyui_cuts_chunks_as_comfyui_does_now_and_did(generator, text):
+    """ComfyUI since 1c8d11e keeps a weighted segment of fewer than 8 tokens whole and cuts a longer one where the
+    window fills; before, each word was its own group ("comfyui-2024", what recipes of 0.2 recorded as "comfyui")."""
+    encoders = generator.base.text_encoders
+    now, before = COMFYUI_CASES[text]
+    for emphasis, sizes, before_1c8d11e in (("comfyui", now, False), ("comfyui-2024", before, True)):
+        assert [len(c) for c in prompt_chunks(encoders[0].tokenizer, text, emphasis)] == sizes
+        ids, count = _chunked_as(encoders, text, emphasis)
+        for enc, windows, pad_with_end in zip(encoders, ids, (True, False), strict=True):
+            expected = comfyui_windows(enc.tokenizer, text, pad_with_end=pad_with_end, before_1c8d11e=before_1c8d11e)
+            assert windows.tolist() == [[t for t, _ in w] for w in expected] and count == len(expected)
+
+
+def _chunked_as(encoders, text, emphasis):
+    from sdxl_control.protocol.text import _read
+
+    reading = _read(encoders, [text], emphasis)
+    return reading.ids, reading.windows

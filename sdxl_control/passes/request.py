@@ -20,8 +20,8 @@ from ..base.files import Locator, PathMode, portable
 from ..base.validation import check_fields
 from ..engine.step_cache import StepCache
 from ..engine.upscale import LANCZOS
-from ..protocol.conditions import Condition
-from ..protocol.emphasis import Emphasis, check_syntax
+from ..protocol.conditions import Condition, recorded_before
+from ..protocol.emphasis import READ_BEFORE_0_3_0, Emphasis, check_syntax
 from ..protocol.schedule import scheduler_name, scheduler_spec
 from ..protocol.text import LongPrompts
 from ..records.recipe import check_recipe
@@ -70,8 +70,9 @@ class GenerationRequest:
     or fewer reads the same both ways.
 
     ``emphasis``: how weighting syntax in the prompts is read: ``"a1111"`` (``(word:1.2)``, ``(word)``, ``[word]``,
-    ``\\(``, A1111's weighting), ``"comfyui"`` (ComfyUI's syntax, weighting and chunks) or ``"off"`` (brackets are
-    text). See :mod:`sdxl_control.protocol.emphasis`.
+    ``\\(``, A1111's weighting and tokenizers; a negative prompt ``""`` is zeros), ``"comfyui"`` (ComfyUI's syntax,
+    weighting and chunks) or ``"off"`` (brackets are text); ``"a1111-0.2"`` and ``"comfyui-2024"`` are the readings
+    that recipes recorded before 0.3.0 re-make theirs with. See :mod:`sdxl_control.protocol.emphasis`.
 
     ``step_cache`` (DeepCache): each stage computes the whole UNet every ``step_cache`` steps and reuses its deep
     features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
@@ -445,6 +446,8 @@ class GenerationRequest:
         # A recipe from before long prompts were read in chunks, or weighted, was made with the prompt cut to one window
         # and its brackets read as text.
         values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
+        if recorded_before(recipe.get("version"), "0.3.0"):  # 0.3.0 reads prompts as A1111 1.6+ and ComfyUI now do
+            values["emphasis"] = READ_BEFORE_0_3_0.get(values["emphasis"], values["emphasis"])
         for name in ("upscaler", "vae", "decoder"):
             if values.get(name) is not None:
                 values[name] = (locate or Locator()).resolve(values[name], f"the recipe's {name}")

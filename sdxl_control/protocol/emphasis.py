@@ -7,10 +7,21 @@ each tool cuts them, and :func:`emphasized` applies the weights to the encoded h
 * ``"a1111"`` (the default): A1111's ``prompt_parser`` syntax; each hidden state is multiplied by its token's weight,
   then the chunk is rescaled to its mean before weighting (A1111's "Original" emphasis). Chunks end at ``BREAK``,
   at 75 tokens, or at a comma at most 20 tokens back.
+  A1111's tokenizers clean the text first (ftfy's fixes, whitespace collapsed, lower case; the second encoder's,
+  open_clip's, also unescapes HTML entities: ``fish &amp; chips`` reads as ``fish & chips``), and an SDXL negative
+  prompt that is ``""`` is zeros, as a missing one is.
 * ``"comfyui"``: ComfyUI's syntax (round brackets only; ``[word]`` is text); a weighted token's hidden state is moved
-  from the empty prompt's at its position by its weight, ``empty + (h - empty) * w``. Chunks hold whole words, so a
-  word never straddles two (a word of 8 tokens or more may).
+  from the empty prompt's at its position by its weight, ``empty + (h - empty) * w``. Each run of one weight is
+  tokenized whole; a run of fewer than 8 tokens that does not fit in the chunk moves whole to the next one, a longer
+  one is cut where the chunk fills (ComfyUI since its commit 1c8d11e, December 2024).
 * ``"off"``: brackets are plain text; ``BREAK`` still ends a chunk.
+
+Two readings are kept by name for the recipes that recorded them (see :data:`READ_BEFORE_0_3_0`):
+
+* ``"a1111-0.2"``: A1111's syntax as sdxl-control 0.2 read it: a weight only right after the colon (``(word:1.2)``,
+  as A1111 before 1.6), the text tokenized as diffusers does, a negative prompt ``""`` encoded.
+* ``"comfyui-2024"``: ComfyUI's chunks before its commit 1c8d11e: each space-separated word tokenized apart and kept
+  whole in one chunk (a word of 8 tokens or more may straddle two).
 
 Example:
     >>> parse_a1111("a (red:1.2) fox [in] snow")
@@ -26,6 +37,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -34,6 +46,10 @@ from ..base.errors import InvalidRequestError
 
 __all__ = [
     "Emphasis",
+    "Syntax",
+    "READ_BEFORE_0_3_0",
+    "syntax_of",
+    "zeroes_empty_negative",
     "BREAK",
     "parse_a1111",
     "parse_comfyui",
@@ -45,7 +61,33 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Emphasis = Literal["a1111", "comfyui", "off"]
+Emphasis = Literal["a1111", "comfyui", "off", "a1111-0.2", "comfyui-2024"]
+Syntax = Literal["a1111", "comfyui", "off"]
+# The readings a recipe recorded by sdxl-control before 0.3.0 made its pixels with, by the emphasis it recorded.
+READ_BEFORE_0_3_0: dict[str, Emphasis] = {"a1111": "a1111-0.2", "comfyui": "comfyui-2024"}
+
+
+def syntax_of(emphasis: Emphasis) -> Syntax:
+    """Whose syntax ``emphasis`` reads: ``"a1111"``, ``"comfyui"`` or ``"off"`` (a kept older reading is its tool's).
+
+    Example:
+        >>> syntax_of("comfyui-2024")
+        'comfyui'
+    """
+    return "a1111" if emphasis.startswith("a1111") else "comfyui" if emphasis.startswith("comfyui") else "off"
+
+
+def zeroes_empty_negative(emphasis: Emphasis) -> bool:
+    """Whether a negative prompt written ``""`` is zeros where a missing one is (SDXL's base): A1111 zeroes both
+    (``force_zero_negative_prompt`` in its ``sd_models_xl.py``); ComfyUI, diffusers and sdxl-control 0.2 encode ``""``.
+
+    Example:
+        >>> zeroes_empty_negative("a1111"), zeroes_empty_negative("comfyui")
+        (True, False)
+    """
+    return emphasis == "a1111"
+
+
 # A fragment list's chunk end (A1111's BREAK keyword).
 BREAK = None
 Fragment = tuple[str, float]
@@ -74,26 +116,35 @@ _QUIET: ContextVar[bool] = ContextVar("quiet", default=False)
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # A1111's pieces, in its order of precedence: an escape (a lone backslash escapes nothing and vanishes), an explicit
 # weight closing a round bracket, a bracket, text, and a colon that is only text.
+# Since A1111 1.6 (its PR #12177) the weight may have spaces around it, ``(word: 1.2 )``; before, none.
 _A1111_PIECE = re.compile(
+    r"(?P<escape>\\[()\[\]\\]?)|(?P<weight>:\s*(?P<number>[+-]?[.\d]+)\s*\))|(?P<bracket>[()\[\]])|(?P<text>[^\\()\[\]:]+|:)"
+)
+_A1111_PIECE_UNSPACED = re.compile(
     r"(?P<escape>\\[()\[\]\\]?)|(?P<weight>:(?P<number>[+-]?[.\d]+)\))|(?P<bracket>[()\[\]])|(?P<text>[^\\()\[\]:]+|:)"
 )
 # A bracket that opens or closes a level (an escaped one, ``\\(``, is text), and the word after an opening one.
 _NESTING = re.compile(r"\\.|[()\[\]]")
 _WORD = re.compile(r"[^()\[\]:]{0,40}")
+_COMFYUI_EMBEDDING_WORD = "embedding:"
+_COMFYUI_EMBEDDING = re.compile(f"[ \n]{_COMFYUI_EMBEDDING_WORD}")
 _LOOKS_WEIGHTED = re.compile(r":(\s+[+-]?[.\d]+\s*|[+-]?[.\d]+\s+)\)")
 
 
-def parse_a1111(text: str, *, breaks: bool = True, where: str = "the prompt") -> list[Fragment | None]:
+def parse_a1111(
+    text: str, *, breaks: bool = True, where: str = "the prompt", spaced: bool = True
+) -> list[Fragment | None]:
     """``text`` as A1111's ``parse_prompt_attention`` reads it: (text, weight) fragments, runs of one weight joined, and
     :data:`BREAK` where ``BREAK`` ends a chunk (with ``breaks``; otherwise it is a word). An unclosed bracket weighs
     the rest of the prompt, a stray closing one is text (both with a warning); a weight that is not a number raises
     :class:`~sdxl_control.base.errors.InvalidRequestError` naming ``where`` (the prompt, the negative prompt...).
     ``BREAK`` inside brackets also ends a chunk (A1111 reads it there as a word of weight -1.1, which no prompt
-    means).
+    means). A weight may have spaces around it, ``(word: 1.2 )``, as A1111 reads it since 1.6; not ``spaced``: only
+    ``(word:1.2)`` is a weight (A1111 before 1.6, and the ``"a1111-0.2"`` reading), the rest text weighted 1.1.
 
     Example:
-        >>> parse_a1111(r"\\(literal\\) ((sky))")
-        [('(literal) ', 1.0), ('sky', 1.2100000000000002)]
+        >>> parse_a1111(r"\\(literal\\) ((sky)) (red fox : 0.7)")
+        [('(literal) ', 1.0), ('sky', 1.2100000000000002), (' ', 1.0), ('red fox ', 0.7)]
     """
     out: list[list[Any] | None] = []
     opened: dict[str, list[int]] = {"(": [], "[": []}
@@ -104,7 +155,7 @@ def parse_a1111(text: str, *, breaks: bool = True, where: str = "the prompt") ->
             if item is not None:
                 item[1] *= by
 
-    for piece in _A1111_PIECE.finditer(text):
+    for piece in (_A1111_PIECE if spaced else _A1111_PIECE_UNSPACED).finditer(text):
         kind, value = piece.lastgroup, piece.group(0)
         if kind == "escape":
             out.append([value[1:], 1.0])
@@ -126,9 +177,9 @@ def parse_a1111(text: str, *, breaks: bool = True, where: str = "the prompt") ->
         else:
             if kind != "text":
                 _warn("the prompt's %r at %r closes no bracket: read as text", value, _around(text, piece.start()))
-            elif value == ":" and _LOOKS_WEIGHTED.match(text, piece.start()):
-                _warn("the prompt's %r is read as text: A1111 reads a weight written right after the colon, "
-                            "as (word:1.2)", _around(text, piece.start()))  # fmt: skip
+            elif value == ":" and not spaced and _LOOKS_WEIGHTED.match(text, piece.start()):
+                _warn("the prompt's %r is read as text weighted 1.1, as sdxl-control 0.2 read it (its recipe's "
+                      "reading, 'a1111-0.2'); A1111 1.6 and later read a weight there", _around(text, piece.start()))  # fmt: skip
             parts = _BREAK_WORD.split(value) if breaks else [value]
             for number, part in enumerate(parts):
                 if number:
@@ -188,9 +239,12 @@ def unweighted(text: str, emphasis: Emphasis) -> tuple[str, bool]:
         >>> unweighted("a (red:1.2) fox", "a1111")
         ('a red fox', True)
     """
-    if emphasis == "off":
+    if syntax_of(emphasis) == "off":
         return text, False
-    fragments = parse_a1111(text, breaks=False) if emphasis == "a1111" else parse_comfyui(text)
+    syntax = syntax_of(emphasis)
+    fragments = (
+        parse_a1111(text, breaks=False, spaced=emphasis == "a1111") if syntax == "a1111" else parse_comfyui(text)
+    )
     return "".join(f[0] for f in fragments if f), any(f[1] != 1.0 for f in fragments if f)
 
 
@@ -238,7 +292,7 @@ def check_syntax(text: str, emphasis: Emphasis, where: str = "the prompt") -> No
         ...
         sdxl_control.base.errors.InvalidRequestError: the negative prompt weighs 'red' by 1000, beyond ...
     """
-    if emphasis == "off":
+    if syntax_of(emphasis) == "off":
         return
     depth = deepest = deepest_at = 0
     for piece in _NESTING.finditer(text):
@@ -258,7 +312,11 @@ def check_syntax(text: str, emphasis: Emphasis, where: str = "the prompt") -> No
         )
     token = _QUIET.set(True)
     try:
-        fragments = parse_a1111(text, where=where) if emphasis == "a1111" else parse_comfyui(text)
+        fragments = (
+            parse_a1111(text, where=where, spaced=emphasis == "a1111")
+            if syntax_of(emphasis) == "a1111"
+            else parse_comfyui(text)
+        )
     finally:
         _QUIET.reset(token)
     for fragment in fragments:
@@ -282,30 +340,60 @@ def _around(text: str, at: int) -> str:
     return text[max(0, at - 20) : at + 20]
 
 
-def weighted_tokens(tokenizer: Any, text: str, emphasis: Emphasis, *, whole: bool = True) -> list[Chunk]:
+def weighted_tokens(
+    tokenizer: Any, text: str, emphasis: Emphasis, *, whole: bool = True, open_clip: bool = False
+) -> list[Chunk]:
     """The (token id, weight) chunks a text encoder reads for ``text``, without the start and end tokens: at most 75
     each, cut as ``emphasis``'s tool cuts them (see the module). An empty prompt is one empty chunk. Not ``whole``:
     one chunk of the first 75 tokens (diffusers' reading; ``BREAK`` is a word), with a warning if any were cut.
+    ``open_clip``: the encoder is SDXL's OpenCLIP bigG, whose text A1111 cleans as open_clip's tokenizer does (see
+    :func:`a1111_cleaned`).
 
     Example:
         >>> [len(c) for c in weighted_tokens(tokenizer, "a (red) fox BREAK in the snow", "a1111")]  # doctest: +SKIP
         [3, 3]
     """
-    if emphasis == "comfyui":
-        words = _comfyui_words(tokenizer, text)
+    syntax = syntax_of(emphasis)
+    if syntax == "comfyui":
+        groups = _comfyui_words(tokenizer, text) if emphasis == "comfyui-2024" else _comfyui_groups(tokenizer, text)
         if whole:
-            return _word_chunks(words)
-        tokens = [token for word in words for token in word]
+            return _word_chunks(groups)
+        tokens = [token for group in groups for token in group]
     else:
         fragments: list[Fragment | None] = (
-            parse_a1111(text, breaks=whole) if emphasis == "a1111" else _plain(text, breaks=whole)
+            parse_a1111(text, breaks=whole, spaced=emphasis == "a1111")
+            if syntax == "a1111"
+            else _plain(text, breaks=whole)
         )
+        clean = partial(a1111_cleaned, open_clip=open_clip) if emphasis == "a1111" else None
         if whole:
-            return _comma_chunks(tokenizer, fragments)
-        tokens = [(t, f[1]) for f in fragments if f is not None for t in _ids(tokenizer, f[0])]
+            return _comma_chunks(tokenizer, fragments, clean)
+        tokens = [(t, f[1]) for f in fragments if f is not None for t in _ids(tokenizer, f[0], clean)]
     if len(tokens) > CHUNK_TOKENS:
         _warn("prompt truncated to %d CLIP tokens", CHUNK_TOKENS + 2)
     return [tokens[:CHUNK_TOKENS]]
+
+
+def a1111_cleaned(text: str, *, open_clip: bool = False) -> str:
+    """``text`` as A1111's tokenizers clean it before their byte-pair encoding: ftfy's ``fix_text`` (curly quotes made
+    straight, full-width letters and ligatures made plain, HTML entities unescaped where the text has no ``<``),
+    whitespace collapsed, lower case: transformers' Python ``CLIPTokenizer`` with ftfy installed, which A1111 runs for
+    CLIP-L. ``open_clip``: open_clip's ``SimpleTokenizer``, which A1111 runs for SDXL's OpenCLIP bigG; it also
+    unescapes HTML entities, twice. The tokenizer sdxl-control loads (transformers' Rust one, as diffusers) only
+    collapses whitespace and lowers the case.
+
+    Example:
+        >>> a1111_cleaned("Fish &amp; Chips  <b>", open_clip=True), a1111_cleaned("Fish &amp; Chips  <b>")
+        ('fish & chips <b>', 'fish &amp; chips <b>')
+    """
+    import html
+
+    import ftfy  # open-clip-torch's dependency
+
+    text = ftfy.fix_text(text)
+    if open_clip:
+        text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
 
 
 def _plain(text: str, *, breaks: bool) -> list[Fragment | None]:
@@ -317,19 +405,23 @@ def _plain(text: str, *, breaks: bool) -> list[Fragment | None]:
     return fragments
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: Any, text: str, clean: Callable[[str], str] | None = None) -> list[int]:
+    if clean is not None:
+        text = clean(text)
     if not text:
         return []
     return list(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
 
 
-def _comma_chunks(tokenizer: Any, fragments: list[Fragment | None]) -> list[Chunk]:
+def _comma_chunks(
+    tokenizer: Any, fragments: list[Fragment | None], clean: Callable[[str], str] | None = None
+) -> list[Chunk]:
     items: list[tuple[int, float] | None] = []
     for fragment in fragments:
         if fragment is BREAK:
             items.append(None)
-        else:
-            items += [(token, fragment[1]) for token in _ids(tokenizer, fragment[0])]
+        else:  # each fragment tokenized apart, as A1111 does
+            items += [(token, fragment[1]) for token in _ids(tokenizer, fragment[0], clean)]
     return split_chunks(items, tokenizer.get_vocab().get(",</w>"))
 
 
@@ -363,9 +455,21 @@ def split_chunks(items: Sequence[tuple[int, T] | None], comma: int | None) -> li
     return chunks
 
 
+def _comfyui_groups(tokenizer: Any, text: str) -> list[Chunk]:
+    """Each run of one weight's tokens with its weight, as ComfyUI tokenizes them since its commit 1c8d11e: the run
+    whole, cut before each `` embedding:`` (an embedding's name is its own group)."""
+    groups = []
+    for part, weight in parse_comfyui(text):
+        first, *rest = _COMFYUI_EMBEDDING.split(part)
+        for group in (first, *(f"{_COMFYUI_EMBEDDING_WORD}{r}" for r in rest)):
+            if group:
+                groups.append([(token, weight) for token in _ids(tokenizer, group)])
+    return groups
+
+
 def _comfyui_words(tokenizer: Any, text: str) -> list[Chunk]:
-    """Each space-separated word's tokens with its fragment's weight (ComfyUI tokenizes word by word, taking a word
-    found whole in the vocabulary as that one token)."""
+    """Each space-separated word's tokens with its fragment's weight, as ComfyUI tokenized them before its commit
+    1c8d11e (``"comfyui-2024"``): word by word, a word found whole in the vocabulary taken as that one token."""
     vocab = tokenizer.get_vocab()
     words = []
     for part, weight in parse_comfyui(text):
@@ -404,10 +508,11 @@ def emphasized(
         >>> emphasized(h, torch.tensor([[1.0, 2.0, 1.0]]), "comfyui", lambda: torch.zeros(1, 3, 2))[0, :, 0]
         tensor([1., 2., 1.])
     """
-    if emphasis == "off" or bool((weights == 1.0).all()):
+    syntax = syntax_of(emphasis)
+    if syntax == "off" or bool((weights == 1.0).all()):
         return hidden
     weights = weights.to(hidden.device, hidden.dtype)
-    if emphasis == "comfyui":
+    if syntax == "comfyui":
         base = empty().to(hidden.device, hidden.dtype).expand_as(hidden)
         moved = (hidden - base) * weights[..., None] + base
         return torch.where((weights != 1.0)[..., None], moved, hidden)

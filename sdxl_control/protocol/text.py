@@ -16,7 +16,7 @@ from ..base.errors import ConditionError, IncompatibleModelError
 from ..weights.conversion import text_parameter
 from ..weights.patches import WeightDelta, WeightPatch
 from .conditions import PromptEdit, PromptTokens, Window, acts
-from .emphasis import CHUNK_TOKENS, Emphasis, emphasized, unweighted, weighted_tokens
+from .emphasis import CHUNK_TOKENS, Emphasis, emphasized, syntax_of, unweighted, weighted_tokens, zeroes_empty_negative
 
 __all__ = [
     "TextEncoder",
@@ -92,9 +92,30 @@ def _read(
     encoders: Sequence[TextEncoder], texts: list[str], emphasis: Emphasis = "off", long_prompts: LongPrompts = "chunks"
 ) -> _Reading:
     whole = long_prompts == "chunks"
-    per_encoder = [[weighted_tokens(enc.tokenizer, text, emphasis, whole=whole) for text in texts] for enc in encoders]
-    if len({tuple(len(c) for c in texts_chunks) for texts_chunks in per_encoder}) > 1:
-        raise IncompatibleModelError("the stage's tokenizers split the prompt differently; they should share CLIP's")
+    # The stage's last encoder is SDXL's OpenCLIP bigG, whose text A1111 tokenizes with open_clip's tokenizer.
+    per_encoder = [
+        [
+            weighted_tokens(enc.tokenizer, text, emphasis, whole=whole, open_clip=i == len(encoders) - 1)
+            for text in texts
+        ]
+        for i, enc in enumerate(encoders)
+    ]
+    counts = [[len(chunks) for chunks in texts_chunks] for texts_chunks in per_encoder]
+    if len({tuple(c) for c in counts}) > 1:
+        if emphasis != "a1111":
+            raise IncompatibleModelError(
+                "the stage's tokenizers split the prompt differently; they should share CLIP's"
+            )
+        # A1111's two tokenizers clean text apart (HTML entities, see emphasis.a1111_cleaned), so near a chunk's end
+        # they may cut a prompt into different numbers of chunks; A1111 then stops (its conditioner cannot join the
+        # two encoders' states). Here the encoder with fewer chunks reads empty ones after its own.
+        text = next(i for i in range(len(texts)) if len({c[i] for c in counts}) > 1)
+        log.warning(
+            "the text encoders cut %r into different numbers of 75-token chunks (%s; their tokenizers clean the text "
+            "apart, as A1111's do): the shorter reading is followed by empty chunks, where A1111 stops with an error",
+            texts[text] if len(texts[text]) <= 60 else texts[text][:57] + "...",
+            " and ".join(str(c[text]) for c in counts),
+        )
     count = max(len(chunks) for texts_chunks in per_encoder for chunks in texts_chunks)
     ids, weights = [], []
     for enc, texts_chunks in zip(encoders, per_encoder, strict=True):
@@ -161,11 +182,12 @@ def _aligned(
     if negative is None or negative.hidden.shape[1] == positive.hidden.shape[1]:
         return positive, negative
     length = max(positive.hidden.shape[1], negative.hidden.shape[1])
-    if emphasis == "comfyui":
+    comfyui = syntax_of(emphasis) == "comfyui"
+    if comfyui:
         length = math.lcm(positive.hidden.shape[1], negative.hidden.shape[1])
 
     def padded(embeddings: PromptEmbeddings) -> PromptEmbeddings:
-        if emphasis == "comfyui":
+        if comfyui:
             return PromptEmbeddings(
                 embeddings.hidden.repeat(1, length // embeddings.hidden.shape[1], 1), embeddings.pooled
             )
@@ -342,8 +364,11 @@ def encode_negative(
     emphasis: Emphasis = "off",
 ) -> PromptEmbeddings:
     """The negative prompts' embeddings. With none given and ``zero_negative`` (the SDXL base's
-    ``force_zeros_for_empty_prompt``) all zeros, as SDXL was trained; otherwise the negative text (default "")."""
-    if negatives is None and zero_negative:
+    ``force_zeros_for_empty_prompt``) all zeros, as SDXL was trained; otherwise the negative text (default "").
+    Read as A1111 reads it (``emphasis="a1111"``), negatives that are all ``""`` are zeros too, as A1111 makes them
+    for SDXL."""
+    empty = negatives is not None and zeroes_empty_negative(emphasis) and all(text == "" for text in negatives)
+    if zero_negative and (negatives is None or empty):
         return PromptEmbeddings(torch.zeros_like(like.hidden), torch.zeros_like(like.pooled))
     texts = negatives if negatives is not None else [""] * like.hidden.shape[0]
     return _encode(encoders, texts, long_prompts, emphasis)
