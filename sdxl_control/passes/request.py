@@ -73,6 +73,9 @@ class GenerationRequest:
     ``\\(``, A1111's weighting), ``"comfyui"`` (ComfyUI's syntax, weighting and chunks) or ``"off"`` (brackets are
     text). See :mod:`sdxl_control.protocol.emphasis`.
 
+    ``refiner_prompt`` / ``refiner_negative_prompt``: the refiner's own prompts (as a ComfyUI graph can give its
+    refiner's text encoders other texts); ``None``: the refiner reads the prompt and negative prompt.
+
     ``step_cache`` (DeepCache): each stage computes the whole UNet every ``step_cache`` steps and reuses its deep
     features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
     DeepCache's SDXL setting). 1 computes every step whole. See :mod:`sdxl_control.engine.step_cache`.
@@ -116,6 +119,8 @@ class GenerationRequest:
     step_cache: int = 1
     step_cache_branch: int = 0
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
+    refiner_prompt: str | None = None
+    refiner_negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.detailer, FaceDetailer):  # true or its settings, as a job file gives it
@@ -126,7 +131,9 @@ class GenerationRequest:
         if self.size is None:
             object.__setattr__(self, "size", self._default_size())
         check_fields(self, "the request")
-        for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt")):
+        for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt"),
+                            (self.refiner_prompt, "the refiner prompt"),
+                            (self.refiner_negative_prompt, "the refiner negative prompt")):  # fmt: skip
             if isinstance(text, str):
                 check_syntax(text, self.emphasis, where)
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
@@ -370,7 +377,8 @@ class GenerationRequest:
         # before they existed.
         skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
                    *(("vae",) if self.vae is None else ()),
-                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()))  # fmt: skip
+                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()),
+                   *(k for k in ("refiner_prompt", "refiner_negative_prompt") if getattr(self, k) is None))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
             detailer = self.detailer.settings()
