@@ -122,7 +122,8 @@ def read_fooocus(data: Mapping[str, Any]) -> Imported:
     elif "resolution" in data:
         reader.skip(f"resolution: {_shown(data['resolution'])}", "not a size (width, height)")
     if (sampler := keys.get("sampler")) is not None:
-        reader.scheduler(str(sampler), str(keys.get("scheduler") or "normal"), f"sampler: {sampler}")
+        schedule = str(keys.get("scheduler") or "normal")
+        reader.scheduler(str(sampler), schedule, f"sampler: {sampler}, scheduler: {schedule}")
     if base := keys.get("base_model"):
         reader.model("base", str(base))
     refiner = keys.get("refiner_model")
@@ -247,7 +248,8 @@ def read_swarmui(data: Mapping[str, Any]) -> Imported:
         reader.settings["size"] = (width, height)
         keys.taken.add("aspectratio")  # the size's ratio, said again
     if (sampler := keys.get("sampler")) is not None:
-        reader.scheduler(str(sampler), str(keys.get("scheduler") or "normal"), f"sampler: {sampler}")
+        schedule = str(keys.get("scheduler") or "normal")
+        reader.scheduler(str(sampler), schedule, f"sampler: {sampler}, scheduler: {schedule}")
     elif (schedule := keys.get("scheduler")) is not None:
         reader.scheduler("euler", str(schedule), f"scheduler: {schedule} (SwarmUI's default sampler, euler)")
     if model := keys.get("model"):

@@ -591,12 +591,15 @@ class _ComfyGraph:
             upscale = latent[1].get("inputs", {})
             scale = upscale.get("scale_by") or self._upscale_scale(latent[0], upscale)
             if scale is None:
+                self.skip(node_id, f"a second sampler after {self.name(latent[0])}, which is not read as a hires fix; "
+                          "its settings are not restored")  # fmt: skip
                 return
             settings["hires_scale"] = float(scale)
             settings["upscaler"] = COMFYUI_LATENT_UPSCALES.get(str(upscale.get("upscale_method")), "latent")
             settings["hires_steps"] = int(values.get("steps", settings.get("steps", 20)))
             settings["hires_strength"] = float(values.get("denoise", 0.5))
             self._hires_inputs(first, node_id)
+            self._same_sampling(first, node_id, ("cfg", "sampler_name", "scheduler"))
             return
         self.skip(node_id, "a second sampler that is neither a refiner nor a latent hires fix; not read")
 
@@ -716,14 +719,21 @@ class _ComfyGraph:
     def _refiner_sampling(self, first: str, node_id: str) -> None:
         """A refiner sampler's own seed, guidance and sampler: listed where they differ from the first's, which the
         refiner runs with here."""
+        adds_noise = self.inputs(node_id).get("add_noise") == "enable"  # else its seed draws nothing
+        self._same_sampling(
+            first, node_id, ("noise_seed", "cfg", "sampler_name", "scheduler")[0 if adds_noise else 1 :]
+        )
+        if adds_noise and int(self.inputs(node_id).get("start_at_step", 0)) > 0:
+            self.skip(node_id, "add_noise enable: it adds fresh noise where the base stopped; not read")
+
+    def _same_sampling(self, first: str, node_id: str, keys: tuple[str, ...]) -> None:
+        """A later sampler's own settings (``keys``), listed where they differ from the first sampler's, which the
+        refiner and the hires fix run with here."""
         mine, theirs = self.inputs(node_id), self.inputs(first)
-        adds_noise = mine.get("add_noise") == "enable"  # else its seed draws nothing
-        for key in ("noise_seed", "cfg", "sampler_name", "scheduler")[0 if adds_noise else 1 :]:
+        for key in keys:
             other = theirs.get("seed" if key == "noise_seed" and "seed" in theirs else key)
             if key in mine and other is not None and mine[key] != other:
                 self.skip(node_id, f"its {key} {mine[key]} differs from the first sampler's {other}, which is used")
-        if adds_noise and int(mine.get("start_at_step", 0)) > 0:
-            self.skip(node_id, "add_noise enable: it adds fresh noise where the base stopped; not read")
 
     def _hires_inputs(self, first: str, node_id: str) -> None:
         """A hires sampler's model and prompts: the first sampler's here; listed where they are other ones."""
