@@ -17,7 +17,7 @@ Example:
     ...      "widgets_values": [42, "randomize", 20, 7, "euler", "normal", 1]}],
     ...     "links": [[1, 4, 0, 3, 0, "MODEL"]]}
     >>> workflow_graph(workflow)["3"]
-    {'class_type': 'KSampler', 'inputs': {'model': ['4', 0], 'seed': 42, 'steps': 20, 'cfg': 7, 'sampler_name': 'euler', 'scheduler': 'normal', 'denoise': 1}}
+    {'class_type': 'KSampler', 'inputs': {'seed': 42, 'steps': 20, 'cfg': 7, 'sampler_name': 'euler', 'scheduler': 'normal', 'denoise': 1, 'model': ['4', 0]}}
 """  # noqa: E501
 
 from __future__ import annotations
