@@ -268,7 +268,7 @@ def test_swarmui_parameters_are_read_by_their_key_names():
     """SwarmUI's keys (sui_image_params: prompt, negativeprompt, cfgscale, ...), as SwarmUI writes them (no
     licensed real file was found, see PROVENANCE.md)."""
     imported = read_swarmui(
-        {"sui_image_params": {"prompt": "a fox", "negativeprompt": "blur", "model": "sd_xl_base_1.0", "seed": 7,
+        {"sui_image_params": {"prompt": "a fox", "negativeprompt": "blur", "model": "OfficialStableDiffusion/sd_xl_base_1.0", "seed": 7,
                               "steps": 28, "cfgscale": 6.0, "aspectratio": "8:5", "width": 1216, "height": 768,
                               "sampler": "euler", "scheduler": "karras", "loras": ["detail"], "loraweights": ["0.6"],
                               "refinercontrolpercentage": 0.2, "swarm_version": "0.9.3.1"},

@@ -253,7 +253,9 @@ def read_swarmui(data: Mapping[str, Any]) -> Imported:
     elif (schedule := keys.get("scheduler")) is not None:
         reader.scheduler("euler", str(schedule), f"scheduler: {schedule} (SwarmUI's default sampler, euler)")
     if model := keys.get("model"):
-        reader.model("base", str(model))
+        # SwarmUI names a model by its path in its models folder, without a suffix ("OfficialStableDiffusion/
+        # sd_xl_base_1.0"): found here by its file's name, which a path without its suffix is not.
+        reader.model("base", str(model).replace("\\", "/").rsplit("/", 1)[-1])
     names, weights = keys.get("loras"), keys.get("loraweights")
     if isinstance(names, list):
         weights = weights if isinstance(weights, list) and len(weights) == len(names) else [1.0] * len(names)

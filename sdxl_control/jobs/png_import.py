@@ -541,7 +541,7 @@ class _ComfyGraph:
             settings["steps"] = int(values.get("steps", 20))
             settings["guidance"] = float(values.get("cfg", 8.0))
             self.reader.scheduler(str(values.get("sampler_name", "euler")), str(values.get("scheduler", "normal")),
-                                  f"KSampler (node {node_id})")  # fmt: skip
+                                  f"{kind} (node {node_id})")  # fmt: skip
             if not advanced and float(values.get("denoise", 1.0)) < 1.0:
                 self._denoise(node_id, values["denoise"])
             model, positive, negative_link = values.get("model"), values.get("positive"), values.get("negative")
