@@ -255,6 +255,12 @@ def test_hand_checked_values_of_key_files(tmp_path):
     assert "hires_scale" not in uneven.settings and any("not one scale" in u for u in uneven.unmapped)
     latent = _read("comfyui_examples_2_pass_txt2img_hiresfix_latent_workflow.chunks.json", tmp_path)
     assert latent.settings["hires_scale"] == 1152 / 768 and latent.settings["hires_strength"] == 0.5
+    assert any(u.startswith("KSampler (node 11): its sampler_name dpmpp_2m differs") for u in latent.unmapped)
+    # Decoded, enlarged by RealESRGAN, resized to 1536x1536, encoded again, redrawn at denoise 0.5 in 14 steps.
+    esrgan = _read("comfyui_examples_2_pass_txt2img_hiresfix_esrgan_workflow.chunks.json", tmp_path)
+    assert {k: esrgan.settings[k] for k in ("hires_scale", "upscaler", "hires_steps", "hires_strength")} == {
+        "hires_scale": 2.0, "upscaler": "RealESRGAN_x4plus.pth", "hires_steps": 14, "hires_strength": 0.5
+    }  # fmt: skip
 
     fooocus = _read("fooocus1_cropped.png", tmp_path)
     assert fooocus.settings["size"] == (768, 1280) and fooocus.settings["seed"] == 6952411511246973023

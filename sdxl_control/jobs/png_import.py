@@ -601,7 +601,55 @@ class _ComfyGraph:
             self._hires_inputs(first, node_id)
             self._same_sampling(first, node_id, ("cfg", "sampler_name", "scheduler"))
             return
-        self.skip(node_id, "a second sampler that is neither a refiner nor a latent hires fix; not read")
+        if latent is not None and latent[1]["class_type"] == "VAEEncode" and self._pixel_hires(first, latent[0]):
+            settings["hires_steps"] = int(values.get("steps", settings.get("steps", 20)))
+            settings["hires_strength"] = float(values.get("denoise", 0.5))
+            self._hires_inputs(first, node_id)
+            self._same_sampling(first, node_id, ("cfg", "sampler_name", "scheduler"))
+            return
+        self.skip(node_id, "a second sampler that is neither a refiner nor a hires fix of the first's image; not read")
+
+    def _pixel_hires(self, first: str, encode: str) -> bool:
+        """A hires fix in pixels: the first sampler's image decoded, enlarged by an upscaler model
+        (``ImageUpscaleWithModel``) and/or resized (``ImageScale``, ``ImageScaleBy``), encoded again. Its scale and
+        upscaler restored where the chain is that; ``False`` (nothing read) where it is another."""
+        chain: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        found = self.node(self.inputs(encode).get("pixels"))
+        for kind in ("ImageScale", "ImageScaleBy", "ImageUpscaleWithModel", "VAEDecode"):
+            if found is not None and found[1]["class_type"] == kind:
+                chain[kind] = found
+                found = self.node(found[1].get("inputs", {}).get("samples" if kind == "VAEDecode" else "image"))
+        decode = chain.get("VAEDecode")
+        decoded = self.node(decode[1].get("inputs", {}).get("samples")) if decode is not None else None
+        resized = {"ImageScale", "ImageScaleBy", "ImageUpscaleWithModel"} & chain.keys()
+        if decoded is None or decoded[0] != first or not resized:
+            return False
+        resize = chain.get("ImageScale") or chain.get("ImageScaleBy")
+        if resize is None:
+            self.skip(chain["ImageUpscaleWithModel"][0], "an upscaler model's own factor is not known here: no hires "
+                      "scale read")  # fmt: skip
+            return False
+        values = resize[1].get("inputs", {})
+        scale = (
+            values.get("scale_by")
+            if resize[1]["class_type"] == "ImageScaleBy"
+            else self._upscale_scale(resize[0], values)
+        )
+        if scale is None:
+            return False
+        self.seen.update({encode, *(node_id for node_id, _ in chain.values())})
+        settings = self.reader.settings
+        settings["hires_scale"] = float(scale)
+        upscaler = chain.get("ImageUpscaleWithModel")
+        loader = self.node(upscaler[1].get("inputs", {}).get("upscale_model")) if upscaler else None
+        if loader is not None:
+            self.seen.add(loader[0])
+            settings["upscaler"] = str(loader[1].get("inputs", {}).get("model_name"))
+        else:
+            settings["upscaler"] = "lanczos"
+        if str(values.get("upscale_method", "lanczos")) != "lanczos":
+            self.skip(resize[0], f"its resize method {values['upscale_method']}: Lanczos resizes here")
+        return True
 
     def _denoise(self, node_id: str, denoise: Any) -> None:
         self.skip(node_id, f"denoise {denoise}: an img2img image is not in the PNG; give --init-image and --strength "
