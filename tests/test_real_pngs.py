@@ -333,3 +333,19 @@ def test_a_refiner_prompt_reaches_the_refiners_encoding_and_is_recorded(generato
     assert "refiner_prompt" not in plain.recipes[0]  # recorded only when given: older recipes read as before
     again = generator.run(GenerationRequest.from_recipe(recipe), progress_bar=False)
     assert torch.equal(again.latents, own.latents)
+
+
+@pytest.mark.parametrize("name", ["automatic1111_cropped.png", "invokeai_imeta1.png", "img2img_cropped.png"])
+def test_prompt_seed_steps_cfg_and_size_agree_with_sd_prompt_reader(name, tmp_path):
+    """sd-prompt-reader 1.3.4 (receyuki/stable-diffusion-prompt-reader), a second third-party reading: prompt,
+    negative prompt, seed, steps, CFG and (where it reads it from the metadata, not the 1x1 pixels) the size."""
+    reader = pytest.importorskip("sd_prompt_reader.image_data_reader")
+    theirs = reader.ImageDataReader(str(CORPUS / name))
+    ours = _read(name, tmp_path)
+    assert ours.prompt.strip() == theirs.positive.strip()
+    assert ours.settings["negative_prompt"].strip() == theirs.negative.strip()
+    parameters = theirs.parameter
+    assert (ours.settings["seed"], ours.settings["steps"]) == (int(parameters["seed"]), int(parameters["steps"]))
+    assert ours.settings["guidance"] == float(parameters["cfg"])
+    if parameters["size"] != "1x1":
+        assert "x".join(map(str, ours.settings["size"])) == parameters["size"]
