@@ -323,6 +323,7 @@ def test_the_command_line_and_the_page_restore_an_a1111_png(tiny, tmp_path, capl
     values = page.restore(str(png))
     assert values[:4] == [recipe["prompt"], "blurry, (lowres:1.3)", 64, 64] and values[6] == 1234567
     assert values[9] == "dpmpp_2m_karras" and "A1111 settings" in values[10] and "LoRA add-detail-xl" in values[10]
+    assert "- hires_scale 1.25: no field on the page" in values[10]  # the form lacks it: named, not dropped
     ours = page.restore(str(out))  # an sdxl-control PNG restores as before
     assert ours[6] == 1234567 and ours[9] == "dpmpp_2m_karras" and ours[10] == "restored from out.png: seed 1234567"
 
