@@ -349,3 +349,25 @@ def test_prompt_seed_steps_cfg_and_size_agree_with_sd_prompt_reader(name, tmp_pa
     assert ours.settings["guidance"] == float(parameters["cfg"])
     if parameters["size"] != "1x1":
         assert "x".join(map(str, ours.settings["size"])) == parameters["size"]
+
+
+def test_a_workflow_runs_as_comfyui_runs_it_bypassed_and_muted_nodes(tmp_path):
+    """The real lora_multiple workflow with its second LoRA loader bypassed (mode 4: its model and clip pass
+    through, as ComfyUI runs it) reads as the graph without that LoRA; muted (mode 2), the chain it cuts is gone."""
+    texts = _texts("comfyui_examples_lora_lora_multiple.chunks.json")
+    workflow = json.loads(texts["workflow"])
+    loaders = [n for n in workflow["nodes"] if n["type"] == "LoraLoader"]
+    assert len(loaders) == 2
+    # The loader nearest the sampler: the one whose model output no other loader takes.
+    fed = {i["link"] for n in loaders for i in n["inputs"] if i["name"] == "model"}
+    last = next(n for n in loaders if not set(n["outputs"][0]["links"] or ()) & fed)
+    first = next(n for n in loaders if n is not last)
+    last["mode"] = 4
+    bypassed = read_image_settings(_png(tmp_path / "b.png", {"workflow": json.dumps(workflow)}))
+    assert isinstance(bypassed, Imported)
+    assert [c.source for c in bypassed.conditions] == [first["widgets_values"][0]]
+    assert bypassed.models["base"] == "v1-5-pruned-emaonly.ckpt" and bypassed.prompt == "masterpiece best quality girl"
+    last["mode"] = 2  # muted: the sampler's model input is cut, as in ComfyUI (which would refuse to run it)
+    muted = read_image_settings(_png(tmp_path / "m.png", {"workflow": json.dumps(workflow)}))
+    assert isinstance(muted, Imported) and muted.conditions == () and "base" not in muted.models
+    assert _named(muted, "KSampler (node 3): no model reaches it")

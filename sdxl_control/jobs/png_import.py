@@ -545,6 +545,8 @@ class _ComfyGraph:
             if not advanced and float(values.get("denoise", 1.0)) < 1.0:
                 self._denoise(node_id, values["denoise"])
             model, positive, negative_link = values.get("model"), values.get("positive"), values.get("negative")
+        if self.node(model) is None:  # a link to a muted or absent node, which ComfyUI refuses to run
+            self.skip(node_id, "no model reaches it (its loader muted or absent): the default base model is used")
         self._models(model, "base")
         prompt = self._conditioning(positive, "prompt")
         negative = self._conditioning(negative_link, "negative prompt") if negative_link is not None else ""
