@@ -371,3 +371,10 @@ def test_a_workflow_runs_as_comfyui_runs_it_bypassed_and_muted_nodes(tmp_path):
     muted = read_image_settings(_png(tmp_path / "m.png", {"workflow": json.dumps(workflow)}))
     assert isinstance(muted, Imported) and muted.conditions == () and "base" not in muted.models
     assert _named(muted, "KSampler (node 3): no model reaches it")
+
+
+def test_an_a1111_prompt_that_starts_with_a_brace_is_not_taken_for_json(tmp_path):
+    """Dynamic prompts' ``{red|blue} fox`` opens A1111's text with a brace: read as A1111's text, not refused."""
+    png = _png(tmp_path / "b.png", {"parameters": "{red|blue} fox\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 1"})
+    imported = read_image_settings(png)
+    assert isinstance(imported, Imported) and imported.tool == "A1111" and imported.prompt == "{red|blue} fox"

@@ -118,10 +118,12 @@ def read_image_settings(path: str | os.PathLike[str]) -> dict[str, Any] | Import
     try:
         if "parameters" in texts:
             text = bounded_text(texts["parameters"], f"{path}: its A1111 parameters")
-            if not text.lstrip().startswith("{"):
+            try:  # JSON where A1111 writes its text: Fooocus (its "fooocus" scheme) and SwarmUI write theirs there
+                data = json_text(text, f"{path}: its parameters JSON") if text.lstrip().startswith("{") else None
+            except InputError:  # not JSON: an A1111 prompt that starts with "{" (dynamic prompts' "{red|blue} car")
+                data = None
+            if data is None:
                 return read_a1111(text)
-            # JSON where A1111 writes its text: Fooocus (its "fooocus" scheme) and SwarmUI write theirs there.
-            data = json_text(text, f"{path}: its parameters JSON")
             if isinstance(data, Mapping) and isinstance(data.get("sui_image_params"), Mapping):
                 return read_swarmui(data)
             if isinstance(data, Mapping) and (texts.get("fooocus_scheme") == "fooocus" or "full_prompt" in data):
