@@ -18,7 +18,14 @@ from sdxl_control.base.defaults import DEFAULT_BASE, DEFAULT_REFINER
 from sdxl_control.base.errors import InputError
 from sdxl_control.cli import main
 from sdxl_control.jobs.png_formats import read_swarmui
-from sdxl_control.jobs.png_import import PUBLISHED_CHECKPOINTS, Imported, read_a1111, read_comfyui, read_image_settings
+from sdxl_control.jobs.png_import import (
+    PUBLISHED_CHECKPOINTS,
+    SCHEDULE_SUFFIXES,
+    Imported,
+    read_a1111,
+    read_comfyui,
+    read_image_settings,
+)
 from sdxl_control.protocol.schedule import scheduler_name
 
 CORPUS = Path(__file__).parent / "data" / "real_pngs"
@@ -96,6 +103,7 @@ class _Restored:
         stem = Path(text).stem if Path(text).suffix in (".safetensors", ".ckpt") else text
         # A sampler as its tool names it ("UniPC", "euler_ancestral") is found as ours ("unipc", "euler_a").
         forms = {text.casefold(), stem.casefold(), scheduler_name(text).casefold()}
+        forms |= {suffix for suffix in [SCHEDULE_SUFFIXES.get(text.casefold())] if suffix}  # "simple" -> "_trailing"
         if any(form in s.casefold() for s in self.strings if s for form in forms):
             return True
         return len(text) >= 3 and any(text in line for line in self.named)

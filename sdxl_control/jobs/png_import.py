@@ -785,7 +785,8 @@ class _ComfyGraph:
         for key in keys:
             other = theirs.get("seed" if key == "noise_seed" and "seed" in theirs else key)
             if key in mine and other is not None and mine[key] != other:
-                self.skip(node_id, f"its {key} {mine[key]} differs from the first sampler's {other}, which is used")
+                ours, theirs_shown = (f"{v:g}" if isinstance(v, float) else str(v) for v in (mine[key], other))
+                self.skip(node_id, f"its {key} {ours} differs from the first sampler's {theirs_shown}, which is used")
 
     def _hires_inputs(self, first: str, node_id: str) -> None:
         """A hires sampler's model and prompts: the first sampler's here; listed where they are other ones."""
@@ -795,7 +796,7 @@ class _ComfyGraph:
             if link is None or link == self.links.get(key):
                 continue
             if key == "model":
-                self.skip(node_id, "its model chain differs from the first sampler's, which is used")
+                self.skip(node_id, f"its model ({self._merged(link)}) differs from the first sampler's, which is used")
                 continue
             text = self._conditioning(link, f"hires {what}")
             if text != self.prompts[key == "negative"]:
@@ -904,10 +905,13 @@ class _ComfyGraph:
 
     def _clip(self, link: Any) -> None:
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("clip")):
-            if kind in ("CheckpointLoaderSimple", "CheckpointLoader"):
+            if kind in _CHECKPOINT_LOADERS:
                 return
             if kind == "CLIPSetLastLayer" and int(values.get("stop_at_clip_layer", -1)) != -1:
                 self.skip(node_id, "SDXL reads the penultimate layers as trained; the clip skip is not applied")
+            elif kind not in ("CLIPSetLastLayer", "LoraLoader", *_CHECKPOINT_LOADERS):  # LoRAs: read on the model chain
+                self.skip(node_id, "gives text encoders of its own (not the checkpoint's), which are not read here")
+                return
 
     def _image(self, link: Any) -> None:
         found = self.node(link)
