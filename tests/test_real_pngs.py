@@ -19,6 +19,7 @@ from sdxl_control.base.errors import InputError
 from sdxl_control.cli import main
 from sdxl_control.jobs.png_formats import read_swarmui
 from sdxl_control.jobs.png_import import (
+    A1111_UPSCALERS,
     PUBLISHED_CHECKPOINTS,
     SCHEDULE_SUFFIXES,
     Imported,
@@ -70,8 +71,12 @@ class _Restored:
         self.named = list(imported.unmapped)  # a value named in the list of what did not map
         settings = imported.settings
         # Values restored in another form: the hires fix's size (a scale of the size), the refiner's switch step.
-        self.numbers: set[float] = {v * settings.get("hires_scale", 0) for v in settings.get("size", ())}
-        self.numbers.add(settings.get("refiner_switch", 0) * settings.get("steps", 0))
+        self.numbers: set[float] = {
+            v * settings["hires_scale"] for v in settings.get("size", ()) if "hires_scale" in settings
+        }
+        if "refiner_switch" in settings:
+            self.numbers.add(settings["refiner_switch"] * settings.get("steps", 0))
+        self.size = settings.get("size")
         for name, hub in PUBLISHED_CHECKPOINTS.items():  # a published checkpoint restores as its hub id
             if hub in imported.models.values():
                 self.strings.append(name)
@@ -91,7 +96,8 @@ class _Restored:
         if isinstance(value, (list, tuple)):
             return all(self.holds(v) for v in value)
         if isinstance(value, dict):  # a model by name (InvokeAI): its kind and hash are not settings
-            return all(self.holds(v) for k, v in value.items() if k not in ("base_model", "model_type", "key", "hash"))
+            skipped = ("base_model", "model_type", "key", "hash", "base", "type")
+            return all(self.holds(v) for k, v in value.items() if k not in skipped)
         text = str(value).strip()
         if text.startswith("("):  # Fooocus writes tuples as their Python text
             try:
@@ -100,6 +106,13 @@ class _Restored:
                 pass
         if (size := re.fullmatch(r"(\d+)x(\d+)", text)) is not None:  # A1111's WIDTHxHEIGHT
             return self.holds((int(size[1]), int(size[2])))
+        if (ratio := re.fullmatch(r"(\d+):(\d+)", text)) is not None and self.size:  # SwarmUI's aspect ratio
+            return self.size[0] * int(ratio[2]) == self.size[1] * int(ratio[1])
+        if SCHEDULE_SUFFIXES.get(text.casefold()) == "":  # the default schedule ("Automatic", "normal"): no suffix
+            return True
+        if (ours := A1111_UPSCALERS.get(text.casefold())) is not None:  # "Latent (nearest-exact)"
+            text = ours
+        text = text[len("model-") :] if text.startswith("model-") else text  # SwarmUI's "model-NAME" upscaler
         stem = Path(text).stem if Path(text).suffix in (".safetensors", ".ckpt") else text
         # A sampler as its tool names it ("UniPC", "euler_ancestral") is found as ours ("unipc", "euler_a").
         forms = {text.casefold(), stem.casefold(), scheduler_name(text).casefold()}
@@ -145,7 +158,8 @@ def _silently_lost_from_graph(graph: dict[str, Any], imported: Imported) -> list
 
 # A key of a tool's JSON whose value says "nothing here": no refiner, the model's own VAE, text-to-image, no rescale.
 NEUTRAL_JSON = {"refiner_model": "None", "vae": "Default (model)", "generation_mode": "sdxl_txt2img",
-                "cfg_rescale_multiplier": 0.0}  # fmt: skip
+                "cfg_rescale_multiplier": 0.0, "denoise": None, "clip_skip": 1, "start_step": 0,
+                "refinermethod": "PostApply"}  # fmt: skip
 
 
 def _silently_lost_from_json(data: dict[str, Any], imported: Imported) -> list[str]:
@@ -171,15 +185,19 @@ def test_each_real_png_is_restored_listed_or_refused_and_nothing_is_lost_silentl
         return
     imported = _read(name, tmp_path)
     assert imported.unmapped[-1].endswith("the same seed makes another image")  # said for every tool
-    if "prompt" in texts:  # ComfyUI: every node's values, from the graph it ran
-        lost = _silently_lost_from_graph(json.loads(texts["prompt"]), imported)
+    # In the order the reader takes them: parameters (A1111's text, or a tool's JSON), InvokeAI's, ComfyUI's graph.
+    if "parameters" in texts and texts["parameters"].lstrip().startswith("{"):
+        data = json.loads(texts["parameters"])
+        if "sui_image_params" in data:  # SwarmUI: its parameters, and the records beside them
+            data = {**data.pop("sui_image_params"), **data}
+        lost = _silently_lost_from_json(data, imported)
+    elif "parameters" in texts:  # A1111: every item of its settings line, as A1111's own reader splits it
+        lost = [f"{k}: {v}" for k, v in _a1111_items(texts["parameters"])
+                if not any(f"{k}: {v}" in u for u in imported.unmapped) and not _Restored(imported).holds(v)]  # fmt: skip
     elif "invokeai_metadata" in texts:
         lost = _silently_lost_from_json(json.loads(texts["invokeai_metadata"]), imported)
-    elif texts["parameters"].lstrip().startswith("{"):
-        lost = _silently_lost_from_json(json.loads(texts["parameters"]), imported)
-    else:  # A1111: every item of its settings line, as A1111's own reader splits it
-        lost = [f"{k}: {v}" for k, v in _a1111_items(texts["parameters"]) if not _named(imported, f"{k}:")
-                and not _Restored(imported).holds(v)]  # fmt: skip
+    else:  # ComfyUI: every node's values, from the graph it ran
+        lost = _silently_lost_from_graph(json.loads(texts["prompt"]), imported)
     assert lost == [], f"{name}: values neither restored nor listed: {lost}"
 
 
@@ -190,7 +208,14 @@ def _a1111_items(text: str) -> list[tuple[str, str]]:
     return [(k, v[1:-1] if v.startswith('"') else v) for k, v in re_param.findall(text.strip().split("\n")[-1])]
 
 
-@pytest.mark.parametrize("name", [n for n in FILES if "workflow" in _texts(n) and n not in REFUSED])
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in FILES
+        if {"workflow", "prompt"} <= _texts(n).keys() and "parameters" not in _texts(n) and n not in REFUSED
+    ],
+)
 def test_a_comfyui_workflow_alone_reads_as_the_graph_it_ran(name, tmp_path):
     """The editor's workflow (widgets_values and links) read without the prompt graph restores the same request and
     lists the same parts as the graph ComfyUI ran, on every real file that kept both."""
@@ -343,19 +368,27 @@ def test_a_refiner_prompt_reaches_the_refiners_encoding_and_is_recorded(generato
     assert torch.equal(again.latents, own.latents)
 
 
-@pytest.mark.parametrize("name", ["automatic1111_cropped.png", "invokeai_imeta1.png", "img2img_cropped.png"])
+@pytest.mark.parametrize(
+    "name",
+    ["automatic1111_cropped.png", "invokeai_imeta1.png", "img2img_cropped.png", "sd_metadata_sd-webui.chunks.json",
+     "sd_metadata_forge-neo-hires.chunks.json", "sd_metadata_invokeai.chunks.json", "sd_metadata_swarmui.chunks.json",
+     "sd_metadata_comfyui.chunks.json"],
+)  # fmt: skip
 def test_prompt_seed_steps_cfg_and_size_agree_with_sd_prompt_reader(name, tmp_path):
     """sd-prompt-reader 1.3.4 (receyuki/stable-diffusion-prompt-reader), a second third-party reading: prompt,
     negative prompt, seed, steps, CFG and (where it reads it from the metadata, not the 1x1 pixels) the size."""
     reader = pytest.importorskip("sd_prompt_reader.image_data_reader")
-    theirs = reader.ImageDataReader(str(CORPUS / name))
+    path = CORPUS / name if name.endswith(".png") else _png(tmp_path / "x.png", _texts(name))
+    theirs = reader.ImageDataReader(str(path))
     ours = _read(name, tmp_path)
-    assert ours.prompt.strip() == theirs.positive.strip()
-    assert ours.settings["negative_prompt"].strip() == theirs.negative.strip()
+    # Line by line without the spaces at their ends, as A1111's parse_generation_parameters strips each line (which
+    # sd-prompt-reader does not).
+    assert _lines(ours.prompt) == _lines(theirs.positive)
+    assert _lines(ours.settings["negative_prompt"]) == _lines(theirs.negative)
     parameters = theirs.parameter
     assert (ours.settings["seed"], ours.settings["steps"]) == (int(parameters["seed"]), int(parameters["steps"]))
     assert ours.settings["guidance"] == float(parameters["cfg"])
-    if parameters["size"] != "1x1":
+    if parameters["size"] not in ("1x1", "8x8"):  # the pixels' size, where it reads no size from the metadata
         assert "x".join(map(str, ours.settings["size"])) == parameters["size"]
 
 
@@ -386,3 +419,26 @@ def test_an_a1111_prompt_that_starts_with_a_brace_is_not_taken_for_json(tmp_path
     png = _png(tmp_path / "b.png", {"parameters": "{red|blue} fox\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 1"})
     imported = read_image_settings(png)
     assert isinstance(imported, Imported) and imported.tool == "A1111" and imported.prompt == "{red|blue} fox"
+
+
+def test_hand_checked_values_of_real_swarmui_ruinedfooocus_and_comfyui_hires_files(tmp_path):
+    """SwarmUI's hires fix (its "refiner" upscale on the same model, PostApply) and its side length where it says it
+    did not use width and height; RuinedFooocus's JSON; ComfyUI's pixel hires fix with an upscaler model; a workflow's
+    /* comments */ taken out of the prompt as the editor does."""
+    swarm = _read("sd_metadata_swarmui-hires.chunks.json", tmp_path)
+    assert swarm.settings["size"] == (768, 768) and _named(swarm, "width: 768: SwarmUI did not use it")
+    assert {k: swarm.settings[k] for k in ("hires_scale", "upscaler", "hires_strength")} == {
+        "hires_scale": 1.5, "upscaler": "RealESRGAN_x4plus_anime_6B.pth", "hires_strength": 0.3
+    }  # fmt: skip
+    ruined = _read("sd_metadata_ruined-fooocus.chunks.json", tmp_path)
+    assert ruined.tool == "RuinedFooocus" and ruined.settings["seed"] == 2020047614
+    assert (ruined.settings["steps"], ruined.settings["guidance"], ruined.settings["size"]) == (30, 8.0, (1024, 1024))
+    comfy = _read("sd_metadata_comfyui-hires.chunks.json", tmp_path)
+    assert comfy.settings["upscaler"] == "RealESRGAN_x4plus_anime_6B.pth" and comfy.settings["hires_scale"] == 1.5
+    texts = _texts("sd_metadata_comfyui.chunks.json")
+    alone = read_image_settings(_png(tmp_path / "w.png", {"workflow": texts["workflow"]}))
+    assert isinstance(alone, Imported) and "/*" in texts["workflow"] and "/*" not in alone.prompt
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.strip().split("\n")]

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,8 @@ WIDGETS: dict[str, tuple[str, ...]] = {
 _CONTROLLED = {"seed", "noise_seed"}
 _CONTROLS = {"fixed", "increment", "decrement", "randomize"}
 _NOT_RUN = {"Note", "MarkdownNote"}
+_PROMPTS = ("text", "text_g", "text_l")
+_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
 _MUTED, _BYPASSED = 2, 4
 
 
@@ -148,5 +151,10 @@ def workflow_graph(workflow: Any) -> dict[str, dict[str, Any]]:
                     inputs[str(entry["name"])] = primitive[0]
                 continue
             inputs[str(entry["name"])] = [found[0], found[1]]
+        for name in _PROMPTS:
+            if isinstance(inputs.get(name), str):
+                # The editor takes /* comments */ out of a prompt box's text as it sends the graph to run (seen in
+                # real PNGs holding both: the workflow's text with them, the prompt's without).
+                inputs[name] = _COMMENT.sub("", inputs[name])
         graph[node_id] = {"class_type": kind, "inputs": inputs}
     return graph

@@ -22,7 +22,7 @@ from typing import Any
 from ..base.errors import InputError
 from .png_import import Imported, _lora, _Reader
 
-__all__ = ["read_fooocus", "read_invokeai", "read_swarmui"]
+__all__ = ["read_fooocus", "read_invokeai", "read_ruinedfooocus", "read_swarmui"]
 
 # Keys that only say who made the image and when.
 _NOT_CHECKED = "not checked"
@@ -243,10 +243,23 @@ def read_swarmui(data: Mapping[str, Any]) -> Imported:
         reader.settings["steps"] = steps
     if (guidance := keys.number("cfgscale")) is not None:
         reader.settings["guidance"] = guidance
+    extra = data.get("sui_extra_data")
+    unused = (
+        set(extra.get("unused_parameters") or ()) if isinstance(extra, Mapping) else set()
+    )  # SwarmUI's own word for the values it did not use
     width, height = keys.number("width", int), keys.number("height", int)
-    if width is not None and height is not None:
+    if width is not None and height is not None and not {"width", "height"} & unused:
         reader.settings["size"] = (width, height)
-        keys.taken.add("aspectratio")  # the size's ratio, said again
+        keys.taken.update(("aspectratio", "sidelength"))  # the size's ratio and side, said again
+    elif {"width", "height"} & unused:
+        side, ratio = keys.number("sidelength", int), keys.get("aspectratio")
+        if side is not None and ratio == "1:1":  # the size it ran at: its side length, square
+            reader.settings["size"] = (side, side)
+        else:  # another ratio: its size is not worked out here; listed
+            keys.taken.difference_update(("sidelength", "aspectratio"))
+        for key in ("width", "height"):
+            keys.skip(key, "SwarmUI did not use it (its unused_parameters)")
+    _swarm_hires(keys)
     if (sampler := keys.get("sampler")) is not None:
         schedule = str(keys.get("scheduler") or "normal")
         reader.scheduler(str(sampler), schedule, f"sampler: {sampler}, scheduler: {schedule}")
@@ -264,8 +277,75 @@ def read_swarmui(data: Mapping[str, Any]) -> Imported:
     keys.rest({"swarm_version": _NO_EQUIVALENT, "date": _NOT_CHECKED, "generation_time": _NOT_CHECKED})
     for key in ("sui_extra_data", "sui_models"):
         if data.get(key):
-            reader.skip(f"{key}: {_shown(data[key])}", _NOT_CHECKED)
+            reader.skip(f"{key}: {_shown(data[key])}", _NOT_CHECKED)  # dates, times, hashes
     for key in data:
         if key not in ("sui_image_params", "sui_extra_data", "sui_models"):
             reader.skip(f"{key}: {_shown(data[key])}", _NO_EQUIVALENT)
+    return reader.done(prompt)
+
+
+# SwarmUI's "refiner" upscale methods that are ours; "model-NAME" names an upscaler model.
+_SWARM_UPSCALES = {"pixel-lanczos": "lanczos", "latent-bilinear": "latent", "latent-bicubic": "latent-bicubic",
+                   "latent-nearest-exact": "latent-nearest-exact"}  # fmt: skip
+
+
+def _swarm_hires(keys: _Keys) -> None:
+    """SwarmUI's refiner stage run on the same model after an upscale (``refinerupscale``, method ``PostApply``):
+    the hires fix — its scale, upscaler, strength (``refinercontrolpercentage``) and steps."""
+    params, settings = keys.data, keys.reader.settings
+    if (
+        "refinerupscale" not in params
+        or params.get("refinermodel")
+        or params.get("refinermethod", "PostApply") != "PostApply"
+    ):
+        return  # a refiner model of its own, or no upscale: listed as SwarmUI's other keys are
+    method = str(params.get("refinerupscalemethod", "pixel-lanczos"))
+    upscaler = method[len("model-") :] if method.startswith("model-") else _SWARM_UPSCALES.get(method)
+    scale, strength = keys.number("refinerupscale"), keys.number("refinercontrolpercentage")
+    if upscaler is None or scale is None:
+        keys.taken.difference_update(("refinerupscale", "refinercontrolpercentage"))
+        return
+    keys.taken.update(("refinerupscalemethod", "refinermethod"))
+    settings["hires_scale"], settings["upscaler"] = scale, upscaler
+    if strength is not None:
+        settings["hires_strength"] = strength
+    if (steps := keys.number("refinersteps", int)) is not None:
+        settings["hires_steps"] = steps
+
+
+def read_ruinedfooocus(data: Mapping[str, Any]) -> Imported:
+    """The request a RuinedFooocus ``parameters`` JSON (``"software": "RuinedFooocus"``) describes; its sampler and
+    scheduler are ComfyUI's names."""
+    reader = _Reader("RuinedFooocus")
+    keys = _Keys(data, reader)
+    prompt = str(keys.get("Prompt") or "")
+    if negative := keys.get("Negative"):
+        reader.settings["negative_prompt"] = str(negative)
+    _seed(keys)
+    if (steps := keys.number("steps", int)) is not None:
+        reader.settings["steps"] = steps
+    if (guidance := keys.number("cfg")) is not None:
+        reader.settings["guidance"] = guidance
+    width, height = keys.number("width", int), keys.number("height", int)
+    if width is not None and height is not None:
+        reader.settings["size"] = (width, height)
+    if (sampler := keys.get("sampler_name")) is not None:
+        schedule = str(keys.get("scheduler") or "normal")
+        reader.scheduler(str(sampler), schedule, f"sampler_name: {sampler}, scheduler: {schedule}")
+    if model := keys.get("base_model_name"):
+        reader.model("base", str(model))
+    loras = keys.get("loras")
+    for entry in loras if isinstance(loras, list) else ():
+        # RuinedFooocus lists [weight, name] pairs (its modules/sdxl_pipeline.py), or objects.
+        pair = entry if isinstance(entry, list) and len(entry) == 2 else None
+        if pair is not None and isinstance(pair[0], (int, float)):
+            reader.conditions.append(_lora(str(pair[1]), float(pair[0])))
+        else:
+            reader.skip(f"loras: {_shown(entry)}", "not a [weight, name] pair")
+    # Neutral values: from step 0, no img2img denoise, CLIP's last layer.
+    for key, neutral in (("start_step", 0), ("denoise", None), ("clip_skip", 1), ("software", "RuinedFooocus")):
+        if data.get(key, neutral) == neutral:
+            keys.taken.add(key)
+    keys.rest({"base_model_hash": _NOT_CHECKED, "start_step": "an img2img start: give --init-image",
+               "denoise": "an img2img strength: give --init-image and --strength"})  # fmt: skip
     return reader.done(prompt)

@@ -110,7 +110,7 @@ def read_image_settings(path: str | os.PathLike[str]) -> dict[str, Any] | Import
     """The sdxl-control recipe a PNG holds, or else what its A1111 ``parameters`` or ComfyUI ``prompt`` asks for;
     a PNG with none of these is refused, naming what was looked for."""
     from ..records.recipe import RECIPE_KEY, bounded_text, json_text, png_texts, read_recipe
-    from .png_formats import read_fooocus, read_invokeai, read_swarmui
+    from .png_formats import read_fooocus, read_invokeai, read_ruinedfooocus, read_swarmui
 
     texts = png_texts(path)
     if RECIPE_KEY in texts:
@@ -128,10 +128,12 @@ def read_image_settings(path: str | os.PathLike[str]) -> dict[str, Any] | Import
                 return read_swarmui(data)
             if isinstance(data, Mapping) and (texts.get("fooocus_scheme") == "fooocus" or "full_prompt" in data):
                 return read_fooocus(data)
+            if isinstance(data, Mapping) and data.get("software") == "RuinedFooocus":
+                return read_ruinedfooocus(data)
             keys = ", ".join(sorted(map(str, data)))[:200] if isinstance(data, Mapping) else type(data).__name__
             raise InputError(
                 f"its 'parameters' is JSON of no tool this reads (keys: {keys}); Fooocus's (with fooocus_scheme) "
-                "and SwarmUI's (sui_image_params) are read"
+                "SwarmUI's (sui_image_params) and RuinedFooocus's are read"
             )
         if "invokeai_metadata" in texts:
             data = json_text(texts["invokeai_metadata"], f"{path}: its InvokeAI metadata")
@@ -175,7 +177,8 @@ class _Reader:
         self.unmapped: list[str] = []
 
     def skip(self, part: str, why: str) -> None:
-        self.unmapped.append(f"{part}: {why}")
+        if f"{part}: {why}" not in self.unmapped:  # a node met on two chains (both prompts' clip) is said once
+            self.unmapped.append(f"{part}: {why}")
 
     def model(self, role: str, name: str) -> None:
         stem = Path(name.strip()).stem if Path(name.strip()).suffix in (".safetensors", ".ckpt") else name.strip()
@@ -403,6 +406,12 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
         details = [k for k in adetailer if k not in ("ADetailer model", "ADetailer version")]
         if details:
             reader.skip(", ".join(f"{k}: {items[k]}" for k in details), "ADetailer's defaults are used")
+        if "ADetailer model" in items:
+            reader.skip(
+                f"ADetailer model: {items['ADetailer model']}", "the detailer finds faces with its own detector"
+            )
+        if "ADetailer version" in items:
+            reader.skip(f"ADetailer version: {items['ADetailer version']}", "not checked")
     for key, value in items.items():
         if key in taken:
             continue
@@ -414,6 +423,8 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
             reader.skip(f"{key}: {value}", "no equivalent here")
 
 
+# A hires sampler's own settings, listed where they are not the first sampler's (its seed draws the noise it adds).
+_HIRES_OWN = ("seed", "noise_seed", "cfg", "sampler_name", "scheduler")
 # ComfyUI's sampler nodes: their own settings, or (custom sampling) settings from the nodes they are built of.
 _COMFYUI_SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
 _CHECKPOINT_LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader", "unCLIPCheckpointLoader")
@@ -603,13 +614,13 @@ class _ComfyGraph:
             settings["hires_steps"] = int(values.get("steps", settings.get("steps", 20)))
             settings["hires_strength"] = float(values.get("denoise", 0.5))
             self._hires_inputs(first, node_id)
-            self._same_sampling(first, node_id, ("cfg", "sampler_name", "scheduler"))
+            self._same_sampling(first, node_id, _HIRES_OWN)
             return
         if latent is not None and latent[1]["class_type"] == "VAEEncode" and self._pixel_hires(first, latent[0]):
             settings["hires_steps"] = int(values.get("steps", settings.get("steps", 20)))
             settings["hires_strength"] = float(values.get("denoise", 0.5))
             self._hires_inputs(first, node_id)
-            self._same_sampling(first, node_id, ("cfg", "sampler_name", "scheduler"))
+            self._same_sampling(first, node_id, _HIRES_OWN)
             return
         self.skip(node_id, "a second sampler that is neither a refiner nor a hires fix of the first's image; not read")
 
@@ -783,7 +794,8 @@ class _ComfyGraph:
         refiner and the hires fix run with here."""
         mine, theirs = self.inputs(node_id), self.inputs(first)
         for key in keys:
-            other = theirs.get("seed" if key == "noise_seed" and "seed" in theirs else key)
+            seeds = ("seed", "noise_seed")
+            other = theirs.get(next((k for k in seeds if k in theirs), key) if key in seeds else key)
             if key in mine and other is not None and mine[key] != other:
                 ours, theirs_shown = (f"{v:g}" if isinstance(v, float) else str(v) for v in (mine[key], other))
                 self.skip(node_id, f"its {key} {ours} differs from the first sampler's {theirs_shown}, which is used")
