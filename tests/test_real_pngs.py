@@ -442,3 +442,30 @@ def test_hand_checked_values_of_real_swarmui_ruinedfooocus_and_comfyui_hires_fil
 
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.strip().split("\n")]
+
+
+def _spoiled(value: Any, kind: int) -> Any:
+    """``value`` with each leaf replaced by one of the wrong kind (a text, a list, a number, null)."""
+    if isinstance(value, dict):
+        return {k: _spoiled(v, kind) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_spoiled(v, kind) for v in value]
+    return ("x", [1], 7, None, {"a": 1})[kind]
+
+
+@pytest.mark.parametrize("kind", range(5))
+@pytest.mark.parametrize("name", [n for n in FILES if n.endswith(".json")])
+def test_real_metadata_with_every_value_of_a_wrong_kind_is_refused_not_a_crash(name, kind, tmp_path):
+    """Each JSON chunk of each real file with all its values replaced by ones of another kind: read, or refused as
+    an input file naming it (exit 3), never another exception."""
+    texts = {}
+    for key, text in _texts(name).items():
+        try:
+            texts[key] = json.dumps(_spoiled(json.loads(text), kind))
+        except ValueError:
+            texts[key] = text
+    png = _png(tmp_path / "s.png", texts)
+    try:
+        read_image_settings(png)
+    except InputError as exc:
+        assert str(png) in str(exc)

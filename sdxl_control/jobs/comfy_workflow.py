@@ -99,20 +99,22 @@ def workflow_graph(workflow: Any) -> dict[str, dict[str, Any]]:
         elif isinstance(link, Mapping) and {"id", "origin_id", "origin_slot"} <= link.keys():
             links[link["id"]] = (str(link["origin_id"]), int(link["origin_slot"]))
 
-    def source(link_id: Any, depth: int = 0) -> tuple[str, int] | None:
-        """Where a link's value comes from, past reroutes and bypassed nodes."""
-        found = links.get(link_id)
-        if found is None or found[0] not in nodes or depth > len(nodes):
-            return None
-        node = nodes[found[0]]
-        if node.get("mode") == _MUTED or node["type"] in _NOT_RUN:
-            return None
-        if node["type"] == "Reroute" or node.get("mode") == _BYPASSED:
+    def source(link_id: Any) -> tuple[str, int] | None:
+        """Where a link's value comes from, past reroutes and bypassed nodes (each passed once: a loop of them
+        leads nowhere)."""
+        passed_by: set[str] = set()
+        while (found := links.get(link_id)) is not None and found[0] in nodes and found[0] not in passed_by:
+            node = nodes[found[0]]
+            if node.get("mode") == _MUTED or node["type"] in _NOT_RUN:
+                return None
+            if node["type"] != "Reroute" and node.get("mode") != _BYPASSED:
+                return found
+            passed_by.add(found[0])
             outputs = node.get("outputs") or []
-            kind = outputs[found[1]].get("type") if found[1] < len(outputs) else None
+            kind = outputs[found[1]].get("type") if 0 <= found[1] < len(outputs) else None
             passed = [i for i in node.get("inputs") or () if node["type"] == "Reroute" or i.get("type") == kind]
-            return source(passed[0].get("link"), depth + 1) if passed else None
-        return found
+            link_id = passed[0].get("link") if passed else None
+        return None
 
     graph: dict[str, dict[str, Any]] = {}
     for node_id, node in nodes.items():

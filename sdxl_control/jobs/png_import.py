@@ -148,6 +148,10 @@ def read_image_settings(path: str | os.PathLike[str]) -> dict[str, Any] | Import
             return read_comfyui(workflow_graph(json_text(texts["workflow"], f"{path}: its ComfyUI workflow")))
     except InputError as exc:  # named by the file, once
         raise InputError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        # A value its tool would not have written (a text where a number goes, a list where a name goes): the
+        # metadata was edited by hand or made up, and is refused as such, not a crash.
+        raise InputError(f"{path}: its metadata holds a value of the wrong kind ({exc!r})") from None
     found = f" (it holds {', '.join(sorted(texts))})" if texts else ""
     older = ""
     if "sd-metadata" in texts or "Dream" in texts:
