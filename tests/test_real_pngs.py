@@ -469,3 +469,16 @@ def test_real_metadata_with_every_value_of_a_wrong_kind_is_refused_not_a_crash(n
         read_image_settings(png)
     except InputError as exc:
         assert str(png) in str(exc)
+
+
+def test_a_prompt_given_over_a_png_replaces_its_refiners_own_prompt_too(tmp_path):
+    """Options given win over the PNG's; a new prompt (or negative prompt) is the refiner's too, not mixed with the
+    PNG's refiner text."""
+    from sdxl_control.jobs.spec import JobSpec
+
+    imported = _read("comfyui_examples_sdxl_sdxl_refiner_prompt_example.chunks.json", tmp_path)
+    kept = imported.under(JobSpec(settings={"steps": 8}))
+    assert kept.settings["refiner_prompt"] == imported.settings["refiner_prompt"] and kept.settings["steps"] == 8
+    assert "refiner_prompt" not in imported.under(JobSpec("a cat")).settings
+    both = imported.under(JobSpec("a cat", settings={"refiner_prompt": "a dog"}))
+    assert both.prompt == "a cat" and both.settings["refiner_prompt"] == "a dog"

@@ -92,10 +92,18 @@ class Imported:
             {'steps': 8, 'seed': 3, 'guidance': 6.0}
         """
         models = {**self.models, **{k: v for k, v in spec.models.items() if v}}
+        settings = {**self.settings, **spec.settings}
+        # A prompt the user gives replaces the PNG's for both stages: the refiner's own text went with the PNG's.
+        for given, own in (
+            (spec.prompt, "refiner_prompt"),
+            (spec.settings.get("negative_prompt"), "refiner_negative_prompt"),
+        ):
+            if given and own not in spec.settings:
+                settings.pop(own, None)
         return dataclasses.replace(
             spec,
             prompt=spec.prompt or self.prompt,
-            settings={**self.settings, **spec.settings},
+            settings=settings,
             conditions=(*self.conditions, *spec.conditions),
             models=models,
             recipe=None,
