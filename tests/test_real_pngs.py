@@ -482,3 +482,19 @@ def test_a_prompt_given_over_a_png_replaces_its_refiners_own_prompt_too(tmp_path
     assert "refiner_prompt" not in imported.under(JobSpec("a cat")).settings
     both = imported.under(JobSpec("a cat", settings={"refiner_prompt": "a dog"}))
     assert both.prompt == "a cat" and both.settings["refiner_prompt"] == "a dog"
+
+
+def test_a_recipes_refiner_prompts_go_through_its_parameters_text_and_back():
+    """The parameters text written for a recipe with a refiner prompt carries it (quoted), and reads back into it."""
+    from sdxl_control.records.infotext import parameters_text
+
+    recipe = {"prompt": "a cat", "negative_prompt": "blur", "steps": 20, "guidance": 5.0, "seed": 3,
+              "size": [1024, 1024], "scheduler": {"class": "EulerDiscreteScheduler", "config": {}},
+              "models": {"base": {"name": "b"}, "refiner": {"name": "r"}}, "refiner_switch": 0.8,
+              "refiner_prompt": "a dog, on a beach: sunny", "refiner_negative_prompt": "grain"}  # fmt: skip
+    text = parameters_text(recipe)
+    assert 'Refiner prompt: "a dog, on a beach: sunny"' in text
+    again = read_a1111(text)
+    assert again.settings["refiner_prompt"] == "a dog, on a beach: sunny"
+    assert again.settings["refiner_negative_prompt"] == "grain" and again.settings["refiner_switch"] == 0.8
+    assert "Refiner prompt" not in parameters_text({**recipe, "refiner_prompt": None, "refiner_negative_prompt": None})

@@ -394,6 +394,9 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
     if (refiner := get("Refiner")) is not None:
         reader.model("refiner", re.sub(r"\s*\[[0-9a-f]+\]$", "", refiner))
         settings["refiner_switch"] = number("Refiner switch at") or 0.8
+        for key, name in (("Refiner prompt", "refiner_prompt"), ("Refiner negative prompt", "refiner_negative_prompt")):
+            if (text := get(key)) is not None:  # as parameters_text writes a recipe's refiner prompts
+                settings[name] = text
     strength = number("Denoising strength")
     if (scale := number("Hires upscale")) is not None:
         settings["hires_scale"] = scale
