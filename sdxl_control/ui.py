@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 NO_PRESET = "(none)"
 PRESET_SAMPLER = "(the preset's, else the model's)"
+# The settings a restored PNG fills the form with (the others are named in the status).
+_RESTORED_FIELDS = ("prompt", "negative_prompt", "size", "steps", "guidance", "seed", "refiner_switch", "scheduler")
 PRESET_STORAGE = "(the preset's, else the compute dtype)"
 # The fp8 storages the page offers (storage.WEIGHT_STORAGE, named without importing torch as the page opens).
 PAGE_STORAGES = ("fp8_e4m3fn", "fp8_e5m2", "fp8_matmul")
@@ -526,6 +528,12 @@ class _Page:
                     if getattr(c, "source", None) not in absent
                 ),  # fmt: skip
                 *(f"{role} model {model}: the page runs its own models" for role, model in found.models.items()),
+                # Settings the form has no field for (the command line restores them): named, not dropped.
+                *(
+                    f"{key} {value!r}: no field on the page; `generate --recipe` restores it"
+                    for key, value in found.settings.items()
+                    if key not in _RESTORED_FIELDS
+                ),  # fmt: skip
                 *found.unmapped,
             ]
             status = f"restored from {name} ({found.tool} settings); not used:\n" + "\n".join(f"- {n}" for n in notes)

@@ -230,7 +230,8 @@ def test_a_comfyui_latent_hires_graph():
     settings = imported.settings
     assert settings["hires_scale"] == 1.5 and settings["upscaler"] == "latent-nearest-exact"
     assert settings["hires_steps"] == 14 and settings["hires_strength"] == 0.45 and settings["steps"] == 20
-    assert len(imported.unmapped) == 1
+    # The hires sampler draws the noise it adds from a seed of its own: said, as the hires pass here uses the first's.
+    assert imported.unmapped[0].startswith("KSampler (node 11): its seed 1 differs") and len(imported.unmapped) == 2
 
 
 def test_comfyui_nodes_that_need_what_a_png_lacks_are_listed():
@@ -260,7 +261,7 @@ def test_comfyui_nodes_that_need_what_a_png_lacks_are_listed():
 
 
 def test_bad_comfyui_graphs_are_refused():
-    with pytest.raises(InputError, match="no KSampler node"):
+    with pytest.raises(InputError, match="no sampler node"):
         read_comfyui({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {}}})
     with pytest.raises(InputError, match="maps node ids to nodes"):
         read_comfyui(["not", "a", "graph"])
@@ -277,9 +278,9 @@ def _png(path, **texts):
 def test_what_a_png_holds(tmp_path):
     assert isinstance(read_image_settings(_png(tmp_path / "a.png", parameters=HIRES)), Imported)
     assert read_image_settings(_png(tmp_path / "c.png", prompt=json.dumps(_graph()))).tool == "ComfyUI"
-    with pytest.raises(InputError, match=r"no A1111 'parameters', no ComfyUI 'prompt' \(it holds Software\)"):
+    with pytest.raises(InputError, match=r"no ComfyUI 'prompt' or 'workflow' \(it holds Software\)"):
         read_image_settings(_png(tmp_path / "none.png", Software="GIMP"))
-    with pytest.raises(InputError, match="workflow alone"):
+    with pytest.raises(InputError, match="w.png: its ComfyUI workflow has no list of nodes"):
         read_image_settings(_png(tmp_path / "w.png", workflow="{}"))
     with pytest.raises(InputError, match="not valid JSON"):
         read_image_settings(_png(tmp_path / "j.png", prompt="{"))
@@ -323,6 +324,7 @@ def test_the_command_line_and_the_page_restore_an_a1111_png(tiny, tmp_path, capl
     values = page.restore(str(png))
     assert values[:4] == [recipe["prompt"], "blurry, (lowres:1.3)", 64, 64] and values[6] == 1234567
     assert values[9] == "dpmpp_2m_karras" and "A1111 settings" in values[10] and "LoRA add-detail-xl" in values[10]
+    assert "- hires_scale 1.25: no field on the page" in values[10]  # the form lacks it: named, not dropped
     ours = page.restore(str(out))  # an sdxl-control PNG restores as before
     assert ours[6] == 1234567 and ours[9] == "dpmpp_2m_karras" and ours[10] == "restored from out.png: seed 1234567"
 

@@ -60,7 +60,8 @@ SCHEDULE_SUFFIXES = {"automatic": "", "normal": "", "karras": "_karras", "sgm un
 _Step = tuple[str, str, Mapping[str, Any]]
 # A key is at most 80 characters (A1111's longest are ~30, "ADetailer denoising strength"): unbounded, a long line
 # with no colon costs the regex quadratic time (80 kB: half a minute), and a PNG's text reaches 1 MiB.
-_ITEM = re.compile(r'\s*(\w[\w \-/]{1,80}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_KEY = re.compile(r"\s*(\w[\w \-/]{1,80}):\s*")
+_QUOTED = re.compile(r'"(?:\\.|[^\\"])+"')
 # ``<`` ends a tag's name and weights: otherwise many unclosed ``<a:b`` cost quadratic time as above.
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^:<>]+)((?::[^:<>]*)*)>")
 
@@ -91,10 +92,18 @@ class Imported:
             {'steps': 8, 'seed': 3, 'guidance': 6.0}
         """
         models = {**self.models, **{k: v for k, v in spec.models.items() if v}}
+        settings = {**self.settings, **spec.settings}
+        # A prompt the user gives replaces the PNG's for both stages: the refiner's own text went with the PNG's.
+        for given, own in (
+            (spec.prompt, "refiner_prompt"),
+            (spec.settings.get("negative_prompt"), "refiner_negative_prompt"),
+        ):
+            if given and own not in spec.settings:
+                settings.pop(own, None)
         return dataclasses.replace(
             spec,
             prompt=spec.prompt or self.prompt,
-            settings={**self.settings, **spec.settings},
+            settings=settings,
             conditions=(*self.conditions, *spec.conditions),
             models=models,
             recipe=None,
@@ -109,23 +118,57 @@ def read_image_settings(path: str | os.PathLike[str]) -> dict[str, Any] | Import
     """The sdxl-control recipe a PNG holds, or else what its A1111 ``parameters`` or ComfyUI ``prompt`` asks for;
     a PNG with none of these is refused, naming what was looked for."""
     from ..records.recipe import RECIPE_KEY, bounded_text, json_text, png_texts, read_recipe
+    from .png_formats import read_fooocus, read_invokeai, read_ruinedfooocus, read_swarmui
 
     texts = png_texts(path)
     if RECIPE_KEY in texts:
         return read_recipe(path)
-    if "parameters" in texts:
-        return read_a1111(bounded_text(texts["parameters"], f"{path}: its A1111 parameters"))
-    if "prompt" in texts:
-        graph = json_text(texts["prompt"], f"{path}: its ComfyUI prompt")
-        try:
-            return read_comfyui(graph)
-        except InputError as exc:
-            raise InputError(f"{path}: {exc}") from None
+    try:
+        if "parameters" in texts:
+            text = bounded_text(texts["parameters"], f"{path}: its A1111 parameters")
+            try:  # JSON where A1111 writes its text: Fooocus (its "fooocus" scheme) and SwarmUI write theirs there
+                data = json_text(text, f"{path}: its parameters JSON") if text.lstrip().startswith("{") else None
+            except InputError:  # not JSON: an A1111 prompt that starts with "{" (dynamic prompts' "{red|blue} car")
+                data = None
+            if data is None:
+                return read_a1111(text)
+            if isinstance(data, Mapping) and isinstance(data.get("sui_image_params"), Mapping):
+                return read_swarmui(data)
+            if isinstance(data, Mapping) and (texts.get("fooocus_scheme") == "fooocus" or "full_prompt" in data):
+                return read_fooocus(data)
+            if isinstance(data, Mapping) and data.get("software") == "RuinedFooocus":
+                return read_ruinedfooocus(data)
+            keys = ", ".join(sorted(map(str, data)))[:200] if isinstance(data, Mapping) else type(data).__name__
+            raise InputError(
+                f"its 'parameters' is JSON of no tool this reads (keys: {keys}); Fooocus's (with fooocus_scheme) "
+                "SwarmUI's (sui_image_params) and RuinedFooocus's are read"
+            )
+        if "invokeai_metadata" in texts:
+            data = json_text(texts["invokeai_metadata"], f"{path}: its InvokeAI metadata")
+            if not isinstance(data, Mapping):
+                raise InputError("its invokeai_metadata is not a JSON object")
+            return read_invokeai(data)
+        if "prompt" in texts:
+            return read_comfyui(json_text(texts["prompt"], f"{path}: its ComfyUI prompt"))
+        if "workflow" in texts:  # a workflow as the editor saves it, without the graph it ran (the prompt)
+            from .comfy_workflow import workflow_graph
+
+            return read_comfyui(workflow_graph(json_text(texts["workflow"], f"{path}: its ComfyUI workflow")))
+    except InputError as exc:  # named by the file, once
+        raise InputError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        # A value its tool would not have written (a text where a number goes, a list where a name goes): the
+        # metadata was edited by hand or made up, and is refused as such, not a crash.
+        raise InputError(f"{path}: its metadata holds a value of the wrong kind ({exc!r})") from None
     found = f" (it holds {', '.join(sorted(texts))})" if texts else ""
-    only_workflow = " ComfyUI's workflow alone (no prompt graph) is not read." if "workflow" in texts else ""
+    older = ""
+    if "sd-metadata" in texts or "Dream" in texts:
+        older = " InvokeAI 2's 'sd-metadata' and 'Dream' texts are not read (InvokeAI 3 and later write one that is)."
+    elif str(texts.get("Software", "")).startswith("NovelAI"):
+        older = " NovelAI's 'Comment' is not read (NovelAI's own models are not SDXL checkpoints)."
     raise InputError(
-        f"{path} carries no settings this can read: no sdxl-control recipe, no A1111 'parameters', no ComfyUI "
-        f"'prompt'{found}.{only_workflow}"
+        f"{path} carries no settings this can read: no sdxl-control recipe, no A1111, Fooocus or SwarmUI "
+        f"'parameters', no InvokeAI 'invokeai_metadata', no ComfyUI 'prompt' or 'workflow'{found}.{older}"
     )
 
 
@@ -146,7 +189,8 @@ class _Reader:
         self.unmapped: list[str] = []
 
     def skip(self, part: str, why: str) -> None:
-        self.unmapped.append(f"{part}: {why}")
+        if f"{part}: {why}" not in self.unmapped:  # a node met on two chains (both prompts' clip) is said once
+            self.unmapped.append(f"{part}: {why}")
 
     def model(self, role: str, name: str) -> None:
         stem = Path(name.strip()).stem if Path(name.strip()).suffix in (".safetensors", ".ckpt") else name.strip()
@@ -173,15 +217,18 @@ def read_a1111(text: str) -> Imported:
     """The request an A1111 ``parameters`` text describes (see the module)."""
     lines = text.strip().split("\n")
     items: dict[str, str] = {}
-    if len(_ITEM.findall(lines[-1])) >= 3:
-        for key, value in _ITEM.findall(lines.pop()):
-            items[key] = _unquoted(value)
-    elif (start := _settings_start(lines)) is not None:
+    found, stray = _settings_items(lines[-1])
+    if len(found) < 3 and (start := _settings_start(lines)) is not None:
         # A quoted value with line breaks in it (some extensions write them raw): the settings are the lines from the
         # last that starts with "Steps:" on, not a negative prompt that swallows them.
-        for key, value in _ITEM.findall("\n".join(lines[start:])):
+        found, stray = _settings_items("\n".join(lines[start:]))
+        del lines[start + 1 :]
+    if len(found) >= 3:
+        lines.pop()
+        for key, value in found:
             items[key] = _unquoted(value)
-        del lines[start:]
+    else:
+        stray = []
     prompt_lines: list[str] = []
     negative_lines: list[str] | None = None
     for line in lines:
@@ -192,6 +239,8 @@ def read_a1111(text: str) -> Imported:
         else:
             prompt_lines.append(line.strip())
     reader = _Reader("A1111")
+    for fragment in stray:
+        reader.skip(fragment, "text in the settings line that is no 'Key: value' item; not read")
     prompt = _extra_networks("\n".join(prompt_lines), reader)
     if negative_lines is not None:
         reader.settings["negative_prompt"] = "\n".join(negative_lines)
@@ -204,7 +253,65 @@ def _settings_start(lines: list[str]) -> int | None:
     it first), when the lines from it on read as settings; ``None`` where there is none."""
     for start in range(len(lines) - 1, 0, -1):
         if lines[start].startswith("Steps: "):
-            return start if len(_ITEM.findall("\n".join(lines[start:]))) >= 3 else None
+            return start if len(_settings_items("\n".join(lines[start:]))[0]) >= 3 else None
+    return None
+
+
+def _settings_items(line: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """A1111's settings line as (key, value) items, read as A1111 reads them (``re_param``: a value is quoted JSON or
+    runs to the next comma), and the text between items that is none, which A1111 skips without a word (listed here).
+
+    One difference: a value that opens a JSON array or object unquoted (as some extensions write one) runs to its
+    closing bracket, past the commas inside it, where A1111 cuts it at its first comma and reads the rest as other
+    items or drops it."""
+    items: list[tuple[str, str]] = []
+    stray: list[str] = []
+    pos, end, brackets = 0, len(line), True
+    while pos < end:
+        key = _KEY.match(line, pos)
+        if key is None:
+            stop = _next_comma(line, pos)
+            if line[pos:stop].strip():
+                stray.append(line[pos:stop].strip())
+            pos = stop + 1
+            continue
+        start, stop = key.end(), -1
+        if start < end and line[start] == '"' and (quoted := _QUOTED.match(line, start)) is not None:
+            stop = quoted.end()
+        elif brackets and start < end and line[start] in "[{":
+            close = _closing_bracket(line, start)
+            brackets = close is not None  # an unclosed one is not looked for again: the line stays linear to read
+            stop = -1 if close is None else close + 1
+        if stop < 0 or line[stop : _next_comma(line, stop)].strip():
+            stop = _next_comma(line, start)  # as A1111: up to the next comma
+        items.append((key.group(1), line[start:stop]))
+        pos = _next_comma(line, stop) + 1
+    return items, stray
+
+
+def _next_comma(line: str, pos: int) -> int:
+    found = line.find(",", pos)
+    return len(line) if found < 0 else found
+
+
+def _closing_bracket(line: str, start: int) -> int | None:
+    """Where the JSON array or object opening at ``start`` closes (brackets inside strings not counted); ``None``
+    where it does not close properly."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for i in range(start, len(line)):
+        char = line[i]
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            stack.append("]" if char == "[" else "}")
+        elif char in "]}":
+            if stack.pop() != char:
+                return None
+            if not stack:
+                return i
     return None
 
 
@@ -287,6 +394,9 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
     if (refiner := get("Refiner")) is not None:
         reader.model("refiner", re.sub(r"\s*\[[0-9a-f]+\]$", "", refiner))
         settings["refiner_switch"] = number("Refiner switch at") or 0.8
+        for key, name in (("Refiner prompt", "refiner_prompt"), ("Refiner negative prompt", "refiner_negative_prompt")):
+            if (text := get(key)) is not None:  # as parameters_text writes a recipe's refiner prompts
+                settings[name] = text
     strength = number("Denoising strength")
     if (scale := number("Hires upscale")) is not None:
         settings["hires_scale"] = scale
@@ -311,6 +421,12 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
         details = [k for k in adetailer if k not in ("ADetailer model", "ADetailer version")]
         if details:
             reader.skip(", ".join(f"{k}: {items[k]}" for k in details), "ADetailer's defaults are used")
+        if "ADetailer model" in items:
+            reader.skip(
+                f"ADetailer model: {items['ADetailer model']}", "the detailer finds faces with its own detector"
+            )
+        if "ADetailer version" in items:
+            reader.skip(f"ADetailer version: {items['ADetailer version']}", "not checked")
     for key, value in items.items():
         if key in taken:
             continue
@@ -322,6 +438,32 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
             reader.skip(f"{key}: {value}", "no equivalent here")
 
 
+# A hires sampler's own settings, listed where they are not the first sampler's (its seed draws the noise it adds).
+_HIRES_OWN = ("seed", "noise_seed", "cfg", "sampler_name", "scheduler")
+# ComfyUI's sampler nodes: their own settings, or (custom sampling) settings from the nodes they are built of.
+_COMFYUI_SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced")
+_CHECKPOINT_LOADERS = ("CheckpointLoaderSimple", "CheckpointLoader", "unCLIPCheckpointLoader")
+# Custom sampling's sampler nodes -> the sampler name and its settings' defaults (comfy_extras/nodes_custom_sampler.py).
+_SAMPLER_NODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "SamplerEulerAncestral": ("euler_ancestral", {"eta": 1.0, "s_noise": 1.0}),
+    "SamplerDPMPP_2M_SDE": ("dpmpp_2m_sde", {"solver_type": "midpoint", "eta": 1.0, "s_noise": 1.0,
+                                             "noise_device": "gpu"}),
+    "SamplerDPMPP_3M_SDE": ("dpmpp_3m_sde", {"eta": 1.0, "s_noise": 1.0, "noise_device": "gpu"}),
+    "SamplerDPMPP_SDE": ("dpmpp_sde", {"eta": 1.0, "s_noise": 1.0, "r": 0.5, "noise_device": "gpu"}),
+    "SamplerDPMPP_2S_Ancestral": ("dpmpp_2s_ancestral", {"eta": 1.0, "s_noise": 1.0}),
+    "SamplerLMS": ("lms", {"order": 4}),
+}  # fmt: skip
+# Custom sampling's sigmas nodes -> the schedule (ComfyUI's scheduler name, A1111's label for Align Your Steps).
+_SIGMA_NODES = {
+    "KarrasScheduler": "karras", "ExponentialScheduler": "exponential", "BetaSamplingScheduler": "beta",
+    "AlignYourStepsScheduler": "Align Your Steps", "BasicScheduler": "normal", "SDTurboScheduler": "normal",
+}  # fmt: skip
+# Their settings' defaults, ComfyUI's (SD's sigma range, 14.614642 to 0.0291675, which SDXL shares).
+_SIGMA_DEFAULTS = {
+    "KarrasScheduler": {"sigma_max": 14.614642, "sigma_min": 0.0291675, "rho": 7.0},
+    "ExponentialScheduler": {"sigma_max": 14.614642, "sigma_min": 0.0291675},
+    "BetaSamplingScheduler": {"alpha": 0.6, "beta": 0.6},
+}
 # ComfyUI's node types that only carry what was made to the output.
 _COMFYUI_OUTPUTS = {"VAEDecode", "SaveImage", "PreviewImage", "VAEDecodeTiled"}
 
@@ -347,6 +489,8 @@ class _ComfyGraph:
         self.nodes = {str(k): v for k, v in graph.items()}
         self.seen: set[str] = set()
         self.reader = _Reader("ComfyUI")
+        self.prompts: tuple[str | None, str | None] = ("", "")  # the first sampler's (None: zeroed on purpose)
+        self.links: dict[str, Any] = {}  # the first sampler's model and conditioning links
         self.reader.settings["emphasis"] = "comfyui"  # its prompts were weighted and cut as ComfyUI reads them
 
     def node(self, link: Any) -> tuple[str, Mapping[str, Any]] | None:
@@ -364,9 +508,16 @@ class _ComfyGraph:
         return f"node {node_id} ({self.nodes[node_id]['class_type']})"
 
     def read(self) -> Imported:
-        samplers = [k for k, n in self.nodes.items() if n["class_type"] in ("KSampler", "KSamplerAdvanced")]
+        # In node-id order: a graph that starts several samplers is read from the same one however its nodes are
+        # listed (a workflow lists them in another order than the graph ComfyUI ran).
+        samplers = sorted((k for k, n in self.nodes.items() if n["class_type"] in _COMFYUI_SAMPLERS), key=_node_order)
         if not samplers:
-            raise InputError("the ComfyUI graph has no KSampler node: nothing to restore")
+            groups = sorted({str(n["class_type"]) for n in self.nodes.values() if "/" in str(n["class_type"])})
+            inside = f"; its group nodes ({', '.join(groups)}) are not opened here" if groups else ""
+            raise InputError(
+                "the ComfyUI graph has no sampler node (KSampler, KSamplerAdvanced, SamplerCustom or "
+                f"SamplerCustomAdvanced): nothing to restore{inside}"
+            )
         first = next((k for k in samplers if not any(self._feeds(s, k) for s in samplers if s != k)), None)
         if first is None:  # each sampler is fed by another: a loop, which ComfyUI refuses to run too
             raise InputError(
@@ -409,20 +560,31 @@ class _ComfyGraph:
     def _sampler(self, node_id: str) -> str:
         self.seen.add(node_id)
         values, settings = self.inputs(node_id), self.reader.settings
-        advanced = self.nodes[node_id]["class_type"] == "KSamplerAdvanced"
-        settings["seed"] = int(values.get("noise_seed" if advanced else "seed", 0))
-        settings["steps"] = int(values.get("steps", 20))
-        settings["guidance"] = float(values.get("cfg", 8.0))
-        self.reader.scheduler(str(values.get("sampler_name", "euler")), str(values.get("scheduler", "normal")),
-                              f"KSampler (node {node_id})")  # fmt: skip
-        if not advanced and float(values.get("denoise", 1.0)) < 1.0:
-            self.skip(node_id, f"denoise {values['denoise']}: an img2img image is not in the PNG; give --init-image "
-                      f"and --strength {values['denoise']}")  # fmt: skip
-        self._models(values.get("model"), "base")
-        prompt = self._conditioning(values.get("positive"), "prompt")
-        negative = self._conditioning(values.get("negative"), "negative prompt")
+        kind = self.nodes[node_id]["class_type"]
+        advanced = kind == "KSamplerAdvanced"
+        if kind in ("SamplerCustom", "SamplerCustomAdvanced"):
+            model, positive, negative_link = self._custom(node_id)
+        else:
+            settings["seed"] = int(values.get("noise_seed" if advanced else "seed", 0))
+            settings["steps"] = int(values.get("steps", 20))
+            settings["guidance"] = float(values.get("cfg", 8.0))
+            self.reader.scheduler(str(values.get("sampler_name", "euler")), str(values.get("scheduler", "normal")),
+                                  f"{kind} (node {node_id})")  # fmt: skip
+            if not advanced and float(values.get("denoise", 1.0)) < 1.0:
+                self._denoise(node_id, values["denoise"])
+            model, positive, negative_link = values.get("model"), values.get("positive"), values.get("negative")
+        if self.node(model) is None:  # a link to a muted or absent node, which ComfyUI refuses to run
+            self.skip(node_id, "no model reaches it (its loader muted or absent): the default base model is used")
+        self._models(model, "base")
+        prompt = self._conditioning(positive, "prompt")
+        negative = self._conditioning(negative_link, "negative prompt") if negative_link is not None else ""
         if negative:
             settings["negative_prompt"] = negative
+        # A negative zeroed on purpose (ConditioningZeroOut) is what SDXL's pipelines use where no negative is given.
+        self.prompts = (prompt, negative)
+        self.links = {"model": model, "positive": positive, "negative": negative_link}
+        if prompt is None:
+            prompt = ""
         latent = self.node(values.get("latent_image"))
         if latent is not None and latent[1]["class_type"] == "EmptyLatentImage":
             self.seen.add(latent[0])
@@ -442,20 +604,243 @@ class _ComfyGraph:
                 raise InputError(f"{self.name(node_id)} has steps {steps}: a sampler runs at least 1")
             settings["refiner_switch"] = start / steps
             self._models(values.get("model"), "refiner")
-            self._conditioning(values.get("positive"), "refiner prompt")
-            self._conditioning(values.get("negative"), "refiner negative prompt")
+            self._refiner_prompts(node_id, values)
+            self._refiner_sampling(first, node_id)
+            return
+        upscaled = self.node(latent[1].get("inputs", {}).get("samples")) if latent is not None else None
+        if (
+            latent is not None
+            and latent[1]["class_type"] in ("LatentUpscaleBy", "LatentUpscale")
+            and (upscaled is None or upscaled[0] != first)
+        ):
+            self.skip(node_id, f"a second sampler whose latent is upscaled from another chain than {self.name(first)}'s "
+                      f"(from {self.name(upscaled[0]) if upscaled else 'no node'}); not read as a hires fix")  # fmt: skip
             return
         if latent is not None and latent[1]["class_type"] in ("LatentUpscaleBy", "LatentUpscale"):
             self.seen.add(latent[0])
             upscale = latent[1].get("inputs", {})
-            width = settings.get("size", (1024, 1024))[0]
-            scale = upscale.get("scale_by") or int(upscale.get("width", width)) / width
+            scale = upscale.get("scale_by") or self._upscale_scale(latent[0], upscale)
+            if scale is None:
+                self.skip(node_id, f"a second sampler after {self.name(latent[0])}, which is not read as a hires fix; "
+                          "its settings are not restored")  # fmt: skip
+                return
             settings["hires_scale"] = float(scale)
             settings["upscaler"] = COMFYUI_LATENT_UPSCALES.get(str(upscale.get("upscale_method")), "latent")
             settings["hires_steps"] = int(values.get("steps", settings.get("steps", 20)))
             settings["hires_strength"] = float(values.get("denoise", 0.5))
+            self._hires_inputs(first, node_id)
+            self._same_sampling(first, node_id, _HIRES_OWN)
             return
-        self.skip(node_id, "a second sampler that is neither a refiner nor a latent hires fix; not read")
+        if latent is not None and latent[1]["class_type"] == "VAEEncode" and self._pixel_hires(first, latent[0]):
+            settings["hires_steps"] = int(values.get("steps", settings.get("steps", 20)))
+            settings["hires_strength"] = float(values.get("denoise", 0.5))
+            self._hires_inputs(first, node_id)
+            self._same_sampling(first, node_id, _HIRES_OWN)
+            return
+        self.skip(node_id, "a second sampler that is neither a refiner nor a hires fix of the first's image; not read")
+
+    def _pixel_hires(self, first: str, encode: str) -> bool:
+        """A hires fix in pixels: the first sampler's image decoded, enlarged by an upscaler model
+        (``ImageUpscaleWithModel``) and/or resized (``ImageScale``, ``ImageScaleBy``), encoded again. Its scale and
+        upscaler restored where the chain is that; ``False`` (nothing read) where it is another."""
+        chain: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        found = self.node(self.inputs(encode).get("pixels"))
+        for kind in ("ImageScale", "ImageScaleBy", "ImageUpscaleWithModel", "VAEDecode"):
+            if found is not None and found[1]["class_type"] == kind:
+                chain[kind] = found
+                found = self.node(found[1].get("inputs", {}).get("samples" if kind == "VAEDecode" else "image"))
+        decode = chain.get("VAEDecode")
+        decoded = self.node(decode[1].get("inputs", {}).get("samples")) if decode is not None else None
+        resized = {"ImageScale", "ImageScaleBy", "ImageUpscaleWithModel"} & chain.keys()
+        if decoded is None or decoded[0] != first or not resized:
+            return False
+        resize = chain.get("ImageScale") or chain.get("ImageScaleBy")
+        if resize is None:
+            self.skip(chain["ImageUpscaleWithModel"][0], "an upscaler model's own factor is not known here: no hires "
+                      "scale read")  # fmt: skip
+            return False
+        values = resize[1].get("inputs", {})
+        scale = (
+            values.get("scale_by")
+            if resize[1]["class_type"] == "ImageScaleBy"
+            else self._upscale_scale(resize[0], values)
+        )
+        if scale is None:
+            return False
+        self.seen.update({encode, *(node_id for node_id, _ in chain.values())})
+        settings = self.reader.settings
+        settings["hires_scale"] = float(scale)
+        upscaler = chain.get("ImageUpscaleWithModel")
+        loader = self.node(upscaler[1].get("inputs", {}).get("upscale_model")) if upscaler else None
+        if loader is not None:
+            self.seen.add(loader[0])
+            settings["upscaler"] = str(loader[1].get("inputs", {}).get("model_name"))
+        else:
+            settings["upscaler"] = "lanczos"
+        if str(values.get("upscale_method", "lanczos")) != "lanczos":
+            self.skip(resize[0], f"its resize method {values['upscale_method']}: Lanczos resizes here")
+        return True
+
+    def _denoise(self, node_id: str, denoise: Any) -> None:
+        self.skip(node_id, f"denoise {denoise}: an img2img image is not in the PNG; give --init-image and --strength "
+                  f"{denoise}")  # fmt: skip
+
+    def _input(self, link: Any) -> tuple[str, str, Mapping[str, Any]] | None:
+        """The node a link comes from (id, class_type, inputs), marked read."""
+        found = self.node(link)
+        if found is None:
+            return None
+        self.seen.add(found[0])
+        return found[0], str(found[1]["class_type"]), found[1].get("inputs", {})
+
+    def _custom(self, node_id: str) -> tuple[Any, Any, Any]:
+        """A custom sampler (``SamplerCustom``, ``SamplerCustomAdvanced``): its seed, guidance, sampler and schedule,
+        read from the nodes it is built of; returns its (model, positive, negative) links (negative ``None``: no
+        negative prompt at all, as ``BasicGuider`` runs)."""
+        values, settings = self.inputs(node_id), self.reader.settings
+        model = positive = negative = None
+        if self.nodes[node_id]["class_type"] == "SamplerCustom":
+            model, positive, negative = values.get("model"), values.get("positive"), values.get("negative")
+            settings["guidance"] = float(values.get("cfg", 8.0))
+            if values.get("add_noise", True) in (False, "disable"):
+                self.skip(node_id, "add_noise off: it denoises a latent it is given, which is not in the PNG")
+            else:
+                settings["seed"] = int(values.get("noise_seed", 0))
+        else:
+            noise = self._input(values.get("noise"))
+            if noise is not None and noise[1] == "RandomNoise":
+                settings["seed"] = int(noise[2].get("noise_seed", 0))
+            elif noise is not None:
+                self.skip(noise[0], "no initial noise, or noise of its own: it denoises a latent not in the PNG")
+            guider = self._input(values.get("guider"))
+            if guider is not None and guider[1] == "CFGGuider":
+                model, positive, negative = (guider[2].get(k) for k in ("model", "positive", "negative"))
+                settings["guidance"] = float(guider[2].get("cfg", 8.0))
+            elif guider is not None and guider[1] == "BasicGuider":
+                # One model call per step on the prompt alone: what guidance 1 runs here (no negative prompt).
+                model, positive = guider[2].get("model"), guider[2].get("conditioning")
+                settings["guidance"] = 1.0
+            elif guider is not None:
+                self.skip(guider[0], "a guider not read here (CFGGuider and BasicGuider are): its model and prompts "
+                          "are not restored")  # fmt: skip
+        sampler = self._input(values.get("sampler"))
+        name = "euler"
+        if sampler is not None and sampler[1] == "KSamplerSelect":
+            name = str(sampler[2].get("sampler_name", "euler"))
+        elif sampler is not None and sampler[1] in _SAMPLER_NODES:
+            name, defaults = _SAMPLER_NODES[sampler[1]]
+            if sampler[2].get("noise_device", "gpu") == "gpu" and "noise_device" in defaults:
+                name += "_gpu"
+            changed = {
+                k: v for k, v in sampler[2].items() if k in defaults and k != "noise_device" and v != defaults[k]
+            }
+            if changed:
+                self.skip(sampler[0], f"{', '.join(f'{k} {v}' for k, v in changed.items())}: {name} runs with its "
+                          "defaults here")  # fmt: skip
+        elif sampler is not None:
+            self.skip(sampler[0], "a sampler node not read here: euler is used")
+        self._sigmas(values.get("sigmas"), name)
+        return model, positive, negative
+
+    def _sigmas(self, link: Any, sampler: str) -> None:
+        """The steps and schedule of a custom sampler's sigmas node."""
+        settings = self.reader.settings
+        found = self._input(link)
+        if found is None:
+            self.reader.scheduler(sampler, "normal", f"sampler {sampler}")
+            return
+        node_id, kind, values = found
+        where = f"{kind} (node {node_id})"
+        settings["steps"] = int(values.get("steps", 20))
+        schedule = _SIGMA_NODES.get(kind)
+        if kind == "BasicScheduler":
+            schedule = str(values.get("scheduler", "normal"))
+        elif kind == "SDTurboScheduler":
+            # ComfyUI's SDTurboScheduler: timesteps 999, 899, ... from 10 - int(10 * denoise), one per step.
+            start = 10 - int(10 * float(values.get("denoise", 1.0)))
+            steps = settings["steps"]
+            if start == 0 and steps == 1:
+                schedule = "sgm_uniform"  # one step from timestep 999: the trailing spacing
+            else:
+                settings["timesteps"] = tuple(999 - 100 * i for i in range(start, min(start + steps, 10)))
+                schedule = "normal"
+        elif kind == "AlignYourStepsScheduler" and str(values.get("model_type", "SDXL")) != "SDXL":
+            self.skip(node_id, f"Align Your Steps for {values.get('model_type')} models, not SDXL: SDXL's is used")
+        elif schedule is None:
+            self.skip(node_id, "sigmas from a node not read here: its steps with the sampler's normal schedule")
+            schedule = "normal"
+        defaults = _SIGMA_DEFAULTS.get(kind, {})
+        changed = {k: v for k, v in values.items() if k in defaults and float(v) != defaults[k]}
+        if changed:
+            self.skip(node_id, f"{', '.join(f'{k} {v}' for k, v in changed.items())}: the {schedule} schedule runs "
+                      "over SDXL's own sigma range here")  # fmt: skip
+        if kind != "SDTurboScheduler" and float(values.get("denoise", 1.0)) < 1.0:
+            self._denoise(node_id, values["denoise"])
+        self.reader.scheduler(sampler, schedule, where)
+
+    def _refiner_prompts(self, node_id: str, values: Mapping[str, Any]) -> None:
+        """The refiner's own prompts, kept where they differ from the base's."""
+        settings = self.reader.settings
+        for key, link_key, what, base in (
+            ("refiner_prompt", "positive", "refiner prompt", self.prompts[0]),
+            ("refiner_negative_prompt", "negative", "refiner negative prompt", self.prompts[1]),
+        ):
+            link = values.get(link_key)
+            if link is None or link == self.links.get(link_key):
+                continue
+            text = self._conditioning(link, what)
+            if text is None and base is not None:
+                self.skip(node_id, f"its {what} is zeroed on purpose (ConditioningZeroOut): the base's is used")
+            elif text is not None and text != (base or ""):
+                settings[key] = text
+
+    def _refiner_sampling(self, first: str, node_id: str) -> None:
+        """A refiner sampler's own seed, guidance and sampler: listed where they differ from the first's, which the
+        refiner runs with here."""
+        adds_noise = self.inputs(node_id).get("add_noise") == "enable"  # else its seed draws nothing
+        self._same_sampling(
+            first, node_id, ("noise_seed", "cfg", "sampler_name", "scheduler")[0 if adds_noise else 1 :]
+        )
+        if adds_noise and int(self.inputs(node_id).get("start_at_step", 0)) > 0:
+            self.skip(node_id, "add_noise enable: it adds fresh noise where the base stopped; not read")
+
+    def _same_sampling(self, first: str, node_id: str, keys: tuple[str, ...]) -> None:
+        """A later sampler's own settings (``keys``), listed where they differ from the first sampler's, which the
+        refiner and the hires fix run with here."""
+        mine, theirs = self.inputs(node_id), self.inputs(first)
+        for key in keys:
+            seeds = ("seed", "noise_seed")
+            other = theirs.get(next((k for k in seeds if k in theirs), key) if key in seeds else key)
+            if key in mine and other is not None and mine[key] != other:
+                ours, theirs_shown = (f"{v:g}" if isinstance(v, float) else str(v) for v in (mine[key], other))
+                self.skip(node_id, f"its {key} {ours} differs from the first sampler's {theirs_shown}, which is used")
+
+    def _hires_inputs(self, first: str, node_id: str) -> None:
+        """A hires sampler's model and prompts: the first sampler's here; listed where they are other ones."""
+        values = self.inputs(node_id)
+        for key, what in (("model", "model"), ("positive", "prompt"), ("negative", "negative prompt")):
+            link = values.get(key)
+            if link is None or link == self.links.get(key):
+                continue
+            if key == "model":
+                self.skip(node_id, f"its model ({self._merged(link)}) differs from the first sampler's, which is used")
+                continue
+            text = self._conditioning(link, f"hires {what}")
+            if text != self.prompts[key == "negative"]:
+                self.skip(node_id, f"its {what} {text!r} differs from the first sampler's, which is used")
+
+    def _upscale_scale(self, node_id: str, upscale: Mapping[str, Any]) -> float | None:
+        """``LatentUpscale``'s width and height as one scale of the first size; listed where they are not one."""
+        width, height = self.reader.settings.get("size", (1024, 1024))
+        to_w, to_h = int(upscale.get("width", 0)), int(upscale.get("height", 0))
+        # ComfyUI keeps the aspect where one side is 0.
+        scales = [s for s in (to_w / width if to_w else None, to_h / height if to_h else None) if s is not None]
+        if not scales or (len(scales) == 2 and abs(to_h - round(height * scales[0])) > 8):
+            self.skip(node_id, f"{to_w}x{to_h} from {width}x{height}: not one scale of the image; no hires fix read")
+            return None
+        if str(upscale.get("crop", "disabled")) != "disabled":
+            self.skip(node_id, f"crop {upscale['crop']}: the hires fix here keeps the whole image")
+        return scales[0]
 
     def _walk(self, link: Any, upstream: Callable[[str, Mapping[str, Any], int], Any]) -> Iterator[_Step]:
         """The nodes up a chain from ``link``, each marked read; ``upstream(class_type, inputs, output)`` gives the
@@ -472,8 +857,15 @@ class _ComfyGraph:
 
     def _models(self, link: Any, role: str) -> None:
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("model")):
-            if kind in ("CheckpointLoaderSimple", "CheckpointLoader"):
+            if kind in _CHECKPOINT_LOADERS:
                 self.reader.model(role, str(values.get("ckpt_name")))
+                return
+            if "model1" in values and "model2" in values:  # ModelMergeSimple and its kin
+                merged = " and ".join(self._merged(values.get(k)) for k in ("model1", "model2"))
+                ratio = f" (ratio {values['ratio']})" if "ratio" in values else ""
+                self.skip(node_id, f"merges {merged}{ratio}: a merge made as it runs has no equivalent here, and the "
+                          f"default {role} model is used: save the merge as a file (ComfyUI's CheckpointSave) and give "
+                          f"it with --{role}")  # fmt: skip
                 return
             if kind in ("LoraLoader", "LoraLoaderModelOnly"):
                 scale = float(values.get("strength_model", 1.0))
@@ -484,8 +876,32 @@ class _ComfyGraph:
             else:
                 self.skip(node_id, _MODEL_PATCHES.get(kind, "changes the model in a way not read here"))
 
-    def _conditioning(self, link: Any, what: str) -> str:
+    def _merged(self, link: Any) -> str:
+        """The checkpoint (and the LoRAs on the way) one input of a merge comes from, its nodes marked read."""
+        parts: list[str] = []
+        for _node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("model")):
+            if kind in _CHECKPOINT_LOADERS:
+                parts.insert(0, str(values.get("ckpt_name")))
+            elif kind in ("LoraLoader", "LoraLoaderModelOnly"):
+                parts.append(f"LoRA {values.get('lora_name')} at {values.get('strength_model')}")
+            else:
+                parts.append(kind)
+        return " with ".join(parts) or "nothing"
+
+    def _conditioning(self, link: Any, what: str) -> str | None:
+        """The text a conditioning chain starts from; ``None`` where the chain zeroes it on purpose
+        (``ConditioningZeroOut``)."""
+        zeroed = None
         for node_id, kind, values in self._walk(link, _conditioning_upstream):
+            if kind == "ConditioningZeroOut":
+                zeroed = node_id
+                continue
+            if zeroed is not None and kind in ("CLIPTextEncode", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner"):
+                self._clip(values.get("clip"))
+                if "negative" not in what:  # a zeroed negative is SDXL's own when none is given: restored as such
+                    self.skip(zeroed, f"the {what} is zeroed on purpose (its text {_shown(values)} has no effect): a "
+                              "zeroed prompt has no equivalent here; give a prompt")  # fmt: skip
+                return None
             if kind == "CLIPTextEncode":
                 self._clip(values.get("clip"))
                 return str(values.get("text", ""))
@@ -510,19 +926,34 @@ class _ComfyGraph:
                     self.skip(node_id, f"ControlNet {name} at strength {values.get('strength')}: {CONTROL_ADVICE}")
             else:
                 self.skip(node_id, f"changes the {what} in a way not read here; the text before it is used")
+        if zeroed is not None:
+            return None
         return ""
 
     def _clip(self, link: Any) -> None:
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("clip")):
-            if kind in ("CheckpointLoaderSimple", "CheckpointLoader"):
+            if kind in _CHECKPOINT_LOADERS:
                 return
             if kind == "CLIPSetLastLayer" and int(values.get("stop_at_clip_layer", -1)) != -1:
                 self.skip(node_id, "SDXL reads the penultimate layers as trained; the clip skip is not applied")
+            elif kind not in ("CLIPSetLastLayer", "LoraLoader", *_CHECKPOINT_LOADERS):  # LoRAs: read on the model chain
+                self.skip(node_id, "gives text encoders of its own (not the checkpoint's), which are not read here")
+                return
 
     def _image(self, link: Any) -> None:
         found = self.node(link)
         if found is not None:
             self.seen.add(found[0])
+
+
+def _node_order(node_id: str) -> tuple[int, ...]:
+    """A node id's place: ComfyUI's ids are numbers, or numbers joined by ":" inside group nodes."""
+    return tuple(int(part) if part.isdigit() else -1 for part in node_id.split(":"))
+
+
+def _shown(values: Mapping[str, Any]) -> str:
+    text = str(values.get("text", values.get("text_g", "")))
+    return repr(text if len(text) <= 60 else text[:60] + "...")
 
 
 def _conditioning_upstream(kind: str, values: Mapping[str, Any], output: int) -> Any:
@@ -553,15 +984,15 @@ def missing_loras(imported: Imported, resolver: Resolver, png: str) -> dict[str,
         >>> print(*missing_loras(read_a1111("a fox <lora:add-detail-xl:0.6>\\nSteps: 4"), Resolver(), "fox.png").values())
         LoRA add-detail-xl (weight 0.6), named by fox.png, is not on this machine: give its file (--lora FILE:0.6; on the page, under LoRAs) or the install that holds it (--models-dir DIR)
     """  # noqa: E501
-    from ..base.files import looks_like_hub_id
-
     messages = {}
     for condition in imported.conditions:
         name, scale = str(getattr(condition, "source", "")), getattr(condition, "scale", 1.0)
         if condition.kind != "lora" or name in messages:
             continue
+        # Every name is looked for as a file, in --dry-run too: A1111, ComfyUI and the others name files of their
+        # install, never hub ids, so a name that reads like one ("styles/detail") is a file's too.
         found = str(resolver.named("loras", name))
-        if Path(found).expanduser().exists() or looks_like_hub_id(found):
+        if Path(found).expanduser().exists():
             continue
         messages[name] = (
             f"LoRA {name} (weight {scale:g}), named by {png}, is not on this machine: give its file "

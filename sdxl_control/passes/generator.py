@@ -287,7 +287,13 @@ class Generator:
                 channels.append(TextChannel(condition.scale, condition.window, edit, deltas))
         guided = guidance.copies > 1
         with self._resident([e.model for e in models.text_encoders]):
-            encoded = prompt_segments(models.text_encoders, request.prompt, request.negative_prompt, channels,
+            prompt_text, negative_text = request.prompt, request.negative_prompt
+            if models.stage is Stage.REFINER:  # the refiner's own prompts, where the request gives them
+                prompt_text = request.refiner_prompt if request.refiner_prompt is not None else prompt_text
+                negative_text = (
+                    request.refiner_negative_prompt if request.refiner_negative_prompt is not None else negative_text
+                )
+            encoded = prompt_segments(models.text_encoders, prompt_text, negative_text, channels,
                                       plan.schedule.total, need_negative=guided,
                                       zero_negative=models.force_zeros_for_empty_prompt,
                                       long_prompts=request.long_prompts, emphasis=request.emphasis)  # fmt: skip

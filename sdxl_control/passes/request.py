@@ -36,6 +36,9 @@ MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 IMAGE_FIELDS = ("init_image", "mask")
 START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "outpaint", "padding_mask_crop")
 HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
+# Fields a recipe records only when set: a recipe of a request that leaves them unset is the one earlier releases
+# wrote, so its dry-run lines and golden files stay the same.
+UNSET_UNRECORDED = ("prediction_type", "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt")
 MAX_HIRES = 4.0
 
 
@@ -73,6 +76,9 @@ class GenerationRequest:
     ``\\(``, A1111's weighting and tokenizers; a negative prompt ``""`` is zeros), ``"comfyui"`` (ComfyUI's syntax,
     weighting and chunks) or ``"off"`` (brackets are text); ``"a1111-0.2"`` and ``"comfyui-2024"`` are the readings
     that recipes recorded before 0.3.0 re-make theirs with. See :mod:`sdxl_control.protocol.emphasis`.
+
+    ``refiner_prompt`` / ``refiner_negative_prompt``: the refiner's own prompts (as a ComfyUI graph can give its
+    refiner's text encoders other texts); ``None``: the refiner reads the prompt and negative prompt.
 
     ``step_cache`` (DeepCache): each stage computes the whole UNet every ``step_cache`` steps and reuses its deep
     features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
@@ -124,6 +130,8 @@ class GenerationRequest:
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     zero_terminal_snr: bool | None = None
+    refiner_prompt: str | None = None
+    refiner_negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.detailer, FaceDetailer):  # true or its settings, as a job file gives it
@@ -134,7 +142,9 @@ class GenerationRequest:
         if self.size is None:
             object.__setattr__(self, "size", self._default_size())
         check_fields(self, "the request")
-        for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt")):
+        for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt"),
+                            (self.refiner_prompt, "the refiner prompt"),
+                            (self.refiner_negative_prompt, "the refiner negative prompt")):  # fmt: skip
             if isinstance(text, str):
                 check_syntax(text, self.emphasis, where)
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
@@ -399,8 +409,7 @@ class GenerationRequest:
         skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
                    *(("vae",) if self.vae is None else ()),
                    *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()),
-                   *(("prediction_type",) if self.prediction_type is None else ()),
-                   *(("zero_terminal_snr",) if self.zero_terminal_snr is None else ()))  # fmt: skip
+                   *(k for k in UNSET_UNRECORDED if getattr(self, k) is None))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
             detailer = self.detailer.settings()

@@ -200,6 +200,10 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         hashed = f" [{refiner['sha256'][:10]}]" if refiner.get("sha256") else ""
         items["Refiner"] = _model_name(refiner) + hashed
         items["Refiner switch at"] = recipe.get("refiner_switch")
+        # The refiner's own prompts (no A1111 key holds them; A1111 keeps unknown items as they are), read back by
+        # sdxl_control.jobs.png_import.
+        items["Refiner prompt"] = recipe.get("refiner_prompt")
+        items["Refiner negative prompt"] = recipe.get("refiner_negative_prompt")
     for i, unit in enumerate(extras.units):
         items[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in unit.items())
     items.update({k: _field_value(v) for k, v in extras.fields.items()})
