@@ -244,16 +244,20 @@ class Generator:
         if request.refiner_only:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_only was given but no refiner is loaded")
-            scheduler = make_scheduler(self.refiner.scheduler_config, request.scheduler, request.scheduler_options)
+            scheduler = make_scheduler(
+                self.refiner.scheduler_config, request.scheduler, request.scheduler_options, seeds=request.seeds
+            )
             schedule, _ = split_schedule(scheduler, None, request.steps, None, request.timesteps, strength)
             return [_StagePlan(self.refiner, schedule)]
-        base_scheduler = make_scheduler(self.base.scheduler_config, request.scheduler, request.scheduler_options)
+        base_scheduler = make_scheduler(
+            self.base.scheduler_config, request.scheduler, request.scheduler_options, seeds=request.seeds
+        )
         refiner_scheduler = None
         if request.refiner_switch is not None:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_switch was given but no refiner is loaded")
             refiner_scheduler = make_scheduler(
-                self.refiner.scheduler_config, request.scheduler, request.scheduler_options
+                self.refiner.scheduler_config, request.scheduler, request.scheduler_options, seeds=request.seeds
             )
         base_schedule, refiner_schedule = split_schedule(
             base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps, strength

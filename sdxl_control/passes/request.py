@@ -179,7 +179,10 @@ class GenerationRequest:
         if self.vae_tiling and self.decoder is not None:
             raise InvalidRequestError("vae_tiling is for the VAE; a tiny draft decoder needs no tiling")
         if self.scheduler is not None:
+            from ..protocol.schedule import check_schedule
+
             scheduler_spec(self.scheduler)
+            check_schedule(self.scheduler, self.scheduler_options, self.timesteps)
         StepCache(self.step_cache, self.step_cache_branch)
         if self.step_cache == 1 and self.step_cache_branch:
             raise InvalidRequestError(
@@ -434,6 +437,14 @@ class GenerationRequest:
         if values.get("timesteps") is not None:
             values.pop("steps", None)
         values["scheduler"] = recipe["scheduler"]["requested"]
+        from ..base.samplers import RENAMED_SCHEDULERS
+        from ..protocol.conditions import recorded_before
+
+        if recorded_before(recipe.get("version"), "0.3.0") and values["scheduler"] in RENAMED_SCHEDULERS:
+            # A name whose meaning changed in 0.3.0 ("dpmpp_sde" ran DPMSolverSinglestepScheduler): re-made as run.
+            cls_name, options = RENAMED_SCHEDULERS[values["scheduler"]]
+            values["scheduler"] = cls_name
+            values["scheduler_options"] = {**options, **(values.get("scheduler_options") or {})}
         values["seed"] = recipe["batch_seed"]
         values.update(overrides)
         return cls(**values)
