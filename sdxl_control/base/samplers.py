@@ -18,12 +18,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
-    "SAMPLERS", "SCHEDULES", "SCHEDULER_TABLE", "RENAMED_SCHEDULERS", "SAMPLER_ALIASES", "K_DIFFUSION_OPTIONS", "A1111_SAMPLERS",
-    "A1111_DEFAULT_SCHEDULES", "A1111_SCHEDULES", "A1111_UNEXPRESSIBLE", "COMFYUI_SAMPLERS", "COMFYUI_SCHEDULES",
-    "COMFYUI_UNEXPRESSIBLE",
+    "SAMPLERS", "SCHEDULES", "SCHEDULER_TABLE", "RENAMED_SCHEDULERS", "SAMPLER_ALIASES", "K_DIFFUSION_OPTIONS",
+    "A1111_SAMPLERS", "A1111_DEFAULT_SCHEDULES", "A1111_SCHEDULES", "A1111_UNEXPRESSIBLE",
+    "A1111_UNEXPRESSIBLE_SCHEDULES", "COMFYUI_SAMPLERS", "COMFYUI_SCHEDULES", "COMFYUI_UNEXPRESSIBLE",
+    "COMFYUI_UNEXPRESSIBLE_SCHEDULES", "tool_scheduler",
 ]  # fmt: skip
 
 # Our samplers: (diffusers class, config overrides).
@@ -90,8 +92,7 @@ RENAMED_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {"dpmpp_sde": ("DPMS
 # k-diffusion's multistep DPM++ samplers (A1111, ComfyUI) take their last step but one at full order at any step
 # count; diffusers lowers it below 15 steps unless lower_order_final is off. Imports ask for k-diffusion's order.
 K_DIFFUSION_OPTIONS: dict[str, dict[str, Any]] = {
-    name: {"lower_order_final": False}
-    for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
+    name: {"lower_order_final": False} for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
 }
 
 # A1111's sampler labels (modules/sd_samplers_kdiffusion.py, 1.9+; Forge HEAD dfdcbab6) -> our samplers.
@@ -106,11 +107,16 @@ A1111_DEFAULT_SCHEDULES = {
 }  # fmt: skip
 # A1111's schedule types (modules/sd_schedulers.py, labels and names) -> our schedules. A1111's Beta is
 # sigma_min + ppf(alpha=beta=0.6) * (sigma_max - sigma_min), diffusers' use_beta_sigmas; "Normal" places
-# linspace(t_max, t_min) = linspace(999, 0), as "Uniform" does.
+# linspace(t_max, t_min) = linspace(999, 0), as "Uniform" does. "Simple" maps only where its timesteps are trailing's
+# (see _simple_is_trailing).
 A1111_SCHEDULES = {
     "uniform": "linspace", "normal": "linspace", "karras": "karras", "exponential": "exponential", "beta": "beta",
-    "sgm uniform": "trailing", "sgm_uniform": "trailing", "sgmuniform": "trailing",
+    "simple": "trailing",
 }  # fmt: skip
+_SGM = (
+    "it places steps at fractional timesteps, linspace(999, 0, steps + 1)[:-1]; diffusers' trailing spacing rounds "
+    "them to whole timesteps (sigmas up to 1% apart)"
+)
 _DISCARDS = "it drops the next-to-last sigma of a schedule one step longer, which diffusers' {cls} cannot"
 _TIMESTEPS_SAMPLER = "A1111 runs its own {what}, which diffusers' {cls} does not follow"
 # A1111 samplers and schedule types diffusers cannot run exactly -> why.
@@ -129,6 +135,9 @@ A1111_UNEXPRESSIBLE = {
     "HeunPP2": "diffusers has no Heun++ sampler", "IPNDM": "diffusers' IPNDMScheduler is another IPNDM",
     "IPNDM_V": "diffusers has no variable-step IPNDM", "DEIS": "diffusers' DEISMultistepScheduler is another DEIS",
     "DDPM": "Forge's DDPM is k-diffusion's, not diffusers' DDPMScheduler",
+}  # fmt: skip
+A1111_UNEXPRESSIBLE_SCHEDULES = {
+    "sgm uniform": _SGM, "sgm_uniform": _SGM, "sgmuniform": _SGM,
     "polyexponential": "diffusers has no polyexponential schedule", "kl optimal": "diffusers has no KL-optimal schedule",
     "ddim": "diffusers has no schedule of every (1000 // steps)-th model sigma",
     "align your steps": "Align Your Steps interpolates its 11 sigmas to the step count; diffusers takes no such list "
@@ -146,13 +155,12 @@ COMFYUI_SAMPLERS = {
     "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
     "dpmpp_sde": "dpmpp_sde", "dpmpp_sde_gpu": "dpmpp_sde",
 }  # fmt: skip
-# ComfyUI's schedulers (SCHEDULER_HANDLERS) -> ours. Its "normal" is linspace(t_max, t_min, steps) + [0], its "simple"
-# and "sgm_uniform" end on evenly spaced steps from the top: diffusers' trailing (the equivalence diffusers documents).
-COMFYUI_SCHEDULES = {
-    "normal": "linspace", "karras": "karras", "exponential": "exponential", "simple": "trailing",
-    "sgm_uniform": "trailing",
-}  # fmt: skip
-_COMFY_DISCARDS = "ComfyUI drops its next-to-last sigma (DISCARD_PENULTIMATE_SIGMA_SAMPLERS), which diffusers' {cls} cannot"
+# ComfyUI's schedulers (SCHEDULER_HANDLERS) -> ours. Its "normal" is linspace(t_max, t_min, steps) + [0], as
+# diffusers' linspace; its "simple" maps only where its timesteps are trailing's (see _simple_is_trailing).
+COMFYUI_SCHEDULES = {"normal": "linspace", "karras": "karras", "exponential": "exponential", "simple": "trailing"}
+_COMFY_DISCARDS = (
+    "ComfyUI drops its next-to-last sigma (DISCARD_PENULTIMATE_SIGMA_SAMPLERS), which diffusers' {cls} cannot"
+)
 COMFYUI_UNEXPRESSIBLE = {
     "dpm_2": _COMFY_DISCARDS.format(cls="KDPM2DiscreteScheduler"),
     "dpm_2_ancestral": _COMFY_DISCARDS.format(cls="KDPM2AncestralDiscreteScheduler"),
@@ -166,6 +174,9 @@ COMFYUI_UNEXPRESSIBLE = {
     "dpm_fast": "diffusers has no DPM-Solver-fast", "dpm_adaptive": "diffusers has no adaptive DPM-Solver",
     "ipndm": "diffusers' IPNDMScheduler is another IPNDM", "ipndm_v": "diffusers has no variable-step IPNDM",
     "deis": "diffusers' DEISMultistepScheduler is another DEIS", "heunpp2": "diffusers has no Heun++ sampler",
+}  # fmt: skip
+COMFYUI_UNEXPRESSIBLE_SCHEDULES = {
+    "sgm_uniform": _SGM,
     "beta": "ComfyUI's beta picks the model's own sigmas at the beta quantiles and drops repeats; diffusers' beta "
     "sigmas are spaced linearly between sigma_min and sigma_max",
     "ddim_uniform": "diffusers has no schedule of every (1000 // steps)-th model sigma from timestep 1",
@@ -196,3 +207,84 @@ SAMPLER_ALIASES: dict[str, str] = {
     "euler_ancestral": "euler_a", "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a", "uni_pc": "unipc",
     "uni_pc_bh2": "unipc",
 }  # fmt: skip
+
+# A1111's schedule labels that an old (before 1.9) combined sampler label ends with, as its get_sampler_and_scheduler
+# strips them ("DPM++ 2M SDE Karras" is DPM++ 2M SDE on Karras); longest first, so "SGM Uniform" is not "Uniform".
+_A1111_SUFFIXES = sorted([*A1111_SCHEDULES, *A1111_UNEXPRESSIBLE_SCHEDULES, "automatic"], key=len, reverse=True)
+
+
+def _a1111_label(label: str) -> str | None:
+    known = [*A1111_SAMPLERS, *A1111_UNEXPRESSIBLE]
+    return next((k for k in known if k.casefold() == label.casefold()), None)
+
+
+def _simple_is_trailing(steps: int) -> bool:
+    """Whether A1111's and ComfyUI's "simple" schedule (the model's sigmas at t = 999 - int(i * 1000 / steps)) runs the
+    timesteps diffusers' trailing spacing does (round(1000 - i * 1000 / steps) - 1): when steps divides 1000."""
+    import numpy as np
+
+    simple = [999 - int(i * 1000 / steps) for i in range(steps)]
+    trailing = (np.round(np.arange(1000, 0, -1000 / steps)) - 1).astype(int).tolist()
+    return simple == trailing
+
+
+def tool_scheduler(
+    tool: str, sampler: str, schedule: str | None, steps: Sequence[int] = ()
+) -> tuple[str | None, dict[str, Any], str]:
+    """Our scheduler name and options for a sampler and schedule as ``tool`` names them, or ``None`` and why diffusers
+    cannot run it exactly.
+
+    ``tool`` is "A1111", "ComfyUI" (its KSampler, which drops the next-to-last sigma for some samplers) or "ComfyUI
+    custom" (SamplerCustom's KSamplerSelect, which runs the sigmas it is given). ``schedule`` is A1111's "Schedule
+    type" (``None``: an infotext written before 1.9, whose plain labels ran the model's own sigmas, evenly spaced) or
+    ComfyUI's scheduler. ``steps``: the step counts the schedule runs with (the "simple" schedule is exact for some).
+
+    Example:
+        >>> tool_scheduler("A1111", "DPM++ 2M", "Automatic")[:2]
+        ('dpmpp_2m_karras', {'lower_order_final': False})
+        >>> tool_scheduler("A1111", "Euler a Karras", None)[2]
+        "diffusers' EulerAncestralDiscreteScheduler takes no karras schedule"
+    """
+    kind = (schedule or "").strip().casefold()
+    if tool.startswith("ComfyUI"):
+        found: str | None = sampler.strip()
+        samplers, schedules = COMFYUI_SAMPLERS, COMFYUI_SCHEDULES
+        unexpressible, unexpressible_schedules = COMFYUI_UNEXPRESSIBLE, COMFYUI_UNEXPRESSIBLE_SCHEDULES
+        if tool == "ComfyUI custom":  # no sigma dropped: ComfyUI's dpm_2 and dpm_2_ancestral are diffusers' KDPM2
+            samplers = {**samplers, "dpm_2": "dpm2", "dpm_2_ancestral": "dpm2_a"}
+            unexpressible = {k: v for k, v in unexpressible.items() if k not in samplers}
+    else:
+        found = _a1111_label(sampler.strip())
+        if found is None:  # an old combined label, "DPM++ 2M Karras"
+            for suffix in _A1111_SUFFIXES:
+                head = sampler.strip()[: -len(suffix) - 1]
+                if sampler.strip().casefold().endswith(" " + suffix) and _a1111_label(head) is not None:
+                    return tool_scheduler(tool, head, suffix)
+        samplers, schedules = A1111_SAMPLERS, A1111_SCHEDULES
+        unexpressible, unexpressible_schedules = A1111_UNEXPRESSIBLE, A1111_UNEXPRESSIBLE_SCHEDULES
+        if not kind:  # no "Schedule type": A1111 before 1.9 ran the model's sigmas (Uniform) for a plain label
+            kind = "uniform"
+        elif kind == "automatic":
+            kind = A1111_DEFAULT_SCHEDULES.get(found or "", "uniform")
+    if found in unexpressible:
+        return None, {}, unexpressible[found]
+    if found not in samplers:
+        return None, {}, f"{tool} sampler {sampler!r} is unknown here"
+    if kind in unexpressible_schedules:
+        return None, {}, f"the {schedule!r} schedule: {unexpressible_schedules[kind]}"
+    if kind not in schedules:
+        return None, {}, f"{tool} schedule {schedule!r} is unknown here"
+    if kind == "simple" and not (steps and all(_simple_is_trailing(n) for n in steps)):
+        counts = ", ".join(str(n) for n in steps) or "an unknown count"
+        return (
+            None,
+            {},
+            (
+                f"the {schedule!r} schedule with {counts} steps: its timesteps (999 - int(i * 1000 / steps)) are not "
+                "diffusers' trailing ones at this step count"
+            ),
+        )
+    ours, suffix = samplers[found], schedules[kind]
+    if f"{ours}_{suffix}" not in SCHEDULER_TABLE:
+        return None, {}, f"diffusers' {SAMPLERS[ours][0]} takes no {suffix} schedule"
+    return f"{ours}_{suffix}", dict(K_DIFFUSION_OPTIONS.get(ours, {})), ""

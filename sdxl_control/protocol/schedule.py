@@ -69,10 +69,22 @@ def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
         return SCHEDULERS[name]
     if name.endswith("Scheduler") and hasattr(diffusers, name):
         return name, {}
-    close = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
+    from ..base.samplers import SAMPLERS, SCHEDULES
+
+    for schedule in SCHEDULES:
+        sampler = name.removesuffix(f"_{schedule}")
+        if sampler != name and sampler in SAMPLERS:
+            others = [n for n in SCHEDULERS if n.startswith(f"{sampler}_") and n.removeprefix(f"{sampler}_") in SCHEDULES]
+            instead = f"{sampler!r} or one of {', '.join(others)}" if others else f"{sampler!r} (it runs its own)"
+            raise InvalidRequestError(
+                f"scheduler {name!r}: diffusers' {SAMPLERS[sampler][0]} takes no {schedule} schedule; use {instead}"
+            )
+    close = difflib.get_close_matches(name, list(SCHEDULERS), n=1) or difflib.get_close_matches(
+        name.casefold(), list(SCHEDULER_ALIASES), n=1
+    )
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    known = ", ".join(sorted(SCHEDULERS))
-    raise InvalidRequestError(f"unknown scheduler {name!r}{hint}: use one of {known} or a diffusers class name")
+    known = f"a sampler ({', '.join(SAMPLERS)}) with an optional schedule ({', '.join(f'_{s}' for s in SCHEDULES)})"
+    raise InvalidRequestError(f"unknown scheduler {name!r}{hint}: use {known} or a diffusers class name")
 
 
 def check_schedule(name: str | None, overrides: Mapping[str, Any], timesteps: Sequence[int] | None) -> None:
