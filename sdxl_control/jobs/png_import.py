@@ -10,7 +10,7 @@ another image.
 Example:
     >>> imported = read_a1111("a fox <lora:add-detail-xl:0.6>\\nSteps: 20, Sampler: Euler a, CFG scale: 6, Seed: 3, Size: 1024x768")
     >>> imported.prompt, imported.settings["scheduler"], imported.settings["size"]
-    ('a fox', 'euler_a', (1024, 768))
+    ('a fox', 'euler_a_linspace', (1024, 768))
     >>> imported.conditions[0].source, imported.conditions[0].scale
     ('add-detail-xl', 0.6)
 """
