@@ -275,15 +275,9 @@ def tool_scheduler(
     if kind not in schedules:
         return None, {}, f"{tool} schedule {schedule!r} is unknown here"
     if kind == "simple" and not (steps and all(_simple_is_trailing(n) for n in steps)):
-        counts = ", ".join(str(n) for n in steps) or "an unknown count"
-        return (
-            None,
-            {},
-            (
-                f"the {schedule!r} schedule with {counts} steps: its timesteps (999 - int(i * 1000 / steps)) are not "
-                "diffusers' trailing ones at this step count"
-            ),
-        )
+        counts = f" with {', '.join(str(n) for n in steps)} steps" if steps else " (no step count given)"
+        why = "its timesteps (999 - int(i * 1000 / steps)) are diffusers' trailing ones only when the step count divides 1000"
+        return None, {}, f"the {schedule!r} schedule{counts}: {why}"
     ours, suffix = samplers[found], schedules[kind]
     if f"{ours}_{suffix}" not in SCHEDULER_TABLE:
         return None, {}, f"diffusers' {SAMPLERS[ours][0]} takes no {suffix} schedule"

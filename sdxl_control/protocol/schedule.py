@@ -74,7 +74,9 @@ def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
     for schedule in SCHEDULES:
         sampler = name.removesuffix(f"_{schedule}")
         if sampler != name and sampler in SAMPLERS:
-            others = [n for n in SCHEDULERS if n.startswith(f"{sampler}_") and n.removeprefix(f"{sampler}_") in SCHEDULES]
+            others = [
+                n for n in SCHEDULERS if n.startswith(f"{sampler}_") and n.removeprefix(f"{sampler}_") in SCHEDULES
+            ]
             instead = f"{sampler!r} or one of {', '.join(others)}" if others else f"{sampler!r} (it runs its own)"
             raise InvalidRequestError(
                 f"scheduler {name!r}: diffusers' {SAMPLERS[sampler][0]} takes no {schedule} schedule; use {instead}"
