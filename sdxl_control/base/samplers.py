@@ -140,8 +140,8 @@ A1111_UNEXPRESSIBLE_SCHEDULES = {
     "sgm uniform": _SGM, "sgm_uniform": _SGM, "sgmuniform": _SGM,
     "polyexponential": "diffusers has no polyexponential schedule", "kl optimal": "diffusers has no KL-optimal schedule",
     "ddim": "diffusers has no schedule of every (1000 // steps)-th model sigma",
-    "align your steps": "Align Your Steps interpolates its 11 sigmas to the step count; diffusers takes no such list "
-    "for most samplers",
+    "align your steps": "A1111 interpolates Align Your Steps' 11 sigmas to the step count (ComfyUI to one more); only "
+    "diffusers' Euler and UniPC take a sigma list, and a request has none",
     "align your steps gits": "diffusers has no GITS schedule", "align your steps 11": "Forge's own schedule",
     "align your steps 32": "Forge's own schedule", "turbo": "Forge's own schedule",
 }  # fmt: skip
