@@ -55,8 +55,8 @@ def test_an_a1111_hires_png_with_loras():
     assert imported.prompt.startswith("masterpiece, (a red fox:1.2) in the snow") and "<lora" not in imported.prompt
     assert imported.settings == {
         "negative_prompt": "blurry, (lowres:1.3)", "steps": 30, "seed": 1234567, "hires_steps": 12, "guidance": 6.5,
-        "size": (832, 1216), "scheduler": "dpmpp_2m_karras", "scheduler_options": {"lower_order_final": False},
-        "hires_scale": 1.5, "hires_strength": 0.4, "upscaler": "4x-UltraSharp",
+        "size": (832, 1216), "scheduler": "dpmpp_2m_karras", "hires_scale": 1.5, "hires_strength": 0.4,
+        "upscaler": "4x-UltraSharp",
     }  # fmt: skip
     assert [(c.source, c.scale) for c in imported.conditions] == [("add-detail-xl", 0.6), ("xl_more_art-full", 1.0)]
     assert imported.models == {"base": "juggernautXL_v9Rdphoto2Lightning"}
@@ -181,8 +181,7 @@ def test_the_comfyui_default_graph_with_loras():
     assert imported.tool == "ComfyUI" and imported.prompt == "a (red:1.2) fox in the snow"
     assert imported.settings == {
         "emphasis": "comfyui", "seed": 156680208700286, "steps": 20, "guidance": 8.0, "scheduler": "dpmpp_2m_karras",
-        "scheduler_options": {"lower_order_final": False}, "negative_prompt": "blurry", "size": (1024, 768),
-        "num_images": 2,
+        "negative_prompt": "blurry", "size": (1024, 768), "num_images": 2,
     }  # fmt: skip
     assert imported.models == {"base": DEFAULT_BASE}
     assert [(c.source, c.scale) for c in imported.conditions] == [

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
-    "SAMPLERS", "SCHEDULES", "SCHEDULER_TABLE", "RENAMED_SCHEDULERS", "SAMPLER_ALIASES", "K_DIFFUSION_OPTIONS",
+    "SAMPLERS", "SCHEDULES", "SCHEDULER_TABLE", "RENAMED_SCHEDULERS", "SAMPLER_ALIASES",
     "A1111_SAMPLERS", "A1111_DEFAULT_SCHEDULES", "A1111_SCHEDULES", "A1111_UNEXPRESSIBLE",
     "A1111_UNEXPRESSIBLE_SCHEDULES", "COMFYUI_SAMPLERS", "COMFYUI_SCHEDULES", "COMFYUI_UNEXPRESSIBLE",
     "COMFYUI_UNEXPRESSIBLE_SCHEDULES", "tool_scheduler",
@@ -88,12 +88,6 @@ SCHEDULER_TABLE = _table()
 # Names whose meaning changed in 0.3.0 -> what they ran before, so that a recipe recorded by 0.2 re-makes its pixels:
 # 0.2's "dpmpp_sde" was DPMSolverSinglestepScheduler (as diffusers' docs table has it), not A1111's DPM++ SDE.
 RENAMED_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {"dpmpp_sde": ("DPMSolverSinglestepScheduler", {})}
-
-# k-diffusion's multistep DPM++ samplers (A1111, ComfyUI) take their last step but one at full order at any step
-# count; diffusers lowers it below 15 steps unless lower_order_final is off. Imports ask for k-diffusion's order.
-K_DIFFUSION_OPTIONS: dict[str, dict[str, Any]] = {
-    name: {"lower_order_final": False} for name in ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")
-}
 
 # A1111's sampler labels (modules/sd_samplers_kdiffusion.py, 1.9+; Forge HEAD dfdcbab6) -> our samplers.
 A1111_SAMPLERS = {
@@ -228,10 +222,8 @@ def _simple_is_trailing(steps: int) -> bool:
     return simple == trailing
 
 
-def tool_scheduler(
-    tool: str, sampler: str, schedule: str | None, steps: Sequence[int] = ()
-) -> tuple[str | None, dict[str, Any], str]:
-    """Our scheduler name and options for a sampler and schedule as ``tool`` names them, or ``None`` and why diffusers
+def tool_scheduler(tool: str, sampler: str, schedule: str | None, steps: Sequence[int] = ()) -> tuple[str | None, str]:
+    """Our scheduler name for a sampler and schedule as ``tool`` names them (and ""), or ``None`` and why diffusers
     cannot run it exactly.
 
     ``tool`` is "A1111", "ComfyUI" (its KSampler, which drops the next-to-last sigma for some samplers) or "ComfyUI
@@ -240,9 +232,9 @@ def tool_scheduler(
     ComfyUI's scheduler. ``steps``: the step counts the schedule runs with (the "simple" schedule is exact for some).
 
     Example:
-        >>> tool_scheduler("A1111", "DPM++ 2M", "Automatic")[:2]
-        ('dpmpp_2m_karras', {'lower_order_final': False})
-        >>> tool_scheduler("A1111", "Euler a Karras", None)[2]
+        >>> tool_scheduler("A1111", "DPM++ 2M", "Automatic")
+        ('dpmpp_2m_karras', '')
+        >>> tool_scheduler("A1111", "Euler a Karras", None)[1]
         "diffusers' EulerAncestralDiscreteScheduler takes no karras schedule"
     """
     kind = (schedule or "").strip().casefold()
@@ -267,18 +259,18 @@ def tool_scheduler(
         elif kind == "automatic":
             kind = A1111_DEFAULT_SCHEDULES.get(found or "", "uniform")
     if found in unexpressible:
-        return None, {}, unexpressible[found]
+        return None, unexpressible[found]
     if found not in samplers:
-        return None, {}, f"{tool} sampler {sampler!r} is unknown here"
+        return None, f"{tool} sampler {sampler!r} is unknown here"
     if kind in unexpressible_schedules:
-        return None, {}, f"the {schedule!r} schedule: {unexpressible_schedules[kind]}"
+        return None, f"the {schedule!r} schedule: {unexpressible_schedules[kind]}"
     if kind not in schedules:
-        return None, {}, f"{tool} schedule {schedule!r} is unknown here"
+        return None, f"{tool} schedule {schedule!r} is unknown here"
     if kind == "simple" and not (steps and all(_simple_is_trailing(n) for n in steps)):
         counts = f" with {', '.join(str(n) for n in steps)} steps" if steps else " (no step count given)"
         why = "its timesteps (999 - int(i * 1000 / steps)) are diffusers' trailing ones only when the step count divides 1000"
-        return None, {}, f"the {schedule!r} schedule{counts}: {why}"
+        return None, f"the {schedule!r} schedule{counts}: {why}"
     ours, suffix = samplers[found], schedules[kind]
     if f"{ours}_{suffix}" not in SCHEDULER_TABLE:
-        return None, {}, f"diffusers' {SAMPLERS[ours][0]} takes no {suffix} schedule"
-    return f"{ours}_{suffix}", dict(K_DIFFUSION_OPTIONS.get(ours, {})), ""
+        return None, f"diffusers' {SAMPLERS[ours][0]} takes no {suffix} schedule"
+    return f"{ours}_{suffix}", ""

@@ -156,13 +156,11 @@ class _Reader:
         from ..base.samplers import tool_scheduler
 
         steps = [int(self.settings[k]) for k in ("steps", "hires_steps") if self.settings.get(k)]
-        name, options, why = tool_scheduler(tool or self.tool, sampler, schedule, steps)
+        name, why = tool_scheduler(tool or self.tool, sampler, schedule, steps)
         if name is None:
             self.skip(where, f"{why}; the default sampler is used")
             return
         self.settings["scheduler"] = name
-        if options:  # k-diffusion's step order, where diffusers' default differs (see K_DIFFUSION_OPTIONS)
-            self.settings["scheduler_options"] = options
 
     def done(self, prompt: str) -> Imported:
         self.unmapped.append(NOISE_NOTE.format(tool=self.tool))
