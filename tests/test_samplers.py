@@ -10,8 +10,10 @@ and sd_schedulers.py as in lllyasviel/stable-diffusion-webui-forge dfdcbab685e57
 list). The schedule formulas in _tool_sigmas were checked against those files' own functions, run on the same model
 sigmas (to 1e-6). With their noise left out, ComfyUI's sample_dpmpp_2m, sample_dpmpp_2m_sde (midpoint and heun) and
 sample_dpmpp_sde (comfy/k_diffusion/sampling.py, same commit) were run against our schedulers on a toy denoiser:
-equal to 1e-6; sample_dpmpp_3m_sde differs from diffusers' third-order step by 0.1 or more, so the tools' 3M SDE is
-listed, not mapped.
+equal to 1e-6, as are sample_heun, sample_dpm_2 and sample_euler; sample_dpmpp_3m_sde differs from diffusers'
+third-order step by 0.1 or more, so the tools' 3M SDE is listed, not mapped, and ComfyUI's sample_lms (a plain denoise
+for its last step) by 1e-3 or more, so ComfyUI's lms is listed; A1111's sample_lms (Forge's k_diffusion/sampling.py,
+same commit) equals diffusers' LMS.
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ def test_every_tool_name_is_mapped_or_listed():
      ("A1111", "DPM++ 2M SDE Heun Exponential", None, "dpmpp_2m_sde_heun_exponential"),
      ("ComfyUI", "euler", "normal", "euler_linspace"), ("ComfyUI", "ddim", "normal", "euler_linspace"),
      ("ComfyUI", "dpmpp_2m_sde_gpu", "karras", "dpmpp_2m_sde_karras"), ("ComfyUI", "dpmpp_sde", "simple", "dpmpp_sde_trailing"),
-     ("ComfyUI", "euler_ancestral", "normal", "euler_a_linspace"), ("ComfyUI", "lms", "exponential", "lms_exponential"),
+     ("ComfyUI", "euler_ancestral", "normal", "euler_a_linspace"),
      ("ComfyUI custom", "dpm_2", "karras", "dpm2_karras")],
 )  # fmt: skip
 def test_tool_names_with_each_tools_meaning(tool, sampler, schedule, ours):
@@ -289,7 +291,8 @@ def test_tool_names_with_each_tools_meaning(tool, sampler, schedule, ours):
      ("ComfyUI", "dpm_2", "karras", "next-to-last sigma"), ("ComfyUI", "uni_pc_bh2", "normal", "next-to-last sigma"),
      ("ComfyUI", "euler", "beta", "model's own sigmas"), ("ComfyUI", "euler", "sgm_uniform", "fractional"),
      ("ComfyUI", "euler", "ddim_uniform", "1000 // steps"), ("ComfyUI", "dpmpp_3m_sde", "karras", "third-order"),
-     ("ComfyUI", "euler_cfg_pp", "normal", "CFG++"), ("ComfyUI", "lcm", "sgm_uniform", "sample_lcm")],
+     ("ComfyUI", "euler_cfg_pp", "normal", "CFG++"), ("ComfyUI", "lcm", "sgm_uniform", "sample_lcm"),
+     ("ComfyUI", "lms", "karras", "plain denoise")],
 )  # fmt: skip
 def test_what_diffusers_cannot_run_exactly_is_listed_with_the_reason(tool, sampler, schedule, why):
     name, reason = tool_scheduler(tool, sampler, schedule, [20])

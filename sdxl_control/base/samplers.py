@@ -144,7 +144,7 @@ A1111_UNEXPRESSIBLE_SCHEDULES = {
 # Its *_gpu samplers differ from the plain ones only in where their Brownian noise is drawn, and ComfyUI's noise is
 # never ours; "ddim" is its Euler sampler (sampler_object maps it to ksampler("euler")).
 COMFYUI_SAMPLERS = {
-    "euler": "euler", "ddim": "euler", "euler_ancestral": "euler_a", "heun": "heun", "lms": "lms",
+    "euler": "euler", "ddim": "euler", "euler_ancestral": "euler_a", "heun": "heun",
     "dpmpp_2m": "dpmpp_2m", "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde",
     "dpmpp_2m_sde_heun": "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu": "dpmpp_2m_sde_heun",
     "dpmpp_sde": "dpmpp_sde", "dpmpp_sde_gpu": "dpmpp_sde",
@@ -163,6 +163,8 @@ COMFYUI_UNEXPRESSIBLE = {
     "dpmpp_3m_sde": "k-diffusion's third-order SDE step is not diffusers' DPMSolverMultistepScheduler's",
     "dpmpp_3m_sde_gpu": "k-diffusion's third-order SDE step is not diffusers' DPMSolverMultistepScheduler's",
     "dpmpp_2s_ancestral": "diffusers has no single-step ancestral DPM++ solver",
+    "lms": "ComfyUI's lms ends on a plain denoise (x = denoised) where diffusers' LMSDiscreteScheduler (and A1111's "
+    "LMS) takes a last multistep step",
     "lcm": "ComfyUI's lcm is k-diffusion's sample_lcm on its sigmas, not diffusers' LCMScheduler schedule",
     "ddpm": "ComfyUI's ddpm is k-diffusion's, not diffusers' DDPMScheduler",
     "dpm_fast": "diffusers has no DPM-Solver-fast", "dpm_adaptive": "diffusers has no adaptive DPM-Solver",
