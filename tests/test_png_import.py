@@ -84,8 +84,9 @@ def test_an_a1111_png_with_a_refiner_controlnet_adetailer_and_settings_without_e
 
 @pytest.mark.parametrize(
     ("sampler", "schedule", "ours"),
-    [("Euler a", None, "euler_a"), ("Euler", "SGM Uniform", "euler_trailing"), ("DPM++ 2M", "Automatic", "dpmpp_2m"),
-     ("UniPC", None, "unipc"), ("DDIM", "SGM Uniform", "ddim_trailing")],
+    [("Euler a", None, "euler_a_linspace"), ("Euler", "Simple", "euler_trailing"),
+     ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"), ("Heun", "Karras", "heun_karras"),
+     ("DPM++ 2M SDE Karras", None, "dpmpp_2m_sde_karras")],
 )  # fmt: skip
 def test_a1111_samplers_and_schedule_types(sampler, schedule, ours):
     typed = f", Schedule type: {schedule}" if schedule else ""
@@ -95,9 +96,9 @@ def test_a1111_samplers_and_schedule_types(sampler, schedule, ours):
 
 def test_a1111_texts_that_do_not_map():
     unknown = read_a1111("a fox\nSteps: 20, Sampler: DPM++ 3M SDE, Schedule type: Exponential, CFG scale: 5, Seed: 1")
-    assert "scheduler" not in unknown.settings and "no equivalent" in _unmapped(unknown, "Sampler: DPM++ 3M SDE")
-    schedule = read_a1111("a fox\nSteps: 20, Sampler: Heun, Schedule type: Karras, CFG scale: 5, Seed: 1")
-    assert schedule.settings["scheduler"] == "heun" and "'heun' is used" in _unmapped(schedule, "Sampler: Heun")
+    assert "scheduler" not in unknown.settings and "next-to-last sigma" in _unmapped(unknown, "Sampler: DPM++ 3M SDE")
+    schedule = read_a1111("a fox\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 5, Seed: 1")
+    assert "scheduler" not in schedule.settings and "no karras schedule" in _unmapped(schedule, "Sampler: Euler a")
     odd = read_a1111('a fox\nSteps: 20, Size: big, CFG scale: 5, Seed: 1, Note: "unclosed \\x"')
     assert "size" not in odd.settings and "not a size" in _unmapped(odd, "Size: big")
     assert _unmapped(odd, 'Note: "unclosed \\x"')  # kept as written, as A1111 keeps it
@@ -193,7 +194,7 @@ def test_the_comfyui_default_graph_with_loras():
 def test_a_comfyui_base_and_refiner_graph():
     graph = _graph(
         ("3", "KSamplerAdvanced", {"add_noise": "enable", "noise_seed": 7, "steps": 25, "cfg": 7.0,
-                                   "sampler_name": "euler", "scheduler": "sgm_uniform", "start_at_step": 0,
+                                   "sampler_name": "euler", "scheduler": "simple", "start_at_step": 0,
                                    "end_at_step": 20, "return_with_leftover_noise": "enable"}),
         ("6", "CLIPTextEncodeSDXL", {"text_g": "a lighthouse", "text_l": "a lighthouse", "width": 4096,
                                      "height": 4096, "crop_w": 0, "crop_h": 0, "target_width": 4096,
@@ -204,7 +205,7 @@ def test_a_comfyui_base_and_refiner_graph():
         ("14", "CLIPTextEncodeSDXLRefiner", {"ascore": 2.0, "width": 1024, "height": 1024, "text": "blurry",
                                              "clip": ["12", 1]}),
         ("15", "KSamplerAdvanced", {"add_noise": "disable", "noise_seed": 7, "steps": 25, "cfg": 7.0,
-                                    "sampler_name": "euler", "scheduler": "sgm_uniform", "start_at_step": 20,
+                                    "sampler_name": "euler", "scheduler": "simple", "start_at_step": 20,
                                     "end_at_step": 10000, "return_with_leftover_noise": "disable",
                                     "model": ["12", 0], "positive": ["13", 0], "negative": ["14", 0],
                                     "latent_image": ["3", 0]}),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .samplers import SAMPLER_ALIASES, SCHEDULER_TABLE
+
 __all__ = [
     "SCHEDULER_ALIASES", "DEFAULT_BASE", "DEFAULT_REFINER", "DEFAULT_UNION", "DEFAULT_IDENTITY", "DRAFT_DECODER", "FAST_LEVELS",
     "StructureControl", "STRUCTURE_CONTROLS",
@@ -46,25 +48,11 @@ FAST_LEVELS = {
     "blocks": "layout + torch.compile of the UNet's repeated transformer blocks",
     "unet": "layout + torch.compile of the whole UNet",
 }
-# Named recipes users know from A1111/ComfyUI, as (diffusers class, config overrides). Data, not code paths.
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_sde": ("DPMSolverSinglestepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
-    "ddim_trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
-}
-# The names A1111 (its infotext's "Sampler", with "Karras" when its schedule type is) and ComfyUI (its KSampler's
-# sampler_name, "_karras" for its scheduler) give the same recipes; matched without regard to case.
-SCHEDULER_ALIASES: dict[str, str] = {
-    "euler a": "euler_a", "euler_ancestral": "euler_a", "uni_pc": "unipc", "uni_pc_bh2": "unipc",
-    "dpm++ 2m": "dpmpp_2m", "dpm++ 2m karras": "dpmpp_2m_karras", "dpm++ sde": "dpmpp_sde",
-}  # fmt: skip
+# Named recipes users know from A1111/ComfyUI, as (diffusers class, config overrides): a sampler, then optionally a
+# schedule (see sdxl_control.base.samplers). Data, not code paths.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = dict(SCHEDULER_TABLE)
+# The names A1111 (its infotext's "Sampler", with its schedule type's label as its old combined labels had it) and
+# ComfyUI (its KSampler's sampler_name) give the same recipes; matched without regard to case.
+SCHEDULER_ALIASES: dict[str, str] = dict(SAMPLER_ALIASES)
 # The largest side of an image SDXL is asked for (the checks before anything loads and the request's agree).
 MAX_SIDE = 8192

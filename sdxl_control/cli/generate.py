@@ -21,10 +21,10 @@ from ..base.defaults import (
     DEFAULT_UNION,
     DRAFT_DECODER,
     FAST_LEVELS,
-    SCHEDULERS,
     STRUCTURE_CONTROLS,
 )
 from ..base.errors import InvalidRequestError, MissingWeightsError, SdxlControlError
+from ..base.samplers import SAMPLERS, SCHEDULES
 from ..presets import available_presets
 from . import options
 from .options import DTYPES, Once, count, number, window
@@ -57,8 +57,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-images", type=count, help="images in the batch, seeds seed, seed+1, ...")
     gen.add_argument(
         "--scheduler",
-        help=f"{', '.join(SCHEDULERS)}, A1111's and ComfyUI's names for them (\"DPM++ 2M Karras\", euler_ancestral), "
-        "or a diffusers scheduler class name",
+        help=f"a sampler ({', '.join(SAMPLERS)}), optionally with a schedule after it ({', '.join(f'_{s}' for s in SCHEDULES)}: "
+        "dpmpp_2m_sde_karras; not every pair exists, see the docs), A1111's and ComfyUI's names for them "
+        '("DPM++ 2M Karras", euler_ancestral), or a diffusers scheduler class name',
     )
     gen.add_argument(
         "--preset",

@@ -10,7 +10,7 @@ another image.
 Example:
     >>> imported = read_a1111("a fox <lora:add-detail-xl:0.6>\\nSteps: 20, Sampler: Euler a, CFG scale: 6, Seed: 3, Size: 1024x768")
     >>> imported.prompt, imported.settings["scheduler"], imported.settings["size"]
-    ('a fox', 'euler_a', (1024, 768))
+    ('a fox', 'euler_a_linspace', (1024, 768))
     >>> imported.conditions[0].source, imported.conditions[0].scale
     ('add-detail-xl', 0.6)
 """
@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER, SCHEDULERS
+from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER
 from ..base.errors import InputError
 from ..protocol.conditions import Condition
-from ..protocol.schedule import scheduler_name
 from ..records.infotext import A1111_UPSCALERS as WRITTEN_UPSCALERS
 from .resolvers import Resolver
 from .spec import JobSpec
@@ -52,9 +51,6 @@ A1111_UPSCALERS = {label.casefold(): ours for ours, label in WRITTEN_UPSCALERS.i
     "latent (bilinear)": "latent", "none": "lanczos",
 }  # fmt: skip
 COMFYUI_LATENT_UPSCALES = {"bilinear": "latent", "bicubic": "latent-bicubic", "nearest-exact": "latent-nearest-exact"}
-# A schedule type (A1111's "Schedule type", ComfyUI's KSampler "scheduler") -> the suffix of our scheduler name.
-SCHEDULE_SUFFIXES = {"automatic": "", "normal": "", "karras": "_karras", "sgm uniform": "_trailing",
-                     "sgm_uniform": "_trailing", "simple": "_trailing"}  # fmt: skip
 # A1111's settings line: ``Key: value`` items, a value quoted when it holds a comma.
 # A node on a chain of a ComfyUI graph: (node id, class_type, inputs).
 _Step = tuple[str, str, Mapping[str, Any]]
@@ -196,16 +192,18 @@ class _Reader:
         stem = Path(name.strip()).stem if Path(name.strip()).suffix in (".safetensors", ".ckpt") else name.strip()
         self.models[role] = PUBLISHED_CHECKPOINTS.get(stem, name.strip())
 
-    def scheduler(self, sampler: str, schedule: str | None, where: str) -> None:
-        base = scheduler_name(sampler)
-        if base not in SCHEDULERS:
-            self.skip(where, f"sampler {sampler!r} has no equivalent here; the default sampler is used")
+    def scheduler(self, sampler: str, schedule: str | None, where: str, *, tool: str | None = None) -> None:
+        """Restore a sampler and schedule as ``tool`` (default: this reader's; "ComfyUI custom" for SamplerCustom's
+        sampler and sigmas nodes) names them, with that tool's meaning; one diffusers cannot run exactly is listed
+        with the reason, and the default sampler is used. The steps and hires steps read so far choose whether the
+        "simple" schedule is exact."""
+        from ..base.samplers import tool_scheduler
+
+        steps = [int(self.settings[k]) for k in ("steps", "hires_steps") if self.settings.get(k)]
+        name, why = tool_scheduler(tool or self.tool, sampler, schedule, steps)
+        if name is None:
+            self.skip(where, f"{why}; the default sampler is used")
             return
-        suffix = SCHEDULE_SUFFIXES.get((schedule or "automatic").strip().casefold())
-        name = base + (suffix or "")
-        if suffix is None or name not in SCHEDULERS:
-            self.skip(where, f"{sampler!r} with the {schedule!r} schedule has no equivalent; {base!r} is used")
-            name = base
         self.settings["scheduler"] = name
 
     def done(self, prompt: str) -> Imported:

@@ -245,20 +245,25 @@ class Generator:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_only was given but no refiner is loaded")
             refiner_config = {**self.refiner.scheduler_config, **self.refiner.marked}  # its file's v_pred / ztsnr
-            scheduler = make_scheduler(refiner_config, request.scheduler, request.scheduler_options)
+            scheduler = make_scheduler(
+                refiner_config, request.scheduler, request.scheduler_options, seeds=request.seeds
+            )
             schedule, _ = split_schedule(scheduler, None, request.steps, None, request.timesteps, strength)
             return [_StagePlan(self.refiner, schedule)]
         from ..protocol.prediction import predicted_config
 
         base_config = predicted_config(self.base.scheduler_config, self.base.marked, request.prediction_type,
                                        request.zero_terminal_snr, self.base.source.name)  # fmt: skip
-        base_scheduler = make_scheduler(base_config, request.scheduler, request.scheduler_options)
+        base_scheduler = make_scheduler(base_config, request.scheduler, request.scheduler_options, seeds=request.seeds)
         refiner_scheduler = None
         if request.refiner_switch is not None:
             if self.refiner is None:
                 raise InvalidRequestError("refiner_switch was given but no refiner is loaded")
             refiner_scheduler = make_scheduler(
-                {**self.refiner.scheduler_config, **self.refiner.marked}, request.scheduler, request.scheduler_options
+                {**self.refiner.scheduler_config, **self.refiner.marked},
+                request.scheduler,
+                request.scheduler_options,
+                seeds=request.seeds,
             )
         base_schedule, refiner_schedule = split_schedule(
             base_scheduler, refiner_scheduler, request.steps, request.refiner_switch, request.timesteps, strength

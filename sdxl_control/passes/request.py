@@ -197,7 +197,10 @@ class GenerationRequest:
         if self.vae_tiling and self.decoder is not None:
             raise InvalidRequestError("vae_tiling is for the VAE; a tiny draft decoder needs no tiling")
         if self.scheduler is not None:
+            from ..protocol.schedule import check_schedule
+
             scheduler_spec(self.scheduler)
+            check_schedule(self.scheduler, self.scheduler_options, self.timesteps)
         StepCache(self.step_cache, self.step_cache_branch)
         if self.step_cache == 1 and self.step_cache_branch:
             raise InvalidRequestError(
@@ -475,6 +478,13 @@ class GenerationRequest:
         if values.get("timesteps") is not None:
             values.pop("steps", None)
         values["scheduler"] = recipe["scheduler"]["requested"]
+        from ..base.samplers import RENAMED_SCHEDULERS
+
+        if recorded_before(recipe.get("version"), "0.3.0") and values["scheduler"] in RENAMED_SCHEDULERS:
+            # A name whose meaning changed in 0.3.0 ("dpmpp_sde" ran DPMSolverSinglestepScheduler): re-made as run.
+            cls_name, options = RENAMED_SCHEDULERS[values["scheduler"]]
+            values["scheduler"] = cls_name
+            values["scheduler_options"] = {**options, **(values.get("scheduler_options") or {})}
         values["seed"] = recipe["batch_seed"]
         if _read_markers_since_0_3(recipe, values):
             # Before 0.3 a single file's v_pred / ztsnr keys went unread: its recorded schedule is what made the image.
@@ -487,8 +497,6 @@ class GenerationRequest:
 
 def _read_markers_since_0_3(recipe: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
     """Whether a recipe was made from a single-file base by a release that did not read its marker keys."""
-    from ..protocol.conditions import recorded_before
-
     base = (recipe.get("models") or {}).get("base") or {}
     return (
         recorded_before(recipe.get("version"), "0.3.0") and isinstance(base, Mapping) and base.get("local") == "file"

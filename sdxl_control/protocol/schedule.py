@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,13 +14,24 @@ import torch
 from ..base.defaults import SCHEDULER_ALIASES, SCHEDULERS
 from ..base.errors import InvalidRequestError
 
-__all__ = ["SCHEDULERS", "make_scheduler", "scheduler_name", "scheduler_spec", "StageSchedule", "split_schedule"]
+__all__ = [
+    "SCHEDULERS", "make_scheduler", "scheduler_name", "scheduler_spec", "check_schedule", "StageSchedule",
+    "split_schedule",
+]  # fmt: skip
 
 
-def make_scheduler(model_config: Any, name: str | None = None, overrides: Mapping[str, Any] | None = None) -> Any:
+def make_scheduler(
+    model_config: Any,
+    name: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+) -> Any:
     """A fresh scheduler built from a model's scheduler config.
 
     ``name`` is a key of :data:`SCHEDULERS` or any diffusers scheduler class name; ``None`` keeps the model's own.
+    ``seeds`` (one per image) seed a scheduler that draws its own noise: DPM++ SDE's Brownian trees, one per image as
+    A1111 seeds them, unless ``overrides`` name its ``noise_sampler_seed`` (unseeded, diffusers draws a random one).
     """
     config = dict(model_config)
     cls_name = config.get("_class_name", "EulerDiscreteScheduler")
@@ -27,11 +39,14 @@ def make_scheduler(model_config: Any, name: str | None = None, overrides: Mappin
     if name is not None:
         cls_name, extra = scheduler_spec(name)
     cls = getattr(diffusers, cls_name)
+    extra = {**extra, **(overrides or {})}
     from .prediction import check_zero_snr
 
-    check_zero_snr(cls_name, name, {**config, **extra, **(overrides or {})})
+    check_zero_snr(cls_name, name, {**config, **extra})
+    if seeds is not None and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        extra.setdefault("noise_sampler_seed", list(seeds))
     try:
-        return cls.from_config(config, **{**extra, **(overrides or {})})
+        return cls.from_config(config, **extra)
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"scheduler {cls_name} refuses these options ({exc})") from None
 
@@ -57,10 +72,41 @@ def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
         return SCHEDULERS[name]
     if name.endswith("Scheduler") and hasattr(diffusers, name):
         return name, {}
-    close = difflib.get_close_matches(name, list(SCHEDULERS), n=1)
+    from ..base.samplers import SAMPLERS, SCHEDULES
+
+    for schedule in SCHEDULES:
+        sampler = name.removesuffix(f"_{schedule}")
+        if sampler != name and sampler in SAMPLERS:
+            others = [
+                n for n in SCHEDULERS if n.startswith(f"{sampler}_") and n.removeprefix(f"{sampler}_") in SCHEDULES
+            ]
+            instead = f"{sampler!r} or one of {', '.join(others)}" if others else f"{sampler!r} (it runs its own)"
+            raise InvalidRequestError(
+                f"scheduler {name!r}: diffusers' {SAMPLERS[sampler][0]} takes no {schedule} schedule; use {instead}"
+            )
+    close = difflib.get_close_matches(name, list(SCHEDULERS), n=1) or difflib.get_close_matches(
+        name.casefold(), list(SCHEDULER_ALIASES), n=1
+    )
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    known = ", ".join(sorted(SCHEDULERS))
-    raise InvalidRequestError(f"unknown scheduler {name!r}{hint}: use one of {known} or a diffusers class name")
+    known = f"a sampler ({', '.join(SAMPLERS)}) with an optional schedule ({', '.join(f'_{s}' for s in SCHEDULES)})"
+    raise InvalidRequestError(f"unknown scheduler {name!r}{hint}: use {known} or a diffusers class name")
+
+
+def check_schedule(name: str | None, overrides: Mapping[str, Any], timesteps: Sequence[int] | None) -> None:
+    """Refuse, before any model loads, an explicit ``timesteps`` list a scheduler cannot take: diffusers' set_timesteps
+    of some classes has no ``timesteps``, and the DPM-Solver ones refuse it with a sigma schedule."""
+    if not timesteps or name is None:
+        return
+    cls_name, extra = scheduler_spec(name)
+    options = {**extra, **overrides}
+    takes = "timesteps" in inspect.signature(getattr(diffusers, cls_name).set_timesteps).parameters
+    sigma_schedule = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if options.get(k)]
+    if not takes or sigma_schedule:
+        why = f"its {sigma_schedule[0]} places the sigmas itself" if takes else f"{cls_name} takes no timestep list"
+        raise InvalidRequestError(
+            f"timesteps {list(timesteps)[:8]} with scheduler {name!r}: {why}; leave out the timesteps, or use a scheduler "
+            "that takes them (euler, heun, dpmpp_2m, lcm, tcd)"
+        )
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ SAMPLERS = {
     "LMSDiscreteScheduler": "LMS",
     "KDPM2DiscreteScheduler": "DPM2",
     "KDPM2AncestralDiscreteScheduler": "DPM2 a",
-    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    # k-diffusion's sample_dpmpp_sde; DPMSolverSinglestepScheduler (0.2's "dpmpp_sde") has no A1111 label.
     "DPMSolverSDEScheduler": "DPM++ SDE",
     "DDIMScheduler": "DDIM",
     "UniPCMultistepScheduler": "UniPC",
@@ -60,9 +60,13 @@ def sampler_label(class_name: str, config: Mapping[str, Any]) -> tuple[str, str 
     """A1111's sampler label and schedule type for a diffusers scheduler (its class name when A1111 has no match)."""
     label = SAMPLERS.get(class_name, class_name)
     if class_name == "DPMSolverMultistepScheduler":
+        # A1111's multistep DPM++ samplers: 2M, 2M SDE (midpoint), 2M SDE Heun, 3M SDE; nothing else is one of them.
         algorithm, order = config.get("algorithm_type", "dpmsolver++"), int(config.get("solver_order", 2))
-        if algorithm in ("dpmsolver++", "sde-dpmsolver++") and order in (2, 3):
-            label = f"DPM++ {order}M" + (" SDE" if algorithm.startswith("sde") else "")
+        heun = config.get("solver_type", "midpoint") == "heun"
+        label = {
+            ("dpmsolver++", 2, False): "DPM++ 2M", ("sde-dpmsolver++", 2, False): "DPM++ 2M SDE",
+            ("sde-dpmsolver++", 2, True): "DPM++ 2M SDE Heun", ("sde-dpmsolver++", 3, False): "DPM++ 3M SDE",
+        }.get((algorithm, order, heun), class_name)  # fmt: skip
     schedule = None
     if config.get("use_karras_sigmas"):
         schedule = "Karras"
@@ -72,6 +76,8 @@ def sampler_label(class_name: str, config: Mapping[str, Any]) -> tuple[str, str 
         schedule = "Beta"
     elif config.get("timestep_spacing") == "trailing":
         schedule = "SGM Uniform"
+    elif config.get("timestep_spacing") == "linspace":
+        schedule = "Uniform"  # k-diffusion's get_sigmas: evenly spaced from t=999 to 0
     return label, schedule
 
 
