@@ -464,3 +464,42 @@ def test_a1111_texts_made_to_be_slow_read_in_linear_time(text):
         imported = read_a1111(text)
     assert time.perf_counter() - started < 3
     assert imported.tool == "A1111"
+
+
+def test_invokeai_schedulers_are_its_diffusers_classes_and_karras_its_option() -> None:
+    """InvokeAI runs diffusers' classes on the model's own config, ``_k`` adding ``use_karras_sigmas`` (its
+    SCHEDULER_MAP): ours of the same class with that option, not A1111's or ComfyUI's meaning of the name; one with
+    no equivalent is listed, the default sampler kept."""
+    from sdxl_control.jobs.png_formats import read_invokeai
+    from sdxl_control.protocol.schedule import make_scheduler
+
+    config = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading", "steps_offset": 1}
+    for name, ours, cls in (("euler", "euler", "EulerDiscreteScheduler"), ("dpmpp_2m_k", "dpmpp_2m", "DPMSolverMultistepScheduler"),
+                            ("kdpm_2_a", "dpm2_a", "KDPM2AncestralDiscreteScheduler")):  # fmt: skip
+        found = read_invokeai({"positive_prompt": "a fox", "scheduler": name})
+        assert found.settings["scheduler"] == ours, name
+        options = found.settings.get("scheduler_options", {})
+        assert options == ({"use_karras_sigmas": True} if name.endswith("_k") else {}), name
+        scheduler = make_scheduler(config, ours, options)
+        assert type(scheduler).__name__ == cls and scheduler.config.timestep_spacing == "leading", name
+    listed = read_invokeai({"positive_prompt": "a fox", "scheduler": "dpmpp_3m_k"})
+    assert "scheduler" not in listed.settings and any(
+        line.startswith("scheduler: dpmpp_3m_k") for line in listed.unmapped
+    )
+
+
+def test_a_graphs_own_timesteps_a_sampler_cannot_take_are_listed_not_kept() -> None:
+    """SDXL Turbo's SDTurboScheduler with 4 steps runs timesteps 999, 899, 799, 699; ComfyUI's euler_ancestral runs
+    them, diffusers' EulerAncestralDiscreteScheduler takes no timestep list: the import keeps the sampler, lists the
+    timesteps with the reason and leaves none in the request (which would be refused before it runs)."""
+    from sdxl_control.jobs.png_import import _Reader
+
+    reader = _Reader("ComfyUI")
+    reader.settings.update(steps=4, timesteps=(999, 899, 799, 699))
+    reader.scheduler("euler_ancestral", "normal", "SDTurboScheduler (node 3)", tool="ComfyUI custom")
+    assert reader.settings["scheduler"].startswith("euler_a") and "timesteps" not in reader.settings
+    assert any("takes no timestep list" in line for line in reader.unmapped), reader.unmapped
+    kept = _Reader("ComfyUI")
+    kept.settings.update(steps=4, timesteps=(999, 899, 799, 699))
+    kept.scheduler("euler", "normal", "SDTurboScheduler (node 3)", tool="ComfyUI custom")
+    assert kept.settings["timesteps"] == (999, 899, 799, 699) and kept.unmapped == []

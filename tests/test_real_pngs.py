@@ -16,12 +16,12 @@ from PIL import Image, PngImagePlugin
 
 from sdxl_control.base.defaults import DEFAULT_BASE, DEFAULT_REFINER
 from sdxl_control.base.errors import InputError
+from sdxl_control.base.samplers import A1111_SCHEDULES, COMFYUI_SCHEDULES
 from sdxl_control.cli import main
 from sdxl_control.jobs.png_formats import read_swarmui
 from sdxl_control.jobs.png_import import (
     A1111_UPSCALERS,
     PUBLISHED_CHECKPOINTS,
-    SCHEDULE_SUFFIXES,
     Imported,
     read_a1111,
     read_comfyui,
@@ -30,6 +30,8 @@ from sdxl_control.jobs.png_import import (
 from sdxl_control.protocol.schedule import scheduler_name
 
 CORPUS = Path(__file__).parent / "data" / "real_pngs"
+# A schedule as A1111 or ComfyUI names it -> the suffix it gives our scheduler name ("Karras" -> "_karras").
+SCHEDULE_SUFFIXES = {name: "_" + ours for name, ours in {**A1111_SCHEDULES, **COMFYUI_SCHEDULES}.items()}
 FILES = sorted(p.name for p in CORPUS.iterdir() if p.suffix in (".png", ".json"))
 # The files refused, and the words that name why.
 REFUSED = {
@@ -77,6 +79,7 @@ class _Restored:
         if "refiner_switch" in settings:
             self.numbers.add(settings["refiner_switch"] * settings.get("steps", 0))
         self.size = settings.get("size")
+        self.scheduler = settings.get("scheduler")
         for name, hub in PUBLISHED_CHECKPOINTS.items():  # a published checkpoint restores as its hub id
             if hub in imported.models.values():
                 self.strings.append(name)
@@ -108,15 +111,15 @@ class _Restored:
             return self.holds((int(size[1]), int(size[2])))
         if (ratio := re.fullmatch(r"(\d+):(\d+)", text)) is not None and self.size:  # SwarmUI's aspect ratio
             return self.size[0] * int(ratio[2]) == self.size[1] * int(ratio[1])
-        if SCHEDULE_SUFFIXES.get(text.casefold()) == "":  # the default schedule ("Automatic", "normal"): no suffix
-            return True
+        if text.casefold() == "automatic":  # A1111's sampler's own schedule: read into the scheduler name with it
+            return any(s in self.strings for s in [self.scheduler] if s)
         if (ours := A1111_UPSCALERS.get(text.casefold())) is not None:  # "Latent (nearest-exact)"
             text = ours
         text = text[len("model-") :] if text.startswith("model-") else text  # SwarmUI's "model-NAME" upscaler
         stem = Path(text).stem if Path(text).suffix in (".safetensors", ".ckpt") else text
         # A sampler as its tool names it ("UniPC", "euler_ancestral") is found as ours ("unipc", "euler_a").
         forms = {text.casefold(), stem.casefold(), scheduler_name(text).casefold()}
-        forms |= {suffix for suffix in [SCHEDULE_SUFFIXES.get(text.casefold())] if suffix}  # "simple" -> "_trailing"
+        forms |= {suffix for suffix in [SCHEDULE_SUFFIXES.get(text.casefold())] if suffix}  # "karras" -> "_karras"
         if any(form in s.casefold() for s in self.strings if s for form in forms):
             return True
         return len(text) >= 3 and any(text in line for line in self.named)

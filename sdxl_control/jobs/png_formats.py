@@ -167,8 +167,13 @@ def read_fooocus(data: Mapping[str, Any]) -> Imported:
 
 # InvokeAI's scheduler names -> ComfyUI's for the same sampler (its ``_k`` names add the Karras schedule); others are
 # passed on as written and listed where they have no equivalent.
+# InvokeAI's schedulers (its SCHEDULER_MAP, invoke-ai/InvokeAI invokeai/backend/stable_diffusion/schedulers/
+# schedulers.py) are diffusers' classes on the model's own scheduler config, "_k" adding use_karras_sigmas: ours of
+# the same class, with that option. Those not here (ddpm, deis, pndm, dpmpp_2s, dpmpp_3m, er_sde) are listed.
 _INVOKEAI_SAMPLERS = {
-    "euler_a": "euler_ancestral", "kdpm_2": "dpm_2", "kdpm_2_a": "dpm_2_ancestral", "unipc": "uni_pc",
+    "euler": "euler", "euler_a": "euler_a", "heun": "heun", "lms": "lms", "kdpm_2": "dpm2", "kdpm_2_a": "dpm2_a",
+    "dpmpp_2m": "dpmpp_2m", "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_sde": "dpmpp_sde", "unipc": "unipc",
+    "ddim": "ddim", "lcm": "lcm", "tcd": "tcd",
 }  # fmt: skip
 
 
@@ -197,7 +202,14 @@ def read_invokeai(data: Mapping[str, Any]) -> Imported:
         name = str(scheduler)
         karras = name.endswith("_k")
         base = name[: -len("_k")] if karras else name
-        reader.scheduler(_INVOKEAI_SAMPLERS.get(base, base), "karras" if karras else "normal", f"scheduler: {name}")
+        if (ours := _INVOKEAI_SAMPLERS.get(base)) is None:
+            reader.skip(
+                f"scheduler: {name}", "InvokeAI's scheduler has no equivalent here; the default sampler is used"
+            )
+        else:
+            reader.settings["scheduler"] = ours
+            if karras:
+                reader.settings["scheduler_options"] = {"use_karras_sigmas": True}
     model = keys.get("model")
     if isinstance(model, Mapping):
         if model_name := model.get("model_name") or model.get("name"):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER
-from ..base.errors import InputError
+from ..base.errors import InputError, InvalidRequestError
 from ..protocol.conditions import Condition
 from ..records.infotext import A1111_UPSCALERS as WRITTEN_UPSCALERS
 from .resolvers import Resolver
@@ -205,6 +205,14 @@ class _Reader:
             self.skip(where, f"{why}; the default sampler is used")
             return
         self.settings["scheduler"] = name
+        if timesteps := self.settings.get("timesteps"):  # a graph's own timesteps (SDXL Turbo's), if it takes them
+            from ..protocol.schedule import check_schedule
+
+            try:
+                check_schedule(name, {}, timesteps)
+            except InvalidRequestError as exc:
+                del self.settings["timesteps"]
+                self.skip(where, f"{exc}: its own spacing of {self.settings.get('steps')} steps is used")
 
     def done(self, prompt: str) -> Imported:
         self.unmapped.append(NOISE_NOTE.format(tool=self.tool))
@@ -386,7 +394,10 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
         else:
             reader.skip(f"Size: {size}", "not a size (WIDTHxHEIGHT)")
     if (sampler := get("Sampler")) is not None:
-        reader.scheduler(sampler, get("Schedule type"), f"Sampler: {sampler}")
+        schedule = get("Schedule type")
+        reader.scheduler(
+            sampler, schedule, f"Sampler: {sampler}" + (f", Schedule type: {schedule}" if schedule else "")
+        )
     if (model := get("Model")) is not None:
         reader.model("base", model)
     if (refiner := get("Refiner")) is not None:
@@ -745,7 +756,7 @@ class _ComfyGraph:
         settings = self.reader.settings
         found = self._input(link)
         if found is None:
-            self.reader.scheduler(sampler, "normal", f"sampler {sampler}")
+            self.reader.scheduler(sampler, "normal", f"sampler {sampler}", tool="ComfyUI custom")
             return
         node_id, kind, values = found
         where = f"{kind} (node {node_id})"
@@ -758,7 +769,7 @@ class _ComfyGraph:
             start = 10 - int(10 * float(values.get("denoise", 1.0)))
             steps = settings["steps"]
             if start == 0 and steps == 1:
-                schedule = "sgm_uniform"  # one step from timestep 999: the trailing spacing
+                schedule = "simple"  # one step from timestep 999, as "simple" (trailing) places it
             else:
                 settings["timesteps"] = tuple(999 - 100 * i for i in range(start, min(start + steps, 10)))
                 schedule = "normal"
@@ -774,7 +785,7 @@ class _ComfyGraph:
                       "over SDXL's own sigma range here")  # fmt: skip
         if kind != "SDTurboScheduler" and float(values.get("denoise", 1.0)) < 1.0:
             self._denoise(node_id, values["denoise"])
-        self.reader.scheduler(sampler, schedule, where)
+        self.reader.scheduler(sampler, schedule, where, tool="ComfyUI custom")
 
     def _refiner_prompts(self, node_id: str, values: Mapping[str, Any]) -> None:
         """The refiner's own prompts, kept where they differ from the base's."""
