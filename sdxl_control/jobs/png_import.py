@@ -302,8 +302,11 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
         settings["emphasis"] = "off"
     elif emphasis is not None and emphasis.casefold() != "original":
         reader.skip(f"Emphasis: {emphasis}", "A1111's 'Original' emphasis is used")
-    if (skip := get("Clip skip")) is not None and skip.strip() != "1":
-        reader.skip(f"Clip skip: {skip}", "SDXL reads the penultimate layers as trained; not applied")
+    if (skip := number("Clip skip", int)) is not None:
+        _clip_skip(skip, items.get("Version", ""), reader)
+    if (hashes := get("TI hashes")) is not None:  # A1111's "name: hash, ...": the embeddings the prompts used
+        names = [item.rpartition(":")[0].strip() for item in hashes.split(",") if ":" in item]
+        reader.settings["embeddings"] = {name: name for name in names if name}
     adetailer = [k for k in items if k.startswith("ADetailer")]
     if adetailer:
         settings["detailer"] = True
@@ -316,10 +319,23 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
             continue
         if key.startswith("ControlNet"):
             reader.skip(f"{key} ({value})", CONTROL_ADVICE)
-        elif key in ("Model hash", "Lora hashes", "TI hashes", "VAE hash", "Version", "Refiner switch at"):
+        elif key in ("Model hash", "Lora hashes", "VAE hash", "Version", "Refiner switch at"):
             reader.skip(f"{key}: {value}", "not checked")
         else:
             reader.skip(f"{key}: {value}", "no equivalent here")
+
+
+def _clip_skip(skip: int, version: str, reader: _Reader) -> None:
+    """A1111's ``Clip skip`` as the tool that wrote it reads it for SDXL: Forge (``Version: f...``) reads both
+    encoders' ``max(N, 2)``-th layer from the end, which is our ``clip_skip`` N from 3 on; A1111 reads SDXL's
+    penultimate layers whatever it says, unless its "Clip skip SDXL" option (CLIP-L only), which the text does not
+    record."""
+    if re.match(r"f\d", version.strip()):
+        if skip >= 3:
+            reader.settings["clip_skip"] = skip
+    elif skip > 1:
+        reader.skip(f"Clip skip: {skip}", "A1111 reads SDXL's penultimate layers whatever it says (unless its 'Clip "
+                    "skip SDXL' option, CLIP-L only, not recorded); not applied, as in A1111")  # fmt: skip
 
 
 # ComfyUI's node types that only carry what was made to the output.
@@ -516,8 +532,12 @@ class _ComfyGraph:
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("clip")):
             if kind in ("CheckpointLoaderSimple", "CheckpointLoader"):
                 return
-            if kind == "CLIPSetLastLayer" and int(values.get("stop_at_clip_layer", -1)) != -1:
-                self.skip(node_id, "SDXL reads the penultimate layers as trained; the clip skip is not applied")
+            if kind == "CLIPSetLastLayer":  # hidden_states[n] of both encoders; -2 is SDXL's own
+                layer = int(values.get("stop_at_clip_layer", -1))
+                if -layer > 12:  # past CLIP-L's 12 layers ComfyUI reads CLIP-L's normed last one: no clip_skip here
+                    self.skip(node_id, f"stop_at_clip_layer {layer} reaches past CLIP-L's 12 layers; not applied")
+                elif layer != -2:
+                    self.reader.settings["clip_skip"] = -layer
 
     def _image(self, link: Any) -> None:
         found = self.node(link)

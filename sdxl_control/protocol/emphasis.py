@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
@@ -69,6 +69,8 @@ MAX_WEIGHT = 100.0
 # recurses once per level (1000 levels would end in a RecursionError).
 MAX_NESTING = 100
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from .embeddings import EncoderEmbeddings
 _QUIET: ContextVar[bool] = ContextVar("quiet", default=False)
 
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
@@ -282,17 +284,21 @@ def _around(text: str, at: int) -> str:
     return text[max(0, at - 20) : at + 20]
 
 
-def weighted_tokens(tokenizer: Any, text: str, emphasis: Emphasis, *, whole: bool = True) -> list[Chunk]:
+def weighted_tokens(
+    tokenizer: Any, text: str, emphasis: Emphasis, *, whole: bool = True, embeddings: EncoderEmbeddings | None = None
+) -> list[Chunk]:
     """The (token id, weight) chunks a text encoder reads for ``text``, without the start and end tokens: at most 75
     each, cut as ``emphasis``'s tool cuts them (see the module). An empty prompt is one empty chunk. Not ``whole``:
     one chunk of the first 75 tokens (diffusers' reading; ``BREAK`` is a word), with a warning if any were cut.
+    ``embeddings``: textual inversions found in the text stand as their vectors (see
+    :mod:`~sdxl_control.protocol.embeddings`).
 
     Example:
         >>> [len(c) for c in weighted_tokens(tokenizer, "a (red) fox BREAK in the snow", "a1111")]  # doctest: +SKIP
         [3, 3]
     """
     if emphasis == "comfyui":
-        words = _comfyui_words(tokenizer, text)
+        words = _comfyui_words(tokenizer, text, embeddings)
         if whole:
             return _word_chunks(words)
         tokens = [token for word in words for token in word]
@@ -301,8 +307,9 @@ def weighted_tokens(tokenizer: Any, text: str, emphasis: Emphasis, *, whole: boo
             parse_a1111(text, breaks=whole) if emphasis == "a1111" else _plain(text, breaks=whole)
         )
         if whole:
-            return _comma_chunks(tokenizer, fragments)
-        tokens = [(t, f[1]) for f in fragments if f is not None for t in _ids(tokenizer, f[0])]
+            return _comma_chunks(tokenizer, fragments, embeddings)
+        ids = embeddings.ids if embeddings is not None else lambda part: _ids(tokenizer, part)
+        tokens = [(t, f[1]) for f in fragments if f is not None for t in ids(f[0])]
     if len(tokens) > CHUNK_TOKENS:
         _warn("prompt truncated to %d CLIP tokens", CHUNK_TOKENS + 2)
     return [tokens[:CHUNK_TOKENS]]
@@ -323,13 +330,16 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
 
 
-def _comma_chunks(tokenizer: Any, fragments: list[Fragment | None]) -> list[Chunk]:
+def _comma_chunks(
+    tokenizer: Any, fragments: list[Fragment | None], embeddings: EncoderEmbeddings | None = None
+) -> list[Chunk]:
+    ids = embeddings.ids if embeddings is not None else lambda part: _ids(tokenizer, part)
     items: list[tuple[int, float] | None] = []
     for fragment in fragments:
         if fragment is BREAK:
             items.append(None)
         else:
-            items += [(token, fragment[1]) for token in _ids(tokenizer, fragment[0])]
+            items += [(token, fragment[1]) for token in ids(fragment[0])]
     return split_chunks(items, tokenizer.get_vocab().get(",</w>"))
 
 
@@ -354,8 +364,8 @@ def split_chunks(items: Sequence[tuple[int, T] | None], comma: int | None) -> li
         elif len(chunk) == CHUNK_TOKENS and comma_at != -1 and len(chunk) - comma_at <= COMMA_BACKTRACK:
             chunks.append(chunk[: comma_at + 1])  # the words after the comma move on together
             chunk, comma_at = chunk[comma_at + 1 :], -1
-        if len(chunk) == CHUNK_TOKENS:
-            chunks.append(chunk)
+        if len(chunk) == CHUNK_TOKENS or len(chunk) + _embedding_left(item[0]) > CHUNK_TOKENS:
+            chunks.append(chunk)  # an embedding that would not fit whole starts the next chunk, as in A1111
             chunk, comma_at = [], -1
         chunk.append(item)
     if chunk or not chunks:
@@ -363,17 +373,28 @@ def split_chunks(items: Sequence[tuple[int, T] | None], comma: int | None) -> li
     return chunks
 
 
-def _comfyui_words(tokenizer: Any, text: str) -> list[Chunk]:
+def _comfyui_words(tokenizer: Any, text: str, embeddings: EncoderEmbeddings | None = None) -> list[Chunk]:
     """Each space-separated word's tokens with its fragment's weight (ComfyUI tokenizes word by word, taking a word
-    found whole in the vocabulary as that one token)."""
+    found whole in the vocabulary as that one token); an ``embedding:`` reference is one word of its vectors."""
     vocab = tokenizer.get_vocab()
     words = []
     for part, weight in parse_comfyui(text):
-        for word in part.replace("\n", " ").split(" "):
-            if word:
-                ids = [vocab[f"{word}</w>"]] if f"{word}</w>" in vocab else _ids(tokenizer, word)
-                words.append([(token, weight) for token in ids])
+        for group in embeddings.comfyui_groups(part) if embeddings is not None else [part]:
+            if not isinstance(group, str):
+                words.append([(token, weight) for token in group])
+                continue
+            for word in group.replace("\n", " ").split(" "):
+                if word:
+                    ids = [vocab[f"{word}</w>"]] if f"{word}</w>" in vocab else _ids(tokenizer, word)
+                    words.append([(token, weight) for token in ids])
     return words
+
+
+def _embedding_left(token: int) -> int:
+    """How many positions an embedding starting at ``token`` takes (0 for any other token)."""
+    from .embeddings import EmbeddingToken
+
+    return token.count if isinstance(token, EmbeddingToken) and token.index == 0 else 0
 
 
 def _word_chunks(words: list[Chunk]) -> list[Chunk]:
