@@ -532,11 +532,11 @@ class _ComfyGraph:
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("clip")):
             if kind in ("CheckpointLoaderSimple", "CheckpointLoader"):
                 return
-            if kind == "CLIPSetLastLayer":  # hidden_states[n] of both encoders; -2 is SDXL's own
+            if kind == "CLIPSetLastLayer":  # hidden_states[n] of both encoders (-2: SDXL's own, restored as such)
                 layer = int(values.get("stop_at_clip_layer", -1))
-                if -layer > 12:  # past CLIP-L's 12 layers ComfyUI reads CLIP-L's normed last one: no clip_skip here
+                if not 1 <= -layer <= 12:  # past CLIP-L's 12 layers ComfyUI reads its normed last: no clip_skip here
                     self.skip(node_id, f"stop_at_clip_layer {layer} reaches past CLIP-L's 12 layers; not applied")
-                elif layer != -2:
+                else:
                     self.reader.settings["clip_skip"] = -layer
 
     def _image(self, link: Any) -> None:
