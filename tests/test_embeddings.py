@@ -174,20 +174,26 @@ def test_a1111_matches_names_as_its_token_match_does(generator, tmp_path):
 
 
 def test_comfyui_lookup_rules(tmp_path, generator):
-    """``load_embed``: the path inside the folder, as written or with .safetensors/.pt/.bin added (in that order),
-    subfolders written out, the first folder that has it; a path out of the folder is none. ``_try_get_embedding``:
-    trailing commas are retried without."""
+    """``load_embed``: the path inside any embeddings folder or subfolder of one (``expand_directory_list``), as
+    written or with .safetensors/.pt/.bin added (in that order); a path out of the folder is none. ComfyUI's folders
+    are a set, so a name two of them hold is taken from either by chance: refused here. ``_try_get_embedding``:
+    trailing commas are retried without. (Checked against the real ``load_embed`` on these files, under several hash
+    seeds, in a scratch folder.)"""
     encoders = generator.base.text_encoders
     first, second = tmp_path / "a", tmp_path / "b"
     _write_ti(first / "sub" / "hands.safetensors", encoders)
     _write_ti(second / "hands.pt", encoders)
     _write_ti(second / "hands.safetensors", encoders)
+    _write_ti(second / "deep" / "er" / "feet.bin", encoders)
     _write_ti(tmp_path / "outside.safetensors", encoders)
     folders = (first, second)
     assert comfyui_embedding(folders, "sub/hands") == first / "sub" / "hands.safetensors"
-    assert comfyui_embedding(folders, "hands") == second / "hands.safetensors"  # not searched in subfolders
     assert comfyui_embedding(folders, "hands.pt") == second / "hands.pt"
-    assert comfyui_embedding(folders, "../outside") is None
+    assert comfyui_embedding(folders, "feet") == comfyui_embedding(folders, "er/feet") == second / "deep/er/feet.bin"
+    assert comfyui_embedding(folders, "../outside") is None and comfyui_embedding(folders, "Hands.pt") is None
+    with pytest.raises(InvalidRequestError, match=r"embedding:hands is ambiguous: found in\n.*a/sub/hands.safetensors"
+                       r"\n.*b/hands.safetensors"):  # fmt: skip
+        comfyui_embedding(folders, "hands")
     assert comfyui_references("a embedding:x, (embedding:y:1.2)\nembedding:z") == ["x,", "y", "z"]
     assert comfyui_references("xembedding:no embedding:") == [""]  # only after a space, a line break or at the start
 

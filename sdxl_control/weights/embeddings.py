@@ -7,8 +7,8 @@ tools find one by name:
 * A1111: every file (``.safetensors``, ``.pt``, ``.bin``) under the folder, subfolders included, is an embedding
   named by its file name without the extension; the name is used wherever its tokens appear in the prompt.
 * ComfyUI (``comfy/sd1_clip.py`` ``load_embed``): ``embedding:NAME`` names the path ``NAME`` inside an embeddings
-  folder (subfolders written out, ``embedding:sub/name``), as given or with ``.safetensors``, ``.pt`` or ``.bin``
-  added, the first folder that has it winning; a path that leaves the folder names nothing.
+  folder or any of its subfolders (``embedding:sub/name`` too), as given or with ``.safetensors``, ``.pt`` or
+  ``.bin`` added; a path that leaves the folder names nothing.
 
 Example:
     >>> read_embedding("easynegative.safetensors").count               # doctest: +SKIP
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..base.errors import IncompatibleModelError, InputError
+from ..base.errors import IncompatibleModelError, InputError, InvalidRequestError
 
 __all__ = ["KEYS", "MAX_VECTORS", "TextualInversion", "read_embedding", "a1111_embeddings", "comfyui_embedding"]
 
@@ -155,18 +155,35 @@ def a1111_embeddings(folders: tuple[Path, ...]) -> dict[str, list[Path]]:
 
 
 def comfyui_embedding(folders: tuple[Path, ...], name: str) -> Path | None:
-    """The file ComfyUI's ``embedding:name`` reads (see the module), or ``None``."""
+    """The file ComfyUI's ``embedding:name`` reads (see the module), or ``None``. ComfyUI looks in every folder and
+    each of its subfolders, in the order of a Python set, so where two of them hold the name its pick is a matter
+    of chance: here such a name is refused, naming both."""
+    found: list[Path] = []
     for folder in folders:
-        root = os.path.abspath(folder)
-        path = os.path.abspath(os.path.join(root, name))
-        try:
-            if os.path.commonpath((root, path)) != root:
-                continue
-        except ValueError:  # another drive (Windows)
-            continue
-        if os.path.isfile(path):
-            return Path(path)
-        for suffix in COMFYUI_SUFFIXES:
-            if os.path.isfile(path + suffix):
-                return Path(path + suffix)
+        for root, _, _ in os.walk(folder, followlinks=True):
+            path = _comfyui_in(os.path.abspath(root), name)
+            if path is not None and path.resolve() not in found:
+                found.append(path.resolve())
+    if len(found) > 1:
+        listed = "\n".join(f"  {p}" for p in found)
+        raise InvalidRequestError(
+            f"embedding:{name} is ambiguous: found in\n{listed}\n(ComfyUI would take one of them by chance): write its "
+            "path inside the embeddings folder (embedding:sub/name), or keep one"
+        )
+    return found[0] if found else None
+
+
+def _comfyui_in(root: str, name: str) -> Path | None:
+    """``load_embed``'s look in one folder: the path inside it, as written or with a suffix added."""
+    path = os.path.abspath(os.path.join(root, name))
+    try:
+        if os.path.commonpath((root, path)) != root:
+            return None
+    except ValueError:  # another drive (Windows)
+        return None
+    if os.path.isfile(path):
+        return Path(path)
+    for suffix in COMFYUI_SUFFIXES:
+        if os.path.isfile(path + suffix):
+            return Path(path + suffix)
     return None
