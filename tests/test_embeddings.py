@@ -255,3 +255,19 @@ def test_a_job_finds_embeddings_in_the_model_folders_and_records_them(generator,
     assert plain.images[0].tobytes() != result.images[0].tobytes()  # the vectors made the difference
     with pytest.raises(InputError, match=f"embedding {NAME} .* is not on this machine"):
         resolve(imported.under(JobSpec()), HubResolver(folders=ModelFolders()))
+
+
+def test_a_dry_run_line_names_the_embeddings_by_content_and_runs_again(a1111_install, tiny, capsys):
+    """``--dry-run`` prints the job with each embedding by name and SHA-256; a job file of that line finds it."""
+    import json
+
+    from sdxl_control.cli import main
+    from sdxl_control.jobs.job_file import parse_job
+
+    assert main(["generate", f"a {NAME} fox", "--tiny", "--steps", "2", "--models-dir", str(a1111_install),
+                 "--dry-run"]) == 0  # fmt: skip
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    file = a1111_install / "embeddings" / "negatives" / f"{NAME}.safetensors"
+    assert line["embeddings"] == {NAME: {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}}
+    job = parse_job(line, 1)
+    assert job.request.embeddings == {NAME: str(file.resolve())}
