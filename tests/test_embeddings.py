@@ -271,3 +271,17 @@ def test_a_dry_run_line_names_the_embeddings_by_content_and_runs_again(a1111_ins
     assert line["embeddings"] == {NAME: {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}}
     job = parse_job(line, 1)
     assert job.request.embeddings == {NAME: str(file.resolve())}
+
+
+def test_a_comfyui_prompt_finds_its_embeddings_as_comfyui_does(generator, tmp_path):
+    root = tmp_path / "ComfyUI"
+    file = _write_ti(root / "models" / "embeddings" / "sub" / f"{NAME}.safetensors", generator.base.text_encoders)
+    resolver = HubResolver(folders=ModelFolders.of([root], environment=False))
+    prompt = f"a photo, embedding:sub/{NAME}, (embedding:{NAME}:1.2)\nembedding:{NAME}.safetensors"
+    job = resolve(JobSpec(prompt, settings={"emphasis": "comfyui", "steps": 2, "size": (64, 64)}), resolver)
+    found = str(file.resolve())
+    assert job.request.embeddings == {f"sub/{NAME}": found, NAME: found, f"{NAME}.safetensors": found}
+    reading = _read(generator.base.text_encoders, [prompt], "comfyui", "chunks",
+                    {k: read_embedding(v, k) for k, v in job.request.embeddings.items()})  # fmt: skip
+    assert len(reading.vectors[0][0]) == 9  # three references of three vectors each
+    generator.run(job.request, progress_bar=False)

@@ -138,17 +138,21 @@ class Resolver:
         folders = self.folders.folders.get("embeddings", ())
         if emphasis == "comfyui":
             for name in (n for text in texts for n in comfyui_references(text)):
-                key = name if name in found else name.strip(",")
-                if key in found:
+                stripped = name.strip(",")  # ComfyUI tries the name as written, then without its commas
+                if name in found or stripped in found:
                     continue
-                path = comfyui_embedding(folders, name) or (comfyui_embedding(folders, key) if key else None)
-                if path is None:
+                for key in dict.fromkeys((name, stripped)):
+                    path = comfyui_embedding(folders, key) if key else None
+                    if path is not None:
+                        found[key] = str(path)
+                        break
+                else:
                     looked = ", ".join(str(f) for f in folders) or "none: no install given (--models-dir DIR)"
+                    shown = stripped or name
                     raise InvalidRequestError(
-                        f"the prompt names embedding:{key or name}, found in no embeddings folder (looked in: {looked}):"
-                        f" put {key or name}.safetensors in one, or take it out of the prompt"
+                        f"the prompt names embedding:{shown}, found in no embeddings folder (looked in: {looked}): "
+                        f"put {shown}.safetensors in one, or take it out of the prompt"
                     )
-                found[name if path == comfyui_embedding(folders, name) else key] = str(path)
             return found
         for name, paths in a1111_embeddings(folders).items():
             if name in found or not any(a1111_mentions(text, name) for text in texts):
