@@ -150,13 +150,16 @@ def _with_embeddings(prompt: str, settings: dict[str, Any], resolver: Resolver) 
     :meth:`~sdxl_control.jobs.resolvers.Resolver.embeddings`), each file read now: a file that is no SDXL embedding
     is refused before any model loads. None used: the settings as they are."""
     from ..passes.request import GenerationRequest
+    from ..protocol.emphasis import check_syntax
     from ..weights.embeddings import read_embedding
 
     texts = [t for t in (prompt, settings.get("negative_prompt")) if isinstance(t, str) and t]
     emphasis = settings.get("emphasis", GenerationRequest.__dataclass_fields__["emphasis"].default)
     given = settings.get("embeddings") or {}
-    if not isinstance(given, Mapping):
+    if not isinstance(given, Mapping) or emphasis not in ("a1111", "comfyui", "off"):
         return settings  # the request names what it expects
+    for text, where in zip(texts, ("the prompt", "the negative prompt"), strict=False):
+        check_syntax(text, emphasis, where)  # a prompt it refuses is refused before it is read for names
     found = resolver.embeddings(texts, str(emphasis), given)
     for name, file in found.items():
         read_embedding(file, name)

@@ -89,6 +89,8 @@ def comfyui_references(text: str) -> list[str]:
     """
     from .emphasis import parse_comfyui
 
+    if COMFYUI_PREFIX not in text:
+        return []
     pieces = [p for part, _ in parse_comfyui(text) for p in comfyui_pieces(part)]
     return [comfyui_name(p)[0] for p in pieces if p.startswith(COMFYUI_PREFIX)]
 
