@@ -257,7 +257,7 @@ def test_comfyui_nodes_that_need_what_a_png_lacks_are_listed():
     assert "--style or --reference" in _unmapped(imported, "IPAdapterAdvanced (node 22)")
     assert "not read here" in _unmapped(imported, "FreeU_V2 (node 23)")
     assert "not on the sampler's path" in _unmapped(imported, "IPAdapterModelLoader (node 24)")
-    assert "clip skip is not applied" in _unmapped(imported, "CLIPSetLastLayer (node 25)")
+    assert imported.settings["clip_skip"] == 2  # CLIPSetLastLayer -2: hidden_states[-2], SDXL's own reading
     assert "--strength 0.6" in _unmapped(imported, "KSampler (node 3)")
 
 

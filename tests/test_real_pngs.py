@@ -76,6 +76,8 @@ class _Restored:
         self.numbers: set[float] = {
             v * settings["hires_scale"] for v in settings.get("size", ()) if "hires_scale" in settings
         }
+        if "clip_skip" in settings:  # ComfyUI's CLIPSetLastLayer(n) is clip_skip -n
+            self.numbers.add(-float(settings["clip_skip"]))
         if "refiner_switch" in settings:
             self.numbers.add(settings["refiner_switch"] * settings.get("steps", 0))
         self.size = settings.get("size")

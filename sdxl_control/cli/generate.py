@@ -207,6 +207,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "off (brackets are text)",
     )
     gen.add_argument(
+        "--clip-skip",
+        type=int,
+        metavar="N",
+        help="read both text encoders' N-th layer from the end (1: the last; 2: the penultimate, SDXL's own): "
+        "Forge's Clip skip, ComfyUI's CLIPSetLastLayer -N; recorded in the recipe",
+    )
+    gen.add_argument(
         "--weight-storage",
         choices=("fp8_e4m3fn", "fp8_e5m2", "fp8_matmul"),  # storage.WEIGHT_STORAGE, without importing torch
         help="keep the UNets' (and ControlNets') weights in fp8, each layer cast to the compute dtype as it runs "
@@ -504,6 +511,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "vae_tiling": True if args.vae_tiling else None,
         "long_prompts": args.long_prompts,
         "emphasis": args.emphasis,
+        "clip_skip": args.clip_skip,
         "step_cache": args.step_cache,
         "step_cache_branch": args.step_cache_branch,
         "decoder": args.decoder,

@@ -212,10 +212,11 @@ def _job_spec(data: Mapping[str, Any], root: Path, locate: Locator, seed: int) -
     conditions rebuilt, its seed derived from its id when it gives none."""
     from ..adapters import condition_from_settings
 
-    local = ("inputs", "models", "init_image", "mask", "upscaler")  # read from the job file's folder
+    local = ("inputs", "models", "init_image", "mask", "upscaler", "embeddings")  # read from the job file's folder
     data = {**data, **{k: _local(data[k], root) for k in local if k in data}}
     # Files named by content (what --dry-run prints) are found as a recipe's are.
-    data.update({k: locate.resolve(data[k], f"the job's {k}") for k in ("init_image", "mask", "upscaler") if k in data})
+    found = ("init_image", "mask", "upscaler", "embeddings")
+    data.update({k: locate.resolve(data[k], f"the job's {k}") for k in found if k in data})
     detailer = data.get("detailer")
     if isinstance(detailer, Mapping) and detailer.get("face_pack") is not None:
         data["detailer"] = {**detailer, "face_pack": locate.resolve(detailer["face_pack"], "the job's face pack")}

@@ -421,8 +421,11 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
         settings["emphasis"] = "off"
     elif emphasis is not None and emphasis.casefold() != "original":
         reader.skip(f"Emphasis: {emphasis}", "A1111's 'Original' emphasis is used")
-    if (skip := get("Clip skip")) is not None and skip.strip() != "1":
-        reader.skip(f"Clip skip: {skip}", "SDXL reads the penultimate layers as trained; not applied")
+    if (skip := number("Clip skip", int)) is not None:
+        _clip_skip(skip, items.get("Version", ""), reader)
+    if (hashes := get("TI hashes")) is not None:  # A1111's "name: hash, ...": the embeddings the prompts used
+        names = [item.rpartition(":")[0].strip() for item in hashes.split(",") if ":" in item]
+        reader.settings["embeddings"] = {name: name for name in names if name}
     adetailer = [k for k in items if k.startswith("ADetailer")]
     if adetailer:
         settings["detailer"] = True
@@ -441,7 +444,7 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
             continue
         if key.startswith("ControlNet"):
             reader.skip(f"{key} ({value})", CONTROL_ADVICE)
-        elif key in ("Model hash", "Lora hashes", "TI hashes", "VAE hash", "Version", "Refiner switch at"):
+        elif key in ("Model hash", "Lora hashes", "VAE hash", "Version", "Refiner switch at"):
             reader.skip(f"{key}: {value}", "not checked")
         else:
             reader.skip(f"{key}: {value}", "no equivalent here")
@@ -473,6 +476,21 @@ _SIGMA_DEFAULTS = {
     "ExponentialScheduler": {"sigma_max": 14.614642, "sigma_min": 0.0291675},
     "BetaSamplingScheduler": {"alpha": 0.6, "beta": 0.6},
 }
+
+
+def _clip_skip(skip: int, version: str, reader: _Reader) -> None:
+    """A1111's ``Clip skip`` as the tool that wrote it reads it for SDXL: Forge (``Version: f...``) reads both
+    encoders' ``max(N, 2)``-th layer from the end, which is our ``clip_skip`` N from 3 on; A1111 reads SDXL's
+    penultimate layers whatever it says, unless its "Clip skip SDXL" option (CLIP-L only), which the text does not
+    record."""
+    if re.match(r"f\d", version.strip()):
+        if skip >= 3:
+            reader.settings["clip_skip"] = skip
+    elif skip > 1:
+        reader.skip(f"Clip skip: {skip}", "A1111 reads SDXL's penultimate layers whatever it says (unless its 'Clip "
+                    "skip SDXL' option, CLIP-L only, not recorded); not applied, as in A1111")  # fmt: skip
+
+
 # ComfyUI's node types that only carry what was made to the output.
 _COMFYUI_OUTPUTS = {"VAEDecode", "SaveImage", "PreviewImage", "VAEDecodeTiled"}
 
@@ -943,9 +961,13 @@ class _ComfyGraph:
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("clip")):
             if kind in _CHECKPOINT_LOADERS:
                 return
-            if kind == "CLIPSetLastLayer" and int(values.get("stop_at_clip_layer", -1)) != -1:
-                self.skip(node_id, "SDXL reads the penultimate layers as trained; the clip skip is not applied")
-            elif kind not in ("CLIPSetLastLayer", "LoraLoader", *_CHECKPOINT_LOADERS):  # LoRAs: read on the model chain
+            if kind == "CLIPSetLastLayer":  # hidden_states[n] of both encoders (-2: SDXL's own, restored as such)
+                layer = int(values.get("stop_at_clip_layer", -1))
+                if not 1 <= -layer <= 12:  # past CLIP-L's 12 layers ComfyUI reads its normed last: no clip_skip here
+                    self.skip(node_id, f"stop_at_clip_layer {layer} reaches past CLIP-L's 12 layers; not applied")
+                else:
+                    self.reader.settings["clip_skip"] = -layer
+            elif kind not in ("LoraLoader", *_CHECKPOINT_LOADERS):  # LoRAs: read on the model chain
                 self.skip(node_id, "gives text encoders of its own (not the checkpoint's), which are not read here")
                 return
 

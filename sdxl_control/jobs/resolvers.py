@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..base.errors import InputError, InvalidRequestError
 from ..weights.model_folders import ModelFolders
 
 if TYPE_CHECKING:
@@ -119,6 +120,51 @@ class Resolver:
     def face_pack(self, pack: str) -> str:
         """An insightface pack (name or folder) to analyse faces with."""
         return self.named("insightface", pack)
+
+    def embeddings(self, texts: Sequence[str], emphasis: str, given: Mapping[str, str]) -> dict[str, str]:
+        """The textual inversions (name -> file) that ``texts`` (prompt, negative prompt) use, from the model folders'
+        embeddings, after those ``given`` (their files found by name there too): ComfyUI's ``embedding:name``
+        (``emphasis="comfyui"``), each of which must be found, or A1111's names written as words."""
+        from ..protocol.embeddings import a1111_mentions, comfyui_references
+        from ..weights.embeddings import a1111_embeddings, comfyui_embedding
+
+        found = {name: self.named("embeddings", file) for name, file in given.items()}
+        for name, file in found.items():
+            if not Path(file).expanduser().is_file():
+                raise InputError(
+                    f"embedding {name} ({file}) is not on this machine: put its file in an embeddings folder of the "
+                    "install --models-dir names (A1111's embeddings/, ComfyUI's models/embeddings), or give its path"
+                )
+        folders = self.folders.folders.get("embeddings", ())
+        if emphasis == "comfyui":
+            for name in (n for text in texts for n in comfyui_references(text)):
+                stripped = name.strip(",")  # ComfyUI tries the name as written, then without its commas
+                if name in found or stripped in found:
+                    continue
+                for key in dict.fromkeys((name, stripped)):
+                    path = comfyui_embedding(folders, key) if key else None
+                    if path is not None:
+                        found[key] = str(path)
+                        break
+                else:
+                    looked = ", ".join(str(f) for f in folders) or "none: no install given (--models-dir DIR)"
+                    shown = stripped or name
+                    raise InvalidRequestError(
+                        f"the prompt names embedding:{shown}, found in no embeddings folder (looked in: {looked}): "
+                        f"put {shown}.safetensors in one, or take it out of the prompt"
+                    )
+            return found
+        for name, paths in a1111_embeddings(folders).items():
+            if name in found or not any(a1111_mentions(text, name) for text in texts):
+                continue
+            if len(paths) > 1:
+                listed = "\n".join(f"  {p}" for p in paths)
+                raise InvalidRequestError(
+                    f"the prompt uses embedding {name!r}, which is ambiguous: found in\n{listed}\nkeep one, or name "
+                    "its file in the job's embeddings"
+                )
+            found[name] = str(paths[0])
+        return found
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,8 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
         if not spec.prompt:
             raise InvalidRequestError("a prompt is required (or a recipe to re-make)")
         given = {**(preset.request_settings(inputs) if preset is not None else {}), **settings}
+        # A recipe names the embeddings it used; a new prompt finds them in the model folders.
+        given = _with_embeddings(spec.prompt, given, resolver)
         implied = dict(resolver.defaults())
         if given.get("init_image") is not None:  # an image names its own size
             implied.pop("size", None)
@@ -141,6 +143,27 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
     base, refiner, unet = _stages(spec, preset, refines, locate, resolver)
     fast, offload = _run_options(spec)
     return ResolvedJob(request, base, refiner, unet, keep, _weight_storage(spec, preset), fast, offload)
+
+
+def _with_embeddings(prompt: str, settings: dict[str, Any], resolver: Resolver) -> dict[str, Any]:
+    """The request ``settings`` with the textual inversions ``prompt`` and their negative prompt use (see
+    :meth:`~sdxl_control.jobs.resolvers.Resolver.embeddings`), each file read now: a file that is no SDXL embedding
+    is refused before any model loads. None used: the settings as they are."""
+    from ..passes.request import GenerationRequest
+    from ..protocol.emphasis import check_syntax
+    from ..weights.embeddings import read_embedding
+
+    texts = [t for t in (prompt, settings.get("negative_prompt")) if isinstance(t, str) and t]
+    emphasis = settings.get("emphasis", GenerationRequest.__dataclass_fields__["emphasis"].default)
+    given = settings.get("embeddings") or {}
+    if not isinstance(given, Mapping) or emphasis not in ("a1111", "comfyui", "off"):
+        return settings  # the request names what it expects
+    for text, where in zip(texts, ("the prompt", "the negative prompt"), strict=False):
+        check_syntax(text, emphasis, where)  # a prompt it refuses is refused before it is read for names
+    found = resolver.embeddings(texts, str(emphasis), given)
+    for name, file in found.items():
+        read_embedding(file, name)
+    return {**settings, "embeddings": found} if found else settings
 
 
 def _fitted(request: GenerationRequest, resolver: Resolver, *, explicit: bool) -> GenerationRequest:

@@ -65,6 +65,13 @@ def _nan_suspects(request: GenerationRequest, dtype: torch.dtype) -> str:
     return f"What can cause it here: {'; '.join(suspects)}; or weights of a model or LoRA that hold NaN"
 
 
+def _embeddings(request: GenerationRequest) -> dict[str, Any]:
+    """The request's textual inversions, read from their files (name -> :class:`TextualInversion`)."""
+    from ..weights.embeddings import read_embedding
+
+    return {name: read_embedding(file, name) for name, file in request.embeddings.items()}
+
+
 class Generator:
     """SDXL base (+ optional refiner) with stacked conditions, one denoising loop for both stages.
 
@@ -301,7 +308,8 @@ class Generator:
             encoded = prompt_segments(models.text_encoders, prompt_text, negative_text, channels,
                                       plan.schedule.total, need_negative=guided,
                                       zero_negative=models.force_zeros_for_empty_prompt,
-                                      long_prompts=request.long_prompts, emphasis=request.emphasis)  # fmt: skip
+                                      long_prompts=request.long_prompts, emphasis=request.emphasis,
+                                      embeddings=_embeddings(request), clip_skip=request.clip_skip)  # fmt: skip
         width, height = request.size
         micro = MicroConditioning(
             original_size=(height, width),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -38,8 +39,11 @@ START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "
 HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
 # Fields a recipe records only when set: a recipe of a request that leaves them unset is the one earlier releases
 # wrote, so its dry-run lines and golden files stay the same.
-UNSET_UNRECORDED = ("prediction_type", "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt")
+UNSET_UNRECORDED = (
+    "clip_skip", "prediction_type", "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt",
+)  # fmt: skip
 MAX_HIRES = 4.0
+MAX_CLIP_SKIP = 12  # CLIP-L's 12 layers: A1111's range, and as far as both SDXL encoders reach
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,14 @@ class GenerationRequest:
     them; see :mod:`sdxl_control.protocol.prediction`); the refiner keeps its own. An override against the model's
     own is done with a warning; zero terminal SNR for an epsilon model is refused.
 
+    ``embeddings`` (name -> file): SDXL textual inversions the prompts may name, as A1111 uses them (the name as a
+    word) or, with ``emphasis="comfyui"``, as ComfyUI does (``embedding:name``); see
+    :mod:`sdxl_control.protocol.embeddings`. A job fills it from the model folders' embeddings.
+
+    ``clip_skip`` N: every text encoder's hidden state is read from its N-th layer from the end, before the final
+    layer norm (1: the last layer; 2: the penultimate, which SDXL reads anyway). ``None`` (the default) reads
+    SDXL's penultimate layer. This is Forge's "Clip skip" for N >= 2 and ComfyUI's ``CLIPSetLastLayer(-N)``.
+
     Example:
         >>> GenerationRequest("a red fox", steps=20, size=(1024, 768), seed=3).seeds
         (3,)
@@ -127,6 +139,8 @@ class GenerationRequest:
     emphasis: Emphasis = "a1111"
     step_cache: int = 1
     step_cache_branch: int = 0
+    embeddings: Mapping[str, Any] = field(default_factory=dict)
+    clip_skip: int | None = None
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     zero_terminal_snr: bool | None = None
@@ -147,6 +161,7 @@ class GenerationRequest:
                             (self.refiner_negative_prompt, "the refiner negative prompt")):  # fmt: skip
             if isinstance(text, str):
                 check_syntax(text, self.emphasis, where)
+        self._check_text_reading()
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
             raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
         object.__setattr__(self, "size", tuple(self.size))
@@ -231,6 +246,27 @@ class GenerationRequest:
             from ..protocol.prediction import check_zero_snr
 
             check_zero_snr(scheduler_spec(self.scheduler)[0], self.scheduler, {"rescale_betas_zero_snr": True})
+
+    def _check_text_reading(self) -> None:
+        from ..protocol.embeddings import check_references
+
+        object.__setattr__(self, "embeddings", {str(k): v for k, v in dict(self.embeddings).items()})
+        for name, file in self.embeddings.items():
+            if not name.strip() or not isinstance(file, (str, os.PathLike)):
+                raise InvalidRequestError(
+                    f'embeddings maps a name to its file ("easynegative": "embeddings/easynegative.safetensors"), '
+                    f"got {name!r}: {file!r}"
+                )
+        object.__setattr__(self, "embeddings", {name: os.fspath(file) for name, file in self.embeddings.items()})
+        if self.emphasis == "comfyui":  # ComfyUI's embedding:name must name one given; A1111's names are words
+            for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt")):
+                if isinstance(text, str):
+                    check_references(text, self.embeddings, where)
+        if self.clip_skip is not None and not 1 <= self.clip_skip <= MAX_CLIP_SKIP:
+            raise InvalidRequestError(
+                f"clip_skip (--clip-skip) is the text encoders' layer counted from the end, 1 (the last) to "
+                f"{MAX_CLIP_SKIP} (CLIP-L's depth), 2 being SDXL's own; got {self.clip_skip}"
+            )
 
     def _check_hires(self) -> None:
         if self.hires_scale is None:
@@ -412,6 +448,7 @@ class GenerationRequest:
         skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
                    *(("vae",) if self.vae is None else ()),
                    *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()),
+                   *(("embeddings",) if not self.embeddings else ()),
                    *(k for k in UNSET_UNRECORDED if getattr(self, k) is None))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
@@ -424,6 +461,8 @@ class GenerationRequest:
         for name in files:  # by name and content, as conditions' files (a hub id stays as it is)
             value = getattr(self, name)
             out[name] = portable(describe(value), paths) if value is not None else None
+        if self.embeddings:  # by name and content, as the other files
+            out["embeddings"] = {name: portable(describe(file), paths) for name, file in self.embeddings.items()}
         out["size"] = list(self.size)
         out["conditions"] = [c.settings(paths) for c in self.conditions]
         return out
@@ -460,6 +499,8 @@ class GenerationRequest:
         values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
         if recorded_before(recipe.get("version"), "0.3.0"):  # 0.3.0 reads prompts as A1111 1.6+ and ComfyUI now do
             values["emphasis"] = READ_BEFORE_0_3_0.get(values["emphasis"], values["emphasis"])
+        if values.get("embeddings"):
+            values["embeddings"] = (locate or Locator()).resolve(values["embeddings"], "the recipe's embedding")
         for name in ("upscaler", "vae", "decoder"):
             if values.get(name) is not None:
                 values[name] = (locate or Locator()).resolve(values[name], f"the recipe's {name}")

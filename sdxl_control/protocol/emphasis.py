@@ -38,7 +38,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
@@ -111,6 +111,8 @@ MAX_WEIGHT = 100.0
 # recurses once per level (1000 levels would end in a RecursionError).
 MAX_NESTING = 100
 T = TypeVar("T")
+if TYPE_CHECKING:
+    from .embeddings import EncoderEmbeddings
 _QUIET: ContextVar[bool] = ContextVar("quiet", default=False)
 
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*", re.S)
@@ -341,13 +343,20 @@ def _around(text: str, at: int) -> str:
 
 
 def weighted_tokens(
-    tokenizer: Any, text: str, emphasis: Emphasis, *, whole: bool = True, open_clip: bool = False
+    tokenizer: Any,
+    text: str,
+    emphasis: Emphasis,
+    *,
+    whole: bool = True,
+    open_clip: bool = False,
+    embeddings: EncoderEmbeddings | None = None,
 ) -> list[Chunk]:
     """The (token id, weight) chunks a text encoder reads for ``text``, without the start and end tokens: at most 75
     each, cut as ``emphasis``'s tool cuts them (see the module). An empty prompt is one empty chunk. Not ``whole``:
     one chunk of the first 75 tokens (diffusers' reading; ``BREAK`` is a word), with a warning if any were cut.
     ``open_clip``: the encoder is SDXL's OpenCLIP bigG, whose text A1111 cleans as open_clip's tokenizer does (see
-    :func:`a1111_cleaned`).
+    :func:`a1111_cleaned`). ``embeddings``: textual inversions found in the text stand as their vectors (see
+    :mod:`~sdxl_control.protocol.embeddings`).
 
     Example:
         >>> [len(c) for c in weighted_tokens(tokenizer, "a (red) fox BREAK in the snow", "a1111")]  # doctest: +SKIP
@@ -355,7 +364,11 @@ def weighted_tokens(
     """
     syntax = syntax_of(emphasis)
     if syntax == "comfyui":
-        groups = _comfyui_words(tokenizer, text) if emphasis == "comfyui-2024" else _comfyui_groups(tokenizer, text)
+        groups = (
+            _comfyui_words(tokenizer, text, embeddings)
+            if emphasis == "comfyui-2024"
+            else _comfyui_groups(tokenizer, text, embeddings)
+        )
         if whole:
             return _word_chunks(groups)
         tokens = [token for group in groups for token in group]
@@ -367,8 +380,9 @@ def weighted_tokens(
         )
         clean = partial(a1111_cleaned, open_clip=open_clip) if emphasis == "a1111" else None
         if whole:
-            return _comma_chunks(tokenizer, fragments, clean)
-        tokens = [(t, f[1]) for f in fragments if f is not None for t in _ids(tokenizer, f[0], clean)]
+            return _comma_chunks(tokenizer, fragments, clean, embeddings)
+        ids = _reader(tokenizer, clean, embeddings)
+        tokens = [(t, f[1]) for f in fragments if f is not None for t in ids(f[0])]
     if len(tokens) > CHUNK_TOKENS:
         _warn("prompt truncated to %d CLIP tokens", CHUNK_TOKENS + 2)
     return [tokens[:CHUNK_TOKENS]]
@@ -414,14 +428,18 @@ def _ids(tokenizer: Any, text: str, clean: Callable[[str], str] | None = None) -
 
 
 def _comma_chunks(
-    tokenizer: Any, fragments: list[Fragment | None], clean: Callable[[str], str] | None = None
+    tokenizer: Any,
+    fragments: list[Fragment | None],
+    clean: Callable[[str], str] | None = None,
+    embeddings: EncoderEmbeddings | None = None,
 ) -> list[Chunk]:
+    ids = _reader(tokenizer, clean, embeddings)
     items: list[tuple[int, float] | None] = []
     for fragment in fragments:
         if fragment is BREAK:
             items.append(None)
         else:  # each fragment tokenized apart, as A1111 does
-            items += [(token, fragment[1]) for token in _ids(tokenizer, fragment[0], clean)]
+            items += [(token, fragment[1]) for token in ids(fragment[0])]
     return split_chunks(items, tokenizer.get_vocab().get(",</w>"))
 
 
@@ -446,8 +464,8 @@ def split_chunks(items: Sequence[tuple[int, T] | None], comma: int | None) -> li
         elif len(chunk) == CHUNK_TOKENS and comma_at != -1 and len(chunk) - comma_at <= COMMA_BACKTRACK:
             chunks.append(chunk[: comma_at + 1])  # the words after the comma move on together
             chunk, comma_at = chunk[comma_at + 1 :], -1
-        if len(chunk) == CHUNK_TOKENS:
-            chunks.append(chunk)
+        if len(chunk) == CHUNK_TOKENS or len(chunk) + _embedding_left(item[0]) > CHUNK_TOKENS:
+            chunks.append(chunk)  # an embedding that would not fit whole starts the next chunk, as in A1111
             chunk, comma_at = [], -1
         chunk.append(item)
     if chunk or not chunks:
@@ -455,29 +473,55 @@ def split_chunks(items: Sequence[tuple[int, T] | None], comma: int | None) -> li
     return chunks
 
 
-def _comfyui_groups(tokenizer: Any, text: str) -> list[Chunk]:
+def _reader(
+    tokenizer: Any, clean: Callable[[str], str] | None, embeddings: EncoderEmbeddings | None
+) -> Callable[[str], list[int]]:
+    """A text's token ids, cleaned as its tool cleans it, with the embeddings' names read as their vectors."""
+    if embeddings is not None:
+        return partial(embeddings.ids, clean=clean)
+    return partial(_ids, tokenizer, clean=clean)
+
+
+def _comfyui_groups(tokenizer: Any, text: str, embeddings: EncoderEmbeddings | None = None) -> list[Chunk]:
     """Each run of one weight's tokens with its weight, as ComfyUI tokenizes them since its commit 1c8d11e: the run
-    whole, cut before each `` embedding:`` (an embedding's name is its own group)."""
+    whole, cut before each `` embedding:`` (an embedding's name is its own group, its vectors one group)."""
     groups = []
     for part, weight in parse_comfyui(text):
-        first, *rest = _COMFYUI_EMBEDDING.split(part)
-        for group in (first, *(f"{_COMFYUI_EMBEDDING_WORD}{r}" for r in rest)):
-            if group:
-                groups.append([(token, weight) for token in _ids(tokenizer, group)])
+        if embeddings is not None:
+            pieces: list[str | list[int]] = list(embeddings.comfyui_groups(part))
+        else:
+            first, *rest = _COMFYUI_EMBEDDING.split(part)
+            pieces = [first, *(f"{_COMFYUI_EMBEDDING_WORD}{r}" for r in rest)]
+        for piece in pieces:
+            if piece:
+                ids = _ids(tokenizer, piece) if isinstance(piece, str) else piece
+                groups.append([(token, weight) for token in ids])
     return groups
 
 
-def _comfyui_words(tokenizer: Any, text: str) -> list[Chunk]:
+def _comfyui_words(tokenizer: Any, text: str, embeddings: EncoderEmbeddings | None = None) -> list[Chunk]:
     """Each space-separated word's tokens with its fragment's weight, as ComfyUI tokenized them before its commit
-    1c8d11e (``"comfyui-2024"``): word by word, a word found whole in the vocabulary taken as that one token."""
+    1c8d11e (``"comfyui-2024"``): word by word, a word found whole in the vocabulary taken as that one token; an
+    ``embedding:`` reference is one word of its vectors."""
     vocab = tokenizer.get_vocab()
     words = []
     for part, weight in parse_comfyui(text):
-        for word in part.replace("\n", " ").split(" "):
-            if word:
-                ids = [vocab[f"{word}</w>"]] if f"{word}</w>" in vocab else _ids(tokenizer, word)
-                words.append([(token, weight) for token in ids])
+        for group in embeddings.comfyui_groups(part) if embeddings is not None else [part]:
+            if not isinstance(group, str):
+                words.append([(token, weight) for token in group])
+                continue
+            for word in group.replace("\n", " ").split(" "):
+                if word:
+                    ids = [vocab[f"{word}</w>"]] if f"{word}</w>" in vocab else _ids(tokenizer, word)
+                    words.append([(token, weight) for token in ids])
     return words
+
+
+def _embedding_left(token: int) -> int:
+    """How many positions an embedding starting at ``token`` takes (0 for any other token)."""
+    from .embeddings import EmbeddingToken
+
+    return token.count if isinstance(token, EmbeddingToken) and token.index == 0 else 0
 
 
 def _word_chunks(words: list[Chunk]) -> list[Chunk]:

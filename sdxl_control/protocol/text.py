@@ -14,8 +14,10 @@ import torch
 
 from ..base.errors import ConditionError, IncompatibleModelError
 from ..weights.conversion import text_parameter
+from ..weights.embeddings import TextualInversion
 from ..weights.patches import WeightDelta, WeightPatch
 from .conditions import PromptEdit, PromptTokens, Window, acts
+from .embeddings import EncoderEmbeddings, placed, vectors_placed
 from .emphasis import CHUNK_TOKENS, Emphasis, emphasized, syntax_of, unweighted, weighted_tokens, zeroes_empty_negative
 
 __all__ = [
@@ -86,16 +88,39 @@ class _Reading:
     weights: list[torch.Tensor]
     windows: int
     emphasis: Emphasis = "off"
+    # Per encoder: the (window, position) of each embedding vector, and the vectors (see protocol.embeddings).
+    vectors: tuple[tuple[list[tuple[int, int]], list[torch.Tensor]], ...] = ()
+
+
+def _encoder_embeddings(
+    encoder: TextEncoder, embeddings: Mapping[str, TextualInversion] | None
+) -> EncoderEmbeddings | None:
+    if not embeddings:
+        return None
+    width = encoder.model.config.hidden_size
+    vectors = {name: ti.for_component(encoder.component, width) for name, ti in embeddings.items()}
+    return EncoderEmbeddings(encoder.tokenizer, vectors)
 
 
 def _read(
-    encoders: Sequence[TextEncoder], texts: list[str], emphasis: Emphasis = "off", long_prompts: LongPrompts = "chunks"
+    encoders: Sequence[TextEncoder],
+    texts: list[str],
+    emphasis: Emphasis = "off",
+    long_prompts: LongPrompts = "chunks",
+    embeddings: Mapping[str, TextualInversion] | None = None,
 ) -> _Reading:
     whole = long_prompts == "chunks"
     # The stage's last encoder is SDXL's OpenCLIP bigG, whose text A1111 tokenizes with open_clip's tokenizer.
     per_encoder = [
         [
-            weighted_tokens(enc.tokenizer, text, emphasis, whole=whole, open_clip=i == len(encoders) - 1)
+            weighted_tokens(
+                enc.tokenizer,
+                text,
+                emphasis,
+                whole=whole,
+                open_clip=i == len(encoders) - 1,
+                embeddings=_encoder_embeddings(enc, embeddings),
+            )
             for text in texts
         ]
         for i, enc in enumerate(encoders)
@@ -117,7 +142,7 @@ def _read(
             " and ".join(str(c[text]) for c in counts),
         )
     count = max(len(chunks) for texts_chunks in per_encoder for chunks in texts_chunks)
-    ids, weights = [], []
+    ids, weights, vectors = [], [], []
     for enc, texts_chunks in zip(encoders, per_encoder, strict=True):
         tok = enc.tokenizer
         windows: list[list[tuple[int, float]]] = []
@@ -130,7 +155,8 @@ def _read(
                 )
         ids.append(torch.tensor([[t for t, _ in w] for w in windows]))
         weights.append(torch.tensor([[v for _, v in w] for w in windows]))
-    return _Reading(ids, weights, count, emphasis)
+        vectors.append(placed(windows))
+    return _Reading(ids, weights, count, emphasis, tuple(vectors))
 
 
 def _chunked(encoders: Sequence[TextEncoder], texts: list[str]) -> tuple[list[torch.Tensor], int]:
@@ -139,14 +165,32 @@ def _chunked(encoders: Sequence[TextEncoder], texts: list[str]) -> tuple[list[to
     return reading.ids, reading.windows
 
 
-def _run(encoders: Sequence[TextEncoder], reading: _Reading) -> PromptEmbeddings:
+def _layer(encoder: TextEncoder, clip_skip: int | None) -> int:
+    """The index into ``hidden_states`` the prompt is read from: SDXL's penultimate layer (-2), or with ``clip_skip``
+    N the N-th layer from the end (1: the last), before the final layer norm, on every encoder."""
+    if clip_skip is None:
+        return -2
+    layers = encoder.model.config.num_hidden_layers
+    if not 1 <= clip_skip <= layers:
+        raise IncompatibleModelError(
+            f"clip_skip {clip_skip} reads the {clip_skip}-th layer from the end of {encoder.component or 'a text encoder'}"
+            f", which has {layers}: give 1 to {layers}"
+        )
+    return -clip_skip
+
+
+def _run(encoders: Sequence[TextEncoder], reading: _Reading, clip_skip: int | None = None) -> PromptEmbeddings:
     hidden = []
     pooled: torch.Tensor | None = None
     chunks = reading.windows
-    for enc, tokens, weights in zip(encoders, reading.ids, reading.weights, strict=True):
-        out = enc.model(tokens.to(enc.model.device), output_hidden_states=True)
-        # SDXL conditions on the penultimate layer of each encoder and the projected pooled output of the last.
-        states = emphasized(out.hidden_states[-2], weights, reading.emphasis, partial(_empty_window, enc))
+    placements = reading.vectors or (([], []),) * len(encoders)
+    for enc, tokens, weights, (where, vectors) in zip(encoders, reading.ids, reading.weights, placements, strict=True):
+        layer = _layer(enc, clip_skip)
+        with vectors_placed(enc.model, where, vectors):
+            out = enc.model(tokens.to(enc.model.device), output_hidden_states=True)
+        # SDXL conditions on the penultimate layer of each encoder (or the one clip_skip says) and the projected
+        # pooled output of the last, which no clip skip changes (in A1111, Forge or ComfyUI).
+        states = emphasized(out.hidden_states[layer], weights, reading.emphasis, partial(_empty_window, enc, layer))
         hidden.append(states.reshape(states.shape[0] // chunks, chunks * states.shape[1], states.shape[2]))
         if out[0].ndim == 2:
             pooled = out[0][::chunks]  # a long prompt's pooled embedding is its first chunk's, as A1111's
@@ -155,9 +199,9 @@ def _run(encoders: Sequence[TextEncoder], reading: _Reading) -> PromptEmbeddings
     return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
 
 
-def _empty_window(encoder: TextEncoder) -> torch.Tensor:
+def _empty_window(encoder: TextEncoder, layer: int = -2) -> torch.Tensor:
     ids = _read([encoder], [""]).ids[0]
-    return encoder.model(ids.to(encoder.model.device), output_hidden_states=True).hidden_states[-2]
+    return encoder.model(ids.to(encoder.model.device), output_hidden_states=True).hidden_states[layer]
 
 
 def _encode(
@@ -165,8 +209,11 @@ def _encode(
     texts: list[str],
     long_prompts: LongPrompts = "chunks",
     emphasis: Emphasis = "off",
+    *,
+    embeddings: Mapping[str, TextualInversion] | None = None,
+    clip_skip: int | None = None,
 ) -> PromptEmbeddings:
-    return _run(encoders, _read(encoders, texts, emphasis, long_prompts))
+    return _run(encoders, _read(encoders, texts, emphasis, long_prompts, embeddings), clip_skip)
 
 
 def _aligned(
@@ -206,6 +253,9 @@ def _encode_edited(
     edits: list[PromptEdit],
     long_prompts: LongPrompts = "chunks",
     emphasis: Emphasis = "off",
+    *,
+    embeddings: Mapping[str, TextualInversion] | None = None,
+    clip_skip: int | None = None,
 ) -> PromptEmbeddings:
     rewriting = [e for e in edits if e.rewrites_tokens]
     if len(rewriting) > 1:
@@ -233,9 +283,9 @@ def _encode_edited(
         ids = [torch.tensor(t.ids).view(count, -1) for t in tokens]
         reading = _Reading(ids, [torch.ones(i.shape) for i in ids], count)
     else:
-        reading = _read(encoders, [plain], emphasis, long_prompts)
+        reading = _read(encoders, [plain], emphasis, long_prompts, embeddings)
         tokens = [PromptTokens(tuple(i.flatten().tolist()), (False,) * i.numel()) for i in reading.ids]
-    out = _run(encoders, reading)
+    out = _run(encoders, reading, clip_skip)
     hidden = out.hidden
     for edit in edits:
         hidden = edit.embed(hidden, tokens)
@@ -298,6 +348,8 @@ def prompt_segments(
     zero_negative: bool,
     long_prompts: LongPrompts = "chunks",
     emphasis: Emphasis = "off",
+    embeddings: Mapping[str, TextualInversion] | None = None,
+    clip_skip: int | None = None,
 ) -> list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]]:
     """The prompt's (and, with ``need_negative``, the negative prompt's) embeddings for each run of steps that the same
     channels act on, as (first step index, positive, negative), in step order; with nothing acting, one segment from
@@ -305,7 +357,10 @@ def prompt_segments(
     condition acts at any step (the first encoder's tokenizer decides); the negative prompt is never edited, but is
     encoded with the text-encoder deltas acting at the segment's steps. ``long_prompts`` and ``emphasis`` say how a
     prompt is read (see :mod:`~sdxl_control.protocol.emphasis`); an edit that rewrites the tokens (PhotoMaker's) reads
-    the prompt without its weights."""
+    the prompt without its weights. ``embeddings`` (name -> textual inversion) stand in where the prompts name them
+    (see :mod:`~sdxl_control.protocol.embeddings`); ``clip_skip`` N reads every encoder's N-th layer from the end
+    (default: SDXL's penultimate, 2)."""
+    reading: dict[str, Any] = {"embeddings": embeddings, "clip_skip": clip_skip}
     live = [c for c in channels if any(c.weighs(i, steps) for i in range(steps))]
     plain = prompt
     for channel in live:
@@ -330,9 +385,9 @@ def prompt_segments(
             edits = [e for i in editing if (e := live[i].edit) is not None]
             with _deltas_applied(encoders, [live[i] for i in weighing]):
                 positive = (
-                    _encode_edited(encoders, prompt, plain, edits, long_prompts, emphasis)
+                    _encode_edited(encoders, prompt, plain, edits, long_prompts, emphasis, **reading)
                     if edits
-                    else _encode(encoders, [plain], long_prompts, emphasis)
+                    else _encode(encoders, [plain], long_prompts, emphasis, **reading)
                 )
                 if weighing not in encoded_negative:
                     encoded_negative[weighing] = (
@@ -343,11 +398,12 @@ def prompt_segments(
                             zero_negative=zero_negative,
                             long_prompts=long_prompts,
                             emphasis=emphasis,
+                            **reading,
                         )  # fmt: skip
                         if need_negative
                         else None
                     )
-                empty = partial(_encode, encoders, [""])
+                empty = partial(_encode, encoders, [""], clip_skip=clip_skip)
                 encoded[key] = _aligned(positive, encoded_negative[weighing], empty, emphasis)
         segments.append((index, *encoded[key]))
     return segments
@@ -362,6 +418,8 @@ def encode_negative(
     zero_negative: bool,
     long_prompts: LongPrompts = "chunks",
     emphasis: Emphasis = "off",
+    embeddings: Mapping[str, TextualInversion] | None = None,
+    clip_skip: int | None = None,
 ) -> PromptEmbeddings:
     """The negative prompts' embeddings. With none given and ``zero_negative`` (the SDXL base's
     ``force_zeros_for_empty_prompt``) all zeros, as SDXL was trained; otherwise the negative text (default "").
@@ -371,7 +429,7 @@ def encode_negative(
     if zero_negative and (negatives is None or empty):
         return PromptEmbeddings(torch.zeros_like(like.hidden), torch.zeros_like(like.pooled))
     texts = negatives if negatives is not None else [""] * like.hidden.shape[0]
-    return _encode(encoders, texts, long_prompts, emphasis)
+    return _encode(encoders, texts, long_prompts, emphasis, embeddings=embeddings, clip_skip=clip_skip)
 
 
 @torch.no_grad()
@@ -384,15 +442,19 @@ def encode_prompts(
     zero_negative: bool,
     long_prompts: LongPrompts = "chunks",
     emphasis: Emphasis = "off",
+    embeddings: Mapping[str, TextualInversion] | None = None,
+    clip_skip: int | None = None,
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-    """Encode prompts (and negatives when guidance needs them, see :func:`encode_negative`), at one length."""
-    positive = _encode(encoders, prompts, long_prompts, emphasis)
+    """Encode prompts (and negatives when guidance needs them, see :func:`encode_negative`), at one length;
+    ``embeddings`` and ``clip_skip`` as :func:`prompt_segments` reads them."""
+    positive = _encode(encoders, prompts, long_prompts, emphasis, embeddings=embeddings, clip_skip=clip_skip)
     if not need_negative:
         return positive, None
     negative = encode_negative(
-        encoders, negatives, positive, zero_negative=zero_negative, long_prompts=long_prompts, emphasis=emphasis
-    )
-    return _aligned(positive, negative, partial(_encode, encoders, [""]), emphasis)
+        encoders, negatives, positive, zero_negative=zero_negative, long_prompts=long_prompts, emphasis=emphasis,
+        embeddings=embeddings, clip_skip=clip_skip,
+    )  # fmt: skip
+    return _aligned(positive, negative, partial(_encode, encoders, [""], clip_skip=clip_skip), emphasis)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,19 @@ def _model_name(source: Mapping[str, Any]) -> str:
     return Path(name).stem if source.get("local") == "file" else name
 
 
+def _ti_hashes(embeddings: Mapping[str, Any] | None) -> str | None:
+    """A1111's ``TI hashes`` value: ``name: hash`` items, the name without the commas and colons that would split
+    them, the hash the first 12 hex digits of the file's SHA-256."""
+    if not embeddings:
+        return None
+    items = []
+    for name, file in embeddings.items():
+        digest = file.get("sha256") if isinstance(file, Mapping) else None
+        if digest:
+            items.append(f"{str(name).replace(',', '').replace(':', '')}: {str(digest)[:12]}")
+    return ", ".join(items) or None
+
+
 def parameters_text(recipe: Mapping[str, Any]) -> str:
     """The recipe as the ``parameters`` text A1111 writes: prompt (with LoRA tags), negative prompt, then one line of
     ``Key: value`` items — Steps first, as readers expect."""
@@ -191,6 +204,10 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         "Mask blur": recipe.get("mask_blur") if recipe.get("mask") else None,
         # A1111 writes its emphasis option only when it is not its default; brackets read as text are its "None".
         "Emphasis": "None" if recipe.get("emphasis") == "off" else None,
+        # Forge's meaning of the key for SDXL (A1111 reads SDXL's penultimate layers whatever it says).
+        "Clip skip": recipe.get("clip_skip"),
+        # A1111's: the embeddings' names with the first 12 hex digits of each file's SHA-256.
+        "TI hashes": _ti_hashes(recipe.get("embeddings")),
     }
     if recipe.get("hires_scale"):  # A1111's hires fix items; its denoising strength is the redraw's
         upscaler = recipe.get("upscaler")

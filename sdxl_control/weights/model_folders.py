@@ -14,6 +14,7 @@ kind                ComfyUI (``models/...``)  A1111 (``models/...``)
 ``upscale_models``  ``upscale_models``       ``ESRGAN``, ``RealESRGAN``, ``SwinIR``
 ``vae``             ``vae``                  ``VAE``
 ``vae_approx``      ``vae_approx``           ``VAE-approx``
+``embeddings``      ``embeddings``           ``embeddings`` (beside ``models``, not in it)
 ==================  =======================  ==========================================
 
 and ComfyUI's ``clip_vision``, ``insightface`` (face packs under ``insightface/models``), ``instantid``, ``pulid``
@@ -41,7 +42,7 @@ MODELS_DIR_ENV = "SDXL_CONTROL_MODELS_DIR"
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".onnx")
 COMFYUI_KINDS = (
     "checkpoints", "loras", "controlnet", "ipadapter", "clip_vision", "upscale_models", "vae", "vae_approx",
-    "insightface", "instantid", "pulid", "photomaker",
+    "insightface", "instantid", "pulid", "photomaker", "embeddings",
 )  # fmt: skip
 A1111_FOLDERS = {
     "checkpoints": ("Stable-diffusion",),
@@ -51,6 +52,7 @@ A1111_FOLDERS = {
     "upscale_models": ("ESRGAN", "RealESRGAN", "SwinIR"),
     "vae": ("VAE",),
     "vae_approx": ("VAE-approx",),
+    "embeddings": ("../embeddings",),  # textual inversions live in the install's own embeddings/ folder
 }
 EXTRA_PATHS = "extra_model_paths.yaml"
 # Kinds whose models are folders (an insightface pack is a folder of ONNX files).
