@@ -302,6 +302,11 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
         settings["emphasis"] = "off"
     elif emphasis is not None and emphasis.casefold() != "original":
         reader.skip(f"Emphasis: {emphasis}", "A1111's 'Original' emphasis is used")
+    if (pad := get("Pad conds")) is not None and pad.strip().casefold() == "true":
+        settings["pad_conds"] = True  # A1111's "Pad prompt/negative prompt" (off: separate UNet calls)
+    timelines = get("Old prompt editing timelines")
+    if timelines is not None and timelines.strip().casefold() == "true":
+        reader.skip("Old prompt editing timelines: True", "prompt editing is read with A1111's timelines since 1.6")
     if (skip := get("Clip skip")) is not None and skip.strip() != "1":
         reader.skip(f"Clip skip: {skip}", "SDXL reads the penultimate layers as trained; not applied")
     adetailer = [k for k in items if k.startswith("ADetailer")]

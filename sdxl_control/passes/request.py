@@ -73,6 +73,15 @@ class GenerationRequest:
     ``\\(``, A1111's weighting), ``"comfyui"`` (ComfyUI's syntax, weighting and chunks) or ``"off"`` (brackets are
     text). See :mod:`sdxl_control.protocol.emphasis`.
 
+    ``prompt_editing`` (with ``emphasis="a1111"``): A1111's prompt editing ``[a:b:0.5]``, alternation ``[a|b]`` and
+    composable ``AND`` with ``:weight`` are read as A1111 reads them (see :mod:`sdxl_control.protocol.prompt_schedule`);
+    off, they are text (as recipes before 0.3.0 read them). ``pad_conds``: the shorter of prompt and negative prompt is
+    followed by empty-prompt chunks so the UNet runs both in one batch (A1111's option "Pad prompt/negative prompt",
+    "Pad conds" in its PNGs; recipes before 0.3.0 always padded); off (A1111's default), prompts of different chunk
+    counts run in separate UNet calls. ComfyUI's reading (``emphasis="comfyui"``) repeats both to one length instead.
+    ``first_pass_steps`` is set on a hires fix's second pass (the first pass's steps, which its prompt editing counts
+    on from); it is not a setting.
+
     ``step_cache`` (DeepCache): each stage computes the whole UNet every ``step_cache`` steps and reuses its deep
     features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
     DeepCache's SDXL setting). 1 computes every step whole. See :mod:`sdxl_control.engine.step_cache`.
@@ -115,6 +124,9 @@ class GenerationRequest:
     emphasis: Emphasis = "a1111"
     step_cache: int = 1
     step_cache_branch: int = 0
+    prompt_editing: bool = True
+    pad_conds: bool = False
+    first_pass_steps: int | None = None
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -129,6 +141,10 @@ class GenerationRequest:
         for text, where in ((self.prompt, "the prompt"), (self.negative_prompt, "the negative prompt")):
             if isinstance(text, str):
                 check_syntax(text, self.emphasis, where)
+        if self.reads_schedules and isinstance(self.prompt, str):
+            from ..protocol.prompt_schedule import check_composable
+
+            check_composable(self.prompt)
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
             raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
         object.__setattr__(self, "size", tuple(self.size))
@@ -227,6 +243,11 @@ class GenerationRequest:
         )  # fmt: skip
 
     @property
+    def reads_schedules(self) -> bool:
+        """Whether the prompts' prompt editing, alternation and ``AND`` are read (A1111's syntax, ``prompt_editing``)."""
+        return self.prompt_editing and self.emphasis == "a1111"
+
+    @property
     def hires_size(self) -> tuple[int, int]:
         """The size the hires fix redraws at: ``size`` times ``hires_scale``, in whole multiples of 8."""
         scale = self.hires_scale or 1.0
@@ -237,7 +258,7 @@ class GenerationRequest:
         return dataclasses.replace(
             self, init_image=image, size=self.hires_size, strength=self.hires_strength,
             steps=self.hires_steps or self.steps, timesteps=None if self.hires_steps else self.timesteps, seed=seed,
-            num_images=1, mask=None, mask_blur=0, outpaint=None, padding_mask_crop=None, refiner_only=False,
+            first_pass_steps=len(self.timesteps) if self.timesteps else self.steps, num_images=1, mask=None, mask_blur=0, outpaint=None, padding_mask_crop=None, refiner_only=False,
             hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS, detailer=None,
         )  # fmt: skip
 
@@ -370,7 +391,9 @@ class GenerationRequest:
         # before they existed.
         skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
                    *(("vae",) if self.vae is None else ()),
-                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()))  # fmt: skip
+                   *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()),
+                   *(("prompt_editing",) if self.prompt_editing else ()), *(() if self.pad_conds else ("pad_conds",)),
+                   *(("first_pass_steps",) if self.first_pass_steps is None else ()))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
             detailer = self.detailer.settings()
@@ -416,6 +439,11 @@ class GenerationRequest:
         # A recipe from before long prompts were read in chunks, or weighted, was made with the prompt cut to one window
         # and its brackets read as text.
         values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
+        from ..protocol.conditions import recorded_before
+
+        if recorded_before(recipe.get("version"), "0.3.0"):
+            # Before 0.3.0 "[a:b:0.5]", "[a|b]" and AND were text, and the shorter prompt was always padded.
+            values = {"prompt_editing": False, "pad_conds": True, **values}
         for name in ("upscaler", "vae", "decoder"):
             if values.get(name) is not None:
                 values[name] = (locate or Locator()).resolve(values[name], f"the recipe's {name}")

@@ -185,6 +185,7 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         "Mask blur": recipe.get("mask_blur") if recipe.get("mask") else None,
         # A1111 writes its emphasis option only when it is not its default; brackets read as text are its "None".
         "Emphasis": "None" if recipe.get("emphasis") == "off" else None,
+        "Pad conds": True if recipe.get("pad_conds") else None,  # A1111 writes it only when it padded
     }
     if recipe.get("hires_scale"):  # A1111's hires fix items; its denoising strength is the redraw's
         upscaler = recipe.get("upscaler")
