@@ -442,6 +442,10 @@ def test_prompt_and_negative_of_other_lengths_run_apart_unless_padded(generator,
     torch.testing.assert_close(ours_padded.latents, batched, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(apart, batched)
     assert "pad_conds" not in ours_apart.recipes[0] and ours_padded.recipes[0]["pad_conds"] is True
+    # An old recipe (always padded) is re-made as it was.
+    recorded = {k: v for k, v in ours_padded.recipes[0].items() if k != "pad_conds"}
+    old = GenerationRequest.from_recipe({**recorded, "version": "0.2.0"})
+    assert torch.equal(generator.run(old, progress_bar=False).latents, ours_padded.latents)
 
 
 def test_a_plain_prompt_reads_as_before(generator):
@@ -572,3 +576,40 @@ def test_segments_encode_each_text_once(generator, monkeypatch):
     assert [s[0] for s in segments] == [0, 2, 3, 4, 5]  # a cat, a dog / ugly -> blurry at 3, then alternating
     assert sorted(seen) == sorted([("a cat",), ("a dog",), (" a fox",), ("ugly",), ("blurry",)])
     assert segments[0][1].hidden.shape[0] == 2  # one row per AND part
+
+
+def test_comfyui_repeats_to_a_common_length_up_to_4_times_else_runs_apart(generator, sdxl_pipes):
+    """ComfyUI (comfy/conds.py CONDCrossAttn.can_concat and concat, Comfy-Org/ComfyUI @a125cd84) batches conds of
+    other lengths by repeating each to their least common multiple, unless one would be repeated more than 4 times:
+    then they run in separate calls (calc_cond_batch)."""
+    from sdxl_control.protocol.text import encode_prompts
+
+    pipe, scale = sdxl_pipes[0], 5.0
+    encoders = generator.base.text_encoders
+
+    def encoded(text):
+        return encode_prompts(encoders, [text], None, need_negative=False, zero_negative=True, emphasis="comfyui")[0]
+
+    def cfg(out):
+        uncond, cond = out.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    negative = encoded("blurry")
+    common = {"negative_prompt": "blurry", "steps": 3, "guidance": scale, "scheduler": "euler", "emphasis": "comfyui"}
+    for words, windows in ((60, 2), (180, 5)):  # 2 windows: repeated 2 times; 5: would be 5 times
+        positive = encoded("a lighthouse " * words)
+        assert positive.hidden.shape[1] == 77 * windows
+        if windows <= 4:
+            repeated = negative.hidden.repeat(1, windows, 1)
+            calls = [(torch.cat([repeated, positive.hidden]), torch.cat([negative.pooled, positive.pooled]))]
+        else:
+            calls = [(negative.hidden, negative.pooled), (positive.hidden, positive.pooled)]
+        reference = _by_hand(pipe, calls, cfg)
+        batches = []  # the rows of each UNet call: repeating and running apart agree to rounding, the calls do not
+        hook = generator.base.unet.register_forward_pre_hook(lambda _m, args, seen=batches: seen.append(len(args[0])))
+        try:
+            ours = generator.generate("a lighthouse " * words, **common, **RUN)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(ours.latents, reference, rtol=1e-4, atol=1e-5)
+        assert batches == ([2] * 3 if windows <= 4 else [1, 1] * 3)

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # How a prompt longer than one CLIP window is read: in 75-token chunks encoded apart and joined (A1111's way), or cut
 # to its first 75 tokens (diffusers').
 LongPrompts = Literal["chunks", "truncate"]
+# ComfyUI batches a prompt and negative prompt of other lengths by repeating each to their least common length, unless
+# one would be repeated more than this (comfy/conds.py CONDCrossAttn.can_concat): then they run in separate calls.
+COMFYUI_MAX_REPEAT = 4
 
 
 @dataclass(frozen=True)
@@ -371,12 +374,18 @@ def paired(
     *,
     pad: bool = True,
 ) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
-    """The prompt and negative prompt as guidance runs them: at one length (see :func:`_aligned`), or, without ``pad``
-    when A1111 reads them (``emphasis`` not ``"comfyui"``), each at its own length, for the UNet to run in two calls
-    when they differ (A1111's default: its option "pad prompt/negative prompt to be same length" is off)."""
-    if not pad and emphasis != "comfyui":
-        return positive, negative
-    return _aligned(positive, negative, empty, emphasis)
+    """The prompt and negative prompt as guidance runs them: at one length (see :func:`_aligned`), or, without ``pad``,
+    each at its own length, for the UNet to run in two calls when they differ: always as A1111 reads them (its option
+    "pad prompt/negative prompt to be same length" is off by default), and as ComfyUI reads them (``emphasis=
+    "comfyui"``) when repeating the shorter to the common length would repeat it more than 4 times (ComfyUI's
+    ``CONDCrossAttn.can_concat``)."""
+    if pad or negative is None:
+        return _aligned(positive, negative, empty, emphasis)
+    if emphasis == "comfyui":
+        lengths = positive.hidden.shape[1], negative.hidden.shape[1]
+        if math.lcm(*lengths) // min(lengths) <= COMFYUI_MAX_REPEAT:
+            return _aligned(positive, negative, empty, emphasis)
+    return positive, negative
 
 
 @torch.no_grad()
