@@ -530,6 +530,8 @@ def test_a_hires_second_pass_counts_on_from_the_first(generator):
     request = GenerationRequest("a [cat:dog:1.5]", steps=4, hires_scale=1.5, hires_steps=6, **{"size": (64, 64)})
     second = request.hires_pass(Image.new("RGB", (96, 96)), 1)
     assert second.first_pass_steps == 4 and "first_pass_steps" not in request.settings()
+    with pytest.raises(InvalidRequestError, match="first_pass_steps .* must be from 1 to 1000, got 0"):
+        GenerationRequest("a", first_pass_steps=0)
     # A1111, base 4 steps, hires 6: "[cat:dog:1.5]" -> (1.5 - 1) * 6 = 3 in the second pass
     assert prompt_schedule(second.prompt, 6, first_pass_steps=4) == [(3, "a cat"), (6, "a dog")]
     # Through a generation: 1.5 reads 'a cat' all the first pass (min(2, 3)) and switches in the second, at call

@@ -145,6 +145,11 @@ class GenerationRequest:
             from ..protocol.prompt_schedule import check_composable
 
             check_composable(self.prompt)
+        if self.first_pass_steps is not None and not 1 <= self.first_pass_steps <= TRAIN_TIMESTEPS:
+            raise InvalidRequestError(
+                f"first_pass_steps (set on a hires fix's second pass) must be from 1 to {TRAIN_TIMESTEPS}, got "
+                f"{self.first_pass_steps}"
+            )
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
             raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
         object.__setattr__(self, "size", tuple(self.size))
