@@ -214,6 +214,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "Forge's Clip skip, ComfyUI's CLIPSetLastLayer -N; recorded in the recipe",
     )
     gen.add_argument(
+        "--pad-conds",
+        action="store_true",
+        help="pad the shorter of prompt and negative prompt with empty chunks and run both in one UNet batch (A1111's "
+        "'Pad prompt/negative prompt'); by default, as A1111's default, prompts of different chunk counts run in "
+        "separate UNet calls; recorded in the recipe",
+    )
+    gen.add_argument(
         "--weight-storage",
         choices=("fp8_e4m3fn", "fp8_e5m2", "fp8_matmul"),  # storage.WEIGHT_STORAGE, without importing torch
         help="keep the UNets' (and ControlNets') weights in fp8, each layer cast to the compute dtype as it runs "
@@ -512,6 +519,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "long_prompts": args.long_prompts,
         "emphasis": args.emphasis,
         "clip_skip": args.clip_skip,
+        "pad_conds": True if args.pad_conds else None,
         "step_cache": args.step_cache,
         "step_cache_branch": args.step_cache_branch,
         "decoder": args.decoder,

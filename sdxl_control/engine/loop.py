@@ -67,6 +67,10 @@ class PromptSegment:
     """The prompt's hidden states and pooled embedding, batched for the stage's guidance, that the UNet reads from step
     ``first`` (an index of the whole schedule) until the next segment's (the prompt channel's switch).
 
+    ``uncond_hidden`` and ``uncond_pooled``, when given, are the negative prompt's rows at a length of their own: the
+    UNet then runs them in a call apart from the prompt's rows (``hidden``, ``pooled``), A1111's way when their lengths
+    differ and nothing pads them; the two calls' predictions are joined in the batch's order ``[uncond, cond...]``.
+
     Example:
         >>> PromptSegment(0, hidden, pooled)  # doctest: +SKIP
     """
@@ -74,6 +78,8 @@ class PromptSegment:
     first: int
     hidden: torch.Tensor
     pooled: torch.Tensor
+    uncond_hidden: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,37 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator] | None) -> di
     return {"generator": generators} if "generator" in accepts and generators is not None else {}
 
 
+def _apart(
+    unet: Any,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt: PromptSegment,
+    time_ids: torch.Tensor,
+    residuals: Residuals | None,
+) -> torch.Tensor:
+    """The UNet's prediction for a batch whose negative rows (first) and prompt rows run in two calls, each with its
+    own hidden states; every other per-row input (time ids, residuals) is split the same way."""
+    assert prompt.uncond_hidden is not None and prompt.uncond_pooled is not None
+    rows = prompt.uncond_hidden.shape[0]
+    predictions = []
+    for part, hidden, pooled in (
+        (slice(None, rows), prompt.uncond_hidden, prompt.uncond_pooled),
+        (slice(rows, None), prompt.hidden, prompt.pooled),
+    ):
+        predictions.append(
+            unet(
+                model_input[part],
+                timestep,
+                encoder_hidden_states=hidden,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids[part]},
+                down_block_additional_residuals=None if residuals is None else [r[part] for r in residuals.down],
+                mid_block_additional_residual=None if residuals is None else residuals.mid[part],
+                return_dict=False,
+            )[0]
+        )
+    return torch.cat(predictions)
+
+
 @torch.no_grad()
 def denoise(
     inputs: StageInputs,
@@ -184,15 +221,19 @@ def denoise(
                     if extra is not None:
                         residuals = extra if residuals is None else residuals + extra
             cache.at(k)
-            prediction = unet(
-                sample if inputs.repaint is None else inputs.repaint.model_input(sample),
-                unet_t,
-                encoder_hidden_states=prompt.hidden,
-                added_cond_kwargs=added,
-                down_block_additional_residuals=None if residuals is None else list(residuals.down),
-                mid_block_additional_residual=None if residuals is None else residuals.mid,
-                return_dict=False,
-            )[0]
+            model_input = sample if inputs.repaint is None else inputs.repaint.model_input(sample)
+            if prompt.uncond_hidden is None:
+                prediction = unet(
+                    model_input,
+                    unet_t,
+                    encoder_hidden_states=prompt.hidden,
+                    added_cond_kwargs=added,
+                    down_block_additional_residuals=None if residuals is None else list(residuals.down),
+                    mid_block_additional_residual=None if residuals is None else residuals.mid,
+                    return_dict=False,
+                )[0]
+            else:
+                prediction = _apart(unet, model_input, unet_t, prompt, inputs.time_ids, residuals)
             guided = inputs.guidance.combine(prediction)
             output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
             bar.update()

@@ -426,6 +426,11 @@ def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
     if (hashes := get("TI hashes")) is not None:  # A1111's "name: hash, ...": the embeddings the prompts used
         names = [item.rpartition(":")[0].strip() for item in hashes.split(",") if ":" in item]
         reader.settings["embeddings"] = {name: name for name in names if name}
+    if (pad := get("Pad conds")) is not None and pad.strip().casefold() == "true":
+        settings["pad_conds"] = True  # A1111's "Pad prompt/negative prompt" (off: separate UNet calls)
+    timelines = get("Old prompt editing timelines")
+    if timelines is not None and timelines.strip().casefold() == "true":
+        reader.skip("Old prompt editing timelines: True", "prompt editing is read with A1111's timelines since 1.6")
     adetailer = [k for k in items if k.startswith("ADetailer")]
     if adetailer:
         settings["detailer"] = True

@@ -41,6 +41,7 @@ from .request import GenerationRequest
 
 if TYPE_CHECKING:
     from ..engine.residency import KeptWeights
+    from ..protocol.prompt_schedule import ScheduledPrompt
 
 __all__ = ["GenerationRequest", "Generator", "LastLoaded"]  # GenerationRequest: defined in .request
 
@@ -49,6 +50,31 @@ __all__ = ["GenerationRequest", "Generator", "LastLoaded"]  # GenerationRequest:
 class _StagePlan:
     models: StageModels
     schedule: StageSchedule
+
+
+def _scheduled(request: GenerationRequest, plan: _StagePlan) -> ScheduledPrompt | None:
+    """The prompts' A1111 editing, alternation and AND parts over the stage's pass (None: read as plain text). The
+    schedule counts the request's steps, twice for a second-order sampler (A1111's ``total_steps``), whose denoiser
+    calls the loop counts; warnings (numbers that leave a text unread) come with the pass's first stage."""
+    from ..protocol.prompt_schedule import scheduled_prompt, uses_schedules
+
+    texts = [t for t in (request.prompt, request.negative_prompt) if t is not None]
+    if not request.reads_schedules or not any(uses_schedules(t) for t in texts):
+        return None
+    order = 2 if getattr(plan.schedule.scheduler, "order", 1) == 2 else 1
+    steps = (len(request.timesteps) if request.timesteps else request.steps) * order
+    first = None if request.first_pass_steps is None else request.first_pass_steps * order
+    warn = plan.schedule.first_index == 0
+    return scheduled_prompt(request.prompt, request.negative_prompt, steps, first, warn=warn)
+
+
+def _part_weights(request: GenerationRequest) -> tuple[float, ...]:
+    """The weights of the prompt's AND parts (one part, weight 1, when it has none or they are not read)."""
+    from ..protocol.prompt_schedule import composable_parts
+
+    if not request.reads_schedules:
+        return (1.0,)
+    return tuple(weight for _, weight in composable_parts(request.prompt))
 
 
 def _nan_suspects(request: GenerationRequest, dtype: torch.dtype) -> str:
@@ -287,9 +313,20 @@ class Generator:
         models = plan.models
         unet = models.unet
         device, dtype = self.device, placement(unet)[1]
-        guidance = guidance_for(request.guidance, unet, request.guidance_rescale)
+        schedule = _scheduled(request, plan)
+        weights = schedule.weights if schedule is not None else (1.0,)
+        guidance = guidance_for(request.guidance, unet, request.guidance_rescale, weights)
         n = request.num_images
         mine = [(c, p) for c, p in prepared if models.stage in c.stage]
+        # ControlNet, IP-Adapter and the like act inside the UNet on its [negative, prompt] batch: with one of them the
+        # two run in one batch (padded), and the prompt cannot be several AND parts.
+        on_batch = [type(c).__name__ for c, p in mine if type(p).attach is not Prepared.attach]
+        if on_batch and len(weights) > 1:
+            raise InvalidRequestError(
+                f"the prompt has {len(weights)} parts joined by AND, and {', '.join(dict.fromkeys(on_batch))} acts on "
+                "the UNet's batch of one negative and one prompt: join the parts without AND, or leave that out"
+            )
+        pad = request.pad_conds or bool(on_batch) or request.step_cache > 1
         # Every condition is asked (the prompt channel): a base-only one may still take its syntax out of the refiner's.
         channels = []
         for condition, ready in prepared:
@@ -309,7 +346,8 @@ class Generator:
                                       plan.schedule.total, need_negative=guided,
                                       zero_negative=models.force_zeros_for_empty_prompt,
                                       long_prompts=request.long_prompts, emphasis=request.emphasis,
-                                      embeddings=_embeddings(request), clip_skip=request.clip_skip)  # fmt: skip
+                                      embeddings=_embeddings(request), clip_skip=request.clip_skip,
+                                      schedule=schedule, pad=pad)  # fmt: skip
         width, height = request.size
         micro = MicroConditioning(
             original_size=(height, width),
@@ -324,10 +362,17 @@ class Generator:
             pooled_width=encoded[0][1].pooled.shape[-1],
             dtype=dtype,
         )
-        ids = torch.cat([neg_ids.repeat(n, 1), pos_ids.repeat(n, 1)]) if guided else pos_ids.repeat(n, 1)
+        parts = len(weights)
+        ids = torch.cat([neg_ids.repeat(n, 1), pos_ids.repeat(n * parts, 1)]) if guided else pos_ids.repeat(n, 1)
         prompts = []
         for first, positive, negative in encoded:
-            hidden, pooled = positive.hidden.repeat(n, 1, 1), positive.pooled.repeat(n, 1)
+            # [negative x n, part 1 x n, ..., part k x n], as the guidance splits it
+            hidden, pooled = positive.hidden.repeat_interleave(n, 0), positive.pooled.repeat_interleave(n, 0)
+            if negative is not None and negative.hidden.shape[1] != hidden.shape[1]:  # not padded: two UNet calls
+                prompts.append(PromptSegment(first, hidden.to(device, dtype), pooled.to(device, dtype),
+                                             negative.hidden.repeat(n, 1, 1).to(device, dtype),
+                                             negative.pooled.repeat(n, 1).to(device, dtype)))  # fmt: skip
+                continue
             if negative is not None:
                 hidden = torch.cat([negative.hidden.repeat(n, 1, 1), hidden])
                 pooled = torch.cat([negative.pooled.repeat(n, 1), pooled])
@@ -410,7 +455,7 @@ class Generator:
             device=device,
             dtype=dtype,
             batch_size=request.num_images,
-            guided=guidance_for(request.guidance, plans[0].models.unet).copies > 1,
+            guided=guidance_for(request.guidance, plans[0].models.unet, weights=_part_weights(request)).copies > 1,
             size=request.size,
             stages={p.models.stage: p.models.unet for p in plans},
             fast=self.fast_path,

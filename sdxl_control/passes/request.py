@@ -40,7 +40,7 @@ HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
 # Fields a recipe records only when set: a recipe of a request that leaves them unset is the one earlier releases
 # wrote, so its dry-run lines and golden files stay the same.
 UNSET_UNRECORDED = (
-    "clip_skip", "prediction_type", "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt",
+    "clip_skip", "first_pass_steps", "prediction_type", "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt",
 )  # fmt: skip
 MAX_HIRES = 4.0
 MAX_CLIP_SKIP = 12  # CLIP-L's 12 layers: A1111's range, and as far as both SDXL encoders reach
@@ -83,6 +83,15 @@ class GenerationRequest:
 
     ``refiner_prompt`` / ``refiner_negative_prompt``: the refiner's own prompts (as a ComfyUI graph can give its
     refiner's text encoders other texts); ``None``: the refiner reads the prompt and negative prompt.
+
+    ``prompt_editing`` (with ``emphasis="a1111"``): A1111's prompt editing ``[a:b:0.5]``, alternation ``[a|b]`` and
+    composable ``AND`` with ``:weight`` are read as A1111 reads them (see :mod:`sdxl_control.protocol.prompt_schedule`);
+    off, they are text (as recipes before 0.3.0 read them). ``pad_conds``: the shorter of prompt and negative prompt is
+    followed by empty-prompt chunks so the UNet runs both in one batch (A1111's option "Pad prompt/negative prompt",
+    "Pad conds" in its PNGs; recipes before 0.3.0 always padded); off (A1111's default), prompts of different chunk
+    counts run in separate UNet calls. ComfyUI's reading (``emphasis="comfyui"``) repeats both to one length instead.
+    ``first_pass_steps`` is set on a hires fix's second pass (the first pass's steps, which its prompt editing counts
+    on from); it is not a setting.
 
     ``step_cache`` (DeepCache): each stage computes the whole UNet every ``step_cache`` steps and reuses its deep
     features in between, computing only the shallow path of skip connection ``step_cache_branch`` (0: the cheapest,
@@ -141,6 +150,9 @@ class GenerationRequest:
     step_cache_branch: int = 0
     embeddings: Mapping[str, Any] = field(default_factory=dict)
     clip_skip: int | None = None
+    prompt_editing: bool = True
+    pad_conds: bool = False
+    first_pass_steps: int | None = None
     conditions: tuple[Condition, ...] = field(default_factory=tuple)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     zero_terminal_snr: bool | None = None
@@ -162,6 +174,15 @@ class GenerationRequest:
             if isinstance(text, str):
                 check_syntax(text, self.emphasis, where)
         self._check_text_reading()
+        if self.reads_schedules and isinstance(self.prompt, str):
+            from ..protocol.prompt_schedule import check_composable
+
+            check_composable(self.prompt)
+        if self.first_pass_steps is not None and not 1 <= self.first_pass_steps <= TRAIN_TIMESTEPS:
+            raise InvalidRequestError(
+                f"first_pass_steps (set on a hires fix's second pass) must be from 1 to {TRAIN_TIMESTEPS}, got "
+                f"{self.first_pass_steps}"
+            )
         if len(self.size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.size):
             raise InvalidRequestError(f"the request: size must be (width, height) in whole pixels, got {self.size!r}")
         object.__setattr__(self, "size", tuple(self.size))
@@ -304,6 +325,11 @@ class GenerationRequest:
         )  # fmt: skip
 
     @property
+    def reads_schedules(self) -> bool:
+        """Whether the prompts' prompt editing, alternation and ``AND`` are read (A1111's syntax, ``prompt_editing``)."""
+        return self.prompt_editing and self.emphasis == "a1111"
+
+    @property
     def hires_size(self) -> tuple[int, int]:
         """The size the hires fix redraws at: ``size`` times ``hires_scale``, in whole multiples of 8."""
         scale = self.hires_scale or 1.0
@@ -314,7 +340,7 @@ class GenerationRequest:
         return dataclasses.replace(
             self, init_image=image, size=self.hires_size, strength=self.hires_strength,
             steps=self.hires_steps or self.steps, timesteps=None if self.hires_steps else self.timesteps, seed=seed,
-            num_images=1, mask=None, mask_blur=0, outpaint=None, padding_mask_crop=None, refiner_only=False,
+            first_pass_steps=len(self.timesteps) if self.timesteps else self.steps, num_images=1, mask=None, mask_blur=0, outpaint=None, padding_mask_crop=None, refiner_only=False,
             hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS, detailer=None,
         )  # fmt: skip
 
@@ -449,6 +475,7 @@ class GenerationRequest:
                    *(("vae",) if self.vae is None else ()),
                    *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()),
                    *(("embeddings",) if not self.embeddings else ()),
+                   *(("prompt_editing",) if self.prompt_editing else ()), *(() if self.pad_conds else ("pad_conds",)),
                    *(k for k in UNSET_UNRECORDED if getattr(self, k) is None))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
@@ -499,6 +526,8 @@ class GenerationRequest:
         values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
         if recorded_before(recipe.get("version"), "0.3.0"):  # 0.3.0 reads prompts as A1111 1.6+ and ComfyUI now do
             values["emphasis"] = READ_BEFORE_0_3_0.get(values["emphasis"], values["emphasis"])
+            # Before 0.3.0 "[a:b:0.5]", "[a|b]" and AND were text, and the shorter prompt was always padded.
+            values = {"prompt_editing": False, "pad_conds": True, **values}
         if values.get("embeddings"):
             values["embeddings"] = (locate or Locator()).resolve(values["embeddings"], "the recipe's embedding")
         for name in ("upscaler", "vae", "decoder"):

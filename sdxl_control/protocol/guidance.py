@@ -43,18 +43,36 @@ class NoGuidance:
 class ClassifierFreeGuidance:
     """``uncond + scale * (cond - uncond)`` on a ``[uncond, cond]`` batch, with optional rescale (arXiv 2305.08891).
 
+    With composable prompts (A1111's ``AND``), the batch is ``[uncond, cond_1, ..., cond_k]`` and ``weights`` gives
+    each part's weight: ``uncond + sum_i (cond_i - uncond) * (weight_i * scale)``, summed in order as A1111's
+    ``combine_denoised``; the rescale then measures the guided result against ``uncond + sum_i weight_i * (cond_i -
+    uncond)`` (the parts' prediction without the scale).
+
     Example:
         >>> ClassifierFreeGuidance(5.0).combine(torch.tensor([0.0, 1.0])).item()
         5.0
+        >>> ClassifierFreeGuidance(2.0, weights=(1.0, 0.5)).combine(torch.tensor([0.0, 1.0, 2.0])).item()
+        4.0
     """
 
     scale: float
     rescale: float = 0.0
-    copies: ClassVar[int] = 2
+    weights: tuple[float, ...] = (1.0,)
+
+    @property
+    def copies(self) -> int:
+        return 1 + len(self.weights)
 
     def combine(self, prediction: torch.Tensor) -> torch.Tensor:
-        uncond, cond = prediction.chunk(2)
-        guided = uncond + self.scale * (cond - uncond)
+        if self.weights == (1.0,):
+            uncond, cond = prediction.chunk(2)
+            guided = uncond + self.scale * (cond - uncond)
+        else:
+            uncond, *conds = prediction.chunk(self.copies)
+            guided, cond = uncond.clone(), uncond.clone()
+            for part, weight in zip(conds, self.weights, strict=True):
+                guided += (part - uncond) * (weight * self.scale)
+                cond += (part - uncond) * weight
         if self.rescale > 0.0:
             dims = list(range(1, cond.ndim))
             std_cond = cond.std(dim=dims, keepdim=True)
@@ -64,8 +82,11 @@ class ClassifierFreeGuidance:
         return guided
 
 
-def guidance_for(scale: float, unet: Any, rescale: float = 0.0) -> Guidance:
-    """CFG when it changes anything: scale above 1 and a UNet without a built-in guidance embedding."""
+def guidance_for(scale: float, unet: Any, rescale: float = 0.0, weights: tuple[float, ...] = (1.0,)) -> Guidance:
+    """CFG when it changes anything: scale above 1 and a UNet without a built-in guidance embedding; composable
+    prompt parts (``weights``, see :class:`ClassifierFreeGuidance`) always, as A1111 combines them at any scale."""
+    if weights != (1.0,):
+        return ClassifierFreeGuidance(scale, rescale, tuple(weights))
     if scale > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None:
         return ClassifierFreeGuidance(scale, rescale)
     return NoGuidance()

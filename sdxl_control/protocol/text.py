@@ -19,6 +19,7 @@ from ..weights.patches import WeightDelta, WeightPatch
 from .conditions import PromptEdit, PromptTokens, Window, acts
 from .embeddings import EncoderEmbeddings, placed, vectors_placed
 from .emphasis import CHUNK_TOKENS, Emphasis, emphasized, syntax_of, unweighted, weighted_tokens, zeroes_empty_negative
+from .prompt_schedule import ScheduledPrompt
 
 __all__ = [
     "TextEncoder",
@@ -27,6 +28,7 @@ __all__ = [
     "encode_prompts",
     "encode_negative",
     "prompt_segments",
+    "paired",
     "prompt_chunks",
     "LongPrompts",
     "MicroConditioning",
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 # How a prompt longer than one CLIP window is read: in 75-token chunks encoded apart and joined (A1111's way), or cut
 # to its first 75 tokens (diffusers').
 LongPrompts = Literal["chunks", "truncate"]
+# ComfyUI batches a prompt and negative prompt of other lengths by repeating each to their least common length, unless
+# one would be repeated more than this (comfy/conds.py CONDCrossAttn.can_concat): then they run in separate calls.
+COMFYUI_MAX_REPEAT = 4
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,8 @@ def prompt_segments(
     emphasis: Emphasis = "off",
     embeddings: Mapping[str, TextualInversion] | None = None,
     clip_skip: int | None = None,
+    schedule: ScheduledPrompt | None = None,
+    pad: bool = True,
 ) -> list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]]:
     """The prompt's (and, with ``need_negative``, the negative prompt's) embeddings for each run of steps that the same
     channels act on, as (first step index, positive, negative), in step order; with nothing acting, one segment from
@@ -359,42 +366,60 @@ def prompt_segments(
     prompt is read (see :mod:`~sdxl_control.protocol.emphasis`); an edit that rewrites the tokens (PhotoMaker's) reads
     the prompt without its weights. ``embeddings`` (name -> textual inversion) stand in where the prompts name them
     (see :mod:`~sdxl_control.protocol.embeddings`); ``clip_skip`` N reads every encoder's N-th layer from the end
-    (default: SDXL's penultimate, 2)."""
+    (default: SDXL's penultimate, 2).
+
+    ``schedule`` (A1111's prompt editing, alternation and ``AND``, see
+    :mod:`~sdxl_control.protocol.prompt_schedule`) gives the texts read at each step instead of ``prompt`` and
+    ``negative_prompt``: segments then also start where a text changes, each distinct text is encoded once, and the
+    positive holds one row per composable part (a shorter part followed by copies of its last vector, A1111's
+    ``stack_conds``). ``pad``: the shorter of positive and negative is followed by empty-prompt chunks to batch them
+    (A1111's "pad prompt/negative prompt"); without it, they keep their own lengths (see :func:`paired`)."""
     reading: dict[str, Any] = {"embeddings": embeddings, "clip_skip": clip_skip}
     live = [c for c in channels if any(c.weighs(i, steps) for i in range(steps))]
-    plain = prompt
-    for channel in live:
-        if channel.edit is not None:
-            plain = channel.edit.text(plain, encoders[0].tokenizer)
-    negatives = None if negative_prompt is None else [negative_prompt]
+
+    def edited(text: str) -> str:
+        for channel in live:
+            if channel.edit is not None:
+                text = channel.edit.text(text, encoders[0].tokenizer)
+        return text
+
     segments: list[tuple[int, PromptEmbeddings, PromptEmbeddings | None]] = []
-    encoded: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[PromptEmbeddings, PromptEmbeddings | None]] = {}
-    # Edits leave the negative prompt alone: it changes only with the deltas acting.
-    encoded_negative: dict[tuple[int, ...], PromptEmbeddings | None] = {}
+    encoded: dict[tuple[Any, ...], tuple[PromptEmbeddings, PromptEmbeddings | None]] = {}
+    # Each text once per set of acting channels; edits leave the negative prompt alone: it changes only with the
+    # deltas acting.
+    encoded_text: dict[tuple[Any, ...], PromptEmbeddings] = {}
+    encoded_negative: dict[tuple[Any, ...], PromptEmbeddings | None] = {}
     previous = None
     for index in range(steps):
+        texts = schedule.texts_at(index) if schedule is not None else ((prompt,), negative_prompt)
         key = (
             tuple(i for i, c in enumerate(live) if c.deltas and c.weighs(index, steps)),
             tuple(i for i, c in enumerate(live) if c.edits(index, steps)),
+            texts,
         )
         if key == previous:
             continue
         previous = key
-        weighing, editing = key
+        weighing, editing, (positives, negative_text) = key
         if key not in encoded:
             edits = [e for i in editing if (e := live[i].edit) is not None]
             with _deltas_applied(encoders, [live[i] for i in weighing]):
-                positive = (
-                    _encode_edited(encoders, prompt, plain, edits, long_prompts, emphasis, **reading)
-                    if edits
-                    else _encode(encoders, [plain], long_prompts, emphasis, **reading)
-                )
-                if weighing not in encoded_negative:
-                    encoded_negative[weighing] = (
+                parts = []
+                for text in positives:
+                    if (weighing, editing, text) not in encoded_text:
+                        encoded_text[weighing, editing, text] = (
+                            _encode_edited(encoders, text, edited(text), edits, long_prompts, emphasis, **reading)
+                            if edits
+                            else _encode(encoders, [edited(text)], long_prompts, emphasis, **reading)
+                        )
+                    parts.append(encoded_text[weighing, editing, text])
+                positive = _stacked(parts)
+                if (weighing, negative_text) not in encoded_negative:
+                    encoded_negative[weighing, negative_text] = (
                         encode_negative(
                             encoders,
-                            negatives,
-                            positive,
+                            None if negative_text is None else [negative_text],
+                            parts[0],
                             zero_negative=zero_negative,
                             long_prompts=long_prompts,
                             emphasis=emphasis,
@@ -404,9 +429,41 @@ def prompt_segments(
                         else None
                     )
                 empty = partial(_encode, encoders, [""], clip_skip=clip_skip)
-                encoded[key] = _aligned(positive, encoded_negative[weighing], empty, emphasis)
+                encoded[key] = paired(positive, encoded_negative[weighing, negative_text], empty, emphasis, pad=pad)
         segments.append((index, *encoded[key]))
     return segments
+
+
+def _stacked(parts: Sequence[PromptEmbeddings]) -> PromptEmbeddings:
+    """Composable parts as one batch row each, a shorter one followed by copies of its last vector (A1111's
+    ``stack_conds``)."""
+    if len(parts) == 1:
+        return parts[0]
+    length = max(p.hidden.shape[1] for p in parts)
+    hidden = [torch.cat([p.hidden, p.hidden[:, -1:].expand(-1, length - p.hidden.shape[1], -1)], dim=1) for p in parts]
+    return PromptEmbeddings(torch.cat(hidden), torch.cat([p.pooled for p in parts]))
+
+
+def paired(
+    positive: PromptEmbeddings,
+    negative: PromptEmbeddings | None,
+    empty: Callable[[], PromptEmbeddings],
+    emphasis: Emphasis = "off",
+    *,
+    pad: bool = True,
+) -> tuple[PromptEmbeddings, PromptEmbeddings | None]:
+    """The prompt and negative prompt as guidance runs them: at one length (see :func:`_aligned`), or, without ``pad``,
+    each at its own length, for the UNet to run in two calls when they differ: always as A1111 reads them (its option
+    "pad prompt/negative prompt to be same length" is off by default), and as ComfyUI reads them (``emphasis=
+    "comfyui"``) when repeating the shorter to the common length would repeat it more than 4 times (ComfyUI's
+    ``CONDCrossAttn.can_concat``)."""
+    if pad or negative is None:
+        return _aligned(positive, negative, empty, emphasis)
+    if emphasis == "comfyui":
+        lengths = positive.hidden.shape[1], negative.hidden.shape[1]
+        if math.lcm(*lengths) // min(lengths) <= COMFYUI_MAX_REPEAT:
+            return _aligned(positive, negative, empty, emphasis)
+    return positive, negative
 
 
 @torch.no_grad()

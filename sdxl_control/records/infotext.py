@@ -208,6 +208,7 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         "Clip skip": recipe.get("clip_skip"),
         # A1111's: the embeddings' names with the first 12 hex digits of each file's SHA-256.
         "TI hashes": _ti_hashes(recipe.get("embeddings")),
+        "Pad conds": True if recipe.get("pad_conds") else None,  # A1111 writes it only when it padded
     }
     if recipe.get("hires_scale"):  # A1111's hires fix items; its denoising strength is the redraw's
         upscaler = recipe.get("upscaler")
