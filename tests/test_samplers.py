@@ -347,7 +347,10 @@ def test_imports_restore_the_sampler_or_list_it():
      ({"scheduler": "euler_a_karras"}, "EulerAncestralDiscreteScheduler takes no karras schedule; use 'euler_a' or one"),
      ({"scheduler": "tcd_trailing"}, "use 'tcd' (it runs its own)"),
      ({"scheduler": "dpmpp_sde", "timesteps": (999, 499)}, "DPMSolverSDEScheduler takes no timestep list"),
-     ({"scheduler": "dpmpp_2m_karras", "timesteps": (999, 499)}, "its use_karras_sigmas places the sigmas itself")],
+     ({"scheduler": "dpmpp_2m_karras", "timesteps": (999, 499)}, "its use_karras_sigmas places the sigmas itself"),
+     ({"scheduler": "DPM++ 2S a"}, "A1111's DPM++ 2S a cannot run here exactly: diffusers has no single-step ancestral"),
+     ({"scheduler": "Euler a Karras"}, "A1111's Euler a Karras cannot run here exactly: diffusers' EulerAncestral"),
+     ({"scheduler": "res_multistep"}, "ComfyUI's res_multistep cannot run here exactly: diffusers has no")],
 )  # fmt: skip
 def test_bad_sampler_names_are_refused_before_anything_loads(options, message):
     with pytest.raises(InvalidRequestError) as error:

@@ -84,12 +84,27 @@ def scheduler_spec(name: str) -> tuple[str, dict[str, Any]]:
             raise InvalidRequestError(
                 f"scheduler {name!r}: diffusers' {SAMPLERS[sampler][0]} takes no {schedule} schedule; use {instead}"
             )
+    known = f"a sampler ({', '.join(SAMPLERS)}) with an optional schedule ({', '.join(f'_{s}' for s in SCHEDULES)})"
+    if (why := _not_runnable(name)) is not None:  # a sampler the tools have, which diffusers cannot run exactly
+        raise InvalidRequestError(f"scheduler {name!r}: {why}; use {known} or a diffusers class name")
     close = difflib.get_close_matches(name, list(SCHEDULERS), n=1) or difflib.get_close_matches(
         name.casefold(), list(SCHEDULER_ALIASES), n=1
     )
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    known = f"a sampler ({', '.join(SAMPLERS)}) with an optional schedule ({', '.join(f'_{s}' for s in SCHEDULES)})"
     raise InvalidRequestError(f"unknown scheduler {name!r}{hint}: use {known} or a diffusers class name")
+
+
+def _not_runnable(name: str) -> str | None:
+    """Why an A1111 or ComfyUI sampler name (with its schedule, as A1111's old labels had it) has no scheduler here,
+    as the PNG import lists it; ``None`` for a name neither tool has."""
+    from ..base.samplers import COMFYUI_UNEXPRESSIBLE, tool_scheduler
+
+    if name.strip() in COMFYUI_UNEXPRESSIBLE:
+        return f"ComfyUI's {name.strip()} cannot run here exactly: {COMFYUI_UNEXPRESSIBLE[name.strip()]}"
+    ours, why = tool_scheduler("A1111", name, None)
+    if ours is None and not why.startswith("A1111 sampler"):  # that one: a name A1111 does not have
+        return f"A1111's {name.strip()} cannot run here exactly: {why}"
+    return None
 
 
 def check_schedule(name: str | None, overrides: Mapping[str, Any], timesteps: Sequence[int] | None) -> None:
