@@ -524,10 +524,6 @@ class GenerationRequest:
         # A recipe from before long prompts were read in chunks, or weighted, was made with the prompt cut to one window
         # and its brackets read as text.
         values = {"long_prompts": "truncate", "emphasis": "off", **{k: recipe[k] for k in names if k in recipe}}
-        if recorded_before(recipe.get("version"), "0.3.0"):  # 0.3.0 reads prompts as A1111 1.6+ and ComfyUI now do
-            values["emphasis"] = READ_BEFORE_0_3_0.get(values["emphasis"], values["emphasis"])
-            # Before 0.3.0 "[a:b:0.5]", "[a|b]" and AND were text, and the shorter prompt was always padded.
-            values = {"prompt_editing": False, "pad_conds": True, **values}
         if values.get("embeddings"):
             values["embeddings"] = (locate or Locator()).resolve(values["embeddings"], "the recipe's embedding")
         for name in ("upscaler", "vae", "decoder"):
@@ -548,30 +544,34 @@ class GenerationRequest:
         if values.get("timesteps") is not None:
             values.pop("steps", None)
         values["scheduler"] = recipe["scheduler"]["requested"]
-        from ..base.samplers import RENAMED_SCHEDULERS
-
-        if recorded_before(recipe.get("version"), "0.3.0") and values["scheduler"] in RENAMED_SCHEDULERS:
-            # A name whose meaning changed in 0.3.0 ("dpmpp_sde" ran DPMSolverSinglestepScheduler): re-made as run.
-            cls_name, options = RENAMED_SCHEDULERS[values["scheduler"]]
-            values["scheduler"] = cls_name
-            values["scheduler_options"] = {**options, **(values.get("scheduler_options") or {})}
         values["seed"] = recipe["batch_seed"]
-        if _read_markers_since_0_3(recipe, values):
-            # Before 0.3 a single file's v_pred / ztsnr keys went unread: its recorded schedule is what made the image.
-            config = recipe["scheduler"].get("config") or {}
-            values["prediction_type"] = config.get("prediction_type", "epsilon")
-            values["zero_terminal_snr"] = bool(config.get("rescale_betas_zero_snr", False))
+        if recorded_before(recipe.get("version"), "0.3.0"):
+            values = _as_read_before_0_3(recipe, values)
         values.update(overrides)
         return cls(**values)
 
 
-def _read_markers_since_0_3(recipe: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
-    """Whether a recipe was made from a single-file base by a release that did not read its marker keys."""
+def _as_read_before_0_3(recipe: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's request as the release that recorded it (before 0.3.0) read its settings, where 0.3.0 reads them
+    as A1111, ComfyUI and Forge do (issue 36), so that it re-makes its pixels."""
+    from ..base.samplers import RENAMED_SCHEDULERS
+
+    # Prompts: weights right after the colon only, diffusers' tokenizers and a negative "" encoded ("a1111-0.2"), or
+    # ComfyUI's chunks before its commit 1c8d11e ("comfyui-2024"); "[a:b:0.5]", "[a|b]" and AND read as text, and
+    # the shorter of prompt and negative padded.
+    values = {"prompt_editing": False, "pad_conds": True, **values}
+    values["emphasis"] = READ_BEFORE_0_3_0.get(values["emphasis"], values["emphasis"])
+    if values["scheduler"] in RENAMED_SCHEDULERS:  # "dpmpp_sde" ran DPMSolverSinglestepScheduler
+        cls_name, options = RENAMED_SCHEDULERS[values["scheduler"]]
+        values["scheduler"] = cls_name
+        values["scheduler_options"] = {**options, **(values.get("scheduler_options") or {})}
     base = (recipe.get("models") or {}).get("base") or {}
-    return (
-        recorded_before(recipe.get("version"), "0.3.0") and isinstance(base, Mapping) and base.get("local") == "file"
-        and "prediction_type" not in recipe and not values.get("refiner_only")
-    )  # fmt: skip
+    if isinstance(base, Mapping) and base.get("local") == "file" and not values.get("refiner_only"):
+        # A single file's v_pred / ztsnr keys went unread: its recorded schedule is what made the image.
+        config = recipe["scheduler"].get("config") or {}
+        values.setdefault("prediction_type", config.get("prediction_type", "epsilon"))
+        values.setdefault("zero_terminal_snr", bool(config.get("rescale_betas_zero_snr", False)))
+    return values
 
 
 def _check_runs_a_step(what: str, strength: float, source: str, flag: str, steps: int, steps_source: str) -> None:
