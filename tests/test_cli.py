@@ -280,3 +280,22 @@ def test_schedulers_by_their_a1111_and_comfyui_names(tiny, tmp_path):
         assert np.array_equal(*images)
     # A1111's DPM++ 2S a, which diffusers has not: refused with the reason the PNG import gives.
     assert main([*common, "--scheduler", "DPM++ 2S a", "-o", str(tmp_path / "x.png")]) == 2
+
+
+def test_refiner_prompts_cfg_rescale_and_prediction_overrides_are_flags(tiny, capsys):
+    """The request fields issue 36 added for imported PNGs (a refiner's own prompts, CFG rescale, a v-prediction
+    override) are command-line flags too: they reach the job line, and their checks hold (zero terminal SNR for an
+    epsilon model is refused, exit 2)."""
+    import json
+
+    flags = ["--refiner-prompt", "a fox, sharp", "--refiner-negative-prompt", "blur", "--guidance-rescale", "0.7",
+             "--prediction-type", "v_prediction", "--zero-terminal-snr"]  # fmt: skip
+    assert main(["generate", "a fox", "--tiny", "--steps", "2", *flags, "--dry-run"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (line["refiner_prompt"], line["refiner_negative_prompt"]) == ("a fox, sharp", "blur")
+    assert (line["guidance_rescale"], line["prediction_type"], line["zero_terminal_snr"]) == (0.7, "v_prediction", True)
+    assert main(["generate", "a fox", "--tiny", "--steps", "2", "--no-zero-terminal-snr", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["zero_terminal_snr"] is False
+    refused = ["generate", "a fox", "--tiny", "--prediction-type", "epsilon", "--zero-terminal-snr", "--dry-run"]
+    assert main(refused) == 2
+    assert "zero_terminal_snr with prediction_type 'epsilon'" in capsys.readouterr().err

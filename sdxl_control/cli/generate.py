@@ -53,6 +53,26 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     gen.add_argument("--steps", type=count, help="denoising steps over both stages (default 30)")
     gen.add_argument("--guidance", type=number, help="classifier-free guidance scale; <= 1 turns it off (default 5)")
     gen.add_argument("--refiner-switch", type=number, help="fraction of the schedule the base runs before the refiner")
+    gen.add_argument("--refiner-prompt", help="the refiner's own prompt (default: the prompt)")
+    gen.add_argument(
+        "--refiner-negative-prompt", help="the refiner's own negative prompt (default: the negative prompt)"
+    )
+    gen.add_argument(
+        "--guidance-rescale",
+        type=number,
+        metavar="PHI",
+        help="CFG rescale (0 to 1; diffusers' guidance_rescale, ComfyUI's RescaleCFG; 0.7 for v-prediction models)",
+    )
+    gen.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="override what the base model predicts (default: its config, or a single file's v_pred key)",
+    )
+    gen.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        help="override whether the base model's schedule reaches zero SNR (default: a single file's ztsnr key)",
+    )
     gen.add_argument("--size", type=options.request_size, help="WIDTHxHEIGHT, multiples of 8 (default 1024x1024)")
     gen.add_argument("--num-images", type=count, help="images in the batch, seeds seed, seed+1, ...")
     gen.add_argument(
@@ -512,6 +532,11 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "guidance": args.guidance,
         "refiner_switch": args.refiner_switch,
+        "refiner_prompt": args.refiner_prompt,
+        "refiner_negative_prompt": args.refiner_negative_prompt,
+        "guidance_rescale": args.guidance_rescale,
+        "prediction_type": args.prediction_type,
+        "zero_terminal_snr": args.zero_terminal_snr,
         "size": size,
         "num_images": args.num_images,
         "scheduler": args.scheduler,
