@@ -58,6 +58,17 @@ class _Keys:
             self.reader.skip(f"{self.where}{key}: {_shown(value)}", "not a number")
             return None
 
+    def setting(self, key: str, name: str, kind: type = float) -> None:
+        """The number at ``key``, where there is one, as the request's setting ``name``."""
+        if (value := self.number(key, kind)) is not None:
+            self.reader.settings[name] = value
+
+    def size(self, width: str = "width", height: str = "height") -> None:
+        """The request's size from the numbers at ``width`` and ``height``, where both are."""
+        w, h = self.number(width, int), self.number(height, int)
+        if w is not None and h is not None:
+            self.reader.settings["size"] = (w, h)
+
     def rest(self, why: Mapping[str, str] | None = None) -> None:
         for key, value in self.data.items():
             if key not in self.taken:
@@ -111,10 +122,8 @@ def read_fooocus(data: Mapping[str, Any]) -> Imported:
         keys.skip("negative_prompt", "Fooocus's full negative prompt (its styles applied) is restored instead")
     elif negative:
         reader.settings["negative_prompt"] = str(negative)
-    if (steps := keys.number("steps", int)) is not None:
-        reader.settings["steps"] = steps
-    if (guidance := keys.number("guidance_scale")) is not None:
-        reader.settings["guidance"] = guidance
+    keys.setting("steps", "steps", int)
+    keys.setting("guidance_scale", "guidance")
     _seed(keys)
     resolution = _pair(keys.get("resolution"))
     if resolution is not None and len(resolution) == 2 and all(isinstance(v, int) for v in resolution):
@@ -188,14 +197,10 @@ def read_invokeai(data: Mapping[str, Any]) -> Imported:
         # SDXL's second text encoder's own prompt; empty (InvokeAI's default) is the prompt itself.
         if keys.get(key):
             reader.skip(f"{key}: {_shown(data[key])}", "a second encoder's own prompt has no equivalent here")
-    width, height = keys.number("width", int), keys.number("height", int)
-    if width is not None and height is not None:
-        reader.settings["size"] = (width, height)
+    keys.size()
     _seed(keys)
-    if (steps := keys.number("steps", int)) is not None:
-        reader.settings["steps"] = steps
-    if (guidance := keys.number("cfg_scale")) is not None:
-        reader.settings["guidance"] = guidance
+    keys.setting("steps", "steps", int)
+    keys.setting("cfg_scale", "guidance")
     if rescale := keys.number("cfg_rescale_multiplier"):  # CFG rescale (Lin et al.), as diffusers' guidance_rescale
         reader.settings["guidance_rescale"] = rescale
     if (scheduler := keys.get("scheduler")) is not None:
@@ -251,10 +256,8 @@ def read_swarmui(data: Mapping[str, Any]) -> Imported:
     if negative := keys.get("negativeprompt"):
         reader.settings["negative_prompt"] = str(negative)
     _seed(keys)
-    if (steps := keys.number("steps", int)) is not None:
-        reader.settings["steps"] = steps
-    if (guidance := keys.number("cfgscale")) is not None:
-        reader.settings["guidance"] = guidance
+    keys.setting("steps", "steps", int)
+    keys.setting("cfgscale", "guidance")
     extra = data.get("sui_extra_data")
     unused = (
         set(extra.get("unused_parameters") or ()) if isinstance(extra, Mapping) else set()
@@ -334,13 +337,9 @@ def read_ruinedfooocus(data: Mapping[str, Any]) -> Imported:
     if negative := keys.get("Negative"):
         reader.settings["negative_prompt"] = str(negative)
     _seed(keys)
-    if (steps := keys.number("steps", int)) is not None:
-        reader.settings["steps"] = steps
-    if (guidance := keys.number("cfg")) is not None:
-        reader.settings["guidance"] = guidance
-    width, height = keys.number("width", int), keys.number("height", int)
-    if width is not None and height is not None:
-        reader.settings["size"] = (width, height)
+    keys.setting("steps", "steps", int)
+    keys.setting("cfg", "guidance")
+    keys.size()
     if (sampler := keys.get("sampler_name")) is not None:
         schedule = str(keys.get("scheduler") or "normal")
         reader.scheduler(str(sampler), schedule, f"sampler_name: {sampler}, scheduler: {schedule}")
