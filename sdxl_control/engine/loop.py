@@ -147,7 +147,7 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator] | None) -> di
     return {"generator": generators} if "generator" in accepts and generators is not None else {}
 
 
-def _apart(
+def _predicted(
     unet: Any,
     model_input: torch.Tensor,
     timestep: torch.Tensor,
@@ -155,27 +155,28 @@ def _apart(
     time_ids: torch.Tensor,
     residuals: Residuals | None,
 ) -> torch.Tensor:
-    """The UNet's prediction for a batch whose negative rows (first) and prompt rows run in two calls, each with its
-    own hidden states; every other per-row input (time ids, residuals) is split the same way."""
-    assert prompt.uncond_hidden is not None and prompt.uncond_pooled is not None
-    rows = prompt.uncond_hidden.shape[0]
-    predictions = []
-    for part, hidden, pooled in (
-        (slice(None, rows), prompt.uncond_hidden, prompt.uncond_pooled),
-        (slice(rows, None), prompt.hidden, prompt.pooled),
-    ):
-        predictions.append(
-            unet(
-                model_input[part],
-                timestep,
-                encoder_hidden_states=hidden,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids[part]},
-                down_block_additional_residuals=None if residuals is None else [r[part] for r in residuals.down],
-                mid_block_additional_residual=None if residuals is None else residuals.mid[part],
-                return_dict=False,
-            )[0]
-        )
-    return torch.cat(predictions)
+    """The UNet's prediction for the step's batch: one call, or, when the segment holds the negative prompt's rows at a
+    length of their own, two (the negative rows first), every other per-row input (time ids, residuals) split the
+    same way."""
+    if prompt.uncond_hidden is None or prompt.uncond_pooled is None:
+        calls = [(slice(None), prompt.hidden, prompt.pooled)]
+    else:
+        rows = prompt.uncond_hidden.shape[0]
+        calls = [(slice(None, rows), prompt.uncond_hidden, prompt.uncond_pooled), (slice(rows, None), prompt.hidden,
+                 prompt.pooled)]  # fmt: skip
+    predictions = [
+        unet(
+            model_input[part],
+            timestep,
+            encoder_hidden_states=hidden,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids[part]},
+            down_block_additional_residuals=None if residuals is None else [r[part] for r in residuals.down],
+            mid_block_additional_residual=None if residuals is None else residuals.mid[part],
+            return_dict=False,
+        )[0]
+        for part, hidden, pooled in calls
+    ]
+    return predictions[0] if len(predictions) == 1 else torch.cat(predictions)
 
 
 @torch.no_grad()
@@ -222,18 +223,7 @@ def denoise(
                         residuals = extra if residuals is None else residuals + extra
             cache.at(k)
             model_input = sample if inputs.repaint is None else inputs.repaint.model_input(sample)
-            if prompt.uncond_hidden is None:
-                prediction = unet(
-                    model_input,
-                    unet_t,
-                    encoder_hidden_states=prompt.hidden,
-                    added_cond_kwargs=added,
-                    down_block_additional_residuals=None if residuals is None else list(residuals.down),
-                    mid_block_additional_residual=None if residuals is None else residuals.mid,
-                    return_dict=False,
-                )[0]
-            else:
-                prediction = _apart(unet, model_input, unet_t, prompt, inputs.time_ids, residuals)
+            prediction = _predicted(unet, model_input, unet_t, prompt, inputs.time_ids, residuals)
             guided = inputs.guidance.combine(prediction)
             output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
             bar.update()
