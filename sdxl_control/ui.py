@@ -540,6 +540,17 @@ class _Page:
         else:
             values = {**found, "scheduler": (found.get("scheduler") or {}).get("requested")}
             status = f"restored from {name}: seed {found['seed']}"
+            from .base.version import VERSION
+            from .passes.request import LAST_READING_CHANGE
+            from .protocol.conditions import recorded_before
+
+            if recorded_before(found.get("version"), LAST_READING_CHANGE):
+                # The page runs its fields as this release reads them; only the command line reads a recipe whole,
+                # as the release that recorded it read it (its sampler names, prompt syntax...).
+                status += (
+                    f"; recorded by sdxl-control {found.get('version')}, which read some settings otherwise: "
+                    f"`generate --recipe {name}` re-makes its pixels, the page runs these fields as {VERSION} reads them"
+                )
         width, height = values.get("size", (gr.update(), gr.update()))
         return [values.get("prompt", ""), values.get("negative_prompt") or "", width, height,
                 values.get("steps", gr.update()), values.get("guidance", gr.update()), values.get("seed", gr.update()),

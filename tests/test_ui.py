@@ -398,3 +398,19 @@ def test_a_lora_an_imported_png_names_but_this_machine_lacks_is_said_alike_on_th
     assert "is not on this machine" not in status and "LoRA add-detail-xl: add its file under LoRAs" in status
     assert main(["generate", "--recipe", str(png), "--tiny", "--models-dir", str(install), "-q", "-o", str(out)]) == 0
     assert [(c["kind"], c["scale"]) for c in read_recipe(out)["conditions"]] == [("lora", 0.6)]
+
+
+def test_a_recipe_of_an_earlier_release_says_the_page_reads_it_as_this_one(tmp_path):
+    """The page restores a recipe's prompt, size, steps, guidance, seed, switch and sampler, and runs them as this
+    release reads them; a recipe recorded by an earlier release (here 0.1.0, tests/golden/recipes) says so and names
+    the command that re-makes its pixels, rather than passing silently for one the page re-makes."""
+    from pathlib import Path
+
+    from sdxl_control.base.version import VERSION
+    from sdxl_control.jobs.resolvers import TinyResolver
+    from sdxl_control.ui import UiConfig, _Page
+
+    old = Path(__file__).parent / "golden" / "recipes" / "lora-controlnet-0.1.png"
+    status = _Page(UiConfig(resolver=TinyResolver(), outputs=tmp_path)).restore(str(old))[-1]
+    assert "recorded by sdxl-control 0.1.0" in status and f"as {VERSION} reads them" in status
+    assert "`generate --recipe lora-controlnet-0.1.png` re-makes its pixels" in status

@@ -43,6 +43,9 @@ UNSET_UNRECORDED = (
     "clip_skip", "first_pass_steps", "prediction_type", "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt",
 )  # fmt: skip
 MAX_HIRES = 4.0
+# The latest release that reads a recorded setting otherwise than the one before it (issue 36: samplers, prompt syntax,
+# v-prediction keys): a recipe recorded before it is read as its release read it (see _as_read_before_0_3).
+LAST_READING_CHANGE = "0.3.0"
 MAX_CLIP_SKIP = 12  # CLIP-L's 12 layers: A1111's range, and as far as both SDXL encoders reach
 
 
@@ -545,7 +548,7 @@ class GenerationRequest:
             values.pop("steps", None)
         values["scheduler"] = recipe["scheduler"]["requested"]
         values["seed"] = recipe["batch_seed"]
-        if recorded_before(recipe.get("version"), "0.3.0"):
+        if recorded_before(recipe.get("version"), LAST_READING_CHANGE):
             values = _as_read_before_0_3(recipe, values)
         values.update(overrides)
         return cls(**values)
