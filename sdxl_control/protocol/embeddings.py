@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..base.errors import InvalidRequestError
+from .emphasis import _ids
 
 __all__ = [
     "EmbeddingToken",
@@ -161,7 +162,7 @@ class EncoderEmbeddings:
         """``text``'s token ids (no start or end token), cleaned first by ``clean`` where its tool cleans text, with
         every embedding name found in them replaced by the embedding's vectors, as A1111 matches names (see the
         module)."""
-        ids = _ids(self.tokenizer, clean(text) if clean is not None else text)
+        ids = _ids(self.tokenizer, text, clean)
         if not ids or not self.vectors:
             return ids
         lookup = self._lookup
@@ -209,12 +210,6 @@ class EncoderEmbeddings:
             if rest:
                 out.append(rest)
         return out
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    if not text:
-        return []
-    return list(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids)
 
 
 def placed(windows: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:

@@ -128,8 +128,6 @@ _A1111_PIECE_UNSPACED = re.compile(
 # A bracket that opens or closes a level (an escaped one, ``\\(``, is text), and the word after an opening one.
 _NESTING = re.compile(r"\\.|[()\[\]]")
 _WORD = re.compile(r"[^()\[\]:]{0,40}")
-_COMFYUI_EMBEDDING_WORD = "embedding:"
-_COMFYUI_EMBEDDING = re.compile(f"[ \n]{_COMFYUI_EMBEDDING_WORD}")
 _LOOKS_WEIGHTED = re.compile(r":(\s+[+-]?[.\d]+\s*|[+-]?[.\d]+\s+)\)")
 
 
@@ -485,13 +483,13 @@ def _reader(
 def _comfyui_groups(tokenizer: Any, text: str, embeddings: EncoderEmbeddings | None = None) -> list[Chunk]:
     """Each run of one weight's tokens with its weight, as ComfyUI tokenizes them since its commit 1c8d11e: the run
     whole, cut before each `` embedding:`` (an embedding's name is its own group, its vectors one group)."""
+    from .embeddings import comfyui_pieces
+
     groups = []
     for part, weight in parse_comfyui(text):
-        if embeddings is not None:
-            pieces: list[str | list[int]] = list(embeddings.comfyui_groups(part))
-        else:
-            first, *rest = _COMFYUI_EMBEDDING.split(part)
-            pieces = [first, *(f"{_COMFYUI_EMBEDDING_WORD}{r}" for r in rest)]
+        pieces: Sequence[str | list[int]] = (
+            embeddings.comfyui_groups(part) if embeddings is not None else comfyui_pieces(part)
+        )
         for piece in pieces:
             if piece:
                 ids = _ids(tokenizer, piece) if isinstance(piece, str) else piece
