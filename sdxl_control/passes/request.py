@@ -10,7 +10,7 @@ import math
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -37,10 +37,11 @@ MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 IMAGE_FIELDS = ("init_image", "mask")
 START_FIELDS = ("init_image", "strength", "mask", "mask_blur", "refiner_only", "outpaint", "padding_mask_crop")
 HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
-# Fields a recipe records only when set: a recipe of a request that leaves them unset is the one earlier releases
-# wrote, so its dry-run lines and golden files stay the same.
-UNSET_UNRECORDED = (
-    "clip_skip", "first_pass_steps", "prediction_type", "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt",
+# Fields a recipe records only when they differ from their defaults: a recipe of a request that leaves them so is the
+# one earlier releases wrote, so its dry-run lines and golden files stay the same.
+RECORDED_WHEN_SET = (
+    "vae", "embeddings", "clip_skip", "prompt_editing", "pad_conds", "first_pass_steps", "prediction_type",
+    "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt",
 )  # fmt: skip
 MAX_HIRES = 4.0
 # The latest release that reads a recorded setting otherwise than the one before it (issue 36: samplers, prompt syntax,
@@ -475,11 +476,8 @@ class GenerationRequest:
         # A request that starts from noise, or has no hires fix, records none of those fields: its recipe reads as
         # before they existed.
         skipped = ("conditions", "detailer", *(() if starts else START_FIELDS), *(() if hires else HIRES_FIELDS),
-                   *(("vae",) if self.vae is None else ()),
                    *(("step_cache", "step_cache_branch") if self.step_cache == 1 else ()),
-                   *(("embeddings",) if not self.embeddings else ()),
-                   *(("prompt_editing",) if self.prompt_editing else ()), *(() if self.pad_conds else ("pad_conds",)),
-                   *(k for k in UNSET_UNRECORDED if getattr(self, k) is None))  # fmt: skip
+                   *(k for k in RECORDED_WHEN_SET if getattr(self, k) == _DEFAULTS[k]))  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
         if self.detailer is not None:  # recorded only when asked for, as the start and hires fields
             detailer = self.detailer.settings()
@@ -552,6 +550,12 @@ class GenerationRequest:
             values = _as_read_before_0_3(recipe, values)
         values.update(overrides)
         return cls(**values)
+
+
+# Each field's default, as a request left alone holds it.
+_DEFAULTS = {
+    f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(GenerationRequest)
+}
 
 
 def _as_read_before_0_3(recipe: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
