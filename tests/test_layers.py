@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("families", ("sdxl_control.adapters", "sdxl_control.preprocessors", "sdxl_control.testing")),
     ("passes", ("sdxl_control.passes",)),
     ("jobs", ("sdxl_control.jobs", "sdxl_control.presets")),
-    ("front-ends", ("sdxl_control.cli", "sdxl_control.ui", "sdxl_control.__main__")),
+    ("front-ends", ("sdxl_control.cli", "sdxl_control.ui", "sdxl_control.serve", "sdxl_control.__main__")),
     # The package's __init__ gathers the public names; the old module paths are its business. Nothing imports either.
     ("package", ("sdxl_control.old_paths",)),
 )

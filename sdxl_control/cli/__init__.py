@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from ..base.errors import EXIT_INTERRUPTED, DeviceError, SdxlControlError
 from ..jobs.resolvers import Resolver, resolver_for
 from ..weights.model_folders import ModelFolders
-from . import batch, generate, models, preprocess, presets, score, ui
+from . import batch, generate, models, preprocess, presets, score, serve, ui
 from .options import check_inputs
 
 __all__ = ["main", "build_parser"]
@@ -39,6 +39,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Resolver], int]] = {
     "score": score.run,
     "presets": presets.run,
     "models": models.run,
+    "serve": serve.run,
     "ui": ui.run,
     "batch": batch.run,
 }
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, preprocess, ui, batch, presets, models, score):
+    for module in (generate, preprocess, ui, serve, batch, presets, models, score):
         module.add_parser(sub, common)
     return parser
 

@@ -1,0 +1,98 @@
+"""``sdxl-control serve``: the A1111 web API (and OpenAI's images API) on this machine's models, or the tiny ones,
+for the clients written for A1111: Open WebUI, SillyTavern, webuiapi scripts, editors' plugins."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
+from ..base.errors import InvalidRequestError
+from . import options
+from .options import count
+
+if TYPE_CHECKING:
+    from ..jobs.resolvers import Resolver
+
+__all__ = ["add_parser", "run", "parse_auth"]
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="serve the A1111 web API and OpenAI's images API (Open WebUI, SillyTavern, webuiapi...)",
+        parents=[common],
+    )
+    serve.add_argument("--tiny", action="store_true", help="serve the built-in tiny models (offline demo, tests)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument(
+        "--listen",
+        action="store_true",
+        help="listen on every interface (0.0.0.0), as A1111's --listen; needs --api-auth, or --insecure",
+    )
+    serve.add_argument("--port", type=count, default=7861, help="port (default 7861, A1111's API-only port)")
+    serve.add_argument(
+        "--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic credentials every route asks for (as A1111's)"
+    )
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow --listen without --api-auth (anyone who reaches it may use it)"
+    )
+    serve.add_argument(
+        "--cors-allow-origins", metavar="ORIGIN[,ORIGIN]", help="origins whose pages may call the API (default none)"
+    )
+    serve.add_argument("--base", help=f"the model served first (default {DEFAULT_BASE})")
+    serve.add_argument("--refiner", help=f"the refiner for refiner_checkpoint requests (default {DEFAULT_REFINER})")
+    serve.add_argument("--device", help="cuda, cpu, mps ... (default: cuda if available)")
+    serve.add_argument("--queue-size", type=count, default=8, help="jobs that may wait; more are refused with 503")
+    serve.add_argument("--max-side", type=count, default=4096, help="the largest image side a request may ask or send")
+    serve.add_argument("--max-steps", type=count, default=200, help="the most steps a request may ask")
+    serve.add_argument("--max-images", type=count, default=16, help="the most images one request may ask")
+    serve.add_argument(
+        "--preview-decoder",
+        default=DRAFT_DECODER,
+        metavar="MODEL",
+        help="the live previews' tiny autoencoder (progress's current_image)",
+    )
+
+
+def parse_auth(text: str | None) -> dict[str, str] | None:
+    """``"u:p,u2:p2"`` as {user: password} (A1111's --api-auth); None for none."""
+    if not text:
+        return None
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        user, colon, password = item.strip().partition(":")
+        if not colon or not user or not password:
+            raise InvalidRequestError(f"--api-auth: {item.strip()!r} is not USER:PASSWORD")
+        out[user] = password
+    return out
+
+
+def run(args: argparse.Namespace, resolver: Resolver) -> int:
+    import uvicorn
+
+    from ..serve.app import Limits, ServeConfig, create_app
+
+    options.library_output(getattr(args, "verbose", False))
+    auth = parse_auth(args.api_auth)
+    host = "0.0.0.0" if args.listen else args.host
+    if host not in ("127.0.0.1", "localhost", "::1") and auth is None and not args.insecure:
+        raise InvalidRequestError(
+            f"listening on {host} without --api-auth would let anyone who reaches this machine use it: give "
+            "--api-auth USER:PASS, or --insecure if that is what you want"
+        )
+    config = ServeConfig(
+        resolver=resolver,
+        base=args.base,
+        refiner=args.refiner,
+        device=args.device,
+        queue_size=args.queue_size,
+        auth=auth,
+        cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
+        limits=Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images),
+        preview_decoder=args.preview_decoder,
+    )
+    uvicorn.run(create_app(config), host=host, port=args.port, log_level="info")
+    return 0
