@@ -18,6 +18,7 @@ from fastapi import APIRouter, Body, Request
 
 from ..base.errors import InvalidRequestError
 from ..jobs.spec import JobSpec
+from .app import Limits
 
 if TYPE_CHECKING:
     from .app import ServerState
@@ -39,11 +40,15 @@ def draw_seed(value: Any) -> int:
     return random.randrange(SEED_RANGE) if seed == -1 else seed
 
 
-def txt2img_spec(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tuple[JobSpec, list[str]]:
+def txt2img_spec(
+    payload: Mapping[str, Any], options: Mapping[str, Any], limits: Limits | None = None
+) -> tuple[JobSpec, list[str]]:
     """The job an A1111 txt2img request asks for, and what it asks that is not done (each with why), under the
     server's ``options`` (those a client set: the model...)."""
     from ..base.samplers import tool_scheduler
+    from .extensions import alwayson_scripts
 
+    limits = limits or Limits()
     notes: list[str] = []
     settings: dict[str, Any] = {}
     prompt = str(payload.get("prompt") or "")
@@ -61,7 +66,10 @@ def txt2img_spec(payload: Mapping[str, Any], options: Mapping[str, Any]) -> tupl
         if name is None:
             raise InvalidRequestError(f"sampler_name {sampler!r}: {why}")
         settings["scheduler"] = name
-    return JobSpec(prompt, settings=settings), notes
+    scripted = alwayson_scripts(payload.get("alwayson_scripts") or {}, limits)
+    notes.extend(scripted.notes)
+    settings.update(scripted.settings)
+    return JobSpec(prompt, settings=settings, conditions=scripted.conditions), notes
 
 
 def router(state: ServerState) -> APIRouter:
@@ -72,7 +80,7 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/txt2img")
     async def txt2img(request: Request, payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
-        spec, notes = txt2img_spec(payload, state.options)
+        spec, notes = txt2img_spec(payload, state.options, state.limits)
         outcome, job = await state.run(request, spec, "txt2img")
         images = outcome.result.images if outcome.result is not None else []
         infotexts = [image.info.get("parameters", "") for image in images]
