@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..base.defaults import DRAFT_DECODER
 from ..base.errors import InvalidRequestError, SdxlControlError
+from .catalogue import Catalogue, Listed
 from .service import JobCancelledError, JobService, Outcome, ServerBusyError
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class ServerState:
         self.limits = config.limits
         # The A1111 options a client set (POST /sdapi/v1/options), over A1111's defaults; the model chosen by title.
         self.options: dict[str, Any] = {}
+        self.catalogue = Catalogue(self.resolver.folders, base=config.base, refiner=config.refiner)
+        self.checkpoint: Listed = self.catalogue.default()  # the model jobs run on until a client chooses another
 
     @property
     def resolver(self) -> Resolver:
