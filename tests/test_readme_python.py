@@ -32,6 +32,7 @@ ELSEWHERE = {
     'set_offload("cuda")': "offload to a GPU: this machine has none (tests/test_bad_inputs.py refuses it as set)",
     'weight_storage="fp8_matmul"': "fp8 matmuls need a GPU of compute capability 8.9+: tests/test_weight_storage.py "
     "runs torchao's float8 layers on the CPU with its GPU check lifted",
+    "openai.OpenAI(": "a running sdxl-control serve: tests/test_serve_openai.py drives one with the openai package",
 }
 
 

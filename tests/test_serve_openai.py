@@ -272,6 +272,22 @@ def test_bad_edits_raise_the_packages_typed_errors_naming_the_field(client: open
         assert caught.value.param == param and says in caught.value.message, caught.value.message
 
 
+def test_with_api_auth_the_package_sends_basic_auth_in_its_default_headers() -> None:
+    """Under --api-auth the package's Bearer key is refused (401: AuthenticationError); its default_headers replace
+    that header with HTTP Basic, as the docs say."""
+    from tests.serving import tiny_config
+
+    with running_server(tiny_config(auth={"me": "secret"})) as (url, _app):
+        bearer = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bearer.models.list()
+        basic = "Basic " + base64.b64encode(b"me:secret").decode()
+        allowed = openai.OpenAI(
+            base_url=f"{url}/v1", api_key="x", max_retries=0, default_headers={"Authorization": basic}
+        )
+        assert [model.id for model in allowed.models.list()] == ["sd_xl_base_1.0", "sd_xl_refiner_1.0"]
+
+
 def test_a_full_queue_answers_503_with_retry_after_in_openais_shape() -> None:
     from sdxl_control.serve.openai_images import _as_openai_error
     from sdxl_control.serve.service import ServerBusyError
