@@ -149,16 +149,29 @@ def test_edit_with_a_mask_repaints_the_transparent_area_as_an_inpainting_job(
     assert recipe["strength"] == 1.0 and recipe["mask"]["mode"] == "L"
 
 
-def test_edit_of_an_image_list_edits_the_first_with_the_others_as_references(client: openai.OpenAI) -> None:
-    """A list of images goes as ``image[]`` parts (the package's array format); the first is redrawn (img2img, at
-    denoising_strength), the others are IP-Adapter references."""
+def test_edit_of_an_image_list_edits_the_first_with_the_others_as_references(server: str) -> None:
+    """A list of images goes as ``image[]`` parts (the package's array format, seen on the wire); the first is
+    redrawn (img2img, at denoising_strength, at the size asked), the others are IP-Adapter references."""
+    import httpx2
+
+    sent: list[bytes] = []
+
+    def keep(request: httpx2.Request) -> None:
+        sent.append(request.read())
+
+    http = httpx2.Client(event_hooks={"request": [keep]}, timeout=300)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, http_client=http)
     answer = client.images.edit(
-        image=[("a.png", png_bytes(photo(2)), "image/png"), ("b.png", png_bytes(photo(3)), "image/png")],
+        image=[("a.png", png_bytes(photo(2)), "image/png"), ("b.png", png_bytes(photo(3, (48, 40))), "image/png")],
         prompt="a fox",
+        size="32x32",
         extra_body={**STEPS, "seed": 4, "denoising_strength": 0.5},
     )
-    recipe = json.loads(decoded((answer.data or [])[0].b64_json or "").info["sdxl-control"])
+    edited = decoded((answer.data or [])[0].b64_json or "")
+    recipe = json.loads(edited.info["sdxl-control"])
+    assert edited.size == (32, 32) and answer.size == "32x32" and recipe["size"] == [32, 32]
     assert recipe["strength"] == 0.5 and recipe["init_image"]["image"] == [64, 64] and recipe.get("mask") is None
+    assert sent[0].count(b'name="image[]"') == 2 and b'name="image"' not in sent[0]
     assert [condition["kind"] for condition in recipe["conditions"]] == ["ip-adapter"]
 
 
@@ -300,6 +313,27 @@ def test_a_full_queue_answers_503_with_retry_after_in_openais_shape() -> None:
         "param": None,
         "code": "server_busy",
     }
+
+
+def test_a_job_stopped_before_its_image_is_an_error_the_package_does_not_retry() -> None:
+    """An interrupted job (A1111's /interrupt, from another client) has no image to answer: a 503 that says so, with
+    ``x-should-retry: false`` (the package would retry a 5xx otherwise)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from sdxl_control.serve.openai_images import OpenAIError, _answer, _as_openai_error
+    from sdxl_control.serve.service import Outcome
+
+    async def run(request: Any, spec: JobSpec, label: str) -> tuple[Outcome, Any]:
+        return Outcome(result=None, interrupted=True), None
+
+    listed = SimpleNamespace(title="sd_xl_base_1.0", source=DEFAULT_BASE)
+    state = SimpleNamespace(run=run, checkpoint=listed)
+    with pytest.raises(OpenAIError) as caught:
+        asyncio.run(_answer(state, None, {"prompt": "a"}, JobSpec("a"), [], "test"))  # type: ignore[arg-type]
+    answer = _as_openai_error(caught.value).response()
+    assert answer.status_code == 503 and answer.headers["x-should-retry"] == "false"
+    assert "interrupted" in json.loads(answer.body)["error"]["message"]
 
 
 def test_errors_keep_the_a1111_shape_on_the_a1111_routes(server: str) -> None:
