@@ -278,6 +278,7 @@ def test_bad_edits_raise_the_packages_typed_errors_naming_the_field(client: open
         ({"image": image, "mask": ("m.png", png_bytes(left_half_transparent((32, 32))), "image/png")}, "mask",
          "32x32"),
         ({"image": image, "model": "/etc/passwd"}, "model", "'/etc/passwd'"),
+        ({"image": image, "extra_body": {"denoising_strength": 2}}, "denoising_strength", "strength must lie"),
     ]  # fmt: skip
     for arguments, param, says in cases:
         with pytest.raises(openai.BadRequestError) as caught:
