@@ -131,11 +131,16 @@ def test_instantid_is_its_two_units() -> None:
         ({"family": "pulid", "weight": 0.7, "mode": "style"}, {"face.kind": "pulid", "face.scale": 0.7,
                                                                 "face.mode": "style"}),
         ({"family": "photomaker", "start_merge": 0.3}, {"face.kind": "photomaker", "face.start_merge": 0.3}),
-        ({"input": "reference", "scale": 0.4}, {"reference.scale": 0.4}),
+        ({"input": "reference", "scale": 0.4, "window": [0.0, 0.5]}, {"reference.scale": 0.4,
+                                                                      "reference.window": (0.0, 0.5)}),
+        ({"family": "instantid", "keypoints_from": "POSE", "controlnet_scale": 0.5},
+         {"face.kind": "instantid", "face.keypoints_from": "POSE", "face.controlnet_scale": 0.5}),
     ],
 )  # fmt: skip
 def test_the_sdxl_control_entry_fills_the_registrys_inputs(arg: dict[str, Any], options: dict[str, Any]) -> None:
-    face = photo(seed=6)
+    face, pose = photo(seed=6), photo(seed=7)
+    arg = {key: b64(pose) if value == "POSE" else value for key, value in arg.items()}
+    options = {key: pose if value == "POSE" else value for key, value in options.items()}
     scripted = alwayson_scripts({"sdxl-control": {"args": [{**arg, "images": [b64(face)]}]}}, Limits())
     slot = next(iter(options)).partition(".")[0]
     prompt = "a photo of a man img" if arg.get("family") == "photomaker" else "a"
@@ -328,15 +333,21 @@ def test_sillytavern_adetailer_body(server: str) -> None:
     assert json.loads(image.info["sdxl-control"])["detailer"]["strength"] == 0.4  # ADetailer's default
 
 
-@pytest.mark.parametrize("module", ["canny", "depth_midas"])
+@pytest.mark.parametrize("module", ["canny", "depth_midas", "openpose_full", "instant_id_face_keypoints"])
 def test_webuiapi_controlnet_detect_runs_our_preprocessors(server: str, module: str) -> None:
     from sdxl_control.preprocessors import preprocess
 
     image = photo((64, 64), seed=8)
     result = client(server).controlnet_detect(images=[image], module=module, processor_res=64, threshold_a=60,
                                               threshold_b=120)  # fmt: skip
-    name = "canny" if module == "canny" else "depth"
-    options = {"low": 60, "high": 120} if module == "canny" else TinyResolver().preprocess_options("depth")
+    from sdxl_control.preprocessors.face import IDENTITY_PACK
+
+    name, options = {
+        "canny": ("canny", {"low": 60, "high": 120}),
+        "depth_midas": ("depth", TinyResolver().preprocess_options("depth")),
+        "openpose_full": ("pose", TinyResolver().preprocess_options("pose", {"hands": True, "face": True})),
+        "instant_id_face_keypoints": ("face", {"pack": TinyResolver().face_pack(IDENTITY_PACK)}),
+    }[module]
     expected = preprocess(name, image, **options)
     assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(expected.convert("RGB")))
     assert result.json["info"] == "Success"

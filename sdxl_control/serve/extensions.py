@@ -245,7 +245,8 @@ def _unit_notes(unit: Mapping[str, Any], at: str, context: _Context) -> None:
     hr_option = unit.get("hr_option", "Both")
     if hr_option not in ("Both", None):
         context.notes.append(f"{at}.hr_option: {hr_option!r} not applied; the unit acts where its condition acts")
-    if unit.get("save_detected_map", True) is not False and unit.get("module", "none") not in ("none", None):
+    module = unit.get("module", "none")
+    if unit.get("save_detected_map", True) is not False and module in STRUCTURE_MODULES and module != "none":
         context.notes.append(f"{at}.save_detected_map: the detected map is not appended to the images")
 
 
@@ -691,10 +692,14 @@ def _own(args: list[Any], where: str, context: _Context) -> list[Condition]:
             raise InvalidRequestError(f"{at}.images: the {name} input takes a list of base64 images")
         decoded = [decode_image(value, f"{at}.images[{i}]", context.limits) for i, value in enumerate(images or [])]
         cls = condition_class(str(options.get("kind", kind)))
-        guarded = {*cls.path_fields, *cls.model_fields} - {"mask", "variant"}
+        # Images among the options (a region mask, InstantID's pose photo: the family's image flags) come as base64.
+        family_flags = CONDITION_KINDS[str(options.get("kind", kind))].flags
+        pictures = {"mask", *(flag.field for flag in family_flags if flag.type == "image")}
+        guarded = {*cls.path_fields, *cls.model_fields} - pictures - {"variant"}
         for key, value in list(options.items()):
-            if key == "mask" and value is not None:
-                options[key] = decode_image(value, f"{at}.mask", context.limits).convert("L")
+            if key in pictures and value is not None:
+                picture = decode_image(value, f"{at}.{key}", context.limits)
+                options[key] = picture.convert("L") if key == "mask" else picture
             elif key in guarded or (key == "variant" and isinstance(value, str) and _looks_like_path(value)):
                 raise InvalidRequestError(
                     f"{at}.{key}: options naming files or folders are not taken from a request (the server's "
