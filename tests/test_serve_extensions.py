@@ -298,6 +298,25 @@ def test_webuiapi_controlnet_units_drive_txt2img(server: str) -> None:
     assert condition["kind"] == "controlnet" and condition["scale"] == 0.6 and condition["preprocess"] == "canny"
     assert condition["preprocess_options"] == {"low": 50, "high": 150}
     assert 'ControlNet 0: "Module: canny' in result.info["infotexts"][0]
+    assert any(".save_detected_map" in note for note in result.info["sdxl_control_not_done"])
+
+
+@pytest.mark.parametrize(
+    ("units", "kinds"),
+    [
+        ([{"module": "ip-adapter_clip_sdxl_plus_vith", "model": "ip-adapter-plus_sdxl_vit-h", "weight": 0.5}],
+         ["ip-adapter"]),
+        ([{"module": "instant_id_face_embedding", "model": "ip-adapter_instant_id_sdxl"},
+          {"module": "instant_id_face_keypoints", "model": "control_instant_id_sdxl", "weight": 0.6}], ["instantid"]),
+    ],
+)  # fmt: skip
+def test_webuiapi_adapter_units_run(server: str, units: list[dict[str, Any]], kinds: list[str]) -> None:
+    import webuiapi
+
+    made = [webuiapi.ControlNetUnit(image=photo(seed=i), **unit) for i, unit in enumerate(units)]
+    result = client(server).txt2img(prompt="a person", width=64, height=64, seed=3, controlnet_units=made,
+                                    alwayson_scripts={})  # fmt: skip
+    assert [c["kind"] for c in recipe(result.image)["conditions"]] == kinds
 
 
 def test_webuiapi_adetailer_drives_txt2img(server: str) -> None:
@@ -379,3 +398,17 @@ def test_the_server_answers_422_naming_the_field(server: str, unit: dict[str, An
     answer = httpx.post(f"{server}/sdapi/v1/txt2img", json=body, timeout=60)
     assert answer.status_code == 422
     assert answer.json()["detail"].startswith(named)
+
+
+@pytest.mark.parametrize(
+    ("arg", "prompt"),
+    [({"family": "pulid", "weight": 0.7}, "a woman"), ({"family": "photomaker"}, "a photo of a woman img")],
+)
+def test_the_sdxl_control_entry_runs_pulid_and_photomaker(server: str, arg: dict[str, Any], prompt: str) -> None:
+    entry = {"sdxl-control": {"args": [{**arg, "images": [b64(photo(seed=11))]}]}}
+    body = {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 1, "alwayson_scripts": entry}
+    answer = httpx.post(f"{server}/sdapi/v1/txt2img", json=body, timeout=300)
+    assert answer.status_code == 200, answer.text
+    image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    (condition,) = recipe(image)["conditions"]
+    assert condition["kind"] == arg["family"]
