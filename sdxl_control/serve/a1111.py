@@ -66,7 +66,7 @@ def txt2img_spec(
         if name is None:
             raise InvalidRequestError(f"sampler_name {sampler!r}: {why}")
         settings["scheduler"] = name
-    scripted = alwayson_scripts(payload.get("alwayson_scripts") or {}, limits)
+    scripted = alwayson_scripts(payload.get("alwayson_scripts") or {}, limits, size=settings["size"])
     notes.extend(scripted.notes)
     settings.update(scripted.settings)
     return JobSpec(prompt, settings=settings, conditions=scripted.conditions), notes

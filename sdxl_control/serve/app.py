@@ -195,7 +195,7 @@ def create_app(config: ServeConfig, service: JobService | None = None) -> FastAP
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from ..jobs.runner import Runner
-    from . import a1111, openai_images
+    from . import a1111, extensions, openai_images
 
     if service is None:
         service = JobService(
@@ -238,6 +238,7 @@ def create_app(config: ServeConfig, service: JobService | None = None) -> FastAP
     _guard(app, config)
     app.include_router(a1111.router(state))
     app.include_router(openai_images.router(state))
+    app.include_router(extensions.router(state))
     return app
 
 
