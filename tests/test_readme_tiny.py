@@ -54,6 +54,7 @@ SECONDS = 240
 # What the pages show that these tests do not run, and where it is shown instead.
 ELSEWHERE = {
     ("ui",): "serves until stopped: tests/test_ui.py drives the page in a browser on the tiny models",
+    ("serve",): "serves until stopped: tests/test_serve*.py drive the server with real clients on the tiny models",
     ("batch", "--ray"): "a Ray runtime: tests/test_batch.py runs the same kinds of jobs on a local one",
     ("batch", "s3://"): "an S3 bucket: tests/test_batch.py reads a file:// URI through pyarrow instead",
 }
