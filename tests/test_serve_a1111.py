@@ -394,3 +394,69 @@ def test_every_listed_sampler_and_schedule_type_runs():
                 except Exception:
                     pass
         assert runs, schedule
+
+
+def _page_curls() -> list[list[str]]:
+    """The curl commands of docs/guides/serve.md's A1111 section, as argument lists."""
+    import re
+    import shlex
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "serve.md").read_text()
+    section = page.split("## The A1111 web API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```console\n(.*?)```", section, flags=re.S)
+    return [shlex.split(line[2:]) for block in blocks for line in block.splitlines() if line.startswith("$ curl")]
+
+
+def test_the_pages_curl_commands_answer_as_it_says(server):
+    """Each curl command the page prints, sent as curl sends it (method, headers, body) to the tiny server: the
+    answers are A1111's shapes, and the one the page says is refused is refused naming its field."""
+    url, _ = server
+    commands = _page_curls()
+    assert len(commands) >= 6
+    for argv in commands:
+        method, headers, data, target = "GET", {}, None, None
+        words = iter(argv[1:])
+        for word in words:
+            if word == "-X":
+                method = next(words)
+            elif word == "-H":
+                key, _, value = next(words).partition(":")
+                headers[key.strip()] = value.strip()
+            elif word == "-d":
+                data = next(words)
+            elif not word.startswith("-"):
+                target = word.replace("http://127.0.0.1:7861", url)
+        assert target is not None, argv
+        if data is not None and method == "GET":
+            method = "POST"
+        answer = httpx.request(method, target, headers=headers, content=data, timeout=300)
+        if "DPM adaptive" in (data or ""):
+            assert answer.status_code == 422 and "sampler_name 'DPM adaptive'" in answer.json()["detail"]
+            continue
+        assert answer.status_code == 200, (argv, answer.text)
+        body = answer.json()
+        if target.endswith("/txt2img"):
+            info = json.loads(body["info"])
+            assert len(body["images"]) == len(info["infotexts"]) == len(info["all_seeds"])
+            assert all(_png(image).format == "PNG" for image in body["images"])
+
+
+def test_the_refiner_fields_make_the_clis_refined_pixels(server, tmp_path):
+    """``refiner_checkpoint`` (a title sd-models lists) with ``refiner_switch_at`` hands the schedule over to the
+    refiner as the CLI's ``--refiner-switch`` does; without refiner_switch_at no refiner runs (as in A1111), said."""
+    from sdxl_control.cli import main
+
+    url, _ = server
+    body = {"prompt": "a castle", "seed": 2, "steps": 3, "width": 64, "height": 64, "sampler_name": "Euler",
+            "refiner_checkpoint": "sd_xl_refiner_1.0", "refiner_switch_at": 0.5}  # fmt: skip
+    data = _txt2img(url, body)
+    served = _png(data["images"][0])
+    assert json.loads(served.info["sdxl-control"])["refiner_switch"] == 0.5
+    out = tmp_path / "cli.png"
+    assert main(["generate", "a castle", "--tiny", "--seed", "2", "--steps", "3", "--size", "64x64", "--guidance",
+                 "7", "--scheduler", "euler_linspace", "--refiner-switch", "0.5", "-q", "-o", str(out)]) == 0  # fmt: skip
+    assert np.array_equal(_pixels(served), _pixels(Image.open(out)))
+    alone = _txt2img(url, {**body, "refiner_switch_at": None})
+    alone_recipe = json.loads(_png(alone["images"][0]).info["sdxl-control"])
+    assert alone_recipe["refiner_switch"] is None and alone_recipe["models"]["refiner"] is None
+    assert any("no refiner runs" in n for n in json.loads(alone["info"])["sdxl_control_not_done"])
