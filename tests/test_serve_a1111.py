@@ -44,6 +44,9 @@ class _TwoCheckpoints(TinyResolver):
 
 @pytest.fixture(scope="module")
 def install(tiny, tmp_path_factory) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
     from sdxl_control.testing import tiny_models
     from sdxl_control.testing.lora import write_tiny_lora
     from sdxl_control.testing.single_file import write_single_file
@@ -53,6 +56,11 @@ def install(tiny, tmp_path_factory) -> Path:
     (root / "models" / "Lora").mkdir(parents=True)
     write_single_file(tiny_models(seed=1).base, root / "models" / "Stable-diffusion" / OTHER)
     write_tiny_lora(root / "models" / "Lora" / "detail.safetensors", tiny.base, "kohya", seed=1)
+    (root / "embeddings").mkdir()
+    save_file(
+        {"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(root / "embeddings" / "grainy.safetensors")
+    )
+    save_file({"emb_params": torch.zeros(1, 768)}, str(root / "embeddings" / "sd15.safetensors"))  # not SDXL's
     return root
 
 
@@ -116,6 +124,10 @@ def test_webuiapi_lists_what_runs_here(server):
     assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent", "Latent (bicubic)",
                                                                    "Latent (nearest-exact)"]  # fmt: skip
     assert [lora["name"] for lora in api.get_loras()] == ["detail"]
+    embeddings = api.get_embeddings()
+    assert embeddings["loaded"] == {"grainy": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                               "shape": 2048, "vectors": 2}}  # fmt: skip
+    assert list(embeddings["skipped"]) == ["sd15"]
     assert api.get_cmd_flags()["api_auth"] is None
     assert api.has_controlnet  # /scripts lists "controlnet m2m": webuiapi sends its empty ControlNet args
 

@@ -154,6 +154,7 @@ def read_request(
 ) -> A1111Job:
     """An A1111 ``txt2img`` or ``img2img`` request (``kind``) as a job, under the server's ``options`` (those a
     client set), its ``limits`` and its ``catalogue`` of models (``checkpoint``: the one jobs run on now)."""
+    from ..base.defaults import DEFAULT_BASE
     from ..base.samplers import tool_scheduler
     from ..jobs.png_import import _extra_networks, _Reader
     from .a1111_info import LATENT_UPSCALE_MODES, not_neutral, sampler_alias
@@ -212,7 +213,8 @@ def read_request(
     if overrides.get("sd_model_checkpoint"):
         model = catalogue.find("checkpoints", str(overrides["sd_model_checkpoint"]),
                                "override_settings.sd_model_checkpoint")  # fmt: skip
-    models["base"] = model.source
+    if model.source != DEFAULT_BASE:  # the published base is every job's own default
+        models["base"] = model.source
     clip_skip = int(options.get("CLIP_stop_at_last_layers") or 1)
     if overrides.get("CLIP_stop_at_last_layers") is not None:
         clip_skip = _number(overrides, "CLIP_stop_at_last_layers", 1)
@@ -655,10 +657,9 @@ def router(state: ServerState) -> APIRouter:
             except (SdxlControlError, OSError, ValueError):
                 skipped[entry.name] = item
                 continue
-            vectors = getattr(embedding, "vectors", None)
-            shape = getattr(vectors, "shape", None) if vectors is not None else None
-            loaded[entry.name] = {**item, "vectors": int(shape[0]) if shape else 0,
-                                  "shape": int(shape[-1]) if shape else 0}  # fmt: skip
+            # SDXL's two encoders' vectors side by side (768 + 1280 wide), as one embedding's width
+            width = sum(int(v.shape[-1]) for v in embedding.vectors.values())
+            loaded[entry.name] = {**item, "vectors": embedding.count, "shape": width}
         return {"loaded": loaded, "skipped": skipped}
 
     @api.get("/scripts")
