@@ -374,6 +374,8 @@ def test_a_txt2img_request_makes_the_clis_pixels_and_its_infotext_reads_back(ser
         ("img2img", {"init_images": ["https://example.com/a.png"]}, 422, "init_images[0]: image URLs"),
         ("options", {"sd_model_checkpoint": "sd_xl_base_1.0", "samples_format": "jpg"}, 422, "samples_format"),
         ("options", {"no_such_option": 1}, 422, "'no_such_option'"),
+        ("options", {"sd_vae": "../vae.safetensors"}, 422, "sd_vae"),
+        ("options", {"CLIP_stop_at_last_layers": 40}, 422, "CLIP_stop_at_last_layers"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_refused_naming_the_field(server, route, body, status, named):
@@ -472,3 +474,37 @@ def test_the_refiner_fields_make_the_clis_refined_pixels(server, tmp_path):
     alone_recipe = json.loads(_png(alone["images"][0]).info["sdxl-control"])
     assert alone_recipe["refiner_switch"] is None and alone_recipe["models"]["refiner"] is None
     assert any("no refiner runs" in n for n in json.loads(alone["info"])["sdxl_control_not_done"])
+
+
+def _b64(image: Image.Image, data_url: bool = False) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    text = base64.b64encode(buffer.getvalue()).decode()
+    return f"data:image/png;base64,{text}" if data_url else text
+
+
+def test_img2img_and_hires_fields_map_to_the_request():
+    """A1111's img2img fields as the request's: the mask inverted by inpainting_mask_invert, one blur radius from
+    mask_blur_x/y (the larger, said when they differ), "Only masked" as the crop margin, whole picture as none; the
+    hires size from hr_resize_x alone (the aspect kept, as A1111's calculate_target_resolution)."""
+    from sdxl_control.serve.a1111 import img2img_spec, txt2img_spec
+
+    init = Image.new("RGB", (64, 64), (200, 10, 10))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    body = {"prompt": "x", "init_images": [_b64(init, data_url=True)], "mask": _b64(mask), "width": 64,
+            "height": 64, "denoising_strength": 0.4, "mask_blur_x": 2, "mask_blur_y": 6, "inpainting_fill": 1,
+            "inpaint_full_res": True, "inpaint_full_res_padding": 16, "inpainting_mask_invert": 1}  # fmt: skip
+    spec, notes = img2img_spec(body, {})
+    settings = spec.settings
+    assert settings["strength"] == 0.4 and settings["mask_blur"] == 6 and settings["padding_mask_crop"] == 16
+    assert np.asarray(settings["mask"])[0, 0] == 0 and np.asarray(settings["mask"])[0, 63] == 255  # inverted
+    assert settings["init_image"].size == (64, 64)
+    assert [n for n in notes if n.startswith("mask_blur_x 2, mask_blur_y 6")] and not [n for n in notes if "fill" in n]
+    whole, _ = img2img_spec({**body, "inpaint_full_res": False, "mask_blur": 3}, {})
+    assert "padding_mask_crop" not in whole.settings and whole.settings["mask_blur"] == 3
+    tall, notes = img2img_spec({**body, "width": 64, "height": 128, "resize_mode": 0}, {})
+    assert any(n.startswith("resize_mode 0: an init image of another aspect") for n in notes)
+    hires, _ = txt2img_spec({"prompt": "x", "width": 64, "height": 48, "enable_hr": True, "hr_resize_x": 96}, {})
+    assert hires.settings["hires_scale"] == 1.5 and hires.settings["upscaler"] == "latent"
+    assert hires.settings["hires_strength"] == 0.75  # A1111's txt2img default denoising_strength
