@@ -340,6 +340,8 @@ def test_a_txt2img_request_makes_the_clis_pixels_and_its_infotext_reads_back(ser
         "Hires steps": "2", "Denoising strength": "0.6",
     }  # fmt: skip
     assert params["Prompt"] == "a red fox <lora:detail:0.7>" and params["Negative prompt"] == "blurry"
+    by_webuiapi = _api(url).png_info(Image.open(only_text))  # webuiapi.py png_info: a data URL, text chunks kept
+    assert by_webuiapi.info == infotext and by_webuiapi.parameters == params
     again = tmp_path / "again.png"
     assert main(["generate", "--recipe", str(only_text), "--tiny", "--models-dir", str(install), "-q", "-o",
                  str(again)]) == 0  # fmt: skip
