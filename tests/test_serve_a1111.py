@@ -342,6 +342,12 @@ def test_a_txt2img_request_makes_the_clis_pixels_and_its_infotext_reads_back(ser
     assert params["Prompt"] == "a red fox <lora:detail:0.7>" and params["Negative prompt"] == "blurry"
     by_webuiapi = _api(url).png_info(Image.open(only_text))  # webuiapi.py png_info: a data URL, text chunks kept
     assert by_webuiapi.info == infotext and by_webuiapi.parameters == params
+    # A1111 1.9+'s `infotext` field: the same settings, so the same pixels (the model it names is the tiny one's).
+    pasted = _txt2img(url, {"infotext": infotext})
+    assert np.array_equal(_pixels(_png(pasted["images"][0])), _pixels(served))
+    assert "infotext Model 'base': not a model this server lists" in "".join(
+        json.loads(pasted["info"])["sdxl_control_not_done"]
+    )
     again = tmp_path / "again.png"
     assert main(["generate", "--recipe", str(only_text), "--tiny", "--models-dir", str(install), "-q", "-o",
                  str(again)]) == 0  # fmt: skip

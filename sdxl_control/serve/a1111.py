@@ -83,7 +83,7 @@ WHY_NOT = {
     "s_min_uncond": "A1111's negative guidance minimum sigma is not done",
     "s_churn": "k-diffusion's churn is not done", "s_tmax": "k-diffusion's churn is not done",
     "s_tmin": "k-diffusion's churn is not done", "s_noise": "the samplers' noise is not scaled",
-    "firstpass_image": "a given first pass is not read", "infotext": "an infotext in the request is not read",
+    "firstpass_image": "a given first pass is not read",
     "save_images": "images are not saved on the server: they are in the answer",
     "disable_extra_networks": "extra networks in the prompt are read anyway",
     "initial_noise_multiplier": "the initial noise is not scaled", "latent_mask": "a latent mask is not read",
@@ -165,6 +165,8 @@ def read_request(
     checkpoint = checkpoint or catalogue.default()
     known = (*COMMON_FIELDS, *(TXT2IMG_FIELDS if kind == "txt2img" else IMG2IMG_FIELDS))
     notes: list[str] = []
+    if payload.get("infotext"):
+        payload = _with_infotext(payload, notes, catalogue)
     unknown = [str(k) for k in payload if k not in known]
     if unknown:  # as A1111 ignores them; named (never their values: SillyTavern's `auth` holds a password)
         notes.append(f"fields not read by this server (A1111 ignores them too): {', '.join(unknown)}")
@@ -267,6 +269,47 @@ def read_request(
         styles=list(payload.get("styles") or []), batch_size=batch_size,
         subseed=_number(payload, "subseed", -1), subseed_strength=subseed_strength, denoising_strength=denoising,
     )  # fmt: skip
+
+
+# A1111's infotext keys -> its request fields (modules/infotext_utils.py paste fields), as 1.9+ reads a request's
+# ``infotext``: a field the request gives itself wins.
+INFOTEXT_FIELDS = {
+    "Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps", "Sampler": "sampler_name",
+    "Schedule type": "scheduler", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width", "Size-2": "height",
+    "Denoising strength": "denoising_strength", "Hires upscale": "hr_scale", "Hires upscaler": "hr_upscaler",
+    "Hires steps": "hr_second_pass_steps", "Refiner": "refiner_checkpoint", "Refiner switch at": "refiner_switch_at",
+    "Variation seed": "subseed", "Variation seed strength": "subseed_strength",
+}  # fmt: skip
+
+
+def _with_infotext(payload: Mapping[str, Any], notes: list[str], catalogue: Catalogue) -> dict[str, Any]:
+    """``payload`` with the fields its ``infotext`` (an A1111 parameters text) gives where the payload gives none,
+    as A1111 1.9+ reads it; its checkpoint (if listed) and clip skip go to ``override_settings`` as A1111 puts them
+    there."""
+    from .a1111_info import parse_parameters
+
+    text = payload["infotext"]
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"infotext: expected an A1111 parameters text, got {type(text).__name__}")
+    read = parse_parameters(text)
+    given = {key: read[name] for name, key in INFOTEXT_FIELDS.items() if name in read}
+    if "hr_scale" in given:
+        given["enable_hr"] = True
+    overrides = dict(payload.get("override_settings") or {})
+    if "Model" in read and "sd_model_checkpoint" not in overrides:
+        try:  # a model this server does not list: the server's runs (A1111 drops an unknown one silently)
+            overrides["sd_model_checkpoint"] = catalogue.find("checkpoints", read["Model"], "infotext Model").title
+        except InvalidRequestError:
+            notes.append(f"infotext Model {read['Model']!r}: not a model this server lists; its own runs")
+    if read.get("Clip skip", "1") != "1":
+        overrides.setdefault("CLIP_stop_at_last_layers", read["Clip skip"])
+    if overrides:
+        given["override_settings"] = overrides
+    taken = {*INFOTEXT_FIELDS, "Model", "Clip skip", "Size", "Version", "Model hash"}
+    skipped = [k for k in read if k not in taken]
+    if skipped:
+        notes.append(f"infotext: not read: {', '.join(skipped)}")
+    return {**given, **{k: v for k, v in payload.items() if k != "infotext"}}
 
 
 def _hires(
