@@ -26,6 +26,7 @@ from tests.serving import free_port, running_server, tiny_config
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 PROGRESS = "/sdapi/v1/progress"
+PREFLIGHT = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
 
 
 def basic(user: str, password: str) -> str:
@@ -87,6 +88,8 @@ def test_with_api_auth_every_route_asks_for_the_credentials() -> None:
                 assert answer.status_code == 401, (path, header)
                 assert answer.headers["www-authenticate"] == "Basic"
         assert httpx.post(url + "/sdapi/v1/interrupt", timeout=10).status_code == 401
+        # Without --cors-allow-origins no preflight is answered before auth: an OPTIONS is a request like any other.
+        assert httpx.options(url + "/sdapi/v1/txt2img", headers=PREFLIGHT, timeout=10).status_code == 401
         assert (
             httpx.get(url + PROGRESS, headers={"Authorization": basic("me", "secret")}, timeout=10).status_code == 200
         )
@@ -105,9 +108,6 @@ def test_without_api_auth_any_authorization_header_is_ignored() -> None:
         for header in ("", "Basic", "Basic dW5kZWZpbmVk", "Bearer sk-anything", basic("a", "b")):
             answer = httpx.get(url + PROGRESS, headers={"Authorization": header}, timeout=10)
             assert answer.status_code == 200, header
-
-
-PREFLIGHT = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
 
 
 def test_cors_is_off_unless_origins_are_given() -> None:
