@@ -284,3 +284,138 @@ def test_a_model_the_server_does_not_list_is_refused_before_anything_loads(
     assert len(jobs.ended) == count and state.service.queued() == 0
     listed = state.catalogue.listed("checkpoints")[0]
     state.check_models(JobSpec("a fox", models={"base": listed.source}))  # a listed one passes
+
+
+# -- the job service alone, on a stand-in runner whose steps take 10 ms: the orderings, without the models' seconds --
+
+
+class StepRunner:
+    """Runs a job of ``job.steps`` steps, 10 ms each, reporting each step as the engine does."""
+
+    def __init__(self) -> None:
+        self.ran: list[Any] = []
+
+    def run(self, job: Any, progress: Any = None, progress_bar: Any = None) -> Any:
+        from types import SimpleNamespace as NS
+
+        import torch
+
+        self.ran.append(job)
+        for step in range(1, job.steps + 1):
+            time.sleep(0.01)
+            latents = torch.zeros(1, 4, 8, 8)
+            progress(
+                NS(
+                    step=step,
+                    steps=job.steps,
+                    index=step - 1,
+                    total=job.steps,
+                    stage=NS(label="base"),
+                    denoised=latents,
+                )
+            )
+        return NS(images=[job])
+
+
+def stand_in_job(steps: int) -> Any:
+    from types import SimpleNamespace as NS
+
+    return NS(steps=steps, request=NS(num_images=1, size=(64, 64), steps=steps, hires_scale=None, hires_steps=None))
+
+
+def service(queue_size: int = 1) -> tuple[Any, Jobs, StepRunner]:
+    from sdxl_control.serve.service import JobService
+
+    jobs, runner = Jobs(), StepRunner()
+    made = JobService(
+        runner, queue_size=queue_size, preview_every=10**6, preview_decoder=None, on_job=jobs, progress_bar=False
+    )  # type: ignore[arg-type]
+    return made, jobs, runner
+
+
+def test_a_job_cancelled_through_its_future_leaves_its_place_and_the_worker_goes_on() -> None:
+    """asyncio.wrap_future cancels the job's future when the task awaiting it is cancelled: the job leaves the queue
+    at once (a new one takes its place), and the worker, which used to die on that future, runs the next."""
+    jobs_service, jobs, runner = service(queue_size=1)
+    running = jobs_service.submit(stand_in_job(1000))
+    wait_until(lambda: jobs_service.progress().sampling_step > 0, what="the long job to run")
+    queued = jobs_service.submit(stand_in_job(2))
+    with pytest.raises(ServerBusyError) as refused:
+        jobs_service.submit(stand_in_job(2))
+    assert refused.value.retry_after >= 1
+    assert queued.future.cancel()
+    assert jobs_service.queued() == 1
+    taker = jobs_service.submit(stand_in_job(2))  # the freed place
+    jobs_service.interrupt()
+    assert running.result(30).interrupted and running.result(30).result is None
+    assert taker.result(30).result.images == [taker.job]
+    assert all(job is not queued.job for job in runner.ran)
+    jobs.wait_for(4)
+    assert isinstance(jobs.ended[queued.id], JobCancelledError)
+    assert isinstance(jobs.ended[3], ServerBusyError)
+    jobs_service.close(10)
+
+
+def test_an_interrupt_while_idle_does_not_stop_the_next_job() -> None:
+    jobs_service, _jobs, _runner = service()
+    jobs_service.interrupt()
+    jobs_service.skip()
+    outcome = jobs_service.submit(stand_in_job(3)).result(30)
+    assert outcome.result is not None and not outcome.interrupted
+    jobs_service.close(10)
+
+
+def test_closing_answers_the_running_and_the_queued_jobs_and_refuses_new_ones() -> None:
+    jobs_service, jobs, _runner = service(queue_size=2)
+    running = jobs_service.submit(stand_in_job(1000))
+    wait_until(lambda: jobs_service.progress().sampling_step > 0, what="the long job to run")
+    queued = jobs_service.submit(stand_in_job(2))
+    started = time.monotonic()
+    jobs_service.close(30)
+    assert time.monotonic() - started < 10  # stopped at its next step, not after its 1000
+    for ticket in (running, queued):
+        with pytest.raises(JobCancelledError) as cancelled:
+            ticket.result(1)
+        assert cancelled.value.reason == "shutdown"
+    with pytest.raises(ServerBusyError, match="shutting down"):
+        jobs_service.submit(stand_in_job(2))
+    assert not jobs_service._worker.is_alive()
+    assert set(jobs.reported.values()) == {1}
+
+
+def test_a_listed_file_passes_and_a_path_in_a_condition_or_an_image_field_does_not(tmp_path: Any) -> None:
+    """The check of ServerState.run on what a route made: the files the server lists (an A1111 install's checkpoint
+    and LoRA) pass as their listed source or name; a path anywhere a condition names a file (its model, its image)
+    or as the init image, and a file next to the listed ones that is not listed, are refused naming the field."""
+    from sdxl_control.adapters.controlnet import ControlNet
+    from sdxl_control.adapters.lora import LoRA
+    from sdxl_control.jobs.resolvers import TinyResolver
+    from sdxl_control.jobs.spec import JobSpec
+    from sdxl_control.serve.app import ServerState
+    from sdxl_control.weights.model_folders import ModelFolders
+
+    for folder, name in (("Lora", "mine.safetensors"), ("Stable-diffusion", "myxl.safetensors")):
+        (tmp_path / "models" / folder).mkdir(parents=True)
+        (tmp_path / "models" / folder / name).write_bytes(b"not read")
+    (tmp_path / "secret.safetensors").write_bytes(b"not read")
+    folders = ModelFolders.of([str(tmp_path)])
+    state = ServerState(tiny_config(resolver=TinyResolver(folders=folders)), service=None)  # type: ignore[arg-type]
+    lora = str(tmp_path / "models" / "Lora" / "mine.safetensors")
+    state.check_models(JobSpec("a", models={"base": "myxl"}, conditions=(LoRA(lora),)))
+    state.check_models(JobSpec("a", models={"base": str(tmp_path / "models/Stable-diffusion/myxl.safetensors")}))
+    photo = Image.new("RGB", (64, 64))
+    state.check_models(JobSpec("a", conditions=(ControlNet("diffusers/controlnet-canny-sdxl-1.0", image=photo),)))
+    refused = {
+        "lora.source": JobSpec("a", conditions=(LoRA(str(tmp_path / "secret.safetensors")),)),
+        "controlnet.model": JobSpec("a", conditions=(ControlNet("/etc/cn.safetensors", image=photo),)),
+        "controlnet.image": JobSpec(
+            "a", conditions=(ControlNet("diffusers/controlnet-canny-sdxl-1.0", image="/etc/passwd"),)
+        ),
+        "init_image": JobSpec("a", settings={"init_image": "/etc/passwd"}),
+        "base": JobSpec("a", models={"base": str(tmp_path / "secret.safetensors")}),
+        "edges": JobSpec("a", inputs={"edges": ["/etc/passwd"]}),
+    }
+    for field, spec in refused.items():
+        with pytest.raises(Exception, match=f"^{field}: ") as error:
+            state.check_models(spec)
+        assert type(error.value).__name__ == "InvalidRequestError"

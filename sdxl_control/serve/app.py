@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -248,17 +248,10 @@ class ServerState:
             if isinstance(value, str) and _names_a_model_file(value, hub_ids=True) and not self._listed(value, kind):
                 raise InvalidRequestError(f"{key}: {value!r} is not a {kind} model this server lists")
         for condition in spec.conditions:
-            for name, kind in getattr(condition, "model_fields", {}).items():
-                value = getattr(condition, name, None)
-                if (
-                    isinstance(value, str)
-                    and _names_a_model_file(value, hub_ids=False)
-                    and not self._listed(value, kind)
-                ):
-                    raise InvalidRequestError(
-                        f"{getattr(condition, 'kind', type(condition).__name__)}.{name}: {value!r} is not a {kind} "
-                        "model this server lists"
-                    )
+            self._check_condition(condition)
+        for key in ("init_image", "mask"):
+            if isinstance(spec.settings.get(key), (str, os.PathLike)):
+                raise InvalidRequestError(f"{key}: a server reads images from the request, never files it names")
         for name, values in spec.inputs.items():
             if any(isinstance(v, (str, os.PathLike)) for v in values):
                 raise InvalidRequestError(f"{name}: a server reads images from the request, never files it names")
@@ -270,6 +263,23 @@ class ServerState:
             if isinstance(value, str) and not self._listed(value, "checkpoints"):
                 raise InvalidRequestError(f"the recipe's {key}: {value!r} is not a model this server lists")
 
+    def _check_condition(self, condition: Any) -> None:
+        """A condition's fields that name files (its ``path_fields``: images, masks, faces, models) hold no path
+        the server did not list: its models are listed ones (or the family's defaults), its images are images."""
+        import dataclasses
+
+        defaults = {f.name: f.default for f in dataclasses.fields(condition)}
+        models = getattr(condition, "model_fields", {})
+        where = getattr(condition, "kind", type(condition).__name__)
+        for name in getattr(condition, "path_fields", ()):
+            for value in _strings(getattr(condition, name, None)):
+                if value == defaults.get(name) or not _names_a_model_file(value, hub_ids=False):
+                    continue
+                if name in models and self._listed(value, models[name]):
+                    continue
+                what = f"a {models[name]} model this server lists" if name in models else "an image sent in the request"
+                raise InvalidRequestError(f"{where}.{name}: {value!r} is not {what}; a server opens no path it is sent")
+
     def _listed(self, value: Any, *kinds: str) -> bool:
         text = str(value)
         for kind in kinds:
@@ -278,6 +288,18 @@ class ServerState:
                 if text in names:
                     return True
         return False
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings (and paths) in a field's value, in its lists and mappings too."""
+    if isinstance(value, (str, os.PathLike)):
+        yield os.fspath(value) if not isinstance(value, str) else value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
 def _names_a_model_file(text: str, *, hub_ids: bool) -> bool:

@@ -166,7 +166,7 @@ class JobService:
 
     Example:
         >>> service = JobService(Runner(device="cpu"), queue_size=2)                        # doctest: +SKIP
-        >>> service.progress().job_count
+        >>> service.progress().job_count                                                   # doctest: +SKIP
         0
     """
 
