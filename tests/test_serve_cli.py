@@ -62,7 +62,7 @@ def test_the_flags_make_the_config(
     import sdxl_control.cli.serve as serve
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(serve, "serve", lambda config, host, port: seen.update(config=config, host=host) or 0)
+    monkeypatch.setattr(serve, "serve", lambda config, host, port, most: seen.update(config=config, host=host) or 0)
     assert main(["serve", "--tiny", "--max-body-mb", "3", *flags]) == 0
     assert seen["host"] == host
     assert seen["config"].auth == auth and seen["config"].cors_origins == origins

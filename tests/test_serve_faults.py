@@ -123,7 +123,11 @@ def test_concurrent_clients_are_each_answered_once_and_memory_stays_flat(server:
     ended = list(jobs.ended.values())[before:]
     assert sum(isinstance(o, Outcome) for o in ended) == sum(s == 200 for _, s, _ in first + second)
     assert sum(isinstance(o, ServerBusyError) for o in ended) == sum(s == 503 for _, s, _ in first + second)
-    print(f"RSS after round 1: {rss_after_first / 2**20:.0f} MiB, after round 2: {rss_after_second / 2**20:.0f} MiB")  # noqa: T201
+    counts = Counter(status for _, status, _ in first + second)
+    print(  # noqa: T201
+        f"{counts[200]} answered 200, {counts[503]} refused 503 of 120; RSS after round 1: "
+        f"{rss_after_first / 2**20:.0f} MiB, after round 2: {rss_after_second / 2**20:.0f} MiB"
+    )
     # Generous: the first round loaded the models and warmed the allocator; a leak of the 60 requests' images and
     # tensors would show as tens of MB more each round.
     assert rss_after_second - rss_after_first < 150 * 2**20, (rss_after_first, rss_after_second)

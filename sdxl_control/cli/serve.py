@@ -54,6 +54,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-steps", type=count, default=200, help="the most steps a request may ask")
     serve.add_argument("--max-images", type=count, default=16, help="the most images one request may ask")
     serve.add_argument(
+        "--max-connections",
+        type=count,
+        default=64,
+        help="connections served at once (progress polls included); more are answered 503 by uvicorn",
+    )
+    serve.add_argument(
         "--max-body-mb", type=count, default=64, help="the largest request body, in MiB (base64 images included)"
     )
     serve.add_argument(
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         preview_decoder=args.preview_decoder,
         on_job=log_job,
     )
-    return serve(config, host, args.port)
+    return serve(config, host, args.port, args.max_connections)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -130,7 +136,7 @@ def _job_log() -> logging.Logger:
     return log
 
 
-def serve(config: ServeConfig, host: str, port: int) -> int:
+def serve(config: ServeConfig, host: str, port: int, max_connections: int | None = None) -> int:
     """Run the server until Ctrl-C or SIGTERM; 0 once it has stopped.
 
     A stop signal makes uvicorn stop accepting connections and wait for the open requests; the job service is shut
@@ -145,14 +151,26 @@ def serve(config: ServeConfig, host: str, port: int) -> int:
 
     app = create_app(config)
     service = app.state.server.service
+    # Refuse new jobs, drop the queued ones and stop the running one, without waiting (close() where a service of
+    # this interface has no shutdown()).
+    stop = getattr(service, "shutdown", None) or (lambda: service.close(0))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
             # In a signal handler on the event loop's thread, which may hold the service's lock: a thread takes it.
-            threading.Thread(target=service.shutdown, name="sdxl-control-shutdown", daemon=True).start()
+            threading.Thread(target=stop, name="sdxl-control-shutdown", daemon=True).start()
 
-    server = Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=120))
+    settings = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=120,
+        # Each open request may hold a body of up to --max-body-mb while it is read: a bound on how many there are.
+        limit_concurrency=max_connections,
+    )
+    server = Server(settings)
     # uvicorn raises the signal again once it has shut down (for the handler it found); a SIGTERM handled gracefully
     # is a clean stop, so that handler ends the process with 0 (and a SIGTERM before uvicorn starts does the same).
     previous = signal.signal(signal.SIGTERM, _exit_cleanly)

@@ -214,11 +214,11 @@ class ServerState:
                     return waiting.result(), job
                 # Starlette reads http.disconnect without waiting; uvicorn sends it once the socket closes.
                 if await request.is_disconnected():
-                    ticket.cancel("client")
+                    ticket.cancel()  # (its reason defaults to "client"; a service of this interface may take none)
                     log.info("job %d: its client went away; cancelled", ticket.id)
                     raise JobCancelledError("the client went away", "client")
         except asyncio.CancelledError:  # the server cancelled this request (a forced shutdown)
-            ticket.cancel("shutdown")
+            ticket.cancel()
             raise
         finally:
             if not waiting.done():
