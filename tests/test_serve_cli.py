@@ -165,6 +165,7 @@ def test_sigterm_during_a_job_stops_it_answers_its_clients_and_exits_0(tmp_path:
     log = tmp_path / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "sdxl_control", "serve", "--tiny", "--device", "cpu", "--port", str(port)]
+    command += ["--max-steps", "1000"]
     with log.open("w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -181,7 +182,7 @@ def test_sigterm_during_a_job_stops_it_answers_its_clients_and_exits_0(tmp_path:
         answers: list[Any] = []
 
         def client(seed: int) -> None:
-            body = {"prompt": "a fox", "steps": 200, "width": 64, "height": 64, "seed": seed}
+            body = {"prompt": "a fox", "steps": 1000, "width": 64, "height": 64, "seed": seed}
             try:
                 answers.append(httpx.post(url + "/sdapi/v1/txt2img", json=body, timeout=300))
             except httpx.TransportError as exc:  # a closed connection is an answer too (documented)

@@ -28,7 +28,7 @@ from tests.serving import running_server, tiny_config
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 SMALL = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler a"}
-LONG = {**SMALL, "steps": 150}  # long enough on the tiny models to be running when the test acts (~0.1-1 s a step)
+LONG = {**SMALL, "steps": 1000}  # running when the test acts (~0.01-1 s a step on the tiny models); it is stopped
 
 
 class Jobs:
@@ -54,7 +54,9 @@ class Jobs:
 @pytest.fixture(scope="module")
 def server() -> Any:
     jobs = Jobs()
-    with running_server(tiny_config(queue_size=2, on_job=jobs, limits=Limits(max_body_bytes=8 * 2**20))) as (url, app):
+    with running_server(
+        tiny_config(queue_size=2, on_job=jobs, limits=Limits(max_body_bytes=8 * 2**20, max_steps=1000))
+    ) as (url, app):
         yield url, app.state.server, jobs
 
 
