@@ -148,6 +148,8 @@ def test_a_client_that_leaves_cancels_its_job_and_the_next_runs_on_the_same_mode
     first = threading.Thread(target=lambda: holder.append(txt2img(url, {**LONG, "seed": 1})))
     first.start()
     wait_until(lambda: running(url), what="the long job to run")
+    now = httpx.get(f"{url}/sdapi/v1/progress", timeout=30).json()  # answered while the job runs
+    assert 0 < now["progress"] < 1 and now["state"]["job_count"] == 1 and now["current_image"]
     with pytest.raises(httpx.TimeoutException):
         txt2img(url, {**SMALL, "seed": 2}, timeout=1.5)
     wait_until(lambda: state.service.queued() == 1, timeout=30, what="the queued job to be dropped")
@@ -199,6 +201,37 @@ def test_bad_input_is_refused_naming_the_field_and_the_server_keeps_serving(
     assert answer.status_code == status, answer.text
     assert named in answer.json()["detail"]
     assert txt2img(url, {**SMALL, "seed": 1}).status_code == 200
+
+
+def test_an_unforeseen_error_is_answered_in_a1111s_shape_and_the_server_goes_on() -> None:
+    """A1111's api_middleware answers any other exception 500 with {error, detail, body, errors}; so does this."""
+    from fastapi.testclient import TestClient
+
+    from sdxl_control.serve.app import create_app
+    from sdxl_control.serve.service import JobService
+
+    class Idle:
+        def close(self) -> None:
+            pass
+
+    service = JobService(Idle(), queue_size=1)  # type: ignore[arg-type]
+    app = create_app(tiny_config(), service)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a value no check foresaw")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/boom")
+        assert answer.status_code == 500
+        assert answer.json() == {
+            "error": "RuntimeError",
+            "detail": "a value no check foresaw",
+            "body": "",
+            "errors": "a value no check foresaw",
+        }
+        assert client.get("/sdapi/v1/progress").status_code == 200
+    assert service.closed  # the app's lifespan closed its service
 
 
 def test_the_limits_hold_hires_fix_steps_and_scale(server: Any) -> None:

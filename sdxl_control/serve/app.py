@@ -416,6 +416,12 @@ def create_app(config: ServeConfig, service: JobService | None = None) -> FastAP
             status = 404
         return error(status, exc)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:
+        # A1111's answer to any other error (a bug, or a value no check foresaw): 500 in its shape, which clients
+        # print; Starlette raises it again after this answer, so uvicorn logs the traceback; the server goes on.
+        return error(500, exc)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
         return error(exc.status_code, exc, str(exc.detail), headers=getattr(exc, "headers", None))
