@@ -215,3 +215,34 @@ def test_sigterm_during_a_job_stops_it_answers_its_clients_and_exits_0(tmp_path:
     assert "job 1 txt2img: cancelled" in text and "job 2 txt2img: cancelled" in text, text
     assert '"POST /sdapi/v1/txt2img HTTP/1.1" 503' in text  # uvicorn's access log
     assert "Finished server process" in text
+
+
+def test_with_api_auth_a_websocket_is_closed_before_it_opens() -> None:
+    """No route speaks WebSocket today; one added later is behind the same credentials."""
+    from fastapi import WebSocket
+    from fastapi.testclient import TestClient
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocketDisconnect
+
+    from sdxl_control.serve.app import create_app
+    from sdxl_control.serve.service import JobService
+
+    class Idle:
+        def close(self) -> None:
+            pass
+
+    app = create_app(tiny_config(auth={"me": "secret"}), JobService(Idle(), queue_size=1))  # type: ignore[arg-type]
+
+    async def echo(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_text("open")
+        await socket.close()
+
+    app.router.routes.append(WebSocketRoute("/echo", echo))  # Starlette's: no annotation for FastAPI to resolve
+
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/echo") as socket:
+            socket.receive_text()
+        assert closed.value.code == 1008
+        with client.websocket_connect("/echo", headers={"Authorization": basic("me", "secret")}) as socket:
+            assert socket.receive_text() == "open"

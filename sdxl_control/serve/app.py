@@ -472,6 +472,9 @@ def _guard(app: FastAPI, config: ServeConfig) -> None:
             self.app = app
 
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "websocket" and credentials and not authorised(scope):
+                await send({"type": "websocket.close", "code": 1008})  # before accept: the server answers 403
+                return
             if scope["type"] != "http":
                 await self.app(scope, receive, send)
                 return
