@@ -4,6 +4,9 @@ for the clients written for A1111: Open WebUI, SillyTavern, webuiapi scripts, ed
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
@@ -13,8 +16,9 @@ from .options import count
 
 if TYPE_CHECKING:
     from ..jobs.resolvers import Resolver
+    from ..serve.app import ServeConfig
 
-__all__ = ["add_parser", "run", "parse_auth"]
+__all__ = ["add_parser", "run", "parse_auth", "serve", "log_job"]
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -50,6 +54,15 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-steps", type=count, default=200, help="the most steps a request may ask")
     serve.add_argument("--max-images", type=count, default=16, help="the most images one request may ask")
     serve.add_argument(
+        "--max-connections",
+        type=count,
+        default=64,
+        help="connections served at once (progress polls included); more are answered 503 by uvicorn",
+    )
+    serve.add_argument(
+        "--max-body-mb", type=count, default=64, help="the largest request body, in MiB (base64 images included)"
+    )
+    serve.add_argument(
         "--preview-decoder",
         default=DRAFT_DECODER,
         metavar="MODEL",
@@ -71,17 +84,15 @@ def parse_auth(text: str | None) -> dict[str, str] | None:
 
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
-    import uvicorn
-
-    from ..serve.app import Limits, ServeConfig, create_app
+    from ..serve.app import Limits, ServeConfig
 
     options.library_output(getattr(args, "verbose", False))
     auth = parse_auth(args.api_auth)
     host = "0.0.0.0" if args.listen else args.host
-    if host not in ("127.0.0.1", "localhost", "::1") and auth is None and not args.insecure:
+    if host not in LOOPBACK and auth is None and not args.insecure:
         raise InvalidRequestError(
-            f"listening on {host} without --api-auth would let anyone who reaches this machine use it: give "
-            "--api-auth USER:PASS, or --insecure if that is what you want"
+            f"{'--listen' if args.listen else '--host ' + host}: listening on {host} without --api-auth would let "
+            "anyone who reaches this machine use it: give --api-auth USER:PASS, or --insecure if that is what you want"
         )
     config = ServeConfig(
         resolver=resolver,
@@ -91,8 +102,88 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         queue_size=args.queue_size,
         auth=auth,
         cors_origins=tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()),
-        limits=Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images),
+        limits=Limits(
+            max_body_bytes=args.max_body_mb * 2**20,
+            max_side=args.max_side,
+            max_steps=args.max_steps,
+            max_images=args.max_images,
+        ),
         preview_decoder=args.preview_decoder,
+        on_job=log_job,
     )
-    uvicorn.run(create_app(config), host=host, port=args.port, log_level="info")
+    return serve(config, host, args.port, args.max_connections)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def log_job(ticket: Any, outcome: Any) -> None:
+    """The server's line for each job, beside uvicorn's access log: ``job 3 txt2img: 4 images 1024x1024, 30 steps,
+    12.3 s``, or refused / cancelled / interrupted / failed: why."""
+    from ..serve.service import describe
+
+    _job_log().info(describe(ticket, outcome))
+
+
+def _job_log() -> logging.Logger:
+    log = logging.getLogger("sdxl_control.serve.jobs")
+    if not log.handlers:  # uvicorn's look ("INFO:     ..."), on the terminal whatever the root logger's level
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+def serve(config: ServeConfig, host: str, port: int, max_connections: int | None = None) -> int:
+    """Run the server until Ctrl-C or SIGTERM; 0 once it has stopped.
+
+    A stop signal makes uvicorn stop accepting connections and wait for the open requests; the job service is shut
+    down at once (new jobs refused, queued ones cancelled, the running one stopped at its next step), so every
+    waiting client is answered (503 with Retry-After) and the wait is short. Then the app's lifespan ends the worker.
+    A second Ctrl-C forces the exit (uvicorn)."""
+    import threading
+
+    import uvicorn
+
+    from ..serve.app import create_app
+
+    app = create_app(config)
+    service = app.state.server.service
+    # Refuse new jobs, drop the queued ones and stop the running one, without waiting (close() where a service of
+    # this interface has no shutdown()).
+    stop = getattr(service, "shutdown", None) or (lambda: service.close(0))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            # In a signal handler on the event loop's thread, which may hold the service's lock: a thread takes it.
+            threading.Thread(target=stop, name="sdxl-control-shutdown", daemon=True).start()
+
+    settings = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=120,
+        # Each open request may hold a body of up to --max-body-mb while it is read: a bound on how many there are.
+        limit_concurrency=max_connections,
+    )
+    server = Server(settings)
+    # uvicorn raises the signal again once it has shut down (for the handler it found); a SIGTERM handled gracefully
+    # is a clean stop, so that handler ends the process with 0 (and a SIGTERM before uvicorn starts does the same).
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        server.run()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        service.close(timeout=60)
     return 0
+
+
+def _exit_cleanly(sig: int, frame: Any) -> None:
+    raise SystemExit(0)

@@ -19,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import logging
+import os
 import secrets
-from collections.abc import Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..base.defaults import DRAFT_DECODER
 from ..base.errors import InvalidRequestError, SdxlControlError
 from .catalogue import Catalogue, Listed
-from .service import JobCancelledError, JobService, Outcome, ServerBusyError
+from .service import JobCancelledError, JobService, Outcome, ServerBusyError, Ticket
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -75,6 +78,70 @@ class Limits:
         if not 1 <= count <= self.max_images:
             raise InvalidRequestError(f"{what}: {count} images is outside 1..{self.max_images} (--max-images)")
 
+    def check_settings(self, settings: Mapping[str, Any], fields: Mapping[str, str] | None = None) -> None:
+        """The request settings a front-end made of a client's request, before anything resolves (``--tiny``
+        shrinks a size as it resolves, so the size asked is checked here): size, steps, hires steps and scale,
+        number of images. ``fields`` names each setting as the client sent it (default: A1111's fields)."""
+        names = {**A1111_FIELDS, **(fields or {})}
+        size = settings.get("size")
+        if size is not None:
+            width, height = _ints(size, names["size"])
+            self.check_size(width, height, names["size"])
+            scale = settings.get("hires_scale")
+            if scale is not None:
+                scale = _number(scale, names["hires_scale"])
+                self.check_size(
+                    round(width * scale), round(height * scale), f"{names['size']} x {names['hires_scale']}"
+                )
+        for key in ("steps", "hires_steps"):
+            if settings.get(key) is not None:
+                self.check_steps(_ints(settings[key], names[key])[0], names[key])
+        if settings.get("num_images") is not None:
+            self.check_images(_ints(settings["num_images"], names["num_images"])[0], names["num_images"])
+
+    def check_request(self, request: Any, fields: Mapping[str, str] | None = None) -> None:
+        """The resolved request (a :class:`~sdxl_control.passes.request.GenerationRequest`): what a preset, a recipe
+        or an image made of the settings is held to the same limits; an init image's own size too."""
+        names = {**A1111_FIELDS, **(fields or {})}
+        settings = {
+            "size": request.size,
+            "steps": request.steps,
+            "hires_steps": request.hires_steps,
+            "hires_scale": request.hires_scale,
+            "num_images": request.num_images,
+        }
+        self.check_settings(settings, names)
+        init = getattr(request, "init_image", None)
+        if init is not None and hasattr(init, "size"):
+            width, height = init.size
+            self.check_size(int(width), int(height), names["init_image"])
+
+
+# How the A1111 API names the settings the limits hold (the OpenAI route passes its own: size, n).
+A1111_FIELDS = {
+    "size": "width x height",
+    "steps": "steps",
+    "hires_steps": "hr_second_pass_steps",
+    "hires_scale": "hr_scale",
+    "num_images": "batch_size x n_iter",
+    "init_image": "init_images",
+}
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{what}: {value!r} is not a whole number") from None
+
+
+def _number(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"{what}: {value!r} is not a number") from None
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -99,6 +166,8 @@ class ServeConfig:
     preview_every: int = 5
     preview_decoder: str | None = DRAFT_DECODER
     progress_bar: bool = True
+    # Told of each job's end (the server's log line, see serve.service.describe); None: nothing is said.
+    on_job: Callable[[Ticket, Outcome | BaseException], None] | None = None
 
 
 class ServerState:
@@ -112,6 +181,7 @@ class ServerState:
         self.options: dict[str, Any] = {}
         self.catalogue = Catalogue(self.resolver.folders, base=config.base, refiner=config.refiner)
         self.checkpoint: Listed = self.catalogue.default()  # the model jobs run on until a client chooses another
+        self._resolving = threading.Lock()
 
     @property
     def resolver(self) -> Resolver:
@@ -119,28 +189,124 @@ class ServerState:
 
         return self.config.resolver or HubResolver()
 
-    async def run(self, request: Request, spec: JobSpec, label: str) -> tuple[Outcome, Any]:
-        """Resolve ``spec`` (errors: 422 naming the input), queue it (full: 503), and wait for its outcome while the
-        client stays; a client that goes away cancels its job. Returns the outcome and the resolved job."""
+    async def run(
+        self, request: Request, spec: JobSpec, label: str, *, fields: Mapping[str, str] | None = None
+    ) -> tuple[Outcome, Any]:
+        """Check ``spec`` against the server's limits and its listed models, resolve it (errors: 422 naming the
+        input), queue it (full: 503), and wait for its outcome while the client stays; a client that goes away
+        cancels its job (dropped from the queue, or stopped at its next step). Every route runs its jobs here, so
+        none can skip a check. ``fields`` names the settings as the route's clients send them (default A1111's).
+        Returns the outcome and the resolved job."""
         from starlette.concurrency import run_in_threadpool
 
         from ..jobs.spec import resolve
 
-        job = await run_in_threadpool(resolve, spec, self.resolver)
+        self.limits.check_settings(spec.settings, fields)
+        self.check_models(spec)
+        job = await run_in_threadpool(self._resolve, resolve, spec)
+        self.limits.check_request(job.request, fields)
         ticket = self.service.submit(job, label)
-        waiting = asyncio.wrap_future(ticket.future)
+        waiting = asyncio.ensure_future(asyncio.wrap_future(ticket.future))
         try:
             while True:
                 done, _ = await asyncio.wait({waiting}, timeout=0.25)
                 if done:
                     return waiting.result(), job
+                # Starlette reads http.disconnect without waiting; uvicorn sends it once the socket closes.
                 if await request.is_disconnected():
-                    ticket.cancel()
+                    ticket.cancel()  # (its reason defaults to "client"; a service of this interface may take none)
                     log.info("job %d: its client went away; cancelled", ticket.id)
-                    raise JobCancelledError("the client went away")
-        except asyncio.CancelledError:
+                    raise JobCancelledError("the client went away", "client")
+        except asyncio.CancelledError:  # the server cancelled this request (a forced shutdown)
             ticket.cancel()
             raise
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+            elif not waiting.cancelled():
+                waiting.exception()  # read, so asyncio does not report it as never retrieved
+
+    def _resolve(self, resolve: Callable[..., Any], spec: JobSpec) -> Any:
+        # One at a time: a resolver is not made for threads (the tiny one writes its models on first use, the hub
+        # one reads embeddings and folders), and resolving is short next to the job it queues.
+        with self._resolving:
+            return resolve(spec, self.resolver)
+
+    def check_models(self, spec: JobSpec) -> None:
+        """Every model ``spec`` would load is one this server lists (:class:`~sdxl_control.serve.catalogue.Catalogue`):
+        a checkpoint by its listed source or name; a VAE, upscaler or decoder, and a condition's model, never a path
+        (or hub id, for the settings) the server did not list. So no path a client sends reaches the file system."""
+        for key in ("base", "refiner", "unet"):
+            value = spec.models.get(key)
+            if value is not None and not self._listed(value, "checkpoints", "unet", "diffusion_models"):
+                raise InvalidRequestError(
+                    f"{key}: {value!r} is not a model this server lists; choose one of GET /sdapi/v1/sd-models by "
+                    "its title"
+                )
+        for key, kind in (("vae", "vae"), ("decoder", "vae_approx"), ("upscaler", "upscale_models")):
+            value = spec.settings.get(key)
+            if isinstance(value, str) and _names_a_model_file(value, hub_ids=True) and not self._listed(value, kind):
+                raise InvalidRequestError(f"{key}: {value!r} is not a {kind} model this server lists")
+        for condition in spec.conditions:
+            self._check_condition(condition)
+        for key in ("init_image", "mask"):
+            if isinstance(spec.settings.get(key), (str, os.PathLike)):
+                raise InvalidRequestError(f"{key}: a server reads images from the request, never files it names")
+        for name, values in spec.inputs.items():
+            if any(isinstance(v, (str, os.PathLike)) for v in values):
+                raise InvalidRequestError(f"{name}: a server reads images from the request, never files it names")
+        for key, value in (("preset", spec.preset), ("face_pack", spec.face_pack)):
+            if isinstance(value, str) and _names_a_model_file(value, hub_ids=True):
+                raise InvalidRequestError(f"{key}: {value!r} names a file; a server takes only names")
+        for key in ("base", "refiner"):
+            value = (spec.recipe or {}).get(key)
+            if isinstance(value, str) and not self._listed(value, "checkpoints"):
+                raise InvalidRequestError(f"the recipe's {key}: {value!r} is not a model this server lists")
+
+    def _check_condition(self, condition: Any) -> None:
+        """A condition's fields that name files (its ``path_fields``: images, masks, faces, models) hold no path
+        the server did not list: its models are listed ones (or the family's defaults), its images are images."""
+        import dataclasses
+
+        defaults = {f.name: f.default for f in dataclasses.fields(condition)}
+        models = getattr(condition, "model_fields", {})
+        where = getattr(condition, "kind", type(condition).__name__)
+        for name in getattr(condition, "path_fields", ()):
+            for value in _strings(getattr(condition, name, None)):
+                if value == defaults.get(name) or not _names_a_model_file(value, hub_ids=False):
+                    continue
+                if name in models and self._listed(value, models[name]):
+                    continue
+                what = f"a {models[name]} model this server lists" if name in models else "an image sent in the request"
+                raise InvalidRequestError(f"{where}.{name}: {value!r} is not {what}; a server opens no path it is sent")
+
+    def _listed(self, value: Any, *kinds: str) -> bool:
+        text = str(value)
+        for kind in kinds:
+            for entry in self.catalogue.listed(kind):
+                names = {entry.source, entry.title, entry.name, *((str(entry.file),) if entry.file else ())}
+                if text in names:
+                    return True
+        return False
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """The strings (and paths) in a field's value, in its lists and mappings too."""
+    if isinstance(value, (str, os.PathLike)):
+        yield os.fspath(value) if not isinstance(value, str) else value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _names_a_model_file(text: str, *, hub_ids: bool) -> bool:
+    """Whether a model name a request carries could reach the file system (a path) or, with ``hub_ids``, the hub."""
+    from ..base.files import looks_like_hub_id, looks_local
+
+    return looks_local(text) or os.path.isabs(text) or (hub_ids and looks_like_hub_id(text))
 
 
 def decode_image(value: Any, what: str, limits: Limits) -> Image.Image:
@@ -204,9 +370,24 @@ def create_app(config: ServeConfig, service: JobService | None = None) -> FastAP
             preview_every=config.preview_every,
             preview_decoder=config.preview_decoder,
             progress_bar=config.progress_bar,
+            on_job=config.on_job,
         )
     state = ServerState(config, service)
-    app = FastAPI(title="sdxl-control", description="The A1111 web API and OpenAI's images API on sdxl-control")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn's graceful shutdown: the open requests have been answered; the worker ends (a job still running,
+        # from a client that left, stops at its next step) and the models are let go.
+        from starlette.concurrency import run_in_threadpool
+
+        await run_in_threadpool(service.close, 60)
+
+    app = FastAPI(
+        title="sdxl-control",
+        description="The A1111 web API and OpenAI's images API on sdxl-control",
+        lifespan=lifespan,
+    )
     app.state.server = state
 
     def error(status: int, exc: BaseException, detail: str = "", headers: dict[str, str] | None = None) -> Any:
@@ -220,7 +401,11 @@ def create_app(config: ServeConfig, service: JobService | None = None) -> FastAP
 
     @app.exception_handler(JobCancelledError)
     async def cancelled(request: Request, exc: JobCancelledError) -> Any:
-        return error(499 if "client" in str(exc) else 503, exc)
+        # 499 (nginx's "client closed request") goes to nobody: its client left. A job stopped because the server
+        # stops is answered 503 with Retry-After, which clients (openai) retry.
+        if exc.reason == "client":
+            return error(499, exc)
+        return error(503, exc, headers={"Retry-After": str(max(1, round(service.seconds_per_job)))})
 
     @app.exception_handler(SdxlControlError)
     async def invalid(request: Request, exc: SdxlControlError) -> Any:
@@ -230,6 +415,12 @@ def create_app(config: ServeConfig, service: JobService | None = None) -> FastAP
         if isinstance(exc, ModelNotFoundError):
             status = 404
         return error(status, exc)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:
+        # A1111's answer to any other error (a bug, or a value no check foresaw): 500 in its shape, which clients
+        # print; Starlette raises it again after this answer, so uvicorn logs the traceback; the server goes on.
+        return error(500, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
@@ -243,8 +434,14 @@ def create_app(config: ServeConfig, service: JobService | None = None) -> FastAP
 
 
 def _guard(app: FastAPI, config: ServeConfig) -> None:
-    """Auth (HTTP Basic, as A1111's --api-auth, on every route), CORS (only the origins given) and the body bound,
-    as middleware so no route can forget them."""
+    """Auth (HTTP Basic, as A1111's --api-auth, on every route and method), the body bound, and CORS (only the
+    origins given), as ASGI middleware so no route can forget them.
+
+    The body is read here, whole, before the app sees it: a body over the bound (declared, or chunked without a
+    length) is refused with 413 as soon as its bytes pass the bound, instead of a route's parser failing on a cut
+    body. With auth off, an ``Authorization`` header is ignored, whatever it holds (Open WebUI sends an empty one,
+    SillyTavern ``Basic `` with nothing after it). CORS wraps the guard, so a browser's preflight (which never
+    carries credentials) is answered by the CORS rules alone, and a 401 still carries the CORS headers."""
     from starlette.middleware.cors import CORSMiddleware
     from starlette.responses import JSONResponse
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -258,46 +455,62 @@ def _guard(app: FastAPI, config: ServeConfig) -> None:
 
     def authorised(scope: Scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, encoded = header.partition(" ")
+        scheme, _, encoded = header.strip().partition(" ")
         if scheme.lower() != "basic":
             return False
         try:
-            user, _, password = base64.b64decode(encoded).decode("utf-8").partition(":")
+            user, colon, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
         except (binascii.Error, ValueError):
             return False
         expected = credentials.get(user)
-        return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
+        # compare_digest on bytes: the time taken does not tell how much of the password was right.
+        return bool(colon) and expected is not None and secrets.compare_digest(password.encode(), expected.encode())
+
+    too_large = f"the request body is over the server's {limit} bytes (its --max-body-mb)"
 
     class Guard:
         def __init__(self, app: ASGIApp) -> None:
             self.app = app
 
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "websocket" and credentials and not authorised(scope):
+                await send({"type": "websocket.close", "code": 1008})  # before accept: the server answers 403
+                return
             if scope["type"] != "http":
                 await self.app(scope, receive, send)
                 return
-            if credentials and scope.get("method") != "OPTIONS" and not authorised(scope):
+            if credentials and not authorised(scope):
                 await refuse(401, "Incorrect username or password", {"WWW-Authenticate": "Basic"})(scope, receive, send)
                 return
             declared = dict(scope.get("headers") or []).get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await refuse(413, f"the request body is over the server's {limit} bytes")(scope, receive, send)
+            if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+                await refuse(413, too_large, {"Connection": "close"})(scope, receive, send)
                 return
+            chunks: list[bytes] = []
             seen = 0
-
-            async def bounded() -> Message:
-                nonlocal seen
+            while True:
                 message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > limit:
-                        raise _BodyTooLarge()
-                return message
+                if message["type"] == "http.disconnect":
+                    return  # the client left before its body came: nobody to answer
+                body = message.get("body", b"")
+                seen += len(body)
+                if seen > limit:
+                    await refuse(413, too_large, {"Connection": "close"})(scope, receive, send)
+                    return
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+            replayed = False
 
-            try:
-                await self.app(scope, bounded, send)
-            except _BodyTooLarge:
-                await refuse(413, f"the request body is over the server's {limit} bytes")(scope, receive, send)
+            async def replay() -> Message:
+                # The body once, then the client's own messages: a route waiting on a job sees http.disconnect.
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
 
     app.add_middleware(Guard)
     if config.cors_origins:
@@ -308,7 +521,3 @@ def _guard(app: FastAPI, config: ServeConfig) -> None:
             allow_headers=["*"],
             allow_credentials=True,
         )
-
-
-class _BodyTooLarge(Exception):
-    pass
