@@ -325,7 +325,7 @@ def test_a_job_stopped_before_its_image_is_an_error_the_package_does_not_retry()
     from sdxl_control.serve.openai_images import OpenAIError, _answer, _as_openai_error
     from sdxl_control.serve.service import Outcome
 
-    async def run(request: Any, spec: JobSpec, label: str) -> tuple[Outcome, Any]:
+    async def run(request: Any, spec: JobSpec, label: str, **fields: Any) -> tuple[Outcome, Any]:
         return Outcome(result=None, interrupted=True), None
 
     listed = SimpleNamespace(title="sd_xl_base_1.0", source=DEFAULT_BASE)

@@ -56,6 +56,10 @@ if TYPE_CHECKING:
     from .app import ServerState
     from .catalogue import Listed
 
+# Our request settings as OpenAI's clients name them, for the limits' messages (steps and the sampler are our own
+# extra fields under A1111's names).
+OPENAI_FIELDS = {"size": "size", "num_images": "n", "steps": "steps", "init_image": "image", "mask": "mask"}
+
 __all__ = ["router", "generation_spec", "edit_spec", "OpenAIError", "openai_mask"]
 
 log = logging.getLogger(__name__)
@@ -386,7 +390,7 @@ async def _answer(
         notes.append(note)
         log.info("%s: %s", label, note)
     spec = dataclasses.replace(spec, models={**spec.models, "base": listed.source})
-    outcome, job = await state.run(request, spec, label)
+    outcome, job = await state.run(request, spec, label, fields=OPENAI_FIELDS)
     images = list(outcome.result.images) if outcome.result is not None else []
     if not images:
         why = "interrupted" if outcome.interrupted else "skipped" if outcome.skipped else "stopped"
