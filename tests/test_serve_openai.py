@@ -286,15 +286,18 @@ def test_bad_edits_raise_the_packages_typed_errors_naming_the_field(client: open
         assert caught.value.param == param and says in caught.value.message, caught.value.message
 
 
-def test_with_api_auth_the_package_sends_basic_auth_in_its_default_headers() -> None:
-    """Under --api-auth the package's Bearer key is refused (401: AuthenticationError); its default_headers replace
-    that header with HTTP Basic, as the docs say."""
+def test_with_api_auth_the_package_authenticates_by_its_key_or_basic_auth() -> None:
+    """Under --api-auth a key that is no USER:PASS is refused (401: AuthenticationError); the key "me:secret" (sent
+    as ``Bearer me:secret``, as Open WebUI's OpenAI engine sends its key) is taken, and so is HTTP Basic in the
+    package's default_headers, as the docs say."""
     from tests.serving import tiny_config
 
     with running_server(tiny_config(auth={"me": "secret"})) as (url, _app):
-        bearer = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            bearer.models.list()
+        for key in ("x", "me:wrong", "you:secret"):
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).models.list()
+        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key="me:secret", max_retries=0)
+        assert [model.id for model in keyed.models.list()] == ["sd_xl_base_1.0", "sd_xl_refiner_1.0"]
         basic = "Basic " + base64.b64encode(b"me:secret").decode()
         allowed = openai.OpenAI(
             base_url=f"{url}/v1", api_key="x", max_retries=0, default_headers={"Authorization": basic}

@@ -456,11 +456,17 @@ def _guard(app: FastAPI, config: ServeConfig) -> None:
     def authorised(scope: Scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, encoded = header.strip().partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, colon, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, ValueError):
+        if scheme.lower() == "bearer":
+            # OpenAI's clients (Open WebUI's OpenAI engine among them) send only "Bearer <API key>": a key of
+            # USER:PASSWORD is taken as those credentials.
+            user, colon, password = encoded.strip().partition(":")
+        elif scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, ValueError):
+                return False
+            user, colon, password = decoded.partition(":")
+        else:
             return False
         expected = credentials.get(user)
         # compare_digest on bytes: the time taken does not tell how much of the password was right.
