@@ -1,0 +1,237 @@
+"""``sdxl-control serve --ray``: the same app as a Ray Serve application, on a local Ray runtime with two CPU model
+replicas on the tiny models. Requests go through Serve's own HTTP proxy on a loopback port (txt2img, progress,
+interrupt, a full queue), or through a Serve handle to the model replicas, as the ingress sends them (routing by
+model, a condition's image travelling to the replica).
+
+Ray and Serve start once for the module (some 20-40 s on two cores); ``-m "not ray"`` deselects the file."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray.serve")
+
+from sdxl_control.jobs.resolvers import TinyResolver  # noqa: E402
+from sdxl_control.jobs.spec import JobSpec, resolve  # noqa: E402
+from tests.serving import free_port, tiny_config  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore::ResourceWarning")]
+
+QUEUE = 1  # requests that may wait for a replica; more are refused
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny: Any) -> Any:
+    """(the HTTP base URL of Serve's proxy, a handle to the model replicas) for a local Ray runtime of two CPUs
+    running the app with exactly two model replicas (autoscaling between 2 and 2)."""
+    import ray
+    from ray import serve
+
+    from sdxl_control.serve.ray_serve import APP_NAME, MODELS, RayOptions, application
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = RayOptions(min_replicas=2, max_replicas=2, max_queued_requests=QUEUE, gpus_per_replica=0)
+        serve.run(application(tiny_config(), options), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}", serve.get_deployment_handle(MODELS, APP_NAME)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _served(handle: Any) -> list[dict[str, Any]]:
+    return list(handle.broadcast("served").results(timeout_s=30))
+
+
+def _job(prompt: str, seed: int = 0, steps: int = 2, **settings: Any) -> Any:
+    spec = JobSpec(prompt, settings={"steps": steps, "seed": 3, "size": (64, 64), **settings})
+    return resolve(spec, TinyResolver(seed=seed))
+
+
+def _local(job: Any) -> Image.Image:
+    """The job's image from a Runner in this process, on one thread as a one-CPU replica runs it (the thread count
+    changes the last bit of a CPU sum here and there)."""
+    import torch
+
+    from sdxl_control.jobs.runner import Runner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Runner(device="cpu").run(job).images[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_txt2img_through_serves_proxy_makes_the_local_runners_image(cluster: Any) -> None:
+    """A1111's txt2img through Serve's HTTP proxy -> the ingress (the same FastAPI app as one machine's) -> a model
+    replica: the answer has A1111's shape, and its image and recipe are those the same job makes on a Runner here."""
+    from sdxl_control.serve.a1111 import txt2img_spec
+
+    url, _ = cluster
+    body = {"prompt": "a fox", "steps": 2, "seed": 5, "width": 64, "height": 64, "sampler_name": "Euler a"}
+    answer = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    info = json.loads(data["info"])
+    assert info["seed"] == 5 and info["all_seeds"] == [5]  # all_seeds read from the images' recipes
+    image = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
+    assert image.info["parameters"] == info["infotexts"][0]
+
+    expected = _local(resolve(txt2img_spec(body, {})[0], TinyResolver()))
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB")))
+    assert json.loads(image.info["sdxl-control"]) == expected.recipe
+
+
+def test_a_conditions_image_travels_to_the_replica(cluster: Any) -> None:
+    """A ControlNet unit's image, decoded from a request's base64 as the routes decode it, goes with the resolved
+    job to a replica (pickled by Serve) and steers the image there as it does here."""
+    from sdxl_control.adapters.controlnet import ControlNet
+    from sdxl_control.serve.app import Limits, decode_image
+    from sdxl_control.serve.ray_serve import RayJobService
+
+    _, handle = cluster
+    edges = np.zeros((64, 64, 3), np.uint8)
+    edges[16:48, 30:34] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(edges).save(buffer, format="PNG")
+    image = decode_image(base64.b64encode(buffer.getvalue()).decode(), "controlnet image", Limits())
+    spec = JobSpec("a tower", settings={"steps": 2, "seed": 4, "size": (64, 64)})
+    job = resolve(JobSpec(spec.prompt, settings=spec.settings, conditions=(ControlNet("diffusers/controlnet-canny-sdxl-1.0", image=image),)),
+                  TinyResolver())  # fmt: skip
+    plain = resolve(spec, TinyResolver())
+
+    service = RayJobService(handle)
+    made = service.submit(job).result(timeout=300).result
+    assert made is not None
+    steered = np.asarray(made.images[0].convert("RGB"))
+    assert np.array_equal(steered, np.asarray(_local(job).convert("RGB")))
+    assert not np.array_equal(steered, np.asarray(_local(plain).convert("RGB")))  # the condition did something
+
+
+def test_jobs_go_to_the_replica_that_holds_their_model(cluster: Any) -> None:
+    """Two models (the tiny models of seeds 0 and 1): after each has run once, each model's jobs go to the one
+    replica holding it, by Serve's multiplexed routing on the base model's source; each replica's own counters
+    agree (it loaded one model, and ran that model's jobs)."""
+    from sdxl_control.serve.ray_serve import RayJobService
+
+    _, handle = cluster
+    service = RayJobService(handle)
+    models = {seed: _job("a fox", seed=seed) for seed in (0, 1)}
+    assert models[0].base != models[1].base
+    for seed in (0, 1):  # the first of each loads it somewhere; Serve's router learns where within ~0.1 s
+        service.submit(models[seed]).result(timeout=300)
+        time.sleep(1.0)
+    before = {one["replica"]: one for one in _served(handle)}
+
+    answered: dict[int, set[str]] = {0: set(), 1: set()}
+    for seed in (0, 1, 1, 0, 0, 1):
+        ticket = service.submit(models[seed])
+        assert ticket.result(timeout=300).result is not None
+        answered[seed].add(str(ticket.replica))
+    assert len(answered[0]) == 1 and len(answered[1]) == 1, answered
+    assert answered[0] != answered[1]
+
+    after = {one["replica"]: one for one in _served(handle)}
+    for seed, (replica,) in answered.items():
+        base = models[seed].base
+        assert after[replica]["loaded"][-1] == base  # the model it holds now
+        assert after[replica]["jobs"][base] - before[replica]["jobs"].get(base, 0) == 3
+        assert after[replica]["loaded"] == before[replica]["loaded"]  # nothing loaded again
+
+
+def test_progress_and_interrupt_reach_the_replica_running_the_job(cluster: Any) -> None:
+    """While a long job runs on a replica, GET /progress through the proxy shows its steps and live preview;
+    POST /interrupt stops it on that replica (its own counter of stopped jobs says so), and the request ends."""
+    url, handle = cluster
+    stopped = sum(one["stopped"] for one in _served(handle))
+    body = {"prompt": "a long fox", "steps": 200, "seed": 1, "width": 64, "height": 64}
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)), daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 120
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline and thread.is_alive():
+        seen = httpx.get(f"{url}/sdapi/v1/progress", timeout=30).json()
+        if seen["state"]["sampling_step"] >= 2 and seen["current_image"]:
+            break
+        time.sleep(0.1)
+    assert seen["state"]["sampling_step"] >= 2, seen
+    assert seen["state"]["sampling_steps"] == 200 and seen["state"]["job_count"] == 1 and 0 < seen["progress"] < 1
+    Image.open(io.BytesIO(base64.b64decode(seen["current_image"]))).load()
+
+    assert httpx.post(f"{url}/sdapi/v1/interrupt", timeout=60).status_code == 200
+    thread.join(120)
+    assert answers and answers[0].status_code == 200, answers
+    assert sum(one["stopped"] for one in _served(handle)) == stopped + 1
+    idle = httpx.get(f"{url}/sdapi/v1/progress", timeout=30).json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_serving_goes_on(cluster: Any) -> None:
+    """Six requests at once for two replicas (one job each) and a queue of one: those Serve cannot queue are
+    refused with 503 and Retry-After (Ray's BackPressureError, mapped as the local server's full queue); every
+    request is answered, and the server serves the next one."""
+    url, _ = cluster
+    body = {"prompt": "a busy fox", "steps": 60, "seed": 2, "width": 64, "height": 64}
+    answers: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        answer = httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    statuses = sorted(answer.status_code for answer in answers)
+    assert len(answers) == 6 and set(statuses) <= {200, 503}, [(a.status_code, a.text[:200]) for a in answers]
+    refused = [answer for answer in answers if answer.status_code == 503]
+    assert refused and statuses.count(200) >= 1, statuses
+    for answer in refused:
+        assert int(answer.headers["Retry-After"]) >= 1
+        assert "queue is full" in answer.json()["detail"]
+    again = httpx.post(f"{url}/sdapi/v1/txt2img", json={**body, "steps": 2}, timeout=300)
+    assert again.status_code == 200, again.text
+
+
+def test_shutdown_stops_the_proxy_and_every_replica(cluster: Any) -> None:
+    """serve.shutdown then ray.shutdown: the port stops answering and no replica process is left."""
+    import psutil
+    import ray
+    from ray import serve
+
+    url, _ = cluster
+    serve.shutdown()
+    ray.shutdown()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/sdapi/v1/progress", timeout=5)
+    deadline = time.monotonic() + 30
+    while True:
+        left = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "ServeReplica:sdxl-control" in " ".join(p.info["cmdline"] or [])
+        ]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, [p.info["cmdline"] for p in left]
