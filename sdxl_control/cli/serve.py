@@ -58,10 +58,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     ray = serve.add_argument_group("Ray Serve (--ray): the same API over several devices or machines")
     ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application: one model replica per GPU")
     ray.add_argument(
-        "--ray-address", metavar="ADDRESS", help="--ray: the cluster (auto, ray://head:10001); default local"
+        "--ray-address", metavar="ADDRESS", help="--ray: the cluster to join (auto); default a local runtime"
     )
     ray.add_argument("--min-replicas", type=count, help="--ray: model replicas kept running (default 1)")
-    ray.add_argument("--max-replicas", type=count, help="--ray: model replicas at most (default: --min-replicas)")
+    ray.add_argument("--max-replicas", type=count, help="--ray: model replicas at most (default: one per GPU)")
     ray.add_argument(
         "--target-ongoing-requests",
         type=number,
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         ray = RayOptions(
             address=args.ray_address,
             min_replicas=low,
-            max_replicas=args.max_replicas or low,
+            max_replicas=args.max_replicas,
             target_ongoing_requests=args.target_ongoing_requests or 1.0,
             gpus_per_replica=args.gpus_per_replica,
             host=host,

@@ -62,18 +62,21 @@ PROGRESS_EVERY_S = 0.25  # how often a replica looks at its job's progress (and 
 @dataclass(frozen=True)
 class RayOptions:
     """How ``serve --ray`` deploys: the cluster's ``address`` (None: a local Ray runtime, ``"auto"``: the running
-    cluster), the model replicas' bounds and scaling target (requests running or waiting per replica), the queue of
-    requests no replica can take yet (None: the server's ``--queue-size``), each replica's GPUs (None: one where the
-    cluster has GPUs, else none) and CPUs, and the HTTP proxy's host and port.
+    cluster), the model replicas' bounds (``max_replicas`` None: one replica per GPU of the cluster, at least
+    ``min_replicas``) and scaling target (requests running or waiting per replica), the queue of requests no replica
+    can take yet (None: the server's ``--queue-size``), each replica's GPUs (None: one where the cluster has GPUs,
+    else none) and CPUs, and the HTTP proxy's host and port.
 
     Example:
-        >>> RayOptions(max_replicas=4).autoscaling()["max_replicas"]
+        >>> RayOptions(max_replicas=4).autoscaling(gpus_in_cluster=0)["max_replicas"]
         4
+        >>> RayOptions().autoscaling(gpus_in_cluster=8, gpus_per_replica=1)["max_replicas"]
+        8
     """
 
     address: str | None = None
     min_replicas: int = 1
-    max_replicas: int = 1
+    max_replicas: int | None = None
     target_ongoing_requests: float = 1.0
     max_queued_requests: int | None = None
     gpus_per_replica: float | None = None
@@ -84,23 +87,30 @@ class RayOptions:
     downscale_delay_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_replicas <= self.max_replicas:
+        if not 1 <= self.min_replicas <= (self.max_replicas or self.min_replicas):
             raise InvalidRequestError(
                 f"--min-replicas {self.min_replicas} / --max-replicas {self.max_replicas}: need 1 <= min <= max"
             )
         if self.target_ongoing_requests <= 0:
             raise InvalidRequestError(f"--target-ongoing-requests must be > 0, got {self.target_ongoing_requests}")
 
-    def autoscaling(self) -> dict[str, Any]:
+    def autoscaling(self, gpus_in_cluster: float, gpus_per_replica: float = 1.0) -> dict[str, Any]:
         """Ray Serve's ``autoscaling_config``: replicas by the requests each has running or waiting."""
         return {
             "min_replicas": self.min_replicas,
             "initial_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas,
+            "max_replicas": self.most_replicas(gpus_in_cluster, gpus_per_replica),
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
         }
+
+    def most_replicas(self, gpus_in_cluster: float, gpus_per_replica: float = 1.0) -> int:
+        """``max_replicas``, or one replica per GPU of the cluster (at least ``min_replicas``)."""
+        if self.max_replicas is not None:
+            return self.max_replicas
+        per_gpu = int(gpus_in_cluster // gpus_per_replica) if gpus_per_replica > 0 else 0
+        return max(self.min_replicas, per_gpu)
 
 
 @dataclass
@@ -335,11 +345,13 @@ def application(config: ServeConfig, options: RayOptions | None = None) -> Any:
     from ray import serve
 
     options = options or RayOptions()
+    import ray
+
+    in_cluster = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
     gpus = options.gpus_per_replica
     if gpus is None:
-        import ray
-
-        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0.0
+        gpus = 1.0 if in_cluster else 0.0
+    most = options.most_replicas(in_cluster, gpus)
     env = {name: os.environ[name] for name in _forwarded_env() if name in os.environ}
 
     class Models(ModelReplica):
@@ -360,7 +372,7 @@ def application(config: ServeConfig, options: RayOptions | None = None) -> Any:
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": gpus, "runtime_env": {"env_vars": env}},
         max_ongoing_requests=1,  # one job at a time per device; more wait in the ingress's bounded queue
         max_queued_requests=options.max_queued_requests or config.queue_size,
-        autoscaling_config=options.autoscaling(),
+        autoscaling_config=options.autoscaling(in_cluster, gpus),
         graceful_shutdown_timeout_s=30,
     )(Models)
 
@@ -378,7 +390,7 @@ def application(config: ServeConfig, options: RayOptions | None = None) -> Any:
     ingress = serve.deployment(
         name=INGRESS, ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}, max_ongoing_requests=1000
     )(Ingress)
-    return ingress.bind(config, models.bind(config), options.max_replicas)
+    return ingress.bind(config, models.bind(config), most)
 
 
 def _forwarded_env() -> tuple[str, ...]:
@@ -388,15 +400,16 @@ def _forwarded_env() -> tuple[str, ...]:
 
 
 def serve_on_ray(config: ServeConfig, options: RayOptions, *, stop: threading.Event | None = None) -> int:
-    """Deploy :func:`application` (starting a local Ray runtime unless ``options.address`` names a cluster) and
-    serve until ``stop`` is set or the process is interrupted (Ctrl-C, SIGTERM); then shut Serve and Ray down."""
+    """Deploy :func:`application` (starting a local Ray runtime unless ``options.address`` names a cluster or Ray is
+    already initialised) and serve until ``stop`` is set or the process is interrupted (Ctrl-C, SIGTERM); then shut
+    down the runtime it started, or delete only this application from a cluster it joined."""
     import signal
 
     try:
         import ray
         from ray import serve
     except ImportError:
-        raise InvalidRequestError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+        raise InvalidRequestError("--ray needs Ray Serve: pip install 'sdxl-control[serve-ray]'") from None
     stop = stop or threading.Event()
     started_here = not ray.is_initialized()
     if started_here:
@@ -413,7 +426,9 @@ def serve_on_ray(config: ServeConfig, options: RayOptions, *, stop: threading.Ev
         except KeyboardInterrupt:
             pass
     finally:
-        serve.shutdown()
-        if started_here:
+        if started_here:  # our own runtime: all of it goes
+            serve.shutdown()
             ray.shutdown()
+        else:  # a cluster's: only this application, whatever else it serves
+            serve.delete(APP_NAME)
     return 0
