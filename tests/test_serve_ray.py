@@ -275,6 +275,23 @@ def test_a_client_that_goes_away_stops_its_job_on_the_replica(cluster: Cluster) 
 
 
 @ray_serve
+def test_a_jobs_error_on_its_replica_reaches_the_ingress_as_itself(cluster: Cluster) -> None:
+    """A job that fails on its replica (its base model is not there) raises the replica's own error class and text
+    at the ingress (so the app answers it as one machine's server does); the replica serves the next job."""
+    import dataclasses
+
+    from sdxl_control.base.errors import ModelNotFoundError
+    from sdxl_control.serve.ray_serve import RayJobService
+
+    service = RayJobService(cluster.handle)
+    missing = dataclasses.replace(_job("a fox"), base="/nonexistent/sdxl-base")
+    with pytest.raises(ModelNotFoundError, match="no model at /nonexistent/sdxl-base"):
+        service.submit(missing).result(timeout=300)
+    assert service.submit(_job("a fox")).result(timeout=300).result is not None
+    assert service.queued() == 0
+
+
+@ray_serve
 def test_shutdown_removes_the_app_and_every_replica(cluster: Cluster) -> None:
     """serve_on_ray, told to stop, returns 0 having deleted its application from the runtime it joined (this test's):
     the routes stop answering and no replica process is left; Serve and Ray then shut down, and the port closes."""
