@@ -203,7 +203,8 @@ class RayJobService:
         finally:
             with self._lock:
                 self._tickets.pop(ticket.id, None)
-        if ticket.stop is not None:  # stopped by interrupt / skip: what it made so far, as the local service answers
+        if ticket.stop is not None and not isinstance(outcome, Outcome):
+            # stopped by interrupt / skip (not finished first): what it made so far, as the local service answers
             outcome = Outcome(
                 None,
                 interrupted=ticket.stop == "interrupt",
@@ -211,7 +212,7 @@ class RayJobService:
                 preview=ticket.progress.current_image if ticket.progress is not None else None,
                 seconds=time.monotonic() - ticket.started if ticket.started else 0.0,
             )
-        elif ticket.cancelled.is_set():
+        elif ticket.cancelled.is_set() and not isinstance(outcome, Outcome):
             outcome = JobCancelledError("the client went away")
         elif outcome is None:
             outcome = JobCancelledError("the model replica ended without an answer")
@@ -312,12 +313,13 @@ class ModelReplica:
             return f"local:{os.getpid()}"
 
     async def run_job(self, model: str, job: ResolvedJob, label: str) -> AsyncIterator[Progress | _Answer]:
-        """Run ``job`` here: its progress each time it changes (at most every :data:`PROGRESS_EVERY_S`), then its
-        answer. Cancelled (its client went away, or the ingress stopped it): the job stops at its next step."""
+        """Run ``job`` here: its progress at once, then each time it changes (at most every
+        :data:`PROGRESS_EVERY_S`), then its answer. Cancelled (its client went away, or the ingress stopped it): the job stops at its next step."""
         ticket = self.service.submit(job, label)
         waiting = asyncio.wrap_future(ticket.future)
         waiting.add_done_callback(lambda done: done.cancelled() or done.exception())  # read, even if nobody waits
         try:
+            yield self.service.progress()  # it is here: from now on the ingress counts it as running
             shown: tuple[int, int] | None = None
             while not waiting.done():
                 await asyncio.wait({waiting}, timeout=PROGRESS_EVERY_S)
@@ -386,6 +388,11 @@ def application(config: ServeConfig, options: RayOptions | None = None) -> Any:
 
             self.service = RayJobService(self.handle, replicas=self.replicas)
             return create_app(self.config, service=self.service)  # type: ignore[arg-type]
+
+        def __del__(self) -> None:  # the replica stops: its jobs are cancelled, as one machine's server does
+            service = getattr(self, "service", None)
+            if service is not None:
+                service.close(timeout=10)
 
     ingress = serve.deployment(
         name=INGRESS, ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}}, max_ongoing_requests=1000
