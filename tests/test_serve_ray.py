@@ -175,7 +175,9 @@ def test_jobs_go_to_the_replica_that_holds_their_model(cluster: Cluster) -> None
     service = RayJobService(handle)
     models = {seed: _job("a fox", seed=seed) for seed in (0, 1)}
     assert models[0].base != models[1].base
-    for seed in (0, 1):  # the first of each loads it somewhere; Serve's router learns where within ~0.1 s
+    # The first of each loads it somewhere; Serve's router learns where within ~0.1 s (pushed every 0.1 s). Twice
+    # round, so that a first placement made on stale news (both on one replica) has settled before the count.
+    for seed in (0, 1, 0, 1):
         service.submit(models[seed]).result(timeout=300)
         time.sleep(1.0)
     before = {one["replica"]: one for one in _served(handle)}
