@@ -129,3 +129,8 @@ def sdxl_pipes(tiny: TinyModels) -> tuple[Any, Any]:
     base = StableDiffusionXLPipeline.from_pretrained(tiny.base)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny.refiner)
     return as_reference(base), as_reference(refiner)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # tests/test_serve_ray.py starts a local Ray runtime and Ray Serve (tens of seconds): `-m "not ray"` skips it.
+    config.addinivalue_line("markers", "ray: starts a local Ray runtime and Ray Serve (slow); -m 'not ray' skips")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..base.defaults import DEFAULT_BASE, DEFAULT_REFINER, DRAFT_DECODER
 from ..base.errors import InvalidRequestError
 from . import options
-from .options import count
+from .options import count, number
 
 if TYPE_CHECKING:
     from ..jobs.resolvers import Resolver
@@ -68,6 +68,19 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="the live previews' tiny autoencoder (progress's current_image)",
     )
+    ray = serve.add_argument_group("Ray Serve (--ray): the same API over several devices or machines")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application: one model replica per GPU")
+    ray.add_argument(
+        "--ray-address", metavar="ADDRESS", help="--ray: the cluster to join (auto); default a local runtime"
+    )
+    ray.add_argument("--min-replicas", type=count, help="--ray: model replicas kept running (default 1)")
+    ray.add_argument("--max-replicas", type=count, help="--ray: model replicas at most (default: one per GPU)")
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=number,
+        help="--ray: jobs running or waiting per replica that autoscaling aims at (default 1: more add a replica)",
+    )
+    ray.add_argument("--gpus-per-replica", type=number, help="--ray: GPUs each replica takes (default 1 with GPUs)")
 
 
 def parse_auth(text: str | None) -> dict[str, str] | None:
@@ -111,6 +124,25 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         preview_decoder=args.preview_decoder,
         on_job=log_job,
     )
+    ray_flags = ("ray_address", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica")
+    given: dict[str, Any] = {name: getattr(args, name) for name in ray_flags if getattr(args, name, None) is not None}
+    if getattr(args, "ray", False):
+        from ..serve.ray_serve import RayOptions, serve_on_ray
+
+        low = args.min_replicas or 1
+        ray = RayOptions(
+            address=args.ray_address,
+            min_replicas=low,
+            max_replicas=args.max_replicas,
+            target_ongoing_requests=args.target_ongoing_requests or 1.0,
+            gpus_per_replica=args.gpus_per_replica,
+            host=host,
+            port=args.port,
+        )
+        return serve_on_ray(config, ray)
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise InvalidRequestError(f"{flags}: only with --ray (serve as a Ray Serve application)")
     return serve(config, host, args.port, args.max_connections)
 
 

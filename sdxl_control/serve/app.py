@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..base.defaults import DRAFT_DECODER
 from ..base.errors import InvalidRequestError, SdxlControlError
 from .catalogue import Catalogue, Listed
-from .service import JobCancelledError, JobService, Outcome, ServerBusyError, Ticket
+from .service import JobCancelledError, Jobs, JobService, Outcome, ServerBusyError, Ticket
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -173,7 +173,7 @@ class ServeConfig:
 class ServerState:
     """What the routes share: the config, the job service, the options clients set (the model among them)."""
 
-    def __init__(self, config: ServeConfig, service: JobService) -> None:
+    def __init__(self, config: ServeConfig, service: Jobs) -> None:
         self.config = config
         self.service = service
         self.limits = config.limits
@@ -354,7 +354,7 @@ def encode_png(image: Image.Image, texts: Mapping[str, str] | None = None) -> st
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def create_app(config: ServeConfig, service: JobService | None = None) -> FastAPI:
+def create_app(config: ServeConfig, service: Jobs | None = None) -> FastAPI:
     """The app, its routes on ``service`` (default: a new one on a new Runner for ``config.device``)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..base.defaults import DRAFT_DECODER
 from ..base.errors import SdxlControlError
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..jobs.spec import ResolvedJob
     from ..records.recipe import Result
 
-__all__ = ["JobService", "Ticket", "Outcome", "Progress", "ServerBusyError", "JobCancelledError", "describe"]
+__all__ = ["Jobs", "JobService", "Ticket", "Outcome", "Progress", "ServerBusyError", "JobCancelledError", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,29 @@ def describe(ticket: Ticket, outcome: Outcome | BaseException) -> str:
         return f"{head}: {how} after {outcome.seconds:.1f} s ({width}x{height}, {steps})"
     count = len(outcome.result.images)
     return f"{head}: {count} image{'s' * (count != 1)} {width}x{height}, {steps}, {outcome.seconds:.1f} s"
+
+
+class Jobs(Protocol):
+    """What the routes run jobs through: :class:`JobService` on one machine, a Ray-backed service across replicas
+    (:class:`~sdxl_control.serve.ray_serve.RayJobService`). Both answer each submitted job through its ticket's future.
+
+    Example:
+        >>> app = create_app(config, service=RayJobService(handle))  # doctest: +SKIP
+    """
+
+    seconds_per_job: float
+
+    def submit(self, job: ResolvedJob, label: str = "txt2img") -> Ticket: ...
+
+    def queued(self) -> int: ...
+
+    def interrupt(self) -> None: ...
+
+    def skip(self) -> None: ...
+
+    def progress(self) -> Progress: ...
+
+    def close(self, timeout: float | None = None) -> None: ...
 
 
 class JobService:
