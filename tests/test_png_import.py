@@ -492,14 +492,14 @@ def test_a_graphs_own_timesteps_a_sampler_cannot_take_are_listed_not_kept() -> N
     """SDXL Turbo's SDTurboScheduler with 4 steps runs timesteps 999, 899, 799, 699; ComfyUI's euler_ancestral runs
     them, diffusers' EulerAncestralDiscreteScheduler takes no timestep list: the import keeps the sampler, lists the
     timesteps with the reason and leaves none in the request (which would be refused before it runs)."""
-    from sdxl_control.jobs.png_import import _Reader
+    from sdxl_control.jobs.png_import import SettingsReader
 
-    reader = _Reader("ComfyUI")
+    reader = SettingsReader("ComfyUI")
     reader.settings.update(steps=4, timesteps=(999, 899, 799, 699))
     reader.scheduler("euler_ancestral", "normal", "SDTurboScheduler (node 3)", tool="ComfyUI custom")
     assert reader.settings["scheduler"].startswith("euler_a") and "timesteps" not in reader.settings
     assert any("takes no timestep list" in line for line in reader.unmapped), reader.unmapped
-    kept = _Reader("ComfyUI")
+    kept = SettingsReader("ComfyUI")
     kept.settings.update(steps=4, timesteps=(999, 899, 799, 699))
     kept.scheduler("euler", "normal", "SDTurboScheduler (node 3)", tool="ComfyUI custom")
     assert kept.settings["timesteps"] == (999, 899, 799, 699) and kept.unmapped == []

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..base.errors import InputError
-from .png_import import Imported, _lora, _Reader
+from .png_import import Imported, SettingsReader, _lora
 
 __all__ = ["read_fooocus", "read_invokeai", "read_ruinedfooocus", "read_swarmui"]
 
@@ -33,7 +33,7 @@ class _Keys:
     """A JSON object's keys as they are read: ``get`` marks a key taken; :meth:`rest` lists the others with their
     values, so a key no reader knows is named, never dropped."""
 
-    def __init__(self, data: Mapping[str, Any], reader: _Reader, where: str = "") -> None:
+    def __init__(self, data: Mapping[str, Any], reader: SettingsReader, where: str = "") -> None:
         self.data, self.reader, self.where = data, reader, where
         self.taken: set[str] = set()
 
@@ -106,7 +106,7 @@ def read_fooocus(data: Mapping[str, Any]) -> Imported:
     on its own and joins the encodings: the parts are restored joined by ``BREAK``, which reads them as chunks of their
     own. Its own effects (sharpness, ADM guidance, adaptive CFG, the styles themselves) have no equivalent here and are
     listed."""
-    reader = _Reader("Fooocus")
+    reader = SettingsReader("Fooocus")
     keys = _Keys(data, reader)
     full = keys.get("full_prompt")
     prompt = str(keys.get("prompt") or "")
@@ -188,7 +188,7 @@ _INVOKEAI_SAMPLERS = {
 
 def read_invokeai(data: Mapping[str, Any]) -> Imported:
     """The request an InvokeAI ``invokeai_metadata`` JSON (InvokeAI 3 and later) describes."""
-    reader = _Reader("InvokeAI")
+    reader = SettingsReader("InvokeAI")
     keys = _Keys(data, reader)
     prompt = str(keys.get("positive_prompt") or "")
     if negative := keys.get("negative_prompt"):
@@ -250,7 +250,7 @@ def read_swarmui(data: Mapping[str, Any]) -> Imported:
     params = data.get("sui_image_params")
     if not isinstance(params, Mapping):
         raise InputError("SwarmUI's sui_image_params is not an object")
-    reader = _Reader("SwarmUI")
+    reader = SettingsReader("SwarmUI")
     keys = _Keys(params, reader)
     prompt = str(keys.get("prompt") or "")
     if negative := keys.get("negativeprompt"):
@@ -331,7 +331,7 @@ def _swarm_hires(keys: _Keys) -> None:
 def read_ruinedfooocus(data: Mapping[str, Any]) -> Imported:
     """The request a RuinedFooocus ``parameters`` JSON (``"software": "RuinedFooocus"``) describes; its sampler and
     scheduler are ComfyUI's names."""
-    reader = _Reader("RuinedFooocus")
+    reader = SettingsReader("RuinedFooocus")
     keys = _Keys(data, reader)
     prompt = str(keys.get("Prompt") or "")
     if negative := keys.get("Negative"):

@@ -33,7 +33,10 @@ from ..records.infotext import A1111_UPSCALERS as WRITTEN_UPSCALERS
 from .resolvers import Resolver
 from .spec import JobSpec
 
-__all__ = ["Imported", "read_a1111", "read_comfyui", "read_image_settings", "missing_loras"]
+__all__ = [
+    "Imported", "read_a1111", "read_comfyui", "read_image_settings", "missing_loras", "split_infotext", "InfotextParts",
+    "SettingsReader", "extra_networks",
+]  # fmt: skip
 
 # Checkpoint file names of the published SDXL models -> their hub ids, so a PNG made with them runs without a folder.
 PUBLISHED_CHECKPOINTS = {
@@ -174,8 +177,15 @@ def _lora(name: str, scale: float) -> Condition:
     return LoRA(name, scale=scale)
 
 
-class _Reader:
-    """Collects settings and the parts that did not map while a PNG's metadata is read."""
+class SettingsReader:
+    """Collects settings and the parts that did not map while a PNG's metadata (or a request in a tool's terms, as
+    the A1111 server routes read theirs) is read.
+
+    Example:
+        >>> reader = SettingsReader("A1111")
+        >>> extra_networks("a fox <lora:detail:0.5>", reader), reader.conditions[0].scale
+        ('a fox', 0.5)
+    """
 
     def __init__(self, tool: str) -> None:
         self.tool = tool
@@ -219,8 +229,25 @@ class _Reader:
         return Imported(self.tool, prompt, self.settings, tuple(self.conditions), self.models, tuple(self.unmapped))
 
 
-def read_a1111(text: str) -> Imported:
-    """The request an A1111 ``parameters`` text describes (see the module)."""
+@dataclass(frozen=True)
+class InfotextParts:
+    """An A1111 ``parameters`` text in its parts, as A1111 splits it: the prompt, the negative prompt (``None`` where
+    the text has no "Negative prompt:" line), the settings line's ``Key: value`` items (unquoted), and the fragments
+    of that line that are no item.
+
+    Example:
+        >>> split_infotext("a fox\\nNegative prompt: blur\\nSteps: 20, Seed: 3, Size: 64x64").items["Seed"]
+        '3'
+    """
+
+    prompt: str
+    negative: str | None
+    items: Mapping[str, str]
+    stray: tuple[str, ...] = ()
+
+
+def split_infotext(text: str) -> InfotextParts:
+    """``text`` (an A1111 ``parameters`` text) in its parts (see :class:`InfotextParts`)."""
     lines = text.strip().split("\n")
     items: dict[str, str] = {}
     found, stray = _settings_items(lines[-1])
@@ -244,13 +271,20 @@ def read_a1111(text: str) -> Imported:
             negative_lines.append(line.strip())
         else:
             prompt_lines.append(line.strip())
-    reader = _Reader("A1111")
-    for fragment in stray:
+    negative = "\n".join(negative_lines) if negative_lines is not None else None
+    return InfotextParts("\n".join(prompt_lines), negative, items, tuple(stray))
+
+
+def read_a1111(text: str) -> Imported:
+    """The request an A1111 ``parameters`` text describes (see the module)."""
+    parts = split_infotext(text)
+    reader = SettingsReader("A1111")
+    for fragment in parts.stray:
         reader.skip(fragment, "text in the settings line that is no 'Key: value' item; not read")
-    prompt = _extra_networks("\n".join(prompt_lines), reader)
-    if negative_lines is not None:
-        reader.settings["negative_prompt"] = "\n".join(negative_lines)
-    _a1111_items(items, reader)
+    prompt = extra_networks(parts.prompt, reader)
+    if parts.negative is not None:
+        reader.settings["negative_prompt"] = parts.negative
+    _a1111_items(dict(parts.items), reader)
     return reader.done(prompt)
 
 
@@ -331,7 +365,7 @@ def _unquoted(value: str) -> str:
     return value
 
 
-def _extra_networks(prompt: str, reader: _Reader) -> str:
+def extra_networks(prompt: str, reader: SettingsReader) -> str:
     """The prompt without A1111's ``<lora:name:weight>`` tags, each made a LoRA (others listed as not mapped)."""
 
     def take(match: re.Match[str]) -> str:
@@ -353,7 +387,7 @@ def _extra_networks(prompt: str, reader: _Reader) -> str:
     return re.sub(r"\s{2,}", " ", _EXTRA_NETWORK.sub(take, prompt)).strip()
 
 
-def _a1111_items(items: dict[str, str], reader: _Reader) -> None:
+def _a1111_items(items: dict[str, str], reader: SettingsReader) -> None:
     settings = reader.settings
     taken = set()
 
@@ -483,7 +517,7 @@ _SIGMA_DEFAULTS = {
 }
 
 
-def _clip_skip(skip: int, version: str, reader: _Reader) -> None:
+def _clip_skip(skip: int, version: str, reader: SettingsReader) -> None:
     """A1111's ``Clip skip`` as the tool that wrote it reads it for SDXL: Forge (``Version: f...``) reads both
     encoders' ``max(N, 2)``-th layer from the end, which is our ``clip_skip`` N from 3 on; A1111 reads SDXL's
     penultimate layers whatever it says, unless its "Clip skip SDXL" option (CLIP-L only), which the text does not
@@ -520,7 +554,7 @@ class _ComfyGraph:
     def __init__(self, graph: Mapping[str, Any]) -> None:
         self.nodes = {str(k): v for k, v in graph.items()}
         self.seen: set[str] = set()
-        self.reader = _Reader("ComfyUI")
+        self.reader = SettingsReader("ComfyUI")
         self.prompts: tuple[str | None, str | None] = ("", "")  # the first sampler's (None: zeroed on purpose)
         self.links: dict[str, Any] = {}  # the first sampler's model and conditioning links
         self.reader.settings["emphasis"] = "comfyui"  # its prompts were weighted and cut as ComfyUI reads them

@@ -158,7 +158,7 @@ def read_request(
     ``init_image``: img2img's image (the extensions' units use it where they give none)."""
     from ..base.defaults import DEFAULT_BASE
     from ..base.samplers import tool_scheduler
-    from ..jobs.png_import import _extra_networks, _Reader
+    from ..jobs.png_import import SettingsReader, extra_networks
     from .a1111_info import LATENT_UPSCALE_MODES, not_neutral, sampler_alias
     from .extensions import alwayson_scripts
 
@@ -183,8 +183,8 @@ def read_request(
         if len(prompt_value) > 1:
             notes.append("prompt: a list of prompts runs its first for every image")
         prompt_value = prompt_value[0] if prompt_value else ""
-    reader = _Reader("A1111")
-    prompt = _extra_networks(str(prompt_value), reader)
+    reader = SettingsReader("A1111")
+    prompt = extra_networks(str(prompt_value), reader)
     for part in reader.unmapped:
         notes.append(f"prompt {part}")
     conditions = []

@@ -85,27 +85,11 @@ def parse_parameters(text: str) -> dict[str, Any]:
     """An infotext as A1111's ``parse_generation_parameters`` gives it to ``/png-info``: ``Prompt``, ``Negative
     prompt``, each ``Key: value`` of the settings line as a string, ``Size`` also as ``Size-1``/``Size-2``, and its
     default ``Clip skip`` of "1". Read with the PNG importer's reading of the settings line."""
-    from ..jobs.png_import import _settings_items, _settings_start, _unquoted
+    from ..jobs.png_import import split_infotext
 
-    lines = text.strip().split("\n")
-    found, _ = _settings_items(lines[-1]) if lines else ([], [])
-    if len(found) < 3 and (start := _settings_start(lines)) is not None:
-        found, _ = _settings_items("\n".join(lines[start:]))
-        del lines[start + 1 :]
-    items: dict[str, Any] = {}
-    if len(found) >= 3:
-        lines.pop()
-        items = {key: _unquoted(value) for key, value in found}
-    prompt: list[str] = []
-    negative: list[str] | None = None
-    for line in lines:
-        if negative is None and line.strip().startswith("Negative prompt:"):
-            negative = [line.strip()[len("Negative prompt:") :].strip()]
-        elif negative is not None:
-            negative.append(line.strip())
-        else:
-            prompt.append(line.strip())
-    out: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative or [])}
+    parts = split_infotext(text)
+    items = parts.items
+    out: dict[str, Any] = {"Prompt": parts.prompt, "Negative prompt": parts.negative or ""}
     out.update(items)
     size = str(items.get("Size", ""))
     if "x" in size:
