@@ -50,6 +50,16 @@ def test_png_recipe_round_trips_and_reproduces(generator, tmp_path):
     assert np.array_equal(pixels(again.images[0]), pixels(Image.open(path).convert("RGB")))
 
 
+def test_an_image_pickles_with_its_recipe(generator):
+    """A generated image sent to another process (a Ray replica's answer) keeps its recipe and its PNG texts."""
+    import pickle
+
+    image = generator.generate("a lighthouse", seed=4, **ARGS).images[0]
+    copy = pickle.loads(pickle.dumps(image))
+    assert type(copy) is type(image) and copy.recipe == image.recipe and copy.info == image.info
+    assert np.array_equal(pixels(copy), pixels(image))
+
+
 def test_recipe_of_a_batch_image_names_its_own_seed(generator):
     result = generator.generate("a lighthouse", seed=100, num_images=3, **ARGS)
     assert [r["seed"] for r in result.recipes] == [100, 101, 102]

@@ -57,6 +57,15 @@ class RecipeImage(Image.Image):
 
     recipe: dict[str, Any]
 
+    def __getstate__(self) -> list[Any]:
+        # PIL pickles pixels, mode, size, palette and info; the recipe travels too (a Ray replica's images reach the
+        # ingress with theirs).
+        return [*super().__getstate__(), self.recipe]
+
+    def __setstate__(self, state: list[Any]) -> None:
+        super().__setstate__(state)
+        self.recipe = state[5]
+
     @classmethod
     def wrap(cls, image: Image.Image, recipe: dict[str, Any]) -> RecipeImage:
         out = cls()

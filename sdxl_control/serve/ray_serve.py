@@ -133,20 +133,11 @@ class RayTicket(Ticket):
 
 @dataclass(frozen=True)
 class _Answer:
-    """What a replica sends back last: the outcome, its images' recipes apart (a PIL image pickles its pixels and
-    ``info`` but not the ``recipe`` attribute :class:`~sdxl_control.records.recipe.RecipeImage` adds), and who ran
-    it."""
+    """What a replica sends back last: the outcome (its images with their recipes), and who ran it."""
 
     outcome: Outcome
-    recipes: list[dict[str, Any]]
     replica: str
     model: str
-
-    def opened(self) -> Outcome:
-        if self.outcome.result is not None:
-            for image, recipe in zip(self.outcome.result.images, self.recipes, strict=True):
-                image.recipe = recipe
-        return self.outcome
 
 
 class RayJobService:
@@ -193,7 +184,7 @@ class RayJobService:
                     ticket.started = ticket.started or time.monotonic()
                     ticket.progress = item
                 else:
-                    outcome, ticket.replica = item.opened(), item.replica
+                    outcome, ticket.replica = item.outcome, item.replica
         except BackPressureError as exc:
             outcome = ServerBusyError(
                 f"the queue is full ({exc.message}): try again later", retry_after=self._retry_after(exc)
@@ -333,8 +324,7 @@ class ModelReplica:
                 ticket.cancel()
                 self.stopped += 1
         self.jobs[model] += 1
-        recipes = [image.recipe for image in outcome.result.images] if outcome.result is not None else []
-        yield _Answer(outcome, recipes, self.name(), model)
+        yield _Answer(outcome, self.name(), model)
 
     def served(self) -> dict[str, Any]:
         """What this replica loaded (the models Serve was told it holds, in order), the jobs it ran by model, and
