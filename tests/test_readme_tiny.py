@@ -274,4 +274,4 @@ def test_readme_other_commands_run_offline_with_tiny(argv, tiny, tmp_path, monke
 def test_every_readme_command_is_run_or_said_where_it_is_shown():
     shown = {" ".join(a) for a in GENERATE + OTHERS} | {" ".join(a) for a in COMMANDS if a[0] == "batch"}
     assert shown == {" ".join(a) for a in COMMANDS}
-    assert sum(_elsewhere(a) is not None for a in COMMANDS) == 3  # ui, and the two Ray batches
+    assert sum(_elsewhere(a) is not None for a in COMMANDS) == 4  # ui, serve, and the two Ray batches

@@ -203,6 +203,28 @@ def test_bad_input_is_refused_naming_the_field_and_the_server_keeps_serving(
     assert txt2img(url, {**SMALL, "seed": 1}).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("route", "change", "named"),
+    [
+        ("img2img", {"init_images": ["data:image/png;base64,!!!notbase64"]}, "init_images[0]"),
+        ("img2img", {"init_images": ["aGVsbG8="]}, "init_images[0]: not a readable image"),  # "hello"
+        ("txt2img", {"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, "sd_model_checkpoint"),
+        ("txt2img", {"override_settings": {"sd_model_checkpoint": "no-such-model"}}, "sd_model_checkpoint"),
+        ("txt2img", {"refiner_checkpoint": "../models/x.safetensors", "refiner_switch_at": 0.5}, "refiner_checkpoint"),
+    ],
+)
+def test_bad_images_and_model_names_are_refused_through_the_routes(
+    server: Any, route: str, change: dict[str, Any], named: str
+) -> None:
+    """Through the A1111 routes as clients call them: a broken image and a model name the server does not list (a
+    path among them) are a 4xx naming the field; the server goes on serving."""
+    url, _state, _jobs = server
+    answer = httpx.post(f"{url}/sdapi/v1/{route}", json={**SMALL, **change}, timeout=120)
+    assert answer.status_code == 422, answer.text
+    assert named in answer.json()["detail"]
+    assert txt2img(url, {**SMALL, "seed": 1}).status_code == 200
+
+
 def test_an_unforeseen_error_is_answered_in_a1111s_shape_and_the_server_goes_on() -> None:
     """A1111's api_middleware answers any other exception 500 with {error, detail, body, errors}; so does this."""
     from fastapi.testclient import TestClient
