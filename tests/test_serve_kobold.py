@@ -1,8 +1,10 @@
 """KoboldAI Lite (KoboldCpp's web UI) with ``sdxl-control serve`` as its external "KoboldCpp / Forge / A1111" image
 generator: the requests it sends, replayed as it builds them, and the answers read as it reads them.
 
-Source: LostRuins/lite.koboldai.net ``index.html`` @ 27eb1dcc59d686675ce5018ccf696f0ee8cf5794 (KoboldCpp embeds the
-same page as ``klite.embd``). What it does, in its functions:
+Source: LostRuins/lite.koboldai.net ``index.html`` @ 27eb1dcc59d686675ce5018ccf696f0ee8cf5794 (Lite v339). KoboldCpp
+embeds the page as ``klite.embd``; the older copy read at LostRuins/koboldcpp 2da346a5 (Lite v180) sends the same
+bodies less ``scheduler`` and ``clip_skip``, which the newer one also leaves out by default. What it does, in its
+functions:
 
 - ``connect_to_a1111``: ``GET /sdapi/v1/sd-models`` then ``GET /sdapi/v1/options``; it refuses the server when
   ``samples_format`` is null or no model is listed; its model menu is the ``title`` of each model, the one equal to
