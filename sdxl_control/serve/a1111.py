@@ -93,6 +93,17 @@ WHY_NOT = {
     "hr_scheduler": "the hires pass runs the first pass's schedule",
 }  # fmt: skip
 
+# Our schedulers of the samplers A1111 gives an eta (those whose k-diffusion function takes one: Forge dfdcbab6
+# modules/sd_samplers_common.py initialize); the others ignore it, as A1111's do.
+ETA_SCHEDULERS = ("euler_a_", "dpmpp_sde_", "dpmpp_2m_sde_")
+# override_settings at A1111 1.10's defaults (modules/shared_options.py), which this server's jobs already follow:
+# KoboldAI Lite sends them with every request. Any other value is listed as not applied.
+NEUTRAL_OVERRIDES: dict[str, tuple[Any, ...]] = {
+    "eta_noise_seed_delta": (0,), "ddim_discretize": ("uniform",), "img2img_fix_steps": (False,),
+    "sd_hypernetwork": ("None",), "inpainting_mask_weight": (1,), "initial_noise_multiplier": (1,),
+    "comma_padding_backtrack": (20,),
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class A1111Job:
@@ -157,7 +168,7 @@ def read_request(
     client set), its ``limits`` and its ``catalogue`` of models (``checkpoint``: the one jobs run on now);
     ``init_image``: img2img's image (the extensions' units use it where they give none)."""
     from ..base.defaults import DEFAULT_BASE
-    from ..base.samplers import tool_scheduler
+    from ..base.samplers import SCHEDULER_TABLE, tool_scheduler
     from ..jobs.png_import import SettingsReader, extra_networks
     from .a1111_info import LATENT_UPSCALE_MODES, not_neutral, sampler_alias
     from .extensions import alwayson_scripts
@@ -169,11 +180,12 @@ def read_request(
     notes: list[str] = []
     if payload.get("infotext"):
         payload = _with_infotext(payload, notes, catalogue)
-    unknown = [str(k) for k in payload if k not in known]
+    # enable_hr false asks nothing of img2img (KoboldAI Lite sends it to both routes): not listed as unread
+    unknown = [str(k) for k in payload if k not in known and not (k == "enable_hr" and payload[k] is False)]
     if unknown:  # as A1111 ignores them; named (never their values: SillyTavern's `auth` holds a password)
         notes.append(f"fields not read by this server (A1111 ignores them too): {', '.join(unknown)}")
     for key in not_neutral(payload, NEUTRAL):
-        if WHY_NOT.get(key):
+        if WHY_NOT.get(key) and key != "eta":  # eta: read with the sampler, below
             notes.append(f"{key}: {WHY_NOT[key]}")
     settings: dict[str, Any] = {}
     models: dict[str, Any] = {}
@@ -230,6 +242,8 @@ def read_request(
         where = "override_settings.sd_vae" if overrides.get("sd_vae") else "options sd_vae"
         settings["vae"] = catalogue.find("vae", vae, where).source
     for key in overrides:
+        if overrides[key] in NEUTRAL_OVERRIDES.get(key, ()):  # A1111's default: nothing to apply
+            continue
         if key not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"):
             notes.append(f"override_settings.{key}: not applied (this server applies sd_model_checkpoint, sd_vae "
                          "and CLIP_stop_at_last_layers)")  # fmt: skip
@@ -255,6 +269,15 @@ def read_request(
             f"sampler_name {sampler!r} with scheduler {schedule!r}: {why} (GET /sdapi/v1/samplers and /schedulers "
             "list what runs here)"
         )
+    eta = _number(payload, "eta", 1.0, float)
+    if eta != 1 and scheduler_name.startswith(ETA_SCHEDULERS):
+        plain = "euler_" + scheduler_name.removeprefix("euler_a_")
+        if eta == 0 and scheduler_name.startswith("euler_a_") and plain in SCHEDULER_TABLE:
+            # k-diffusion's get_ancestral_step(eta=0) is (sigma_next, 0): Euler a adds no noise, its steps are Euler's
+            scheduler_name = plain
+            notes.append("eta 0: Euler a adds no noise with eta 0, so it runs as Euler (the same steps as A1111's)")
+        else:
+            notes.append(f"eta: {WHY_NOT['eta']}")
     settings["scheduler"] = scheduler_name
 
     if payload.get("script_name"):
@@ -734,6 +757,16 @@ def router(state: ServerState) -> APIRouter:
     @api.post("/refresh-embeddings")
     def refresh_embeddings() -> None:
         state.catalogue.refresh()
+
+    @api.post("/interrogate")
+    def interrogate(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        # A1111 captions with CLIP or DeepDanbooru; no captioning model runs here, so the route answers 501 naming
+        # what was asked (a client reading "caption" finds none) rather than a bare 404.
+        from fastapi import HTTPException
+
+        model = payload.get("model", "clip")
+        raise HTTPException(501, f"/sdapi/v1/interrogate (model {model!r}): captioning is not offered by "
+                                 "sdxl-control serve; caption images with another tool")  # fmt: skip
 
     @api.post("/png-info")
     def png_info(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
