@@ -350,6 +350,14 @@ def _hires(
     upscaler = payload.get("hr_upscaler") or "Latent"  # A1111's latent_upscale_default_mode
     if upscaler in latent_modes:
         settings["upscaler"] = latent_modes[upscaler]
+    elif upscaler == "Latent (antialiased)":  # offered by clients that list A1111's six modes (the Photoshop plugin)
+        settings["upscaler"] = latent_modes["Latent"]
+        notes.append("hr_upscaler 'Latent (antialiased)': run as 'Latent' (an enlargement's antialiased bilinear is "
+                     "bilinear, to float rounding)")  # fmt: skip
+    elif str(upscaler).startswith("Latent ("):
+        raise InvalidRequestError(f"hr_upscaler: {upscaler!r} is not run here; the latent modes here are "
+                                  f"{', '.join(latent_modes)} and 'Latent (antialiased)' (GET "
+                                  "/sdapi/v1/latent-upscale-modes), or an upscaler /sdapi/v1/upscalers lists")  # fmt: skip
     elif str(upscaler).casefold() in ("none", "lanczos"):
         settings["upscaler"] = "lanczos"
     else:
