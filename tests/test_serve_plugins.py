@@ -354,3 +354,130 @@ def test_progress_polling_and_interrupt(server: httpx.Client) -> None:
     (answer,) = answers
     (read,) = read_as_the_plugin(server, answer)
     assert read["image"].size == (64, 64)
+
+
+# -- Cyanic SD-Krita ---------------------------------------------------------------------------------------------------
+# DrCyanide/cyanic-sd-krita @ 5678aa1bc6f263b23a7e1da384b235f61489d26d, the Krita plugin that speaks /sdapi/v1 (A1111
+# and SD.Next). cyanic/sdapi_v1.py: SDAPI.init_api (GET /queue/status first: no answer = not connected, nothing
+# else is asked), the lists it caches, cleanup_data (the widgets' fields as the API's), txt2img/img2img (POST with
+# Content-Type: application/json; ``info`` parsed from its JSON string), get_progress, interrupt (POST ``{}``);
+# cyanic/widgets/generate.py (the body: width/height raised to defaults.min_size, then every widget's
+# get_generation_data; progress_check; threadable_return); cyanic/default_settings.json (the defaults).
+
+
+def cyanic_get(server: httpx.Client, route: str) -> Any:
+    """SDAPI.get: the JSON of a 200, None for anything else (urlopen raises, the plugin catches)."""
+    answer = server.get(route)
+    return answer.json() if answer.status_code == 200 else None
+
+
+def cyanic_body(server: httpx.Client, mode: str, **changes: Any) -> dict[str, Any]:
+    """GenerateWidget.generate's data for ``mode`` on a 64x64 canvas (the user's defaults.min_size set to 64; the
+    default 512 would raise it), its widgets at default_settings.json's values (sampler '' as the options name
+    none, the model and VAE the options name), then SDAPI.cleanup_data."""
+    options = cyanic_get(server, "/sdapi/v1/options")
+    data: dict[str, Any] = {"width": 64, "height": 64}
+    data.update(model=options.get("sd_model_checkpoint", ""), vae=options.get("sd_vae", ""), sampler="",
+                sampling_steps=2)  # ModelsWidget (enable_refiner false: its refiner fields popped)  # fmt: skip
+    data.update(prompt="a red barn", negative_prompt="")  # PromptWidget
+    data.update(batch_count=1, batch_size=1, cfg_scale=7, seed=-1, subseed=-1, subseed_strength=0.0)
+    if mode == "txt2img":
+        data["enable_hr"] = False  # HiResFixWidget: auto hires only above 768 px
+    else:  # the inpaint page: MaskWidget, ColorCorrectionWidget, DenoiseWidget (SoftInpaintWidget off: {})
+        data.update(mask_blur=4, inpainting_mask_invert=0, inpainting_fill=1, inpaint_full_res=0,
+                    inpaint_full_res_padding=32, color_correction=True, denoising_strength=0.7)  # fmt: skip
+    scripts = cyanic_get(server, "/sdapi/v1/scripts") or {}
+    if any("controlnet" in [k.lower() for k in names] for names in scripts.values()):
+        data["alwayson_scripts"] = {}  # ExtensionWidget: ControlNet and ADetailer listed, no unit enabled
+    data.update(changes)
+    # cleanup_data
+    overrides: dict[str, Any] = data.setdefault("override_settings", {})
+    overrides["sd_model_checkpoint"] = data.pop("model")
+    overrides["sd_vae"] = data.pop("vae")
+    if "color_correction" in data:
+        overrides["img2img_color_correction"] = data.pop("color_correction")
+    data["sampler_name"] = data.pop("sampler")
+    data["steps"] = data.pop("sampling_steps")
+    data["override_settings_restore_afterwards"] = False
+    for old, new in (("inpaint_img", "init_images"), ("mask_img", "mask")):
+        if old in data:
+            data[new] = [data.pop(old)] if new == "init_images" else data.pop(old)
+    data["n_iter"] = data.pop("batch_count")
+    return data
+
+
+def cyanic_results(answer: httpx.Response) -> dict[str, Any]:
+    """SDAPI.txt2img/img2img's reading, then threadable_return's and results_to_layers': ``info`` parsed,
+    ``parameters``' batch_size x n_iter images (more would be cut), each layer named by ``info.all_seeds``."""
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    if isinstance(results["info"], str):
+        results["info"] = json.loads(results["info"])
+    expected = results["parameters"]["batch_size"] * results["parameters"]["n_iter"]
+    assert len(results["images"]) == expected
+    assert len(results["info"]["all_seeds"]) >= expected
+    return results
+
+
+def test_cyanic_connects_and_lists(server: httpx.Client) -> None:
+    """SDAPI.init_api: /queue/status answers (else the plugin stays disconnected); the lists it caches read as it
+    reads them (sd-models' title and model_name, sd-vae's model_name, samplers' and upscalers' name, embeddings'
+    loaded, scripts); options tell it A1111 (none of SD.Next's own keys), its default model the title sd-models
+    lists. The routes A1111 has and this server does not (face-restorers, prompt-styles, hypernetworks) answer 404,
+    which the plugin keeps as None and checks before use."""
+    status = cyanic_get(server, "/queue/status")
+    assert status is not None and status["queue_size"] == 0
+    models = cyanic_get(server, "/sdapi/v1/sd-models")
+    titles, names = [m["title"] for m in models], [m["model_name"] for m in models]
+    options = cyanic_get(server, "/sdapi/v1/options")
+    sdnext = ["cross_attention_sep", "cuda_compile_sep", "models_paths_sep_options", "outdir_sep_dirs",
+              "outdir_sep_grids", "postprocessing_sep_img2img", "postprocessing_sep_upscalers", "sd_lyco"]  # fmt: skip
+    assert sum(key in options for key in sdnext) <= len(sdnext) / 2  # host_version 'A1111'
+    assert options["sd_model_checkpoint"] in titles and len(names) == len(titles)
+    assert all(isinstance(v["model_name"], str) for v in cyanic_get(server, "/sdapi/v1/sd-vae"))
+    assert "Euler a" in [s["name"] for s in cyanic_get(server, "/sdapi/v1/samplers")]
+    assert all(isinstance(u["name"], str) for u in cyanic_get(server, "/sdapi/v1/upscalers"))
+    assert isinstance(cyanic_get(server, "/sdapi/v1/embeddings")["loaded"], dict)
+    assert isinstance(cyanic_get(server, "/sdapi/v1/loras"), list)
+    assert "controlnet" in cyanic_get(server, "/sdapi/v1/scripts")["txt2img"]
+
+
+def test_cyanic_txt2img_and_inpaint(server: httpx.Client) -> None:
+    """The txt2img page's body (model and VAE as override_settings, sampler_name '' = the server's default,
+    override_settings_restore_afterwards false, n_iter) and the inpaint page's (init_images and mask from the layer
+    and its mask layer, inpaint_full_res 0, padding 32, img2img_color_correction as an override, which is noted as
+    not applied) answer images the plugin places: batch_size x n_iter of them, seeds in info.all_seeds."""
+    results = cyanic_results(server.post("/sdapi/v1/txt2img", json=cyanic_body(server, "txt2img", seed=5)))
+    assert png(results["images"][0]).size == (64, 64) and results["info"]["all_seeds"][0] == 5
+    assert results["info"]["sampler_name"] == "Euler"  # '' runs the server's default, as A1111's does
+
+    layer = picture((64, 64), seed=9)
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle([0, 0, 31, 63], fill=255)
+    body = cyanic_body(server, "inpaint", seed=6, inpaint_img=b64(layer), mask_img=b64(mask))
+    results = cyanic_results(server.post("/sdapi/v1/img2img", json=body))
+    assert png(results["images"][0]).size == (64, 64) and results["info"]["denoising_strength"] == 0.7
+    assert any("img2img_color_correction" in n for n in results["info"]["sdxl_control_not_done"])
+
+
+def test_cyanic_progress_check_and_cancel(server: httpx.Client) -> None:
+    """GenerateWidget.progress_check reads state.skipped/interrupted (stopping when either is set), progress x 100
+    and current_image (its preview layer); cancel() posts interrupt with ``{}``; the request then answers, and the
+    next check sees interrupted and stops."""
+    body = cyanic_body(server, "txt2img", sampling_steps=200, seed=2)
+    answers: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: answers.append(server.post("/sdapi/v1/txt2img", json=body)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while True:
+        results = cyanic_get(server, "/sdapi/v1/progress")
+        running = not (results["state"]["skipped"] or results["state"]["interrupted"])
+        if running and int(results["progress"] * 100) > 0 and results["current_image"]:  # its bar moved
+            break
+        assert time.monotonic() < deadline and worker.is_alive(), results
+        time.sleep(0.05)
+    assert 0 < int(results["progress"] * 100) < 100 and png(results["current_image"]).size == (64, 64)
+    assert server.post("/sdapi/v1/interrupt", json={}).status_code == 200
+    worker.join(120)
+    (answer,) = answers
+    assert len(cyanic_results(answer)["images"]) == 1

@@ -755,3 +755,18 @@ def router(state: ServerState) -> APIRouter:
         return {"info": info, "items": items, "parameters": parse_parameters(info) if info else {}}
 
     return api
+
+
+def queue_router(state: ServerState) -> APIRouter:
+    """Gradio's ``GET /queue/status`` at the host root, as A1111 1.10 (Gradio 3.41's ``Estimation``) answers it:
+    some clients call it, not the API, to tell whether the server is up (Cyanic SD-Krita's ``SDAPI.init_api``)."""
+    api = APIRouter()
+
+    @api.get("/queue/status")
+    def queue_status() -> dict[str, Any]:
+        return {
+            "msg": "estimation", "rank": None, "queue_size": state.service.queued(), "avg_event_process_time": None,
+            "avg_event_concurrent_process_time": None, "rank_eta": None, "queue_eta": 0,
+        }  # fmt: skip
+
+    return api
