@@ -224,6 +224,19 @@ def test_txt2img_as_the_plugin_sends_it(server: httpx.Client) -> None:
     assert "detailer" not in recipe(read["image"])  # ADetailer's entry is there, disabled
 
 
+def test_the_plugins_adetailer_entry_is_the_face_detailer() -> None:
+    """With its After Detailer tab on, getSettings' ADetailer entry ([true, {ad_model face_yolov8n.pt, ad_confidence
+    0.3, ad_dilate_erode 32, ad_mask_blur 4, ad_denoising_strength 0.4, ad_inpaint_only_masked_padding 0, ad_use_steps
+    with ad_steps 28, its ControlNet model and module 'None'...}]) is the face detailer with those values; off, none."""
+    from sdxl_control.serve.a1111 import txt2img_spec
+
+    spec, _ = txt2img_spec(settings_body("txt2img", adetailer=True, width=64, height=64, steps=2), {})
+    assert spec.settings["detailer"] == {"strength": 0.4, "confidence": 0.3, "dilation": 32, "blur": 4, "padding": 0,
+                                         "steps": 28}  # fmt: skip
+    spec, _ = txt2img_spec(settings_body("txt2img", width=64, height=64, steps=2), {})
+    assert "detailer" not in spec.settings
+
+
 # requestGetHiResUpscalers: the six Latent modes the plugin offers before /upscalers' names.
 PLUGIN_LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
                        "Latent (nearest)", "Latent (nearest-exact)"]  # fmt: skip
