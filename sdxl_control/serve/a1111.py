@@ -373,6 +373,14 @@ def _hires(
     upscaler = payload.get("hr_upscaler") or "Latent"  # A1111's latent_upscale_default_mode
     if upscaler in latent_modes:
         settings["upscaler"] = latent_modes[upscaler]
+    elif upscaler == "Latent (antialiased)":  # offered by clients that list A1111's six modes (the Photoshop plugin)
+        settings["upscaler"] = latent_modes["Latent"]
+        notes.append("hr_upscaler 'Latent (antialiased)': run as 'Latent' (an enlargement's antialiased bilinear is "
+                     "bilinear, to float rounding)")  # fmt: skip
+    elif str(upscaler).startswith("Latent ("):
+        raise InvalidRequestError(f"hr_upscaler: {upscaler!r} is not run here; the latent modes here are "
+                                  f"{', '.join(latent_modes)} and 'Latent (antialiased)' (GET "
+                                  "/sdapi/v1/latent-upscale-modes), or an upscaler /sdapi/v1/upscalers lists")  # fmt: skip
     elif str(upscaler).casefold() in ("none", "lanczos"):
         settings["upscaler"] = "lanczos"
     else:
@@ -778,5 +786,20 @@ def router(state: ServerState) -> APIRouter:
         info = texts.pop("parameters", "")
         items = {k: v for k, v in texts.items() if k not in ("exif", "dpi")}
         return {"info": info, "items": items, "parameters": parse_parameters(info) if info else {}}
+
+    return api
+
+
+def queue_router(state: ServerState) -> APIRouter:
+    """Gradio's ``GET /queue/status`` at the host root, as A1111 1.10 (Gradio 3.41's ``Estimation``) answers it:
+    some clients call it, not the API, to tell whether the server is up (Cyanic SD-Krita's ``SDAPI.init_api``)."""
+    api = APIRouter()
+
+    @api.get("/queue/status")
+    def queue_status() -> dict[str, Any]:
+        return {
+            "msg": "estimation", "rank": None, "queue_size": state.service.queued(), "avg_event_process_time": None,
+            "avg_event_concurrent_process_time": None, "rank_eta": None, "queue_eta": 0,
+        }  # fmt: skip
 
     return api

@@ -120,6 +120,9 @@ class Options:
             "face_restoration": False,
             "tiling": False,
             "sd_checkpoints_limit": 1,
+            # Inpainting models' conditioning mask strength: ours are not used that way, so A1111's default, which
+            # the Photoshop plugin sets on start (sdapi.ts setInpaintMaskWeight(1.0)), is what this server does.
+            "inpainting_mask_weight": 1.0,
         }
 
     def check(self, key: str, value: Any) -> Any:

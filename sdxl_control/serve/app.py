@@ -428,6 +428,7 @@ def create_app(config: ServeConfig, service: Jobs | None = None) -> FastAPI:
 
     _guard(app, config)
     app.include_router(a1111.router(state))
+    app.include_router(a1111.queue_router(state))
     app.include_router(openai_images.router(state))
     app.include_router(extensions.router(state))
     return app
