@@ -154,6 +154,12 @@ def test_kobold_lite_connects_from_its_origin_only(server):
         assert _selected_model(client) == "sd_xl_base_1.0"
         other = client.get("/sdapi/v1/options", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+        # Chrome's preflight from a page on the internet (the hosted Lite) to a server on this machine.
+        private = client.options("/sdapi/v1/txt2img", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type",
+            "Access-Control-Request-Private-Network": "true"})  # fmt: skip
+        assert private.status_code == 200, private.text
+        assert private.headers["access-control-allow-private-network"] == "true"
 
 
 def test_kobold_lite_txt2img_with_its_defaults(server):

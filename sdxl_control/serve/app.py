@@ -527,4 +527,7 @@ def _guard(app: FastAPI, config: ServeConfig) -> None:
             allow_methods=["*"],
             allow_headers=["*"],
             allow_credentials=True,
+            # A page the user allowed (KoboldAI Lite's hosted one) calling this machine: Chrome's preflight asks
+            # for private-network access, which Starlette refuses unless allowed.
+            allow_private_network=True,
         )
