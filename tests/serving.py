@@ -13,6 +13,19 @@ from typing import Any
 from sdxl_control.jobs.resolvers import TinyResolver
 from sdxl_control.serve.app import ServeConfig, create_app
 
+OTHER = "other_tiny.safetensors"  # a second checkpoint's title (its file name in models/Stable-diffusion)
+
+
+class TwoCheckpoints(TinyResolver):
+    """The tiny stand-ins, with an install's second checkpoint (:data:`OTHER`) as the tiny models of seed 1
+    (TinyResolver alone runs every checkpoint as the tiny base of seed 0), so a model switch shows in the pixels.
+    Here, not in a test module, so that a Ray replica given a config with it can import it."""
+
+    def stages(self, base, refiner, unet, tiny_seed=None):  # type: ignore[no-untyped-def]
+        if str(base).endswith(OTHER):
+            tiny_seed = 1
+        return super().stages(base, refiner, unet, tiny_seed)
+
 
 def tiny_config(**changes: Any) -> ServeConfig:
     """The tiny models on the CPU, no progress bar, colour previews (no TAESD on this machine)."""

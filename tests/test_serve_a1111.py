@@ -4,8 +4,9 @@ the same settings give the CLI's pixels; the infotext an answer carries reads ba
 and ``generate --recipe``.
 
 The server runs with an A1111-style install beside it (a second checkpoint as one ``.safetensors`` file, a LoRA):
-:class:`~sdxl_control.jobs.resolvers.TinyResolver` swaps every checkpoint for the tiny base, so this module's resolver
-maps the second file to the tiny models of another seed, which makes a model switch visible in the pixels."""
+:class:`~sdxl_control.jobs.resolvers.TinyResolver` swaps every checkpoint for the tiny base, so
+:class:`tests.serving.TwoCheckpoints` maps the second file to the tiny models of another seed, which makes a model
+switch visible in the pixels."""
 
 from __future__ import annotations
 
@@ -22,24 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_control.jobs.resolvers import TinyResolver
 from sdxl_control.weights.model_folders import ModelFolders
-from tests.serving import running_server, tiny_config
+from tests.serving import OTHER, TwoCheckpoints, running_server, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
-OTHER = "other_tiny.safetensors"  # the second checkpoint's title (its file name in models/Stable-diffusion)
 SMALL = {"steps": 2, "width": 64, "height": 64}
-
-
-class _TwoCheckpoints(TinyResolver):
-    """The tiny stand-ins, with the install's second checkpoint as the tiny models of seed 1 (TinyResolver alone runs
-    every checkpoint as the tiny base of seed 0)."""
-
-    def stages(self, base, refiner, unet, tiny_seed=None):  # type: ignore[no-untyped-def]
-        if str(base).endswith(OTHER):
-            tiny_seed = 1
-        return super().stages(base, refiner, unet, tiny_seed)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +55,7 @@ def install(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(install) -> Any:
-    resolver = _TwoCheckpoints(folders=ModelFolders.of([install], environment=False))
+    resolver = TwoCheckpoints(folders=ModelFolders.of([install], environment=False))
     with running_server(tiny_config(resolver=resolver)) as (url, app):
         yield url, app
 

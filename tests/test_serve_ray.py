@@ -1,7 +1,10 @@
 """``sdxl-control serve --ray``: the same app as a Ray Serve application, on a local Ray runtime with two CPU model
-replicas on the tiny models. Requests go through Serve's own HTTP proxy on a loopback port (txt2img, progress,
-interrupt, a full queue), or through a Serve handle to the model replicas, as the ingress sends them (routing by
-model, a condition's image travelling to the replica).
+replicas on the tiny models. Requests go through Serve's own HTTP proxy on a loopback port (txt2img, routing by the
+model a request names, progress, interrupt, a full queue, autoscaling), or through a Serve handle to the model
+replicas, as the ingress sends them (routing by model, a condition's image travelling to the replica).
+
+The server lists a second checkpoint (an install's ``models/Stable-diffusion`` file, run as the tiny models of
+another seed: :class:`tests.serving.TwoCheckpoints`), so that requests can name two models.
 
 Ray and Serve start once for the module (some 20-40 s on two cores); ``-m "not ray"`` deselects the file."""
 
@@ -13,6 +16,7 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +29,13 @@ pytest.importorskip("ray.serve")
 
 from sdxl_control.jobs.resolvers import TinyResolver  # noqa: E402
 from sdxl_control.jobs.spec import JobSpec, resolve  # noqa: E402
-from tests.serving import free_port, tiny_config  # noqa: E402
+from tests.serving import OTHER, TwoCheckpoints, free_port, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 ray_serve = pytest.mark.ray
 
 QUEUE = 1  # requests that may wait for a replica; more are refused
+BASE = "sd_xl_base_1.0"  # the server's default checkpoint, as it lists it (the tiny models of seed 0)
 
 
 @dataclass
@@ -43,21 +48,29 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny: Any) -> Any:
+def cluster(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The app as ``serve --ray`` runs it (:func:`serve_on_ray`, in a thread until ``stop``) on a local Ray runtime of
-    two CPUs, with exactly two model replicas (autoscaling between 2 and 2) and a queue of :data:`QUEUE`."""
+    four CPUs (two for this app, two for the autoscaling test's), with exactly two model replicas (autoscaling between
+    2 and 2), a queue of :data:`QUEUE`, and a models folder with the :data:`OTHER` checkpoint."""
     import ray
     from ray import serve
 
     from sdxl_control.serve.ray_serve import APP_NAME, MODELS, RayOptions, serve_on_ray
+    from sdxl_control.testing import tiny_models
+    from sdxl_control.testing.single_file import write_single_file
+    from sdxl_control.weights.model_folders import ModelFolders
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    install = tmp_path_factory.mktemp("ray-install")
+    (install / "models" / "Stable-diffusion").mkdir(parents=True)
+    write_single_file(tiny_models(seed=1).base, install / "models" / "Stable-diffusion" / OTHER)
+    config = tiny_config(resolver=TwoCheckpoints(folders=ModelFolders.of([install], environment=False)))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     stop, returned = threading.Event(), []
     try:
         port = free_port()
         options = RayOptions(min_replicas=2, max_replicas=2, max_queued_requests=QUEUE, gpus_per_replica=0, port=port)
         serving = threading.Thread(
-            target=lambda: returned.append(serve_on_ray(tiny_config(), options, stop=stop)), daemon=True
+            target=lambda: returned.append(serve_on_ray(config, options, stop=stop)), daemon=True
         )
         serving.start()
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
@@ -90,6 +103,18 @@ def _progress_shows_steps(url: str) -> dict[str, Any]:
         time.sleep(0.1)
     assert seen["state"]["sampling_step"] >= 2, seen
     return seen
+
+
+def _decoded(image: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB"))
+
+
+def _replica_processes(app: str) -> list[Any]:
+    """The processes of the application ``app``'s replicas (Ray names them ``ServeReplica:<app>:<deployment>``)."""
+    import psutil
+
+    found = psutil.process_iter(["cmdline"])
+    return [p for p in found if f"ServeReplica:{app}:" in " ".join(p.info["cmdline"] or [])]
 
 
 def _served(handle: Any) -> list[dict[str, Any]]:
@@ -199,6 +224,59 @@ def test_jobs_go_to_the_replica_that_holds_their_model(cluster: Cluster) -> None
 
 
 @ray_serve
+def test_txt2img_naming_a_model_over_http_goes_to_the_replica_that_holds_it(cluster: Cluster) -> None:
+    """txt2img requests through Serve's HTTP proxy naming two listed checkpoints (A1111's
+    ``override_settings.sd_model_checkpoint``, as KoboldAI Lite sends it per request; and ``POST /options``, as
+    webuiapi and Open WebUI switch): the ingress resolves each name to its model and each model's requests go to the
+    one replica holding it; the replicas' own counters say so, and neither loads a model again. The answers are each
+    model's own (its name in ``info``, other pixels for the same seed)."""
+    from sdxl_control.testing import tiny_models
+
+    url, handle = cluster.url, cluster.handle
+    source = {BASE: str(tiny_models(seed=0).base), OTHER: str(tiny_models(seed=1).base)}  # what each title runs
+    body = {"prompt": "a fox", "steps": 2, "seed": 5, "width": 64, "height": 64}
+
+    def txt2img(title: str, per_request: bool = True) -> dict[str, Any]:
+        if per_request:
+            sent = {**body, "override_settings": {"sd_model_checkpoint": title}}
+        else:  # the server's model, switched first
+            switched = httpx.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": title}, timeout=60)
+            assert switched.status_code == 200, switched.text
+            sent = body
+        answer = httpx.post(f"{url}/sdapi/v1/txt2img", json=sent, timeout=300)
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    # Earlier tests may have left both replicas on one model: twice round, so that each model has settled on a
+    # replica of its own (as in the handle's routing test) before the count.
+    for title in (BASE, OTHER, BASE, OTHER):
+        txt2img(title)
+        time.sleep(1.0)
+    before = {one["replica"]: one for one in _served(handle)}
+
+    answers: dict[str, list[dict[str, Any]]] = {BASE: [], OTHER: []}
+    for title, per_request in ((OTHER, True), (BASE, True), (BASE, False), (OTHER, False), (OTHER, True), (BASE, True)):
+        answers[title].append(txt2img(title, per_request))
+    assert httpx.post(f"{url}/sdapi/v1/options", json={"sd_model_checkpoint": BASE}, timeout=60).status_code == 200
+
+    after = {one["replica"]: one for one in _served(handle)}
+    ran = {replica: Counter(after[replica]["jobs"]) - Counter(before[replica]["jobs"]) for replica in after}
+    holders: dict[str, str] = {}
+    for title, model in source.items():
+        ran_it = [replica for replica, jobs in ran.items() if jobs[model]]
+        assert len(ran_it) == 1 and ran[ran_it[0]][model] == 3, ran  # one replica ran all three
+        holders[title] = ran_it[0]
+        assert after[holders[title]]["loaded"][-1] == model
+    assert holders[BASE] != holders[OTHER]
+    assert all(after[replica]["loaded"] == before[replica]["loaded"] for replica in after)  # nothing loaded again
+
+    names = {title: {json.loads(one["info"])["sd_model_name"] for one in made} for title, made in answers.items()}
+    assert names == {BASE: {BASE}, OTHER: {"other_tiny"}}
+    pixels = {title: {_decoded(one["images"][0]).tobytes() for one in made} for title, made in answers.items()}
+    assert len(pixels[BASE]) == len(pixels[OTHER]) == 1 and pixels[BASE] != pixels[OTHER]
+
+
+@ray_serve
 def test_progress_and_interrupt_reach_the_replica_running_the_job(cluster: Cluster) -> None:
     """While a long job runs on a replica, GET /progress through the proxy shows its steps and live preview;
     POST /interrupt stops it on that replica (its own counter of stopped jobs says so), and the request ends."""
@@ -294,16 +372,86 @@ def test_a_jobs_error_on_its_replica_reaches_the_ingress_as_itself(cluster: Clus
 
 
 @ray_serve
+def test_model_replicas_scale_up_with_the_queue_and_back_down_when_idle(cluster: Cluster) -> None:
+    """A second application (:func:`application`) on the same runtime, with model replicas between 1 and 2 and Ray's
+    autoscaling pace made short (its delays, metrics interval and look-back window; the CLI keeps Ray's). Three
+    clients send slow txt2img requests through Serve's HTTP proxy without pause: with one replica, one job runs and
+    two wait, above the target of one per replica, so Serve adds the second replica (serve.status() reports two
+    running, scaled by the autoscaler), which then takes jobs of its own (its counters say so); every request is
+    answered 200. Idle again, Serve removes one (back to ``min_replicas``)."""
+    from ray import serve
+
+    from sdxl_control.serve.ray_serve import MODELS, RayOptions, application
+
+    name, prefix = "sdxl-control-scaling", "/scaling"
+    options = RayOptions(min_replicas=1, max_replicas=2, max_queued_requests=8, gpus_per_replica=0,
+                         upscale_delay_s=0.5, downscale_delay_s=2.0, metrics_interval_s=0.5, look_back_period_s=2.0)  # fmt: skip
+    assert options.autoscaling(gpus_in_cluster=0)["max_replicas"] == 2
+    serve.run(application(tiny_config(), options), name=name, route_prefix=prefix)
+    handle = serve.get_deployment_handle(MODELS, name)
+
+    def models() -> Any:
+        return serve.status().applications[name].deployments[MODELS]
+
+    def running() -> int:
+        return int(models().replica_states.get("RUNNING", 0))
+
+    try:
+        assert running() == 1
+        stop, answers, lock = threading.Event(), [], threading.Lock()
+        body = {"prompt": "a queue of foxes", "steps": 40, "seed": 2, "width": 64, "height": 64}
+
+        def client() -> None:
+            while not stop.is_set():
+                answer = httpx.post(f"{cluster.url}{prefix}/sdapi/v1/txt2img", json=body, timeout=300)
+                with lock:
+                    answers.append(answer.status_code)
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(3)]
+        for thread in clients:
+            thread.start()
+        try:
+            deadline, served = time.monotonic() + 180, []
+            while time.monotonic() < deadline:  # two replicas running, each having run a job
+                if running() == 2:
+                    served = _served(handle)
+                    if len(served) == 2 and all(sum(one["jobs"].values()) for one in served):
+                        break
+                time.sleep(0.5)
+            scaled = models()
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join(300)
+        assert scaled.replica_states.get("RUNNING") == 2, (scaled, served)
+        assert scaled.status_trigger in ("UPSCALE_COMPLETED", "AUTOSCALING"), scaled  # the autoscaler's doing
+        assert len(served) == 2 and all(sum(one["jobs"].values()) for one in served), served
+        assert answers and set(answers) == {200}, answers
+
+        deadline = time.monotonic() + 120
+        while (running() != 1 or models().replica_states.get("STOPPING")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert dict(models().replica_states) == {"RUNNING": 1}, models()
+        assert models().status_trigger == "DOWNSCALE_COMPLETED", models()
+        assert len(_served(handle)) == 1
+    finally:
+        serve.delete(name)
+        deadline = time.monotonic() + 30
+        while _replica_processes(name) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+@ray_serve
 def test_shutdown_removes_the_app_and_every_replica(cluster: Cluster) -> None:
     """serve_on_ray, told to stop, returns 0 having deleted its application from the runtime it joined (this test's):
     the routes stop answering and no replica process is left; Serve and Ray then shut down, and the port closes."""
-    import psutil
     import ray
     from ray import serve
 
+    from sdxl_control.serve.ray_serve import APP_NAME
+
     def replicas() -> list[Any]:
-        found = psutil.process_iter(["cmdline"])
-        return [p for p in found if "ServeReplica:sdxl-control" in " ".join(p.info["cmdline"] or [])]
+        return _replica_processes(APP_NAME)
 
     assert len(replicas()) == 3  # the ingress and two model replicas
     cluster.stop.set()

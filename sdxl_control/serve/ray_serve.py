@@ -65,7 +65,9 @@ class RayOptions:
     cluster), the model replicas' bounds (``max_replicas`` None: one replica per GPU of the cluster, at least
     ``min_replicas``) and scaling target (requests running or waiting per replica), the queue of requests no replica
     can take yet (None: the server's ``--queue-size``), each replica's GPUs (None: one where the cluster has GPUs,
-    else none) and CPUs, and the HTTP proxy's host and port.
+    else none) and CPUs, and the HTTP proxy's host and port. The last four are Ray Serve's autoscaling pace: how long
+    the load must stay above (below) the target before a replica is added (removed), how often the load is reported,
+    and over how long a window it is averaged (Ray's defaults but the delays; a test makes them short).
 
     Example:
         >>> RayOptions(max_replicas=4).autoscaling(gpus_in_cluster=0)["max_replicas"]
@@ -85,6 +87,8 @@ class RayOptions:
     port: int = 8000
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 300.0
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= (self.max_replicas or self.min_replicas):
@@ -103,6 +107,8 @@ class RayOptions:
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
         }
 
     def most_replicas(self, gpus_in_cluster: float, gpus_per_replica: float = 1.0) -> int:
