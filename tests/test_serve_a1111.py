@@ -500,6 +500,7 @@ def test_img2img_and_hires_fields_map_to_the_request():
     assert [n for n in notes if n.startswith("mask_blur_x 2, mask_blur_y 6")] and not [n for n in notes if "fill" in n]
     whole, _ = img2img_spec({**body, "inpaint_full_res": False, "mask_blur": 3}, {})
     assert "padding_mask_crop" not in whole.settings and whole.settings["mask_blur"] == 3
+    assert whole.settings["paste_back"] is True and "paste_back" not in settings  # a crop is always pasted back
     tall, notes = img2img_spec({**body, "width": 64, "height": 128, "resize_mode": 0}, {})
     assert any(n.startswith("resize_mode 0: an init image of another aspect") for n in notes)
     hires, _ = txt2img_spec({"prompt": "x", "width": 64, "height": 48, "enable_hr": True, "hr_resize_x": 96}, {})

@@ -305,12 +305,16 @@ def test_img2img_and_inpaint_as_the_plugin_sends_them(server: httpx.Client, tmp_
     layer.save(tmp_path / "layer.png")
     mask.save(tmp_path / "mask.png")
     argv = ["generate", "a cat", "--tiny", "--init-image", str(tmp_path / "layer.png"), "--mask",
-            str(tmp_path / "mask.png"), "--strength", "0.7", "--mask-blur", "4", "--steps", "2", "--seed", "7",
-            "--size", "64x64", "--guidance", "7", "--scheduler", "euler_a_linspace", "-q", "-o",
+            str(tmp_path / "mask.png"), "--strength", "0.7", "--mask-blur", "4", "--paste-back", "--steps", "2",
+            "--seed", "7", "--size", "64x64", "--guidance", "7", "--scheduler", "euler_a_linspace", "-q", "-o",
             str(tmp_path / "cli.png")]  # fmt: skip
     assert main(argv) == 0
     cli = np.asarray(Image.open(tmp_path / "cli.png").convert("RGB"))
-    assert np.array_equal(np.asarray(read["image"].convert("RGB")), cli)
+    served = np.asarray(read["image"].convert("RGB"))
+    assert np.array_equal(served, cli)
+    # "Whole picture" (inpaint_full_res false): the original pasted back outside the feathered mask, as A1111 does.
+    # (The mask is the square from 32 on; feathered by 4 px, it leaves the square up to 16 px untouched.)
+    assert np.array_equal(served[:16, :16], np.asarray(layer.convert("RGB"))[:16, :16])
 
 
 def test_controlnet_txt2img_as_the_plugin_sends_it(server: httpx.Client) -> None:

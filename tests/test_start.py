@@ -115,6 +115,30 @@ def test_outside_the_mask_the_result_is_the_original(generator, pictures):
     assert not torch.equal(ours.latents * (1 - keep), original * (1 - keep))
 
 
+def test_paste_back_is_diffusers_overlay_of_the_plain_result(generator, pictures):
+    """``paste_back`` (A1111's inpainting, which pastes the original back outside the feathered mask) is diffusers'
+    ``VaeImageProcessor.apply_overlay`` of the result without it, with the same blurred mask: every pixel outside the
+    mask is the init image's own. Without a mask it is refused, naming what to give."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sdxl_control.engine.start import read_mask
+
+    args = dict(init_image=str(pictures / "init.png"), mask=str(pictures / "mask.png"), mask_blur=3, steps=4,
+                size=(SIZE, SIZE), seed=9, progress_bar=False)  # fmt: skip
+    plain = generator.generate(PROMPT, **args).images[0]
+    pasted = generator.generate(PROMPT, paste_back=True, **args).images[0]
+    init = Image.open(pictures / "init.png").convert("RGB")
+    mask = read_mask(str(pictures / "mask.png"), (SIZE, SIZE), 3)
+    expected = VaeImageProcessor(vae_scale_factor=8).apply_overlay(mask, init, plain)
+    assert np.array_equal(np.asarray(pasted), np.asarray(expected))
+    outside = np.asarray(mask) == 0
+    assert outside.any() and np.array_equal(np.asarray(pasted)[outside], np.asarray(init)[outside])
+    assert not np.array_equal(np.asarray(plain)[outside], np.asarray(init)[outside])
+    assert pasted.recipe["paste_back"] is True and "paste_back" not in plain.recipe
+    with pytest.raises(InvalidRequestError, match="paste_back pastes the init image back outside a mask: give a mask"):
+        GenerationRequest(PROMPT, init_image=str(pictures / "init.png"), paste_back=True)
+
+
 @pytest.fixture(scope="module")
 def inpainting_base(tmp_path_factory):
     return write_tiny_base(tmp_path_factory.mktemp("inpainting") / "base", seed=2, inpainting=True)

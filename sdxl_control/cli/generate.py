@@ -121,6 +121,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "large photo at full resolution)",
     )
     start.add_argument(
+        "--paste-back",
+        action="store_true",
+        help="with --mask: paste --init-image back outside the (feathered) mask, so no pixel there changes (A1111's "
+        "inpainting does)",
+    )
+    start.add_argument(
         "--outpaint",
         type=options.outpaint,
         metavar="SIDE=PX,...",
@@ -556,6 +562,7 @@ def _request_settings(args: argparse.Namespace) -> dict[str, Any]:
         "refiner_only": True if args.refiner_only else None,
         "outpaint": args.outpaint,
         "padding_mask_crop": args.mask_crop,
+        "paste_back": True if args.paste_back else None,
         "hires_scale": args.hires,
         "hires_strength": args.hires_strength,
         "hires_steps": args.hires_steps,

@@ -220,7 +220,7 @@ def outpaint_canvas(
 class StartImages:
     """What a request starts from, read and fitted: the ``image`` and repaint ``mask`` (white; ``None`` for
     image-to-image) at the request's size — or, for a mask crop, the whole photo and mask, with the ``crop`` region
-    repainted and the ``overlay`` that pastes the result back.
+    repainted; and the ``overlay`` that pastes the result back into the original (a mask crop, or ``paste_back``).
 
     Example:
         >>> start_images(request).repainted()[0].size == request.size  # doctest: +SKIP
@@ -259,7 +259,10 @@ def start_images(request: Any, inpainting_unet: bool = False) -> StartImages:
     fitted, own_size, crop = _read_fitted(request.init_image, request.size)
     if request.mask is not None:
         mask = read_mask(request.mask, request.size, request.mask_blur, crop, own_size)
-        return StartImages(_flattened(fitted, request.init_image, "a mask is given"), mask, request.size)
+        image = _flattened(fitted, request.init_image, "a mask is given")
+        # A1111 pastes the original back outside the feathered mask; diffusers' overlay is that same composite.
+        overlay = _overlay(VaeImageProcessor(vae_scale_factor=8), image, mask, None) if request.paste_back else None
+        return StartImages(image, mask, request.size, overlay=overlay)
     if inpainting_unet:
         image, hole = _repainted_where_transparent(fitted)
         if hole is not None and _repaints(hole):
@@ -282,7 +285,7 @@ class StartLatents:
 
     latents: torch.Tensor
     repaint: Repaint | None
-    # For a crop repainted at full resolution: pastes each finished image back into the original.
+    # Pastes each finished image back into the original: a crop repainted at full resolution, or paste_back.
     overlay: Callable[[Image.Image], Image.Image] | None = None
 
 
@@ -356,7 +359,7 @@ def start_latents(
 
 
 def _overlay(
-    processor: VaeImageProcessor, original: Image.Image, mask: Image.Image, crop: tuple[int, int, int, int]
+    processor: VaeImageProcessor, original: Image.Image, mask: Image.Image, crop: tuple[int, int, int, int] | None
 ) -> Callable[[Image.Image], Image.Image]:
     def paste(image: Image.Image) -> Image.Image:
         return processor.apply_overlay(mask, original, image, crop)

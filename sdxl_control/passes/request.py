@@ -41,7 +41,7 @@ HIRES_FIELDS = ("hires_scale", "hires_strength", "hires_steps", "upscaler")
 # one earlier releases wrote, so its dry-run lines and golden files stay the same.
 RECORDED_WHEN_SET = (
     "vae", "embeddings", "clip_skip", "prompt_editing", "pad_conds", "first_pass_steps", "prediction_type",
-    "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt",
+    "zero_terminal_snr", "refiner_prompt", "refiner_negative_prompt", "paste_back",
 )  # fmt: skip
 MAX_HIRES = 4.0
 # The latest release that reads a recorded setting otherwise than the one before it (issue 36: samplers, prompt syntax,
@@ -70,7 +70,9 @@ class GenerationRequest:
     ``int(steps * strength)`` steps run; 0 keeps the image as it is, for the hires fix or the face detailer to work on.
     ``mask`` (white: repaint; a path, PIL image or array) repaints only its area, with a regular UNet (the original
     put back outside the mask after every step) or an inpainting UNet (9 input channels); its ``strength`` defaults
-    to 1 and ``mask_blur`` (pixels) feathers its edge. See :mod:`sdxl_control.engine.start` for how sizes are fitted.
+    to 1 and ``mask_blur`` (pixels) feathers its edge. ``paste_back`` pastes the init image back outside the
+    (feathered) mask after decoding, so no pixel there changes, as A1111's inpainting does (a ``padding_mask_crop``
+    repaint is always pasted back). See :mod:`sdxl_control.engine.start` for how sizes are fitted.
 
     ``detailer`` (a :class:`~sdxl_control.passes.detailer.FaceDetailer`, or ``True`` for ADetailer's defaults) repaints
     every face of the finished images at the request's size, each with the identity condition it resembles.
@@ -143,6 +145,7 @@ class GenerationRequest:
     refiner_only: bool = False
     outpaint: tuple[int, int, int, int] | None = None
     padding_mask_crop: int | None = None
+    paste_back: bool = False
     hires_scale: float | None = None
     hires_strength: float = 0.5
     hires_steps: int | None = None
@@ -421,6 +424,8 @@ class GenerationRequest:
                 f"padding_mask_crop is the margin (pixels, >= 0) around a mask's area: give a mask, got "
                 f"{self.padding_mask_crop}"
             )
+        if self.paste_back and self.mask is None:
+            raise InvalidRequestError("paste_back pastes the init image back outside a mask: give a mask")
         if self.padding_mask_crop is not None and self.refiner_switch is not None:
             raise InvalidRequestError("a mask crop is repainted by the base alone: leave out refiner_switch")
 

@@ -483,6 +483,8 @@ def read_img2img(
                          "original image (A1111's 'original', 1)")  # fmt: skip
         if payload.get("inpaint_full_res", True):  # A1111's "Only masked": the mask's area, repainted at the size
             settings["padding_mask_crop"] = _number(payload, "inpaint_full_res_padding", 0)
+        else:  # "Whole picture": A1111 pastes the original back outside the feathered mask (its overlay images)
+            settings["paste_back"] = True
     spec = dataclasses.replace(job.spec, settings=settings)
     return dataclasses.replace(job, spec=spec, notes=notes, denoising_strength=strength)
 
