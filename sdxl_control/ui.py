@@ -280,7 +280,8 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
         raise InvalidRequestError(f"More inputs: {', '.join(both)} is filled by the page's own field; give it there")
     slot_inputs.update(more)
     slot_options.update(more_options)
-    return JobSpec(form.prompt, preset=preset, inputs={**inputs, **slot_inputs}, set=slot_options, settings=settings,
+    # An empty prompt box is a prompt forgotten, said as such (an empty prompt is a prompt to the job path).
+    return JobSpec(form.prompt or None, preset=preset, inputs={**inputs, **slot_inputs}, set=slot_options, settings=settings,
                    models=models, face_pack=config.face_pack)  # fmt: skip
 
 

@@ -506,3 +506,18 @@ def test_img2img_and_hires_fields_map_to_the_request():
     hires, _ = txt2img_spec({"prompt": "x", "width": 64, "height": 48, "enable_hr": True, "hr_resize_x": 96}, {})
     assert hires.settings["hires_scale"] == 1.5 and hires.settings["upscaler"] == "latent"
     assert hires.settings["hires_strength"] == 0.75  # A1111's txt2img default denoising_strength
+
+
+def test_an_empty_prompt_makes_an_unconditional_image_as_a1111s_does(server):
+    """A1111's API takes ``prompt: ""`` (its default): an image of the empty prompt, not an error; a job with no
+    prompt at all is still refused where it is made (the page's empty box, the command line)."""
+    url, _ = server
+    answer = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "", "steps": 2, "width": 64, "height": 64, "seed": 3},
+                        timeout=300)  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert info["prompt"] == "" and info["seed"] == 3
+    assert (
+        json.loads(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).info["sdxl-control"])["prompt"]
+        == ""
+    )

@@ -593,3 +593,13 @@ def test_a_flag_filling_a_presets_input_leaves_its_template_to_the_preset(tmp_pa
     assert [c["scale"] for c in json.loads(capsys.readouterr().out)["conditions"]] == [0.8, 0.2]
     assert main([*base, "--pose-map", pose]) == 2
     assert "--pose MAP --set pose.preprocess=null" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_a_prompt_and_none_is_refused(tiny):
+    """``""`` is the empty prompt (an unconditional image, as A1111's API and ComfyUI make one); no prompt at all,
+    without a recipe, is refused naming what to give."""
+    from sdxl_control.jobs.resolvers import TinyResolver
+
+    assert resolve(JobSpec("", settings={"steps": 2}), TinyResolver()).request.prompt == ""
+    with pytest.raises(InvalidRequestError, match="a prompt is required"):
+        resolve(JobSpec(None), TinyResolver())

@@ -115,7 +115,7 @@ def resolve(spec: JobSpec, resolver: Resolver | None = None, *, locate: Locator 
         request = GenerationRequest.from_recipe(spec.recipe, locate=locate, **settings)
         keep = spec.recipe.get("batch_index", 0) if "num_images" not in settings else None
     else:
-        if not spec.prompt:
+        if spec.prompt is None:  # "" is a prompt: an unconditional image, as A1111's API and ComfyUI make one
             raise InvalidRequestError("a prompt is required (or a recipe to re-make)")
         given = {**(preset.request_settings(inputs) if preset is not None else {}), **settings}
         # A recipe names the embeddings it used; a new prompt finds them in the model folders.
