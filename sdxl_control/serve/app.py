@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from ..jobs.resolvers import Resolver
     from ..jobs.spec import JobSpec
 
-__all__ = ["ServeConfig", "Limits", "ServerState", "create_app", "decode_image", "encode_png"]
+__all__ = ["ServeConfig", "Limits", "ServerState", "create_app", "decode_image", "read_image_bytes", "encode_png"]
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +312,6 @@ def _names_a_model_file(text: str, *, hub_ids: bool) -> bool:
 def decode_image(value: Any, what: str, limits: Limits) -> Image.Image:
     """An image sent as base64, raw or as a ``data:image/...;base64,`` URL (A1111 takes both); a URL or a path is
     refused, never fetched or opened. Errors name ``what`` (the field)."""
-    from PIL import Image, ImageOps
-
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequestError(f"{what}: expected a base64 image, got {type(value).__name__}")
     text = value.strip()
@@ -327,6 +325,14 @@ def decode_image(value: Any, what: str, limits: Limits) -> Image.Image:
         data = base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequestError(f"{what}: not valid base64 ({exc})") from None
+    return read_image_bytes(data, what, limits)
+
+
+def read_image_bytes(data: bytes, what: str, limits: Limits) -> Image.Image:
+    """An image file's bytes (a base64 image decoded, a multipart upload) read within ``limits``: its sides checked
+    from the header before its pixels are decoded, its EXIF orientation applied. Errors name ``what``."""
+    from PIL import Image, ImageOps
+
     try:
         with Image.open(io.BytesIO(data)) as opened:
             limits.check_size(*opened.size, what)

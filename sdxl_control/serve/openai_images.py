@@ -431,7 +431,7 @@ async def _form_body(request: Request, limits: Limits) -> tuple[dict[str, Any], 
     mask, each file read as an image (errors name the field)."""
     from starlette.datastructures import UploadFile
 
-    from .app import decode_image
+    from .app import read_image_bytes
 
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -447,9 +447,9 @@ async def _form_body(request: Request, limits: Limits) -> tuple[dict[str, Any], 
                 raise OpenAIError(400, f"Unknown file parameter: {key!r}", key, "unknown_parameter")
             data = await value.read()
             what = f"{key} ({value.filename or 'no filename'})"
-            # decode_image reads base64 (A1111's images): one reader, so an upload meets the same limits and errors.
+            # The reader of A1111's base64 images, so an upload meets the same limits and errors.
             try:
-                image = decode_image(base64.b64encode(data).decode("ascii"), what, limits)
+                image = read_image_bytes(data, what, limits)
             except InvalidRequestError as exc:
                 raise OpenAIError(400, str(exc), "mask" if key == "mask" else "image", "invalid_image") from None
             if key == "mask":
