@@ -388,19 +388,21 @@ def test_bad_requests_are_refused_naming_the_field(server, route, body, status, 
 def test_every_listed_sampler_and_schedule_type_runs():
     """What /samplers and /schedulers list is what a request may name: each sampler (and its aliases) with its
     "Automatic" schedule, and each schedule type with some listed sampler, is read without a refusal."""
-    from sdxl_control.serve.a1111 import txt2img_spec
+    from sdxl_control.serve.a1111 import request_spec
     from sdxl_control.serve.a1111_info import SAMPLERS, SCHEDULERS
 
     for entry in SAMPLERS:
         for name in (entry["name"], *entry["aliases"]):
-            spec, _ = txt2img_spec({"prompt": "x", "sampler_name": name, "steps": 10}, {})
+            spec, _ = request_spec("txt2img", {"prompt": "x", "sampler_name": name, "steps": 10}, {})
             assert spec.settings["scheduler"]
     for schedule in SCHEDULERS:
         runs = []
         for entry in SAMPLERS:
             for label in (schedule["name"], schedule["label"]):
                 try:
-                    txt2img_spec({"prompt": "x", "sampler_name": entry["name"], "scheduler": label, "steps": 10}, {})
+                    request_spec(
+                        "txt2img", {"prompt": "x", "sampler_name": entry["name"], "scheduler": label, "steps": 10}, {}
+                    )
                     runs.append(entry["name"])
                 except Exception:
                     pass
@@ -484,7 +486,7 @@ def test_img2img_and_hires_fields_map_to_the_request():
     """A1111's img2img fields as the request's: the mask inverted by inpainting_mask_invert, one blur radius from
     mask_blur_x/y (the larger, said when they differ), "Only masked" as the crop margin, whole picture as none; the
     hires size from hr_resize_x alone (the aspect kept, as A1111's calculate_target_resolution)."""
-    from sdxl_control.serve.a1111 import img2img_spec, txt2img_spec
+    from sdxl_control.serve.a1111 import request_spec
 
     init = Image.new("RGB", (64, 64), (200, 10, 10))
     mask = Image.new("L", (64, 64), 0)
@@ -492,18 +494,20 @@ def test_img2img_and_hires_fields_map_to_the_request():
     body = {"prompt": "x", "init_images": [_b64(init, data_url=True)], "mask": _b64(mask), "width": 64,
             "height": 64, "denoising_strength": 0.4, "mask_blur_x": 2, "mask_blur_y": 6, "inpainting_fill": 1,
             "inpaint_full_res": True, "inpaint_full_res_padding": 16, "inpainting_mask_invert": 1}  # fmt: skip
-    spec, notes = img2img_spec(body, {})
+    spec, notes = request_spec("img2img", body, {})
     settings = spec.settings
     assert settings["strength"] == 0.4 and settings["mask_blur"] == 6 and settings["padding_mask_crop"] == 16
     assert np.asarray(settings["mask"])[0, 0] == 0 and np.asarray(settings["mask"])[0, 63] == 255  # inverted
     assert settings["init_image"].size == (64, 64)
     assert [n for n in notes if n.startswith("mask_blur_x 2, mask_blur_y 6")] and not [n for n in notes if "fill" in n]
-    whole, _ = img2img_spec({**body, "inpaint_full_res": False, "mask_blur": 3}, {})
+    whole, _ = request_spec("img2img", {**body, "inpaint_full_res": False, "mask_blur": 3}, {})
     assert "padding_mask_crop" not in whole.settings and whole.settings["mask_blur"] == 3
     assert whole.settings["paste_back"] is True and "paste_back" not in settings  # a crop is always pasted back
-    tall, notes = img2img_spec({**body, "width": 64, "height": 128, "resize_mode": 0}, {})
+    tall, notes = request_spec("img2img", {**body, "width": 64, "height": 128, "resize_mode": 0}, {})
     assert any(n.startswith("resize_mode 0: an init image of another aspect") for n in notes)
-    hires, _ = txt2img_spec({"prompt": "x", "width": 64, "height": 48, "enable_hr": True, "hr_resize_x": 96}, {})
+    hires, _ = request_spec(
+        "txt2img", {"prompt": "x", "width": 64, "height": 48, "enable_hr": True, "hr_resize_x": 96}, {}
+    )
     assert hires.settings["hires_scale"] == 1.5 and hires.settings["upscaler"] == "latent"
     assert hires.settings["hires_strength"] == 0.75  # A1111's txt2img default denoising_strength
 
@@ -521,3 +525,25 @@ def test_an_empty_prompt_makes_an_unconditional_image_as_a1111s_does(server):
         json.loads(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).info["sdxl-control"])["prompt"]
         == ""
     )
+
+
+def test_each_refresh_route_lists_a_checkpoint_added_after_start(tmp_path):
+    """A1111's refresh-checkpoints (and -loras, -vae, -embeddings): the model folders read again, so a file added
+    while the server runs is listed (one reading serves every kind)."""
+    from fastapi.testclient import TestClient
+
+    from sdxl_control.jobs.resolvers import TinyResolver
+    from sdxl_control.serve.app import create_app
+
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    app = create_app(tiny_config(resolver=TinyResolver(folders=ModelFolders.of([tmp_path]))))
+    try:
+        client = TestClient(app)
+        for index, kind in enumerate(("checkpoints", "loras", "vae", "embeddings")):
+            (folder / f"added_{index}.safetensors").write_bytes(b"")
+            assert f"added_{index}.safetensors" not in [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+            assert client.post(f"/sdapi/v1/refresh-{kind}").status_code == 200
+            assert f"added_{index}.safetensors" in [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+    finally:
+        app.state.server.service.close(5)

@@ -228,12 +228,12 @@ def test_the_plugins_adetailer_entry_is_the_face_detailer() -> None:
     """With its After Detailer tab on, getSettings' ADetailer entry ([true, {ad_model face_yolov8n.pt, ad_confidence
     0.3, ad_dilate_erode 32, ad_mask_blur 4, ad_denoising_strength 0.4, ad_inpaint_only_masked_padding 0, ad_use_steps
     with ad_steps 28, its ControlNet model and module 'None'...}]) is the face detailer with those values; off, none."""
-    from sdxl_control.serve.a1111 import txt2img_spec
+    from sdxl_control.serve.a1111 import request_spec
 
-    spec, _ = txt2img_spec(settings_body("txt2img", adetailer=True, width=64, height=64, steps=2), {})
+    spec, _ = request_spec("txt2img", settings_body("txt2img", adetailer=True, width=64, height=64, steps=2), {})
     assert spec.settings["detailer"] == {"strength": 0.4, "confidence": 0.3, "dilation": 32, "blur": 4, "padding": 0,
                                          "steps": 28}  # fmt: skip
-    spec, _ = txt2img_spec(settings_body("txt2img", width=64, height=64, steps=2), {})
+    spec, _ = request_spec("txt2img", settings_body("txt2img", width=64, height=64, steps=2), {})
     assert "detailer" not in spec.settings
 
 
@@ -247,22 +247,22 @@ def test_hires_fix_as_the_plugin_sends_it(server: httpx.Client) -> None:
     hr_upscaler '' until the user picks one, 20 second-pass steps, hires denoising 0.5 as denoising_strength) are
     the job's hires pass. Of the upscaler names the plugin offers (A1111's six Latent modes, then /upscalers' names)
     all run but two Latent modes this server lacks, which are refused naming hr_upscaler (a 422)."""
-    from sdxl_control.serve.a1111 import txt2img_spec
+    from sdxl_control.serve.a1111 import request_spec
 
     body = settings_body("txt2img", enable_hr=True)
-    spec, notes = txt2img_spec(body, {})
+    spec, notes = request_spec("txt2img", body, {})
     settings = spec.settings
     assert settings["hires_scale"] == 2.0 and settings["hires_strength"] == 0.5 and settings["hires_steps"] == 20
     assert settings["size"] == (512, 512)
     refused = ["Latent (bicubic antialiased)", "Latent (nearest)"]
     for name in [*(m for m in PLUGIN_LATENT_MODES if m not in refused),
                  *(up["name"] for up in server.get("/sdapi/v1/upscalers").json())]:  # fmt: skip
-        assert txt2img_spec({**body, "hr_upscaler": name}, {})[0].settings["upscaler"], name
-    spec, notes = txt2img_spec({**body, "hr_upscaler": "Latent (antialiased)"}, {})
+        assert request_spec("txt2img", {**body, "hr_upscaler": name}, {})[0].settings["upscaler"], name
+    spec, notes = request_spec("txt2img", {**body, "hr_upscaler": "Latent (antialiased)"}, {})
     assert spec.settings["upscaler"] == "latent" and any(n.startswith("hr_upscaler 'Latent (antial") for n in notes)
     for name in refused:  # the other two it offers: refused, named
         with pytest.raises(InvalidRequestError, match=r"hr_upscaler: .*latent-upscale-modes"):
-            txt2img_spec({**body, "hr_upscaler": name}, {})
+            request_spec("txt2img", {**body, "hr_upscaler": name}, {})
     assert server.post("/sdapi/v1/txt2img", json={**body, "hr_upscaler": "Latent (nearest)"}).status_code == 422
 
 

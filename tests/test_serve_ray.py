@@ -145,7 +145,7 @@ def _local(job: Any) -> Image.Image:
 def test_txt2img_through_serves_proxy_makes_the_local_runners_image(cluster: Cluster) -> None:
     """A1111's txt2img through Serve's HTTP proxy -> the ingress (the same FastAPI app as one machine's) -> a model
     replica: the answer has A1111's shape, and its image and recipe are those the same job makes on a Runner here."""
-    from sdxl_control.serve.a1111 import txt2img_spec
+    from sdxl_control.serve.a1111 import request_spec
 
     url = cluster.url
     body = {"prompt": "a fox", "steps": 2, "seed": 5, "width": 64, "height": 64, "sampler_name": "Euler a"}
@@ -157,7 +157,7 @@ def test_txt2img_through_serves_proxy_makes_the_local_runners_image(cluster: Clu
     image = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
     assert image.info["parameters"] == info["infotexts"][0]
 
-    expected = _local(resolve(txt2img_spec(body, {})[0], TinyResolver()))
+    expected = _local(resolve(request_spec("txt2img", body, {})[0], TinyResolver()))
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected.convert("RGB")))
     assert json.loads(image.info["sdxl-control"]) == expected.recipe
 

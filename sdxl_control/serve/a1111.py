@@ -8,7 +8,7 @@ is never echoed. What would change the image in a way that cannot be honoured qu
 LoRA or upscaler, a path as a model name — is refused with a 422 naming the field.
 
 Example:
-    >>> spec, notes = txt2img_spec({"prompt": "a fox", "steps": 4, "seed": 3, "sampler_name": "Euler a"}, {})
+    >>> spec, notes = request_spec("txt2img", {"prompt": "a fox", "steps": 4, "seed": 3, "sampler_name": "Euler a"}, {})
     >>> spec.prompt, spec.settings["steps"], spec.settings["scheduler"], spec.settings["seed"]
     ('a fox', 4, 'euler_a_linspace', 3)
 """
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .catalogue import Catalogue, Listed
     from .service import Outcome
 
-__all__ = ["router", "txt2img_spec", "img2img_spec", "read_request", "A1111Job"]
+__all__ = ["router", "request_spec", "read_job", "read_request", "read_img2img", "A1111Job"]
 
 # A1111's draw for seed -1 (modules/processing.py get_fixed_seed): random.randrange(4294967294).
 SEED_RANGE = 4294967294
@@ -398,7 +398,8 @@ def _hires(
     return strength
 
 
-def txt2img_spec(
+def request_spec(
+    kind: str,
     payload: Mapping[str, Any],
     options: Mapping[str, Any],
     limits: Limits | None = None,
@@ -406,23 +407,25 @@ def txt2img_spec(
     catalogue: Catalogue | None = None,
     checkpoint: Listed | None = None,
 ) -> tuple[JobSpec, list[str]]:
-    """The job an A1111 txt2img request asks for, and what it asks that is not done (each with why), under the
-    server's ``options`` (those a client set: the model...)."""
-    job = read_request(payload, options, limits, kind="txt2img", catalogue=catalogue, checkpoint=checkpoint)
+    """The job an A1111 ``txt2img`` or ``img2img`` request (``kind``) asks for, and what it asks that is not done
+    (each with why), under the server's ``options`` (those a client set: the model...)."""
+    job = read_job(kind, payload, options, limits, catalogue=catalogue, checkpoint=checkpoint)
     return job.spec, job.notes
 
 
-def img2img_spec(
+def read_job(
+    kind: str,
     payload: Mapping[str, Any],
     options: Mapping[str, Any],
     limits: Limits | None = None,
     *,
     catalogue: Catalogue | None = None,
     checkpoint: Listed | None = None,
-) -> tuple[JobSpec, list[str]]:
-    """The job an A1111 img2img request asks for (see :func:`read_img2img`), and what is not done."""
-    job = read_img2img(payload, options, limits, catalogue=catalogue, checkpoint=checkpoint)
-    return job.spec, job.notes
+) -> A1111Job:
+    """An A1111 ``txt2img`` (:func:`read_request`) or ``img2img`` (:func:`read_img2img`) request as a job."""
+    if kind == "img2img":
+        return read_img2img(payload, options, limits, catalogue=catalogue, checkpoint=checkpoint)
+    return read_request(payload, options, limits, kind=kind, catalogue=catalogue, checkpoint=checkpoint)
 
 
 def read_img2img(
@@ -593,11 +596,8 @@ def router(state: ServerState) -> APIRouter:
         state.options.setdefault(key, value)
 
     def read(payload: dict[str, Any], kind: str) -> A1111Job:
-        if kind == "img2img":
-            return read_img2img(payload, state.options, state.limits, catalogue=state.catalogue,
-                                checkpoint=state.checkpoint)  # fmt: skip
-        return read_request(payload, state.options, state.limits, kind=kind, catalogue=state.catalogue,
-                            checkpoint=state.checkpoint)  # fmt: skip
+        return read_job(kind, payload, state.options, state.limits, catalogue=state.catalogue,
+                        checkpoint=state.checkpoint)  # fmt: skip
 
     async def generate(request: Request, payload: dict[str, Any], kind: str) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
@@ -752,21 +752,11 @@ def router(state: ServerState) -> APIRouter:
         names = ["controlnet", "controlnet m2m", "adetailer"]
         return {"txt2img": names, "img2img": names}
 
-    @api.post("/refresh-checkpoints")
-    def refresh_checkpoints() -> None:
-        state.catalogue.refresh()
+    def refresh() -> None:
+        state.catalogue.refresh()  # one reading of the model folders lists every kind
 
-    @api.post("/refresh-loras")
-    def refresh_loras() -> None:
-        state.catalogue.refresh()
-
-    @api.post("/refresh-vae")
-    def refresh_vae() -> None:
-        state.catalogue.refresh()
-
-    @api.post("/refresh-embeddings")
-    def refresh_embeddings() -> None:
-        state.catalogue.refresh()
+    for kind in ("checkpoints", "loras", "vae", "embeddings"):
+        api.add_api_route(f"/refresh-{kind}", refresh, methods=["POST"], name=f"refresh_{kind}")
 
     @api.post("/interrogate")
     def interrogate(payload: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
