@@ -173,6 +173,10 @@ CONDITION_KINDS: dict[str, Family] = {
     "instantid": Family("instantid", "InstantID", "identity", _INSTANTID_FLAGS),
     "pulid": Family("pulid", "PuLID", "identity", _PULID_FLAGS),
     "photomaker": Family("photomaker", "PhotoMaker", "identity", _PHOTOMAKER_FLAGS),
+    "region": Family("regions", "Region"),
+    "pag": Family("pag", "PAG"),
+    "apg": Family("apg", "APG"),
+    "freeu": Family("freeu", "FreeU"),
 }
 
 

@@ -260,14 +260,19 @@ class _ControlAttachment(Attachment):
         if not active:
             return None
         ready = self.ready
-        # Guess mode with guidance: the ControlNet sees only the conditional half; the unconditional half gets 0.
+        # Guess mode with guidance: the ControlNet sees only the prompt's rows; the negative prompt's get 0.
         half = ready.guess_mode and step.guided
         sample, added = step.sample, dict(step.added_cond_kwargs)
-        hidden = step.encoder_hidden_states if ready.context is None else ready.context
-        if half:
-            sample, hidden = sample.chunk(2)[1], hidden.chunk(2)[1]
-            added = {k: v.chunk(2)[1] for k, v in added.items()}
+        hidden = step.encoder_hidden_states if ready.context is None else step.gather(ready.context)
         inputs = dict(ready.inputs)
+        image = inputs["controlnet_cond"]  # prepared rows, laid out as the step's
+        inputs["controlnet_cond"] = [step.gather(i) for i in image] if isinstance(image, list) else step.gather(image)
+        if half:
+            keep = step.prompt_rows
+            sample, hidden = sample[keep], hidden[keep]
+            added = {k: v[keep] for k, v in added.items()}
+            image = inputs["controlnet_cond"]
+            inputs["controlnet_cond"] = [i[keep] for i in image] if isinstance(image, list) else image[keep]
         control_type = inputs.get("control_type")
         if control_type is not None:
             inputs["control_type"] = control_type.repeat(sample.shape[0], 1)
@@ -281,12 +286,18 @@ class _ControlAttachment(Attachment):
         if ready.mask is not None:
             down, mid = [self._masked(d) for d in down], self._masked(mid)
         if half:
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
+            down, mid = [_filled(d, keep) for d in down], _filled(mid, keep)
         return Residuals(tuple(down), mid)
 
     def detach(self) -> None:
         return None
+
+
+def _filled(residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``residual`` of the ``rows`` marked, as a residual of every row (0 in the others)."""
+    out = residual.new_zeros((rows.shape[0], *residual.shape[1:]))
+    out[rows] = residual
+    return out
 
 
 def control_mask(mask: Any, ctx: PrepareContext) -> torch.Tensor:
@@ -355,8 +366,7 @@ class ControlNet(Condition):
     def prepare(self, ctx: PrepareContext) -> Prepared:
         model = controlnet_for(ctx, self.model, union=False)
         guess = self.guess_mode or bool(getattr(model.config, "global_pool_conditions", False))
-        doubled = ctx.guided and not guess
-        image = control_tensor(self.image, self.preprocess, self.preprocess_options, ctx, doubled)
+        image = control_tensor(self.image, self.preprocess, self.preprocess_options, ctx, ctx.guided)
         context = None
         if self.context is not None:
             if self.context.positive.shape[-1] != model.config.cross_attention_dim:
@@ -463,7 +473,7 @@ class ControlNetUnion(Condition):
             options = self.preprocess_options.get(name, {}) if preprocessor else {}
             if name == "inpaint" and isinstance(image, str) and image == START:
                 image = _masked_start(ctx)
-            images.append(control_tensor(image, preprocessor, options, ctx, ctx.guided and not self.guess_mode))
+            images.append(control_tensor(image, preprocessor, options, ctx, ctx.guided))
         control_type = torch.zeros(n_types).scatter_(0, torch.tensor(modes), 1).reshape(1, -1).to(ctx.device, ctx.dtype)
         inputs = {"controlnet_cond": images, "control_type": control_type, "control_type_idx": modes}
         return ControlPrepared(model, self.scale, self.guess_mode, inputs)

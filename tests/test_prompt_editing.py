@@ -474,16 +474,34 @@ def test_a_hires_second_pass_counts_on_from_the_first(generator):
     assert torch.equal(late.latents, plain.latents) and not torch.allclose(switched.latents, plain.latents)
 
 
-def test_and_with_a_condition_on_the_unet_batch_is_refused(generator, tiny, tmp_path):
+def test_and_parts_read_the_conditions_prompt_rows(generator, tiny, tmp_path):
+    """A ControlNet (residuals), its guess mode, and an IP-Adapter (attention keys and values) prepare their rows for
+    [negative, prompt]; with a prompt of two parts each part's rows read the prompt's (protocol.rows). Two equal parts
+    of weight 0.5 sum to the prompt itself: the same latents as the plain prompt, up to float rounding."""
+    from skimage.data import astronaut
+
     from sdxl_control.adapters.controlnet import ControlNet
+    from sdxl_control.adapters.ip_adapter import IPAdapter
     from sdxl_control.testing import write_tiny_controlnet
+    from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
 
     net = write_tiny_controlnet(tmp_path / "cn", tiny.base)
+    repo = write_tiny_ip_adapter_repo(tmp_path / "ip", tiny.base)
     image = tmp_path / "edges.png"
     Image.fromarray((np.arange(64 * 64 * 3) % 255).astype(np.uint8).reshape(64, 64, 3)).save(image)
+    face = Image.fromarray(astronaut()).crop((140, 20, 330, 230))
+    for conditions in (
+        [ControlNet(str(net), image=str(image), scale=2.0)],
+        [ControlNet(str(net), image=str(image), scale=2.0, guess_mode=True)],
+        [IPAdapter("plus", face, source=str(repo), scale=2.0)],
+    ):
+        options = {"steps": 3, "guidance": 7.0, "conditions": conditions, **RUN}
+        plain = generator.generate("a cat", **options)
+        halves = generator.generate("a cat :0.5 AND a cat :0.5", **options)
+        without = generator.generate("a cat :0.5 AND a cat :0.5", **{**options, "conditions": []})
+        torch.testing.assert_close(halves.latents, plain.latents, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(halves.latents, without.latents, atol=1e-3)  # the condition acts on both parts
     condition = ControlNet(str(net), image=str(image))
-    with pytest.raises(InvalidRequestError, match="2 parts joined by AND, and ControlNet acts on"):
-        generator.generate("a cat AND a dog", steps=2, conditions=[condition], **RUN)
     # Prompts of other lengths with it run padded, as one batch: the same as asking for padding.
     long = {"negative_prompt": "blurry", "steps": 2, "conditions": [condition], **RUN}
     apart = generator.generate("a lighthouse " * 60, **long)

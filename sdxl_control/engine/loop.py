@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from ..protocol.attach import attached
 from ..protocol.conditions import Condition, Prepared, Residuals, Stage, StepInfo, acts
-from ..protocol.guidance import Guidance
+from ..protocol.guidance import Guidance, GuidanceTerm, guided_step
+from ..protocol.rows import Rows, calling
 from ..protocol.schedule import StageSchedule
 from .step_cache import StepCache, cached_steps
 
@@ -140,6 +141,10 @@ class StageInputs:
     conditions: Sequence[tuple[Condition, Prepared]] = ()
     repaint: Repaint | None = None
     step_cache: StepCache | None = None
+    # The batch's rows as the conditions prepared theirs (see :mod:`sdxl_control.protocol.rows`); None: the same.
+    rows: Rows | None = None
+    # Guidance terms of the request itself (CFG rescale), acting at every step after the conditions' own.
+    terms: tuple[GuidanceTerm, ...] = ()
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator] | None) -> dict[str, Any]:
@@ -154,29 +159,54 @@ def _predicted(
     prompt: PromptSegment,
     time_ids: torch.Tensor,
     residuals: Residuals | None,
+    rows: Rows,
+    layout: Rows | None,
 ) -> torch.Tensor:
-    """The UNet's prediction for the step's batch: one call, or, when the segment holds the negative prompt's rows at a
-    length of their own, two (the negative rows first), every other per-row input (time ids, residuals) split the
-    same way."""
+    """The UNet's prediction for the step's batch, laid out as ``layout`` (rows of the stage's batch, with copies of
+    the prompt's rows to perturb; ``None``: the batch itself): one call, or, when the segment holds the negative
+    prompt's rows at a length of their own, two (the negative rows first), every other per-row input (time ids,
+    residuals) split the same way. ``rows`` are the call's rows as the conditions prepared theirs, stated to the code
+    that runs inside the UNet."""
+    if layout is not None:
+        model_input, time_ids = layout.gather(model_input), layout.gather(time_ids)
+        if residuals is not None:
+            residuals = Residuals(tuple(layout.gather(r) for r in residuals.down), layout.gather(residuals.mid))
     if prompt.uncond_hidden is None or prompt.uncond_pooled is None:
-        calls = [(slice(None), prompt.hidden, prompt.pooled)]
+        hidden, pooled = prompt.hidden, prompt.pooled
+        if layout is not None:
+            hidden, pooled = layout.gather(hidden), layout.gather(pooled)
+        calls = [(slice(None), hidden, pooled)]
     else:
-        rows = prompt.uncond_hidden.shape[0]
-        calls = [(slice(None, rows), prompt.uncond_hidden, prompt.uncond_pooled), (slice(rows, None), prompt.hidden,
-                 prompt.pooled)]  # fmt: skip
-    predictions = [
-        unet(
-            model_input[part],
-            timestep,
-            encoder_hidden_states=hidden,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids[part]},
-            down_block_additional_residuals=None if residuals is None else [r[part] for r in residuals.down],
-            mid_block_additional_residual=None if residuals is None else residuals.mid[part],
-            return_dict=False,
-        )[0]
-        for part, hidden, pooled in calls
-    ]
+        uncond = prompt.uncond_hidden.shape[0]
+        hidden, pooled = prompt.hidden, prompt.pooled
+        if layout is not None:  # the prompt's rows alone, read from the stage's rows after the negative ones
+            own = Rows(tuple(s - uncond for s in layout.source[uncond:]), hidden.shape[0])
+            hidden, pooled = own.gather(hidden), own.gather(pooled)
+        calls = [(slice(None, uncond), prompt.uncond_hidden, prompt.uncond_pooled),
+                 (slice(uncond, None), hidden, pooled)]  # fmt: skip
+    predictions = []
+    for part, hidden, pooled in calls:
+        with calling(Rows(rows.source[part], rows.prepared, rows.perturbed[part])):
+            predictions.append(
+                unet(
+                    model_input[part],
+                    timestep,
+                    encoder_hidden_states=hidden,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids[part]},
+                    down_block_additional_residuals=None if residuals is None else [r[part] for r in residuals.down],
+                    mid_block_additional_residual=None if residuals is None else residuals.mid[part],
+                    return_dict=False,
+                )[0]
+            )
     return predictions[0] if len(predictions) == 1 else torch.cat(predictions)
+
+
+def _perturbed_layout(rows: int, uncond: int) -> Rows:
+    """The stage's batch of ``rows`` rows, then its prompt's rows (after the ``uncond`` negative ones) again,
+    perturbed: the batch of a step where a guidance term reads the perturbed prediction (diffusers' PAG batch
+    ``[uncond, cond, cond]``)."""
+    prompt = tuple(range(uncond, rows))
+    return Rows(tuple(range(rows)) + prompt, rows, (False,) * rows + (True,) * len(prompt))
 
 
 @torch.no_grad()
@@ -196,6 +226,7 @@ def denoise(
     scheduler = schedule.scheduler
     unet = inputs.unet
     copies = inputs.guidance.copies
+    scale = float(getattr(inputs.guidance, "scale", 1.0))
     step_kwargs = _step_kwargs(scheduler, generators)
     steps = len(schedule.timesteps)
     segments, current = inputs.prompts, 0
@@ -206,6 +237,7 @@ def denoise(
         cached_steps(unet, inputs.step_cache) as cache,
         tqdm(total=steps, desc=inputs.stage.label, disable=not progress_bar, leave=False) as bar,
     ):
+        terms = [(c, term) for c, p in inputs.conditions if (term := p.guidance_term(inputs.stage)) is not None]
         for k, (t, unet_t) in enumerate(zip(schedule.timesteps, unet_timesteps, strict=True)):
             index = schedule.first_index + k
             while current + 1 < len(segments) and segments[current + 1].first <= index:
@@ -214,17 +246,29 @@ def denoise(
             added = {"text_embeds": prompt.pooled, "time_ids": inputs.time_ids}
             sample = latents if copies == 1 else torch.cat([latents] * copies)
             sample = scheduler.scale_model_input(sample, t)
+            rows = inputs.rows or Rows.identity(sample.shape[0])
             residuals: Residuals | None = None
             if live:
-                info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, prompt.hidden, added, copies > 1)
+                info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, prompt.hidden, added, copies > 1,
+                                inputs.rows)  # fmt: skip
                 for condition, attachment in live:
                     extra = attachment.contribute(info, acts(condition.scale, condition.window, index, schedule.total))
                     if extra is not None:
                         residuals = extra if residuals is None else residuals + extra
+            acting = [term for c, term in terms if acts(c.scale, c.window, index, schedule.total)]
+            acting += inputs.terms
+            layout = None
+            if any(term.perturbs for term in acting):
+                layout = _perturbed_layout(sample.shape[0], sample.shape[0] // copies if copies > 1 else 0)
+                rows = rows.then(layout)
             cache.at(k)
             model_input = sample if inputs.repaint is None else inputs.repaint.model_input(sample)
-            prediction = _predicted(unet, model_input, unet_t, prompt, inputs.time_ids, residuals)
-            guided = inputs.guidance.combine(prediction)
+            prediction = _predicted(unet, model_input, unet_t, prompt, inputs.time_ids, residuals, rows, layout)
+            perturbed = None
+            if layout is not None:
+                prediction, perturbed = prediction.tensor_split([sample.shape[0]])
+            guided = guided_step(inputs.guidance, prediction, acting, perturbed=perturbed, index=index,
+                                 total=schedule.total, timestep=float(t), stage=inputs.stage, scale=scale)  # fmt: skip
             output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
             bar.update()
             if progress is not None:

@@ -29,7 +29,8 @@ from ..engine.step_cache import StepCache
 from ..engine.vae import NonFiniteLatentsError, decode_latents, encode_pixels, load_decoder, load_vae, vae_scale_factor
 from ..protocol.conditions import Condition, PrepareContext, Prepared, Stage, validate_conditions
 from ..protocol.fast import FastPath, FastPathHandle, apply_fast_path
-from ..protocol.guidance import guidance_for
+from ..protocol.guidance import CFGRescale, guidance_for
+from ..protocol.rows import Rows
 from ..protocol.schedule import StageSchedule, make_scheduler, split_schedule
 from ..protocol.text import MicroConditioning, TextChannel, prompt_segments, time_ids
 from ..records.infotext import Infotext
@@ -315,17 +316,15 @@ class Generator:
         device, dtype = self.device, placement(unet)[1]
         schedule = _scheduled(request, plan)
         weights = schedule.weights if schedule is not None else (1.0,)
-        guidance = guidance_for(request.guidance, unet, request.guidance_rescale, weights)
+        guidance = guidance_for(request.guidance, unet, weights=weights)
+        guided = guidance.copies > 1
+        # CFG rescale acts after every guidance condition's term (diffusers rescales after adding PAG's).
+        terms = (CFGRescale(request.guidance_rescale),) if guided and request.guidance_rescale > 0 else ()
         n = request.num_images
         mine = [(c, p) for c, p in prepared if models.stage in c.stage]
-        # ControlNet, IP-Adapter and the like act inside the UNet on its [negative, prompt] batch: with one of them the
-        # two run in one batch (padded), and the prompt cannot be several AND parts.
+        # ControlNet, IP-Adapter and the like act inside the UNet on its batch: with one of them the negative prompt and
+        # the prompt run in one batch (padded); each part of a prompt of several reads their prompt rows (Rows).
         on_batch = [type(c).__name__ for c, p in mine if type(p).attach is not Prepared.attach]
-        if on_batch and len(weights) > 1:
-            raise InvalidRequestError(
-                f"the prompt has {len(weights)} parts joined by AND, and {', '.join(dict.fromkeys(on_batch))} acts on "
-                "the UNet's batch of one negative and one prompt: join the parts without AND, or leave that out"
-            )
         pad = request.pad_conds or bool(on_batch) or request.step_cache > 1
         # Every condition is asked (the prompt channel): a base-only one may still take its syntax out of the refiner's.
         channels = []
@@ -334,7 +333,6 @@ class Generator:
             deltas = {k: v for k, v in ready.weight_deltas(models.stage).items() if k != "unet"}
             if edit is not None or deltas:
                 channels.append(TextChannel(condition.scale, condition.window, edit, deltas))
-        guided = guidance.copies > 1
         with self._resident([e.model for e in models.text_encoders]):
             prompt_text, negative_text = request.prompt, request.negative_prompt
             if models.stage is Stage.REFINER:  # the refiner's own prompts, where the request gives them
@@ -386,6 +384,8 @@ class Generator:
             guidance=guidance,
             conditions=mine,
             step_cache=StepCache(request.step_cache, request.step_cache_branch) if request.step_cache > 1 else None,
+            rows=Rows.of_parts(n, parts, guided) if parts > 1 else None,
+            terms=terms,
         )
 
     def run(
@@ -462,6 +462,7 @@ class Generator:
             steps=plans[0].schedule.total,
             start_image=repainted[0],
             start_mask=repainted[1],
+            encoder=lambda text, stage: self._encoded(request, plans, text, stage),
         )
         if self.kept_weights is not None:
             prepared = self.kept_weights.prepare(request.conditions, context, plans)
@@ -508,6 +509,19 @@ class Generator:
         if overlay is not None:
             pil = [overlay(image) for image in pil]
         return Result(images=self._recorded(request, plans, recipe_paths, pil), latents=latents)
+
+    def _encoded(
+        self, request: GenerationRequest, plans: list[_StagePlan], text: str, stage: Stage
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text`` read as the request reads its prompt, by ``stage``'s text encoders (PrepareContext.encode_prompt)."""
+        models = next(p.models for p in plans if p.models.stage is stage)
+        with self._resident([e.model for e in models.text_encoders]):
+            (_, positive, _), *_ = prompt_segments(models.text_encoders, text, None, (), plans[0].schedule.total,
+                                                   need_negative=False, zero_negative=models.force_zeros_for_empty_prompt,
+                                                   long_prompts=request.long_prompts, emphasis=request.emphasis,
+                                                   embeddings=_embeddings(request), clip_skip=request.clip_skip)  # fmt: skip
+        _, dtype = placement(models.unet)
+        return positive.hidden.to(self.device, dtype), positive.pooled.to(self.device, dtype)
 
     def _kept(self, request: GenerationRequest, recipe_paths: PathMode) -> Result:
         """strength 0: the init image itself, fitted to the request's size, for the hires fix or the face detailer to

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from .rows import call_rows
+
 __all__ = ["AttentionBranch", "OrthogonalBranch", "BranchedAttnProcessor", "attention_layers"]
 
 # model -> {processor name: attention module}; weak so that dropped models are forgotten
@@ -61,18 +63,25 @@ class AttentionBranch:
     def region(self, queries: int, batch: int, width: int) -> torch.Tensor | None:
         if self.mask is None:
             return None
-        if queries not in self._mask_cache:
+        if (queries, batch) not in self._mask_cache:
             from diffusers.image_processor import IPAdapterMaskProcessor
 
-            self._mask_cache[queries] = IPAdapterMaskProcessor.downsample(self.mask, batch, queries, width)
-        return self._mask_cache[queries]
+            self._mask_cache[queries, batch] = IPAdapterMaskProcessor.downsample(self.mask, batch, queries, width)
+        return self._mask_cache[queries, batch]
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values for the rows of the UNet call running now (they were made for the prepared rows)."""
+        rows = call_rows()
+        if rows is None or self.key.shape[0] != rows.prepared:
+            return self.key, self.value
+        return rows.gather(self.key), rows.gather(self.value)
 
     def attend(self, query: torch.Tensor, attn: Any) -> torch.Tensor:
         """attention(query, key, value) with the layer's heads, as (batch, tokens, width) in the query's dtype."""
         batch, width = query.shape[0], query.shape[1] * query.shape[-1]
-        out = F.scaled_dot_product_attention(
-            query, _heads(self.key, attn), _heads(self.value, attn), dropout_p=0.0, is_causal=False
-        )
+        key, value = self.rows()
+        out = F.scaled_dot_product_attention(query, _heads(key, attn), _heads(value, attn), dropout_p=0.0,
+                                             is_causal=False)  # fmt: skip
         return out.transpose(1, 2).reshape(batch, -1, width).to(query.dtype)
 
     def output(self, query: torch.Tensor, text: torch.Tensor | None, attn: Any) -> torch.Tensor:
@@ -117,7 +126,7 @@ class OrthogonalBranch(AttentionBranch):
             orthogonal = extra - projection
         else:
             # As the reference: logits in the query's dtype, without the 1/sqrt(d) scale.
-            weights = (query @ _heads(self.key, attn).transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+            weights = (query @ _heads(self.rows()[0], attn).transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
             mass = weights[:, :, : self.mass_tokens].sum(dim=-1, keepdim=True)
             orthogonal = extra + (mass - 1) * projection
         return self._in_region(self.scale * orthogonal).to(text.dtype)

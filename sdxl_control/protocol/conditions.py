@@ -11,9 +11,12 @@ Running it goes through three runtime objects that live apart from that value:
 Conditions compose through four typed channels: :class:`Residuals` returned by ``contribute`` are summed and fed to
 the UNet (ControlNet-like conditions); attention processors installed at attach time (IP-Adapter-like conditions) are
 switched on and off by the ``active`` flag; a :class:`PromptEdit` from ``Prepared.prompt_edit`` changes what a
-stage's text encoders read, and at which steps (PhotoMaker); and weight deltas from ``Prepared.weight_deltas`` are
-added to the stage's models while the condition acts (LoRAs, FaceID's and PhotoMaker's LoRAs). Every channel follows
-one rule, :func:`acts`: a condition with scale 0, or with a window that holds no step, is the same as absent. A model
+stage's text encoders read, and at which steps (PhotoMaker); weight deltas from ``Prepared.weight_deltas`` are
+added to the stage's models while the condition acts (LoRAs, FaceID's and PhotoMaker's LoRAs); and a
+:class:`~sdxl_control.protocol.guidance.GuidanceTerm` from ``Prepared.guidance_term`` changes how the step's
+predictions are combined (PAG, APG). Every channel follows one rule, :func:`acts`: a condition with scale 0, or with a
+window that holds no step, is the same as absent. Per-row inputs are prepared for the batch ``[negative, prompt]``;
+the loop's batch may hold more rows, and :class:`~sdxl_control.protocol.rows.Rows` says which prepared row each reads. A model
 a condition brings may attend to its own :class:`Tokens` instead of the prompt (IdentityNet's face tokens); a condition
 made of parts with their own scales and windows attaches as :class:`Parts`.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,9 +39,11 @@ from ..base.stages import Stage, Window
 from ..base.validation import check_fields
 from ..weights.patches import WeightDelta
 from .fast import FastPath
+from .rows import Rows
 
 if TYPE_CHECKING:
     from ..records.infotext import Infotext
+    from .guidance import GuidanceTerm
     from ..weights.inventory import ModelNeed
 
 __all__ = [
@@ -189,11 +194,13 @@ class StepInfo:
     """What a condition sees of one denoising step.
 
     ``sample``, ``encoder_hidden_states`` and ``added_cond_kwargs`` are exactly what the UNet receives: batched as
-    ``[unconditional, conditional]`` when classifier-free guidance is on (``guided`` is then True).
+    ``[unconditional, conditional]`` when classifier-free guidance is on (``guided`` is then True), with one
+    conditional block per part of a prompt of several parts. ``rows`` maps each row to the prepared row it reads
+    (``None``: the prepared layout itself); residuals are returned for these rows.
 
     Example:
         >>> def contribute(self, step: StepInfo, active: bool):       # doctest: +SKIP
-        ...     cond = step.sample.chunk(2)[1] if step.guided else step.sample
+        ...     image = step.gather(self.control_image)  # prepared [negative, prompt] rows, laid out as the step's
     """
 
     index: int
@@ -204,6 +211,18 @@ class StepInfo:
     encoder_hidden_states: torch.Tensor
     added_cond_kwargs: Mapping[str, torch.Tensor]
     guided: bool
+    rows: Rows | None = None
+
+    def gather(self, prepared: torch.Tensor) -> torch.Tensor:
+        """A tensor of prepared rows (first dimension) laid out as this step's rows."""
+        return prepared if self.rows is None else self.rows.gather(prepared)
+
+    @property
+    def prompt_rows(self) -> torch.Tensor:
+        """Which of the step's rows are the prompt's (not the negative prompt's), as a boolean vector."""
+        rows = self.rows or Rows.identity(self.sample.shape[0])
+        batch = rows.prepared // 2 if self.guided else 0
+        return torch.tensor([s >= batch for s in rows.source], device=self.sample.device)
 
 
 @dataclass(frozen=True)
@@ -214,6 +233,7 @@ class PrepareContext:
     config). ``size`` is the output size as (width, height). ``fast`` is the generator's fast path, if any. ``steps``
     is the number of steps of the whole schedule (base and refiner). ``start_image`` and ``start_mask`` (white:
     repaint) are what a call that starts from an image repaints, at ``size`` (the outpainted canvas, the mask crop).
+    :meth:`encode_prompt` encodes a text as the call reads its prompt (long prompts, emphasis, embeddings, clip skip).
 
     Example:
         >>> def prepare(self, ctx: PrepareContext):                     # doctest: +SKIP
@@ -230,6 +250,17 @@ class PrepareContext:
     steps: int = 0
     start_image: Image.Image | None = None
     start_mask: Image.Image | None = None
+    # (text, stage) -> (hidden states (1, tokens, width), pooled (1, width)) with the stage's text encoders
+    encoder: Callable[[str, Stage], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def encode_prompt(self, text: str, stage: Stage = Stage.BASE) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text`` as the call reads its prompt, by ``stage``'s text encoders: hidden states (1, tokens, width) and the
+        pooled embedding (1, width), on the call's device and in its dtype (regional prompts)."""
+        if self.encoder is None:
+            raise ConditionError("this call encodes no prompt for its conditions")
+        if stage not in self.stages:
+            raise ConditionError(f"this call runs no {stage.label} stage")
+        return self.encoder(text, stage)
 
     def unet(self, stage: Stage) -> Any:
         """The UNet of ``stage``; every call runs the base, so only a context built by hand may lack it."""
@@ -322,6 +353,11 @@ class Prepared:
         Parameter names are the loaded models' own (see :mod:`sdxl_control.weights.conversion` for published layouts).
         """
         return {}
+
+    def guidance_term(self, stage: Stage) -> GuidanceTerm | None:
+        """The guidance channel: how the condition changes the combination of the step's predictions in ``stage``
+        (a new term per stage of a call; it may keep state between steps). ``None``: it does not."""
+        return None
 
 
 # Field types a condition converts from plain values in __post_init__, and how to name what is expected.

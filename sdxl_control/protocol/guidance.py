@@ -1,17 +1,35 @@
-"""Guidance: how the model's predictions for one step are batched and combined."""
+"""Guidance: how the model's predictions for one step are batched and combined.
+
+A :class:`Guidance` (classifier-free guidance, or none) lays out the step's batch and combines its predictions.
+Guidance conditions (PAG, APG, CFG rescale...) act on that combination through the guidance channel: a condition's
+``Prepared.guidance_term(stage)`` gives a :class:`GuidanceTerm`, which the loop asks at every step where the condition
+acts (:func:`~sdxl_control.protocol.conditions.acts`) — and only there, so a term with scale 0 or a window that holds
+no step leaves the step exactly as without it. A term may ask for one more prediction: the prompt's, with the
+self-attention of chosen layers perturbed (:attr:`GuidanceTerm.perturbs`; the loop adds those rows to the UNet's
+batch, see :mod:`sdxl_control.protocol.rows`).
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, ClassVar, Protocol
 
 import torch
 
-__all__ = ["Guidance", "ClassifierFreeGuidance", "NoGuidance", "guidance_for"]
+from ..base.stages import Stage
+
+__all__ = [
+    "Guidance", "ClassifierFreeGuidance", "NoGuidance", "guidance_for", "GuidanceStep", "GuidanceTerm", "TermOrder",
+    "CFGRescale", "guided_step",
+]  # fmt: skip
 
 
 class Guidance(Protocol):
     """``copies`` is how many times the latents are stacked per forward; ``combine`` turns that back into one.
+    ``split`` gives the unconditional prediction (``None`` without guidance) and the prompt's (its parts combined
+    as the guidance weighs them, without the scale); ``conditional`` does the latter for parts predicted apart.
 
     Example:
         >>> guidance_for(5.0, unet).copies  # doctest: +SKIP
@@ -22,6 +40,10 @@ class Guidance(Protocol):
     def copies(self) -> int: ...
 
     def combine(self, prediction: torch.Tensor) -> torch.Tensor: ...
+
+    def split(self, prediction: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
+
+    def conditional(self, uncond: torch.Tensor | None, parts: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,12 @@ class NoGuidance:
 
     def combine(self, prediction: torch.Tensor) -> torch.Tensor:
         return prediction
+
+    def split(self, prediction: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return None, prediction
+
+    def conditional(self, uncond: torch.Tensor | None, parts: torch.Tensor) -> torch.Tensor:
+        return parts
 
 
 @dataclass(frozen=True)
@@ -69,17 +97,35 @@ class ClassifierFreeGuidance:
             guided = uncond + self.scale * (cond - uncond)
         else:
             uncond, *conds = prediction.chunk(self.copies)
-            guided, cond = uncond.clone(), uncond.clone()
+            guided = uncond.clone()
             for part, weight in zip(conds, self.weights, strict=True):
                 guided += (part - uncond) * (weight * self.scale)
-                cond += (part - uncond) * weight
+            cond = self.conditional(uncond, torch.cat(conds))
         if self.rescale > 0.0:
-            dims = list(range(1, cond.ndim))
-            std_cond = cond.std(dim=dims, keepdim=True)
-            std_guided = guided.std(dim=dims, keepdim=True)
-            rescaled = guided * (std_cond / std_guided)
-            guided = self.rescale * rescaled + (1.0 - self.rescale) * guided
+            guided = rescaled(guided, cond, self.rescale)
         return guided
+
+    def split(self, prediction: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        uncond, parts = prediction.tensor_split([prediction.shape[0] // self.copies])
+        return uncond, self.conditional(uncond, parts)
+
+    def conditional(self, uncond: torch.Tensor | None, parts: torch.Tensor) -> torch.Tensor:
+        if self.weights == (1.0,):
+            return parts
+        assert uncond is not None
+        cond = uncond.clone()
+        for part, weight in zip(parts.chunk(len(self.weights)), self.weights, strict=True):
+            cond += (part - uncond) * weight
+        return cond
+
+
+def rescaled(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """CFG rescale (Lin et al., arXiv 2305.08891; diffusers' ``rescale_noise_cfg``): ``guided`` brought towards the
+    standard deviation of ``cond`` (per sample), by ``rescale`` (0: unchanged, 1: fully)."""
+    dims = list(range(1, cond.ndim))
+    std_cond = cond.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    return rescale * (guided * (std_cond / std_guided)) + (1.0 - rescale) * guided
 
 
 def guidance_for(scale: float, unet: Any, rescale: float = 0.0, weights: tuple[float, ...] = (1.0,)) -> Guidance:
@@ -90,3 +136,111 @@ def guidance_for(scale: float, unet: Any, rescale: float = 0.0, weights: tuple[f
     if scale > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None:
         return ClassifierFreeGuidance(scale, rescale)
     return NoGuidance()
+
+
+class TermOrder(IntEnum):
+    """Where a guidance term acts in the combination: ``REPLACE`` computes it anew from the unconditional and
+    conditional predictions (APG; one such term per step), ``ADD`` adds to it (PAG), ``FINISH`` reshapes the sum
+    (CFG rescale, measured after every addition as diffusers' PAG pipelines do). Terms of one order act in the order
+    the conditions were given."""
+
+    REPLACE = 0
+    ADD = 1
+    FINISH = 2
+
+
+@dataclass(frozen=True)
+class GuidanceStep:
+    """What a guidance term sees of one step: ``uncond`` (``None`` without classifier-free guidance) and ``cond``,
+    the prompt's prediction (its parts combined as the guidance weighs them); ``perturbed``, the prompt's prediction
+    with perturbed self-attention, where a term asked for it; ``guided``, the combination so far; ``scale``, the
+    request's guidance scale; ``timestep``, the scheduler's timestep (999...0); ``index`` of ``total`` steps of the
+    whole schedule.
+
+    Example:
+        >>> step = GuidanceStep(0, 4, 999.0, Stage.BASE, 5.0, torch.zeros(1), torch.ones(1), torch.full((1,), 5.0))
+        >>> CFGRescale(0.5).combine(step).shape
+        torch.Size([1])
+    """
+
+    index: int
+    total: int
+    timestep: float
+    stage: Stage
+    scale: float
+    uncond: torch.Tensor | None
+    cond: torch.Tensor
+    guided: torch.Tensor
+    perturbed: torch.Tensor | None = None
+
+
+class GuidanceTerm(ABC):
+    """The guidance channel: one condition's change to how a step's predictions are combined.
+
+    A term lives for one stage of one call (``Prepared.guidance_term`` makes it), so it may keep state between steps
+    (APG's momentum). The loop calls :meth:`combine` only at the steps where the condition acts.
+
+    Example:
+        >>> class Stronger(GuidanceTerm):                                # doctest: +SKIP
+        ...     order = TermOrder.ADD
+        ...     def combine(self, step): return step.guided + 0.1 * (step.cond - step.uncond)
+    """
+
+    order: ClassVar[TermOrder] = TermOrder.ADD
+    # Whether the term reads ``GuidanceStep.perturbed``: the loop then adds the prompt's rows again, perturbed.
+    perturbs: ClassVar[bool] = False
+
+    @abstractmethod
+    def combine(self, step: GuidanceStep) -> torch.Tensor: ...
+
+
+@dataclass
+class CFGRescale(GuidanceTerm):
+    """CFG rescale as a term (diffusers' ``guidance_rescale``): the request's ``guidance_rescale`` acts through it,
+    after every other term, measured against the prompt's own prediction; nothing without classifier-free guidance.
+
+    Example:
+        >>> CFGRescale(0.7).order
+        <TermOrder.FINISH: 2>
+    """
+
+    rescale: float
+    order: ClassVar[TermOrder] = TermOrder.FINISH
+
+    def combine(self, step: GuidanceStep) -> torch.Tensor:
+        if step.uncond is None or self.rescale <= 0.0:
+            return step.guided
+        return rescaled(step.guided, step.cond, self.rescale)
+
+
+def guided_step(
+    guidance: Guidance,
+    prediction: torch.Tensor,
+    terms: list[GuidanceTerm],
+    *,
+    perturbed: torch.Tensor | None = None,
+    index: int = 0,
+    total: int = 1,
+    timestep: float = 0.0,
+    stage: Stage = Stage.BASE,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """One step's combined prediction: ``guidance.combine`` alone where no term acts (so that a step without them is
+    the same, bit for bit), else the terms in their :class:`TermOrder` on what it gives. ``perturbed`` holds the
+    prompt's parts predicted with perturbed self-attention (in the parts' order), when a term asked for them."""
+    if not terms:
+        return guidance.combine(prediction)
+    replacing = [t for t in terms if t.order is TermOrder.REPLACE]
+    if len(replacing) > 1:
+        from ..base.errors import ConditionError
+
+        raise ConditionError(
+            f"{' and '.join(type(t).__name__ for t in replacing)} each compute the guidance anew: give one of them"
+        )
+    uncond, cond = guidance.split(prediction)
+    step = GuidanceStep(index, total, timestep, stage, scale, uncond, cond, guidance.combine(prediction),
+                        None if perturbed is None else guidance.conditional(uncond, perturbed))  # fmt: skip
+    for term in sorted(terms, key=lambda t: t.order):  # stable: the conditions' order within one order
+        step = GuidanceStep(step.index, step.total, step.timestep, step.stage, step.scale, step.uncond, step.cond,
+                            term.combine(step), step.perturbed)  # fmt: skip
+    return step.guided
