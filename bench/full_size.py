@@ -13,12 +13,17 @@ that come with the package), each part one command, its table in ``bench/results
   memory while it acts: peak RSS of a one-step call with it over the same call without it, each in a fresh process;
   and the second of two consecutive jobs with it through one Runner, which keeps it applied (costs a plain call);
 * ``families``: every condition family at its published widths, stacked as the presets stack them (see
-  ``bench/families.py``).
+  ``bench/families.py``);
+* ``guidance``: the guidance conditions and regional prompts beside plain CFG in one run (issue 38): UNet calls and
+  batch rows per step (PAG with CFG: 3 rows per image, diffusers' ``[uncond, cond, perturbed]``) and CPU seconds per
+  step of the base at ``--size``, for plain CFG, PAG, APG, FreeU, two masked regions and two regions by attention
+  couple.
 
     python bench/full_size.py load --work /tmp/full      # about 10 min, 30 GB of disk in --work
     python bench/full_size.py fp8 --size 64 --repeats 1       # memory in bf16; this CPU computes bf16 slowly
     python bench/full_size.py step-cache --dtype fp32 --steps 11
     python bench/full_size.py lora --work /tmp/full      # the base folder of the load part, and a LoRA file beside it
+    python bench/full_size.py guidance --dtype fp32 --steps 3 --size 512
 """
 
 from __future__ import annotations
@@ -485,6 +490,58 @@ def part_lora(args: argparse.Namespace) -> dict[str, Any]:
             "call"}  # fmt: skip
 
 
+def _guidance_scenarios() -> dict[str, list[Any]]:
+    from sdxl_control.adapters.apg import APG
+    from sdxl_control.adapters.freeu import FreeU
+    from sdxl_control.adapters.pag import PAG
+    from sdxl_control.adapters.regions import Region
+
+    def halves(mode: str) -> list[Any]:
+        return [Region("a woman with red hair", box=(0.0, 0.0, 0.5, 1.0), mode=mode),
+                Region("a man in a blue coat", box=(0.5, 0.0, 1.0, 1.0), mode=mode)]  # fmt: skip
+
+    return {"plain CFG": [], "PAG (mid)": [PAG()], "APG": [APG()], "FreeU": [FreeU()],
+            "2 regions, masked": halves("masked"), "2 regions, attention couple": halves("attention")}  # fmt: skip
+
+
+def part_guidance(args: argparse.Namespace) -> dict[str, Any]:
+    """UNet calls and rows per step, and CPU seconds per step (median of the steps after the first), per scenario."""
+    from sdxl_control import Generator
+    from sdxl_control.engine.models import ModelSource, StageModels
+    from sdxl_control.protocol.conditions import Stage
+    from sdxl_control.protocol.text import TextEncoder
+    from sdxl_control.weights.sdxl_configs import SDXL_SCHEDULER
+
+    parts = random_models(Stage.BASE, DTYPES[args.dtype])
+    encoders = (TextEncoder(parts["tokenizer"], parts["text_encoder"], "text_encoder"),
+                TextEncoder(parts["tokenizer_2"], parts["text_encoder_2"], "text_encoder_2"))  # fmt: skip
+    models = StageModels(stage=Stage.BASE, unet=parts["unet"], vae=parts["vae"], text_encoders=encoders,
+                         scheduler_config=SDXL_SCHEDULER, requires_aesthetics_score=False,
+                         force_zeros_for_empty_prompt=True, source=ModelSource(name="random base", path="-"))  # fmt: skip
+    gen = Generator(models)
+    calls: list[int] = []
+    hook = gen.base.unet.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[0]), with_kwargs=True)
+    rows, plain = [], None
+    try:
+        for name, conditions in _guidance_scenarios().items():
+            stamps: list[float] = []
+            calls.clear()
+            gen.generate("two people in a park", steps=args.steps, size=(args.size, args.size), seed=1,
+                         guidance=6.0, conditions=conditions, progress_bar=False,
+                         progress=lambda e, stamps=stamps: stamps.append(time.perf_counter()))  # fmt: skip
+            per_step = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+            plain = plain or per_step
+            rows.append({"scenario": name, "unet_calls_per_step": round(len(calls) / args.steps, 2),
+                         "rows_per_step": round(sum(calls) / args.steps, 2),
+                         f"cpu_s_per_step_{args.size}": round(per_step, 2),
+                         "x_plain": round(per_step / plain, 2)})  # fmt: skip
+            _say(json.dumps(rows[-1]))
+    finally:
+        hook.remove()
+    return {"part": "guidance", "compute_dtype": args.dtype, "steps": args.steps, "rows": rows,
+            "note": "one image; rows per step count the UNet batch (2 = [uncond, cond])"}  # fmt: skip
+
+
 def markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -496,7 +553,13 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = {"load": part_load, "fp8": part_fp8, "step-cache": part_step_cache, "lora": part_lora}
+PARTS = {
+    "load": part_load,
+    "fp8": part_fp8,
+    "step-cache": part_step_cache,
+    "lora": part_lora,
+    "guidance": part_guidance,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

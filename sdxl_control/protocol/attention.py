@@ -55,7 +55,7 @@ class AttentionBranch:
     scale: float
     mask: Any = None
     active: bool = True
-    _mask_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _mask_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     # Whether the branch reads the text attention's output (before the output projection).
     needs_text: ClassVar[bool] = False

@@ -43,8 +43,8 @@ from .rows import Rows
 
 if TYPE_CHECKING:
     from ..records.infotext import Infotext
-    from .guidance import GuidanceTerm
     from ..weights.inventory import ModelNeed
+    from .guidance import GuidanceTerm
 
 __all__ = [
     "Stage",
