@@ -38,11 +38,12 @@ __all__ = ["PAG", "PAGTerm", "PerturbedSelfAttnProcessor", "pag_layers", "pag_sc
 _ADAPTIVE_ORIGIN = 1000.0
 
 
-def pag_layers(unet: Any, layers: tuple[str, ...]) -> dict[str, Any]:
+def pag_layers(unet: Any, layers: tuple[str, ...], where: str = "this UNet") -> dict[str, Any]:
     """The self-attention layers of ``unet`` that ``layers`` name, by processor name, as diffusers'
     ``PAGMixin._set_pag_attn_processor`` finds them: each entry a regular expression searched in the module names of
     the attention modules that are not cross-attention, except a match whose last dotted parts are both the same
-    number (``blocks.1`` does not take ``blocks.10``'s ... ``.1``); an entry that matches nothing is an error naming it.
+    number (``blocks.1`` does not take ``blocks.10``'s ... ``.1``); an entry that matches nothing is an error naming it
+    and ``where`` (the UNet searched).
 
     Example:
         >>> sorted(pag_layers(unet, ("mid",)))[:1]  # doctest: +SKIP
@@ -73,8 +74,9 @@ def pag_layers(unet: Any, layers: tuple[str, ...]) -> dict[str, Any]:
         }
         if not matched:
             raise ConditionError(
-                f"Cannot find PAG layer to set attention processor for: {layer!r} (PAG layers are regular expressions "
-                "searched in the self-attention layers' names, e.g. 'mid', 'down_blocks.2', 'up_blocks.0.attentions.0')"
+                f"Cannot find PAG layer to set attention processor for: {layer!r} in {where} (PAG layers are regular "
+                "expressions searched in the self-attention layers' names, e.g. 'mid', 'down_blocks.2', "
+                "'up_blocks.0.attentions.0')"
             )
         found.update(matched)
     return found
@@ -259,7 +261,7 @@ class PAG(Condition):
         # A layer that names nothing is refused here, before anything runs, in every stage PAG applies to.
         for stage, unet in ctx.stages.items():
             if stage in self.stage:
-                pag_layers(unet, self.layers)
+                pag_layers(unet, self.layers, f"the {stage.label}'s UNet")
         return _Ready(self)
 
     def infotext(self) -> Infotext:

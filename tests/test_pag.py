@@ -85,6 +85,17 @@ def test_pag_matches_diffusers(generator, pag_pipe, case):
     assert not torch.allclose(ours.latents, plain.latents, atol=1e-3)  # PAG did act
 
 
+def test_a_batch_matches_diffusers(generator, pag_pipe):
+    """Two images: diffusers' batch [uncond x2, cond x2, perturbed x2], each image's noise from its own seed."""
+    ours = generator.generate(PROMPT, conditions=[PAG(scale=2.0)], num_images=2, guidance=5.0, **RUN)
+    pag_pipe.set_pag_applied_layers(["mid"])
+    with torch.no_grad():
+        ref = pag_pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, height=64, width=64, pag_scale=2.0,
+                       num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+                       output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours.latents, ref, **CLOSE)
+
+
 def test_adaptive_scale_falls_with_the_timestep():
     assert pag_scale_at(3.0, 0.0, 0.0) == 3.0
     assert pag_scale_at(3.0, 0.002, 999.0) == pytest.approx(3.0 - 0.002)
@@ -194,7 +205,7 @@ def test_one_more_unet_row_per_image_where_pag_acts(generator, guidance, rows):
 
 def test_a_layer_that_does_not_exist_is_named(generator, tiny):
     before = {name: layer.processor for name, layer in attention_layers(generator.base.unet).items()}
-    with pytest.raises(ConditionError, match="Cannot find PAG layer.*'down_blocks.0'"):
+    with pytest.raises(ConditionError, match="Cannot find PAG layer.*'down_blocks.0' in the base's UNet"):
         generator.generate(PROMPT, conditions=[PAG(layers=("mid", "down_blocks.0"))], **RUN)
     # diffusers' comment syntax "down.block_2" matches nothing in diffusers 0.42.1 either.
     with pytest.raises(ConditionError, match="'down.block_2'"):
@@ -202,7 +213,7 @@ def test_a_layer_that_does_not_exist_is_named(generator, tiny):
     with pytest.raises(ConditionError, match="not a regular expression"):
         generator.generate(PROMPT, conditions=[PAG(layers="mid(")], **RUN)
     # The tiny refiner's up_blocks.0 has no attention: refused for the refiner, in a call that runs it.
-    with pytest.raises(ConditionError, match="'up_blocks.0'"):
+    with pytest.raises(ConditionError, match="'up_blocks.0' in the refiner's UNet"):
         generator.generate(PROMPT, conditions=[PAG(layers="up_blocks.0", stage="both")], refiner_switch=0.5, **RUN)
     after = {name: layer.processor for name, layer in attention_layers(generator.base.unet).items()}
     assert after == before
@@ -262,6 +273,24 @@ def test_fused_projections_give_the_same_image(tiny):
     finally:
         gen.set_fast_path(None)
     torch.testing.assert_close(fast.latents, plain.latents, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compile", ["blocks", "unet"])
+def test_compiled_models_trace_the_processor(tiny, compile):
+    """torch.compile (fullgraph, the eager backend: tracing alone) reads the call's rows inside the compiled blocks;
+    a step without PAG after steps with it traces again rather than reusing the perturbed graph."""
+    from sdxl_control import FastPath, Generator
+
+    gen = Generator.from_pretrained(tiny.base, device="cpu")
+    run = dict(RUN, steps=3)
+    condition = PAG(window=(0.0, 0.7))  # steps 0-1 perturbed, step 2 plain
+    plain = gen.generate(PROMPT, conditions=[condition], **run)
+    gen.set_fast_path(FastPath(channels_last=False, fuse_qkv=False, compile=compile, compile_backend="eager"))
+    try:
+        compiled = gen.generate(PROMPT, conditions=[condition], **run)
+    finally:
+        gen.set_fast_path(None)
+    torch.testing.assert_close(compiled.latents, plain.latents, rtol=1e-4, atol=1e-4)
 
 
 def test_the_processor_is_the_replaced_one_unless_rows_are_perturbed():
