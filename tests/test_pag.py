@@ -316,6 +316,24 @@ def test_the_processor_is_the_replaced_one_unless_rows_are_perturbed():
     torch.testing.assert_close(ours, PAGCFGIdentitySelfAttnProcessor2_0()(attn, x[:3]), rtol=0, atol=0)
 
 
+def test_the_recipe_and_the_a1111_text_record_pag(generator):
+    from sdxl_control import GenerationRequest
+    from sdxl_control.records.infotext import parameters_text
+
+    made = generator.generate(PROMPT, conditions=[PAG(scale=2.0, layers=["mid", "up_blocks.1"], window=(0.0, 0.5))],
+                              **RUN)  # fmt: skip
+    recipe = made.images[0].recipe
+    assert recipe["conditions"] == [{"kind": "pag", "scale": 2.0, "window": [0.0, 0.5], "stage": "base",
+                                     "adaptive_scale": 0.0, "layers": ["mid", "up_blocks.1"]}]  # fmt: skip
+    assert 'PAG: "{' in parameters_text(recipe)
+    again = generator.run(GenerationRequest.from_recipe(recipe), progress_bar=False)
+    assert again.images[0].tobytes() == made.images[0].tobytes()
+    forge = generator.generate(PROMPT, conditions=[PAG(scale=2.0)], **RUN).images[0].recipe
+    assert "pagi_enabled: True, pagi_scale: 2.0, pagi_attenuation: 0.0, pagi_start_step: 0.0, pagi_end_step: 1.0" in (
+        parameters_text(forge)
+    )
+
+
 def test_infotext_writes_forges_items_where_they_mean_the_same():
     """Forge's built-in PAG (lllyasviel/stable-diffusion-webui-forge @ dfdcbab,
     extensions-builtin/sd_forge_perturbed_attention/scripts/forge_perturbed_attention.py) writes ``pagi_enabled``,
