@@ -212,6 +212,12 @@ class _Ready(Prepared):
     condition: PAG
 
     def attach(self, unet: Any, stage: Stage) -> Attachment:
+        if any(isinstance(m.processor, PerturbedSelfAttnProcessor) for m in attention_layers(unet).values()):
+            # One perturbed copy of the prompt's rows serves every term: two PAGs would each push from the union.
+            raise ConditionError(
+                "PAG is given twice: the perturbed prediction is one, with every perturbed layer at once; give one PAG "
+                "with all its layers (layers=['mid', 'up_blocks.0'])"
+            )
         # The processors found now (a fast path's fused ones, say) are what the perturbed ones wrap and give back.
         layers = pag_layers(unet, self.condition.layers)
         return _Swapped(

@@ -236,6 +236,13 @@ def test_layers_are_found_as_diffusers_finds_them(generator, tiny):
         assert set(pag_layers(unet, tuple(layers))) == theirs, layers
 
 
+def test_two_pags_are_refused(generator):
+    before = {name: layer.processor for name, layer in attention_layers(generator.base.unet).items()}
+    with pytest.raises(ConditionError, match="PAG is given twice"):
+        generator.generate(PROMPT, conditions=[PAG(), PAG(layers="up_blocks.0")], **RUN)
+    assert {name: layer.processor for name, layer in attention_layers(generator.base.unet).items()} == before
+
+
 def test_bad_values_are_refused():
     with pytest.raises(ConditionError, match="PAG scale is 0 .* got -1.0"):
         PAG(scale=-1.0)
