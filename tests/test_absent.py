@@ -22,6 +22,7 @@ from sdxl_control.adapters.faceid import FaceID, save_face
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
+from sdxl_control.adapters.pag import PAG
 from sdxl_control.adapters.photomaker import PhotoMaker
 from sdxl_control.adapters.pulid import PuLID
 from sdxl_control.preprocessors.face import FaceInfo, Identity
@@ -104,6 +105,9 @@ CASES: dict[str, tuple[Callable[[Path, Any], Condition], tuple[str, ...]]] = {
         (),
     ),
     "lora-refiner": (lambda f, t: _refiner_lora(f, t.refiner), ()),
+    "pag": (lambda f, t: PAG(), ()),
+    # At 64x64 the tiny refiner's mid block sees one token (self-attention is the identity there already).
+    "pag-refiner": (lambda f, t: PAG(layers=("mid", "down_blocks.1"), stage="refiner"), ()),
 }
 
 

@@ -209,6 +209,23 @@ def _perturbed_layout(rows: int, uncond: int) -> Rows:
     return Rows(tuple(range(rows)) + prompt, rows, (False,) * rows + (True,) * len(prompt))
 
 
+def _check_step_cache(terms: list[tuple[Condition, GuidanceTerm]], schedule: StageSchedule) -> None:
+    """Refuse a term that perturbs the prompt's rows under step caching: a cached step answers the deep blocks (the
+    mid block PAG perturbs by default) from the last whole step, whose batch held other rows where the term's window
+    opens or closes, and no reference defines what the perturbed rows should read there. A term that acts at no step
+    of the stage is absent, and allowed."""
+    steps = range(schedule.first_index, schedule.first_index + len(schedule.timesteps))
+    for condition, term in terms:
+        if term.perturbs and any(acts(condition.scale, condition.window, i, schedule.total) for i in steps):
+            from ..base.errors import ConditionError
+
+            raise ConditionError(
+                f"{type(condition).__name__} perturbs the prompt's self-attention at its steps, and step_cache "
+                "(--step-cache, DeepCache) reuses the UNet's deep blocks between whole steps: give step_cache 1 with "
+                f"{type(condition).__name__}"
+            )
+
+
 @torch.no_grad()
 def denoise(
     inputs: StageInputs,
@@ -238,6 +255,8 @@ def denoise(
         tqdm(total=steps, desc=inputs.stage.label, disable=not progress_bar, leave=False) as bar,
     ):
         terms = [(c, term) for c, p in inputs.conditions if (term := p.guidance_term(inputs.stage)) is not None]
+        if inputs.step_cache is not None and inputs.step_cache.interval > 1:
+            _check_step_cache(terms, schedule)
         for k, (t, unet_t) in enumerate(zip(schedule.timesteps, unet_timesteps, strict=True)):
             index = schedule.first_index + k
             while current + 1 < len(segments) and segments[current + 1].first <= index:
