@@ -13,8 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from ..base.errors import ConditionError
 from ..protocol.conditions import Condition, PrepareContext, Prepared, Stage
+from ..protocol.guidance import GuidanceStep, GuidanceTerm, TermOrder
+from ..records.infotext import Infotext
 
 __all__ = ["APG"]
 
@@ -22,8 +26,12 @@ __all__ = ["APG"]
 @dataclass(frozen=True, kw_only=True)
 class APG(Condition):
     """Adaptive projected guidance in place of plain CFG at the steps it acts: ``eta`` (diffusers' default 1.0),
-    ``norm_threshold`` (its ``adaptive_projected_guidance_rescale``, 15.0; 0: none), ``momentum`` (0: none).
-    ``scale`` blends from plain CFG (0: absent) to APG (1, the default).
+    ``norm_threshold`` (its ``adaptive_projected_guidance_rescale``, 15.0; 0: none), ``momentum`` (0: none, as
+    diffusers' ``None``; negative values, as the paper's -0.5, average the guidance over the steps it acts).
+    ``scale`` blends from plain CFG (0: absent) to APG (1, the default). It needs classifier-free guidance (a guidance
+    scale above 1): without it there is no guidance to project, and it changes nothing. At the steps outside its
+    window the step is plain CFG (diffusers' guider gives the prompt's prediction alone there). Its momentum starts
+    afresh in each stage (the refiner's predictions are another model's).
 
     Example:
         >>> APG(eta=0.0, momentum=-0.5).kind
@@ -45,4 +53,50 @@ class APG(Condition):
             raise ConditionError(f"APG norm_threshold is 0 (none) or more, got {self.norm_threshold}")
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        raise NotImplementedError("APG is being built (issue 38)")
+        return _APGReady(self)
+
+    def infotext(self) -> Infotext:
+        # No A1111 extension writes APG; one item of our own, read back by the PNG importer.
+        return Infotext(fields={"APG": f"eta {self.eta:g}, threshold {self.norm_threshold:g}, momentum {self.momentum:g}"
+                                       + (f", scale {self.scale:g}" if self.scale != 1 else "")})
+
+
+@dataclass(frozen=True, eq=False)
+class _APGReady(Prepared):
+    condition: APG
+
+    def guidance_term(self, stage: Stage) -> GuidanceTerm:
+        return _APGTerm(self.condition)
+
+
+class _APGTerm(GuidanceTerm):
+    """diffusers' ``normalized_guidance`` (guiders/adaptive_projected_guidance.py) at each step the condition acts."""
+
+    order: ClassVar[TermOrder] = TermOrder.REPLACE
+
+    def __init__(self, condition: APG) -> None:
+        self.condition = condition
+        self.running: torch.Tensor | None = None  # the momentum buffer's running average
+
+    def combine(self, step: GuidanceStep) -> torch.Tensor:
+        if step.uncond is None:
+            return step.guided
+        apg = self.condition
+        cond = step.cond
+        diff = cond - step.uncond
+        dims = [-i for i in range(1, diff.ndim)]  # every dimension but the batch
+        if apg.momentum != 0:
+            self.running = diff if self.running is None else diff + apg.momentum * self.running
+            diff = self.running
+        if apg.norm_threshold > 0:
+            norm = diff.norm(p=2, dim=dims, keepdim=True)
+            diff = diff * torch.minimum(torch.ones_like(diff), apg.norm_threshold / norm)
+        # The projection in float64, as diffusers computes it.
+        v0, v1 = diff.double(), torch.nn.functional.normalize(cond.double(), dim=dims)
+        parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
+        orthogonal = (v0 - parallel).to(diff.dtype)
+        update = orthogonal + apg.eta * parallel.to(diff.dtype)
+        projected = step.uncond + step.scale * update
+        if apg.scale == 1:
+            return projected
+        return step.guided + apg.scale * (projected - step.guided)

@@ -10,10 +10,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ..base.errors import ConditionError
-from ..protocol.conditions import Condition, PrepareContext, Prepared, Stage
+from ..protocol.conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo
+from ..records.infotext import Infotext
 
 __all__ = ["FreeU"]
 
@@ -21,7 +22,8 @@ __all__ = ["FreeU"]
 @dataclass(frozen=True, kw_only=True)
 class FreeU(Condition):
     """FreeU with the published SDXL factors (FreeU's README: b1 1.3, b2 1.4, s1 0.9, s2 0.2). ``scale`` moves every
-    factor from 1 (0: absent) to its value (1, the default).
+    factor from 1 (0: absent) to its value (1, the default). It acts through diffusers' own code path: the factors
+    are set on the UNet's up blocks (``enable_freeu``) at the steps it acts, and taken away after.
 
     Example:
         >>> FreeU(b1=1.1, b2=1.2, s1=0.6, s2=0.4).kind
@@ -42,5 +44,63 @@ class FreeU(Condition):
             if getattr(self, name) <= 0:
                 raise ConditionError(f"FreeU {name} is above 0, got {getattr(self, name)}")
 
+    def factors(self) -> dict[str, float]:
+        """The factors at this condition's scale, as ``enable_freeu`` takes them."""
+        if self.scale == 1:  # the values themselves (1 + (s - 1) is not s in floating point)
+            return {name: getattr(self, name) for name in ("s1", "s2", "b1", "b2")}
+        return {name: 1 + self.scale * (getattr(self, name) - 1) for name in ("s1", "s2", "b1", "b2")}
+
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        raise NotImplementedError("FreeU is being built (issue 38)")
+        factors = self.factors()
+        if any(value <= 0 for value in factors.values()):  # diffusers reads a factor of 0 as FreeU switched off
+            raise ConditionError(f"FreeU at scale {self.scale:g} makes a factor 0 or less ({factors}): lower the scale")
+        return _FreeUReady(factors)
+
+    def infotext(self) -> Infotext:
+        # The items Forge's built-in FreeU writes (extensions-builtin/sd_forge_freeu, l.166-174 @dfdcbab). Forge's
+        # FreeU is ComfyUI's FreeU_V2 (backbone factors weighed by the features' mean), ours diffusers' (constant):
+        # the same factors give another image there; freeu_version says which this is.
+        factors = self.factors()
+        return Infotext(fields={"freeu_enabled": "True", "freeu_b1": f"{factors['b1']:g}",
+                                "freeu_b2": f"{factors['b2']:g}", "freeu_s1": f"{factors['s1']:g}",
+                                "freeu_s2": f"{factors['s2']:g}", "freeu_start": f"{self.window.start:g}",
+                                "freeu_end": f"{self.window.end:g}", "freeu_version": "diffusers"})  # fmt: skip
+
+
+_KEYS = ("s1", "s2", "b1", "b2")
+
+
+@dataclass(frozen=True, eq=False)
+class _FreeUReady(Prepared):
+    factors: dict[str, float]
+
+    def attach(self, unet: Any, stage: Stage) -> Attachment:
+        return _FreeUAttachment(unet, self.factors)
+
+
+class _FreeUAttachment(Attachment):
+    """Sets the factors on the up blocks at the steps FreeU acts, and puts back what the blocks held (nothing, on a
+    loaded UNet) when it does not and on detach."""
+
+    def __init__(self, unet: Any, factors: dict[str, float]) -> None:
+        self.unet, self.factors, self.on = unet, factors, False
+        self.before = [{k: block.__dict__[k] for k in _KEYS if k in block.__dict__} for block in unet.up_blocks]
+
+    def contribute(self, step: StepInfo, active: bool) -> None:
+        if active and not self.on:
+            self.unet.enable_freeu(**self.factors)
+        elif not active and self.on:
+            self._restore()
+        self.on = active
+
+    def _restore(self) -> None:
+        for block, held in zip(self.unet.up_blocks, self.before, strict=True):
+            for key in _KEYS:
+                if key in held:
+                    setattr(block, key, held[key])
+                elif key in block.__dict__:
+                    delattr(block, key)
+
+    def detach(self) -> None:
+        self._restore()
+        self.on = False

@@ -17,8 +17,10 @@ from PIL import Image
 
 from sdxl_control import Generator
 from sdxl_control.adapters import CONDITION_KINDS
+from sdxl_control.adapters.apg import APG
 from sdxl_control.adapters.controlnet import ControlNet, ControlNetUnion
 from sdxl_control.adapters.faceid import FaceID, save_face
+from sdxl_control.adapters.freeu import FreeU
 from sdxl_control.adapters.instantid import InstantID
 from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
@@ -108,6 +110,11 @@ CASES: dict[str, tuple[Callable[[Path, Any], Condition], tuple[str, ...]]] = {
     "pag": (lambda f, t: PAG(), ()),
     # At 64x64 the tiny refiner's mid block sees one token (self-attention is the identity there already).
     "pag-refiner": (lambda f, t: PAG(layers=("mid", "down_blocks.1"), stage="refiner"), ()),
+    # eta 1 keeps the whole guidance (APG is then CFG unless its norm threshold bites): eta 0 shows it acting.
+    "apg": (lambda f, t: APG(eta=0.0), ()),
+    "apg-refiner": (lambda f, t: APG(eta=0.0, stage="refiner"), ()),
+    "freeu": (lambda f, t: FreeU(), ()),
+    "freeu-refiner": (lambda f, t: FreeU(stage="refiner"), ()),
 }
 
 
