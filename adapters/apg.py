@@ -57,8 +57,12 @@ class APG(Condition):
 
     def infotext(self) -> Infotext:
         # No A1111 extension writes APG; one item of our own, read back by the PNG importer.
-        return Infotext(fields={"APG": f"eta {self.eta:g}, threshold {self.norm_threshold:g}, momentum {self.momentum:g}"
-                                       + (f", scale {self.scale:g}" if self.scale != 1 else "")})
+        return Infotext(
+            fields={
+                "APG": f"eta {self.eta:g}, threshold {self.norm_threshold:g}, momentum {self.momentum:g}"
+                + (f", scale {self.scale:g}" if self.scale != 1 else "")
+            }
+        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,16 +11,28 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from ..base.errors import ConditionError
-from ..protocol.conditions import Condition, PrepareContext, Prepared, Stage
+from ..base.images import load_image
+from ..protocol.conditions import Condition, Crop, PrepareContext, Prepared, Stage
+from ..protocol.guidance import Blend, ExtraRows, GuidanceStep, GuidanceTerm, TermOrder
+
+log = logging.getLogger(__name__)
+
+# SDXL's VAE: one latent cell per 8x8 pixels.
+LATENT_FACTOR = 8
 
 __all__ = ["Region"]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Region(Condition):
     """A prompt for one region: ``mask`` (an image, white = the region) or ``box`` (x0, y0, x1, y1 as fractions of
     the width and height); ``negative_prompt`` its own, if any; ``scale`` its strength (ComfyUI's ``strength``);
@@ -56,4 +68,80 @@ class Region(Condition):
                 )
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
-        raise NotImplementedError("regional prompts are being built (issue 38)")
+        if self.mode == "attention":
+            raise ConditionError(
+                "Region mode='attention' (attention couple, Forge Couple's way) is not built yet (issue 38 is open): "
+                "give mode='masked'"
+            )
+        weight = self.weight(ctx.size).to(ctx.device, ctx.dtype)
+        prompts: dict[Stage, tuple[ExtraRows, ...]] = {}
+        for stage in ctx.stages:
+            if stage not in self.stage:
+                continue
+            rows = [ExtraRows(*ctx.encode_prompt(self.prompt, stage))]
+            if self.negative_prompt is not None:
+                rows.append(ExtraRows(*ctx.encode_prompt(self.negative_prompt, stage), negative=True))
+            prompts[stage] = tuple(rows)
+        return _MaskedReady(weight, prompts)
+
+    def weight(self, size: tuple[int, int]) -> torch.Tensor:
+        """The region's weight per latent cell for an output of ``size`` (width, height), as (1, 1, h, w): the mask's
+        grey levels (white 1) resized bilinearly from its own pixels to the latent grid, as ComfyUI resizes a
+        conditioning mask, or the box's cells; times ``scale``."""
+        width, height = size
+        cells = (height // LATENT_FACTOR, width // LATENT_FACTOR)
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            mask = torch.zeros(1, 1, *cells)
+            mask[..., round(y0 * cells[0]) : round(y1 * cells[0]), round(x0 * cells[1]) : round(x1 * cells[1])] = 1
+            if not mask.any():
+                raise ConditionError(f"the Region box {self.box} covers no latent cell of a {width}x{height} image")
+            return mask * self.scale
+        image = load_image(self.mask, "Region mask").convert("L")
+        if image.size != (width, height):
+            log.info("Region mask of %dx%d resized to the %dx%d image", *image.size, width, height)
+        grey = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+        if not grey.any():
+            raise ConditionError("the Region mask is empty (all black): white marks the region its prompt describes")
+        mask = grey if grey.shape[-2:] == cells else F.interpolate(grey, size=cells, mode="bilinear")
+        return mask * self.scale
+
+    def in_crop(self, crop: Crop) -> Condition | None:
+        """The region for a repaint of ``crop`` alone: its mask cut to the crop, or its box as the part of the crop
+        it covers; ``None`` where it does not reach the crop."""
+        if self.box is None:
+            return super().in_crop(crop)
+        width, height = crop.image_size
+        x0, y0, x1, y1 = self.box
+        left, top, right, bottom = crop.box
+        box = ((x0 * width - left) / (right - left), (y0 * height - top) / (bottom - top),
+               (x1 * width - left) / (right - left), (y1 * height - top) / (bottom - top))  # fmt: skip
+        clipped = tuple(min(1.0, max(0.0, v)) for v in box)
+        if clipped[0] >= clipped[2] or clipped[1] >= clipped[3]:
+            return None
+        return replace(self, box=clipped)
+
+
+@dataclass(frozen=True, eq=False)
+class _MaskedReady(Prepared):
+    weight: torch.Tensor
+    prompts: dict[Stage, tuple[ExtraRows, ...]]
+
+    def guidance_term(self, stage: Stage) -> GuidanceTerm | None:
+        return _MaskedTerm(self.weight, self.prompts[stage]) if stage in self.prompts else None
+
+
+class _MaskedTerm(GuidanceTerm):
+    """ComfyUI's masked conditioning: the region's prompt predicted on rows of its own, weighed in per pixel."""
+
+    order: ClassVar[TermOrder] = TermOrder.BLEND
+
+    def __init__(self, weight: torch.Tensor, rows: tuple[ExtraRows, ...]) -> None:
+        self.weight, self.own = weight, rows
+
+    def rows(self) -> tuple[ExtraRows, ...]:
+        return self.own
+
+    def blend(self, step: GuidanceStep) -> Blend:
+        cond, *negative = step.extra
+        return Blend(self.weight, cond, negative[0] if negative else None)

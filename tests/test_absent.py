@@ -27,6 +27,7 @@ from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.pag import PAG
 from sdxl_control.adapters.photomaker import PhotoMaker
 from sdxl_control.adapters.pulid import PuLID
+from sdxl_control.adapters.regions import Region
 from sdxl_control.preprocessors.face import FaceInfo, Identity
 from sdxl_control.protocol.conditions import Condition, Window
 from sdxl_control.testing.lora import write_tiny_lora
@@ -115,6 +116,8 @@ CASES: dict[str, tuple[Callable[[Path, Any], Condition], tuple[str, ...]]] = {
     "apg-refiner": (lambda f, t: APG(eta=0.0, stage="refiner"), ()),
     "freeu": (lambda f, t: FreeU(), ()),
     "freeu-refiner": (lambda f, t: FreeU(stage="refiner"), ()),
+    "region": (lambda f, t: Region("a red dog", box=(0.0, 0.0, 0.5, 1.0), negative_prompt="blurry"), ()),
+    "region-refiner": (lambda f, t: Region("a red dog", box=(0.0, 0.0, 0.5, 1.0), stage="refiner"), ()),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..protocol.attach import attached
 from ..protocol.conditions import Condition, Prepared, Residuals, Stage, StepInfo, acts
-from ..protocol.guidance import Guidance, GuidanceTerm, guided_step
+from ..protocol.guidance import ExtraRows, Guidance, GuidanceTerm, guided_step
 from ..protocol.rows import Rows, calling
 from ..protocol.schedule import StageSchedule
 from .step_cache import StepCache, cached_steps
@@ -210,19 +211,20 @@ def _perturbed_layout(rows: int, uncond: int) -> Rows:
 
 
 def _check_step_cache(terms: list[tuple[Condition, GuidanceTerm]], schedule: StageSchedule) -> None:
-    """Refuse a term that perturbs the prompt's rows under step caching: a cached step answers the deep blocks (the
-    mid block PAG perturbs by default) from the last whole step, whose batch held other rows where the term's window
-    opens or closes, and no reference defines what the perturbed rows should read there. A term that acts at no step
+    """Refuse a term that perturbs the prompt's rows, or brings rows of its own, under step caching: a cached step
+    answers the deep blocks (the mid block PAG perturbs by default) from the last whole step, whose batch held other
+    rows where the term's window opens or closes, and no reference defines what those rows should read there. A term that acts at no step
     of the stage is absent, and allowed."""
     steps = range(schedule.first_index, schedule.first_index + len(schedule.timesteps))
     for condition, term in terms:
-        if term.perturbs and any(acts(condition.scale, condition.window, i, schedule.total) for i in steps):
+        if (term.perturbs or term.rows()) and any(acts(condition.scale, condition.window, i, schedule.total)
+                                                  for i in steps):  # fmt: skip
             from ..base.errors import ConditionError
 
+            what = "perturbs the prompt's self-attention" if term.perturbs else "adds rows of its own to the batch"
             raise ConditionError(
-                f"{type(condition).__name__} perturbs the prompt's self-attention at its steps, and step_cache "
-                "(--step-cache, DeepCache) reuses the UNet's deep blocks between whole steps: give step_cache 1 with "
-                f"{type(condition).__name__}"
+                f"{type(condition).__name__} {what} at its steps, and step_cache (--step-cache, DeepCache) reuses the "
+                f"UNet's deep blocks between whole steps: give step_cache 1 with {type(condition).__name__}"
             )
 
 
@@ -266,6 +268,15 @@ def denoise(
             sample = latents if copies == 1 else torch.cat([latents] * copies)
             sample = scheduler.scale_model_input(sample, t)
             rows = inputs.rows or Rows.identity(sample.shape[0])
+            acting = [term for c, term in terms if acts(c.scale, c.window, index, schedule.total)]
+            acting += inputs.terms
+            own = [term.rows() for term in acting]
+            cache.at(k)
+            if any(own):  # terms with rows of their own (regional prompts): one batch of every row, see _own_rows
+                guided = _own_rows(inputs, unet, unet_t, t, index, sample, prompt, rows, acting, own, live)
+                output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
+                latents = _stepped(inputs, scheduler, output, latents, guided, k, t, index, progress, bar)
+                continue
             residuals: Residuals | None = None
             if live:
                 info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, prompt.hidden, added, copies > 1,
@@ -274,13 +285,10 @@ def denoise(
                     extra = attachment.contribute(info, acts(condition.scale, condition.window, index, schedule.total))
                     if extra is not None:
                         residuals = extra if residuals is None else residuals + extra
-            acting = [term for c, term in terms if acts(c.scale, c.window, index, schedule.total)]
-            acting += inputs.terms
             layout = None
             if any(term.perturbs for term in acting):
                 layout = _perturbed_layout(sample.shape[0], sample.shape[0] // copies if copies > 1 else 0)
                 rows = rows.then(layout)
-            cache.at(k)
             model_input = sample if inputs.repaint is None else inputs.repaint.model_input(sample)
             prediction = _predicted(unet, model_input, unet_t, prompt, inputs.time_ids, residuals, rows, layout)
             perturbed = None
@@ -289,13 +297,104 @@ def denoise(
             guided = guided_step(inputs.guidance, prediction, acting, perturbed=perturbed, index=index,
                                  total=schedule.total, timestep=float(t), stage=inputs.stage, scale=scale)  # fmt: skip
             output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
-            bar.update()
-            if progress is not None:
-                denoised = _denoised(scheduler, output, latents, guided)
-                progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), output.prev_sample,
-                                       denoised))  # fmt: skip
-            latents = output.prev_sample
-            if inputs.repaint is not None:
-                upcoming = schedule.timesteps[k + 1] if k + 1 < steps else None
-                latents = inputs.repaint.after_step(scheduler, latents, upcoming)
+            latents = _stepped(inputs, scheduler, output, latents, guided, k, t, index, progress, bar)
     return latents
+
+
+def _stepped(
+    inputs: StageInputs, scheduler: Any, output: Any, latents: torch.Tensor, guided: torch.Tensor, k: int,
+    t: torch.Tensor, index: int, progress: ProgressCallback | None, bar: Any,
+) -> torch.Tensor:  # fmt: skip
+    """After the scheduler's step: progress, and inpainting's original put back; the latents the next step reads."""
+    schedule = inputs.schedule
+    steps = len(schedule.timesteps)
+    bar.update()
+    if progress is not None:
+        denoised = _denoised(scheduler, output, latents, guided)
+        progress(ProgressEvent(inputs.stage, k + 1, steps, index, schedule.total, float(t), output.prev_sample,
+                               denoised))  # fmt: skip
+    latents = output.prev_sample
+    if inputs.repaint is not None:
+        upcoming = schedule.timesteps[k + 1] if k + 1 < steps else None
+        latents = inputs.repaint.after_step(scheduler, latents, upcoming)
+    return latents
+
+
+def _lcm_tokens(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Hidden states of several lengths brought to one by repeating each whole sequence (ComfyUI's way,
+    comfy/conds.py: attention over a sequence repeated r times is attention over the sequence)."""
+    lengths = {h.shape[1] for h in hidden}
+    if len(lengths) == 1:
+        return hidden
+    target = math.lcm(*lengths)
+    return [h.repeat(1, target // h.shape[1], 1) for h in hidden]
+
+
+def _own_rows(
+    inputs: StageInputs, unet: Any, unet_t: torch.Tensor, t: torch.Tensor, index: int, sample: torch.Tensor,
+    prompt: PromptSegment, rows: Rows, acting: list[GuidanceTerm], own: list[tuple[ExtraRows, ...]],
+    live: list[tuple[Condition, Any]],
+) -> torch.Tensor:  # fmt: skip
+    """A step where terms bring rows of their own: the stage's rows, the prompt's again if a term perturbs them, and
+    each term's rows (one per image), in ONE batch whose conditions contribute for every row (a ControlNet reads each
+    row's own prompt, as ComfyUI runs it per conditioning). Prompts of other lengths are repeated to a common one."""
+    schedule, copies = inputs.schedule, inputs.guidance.copies
+    batch = sample.shape[0]
+    n = batch // copies
+    uncond = n if copies > 1 else 0
+    # Rows of the stage's batch each new row reads (the model input, the time ids, the prepared rows).
+    source, flags = list(range(batch)), [False] * batch
+    perturbs = any(term.perturbs for term in acting)
+    if perturbs:
+        source += list(range(uncond, batch))
+        flags += [True] * (batch - uncond)
+    if prompt.uncond_hidden is not None and prompt.uncond_pooled is not None:
+        head, tail = _lcm_tokens([prompt.uncond_hidden, prompt.hidden])
+        hidden_parts = [torch.cat([head, tail])]
+        pooled_parts = [torch.cat([prompt.uncond_pooled, prompt.pooled])]
+    else:
+        hidden_parts, pooled_parts = [prompt.hidden], [prompt.pooled]
+    if perturbs:
+        hidden_parts.append(hidden_parts[0][uncond:])
+        pooled_parts.append(pooled_parts[0][uncond:])
+    for extras in own:
+        for extra in extras:
+            if extra.negative and not uncond:
+                continue  # no negative prompt to weigh against without classifier-free guidance
+            first = 0 if extra.negative else uncond
+            source += list(range(first, first + n))
+            flags += [False] * n
+            hidden_parts.append(extra.hidden.expand(n, -1, -1).to(prompt.hidden))
+            pooled_parts.append(extra.pooled.expand(n, -1).to(prompt.pooled))
+    layout = Rows(tuple(source), batch, tuple(flags) if any(flags) else ())
+    call_rows = rows.then(layout)
+    model_sample = layout.gather(sample)
+    hidden = torch.cat(_lcm_tokens(hidden_parts))
+    added = {"text_embeds": torch.cat(pooled_parts), "time_ids": layout.gather(inputs.time_ids)}
+    residuals: Residuals | None = None
+    if live:
+        info = StepInfo(index, schedule.total, unet_t, inputs.stage, model_sample, hidden, added, copies > 1, call_rows)
+        for condition, attachment in live:
+            extra_residuals = attachment.contribute(
+                info, acts(condition.scale, condition.window, index, schedule.total)
+            )
+            if extra_residuals is not None:
+                residuals = extra_residuals if residuals is None else residuals + extra_residuals
+    model_input = sample if inputs.repaint is None else inputs.repaint.model_input(sample)
+    with calling(call_rows):
+        prediction = unet(
+            layout.gather(model_input), unet_t, encoder_hidden_states=hidden, added_cond_kwargs=added,
+            down_block_additional_residuals=None if residuals is None else list(residuals.down),
+            mid_block_additional_residual=None if residuals is None else residuals.mid, return_dict=False,
+        )[0]  # fmt: skip
+    cut = [batch, batch - uncond if perturbs else 0]
+    cut += [n for extras in own for extra in extras if uncond or not extra.negative]
+    base, perturbed, *theirs = prediction.split(cut)
+    per_term, at = [], 0
+    for extras in own:
+        count = sum(1 for extra in extras if uncond or not extra.negative)
+        per_term.append(tuple(theirs[at : at + count]))
+        at += count
+    return guided_step(inputs.guidance, base, acting, perturbed=perturbed if perturbs else None, extra=per_term,
+                       index=index, total=schedule.total, timestep=float(t), stage=inputs.stage,
+                       scale=float(getattr(inputs.guidance, "scale", 1.0)))  # fmt: skip

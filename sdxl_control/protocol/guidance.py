@@ -11,7 +11,6 @@ batch, see :mod:`sdxl_control.protocol.rows`).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar, Protocol
@@ -22,7 +21,7 @@ from ..base.stages import Stage
 
 __all__ = [
     "Guidance", "ClassifierFreeGuidance", "NoGuidance", "guidance_for", "GuidanceStep", "GuidanceTerm", "TermOrder",
-    "CFGRescale", "guided_step",
+    "CFGRescale", "guided_step", "ExtraRows", "Blend",
 ]  # fmt: skip
 
 
@@ -139,14 +138,50 @@ def guidance_for(scale: float, unet: Any, rescale: float = 0.0, weights: tuple[f
 
 
 class TermOrder(IntEnum):
-    """Where a guidance term acts in the combination: ``REPLACE`` computes it anew from the unconditional and
-    conditional predictions (APG; one such term per step), ``ADD`` adds to it (PAG), ``FINISH`` reshapes the sum
-    (CFG rescale, measured after every addition as diffusers' PAG pipelines do). Terms of one order act in the order
-    the conditions were given."""
+    """Where a guidance term acts in the combination: ``BLEND`` weighs predictions of its own rows into the
+    unconditional and conditional predictions before anything combines them (regional prompts: see :class:`Blend`),
+    ``REPLACE`` computes the combination anew from those (APG; one such term per step), ``ADD`` adds to it (PAG),
+    ``FINISH`` reshapes the sum (CFG rescale, measured after every addition as diffusers' PAG pipelines do). Terms of
+    one order act in the order the conditions were given."""
 
+    BLEND = -1
     REPLACE = 0
     ADD = 1
     FINISH = 2
+
+
+@dataclass(frozen=True)
+class ExtraRows:
+    """Rows a guidance term adds to the UNet's batch at the steps it acts, one per image: the latents read with
+    ``hidden`` (1, tokens, width) and ``pooled`` (1, width) in place of the prompt's; ``negative``: rows of the
+    negative prompt's kind (they read what conditions prepared for the negative prompt, and its time ids).
+
+    Example:
+        >>> ExtraRows(torch.zeros(1, 77, 2048), torch.zeros(1, 1280)).negative
+        False
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+    negative: bool = False
+
+
+@dataclass(frozen=True)
+class Blend:
+    """What a ``BLEND`` term weighs in: per-pixel ``weight`` (broadcastable to the predictions) and its prediction of the
+    prompt's kind ``cond``; ``uncond`` (with ``uncond_weight``) for the negative prompt's, if it has one. The loop
+    averages, per pixel, the request's own prediction (weight 1 everywhere) with every acting blend's:
+    ``sum(w * p) / (1e-37 + sum(w))``, as ComfyUI averages a list of conditionings (``comfy/samplers.py``).
+
+    Example:
+        >>> Blend(torch.ones(1, 1, 8, 8), torch.zeros(1, 4, 8, 8)).uncond is None
+        True
+    """
+
+    weight: torch.Tensor
+    cond: torch.Tensor
+    uncond: torch.Tensor | None = None
+    uncond_weight: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -172,9 +207,11 @@ class GuidanceStep:
     cond: torch.Tensor
     guided: torch.Tensor
     perturbed: torch.Tensor | None = None
+    # The predictions of the term's own rows (GuidanceTerm.rows), one tensor per ExtraRows, in order.
+    extra: tuple[torch.Tensor, ...] = ()
 
 
-class GuidanceTerm(ABC):
+class GuidanceTerm:
     """The guidance channel: one condition's change to how a step's predictions are combined.
 
     A term lives for one stage of one call (``Prepared.guidance_term`` makes it), so it may keep state between steps
@@ -190,8 +227,17 @@ class GuidanceTerm(ABC):
     # Whether the term reads ``GuidanceStep.perturbed``: the loop then adds the prompt's rows again, perturbed.
     perturbs: ClassVar[bool] = False
 
-    @abstractmethod
-    def combine(self, step: GuidanceStep) -> torch.Tensor: ...
+    def rows(self) -> tuple[ExtraRows, ...]:
+        """Rows of its own the term needs predicted at the steps it acts (``GuidanceStep.extra``); none by default."""
+        return ()
+
+    def blend(self, step: GuidanceStep) -> Blend:
+        """A ``BLEND`` term's weighed predictions (see :class:`Blend`); only ``BLEND`` terms are asked."""
+        raise NotImplementedError(f"{type(self).__name__} is not a BLEND term")
+
+    def combine(self, step: GuidanceStep) -> torch.Tensor:
+        """The step's combination, from ``step.guided`` (the combination so far); ``BLEND`` terms are not asked."""
+        raise NotImplementedError(f"{type(self).__name__} does not combine")
 
 
 @dataclass
@@ -219,6 +265,7 @@ def guided_step(
     terms: list[GuidanceTerm],
     *,
     perturbed: torch.Tensor | None = None,
+    extra: list[tuple[torch.Tensor, ...]] | None = None,
     index: int = 0,
     total: int = 1,
     timestep: float = 0.0,
@@ -227,9 +274,11 @@ def guided_step(
 ) -> torch.Tensor:
     """One step's combined prediction: ``guidance.combine`` alone where no term acts (so that a step without them is
     the same, bit for bit), else the terms in their :class:`TermOrder` on what it gives. ``perturbed`` holds the
-    prompt's parts predicted with perturbed self-attention (in the parts' order), when a term asked for them."""
+    prompt's parts predicted with perturbed self-attention (in the parts' order), when a term asked for them;
+    ``extra`` each term's own rows' predictions (in the order of ``terms``)."""
     if not terms:
         return guidance.combine(prediction)
+    own = dict(zip(map(id, terms), extra or [()] * len(terms), strict=True))
     replacing = [t for t in terms if t.order is TermOrder.REPLACE]
     if len(replacing) > 1:
         from ..base.errors import ConditionError
@@ -237,10 +286,43 @@ def guided_step(
         raise ConditionError(
             f"{' and '.join(type(t).__name__ for t in replacing)} each compute the guidance anew: give one of them"
         )
+
+    def at(uncond: torch.Tensor | None, cond: torch.Tensor, guided: torch.Tensor, term: GuidanceTerm) -> GuidanceStep:
+        return GuidanceStep(index, total, timestep, stage, scale, uncond, cond, guided,
+                            None if perturbed is None else guidance.conditional(uncond, perturbed),
+                            own[id(term)])  # fmt: skip
+
     uncond, cond = guidance.split(prediction)
-    step = GuidanceStep(index, total, timestep, stage, scale, uncond, cond, guidance.combine(prediction),
-                        None if perturbed is None else guidance.conditional(uncond, perturbed))  # fmt: skip
-    for term in sorted(terms, key=lambda t: t.order):  # stable: the conditions' order within one order
-        step = GuidanceStep(step.index, step.total, step.timestep, step.stage, step.scale, step.uncond, step.cond,
-                            term.combine(step), step.perturbed)  # fmt: skip
-    return step.guided
+    blending = [t for t in terms if t.order is TermOrder.BLEND]
+    if blending:
+        uncond, cond = _blended(uncond, cond, [t.blend(at(uncond, cond, cond, t)) for t in blending])
+        prediction = cond if uncond is None else torch.cat([uncond, cond])
+        if guidance.copies != (1 if uncond is None else 2):
+            from ..base.errors import ConditionError
+
+            raise ConditionError("a prompt of several AND parts cannot be blended with regional prompts: join them")
+    guided = guidance.combine(prediction)
+    for term in sorted((t for t in terms if t.order is not TermOrder.BLEND), key=lambda t: t.order):  # stable sort
+        guided = term.combine(at(uncond, cond, guided, term))
+    return guided
+
+
+def _blended(
+    uncond: torch.Tensor | None, cond: torch.Tensor, blends: list[Blend]
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The request's predictions (weight 1 everywhere) averaged per pixel with the blends', ComfyUI's rule: its sums
+    start at 0 with counts of 1e-37, so a pixel no weight covers is 0 (here the request's own always does)."""
+
+    def average(base: torch.Tensor, weighed: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        total, count = base.clone(), torch.ones_like(base) + 1e-37
+        for weight, value in weighed:
+            total += value * weight
+            count += weight
+        return total / count
+
+    cond = average(cond, [(b.weight, b.cond) for b in blends])
+    negatives = [(b.uncond_weight if b.uncond_weight is not None else b.weight, b.uncond) for b in blends
+                 if b.uncond is not None]  # fmt: skip
+    if uncond is not None and negatives:
+        uncond = average(uncond, negatives)  # type: ignore[arg-type]
+    return uncond, cond
