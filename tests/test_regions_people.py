@@ -135,6 +135,21 @@ def test_the_two_people_preset_keeps_each_person_on_their_side():
     assert Image.open(masked.conditions[0].mask).getbbox() == (0, 0, width // 2, height)
 
 
+def test_a_job_fills_the_two_people_preset_with_texts(tmp_path):
+    """A job (what job files, the page's More inputs and the server hand on) names the texts as it names files."""
+    from sdxl_control.jobs.resolvers import TinyResolver
+    from sdxl_control.jobs.spec import JobSpec, resolve
+
+    for name in ("ann.png", "bob.png"):
+        Image.new("RGB", (32, 32), (200, 100, 50)).save(tmp_path / name)
+    inputs = {"left_face": [str(tmp_path / "ann.png")], "right_face": [str(tmp_path / "bob.png")],
+              "left_prompt": LEFT, "right_prompt": [RIGHT]}  # fmt: skip
+    job = resolve(JobSpec(PROMPT, preset="two-people", inputs=inputs), TinyResolver())
+    left, ann, right, bob = job.request.conditions
+    assert (left.prompt, right.prompt) == (LEFT, RIGHT)
+    assert left.mask == ann.mask != right.mask == bob.mask
+
+
 def test_the_two_people_preset_runs_and_re_makes_its_pixels(tiny, tmp_path):
     """On the tiny models through the command line: both people's conditions run, the detailer repaints the face the
     stand-in finds (the centre, on the right half) with the right person's identity and words; the recipe re-makes
