@@ -46,7 +46,8 @@ class Flag:
     name: str
     field: str
     help: str
-    type: Literal["text", "number", "window", "image"] = "text"
+    # "list": comma-separated texts; "switch": given or not (a slot's switch, or a bool field)
+    type: Literal["text", "number", "window", "image", "list", "switch"] = "text"
     choices: tuple[str, ...] = ()
 
 
@@ -155,6 +156,32 @@ _REFERENCE_SLOT = Slot("reference", "IP-Adapter reference image(s)", "images", m
 _FACE_SLOT = Slot("face", "photo(s) of one person (face.kind: the identity method)", "faces", many=True,
                   role="identity")  # fmt: skip
 
+_REGION_SLOT = Slot("region", "a prompt for one region: MASK:PROMPT (a mask image, white = the region) or "
+                    "X0,Y0,X1,Y1:PROMPT (fractions of the width and height); one per region", "prompt", each=True,
+                    images=False, build="regions:regions_from_slot",
+                    flags=(Flag("region-mode", "mode", "how regions act: masked (ComfyUI's masked conditioning, "
+                                "default)", choices=("masked", "attention")),
+                           Flag("region-scale", "scale", "the regions' strength (default 1)", "number"),
+                           Flag("region-window", "window", "where the regions act (default 0:1)", "window")))  # fmt: skip
+# Slots of options only: a flag (or a job's SLOT.OPTION) given switches the condition on.
+_PAG_SLOT = Slot("pag", "perturbed-attention guidance (pag.scale, pag.layers, pag.adaptive_scale)", None,
+                 flags=(Flag("pag-scale", "scale", "perturbed-attention guidance at this scale (diffusers' 3.0)",
+                             "number"),
+                        Flag("pag-layers", "layers", "PAG's self-attention layers, comma-separated (default mid)",
+                             "list"),
+                        Flag("pag-adaptive", "adaptive_scale", "PAG's adaptive scale (default 0)", "number")))  # fmt: skip
+_APG_SLOT = Slot("apg", "adaptive projected guidance (apg.eta, apg.norm_threshold, apg.momentum)", None,
+                 flags=(Flag("apg", "eta", "adaptive projected guidance with this eta (0: only the guidance "
+                             "orthogonal to the prompt's prediction)", "number"),
+                        Flag("apg-threshold", "norm_threshold", "APG's norm threshold (default 15, 0: none)", "number"),
+                        Flag("apg-momentum", "momentum", "APG's momentum (default 0; the paper's -0.5)", "number")))  # fmt: skip
+_FREEU_SLOT = Slot("freeu", "FreeU (freeu.on, freeu.b1, freeu.b2, freeu.s1, freeu.s2, freeu.scale)", None,
+                   switches={"on": {}},
+                   flags=(Flag("freeu", "on", "FreeU with the published SDXL factors (b1 1.3, b2 1.4, s1 0.9, "
+                               "s2 0.2)", "switch"),
+                          Flag("freeu-scale", "scale", "FreeU's factors moved from 1 by this much (default 1)",
+                               "number")))  # fmt: skip
+
 # kind -> family; a family's module is imported only when its kind is asked for. A family added here needs no code in
 # the command line, the page or the batch runner: they read this. The slots build in this order (LoRAs first), which
 # is the order of the conditions a job stacks.
@@ -173,10 +200,10 @@ CONDITION_KINDS: dict[str, Family] = {
     "instantid": Family("instantid", "InstantID", "identity", _INSTANTID_FLAGS),
     "pulid": Family("pulid", "PuLID", "identity", _PULID_FLAGS),
     "photomaker": Family("photomaker", "PhotoMaker", "identity", _PHOTOMAKER_FLAGS),
-    "region": Family("regions", "Region"),
-    "pag": Family("pag", "PAG"),
-    "apg": Family("apg", "APG"),
-    "freeu": Family("freeu", "FreeU"),
+    "region": Family("regions", "Region", slots=(_REGION_SLOT,)),
+    "pag": Family("pag", "PAG", slots=(_PAG_SLOT,)),
+    "apg": Family("apg", "APG", slots=(_APG_SLOT,)),
+    "freeu": Family("freeu", "FreeU", slots=(_FREEU_SLOT,)),
 }
 
 

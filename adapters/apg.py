@@ -96,7 +96,7 @@ class _APGTerm(GuidanceTerm):
             norm = diff.norm(p=2, dim=dims, keepdim=True)
             diff = diff * torch.minimum(torch.ones_like(diff), apg.norm_threshold / norm)
         # The projection in float64, as diffusers computes it.
-        v0, v1 = diff.double(), torch.nn.functional.normalize(cond.double(), dim=dims)
+        v0, v1 = diff.double(), torch.nn.functional.normalize(cond.double(), dim=dims)  # type: ignore[arg-type]  # a list works, as diffusers passes it
         parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
         orthogonal = (v0 - parallel).to(diff.dtype)
         update = orthogonal + apg.eta * parallel.to(diff.dtype)

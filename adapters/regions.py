@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 # SDXL's VAE: one latent cell per 8x8 pixels.
 LATENT_FACTOR = 8
 
-__all__ = ["Region"]
+__all__ = ["Region", "regions_from_slot", "parse_region"]
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,35 @@ class _MaskedTerm(GuidanceTerm):
     def blend(self, step: GuidanceStep) -> Blend:
         cond, *negative = step.extra
         return Blend(self.weight, cond, negative[0] if negative else None)
+
+
+_BOX = re.compile(r"^\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*,\s*([0-9.]+)\s*:(.*)$", re.S)
+
+
+def parse_region(text: str) -> dict[str, Any]:
+    """``MASK:PROMPT`` or ``X0,Y0,X1,Y1:PROMPT`` (the command line's ``--region``) as Region fields. The mask is the
+    longest prefix before a ``:`` that names an existing file (a prompt may hold colons, a Windows path too).
+
+    Example:
+        >>> parse_region("0,0,0.5,1:a woman with red hair")
+        {'box': (0.0, 0.0, 0.5, 1.0), 'prompt': 'a woman with red hair'}
+    """
+    from pathlib import Path
+
+    found = _BOX.match(text)
+    if found:
+        return {"box": tuple(float(v) for v in found.groups()[:4]), "prompt": found.group(5).strip()}
+    cuts = [i for i, char in enumerate(text) if char == ":"]
+    for cut in reversed(cuts):
+        if Path(text[:cut]).expanduser().is_file():
+            return {"mask": text[:cut], "prompt": text[cut + 1 :].strip()}
+    raise ConditionError(
+        f"a region is MASK:PROMPT (an existing mask image) or X0,Y0,X1,Y1:PROMPT (fractions), got {text!r:.80}"
+    )
+
+
+def regions_from_slot(cls: type[Region], values: dict[str, Any], joined: Any) -> list[Region]:
+    """The ``region`` input slot's conditions (:mod:`sdxl_control.jobs.slots`): one Region per text, each
+    ``MASK:PROMPT`` or ``X0,Y0,X1,Y1:PROMPT``, with the slot's options."""
+    texts = values.pop("prompt")
+    return [cls(**{**values, **parse_region(str(text))}) for text in texts]

@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 INPUT_FLAGS = ("face", "style", "pose", "structure", "init_image")
 # The input slots this command has flags of its own for (below); every other slot gets --NAME FILE and its flags.
 OWN_SLOTS = ("lora", *STRUCTURE_CONTROLS, "union", "style", "reference", "face")
-_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"text": str, "number": number, "window": window, "image": str}
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {
+    "text": str, "number": number, "window": window, "image": str,
+    "list": lambda text: [part.strip() for part in text.split(",") if part.strip()],
+}  # fmt: skip
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -360,13 +363,17 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
         more = parser.add_argument_group("more inputs (the condition families' input slots)")
         for slot in slots:
             many = slot.many or slot.each
-            more.add_argument(f"--{slot.name}", action="append" if many else Once, default=[] if many else None,
-                              metavar="FILE", help=slot.help)  # fmt: skip
+            if slot.files is not None:  # a slot of options only has its flags alone
+                more.add_argument(f"--{slot.name}", action="append" if many else Once, default=[] if many else None,
+                                  metavar="TEXT" if not slot.images else "FILE", help=slot.help)  # fmt: skip
             for flag in slot.flags:
                 _add_flag(more, flag)
 
 
 def _add_flag(group: Any, flag: Flag) -> None:
+    if flag.type == "switch":
+        group.add_argument(f"--{flag.name}", action="store_const", const=True, default=None, help=flag.help)
+        return
     group.add_argument(
         f"--{flag.name}",
         type=_FLAG_TYPES[flag.type],
@@ -476,6 +483,9 @@ def _slot_inputs(
         raise InvalidRequestError(f"{', '.join(identity_flags)}: identity options need --face")
     for _, slot in input_slots().values():  # a family's slot this command has no flags of its own for
         if slot.name in OWN_SLOTS:
+            continue
+        if slot.files is None:  # options only: switched on by any of its flags
+            options.update(_slot_options(slot.name, {f.field: _given(args, f) for f in slot.flags}))
             continue
         value = getattr(args, slot.name.replace("-", "_"))
         named: list[str] = value if isinstance(value, list) else [value] if value else []

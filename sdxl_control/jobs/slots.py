@@ -139,11 +139,14 @@ def _build(kind: str, slot: Slot, files: list[Any], options: dict[str, Any], joi
     if slot.build is not None:
         module, _, function = slot.build.partition(":")
         build = getattr(import_module(f"sdxl_control.adapters.{module}"), function)
+        if slot.files is not None:  # a builder of a slot with files gets them as that field
+            values[slot.files] = files
         conditions: list[Condition] = build(cls, values, joined)
         return conditions
     if slot.each:
         return [cls(**{slot.files: file}, **_one_of_each(slot, values, i)) for i, file in enumerate(files)]
-    assert slot.files is not None  # a slot of options only names a builder
+    if slot.files is None:  # a slot of options only: one condition of them
+        return [cls(**values)]
     return [cls(**{slot.files: files if slot.many else files[0]}, **values)]
 
 

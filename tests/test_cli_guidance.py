@@ -1,0 +1,69 @@
+"""The command line and job files for regional prompts and the guidance conditions: ``--region``, ``--pag-scale``,
+``--apg``, ``--freeu`` fill their families' input slots (the registry), so the command line names no family."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_control import read_recipe
+from sdxl_control.adapters.regions import parse_region
+from sdxl_control.base.errors import ConditionError
+from sdxl_control.cli import main
+from sdxl_control.jobs.slots import slot_conditions
+
+RUN = ["--tiny", "--steps", "2", "--seed", "4", "--size", "64x64", "-q"]
+
+
+def test_the_flags_make_the_conditions_and_the_recipe_re_makes_them(tiny, tmp_path):
+    mask = tmp_path / "right: half.png"  # a colon in the file name: the longest existing prefix is the mask
+    Image.fromarray(np.tile(np.r_[np.zeros(32), np.full(32, 255)], (64, 1)).astype(np.uint8)).save(mask)
+    out, again = tmp_path / "out.png", tmp_path / "again.png"
+    assert main(["generate", "two people", *RUN, "--region", "0,0,0.5,1:a woman: red hair", "--region",
+                 f"{mask}:an old man", "--region-scale", "0.8", "--pag-scale", "2", "--pag-layers", "mid,up_blocks.0",
+                 "--apg", "0", "--apg-momentum", "-0.5", "--freeu", "-o", str(out)]) == 0  # fmt: skip
+    conditions = read_recipe(out)["conditions"]
+    assert [c["kind"] for c in conditions] == ["region", "region", "pag", "apg", "freeu"]
+    left, right, pag, apg, freeu = conditions
+    assert (left["box"], left["prompt"], left["scale"]) == ([0.0, 0.0, 0.5, 1.0], "a woman: red hair", 0.8)
+    assert right["prompt"] == "an old man" and right["mask"]["file"] == "right: half.png"
+    assert (pag["scale"], pag["layers"], apg["eta"], apg["momentum"]) == (2.0, ["mid", "up_blocks.0"], 0.0, -0.5)
+    assert (freeu["b1"], freeu["scale"]) == (1.3, 1.0)
+    assert main(["generate", "--recipe", str(out), "-o", str(again), "-q"]) == 0
+    assert Image.open(again).tobytes() == Image.open(out).tobytes()
+
+
+def test_options_only_slots_switch_on_by_any_option_and_job_files_fill_them(tiny, tmp_path):
+    built = slot_conditions({"region": ["0,0.5,1,1:a dog"]}, {"pag.layers": ["mid"], "freeu.on": True,
+                                                              "apg.norm_threshold": 5.0, "region.mode": "masked"})  # fmt: skip
+    assert [(c.kind, getattr(c, "prompt", None)) for c in built] == [("region", "a dog"), ("pag", None),
+                                                                     ("apg", None), ("freeu", None)]  # fmt: skip
+    assert built[1].scale == 3.0 and built[2].norm_threshold == 5.0
+    # A job file line, as --dry-run prints it: the conditions recorded as values; `batch` runs it.
+    line = {"prompt": "a cat", "steps": 2, "size": [64, 64], "seed": 2,
+            "conditions": [{"kind": "region", "prompt": "a dog", "box": [0.0, 0.0, 0.5, 1.0]},
+                           {"kind": "pag", "scale": 1.5}, {"kind": "freeu", "scale": 0.5}]}  # fmt: skip
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(line) + "\n")
+    assert main(["batch", str(jobs), "-o", str(tmp_path / "run"), "--tiny", "-q"]) == 0
+    (made,) = (tmp_path / "run").glob("*.png")
+    assert [c["kind"] for c in read_recipe(made)["conditions"]] == ["region", "pag", "freeu"]
+
+
+def test_bad_region_flags_name_the_input_and_the_fix(tiny, tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    assert main(["generate", "x", *RUN, "--region", "missing.png:a dog", "-o", out]) == 2
+    assert "MASK:PROMPT (an existing mask image) or X0,Y0,X1,Y1:PROMPT" in capsys.readouterr().err
+    assert main(["generate", "x", *RUN, "--region-scale", "0.5", "-o", out]) == 2
+    assert "--region-scale: options of --region, which is not given" in capsys.readouterr().err
+    assert main(["generate", "x", *RUN, "--region", "0.6,0,0.5,1:a dog", "-o", out]) == 2
+    assert "x0 < x1" in capsys.readouterr().err
+
+
+def test_parse_region():
+    assert parse_region(" 0 , 0.25, 1,1 :a cat") == {"box": (0.0, 0.25, 1.0, 1.0), "prompt": "a cat"}
+    with pytest.raises(ConditionError, match="got 'a cat'"):
+        parse_region("a cat")
