@@ -11,8 +11,10 @@ inpainting with ``padding_mask_crop``: the one loop, every condition stacked.
 Several people: each face found is matched to the identity condition it resembles most (ArcFace cosine similarity of
 its embedding and the condition's photos, at least ``match_threshold``), or to the condition whose region ``mask``
 holds its centre; only that identity acts on its repaint. Faces matching no one get a pass without identity
-(``unmatched="neutral"``) or are left alone (``"skip"``). What was found, matched and repainted goes into each
-image's recipe, under ``measurements["detailer"]``.
+(``unmatched="neutral"``) or are left alone (``"skip"``). A regional prompt whose region holds a face's centre gives
+its repaint the prompt (as ADetailer's per-face prompts replace the main one); other regions are cut to the crop, or
+dropped where they miss it. What was found, matched and repainted goes into each image's recipe, under
+``measurements["detailer"]``.
 
 Example:
     >>> gen.generate("two friends", conditions=(alice, bob), detailer=FaceDetailer(strength=0.35))  # doctest: +SKIP
@@ -298,7 +300,10 @@ def detail_faces(
             "matched_by": match.by, "repainted": redo,
         })  # fmt: skip
         if regions:  # which of the request's conditions is the region whose prompt repainted the face
-            records[-1]["region"] = request.conditions.index(regions[region]) if region is not None else None
+            found = (
+                None if region is None else next(i for i, c in enumerate(request.conditions) if c is regions[region])
+            )
+            records[-1]["region"] = found  # by identity: a mask given as an array has no plain equality
     return current, {"found": len(faces), "repainted": sum(r["repainted"] for r in records), "faces": records}
 
 
