@@ -51,7 +51,13 @@ class Region(Condition):
         if self.box is not None:
             x0, y0, x1, y1 = self.box
             if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-                raise ConditionError(f"a Region box is (x0, y0, x1, y1) fractions with x0 < x1, y0 < y1, got {self.box}")
+                raise ConditionError(
+                    f"a Region box is (x0, y0, x1, y1) fractions with x0 < x1, y0 < y1, got {self.box}"
+                )
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
+        if self.mode == "attention":
+            from .couple import prepare_couple
+
+            return prepare_couple(self, ctx)
         raise NotImplementedError("regional prompts are being built (issue 38)")
