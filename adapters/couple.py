@@ -103,7 +103,7 @@ class CoupleBranch(AttentionBranch):
     latent: tuple[int, int] = (1, 1)
     batch: int = 1
     guided: bool = True
-    _blend_cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+    _blend_cache: dict[Any, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     replaces_text = True
 

@@ -24,6 +24,7 @@ from sdxl_control.adapters.ip_adapter import IPAdapter
 from sdxl_control.adapters.lora import LoRA
 from sdxl_control.adapters.photomaker import PhotoMaker
 from sdxl_control.adapters.pulid import PuLID
+from sdxl_control.adapters.regions import Region
 from sdxl_control.preprocessors.face import FaceInfo, Identity
 from sdxl_control.protocol.conditions import Condition, Window
 from sdxl_control.testing.lora import write_tiny_lora
@@ -104,6 +105,10 @@ CASES: dict[str, tuple[Callable[[Path, Any], Condition], tuple[str, ...]]] = {
         (),
     ),
     "lora-refiner": (lambda f, t: _refiner_lora(f, t.refiner), ()),
+    "region-attention": (
+        lambda f, t: Region(prompt="a red-haired woman", box=(0.0, 0.0, 0.5, 1.0), mode="attention"),
+        (),
+    ),
 }
 
 

@@ -59,7 +59,7 @@ class AttentionBranch:
     scale: float
     mask: Any = None
     active: bool = True
-    _mask_cache: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _mask_cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     # Whether the branch reads the text attention's output (before the output projection).
     needs_text: ClassVar[bool] = False
@@ -217,7 +217,7 @@ class BranchedAttnProcessor:
         text = F.scaled_dot_product_attention(query, _heads(key, attn), _heads(value, attn), dropout_p=0.0)
         batch, width = hidden_states.shape[0], query.shape[1] * query.shape[-1]
         text = text.transpose(1, 2).reshape(batch, -1, width).to(query.dtype)
-        kinds: dict[type, list[AttentionBranch]] = {}
+        kinds: dict[type[AttentionBranch], list[AttentionBranch]] = {}
         for branch in live:
             if branch.replaces_text:
                 kinds.setdefault(type(branch), []).append(branch)
