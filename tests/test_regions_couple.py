@@ -359,3 +359,22 @@ def test_bad_input(generator, caplog):
     second = CoupleBranch("b", torch.zeros(1), torch.zeros(1), 1.0, weight=3 * torch.ones(8, 8), latent=(1, 1))
     shares = first.blend([first, second], 1)[:, 0, 0]
     assert shares.tolist() == [0.0, 0.25, 0.75]
+
+
+def test_prompt_rows_are_and_parts_and_perturbed_copies(generator):
+    """The blend reads which rows are the prompt's from the call's rows: every AND part, PAG's perturbed copies, every
+    row without guidance; never the negative rows."""
+    from sdxl_control.protocol.rows import Rows
+
+    branch = CoupleBranch("r", torch.zeros(1), torch.zeros(1), 1.0, batch=2, guided=True)
+    with calling(Rows.of_parts(batch=2, parts=2, guided=True)):
+        assert branch.prompt_rows(6) == [2, 3, 4, 5]
+    with calling(Rows((0, 1, 2, 3, 2, 3), 4, (False,) * 4 + (True,) * 2)):
+        assert branch.prompt_rows(6) == [2, 3, 4, 5]
+    unguided = CoupleBranch("r", torch.zeros(1), torch.zeros(1), 1.0, batch=2, guided=False)
+    with calling(Rows.identity(2)):
+        assert unguided.prompt_rows(2) == [0, 1]
+    regions = [_attention("a woman with red hair", box=LEFT), _attention("a man in a blue coat", box=RIGHT)]
+    parts = generator.generate("a cat AND a dog :0.5", conditions=regions, **KW).latents
+    assert parts.isfinite().all()
+    assert not torch.allclose(parts, generator.generate("a cat AND a dog :0.5", **KW).latents, atol=1e-4)
