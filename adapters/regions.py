@@ -70,10 +70,9 @@ class Region(Condition):
 
     def prepare(self, ctx: PrepareContext) -> Prepared:
         if self.mode == "attention":
-            raise ConditionError(
-                "Region mode='attention' (attention couple, Forge Couple's way) is not built yet (issue 38 is open): "
-                "give mode='masked'"
-            )
+            from .couple import prepare_couple
+
+            return prepare_couple(self, ctx)
         weight = self.weight(ctx.size).to(ctx.device, ctx.dtype)
         prompts: dict[Stage, tuple[ExtraRows, ...]] = {}
         for stage in ctx.stages:

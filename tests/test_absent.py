@@ -118,6 +118,10 @@ CASES: dict[str, tuple[Callable[[Path, Any], Condition], tuple[str, ...]]] = {
     "freeu-refiner": (lambda f, t: FreeU(stage="refiner"), ()),
     "region": (lambda f, t: Region("a red dog", box=(0.0, 0.0, 0.5, 1.0), negative_prompt="blurry"), ()),
     "region-refiner": (lambda f, t: Region("a red dog", box=(0.0, 0.0, 0.5, 1.0), stage="refiner"), ()),
+    "region-attention": (
+        lambda f, t: Region(prompt="a red-haired woman", box=(0.0, 0.0, 0.5, 1.0), mode="attention"),
+        (),
+    ),
 }
 
 

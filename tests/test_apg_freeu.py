@@ -186,6 +186,10 @@ def test_freeu_acts_only_inside_its_window(generator):
 
 def test_the_a1111_text_holds_forges_freeu_items_and_our_apg_item():
     fields = FreeU(window=(0.0, 0.8)).infotext().fields
-    assert (fields["freeu_enabled"], fields["freeu_b1"], fields["freeu_s2"], fields["freeu_end"]) == ("True", "1.3",
-                                                                                                     "0.2", "0.8")
+    assert (fields["freeu_enabled"], fields["freeu_b1"], fields["freeu_s2"], fields["freeu_end"]) == (
+        "True",
+        "1.3",
+        "0.2",
+        "0.8",
+    )
     assert APG(eta=0.0, momentum=-0.5).infotext().fields == {"APG": "eta 0, threshold 15, momentum -0.5"}

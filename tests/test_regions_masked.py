@@ -175,8 +175,6 @@ def test_bad_regions_are_refused_or_stated(generator, caplog):
     with caplog.at_level(logging.INFO, logger="sdxl_control.adapters.regions"):
         generator.generate(PROMPT, conditions=[Region("a dog", mask=_soft_mask(128))], **RUN)
     assert "Region mask of 128x128 resized to the 64x64 image" in caplog.text
-    with pytest.raises(ConditionError, match="not built yet"):
-        generator.generate(PROMPT, conditions=[Region("a dog", box=(0.0, 0.0, 0.5, 1.0), mode="attention")], **RUN)
 
 
 def test_the_recipe_re_makes_a_region_with_a_mask_file(generator, tmp_path):

@@ -5,6 +5,10 @@ embedding...) to the layer's text attention, before the output projection — th
 processor computes the text attention unchanged; since the output projection is linear, the branches' sum is
 projected separately (without bias) and added to its result. An :class:`OrthogonalBranch` (PuLID's ID attention)
 also reads the text attention's own output, so it needs the joint path of diffusers' plain SDPA processors.
+
+A branch whose ``replaces_text`` is set does not add: the live branches of its kind in a layer make the text attention's
+output anew, together (:meth:`AttentionBranch.replace_text`; attention couple blends the regions' prompts), before the
+adding branches read and add to it — also on the joint path.
 """
 
 from __future__ import annotations
@@ -59,6 +63,17 @@ class AttentionBranch:
 
     # Whether the branch reads the text attention's output (before the output projection).
     needs_text: ClassVar[bool] = False
+    # Whether the live branches of this kind replace the text attention's output jointly (``replace_text``), instead
+    # of adding their own ``output`` to it.
+    replaces_text: ClassVar[bool] = False
+
+    @classmethod
+    def replace_text(
+        cls, group: list[AttentionBranch], query: torch.Tensor, text: torch.Tensor, attn: Any
+    ) -> torch.Tensor:
+        """The text attention's output (batch, tokens, width) made anew by the live branches ``group`` of this kind
+        (all of one layer, in attach order); ``query`` in head layout. Only kinds with ``replaces_text`` define it."""
+        raise NotImplementedError(f"{cls.__name__} does not replace the text attention")
 
     def region(self, queries: int, batch: int, width: int) -> torch.Tensor | None:
         if self.mask is None:
@@ -157,6 +172,14 @@ class BranchedAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         live = [b for b in self.branches if b.active]
+        if any(b.replaces_text for b in live) and not _plain_cross_attention(
+            self.inner, attn, hidden_states, encoder_hidden_states, attention_mask
+        ):
+            names = ", ".join(sorted({b.name for b in live if b.replaces_text}))
+            raise NotImplementedError(
+                f"{names} needs diffusers' plain SDPA attention processors (it makes the text attention anew); "
+                f"this layer runs {type(self.inner).__name__}"
+            )
         if live and _plain_cross_attention(self.inner, attn, hidden_states, encoder_hidden_states, attention_mask):
             return self._joint(attn, hidden_states, encoder_hidden_states, live)  # type: ignore[arg-type]
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -194,7 +217,14 @@ class BranchedAttnProcessor:
         text = F.scaled_dot_product_attention(query, _heads(key, attn), _heads(value, attn), dropout_p=0.0)
         batch, width = hidden_states.shape[0], query.shape[1] * query.shape[-1]
         text = text.transpose(1, 2).reshape(batch, -1, width).to(query.dtype)
-        mixed = text + _branch_sum(query, text, live, attn)
+        kinds: dict[type[AttentionBranch], list[AttentionBranch]] = {}
+        for branch in live:
+            if branch.replaces_text:
+                kinds.setdefault(type(branch), []).append(branch)
+        for kind, group in kinds.items():
+            text = kind.replace_text(group, query, text, attn)
+        adding = [b for b in live if not b.replaces_text]
+        mixed = text + _branch_sum(query, text, adding, attn) if adding else text
         return attn.to_out[1](attn.to_out[0](mixed)) / attn.rescale_output_factor
 
 
