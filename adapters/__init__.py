@@ -49,6 +49,8 @@ class Flag:
     # "list": comma-separated texts; "switch": given or not (a slot's switch, or a bool field)
     type: Literal["text", "number", "window", "image", "list", "switch"] = "text"
     choices: tuple[str, ...] = ()
+    # A switch that may also take comma-separated numbers, one for each field named here (--freeu 1.1,1.2,0.6,0.4).
+    values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ _APG_SLOT = Slot("apg", "adaptive projected guidance (apg.eta, apg.norm_threshol
 _FREEU_SLOT = Slot("freeu", "FreeU (freeu.on, freeu.b1, freeu.b2, freeu.s1, freeu.s2, freeu.scale)", None,
                    switches={"on": {}},
                    flags=(Flag("freeu", "on", "FreeU with the published SDXL factors (b1 1.3, b2 1.4, s1 0.9, "
-                               "s2 0.2)", "switch"),
+                               "s2 0.2), or B1,B2,S1,S2 given", "switch", values=("b1", "b2", "s1", "s2")),
                           Flag("freeu-scale", "scale", "FreeU's factors moved from 1 by this much (default 1)",
                                "number")))  # fmt: skip
 
