@@ -694,7 +694,11 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
         w["regions"] = gr.Textbox(v["regions"], label="Regions by box, one a line: X0,Y0,X1,Y1:PROMPT (fractions of "
                                   "the width and height, e.g. 0,0,0.5,1:a woman with red hair)", lines=2,
                                   elem_id="regions")  # fmt: skip
-        w["region_paint"] = gr.ImageEditor(type="filepath", label="Or paint them: one layer per region",
+        # A white canvas of the image's size to paint on (a picture uploaded instead helps to place the regions):
+        # only the layers' strokes are read.
+        blank = np.full((int(height), int(width), 3), 255, np.uint8)
+        w["region_paint"] = gr.ImageEditor(blank, type="filepath", label="Or paint them: one layer per region (a "
+                                           "picture uploaded under them only helps to place them)",
                                            elem_id="region-paint", height=320)  # fmt: skip
         w["region_prompts"] = gr.Textbox(v["region_prompts"], label="The painted layers' prompts, one a line in "
                                          "layer order", lines=2, elem_id="region-prompts")  # fmt: skip

@@ -464,3 +464,41 @@ def test_painted_regions_without_their_prompts_are_refused_by_name(tmp_path):
     form = PageForm("x", region_paint={"background": None, "layers": [str(layer)]}, region_prompts="")
     with pytest.raises(InvalidRequestError, match=r"Regions: 1 painted layer\(s\) and 0 prompt line\(s\)"):
         form_spec(form, UiConfig(resolver=TinyResolver(), outputs=tmp_path), seed=1)
+
+
+def test_a_region_painted_in_the_page_becomes_a_region_of_the_recipe(page_url, ui_outputs, browser, tmp_path):
+    """Paint a stroke on the Regions canvas, type its prompt, switch FreeU on: the recipe holds a Region whose mask is
+    the stroke (on the left, where it was drawn) and a FreeU, as ``--region MASK:PROMPT --freeu`` make them."""
+    from sdxl_control.records.recipe import read_recipe
+
+    page = _open(browser, page_url)
+    _fill(page, "two animals", seed=3, steps=2)
+    page.get_by_text("Regions (a prompt per region)").click()
+    editor = page.locator("#region-paint")
+    editor.wait_for()
+    page.wait_for_timeout(1000)
+    box = editor.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for _ in range(3):  # a stroke begun while the editor still settles is lost: draw until it shows
+        page.mouse.move(cx - 40, cy - 40)
+        page.mouse.down()
+        for k in range(1, 11):  # a stroke down the left part of the canvas
+            page.mouse.move(cx - 40, cy - 40 + 8 * k, steps=2)
+        page.mouse.up()
+        page.wait_for_timeout(500)
+        if _brush_share(editor.screenshot()) > 0.02:
+            break
+    editor.screenshot(path=str(SCREENSHOTS / "ui-painted-region.png"))
+    page.locator("#region-prompts textarea").fill("a brown dog")
+    page.get_by_text("Guidance (PAG, APG, FreeU)").click()
+    page.locator("#freeu input").check()
+    page.click("#generate")
+    links = _downloads(page)
+    png = tmp_path / "regions.png"
+    png.write_bytes(page.request.get(links[0] if links[0].startswith("http") else page_url + links[0]).body())
+    region, freeu = read_recipe(png)["conditions"]
+    assert (region["kind"], region["prompt"], freeu["kind"]) == ("region", "a brown dog", "freeu")
+    (mask_file,) = ui_outputs.glob("region-*.png")
+    mask = np.asarray(Image.open(mask_file)) > 127
+    ys, xs = np.nonzero(mask)
+    assert 0.01 < mask.mean() < 0.6 and xs.mean() < mask.shape[1] / 2  # a stroke on the left, where it was drawn
