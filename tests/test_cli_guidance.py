@@ -151,3 +151,18 @@ def test_a_job_file_fills_the_slots_as_the_command_line_does(tiny, tmp_path):
     kinds = [[c["kind"] for c in read_recipe(made[name])["conditions"]] for name in ("slots", "values")]
     assert kinds == [["region", "region", "pag", "freeu"]] * 2
     assert Image.open(made["slots"]).tobytes() == Image.open(made["values"]).tobytes()
+
+
+def test_a_family_added_with_a_switch_of_values_gets_its_flag_with_no_command_line_code(monkeypatch):
+    """The general mechanism behind ``--freeu B1,B2,S1,S2``: a slot of options only declared in the registry, its
+    switch taking one number per field it names, is a command-line flag with nothing written for it."""
+    from sdxl_control import adapters
+    from sdxl_control.adapters import Family, Flag, Slot
+    from sdxl_control.adapters.freeu import FreeU
+
+    probe = Slot("probe", "a probe family", None, switches={"on": {}},
+                 flags=(Flag("probe", "on", "the probe", "switch", values=("b2", "s1")),))  # fmt: skip
+    monkeypatch.setitem(adapters.CONDITION_KINDS, "probe", Family("freeu", "FreeU", slots=(probe,)))
+    assert _conditions(["x", "--probe", "1.5,0.7"]) == [FreeU(b2=1.5, s1=0.7)]
+    assert _conditions(["x", "--probe"]) == [FreeU()]
+    assert _exit_code(["generate", "x", "--probe", "1.5", "--dry-run", "--tiny"]) == 2
