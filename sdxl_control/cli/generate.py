@@ -365,7 +365,7 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
             many = slot.many or slot.each
             if slot.files is not None:  # a slot of options only has its flags alone
                 more.add_argument(f"--{slot.name}", action="append" if many else Once, default=[] if many else None,
-                                  metavar="TEXT" if not slot.images else "FILE", help=slot.help)  # fmt: skip
+                                  metavar=slot.metavar or ("FILE" if slot.images else "TEXT"), help=slot.help)  # fmt: skip
             for flag in slot.flags:
                 _add_flag(more, flag)
 
@@ -383,9 +383,13 @@ def _add_flag(group: Any, flag: Flag) -> None:
         f"--{flag.name}",
         type=_FLAG_TYPES[flag.type],
         choices=flag.choices or None,
-        metavar="IMG" if flag.type == "image" else None,
+        metavar=flag.metavar or _METAVARS.get(flag.type),
         help=flag.help,
     )
+
+
+# A flag's value as the command's own flags name it in --help (argparse's default: the flag's name in capitals).
+_METAVARS = {"image": "IMG", "number": "N", "window": "START:END", "list": "A,B"}
 
 
 def _numbers(flag: Flag) -> Callable[[str], tuple[float, ...]]:
