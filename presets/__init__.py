@@ -7,6 +7,11 @@ conditions whose inputs are those, written ``"$face"``. A request setting may na
 (``"init_image": "$init_image"``). A template runs, and a setting is set, when any of its inputs is given; a required
 input that is missing is an error. "Portrait" is data, not a class.
 
+An input with ``"text": true`` takes a text, not a file (a person's description: ``--input left_prompt=TEXT``). A
+``layout`` names regions of the image, each a ``box`` (x0, y0, x1, y1 fractions) that an optional mask ``input``
+replaces when given; a template field written ``"@left"`` gets that region's mask, so a regional prompt and an
+identity given the same ``"@left"`` act on one region (the ``two-people`` preset).
+
 Example:
     >>> from sdxl_control.presets import load_preset
     >>> preset = load_preset("style-transfer")
@@ -45,9 +50,10 @@ REQUEST_KEYS = (
     "strength", "mask_blur", "refiner_only", "padding_mask_crop", "hires_scale", "hires_strength", "hires_steps", "upscaler",
     "init_image", "mask", "outpaint", "detailer",
 )  # fmt: skip
-PRESET_KEYS = ("description", "models", "inputs", "conditions", "loras", *REQUEST_KEYS)
+PRESET_KEYS = ("description", "models", "inputs", "layout", "conditions", "loras", *REQUEST_KEYS)
 MODEL_KEYS = ("base", "refiner", "unet", "weight_storage")
-INPUT_KEYS = ("help", "required", "many")
+INPUT_KEYS = ("help", "required", "many", "text")
+LAYOUT_KEYS = ("box", "input")
 
 
 class PresetError(InvalidRequestError):
@@ -56,12 +62,14 @@ class PresetError(InvalidRequestError):
 
 @dataclass(frozen=True)
 class PresetInput:
-    """An input a preset's conditions take from the user: ``many`` takes several files (photos of one person)."""
+    """An input a preset's conditions take from the user: ``many`` takes several files (photos of one person);
+    ``text`` takes a text instead of a file (a prompt)."""
 
     name: str
     help: str
     required: bool = False
     many: bool = False
+    text: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class Preset:
     templates: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     origin: str = ""  # the file it came from, for messages
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    layout: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def unet(self) -> ModelRef | None:
@@ -117,7 +126,9 @@ class Preset:
                 target[parts[-1]] = value
         return _from_data(self.name, self.origin + " with --set", data)
 
-    def _filled(self, template: Mapping[str, Any], given: Mapping[str, Any]) -> Condition | None:
+    def _filled(
+        self, template: Mapping[str, Any], given: Mapping[str, Any], masks: Mapping[str, Any] | None = None
+    ) -> Condition | None:
         from ..adapters import condition_class
 
         refs = {k: v[1:] for k, v in template.items() if isinstance(v, str) and v.startswith("$")}
@@ -125,7 +136,24 @@ class Preset:
             return None
         values = {k: v for k, v in template.items() if k != "kind" and k not in refs}
         values.update({k: given[ref] for k, ref in refs.items() if ref in given})
+        masks = masks if masks is not None else {}
+        for key, value in template.items():
+            if _layout_ref(value):
+                name = value[1:]
+                values[key] = masks[name] if name in masks else self.region_mask(name, given)
         return condition_class(template["kind"])(**values)
+
+    def region_mask(self, name: str, given: Mapping[str, Any]) -> Any:
+        """The mask of the layout's region ``name``: its mask input where given, else its box drawn at the preset's
+        size, as a file (so recipes re-make it; a box is fractions: the mask is resized to any output size as every
+        region mask is)."""
+        from ..adapters.people import box_mask_file
+
+        region = self.layout[name]
+        if region.get("input") in given:
+            return given[region["input"]]
+        width, height = self.settings.get("size") or (1024, 1024)
+        return box_mask_file(tuple(region["box"]), (width, height))
 
     def conditions(self, inputs: Mapping[str, Any] | None = None) -> list[Condition]:
         """The preset's LoRAs, then its templates filled with ``inputs`` (name -> a file, or a list for ``many``
@@ -136,9 +164,11 @@ class Preset:
         if inputs is None:
             return out
         given = self._check_inputs(inputs)
+        # Each region's mask made once: the conditions that name it share one image (one region, given once).
+        masks = {name: self.region_mask(name, given) for name in self.layout}
         for name, template in self.templates.items():
             try:
-                condition = self._filled(template, given)
+                condition = self._filled(template, given, masks)
             except (TypeError, SdxlControlError) as exc:  # TypeError: a required field the template lacks
                 raise self._fail(f"conditions.{name}", str(exc)) from None
             if condition is not None:
@@ -154,12 +184,19 @@ class Preset:
             value = inputs.get(name)
             values = list(value) if isinstance(value, (list, tuple)) else ([] if value is None else [value])
             if not values:
+                if spec.required and spec.text:
+                    raise InvalidRequestError(
+                        f"preset {self.name} needs its {name} input ({spec.help}): --input {name}=TEXT "
+                        f'(a job file: "inputs": {{"{name}": TEXT}})'
+                    )
                 if spec.required:
                     raise InvalidRequestError(
                         f"preset {self.name} needs its {name} input ({spec.help}): --{name.replace('_', '-')} FILE "
                         f'(a job file: "inputs": {{"{name}": FILE}})'
                     )
                 continue
+            if spec.text and not all(isinstance(v, str) and v.strip() for v in values):
+                raise InvalidRequestError(f"preset {self.name}'s {name} input is a text, got {values[0]!r:.60}")
             if len(values) > 1 and not spec.many:
                 raise InvalidRequestError(f"preset {self.name} takes one {name} input, got {len(values)}")
             given[name] = values if spec.many else values[0]
@@ -180,7 +217,10 @@ class Preset:
 
     def placeholder_inputs(self) -> dict[str, Any]:
         """Stand-in names for every input: the conditions they make list their models without reading any file."""
-        return {name: [f"<{name}>.png"] if spec.many else f"<{name}>.png" for name, spec in self.inputs.items()}
+        return {
+            name: f"<{name}>" if spec.text else [f"<{name}>.png"] if spec.many else f"<{name}>.png"
+            for name, spec in self.inputs.items()
+        }
 
     def request(self, prompt: str, inputs: Mapping[str, Any] | None = None, **options: Any) -> GenerationRequest:
         """The request this preset makes for ``prompt`` and ``inputs``; ``options`` (request fields) win, and
@@ -211,6 +251,11 @@ class Preset:
 def _input_ref(value: Any) -> str | None:
     """The input a setting or template field names (``"$face"`` -> ``"face"``), if it names one."""
     return value[1:] if isinstance(value, str) and value.startswith("$") else None
+
+
+def _layout_ref(value: Any) -> bool:
+    """Whether a template field names a region of the preset's layout (``"@left"``)."""
+    return isinstance(value, str) and value.startswith("@")
 
 
 def _preset_files() -> dict[str, Any]:
@@ -302,7 +347,9 @@ def _from_data(name: str, origin: str, data: Any, check: bool = True) -> Preset:
     _expect(isinstance(loras, list) and all(isinstance(x, dict) for x in loras), name, origin, "loras",
             "a list of LoRA settings objects", loras)  # fmt: skip
     settings = {k: data[k] for k in REQUEST_KEYS if k in data}
-    preset = Preset(name, description, settings, dict(models), tuple(loras), inputs, dict(templates), origin, data)
+    layout = _layout(name, origin, data.get("layout", {}), inputs)
+    preset = Preset(name, description, settings, dict(models), tuple(loras), inputs, dict(templates), origin, data,
+                    layout)  # fmt: skip
     if check:
         _check_deep(preset)
     return preset
@@ -317,11 +364,36 @@ def _inputs(name: str, origin: str, raw: Any) -> dict[str, PresetInput]:
         if message:
             raise PresetError(message)
         _expect(isinstance(spec.get("help"), str), name, origin, f"inputs.{key}.help", "a text", spec.get("help"))
-        for flag in ("required", "many"):
+        for flag in ("required", "many", "text"):
             _expect(isinstance(spec.get(flag, False), bool), name, origin, f"inputs.{key}.{flag}", "true or false",
                     spec.get(flag))  # fmt: skip
-        out[key] = PresetInput(key, spec["help"], spec.get("required", False), spec.get("many", False))
+        out[key] = PresetInput(key, spec["help"], spec.get("required", False), spec.get("many", False),
+                               spec.get("text", False))  # fmt: skip
+        _expect(not (out[key].many and out[key].text), name, origin, f"inputs.{key}", "a text or many files", spec)
     return out
+
+
+def _layout(name: str, origin: str, raw: Any, inputs: Mapping[str, PresetInput]) -> dict[str, Mapping[str, Any]]:
+    """The preset's named regions: each a ``box`` of fractions and, optionally, the ``input`` of a mask that replaces
+    it."""
+    _expect(isinstance(raw, dict), name, origin, "layout", "an object of named regions", raw)
+    for key, region in raw.items():
+        _expect(isinstance(region, dict), name, origin, f"layout.{key}", "an object (box, input)", region)
+        message = unknown_keys(region, LAYOUT_KEYS, f"preset {name} ({origin}) layout.{key}")
+        if message:
+            raise PresetError(message)
+        box = region.get("box")
+        ok = (
+            isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+            and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+        )  # fmt: skip
+        _expect(ok, name, origin, f"layout.{key}.box", "[x0, y0, x1, y1] fractions with x0 < x1, y0 < y1", box)
+        mask = region.get("input")
+        if mask is not None:
+            spec = inputs.get(mask) if isinstance(mask, str) else None
+            _expect(spec is not None and not spec.many and not spec.text, name, origin, f"layout.{key}.input",
+                    "a declared input of one mask image", mask)  # fmt: skip
+    return dict(raw)
 
 
 def _check_deep(preset: Preset) -> None:
@@ -344,6 +416,9 @@ def _check_deep(preset: Preset) -> None:
             if isinstance(value, str) and value.startswith("$") and value[1:] not in preset.inputs:
                 declared = ", ".join(preset.inputs) or "none"
                 raise preset._fail(f"{key}.{field_name}", f"names no declared input {value!r} (inputs: {declared})")
+            if _layout_ref(value) and value[1:] not in preset.layout:
+                declared = ", ".join(preset.layout) or "none"
+                raise preset._fail(f"{key}.{field_name}", f"names no region of the layout {value!r} ({declared})")
     for i, spec in enumerate(preset.loras):
         try:
             LoRA(**spec)

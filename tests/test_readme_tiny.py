@@ -95,6 +95,8 @@ def _picture(path: Path, seed: int) -> None:
 def _inputs(argv: list[str], folder: Path, base: Path) -> None:
     """Make the files a command reads: photos and maps as random pictures, LoRA files for the tiny base."""
     for i, (flag, value) in enumerate(zip(argv, argv[1:], strict=False)):
+        if flag == "--input":  # NAME=FILE (or NAME=TEXT: no file to make)
+            value = value.partition("=")[2]
         if flag in ("-o", "--recipe") or (folder / value).exists():
             continue
         if value.endswith((".jpg", ".png")):
@@ -178,6 +180,7 @@ def _matches_its_preset(argv: list[str], recipe: dict) -> None:
     """The recipe holds the preset's LoRAs, the templates whose inputs were given, and its settings."""
     preset = load_preset(argv[argv.index("--preset") + 1])
     given = {name for name in preset.inputs if f"--{name.replace('_', '-')}" in argv}
+    given |= {text.partition("=")[0] for flag, text in zip(argv, argv[1:], strict=False) if flag == "--input"}
     expected = ["lora"] * len(preset.loras) + [t["kind"] for t in preset.templates.values()
                                                if any(v == f"${i}" for v in t.values() for i in given)]  # fmt: skip
     assert sorted(c["kind"] for c in recipe["conditions"]) == sorted(expected)

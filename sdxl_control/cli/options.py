@@ -194,11 +194,26 @@ def image_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
         for path in value if isinstance(value, list) else [value]:
             if path:
                 found.append((f"--{name.replace('_', '-')}", str(path)))
+    texts = _text_inputs(getattr(args, "preset", None)) if getattr(args, "input", None) else set()
     for text in getattr(args, "input", []):
         name, _, path = text.partition("=")
-        if path:
+        if path and name not in texts:  # a preset's text input (a person's description) is no file
             found.append((f"--input {name}", path))
     return found
+
+
+def _text_inputs(preset: str | None) -> set[str]:
+    """The inputs of ``preset`` that take a text; none where it names no preset that loads (said later, by the
+    preset's own reading)."""
+    from ..base.errors import SdxlControlError
+    from ..presets import load_preset
+
+    if preset is None:
+        return set()
+    try:
+        return {name for name, spec in load_preset(preset, check=False).inputs.items() if spec.text}
+    except SdxlControlError:
+        return set()
 
 
 def check_inputs(args: argparse.Namespace) -> None:

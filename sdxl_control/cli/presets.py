@@ -19,6 +19,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, resolver: Resolver) -> int:
     from ..presets import available_presets, load_preset
+    from .generate import INPUT_FLAGS
 
     for name in available_presets():
         preset = load_preset(name, check=False)
@@ -27,5 +28,8 @@ def run(args: argparse.Namespace, resolver: Resolver) -> int:
         for spec in preset.inputs.values():
             need = "required" if spec.required else "optional"
             many = ", repeatable" if spec.many else ""
-            sys.stdout.write(f"    --{spec.name.replace('_', '-')} FILE  ({need}{many}) {spec.help}\n")
+            value = "TEXT" if spec.text else "FILE"
+            # The inputs with no flag of their own (a person's text, a second face) are given as --input NAME=VALUE.
+            flag = f"--{spec.name.replace('_', '-')} " if spec.name in INPUT_FLAGS else f"--input {spec.name}="
+            sys.stdout.write(f"    {flag}{value}  ({need}{many}) {spec.help}\n")
     return 0

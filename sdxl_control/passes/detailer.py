@@ -11,8 +11,10 @@ inpainting with ``padding_mask_crop``: the one loop, every condition stacked.
 Several people: each face found is matched to the identity condition it resembles most (ArcFace cosine similarity of
 its embedding and the condition's photos, at least ``match_threshold``), or to the condition whose region ``mask``
 holds its centre; only that identity acts on its repaint. Faces matching no one get a pass without identity
-(``unmatched="neutral"``) or are left alone (``"skip"``). What was found, matched and repainted goes into each
-image's recipe, under ``measurements["detailer"]``.
+(``unmatched="neutral"``) or are left alone (``"skip"``). A regional prompt whose region holds a face's centre gives
+its repaint the prompt (as ADetailer's per-face prompts replace the main one); other regions are cut to the crop, or
+dropped where they miss it. What was found, matched and repainted goes into each image's recipe, under
+``measurements["detailer"]``.
 
 Example:
     >>> gen.generate("two friends", conditions=(alice, bob), detailer=FaceDetailer(strength=0.35))  # doctest: +SKIP
@@ -267,9 +269,13 @@ def detail_faces(
     references = [_reference(c.likeness(), pack, detailer.face_root, image.size) for _, c in people]  # type: ignore[arg-type]
     matches = match_faces(faces, references, detailer.match_threshold) if people else [Match(None)] * len(faces)
     others = [c for c in request.conditions if c.likeness() is None]
+    regions = _regions(request.conditions)
     current, records = image, []
     for face, match in zip(faces, matches, strict=True):
         chosen = [*others, *([people[match.person][1]] if match.person is not None else [])]
+        region = _face_region(face, regions, image.size)
+        if region is not None:  # its prompt is the whole crop's now: the region itself would only repeat it
+            chosen = [c for c in chosen if c is not regions[region]]
         redo = match.person is not None or not people or detailer.unmatched == "neutral"
         if redo:
             mask = face_mask(face.bbox, image.size, detailer.dilation, detailer.blur)
@@ -285,14 +291,45 @@ def detail_faces(
             conditions = tuple(
                 c2 for c in chosen if Stage.BASE in c.stage and (c2 := c.in_crop(crop)) is not None
             )  # fmt: skip
-            current = repaint(request.face_pass(current, mask, seed, conditions))
+            described = regions[region] if region is not None else None
+            current = repaint(request.face_pass(current, mask, seed, conditions, region=described))
         records.append({
             "box": [round(v, 1) for v in face.bbox], "score": round(face.score, 3),
             "identity": people[match.person][0] if match.person is not None else None,
             "similarity": None if match.similarity is None else round(match.similarity, 4),
             "matched_by": match.by, "repainted": redo,
         })  # fmt: skip
+        if regions:  # which of the request's conditions is the region whose prompt repainted the face
+            found = (
+                None if region is None else next(i for i, c in enumerate(request.conditions) if c is regions[region])
+            )
+            records[-1]["region"] = found  # by identity: a mask given as an array has no plain equality
     return current, {"found": len(faces), "repainted": sum(r["repainted"] for r in records), "faces": records}
+
+
+def _regions(conditions: Sequence[Condition]) -> list[Any]:
+    """The regional prompts among ``conditions`` that act on the base (the stage the detailer repaints on)."""
+    from ..adapters.regions import Region
+
+    return [c for c in conditions if isinstance(c, Region) and Stage.BASE in c.stage and c.scale > 0]
+
+
+def _face_region(face: FaceInfo, regions: Sequence[Any], size: tuple[int, int]) -> int | None:
+    """The index of the first region of ``regions`` that holds the centre of ``face`` in an image of ``size`` (a box
+    by its fractions; a mask where it is at least half white, as the detailer reads identity masks), else ``None``."""
+    from ..base.images import load_image
+
+    cx, cy = (face.bbox[0] + face.bbox[2]) / 2, (face.bbox[1] + face.bbox[3]) / 2
+    for i, region in enumerate(regions):
+        if region.box is not None:
+            x0, y0, x1, y1 = region.box
+            if x0 * size[0] <= cx < x1 * size[0] and y0 * size[1] <= cy < y1 * size[1]:
+                return i
+            continue
+        mask = load_image(region.mask, "Region mask").convert("L").resize(size, Image.Resampling.NEAREST)
+        if _holds(np.asarray(mask) >= 128, cx, cy):
+            return i
+    return None
 
 
 def detail_result(

@@ -351,13 +351,23 @@ class GenerationRequest:
             hires_scale=None, hires_strength=0.5, hires_steps=None, upscaler=LANCZOS, detailer=None,
         )  # fmt: skip
 
-    def face_pass(self, image: Any, mask: Any, seed: int, conditions: tuple[Condition, ...]) -> GenerationRequest:
+    def face_pass(
+        self, image: Any, mask: Any, seed: int, conditions: tuple[Condition, ...], region: Any = None
+    ) -> GenerationRequest:
         """The face detailer's repaint of one face of a finished ``image``: inpainting a crop around ``mask`` at this
-        request's size, at the detailer's strength, on the base alone, with ``conditions`` (made for the crop)."""
+        request's size, at the detailer's strength, on the base alone, with ``conditions`` (made for the crop).
+        ``region``: the regional prompt (a :class:`~sdxl_control.adapters.regions.Region`) whose region holds the
+        face; its prompt (and its negative, if it has one) is the repaint's, as ADetailer's per-face prompt replaces
+        the main one: the crop shows that one person, whom the request's prompt describes among others."""
         detailer = self.detailer
         assert detailer is not None
+        described = {}
+        if region is not None:
+            described["prompt"] = region.prompt
+            if region.negative_prompt is not None:
+                described["negative_prompt"] = region.negative_prompt
         return dataclasses.replace(
-            self, init_image=image, mask=mask, mask_blur=0, padding_mask_crop=detailer.padding,
+            self, **described, init_image=image, mask=mask, mask_blur=0, padding_mask_crop=detailer.padding,
             strength=detailer.strength, steps=detailer.steps or self.steps,
             timesteps=None if detailer.steps else self.timesteps, seed=seed, num_images=1, outpaint=None,
             refiner_only=False, refiner_switch=None, hires_scale=None, hires_strength=0.5, hires_steps=None,
