@@ -49,6 +49,10 @@ class Flag:
     # "list": comma-separated texts; "switch": given or not (a slot's switch, or a bool field)
     type: Literal["text", "number", "window", "image", "list", "switch"] = "text"
     choices: tuple[str, ...] = ()
+    # A switch that may also take comma-separated numbers, one for each field named here (--freeu 1.1,1.2,0.6,0.4).
+    values: tuple[str, ...] = ()
+    # What --help calls its value (default: by its type, N for a number).
+    metavar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ class Slot:
     build: str | None = None
     images: bool = True
     flags: tuple[Flag, ...] = ()
+    # What the command line calls one value of --NAME in its help (default FILE, or TEXT for a slot of no images).
+    metavar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ _FACE_SLOT = Slot("face", "photo(s) of one person (face.kind: the identity metho
 
 _REGION_SLOT = Slot("region", "a prompt for one region: MASK:PROMPT (a mask image, white = the region) or "
                     "X0,Y0,X1,Y1:PROMPT (fractions of the width and height); one per region", "prompt", each=True,
-                    images=False, build="regions:regions_from_slot",
+                    images=False, build="regions:regions_from_slot", metavar="MASK_OR_BOX:PROMPT",
                     flags=(Flag("region-mode", "mode", "how regions act: masked (ComfyUI's masked conditioning, "
                                 "default)", choices=("masked", "attention")),
                            Flag("region-scale", "scale", "the regions' strength (default 1)", "number"),
@@ -172,13 +178,13 @@ _PAG_SLOT = Slot("pag", "perturbed-attention guidance (pag.scale, pag.layers, pa
                         Flag("pag-adaptive", "adaptive_scale", "PAG's adaptive scale (default 0)", "number")))  # fmt: skip
 _APG_SLOT = Slot("apg", "adaptive projected guidance (apg.eta, apg.norm_threshold, apg.momentum)", None,
                  flags=(Flag("apg", "eta", "adaptive projected guidance with this eta (0: only the guidance "
-                             "orthogonal to the prompt's prediction)", "number"),
+                             "orthogonal to the prompt's prediction)", "number", metavar="ETA"),
                         Flag("apg-threshold", "norm_threshold", "APG's norm threshold (default 15, 0: none)", "number"),
                         Flag("apg-momentum", "momentum", "APG's momentum (default 0; the paper's -0.5)", "number")))  # fmt: skip
 _FREEU_SLOT = Slot("freeu", "FreeU (freeu.on, freeu.b1, freeu.b2, freeu.s1, freeu.s2, freeu.scale)", None,
                    switches={"on": {}},
                    flags=(Flag("freeu", "on", "FreeU with the published SDXL factors (b1 1.3, b2 1.4, s1 0.9, "
-                               "s2 0.2)", "switch"),
+                               "s2 0.2), or B1,B2,S1,S2 given", "switch", values=("b1", "b2", "s1", "s2")),
                           Flag("freeu-scale", "scale", "FreeU's factors moved from 1 by this much (default 1)",
                                "number")))  # fmt: skip
 

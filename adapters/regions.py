@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
@@ -173,7 +174,8 @@ def parse_region(text: str) -> dict[str, Any]:
 
 
 def regions_from_slot(cls: type[Region], values: dict[str, Any], joined: Any) -> list[Region]:
-    """The ``region`` input slot's conditions (:mod:`sdxl_control.jobs.slots`): one Region per text, each
-    ``MASK:PROMPT`` or ``X0,Y0,X1,Y1:PROMPT``, with the slot's options."""
+    """The ``region`` input slot's conditions (:mod:`sdxl_control.jobs.slots`): one Region per entry, each
+    ``MASK:PROMPT`` or ``X0,Y0,X1,Y1:PROMPT``, or a mapping of Region fields (a job file's ``{"mask": "left.png",
+    "prompt": ...}``, whose mask the job file's folder finds), with the slot's options."""
     texts = values.pop("prompt")
-    return [cls(**{**values, **parse_region(str(text))}) for text in texts]
+    return [cls(**{**values, **(dict(t) if isinstance(t, Mapping) else parse_region(str(t)))}) for t in texts]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import numpy as np
 
-from .adapters import identity_kinds
+from .adapters import identity_kinds, input_slots
 from .base.defaults import DRAFT_DECODER, FAST_LEVELS, SCHEDULERS, STRUCTURE_CONTROLS
 from .base.errors import InvalidRequestError, SdxlControlError
 from .jobs.resolvers import HubResolver, Resolver
@@ -52,6 +52,8 @@ PAGE_IDENTITY = "pulid"
 PREVIEW_EVERY = 2
 MORE_INPUTS_EXAMPLE = '{"inputs": {"reference": ["ref.png"]}, "set": {"reference.scale": 0.5}}'
 MAX_SEED = 2**32 - 1
+# How regions act, as the region slot's mode flag offers them (the registry's, read without importing the family).
+_REGION_MODES = next(f.choices for f in input_slots()["region"][1].flags if f.field == "mode")
 
 
 class Stopped(Exception):
@@ -84,6 +86,9 @@ class PageForm:
     """The page's form, field by field, with the values the page opens with; the HTTP API takes the same names.
     ``more_inputs`` fills any condition family's input slot the other fields do not (a reference image, the union,
     a family added later), as a job line does: JSON ``{"inputs": {SLOT: files}, "set": {"SLOT.OPTION": value}}``.
+    ``regions`` holds one region a line as ``--region`` reads it (``X0,Y0,X1,Y1:PROMPT``, ``MASK:PROMPT``);
+    ``region_paint`` a canvas whose painted layers are masks, each with its line of ``region_prompts``;
+    ``pag_scale`` 0, ``apg`` and ``freeu`` off leave those conditions out.
 
     Example:
         >>> PageForm("a red fox", steps=4).identity
@@ -125,6 +130,15 @@ class PageForm:
     offload: bool = False
     fast: str = "off"
     weight_storage: str = PRESET_STORAGE
+    regions: str = ""
+    region_paint: Any = None
+    region_prompts: str = ""
+    region_mode: str = "masked"
+    region_scale: float = 1.0
+    pag_scale: float = 0.0
+    apg: bool = False
+    apg_eta: float = 1.0
+    freeu: bool = False
     more_inputs: str = ""
 
 
@@ -135,7 +149,7 @@ def _files(value: Any) -> list[str]:
     return [str(getattr(item, "name", item)) for item in items]
 
 
-def _slot_inputs(form: PageForm, taken: set[str]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+def _slot_inputs(form: PageForm, taken: set[str], folder: Path) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """(the condition families' input slots the form's fields fill, their options): the fields that fill the preset's
     inputs (``taken``) left out. The slots' families build the conditions (:mod:`sdxl_control.jobs.slots`), as for the
     command line's flags."""
@@ -164,7 +178,46 @@ def _slot_inputs(form: PageForm, taken: set[str]) -> tuple[dict[str, list[str]],
         weights = [float(w) for w in str(form.lora_weights or "").replace(",", " ").split()]
         if weights:  # one per file, the last repeating; none: the LoRA's own weight
             options["lora.scale"] = weights
+    if regions := _regions(form, folder):
+        # The region slot reads each line as --region does (its family's grammar), with the page's mode and strength.
+        inputs["region"] = regions
+        options.update({"region.mode": form.region_mode, "region.scale": float(form.region_scale)})
+    if form.pag_scale:  # 0: no PAG (a condition at scale 0 is absent)
+        options["pag.scale"] = float(form.pag_scale)
+    if form.apg:
+        options["apg.eta"] = float(form.apg_eta)
+    if form.freeu:
+        options["freeu.on"] = True
     return inputs, options
+
+
+def _regions(form: PageForm, folder: Path) -> list[str]:
+    """The region slot's entries of the page's Regions fields: the typed lines, then each layer painted on the
+    canvas as a mask (white where its strokes are, written to ``folder`` so recipes can name it) with its prompt
+    line, in layer order."""
+    typed = [line.strip() for line in str(form.regions or "").splitlines() if line.strip()]
+    value = form.region_paint
+    layers = [layer for layer in (value.get("layers") or [] if isinstance(value, dict) else []) if layer]
+    from PIL import Image
+
+    masks = []
+    for layer in layers:
+        with Image.open(str(layer)) as image:
+            painted = np.asarray(image.convert("RGBA"))[..., 3] > 0
+        if painted.any():  # a layer left blank is no region
+            masks.append(Image.fromarray(painted.astype(np.uint8) * 255))
+    prompts = [line.strip() for line in str(form.region_prompts or "").splitlines() if line.strip()]
+    if len(prompts) != len(masks):
+        raise InvalidRequestError(
+            f"Regions: {len(masks)} painted layer(s) and {len(prompts)} prompt line(s); write one prompt line per "
+            "painted layer, in layer order (a new layer for each region)"
+        )
+    painted_regions = []
+    for mask, prompt in zip(masks, prompts, strict=True):
+        path = folder / f"region-{hashlib.sha256(mask.tobytes()).hexdigest()[:16]}.png"
+        mask.save(path)
+        painted_regions.append(f"{path}:{prompt}")
+    return typed + painted_regions
 
 
 def _more_inputs(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -274,7 +327,7 @@ def form_spec(form: PageForm, config: UiConfig, seed: int) -> JobSpec:
         models["fast"] = form.fast
     if form.offload:
         models["offload"] = True
-    slot_inputs, slot_options = _slot_inputs(form, taken)
+    slot_inputs, slot_options = _slot_inputs(form, taken, config.outputs)
     more, more_options = _more_inputs(form.more_inputs)
     if both := sorted(set(more) & {*inputs, *slot_inputs}):
         raise InvalidRequestError(f"More inputs: {', '.join(both)} is filled by the page's own field; give it there")
@@ -637,6 +690,28 @@ def _form_widgets(config: UiConfig) -> dict[str, Any]:
             w["weight_storage"] = gr.Dropdown([PRESET_STORAGE, *PAGE_STORAGES], value=v["weight_storage"],
                                               label="Weight storage (fp8: about half the UNet's memory)",
                                               elem_id="weight-storage")  # fmt: skip
+    with gr.Accordion("Regions (a prompt per region)", open=False):
+        w["regions"] = gr.Textbox(v["regions"], label="Regions by box, one a line: X0,Y0,X1,Y1:PROMPT (fractions of "
+                                  "the width and height, e.g. 0,0,0.5,1:a woman with red hair)", lines=2,
+                                  elem_id="regions")  # fmt: skip
+        # A white canvas of the image's size to paint on (a picture uploaded instead helps to place the regions):
+        # only the layers' strokes are read.
+        blank = np.full((int(height), int(width), 3), 255, np.uint8)
+        w["region_paint"] = gr.ImageEditor(blank, type="filepath", label="Or paint them: one layer per region (a "
+                                           "picture uploaded under them only helps to place them)",
+                                           elem_id="region-paint", height=320)  # fmt: skip
+        w["region_prompts"] = gr.Textbox(v["region_prompts"], label="The painted layers' prompts, one a line in "
+                                         "layer order", lines=2, elem_id="region-prompts")  # fmt: skip
+        with gr.Row():
+            w["region_mode"] = gr.Radio(list(_REGION_MODES), value=v["region_mode"], label="How regions act")
+            w["region_scale"] = gr.Slider(0, 1.5, value=v["region_scale"], step=0.05, label="Regions' strength")
+    with gr.Accordion("Guidance (PAG, APG, FreeU)", open=False):
+        with gr.Row():
+            w["pag_scale"] = gr.Slider(0, 10, value=v["pag_scale"], step=0.1, label="Perturbed-attention guidance "
+                                       "(0: off; diffusers' 3)", elem_id="pag-scale")  # fmt: skip
+            w["apg"] = gr.Checkbox(value=v["apg"], label="Adaptive projected guidance", elem_id="apg")
+            w["apg_eta"] = gr.Slider(0, 1, value=v["apg_eta"], step=0.05, label="APG eta (0: no oversaturation)")
+            w["freeu"] = gr.Checkbox(value=v["freeu"], label="FreeU (SDXL factors)", elem_id="freeu")
     with gr.Accordion("More inputs", open=False):
         w["more_inputs"] = gr.Textbox(v["more_inputs"], label="Any input slot of the condition families, as a job "
                                       f"line's inputs and set: {MORE_INPUTS_EXAMPLE}", lines=2,

@@ -414,3 +414,91 @@ def test_a_recipe_of_an_earlier_release_says_the_page_reads_it_as_this_one(tmp_p
     status = _Page(UiConfig(resolver=TinyResolver(), outputs=tmp_path)).restore(str(old))[-1]
     assert "recorded by sdxl-control 0.1.0" in status and f"as {VERSION} reads them" in status
     assert "`generate --recipe lora-controlnet-0.1.png` re-makes its pixels" in status
+
+
+def test_regions_painted_or_typed_and_the_guidance_controls_make_the_command_lines_conditions(tmp_path):
+    """The page's Regions and Guidance fields fill the same input slots as ``--region``, ``--pag-scale``, ``--apg``
+    and ``--freeu``: the conditions built from the page's job equal those of the command line's, a painted layer
+    becoming a mask white exactly where its strokes are."""
+    from sdxl_control.cli import build_parser
+    from sdxl_control.cli.generate import job_spec
+    from sdxl_control.jobs.resolvers import HubResolver, TinyResolver
+    from sdxl_control.jobs.slots import slot_conditions
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    strokes = np.zeros((64, 64, 4), np.uint8)
+    strokes[10:30, 40:60] = (255, 0, 0, 255)  # a red stroke: the region is where it is, whatever its colour
+    layer, blank = tmp_path / "layer.png", tmp_path / "blank.png"
+    Image.fromarray(strokes).save(layer)
+    Image.fromarray(np.zeros((64, 64, 4), np.uint8)).save(blank)  # a layer left blank is no region
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    form = PageForm("two animals", regions="0,0,0.5,1:a cat\n", region_paint={"background": None, "layers": [
+        str(layer), str(blank)]}, region_prompts="a dog: brown", region_mode="attention", region_scale=0.7,
+                    pag_scale=2.0, apg=True, apg_eta=0.0, freeu=True)  # fmt: skip
+    spec = form_spec(form, UiConfig(resolver=TinyResolver(), outputs=folder), seed=1)
+    page = slot_conditions(spec.inputs, spec.set)
+    (mask,) = folder.glob("region-*.png")
+    assert (np.asarray(Image.open(mask)) > 0).tolist() == (strokes[..., 3] > 0).tolist()
+    argv = ["generate", "two animals", "--region", "0,0,0.5,1:a cat", "--region", f"{mask}:a dog: brown",
+            "--region-mode", "attention", "--region-scale", "0.7", "--pag-scale", "2", "--apg", "0", "--freeu"]  # fmt: skip
+    cli, _ = job_spec(build_parser().parse_args(argv), HubResolver())
+    assert page == slot_conditions(cli.inputs, cli.set)
+    assert [(c.kind, getattr(c, "prompt", None)) for c in page] == [
+        ("region", "a cat"), ("region", "a dog: brown"), ("pag", None), ("apg", None), ("freeu", None)]  # fmt: skip
+    assert page[1].mask == str(mask) and page[0].mode == "attention" and page[0].scale == 0.7
+    # Nothing switched on: no condition at all (PAG 0 is off, as the condition at scale 0 is absent).
+    assert slot_conditions(*(lambda s: (s.inputs, s.set))(form_spec(PageForm("x"), UiConfig(
+        resolver=TinyResolver(), outputs=folder), seed=1))) == []  # fmt: skip
+
+
+def test_painted_regions_without_their_prompts_are_refused_by_name(tmp_path):
+    from sdxl_control.base.errors import InvalidRequestError
+    from sdxl_control.jobs.resolvers import TinyResolver
+    from sdxl_control.ui import PageForm, UiConfig, form_spec
+
+    layer = tmp_path / "layer.png"
+    strokes = np.zeros((32, 32, 4), np.uint8)
+    strokes[:8, :8, 3] = 255
+    Image.fromarray(strokes).save(layer)
+    form = PageForm("x", region_paint={"background": None, "layers": [str(layer)]}, region_prompts="")
+    with pytest.raises(InvalidRequestError, match=r"Regions: 1 painted layer\(s\) and 0 prompt line\(s\)"):
+        form_spec(form, UiConfig(resolver=TinyResolver(), outputs=tmp_path), seed=1)
+
+
+def test_a_region_painted_in_the_page_becomes_a_region_of_the_recipe(page_url, ui_outputs, browser, tmp_path):
+    """Paint a stroke on the Regions canvas, type its prompt, switch FreeU on: the recipe holds a Region whose mask is
+    the stroke (on the left, where it was drawn) and a FreeU, as ``--region MASK:PROMPT --freeu`` make them."""
+    from sdxl_control.records.recipe import read_recipe
+
+    page = _open(browser, page_url)
+    _fill(page, "two animals", seed=3, steps=2)
+    page.get_by_text("Regions (a prompt per region)").click()
+    editor = page.locator("#region-paint")
+    editor.wait_for()
+    page.wait_for_timeout(1000)
+    box = editor.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for _ in range(3):  # a stroke begun while the editor still settles is lost: draw until it shows
+        page.mouse.move(cx - 40, cy - 40)
+        page.mouse.down()
+        for k in range(1, 11):  # a stroke down the left part of the canvas
+            page.mouse.move(cx - 40, cy - 40 + 8 * k, steps=2)
+        page.mouse.up()
+        page.wait_for_timeout(500)
+        if _brush_share(editor.screenshot()) > 0.02:
+            break
+    editor.screenshot(path=str(SCREENSHOTS / "ui-painted-region.png"))
+    page.locator("#region-prompts textarea").fill("a brown dog")
+    page.get_by_text("Guidance (PAG, APG, FreeU)").click()
+    page.locator("#freeu input").check()
+    page.click("#generate")
+    links = _downloads(page)
+    png = tmp_path / "regions.png"
+    png.write_bytes(page.request.get(links[0] if links[0].startswith("http") else page_url + links[0]).body())
+    region, freeu = read_recipe(png)["conditions"]
+    assert (region["kind"], region["prompt"], freeu["kind"]) == ("region", "a brown dog", "freeu")
+    (mask_file,) = ui_outputs.glob("region-*.png")
+    mask = np.asarray(Image.open(mask_file)) > 127
+    ys, xs = np.nonzero(mask)
+    assert 0.01 < mask.mean() < 0.6 and xs.mean() < mask.shape[1] / 2  # a stroke on the left, where it was drawn

@@ -365,12 +365,17 @@ def _add_condition_options(parser: argparse.ArgumentParser) -> None:
             many = slot.many or slot.each
             if slot.files is not None:  # a slot of options only has its flags alone
                 more.add_argument(f"--{slot.name}", action="append" if many else Once, default=[] if many else None,
-                                  metavar="TEXT" if not slot.images else "FILE", help=slot.help)  # fmt: skip
+                                  metavar=slot.metavar or ("FILE" if slot.images else "TEXT"), help=slot.help)  # fmt: skip
             for flag in slot.flags:
                 _add_flag(more, flag)
 
 
 def _add_flag(group: Any, flag: Flag) -> None:
+    if flag.type == "switch" and flag.values:  # --NAME alone, or --NAME V1,V2,...: one number per field
+        metavar = ",".join(name.upper() for name in flag.values)
+        group.add_argument(f"--{flag.name}", nargs="?", const=True, default=None, type=_numbers(flag),
+                           metavar=metavar, help=flag.help)  # fmt: skip
+        return
     if flag.type == "switch":
         group.add_argument(f"--{flag.name}", action="store_const", const=True, default=None, help=flag.help)
         return
@@ -378,9 +383,41 @@ def _add_flag(group: Any, flag: Flag) -> None:
         f"--{flag.name}",
         type=_FLAG_TYPES[flag.type],
         choices=flag.choices or None,
-        metavar="IMG" if flag.type == "image" else None,
+        metavar=flag.metavar or _METAVARS.get(flag.type),
         help=flag.help,
     )
+
+
+# A flag's value as the command's own flags name it in --help (argparse's default: the flag's name in capitals).
+_METAVARS = {"image": "IMG", "number": "N", "window": "START:END", "list": "A,B"}
+
+
+def _numbers(flag: Flag) -> Callable[[str], tuple[float, ...]]:
+    """The reader of a switch's values: as many comma-separated numbers as it has fields, each finite."""
+
+    def read(text: str) -> tuple[float, ...]:
+        parts = text.split(",")
+        if len(parts) != len(flag.values):
+            names = ",".join(name.upper() for name in flag.values)
+            raise argparse.ArgumentTypeError(
+                f"takes nothing or {len(flag.values)} comma-separated numbers {names}, got {text!r} (a prompt "
+                f"after --{flag.name}: put the prompt first)"
+            )
+        return tuple(number(part.strip()) for part in parts)
+
+    return read
+
+
+def _flag_options(args: argparse.Namespace, flags: tuple[Flag, ...]) -> dict[str, Any]:
+    """Field -> value of the ``flags`` as given (``None``: not given); a switch given numbers sets its fields too."""
+    out: dict[str, Any] = {}
+    for flag in flags:
+        value = _given(args, flag)
+        if isinstance(value, tuple) and flag.type == "switch":
+            out.update(zip(flag.values, value, strict=True))
+            value = True
+        out[flag.field] = value
+    return out
 
 
 def _family_flags(kind: str) -> tuple[Flag, ...]:
@@ -485,13 +522,13 @@ def _slot_inputs(
         if slot.name in OWN_SLOTS:
             continue
         if slot.files is None:  # options only: switched on by any of its flags
-            options.update(_slot_options(slot.name, {f.field: _given(args, f) for f in slot.flags}))
+            options.update(_slot_options(slot.name, _flag_options(args, slot.flags)))
             continue
         value = getattr(args, slot.name.replace("-", "_"))
         named: list[str] = value if isinstance(value, list) else [value] if value else []
         if named:
             inputs[slot.name] = named
-            options.update(_slot_options(slot.name, {f.field: _given(args, f) for f in slot.flags}))
+            options.update(_slot_options(slot.name, _flag_options(args, slot.flags)))
         elif stray := [f"--{f.name}" for f in slot.flags if _given(args, f) is not None]:
             raise InvalidRequestError(f"{', '.join(stray)}: options of --{slot.name}, which is not given")
     return inputs, {k: v for k, v in options.items() if k.partition(".")[0] not in declared}
