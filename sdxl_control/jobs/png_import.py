@@ -284,7 +284,14 @@ def read_a1111(text: str) -> Imported:
     prompt = extra_networks(parts.prompt, reader)
     if parts.negative is not None:
         reader.settings["negative_prompt"] = parts.negative
-    _a1111_items(dict(parts.items), reader)
+    items = dict(parts.items)
+    couple = {k: items.pop(k) for k in list(items) if k.startswith("forge_couple")}
+    _a1111_items(items, reader)
+    if couple:  # Forge Couple's regions: lines of the prompt, boxed by the image's size
+        from .png_guidance import read_forge_couple
+
+        _taken, prompt, regions = read_forge_couple(prompt, couple, reader.settings.get("size"), reader.skip)
+        reader.conditions.extend(regions)
     return reader.done(prompt)
 
 
@@ -478,6 +485,11 @@ def _a1111_items(items: dict[str, str], reader: SettingsReader) -> None:
             )
         if "ADetailer version" in items:
             reader.skip(f"ADetailer version: {items['ADetailer version']}", "not checked")
+    from .png_guidance import read_a1111_guidance
+
+    guided, conditions = read_a1111_guidance(items, settings, reader.skip)
+    taken |= guided
+    reader.conditions.extend(conditions)
     for key, value in items.items():
         if key in taken:
             continue
@@ -922,6 +934,8 @@ class _ComfyGraph:
             link = upstream(node["class_type"], values, int(link[1]) if len(link) > 1 else 0)
 
     def _models(self, link: Any, role: str) -> None:
+        from .png_guidance import COMFYUI_GUIDANCE_NODES, read_comfyui_patch
+
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("model")):
             if kind in _CHECKPOINT_LOADERS:
                 self.reader.model(role, str(values.get("ckpt_name")))
@@ -939,6 +953,11 @@ class _ComfyGraph:
                 clip = values.get("strength_clip")
                 if clip is not None and float(clip) != scale:
                     self.skip(node_id, f"strength_clip {clip} differs from strength_model: {scale:g} is used for both")
+            elif kind in COMFYUI_GUIDANCE_NODES:
+                condition = read_comfyui_patch(kind, values, role, self.reader.settings,
+                                               lambda why, node_id=node_id: self.skip(node_id, why))  # fmt: skip
+                if condition is not None:
+                    self.reader.conditions.append(condition)
             else:
                 self.skip(node_id, _MODEL_PATCHES.get(kind, "changes the model in a way not read here"))
 
