@@ -98,7 +98,9 @@ def _step_window(first: int, last: int, steps: int | None) -> Window:
     return Window(first / steps, (last + 1) / steps)
 
 
-def read_a1111_guidance(items: Mapping[str, str], settings: dict[str, Any], skip: Skip) -> tuple[set[str], list[Condition]]:
+def read_a1111_guidance(
+    items: Mapping[str, str], settings: dict[str, Any], skip: Skip
+) -> tuple[set[str], list[Condition]]:
     """The guidance conditions an A1111/Forge settings line records: (the keys taken, the conditions); settings
     (``guidance_rescale``) go into ``settings``; every approximation and every part not read is said by ``skip``."""
     from ..adapters.apg import APG
@@ -264,7 +266,12 @@ def read_forge_couple(prompt: str, items: Mapping[str, str], size: tuple[int, in
             return taken, prompt, []
         for line, (x1, x2, y1, y2, weight) in zip(lines, mapping, strict=True):
             # Forge Couple's mask: [int(H*y1):int(H*y2), int(W*x1):int(W*x2)].
-            box = (int(width * x1) / width, int(height * y1) / height, int(width * x2) / width, int(height * y2) / height)
+            box = (
+                int(width * x1) / width,
+                int(height * y1) / height,
+                int(width * x2) / width,
+                int(height * y2) / height,
+            )
             regions.append(Region(prompt=line, box=box, mode="attention", scale=float(weight)))
         return taken, " ".join(lines), regions
     if mode != "Basic":
@@ -314,8 +321,10 @@ def read_comfyui_patch(kind: str, values: Mapping[str, Any], role: str, settings
                  + "; read as diffusers' FreeU with the same factors: close, not equal")  # fmt: skip
             return FreeU(**factors, stage=stage)
         if kind == "APG":
-            skip("ComfyUI's APG works on denoised (x0) predictions and gives cond + cfg * update; read as diffusers' "
-                 "AdaptiveProjectedGuidance (noise predictions, uncond + cfg * update): close, not equal")
+            skip(
+                "ComfyUI's APG works on denoised (x0) predictions and gives cond + cfg * update; read as diffusers' "
+                "AdaptiveProjectedGuidance (noise predictions, uncond + cfg * update): close, not equal"
+            )
             return APG(eta=float(values.get("eta", 1.0)), norm_threshold=float(values.get("norm_threshold", 5.0)),
                        momentum=float(values.get("momentum", 0.0)), stage=stage)  # fmt: skip
         if kind == "RescaleCFG":
@@ -324,8 +333,10 @@ def read_comfyui_patch(kind: str, values: Mapping[str, Any], role: str, settings
                 skip("read on the base's chain only (guidance_rescale is one for both stages); not read")
                 return None
             settings["guidance_rescale"] = multiplier
-            skip(f"multiplier {multiplier:g} read as guidance_rescale: ComfyUI rescales in v-prediction space "
-                 "whatever the model; equal for v-prediction models, close for epsilon ones")
+            skip(
+                f"multiplier {multiplier:g} read as guidance_rescale: ComfyUI rescales in v-prediction space "
+                "whatever the model; equal for v-prediction models, close for epsilon ones"
+            )
             return None
     except ConditionError as exc:
         skip(f"{exc}; not read")

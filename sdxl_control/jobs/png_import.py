@@ -934,6 +934,8 @@ class _ComfyGraph:
             link = upstream(node["class_type"], values, int(link[1]) if len(link) > 1 else 0)
 
     def _models(self, link: Any, role: str) -> None:
+        from functools import partial
+
         from .png_guidance import COMFYUI_GUIDANCE_NODES, read_comfyui_patch
 
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("model")):
@@ -954,8 +956,7 @@ class _ComfyGraph:
                 if clip is not None and float(clip) != scale:
                     self.skip(node_id, f"strength_clip {clip} differs from strength_model: {scale:g} is used for both")
             elif kind in COMFYUI_GUIDANCE_NODES:
-                condition = read_comfyui_patch(kind, values, role, self.reader.settings,
-                                               lambda why, node_id=node_id: self.skip(node_id, why))  # fmt: skip
+                condition = read_comfyui_patch(kind, values, role, self.reader.settings, partial(self.skip, node_id))
                 if condition is not None:
                     self.reader.conditions.append(condition)
             else:
