@@ -216,3 +216,64 @@ def test_comfyui_defaults_and_the_ui_workflow_form():
     graph = workflow_graph(workflow)
     assert graph["10"]["inputs"]["eta"] == 0.5 and graph["10"]["inputs"]["momentum"] == -0.5
     assert graph["11"]["inputs"]["scale"] == 2.5
+
+
+def _regional_graph(*extra: tuple[str, str, dict]) -> dict:
+    """ComfyUI's area-composition form: a base prompt (node 6) combined with regional chains (node 12 feeds the
+    sampler); ``extra`` adds or replaces nodes."""
+    nodes = _graph()
+    nodes["3"]["inputs"]["positive"] = ["12", 0]
+    nodes["5"]["inputs"].update(width=1024, height=768)
+    nodes.update({
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a man in blue", "clip": ["4", 1]}},
+        "9": {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["8", 0], "width": 500, "height": 768,
+                                                             "x": 100, "y": 0, "strength": 1.5}},
+        "12": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["6", 0],
+                                                              "conditioning_2": ["9", 0]}},
+    })  # fmt: skip
+    for node_id, kind, inputs in extra:
+        nodes[node_id] = {"class_type": kind, "inputs": inputs}
+    return nodes
+
+
+def test_comfyui_area_chains_become_regions_with_comfyuis_latent_area():
+    imported = read_comfyui(_regional_graph())
+    assert imported.prompt == "a fox"  # the chain without an area: the base prompt
+    region = _only(imported, Region)
+    # ComfyUI (nodes.py ConditioningSetArea): area = (h//8, w//8, y//8, x//8) in latent units of the 128x96 latent.
+    x, w = 100 // 8, 500 // 8
+    assert region.box == (x / 128, 0.0, (x + w) / 128, 1.0) and region.box[0] * 1024 == 96
+    assert (region.prompt, region.scale, region.mode, region.window) == ("a man in blue", 1.5, "masked", Window())
+    assert len(imported.unmapped) == 1  # the noise note: every node read
+
+
+def test_comfyui_mask_chains():
+    solid = _regional_graph(
+        ("9", "ConditioningSetMask", {"conditioning": ["13", 0], "mask": ["14", 0], "strength": 0.8,
+                                      "set_cond_area": "default"}),
+        ("13", "ConditioningSetTimestepRange", {"conditioning": ["8", 0], "start": 0.0, "end": 0.5}),
+        ("14", "SolidMask", {"value": 0.5, "width": 512, "height": 512}),
+    )  # fmt: skip
+    imported = read_comfyui(solid)
+    region = _only(imported, Region)
+    # A solid mask's value multiplies ComfyUI's mult (mask * mask_strength * strength) over the whole latent.
+    assert region.box == (0.0, 0.0, 1.0, 1.0) and region.scale == pytest.approx(0.4)
+    assert region.window == Window(0.0, 0.5)
+    assert "sigmas" in _notes(imported, "ConditioningSetTimestepRange (node 13)")
+    loaded = _regional_graph(
+        ("9", "ConditioningSetMask", {"conditioning": ["8", 0], "mask": ["14", 0], "strength": 1.0,
+                                      "set_cond_area": "default"}),
+        ("14", "LoadImageMask", {"image": "left.png", "channel": "alpha"}),
+    )  # fmt: skip
+    imported = read_comfyui(loaded)
+    assert not imported.conditions and imported.prompt == "a fox"
+    assert "'left.png'" in _notes(imported, "ConditioningSetMask (node 9)")
+    assert "--region" in _notes(imported, "ConditioningSetMask (node 9)")
+
+
+def test_comfyui_percentage_area():
+    imported = read_comfyui(_regional_graph(
+        ("9", "ConditioningSetAreaPercentage", {"conditioning": ["8", 0], "width": 0.5, "height": 1.0, "x": 0.5,
+                                                "y": 0.0, "strength": 1.0}),
+    ))  # fmt: skip
+    assert _only(imported, Region).box == (0.5, 0.0, 1.0, 1.0)

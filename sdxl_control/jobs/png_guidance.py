@@ -341,3 +341,149 @@ def read_comfyui_patch(kind: str, values: Mapping[str, Any], role: str, settings
     except ConditionError as exc:
         skip(f"{exc}; not read")
     return None
+
+
+# ComfyUI's conditioning nodes that make a region of a prompt (nodes.py), read by :func:`comfyui_regions`.
+COMFYUI_REGION_NODES = (
+    "ConditioningSetMask", "ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength",
+    "ConditioningSetTimestepRange",
+)  # fmt: skip
+_TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL", "CLIPTextEncodeSDXLRefiner")
+
+
+def comfyui_regions(
+    walk: Callable[[Any], Any], node: Callable[[Any], Any], link: Any, size: tuple[int, int],
+    skip: Callable[[str, str], None], seen: Callable[[str], None],
+) -> tuple[str | None, list[Condition]] | None:  # fmt: skip
+    """A ComfyUI prompt's conditioning tree (``ConditioningCombine`` of chains of ``ConditioningSetMask`` /
+    ``SetArea`` / ``SetAreaPercentage`` / ``SetAreaStrength`` / ``SetTimestepRange`` over a text node) as (the base
+    prompt: the first chain without an area or mask, the regions as ``Region(mode="masked")``); ``None`` where the
+    tree has no region. ``walk(link)`` gives one chain's nodes as ``(node_id, class_type, inputs)``, ``node(link)``
+    a linked node, ``skip(node_id, why)`` notes, ``seen(node_id)`` marks a node read. ``size``: the image's (width,
+    height) in pixels, whose latent (/8) ComfyUI's areas are cut from."""
+    from ..adapters.regions import Region
+
+    chains: list[list[tuple[str, str, Mapping[str, Any]]]] = []
+
+    def collect(start: Any, depth: int = 0) -> None:
+        found = node(start)
+        if found is None or depth > 64:
+            return
+        node_id, spec = found
+        if spec["class_type"] == "ConditioningCombine":
+            seen(node_id)
+            inputs = spec.get("inputs", {})
+            collect(inputs.get("conditioning_1"), depth + 1)
+            collect(inputs.get("conditioning_2"), depth + 1)
+            return
+        chain = []
+        for step in walk(start):
+            if step[1] == "ConditioningCombine":  # a combine lower down: its own branches
+                collect([step[0], 0], depth + 1)
+                break
+            chain.append(step)
+        chains.append(chain)
+
+    collect(link)
+    if not any(kind in COMFYUI_REGION_NODES for chain in chains for _, kind, _ in chain):
+        return None
+    width, height = size
+    lw, lh = width // 8, height // 8
+    base: str | None = None
+    regions: list[Condition] = []
+    for chain in chains:
+        text = next((_text(values) for _, kind, values in chain if kind in _TEXT_NODES), None)
+        modifiers = [(node_id, kind, values) for node_id, kind, values in chain if kind in COMFYUI_REGION_NODES]
+        others = [(node_id, kind) for node_id, kind, _ in chain if kind not in (*COMFYUI_REGION_NODES, *_TEXT_NODES)]
+        for node_id, kind in others:
+            skip(node_id, f"{kind} on a regional prompt's chain is not read")
+        if text is None:
+            continue
+        if not modifiers:
+            if base is None:
+                base = text
+            else:
+                skip(chain[0][0], f"a second prompt without an area or mask ({text[:40]!r}) combined with the first; "
+                     "only the first is the base prompt")  # fmt: skip
+            continue
+        strength, window, box, mask, mask_strength = 1.0, Window(), None, None, 1.0
+        ok = True
+        # The chain goes from the sampler up: the node nearest the text set its keys first, a later one overrides.
+        for node_id, kind, values in reversed(modifiers):
+            if kind == "ConditioningSetTimestepRange":
+                start, end = float(values.get("start", 0.0)), float(values.get("end", 1.0))
+                if (start, end) != (0.0, 1.0):
+                    window = Window(start, end)
+                    skip(node_id, f"its range {start:g}..{end:g} is in percent of the model's timesteps (sigmas); read "
+                         "as a window in fractions of the steps: close, not equal")  # fmt: skip
+            elif kind == "ConditioningSetAreaStrength":
+                strength = float(values.get("strength", 1.0))
+            elif kind == "ConditioningSetArea":
+                # ComfyUI: area (h//8, w//8, y//8, x//8) in latent units, clamped to the latent.
+                x, y = int(values.get("x", 0)) // 8, int(values.get("y", 0)) // 8
+                w, h = int(values.get("width", 64)) // 8, int(values.get("height", 64)) // 8
+                box = (min(x, lw) / lw, min(y, lh) / lh, min(x + w, lw) / lw, min(y + h, lh) / lh)
+                strength = float(values.get("strength", 1.0))
+            elif kind == "ConditioningSetAreaPercentage":
+                x, y = round(float(values.get("x", 0.0)) * lw), round(float(values.get("y", 0.0)) * lh)
+                w, h = (
+                    max(1, round(float(values.get("width", 1.0)) * lw)),
+                    max(1, round(float(values.get("height", 1.0)) * lh)),
+                )
+                box = (min(x, lw) / lw, min(y, lh) / lh, min(x + w, lw) / lw, min(y + h, lh) / lh)
+                strength = float(values.get("strength", 1.0))
+            elif kind == "ConditioningSetMask":
+                mask_strength = float(values.get("strength", 1.0))
+                if str(values.get("set_cond_area", "default")) != "default":
+                    skip(node_id, "set_cond_area 'mask bounds' (the UNet run on the mask's bounding box) is read as "
+                         "the mask over the whole image: close, not equal")  # fmt: skip
+                mask = _comfyui_mask(node, values.get("mask"), node_id, skip, seen)
+                ok = mask is not None
+        if not ok:
+            continue
+        scale = strength
+        if mask is not None:
+            value = float(
+                mask
+            )  # a solid mask: its value is a factor of ComfyUI's mult = mask * mask_strength * strength
+            scale = strength * mask_strength * value
+            box = box or (0.0, 0.0, 1.0, 1.0)
+        if box is not None and box[0] < box[2] and box[1] < box[3]:
+            try:
+                regions.append(Region(prompt=text, box=box, mode="masked", scale=scale, window=window))
+            except ConditionError as exc:
+                skip(modifiers[0][0], f"{exc}; not read")
+        else:
+            skip(modifiers[0][0], "an empty area; not read")
+    if base is None:
+        base = ""
+        skip(
+            chains[0][0][0] if chains and chains[0] else "?",
+            "no prompt without an area or mask: the base prompt is empty",
+        )
+    return base, regions
+
+
+def _text(values: Mapping[str, Any]) -> str:
+    return str(values.get("text", values.get("text_g", "")))
+
+
+def _comfyui_mask(node: Callable[[Any], Any], link: Any, region: str, skip: Callable[[str, str], None],
+                  seen: Callable[[str], None]) -> float | None:  # fmt: skip
+    """A region's mask: a ``SolidMask``'s value (exact: a solid mask is a factor of the region's weight); any other
+    source (``LoadImageMask``: only its file name is in the PNG) is said, and ``None``."""
+    found = node(link)
+    if found is None:
+        skip(region, "no mask reaches it; not read")
+        return None
+    mask_id, spec = found
+    seen(mask_id)
+    values = spec.get("inputs", {})
+    if spec["class_type"] == "SolidMask":
+        return float(values.get("value", 1.0))
+    if spec["class_type"] == "LoadImageMask":
+        skip(region, f"its mask is the file {values.get('image')!r} (channel {values.get('channel', 'alpha')}) in "
+             "ComfyUI's input folder, not in the PNG; give it with --region MASK:PROMPT")  # fmt: skip
+        return None
+    skip(region, f"its mask comes from {spec['class_type']}, not read here; give it with --region MASK:PROMPT")
+    return None

@@ -670,7 +670,29 @@ class _ComfyGraph:
             settings["size"] = (int(size.get("width", 1024)), int(size.get("height", 1024)))
             if int(size.get("batch_size", 1)) > 1:
                 settings["num_images"] = int(size["batch_size"])
-        return prompt
+        return self._regions(prompt)
+
+    def _regions(self, prompt: str) -> str:
+        """The first sampler's prompt with its regions (ComfyUI's ConditioningSetMask / SetArea chains combined), as
+        ``Region`` conditions; the base prompt is the chain without an area or mask."""
+        from .png_guidance import comfyui_regions
+
+        size = self.reader.settings.get("size", (1024, 1024))
+        found = comfyui_regions(lambda link: self._walk(link, _conditioning_upstream), self.node,
+                                self.links.get("positive"), size, self.skip, self.seen.add)  # fmt: skip
+        negative = comfyui_regions(lambda link: self._walk(link, _conditioning_upstream), self.node,
+                                   self.links.get("negative"), size, lambda *_: None, self.seen.add)  # fmt: skip
+        if negative is not None:
+            self.reader.skip("negative prompt", "its regions are not read (a region's own negative prompt is): the "
+                             "first text of its chain is the negative prompt")  # fmt: skip
+        if found is None:
+            return prompt
+        base, regions = found
+        # The walk of the prompt's first chain said its region nodes were not read: they are, now.
+        self.reader.unmapped = [line for line in self.reader.unmapped
+                                if not line.endswith("changes the prompt in a way not read here; the text before it is used")]  # fmt: skip
+        self.reader.conditions.extend(regions)
+        return base or ""
 
     def _second(self, first: str, node_id: str) -> None:
         self.seen.add(node_id)
