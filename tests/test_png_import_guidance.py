@@ -277,3 +277,34 @@ def test_comfyui_percentage_area():
                                                 "y": 0.0, "strength": 1.0}),
     ))  # fmt: skip
     assert _only(imported, Region).box == (0.5, 0.0, 1.0, 1.0)
+
+
+def test_comfyuis_real_area_composition_png_reads_as_its_regions():
+    """ComfyUI's area-composition example (tests/data/real_pngs/night_evening_day_morning_cropped.png, from
+    d3x-at/sd-parsers @ 0949676, see PROVENANCE.md): four ConditioningSetArea chains combined with a base prompt.
+    The expected boxes are computed here from the file's own nodes by ComfyUI's rule (nodes.py ConditioningSetArea:
+    area (h//8, w//8, y//8, x//8) in latent units, comfyanonymous/ComfyUI a125cd8)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from sdxl_control.jobs.png_import import read_image_settings
+
+    path = Path(__file__).parent / "data" / "real_pngs" / "night_evening_day_morning_cropped.png"
+    graph = json.loads(Image.open(path).text["prompt"])
+    imported = read_image_settings(path)
+    latent = graph["5"]["inputs"]
+    lw, lh = latent["width"] // 8, latent["height"] // 8
+    expected = {}
+    for node in graph.values():
+        if node["class_type"] == "ConditioningSetArea":
+            v = node["inputs"]
+            x, y, w, h = v["x"] // 8, v["y"] // 8, v["width"] // 8, v["height"] // 8
+            text = graph[v["conditioning"][0]]["inputs"]["text"]
+            box = (x / lw, y / lh, min(x + w, lw) / lw, min(y + h, lh) / lh)
+            expected[text] = (box, v["strength"])
+    regions = {r.prompt: (r.box, r.scale) for r in imported.conditions if isinstance(r, Region)}
+    assert len(expected) == 4 and regions == expected
+    assert imported.prompt == graph["6"]["inputs"]["text"]  # the chain without an area
+    assert {r.mode for r in imported.conditions} == {"masked"}
