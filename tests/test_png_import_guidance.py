@@ -308,3 +308,22 @@ def test_comfyuis_real_area_composition_png_reads_as_its_regions():
     assert len(expected) == 4 and regions == expected
     assert imported.prompt == graph["6"]["inputs"]["text"]  # the chain without an area
     assert {r.mode for r in imported.conditions} == {"masked"}
+
+
+def test_a_guidance_node_on_the_refiners_model_chain_acts_in_the_refiners_stage():
+    graph = _graph()
+    graph["3"]["class_type"] = "KSamplerAdvanced"
+    graph["3"]["inputs"].update(noise_seed=1, start_at_step=0, end_at_step=16, add_noise="enable")
+    graph.update({
+        "12": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_refiner_1.0.safetensors"}},
+        "13": {"class_type": "PerturbedAttentionGuidance", "inputs": {"scale": 1.5, "model": ["12", 0]}},
+        "14": {"class_type": "RescaleCFG", "inputs": {"multiplier": 0.5, "model": ["13", 0]}},
+        "15": {"class_type": "KSamplerAdvanced", "inputs": {
+            "add_noise": "disable", "noise_seed": 1, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "start_at_step": 16, "end_at_step": 10000, "model": ["14", 0],
+            "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["3", 0]}},
+    })  # fmt: skip
+    imported = read_comfyui(graph)
+    pag = _only(imported, PAG)
+    assert (pag.scale, pag.stage) == (1.5, Stage.REFINER)
+    assert "guidance_rescale" not in imported.settings and "base's chain only" in _notes(imported, "RescaleCFG")
