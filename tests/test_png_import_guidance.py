@@ -327,3 +327,10 @@ def test_a_guidance_node_on_the_refiners_model_chain_acts_in_the_refiners_stage(
     pag = _only(imported, PAG)
     assert (pag.scale, pag.stage) == (1.5, Stage.REFINER)
     assert "guidance_rescale" not in imported.settings and "base's chain only" in _notes(imported, "RescaleCFG")
+
+
+def test_two_prompts_combined_without_regions_stay_as_before():
+    graph = _regional_graph(("9", "CLIPTextEncode", {"text": "a man in blue", "clip": ["4", 1]}))
+    imported = read_comfyui(graph)
+    assert not imported.conditions and imported.prompt == "a fox"
+    assert "not read here" in _notes(imported, "ConditioningCombine (node 12)")

@@ -675,7 +675,7 @@ class _ComfyGraph:
     def _regions(self, prompt: str) -> str:
         """The first sampler's prompt with its regions (ComfyUI's ConditioningSetMask / SetArea chains combined), as
         ``Region`` conditions; the base prompt is the chain without an area or mask."""
-        from .png_guidance import comfyui_regions
+        from .png_guidance import COMFYUI_REGION_NODES, comfyui_regions
 
         size = self.reader.settings.get("size", (1024, 1024))
         found = comfyui_regions(lambda link: self._walk(link, _conditioning_upstream), self.node,
@@ -689,8 +689,10 @@ class _ComfyGraph:
             return prompt
         base, regions = found
         # The walk of the prompt's first chain said its region nodes were not read: they are, now.
-        self.reader.unmapped = [line for line in self.reader.unmapped
-                                if not line.endswith("changes the prompt in a way not read here; the text before it is used")]  # fmt: skip
+        regional = tuple(f"{node['class_type']} (node {node_id}): changes the prompt in a way not read here"
+                         for node_id, node in self.nodes.items()
+                         if node["class_type"] in (*COMFYUI_REGION_NODES, "ConditioningCombine"))  # fmt: skip
+        self.reader.unmapped = [line for line in self.reader.unmapped if not line.startswith(regional)]
         self.reader.conditions.extend(regions)
         return base or ""
 
