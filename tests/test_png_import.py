@@ -244,7 +244,7 @@ def test_comfyui_nodes_that_need_what_a_png_lacks_are_listed():
                                            "image": ["19", 0], "strength": 0.8, "start_percent": 0.0,
                                            "end_percent": 0.7}),
         ("22", "IPAdapterAdvanced", {"weight": 0.6, "model": ["23", 0], "ipadapter": ["24", 0]}),
-        ("23", "FreeU_V2", {"b1": 1.3, "model": ["4", 0]}),
+        ("23", "TomePatchModel", {"ratio": 0.3, "model": ["4", 0]}),  # (FreeU_V2 is read now: issue 38)
         ("24", "IPAdapterModelLoader", {"ipadapter_file": "ip-adapter_sdxl.safetensors"}),
         ("25", "CLIPSetLastLayer", {"stop_at_clip_layer": -2, "clip": ["4", 1]}),
         ("6", "CLIPTextEncode", {"clip": ["25", 0]}),
@@ -255,7 +255,7 @@ def test_comfyui_nodes_that_need_what_a_png_lacks_are_listed():
     control = _unmapped(imported, "ControlNetApplyAdvanced (node 21)")  # said once for both prompts
     assert "diffusers_xl_canny_full.safetensors at strength 0.8" in control and "--edges" in control
     assert "--style or --reference" in _unmapped(imported, "IPAdapterAdvanced (node 22)")
-    assert "not read here" in _unmapped(imported, "FreeU_V2 (node 23)")
+    assert "not read here" in _unmapped(imported, "TomePatchModel (node 23)")
     assert "not on the sampler's path" in _unmapped(imported, "IPAdapterModelLoader (node 24)")
     assert imported.settings["clip_skip"] == 2  # CLIPSetLastLayer -2: hidden_states[-2], SDXL's own reading
     assert "--strength 0.6" in _unmapped(imported, "KSampler (node 3)")

@@ -85,7 +85,16 @@ class _Restored:
         for name, hub in PUBLISHED_CHECKPOINTS.items():  # a published checkpoint restores as its hub id
             if hub in imported.models.values():
                 self.strings.append(name)
-        for value in (*imported.settings.values(), *((c.source, c.scale) for c in imported.conditions)):
+        # A LoRA's name and scale; a region's prompt and strength (issue 38), with its box in the image's pixels.
+        width, height = settings.get("size") or (1024, 1024)
+        held = [(getattr(c, "source", None) or getattr(c, "prompt", None), c.scale) for c in imported.conditions]
+        for box in (getattr(c, "box", None) for c in imported.conditions):
+            if box is not None:
+                x0, y0, x1, y1 = box
+                held.append(
+                    (round(x0 * width), round(y0 * height), round((x1 - x0) * width), round((y1 - y0) * height))
+                )
+        for value in (*imported.settings.values(), *held):
             for part in value if isinstance(value, tuple) else (value,):
                 if isinstance(part, bool):
                     continue

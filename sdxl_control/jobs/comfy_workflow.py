@@ -50,6 +50,11 @@ WIDGETS: dict[str, tuple[str, ...]] = {
     "LatentUpscale": ("upscale_method", "width", "height", "crop"),
     "ModelSamplingDiscrete": ("sampling", "zsnr"),
     "RescaleCFG": ("multiplier",),
+    # The guidance nodes read back as conditions (comfy_extras/nodes_pag.py, nodes_freelunch.py, nodes_apg.py).
+    "PerturbedAttentionGuidance": ("scale",),
+    "FreeU": ("b1", "b2", "s1", "s2"),
+    "FreeU_V2": ("b1", "b2", "s1", "s2"),
+    "APG": ("eta", "norm_threshold", "momentum"),
     "ModelMergeSimple": ("ratio",),
     "SamplerCustom": ("add_noise", "noise_seed", "cfg"),
     "KSamplerSelect": ("sampler_name",),

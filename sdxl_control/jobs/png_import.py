@@ -284,7 +284,14 @@ def read_a1111(text: str) -> Imported:
     prompt = extra_networks(parts.prompt, reader)
     if parts.negative is not None:
         reader.settings["negative_prompt"] = parts.negative
-    _a1111_items(dict(parts.items), reader)
+    items = dict(parts.items)
+    couple = {k: items.pop(k) for k in list(items) if k.startswith("forge_couple")}
+    _a1111_items(items, reader)
+    if couple:  # Forge Couple's regions: lines of the prompt, boxed by the image's size
+        from .png_guidance import read_forge_couple
+
+        _taken, prompt, regions = read_forge_couple(prompt, couple, reader.settings.get("size"), reader.skip)
+        reader.conditions.extend(regions)
     return reader.done(prompt)
 
 
@@ -478,6 +485,11 @@ def _a1111_items(items: dict[str, str], reader: SettingsReader) -> None:
             )
         if "ADetailer version" in items:
             reader.skip(f"ADetailer version: {items['ADetailer version']}", "not checked")
+    from .png_guidance import read_a1111_guidance
+
+    guided, conditions = read_a1111_guidance(items, settings, reader.skip)
+    taken |= guided
+    reader.conditions.extend(conditions)
     for key, value in items.items():
         if key in taken:
             continue
@@ -658,7 +670,31 @@ class _ComfyGraph:
             settings["size"] = (int(size.get("width", 1024)), int(size.get("height", 1024)))
             if int(size.get("batch_size", 1)) > 1:
                 settings["num_images"] = int(size["batch_size"])
-        return prompt
+        return self._regions(prompt)
+
+    def _regions(self, prompt: str) -> str:
+        """The first sampler's prompt with its regions (ComfyUI's ConditioningSetMask / SetArea chains combined), as
+        ``Region`` conditions; the base prompt is the chain without an area or mask."""
+        from .png_guidance import COMFYUI_REGION_NODES, comfyui_regions
+
+        size = self.reader.settings.get("size", (1024, 1024))
+        found = comfyui_regions(lambda link: self._walk(link, _conditioning_upstream), self.node,
+                                self.links.get("positive"), size, self.skip, self.seen.add)  # fmt: skip
+        negative = comfyui_regions(lambda link: self._walk(link, _conditioning_upstream), self.node,
+                                   self.links.get("negative"), size, lambda *_: None, self.seen.add)  # fmt: skip
+        if negative is not None:
+            self.reader.skip("negative prompt", "its regions are not read (a region's own negative prompt is): the "
+                             "first text of its chain is the negative prompt")  # fmt: skip
+        if found is None:
+            return prompt
+        base, regions = found
+        # The walk of the prompt's first chain said its region nodes were not read: they are, now.
+        regional = tuple(f"{node['class_type']} (node {node_id}): changes the prompt in a way not read here"
+                         for node_id, node in self.nodes.items()
+                         if node["class_type"] in (*COMFYUI_REGION_NODES, "ConditioningCombine"))  # fmt: skip
+        self.reader.unmapped = [line for line in self.reader.unmapped if not line.startswith(regional)]
+        self.reader.conditions.extend(regions)
+        return base or ""
 
     def _second(self, first: str, node_id: str) -> None:
         self.seen.add(node_id)
@@ -922,6 +958,10 @@ class _ComfyGraph:
             link = upstream(node["class_type"], values, int(link[1]) if len(link) > 1 else 0)
 
     def _models(self, link: Any, role: str) -> None:
+        from functools import partial
+
+        from .png_guidance import COMFYUI_GUIDANCE_NODES, read_comfyui_patch
+
         for node_id, kind, values in self._walk(link, lambda kind, values, output: values.get("model")):
             if kind in _CHECKPOINT_LOADERS:
                 self.reader.model(role, str(values.get("ckpt_name")))
@@ -939,6 +979,10 @@ class _ComfyGraph:
                 clip = values.get("strength_clip")
                 if clip is not None and float(clip) != scale:
                     self.skip(node_id, f"strength_clip {clip} differs from strength_model: {scale:g} is used for both")
+            elif kind in COMFYUI_GUIDANCE_NODES:
+                condition = read_comfyui_patch(kind, values, role, self.reader.settings, partial(self.skip, node_id))
+                if condition is not None:
+                    self.reader.conditions.append(condition)
             else:
                 self.skip(node_id, _MODEL_PATCHES.get(kind, "changes the model in a way not read here"))
 

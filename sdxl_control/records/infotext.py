@@ -209,6 +209,8 @@ def parameters_text(recipe: Mapping[str, Any]) -> str:
         # A1111's: the embeddings' names with the first 12 hex digits of each file's SHA-256.
         "TI hashes": _ti_hashes(recipe.get("embeddings")),
         "Pad conds": True if recipe.get("pad_conds") else None,  # A1111 writes it only when it padded
+        # Seshelle/CFG_Rescale_webui's key, written (as it does) only when it rescales; read back by jobs/png_import.
+        "CFG Rescale": recipe.get("guidance_rescale") or None,
     }
     if recipe.get("hires_scale"):  # A1111's hires fix items; its denoising strength is the redraw's
         upscaler = recipe.get("upscaler")
