@@ -334,3 +334,19 @@ def test_two_prompts_combined_without_regions_stay_as_before():
     imported = read_comfyui(graph)
     assert not imported.conditions and imported.prompt == "a fox"
     assert "not read here" in _notes(imported, "ConditioningCombine (node 12)")
+
+
+def test_what_we_write_for_pag_apg_freeu_and_rescale_reads_back(generator):
+    """The A1111 text of an image made with PAG (Forge's items), APG (ours), FreeU (Forge's) and CFG rescale reads
+    back as the same conditions and setting; FreeU says Forge's is V2, nothing else is noted."""
+    made = generator.generate("a fox", steps=4, size=(64, 64), seed=2, guidance=5.0, guidance_rescale=0.5,
+                              conditions=[PAG(scale=2.0, window=(0.0, 0.5)), APG(eta=0.0, momentum=-0.5),
+                                          FreeU(b1=1.1, s2=0.4)], progress_bar=False)  # fmt: skip
+    imported = read_a1111(parameters_text(made.images[0].recipe))
+    pag, apg, freeu = _only(imported, PAG), _only(imported, APG), _only(imported, FreeU)
+    assert (pag.scale, pag.layers, pag.adaptive_scale) == (2.0, ("mid",), 0.0)
+    assert [i for i in range(4) if pag.window.contains(i, 4)] == [0, 1]
+    assert (apg.eta, apg.norm_threshold, apg.momentum) == (0.0, 15.0, -0.5)
+    assert (freeu.b1, freeu.b2, freeu.s1, freeu.s2) == (1.1, 1.4, 0.9, 0.4)
+    assert imported.settings["guidance_rescale"] == 0.5
+    assert not [line for line in imported.unmapped if line.startswith(("pagi", "APG"))]
