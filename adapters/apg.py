@@ -56,13 +56,13 @@ class APG(Condition):
         return _APGReady(self)
 
     def infotext(self) -> Infotext:
-        # No A1111 extension writes APG; one item of our own, read back by the PNG importer.
-        return Infotext(
-            fields={
-                "APG": f"eta {self.eta:g}, threshold {self.norm_threshold:g}, momentum {self.momentum:g}"
-                + (f", scale {self.scale:g}" if self.scale != 1 else "")
-            }
-        )
+        # No A1111 extension writes APG; one item of our own, read back by the PNG importer (jobs/png_guidance.py).
+        text = f"eta {self.eta:g}, threshold {self.norm_threshold:g}, momentum {self.momentum:g}"
+        if self.scale != 1:
+            text += f", scale {self.scale:g}"
+        if (self.window.start, self.window.end) != (0.0, 1.0):
+            text += f", window {self.window.start:g}-{self.window.end:g}"
+        return Infotext(fields={"APG": text})
 
 
 @dataclass(frozen=True, eq=False)

@@ -59,12 +59,12 @@ class FreeU(Condition):
     def infotext(self) -> Infotext:
         # The items Forge's built-in FreeU writes (extensions-builtin/sd_forge_freeu, l.166-174 @dfdcbab). Forge's
         # FreeU is ComfyUI's FreeU_V2 (backbone factors weighed by the features' mean), ours diffusers' (constant):
-        # the same factors give another image there; freeu_version says which this is.
+        # the same factors give another image there (the docs say so).
         factors = self.factors()
         return Infotext(fields={"freeu_enabled": "True", "freeu_b1": f"{factors['b1']:g}",
                                 "freeu_b2": f"{factors['b2']:g}", "freeu_s1": f"{factors['s1']:g}",
                                 "freeu_s2": f"{factors['s2']:g}", "freeu_start": f"{self.window.start:g}",
-                                "freeu_end": f"{self.window.end:g}", "freeu_version": "diffusers"})  # fmt: skip
+                                "freeu_end": f"{self.window.end:g}"})  # fmt: skip
 
 
 _KEYS = ("s1", "s2", "b1", "b2")
@@ -83,10 +83,19 @@ class _FreeUAttachment(Attachment):
     loaded UNet) when it does not and on detach."""
 
     def __init__(self, unet: Any, factors: dict[str, float]) -> None:
-        self.unet, self.factors, self.on = unet, factors, False
+        self.unet, self.factors, self.on, self.checked = unet, factors, False, False
         self.before = [{k: block.__dict__[k] for k in _KEYS if k in block.__dict__} for block in unet.up_blocks]
+        for i, block in enumerate(unet.up_blocks):
+            if any(getattr(block, name, None) is not None for name in _KEYS):
+                raise ConditionError(
+                    f"FreeU: the UNet's up block {i} has FreeU set already (unet.enable_freeu); call "
+                    "unet.disable_freeu() and give FreeU as a condition"
+                )
 
     def contribute(self, step: StepInfo, active: bool) -> None:
+        if not self.checked:  # at the first step, before the UNet runs: the step cache is in place by then
+            _refuse_partly_reused(self.unet)
+            self.checked = True
         if active and not self.on:
             self.unet.enable_freeu(**self.factors)
         elif not active and self.on:
@@ -104,3 +113,20 @@ class _FreeUAttachment(Attachment):
     def detach(self) -> None:
         self._restore()
         self.on = False
+
+
+def _refuse_partly_reused(unet: Any) -> None:
+    """Refuse a step cache (:mod:`sdxl_control.engine.step_cache`) that reuses part of an up block FreeU changes
+    (diffusers' ``resolution_idx`` 0 and 1): diffusers' ``apply_freeu`` scales the block's input in place, and on a
+    cached step that input is a reused module's remembered output, so it would be scaled again at every step. Blocks
+    reused whole (step_cache_branch 0-2 on SDXL's base) run no FreeU on cached steps and are right: as at the last
+    whole step, like every condition inside reused modules."""
+    for i, block in enumerate(list(unet.up_blocks)[:2]):
+        if "forward" in block.__dict__:
+            continue  # reused whole
+        if any("forward" in m.__dict__ for m in block.modules() if m is not block):
+            raise ConditionError(
+                f"FreeU with this step_cache_branch: a cached step would reuse part of the UNet's up block {i}, "
+                "whose input FreeU scales in place, so it would be scaled again at every cached step; give "
+                "step_cache_branch 0, 1 or 2 (--step-cache-branch), or step_cache 1"
+            )

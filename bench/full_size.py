@@ -522,6 +522,8 @@ def part_guidance(args: argparse.Namespace) -> dict[str, Any]:
     calls: list[int] = []
     hook = gen.base.unet.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[0]), with_kwargs=True)
     rows, plain = [], None
+    # A warm-up call first: the first call of a process pays for allocations and thread pools.
+    gen.generate("warm-up", steps=2, size=(args.size, args.size), seed=1, progress_bar=False)
     try:
         for name, conditions in _guidance_scenarios().items():
             stamps: list[float] = []

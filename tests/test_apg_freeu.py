@@ -1,103 +1,281 @@
-"""APG and FreeU equal diffusers on the tiny models.
+"""APG and FreeU equal diffusers 0.42.1 on the tiny models.
 
-References: diffusers 0.42.1 (installed). APG: the guider ``diffusers.guiders.AdaptiveProjectedGuidance`` driving
-diffusers' own modular SDXL pipeline (``StableDiffusionXLAutoBlocks``), the only SDXL pipeline that runs it; it
-predicts the prompt and the negative prompt in two UNet calls where ours batches them, hence a tolerance. FreeU:
-``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline`` after ``enable_freeu`` (its up blocks call
-``apply_freeu``), and diffusers' ControlNet and IP-Adapter pipelines with it."""
+APG, two references, both diffusers' own ``AdaptiveProjectedGuidance`` guider (guiders/adaptive_projected_guidance.py):
+- the modular SDXL pipeline (``StableDiffusionXLAutoBlocks``, diffusers.modular_pipelines), whose loop the guider
+  drives; it runs offline on the tiny models (``init_pipeline(folder)``, ``load_components``; it warns it cannot load an
+  image encoder, which text-to-image does not use). Base, text to image.
+- the guider called at every step inside diffusers' classic SDXL pipelines, for what the modular pipeline would need
+  other block setups for (refiner with ``denoising_start``, ControlNet with IP-Adapter, a window, our ``scale``): a
+  forward hook on the pipeline's UNet hands the step's ``[uncond, cond]`` predictions to the guider (``set_state``,
+  ``prepare_inputs`` at step 0, which makes its momentum buffer, ``forward``) and gives the pipeline back the pair
+  ``[u', cond]`` whose CFG ``u' + g (cond - u')`` is the guider's prediction: every other part of the step is the
+  pipeline's own (its guidance_rescale off: the guider rescales, after APG, against cond).
+
+FreeU: diffusers' pipelines after ``pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)``, base, refiner, with a
+ControlNet and an IP-Adapter, and with DeepCache's helper for the step cache."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+from diffusers.guiders import AdaptiveProjectedGuidance
 from PIL import Image
 
 from sdxl_control import ConditionError
 from sdxl_control.adapters.apg import APG
-from sdxl_control.adapters.controlnet import ControlNet
 from sdxl_control.adapters.freeu import FreeU
-from sdxl_control.adapters.ip_adapter import VARIANTS, IPAdapter
-from sdxl_control.testing import write_tiny_controlnet
-from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
+from sdxl_control.protocol.conditions import Window
 
 from .conftest import as_reference
 
-PROMPT = "a lighthouse on a cliff"
-STEPS = 5
-RUN = dict(steps=STEPS, size=(64, 64), seed=3, progress_bar=False)
+PROMPT = "a portrait of an astronaut, studio light"
+STEPS, SEED, G = 6, 5, 5.0
+RUN = dict(steps=STEPS, size=(64, 64), seed=SEED, guidance=G, negative_prompt="blurry", progress_bar=False)
 CLOSE = dict(rtol=1e-4, atol=1e-5)
-SDXL = dict(s1=0.9, s2=0.2, b1=1.3, b2=1.4)  # FreeU's README, "SDXL"
+FACTORS = dict(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
 
 
-def _photo(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+def _common() -> dict:
+    return dict(num_inference_steps=STEPS, guidance_scale=G, negative_prompt="blurry", output_type="latent",
+                generator=[torch.Generator().manual_seed(SEED)])  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def modular(sdxl_pipes):
-    """diffusers' modular SDXL text-to-image pipeline with the tiny base's components."""
-    from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
-        StableDiffusionXLAutoBlocks,
-    )
+class GuiderHook:
+    """diffusers' APG guider at every step of ``pipe``'s loop (see the module's docstring). A new guider per pipeline
+    call, as each of our stages starts its own momentum. ``blend``: our ``scale`` (CFG + scale * (APG - CFG)); steps
+    where the guider is not enabled (outside its start/stop) are left to the pipeline's plain CFG, our rule for a
+    window (diffusers' guider would give the conditional prediction alone there)."""
 
-    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
-    pipe.update_components(**{k: v for k, v in sdxl_pipes[0].components.items() if v is not None})
-    return pipe
+    def __init__(self, pipe, blend: float = 1.0, **settings) -> None:
+        self.pipe, self.blend = pipe, blend
+        self.guider = AdaptiveProjectedGuidance(guidance_scale=G, **settings)
+        self.step = 0
+
+    def __call__(self, module, args, kwargs, output):
+        uncond, cond = output[0].chunk(2)
+        self.guider.set_state(self.step, self.pipe.num_timesteps, args[1])
+        if self.step == 0:
+            self.guider.prepare_inputs({})
+        self.step += 1
+        if not self.guider._is_apg_enabled():
+            return output
+        pred = self.guider.forward(pred_cond=cond, pred_uncond=uncond).pred
+        if self.blend != 1.0:
+            cfg = uncond + G * (cond - uncond)
+            pred = cfg + self.blend * (pred - cfg)
+        return (torch.cat([(pred - G * cond) / (1 - G), cond]),)
 
 
-def _modular(pipe, guider):
+def _guided(pipe, call, **settings):
+    hook = pipe.unet.register_forward_hook(GuiderHook(pipe, **settings), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return call()
+    finally:
+        hook.remove()
+
+
+def _apg_settings(eta, threshold, momentum, rescale=0.0, start=0.0):
+    return dict(eta=eta, adaptive_projected_guidance_rescale=threshold, adaptive_projected_guidance_momentum=momentum,
+                guidance_rescale=rescale, start=start)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("eta", "threshold", "momentum", "rescale"),
+    [(1.0, 15.0, 0.0, 0.0), (0.0, 15.0, 0.0, 0.0), (1.0, 0.5, -0.5, 0.0), (0.0, 0.8, 0.3, 0.7), (1.0, 0.0, 0.5, 0.5)],
+)
+def test_apg_equals_diffusers_guider(generator, sdxl_pipes, eta, threshold, momentum, rescale):
+    base, _ = sdxl_pipes
+    ours = generator.generate(PROMPT, conditions=[APG(eta=eta, norm_threshold=threshold, momentum=momentum)],
+                              guidance_rescale=rescale, **RUN)  # fmt: skip
+    theirs = _guided(base, lambda: base(PROMPT, height=64, width=64, **_common()).images,
+                     **_apg_settings(eta, threshold, momentum, rescale))  # fmt: skip
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
+    if (eta, momentum, threshold) != (1.0, 0.0, 15.0):  # the defaults are CFG where the guidance's norm stays below 15
+        plain = generator.generate(PROMPT, guidance_rescale=rescale, **RUN)
+        assert (ours.latents - plain.latents).abs().max() > 1e-3  # APG changed something
+
+
+@pytest.mark.parametrize(("eta", "threshold", "momentum", "rescale"), [(0.0, 1.0, 0.3, 0.0), (1.0, 0.5, -0.5, 0.7)])
+def test_apg_equals_diffusers_modular_pipeline_with_the_apg_guider(generator, tiny, eta, threshold, momentum, rescale):
+    from diffusers.modular_pipelines.stable_diffusion_xl import StableDiffusionXLAutoBlocks
+
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline(str(tiny.base))
+    pipe.load_components(torch_dtype=torch.float32)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)  # as as_reference does, for the same reason
+    guider = AdaptiveProjectedGuidance(guidance_scale=G, **_apg_settings(eta, threshold, momentum, rescale))
     pipe.update_components(guider=guider)
     with torch.no_grad():
-        return pipe(prompt=PROMPT, num_inference_steps=STEPS, height=64, width=64,
-                    generator=torch.Generator().manual_seed(3), output="latents")  # fmt: skip
+        theirs = pipe(prompt=PROMPT, negative_prompt="blurry", num_inference_steps=STEPS, height=64, width=64,
+                      generator=torch.Generator().manual_seed(SEED), output="latents")  # fmt: skip
+    ours = generator.generate(PROMPT, conditions=[APG(eta=eta, norm_threshold=threshold, momentum=momentum)],
+                              guidance_rescale=rescale, **RUN)  # fmt: skip
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
 
 
-def test_the_modular_pipeline_with_plain_cfg_is_our_plain_call(generator, modular):
-    from diffusers.guiders import ClassifierFreeGuidance
-
-    ours = generator.generate(PROMPT, guidance=5.0, **RUN)
-    torch.testing.assert_close(ours.latents, _modular(modular, ClassifierFreeGuidance(guidance_scale=5.0)), **CLOSE)
-
-
-# (our APG fields, request fields, diffusers' AdaptiveProjectedGuidance arguments)
-APG_CASES = {
-    "defaults": ({}, {}, {}),
-    "eta 0, momentum -0.5": (dict(eta=0.0, momentum=-0.5), {}, dict(eta=0.0, adaptive_projected_guidance_momentum=-0.5)),
-    "a threshold that bites": (dict(eta=0.5, norm_threshold=0.5), {},
-                               dict(eta=0.5, adaptive_projected_guidance_rescale=0.5)),
-    "no threshold": (dict(norm_threshold=0.0), {}, dict(adaptive_projected_guidance_rescale=0.0)),
-    "with rescale": (dict(eta=0.0, momentum=-0.3), dict(guidance_rescale=0.7),
-                     dict(eta=0.0, adaptive_projected_guidance_momentum=-0.3, guidance_rescale=0.7)),
-}  # fmt: skip
+def test_apg_on_base_and_refiner_restarts_its_momentum(generator, sdxl_pipes):
+    base, refiner = sdxl_pipes
+    apg = APG(eta=0.0, norm_threshold=0.8, momentum=0.5, stage="both")
+    ours = generator.generate(PROMPT, conditions=[apg], refiner_switch=0.5, **RUN)
+    settings = _apg_settings(0.0, 0.8, 0.5)
+    with torch.no_grad():
+        latents = _guided(base, lambda: base(PROMPT, height=64, width=64, denoising_end=0.5, **_common()).images,
+                          **settings)  # fmt: skip
+        theirs = _guided(refiner, lambda: refiner(PROMPT, image=latents, denoising_start=0.5, **_common()).images,
+                         **settings)  # fmt: skip
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
 
 
-@pytest.mark.parametrize("case", list(APG_CASES))
-def test_apg_matches_diffusers_guider(generator, modular, case):
-    from diffusers.guiders import AdaptiveProjectedGuidance
-
-    ours_fields, request, theirs = APG_CASES[case]
-    ours = generator.generate(PROMPT, guidance=5.0, conditions=[APG(**ours_fields)], **request, **RUN)
-    ref = _modular(modular, AdaptiveProjectedGuidance(guidance_scale=5.0, **theirs))
-    torch.testing.assert_close(ours.latents, ref, **CLOSE)
-    plain = generator.generate(PROMPT, guidance=5.0, **request, **RUN)
-    # eta 1 keeps the whole guidance: unless the norm threshold bites (not on the tiny models' small predictions at
-    # 15), APG is CFG itself; every other case changes the image.
-    same = ours_fields.get("eta", 1.0) == 1.0 and ours_fields.get("norm_threshold", 15.0) in (0.0, 15.0)
-    assert torch.allclose(ours.latents, plain.latents, atol=1e-4) == same
+def test_apg_window_is_plain_cfg_outside_and_scale_blends(generator, sdxl_pipes):
+    base, _ = sdxl_pipes
+    settings = _apg_settings(0.0, 1.0, 0.2)
+    ours = generator.generate(PROMPT, conditions=[APG(eta=0.0, norm_threshold=1.0, momentum=0.2,
+                                                      window=Window(0.5, 1.0), scale=0.6)], **RUN)  # fmt: skip
+    theirs = _guided(base, lambda: base(PROMPT, height=64, width=64, **_common()).images,
+                     blend=0.6, **{**settings, "start": 0.5})  # fmt: skip
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
 
 
-def test_apg_scale_blends_from_cfg_and_needs_cfg(generator):
-    plain = generator.generate(PROMPT, guidance=5.0, **RUN)
-    full = generator.generate(PROMPT, guidance=5.0, conditions=[APG(eta=0.0)], **RUN)
-    half = generator.generate(PROMPT, guidance=5.0, conditions=[APG(eta=0.0, scale=0.5)], **RUN)
-    assert not torch.allclose(half.latents, full.latents, atol=1e-5)
-    assert not torch.allclose(half.latents, plain.latents, atol=1e-5)
-    # Without classifier-free guidance there is nothing to project: the same image as without it.
-    alone = generator.generate(PROMPT, guidance=1.0, **RUN)
-    assert torch.equal(generator.generate(PROMPT, guidance=1.0, conditions=[APG()], **RUN).latents, alone.latents)
+def test_apg_without_cfg_changes_nothing(generator):
+    run = {**RUN, "guidance": 1.0}
+    assert torch.equal(generator.generate(PROMPT, conditions=[APG()], **run).latents,
+                       generator.generate(PROMPT, **run).latents)  # fmt: skip
+
+
+def test_apg_refuses_a_negative_eta_and_records_itself():
+    with pytest.raises(ConditionError, match="eta"):
+        APG(eta=-0.5)
+    assert APG().infotext().fields == {"APG": "eta 1, threshold 15, momentum 0"}
+    text = APG(eta=0.0, momentum=-0.25, scale=0.5, window=(0.2, 0.9)).infotext().fields["APG"]
+    assert text == "eta 0, threshold 15, momentum -0.25, scale 0.5, window 0.2-0.9"
+
+
+def _freeu_pipe(pipe, call):
+    pipe.enable_freeu(**FACTORS)
+    try:
+        with torch.no_grad():
+            return call()
+    finally:
+        pipe.disable_freeu()
+
+
+def test_freeu_equals_diffusers_enable_freeu(generator, sdxl_pipes):
+    base, _ = sdxl_pipes
+    ours = generator.generate(PROMPT, conditions=[FreeU()], **RUN)
+    theirs = _freeu_pipe(base, lambda: base(PROMPT, height=64, width=64, **_common()).images)
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
+    assert (ours.latents - generator.generate(PROMPT, **RUN).latents).abs().max() > 1e-3
+    assert not any(n in b.__dict__ for b in generator.base.unet.up_blocks for n in FACTORS)  # taken off again
+
+
+def test_freeu_on_base_and_refiner(generator, sdxl_pipes):
+    base, refiner = sdxl_pipes
+    ours = generator.generate(PROMPT, conditions=[FreeU(stage="both")], refiner_switch=0.5, **RUN)
+    latents = _freeu_pipe(base, lambda: base(PROMPT, height=64, width=64, denoising_end=0.5, **_common()).images)
+    theirs = _freeu_pipe(refiner, lambda: refiner(PROMPT, image=latents, denoising_start=0.5, **_common()).images)
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
+
+
+def test_freeu_scale_moves_each_factor_from_one():
+    assert FreeU(scale=0.5).factors() == pytest.approx(dict(s1=0.95, s2=0.6, b1=1.15, b2=1.2))
+    assert FreeU(scale=0.0).factors() == dict(s1=1.0, s2=1.0, b1=1.0, b2=1.0)
+
+
+def test_freeu_and_apg_stacked_with_a_controlnet_and_an_ip_adapter(tiny, generator, tmp_path):
+    """FreeU, then APG, each with a ControlNet and an IP-Adapter, against diffusers' ControlNet pipeline with the same
+    IP-Adapter loaded (load_ip_adapter) and enable_freeu / the APG guider."""
+    from sdxl_control.adapters.controlnet import ControlNet
+    from sdxl_control.adapters.ip_adapter import VARIANTS, IPAdapter
+    from sdxl_control.testing import write_tiny_controlnet
+    from sdxl_control.testing.ip_adapter import write_tiny_ip_adapter_repo
+
+    folder = write_tiny_controlnet(tmp_path / "cn", tiny.base, seed=4)
+    repo = write_tiny_ip_adapter_repo(tmp_path / "h94-IP-Adapter", tiny.base)
+    rng = np.random.default_rng(1)
+    edges = Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8))
+    face = Image.fromarray(rng.integers(0, 255, (80, 60, 3), np.uint8))
+    others = [ControlNet(str(folder), image=edges, scale=0.8), IPAdapter("plus", face, source=str(repo), scale=0.7)]
+    pipe = as_reference(StableDiffusionXLControlNetPipeline.from_pretrained(
+        tiny.base, controlnet=ControlNetModel.from_pretrained(folder)))  # fmt: skip
+    pipe.load_ip_adapter(str(repo), subfolder="sdxl_models", weight_name=VARIANTS["plus"].weights.split("/")[-1],
+                         image_encoder_folder=VARIANTS["plus"].encoder)  # fmt: skip
+    as_reference(pipe)
+    pipe.set_ip_adapter_scale(0.7)
+
+    def call():
+        return pipe(PROMPT, image=edges, ip_adapter_image=face, controlnet_conditioning_scale=0.8, height=64, width=64,
+                    **_common()).images  # fmt: skip
+
+    ours = generator.generate(PROMPT, conditions=[*others, FreeU()], **RUN)
+    torch.testing.assert_close(ours.latents, _freeu_pipe(pipe, call), **CLOSE)
+    ours = generator.generate(PROMPT, conditions=[*others, APG(eta=0.0, momentum=0.3, norm_threshold=1.0)], **RUN)
+    torch.testing.assert_close(ours.latents, _guided(pipe, call, **_apg_settings(0.0, 1.0, 0.3)), **CLOSE)
+
+
+def test_freeu_with_the_step_cache_equals_deepcache_or_is_refused(generator, sdxl_pipes):
+    """Branch 0 reuses the up blocks FreeU changes whole: equal to DeepCache's helper on diffusers' pipeline with
+    enable_freeu. A branch that reuses part of one would scale a remembered tensor again at each cached step
+    (apply_freeu scales its input in place): refused, naming the setting."""
+    DeepCache = pytest.importorskip("DeepCache")
+    base, _ = sdxl_pipes
+    ours = generator.generate(PROMPT, conditions=[FreeU()], step_cache=3, **RUN)
+    helper = DeepCache.DeepCacheSDHelper(pipe=base)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    try:
+        theirs = _freeu_pipe(base, lambda: base(PROMPT, height=64, width=64, **_common()).images)
+    finally:
+        helper.disable()
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
+    with pytest.raises(ConditionError, match="step_cache_branch"):
+        generator.generate(PROMPT, conditions=[FreeU()], step_cache=3, step_cache_branch=3, **RUN)
+    assert not any(n in b.__dict__ for b in generator.base.unet.up_blocks for n in FACTORS)
+
+
+def test_freeu_records_forges_keys():
+    fields = dataclasses.replace(FreeU(), scale=0.5, window=Window(0.1, 0.8)).infotext().fields
+    assert fields == {"freeu_enabled": "True", "freeu_b1": "1.15", "freeu_b2": "1.2", "freeu_s1": "0.95",
+                      "freeu_s2": "0.6", "freeu_start": "0.1", "freeu_end": "0.8"}  # fmt: skip
+    with pytest.raises(ConditionError, match="s2"):
+        FreeU(s2=0.0)
+
+
+def test_freeu_window_equals_enable_freeu_from_its_first_step(generator, sdxl_pipes):
+    """A window: FreeU set from step 3 of 6 on, as diffusers' pipeline with enable_freeu called after step 2."""
+    base, _ = sdxl_pipes
+    ours = generator.generate(PROMPT, conditions=[FreeU(window=(0.5, 1.0))], **RUN)
+
+    def switch(pipe, i, t, kwargs):
+        if i == 2:
+            pipe.enable_freeu(**FACTORS)
+        return {}
+
+    try:
+        with torch.no_grad():
+            theirs = base(PROMPT, height=64, width=64, callback_on_step_end=switch, **_common()).images
+    finally:
+        base.disable_freeu()
+    torch.testing.assert_close(ours.latents, theirs, **CLOSE)
+    whole = generator.generate(PROMPT, conditions=[FreeU()], **RUN)
+    assert (ours.latents - whole.latents).abs().max() > 1e-3
+
+
+def test_the_png_records_apg_and_freeu(generator, tmp_path):
+    from .test_infotext import a1111_parse
+
+    conditions = [APG(eta=0.0, momentum=0.3, norm_threshold=1.0), FreeU(scale=0.5)]
+    result = generator.generate(PROMPT, conditions=conditions, **RUN)
+    result.images[0].save(tmp_path / "out.png")
+    _, _, fields = a1111_parse(Image.open(tmp_path / "out.png").info["parameters"])
+    assert fields["APG"] == "eta 0, threshold 1, momentum 0.3"
+    assert {k: fields[k] for k in ("freeu_enabled", "freeu_b1", "freeu_s2", "freeu_start", "freeu_end")} == {
+        "freeu_enabled": "True", "freeu_b1": "1.15", "freeu_s2": "0.6", "freeu_start": "0", "freeu_end": "1"}  # fmt: skip
 
 
 def test_bad_apg_and_freeu_values_are_refused(generator):
@@ -111,85 +289,3 @@ def test_bad_apg_and_freeu_values_are_refused(generator):
         generator.generate(PROMPT, conditions=[FreeU(scale=2.0)], **RUN)  # s2 0.2 at scale 2: -0.6
     with pytest.raises(ConditionError, match="each compute the guidance anew"):
         generator.generate(PROMPT, conditions=[APG(), APG(eta=0.5)], **RUN)
-
-
-def _freeu(pipe, **call):
-    pipe.enable_freeu(**SDXL)
-    try:
-        with torch.no_grad():
-            return pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, height=64, width=64,
-                        generator=torch.Generator().manual_seed(3), output_type="latent", **call).images  # fmt: skip
-    finally:
-        pipe.disable_freeu()
-
-
-def test_freeu_matches_diffusers_enable_freeu(generator, sdxl_pipes):
-    ours = generator.generate(PROMPT, guidance=5.0, conditions=[FreeU()], **RUN)
-    torch.testing.assert_close(ours.latents, _freeu(sdxl_pipes[0]), **CLOSE)
-    plain = generator.generate(PROMPT, guidance=5.0, **RUN)
-    assert not torch.allclose(ours.latents, plain.latents, atol=1e-4)
-    # The UNet holds no FreeU factor after the call (diffusers' own disable_freeu leaves None attributes behind).
-    assert not any(k in block.__dict__ for block in generator.base.unet.up_blocks for k in ("s1", "s2", "b1", "b2"))
-
-
-def test_freeu_in_both_stages_matches_diffusers_handing_over(generator, sdxl_pipes):
-    base, refiner = sdxl_pipes
-    switch = 0.6
-    ours = generator.generate(PROMPT, guidance=5.0, refiner_switch=switch, conditions=[FreeU(stage="both")], **RUN)
-    latents = _freeu(base, denoising_end=switch)
-    torch.testing.assert_close(ours.latents, _freeu(refiner, image=latents, denoising_start=switch), **CLOSE)
-
-
-def test_freeu_scale_moves_the_factors_from_one():
-    assert FreeU(scale=0.5).factors() == {"s1": 0.95, "s2": 0.6, "b1": 1.15, "b2": 1.2}
-    assert FreeU().factors() == SDXL
-
-
-def test_freeu_stacks_with_a_controlnet(generator, tiny, tmp_path_factory):
-    net = write_tiny_controlnet(tmp_path_factory.mktemp("freeu-controlnet") / "net", tiny.base, seed=4)
-    image = _photo(5)
-    ours = generator.generate(PROMPT, guidance=5.0, conditions=[ControlNet(net, image=image, scale=0.8), FreeU()],
-                              **RUN)  # fmt: skip
-    pipe = as_reference(StableDiffusionXLControlNetPipeline.from_pretrained(
-        tiny.base, controlnet=ControlNetModel.from_pretrained(net)))  # fmt: skip
-    ref = _freeu(pipe, image=image, controlnet_conditioning_scale=0.8)
-    torch.testing.assert_close(ours.latents, ref, **CLOSE)
-
-
-def test_freeu_and_apg_stack_with_an_ip_adapter(generator, tiny, sdxl_pipes, tmp_path_factory):
-    """FreeU beside an IP-Adapter equals diffusers' pipeline with both; APG and FreeU together change the image
-    from FreeU alone (both act in one call)."""
-    repo = write_tiny_ip_adapter_repo(tmp_path_factory.mktemp("freeu-ip") / "h94-IP-Adapter", tiny.base)
-    image = _photo(6)
-    adapter = IPAdapter("plus", image, source=str(repo), scale=0.7)
-    ours = generator.generate(PROMPT, guidance=5.0, conditions=[adapter, FreeU()], **RUN)
-    pipe = sdxl_pipes[0]
-    pipe.load_ip_adapter(str(repo), subfolder="sdxl_models", weight_name=VARIANTS["plus"].weights.split("/")[-1],
-                         image_encoder_folder=VARIANTS["plus"].encoder)  # fmt: skip
-    try:
-        pipe.set_ip_adapter_scale(0.7)
-        ref = _freeu(pipe, ip_adapter_image=image)
-    finally:
-        pipe.unload_ip_adapter()
-    torch.testing.assert_close(ours.latents, ref, rtol=1e-4, atol=1e-4)
-    both = generator.generate(PROMPT, guidance=5.0, conditions=[adapter, FreeU(), APG(eta=0.0)], **RUN)
-    assert not torch.allclose(both.latents, ours.latents, atol=1e-4)
-
-
-def test_freeu_acts_only_inside_its_window(generator):
-    early = generator.generate(PROMPT, guidance=5.0, conditions=[FreeU(window=(0.0, 0.4))], **RUN)
-    whole = generator.generate(PROMPT, guidance=5.0, conditions=[FreeU()], **RUN)
-    plain = generator.generate(PROMPT, guidance=5.0, **RUN)
-    assert not torch.allclose(early.latents, whole.latents, atol=1e-5)
-    assert not torch.allclose(early.latents, plain.latents, atol=1e-5)
-
-
-def test_the_a1111_text_holds_forges_freeu_items_and_our_apg_item():
-    fields = FreeU(window=(0.0, 0.8)).infotext().fields
-    assert (fields["freeu_enabled"], fields["freeu_b1"], fields["freeu_s2"], fields["freeu_end"]) == (
-        "True",
-        "1.3",
-        "0.2",
-        "0.8",
-    )
-    assert APG(eta=0.0, momentum=-0.5).infotext().fields == {"APG": "eta 0, threshold 15, momentum -0.5"}

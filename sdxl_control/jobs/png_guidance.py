@@ -189,14 +189,22 @@ def read_a1111_guidance(
 
     if "APG" in items:  # ours (tentative form): "eta E, threshold T, momentum M"
         taken.add("APG")
+        number = r"([-+\d.eE]+)"
         match = re.fullmatch(
-            r"\s*eta\s+([-+\d.eE]+)\s*,\s*threshold\s+([-+\d.eE]+)\s*,\s*momentum\s+([-+\d.eE]+)\s*", items["APG"]
+            rf"\s*eta\s+{number}\s*,\s*threshold\s+{number}\s*,\s*momentum\s+{number}"
+            rf"(?:\s*,\s*scale\s+{number})?(?:\s*,\s*window\s+{number}\s*-\s*{number})?\s*",
+            items["APG"],
         )
         if match is None:
-            skip(f"APG: {items['APG']}", "not 'eta E, threshold T, momentum M'; not read")
+            skip(f"APG: {items['APG']}", "not 'eta E, threshold T, momentum M[, scale S][, window A-B]'; not read")
         else:
-            eta, threshold, momentum = (float(g) for g in match.groups())
-            build("APG", lambda: APG(eta=eta, norm_threshold=threshold, momentum=momentum))
+            eta, threshold, momentum = (float(g) for g in match.groups()[:3])
+            extra: dict[str, Any] = {}
+            if match.group(4) is not None:
+                extra["scale"] = float(match.group(4))
+            if match.group(5) is not None:
+                extra["window"] = (float(match.group(5)), float(match.group(6)))
+            build("APG", lambda: APG(eta=eta, norm_threshold=threshold, momentum=momentum, **extra))
     return taken, conditions
 
 
