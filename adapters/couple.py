@@ -28,9 +28,9 @@ from PIL import Image
 
 from ..base.errors import ConditionError
 from ..base.images import load_image
-from ..protocol.attach import ProcessorPatch
+from ..protocol.attach import PatchedBranches, ProcessorPatch
 from ..protocol.attention import AttentionBranch, BranchedAttnProcessor, _heads, attention_layers
-from ..protocol.conditions import Attachment, PrepareContext, Prepared, Stage, StepInfo
+from ..protocol.conditions import Attachment, PrepareContext, Prepared, Stage
 from ..protocol.rows import call_rows
 
 if TYPE_CHECKING:
@@ -165,18 +165,6 @@ class CoupleBranch(AttentionBranch):
         return out.transpose(1, 2).reshape(rows, -1, query.shape[1] * query.shape[-1]).to(query.dtype)
 
 
-class _CoupleAttachment(Attachment):
-    def __init__(self, patch: ProcessorPatch, branches: list[CoupleBranch]) -> None:
-        self.patch, self.branches = patch, branches
-
-    def contribute(self, step: StepInfo, active: bool) -> None:
-        for branch in self.branches:
-            branch.active = active
-
-    def detach(self) -> None:
-        self.patch.restore()
-
-
 class CouplePrepared(Prepared):
     """A region's prompt hidden states per stage, and its weight map, ready to join every cross-attention layer."""
 
@@ -197,7 +185,7 @@ class CouplePrepared(Prepared):
                                   latent=self.latent, batch=self.batch, guided=self.guided)  # fmt: skip
             branches.append(branch)
             replacements[name] = BranchedAttnProcessor(layers[name].processor, [branch])
-        return _CoupleAttachment(ProcessorPatch(unet, replacements), branches)
+        return PatchedBranches(ProcessorPatch(unet, replacements), branches)
 
 
 def prepare_couple(region: Region, ctx: PrepareContext) -> Prepared:

@@ -27,9 +27,9 @@ from ..base.errors import CheckpointError, ConditionError, IncompatibleModelErro
 from ..base.files import looks_like_hub_id, looks_local
 from ..engine.devices import placement
 from ..preprocessors import load_image
-from ..protocol.attach import ProcessorPatch
+from ..protocol.attach import PatchedBranches, ProcessorPatch
 from ..protocol.attention import AttentionBranch, BranchedAttnProcessor, attention_layers
-from ..protocol.conditions import Attachment, Condition, PrepareContext, Prepared, Stage, StepInfo, Tokens
+from ..protocol.conditions import Attachment, Condition, PrepareContext, Prepared, Stage, Tokens
 from ..records.infotext import Infotext, control_unit, model_label
 from ..weights.checkpoints import check_safetensors, read_checkpoint, read_safetensors
 from ..weights.hub import resolve_in, resolve_source
@@ -290,18 +290,6 @@ def layer_scales(unet: Any, layers: str | Mapping[str, Any]) -> dict[str, float]
     return out
 
 
-class _IPAttachment(Attachment):
-    def __init__(self, patch: ProcessorPatch, branches: list[AttentionBranch]) -> None:
-        self.patch, self.branches = patch, branches
-
-    def contribute(self, step: StepInfo, active: bool) -> None:
-        for branch in self.branches:
-            branch.active = active
-
-    def detach(self) -> None:
-        self.patch.restore()
-
-
 class IPPrepared(Prepared):
     """Tokens ready to attach as one branch per targeted cross-attention layer, plus (FaceID) the LoRA ``deltas`` its
     checkpoint carries for the attention weights (the weight channel: added while the condition acts).
@@ -338,7 +326,7 @@ class IPPrepared(Prepared):
             branch = self.branch(self.name, key, value, scale, self.mask, active=False)
             branches.append(branch)
             replacements[layer] = BranchedAttnProcessor(layers[layer].processor, [branch])
-        return _IPAttachment(ProcessorPatch(unet, replacements), branches)
+        return PatchedBranches(ProcessorPatch(unet, replacements), branches)
 
     def weight_deltas(self, stage: Stage) -> Mapping[str, Mapping[str, WeightDelta]]:
         return {"unet": self.deltas} if self.deltas else {}

@@ -135,6 +135,23 @@ def random_models(stage: Any, dtype: torch.dtype = DTYPE) -> dict[str, Any]:
     return out
 
 
+def random_base_generator(dtype: torch.dtype) -> Any:
+    """A Generator on SDXL 1.0's base architecture with random weights in ``dtype`` (no files written)."""
+    from sdxl_control import Generator
+    from sdxl_control.engine.models import ModelSource, StageModels
+    from sdxl_control.protocol.conditions import Stage
+    from sdxl_control.protocol.text import TextEncoder
+    from sdxl_control.weights.sdxl_configs import SDXL_SCHEDULER
+
+    parts = random_models(Stage.BASE, dtype)
+    encoders = (TextEncoder(parts["tokenizer"], parts["text_encoder"], "text_encoder"),
+                TextEncoder(parts["tokenizer_2"], parts["text_encoder_2"], "text_encoder_2"))  # fmt: skip
+    models = StageModels(stage=Stage.BASE, unet=parts["unet"], vae=parts["vae"], text_encoders=encoders,
+                         scheduler_config=SDXL_SCHEDULER, requires_aesthetics_score=False,
+                         force_zeros_for_empty_prompt=True, source=ModelSource(name="random base", path="-"))  # fmt: skip
+    return Generator(models)
+
+
 def _write_folders(work: Path, single_files: bool = True) -> dict[str, Path]:
     """Base and refiner as diffusers folders and (``single_files``) as single files, written once into ``work``."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -359,12 +376,8 @@ def part_step_cache(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdxl_control import Generator
-    from sdxl_control.engine.models import ModelSource, StageModels
     from sdxl_control.engine.step_cache import StepCache, cached_steps
-    from sdxl_control.protocol.conditions import Stage
-    from sdxl_control.protocol.text import TextEncoder
-    from sdxl_control.weights.sdxl_configs import SDXL_SCHEDULER, published_config
+    from sdxl_control.weights.sdxl_configs import published_config
 
     intervals = (1, 2, 3, 5)
     with torch.device("meta"):
@@ -380,13 +393,7 @@ def part_step_cache(args: argparse.Namespace) -> dict[str, Any]:
 
     with cached_steps(meta, StepCache(2, args.branch)) as steps:
         whole, cached = flops(steps, 0), flops(steps, 1)
-    parts = random_models(Stage.BASE, DTYPES[args.dtype])
-    encoders = (TextEncoder(parts["tokenizer"], parts["text_encoder"], "text_encoder"),
-                TextEncoder(parts["tokenizer_2"], parts["text_encoder_2"], "text_encoder_2"))  # fmt: skip
-    models = StageModels(stage=Stage.BASE, unet=parts["unet"], vae=parts["vae"], text_encoders=encoders,
-                         scheduler_config=SDXL_SCHEDULER, requires_aesthetics_score=False,
-                         force_zeros_for_empty_prompt=True, source=ModelSource(name="random base", path="-"))  # fmt: skip
-    gen = Generator(models)
+    gen = random_base_generator(DTYPES[args.dtype])
     rows = []
     for n in intervals:
         stamps: list[float] = []
@@ -506,19 +513,8 @@ def _guidance_scenarios() -> dict[str, list[Any]]:
 
 def part_guidance(args: argparse.Namespace) -> dict[str, Any]:
     """UNet calls and rows per step, and CPU seconds per step (median of the steps after the first), per scenario."""
-    from sdxl_control import Generator
-    from sdxl_control.engine.models import ModelSource, StageModels
-    from sdxl_control.protocol.conditions import Stage
-    from sdxl_control.protocol.text import TextEncoder
-    from sdxl_control.weights.sdxl_configs import SDXL_SCHEDULER
 
-    parts = random_models(Stage.BASE, DTYPES[args.dtype])
-    encoders = (TextEncoder(parts["tokenizer"], parts["text_encoder"], "text_encoder"),
-                TextEncoder(parts["tokenizer_2"], parts["text_encoder_2"], "text_encoder_2"))  # fmt: skip
-    models = StageModels(stage=Stage.BASE, unet=parts["unet"], vae=parts["vae"], text_encoders=encoders,
-                         scheduler_config=SDXL_SCHEDULER, requires_aesthetics_score=False,
-                         force_zeros_for_empty_prompt=True, source=ModelSource(name="random base", path="-"))  # fmt: skip
-    gen = Generator(models)
+    gen = random_base_generator(DTYPES[args.dtype])
     calls: list[int] = []
     hook = gen.base.unet.register_forward_pre_hook(lambda m, a, k: calls.append(a[0].shape[0]), with_kwargs=True)
     rows, plain = [], None

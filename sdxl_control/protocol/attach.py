@@ -15,7 +15,7 @@ from ..weights.patches import WeightDelta, WeightPatch
 from .attention import attention_layers
 from .conditions import Attachment, Condition, Prepared, Stage, StepInfo
 
-__all__ = ["ProcessorPatch", "WindowedDeltas", "ModelSnapshot", "attached", "fitted_patch"]
+__all__ = ["ProcessorPatch", "PatchedBranches", "WindowedDeltas", "ModelSnapshot", "attached", "fitted_patch"]
 
 
 class ProcessorPatch:
@@ -38,6 +38,25 @@ class ProcessorPatch:
     def restore(self) -> None:
         for layer, processor in self._saved.values():
             layer.set_processor(processor)
+
+
+class PatchedBranches(Attachment):
+    """Attention branches installed by a processor patch: switched on and off with the condition (its step window),
+    the patch restored on detach (IP-Adapter's image tokens, attention couple's regions).
+
+    Example:
+        >>> PatchedBranches(ProcessorPatch(unet, replacements), branches)  # doctest: +SKIP
+    """
+
+    def __init__(self, patch: ProcessorPatch, branches: Sequence[Any]) -> None:
+        self.patch, self.branches = patch, list(branches)
+
+    def contribute(self, step: StepInfo, active: bool) -> None:
+        for branch in self.branches:
+            branch.active = active
+
+    def detach(self) -> None:
+        self.patch.restore()
 
 
 def fitted_patch(model: torch.nn.Module, deltas: Mapping[str, WeightDelta], owner: str) -> WeightPatch:
