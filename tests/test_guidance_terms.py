@@ -92,13 +92,17 @@ def test_a_step_without_terms_is_the_guidance_itself():
         assert torch.equal(guided_step(guidance, head, []), guidance.combine(head))
 
 
-def test_cfg_rescale_as_a_term_is_the_old_rescale_bit_for_bit():
+def test_cfg_rescale_as_a_term_is_diffusers_rescale_bit_for_bit():
+    """diffusers' rescale_noise_cfg on the guided prediction, measured against the prompt's (with AND parts: the parts'
+    prediction without the scale), bit for bit; tests/test_vpred.py runs it end to end."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
     prediction = torch.randn(6, 4, 8, 8)
     for weights in ((1.0,), (0.6, 0.8)):
-        rows = prediction[: 1 + len(weights)] if weights != (1.0,) else prediction[:2]
-        old = ClassifierFreeGuidance(4.0, 0.7, weights).combine(rows)
-        new = guided_step(ClassifierFreeGuidance(4.0, weights=weights), rows, [CFGRescale(0.7)], scale=4.0)
-        assert torch.equal(old, new)
+        guidance = ClassifierFreeGuidance(4.0, weights=weights)
+        rows = prediction[: guidance.copies]
+        theirs = rescale_noise_cfg(guidance.combine(rows), guidance.split(rows)[1], guidance_rescale=0.7)
+        assert torch.equal(guided_step(guidance, rows, [CFGRescale(0.7)], scale=4.0), theirs)
     # Without classifier-free guidance it changes nothing (diffusers rescales only with CFG).
     alone = prediction[:1]
     assert torch.equal(guided_step(NoGuidance(), alone, [CFGRescale(0.7)]), alone)

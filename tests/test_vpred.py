@@ -266,13 +266,13 @@ def test_zero_snr_on_an_epsilon_model_is_refused(loaded):
 
 
 def test_cfg_rescale_is_diffusers_rescale_noise_cfg():
-    """Our guidance with rescale φ is diffusers' CFG followed by rescale_noise_cfg, bit for bit."""
+    """Our guidance with rescale φ (the CFGRescale term) is diffusers' CFG followed by rescale_noise_cfg, bit for bit."""
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
-    from sdxl_control.protocol.guidance import ClassifierFreeGuidance
+    from sdxl_control.protocol.guidance import CFGRescale, ClassifierFreeGuidance, guided_step
 
     prediction = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     for scale, phi in ((5.0, 0.7), (7.5, 1.0), (3.0, 0.2)):
         uncond, cond = prediction.chunk(2)
         theirs = rescale_noise_cfg(uncond + scale * (cond - uncond), cond, guidance_rescale=phi)
-        assert torch.equal(ClassifierFreeGuidance(scale, phi).combine(prediction), theirs)
+        assert torch.equal(guided_step(ClassifierFreeGuidance(scale), prediction, [CFGRescale(phi)]), theirs)

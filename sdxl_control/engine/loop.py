@@ -202,6 +202,17 @@ def _predicted(
     return predictions[0] if len(predictions) == 1 else torch.cat(predictions)
 
 
+def _contributed(live: Sequence[tuple[Condition, Any]], step: StepInfo) -> Residuals | None:
+    """Every attached condition's contribution to ``step`` (asked whether it acts there: :func:`acts`), its
+    residuals summed."""
+    residuals: Residuals | None = None
+    for condition, attachment in live:
+        extra = attachment.contribute(step, acts(condition.scale, condition.window, step.index, step.total))
+        if extra is not None:
+            residuals = extra if residuals is None else residuals + extra
+    return residuals
+
+
 def _perturbed_layout(rows: int, uncond: int) -> Rows:
     """The stage's batch of ``rows`` rows, then its prompt's rows (after the ``uncond`` negative ones) again,
     perturbed: the batch of a step where a guidance term reads the perturbed prediction (diffusers' PAG batch
@@ -277,14 +288,9 @@ def denoise(
                 output = scheduler.step(guided, t, latents, **step_kwargs, return_dict=True)
                 latents = _stepped(inputs, scheduler, output, latents, guided, k, t, index, progress, bar)
                 continue
-            residuals: Residuals | None = None
-            if live:
-                info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, prompt.hidden, added, copies > 1,
-                                inputs.rows)  # fmt: skip
-                for condition, attachment in live:
-                    extra = attachment.contribute(info, acts(condition.scale, condition.window, index, schedule.total))
-                    if extra is not None:
-                        residuals = extra if residuals is None else residuals + extra
+            info = StepInfo(index, schedule.total, unet_t, inputs.stage, sample, prompt.hidden, added, copies > 1,
+                            inputs.rows)  # fmt: skip
+            residuals = _contributed(live, info)
             layout = None
             if any(term.perturbs for term in acting):
                 layout = _perturbed_layout(sample.shape[0], sample.shape[0] // copies if copies > 1 else 0)
@@ -371,15 +377,8 @@ def _own_rows(
     model_sample = layout.gather(sample)
     hidden = torch.cat(_lcm_tokens(hidden_parts))
     added = {"text_embeds": torch.cat(pooled_parts), "time_ids": layout.gather(inputs.time_ids)}
-    residuals: Residuals | None = None
-    if live:
-        info = StepInfo(index, schedule.total, unet_t, inputs.stage, model_sample, hidden, added, copies > 1, call_rows)
-        for condition, attachment in live:
-            extra_residuals = attachment.contribute(
-                info, acts(condition.scale, condition.window, index, schedule.total)
-            )
-            if extra_residuals is not None:
-                residuals = extra_residuals if residuals is None else residuals + extra_residuals
+    info = StepInfo(index, schedule.total, unet_t, inputs.stage, model_sample, hidden, added, copies > 1, call_rows)
+    residuals = _contributed(live, info)
     model_input = sample if inputs.repaint is None else inputs.repaint.model_input(sample)
     with calling(call_rows):
         prediction = unet(

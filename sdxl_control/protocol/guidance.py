@@ -68,12 +68,12 @@ class NoGuidance:
 
 @dataclass(frozen=True)
 class ClassifierFreeGuidance:
-    """``uncond + scale * (cond - uncond)`` on a ``[uncond, cond]`` batch, with optional rescale (arXiv 2305.08891).
+    """``uncond + scale * (cond - uncond)`` on a ``[uncond, cond]`` batch (CFG rescale is the :class:`CFGRescale` term).
 
     With composable prompts (A1111's ``AND``), the batch is ``[uncond, cond_1, ..., cond_k]`` and ``weights`` gives
     each part's weight: ``uncond + sum_i (cond_i - uncond) * (weight_i * scale)``, summed in order as A1111's
-    ``combine_denoised``; the rescale then measures the guided result against ``uncond + sum_i weight_i * (cond_i -
-    uncond)`` (the parts' prediction without the scale).
+    ``combine_denoised``; :meth:`conditional` is the parts' prediction without the scale, ``uncond + sum_i weight_i *
+    (cond_i - uncond)`` (what a rescale measures against).
 
     Example:
         >>> ClassifierFreeGuidance(5.0).combine(torch.tensor([0.0, 1.0])).item()
@@ -83,7 +83,6 @@ class ClassifierFreeGuidance:
     """
 
     scale: float
-    rescale: float = 0.0
     weights: tuple[float, ...] = (1.0,)
 
     @property
@@ -93,15 +92,11 @@ class ClassifierFreeGuidance:
     def combine(self, prediction: torch.Tensor) -> torch.Tensor:
         if self.weights == (1.0,):
             uncond, cond = prediction.chunk(2)
-            guided = uncond + self.scale * (cond - uncond)
-        else:
-            uncond, *conds = prediction.chunk(self.copies)
-            guided = uncond.clone()
-            for part, weight in zip(conds, self.weights, strict=True):
-                guided += (part - uncond) * (weight * self.scale)
-            cond = self.conditional(uncond, torch.cat(conds))
-        if self.rescale > 0.0:
-            guided = rescaled(guided, cond, self.rescale)
+            return uncond + self.scale * (cond - uncond)
+        uncond, *conds = prediction.chunk(self.copies)
+        guided = uncond.clone()
+        for part, weight in zip(conds, self.weights, strict=True):
+            guided += (part - uncond) * (weight * self.scale)
         return guided
 
     def split(self, prediction: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -127,13 +122,13 @@ def rescaled(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.
     return rescale * (guided * (std_cond / std_guided)) + (1.0 - rescale) * guided
 
 
-def guidance_for(scale: float, unet: Any, rescale: float = 0.0, weights: tuple[float, ...] = (1.0,)) -> Guidance:
+def guidance_for(scale: float, unet: Any, weights: tuple[float, ...] = (1.0,)) -> Guidance:
     """CFG when it changes anything: scale above 1 and a UNet without a built-in guidance embedding; composable
     prompt parts (``weights``, see :class:`ClassifierFreeGuidance`) always, as A1111 combines them at any scale."""
     if weights != (1.0,):
-        return ClassifierFreeGuidance(scale, rescale, tuple(weights))
+        return ClassifierFreeGuidance(scale, tuple(weights))
     if scale > 1.0 and getattr(unet.config, "time_cond_proj_dim", None) is None:
-        return ClassifierFreeGuidance(scale, rescale)
+        return ClassifierFreeGuidance(scale)
     return NoGuidance()
 
 

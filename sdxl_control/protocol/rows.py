@@ -91,10 +91,6 @@ class Rows:
             return tensor
         return tensor[torch.tensor(self.source, device=tensor.device)]
 
-    def mask(self, device: torch.device | None = None) -> torch.Tensor:
-        """The perturbed rows as a boolean vector."""
-        return torch.tensor(self.perturbed or (False,) * len(self), device=device)
-
 
 _CURRENT: ContextVar[Rows | None] = ContextVar("sdxl_control_call_rows", default=None)
 
